@@ -1,0 +1,135 @@
+// Package conf is natbox's configuration: the TOML schema users write, its
+// defaults, and validation that reports every problem at once as
+// FILE:LINE: key path: problem; fix. It is a leaf package: it knows nothing
+// about packets, flows or WireGuard devices, only declarative, validated values.
+package conf
+
+import (
+	"net/netip"
+	"time"
+)
+
+// Config is an appliance's natbox.toml after loading, defaults and validation.
+type Config struct {
+	Log      Log       `toml:"log"`
+	TUN      *TUN      `toml:"tun"`    // nil: no gateway ingress
+	Uplink   *Uplink   `toml:"uplink"` // nil: no relay uplink
+	Limits   Limits    `toml:"limits"`
+	Admin    Admin     `toml:"admin"`
+	Mappings []Mapping `toml:"mapping"`
+
+	// Path is the file the config was loaded from ("" when built in code).
+	Path string `toml:"-"`
+}
+
+// Log configures the logger.
+type Log struct {
+	Level       string `toml:"level"`       // debug | info | warn | error; default info
+	Format      string `toml:"format"`      // console | json; default console
+	Connections bool   `toml:"connections"` // one line per closed session, for audits and fail2ban
+}
+
+// TUN is the gateway ingress: a kernel TUN device whose packets feed the stack.
+type TUN struct {
+	Name      string         `toml:"name"`      // default "natbox0"
+	MTU       int            `toml:"mtu"`       // default 1500
+	Addresses []netip.Prefix `toml:"addresses"` // public-side addresses the stack answers on
+	Routes    []netip.Prefix `toml:"routes"`    // kernel routes installed into the TUN, removed on exit
+}
+
+// Uplink is the appliance side of relay mode: an outbound WireGuard tunnel.
+type Uplink struct {
+	Relay          string     `toml:"relay"` // host:port of the relay's WireGuard listener
+	RelayPublicKey Key        `toml:"relay_public_key"`
+	PrivateKey     Key        `toml:"private_key"`      // inline, or
+	PrivateKeyFile string     `toml:"private_key_file"` // read at load time
+	Address        netip.Addr `toml:"address"`          // this appliance's tunnel address
+	RelayAddress   netip.Addr `toml:"relay_address"`    // the relay's tunnel address; default: Address with last octet 1
+	Keepalive      Duration   `toml:"keepalive"`        // default 25s
+	MTU            int        `toml:"mtu"`              // tunnel MTU, default 1420
+}
+
+// Limits are the admission budgets shared by all mappings.
+type Limits struct {
+	DialTimeout          Duration `toml:"dial_timeout"`            // default 5s
+	MaxInflight          int      `toml:"max_inflight"`            // connection attempts being dialed in total; default 1024
+	MaxInflightPerSource int      `toml:"max_inflight_per_source"` // default 64
+	MaxInflightPerTarget int      `toml:"max_inflight_per_target"` // default 256
+	MaxSessions          int      `toml:"max_sessions"`            // all mappings together; default 100000
+	ShutdownGrace        Duration `toml:"shutdown_grace"`          // drain time on stop; default 5s
+}
+
+// Admin configures the local control API and the optional HTTP endpoint.
+type Admin struct {
+	Socket    string `toml:"socket"`     // unix socket; default /run/natbox/natbox.sock
+	Listen    string `toml:"listen"`     // optional HTTP host:port for /metrics, /healthz, /readyz, /status
+	TokenFile string `toml:"token_file"` // bearer token, required when Listen is not loopback
+	Watch     bool   `toml:"watch"`      // reload when the config file changes
+}
+
+// Ingress names where a mapping is served.
+const (
+	IngressTUN    = "tun"
+	IngressUplink = "uplink"
+)
+
+// Mapping is one port-mapping rule.
+type Mapping struct {
+	Name            string         `toml:"name"`
+	Protocol        Proto          `toml:"protocol"`
+	Listen          Listen         `toml:"listen"`
+	Target          Target         `toml:"target"`
+	Allow           []netip.Prefix `toml:"allow"` // empty: anyone
+	Deny            []netip.Prefix `toml:"deny"`  // checked before Allow
+	MaxSessions     int            `toml:"max_sessions"`
+	IdleTimeout     Duration       `toml:"idle_timeout"` // default 2h tcp, 2m udp (see IdleTimeoutFor)
+	Enabled         *bool          `toml:"enabled"`      // nil means true; use IsEnabled
+	Ingress         []string       `toml:"ingress"`      // "tun" and/or "uplink"; empty: every configured ingress
+	ProxyProtocol   string         `toml:"proxy_protocol"`
+	AcknowledgeRisk string         `toml:"acknowledge_risk"`
+
+	// Documentation fields: kept and shown, never interpreted beyond dates.
+	Description string    `toml:"description"`
+	Owner       string    `toml:"owner"`
+	Created     time.Time `toml:"created"`
+	ReviewBy    time.Time `toml:"review_by"`
+	Expires     time.Time `toml:"expires"` // zero: never
+
+	// Line is the line of this mapping's [[mapping]] header in Config.Path (0 when built in code).
+	Line int `toml:"-"`
+}
+
+// IsEnabled reports whether the mapping is enabled (the default).
+func (m *Mapping) IsEnabled() bool { return m.Enabled == nil || *m.Enabled }
+
+// RelayConfig is the relay's config file (natbox relay --config).
+type RelayConfig struct {
+	Log   Log          `toml:"log"`
+	Relay RelaySection `toml:"relay"`
+	Admin Admin        `toml:"admin"`
+	Peers []Peer       `toml:"peer"`
+
+	Path string `toml:"-"`
+}
+
+// RelaySection is the [relay] table.
+type RelaySection struct {
+	Listen         string       `toml:"listen"` // WireGuard UDP host:port; default 0.0.0.0:51820
+	PrivateKey     Key          `toml:"private_key"`
+	PrivateKeyFile string       `toml:"private_key_file"`
+	Address        netip.Addr   `toml:"address"`     // the relay's tunnel address
+	PublicBind     []netip.Addr `toml:"public_bind"` // where public listeners open; default 0.0.0.0 and ::
+	MTU            int          `toml:"mtu"`         // default 1420
+	DialTimeout    Duration     `toml:"dial_timeout"`
+	MaxSessions    int          `toml:"max_sessions"`
+}
+
+// Peer is one appliance allowed to use the relay.
+type Peer struct {
+	Name      string     `toml:"name"`
+	PublicKey Key        `toml:"public_key"`
+	Address   netip.Addr `toml:"address"`
+	Ports     []PortSpec `toml:"ports"` // what this peer may hold, e.g. "tcp/443", "udp/10000-10100"
+
+	Line int `toml:"-"`
+}
