@@ -1,0 +1,112 @@
+package conf
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"reflect"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+// Load reads, decodes, defaults and validates the appliance config at path.
+// On any problem it returns a nil Config and an *Errors listing every one.
+func Load(path string) (*Config, []Warning, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read config: %w", err)
+	}
+	return Parse(path, data)
+}
+
+// Parse is Load from bytes; path names the file in messages and anchors
+// relative key file paths.
+func Parse(path string, data []byte) (*Config, []Warning, error) {
+	return ParseAt(path, data, time.Now())
+}
+
+// ParseAt is Parse with the clock for date checks (expires, review_by) given.
+func ParseAt(path string, data []byte, now time.Time) (*Config, []Warning, error) {
+	r, raw, err := begin(path, data)
+	if err != nil {
+		return nil, nil, err
+	}
+	cfg := Config{
+		Log:    defaultLog(),
+		Limits: defaultLimits(),
+		Admin:  defaultAdmin(),
+	}
+	r.decode("", raw, reflect.ValueOf(&cfg).Elem())
+	cfg.Path = path
+	for i := range cfg.Mappings {
+		cfg.Mappings[i].Line = r.lines[fmt.Sprintf("mapping[%d]", i)]
+	}
+	cfg.applyDefaults()
+	cfg.validate(r, now)
+	warns, err := r.result()
+	if err != nil {
+		return nil, warns, err
+	}
+	return &cfg, warns, nil
+}
+
+// LoadRelay reads, decodes, defaults and validates a relay config.
+func LoadRelay(path string) (*RelayConfig, []Warning, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read relay config: %w", err)
+	}
+	return ParseRelay(path, data)
+}
+
+// ParseRelay is LoadRelay from bytes.
+func ParseRelay(path string, data []byte) (*RelayConfig, []Warning, error) {
+	r, raw, err := begin(path, data)
+	if err != nil {
+		return nil, nil, err
+	}
+	cfg := RelayConfig{
+		Log:   defaultLog(),
+		Relay: defaultRelay(),
+		Admin: defaultAdmin(),
+	}
+	r.decode("", raw, reflect.ValueOf(&cfg).Elem())
+	cfg.Path = path
+	for i := range cfg.Peers {
+		cfg.Peers[i].Line = r.lines[fmt.Sprintf("peer[%d]", i)]
+	}
+	cfg.validate(r)
+	warns, err := r.result()
+	if err != nil {
+		return nil, warns, err
+	}
+	return &cfg, warns, nil
+}
+
+// begin parses the TOML syntax and indexes the source for messages.
+func begin(path string, data []byte) (*report, map[string]any, error) {
+	var raw map[string]any
+	if _, err := toml.Decode(string(data), &raw); err != nil {
+		var pe toml.ParseError
+		if errors.As(err, &pe) {
+			return nil, nil, &Errors{List: []Error{{
+				Path: path,
+				Line: pe.Position.Line,
+				Msg:  "toml syntax: " + pe.Message,
+				Fix:  fmt.Sprintf("fix the syntax at column %d", pe.Position.Col),
+			}}}
+		}
+		return nil, nil, fmt.Errorf("parse %s: %w", path, err)
+	}
+	r := &report{file: path, lines: scanKeyLines(string(data)), names: make(map[string]string)}
+	for _, table := range []string{"mapping", "peer"} {
+		elems, _ := raw[table].([]map[string]any)
+		for i, m := range elems {
+			if name, ok := m["name"].(string); ok {
+				r.names[fmt.Sprintf("%s[%d]", table, i)] = name
+			}
+		}
+	}
+	return r, raw, nil
+}

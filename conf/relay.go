@@ -1,0 +1,113 @@
+package conf
+
+import (
+	"fmt"
+	"net/netip"
+	"path/filepath"
+)
+
+// DefaultRelayListen is where the relay's WireGuard listens by default.
+const DefaultRelayListen = "0.0.0.0:51820"
+
+func defaultRelay() RelaySection {
+	return RelaySection{
+		Listen:      DefaultRelayListen,
+		PublicBind:  []netip.Addr{netip.IPv4Unspecified(), netip.IPv6Unspecified()},
+		MTU:         DefaultTunnelMTU,
+		DialTimeout: Duration(DefaultDialTimeout),
+		MaxSessions: DefaultMaxSessions,
+	}
+}
+
+func (c *RelayConfig) validate(r *report) {
+	validateLog(r, c.Log)
+	validateAdmin(r, c.Admin)
+	s := &c.Relay
+	if err := checkHostPort(s.Listen, true); err != nil {
+		r.valueError("relay.listen", err, "")
+	}
+	loadPrivateKey(r, "relay", &s.PrivateKey, s.PrivateKeyFile, filepath.Dir(c.Path))
+	if !s.Address.IsValid() {
+		r.errorf("relay.address", `set the relay's tunnel address, e.g. address = "10.77.0.1"`, "address is required")
+	}
+	if len(s.PublicBind) == 0 {
+		r.errorf("relay.public_bind", `list the addresses public listeners open on, e.g. ["0.0.0.0", "::"]`, "public_bind is empty")
+	}
+	validateMTU(r, "relay.mtu", s.MTU)
+	if s.MaxSessions < 0 {
+		r.errorf("relay.max_sessions", "use 0 for unlimited or a positive number", "%d is negative", s.MaxSessions)
+	}
+
+	names := make(map[string]int)
+	keys := make(map[Key]int)
+	addrs := make(map[netip.Addr]int)
+	line := func(j int) int { return c.Peers[j].Line }
+	for i := range c.Peers {
+		pe := &c.Peers[i]
+		p := fmt.Sprintf("peer[%d]", i)
+		validateName(r, p, pe.Name, i, names, "peer", line)
+		switch j, dup := keys[pe.PublicKey]; {
+		case pe.PublicKey.IsZero():
+			r.errorf(p+".public_key", "copy the appliance's public key (wg pubkey < its key file)", "public_key is required")
+		case !s.PrivateKey.IsZero() && pe.PublicKey == s.PrivateKey.Public():
+			r.errorf(p+".public_key", "use the appliance's public key", "public_key is the relay's own key")
+		case dup:
+			r.errorf(p+".public_key", "give each appliance its own key", "public_key is already used by %s", c.Peers[j].label(j))
+		default:
+			keys[pe.PublicKey] = i
+		}
+		switch j, dup := addrs[pe.Address]; {
+		case !pe.Address.IsValid():
+			r.errorf(p+".address", `set the appliance's tunnel address, e.g. address = "10.77.0.2"`, "address is required")
+		case pe.Address == s.Address:
+			r.errorf(p+".address", "pick another address in the tunnel subnet", "address %s is the relay's own address", pe.Address)
+		case dup:
+			r.errorf(p+".address", "give each appliance its own address", "address %s is already used by %s", pe.Address, c.Peers[j].label(j))
+		default:
+			addrs[pe.Address] = i
+		}
+	}
+	c.checkPeerPorts(r)
+}
+
+// checkPeerPorts rejects two peers allowed to hold the same public port:
+// the relay could not tell whose listener a client meant.
+func (c *RelayConfig) checkPeerPorts(r *report) {
+	for j := range c.Peers {
+	next:
+		for k, b := range c.Peers[j].Ports {
+			for i := range j {
+				for _, a := range c.Peers[i].Ports {
+					if shared := a.Proto & b.Proto; shared != 0 && a.Ports.Overlaps(b.Ports) {
+						at := PortRange{max(a.Ports.Lo, b.Ports.Lo), min(a.Ports.Hi, b.Ports.Hi)}
+						r.errorf(fmt.Sprintf("peer[%d].ports[%d]", j, k), "give each port to one peer",
+							"%s/%s is already allowed to %s", shared, at, c.Peers[i].label(i))
+						continue next
+					}
+				}
+			}
+		}
+	}
+}
+
+// label names peer i in messages: peer "office" (line 12).
+func (p *Peer) label(i int) string {
+	s := fmt.Sprintf("peer[%d]", i)
+	if p.Name != "" {
+		s = fmt.Sprintf("peer %q", p.Name)
+	}
+	if p.Line > 0 {
+		s += fmt.Sprintf(" (line %d)", p.Line)
+	}
+	return s
+}
+
+// PeerByKey returns the peer with public key k.
+func (c *RelayConfig) PeerByKey(k Key) (*Peer, bool) {
+	for i := range c.Peers {
+		if c.Peers[i].PublicKey == k {
+			return &c.Peers[i], true
+		}
+	}
+	return nil, false
+}

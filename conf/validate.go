@@ -1,0 +1,431 @@
+package conf
+
+import (
+	"fmt"
+	"maps"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Defaults not tied to one table.
+const (
+	DefaultAdminSocket = "/run/natbox/natbox.sock"
+	DefaultTUNName     = "natbox0"
+	DefaultTUNMTU      = 1500
+	DefaultTunnelMTU   = 1420
+	DefaultKeepalive   = 25 * time.Second
+	DefaultDialTimeout = 5 * time.Second
+	DefaultMaxSessions = 100000
+
+	// expirySoon is how far ahead an expiry date draws a warning.
+	expirySoon = 30 * 24 * time.Hour
+)
+
+func defaultLog() Log     { return Log{Level: "info", Format: "console"} }
+func defaultAdmin() Admin { return Admin{Socket: DefaultAdminSocket} }
+
+func defaultLimits() Limits {
+	return Limits{
+		DialTimeout:          Duration(DefaultDialTimeout),
+		MaxInflight:          1024,
+		MaxInflightPerSource: 64,
+		MaxInflightPerTarget: 256,
+		MaxSessions:          DefaultMaxSessions,
+		ShutdownGrace:        Duration(5 * time.Second),
+	}
+}
+
+// applyDefaults fills what the tables that exist left unset. Top-level
+// tables were filled before decoding, so an explicit value (even 0) stays.
+func (c *Config) applyDefaults() {
+	if t := c.TUN; t != nil {
+		if t.Name == "" {
+			t.Name = DefaultTUNName
+		}
+		if t.MTU == 0 {
+			t.MTU = DefaultTUNMTU
+		}
+	}
+	if u := c.Uplink; u != nil {
+		if u.Keepalive == 0 {
+			u.Keepalive = Duration(DefaultKeepalive)
+		}
+		if u.MTU == 0 {
+			u.MTU = DefaultTunnelMTU
+		}
+		if !u.RelayAddress.IsValid() && u.Address.IsValid() {
+			u.RelayAddress = hostOne(u.Address)
+		}
+	}
+	for i := range c.Mappings {
+		m := &c.Mappings[i]
+		if m.IdleTimeout == 0 && (m.Protocol == TCP || m.Protocol == UDP) {
+			m.IdleTimeout = Duration(m.IdleTimeoutFor(m.Protocol))
+		}
+	}
+}
+
+// hostOne returns a with its last byte set to 1: 10.77.0.2 -> 10.77.0.1.
+func hostOne(a netip.Addr) netip.Addr {
+	b := a.AsSlice()
+	b[len(b)-1] = 1
+	out, _ := netip.AddrFromSlice(b)
+	return out
+}
+
+func (c *Config) validate(r *report, now time.Time) {
+	validateLog(r, c.Log)
+	if c.TUN == nil && c.Uplink == nil {
+		r.errorf("", "add a [tun] table (gateway mode), an [uplink] table (relay mode), or both",
+			"no ingress is configured")
+	}
+	if c.TUN != nil {
+		c.TUN.validate(r)
+	}
+	if c.Uplink != nil {
+		c.Uplink.validate(r, filepath.Dir(c.Path))
+	}
+	c.Limits.validate(r)
+	validateAdmin(r, c.Admin)
+	names := make(map[string]int)
+	for i := range c.Mappings {
+		c.validateMapping(r, i, names, now)
+	}
+	c.checkOverlaps(r, now)
+}
+
+func validateLog(r *report, l Log) {
+	if !slices.Contains([]string{"debug", "info", "warn", "error"}, l.Level) {
+		r.errorf("log.level", `use "debug", "info", "warn" or "error"`, "unknown level %q", l.Level)
+	}
+	if l.Format != "console" && l.Format != "json" {
+		r.errorf("log.format", `use "console" or "json"`, "unknown format %q", l.Format)
+	}
+}
+
+func validateMTU(r *report, path string, mtu int) {
+	if mtu < 576 || mtu > 65535 {
+		r.errorf(path, "use 576-65535 (1500 for Ethernet, 1420 inside WireGuard)", "mtu %d is out of range", mtu)
+	}
+}
+
+func (t *TUN) validate(r *report) {
+	if t.Name == "" || len(t.Name) > 15 || strings.ContainsAny(t.Name, "/ \t") {
+		r.errorf("tun.name", "use 1-15 characters without spaces or slashes, e.g. \"natbox0\"", "%q is not a valid interface name", t.Name)
+	}
+	validateMTU(r, "tun.mtu", t.MTU)
+	if len(t.Addresses) == 0 {
+		r.errorf("tun.addresses", `list the public addresses natbox answers on, e.g. addresses = ["203.0.113.10/32"]`,
+			"no addresses")
+	}
+	for i, p := range t.Routes {
+		checkMasked(r, fmt.Sprintf("tun.routes[%d]", i), p)
+	}
+}
+
+// checkMasked rejects a prefix with host bits set: "10.0.0.1/8" means
+// something other than what it says.
+func checkMasked(r *report, path string, p netip.Prefix) {
+	if m := p.Masked(); m != p {
+		r.errorf(path, fmt.Sprintf("write %q", m), "%q has host bits set", p)
+	}
+}
+
+func (u *Uplink) validate(r *report, dir string) {
+	if err := checkHostPort(u.Relay, false); err != nil {
+		r.valueError("uplink.relay", err, "")
+	}
+	if u.RelayPublicKey.IsZero() {
+		r.errorf("uplink.relay_public_key", "copy the relay's public key (natbox relay prints it; or wg pubkey < relay.key)", "relay_public_key is required")
+	}
+	loadPrivateKey(r, "uplink", &u.PrivateKey, u.PrivateKeyFile, dir)
+	if !u.Address.IsValid() {
+		r.errorf("uplink.address", `set the tunnel address the relay assigned to this appliance, e.g. address = "10.77.0.2"`, "address is required")
+	} else if u.RelayAddress == u.Address {
+		r.errorf("uplink.relay_address", "set relay_address to the relay's tunnel address", "relay_address %s is this appliance's own address", u.RelayAddress)
+	} else if u.RelayAddress.Is4() != u.Address.Is4() {
+		r.errorf("uplink.relay_address", "use addresses of one family", "relay_address %s and address %s are of different families", u.RelayAddress, u.Address)
+	}
+	validateMTU(r, "uplink.mtu", u.MTU)
+}
+
+// checkHostPort validates "host:port"; an empty host is allowed only when
+// emptyHost is set (listen on every address).
+func checkHostPort(s string, emptyHost bool) error {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil || (host == "" && !emptyHost) {
+		return valueErr(`write host:port, e.g. "relay.example.net:51820" or "[2001:db8::1]:51820"`, "%q is not host:port", s)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return valueErr("use 1-65535", "port %q is out of range", port)
+	}
+	return nil
+}
+
+// loadPrivateKey enforces exactly one of private_key and private_key_file
+// in table and reads the file into key. Relative files are relative to the
+// config file's directory.
+func loadPrivateKey(r *report, table string, key *Key, file, dir string) {
+	switch {
+	case !key.IsZero() && file != "":
+		r.errorf(table+".private_key_file", "remove private_key or private_key_file", "both private_key and private_key_file are set")
+		return
+	case key.IsZero() && file == "":
+		r.errorf(table+".private_key", "set private_key_file (create it with: umask 077; wg genkey > FILE) or private_key", "a private key is required")
+		return
+	case file == "":
+		return
+	}
+	path := table + ".private_key_file"
+	if !filepath.IsAbs(file) {
+		file = filepath.Join(dir, file)
+	}
+	data, err := os.ReadFile(file)
+	switch {
+	case os.IsNotExist(err):
+		r.errorf(path, "create it with: umask 077; wg genkey > "+file, "key file %q does not exist", file)
+		return
+	case err != nil:
+		r.errorf(path, "make it readable by natbox's user", "cannot read key file %q: %v", file, err)
+		return
+	}
+	k, err := ParseKey(string(data))
+	if err != nil {
+		r.errorf(path, "it must hold one base64 key as printed by wg genkey", "key file %q does not hold a valid key", file)
+		return
+	}
+	*key = k
+	if fi, err := os.Stat(file); err == nil && fi.Mode().Perm()&0o004 != 0 {
+		r.warnf(path, "key file %q is readable by every user; chmod 600 it", file)
+	}
+}
+
+func (l *Limits) validate(r *report) {
+	for _, f := range []struct {
+		key string
+		n   int
+	}{
+		{"max_inflight", l.MaxInflight},
+		{"max_inflight_per_source", l.MaxInflightPerSource},
+		{"max_inflight_per_target", l.MaxInflightPerTarget},
+	} {
+		if f.n < 1 {
+			r.errorf("limits."+f.key, "use a positive number", "%d is not positive", f.n)
+		}
+	}
+	if l.MaxSessions < 0 {
+		r.errorf("limits.max_sessions", "use 0 for unlimited or a positive number", "%d is negative", l.MaxSessions)
+	}
+}
+
+func validateAdmin(r *report, a Admin) {
+	if a.Socket == "" {
+		r.errorf("admin.socket", "set a path, e.g. "+DefaultAdminSocket, "socket is empty")
+	}
+	if a.Listen == "" {
+		return
+	}
+	if err := checkHostPort(a.Listen, false); err != nil {
+		r.valueError("admin.listen", err, "")
+		return
+	}
+	host, _, _ := net.SplitHostPort(a.Listen)
+	if ip, err := netip.ParseAddr(host); (err != nil || !ip.IsLoopback()) && host != "localhost" && a.TokenFile == "" {
+		r.errorf("admin.token_file", "set token_file to a file holding a bearer token, or listen on 127.0.0.1", "admin.listen %q is not loopback and has no token", a.Listen)
+	}
+}
+
+var validName = regexp.MustCompile(`^[a-z0-9._-]{1,64}$`)
+
+// validateName checks a mapping or peer name; names maps names to the index
+// that first used them.
+func validateName(r *report, path, name string, i int, names map[string]int, kind string, line func(int) int) {
+	switch {
+	case name == "":
+		r.errorf(path+".name", `add name = "web" (lowercase letters, digits, ".", "_", "-")`, "name is required")
+	case !validName.MatchString(name):
+		r.errorf(path+".name", `use 1-64 lowercase letters, digits, ".", "_" or "-"`, "name %q has characters that are not allowed", name)
+	default:
+		if j, dup := names[name]; dup {
+			r.errorf(path+".name", fmt.Sprintf("give each %s its own name", kind), "name %q is already used by %s[%d] (line %d)", name, kind, j, line(j))
+			return
+		}
+		names[name] = i
+	}
+}
+
+func (c *Config) validateMapping(r *report, i int, names map[string]int, now time.Time) {
+	m := &c.Mappings[i]
+	p := fmt.Sprintf("mapping[%d]", i)
+	validateName(r, p, m.Name, i, names, "mapping", func(j int) int { return c.Mappings[j].Line })
+	if m.Protocol == 0 {
+		r.errorf(p+".protocol", `add protocol = "tcp", "udp" or "tcp+udp"`, "protocol is required")
+	}
+	listenOK := m.Listen.Ports.Lo != 0
+	if !listenOK {
+		r.errorf(p+".listen", `add listen = "443" (or "10000-10100", or "203.0.113.10:443")`, "listen is required")
+	}
+	if m.Target.Host == "" {
+		r.errorf(p+".target", `add target = "10.0.0.5:443"`, "target is required")
+	} else if listenOK {
+		checkTargetRange(r, p+".target", m.Listen, m.Target)
+	}
+	if listenOK && m.Listen.Addr.IsValid() && !m.Listen.Addr.IsUnspecified() {
+		c.checkListenAddr(r, p+".listen", m)
+	}
+	for j, a := range m.Allow {
+		checkMasked(r, fmt.Sprintf("%s.allow[%d]", p, j), a)
+	}
+	for j, d := range m.Deny {
+		checkMasked(r, fmt.Sprintf("%s.deny[%d]", p, j), d)
+	}
+	if m.MaxSessions < 0 {
+		r.errorf(p+".max_sessions", "use 0 for unlimited or a positive number", "%d is negative", m.MaxSessions)
+	}
+	for j, in := range m.Ingress {
+		path := fmt.Sprintf("%s.ingress[%d]", p, j)
+		switch {
+		case in != IngressTUN && in != IngressUplink:
+			r.errorf(path, `use "tun" and/or "uplink"`, "unknown ingress %q", in)
+		case !c.HasIngress(in):
+			r.errorf(path, fmt.Sprintf("add a [%s] table or remove %q from ingress", in, in), "ingress %q is not configured", in)
+		}
+	}
+	switch m.ProxyProtocol {
+	case "", "v2":
+	case "v1":
+		if m.Protocol.Has(UDP) {
+			r.errorf(p+".proxy_protocol", `use "v2" (v1 carries TCP only)`, "proxy_protocol v1 cannot carry %s", m.Protocol)
+		}
+	default:
+		r.errorf(p+".proxy_protocol", `use "v1", "v2" or leave it out`, "unknown proxy_protocol %q", m.ProxyProtocol)
+	}
+	if !m.Created.IsZero() {
+		for _, d := range []struct {
+			key string
+			t   time.Time
+		}{{"review_by", m.ReviewBy}, {"expires", m.Expires}} {
+			if !d.t.IsZero() && d.t.Before(m.Created) {
+				r.errorf(p+"."+d.key, "correct one of the two dates", "%s %s is before created %s", d.key, day(d.t), day(m.Created))
+			}
+		}
+	}
+	c.warnMapping(r, p, m, now)
+}
+
+// checkTargetRange checks that target is a single start port, or a range as
+// large as listen's, and that the mapped ports stay within 1-65535.
+func checkTargetRange(r *report, path string, l Listen, t Target) {
+	ls, ts := l.Ports.Size(), t.Ports.Size()
+	switch {
+	case ts != 1 && ts != ls:
+		r.errorf(path, fmt.Sprintf("use a range of %d ports, e.g. \"%s:%d-%d\", or a single start port", ls, t.Host, t.Ports.Lo, int(t.Ports.Lo)+ls-1),
+			"target range %s has %d ports but listen %s has %d", t.Ports, ts, l.Ports, ls)
+	case ts == 1 && int(t.Ports.Lo)+ls-1 > 65535:
+		r.errorf(path, fmt.Sprintf("use a start port of at most %d", 65535-ls+1), "target ports from %d for %d listen ports run past 65535", t.Ports.Lo, ls)
+	}
+}
+
+// checkListenAddr checks that a mapping's listen address is one the
+// ingresses it serves receive flows for.
+func (c *Config) checkListenAddr(r *report, path string, m *Mapping) {
+	a := m.Listen.Addr
+	servesTUN := m.ServesIngress(IngressTUN, c)
+	if servesTUN && slices.ContainsFunc(c.TUN.Addresses, func(p netip.Prefix) bool { return p.Addr().Unmap() == a }) {
+		return
+	}
+	if m.ServesIngress(IngressUplink, c) && c.Uplink.Address == a {
+		return
+	}
+	if servesTUN {
+		r.errorf(path, fmt.Sprintf("add %s to tun.addresses or listen on one of them", netip.PrefixFrom(a, a.BitLen())),
+			"listen address %s is not one of tun.addresses", a)
+		return
+	}
+	r.warnf(path, "listen address %s is not on tun (no tun ingress serves this mapping), so it will only match flows sent to that exact address", a)
+}
+
+func (c *Config) warnMapping(r *report, p string, m *Mapping, now time.Time) {
+	if m.Owner == "" {
+		r.warnf(p, "no owner; set owner so someone answers for this open port")
+	}
+	if !m.IsEnabled() {
+		return
+	}
+	if !m.ReviewBy.IsZero() && m.ReviewBy.Before(now) {
+		r.warnf(p+".review_by", "review was due on %s; review the mapping and move review_by", day(m.ReviewBy))
+	}
+	switch {
+	case m.Expires.IsZero():
+	case !now.Before(m.Expires):
+		r.warnf(p+".expires", "expired on %s, natbox will not serve it", day(m.Expires))
+	case m.Expires.Sub(now) <= expirySoon:
+		r.warnf(p+".expires", "expires on %s, in %d days", day(m.Expires), int(m.Expires.Sub(now).Hours()/24))
+	}
+	if len(m.Allow) == 0 && m.AcknowledgeRisk == "" {
+		var risky []string
+		for _, port := range slices.Sorted(maps.Keys(RiskyPorts)) {
+			if m.Listen.Ports.Contains(port) {
+				risky = append(risky, fmt.Sprintf("%d (%s)", port, RiskyPorts[port]))
+			}
+		}
+		if len(risky) > 0 {
+			r.warnf(p+".listen", "port %s open to everyone; set allow to the sources that need it, or acknowledge_risk = \"why\"",
+				strings.Join(risky, ", "))
+		}
+	}
+}
+
+// checkOverlaps rejects two served mappings that would both match some
+// flow: a shared protocol, overlapping listen addresses and ports, and a
+// shared ingress. The later one is reported, naming the first.
+func (c *Config) checkOverlaps(r *report, now time.Time) {
+	for j := range c.Mappings {
+		b := &c.Mappings[j]
+		if !b.ActiveAt(now) || b.Listen.Ports.Lo == 0 {
+			continue
+		}
+		for i := range j {
+			a := &c.Mappings[i]
+			shared := a.Protocol & b.Protocol
+			if !a.ActiveAt(now) || shared == 0 || !a.Listen.Overlaps(b.Listen) || !c.ingressesOverlap(a, b) {
+				continue
+			}
+			at := b.Listen
+			at.Ports = PortRange{max(a.Listen.Ports.Lo, b.Listen.Ports.Lo), min(a.Listen.Ports.Hi, b.Listen.Ports.Hi)}
+			r.errorf(fmt.Sprintf("mapping[%d].listen", j), "pick another port or address",
+				"%s/%s is already used by %s", shared, at, a.label(i))
+			break
+		}
+	}
+}
+
+func (c *Config) ingressesOverlap(a, b *Mapping) bool {
+	for _, in := range c.Ingresses() {
+		if a.ServesIngress(in, c) && b.ServesIngress(in, c) {
+			return true
+		}
+	}
+	return false
+}
+
+// label names mapping i in messages: mapping "web" (line 9).
+func (m *Mapping) label(i int) string {
+	s := fmt.Sprintf("mapping[%d]", i)
+	if m.Name != "" {
+		s = fmt.Sprintf("mapping %q", m.Name)
+	}
+	if m.Line > 0 {
+		s += fmt.Sprintf(" (line %d)", m.Line)
+	}
+	return s
+}
+
+func day(t time.Time) string { return t.Format(time.DateOnly) }
