@@ -1,0 +1,62 @@
+package tunnel
+
+import "time"
+
+// Defaults for the knobs an Option can change.
+const (
+	defaultPingInterval   = 10 * time.Second
+	defaultPingTimeout    = 30 * time.Second
+	defaultReleaseGrace   = 15 * time.Second
+	defaultUDPIdleTimeout = 2 * time.Minute
+	defaultDialTimeout    = 5 * time.Second
+	controlWriteTimeout   = 10 * time.Second
+)
+
+// Option changes a default of a Relay or an Uplink.
+type Option func(*options)
+
+type options struct {
+	pingInterval   time.Duration
+	pingTimeout    time.Duration
+	releaseGrace   time.Duration
+	udpIdleTimeout time.Duration
+	tcpIdleTimeout time.Duration
+	version        string
+}
+
+func buildOptions(opts []Option) options {
+	o := options{
+		pingInterval:   defaultPingInterval,
+		pingTimeout:    defaultPingTimeout,
+		releaseGrace:   defaultReleaseGrace,
+		udpIdleTimeout: defaultUDPIdleTimeout,
+		version:        "natbox",
+	}
+	for _, f := range opts {
+		f(&o)
+	}
+	return o
+}
+
+// WithPing sets how often the uplink pings the relay over the control
+// connection and how long either side waits for any message before it
+// declares the connection dead (default 10 s and 30 s).
+func WithPing(interval, timeout time.Duration) Option {
+	return func(o *options) { o.pingInterval, o.pingTimeout = interval, timeout }
+}
+
+// WithReleaseGrace sets how long the relay keeps a peer's ports after its
+// control connection ends (default 15 s), so an appliance that roams or
+// reconnects does not lose its ports to a race.
+func WithReleaseGrace(d time.Duration) Option { return func(o *options) { o.releaseGrace = d } }
+
+// WithUDPIdleTimeout sets when the relay forgets an idle public UDP client
+// session (default 2 min).
+func WithUDPIdleTimeout(d time.Duration) Option { return func(o *options) { o.udpIdleTimeout = d } }
+
+// WithTCPIdleTimeout sets when the relay closes a public TCP flow with no
+// traffic either way (default 0: never; the appliance's mapping owns idleness).
+func WithTCPIdleTimeout(d time.Duration) Option { return func(o *options) { o.tcpIdleTimeout = d } }
+
+// WithVersion sets the software version sent in the control hello, for logs.
+func WithVersion(v string) Option { return func(o *options) { o.version = v } }

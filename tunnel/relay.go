@@ -1,0 +1,772 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/tun"
+
+	"github.com/natbox/natbox/conf"
+)
+
+// Originator originates flows inside the relay's tunnel with any source
+// address. *netstack.Stack implements it.
+type Originator interface {
+	// DialTCP connects from src (the public client's own address) to dst.
+	DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn, error)
+	// WriteUDP sends one datagram from src to dst; it must not block long.
+	WriteUDP(src, dst netip.AddrPort, payload []byte) error
+}
+
+// Relay is the public side of relay mode: a WireGuard listener for the
+// configured peers, a control server inside the tunnel through which each
+// peer registers the ports it wants, public listeners for the ports granted,
+// and the data path that re-originates each public flow inside the tunnel
+// from the client's own address.
+//
+// Isolation: a peer's WireGuard allowed IPs are its own tunnel addresses
+// only, so its packets cannot claim another source; anything a peer sends
+// that is neither a connection to the relay's control port nor a reply to a
+// UDP session toward that same peer is rejected or dropped (TCP flows are
+// originated by the relay, so their replies never reach the handlers).
+type Relay struct {
+	log   *zap.Logger
+	org   Originator
+	dev   *device.Device
+	opts  options
+	addr4 netip.Addr // the relay's tunnel addresses
+	addr6 netip.Addr
+	binds []netip.Addr // where public listeners open
+
+	dialTimeout time.Duration
+	maxSessions int64 // 0: unlimited
+
+	ctx       context.Context // cancelled by Close: ends every flow and control session
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup // every goroutine the relay starts
+	closeOnce sync.Once
+
+	sessions atomic.Int64 // TCP flows + UDP sessions, against maxSessions
+	tcpFlows atomic.Int64
+	rejected atomic.Uint64 // tunnel flows refused by isolation
+	overCap  atomic.Uint64 // public flows refused by maxSessions
+
+	// mu guards the following fields.
+	mu     sync.Mutex
+	cfg    *conf.RelayConfig
+	closed bool
+	peers  map[string]*relayPeer // by name
+	byAddr map[netip.Addr]*relayPeer
+	reg    *registry
+
+	// udpMu guards udp; it is separate from mu because the packet path takes it.
+	udpMu sync.RWMutex
+	udp   map[udpKey]*udpSession
+}
+
+// relayPeer is one configured peer. Fields other than cfg's addresses are
+// guarded by Relay.mu.
+type relayPeer struct {
+	cfg      conf.Peer
+	addr4    netip.Addr
+	session  *controlSession // nil when not connected
+	wanted   []string        // the specs of the peer's last register
+	results  map[string]message
+	holdings map[portKey]*holding
+	grace    *time.Timer // runs while the peer is disconnected and still holds ports
+}
+
+// holding is one (protocol, port) a peer holds: the public sockets on every
+// bind address. Cancelling ctx ends its flows.
+type holding struct {
+	key    portKey
+	peer   *relayPeer
+	ctx    context.Context
+	cancel context.CancelFunc
+	lns    []net.Listener
+	pcs    []*net.UDPConn
+}
+
+// NewRelay configures a WireGuard device on dev for cfg's peers, listening
+// on relay.listen, and returns a Relay that serves them. It takes ownership
+// of dev (closed by Close, or before returning an error). Public flows are
+// originated through org; cmd routes the relay stack's inbound flows to
+// HandleTCP and HandleUDP.
+func NewRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Logger, opts ...Option) (*Relay, error) {
+	r, err := newRelay(cfg, dev, org, log, opts)
+	if err != nil {
+		if dev != nil {
+			dev.Close()
+		}
+		return nil, err
+	}
+	return r, nil
+}
+
+func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Logger, opts []Option) (*Relay, error) {
+	switch {
+	case cfg == nil:
+		return nil, errors.New("new relay: no config")
+	case dev == nil:
+		return nil, errors.New("new relay: no tunnel device")
+	case org == nil:
+		return nil, errors.New("new relay: no originator")
+	case log == nil:
+		return nil, errors.New("new relay: no logger")
+	case cfg.Relay.PrivateKey.IsZero():
+		return nil, errors.New("new relay: relay.private_key is not set; create one with natbox genkey")
+	case !cfg.Relay.Address.Unmap().Is4():
+		return nil, fmt.Errorf("new relay: relay.address %q is not an IPv4 address", cfg.Relay.Address)
+	}
+	port, host, err := listenPort(cfg.Relay.Listen)
+	if err != nil {
+		return nil, err
+	}
+	if a, err := netip.ParseAddr(host); host != "" && (err != nil || !a.IsUnspecified()) {
+		log.Warn("wireguard listens on every address; the host part of relay.listen is not applied",
+			zap.String("listen", cfg.Relay.Listen))
+	}
+	if mtu, err := dev.MTU(); err == nil && cfg.Relay.MTU != 0 && mtu != cfg.Relay.MTU {
+		log.Warn("tunnel device mtu differs from relay.mtu", zap.Int("device_mtu", mtu), zap.Int("mtu", cfg.Relay.MTU))
+	}
+
+	o := buildOptions(opts)
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &Relay{
+		log:         log,
+		org:         org,
+		opts:        o,
+		addr4:       cfg.Relay.Address.Unmap(),
+		addr6:       TunnelAddr6(cfg.Relay.Address),
+		binds:       cfg.Relay.PublicBind,
+		dialTimeout: cfg.Relay.DialTimeout.D(),
+		maxSessions: int64(cfg.Relay.MaxSessions),
+		ctx:         ctx,
+		cancel:      cancel,
+		cfg:         cfg,
+		peers:       make(map[string]*relayPeer),
+		byAddr:      make(map[netip.Addr]*relayPeer),
+		reg:         newRegistry(),
+		udp:         make(map[udpKey]*udpSession),
+	}
+	if len(r.binds) == 0 {
+		r.binds = []netip.Addr{netip.IPv4Unspecified(), netip.IPv6Unspecified()}
+	}
+	if r.dialTimeout <= 0 {
+		r.dialTimeout = defaultDialTimeout
+	}
+
+	var uapi string
+	for _, p := range cfg.Peers {
+		uapi += peerUAPI(p.PublicKey, netip.AddrPort{}, 0, TunnelPrefixes(p.Address))
+	}
+	d, err := newDevice(dev, cfg.Relay.PrivateKey, port, log)
+	if err != nil {
+		cancel()
+		return nil, err // newDevice closed dev
+	}
+	if err := d.IpcSet(uapi); err != nil {
+		d.Close()
+		cancel()
+		return nil, fmt.Errorf("configure relay peers: %w", err)
+	}
+	r.dev = d
+	for i := range cfg.Peers {
+		r.addPeerLocked(cfg.Peers[i])
+	}
+	r.wg.Add(1)
+	go r.expireLoop()
+	log.Info("relay up", zap.String("listen", cfg.Relay.Listen), zap.Stringer("address", r.addr4),
+		zap.Int("count", len(cfg.Peers)))
+	return r, nil
+}
+
+// Run serves until ctx is done or Close is called, then closes the relay.
+func (r *Relay) Run(ctx context.Context) error {
+	select {
+	case <-ctx.Done():
+	case <-r.ctx.Done():
+	}
+	return r.Close()
+}
+
+// Close stops the relay: it closes the public listeners, every flow and
+// control session, and the WireGuard device (and so the tun.Device), then
+// waits for its goroutines. It is idempotent.
+func (r *Relay) Close() error {
+	r.closeOnce.Do(func() {
+		r.mu.Lock()
+		r.closed = true
+		var sessions []*controlSession
+		for _, p := range r.peers {
+			if p.session != nil {
+				sessions = append(sessions, p.session)
+			}
+			r.dropPeerLocked(p)
+		}
+		r.mu.Unlock()
+		r.cancel()
+		for _, s := range sessions {
+			s.close()
+		}
+		r.dev.Close()
+		r.wg.Wait()
+		r.log.Info("relay down")
+	})
+	return nil
+}
+
+// addPeerLocked registers a configured peer (its WireGuard side is set up
+// by the caller).
+func (r *Relay) addPeerLocked(pc conf.Peer) {
+	p := &relayPeer{
+		cfg:      pc,
+		addr4:    pc.Address.Unmap(),
+		results:  make(map[string]message),
+		holdings: make(map[portKey]*holding),
+	}
+	r.peers[pc.Name] = p
+	r.byAddr[p.addr4] = p
+	r.byAddr[TunnelAddr6(p.addr4)] = p
+}
+
+// dropPeerLocked releases everything p holds and forgets it; the caller
+// closes its session outside the lock.
+func (r *Relay) dropPeerLocked(p *relayPeer) {
+	if p.grace != nil {
+		p.grace.Stop()
+		p.grace = nil
+	}
+	for _, h := range p.holdings {
+		r.releaseLocked(h)
+	}
+	delete(r.peers, p.cfg.Name)
+	delete(r.byAddr, p.addr4)
+	delete(r.byAddr, TunnelAddr6(p.addr4))
+}
+
+// HandleTCP is called by the relay stack's handler for each connection
+// attempt arriving from the tunnel. Only connections to the control port on
+// the relay's own tunnel address, from a configured peer's address, are
+// accepted; the call then serves the control session until it ends.
+func (r *Relay) HandleTCP(src, dst netip.AddrPort, accept func() (net.Conn, error), reject func()) {
+	d := dst.Addr().Unmap()
+	if dst.Port() != ControlPort || (d != r.addr4 && d != r.addr6) {
+		r.rejected.Add(1)
+		reject()
+		return
+	}
+	r.mu.Lock()
+	p := r.byAddr[src.Addr().Unmap()]
+	ok := p != nil && !r.closed
+	if ok {
+		r.wg.Add(1)
+	}
+	r.mu.Unlock()
+	if !ok {
+		r.rejected.Add(1)
+		reject()
+		return
+	}
+	defer r.wg.Done()
+	c, err := accept()
+	if err != nil {
+		r.log.Debug("accept control connection", zap.String("peer", p.cfg.Name), zap.Error(err))
+		return
+	}
+	r.serveControl(p, c)
+}
+
+// HandleUDP is called on the relay stack's packet path for each datagram
+// arriving from the tunnel. Only replies to an existing session toward the
+// sending peer's own address and port are passed on, from the same public
+// socket the client used; everything else is dropped.
+func (r *Relay) HandleUDP(src, dst netip.AddrPort, payload []byte) {
+	key := udpKey{client: unmapPort(dst), port: src.Port()}
+	r.udpMu.RLock()
+	s := r.udp[key]
+	r.udpMu.RUnlock()
+	if s == nil || s.dst != unmapPort(src) {
+		r.rejected.Add(1)
+		return
+	}
+	s.touch()
+	if _, err := s.pc.WriteToUDPAddrPort(payload, s.client); err != nil {
+		if ce := r.log.Check(zap.DebugLevel, "udp reply to client"); ce != nil {
+			ce.Write(zap.Stringer("src", s.client), zap.Error(err))
+		}
+	}
+}
+
+// RelayStatus is a snapshot of the relay for the admin API.
+type RelayStatus struct {
+	Peers       []RelayPeerStatus `json:"peers"`
+	TCPSessions int64             `json:"tcp_sessions"`
+	UDPSessions int               `json:"udp_sessions"`
+	Rejected    uint64            `json:"rejected"`   // flows from the tunnel refused by isolation
+	OverLimit   uint64            `json:"over_limit"` // public flows refused by relay.max_sessions
+}
+
+// RelayPeerStatus describes one peer.
+type RelayPeerStatus struct {
+	Name          string            `json:"name"`
+	PublicKey     string            `json:"public_key"`
+	Address       netip.Addr        `json:"address"`
+	Connected     bool              `json:"connected"` // control session up
+	Endpoint      string            `json:"endpoint,omitempty"`
+	LastHandshake time.Time         `json:"last_handshake"` // zero: never
+	RxBytes       uint64            `json:"rx_bytes"`
+	TxBytes       uint64            `json:"tx_bytes"`
+	Ports         []string          `json:"ports"`             // held, e.g. "tcp/443", "udp/10000-10100"
+	Refused       map[string]string `json:"refused,omitempty"` // spec -> reason
+}
+
+// Status returns a snapshot of the relay.
+func (r *Relay) Status() RelayStatus {
+	stats, err := readPeerStats(r.dev)
+	if err != nil {
+		r.log.Debug("relay status", zap.Error(err))
+	}
+	st := RelayStatus{TCPSessions: r.tcpFlows.Load(), Rejected: r.rejected.Load(), OverLimit: r.overCap.Load()}
+	r.udpMu.RLock()
+	st.UDPSessions = len(r.udp)
+	r.udpMu.RUnlock()
+
+	r.mu.Lock()
+	for _, p := range r.peers {
+		ps := RelayPeerStatus{
+			Name:      p.cfg.Name,
+			PublicKey: p.cfg.PublicKey.String(),
+			Address:   p.addr4,
+			Connected: p.session != nil,
+			Ports:     specStrings(compressKeys(keysOf(p.holdings))),
+		}
+		for spec, m := range p.results {
+			if !m.OK {
+				if ps.Refused == nil {
+					ps.Refused = make(map[string]string)
+				}
+				ps.Refused[spec] = m.Reason
+			}
+		}
+		if s, ok := stats[p.cfg.PublicKey]; ok {
+			ps.Endpoint, ps.LastHandshake, ps.RxBytes, ps.TxBytes = s.Endpoint, s.LastHandshake, s.RxBytes, s.TxBytes
+		}
+		st.Peers = append(st.Peers, ps)
+	}
+	r.mu.Unlock()
+	sort.Slice(st.Peers, func(i, j int) bool { return st.Peers[i].Name < st.Peers[j].Name })
+	return st
+}
+
+// Reload applies a new relay config: peers added, removed or changed and
+// new port allowances, without touching other peers' flows. A peer that
+// lost an allowance loses only those ports (their listeners and flows); a
+// peer whose key or address changed starts over. Settings that need a new
+// device or new sockets (listen, private key, address, public_bind, mtu)
+// cannot change on reload: the error says so and nothing changes.
+func (r *Relay) Reload(cfg *conf.RelayConfig) error {
+	if cfg == nil {
+		return errors.New("reload relay: no config")
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return errors.New("reload relay: relay is closed")
+	}
+	old := r.cfg.Relay
+	nw := cfg.Relay
+	var fixed []string
+	if nw.Listen != old.Listen {
+		fixed = append(fixed, "relay.listen")
+	}
+	if nw.PrivateKey != old.PrivateKey {
+		fixed = append(fixed, "relay.private_key")
+	}
+	if nw.Address != old.Address {
+		fixed = append(fixed, "relay.address")
+	}
+	if !slices.Equal(nw.PublicBind, old.PublicBind) {
+		fixed = append(fixed, "relay.public_bind")
+	}
+	if nw.MTU != old.MTU {
+		fixed = append(fixed, "relay.mtu")
+	}
+	if len(fixed) > 0 {
+		return fmt.Errorf("reload relay: %v cannot change while running; restart natbox relay to apply", fixed)
+	}
+
+	next := make(map[string]conf.Peer, len(cfg.Peers))
+	for _, p := range cfg.Peers {
+		next[p.Name] = p
+	}
+	// WireGuard first: if it refuses, nothing has changed on our side.
+	var uapi string
+	var dropped, added []string
+	for name, p := range r.peers {
+		np, ok := next[name]
+		if !ok || np.PublicKey != p.cfg.PublicKey || np.Address != p.cfg.Address {
+			uapi += removePeerUAPI(p.cfg.PublicKey)
+			dropped = append(dropped, name)
+		}
+	}
+	for name, np := range next {
+		if _, ok := r.peers[name]; !ok || slices.Contains(dropped, name) {
+			uapi += peerUAPI(np.PublicKey, netip.AddrPort{}, 0, TunnelPrefixes(np.Address))
+			added = append(added, name)
+		}
+	}
+	if uapi != "" {
+		if err := r.dev.IpcSet(uapi); err != nil {
+			return fmt.Errorf("reload relay peers: %w", err)
+		}
+	}
+
+	var closing []*controlSession
+	for _, name := range dropped {
+		p := r.peers[name]
+		if p.session != nil {
+			closing = append(closing, p.session)
+			p.session = nil
+		}
+		r.dropPeerLocked(p)
+	}
+	for _, name := range added {
+		r.addPeerLocked(next[name])
+	}
+	var notes []notification
+	for name, p := range r.peers {
+		np := next[name]
+		if slices.Equal(np.Ports, p.cfg.Ports) {
+			continue
+		}
+		p.cfg = np
+		if p.session != nil {
+			notes = append(notes, r.renotifyLocked(p)...)
+			continue
+		}
+		for k, h := range p.holdings { // in grace: keep only what is still allowed
+			if !allowsPort(p.cfg.Ports, k) {
+				r.releaseLocked(h)
+			}
+		}
+	}
+	notes = append(notes, r.retryOthersLocked(nil)...)
+	r.cfg = cfg
+	r.log.Info("relay reloaded", zap.Int("count", len(r.peers)), zap.Strings("added", added),
+		zap.Strings("removed", dropped))
+	go func() {
+		for _, s := range closing {
+			s.close()
+		}
+	}()
+	r.sendLocked(notes)
+	return nil
+}
+
+// notification is a batch of messages for one control session.
+type notification struct {
+	s    *controlSession
+	msgs []message
+}
+
+// sendLocked queues notifications; it never blocks (see controlSession.send).
+func (r *Relay) sendLocked(notes []notification) {
+	for _, n := range notes {
+		n.s.send(n.msgs...)
+	}
+}
+
+// reconcileLocked makes p's holdings match its wanted specs and allowances:
+// it opens sockets for wanted ports it may take, releases held ports no
+// longer wanted or allowed, and returns one result per wanted spec.
+func (r *Relay) reconcileLocked(p *relayPeer) []message {
+	keep := make(map[portKey]bool)
+	results := make([]message, 0, len(p.wanted))
+	for _, raw := range p.wanted {
+		res := message{Type: msgResult, Port: raw, OK: true}
+		spec, err := parseWireSpec(raw)
+		if err != nil {
+			res.OK, res.Reason = false, err.Error()
+			results = append(results, res)
+			continue
+		}
+		res.Port = spec.String()
+		if reason := r.reg.check(p.cfg.Name, p.cfg.Ports, spec); reason != "" {
+			res.OK, res.Reason = false, reason
+			results = append(results, res)
+			continue
+		}
+		var opened []*holding
+		for _, k := range portKeys(spec) {
+			if p.holdings[k] != nil {
+				continue
+			}
+			h, err := r.openLocked(p, k)
+			if err != nil {
+				res.OK, res.Reason = false, err.Error()
+				break
+			}
+			opened = append(opened, h)
+		}
+		if !res.OK { // a range is granted whole or not at all
+			for _, h := range opened {
+				r.releaseLocked(h)
+			}
+		} else {
+			for _, k := range portKeys(spec) {
+				keep[k] = true
+			}
+		}
+		results = append(results, res)
+	}
+	for k, h := range p.holdings {
+		if !keep[k] {
+			r.releaseLocked(h)
+		}
+	}
+	return results
+}
+
+// renotifyLocked reconciles p and returns the results that changed since
+// p's session last heard about them.
+func (r *Relay) renotifyLocked(p *relayPeer) []notification {
+	var changed []message
+	for _, m := range r.reconcileLocked(p) {
+		if prev, ok := p.results[m.Port]; !ok || prev.OK != m.OK || prev.Reason != m.Reason {
+			changed = append(changed, m)
+		}
+		p.results[m.Port] = m
+	}
+	if len(changed) == 0 || p.session == nil {
+		return nil
+	}
+	return []notification{{p.session, changed}}
+}
+
+// retryOthersLocked re-reconciles every connected peer other than except
+// that has a refused spec: a port it wanted may have become free.
+func (r *Relay) retryOthersLocked(except *relayPeer) []notification {
+	var notes []notification
+	for _, q := range r.peers {
+		if q == except || q.session == nil {
+			continue
+		}
+		refused := false
+		for _, m := range q.results {
+			refused = refused || !m.OK
+		}
+		if refused {
+			notes = append(notes, r.renotifyLocked(q)...)
+		}
+	}
+	return notes
+}
+
+// openLocked opens k's public sockets on every bind address for p and
+// starts serving them.
+func (r *Relay) openLocked(p *relayPeer, k portKey) (*holding, error) {
+	ctx, cancel := context.WithCancel(r.ctx)
+	h := &holding{key: k, peer: p, ctx: ctx, cancel: cancel}
+	for _, a := range r.binds {
+		a = a.Unmap()
+		ap := netip.AddrPortFrom(a, k.port).String()
+		var lc net.ListenConfig
+		switch k.proto {
+		case conf.TCP:
+			// "tcp6" sets IPV6_V6ONLY, so 0.0.0.0 and :: can both hold the port.
+			ln, err := lc.Listen(r.ctx, "tcp"+family(a), ap)
+			if err != nil {
+				h.closeSockets()
+				cancel()
+				return nil, bindError(ap, err)
+			}
+			h.lns = append(h.lns, ln)
+		case conf.UDP:
+			pc, err := lc.ListenPacket(r.ctx, "udp"+family(a), ap)
+			if err != nil {
+				h.closeSockets()
+				cancel()
+				return nil, bindError(ap, err)
+			}
+			h.pcs = append(h.pcs, pc.(*net.UDPConn))
+		}
+	}
+	for _, ln := range h.lns {
+		r.wg.Add(1)
+		go r.acceptLoop(h, ln)
+	}
+	for _, pc := range h.pcs {
+		r.wg.Add(1)
+		go r.udpLoop(h, pc)
+	}
+	p.holdings[k] = h
+	r.reg.take(p.cfg.Name, k)
+	r.log.Info("port opened", zap.String("peer", p.cfg.Name), zap.Stringer("listen", k))
+	return h, nil
+}
+
+// releaseLocked closes h's sockets and flows and frees its port.
+func (r *Relay) releaseLocked(h *holding) {
+	p := h.peer
+	delete(p.holdings, h.key)
+	r.reg.release(p.cfg.Name, h.key)
+	h.cancel()
+	h.closeSockets()
+	if h.key.proto == conf.UDP {
+		r.udpMu.Lock()
+		for k, s := range r.udp {
+			if s.h == h {
+				delete(r.udp, k)
+				r.sessions.Add(-1)
+			}
+		}
+		r.udpMu.Unlock()
+	}
+	r.log.Info("port closed", zap.String("peer", p.cfg.Name), zap.Stringer("listen", h.key))
+}
+
+func (h *holding) closeSockets() {
+	for _, ln := range h.lns {
+		ln.Close()
+	}
+	for _, pc := range h.pcs {
+		pc.Close()
+	}
+}
+
+func family(a netip.Addr) string {
+	if a.Is4() {
+		return "4"
+	}
+	return "6"
+}
+
+// bindError is the reason sent to the appliance when a public socket
+// cannot be opened, e.g. "cannot bind 0.0.0.0:443: address already in use".
+func bindError(addr string, err error) error {
+	var errno syscall.Errno
+	if !errors.As(err, &errno) {
+		return fmt.Errorf("cannot bind %s: %w", addr, err)
+	}
+	if errno == syscall.EACCES {
+		return fmt.Errorf("cannot bind %s: %s; ports below 1024 need CAP_NET_BIND_SERVICE", addr, errno)
+	}
+	return fmt.Errorf("cannot bind %s: %s", addr, errno)
+}
+
+// acceptLoop serves one public TCP listener until it is closed.
+func (r *Relay) acceptLoop(h *holding, ln net.Listener) {
+	defer r.wg.Done()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || h.ctx.Err() != nil {
+				return
+			}
+			r.log.Warn("accept public connection", zap.Stringer("listen", ln.Addr()), zap.Error(err))
+			select { // e.g. out of file descriptors: do not spin
+			case <-time.After(100 * time.Millisecond):
+			case <-h.ctx.Done():
+				return
+			}
+			continue
+		}
+		if !r.admit() {
+			c.Close()
+			continue
+		}
+		r.wg.Add(1)
+		go r.forwardTCP(h, c)
+	}
+}
+
+// admit takes a session slot, or reports false when relay.max_sessions is reached.
+func (r *Relay) admit() bool {
+	if n := r.sessions.Add(1); r.maxSessions > 0 && n > r.maxSessions {
+		r.sessions.Add(-1)
+		r.overCap.Add(1)
+		return false
+	}
+	return true
+}
+
+// forwardTCP re-originates one public TCP connection inside the tunnel from
+// the client's own address, toward the peer's tunnel address and the same
+// port, and splices the two.
+func (r *Relay) forwardTCP(h *holding, c net.Conn) {
+	defer r.wg.Done()
+	defer r.sessions.Add(-1)
+	defer c.Close()
+	client := unmapPort(c.RemoteAddr().(*net.TCPAddr).AddrPort())
+	dst := netip.AddrPortFrom(tunnelAddrFor(h.peer.addr4, client.Addr()), h.key.port)
+
+	dctx, cancel := context.WithTimeout(h.ctx, r.dialTimeout)
+	tc, err := r.org.DialTCP(dctx, client, dst)
+	cancel()
+	if err != nil {
+		r.log.Debug("relay dial failed", zap.String("peer", h.peer.cfg.Name), zap.Stringer("src", client),
+			zap.Stringer("dst", dst), zap.Error(err))
+		return
+	}
+	defer tc.Close()
+	r.tcpFlows.Add(1)
+	defer r.tcpFlows.Add(-1)
+	start := time.Now()
+	r.log.Debug("session opened", zap.String("peer", h.peer.cfg.Name), zap.String("proto", "tcp"),
+		zap.Stringer("src", client), zap.Stringer("dst", dst))
+	up, down, err := splice(h.ctx, c, tc, r.opts.tcpIdleTimeout)
+	r.log.Debug("session closed", zap.String("peer", h.peer.cfg.Name), zap.String("proto", "tcp"),
+		zap.Stringer("src", client), zap.Stringer("dst", dst), zap.Int64("bytes_rx", up),
+		zap.Int64("bytes_tx", down), zap.Duration("duration", time.Since(start)), zap.Error(err))
+}
+
+func unmapPort(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+func keysOf(m map[portKey]*holding) []portKey {
+	keys := make([]portKey, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	return keys
+}
+
+// compressKeys sorts keys and merges runs of consecutive ports into ranges.
+func compressKeys(keys []portKey) []conf.PortSpec {
+	sort.Slice(keys, func(i, j int) bool {
+		if keys[i].proto != keys[j].proto {
+			return keys[i].proto < keys[j].proto
+		}
+		return keys[i].port < keys[j].port
+	})
+	var out []conf.PortSpec
+	for _, k := range keys {
+		if n := len(out); n > 0 && out[n-1].Proto == k.proto && int(out[n-1].Ports.Hi)+1 == int(k.port) {
+			out[n-1].Ports.Hi = k.port
+			continue
+		}
+		out = append(out, conf.PortSpec{Proto: k.proto, Ports: conf.PortRange{Lo: k.port, Hi: k.port}})
+	}
+	return out
+}
+
+func specStrings(specs []conf.PortSpec) []string {
+	out := make([]string, len(specs))
+	for i, s := range specs {
+		out[i] = s.String()
+	}
+	return out
+}

@@ -1,0 +1,449 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/tun"
+
+	"github.com/natbox/natbox/conf"
+)
+
+// ControlDialer dials TCP from the appliance's own stack, through the
+// tunnel. *netstack.Stack implements it.
+type ControlDialer interface {
+	DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn, error)
+}
+
+// Uplink states, as shown by Status.
+const (
+	StateConnecting = "connecting"
+	StateRegistered = "registered"
+)
+
+const (
+	// staleHandshake is when the tunnel counts as down: past it, wireguard-go
+	// rejects the session's keys (RejectAfterTime).
+	staleHandshake  = 180 * time.Second
+	minBackoff      = time.Second
+	maxBackoff      = 30 * time.Second
+	controlDialWait = 10 * time.Second
+	statsInterval   = 30 * time.Second
+	tunnelCheck     = 5 * time.Second
+)
+
+// Uplink is the appliance side of relay mode: a WireGuard tunnel to the
+// relay and the control client that registers this appliance's ports there,
+// re-registering after any failure (relay restart, roaming, lost tunnel).
+type Uplink struct {
+	cfg    *conf.Uplink
+	dev    *device.Device
+	dialer ControlDialer
+	log    *zap.Logger
+	opts   options
+
+	host string // the relay's host and port, re-resolved on failure
+	port uint16
+
+	kick      chan struct{} // SetPorts wakes the control loop
+	closed    chan struct{}
+	closeOnce sync.Once
+	runWG     sync.WaitGroup
+
+	// mu guards the following fields.
+	mu       sync.Mutex
+	ports    []string // wanted specs, single-protocol
+	state    string
+	endpoint netip.AddrPort
+	results  map[string]message // last result per spec
+	peerName string             // as the relay knows us
+}
+
+// NewUplink configures a WireGuard device on dev with the relay as its only
+// peer and returns an Uplink; Run resolves the relay and keeps the
+// registration. It takes ownership of dev (closed by Close, or before
+// returning an error). dialer is the appliance stack, used to reach the
+// relay's control port through the tunnel. cmd creates dev with cfg.MTU.
+func NewUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.Logger, opts ...Option) (*Uplink, error) {
+	u, err := newUplink(cfg, dev, dialer, log, opts)
+	if err != nil {
+		if dev != nil {
+			dev.Close()
+		}
+		return nil, err
+	}
+	return u, nil
+}
+
+func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.Logger, opts []Option) (*Uplink, error) {
+	switch {
+	case cfg == nil:
+		return nil, errors.New("new uplink: no config")
+	case dev == nil:
+		return nil, errors.New("new uplink: no tunnel device")
+	case dialer == nil:
+		return nil, errors.New("new uplink: no control dialer")
+	case log == nil:
+		return nil, errors.New("new uplink: no logger")
+	case cfg.PrivateKey.IsZero():
+		return nil, errors.New("new uplink: uplink.private_key is not set; create one with natbox genkey")
+	case cfg.RelayPublicKey.IsZero():
+		return nil, errors.New("new uplink: uplink.relay_public_key is not set; copy it from the relay (natbox pubkey)")
+	case !cfg.Address.Unmap().Is4() || !cfg.RelayAddress.Unmap().Is4():
+		return nil, fmt.Errorf("new uplink: uplink.address %q and relay_address %q must be IPv4 addresses",
+			cfg.Address, cfg.RelayAddress)
+	}
+	host, portText, err := net.SplitHostPort(cfg.Relay)
+	if err != nil {
+		return nil, fmt.Errorf("new uplink: uplink.relay %q: %w; write host:port, e.g. \"relay.example.net:51820\"", cfg.Relay, err)
+	}
+	port, err := net.LookupPort("udp", portText)
+	if err != nil {
+		return nil, fmt.Errorf("new uplink: uplink.relay %q: %w", cfg.Relay, err)
+	}
+	if mtu, err := dev.MTU(); err == nil && cfg.MTU != 0 && mtu != cfg.MTU {
+		log.Warn("tunnel device mtu differs from uplink.mtu", zap.Int("device_mtu", mtu), zap.Int("mtu", cfg.MTU))
+	}
+	d, err := newDevice(dev, cfg.PrivateKey, 0, log)
+	if err != nil {
+		return nil, err
+	}
+	// Allowed IPs are everything: public clients' real addresses come through.
+	uapi := peerUAPI(cfg.RelayPublicKey, netip.AddrPort{}, cfg.Keepalive.D(),
+		[]netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")})
+	if err := d.IpcSet(uapi); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("configure relay peer: %w", err)
+	}
+	return &Uplink{
+		cfg:     cfg,
+		dev:     d,
+		dialer:  dialer,
+		log:     log,
+		opts:    buildOptions(opts),
+		host:    host,
+		port:    uint16(port),
+		kick:    make(chan struct{}, 1),
+		closed:  make(chan struct{}),
+		state:   StateConnecting,
+		results: make(map[string]message),
+	}, nil
+}
+
+// SetPorts sets the ports this appliance wants on the relay (the listen
+// ports of its uplink mappings) and re-registers if connected. Call it at
+// start and on every reload. Safe for concurrent use.
+func (u *Uplink) SetPorts(specs []conf.PortSpec) {
+	wanted := specStrings(splitProtos(specs))
+	sort.Strings(wanted)
+	wanted = slices.Compact(wanted)
+	u.mu.Lock()
+	changed := !slices.Equal(wanted, u.ports)
+	u.ports = wanted
+	for spec := range u.results {
+		if !slices.Contains(wanted, spec) {
+			delete(u.results, spec)
+		}
+	}
+	u.mu.Unlock()
+	if changed {
+		select {
+		case u.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Run keeps the tunnel and the registration up until ctx is done or Close
+// is called, then closes the uplink.
+func (u *Uplink) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-u.closed:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	u.runWG.Add(1)
+	go func() {
+		defer u.runWG.Done()
+		u.monitorLoop(ctx)
+	}()
+	u.log.Info("uplink starting", zap.String("relay", u.cfg.Relay), zap.Stringer("address", u.cfg.Address))
+	backoff := minBackoff
+	for ctx.Err() == nil {
+		u.resolve(ctx)
+		registered, err := u.controlSession(ctx)
+		if ctx.Err() != nil {
+			break
+		}
+		u.setState(StateConnecting)
+		if registered {
+			backoff = minBackoff
+		}
+		u.log.Info("relay control connection lost; reconnecting", zap.Error(err), zap.Duration("duration", backoff))
+		// The relay may have restarted and lost our session keys: start a new
+		// handshake at once instead of waiting for wireguard-go's timers.
+		if p := u.dev.LookupPeer(device.NoisePublicKey(u.cfg.RelayPublicKey)); p != nil {
+			p.ExpireCurrentKeypairs()
+		}
+		wait := backoff/2 + rand.N(backoff/2+1)
+		backoff = min(backoff*2, maxBackoff)
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+		}
+	}
+	cancel()
+	u.runWG.Wait()
+	return u.Close()
+}
+
+// Close closes the WireGuard device (and so the tun.Device). Idempotent.
+func (u *Uplink) Close() error {
+	u.closeOnce.Do(func() {
+		close(u.closed)
+		u.dev.Close()
+	})
+	return nil
+}
+
+// resolve looks the relay up and points WireGuard at it when the address
+// changed. Failures are logged; the old endpoint stays.
+func (u *Uplink) resolve(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, controlDialWait)
+	defer cancel()
+	addrs, err := net.DefaultResolver.LookupNetIP(ctx, "ip", u.host)
+	if err != nil || len(addrs) == 0 {
+		u.log.Warn("cannot resolve relay; check uplink.relay and DNS", zap.String("relay", u.cfg.Relay), zap.Error(err))
+		return
+	}
+	u.mu.Lock()
+	cur := u.endpoint
+	u.mu.Unlock()
+	for _, a := range addrs {
+		if netip.AddrPortFrom(a.Unmap(), u.port) == cur {
+			return // still valid
+		}
+	}
+	ep := netip.AddrPortFrom(addrs[0].Unmap(), u.port)
+	if err := u.dev.IpcSet(fmt.Sprintf("public_key=%s\nendpoint=%s\n", u.cfg.RelayPublicKey.Hex(), ep)); err != nil {
+		u.log.Warn("set relay endpoint", zap.Stringer("dst", ep), zap.Error(err))
+		return
+	}
+	u.mu.Lock()
+	u.endpoint = ep
+	u.mu.Unlock()
+	u.log.Info("relay endpoint set", zap.Stringer("dst", ep))
+}
+
+// controlSession dials the relay's control port through the tunnel,
+// registers the wanted ports and keeps the session alive until it fails or
+// ctx is done. registered reports whether the relay answered the hello.
+func (u *Uplink) controlSession(ctx context.Context) (registered bool, err error) {
+	src := netip.AddrPortFrom(u.cfg.Address.Unmap(), 0)
+	dst := netip.AddrPortFrom(u.cfg.RelayAddress.Unmap(), ControlPort)
+	dctx, cancel := context.WithTimeout(ctx, controlDialWait)
+	c, err := u.dialer.DialTCP(dctx, src, dst)
+	cancel()
+	if err != nil {
+		return false, fmt.Errorf("dial relay control %s: %w", dst, err)
+	}
+	defer c.Close()
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
+	cc := newControlConn(c)
+	if err := cc.write(message{Type: msgHello, Version: u.opts.version}, controlWriteTimeout); err != nil {
+		return false, fmt.Errorf("send hello: %w", err)
+	}
+	hello, err := cc.read(u.opts.pingTimeout)
+	if err != nil {
+		return false, fmt.Errorf("read relay hello: %w", err)
+	}
+	if hello.Type != msgHello {
+		return false, fmt.Errorf("relay answered %q to hello: %s", hello.Type, hello.Reason)
+	}
+	u.mu.Lock()
+	u.peerName = hello.Peer
+	u.mu.Unlock()
+
+	readErr := make(chan error, 1)
+	u.runWG.Add(1)
+	go func() {
+		defer u.runWG.Done()
+		readErr <- u.readLoop(cc)
+	}()
+	defer func() { c.Close(); <-readErr }()
+
+	if err := u.register(cc); err != nil {
+		return true, err
+	}
+	ping := time.NewTicker(u.opts.pingInterval)
+	defer ping.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return true, ctx.Err()
+		case err := <-readErr:
+			readErr <- err // for the deferred drain
+			return true, err
+		case <-u.kick:
+			if err := u.register(cc); err != nil {
+				return true, err
+			}
+		case <-ping.C:
+			if err := cc.write(message{Type: msgPing}, controlWriteTimeout); err != nil {
+				return true, fmt.Errorf("send ping: %w", err)
+			}
+		}
+	}
+}
+
+// register sends the whole wanted set.
+func (u *Uplink) register(cc *controlConn) error {
+	u.mu.Lock()
+	ports := slices.Clone(u.ports)
+	if len(ports) == 0 {
+		u.state = StateRegistered
+	}
+	u.mu.Unlock()
+	if err := cc.write(message{Type: msgRegister, Ports: ports}, controlWriteTimeout); err != nil {
+		return fmt.Errorf("send register: %w", err)
+	}
+	return nil
+}
+
+// readLoop handles the relay's messages until the connection fails or the
+// relay goes quiet past the ping timeout.
+func (u *Uplink) readLoop(cc *controlConn) error {
+	for {
+		m, err := cc.read(u.opts.pingTimeout)
+		if err != nil {
+			return fmt.Errorf("read relay control: %w", err)
+		}
+		switch m.Type {
+		case msgResult:
+			u.handleResult(m)
+		case msgError:
+			return fmt.Errorf("relay: %s", m.Reason)
+		}
+	}
+}
+
+// handleResult records one result; a refusal is logged when it is new or
+// its reason changed, so a reconnecting uplink does not repeat itself.
+func (u *Uplink) handleResult(m message) {
+	u.mu.Lock()
+	if !slices.Contains(u.ports, m.Port) {
+		u.mu.Unlock()
+		return // an answer to a set we no longer want
+	}
+	prev, seen := u.results[m.Port]
+	u.results[m.Port] = m
+	u.state = StateRegistered
+	u.mu.Unlock()
+	switch {
+	case !m.OK && (!seen || prev.OK || prev.Reason != m.Reason):
+		u.log.Warn("relay refused port", zap.String("port", m.Port), zap.String("reason", m.Reason))
+	case m.OK && (!seen || !prev.OK):
+		u.log.Info("relay port registered", zap.String("port", m.Port))
+	}
+}
+
+func (u *Uplink) setState(s string) {
+	u.mu.Lock()
+	u.state = s
+	u.mu.Unlock()
+}
+
+// monitorLoop logs the tunnel going up or down at info and its handshake age
+// and bytes at debug.
+func (u *Uplink) monitorLoop(ctx context.Context) {
+	check := time.NewTicker(tunnelCheck)
+	defer check.Stop()
+	lastStats := time.Now()
+	up := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-check.C:
+			st := u.Status()
+			fresh := !st.LastHandshake.IsZero() && now.Sub(st.LastHandshake) < staleHandshake
+			if fresh != up {
+				up = fresh
+				if up {
+					u.log.Info("tunnel up", zap.String("endpoint", st.Endpoint))
+				} else {
+					u.log.Info("tunnel down", zap.Time("last_handshake", st.LastHandshake))
+				}
+			}
+			if now.Sub(lastStats) >= statsInterval {
+				lastStats = now
+				u.log.Debug("tunnel stats", zap.Duration("handshake_age", st.HandshakeAge()),
+					zap.Uint64("bytes_rx", st.RxBytes), zap.Uint64("bytes_tx", st.TxBytes))
+			}
+		}
+	}
+}
+
+// UplinkStatus is a snapshot of the uplink for the admin API.
+type UplinkStatus struct {
+	State         string            `json:"state"` // StateConnecting or StateRegistered
+	Relay         string            `json:"relay"`
+	Endpoint      string            `json:"endpoint,omitempty"`
+	Peer          string            `json:"peer,omitempty"` // our name on the relay
+	LastHandshake time.Time         `json:"last_handshake"` // zero: never
+	RxBytes       uint64            `json:"rx_bytes"`
+	TxBytes       uint64            `json:"tx_bytes"`
+	Registered    []string          `json:"registered"`        // e.g. "tcp/443"
+	Refused       map[string]string `json:"refused,omitempty"` // spec -> reason
+}
+
+// HandshakeAge is the time since the last handshake, or -1 if none yet.
+func (s UplinkStatus) HandshakeAge() time.Duration {
+	if s.LastHandshake.IsZero() {
+		return -1
+	}
+	return time.Since(s.LastHandshake)
+}
+
+// Status returns a snapshot of the uplink.
+func (u *Uplink) Status() UplinkStatus {
+	u.mu.Lock()
+	st := UplinkStatus{State: u.state, Relay: u.cfg.Relay, Peer: u.peerName}
+	for _, spec := range u.ports {
+		m, ok := u.results[spec]
+		switch {
+		case !ok:
+		case m.OK:
+			st.Registered = append(st.Registered, spec)
+		default:
+			if st.Refused == nil {
+				st.Refused = make(map[string]string)
+			}
+			st.Refused[spec] = m.Reason
+		}
+	}
+	u.mu.Unlock()
+	stats, err := readPeerStats(u.dev)
+	if err != nil {
+		u.log.Debug("uplink status", zap.Error(err))
+	}
+	if s, ok := stats[u.cfg.RelayPublicKey]; ok {
+		st.Endpoint, st.LastHandshake, st.RxBytes, st.TxBytes = s.Endpoint, s.LastHandshake, s.RxBytes, s.TxBytes
+	}
+	return st
+}

@@ -1,0 +1,162 @@
+package tunnel
+
+import (
+	"bufio"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.zx2c4.com/wireguard/conn"
+	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/tun"
+
+	"github.com/natbox/natbox/conf"
+)
+
+// wgLogger adapts wireguard-go's printf logger to zap: its verbose lines go to
+// debug, its errors to warn (they are mostly transient: a lost handshake, a
+// send to a vanished endpoint).
+func wgLogger(log *zap.Logger) *device.Logger {
+	return &device.Logger{
+		Verbosef: func(format string, args ...any) {
+			if ce := log.Check(zap.DebugLevel, "wireguard"); ce != nil {
+				ce.Write(zap.String("event", fmt.Sprintf(format, args...)))
+			}
+		},
+		Errorf: func(format string, args ...any) {
+			if ce := log.Check(zap.WarnLevel, "wireguard"); ce != nil {
+				ce.Write(zap.String("event", fmt.Sprintf(format, args...)))
+			}
+		},
+	}
+}
+
+// newDevice builds a wireguard-go device on dev with the standard batched
+// bind (UDP GSO/GRO where the kernel has them), sets its private key and
+// listen port (0: any), and brings it up. The device owns dev from here on:
+// closing the device closes dev.
+func newDevice(dev tun.Device, key conf.Key, listenPort uint16, log *zap.Logger) (*device.Device, error) {
+	d := device.NewDevice(dev, conn.NewStdNetBind(), wgLogger(log))
+	uapi := fmt.Sprintf("private_key=%s\nlisten_port=%d\n", key.Hex(), listenPort)
+	if err := d.IpcSet(uapi); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("configure wireguard device: %w", err)
+	}
+	if err := d.Up(); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("bring up wireguard on udp port %d: %w; pick a free port or stop what holds it", listenPort, err)
+	}
+	return d, nil
+}
+
+// peerUAPI is the UAPI "set" text for one peer. endpoint may be invalid (the
+// peer's endpoint is then learned from its handshakes); keepalive 0 disables
+// persistent keepalives. The peer's allowed IPs are replaced by allowed.
+func peerUAPI(pub conf.Key, endpoint netip.AddrPort, keepalive time.Duration, allowed []netip.Prefix) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "public_key=%s\n", pub.Hex())
+	if endpoint.IsValid() {
+		fmt.Fprintf(&b, "endpoint=%s\n", endpoint)
+	}
+	fmt.Fprintf(&b, "persistent_keepalive_interval=%d\n", int(keepalive/time.Second))
+	b.WriteString("replace_allowed_ips=true\n")
+	for _, p := range allowed {
+		fmt.Fprintf(&b, "allowed_ip=%s\n", p)
+	}
+	return b.String()
+}
+
+// removePeerUAPI is the UAPI "set" text that removes a peer.
+func removePeerUAPI(pub conf.Key) string {
+	return fmt.Sprintf("public_key=%s\nremove=true\n", pub.Hex())
+}
+
+// peerStats is what wireguard-go reports about one peer.
+type peerStats struct {
+	Endpoint      string
+	LastHandshake time.Time // zero: never
+	RxBytes       uint64
+	TxBytes       uint64
+}
+
+// readPeerStats parses the device's UAPI "get" output into stats per public key.
+func readPeerStats(d *device.Device) (map[conf.Key]peerStats, error) {
+	text, err := d.IpcGet()
+	if err != nil {
+		return nil, fmt.Errorf("read wireguard state: %w", err)
+	}
+	return parsePeerStats(text)
+}
+
+func parsePeerStats(text string) (map[conf.Key]peerStats, error) {
+	out := make(map[conf.Key]peerStats)
+	var (
+		cur     conf.Key
+		st      peerStats
+		inPeer  bool
+		hsSec   int64
+		hsNsec  int64
+		lineErr error
+	)
+	flush := func() {
+		if !inPeer {
+			return
+		}
+		if hsSec != 0 || hsNsec != 0 {
+			st.LastHandshake = time.Unix(hsSec, hsNsec)
+		}
+		out[cur] = st
+	}
+	sc := bufio.NewScanner(strings.NewReader(text))
+	for sc.Scan() {
+		key, value, ok := strings.Cut(sc.Text(), "=")
+		if !ok {
+			continue
+		}
+		switch key {
+		case "public_key":
+			flush()
+			b, err := hex.DecodeString(value)
+			if err != nil || len(b) != len(cur) {
+				return nil, fmt.Errorf("parse wireguard state: bad public key %q", value)
+			}
+			copy(cur[:], b)
+			st, inPeer, hsSec, hsNsec = peerStats{}, true, 0, 0
+		case "endpoint":
+			st.Endpoint = value
+		case "last_handshake_time_sec":
+			hsSec, lineErr = strconv.ParseInt(value, 10, 64)
+		case "last_handshake_time_nsec":
+			hsNsec, lineErr = strconv.ParseInt(value, 10, 64)
+		case "rx_bytes":
+			st.RxBytes, lineErr = strconv.ParseUint(value, 10, 64)
+		case "tx_bytes":
+			st.TxBytes, lineErr = strconv.ParseUint(value, 10, 64)
+		}
+		if lineErr != nil {
+			return nil, fmt.Errorf("parse wireguard state: %s: %w", key, lineErr)
+		}
+	}
+	flush()
+	return out, nil
+}
+
+// listenPort extracts the UDP port of a "host:port" WireGuard listen address.
+// wireguard-go's bind listens on every address, so a specific host cannot be
+// honoured; the caller warns about it.
+func listenPort(hostPort string) (port uint16, host string, err error) {
+	h, p, err := net.SplitHostPort(hostPort)
+	if err != nil {
+		return 0, "", fmt.Errorf("relay.listen %q: %w; write host:port, e.g. \"0.0.0.0:51820\"", hostPort, err)
+	}
+	n, err := strconv.ParseUint(p, 10, 16)
+	if err != nil {
+		return 0, "", fmt.Errorf("relay.listen %q: bad port: %w", hostPort, err)
+	}
+	return uint16(n), h, nil
+}
