@@ -1,0 +1,75 @@
+package admin
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strings"
+
+	"github.com/natbox/natbox/conf"
+)
+
+// isLoopbackListen reports whether a host:port listen address only accepts
+// connections from this machine. An empty host, a wildcard or a name other
+// than "localhost" is not loopback.
+func isLoopbackListen(listen string) (bool, error) {
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil {
+		return false, fmt.Errorf("admin.listen %q: %w; write host:port, e.g. \"127.0.0.1:9108\"", listen, err)
+	}
+	if host == "localhost" {
+		return true, nil
+	}
+	addr, err := netip.ParseAddr(host)
+	if err != nil {
+		return false, nil // a name may resolve anywhere
+	}
+	return addr.Unmap().IsLoopback(), nil
+}
+
+// listenToken returns the bearer token the HTTP listener requires: the content
+// of cfg.TokenFile, or "" (open) on loopback without a token file.
+func listenToken(cfg conf.Admin) (string, error) {
+	loopback, err := isLoopbackListen(cfg.Listen)
+	if err != nil {
+		return "", err
+	}
+	if cfg.TokenFile == "" {
+		if loopback {
+			return "", nil
+		}
+		return "", fmt.Errorf("admin.listen %q is not a loopback address, so it needs a token; "+
+			"set [admin] token_file to a file holding a long random string (e.g. head -c 32 /dev/urandom | base64 > /etc/natbox/admin.token), "+
+			"or listen on 127.0.0.1", cfg.Listen)
+	}
+	data, err := os.ReadFile(cfg.TokenFile)
+	if err != nil {
+		return "", fmt.Errorf("admin.token_file: %w; create it with a long random string", err)
+	}
+	token := strings.TrimSpace(string(data))
+	if token == "" {
+		return "", fmt.Errorf("admin.token_file %s is empty; write a long random string into it", cfg.TokenFile)
+	}
+	return token, nil
+}
+
+// requireToken answers 401 unless the request carries Authorization: Bearer token.
+func requireToken(token string, next http.Handler) http.Handler {
+	// Comparing fixed-size digests keeps the comparison constant-time
+	// whatever the length of the presented token.
+	want := sha256.Sum256([]byte(token))
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		sum := sha256.Sum256([]byte(strings.TrimSpace(got)))
+		if !ok || subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="natbox"`)
+			http.Error(w, "unauthorized: send Authorization: Bearer <the content of [admin] token_file>", http.StatusUnauthorized)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}

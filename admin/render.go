@@ -1,0 +1,212 @@
+package admin
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// WriteJSON writes v as indented JSON: the --json output of the CLI.
+func WriteJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// RenderStatus writes st as aligned tables for people: the mappings, then the
+// uplink and the relay when present. Ages are measured from st.Time.
+func RenderStatus(w io.Writer, st Status) error {
+	now := st.Time
+	if now.IsZero() {
+		now = time.Now()
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	if len(st.Mappings) == 0 {
+		fmt.Fprintln(tw, "no mappings")
+	} else {
+		fmt.Fprintln(tw, "MAPPING\tSTATE\tPROTO\tLISTEN\tTARGET\tSESSIONS\tHITS\tIN\tOUT\tLAST USED\tREFUSALS")
+		for _, m := range st.Mappings {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\n",
+				m.Name, m.State, m.Protocol, m.Listen, m.Target, m.SessionsActive, m.Hits,
+				formatBytes(m.BytesIn), formatBytes(m.BytesOut), formatAgo(now, m.LastUsed), formatCounts(m.Refusals))
+		}
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+
+	var notes []string
+	for _, m := range st.Mappings {
+		if m.ReviewOverdue {
+			notes = append(notes, fmt.Sprintf("review overdue: %s (review by %s%s)", m.Name, formatDate(m.ReviewBy), whoWhat(m)))
+		}
+		if m.State == StateExpired {
+			notes = append(notes, fmt.Sprintf("expired: %s on %s%s; natbox no longer serves it", m.Name, formatDate(m.Expires), whoWhat(m)))
+		}
+		if m.RelayRefusal != "" {
+			notes = append(notes, fmt.Sprintf("relay refused: %s: %s", m.Name, m.RelayRefusal))
+		}
+	}
+	if len(st.Refusals) > 0 {
+		notes = append(notes, "refused without a mapping: "+formatCounts(st.Refusals))
+	}
+	if len(st.BudgetHits) > 0 {
+		notes = append(notes, "budget limits hit: "+formatCounts(st.BudgetHits))
+	}
+	if len(notes) > 0 {
+		fmt.Fprintln(w)
+		for _, n := range notes {
+			fmt.Fprintln(w, n)
+		}
+	}
+
+	if u := st.Uplink; u != nil {
+		fmt.Fprintln(w)
+		renderUplink(w, now, u)
+	}
+	if r := st.Relay; r != nil {
+		fmt.Fprintln(w)
+		if err := renderRelay(w, now, r); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func renderUplink(w io.Writer, now time.Time, u *Uplink) {
+	relay := u.Relay
+	if u.Endpoint != "" && u.Endpoint != u.Relay {
+		relay += " (" + u.Endpoint + ")"
+	}
+	fmt.Fprintf(w, "uplink to %s, tunnel address %s\n", relay, u.Address)
+	fmt.Fprintf(w, "  handshake   %s\n", formatAgo(now, u.LastHandshake))
+	fmt.Fprintf(w, "  traffic     in %s, out %s\n", formatBytes(u.BytesIn), formatBytes(u.BytesOut))
+	fmt.Fprintf(w, "  registered  %s\n", formatList(u.Registered))
+	for _, r := range u.Refused {
+		fmt.Fprintf(w, "  refused     %s: %s\n", r.Port, r.Reason)
+	}
+}
+
+func renderRelay(w io.Writer, now time.Time, r *Relay) error {
+	fmt.Fprintf(w, "relay listening on %s, %d peers\n", r.Listen, len(r.Peers))
+	if len(r.Peers) == 0 {
+		return nil
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tADDRESS\tENDPOINT\tHANDSHAKE\tIN\tOUT\tSESSIONS\tREGISTERED\tREFUSED")
+	for _, p := range r.Peers {
+		refused := make([]string, len(p.Refused))
+		for i, rf := range p.Refused {
+			refused[i] = rf.Port
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n",
+			p.Name, p.Address, orDash(p.Endpoint), formatAgo(now, p.LastHandshake),
+			formatBytes(p.BytesIn), formatBytes(p.BytesOut), p.SessionsActive,
+			formatList(p.Registered), formatList(refused))
+	}
+	return tw.Flush()
+}
+
+// RenderSessions writes the sessions as an aligned table for people.
+func RenderSessions(w io.Writer, sessions []Session) error {
+	if len(sessions) == 0 {
+		_, err := fmt.Fprintln(w, "no sessions")
+		return err
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "MAPPING\tPROTO\tCLIENT\tTARGET\tAGE\tIDLE\tIN\tOUT\tVIA")
+	for _, s := range sessions {
+		via := orDash(s.Ingress)
+		if s.Peer != "" {
+			via = "peer " + s.Peer
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
+			s.Mapping, s.Protocol, s.Client, s.Target,
+			formatSeconds(s.AgeSeconds), formatSeconds(s.IdleSeconds),
+			formatBytes(s.BytesIn), formatBytes(s.BytesOut), via)
+	}
+	return tw.Flush()
+}
+
+func whoWhat(m Mapping) string {
+	var parts []string
+	if m.Owner != "" {
+		parts = append(parts, "owner "+m.Owner)
+	} else {
+		parts = append(parts, "no owner")
+	}
+	if m.Description != "" {
+		parts = append(parts, fmt.Sprintf("%q", m.Description))
+	}
+	return ", " + strings.Join(parts, ", ")
+}
+
+func formatDate(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.Format(time.DateOnly)
+}
+
+// formatBytes uses binary units with one decimal: 0 B, 512 B, 1.5 KiB, 3.2 GiB.
+func formatBytes(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit && exp < 5; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+func formatAgo(now, t time.Time) string {
+	if t.IsZero() {
+		return "never"
+	}
+	return formatSeconds(now.Sub(t).Seconds()) + " ago"
+}
+
+// formatSeconds gives a duration its largest whole unit: 45s, 12m, 3h, 5d.
+func formatSeconds(s float64) string {
+	d := time.Duration(max(s, 0) * float64(time.Second))
+	switch {
+	case d < time.Minute:
+		return fmt.Sprintf("%ds", int(d/time.Second))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm", int(d/time.Minute))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh", int(d/time.Hour))
+	}
+	return fmt.Sprintf("%dd", int(d/(24*time.Hour)))
+}
+
+func formatCounts(m map[string]uint64) string {
+	if len(m) == 0 {
+		return "-"
+	}
+	parts := make([]string, 0, len(m))
+	for _, k := range sortedKeys(m) {
+		parts = append(parts, fmt.Sprintf("%s=%d", k, m[k]))
+	}
+	return strings.Join(parts, " ")
+}
+
+func formatList(l []string) string {
+	if len(l) == 0 {
+		return "-"
+	}
+	return strings.Join(l, ",")
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
