@@ -186,6 +186,14 @@ protocol = "tcp"
 listen = "443"
 target = "10.0.0.5:443"
 enabled = "yes" # <-`, `mapping "web" (mapping[0]).enabled: "yes" is a string; write true or false`},
+		{"string instead of array", `[tun]
+addresses = "203.0.113.10/32" # <-`, `tun.addresses: "203.0.113.10/32" is a string; write an array, e.g. ["203.0.113.10/32"]`},
+		{"float for an integer", tunBase + `mtu = 1500.5 # <-`, `tun.mtu: 1500.5 is a float; write a whole number`},
+		{"inline array of mappings", `mapping = [ # <-
+  { name = "web", protocol = "tcp", listen = "443", target = "10.0.0.5:443", owner = "o" },
+  { name = "dns", protocol = "udp", listen = "53", target = "10.0.0.2:53", ownr = "o" },
+]
+` + tunBase, `mapping "dns" (mapping[1]): unknown key "ownr"; did you mean "owner"?`},
 		{"table instead of array of tables", tunBase + `
 [mapping] # <-
 name = "web"`, `mapping: the value is a table; write an array of tables (write [[mapping]])`},
@@ -365,6 +373,10 @@ relay = "relay.example.net" # <-
 relay_public_key = "` + testRelayPub + `"
 private_key = "` + testPriv + `"
 address = "10.77.0.2"`, `uplink.relay: "relay.example.net" is not host:port; write host:port, e.g. "relay.example.net:51820" or "[2001:db8::1]:51820"`},
+		{"uplink relay missing", `[uplink] # <-
+relay_public_key = "` + testRelayPub + `"
+private_key = "` + testPriv + `"
+address = "10.77.0.2"`, `uplink.relay: relay is required; set the relay's WireGuard host:port, e.g. relay = "relay.example.net:51820"`},
 		{"uplink relay public key missing", `[uplink] # <-
 relay = "relay.example.net:51820"
 private_key = "` + testPriv + `"

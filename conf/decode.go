@@ -49,10 +49,12 @@ func (r *report) decode(path string, v any, rv reflect.Value) {
 				elems = append(elems, m)
 			}
 		default:
-			if t.Elem().Kind() == reflect.Struct {
+			if isTable(t.Elem()) {
 				r.typeError(path, v, fmt.Sprintf("an array of tables (write [[%s]])", path))
+			} else if str, ok := v.(string); ok {
+				r.typeError(path, v, fmt.Sprintf("an array, e.g. [%q]", str))
 			} else {
-				r.typeError(path, v, "an array, e.g. [\"a\", \"b\"]")
+				r.typeError(path, v, "an array")
 			}
 			return
 		}
@@ -85,6 +87,12 @@ func (r *report) decode(path string, v any, rv reflect.Value) {
 	default:
 		panic(fmt.Sprintf("conf: no decoder for %s at %s", t, path))
 	}
+}
+
+// isTable reports whether values of t are written as TOML tables.
+func isTable(t reflect.Type) bool {
+	return t.Kind() == reflect.Struct && t != reflect.TypeFor[time.Time]() &&
+		!reflect.PointerTo(t).Implements(reflect.TypeFor[encoding.TextUnmarshaler]())
 }
 
 // decodeTable fills a struct from a table; keys it does not know are errors.

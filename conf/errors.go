@@ -171,10 +171,16 @@ func (r *report) result() ([]Warning, error) {
 	return r.warns, &Errors{List: r.errs}
 }
 
-// suggest returns the known word closest to s, if it is close enough to be
-// a typo.
+// suggest returns the known key closest to s, if it is close enough to be
+// a typo, or if one is the other plus a suffix ("listen_port" for "listen").
 func suggest(s string, known []string) (string, bool) {
+	slices.Sort(known) // equal distances: the same answer every time
 	best, bestDist := "", -1
+	for _, k := range known {
+		if strings.HasPrefix(s, k+"_") || strings.HasPrefix(k, s+"_") {
+			return k, true
+		}
+	}
 	for _, k := range known {
 		if d := editDistance(s, k); bestDist < 0 || d < bestDist {
 			best, bestDist = k, d

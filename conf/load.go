@@ -101,8 +101,17 @@ func begin(path string, data []byte) (*report, map[string]any, error) {
 	}
 	r := &report{file: path, lines: scanKeyLines(string(data)), names: make(map[string]string)}
 	for _, table := range []string{"mapping", "peer"} {
-		elems, _ := raw[table].([]map[string]any)
-		for i, m := range elems {
+		var elems []any // [[table]] or table = [{...}]
+		switch v := raw[table].(type) {
+		case []map[string]any:
+			for _, m := range v {
+				elems = append(elems, m)
+			}
+		case []any:
+			elems = v
+		}
+		for i, e := range elems {
+			m, _ := e.(map[string]any)
 			if name, ok := m["name"].(string); ok {
 				r.names[fmt.Sprintf("%s[%d]", table, i)] = name
 			}

@@ -139,7 +139,9 @@ func checkMasked(r *report, path string, p netip.Prefix) {
 }
 
 func (u *Uplink) validate(r *report, dir string) {
-	if err := checkHostPort(u.Relay, false); err != nil {
+	if u.Relay == "" {
+		r.errorf("uplink.relay", `set the relay's WireGuard host:port, e.g. relay = "relay.example.net:51820"`, "relay is required")
+	} else if err := checkHostPort(u.Relay, false); err != nil {
 		r.valueError("uplink.relay", err, "")
 	}
 	if u.RelayPublicKey.IsZero() {

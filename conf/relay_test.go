@@ -1,0 +1,205 @@
+package conf
+
+import (
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+const relayBase = `[relay]
+private_key = "` + testRelayPriv + `"
+address = "10.77.0.1"
+`
+
+func TestParseRelayErrors(t *testing.T) {
+	t.Parallel()
+	peer := func(name, key, addr, ports string) string {
+		return "\n[[peer]]\nname = \"" + name + "\"\npublic_key = \"" + key + "\"\naddress = \"" + addr + "\"\nports = " + ports + "\n"
+	}
+	tests := []struct {
+		name string
+		src  string
+		want string
+	}{
+		{"unknown key in third peer", relayBase +
+			peer("home", testPeerPub1, "10.77.0.2", `["tcp/443"]`) +
+			peer("office", testPeerPub2, "10.77.0.3", `["tcp/8443"]`) + `
+[[peer]]
+name = "lab"
+public_key = "` + testPriv + `"
+adress = "10.77.0.4" # <-
+ports = ["tcp/9000"]`, `peer "lab" (peer[2]): unknown key "adress"; did you mean "address"?`},
+		{"unknown key in relay", `[relay]
+private_key = "` + testRelayPriv + `"
+address = "10.77.0.1"
+listen_port = 51820 # <-`, `relay: unknown key "listen_port"; did you mean "listen"?`},
+		{"address missing", `[relay] # <-
+private_key = "` + testRelayPriv + `"`, `relay.address: address is required; set the relay's tunnel address, e.g. address = "10.77.0.1"`},
+		{"key missing", `[relay] # <-
+address = "10.77.0.1"`, `relay.private_key: a private key is required; set private_key_file (create it with: umask 077; wg genkey > FILE) or private_key`},
+		{"listen bad", relayBase + `listen = "51820" # <-`, `relay.listen: "51820" is not host:port; write host:port, e.g. "relay.example.net:51820" or "[2001:db8::1]:51820"`},
+		{"public bind bad", relayBase + `public_bind = ["0.0.0.0", "any"] # <-`, `relay.public_bind[1]: "any" is not an IP address; write an address, e.g. "10.77.0.2" or "fd77::2"`},
+		{"mtu", relayBase + `mtu = 65536 # <-`, `relay.mtu: mtu 65536 is out of range; use 576-65535 (1500 for Ethernet, 1420 inside WireGuard)`},
+		{"peer port spec", relayBase + `
+[[peer]]
+name = "home"
+public_key = "` + testPeerPub1 + `"
+address = "10.77.0.2"
+ports = ["tcp/443", "tcp443"] # <-`, `peer "home" (peer[0]).ports[1]: port spec "tcp443" has no protocol; write protocol/ports, e.g. "tcp/443" or "udp/10000-10100"`},
+		{"peer port spec protocol", relayBase + `
+[[peer]]
+name = "home"
+public_key = "` + testPeerPub1 + `"
+address = "10.77.0.2"
+ports = ["sctp/443"] # <-`, `peer "home" (peer[0]).ports[0]: unknown protocol "sctp"; use "tcp", "udp" or "tcp+udp"`},
+		{"peer name missing", relayBase + `
+[[peer]] # <-
+public_key = "` + testPeerPub1 + `"
+address = "10.77.0.2"`, `peer[0].name: name is required; add name = "web" (lowercase letters, digits, ".", "_", "-")`},
+		{"peer name duplicate", relayBase + peer("home", testPeerPub1, "10.77.0.2", `[]`) + `
+[[peer]]
+name = "home" # <-
+public_key = "` + testPeerPub2 + `"
+address = "10.77.0.3"`, `peer "home" (peer[1]).name: name "home" is already used by peer[0] (line 5); give each peer its own name`},
+		{"peer key missing", relayBase + `
+[[peer]] # <-
+name = "home"
+address = "10.77.0.2"`, `peer "home" (peer[0]).public_key: public_key is required; copy the appliance's public key (wg pubkey < its key file)`},
+		{"peer key duplicate", relayBase + peer("home", testPeerPub1, "10.77.0.2", `[]`) + `
+[[peer]]
+name = "office"
+public_key = "` + testPeerPub1 + `" # <-
+address = "10.77.0.3"`, `peer "office" (peer[1]).public_key: public_key is already used by peer "home" (line 5); give each appliance its own key`},
+		{"peer key is relay's", relayBase + `
+[[peer]]
+name = "home"
+public_key = "` + testRelayPub + `" # <-
+address = "10.77.0.2"`, `peer "home" (peer[0]).public_key: public_key is the relay's own key; use the appliance's public key`},
+		{"peer address duplicate", relayBase + peer("home", testPeerPub1, "10.77.0.2", `[]`) + `
+[[peer]]
+name = "office"
+public_key = "` + testPeerPub2 + `"
+address = "10.77.0.2" # <-`, `peer "office" (peer[1]).address: address 10.77.0.2 is already used by peer "home" (line 5); give each appliance its own address`},
+		{"peer address is relay's", relayBase + `
+[[peer]]
+name = "home"
+public_key = "` + testPeerPub1 + `"
+address = "10.77.0.1" # <-`, `peer "home" (peer[0]).address: address 10.77.0.1 is the relay's own address; pick another address in the tunnel subnet`},
+		{"peer address missing", relayBase + `
+[[peer]] # <-
+name = "home"
+public_key = "` + testPeerPub1 + `"`, `peer "home" (peer[0]).address: address is required; set the appliance's tunnel address, e.g. address = "10.77.0.2"`},
+		{"peer ports overlap", relayBase + peer("home", testPeerPub1, "10.77.0.2", `["tcp/443", "udp/10000-10100"]`) + `
+[[peer]]
+name = "office"
+public_key = "` + testPeerPub2 + `"
+address = "10.77.0.3"
+ports = ["tcp/8443", "tcp+udp/10100-10200"] # <-`, `peer "office" (peer[1]).ports[1]: udp/10100 is already allowed to peer "home" (line 5); give each port to one peer`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			cfg, _, err := ParseRelay("t.toml", []byte(tt.src))
+			if cfg != nil {
+				t.Errorf("got a config with an error")
+			}
+			wantOneError(t, tt.src, err, tt.want)
+		})
+	}
+}
+
+func TestRelayDefaults(t *testing.T) {
+	t.Parallel()
+	src := relayBase + `
+[[peer]]
+name = "home"
+public_key = "` + testPeerPub1 + `"
+address = "10.77.0.2"
+ports = ["tcp/443", "tcp+udp/53", "udp/10000-10100"]
+`
+	cfg, warns, err := ParseRelay("t.toml", []byte(src))
+	if err != nil || len(warns) != 0 {
+		t.Fatalf("err %v, warnings %v", err, warns)
+	}
+	r := cfg.Relay
+	if r.Listen != "0.0.0.0:51820" || r.MTU != 1420 || r.DialTimeout.D() != 5*time.Second || r.MaxSessions != 100000 ||
+		!slices.Equal(r.PublicBind, []netip.Addr{netip.MustParseAddr("0.0.0.0"), netip.MustParseAddr("::")}) {
+		t.Errorf("relay = %+v", r)
+	}
+	if cfg.Admin.Socket != DefaultAdminSocket || cfg.Log.Level != "info" {
+		t.Errorf("admin %+v log %+v", cfg.Admin, cfg.Log)
+	}
+	p, ok := cfg.PeerByKey(mustKey(t, testPeerPub1))
+	if !ok || p.Name != "home" || p.Line != 5 {
+		t.Fatalf("PeerByKey = %+v, %v", p, ok)
+	}
+	want := []PortSpec{{TCP, PortRange{443, 443}}, {TCPUDP, PortRange{53, 53}}, {UDP, PortRange{10000, 10100}}}
+	if !slices.Equal(p.Ports, want) {
+		t.Errorf("ports = %v, want %v", p.Ports, want)
+	}
+}
+
+func TestKeyFile(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	write := func(name string, mode os.FileMode) {
+		t.Helper()
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(testPriv+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(path, mode); err != nil { // not subject to umask
+			t.Fatal(err)
+		}
+	}
+	write("private.key", 0o600)
+	write("open.key", 0o644)
+	uplink := func(file string) string {
+		return `[uplink]
+relay = "relay.example.net:51820"
+relay_public_key = "` + testRelayPub + `"
+private_key_file = "` + file + `"
+address = "10.77.0.2"
+`
+	}
+	tests := []struct {
+		name, file string
+		warning    string
+	}{
+		{"absolute", filepath.Join(dir, "private.key"), ""},
+		{"relative to the config", "private.key", ""},
+		{"world readable", "open.key", `natbox.toml:4: uplink.private_key_file: key file "` + filepath.Join(dir, "open.key") + `" is readable by every user; chmod 600 it`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			cfg, warns, err := ParseAt(filepath.Join(dir, "natbox.toml"), []byte(uplink(tt.file)), clock)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.Uplink.PrivateKey.String() != testPriv {
+				t.Errorf("private key not loaded from the file: %v", cfg.Uplink.PrivateKey)
+			}
+			var got []string
+			for _, w := range warns {
+				got = append(got, strings.TrimPrefix(w.String(), dir+"/"))
+			}
+			if strings.Join(got, "\n") != tt.warning {
+				t.Errorf("warnings %q, want %q", got, tt.warning)
+			}
+		})
+	}
+}
+
+func mustKey(t *testing.T, s string) Key {
+	t.Helper()
+	k, err := ParseKey(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
