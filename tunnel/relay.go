@@ -770,3 +770,7 @@ func specStrings(specs []conf.PortSpec) []string {
 	}
 	return out
 }
+
+// ListenPort returns the UDP port WireGuard listens on (useful when
+// relay.listen asked for port 0).
+func (r *Relay) ListenPort() (uint16, error) { return boundPort(r.dev) }

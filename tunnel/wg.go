@@ -3,6 +3,7 @@ package tunnel
 import (
 	"bufio"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -159,4 +160,19 @@ func listenPort(hostPort string) (port uint16, host string, err error) {
 		return 0, "", fmt.Errorf("relay.listen %q: bad port: %w", hostPort, err)
 	}
 	return uint16(n), h, nil
+}
+
+// boundPort returns the UDP port the device listens on.
+func boundPort(d *device.Device) (uint16, error) {
+	text, err := d.IpcGet()
+	if err != nil {
+		return 0, fmt.Errorf("read wireguard state: %w", err)
+	}
+	for line := range strings.Lines(text) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "listen_port="); ok {
+			n, err := strconv.ParseUint(v, 10, 16)
+			return uint16(n), err
+		}
+	}
+	return 0, errors.New("wireguard device has no listen port")
 }
