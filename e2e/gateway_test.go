@@ -1,0 +1,293 @@
+//go:build linux
+
+package e2e
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Gateway topology (the shape of shared/bench/netns-topo.sh):
+//
+//	client                       gw (natbox, TUN natbox0)                server
+//	c0 198.18.0.2/24 <-veth-> g0 198.18.0.1/24 | g1 10.77.0.1/24 <-veth-> s0 10.77.0.2/24
+//
+// The client routes 198.51.100.0/24 to the gw, whose kernel routes
+// 198.51.100.1/32 into natbox0 (a route natbox installs). The client has no
+// route to 10.77.0.0/24: it reaches the server only through natbox.
+const (
+	gwClientIP = "198.18.0.2"
+	gwPublicIP = "198.51.100.1"
+	gwServerIP = "10.77.0.2"
+)
+
+type gatewayLab struct {
+	*lab
+	client, gw, server *netns
+}
+
+func newGatewayLab(t *testing.T) *gatewayLab {
+	l := newLab(t)
+	g := &gatewayLab{lab: l, client: l.netns("client"), gw: l.netns("gw"), server: l.netns("server")}
+	l.link(g.client, "c0", gwClientIP+"/24", g.gw, "g0", "198.18.0.1/24")
+	l.link(g.gw, "g1", "10.77.0.1/24", g.server, "s0", gwServerIP+"/24")
+	g.client.must("ip", "route", "add", "198.51.100.0/24", "via", "198.18.0.1")
+	g.server.must("ip", "route", "add", "default", "via", "10.77.0.1")
+	return g
+}
+
+// startServers runs the tool's servers in the server namespace.
+func (g *gatewayLab) startServers() *proc {
+	p := g.server.start("servers", toolBin, "serve",
+		"-tcp-echo", ":7000", "-udp-echo", ":7000",
+		"-tcp-whoami", ":7010", "-udp-whoami", ":7011", "-udp-whoami", ":7012",
+		"-tcp-whoami", ":7200", "-tcp-whoami", ":7201", "-tcp-whoami", ":7202")
+	p.waitOutput("ready", 10*time.Second)
+	return p
+}
+
+func gatewayConfig(adminSocket string) string {
+	return fmt.Sprintf(`[log]
+level = "debug"
+format = "console"
+
+[tun]
+name = "natbox0"
+addresses = ["%[1]s/32"]
+routes = ["%[1]s/32"]
+
+[limits]
+dial_timeout = "2s"
+shutdown_grace = "1s"
+
+[admin]
+socket = %[3]q
+
+[[mapping]]
+name = "echo"
+protocol = "tcp+udp"
+listen = "7000"
+target = "%[2]s:7000"
+
+[[mapping]]
+name = "whoami-proxy"
+protocol = "tcp"
+listen = "7010"
+target = "%[2]s:7010"
+proxy_protocol = "v2"
+
+[[mapping]]
+name = "udp-idle"
+protocol = "udp"
+listen = "7011"
+target = "%[2]s:7011"
+idle_timeout = "1s"
+
+[[mapping]]
+name = "udp-proxy"
+protocol = "udp"
+listen = "7012"
+target = "%[2]s:7012"
+proxy_protocol = "v2"
+
+[[mapping]]
+name = "denied"
+protocol = "tcp"
+listen = "7020"
+target = "%[2]s:7000"
+deny = ["198.18.0.2/32"]
+
+[[mapping]]
+name = "not-allowed"
+protocol = "tcp"
+listen = "7021"
+target = "%[2]s:7000"
+allow = ["203.0.113.0/24"]
+
+[[mapping]]
+name = "limited"
+protocol = "tcp"
+listen = "7030"
+target = "%[2]s:7000"
+max_sessions = 1
+
+[[mapping]]
+name = "dead-target"
+protocol = "tcp"
+listen = "7040"
+target = "%[2]s:7999"
+
+[[mapping]]
+name = "range"
+protocol = "tcp"
+listen = "7100-7102"
+target = "%[2]s:7200"
+`, gwPublicIP, gwServerIP, adminSocket)
+}
+
+// startNatbox runs natbox in the gw namespace and waits until the mapped echo
+// port answers from the client.
+func (g *gatewayLab) startNatbox() *proc {
+	g.t.Helper()
+	cfg := g.writeFile("gw.toml", gatewayConfig(g.dir+"/gw.sock"), 0o644)
+	if r := g.gw.run("ip", "link", "show", "natbox0"); r.code == 0 {
+		g.t.Fatalf("natbox0 exists before natbox started: %s", r.stdout)
+	}
+	nb := g.gw.start("natbox", natboxBin, "run", "-c", cfg)
+	eventually(g.t, "mapped tcp port answers", 30*time.Second, func() error {
+		return errResult(g.client.tool("tcp-echo", "-addr", gwPublicIP+":7000", "-size", "1000", "-timeout", "2s"))
+	}, nb)
+	return nb
+}
+
+// TestGateway runs natbox in gateway mode with one topology and checks each
+// behaviour a client can see, then stops it with SIGTERM.
+func TestGateway(t *testing.T) {
+	g := newGatewayLab(t)
+	g.startServers()
+	nb := g.startNatbox()
+	pub := func(port int) string { return fmt.Sprintf("%s:%d", gwPublicIP, port) }
+
+	t.Run("tcp echo with half-close", func(t *testing.T) {
+		// 4 MiB both ways at once; the reply ends only if our FIN crossed
+		// natbox and the server's FIN came back after all the data.
+		r := g.client.tool("tcp-echo", "-addr", pub(7000), "-size", fmt.Sprint(4<<20), "-timeout", "20s")
+		if r.code != 0 || !strings.HasPrefix(r.stdout, fmt.Sprintf("ok bytes=%d", 4<<20)) {
+			t.Fatalf("tcp echo: %s", r)
+		}
+	})
+
+	t.Run("udp request and reply", func(t *testing.T) {
+		r := g.client.tool("udp", "-addr", pub(7000), "-msg", "hello-udp", "-timeout", "5s")
+		if r.code != 0 || strings.TrimSpace(r.stdout) != "hello-udp" {
+			t.Fatalf("udp echo: %s", r)
+		}
+	})
+
+	refused := map[string]int{
+		"unmapped port is refused":        7050,
+		"denied source is refused":        7020,
+		"source outside allow is refused": 7021,
+		"unreachable target is refused":   7040,
+	}
+	for name, port := range refused {
+		t.Run(name, func(t *testing.T) {
+			start := time.Now()
+			r := g.client.tool("tcp-connect", "-addr", pub(port), "-timeout", "8s")
+			elapsed := time.Since(start)
+			if r.code != 3 {
+				t.Fatalf("tcp connect to %d: want refused (exit 3), got %s", port, r)
+			}
+			// An RST, not a timeout: well under the client's first SYN retry (1 s).
+			if elapsed > 900*time.Millisecond {
+				t.Errorf("refusal took %v; want an immediate RST", elapsed)
+			}
+		})
+	}
+
+	t.Run("port range maps one to one", func(t *testing.T) {
+		for i := range 3 {
+			r := g.client.tool("tcp-whoami", "-addr", pub(7100+i), "-timeout", "5s")
+			if r.code != 0 {
+				t.Fatalf("whoami via %d: %s", 7100+i, r)
+			}
+			if got, want := field(r.stdout, "local"), fmt.Sprintf("%s:%d", gwServerIP, 7200+i); got != want {
+				t.Errorf("listen port %d reached %s; want %s", 7100+i, got, want)
+			}
+		}
+	})
+
+	t.Run("proxy v2 over tcp carries the client address", func(t *testing.T) {
+		r := g.client.tool("tcp-whoami", "-addr", pub(7010), "-timeout", "5s")
+		if r.code != 0 {
+			t.Fatalf("whoami: %s", r)
+		}
+		if field(r.stdout, "proxy") != "v2" || addrOf(field(r.stdout, "src")) != gwClientIP {
+			t.Errorf("server saw %q; want proxy=v2 src=%s:*", r.stdout, gwClientIP)
+		}
+		if got := field(r.stdout, "dst"); got != pub(7010) {
+			t.Errorf("proxy header dst = %s; want %s", got, pub(7010))
+		}
+	})
+
+	t.Run("proxy v2 over udp carries the client address and port", func(t *testing.T) {
+		r := g.client.tool("udp", "-addr", pub(7012), "-msg", "who", "-lport", "41012", "-timeout", "5s")
+		if r.code != 0 {
+			t.Fatalf("udp whoami: %s", r)
+		}
+		want := fmt.Sprintf("%s:41012", gwClientIP)
+		if field(r.stdout, "proxy") != "v2" || field(r.stdout, "src") != want || field(r.stdout, "msg") != "who" {
+			t.Errorf("server saw %q; want proxy=v2 src=%s msg=who", r.stdout, want)
+		}
+	})
+
+	t.Run("udp session expires after its idle timeout", func(t *testing.T) {
+		ask := func() string {
+			t.Helper()
+			r := g.client.tool("udp", "-addr", pub(7011), "-msg", "idle", "-lport", "41011", "-timeout", "5s")
+			if r.code != 0 {
+				t.Fatalf("udp whoami: %s", r)
+			}
+			return field(r.stdout, "peer") // natbox's socket toward the target: one per session
+		}
+		first, again := ask(), ask()
+		if first != again {
+			t.Fatalf("two datagrams within the idle timeout used two sessions: %s then %s", first, again)
+		}
+		// idle_timeout is 1s; allow the expiry sweep up to 4s more before the
+		// next datagram, which must then open a new session (a new socket).
+		var later string
+		for range 4 {
+			time.Sleep(2 * time.Second)
+			if later = ask(); later != first {
+				return
+			}
+		}
+		t.Errorf("session still %s after 8s of silence with idle_timeout = 1s", later)
+	})
+
+	t.Run("max_sessions refuses the connection over the limit", func(t *testing.T) {
+		hold := g.client.start("hold", toolBin, "tcp-hold", "-addr", pub(7030), "-timeout", "5s")
+		hold.waitOutput("connected", 10*time.Second)
+		if r := g.client.tool("tcp-connect", "-addr", pub(7030), "-timeout", "5s"); r.code != 3 {
+			t.Errorf("second session on max_sessions = 1: want refused, got %s", r)
+		}
+		hold.signal(syscall.SIGTERM)
+		if code, err := hold.wait(10 * time.Second); err != nil || code != 0 {
+			t.Fatalf("holder: exit %d, %v", code, err)
+		}
+		eventually(t, "slot freed after the first session closed", 10*time.Second, func() error {
+			return errResult(g.client.tool("tcp-echo", "-addr", pub(7030), "-size", "1000", "-timeout", "2s"))
+		}, nb)
+	})
+
+	t.Run("sigterm exits 0 and removes the tun and its routes", func(t *testing.T) {
+		nb.signal(syscall.SIGTERM)
+		code, err := nb.wait(15 * time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if code != 0 {
+			t.Fatalf("natbox exited %d after SIGTERM; want 0", code)
+		}
+		if r := g.gw.run("ip", "link", "show", "natbox0"); r.code == 0 {
+			t.Errorf("natbox0 still exists after exit: %s", r.stdout)
+		}
+		if out := g.gw.must("ip", "route", "show", "table", "all"); strings.Contains(out, gwPublicIP) || strings.Contains(out, "natbox0") {
+			t.Errorf("routes left after exit:\n%s", out)
+		}
+	})
+}
+
+// addrOf returns the address part of "addr:port" (or "" when it is not one).
+func addrOf(s string) string {
+	ap, err := netip.ParseAddrPort(s)
+	if err != nil {
+		return ""
+	}
+	return ap.Addr().String()
+}
