@@ -52,7 +52,7 @@ func (c *RelayConfig) validate(r *report) {
 		case !s.PrivateKey.IsZero() && pe.PublicKey == s.PrivateKey.Public():
 			r.errorf(p+".public_key", "use the appliance's public key", "public_key is the relay's own key")
 		case dup:
-			r.errorf(p+".public_key", "give each appliance its own key", "public_key is already used by %s", c.Peers[j].label(j))
+			r.errorf(p+".public_key", "give each appliance its own key", "public_key is already used by %s", c.peerLabel(j))
 		default:
 			keys[pe.PublicKey] = i
 		}
@@ -62,7 +62,7 @@ func (c *RelayConfig) validate(r *report) {
 		case pe.Address == s.Address:
 			r.errorf(p+".address", "pick another address in the tunnel subnet", "address %s is the relay's own address", pe.Address)
 		case dup:
-			r.errorf(p+".address", "give each appliance its own address", "address %s is already used by %s", pe.Address, c.Peers[j].label(j))
+			r.errorf(p+".address", "give each appliance its own address", "address %s is already used by %s", pe.Address, c.peerLabel(j))
 		default:
 			addrs[pe.Address] = i
 		}
@@ -79,9 +79,8 @@ func (c *RelayConfig) checkPeerPorts(r *report) {
 			for i := range j {
 				for _, a := range c.Peers[i].Ports {
 					if shared := a.Proto & b.Proto; shared != 0 && a.Ports.Overlaps(b.Ports) {
-						at := PortRange{max(a.Ports.Lo, b.Ports.Lo), min(a.Ports.Hi, b.Ports.Hi)}
 						r.errorf(fmt.Sprintf("peer[%d].ports[%d]", j, k), "give each port to one peer",
-							"%s/%s is already allowed to %s", shared, at, c.Peers[i].label(i))
+							"%s/%s is already allowed to %s", shared, a.Ports.Intersect(b.Ports), c.peerLabel(i))
 						continue next
 					}
 				}
@@ -90,16 +89,8 @@ func (c *RelayConfig) checkPeerPorts(r *report) {
 	}
 }
 
-// label names peer i in messages: peer "office" (line 12).
-func (p *Peer) label(i int) string {
-	s := fmt.Sprintf("peer[%d]", i)
-	if p.Name != "" {
-		s = fmt.Sprintf("peer %q", p.Name)
-	}
-	if p.Line > 0 {
-		s += fmt.Sprintf(" (line %d)", p.Line)
-	}
-	return s
+func (c *RelayConfig) peerLabel(i int) string {
+	return label("peer", i, c.Peers[i].Name, c.Peers[i].Line)
 }
 
 // PeerByKey returns the peer with public key k.

@@ -82,7 +82,7 @@ type Mapping struct {
 	Allow           []netip.Prefix `toml:"allow"` // empty: anyone
 	Deny            []netip.Prefix `toml:"deny"`  // checked before Allow
 	MaxSessions     int            `toml:"max_sessions"`
-	IdleTimeout     Duration       `toml:"idle_timeout"` // default 2h tcp, 2m udp (see IdleTimeoutFor)
+	IdleTimeout     Duration       `toml:"idle_timeout"` // Load sets 2h for tcp, 2m for udp; stays 0 for tcp+udp unless set: use IdleTimeoutFor
 	Enabled         *bool          `toml:"enabled"`      // nil means true; use IsEnabled
 	Ingress         []string       `toml:"ingress"`      // "tun" and/or "uplink"; empty: every configured ingress
 	ProxyProtocol   string         `toml:"proxy_protocol"`
@@ -93,7 +93,7 @@ type Mapping struct {
 	Owner       string    `toml:"owner"`
 	Created     time.Time `toml:"created"`
 	ReviewBy    time.Time `toml:"review_by"`
-	Expires     time.Time `toml:"expires"` // zero: never
+	Expires     time.Time `toml:"expires"` // zero: never; a date (2027-06-30) expires at the start of that day, local time
 
 	// Line is the line of this mapping's [[mapping]] header in Config.Path (0 when built in code).
 	Line int `toml:"-"`

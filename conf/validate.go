@@ -401,9 +401,9 @@ func (c *Config) checkOverlaps(r *report, now time.Time) {
 				continue
 			}
 			at := b.Listen
-			at.Ports = PortRange{max(a.Listen.Ports.Lo, b.Listen.Ports.Lo), min(a.Listen.Ports.Hi, b.Listen.Ports.Hi)}
+			at.Ports = a.Listen.Ports.Intersect(b.Listen.Ports)
 			r.errorf(fmt.Sprintf("mapping[%d].listen", j), "pick another port or address",
-				"%s/%s is already used by %s", shared, at, a.label(i))
+				"%s/%s is already used by %s", shared, at, label("mapping", i, a.Name, a.Line))
 			break
 		}
 	}
@@ -418,14 +418,15 @@ func (c *Config) ingressesOverlap(a, b *Mapping) bool {
 	return false
 }
 
-// label names mapping i in messages: mapping "web" (line 9).
-func (m *Mapping) label(i int) string {
-	s := fmt.Sprintf("mapping[%d]", i)
-	if m.Name != "" {
-		s = fmt.Sprintf("mapping %q", m.Name)
+// label names element i of a [[kind]] array in messages: mapping "web"
+// (line 9), or mapping[3] when it has no name.
+func label(kind string, i int, name string, line int) string {
+	s := fmt.Sprintf("%s[%d]", kind, i)
+	if name != "" {
+		s = fmt.Sprintf("%s %q", kind, name)
 	}
-	if m.Line > 0 {
-		s += fmt.Sprintf(" (line %d)", m.Line)
+	if line > 0 {
+		s += fmt.Sprintf(" (line %d)", line)
 	}
 	return s
 }

@@ -29,6 +29,12 @@ func (r PortRange) Contains(p uint16) bool { return p >= r.Lo && p <= r.Hi }
 // Overlaps reports whether r and o share a port.
 func (r PortRange) Overlaps(o PortRange) bool { return r.Lo <= o.Hi && o.Lo <= r.Hi }
 
+// Intersect returns the ports r and o share; only meaningful when they
+// overlap.
+func (r PortRange) Intersect(o PortRange) PortRange {
+	return PortRange{max(r.Lo, o.Lo), min(r.Hi, o.Hi)}
+}
+
 // Listen is where a mapping accepts flows: an optional public address (the
 // zero Addr means every address of the ingress) and a port range.
 type Listen struct {
