@@ -91,7 +91,11 @@ func renderUplink(w io.Writer, now time.Time, u *Uplink) {
 }
 
 func renderRelay(w io.Writer, now time.Time, r *Relay) error {
-	fmt.Fprintf(w, "relay listening on %s, %d peers\n", r.Listen, len(r.Peers))
+	peers := "peers"
+	if len(r.Peers) == 1 {
+		peers = "peer"
+	}
+	fmt.Fprintf(w, "relay listening on %s, %d %s\n", r.Listen, len(r.Peers), peers)
 	if len(r.Peers) == 0 {
 		return nil
 	}

@@ -1,0 +1,110 @@
+package admin
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestRenderStatus(t *testing.T) {
+	st := sampleStatus()
+	st.Time = testNow
+	var buf bytes.Buffer
+	if err := RenderStatus(&buf, st); err != nil {
+		t.Fatal(err)
+	}
+	out := buf.String()
+	lines := strings.Split(out, "\n")
+	header, web := lines[0], lines[1]
+	if !strings.HasPrefix(header, "MAPPING") || !strings.HasPrefix(web, "web ") {
+		t.Fatalf("table starts with\n%s\n%s", header, web)
+	}
+	// Columns line up: each header starts where its value starts.
+	for _, col := range []struct{ head, value string }{
+		{"STATE", "active"}, {"TARGET", "127.0.0.1:443"}, {"SESSIONS", "3 "}, {"HITS", "45"},
+		{"IN", "1000 B"}, {"OUT", "244.1 KiB"}, {"LAST USED", "1m ago"}, {"REFUSALS", "denied=2 dial_failed=1"},
+	} {
+		h := strings.Index(header, " "+col.head+" ")
+		if col.head == "REFUSALS" {
+			h = strings.Index(header, " "+col.head)
+		}
+		if v := strings.Index(web, " "+col.value); h < 0 || v != h {
+			t.Errorf("column %s at %d, value %q at %d:\n%s\n%s", col.head, h, col.value, v, header, web)
+		}
+	}
+	for _, want := range []string{
+		"games    expired  udp",
+		`review overdue: web (review by 2026-05-01, owner it@example.com, "NAS web UI")`,
+		"expired: games on 2026-10-01, no owner; natbox no longer serves it",
+		"refused without a mapping: no_match=9",
+		"budget limits hit: per_source=5",
+		"uplink to relay.example.net:51820, tunnel address 100.96.0.2",
+		"  handshake   30s ago",
+		"  registered  tcp/8443",
+		"  refused     udp/27015: not in this peer's ports",
+		"relay listening on 0.0.0.0:51820, 1 peer",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status output lacks %q:\n%s", want, out)
+		}
+	}
+	if !strings.Contains(out, "home  100.96.0.2  -         never") {
+		t.Errorf("relay peer row wrong:\n%s", out)
+	}
+}
+
+func TestRenderSessions(t *testing.T) {
+	ss := sampleSessions()
+	ss[0].AgeSeconds, ss[0].IdleSeconds = 7500, 5
+	ss[1].Peer = "home"
+	var buf bytes.Buffer
+	if err := RenderSessions(&buf, ss); err != nil {
+		t.Fatal(err)
+	}
+	want := "" +
+		"MAPPING  PROTO  CLIENT              TARGET           AGE  IDLE  IN    OUT   VIA\n" +
+		"web      tcp    203.0.113.7:51000   127.0.0.1:443    2h   5s    10 B  20 B  -\n" +
+		"games    udp    198.51.100.9:40000  127.0.0.1:27015  0s   0s    0 B   0 B   peer home\n"
+	if buf.String() != want {
+		t.Errorf("got\n%s\nwant\n%s", buf.String(), want)
+	}
+	buf.Reset()
+	RenderSessions(&buf, nil)
+	if buf.String() != "no sessions\n" {
+		t.Errorf("empty list rendered as %q", buf.String())
+	}
+}
+
+func TestFormatBytes(t *testing.T) {
+	tests := []struct {
+		n    uint64
+		want string
+	}{
+		{0, "0 B"}, {1023, "1023 B"}, {1024, "1.0 KiB"}, {1536, "1.5 KiB"},
+		{5 << 20, "5.0 MiB"}, {3 << 30, "3.0 GiB"}, {1 << 62, "4.0 EiB"},
+	}
+	for _, tt := range tests {
+		if got := formatBytes(tt.n); got != tt.want {
+			t.Errorf("formatBytes(%d) = %q, want %q", tt.n, got, tt.want)
+		}
+	}
+}
+
+func TestFormatAgo(t *testing.T) {
+	tests := []struct {
+		ago  time.Duration
+		want string
+	}{
+		{0, "0s ago"}, {59 * time.Second, "59s ago"}, {61 * time.Minute, "1h ago"},
+		{47 * time.Hour, "47h ago"}, {72 * time.Hour, "3d ago"}, {-time.Minute, "0s ago"},
+	}
+	for _, tt := range tests {
+		if got := formatAgo(testNow, testNow.Add(-tt.ago)); got != tt.want {
+			t.Errorf("formatAgo(-%v) = %q, want %q", tt.ago, got, tt.want)
+		}
+	}
+	if got := formatAgo(testNow, time.Time{}); got != "never" {
+		t.Errorf("zero time = %q, want never", got)
+	}
+}
