@@ -1,0 +1,198 @@
+package forwarder
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// copyBufSize is the splice buffer. One leg is usually a gVisor conn, which
+// has no ReadFrom/WriteTo, so splice(2) never applies and our buffer is used.
+const copyBufSize = 64 << 10
+
+var copyBufPool = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+
+// ErrIdleTimeout ends a splice or UDP session that saw no traffic for its
+// idle timeout.
+var ErrIdleTimeout = errors.New("idle timeout")
+
+// idleTimer decides idleness without a timer per packet: traffic stores a
+// timestamp, and a read deadline, armed only when it fires, re-checks it.
+type idleTimer struct {
+	clock    Clock
+	maxSleep time.Duration // 0: sleep until the idle timeout could fire
+	last     atomic.Int64  // unix nanos of the last traffic, by clock
+	idle     atomic.Int64  // nanoseconds; 0: never idle
+}
+
+func (t *idleTimer) touch()                  { t.last.Store(t.clock.Now().UnixNano()) }
+func (t *idleTimer) setIdle(d time.Duration) { t.idle.Store(int64(d)) }
+
+// deadline returns the read deadline to arm next (zero: none), or expired
+// when the idle timeout has passed.
+func (t *idleTimer) deadline() (d time.Time, expired bool) {
+	idle := t.idle.Load()
+	if idle <= 0 {
+		return time.Time{}, false
+	}
+	left := time.Duration(t.last.Load() + idle - t.clock.Now().UnixNano())
+	if left <= 0 {
+		return time.Time{}, true
+	}
+	if t.maxSleep > 0 && left > t.maxSleep {
+		left = t.maxSleep
+	}
+	return time.Now().Add(left), false
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+type closeWriter interface{ CloseWrite() error }
+type closeReader interface{ CloseRead() error }
+
+// Splice copies a to b and b to a until both directions end, propagating
+// half-close: after EOF from one side it shuts the other side's write half
+// (closing it outright when it cannot half-close) and its own read half. An
+// error in either direction, ctx being done, or no traffic either way for
+// idle (0: never) closes both conns. It always closes a and b before
+// returning. err is nil after two clean EOFs, ErrIdleTimeout, the context's
+// cause, or the first copy error, wrapped with its direction.
+func Splice(ctx context.Context, a, b net.Conn, idle time.Duration) (aToB, bToA int64, err error) {
+	var t idleTimer
+	t.clock = wallClock{}
+	t.setIdle(idle)
+	t.touch()
+	sp := newSplicer(a, b, &t)
+	stop := context.AfterFunc(ctx, sp.closeBoth)
+	defer stop()
+	aToB, bToA, err = sp.run(nil, nil)
+	if ctx.Err() != nil && !errors.Is(err, ErrIdleTimeout) {
+		err = context.Cause(ctx)
+	}
+	return aToB, bToA, err
+}
+
+// splicer is one splice's shared state.
+type splicer struct {
+	a, b      net.Conn
+	idle      *idleTimer
+	closeOnce sync.Once
+	closed    atomic.Bool // set before the conns close: later errors are ours
+	idled     atomic.Bool
+	errOnce   sync.Once
+	err       error
+}
+
+func newSplicer(a, b net.Conn, idle *idleTimer) *splicer {
+	return &splicer{a: a, b: b, idle: idle}
+}
+
+// closeBoth closes both conns, which ends both copy directions; safe to
+// call from any goroutine, any number of times.
+func (sp *splicer) closeBoth() {
+	sp.closeOnce.Do(func() {
+		sp.closed.Store(true)
+		sp.a.Close()
+		sp.b.Close()
+	})
+}
+
+// fail records the first error that we did not cause ourselves by closing,
+// and aborts both directions.
+func (sp *splicer) fail(err error) {
+	if !sp.closed.Load() && !errors.Is(err, net.ErrClosed) && !errors.Is(err, io.ErrClosedPipe) {
+		sp.errOnce.Do(func() { sp.err = err })
+	}
+	sp.closeBoth()
+}
+
+// run splices until both directions end; live byte counts go to the
+// optional counters as they happen (session and mapping totals).
+func (sp *splicer) run(aToBCount, bToACount *byteCounter) (aToB, bToA int64, err error) {
+	a, b := sp.a, sp.b
+	if d, _ := sp.idle.deadline(); !d.IsZero() {
+		a.SetReadDeadline(d)
+		b.SetReadDeadline(d)
+	}
+	done := make(chan int64, 1)
+	go sp.runCopy(b, a, "client to target", aToBCount, done)
+	bToA = sp.copy(a, b, "target to client", bToACount)
+	aToB = <-done
+	sp.closeBoth()
+	if sp.idled.Load() {
+		return aToB, bToA, ErrIdleTimeout
+	}
+	return aToB, bToA, sp.err
+}
+
+// runCopy exists so the second copy direction has a readable name in stacks.
+func (sp *splicer) runCopy(dst, src net.Conn, dir string, n *byteCounter, done chan<- int64) {
+	done <- sp.copy(dst, src, dir, n)
+}
+
+// copy moves src to dst with a pooled buffer. It calls Read and Write
+// directly, so neither side's ReadFrom/WriteTo can swap in its own buffer.
+func (sp *splicer) copy(dst, src net.Conn, dir string, n *byteCounter) int64 {
+	bp := copyBufPool.Get().(*[]byte)
+	defer copyBufPool.Put(bp)
+	buf := *bp
+	var written int64
+	for {
+		nr, rerr := src.Read(buf)
+		if nr > 0 {
+			sp.idle.touch()
+			nw, werr := dst.Write(buf[:nr])
+			written += int64(nw)
+			n.add(nw)
+			if werr != nil {
+				sp.fail(fmt.Errorf("%s: write: %w", dir, werr))
+				return written
+			}
+		}
+		switch {
+		case rerr == nil:
+		case rerr == io.EOF:
+			if cw, ok := dst.(closeWriter); ok {
+				cw.CloseWrite()
+			} else {
+				// No half-close: closing is the only way to pass the EOF on.
+				sp.closeBoth()
+			}
+			if cr, ok := src.(closeReader); ok {
+				cr.CloseRead()
+			}
+			return written
+		case isTimeout(rerr):
+			d, expired := sp.idle.deadline()
+			if expired {
+				sp.idled.Store(true)
+				sp.closeBoth()
+				return written
+			}
+			src.SetReadDeadline(d)
+		default:
+			sp.fail(fmt.Errorf("%s: read: %w", dir, rerr))
+			return written
+		}
+	}
+}
+
+// byteCounter adds to a session's and its mapping's byte counters; a nil
+// counter counts nothing.
+type byteCounter struct{ session, mapping *atomic.Uint64 }
+
+func (c *byteCounter) add(n int) {
+	if c == nil || n <= 0 {
+		return
+	}
+	c.session.Add(uint64(n))
+	c.mapping.Add(uint64(n))
+}

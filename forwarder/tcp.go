@@ -1,0 +1,123 @@
+package forwarder
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/natbox/natbox/conf"
+)
+
+// HandleTCP forwards one TCP connection attempt from src to dst that came in
+// on in. It dials the target first and only then calls accept to complete
+// the client's handshake; a refusal or failed dial calls reject (RST)
+// instead. Exactly one of accept and reject is called. It blocks for the
+// life of the session, so the caller runs it on its own goroutine.
+func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, accept func() (net.Conn, error), reject func()) {
+	if !e.track() {
+		e.unmatched.refuse(refusedShuttingDown)
+		reject()
+		return
+	}
+	defer e.flows.Done()
+	rs := e.rules.Load()
+	now := e.clock.Now()
+	r := rs.Lookup(in.Name(), conf.TCP, dst, now)
+	if r == nil {
+		e.unmatched.refuse(refusedNoMatch)
+		e.debugRefusal(nil, conf.TCP, src, dst, refusedNoMatch, nil)
+		reject()
+		return
+	}
+	if why := e.admit(r, src.Addr(), now); why != refusalNone {
+		e.debugRefusal(r, conf.TCP, src, dst, why, nil)
+		reject()
+		return
+	}
+	target := r.targetHostPort(dst.Port())
+	srcAddr := src.Addr().Unmap()
+	if why := e.budget.acquire(rs.limits, srcAddr, target); why != refusalNone {
+		r.state.refuse(why)
+		e.debugRefusal(r, conf.TCP, src, dst, why, nil)
+		reject()
+		return
+	}
+	if why := e.reserveSlot(rs, r); why != refusalNone {
+		e.budget.release(srcAddr, target)
+		r.state.refuse(why)
+		e.debugRefusal(r, conf.TCP, src, dst, why, nil)
+		reject()
+		return
+	}
+	upstream, err := e.dialTarget(rs, r, src, dst, target)
+	e.budget.release(srcAddr, target)
+	if err != nil {
+		e.releaseSlot(r.state)
+		r.state.refuse(refusedDialFailed)
+		e.debugRefusal(r, conf.TCP, src, dst, refusedDialFailed, err)
+		reject()
+		return
+	}
+	client, err := accept()
+	if err != nil {
+		upstream.Close()
+		e.releaseSlot(r.state)
+		e.log.Debug("client gone before accept", zap.String("rule", r.Name), zap.Stringer("src", src), zap.Error(err))
+		return
+	}
+	s := e.newSession(conf.TCP, in, r, src, dst, target)
+	sp := newSplicer(client, upstream, &s.idle)
+	s.stop = sp.closeBoth
+	e.register(s, rs)
+	_, _, err = sp.run(
+		&byteCounter{session: &s.in, mapping: &r.state.bytesIn},
+		&byteCounter{session: &s.out, mapping: &r.state.bytesOut},
+	)
+	reason := "closed"
+	switch {
+	case errors.Is(err, ErrIdleTimeout):
+		reason, err = "idle", nil
+	case err != nil:
+		reason = "error"
+	}
+	e.finish(s, reason, err)
+}
+
+// dialTarget opens the host leg, bounded by dial_timeout and by engine
+// shutdown, and writes the PROXY header when the mapping asks for one.
+func (e *Engine) dialTarget(rs *RuleSet, r *Rule, src, dst netip.AddrPort, target string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(e.ctx, rs.dialTimeout())
+	defer cancel()
+	start := time.Now()
+	conn, err := e.dialer.DialContext(ctx, "tcp", target)
+	if err != nil {
+		return nil, fmt.Errorf("dial target %s: %w", target, err)
+	}
+	r.state.observeDial(time.Since(start))
+	var hdr []byte
+	switch r.proxy {
+	case proxyV1:
+		hdr = appendProxyV1(nil, src, dst)
+	case proxyV2:
+		hdr = appendProxyV2(nil, false, src, dst)
+	}
+	if hdr != nil {
+		// The header must precede any client byte; the write is bounded like
+		// the dial so a target that never reads cannot hold the flow.
+		if d, ok := ctx.Deadline(); ok {
+			conn.SetWriteDeadline(d)
+		}
+		_, err := conn.Write(hdr)
+		conn.SetWriteDeadline(time.Time{})
+		if err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("write proxy header to %s: %w", target, err)
+		}
+	}
+	return conn, nil
+}

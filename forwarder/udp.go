@@ -1,0 +1,356 @@
+package forwarder
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/natbox/natbox/conf"
+)
+
+// smallDatagram covers datagrams that fit a typical MTU; larger ones borrow
+// a full-size copy buffer.
+const smallDatagram = 2048
+
+var datagramPool = sync.Pool{New: func() any { b := make([]byte, smallDatagram); return &b }}
+
+func getDatagramBuf(n int) *[]byte {
+	if n <= smallDatagram {
+		return datagramPool.Get().(*[]byte)
+	}
+	return copyBufPool.Get().(*[]byte)
+}
+
+func putDatagramBuf(bp *[]byte) {
+	if cap(*bp) == smallDatagram {
+		datagramPool.Put(bp)
+		return
+	}
+	copyBufPool.Put(bp)
+}
+
+// udpKey identifies a UDP session: one per client address and mapping,
+// whatever public address or port of the mapping the client sends to
+// (endpoint-independent mapping).
+type udpKey struct {
+	mapping string
+	client  netip.AddrPort
+}
+
+// udpTable is the UDP session table.
+type udpTable struct {
+	mu sync.RWMutex // mu guards m
+	m  map[udpKey]*udpSession
+}
+
+func (t *udpTable) get(k udpKey) *udpSession {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.m[k]
+}
+
+func (t *udpTable) remove(us *udpSession) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.m[us.key] == us {
+		delete(t.m, us.key)
+	}
+}
+
+func (t *udpTable) len() int {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return len(t.m)
+}
+
+type datagram struct {
+	buf *[]byte
+	n   int
+	dst netip.AddrPort // the public address and port the client sent to
+}
+
+// udpSession is a UDP session: a host socket toward the target, a bounded
+// queue of client datagrams, a sender and a reply reader goroutine.
+type udpSession struct {
+	*session
+	key    udpKey
+	via    Ingress // where replies go
+	queue  chan datagram
+	done   chan struct{}              // closed when the session stops
+	public atomic.Pointer[netip.Addr] // public address the client last sent to
+
+	mu      sync.Mutex // mu guards the following fields
+	conn    *net.UDPConn
+	stopped bool
+}
+
+func (us *udpSession) shutdown() {
+	us.mu.Lock()
+	if us.stopped {
+		us.mu.Unlock()
+		return
+	}
+	us.stopped = true
+	c := us.conn
+	us.mu.Unlock()
+	close(us.done)
+	if c != nil {
+		c.Close()
+	}
+}
+
+// setConn installs the dialed socket; false if the session already stopped.
+func (us *udpSession) setConn(c *net.UDPConn) bool {
+	us.mu.Lock()
+	defer us.mu.Unlock()
+	if us.stopped {
+		return false
+	}
+	us.conn = c
+	return true
+}
+
+// deliver queues a copy of a client datagram; it never blocks, dropping and
+// counting when the queue is full.
+func (us *udpSession) deliver(payload []byte, dst netip.AddrPort) {
+	if p := us.public.Load(); *p != dst.Addr() {
+		a := dst.Addr()
+		us.public.Store(&a)
+	}
+	us.idle.touch()
+	bp := getDatagramBuf(len(payload))
+	n := copy(*bp, payload)
+	select {
+	case us.queue <- datagram{buf: bp, n: n, dst: dst}:
+	default:
+		putDatagramBuf(bp)
+		us.state.udpDrops.Add(1)
+	}
+}
+
+// drain empties the queue, counting what is dropped.
+func (us *udpSession) drain() {
+	for {
+		select {
+		case d := <-us.queue:
+			putDatagramBuf(d.buf)
+			us.state.udpDrops.Add(1)
+		default:
+			return
+		}
+	}
+}
+
+// HandleUDP forwards one datagram from src to dst that came in on in. It
+// never blocks and never dials: the first datagram of a client creates a
+// session whose goroutine dials while a few early datagrams wait in its
+// queue. Refused and overflowing datagrams are dropped and counted. payload
+// is copied; the caller may reuse it after the call.
+func (e *Engine) HandleUDP(in Ingress, src, dst netip.AddrPort, payload []byte) {
+	if e.closing.Load() {
+		e.unmatched.refuse(refusedShuttingDown)
+		return
+	}
+	rs := e.rules.Load()
+	now := e.clock.Now()
+	r := rs.Lookup(in.Name(), conf.UDP, dst, now)
+	if r == nil {
+		e.unmatched.refuse(refusedNoMatch)
+		return
+	}
+	us := e.udp.get(udpKey{mapping: r.Name, client: src})
+	if us == nil {
+		if us = e.openUDP(rs, r, in, src, dst, now); us == nil {
+			return
+		}
+	}
+	us.deliver(payload, dst)
+}
+
+// openUDP admits a new client and starts its session, or returns the
+// session another goroutine created first; nil when refused.
+func (e *Engine) openUDP(rs *RuleSet, r *Rule, in Ingress, src, dst netip.AddrPort, now time.Time) *udpSession {
+	if why := e.admit(r, src.Addr(), now); why != refusalNone {
+		e.debugRefusal(r, conf.UDP, src, dst, why, nil)
+		return nil
+	}
+	key := udpKey{mapping: r.Name, client: src}
+	e.udp.mu.Lock()
+	if us := e.udp.m[key]; us != nil {
+		e.udp.mu.Unlock()
+		return us
+	}
+	if why := e.reserveSlot(rs, r); why != refusalNone {
+		e.udp.mu.Unlock()
+		r.state.refuse(why)
+		e.debugRefusal(r, conf.UDP, src, dst, why, nil)
+		return nil
+	}
+	if !e.track() {
+		e.udp.mu.Unlock()
+		e.releaseSlot(r.state)
+		r.state.refuse(refusedShuttingDown)
+		return nil
+	}
+	us := &udpSession{
+		session: e.newSession(conf.UDP, in, r, src, dst, r.targetHostPort(dst.Port())),
+		key:     key,
+		via:     in,
+		queue:   make(chan datagram, e.opts.UDPQueueLen),
+		done:    make(chan struct{}),
+	}
+	pub := dst.Addr()
+	us.public.Store(&pub)
+	us.stop = us.shutdown
+	e.udp.m[key] = us
+	e.udp.mu.Unlock()
+	e.register(us.session, rs)
+	go e.runUDPSession(us, rs.dialTimeout())
+	return us
+}
+
+// runUDPSession opens the target socket, then sends queued datagrams until
+// the session stops; it owns the session's teardown.
+func (e *Engine) runUDPSession(us *udpSession, dialTimeout time.Duration) {
+	defer e.flows.Done()
+	reason := "closed"
+	conn, targetIP, err := e.openUDPConn(us, dialTimeout)
+	switch {
+	case err != nil:
+		us.state.refuse(refusedDialFailed)
+		reason = refusedDialFailed.String()
+		us.shutdown()
+	case !us.setConn(conn):
+		conn.Close()
+		err = nil
+	default:
+		replyDone := make(chan struct{})
+		e.flows.Add(1) // a tracked goroutine holds the count above zero
+		go e.runUDPReply(us, conn, targetIP, replyDone)
+		e.sendLoop(us, conn, targetIP)
+		<-replyDone
+	}
+	e.udp.remove(us)
+	us.drain()
+	e.finish(us.session, reason, err)
+}
+
+// openUDPConn resolves the target (DNS names at dial time) and opens an
+// unconnected socket, so one session can reach every port of a range.
+func (e *Engine) openUDPConn(us *udpSession, dialTimeout time.Duration) (*net.UDPConn, netip.Addr, error) {
+	r := us.rule.Load()
+	start := time.Now()
+	ip := r.targetAddr
+	if !ip.IsValid() {
+		ctx, cancel := context.WithTimeout(e.ctx, dialTimeout)
+		go func() { // a session stopped while resolving stops the lookup
+			select {
+			case <-us.done:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		ips, err := net.DefaultResolver.LookupNetIP(ctx, "ip", r.Mapping.Target.Host)
+		cancel()
+		if err != nil {
+			return nil, netip.Addr{}, fmt.Errorf("resolve target %s: %w", r.Mapping.Target.Host, err)
+		}
+		if len(ips) == 0 {
+			return nil, netip.Addr{}, fmt.Errorf("resolve target %s: no addresses", r.Mapping.Target.Host)
+		}
+		ip = ips[0].Unmap()
+	}
+	network := "udp6"
+	if ip.Is4() {
+		network = "udp4"
+	}
+	conn, err := net.ListenUDP(network, nil)
+	if err != nil {
+		return nil, netip.Addr{}, fmt.Errorf("open udp socket toward %s: %w", us.target, err)
+	}
+	us.state.observeDial(time.Since(start))
+	return conn, ip, nil
+}
+
+func (e *Engine) sendLoop(us *udpSession, conn *net.UDPConn, targetIP netip.Addr) {
+	var scratch []byte // PROXY v2 header + payload, reused
+	for {
+		select {
+		case <-us.done:
+			return
+		case d := <-us.queue:
+			r := us.rule.Load()
+			out := (*d.buf)[:d.n]
+			if r.proxy == proxyV2 {
+				scratch = appendProxyV2(scratch[:0], true, us.client, d.dst)
+				scratch = append(scratch, out...)
+				out = scratch
+			}
+			to := netip.AddrPortFrom(targetIP, r.targetPort(d.dst.Port()))
+			_, err := conn.WriteToUDPAddrPort(out, to)
+			putDatagramBuf(d.buf)
+			if err != nil {
+				us.state.udpDrops.Add(1)
+				if ce := e.log.Check(zap.DebugLevel, "udp send failed"); ce != nil {
+					ce.Write(zap.Uint64("session", us.id), zap.String("target", to.String()), zap.Error(err))
+				}
+				continue
+			}
+			us.in.Add(uint64(d.n))
+			us.state.bytesIn.Add(uint64(d.n))
+		}
+	}
+}
+
+// runUDPReply reads the target's replies and sends each to the client from
+// the public address and port the client used. It also ends the session
+// when it has been idle for the mapping's timeout.
+func (e *Engine) runUDPReply(us *udpSession, conn *net.UDPConn, targetIP netip.Addr, done chan<- struct{}) {
+	defer e.flows.Done()
+	defer close(done)
+	bp := copyBufPool.Get().(*[]byte)
+	defer copyBufPool.Put(bp)
+	buf := *bp
+	d, expired := us.idle.deadline()
+	conn.SetReadDeadline(d)
+	for !expired {
+		n, from, err := conn.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			if isTimeout(err) {
+				// Re-arm only when the deadline fires; traffic just moves last.
+				if d, expired = us.idle.deadline(); !expired {
+					conn.SetReadDeadline(d)
+				}
+				continue
+			}
+			if !errors.Is(err, net.ErrClosed) {
+				e.log.Debug("udp session read failed", zap.Uint64("session", us.id), zap.Error(err))
+				us.close("error")
+			}
+			return
+		}
+		r := us.rule.Load()
+		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
+		if from.Addr() != targetIP || !r.targetPorts.Contains(from.Port()) {
+			us.state.udpDrops.Add(1) // not from the target: never relayed
+			continue
+		}
+		us.idle.touch()
+		pub := netip.AddrPortFrom(*us.public.Load(), r.listenPort(from.Port()))
+		if err := us.via.WriteUDP(pub, us.client, buf[:n]); err != nil {
+			us.state.udpDrops.Add(1)
+			continue
+		}
+		us.out.Add(uint64(n))
+		us.state.bytesOut.Add(uint64(n))
+	}
+	us.state.udpExpired.Add(1)
+	us.close("idle")
+}
