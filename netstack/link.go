@@ -1,0 +1,286 @@
+package netstack
+
+import (
+	"sync"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// tunOffset is the headroom left in front of every packet handed to or read
+// from the tun.Device. wireguard-go's Linux TUN writes its 10-byte virtio-net
+// header there (tun_linux.go Write: offset -= virtioNetHdrLen), and its device
+// uses MessageTransportHeaderSize (16) for the same purpose, so 16 suits both a
+// kernel TUN and a Pipe feeding device.NewDevice.
+const tunOffset = 16
+
+// outBuf is one outbound packet in a pooled buffer: data[:tunOffset] is
+// headroom, the packet is data[tunOffset:tunOffset+n].
+type outBuf struct {
+	data []byte
+	n    int
+}
+
+func (b *outBuf) packet() []byte { return b.data[tunOffset : tunOffset+b.n] }
+
+// outQueue is the blocking outward queue between gVisor (and WriteUDP) and the
+// output pump. Writers block while it holds limit packets (backpressure, never
+// a silent drop) until the pump takes a batch or the queue closes.
+//
+// push may be called concurrently by any goroutine; take only by the pump.
+type outQueue struct {
+	mu      sync.Mutex
+	notFull sync.Cond // signalled when the pump empties the queue or it closes
+	// mu guards the following fields.
+	items  []*outBuf
+	closed bool
+	waits  uint64 // pushes that found the queue full
+
+	limit int
+	wake  chan struct{} // capacity 1: "items became non-empty or closed"
+}
+
+func (q *outQueue) init(limit int) {
+	q.notFull.L = &q.mu
+	q.limit = limit
+	q.items = make([]*outBuf, 0, limit)
+	q.wake = make(chan struct{}, 1)
+}
+
+// push appends b, blocking while the queue is full. It reports false (and
+// does not take b) if the queue is closed.
+func (q *outQueue) push(b *outBuf) bool {
+	q.mu.Lock()
+	if len(q.items) >= q.limit && !q.closed {
+		q.waits++
+		for len(q.items) >= q.limit && !q.closed {
+			q.notFull.Wait()
+		}
+	}
+	if q.closed {
+		q.mu.Unlock()
+		return false
+	}
+	q.items = append(q.items, b)
+	first := len(q.items) == 1
+	q.mu.Unlock()
+	if first {
+		select {
+		case q.wake <- struct{}{}:
+		default:
+		}
+	}
+	return true
+}
+
+// take waits for packets and swaps them out with spare (an empty slice the
+// caller owns). It returns ok=false once the queue is closed and empty: the
+// pump drains what was queued before Close (the RSTs of aborted endpoints).
+func (q *outQueue) take(spare []*outBuf) (items []*outBuf, ok bool) {
+	for {
+		q.mu.Lock()
+		if len(q.items) > 0 {
+			items, q.items = q.items, spare[:0]
+			q.notFull.Broadcast()
+			q.mu.Unlock()
+			return items, true
+		}
+		if q.closed {
+			q.mu.Unlock()
+			return nil, false
+		}
+		q.mu.Unlock()
+		<-q.wake
+	}
+}
+
+// close wakes every blocked writer and the pump. Idempotent.
+func (q *outQueue) close() {
+	q.mu.Lock()
+	q.closed = true
+	q.notFull.Broadcast()
+	q.mu.Unlock()
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (q *outQueue) fullWaits() uint64 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.waits
+}
+
+// linkEndpoint is the stack's only NIC: a stack.LinkEndpoint with no link
+// header whose outbound packets are copied into pooled buffers and queued for
+// the output pump, and whose inbound packets the input pump delivers through
+// GRO (Stack.runInput). It advertises gVisor GSO so TCP builds 64 KiB segments
+// and splits them to the MTU just before WritePackets (tcp/connect.go
+// sendTCPBatch): the tun.Device wants MTU-sized packets, and wireguard-go's
+// Linux TUN coalesces them again (GRO on write) into TSO frames.
+type linkEndpoint struct {
+	mtu     uint32
+	bufPool sync.Pool // *outBuf with tunOffset+mtu bytes
+	q       outQueue
+	stats   *counters
+
+	mu sync.RWMutex
+	// mu guards the following fields.
+	dispatcher stack.NetworkDispatcher
+}
+
+var (
+	_ stack.LinkEndpoint = (*linkEndpoint)(nil)
+	_ stack.GSOEndpoint  = (*linkEndpoint)(nil)
+)
+
+func newLinkEndpoint(mtu uint32, queueLen int, st *counters) *linkEndpoint {
+	e := &linkEndpoint{mtu: mtu, stats: st}
+	size := tunOffset + int(mtu)
+	e.bufPool.New = func() any { return &outBuf{data: make([]byte, size)} }
+	e.q.init(queueLen)
+	return e
+}
+
+func (e *linkEndpoint) getBuf() *outBuf { return e.bufPool.Get().(*outBuf) }
+
+func (e *linkEndpoint) putBuf(b *outBuf) {
+	b.n = 0
+	e.bufPool.Put(b)
+}
+
+// MTU implements stack.LinkEndpoint.
+func (e *linkEndpoint) MTU() uint32 { return e.mtu }
+
+// SetMTU implements stack.LinkEndpoint. The MTU is fixed by the tun.Device
+// and sizes the pooled buffers, so it cannot change.
+func (e *linkEndpoint) SetMTU(uint32) {}
+
+// MaxHeaderLength implements stack.LinkEndpoint: IP packets, no link header.
+func (e *linkEndpoint) MaxHeaderLength() uint16 { return 0 }
+
+// LinkAddress implements stack.LinkEndpoint.
+func (e *linkEndpoint) LinkAddress() tcpip.LinkAddress { return "" }
+
+// SetLinkAddress implements stack.LinkEndpoint.
+func (e *linkEndpoint) SetLinkAddress(tcpip.LinkAddress) {}
+
+// Capabilities implements stack.LinkEndpoint.
+//
+// RX checksum offload is on: GRO (stack/gro) validates the IP and TCP
+// checksums of every plain TCP segment before coalescing, and classify
+// validates the IPv4 header of every packet, UDP on the fast path and TCP with
+// IPv4 options; without the capability the NIC would clear
+// RXChecksumValidated and TCP would checksum every coalesced 64 KiB segment a
+// second time (BenchmarkTCPThroughput measures the difference).
+// TX checksum offload stays off: a kernel TUN checks checksums on input, so
+// gVisor must fill them in (offloaded SYN-ACKs would leave with checksum 0).
+func (e *linkEndpoint) Capabilities() stack.LinkEndpointCapabilities {
+	if rxChecksumOffload {
+		return stack.CapabilityRXChecksumOffload
+	}
+	return 0
+}
+
+// rxChecksumOffload is a variable only so the benchmark can compare.
+var rxChecksumOffload = true
+
+// GSOMaxSize implements stack.GSOEndpoint.
+func (e *linkEndpoint) GSOMaxSize() uint32 { return stack.GVisorGSOMaxSize }
+
+// SupportedGSO implements stack.GSOEndpoint.
+func (e *linkEndpoint) SupportedGSO() stack.SupportedGSO { return stack.GVisorGSOSupported }
+
+// Attach implements stack.LinkEndpoint.
+func (e *linkEndpoint) Attach(d stack.NetworkDispatcher) {
+	e.mu.Lock()
+	e.dispatcher = d
+	e.mu.Unlock()
+}
+
+// IsAttached implements stack.LinkEndpoint.
+func (e *linkEndpoint) IsAttached() bool {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.dispatcher != nil
+}
+
+func (e *linkEndpoint) getDispatcher() stack.NetworkDispatcher {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.dispatcher
+}
+
+// Wait implements stack.LinkEndpoint. The pumps belong to the Stack, which
+// waits for them in Close.
+func (e *linkEndpoint) Wait() {}
+
+// ARPHardwareType implements stack.LinkEndpoint.
+func (e *linkEndpoint) ARPHardwareType() header.ARPHardwareType { return header.ARPHardwareNone }
+
+// AddHeader implements stack.LinkEndpoint.
+func (e *linkEndpoint) AddHeader(*stack.PacketBuffer) {}
+
+// ParseHeader implements stack.LinkEndpoint.
+func (e *linkEndpoint) ParseHeader(*stack.PacketBuffer) bool { return true }
+
+// Close implements stack.LinkEndpoint. The queue is closed by Stack.Close
+// after the stack has flushed its RSTs.
+func (e *linkEndpoint) Close() {}
+
+// SetOnCloseAction implements stack.LinkEndpoint.
+func (e *linkEndpoint) SetOnCloseAction(func()) {}
+
+// WritePackets implements stack.LinkWriter. It copies each packet into a
+// pooled buffer (the caller keeps its references) and queues it, blocking
+// while the queue is full. It may be called concurrently by any goroutine,
+// and concurrently with Stack.Close.
+func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	n := 0
+	for _, pkt := range pkts.AsSlice() {
+		size := pkt.Size()
+		if size > int(e.mtu) {
+			// gVisor segments to the MTU (GVisorGSOSupported); anything larger
+			// is a bug, refused loudly rather than truncated.
+			e.stats.oversize.Add(1)
+			if n == 0 {
+				return 0, &tcpip.ErrMessageTooLong{}
+			}
+			return n, nil
+		}
+		b := e.getBuf()
+		dst := b.data[tunOffset : tunOffset+size]
+		vl, off := pkt.AsViewList()
+		w := 0
+		for v := vl.Front(); v != nil; v = v.Next() {
+			s := v.AsSlice()
+			if off >= len(s) {
+				off -= len(s)
+				continue
+			}
+			w += copy(dst[w:], s[off:])
+			off = 0
+		}
+		b.n = size
+		if !e.q.push(b) {
+			e.putBuf(b)
+			if n == 0 {
+				return 0, &tcpip.ErrClosedForSend{}
+			}
+			return n, nil
+		}
+		n++
+	}
+	return n, nil
+}
+
+// writeRaw queues one packet built by the caller in b (WriteUDP).
+func (e *linkEndpoint) writeRaw(b *outBuf) bool {
+	if !e.q.push(b) {
+		e.putBuf(b)
+		return false
+	}
+	return true
+}

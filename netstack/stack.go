@@ -1,0 +1,642 @@
+// Package netstack is natbox's only home of gVisor: one userspace TCP/IP stack
+// per Stack, whose single NIC is a tun.Device (a kernel TUN from CreateTUN, or
+// one end of a Pipe, e.g. towards a wireguard-go device). It terminates TCP
+// and UDP flows addressed to any destination (promiscuous + spoofing) and
+// hands them to a Handler as net.Conns and datagrams with their real
+// addresses; it knows nothing about mappings.
+package netstack
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.zx2c4.com/wireguard/tun"
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/stack/gro"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+)
+
+// Config configures a Stack. Zero values mean the documented defaults.
+type Config struct {
+	// MTU of the link; 0 means the tun.Device's MTU.
+	MTU int
+	// Addresses are assigned to the NIC. Promiscuous mode and spoofing accept
+	// and originate any address anyway; these matter for ICMP echo and as the
+	// stack's preferred source addresses.
+	Addresses []netip.Prefix
+	TCP       TCPConfig
+	// QueueLen is the outward queue's capacity in packets (default 2048).
+	// Writers block when it is full.
+	QueueLen int
+}
+
+// TCPConfig holds the TCP knobs (see STYLE.md section 7 for the reasoning).
+type TCPConfig struct {
+	// RecvBufMax and SendBufMax cap the auto-tuned buffers per connection
+	// (defaults 8 MiB and 6 MiB, as tailscale).
+	RecvBufMax int
+	SendBufMax int
+	// RACK enables RACK loss detection. Off by default: with it on, gVisor
+	// stalled transfers (tailscale#9707).
+	RACK bool
+	// KeepaliveIdle and KeepaliveInterval set TCP keepalive on every endpoint
+	// (defaults 60 s and 15 s, 9 probes): a dead client must not pin a
+	// splice forever.
+	KeepaliveIdle     time.Duration
+	KeepaliveInterval time.Duration
+	// TimeWait is how long a closed endpoint stays in TIME_WAIT (0: gVisor's
+	// 60 s). A new SYN for a TIME_WAIT 4-tuple is accepted regardless (see
+	// reopenTimeWait), so this only bounds memory.
+	TimeWait time.Duration
+	// MaxInFlight bounds handshakes handed to the Handler at once (default
+	// 8192); SYNs beyond it are dropped by gVisor and counted in
+	// Stats.TCPInFlightDrops. Admission budgets belong to the forwarder.
+	MaxInFlight int
+}
+
+// Defaults.
+const (
+	defaultQueueLen          = 2048
+	defaultRecvBufMax        = 8 << 20
+	defaultSendBufMax        = 6 << 20
+	defaultBufMin            = 4 << 10
+	defaultBufDefault        = 1 << 20
+	defaultKeepaliveIdle     = 60 * time.Second
+	defaultKeepaliveInterval = 15 * time.Second
+	defaultMaxInFlight       = 8192
+	nicID                    = tcpip.NICID(1)
+)
+
+func (c *Config) applyDefaults(devMTU int) {
+	if c.MTU == 0 {
+		c.MTU = devMTU
+	}
+	if c.QueueLen == 0 {
+		c.QueueLen = defaultQueueLen
+	}
+	t := &c.TCP
+	if t.RecvBufMax == 0 {
+		t.RecvBufMax = defaultRecvBufMax
+	}
+	if t.SendBufMax == 0 {
+		t.SendBufMax = defaultSendBufMax
+	}
+	if t.KeepaliveIdle == 0 {
+		t.KeepaliveIdle = defaultKeepaliveIdle
+	}
+	if t.KeepaliveInterval == 0 {
+		t.KeepaliveInterval = defaultKeepaliveInterval
+	}
+	if t.MaxInFlight == 0 {
+		t.MaxInFlight = defaultMaxInFlight
+	}
+}
+
+// Handler receives the flows a Stack terminates.
+type Handler interface {
+	// HandleTCP is called on its own goroutine for each new connection
+	// attempt. Exactly one of r.Accept or r.Reject must be called before
+	// HandleTCP returns (if neither was, the request is rejected). Stack.Close
+	// waits for HandleTCP calls to return; conns from Accept fail once the
+	// stack closes.
+	HandleTCP(r *TCPRequest)
+	// HandleUDP is called on the packet path for each datagram; it must not
+	// block. payload is valid only during the call.
+	HandleUDP(src, dst netip.AddrPort, payload []byte)
+}
+
+// Errors.
+var (
+	// ErrClosed is returned by operations on a closed Stack.
+	ErrClosed = errors.New("netstack: stack closed")
+	// ErrMessageTooLong is returned by WriteUDP for a datagram that does not
+	// fit the MTU: natbox never fragments.
+	ErrMessageTooLong = errors.New("netstack: datagram exceeds the link mtu")
+)
+
+// Stack is one gVisor stack over one tun.Device. Its methods are safe for
+// concurrent use.
+type Stack struct {
+	dev     tun.Device
+	cfg     Config
+	handler Handler
+	log     *zap.Logger
+	stack   *stack.Stack
+	link    *linkEndpoint
+	stats   counters
+
+	// closing is set first in Close: stop admitting flows and injecting input.
+	closing   atomic.Bool
+	closeOnce sync.Once
+	closeErr  error
+
+	admitMu sync.Mutex
+	// admitMu guards admitting new handler calls against Close's Wait.
+	admitClosed bool
+	handlers    sync.WaitGroup
+
+	pending pendingRequests
+
+	inputDone  chan struct{}
+	outputDone chan struct{}
+}
+
+// counters are the Stack's own statistics (gVisor keeps the rest).
+type counters struct {
+	packetsIn, bytesIn   atomic.Uint64
+	packetsOut, bytesOut atomic.Uint64
+	groDelivered         atomic.Uint64 // packets GRO handed to the stack
+	udpFastPath          atomic.Uint64
+	udpReassembled       atomic.Uint64
+	udpSent              atomic.Uint64
+	tcpRequests          atomic.Uint64
+	tcpRejected          atomic.Uint64
+	timeWaitReopened     atomic.Uint64
+	abandoned            atomic.Uint64
+	oversize             atomic.Uint64
+	readErrors           atomic.Uint64
+	writeErrors          atomic.Uint64
+	invalid              [numDropReasons]atomic.Uint64
+}
+
+// New builds a Stack on dev and starts its input and output pumps. The Stack
+// owns dev from now on and closes it last in Close (also when New fails).
+func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error) {
+	if dev == nil || h == nil || log == nil {
+		if dev != nil {
+			dev.Close()
+		}
+		return nil, errors.New("netstack: New needs a tun.Device, a Handler and a logger")
+	}
+	devMTU, err := dev.MTU()
+	if err != nil {
+		dev.Close()
+		return nil, fmt.Errorf("netstack: read device mtu: %w", err)
+	}
+	cfg.applyDefaults(devMTU)
+	if cfg.MTU < 1280 || cfg.MTU > 65535 {
+		dev.Close()
+		return nil, fmt.Errorf("netstack: mtu %d out of range; use 1280-65535", cfg.MTU)
+	}
+	s := &Stack{
+		dev:        dev,
+		cfg:        cfg,
+		handler:    h,
+		log:        log,
+		inputDone:  make(chan struct{}),
+		outputDone: make(chan struct{}),
+	}
+	s.pending.m = make(map[stack.TransportEndpointID]*TCPRequest)
+	s.link = newLinkEndpoint(uint32(cfg.MTU), cfg.QueueLen, &s.stats)
+	s.stack = stack.New(stack.Options{
+		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
+	})
+	if err := s.configure(); err != nil {
+		s.stack.Close()
+		s.stack.Wait()
+		dev.Close()
+		return nil, err
+	}
+	go s.runOutput()
+	go s.runInput()
+	log.Info("netstack started", zap.Int("mtu", cfg.MTU), zap.Int("batch", dev.BatchSize()))
+	return s, nil
+}
+
+// configure sets every stack option explicitly, each with its reason.
+func (s *Stack) configure() error {
+	st, t := s.stack, s.cfg.TCP
+	tcpOpts := []struct {
+		name string
+		opt  tcpip.SettableTransportProtocolOption
+	}{
+		// SACK: recovers multiple losses per RTT; gVisor's default today, set
+		// so a default change cannot silently cost throughput.
+		{"sack", ptr(tcpip.TCPSACKEnabled(true))},
+		// RACK off by default: tailscale#9707 (stalls with RACK on).
+		{"recovery", ptr(recovery(t.RACK))},
+		// reno pinned: cubic overflowed in gvisor#11632, and reno is what the
+		// benchmarks were made with.
+		{"congestion control", ptr(tcpip.CongestionControlOption("reno"))},
+		// Buffers 4 KiB / 1 MiB / max: auto-tuning grows towards max on fast
+		// paths (tailscale's sizes; gVisor's 4 MiB max limits single flows).
+		{"receive buffer", &tcpip.TCPReceiveBufferSizeRangeOption{Min: defaultBufMin, Default: defaultBufDefault, Max: t.RecvBufMax}},
+		{"send buffer", &tcpip.TCPSendBufferSizeRangeOption{Min: defaultBufMin, Default: defaultBufDefault, Max: t.SendBufMax}},
+		// Receive-buffer moderation: every read goes through gonet, which
+		// calls ModerateRecvBuf, so the window follows the reader.
+		{"receive buffer moderation", ptr(tcpip.TCPModerateReceiveBufferOption(true))},
+	}
+	if t.TimeWait > 0 {
+		tcpOpts = append(tcpOpts, struct {
+			name string
+			opt  tcpip.SettableTransportProtocolOption
+		}{"time-wait timeout", ptr(tcpip.TCPTimeWaitTimeoutOption(t.TimeWait))})
+	}
+	for _, o := range tcpOpts {
+		if err := st.SetTransportProtocolOption(tcp.ProtocolNumber, o.opt); err != nil {
+			return fmt.Errorf("netstack: set tcp %s: %s", o.name, err)
+		}
+	}
+	if err := st.CreateNIC(nicID, s.link); err != nil {
+		return fmt.Errorf("netstack: create nic: %s", err)
+	}
+	// Promiscuous: accept packets for any destination (the mapped public
+	// addresses are not ours). Spoofing: answer and originate from them.
+	if err := st.SetPromiscuousMode(nicID, true); err != nil {
+		return fmt.Errorf("netstack: set promiscuous mode: %s", err)
+	}
+	if err := st.SetSpoofing(nicID, true); err != nil {
+		return fmt.Errorf("netstack: set spoofing: %s", err)
+	}
+	for _, p := range s.cfg.Addresses {
+		p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits())
+		proto := tcpip.NetworkProtocolNumber(ipv4.ProtocolNumber)
+		if p.Addr().Is6() {
+			proto = ipv6.ProtocolNumber
+		}
+		pa := tcpip.ProtocolAddress{
+			Protocol:          proto,
+			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFromSlice(p.Addr().AsSlice()), PrefixLen: p.Bits()},
+		}
+		if err := st.AddProtocolAddress(nicID, pa, stack.AddressProperties{}); err != nil {
+			return fmt.Errorf("netstack: add address %s: %s", p, err)
+		}
+	}
+	// Everything leaves through the one NIC.
+	st.SetRouteTable([]tcpip.Route{
+		{Destination: header.IPv4EmptySubnet, NIC: nicID},
+		{Destination: header.IPv6EmptySubnet, NIC: nicID},
+	})
+	fwd := tcp.NewForwarder(st, defaultBufDefault, t.MaxInFlight, s.forwardTCP)
+	st.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
+	st.SetTransportProtocolHandler(udp.ProtocolNumber, s.handleReassembledUDP)
+	return nil
+}
+
+func ptr[T any](v T) *T { return &v }
+
+func recovery(rack bool) tcpip.TCPRecovery {
+	if rack {
+		return tcpip.TCPRACKLossDetection
+	}
+	return 0
+}
+
+// runInput is the input pump: it reads batches from the device, takes UDP
+// off to the Handler, and injects the rest through GRO.
+func (s *Stack) runInput() {
+	defer close(s.inputDone)
+	batch := s.dev.BatchSize()
+	bufs := make([][]byte, batch)
+	sizes := make([]int, batch)
+	size := tunOffset + s.cfg.MTU
+	for i := range bufs {
+		bufs[i] = make([]byte, size)
+	}
+	// A kernel TUN hands over one non-GSO packet per read into bufs[0]; give
+	// it room for anything a misconfigured MTU lets through.
+	bufs[0] = make([]byte, tunOffset+65535)
+
+	var g gro.GRO
+	g.Init(true)
+	var cd countingDispatcher
+	var info packetInfo
+	for {
+		n, err := s.dev.Read(bufs, sizes, tunOffset)
+		if s.closing.Load() {
+			return // Close drains nothing from here on; the device closes last
+		}
+		if err != nil {
+			if errors.Is(err, os.ErrClosed) {
+				return
+			}
+			if c := s.stats.readErrors.Add(1); c&(c-1) == 0 { // log 1, 2, 4, 8, ...
+				s.log.Warn("tun read failed", zap.Error(err), zap.Uint64("count", c))
+			}
+			if n == 0 {
+				continue
+			}
+		}
+		d := s.link.getDispatcher()
+		if d == nil {
+			continue
+		}
+		cd.NetworkDispatcher, cd.n = d, 0
+		g.Dispatcher = &cd
+		var bytesIn, injected uint64
+		for i := 0; i < n; i++ {
+			pkt := bufs[i][tunOffset : tunOffset+sizes[i]]
+			bytesIn += uint64(len(pkt))
+			classify(pkt, &info)
+			switch info.verdict {
+			case verdictDrop:
+				s.stats.invalid[info.reason].Add(1)
+				continue
+			case verdictUDP:
+				s.stats.udpFastPath.Add(1)
+				s.handler.HandleUDP(info.src, info.dst, info.payload)
+				continue
+			}
+			if info.packet != nil {
+				pkt = info.packet
+			}
+			if info.pureSYN() {
+				s.reopenTimeWait(&info)
+			} else if info.rst() {
+				s.pending.abandon(&info, &s.stats)
+			}
+			pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(pkt)})
+			pb.NetworkProtocolNumber = info.proto
+			g.Enqueue(pb)
+			pb.DecRef()
+			injected++
+		}
+		g.Flush()
+		s.stats.packetsIn.Add(uint64(n))
+		s.stats.bytesIn.Add(bytesIn)
+		s.stats.groDelivered.Add(cd.n)
+		_ = injected
+	}
+}
+
+// countingDispatcher counts what GRO delivers, to report coalescing.
+type countingDispatcher struct {
+	stack.NetworkDispatcher
+	n uint64
+}
+
+func (c *countingDispatcher) DeliverNetworkPacket(p tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	c.n++
+	c.NetworkDispatcher.DeliverNetworkPacket(p, pkt)
+}
+
+// reopenTimeWait lets a new SYN through for a 4-tuple whose endpoint sits in
+// TIME_WAIT. gVisor hands such a SYN only to a listening endpoint
+// (tcp/connect.go handleTimeWaitSegments); with tcp.Forwarder there is none,
+// so it would be dropped and a client reusing its address and port stalls
+// until TIME_WAIT ends (ARCHITECTURE.md "Known traps"). Like Linux conntrack,
+// we treat the SYN as reopening the connection: the TIME_WAIT endpoint is
+// aborted (which unregisters it at once) before the SYN is injected, so the
+// forwarder sees it as new. The abort sends an RST carrying the old
+// connection's sequence numbers; a client in SYN-SENT ignores it because it
+// does not acknowledge the new SYN (RFC 793 p. 66-67).
+func (s *Stack) reopenTimeWait(p *packetInfo) {
+	id := stack.TransportEndpointID{
+		LocalPort:     p.dstPort,
+		LocalAddress:  p.dstAddr,
+		RemotePort:    p.srcPort,
+		RemoteAddress: p.srcAddr,
+	}
+	if abortTimeWait(s.stack, p.proto, id) {
+		s.stats.timeWaitReopened.Add(1)
+	}
+}
+
+// abortTimeWait aborts the endpoint registered for id if it is in TIME_WAIT.
+func abortTimeWait(st *stack.Stack, proto tcpip.NetworkProtocolNumber, id stack.TransportEndpointID) bool {
+	te := st.FindTransportEndpoint(proto, tcp.ProtocolNumber, id, nicID)
+	ep, ok := te.(*tcp.Endpoint)
+	if !ok || tcp.EndpointState(ep.State()) != tcp.StateTimeWait {
+		return false
+	}
+	ep.Abort()
+	return true
+}
+
+// runOutput is the output pump: it drains the queue in batches into the
+// device until the queue is closed and empty.
+func (s *Stack) runOutput() {
+	defer close(s.outputDone)
+	batch := s.dev.BatchSize()
+	bufs := make([][]byte, 0, batch)
+	spare := make([]*outBuf, 0, s.cfg.QueueLen)
+	deviceClosed := false
+	for {
+		items, ok := s.link.q.take(spare)
+		if !ok {
+			return
+		}
+		for start := 0; start < len(items); start += batch {
+			end := min(start+batch, len(items))
+			bufs = bufs[:0]
+			var bytesOut uint64
+			for _, b := range items[start:end] {
+				bufs = append(bufs, b.data[:tunOffset+b.n])
+				bytesOut += uint64(b.n)
+			}
+			if deviceClosed {
+				continue
+			}
+			if _, err := s.dev.Write(bufs, tunOffset); err != nil {
+				if errors.Is(err, os.ErrClosed) {
+					// Keep draining so blocked writers return; they fail once
+					// Close closes the queue.
+					deviceClosed = true
+					continue
+				}
+				if c := s.stats.writeErrors.Add(1); c&(c-1) == 0 {
+					s.log.Warn("tun write failed", zap.Error(err), zap.Uint64("count", c))
+				}
+			}
+			s.stats.packetsOut.Add(uint64(end - start))
+			s.stats.bytesOut.Add(bytesOut)
+		}
+		for i, b := range items {
+			s.link.putBuf(b)
+			items[i] = nil
+		}
+		spare = items[:0]
+	}
+}
+
+// WriteUDP sends one datagram from src to dst straight to the link (any src:
+// spoofing). src and dst must be the same address family (IPv4-mapped IPv6 is
+// treated as IPv4). Datagrams that do not fit the MTU fail with
+// ErrMessageTooLong: nothing is fragmented. It blocks while the outward queue
+// is full. payload is not retained.
+func (s *Stack) WriteUDP(src, dst netip.AddrPort, payload []byte) error {
+	if s.closing.Load() {
+		return ErrClosed
+	}
+	src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	if !src.Addr().IsValid() || !dst.Addr().IsValid() || src.Addr().Is4() != dst.Addr().Is4() {
+		return fmt.Errorf("netstack: write udp %s -> %s: addresses must be valid and of one family", src, dst)
+	}
+	n := udpPacketLen(src.Addr().Is4(), len(payload))
+	if n > s.cfg.MTU {
+		return fmt.Errorf("netstack: write udp %s -> %s: %d-byte packet, mtu %d: %w", src, dst, n, s.cfg.MTU, ErrMessageTooLong)
+	}
+	b := s.link.getBuf()
+	b.n = n
+	buildUDP(b.packet(), src, dst, payload)
+	if !s.link.writeRaw(b) {
+		return ErrClosed
+	}
+	s.stats.udpSent.Add(1)
+	return nil
+}
+
+// handleReassembledUDP receives the UDP datagrams that reach gVisor: the
+// reassembled fragments and packets with IPv6 extension headers that the
+// fast path passed on. It always reports true so gVisor sends no ICMP.
+func (s *Stack) handleReassembledUDP(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+	if s.closing.Load() {
+		return true
+	}
+	hdr := header.UDP(pkt.TransportHeader().Slice())
+	if len(hdr) < header.UDPMinimumSize || int(hdr.Length()) != header.UDPMinimumSize+pkt.Data().Size() {
+		s.stats.invalid[dropUDPHeader].Add(1)
+		return true
+	}
+	payload := pkt.Data().AsRange().ToSlice()
+	v4 := pkt.NetworkProtocolNumber == header.IPv4ProtocolNumber
+	if !v4 || hdr.Checksum() != 0 {
+		if !hdr.IsChecksumValid(id.RemoteAddress, id.LocalAddress, checksum.Checksum(payload, 0)) {
+			s.stats.invalid[dropUDPChecksum].Add(1)
+			return true
+		}
+	}
+	src := netip.AddrPortFrom(addrFrom(id.RemoteAddress), id.RemotePort)
+	dst := netip.AddrPortFrom(addrFrom(id.LocalAddress), id.LocalPort)
+	s.stats.udpReassembled.Add(1)
+	s.handler.HandleUDP(src, dst, payload)
+	return true
+}
+
+func addrFrom(a tcpip.Address) netip.Addr {
+	if a.Len() == 4 {
+		return netip.AddrFrom4(a.As4())
+	}
+	return netip.AddrFrom16(a.As16())
+}
+
+func tcpipAddr(a netip.Addr) tcpip.Address {
+	if a.Is4() {
+		return tcpip.AddrFrom4(a.As4())
+	}
+	return tcpip.AddrFrom16(a.As16())
+}
+
+// Stats is a snapshot of the Stack's counters.
+type Stats struct {
+	PacketsIn, BytesIn   uint64 // read from the device
+	PacketsOut, BytesOut uint64 // written to the device
+	// GROCoalesced is how many inbound packets GRO merged into others.
+	GROCoalesced uint64
+	// UDPFastPath counts datagrams handed to HandleUDP without gVisor;
+	// UDPReassembled those that went through gVisor (fragments).
+	UDPFastPath, UDPReassembled uint64
+	UDPSent                     uint64 // WriteUDP datagrams queued
+	TCPRequests                 uint64 // connection attempts handed to HandleTCP
+	TCPRejected                 uint64 // requests answered with RST
+	TCPAbandoned                uint64 // pending requests whose client sent RST
+	// TCPInFlightDrops counts SYNs dropped because MaxInFlight handshakes
+	// were pending.
+	TCPInFlightDrops uint64
+	// TimeWaitReopened counts SYNs that replaced a TIME_WAIT endpoint.
+	TimeWaitReopened uint64
+	TCPRetransmits   uint64
+	TCPEstablished   uint64 // currently established
+	// QueueFullWaits counts writers that blocked on a full outward queue.
+	QueueFullWaits uint64
+	ReadErrors     uint64
+	WriteErrors    uint64
+	// Oversize counts outbound packets larger than the MTU (a bug if > 0).
+	Oversize uint64
+	Invalid  InvalidStats
+}
+
+// InvalidStats counts inbound packets dropped as malformed, by reason.
+type InvalidStats struct {
+	IPHeader, IPChecksum, UDPHeader, UDPChecksum, TCPChecksum uint64
+}
+
+// Stats returns a snapshot of the counters.
+func (s *Stack) Stats() Stats {
+	c := &s.stats
+	in := c.packetsIn.Load()
+	gs := s.stack.Stats()
+	injected := in - c.udpFastPath.Load() - c.invalidTotal()
+	coalesced := uint64(0)
+	if d := c.groDelivered.Load(); injected > d {
+		coalesced = injected - d
+	}
+	return Stats{
+		PacketsIn:        in,
+		BytesIn:          c.bytesIn.Load(),
+		PacketsOut:       c.packetsOut.Load(),
+		BytesOut:         c.bytesOut.Load(),
+		GROCoalesced:     coalesced,
+		UDPFastPath:      c.udpFastPath.Load(),
+		UDPReassembled:   c.udpReassembled.Load(),
+		UDPSent:          c.udpSent.Load(),
+		TCPRequests:      c.tcpRequests.Load(),
+		TCPRejected:      c.tcpRejected.Load(),
+		TCPAbandoned:     c.abandoned.Load(),
+		TCPInFlightDrops: gs.TCP.ForwardMaxInFlightDrop.Value(),
+		TimeWaitReopened: c.timeWaitReopened.Load(),
+		TCPRetransmits:   gs.TCP.Retransmits.Value(),
+		TCPEstablished:   gs.TCP.CurrentEstablished.Value(),
+		QueueFullWaits:   s.link.q.fullWaits(),
+		ReadErrors:       c.readErrors.Load(),
+		WriteErrors:      c.writeErrors.Load(),
+		Oversize:         c.oversize.Load(),
+		Invalid: InvalidStats{
+			IPHeader:    c.invalid[dropIPHeader].Load(),
+			IPChecksum:  c.invalid[dropIPChecksum].Load(),
+			UDPHeader:   c.invalid[dropUDPHeader].Load(),
+			UDPChecksum: c.invalid[dropUDPChecksum].Load(),
+			TCPChecksum: c.invalid[dropTCPChecksum].Load(),
+		},
+	}
+}
+
+func (c *counters) invalidTotal() uint64 {
+	var n uint64
+	for i := range c.invalid {
+		n += c.invalid[i].Load()
+	}
+	return n
+}
+
+// Close shuts the Stack down in order (STYLE.md 8.3): stop admitting flows
+// and injecting input, close the gVisor stack (aborting endpoints with RSTs),
+// wait for it and for running HandleTCP calls, flush the outward queue, and
+// only then close the device, which also ends the input pump's read.
+// Idempotent; no goroutine of the Stack outlives it.
+func (s *Stack) Close() error {
+	s.closeOnce.Do(func() {
+		s.closing.Store(true)
+		s.admitMu.Lock()
+		s.admitClosed = true
+		s.admitMu.Unlock()
+		s.pending.closeAll()
+
+		s.stack.Close()
+		s.stack.Wait()
+		s.handlers.Wait()
+
+		s.link.q.close()
+		<-s.outputDone
+		s.closeErr = s.dev.Close()
+		<-s.inputDone
+		s.log.Info("netstack stopped")
+	})
+	return s.closeErr
+}

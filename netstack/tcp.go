@@ -1,0 +1,267 @@
+package netstack
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// TCPRequest is a client's connection attempt (its SYN), handed to
+// Handler.HandleTCP before the handshake completes, so the handler can dial
+// the target first and answer with Accept or Reject.
+type TCPRequest struct {
+	// Src is the client, Dst the address it connects to.
+	Src, Dst netip.AddrPort
+
+	s         *Stack
+	fr        *tcp.ForwarderRequest
+	id        stack.TransportEndpointID
+	abandoned chan struct{} // closed by pendingRequests
+	done      atomic.Bool   // Accept or Reject was called
+}
+
+// errCompleted is returned by a second Accept.
+var errCompleted = errors.New("netstack: tcp request already accepted or rejected")
+
+// Accept completes the handshake and returns the client connection, a
+// *gonet.TCPConn with CloseRead and CloseWrite. It fails if the client went
+// away meanwhile, the stack is closing, or the request was already answered.
+func (r *TCPRequest) Accept() (net.Conn, error) {
+	if !r.done.CompareAndSwap(false, true) {
+		return nil, errCompleted
+	}
+	s := r.s
+	s.pending.remove(r)
+	if s.closing.Load() {
+		r.fr.Complete(true)
+		return nil, ErrClosed
+	}
+	var wq waiter.Queue
+	ep, err := r.fr.CreateEndpoint(&wq)
+	if err != nil {
+		r.fr.Complete(true)
+		return nil, fmt.Errorf("netstack: accept %s -> %s: %w", r.Src, r.Dst, tcpipError(err))
+	}
+	r.fr.Complete(false)
+	if s.closing.Load() {
+		// Close may have snapshotted the endpoints before this one existed.
+		ep.Abort()
+		return nil, ErrClosed
+	}
+	s.setKeepalive(ep)
+	return gonet.NewTCPConn(&wq, ep), nil
+}
+
+// Reject answers the connection attempt with an RST (the client sees
+// "connection refused"). A Reject after Accept is a no-op.
+func (r *TCPRequest) Reject() {
+	if !r.done.CompareAndSwap(false, true) {
+		return
+	}
+	r.s.pending.remove(r)
+	r.s.stats.tcpRejected.Add(1)
+	r.fr.Complete(true)
+}
+
+// Abandoned returns a channel that is closed if the client gives up while the
+// handler is still deciding: when it sends an RST for this connection, or when
+// the Stack closes. Best effort: a client that silently stops retransmitting
+// its SYN is not noticed (there is no endpoint before Accept to watch; gVisor
+// ignores repeated SYNs of a pending request).
+func (r *TCPRequest) Abandoned() <-chan struct{} { return r.abandoned }
+
+// forwardTCP is the tcp.Forwarder's handler, on its own goroutine per SYN.
+func (s *Stack) forwardTCP(fr *tcp.ForwarderRequest) {
+	s.admitMu.Lock()
+	if s.admitClosed {
+		s.admitMu.Unlock()
+		fr.Complete(true)
+		return
+	}
+	s.handlers.Add(1)
+	s.admitMu.Unlock()
+	defer s.handlers.Done()
+
+	id := fr.ID()
+	r := &TCPRequest{
+		Src:       netip.AddrPortFrom(addrFrom(id.RemoteAddress), id.RemotePort),
+		Dst:       netip.AddrPortFrom(addrFrom(id.LocalAddress), id.LocalPort),
+		s:         s,
+		fr:        fr,
+		id:        id,
+		abandoned: make(chan struct{}),
+	}
+	s.stats.tcpRequests.Add(1)
+	s.pending.add(r)
+	defer r.Reject() // no-op if the handler answered
+	s.handler.HandleTCP(r)
+}
+
+// pendingRequests tracks requests between SYN and Accept/Reject, so an RST
+// from the client can mark them abandoned.
+type pendingRequests struct {
+	n  atomic.Int32 // len(m), read without mu on the packet path
+	mu sync.Mutex
+	// mu guards the following fields.
+	m      map[stack.TransportEndpointID]*TCPRequest
+	closed bool
+}
+
+func (p *pendingRequests) add(r *TCPRequest) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		close(r.abandoned)
+		return
+	}
+	p.m[r.id] = r
+	p.n.Store(int32(len(p.m)))
+}
+
+func (p *pendingRequests) remove(r *TCPRequest) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.m[r.id] == r {
+		delete(p.m, r.id)
+		p.n.Store(int32(len(p.m)))
+	}
+}
+
+// abandon marks the pending request that an inbound RST belongs to.
+func (p *pendingRequests) abandon(info *packetInfo, c *counters) {
+	if p.n.Load() == 0 {
+		return
+	}
+	id := stack.TransportEndpointID{
+		LocalPort:     info.dstPort,
+		LocalAddress:  info.dstAddr,
+		RemotePort:    info.srcPort,
+		RemoteAddress: info.srcAddr,
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if r, ok := p.m[id]; ok {
+		delete(p.m, id)
+		p.n.Store(int32(len(p.m)))
+		close(r.abandoned)
+		c.abandoned.Add(1)
+	}
+}
+
+// closeAll closes every pending request's Abandoned channel (Stack.Close).
+func (p *pendingRequests) closeAll() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.closed = true
+	for id, r := range p.m {
+		close(r.abandoned)
+		delete(p.m, id)
+	}
+	p.n.Store(0)
+}
+
+// setKeepalive turns keepalive on so a vanished peer cannot pin a splice
+// (and its goroutines) forever.
+func (s *Stack) setKeepalive(ep tcpip.Endpoint) {
+	ep.SocketOptions().SetKeepAlive(true)
+	idle := tcpip.KeepaliveIdleOption(s.cfg.TCP.KeepaliveIdle)
+	ep.SetSockOpt(&idle)
+	interval := tcpip.KeepaliveIntervalOption(s.cfg.TCP.KeepaliveInterval)
+	ep.SetSockOpt(&interval)
+}
+
+// DialTCP opens a TCP connection from src to dst through the link. src may be
+// any address (spoofing) with port 0 for an ephemeral port; the relay uses it
+// to originate flows with the public client's own address. Cancelling ctx
+// aborts the attempt. The conn is a *gonet.TCPConn (CloseRead, CloseWrite).
+func (s *Stack) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn, error) {
+	if s.closing.Load() {
+		return nil, ErrClosed
+	}
+	src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	if !dst.Addr().IsValid() || (src.Addr().IsValid() && src.Addr().Is4() != dst.Addr().Is4()) {
+		return nil, fmt.Errorf("netstack: dial %s -> %s: addresses must be valid and of one family", src, dst)
+	}
+	proto := tcpip.NetworkProtocolNumber(header.IPv4ProtocolNumber)
+	if dst.Addr().Is6() {
+		proto = header.IPv6ProtocolNumber
+	}
+	var wq waiter.Queue
+	ep, terr := s.stack.NewEndpoint(tcp.ProtocolNumber, proto, &wq)
+	if terr != nil {
+		return nil, fmt.Errorf("netstack: dial %s -> %s: %w", src, dst, tcpipError(terr))
+	}
+	remote := tcpip.FullAddress{NIC: nicID, Addr: tcpipAddr(dst.Addr()), Port: dst.Port()}
+	if src.Addr().IsValid() {
+		local := tcpip.FullAddress{NIC: nicID, Addr: tcpipAddr(src.Addr()), Port: src.Port()}
+		if src.Port() != 0 {
+			// The relay reuses a client's address and port as the client
+			// does; an earlier flow on the same 4-tuple that we closed first
+			// may still sit in TIME_WAIT and would make the bind fail.
+			abortTimeWait(s.stack, proto, stack.TransportEndpointID{
+				LocalPort: local.Port, LocalAddress: local.Addr, RemotePort: remote.Port, RemoteAddress: remote.Addr,
+			})
+		}
+		if terr := ep.Bind(local); terr != nil {
+			ep.Close()
+			return nil, fmt.Errorf("netstack: dial %s -> %s: bind: %w", src, dst, tcpipError(terr))
+		}
+	}
+	s.setKeepalive(ep)
+
+	entry, notify := waiter.NewChannelEntry(waiter.WritableEvents | waiter.EventHUp | waiter.EventErr)
+	wq.EventRegister(&entry)
+	defer wq.EventUnregister(&entry)
+	terr = ep.Connect(remote)
+	if _, ok := terr.(*tcpip.ErrConnectStarted); ok {
+		select {
+		case <-ctx.Done():
+			ep.Abort()
+			return nil, fmt.Errorf("netstack: dial %s -> %s: %w", src, dst, ctx.Err())
+		case <-notify:
+		}
+		terr = ep.LastError()
+	}
+	if terr != nil {
+		ep.Close()
+		return nil, &net.OpError{Op: "dial", Net: "tcp", Source: net.TCPAddrFromAddrPort(src), Addr: net.TCPAddrFromAddrPort(dst), Err: tcpipError(terr)}
+	}
+	if s.closing.Load() {
+		ep.Abort()
+		return nil, ErrClosed
+	}
+	return gonet.NewTCPConn(&wq, ep), nil
+}
+
+// tcpipError maps gVisor errors to the syscall errors callers test with
+// errors.Is (gonet only keeps the text).
+func tcpipError(err tcpip.Error) error {
+	switch err.(type) {
+	case *tcpip.ErrConnectionRefused:
+		return syscall.ECONNREFUSED
+	case *tcpip.ErrConnectionReset:
+		return syscall.ECONNRESET
+	case *tcpip.ErrConnectionAborted, *tcpip.ErrAborted:
+		return syscall.ECONNABORTED
+	case *tcpip.ErrTimeout:
+		return syscall.ETIMEDOUT
+	case *tcpip.ErrNetworkUnreachable, *tcpip.ErrHostUnreachable:
+		return syscall.EHOSTUNREACH
+	case *tcpip.ErrPortInUse, *tcpip.ErrBadLocalAddress:
+		return syscall.EADDRINUSE
+	}
+	return errors.New(err.String())
+}
