@@ -97,6 +97,8 @@ type Engine struct {
 	stopSweep chan struct{}
 	sweepDone chan struct{}
 	stopOnce  sync.Once
+
+	beforeUDPSend func(mapping string) // test seam: a slow target; set before traffic
 }
 
 // New compiles cfg and starts the engine (its expiry sweep). Stop it with
@@ -151,8 +153,8 @@ func New(cfg *conf.Config, opts Options, log *zap.Logger) (*Engine, error) {
 func ruleFields(r *Rule) []zap.Field {
 	m := &r.Mapping
 	return []zap.Field{
-		zap.String("rule", r.Name), zap.String("proto", protoName(m.Protocol)), zap.String("listen", listenString(m.Listen)),
-		zap.String("target", targetString(m.Target)), zap.Bool("enabled", r.enabled),
+		zap.String("rule", r.Name), zap.String("proto", m.Protocol.String()), zap.String("listen", m.Listen.String()),
+		zap.String("target", m.Target.String()), zap.Bool("enabled", r.enabled),
 	}
 }
 
@@ -225,7 +227,7 @@ func (e *Engine) debugRefusal(r *Rule, proto conf.Proto, src, dst netip.AddrPort
 		if r != nil {
 			name = r.Name
 		}
-		fields := []zap.Field{zap.String("rule", name), zap.String("proto", protoName(proto)), zap.Stringer("src", src),
+		fields := []zap.Field{zap.String("rule", name), zap.String("proto", proto.String()), zap.Stringer("src", src),
 			zap.Stringer("dst", dst), zap.Stringer("reason", why)}
 		if err != nil {
 			fields = append(fields, zap.Error(err))
@@ -279,7 +281,7 @@ func (s *session) close(reason string) {
 
 func (s *session) info() SessionInfo {
 	return SessionInfo{
-		ID: s.id, Mapping: s.state.name, Protocol: protoName(s.proto), Ingress: s.ingress,
+		ID: s.id, Mapping: s.state.name, Protocol: s.proto.String(), Ingress: s.ingress,
 		Client: s.client, Public: s.public, Target: s.target, Start: s.start,
 		BytesIn: s.in.Load(), BytesOut: s.out.Load(), LastActivity: time.Unix(0, s.idle.last.Load()),
 	}
@@ -298,7 +300,7 @@ func (e *Engine) register(s *session, rs *RuleSet) {
 	s.state.active.Add(1)
 	e.active.Add(1)
 	if ce := e.log.Check(zap.DebugLevel, "session opened"); ce != nil {
-		ce.Write(zap.Uint64("session", s.id), zap.String("rule", s.state.name), zap.String("proto", protoName(s.proto)),
+		ce.Write(zap.Uint64("session", s.id), zap.String("rule", s.state.name), zap.String("proto", s.proto.String()),
 			zap.Stringer("src", s.client), zap.Stringer("dst", s.public), zap.String("target", s.target))
 	}
 	if forced {
@@ -325,7 +327,7 @@ func (e *Engine) finish(s *session, defaultReason string, err error) {
 		reason = *p
 	}
 	fields := []zap.Field{
-		zap.Uint64("session", s.id), zap.String("rule", s.state.name), zap.String("proto", protoName(s.proto)),
+		zap.Uint64("session", s.id), zap.String("rule", s.state.name), zap.String("proto", s.proto.String()),
 		zap.Stringer("src", s.client), zap.Stringer("dst", s.public), zap.String("target", s.target),
 		zap.Uint64("bytes_rx", s.in.Load()), zap.Uint64("bytes_tx", s.out.Load()),
 		zap.Duration("duration", e.clock.Now().Sub(s.start)), zap.String("reason", reason),
@@ -377,7 +379,7 @@ func (e *Engine) Snapshot() Status {
 	for _, r := range rs.rules {
 		ms := r.state.snapshot()
 		m := &r.Mapping
-		ms.Protocol, ms.Listen, ms.Target = protoName(m.Protocol), listenString(m.Listen), targetString(m.Target)
+		ms.Protocol, ms.Listen, ms.Target = m.Protocol.String(), m.Listen.String(), m.Target.String()
 		ms.Enabled, ms.Expired, ms.ReviewOverdue = r.enabled, r.expiredAt(now), reviewOverdue(r, now)
 		ms.Expires, ms.ReviewBy = m.Expires, m.ReviewBy
 		st.Mappings = append(st.Mappings, ms)

@@ -15,13 +15,6 @@ import (
 	"github.com/natbox/natbox/conf"
 )
 
-// Default idle timeouts when a mapping leaves idle_timeout unset (conf
-// normally fills it; these cover configs built in code).
-const (
-	defaultIdleTCP = 2 * time.Hour
-	defaultIdleUDP = 2 * time.Minute
-)
-
 // Proxy protocol versions a mapping may ask for.
 const (
 	proxyNone = iota
@@ -47,7 +40,7 @@ type Rule struct {
 	state       *mappingState // this name's counters; set before the RuleSet is published
 }
 
-// ingressSet is a bit set of ingress names; 0 means every ingress.
+// ingressSet is a bit set of ingress names; 0 means any ingress.
 type ingressSet uint8
 
 const (
@@ -70,7 +63,7 @@ func (s ingressSet) serves(name string) bool { return s == 0 || s&ingressBit(nam
 
 // compileRule builds a Rule from a validated mapping. It re-checks what the
 // forwarder depends on, so a config built in code cannot break an invariant.
-func compileRule(m conf.Mapping) (*Rule, error) {
+func compileRule(m conf.Mapping, configured ingressSet) (*Rule, error) {
 	r := &Rule{Name: m.Name, Mapping: m, enabled: m.IsEnabled()}
 	if m.Name == "" {
 		return nil, errors.New("mapping has no name; give every mapping a unique name")
@@ -106,6 +99,9 @@ func compileRule(m conf.Mapping) (*Rule, error) {
 		}
 		r.ingress |= b
 	}
+	if len(m.Ingress) == 0 {
+		r.ingress = configured
+	}
 	switch m.ProxyProtocol {
 	case "":
 	case "v1":
@@ -125,10 +121,7 @@ func compileRule(m conf.Mapping) (*Rule, error) {
 	if r.deny, err = buildSet(m.Deny); err != nil {
 		return nil, fmt.Errorf("mapping %q: deny: %w", m.Name, err)
 	}
-	r.idleTCP, r.idleUDP = defaultIdleTCP, defaultIdleUDP
-	if d := m.IdleTimeout.D(); d > 0 {
-		r.idleTCP, r.idleUDP = d, d
-	}
+	r.idleTCP, r.idleUDP = m.IdleTimeoutFor(conf.TCP), m.IdleTimeoutFor(conf.UDP)
 	if !m.Expires.IsZero() {
 		r.expires = m.Expires.UnixNano()
 	}
@@ -230,9 +223,18 @@ func Compile(cfg *conf.Config) (*RuleSet, error) {
 		return nil, errors.New("no config; pass a loaded *conf.Config")
 	}
 	rs := &RuleSet{byName: make(map[string]*Rule, len(cfg.Mappings)), limits: cfg.Limits, connLog: cfg.Log.Connections}
+	// An empty ingress list means every configured ingress; a config with
+	// none configured (built in code, or the relay's) serves any ingress.
+	var configured ingressSet
+	if cfg.TUN != nil {
+		configured |= ingressTUN
+	}
+	if cfg.Uplink != nil {
+		configured |= ingressUplink
+	}
 	var tcp, udp []*Rule
 	for _, m := range cfg.Mappings {
-		r, err := compileRule(m)
+		r, err := compileRule(m, configured)
 		if err != nil {
 			return nil, err
 		}
@@ -350,34 +352,3 @@ func sameMapping(a, b conf.Mapping) bool {
 func sameRoute(a, b conf.Mapping) bool {
 	return a.Protocol == b.Protocol && a.Listen == b.Listen && a.Target == b.Target && a.ProxyProtocol == b.ProxyProtocol
 }
-
-// Local text forms of conf values (conf's own String methods may differ in
-// detail; logs and Status only need these to be stable and readable).
-
-func protoName(p conf.Proto) string {
-	switch p {
-	case conf.TCP:
-		return "tcp"
-	case conf.UDP:
-		return "udp"
-	case conf.TCPUDP:
-		return "tcp+udp"
-	}
-	return "proto(" + strconv.Itoa(int(p)) + ")"
-}
-
-func portsString(r conf.PortRange) string {
-	if r.Lo == r.Hi {
-		return strconv.Itoa(int(r.Lo))
-	}
-	return strconv.Itoa(int(r.Lo)) + "-" + strconv.Itoa(int(r.Hi))
-}
-
-func listenString(l conf.Listen) string {
-	if !l.Addr.IsValid() {
-		return portsString(l.Ports)
-	}
-	return net.JoinHostPort(l.Addr.String(), portsString(l.Ports))
-}
-
-func targetString(t conf.Target) string { return net.JoinHostPort(t.Host, portsString(t.Ports)) }

@@ -69,7 +69,7 @@ func TestLookup(t *testing.T) {
 				got = r.Name
 			}
 			if got != tt.want {
-				t.Fatalf("Lookup(%s %s) = %q, want %q", protoName(tt.proto), tt.dst, got, tt.want)
+				t.Fatalf("Lookup(%s %s) = %q, want %q", tt.proto.String(), tt.dst, got, tt.want)
 			}
 			if r != nil {
 				if tgt := r.targetHostPort(netip.MustParseAddrPort(tt.dst).Port()); tgt != tt.target {

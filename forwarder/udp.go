@@ -286,6 +286,9 @@ func (e *Engine) sendLoop(us *udpSession, conn *net.UDPConn, targetIP netip.Addr
 		case <-us.done:
 			return
 		case d := <-us.queue:
+			if e.beforeUDPSend != nil {
+				e.beforeUDPSend(us.state.name)
+			}
 			r := us.rule.Load()
 			out := (*d.buf)[:d.n]
 			if r.proxy == proxyV2 {

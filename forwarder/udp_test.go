@@ -1,11 +1,13 @@
 package forwarder
 
 import (
+	"go.uber.org/zap/zaptest"
 	"net"
 	"net/netip"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/natbox/natbox/conf"
 )
@@ -104,4 +106,113 @@ func TestUDPSession(t *testing.T) {
 	if ms.SessionsOpened != 2 || ms.BytesIn != 11 || ms.Hits != 2 {
 		t.Fatalf("status %+v", ms)
 	}
+}
+
+func TestUDPIdleExpiry(t *testing.T) {
+	t.Parallel()
+	port := udpEcho(t)
+	clock := newFakeClock()
+	m := mapping("dns", conf.UDP, "53", "127.0.0.1:"+itoa(port))
+	m.IdleTimeout = conf.Duration(2 * time.Minute)
+	e := newEngine(t, config(m), Options{Clock: clock, IdleCheckInterval: 5 * time.Millisecond})
+	tun := newIngress(conf.IngressTUN)
+	client := netip.MustParseAddrPort("203.0.113.7:4444")
+	dst := netip.MustParseAddrPort("198.51.100.1:53")
+
+	e.HandleUDP(tun, client, dst, []byte("q1"))
+	tun.next(t)
+	clock.Advance(90 * time.Second)
+	e.HandleUDP(tun, client, dst, []byte("q2")) // activity moves the idle point
+	tun.next(t)
+	clock.Advance(90 * time.Second) // 180 s since start, 90 s since traffic
+	time.Sleep(50 * time.Millisecond)
+	if n := len(e.Sessions()); n != 1 {
+		t.Fatalf("%d sessions after 90 s idle, want 1", n)
+	}
+	clock.Advance(31 * time.Second)
+	waitFor(t, "idle session to expire", func() bool { return len(e.Sessions()) == 0 })
+	ms := mappingStatus(t, e, "dns")
+	if ms.UDPExpired != 1 || ms.SessionsActive != 0 {
+		t.Fatalf("expired %d active %d", ms.UDPExpired, ms.SessionsActive)
+	}
+	// The client's next datagram opens a fresh session.
+	e.HandleUDP(tun, client, dst, []byte("q3"))
+	if r := tun.next(t); !strings.HasSuffix(r.payload, "|q3") {
+		t.Fatalf("reply %q", r.payload)
+	}
+	if n := mappingStatus(t, e, "dns").SessionsOpened; n != 2 {
+		t.Fatalf("opened %d, want 2", n)
+	}
+}
+
+func TestUDPMaxSessions(t *testing.T) {
+	t.Parallel()
+	port := udpEcho(t)
+	m := mapping("game", conf.UDP, "5000", "127.0.0.1:"+itoa(port))
+	m.MaxSessions = 2
+	e := newEngine(t, config(m), Options{})
+	tun := newIngress(conf.IngressTUN)
+	dst := netip.MustParseAddrPort("198.51.100.1:5000")
+	for i := range 3 {
+		e.HandleUDP(tun, netip.MustParseAddrPort("203.0.113.1:"+itoa(uint16(1000+i))), dst, []byte("x"))
+	}
+	tun.next(t)
+	tun.next(t)
+	select {
+	case r := <-tun.replies:
+		t.Fatalf("third client got a reply: %+v", r)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if n := mappingStatus(t, e, "game").Refusals["over_limit_mapping_sessions"]; n != 1 {
+		t.Fatalf("refusals %d, want 1", n)
+	}
+	if n := len(e.Sessions()); n != 2 {
+		t.Fatalf("%d sessions, want 2", n)
+	}
+}
+
+// TestUDPFloodDoesNotBlock: a session whose target is stuck drops excess
+// datagrams without ever blocking HandleUDP, and other mappings keep going.
+func TestUDPFloodDoesNotBlock(t *testing.T) {
+	t.Parallel()
+	port := udpEcho(t)
+	cfg := config(mapping("stuck", conf.UDP, "6000", "127.0.0.1:"+itoa(port)), mapping("fine", conf.UDP, "6001", "127.0.0.1:"+itoa(port)))
+	e, err := New(cfg, Options{UDPQueueLen: 8}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	e.beforeUDPSend = func(mapping string) {
+		if mapping == "stuck" {
+			<-release
+		}
+	}
+	defer e.Close()
+	defer close(release)
+	tun := newIngress(conf.IngressTUN)
+	client := netip.MustParseAddrPort("203.0.113.1:1000")
+	stuck := netip.MustParseAddrPort("198.51.100.1:6000")
+	payload := make([]byte, 1200)
+
+	const n = 20000
+	var worst time.Duration
+	start := time.Now()
+	for range n {
+		t0 := time.Now()
+		e.HandleUDP(tun, client, stuck, payload)
+		worst = max(worst, time.Since(t0))
+	}
+	total := time.Since(start)
+	if worst > 100*time.Millisecond || total > 10*time.Second {
+		t.Fatalf("HandleUDP blocked: worst call %v, %d calls in %v", worst, n, total)
+	}
+	// At most the queue plus the one datagram the stuck sender holds got in.
+	if drops := mappingStatus(t, e, "stuck").UDPDropped; drops < n-9 {
+		t.Fatalf("dropped %d of %d, want all but the queue", drops, n)
+	}
+	e.HandleUDP(tun, client, netip.MustParseAddrPort("198.51.100.1:6001"), []byte("ok"))
+	if r := tun.next(t); !strings.HasSuffix(r.payload, "|ok") {
+		t.Fatalf("other mapping reply %q", r.payload)
+	}
+	t.Logf("%d datagrams, worst HandleUDP %v, mean %v", n, worst, total/n)
 }
