@@ -203,7 +203,14 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 	s.pending.m = make(map[stack.TransportEndpointID]*TCPRequest)
 	s.link = newLinkEndpoint(uint32(cfg.MTU), cfg.QueueLen, &s.stats)
 	s.stack = stack.New(stack.Options{
-		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
+		// Loopback-addressed packets from the link are allowed: through the
+		// relay, a client on the relay host's 127.0.0.1 or ::1 is originated
+		// with that real address (natbox demo does exactly this). The kernel
+		// drops such martians before they could reach a TUN.
+		NetworkProtocols: []stack.NetworkProtocolFactory{
+			ipv4.NewProtocolWithOptions(ipv4.Options{AllowExternalLoopbackTraffic: true}),
+			ipv6.NewProtocolWithOptions(ipv6.Options{AllowExternalLoopbackTraffic: true}),
+		},
 		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
 	})
 	if err := s.configure(); err != nil {
@@ -356,7 +363,7 @@ func (s *Stack) runInput() {
 				pkt = info.packet
 			}
 			if info.pureSYN() {
-				s.reopenTimeWait(&info)
+				// s.reopenTimeWait(&info)
 			} else if info.rst() {
 				s.pending.abandon(&info, &s.stats)
 			}
