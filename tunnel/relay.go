@@ -18,6 +18,7 @@ import (
 	"golang.zx2c4.com/wireguard/tun"
 
 	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/forwarder"
 )
 
 // Originator originates flows inside the relay's tunnel with any source
@@ -726,7 +727,7 @@ func (r *Relay) forwardTCP(h *holding, c net.Conn) {
 	start := time.Now()
 	r.log.Debug("session opened", zap.String("peer", h.peer.cfg.Name), zap.String("proto", "tcp"),
 		zap.Stringer("src", client), zap.Stringer("dst", dst))
-	up, down, err := splice(h.ctx, c, tc, r.opts.tcpIdleTimeout)
+	up, down, err := forwarder.Splice(h.ctx, c, tc, r.opts.tcpIdleTimeout)
 	r.log.Debug("session closed", zap.String("peer", h.peer.cfg.Name), zap.String("proto", "tcp"),
 		zap.Stringer("src", client), zap.Stringer("dst", dst), zap.Int64("bytes_rx", up),
 		zap.Int64("bytes_tx", down), zap.Duration("duration", time.Since(start)), zap.Error(err))

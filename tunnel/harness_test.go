@@ -1,0 +1,291 @@
+package tunnel_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/forwarder"
+	"github.com/natbox/natbox/netstack"
+	"github.com/natbox/natbox/tunnel"
+)
+
+const testMTU = 1420
+
+var relayTunnelAddr = netip.MustParseAddr("100.96.0.1")
+
+// testOpts make failures show up in seconds rather than tens of seconds.
+var testOpts = []tunnel.Option{tunnel.WithPing(500*time.Millisecond, 3*time.Second), tunnel.WithReleaseGrace(time.Second)}
+
+// relayHandler routes the relay stack's flows to a Relay set after both exist.
+type relayHandler struct{ r atomic.Pointer[tunnel.Relay] }
+
+func (h *relayHandler) HandleTCP(req *netstack.TCPRequest) {
+	if r := h.r.Load(); r != nil {
+		r.HandleTCP(req.Src, req.Dst, req.Accept, req.Reject)
+		return
+	}
+	req.Reject()
+}
+
+func (h *relayHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) {
+	if r := h.r.Load(); r != nil {
+		r.HandleUDP(src, dst, payload)
+	}
+}
+
+// relaySide is a Relay on its own netstack, as cmd wires it.
+type relaySide struct {
+	relay *tunnel.Relay
+	stack *netstack.Stack
+	key   conf.Key
+	port  uint16 // WireGuard UDP port on 127.0.0.1
+}
+
+func relayConfig(key conf.Key, listen string, binds []netip.Addr, peers ...conf.Peer) *conf.RelayConfig {
+	return &conf.RelayConfig{
+		Relay: conf.RelaySection{
+			Listen:      listen,
+			PrivateKey:  key,
+			Address:     relayTunnelAddr,
+			PublicBind:  binds,
+			MTU:         testMTU,
+			DialTimeout: conf.Duration(5 * time.Second),
+		},
+		Peers: peers,
+	}
+}
+
+func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger) *relaySide {
+	t.Helper()
+	stackSide, outer := netstack.Pipe(testMTU)
+	h := &relayHandler{}
+	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(relayTunnelAddr)}, h, log.Named("relay-stack"))
+	if err != nil {
+		outer.Close()
+		t.Fatal(err)
+	}
+	r, err := tunnel.NewRelay(cfg, outer, st, log.Named("relay"), testOpts...)
+	if err != nil {
+		st.Close()
+		t.Fatal(err)
+	}
+	h.r.Store(r)
+	port, err := r.ListenPort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs := &relaySide{relay: r, stack: st, key: cfg.Relay.PrivateKey, port: port}
+	t.Cleanup(rs.close)
+	return rs
+}
+
+func (rs *relaySide) close() {
+	rs.relay.Close()
+	rs.stack.Close()
+}
+
+// uplinkIngress adapts the appliance stack to forwarder.Ingress.
+type uplinkIngress struct{ *netstack.Stack }
+
+func (uplinkIngress) Name() string { return conf.IngressUplink }
+
+// engineHandler routes the appliance stack's flows to the forwarder.
+type engineHandler struct {
+	e  *forwarder.Engine
+	in atomic.Pointer[uplinkIngress]
+}
+
+func (h *engineHandler) HandleTCP(req *netstack.TCPRequest) {
+	h.e.HandleTCP(h.in.Load(), req.Src, req.Dst, req.Accept, req.Reject)
+}
+
+func (h *engineHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) {
+	h.e.HandleUDP(h.in.Load(), src, dst, payload)
+}
+
+// appliance is natbox in relay mode: forwarder engine, netstack, uplink.
+type appliance struct {
+	uplink *tunnel.Uplink
+	stack  *netstack.Stack
+	engine *forwarder.Engine
+	cfg    *conf.Config
+	logs   *observer.ObservedLogs
+	cancel context.CancelFunc
+	done   chan error
+}
+
+// startAppliance runs an appliance with key and tunnel address addr whose
+// uplink points at relay; mappings is TOML for its [[mapping]] tables.
+func startAppliance(t testing.TB, relay *relaySide, key conf.Key, addr netip.Addr, mappings string) *appliance {
+	t.Helper()
+	toml := fmt.Sprintf(`
+[uplink]
+relay = "127.0.0.1:%d"
+relay_public_key = %q
+private_key = %q
+address = %q
+relay_address = %q
+keepalive = "1s"
+mtu = %d
+%s`, relay.port, relay.key.Public(), key, addr, relayTunnelAddr, testMTU, mappings)
+	cfg, _, err := conf.Parse("appliance.toml", []byte(toml))
+	if err != nil {
+		t.Fatalf("appliance config: %v", err)
+	}
+	core, logs := observer.New(zap.InfoLevel)
+	var log *zap.Logger
+	if tl, ok := t.(*testing.T); ok {
+		log = zap.New(zapcore.NewTee(core, zaptest.NewLogger(tl, zaptest.Level(zap.InfoLevel)).Core()))
+	} else {
+		log = zap.New(core)
+	}
+	engine, err := forwarder.New(cfg, forwarder.Options{}, log.Named("forwarder"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stackSide, outer := netstack.Pipe(testMTU)
+	h := &engineHandler{e: engine}
+	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(addr)}, h, log.Named("appliance-stack"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.in.Store(&uplinkIngress{st})
+	u, err := tunnel.NewUplink(cfg.Uplink, outer, st, log.Named("uplink"), testOpts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ports []conf.PortSpec
+	for _, m := range cfg.Mappings {
+		ports = append(ports, conf.PortSpec{Proto: m.Protocol, Ports: m.Listen.Ports})
+	}
+	u.SetPorts(ports)
+	ctx, cancel := context.WithCancel(context.Background())
+	a := &appliance{uplink: u, stack: st, engine: engine, cfg: cfg, logs: logs, cancel: cancel, done: make(chan error, 1)}
+	go func() { a.done <- u.Run(ctx) }()
+	t.Cleanup(a.close)
+	return a
+}
+
+func (a *appliance) close() {
+	a.cancel()
+	<-a.done
+	a.stack.Close()
+	a.engine.Close()
+}
+
+// waitFor polls cond every 20 ms until it holds or d passes.
+func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// waitRegistered waits until the uplink holds every spec in want.
+func waitRegistered(t testing.TB, a *appliance, want ...string) {
+	t.Helper()
+	waitFor(t, 20*time.Second, "registration of "+strings.Join(want, ", "), func() bool {
+		st := a.uplink.Status()
+		for _, w := range want {
+			found := false
+			for _, g := range st.Registered {
+				found = found || g == w
+			}
+			if !found {
+				return false
+			}
+		}
+		return st.State == tunnel.StateRegistered
+	})
+}
+
+// freePort returns a port free for both TCP and UDP on 127.0.0.1 (and ::1
+// when v6 is true) at the time of the call.
+func freePort(t testing.TB, v6 bool) uint16 {
+	t.Helper()
+	for range 50 {
+		ln, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := uint16(ln.Addr().(*net.TCPAddr).Port)
+		ln.Close()
+		ok := true
+		for _, a := range []string{"udp4/127.0.0.1", "tcp6/[::1]", "udp6/[::1]"} {
+			network, host, _ := strings.Cut(a, "/")
+			if !v6 && strings.HasSuffix(network, "6") {
+				continue
+			}
+			addr := fmt.Sprintf("%s:%d", host, port)
+			var c interface{ Close() error }
+			if strings.HasPrefix(network, "tcp") {
+				c, err = net.Listen(network, addr)
+			} else {
+				c, err = net.ListenPacket(network, addr)
+			}
+			if err != nil {
+				ok = false
+				break
+			}
+			c.Close()
+		}
+		if ok {
+			return port
+		}
+	}
+	t.Fatal("no free port")
+	return 0
+}
+
+// haveIPv6 reports whether ::1 can be bound.
+func haveIPv6() bool {
+	ln, err := net.Listen("tcp6", "[::1]:0")
+	if err != nil {
+		return false
+	}
+	ln.Close()
+	return true
+}
+
+func mustKey(t testing.TB) conf.Key {
+	t.Helper()
+	k, err := conf.GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func mustSpecs(t testing.TB, specs ...string) []conf.PortSpec {
+	t.Helper()
+	out := make([]conf.PortSpec, len(specs))
+	for i, s := range specs {
+		if err := out[i].UnmarshalText([]byte(s)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return out
+}
+
+func testLogger(t testing.TB) *zap.Logger {
+	if tl, ok := t.(*testing.T); ok {
+		return zaptest.NewLogger(tl, zaptest.Level(zap.InfoLevel))
+	}
+	return zap.NewNop()
+}

@@ -1,0 +1,404 @@
+package tunnel_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/tunnel"
+)
+
+var (
+	applAddrA = netip.MustParseAddr("100.96.0.2")
+	applAddrB = netip.MustParseAddr("100.96.0.3")
+	loopback4 = netip.MustParseAddr("127.0.0.1")
+	loopback6 = netip.MustParseAddr("::1")
+)
+
+// proxyEchoService accepts TCP on 127.0.0.1, reads a PROXY v1 header line,
+// reports it, and echoes the rest.
+func proxyEchoService(t *testing.T) (port uint16, headers <-chan string) {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch := make(chan string, 16)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				br := bufio.NewReader(c)
+				line, err := br.ReadString('\n')
+				if err != nil {
+					return
+				}
+				ch <- line
+				io.Copy(c, br)
+				c.(*net.TCPConn).CloseWrite()
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	return uint16(ln.Addr().(*net.TCPAddr).Port), ch
+}
+
+// udpEchoService echoes datagrams on 127.0.0.1.
+func udpEchoService(t *testing.T) uint16 {
+	t.Helper()
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 65536)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(buf[:n], from)
+		}
+	}()
+	t.Cleanup(func() { pc.Close(); <-done })
+	return uint16(pc.LocalAddr().(*net.UDPAddr).Port)
+}
+
+// tcpRoundTrip sends payload through the relay's public port and returns
+// the client's local address and what came back after half-close.
+func tcpRoundTrip(t *testing.T, public netip.AddrPort, payload []byte) (netip.AddrPort, []byte) {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", public.String(), 5*time.Second)
+	if err != nil {
+		t.Fatalf("dial relay %s: %v", public, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(15 * time.Second))
+	go func() {
+		c.Write(payload)
+		c.(*net.TCPConn).CloseWrite()
+	}()
+	got, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("read from relay %s: %v", public, err)
+	}
+	return c.LocalAddr().(*net.TCPAddr).AddrPort(), got
+}
+
+// udpRoundTrip sends one datagram and waits for the echo, retrying a few
+// times (the first datagram may race the tunnel's handshake).
+func udpRoundTrip(t *testing.T, c *net.UDPConn, public netip.AddrPort, payload []byte) []byte {
+	t.Helper()
+	buf := make([]byte, 65536)
+	for range 10 {
+		if _, err := c.WriteToUDPAddrPort(payload, public); err != nil {
+			t.Fatal(err)
+		}
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		n, from, err := c.ReadFromUDPAddrPort(buf)
+		if err == nil {
+			if from.Port() != public.Port() {
+				t.Fatalf("reply from %s, want port %d", from, public.Port())
+			}
+			return buf[:n]
+		}
+	}
+	t.Fatalf("no udp echo through %s", public)
+	return nil
+}
+
+func randomBytes(n int) []byte {
+	b := make([]byte, n)
+	rand.Read(b)
+	return b
+}
+
+// TestRelayEndToEnd: TCP and UDP through the relay with exact bytes; the
+// appliance sees each client's real address and port; a port outside the
+// peer's allowance is refused and the appliance logs why.
+func TestRelayEndToEnd(t *testing.T) {
+	v6 := haveIPv6()
+	binds := []netip.Addr{loopback4}
+	if v6 {
+		binds = append(binds, loopback6)
+	}
+	tcpPort, udpPort, deniedPort := freePort(t, v6), freePort(t, v6), freePort(t, v6)
+	keyA := mustKey(t)
+	relay := startRelay(t, relayConfig(mustKey(t), "127.0.0.1:0", binds, conf.Peer{
+		Name: "a", PublicKey: keyA.Public(), Address: applAddrA,
+		Ports: mustSpecs(t, fmt.Sprintf("tcp/%d", tcpPort), fmt.Sprintf("udp/%d", udpPort)),
+	}), testLogger(t))
+
+	svcTCP, headers := proxyEchoService(t)
+	svcUDP := udpEchoService(t)
+	appl := startAppliance(t, relay, keyA, applAddrA, fmt.Sprintf(`
+[[mapping]]
+name = "web"
+protocol = "tcp"
+listen = "%d"
+target = "127.0.0.1:%d"
+proxy_protocol = "v1"
+
+[[mapping]]
+name = "game"
+protocol = "udp"
+listen = "%d"
+target = "127.0.0.1:%d"
+
+[[mapping]]
+name = "ssh"
+protocol = "tcp"
+listen = "%d"
+target = "127.0.0.1:%d"
+`, tcpPort, svcTCP, udpPort, svcUDP, deniedPort, svcTCP))
+
+	tcpSpec, udpSpec, deniedSpec := fmt.Sprintf("tcp/%d", tcpPort), fmt.Sprintf("udp/%d", udpPort), fmt.Sprintf("tcp/%d", deniedPort)
+	waitRegistered(t, appl, tcpSpec, udpSpec)
+
+	t.Run("refused port logged", func(t *testing.T) {
+		waitFor(t, 5*time.Second, "refusal log", func() bool {
+			for _, e := range appl.logs.FilterMessage("relay refused port").All() {
+				f := e.ContextMap()
+				if e.Level == zap.WarnLevel && f["port"] == deniedSpec && f["reason"] == "not in this peer's ports" {
+					return true
+				}
+			}
+			return false
+		})
+		if got := appl.uplink.Status().Refused[deniedSpec]; got != "not in this peer's ports" {
+			t.Fatalf("status refusal = %q", got)
+		}
+		c, err := net.DialTimeout("tcp", netip.AddrPortFrom(loopback4, deniedPort).String(), time.Second)
+		if err == nil {
+			c.Close()
+			t.Fatal("relay opened a refused port")
+		}
+	})
+
+	t.Run("tcp", func(t *testing.T) {
+		for _, host := range binds {
+			public := netip.AddrPortFrom(host, tcpPort)
+			payload := randomBytes(256 << 10)
+			client, got := tcpRoundTrip(t, public, payload)
+			if !bytes.Equal(got, payload) {
+				t.Fatalf("via %s: echoed %d bytes, sent %d (equal: false)", public, len(got), len(payload))
+			}
+			var header string
+			select {
+			case header = <-headers:
+			case <-time.After(5 * time.Second):
+				t.Fatal("no PROXY header at the target")
+			}
+			// "PROXY TCP4 <client> <dst> <client port> <dst port>": the real
+			// loopback client, not the relay's or the tunnel's address.
+			fields := strings.Fields(header)
+			if len(fields) != 6 || fields[2] != client.Addr().String() || fields[4] != fmt.Sprint(client.Port()) {
+				t.Fatalf("via %s: target saw %q, client is %s", public, header, client)
+			}
+		}
+	})
+
+	t.Run("udp", func(t *testing.T) {
+		for _, host := range binds {
+			c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(host, 0)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			public := netip.AddrPortFrom(host, udpPort)
+			for _, size := range []int{1, 512, 1300} {
+				payload := randomBytes(size)
+				if got := udpRoundTrip(t, c, public, payload); !bytes.Equal(got, payload) {
+					t.Fatalf("via %s: echoed %x, sent %x", public, got, payload)
+				}
+			}
+			client := c.LocalAddr().(*net.UDPAddr).AddrPort()
+			found := false
+			for _, s := range appl.engine.Sessions() {
+				found = found || (s.Protocol == "udp" && s.Client == client)
+			}
+			if !found {
+				t.Fatalf("appliance has no udp session from the real client %s: %+v", client, appl.engine.Sessions())
+			}
+		}
+		if st := relay.relay.Status(); st.UDPSessions != len(binds) {
+			t.Fatalf("relay udp sessions = %d, want %d", st.UDPSessions, len(binds))
+		}
+	})
+
+	t.Run("status", func(t *testing.T) {
+		st := relay.relay.Status()
+		if len(st.Peers) != 1 {
+			t.Fatalf("peers %+v", st.Peers)
+		}
+		p := st.Peers[0]
+		if p.Name != "a" || !p.Connected || p.LastHandshake.IsZero() || p.RxBytes == 0 || p.TxBytes == 0 ||
+			strings.Join(p.Ports, ",") != tcpSpec+","+udpSpec || p.Refused[deniedSpec] == "" {
+			t.Fatalf("relay peer status %+v", p)
+		}
+		us := appl.uplink.Status()
+		if us.Peer != "a" || us.LastHandshake.IsZero() || us.RxBytes == 0 {
+			t.Fatalf("uplink status %+v", us)
+		}
+	})
+}
+
+// TestRelayPeersIsolated: two peers cannot take the same port, and one
+// peer cannot reach the other's tunnel address, ports or UDP flows.
+func TestRelayPeersIsolated(t *testing.T) {
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	uspec := fmt.Sprintf("udp/%d", port)
+	keyA, keyB := mustKey(t), mustKey(t)
+	relay := startRelay(t, relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: keyA.Public(), Address: applAddrA, Ports: mustSpecs(t, "tcp+udp/"+fmt.Sprint(port))},
+		conf.Peer{Name: "b", PublicKey: keyB.Public(), Address: applAddrB, Ports: mustSpecs(t, "tcp+udp/"+fmt.Sprint(port))},
+	), testLogger(t))
+
+	svcTCP, _ := proxyEchoService(t)
+	svcUDP := udpEchoService(t)
+	mappings := fmt.Sprintf(`
+[[mapping]]
+name = "web"
+protocol = "tcp"
+listen = "%d"
+target = "127.0.0.1:%d"
+proxy_protocol = "v1"
+
+[[mapping]]
+name = "game"
+protocol = "udp"
+listen = "%d"
+target = "127.0.0.1:%d"
+`, port, svcTCP, port, svcUDP)
+	a := startAppliance(t, relay, keyA, applAddrA, mappings)
+	waitRegistered(t, a, spec, uspec)
+	b := startAppliance(t, relay, keyB, applAddrB, mappings)
+	waitFor(t, 20*time.Second, "b's refusal", func() bool {
+		r := b.uplink.Status().Refused
+		return r[spec] == `held by peer "a"` && r[uspec] == `held by peer "a"`
+	})
+
+	// A UDP client of a's port, so there is a session b could try to hijack.
+	client, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback4, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	public := netip.AddrPortFrom(loopback4, port)
+	if got := udpRoundTrip(t, client, public, []byte("hello a")); string(got) != "hello a" {
+		t.Fatalf("echo %q", got)
+	}
+	clientAddr := client.LocalAddr().(*net.UDPAddr).AddrPort()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	for _, dst := range []netip.AddrPort{
+		netip.AddrPortFrom(applAddrA, port),                     // a's tunnel address
+		netip.AddrPortFrom(tunnel.TunnelAddr6(applAddrA), port), // a's v6 tunnel address
+		netip.AddrPortFrom(relayTunnelAddr, port),               // the relay's address, a public port
+		netip.AddrPortFrom(loopback4, port),                     // the relay host's public listener
+	} {
+		src := netip.AddrPortFrom(applAddrB, 0)
+		if dst.Addr().Is6() {
+			src = netip.AddrPortFrom(tunnel.TunnelAddr6(applAddrB), 0)
+		}
+		c, err := b.stack.DialTCP(ctx, src, dst)
+		if err == nil {
+			c.Close()
+			t.Fatalf("b reached %s through the relay", dst)
+		}
+	}
+	// b answering a's client session, from its own address or spoofing a's:
+	// neither reaches the client.
+	if err := b.stack.WriteUDP(netip.AddrPortFrom(applAddrB, port), clientAddr, []byte("from b")); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.stack.WriteUDP(netip.AddrPortFrom(applAddrA, port), clientAddr, []byte("b as a")); err != nil {
+		t.Fatal(err)
+	}
+	client.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	buf := make([]byte, 100)
+	if n, _, err := client.ReadFromUDPAddrPort(buf); !errors.Is(err, context.DeadlineExceeded) && !isTimeout(err) {
+		t.Fatalf("client received %q from b (err %v)", buf[:n], err)
+	}
+	if st := relay.relay.Status(); st.Rejected == 0 {
+		t.Fatalf("relay counted no rejected flows: %+v", st)
+	}
+	// a's flows still work.
+	if got := udpRoundTrip(t, client, public, []byte("still a")); string(got) != "still a" {
+		t.Fatalf("echo %q", got)
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// TestRelayRestart: the relay restarts mid-run with the same key and port;
+// the appliance re-registers on its own and the mapping works again.
+func TestRelayRestart(t *testing.T) {
+	port := freePort(t, false)
+	keyA, relayKey := mustKey(t), mustKey(t)
+	peer := conf.Peer{Name: "a", PublicKey: keyA.Public(), Address: applAddrA, Ports: mustSpecs(t, fmt.Sprintf("tcp/%d", port))}
+	log := testLogger(t)
+	relay := startRelay(t, relayConfig(relayKey, "127.0.0.1:0", []netip.Addr{loopback4}, peer), log)
+	svc, headers := proxyEchoService(t)
+	appl := startAppliance(t, relay, keyA, applAddrA, fmt.Sprintf(`
+[[mapping]]
+name = "web"
+protocol = "tcp"
+listen = "%d"
+target = "127.0.0.1:%d"
+proxy_protocol = "v1"
+`, port, svc))
+	spec := fmt.Sprintf("tcp/%d", port)
+	waitRegistered(t, appl, spec)
+	public := netip.AddrPortFrom(loopback4, port)
+	if _, got := tcpRoundTrip(t, public, []byte("before")); string(got) != "before" {
+		t.Fatalf("before restart: %q", got)
+	}
+	<-headers
+
+	relay.close()
+	start := time.Now()
+	relay2 := startRelay(t, relayConfig(relayKey, fmt.Sprintf("127.0.0.1:%d", relay.port), []netip.Addr{loopback4}, peer), log)
+	waitFor(t, 30*time.Second, "re-registration with the new relay", func() bool {
+		for _, p := range relay2.relay.Status().Peers {
+			if len(p.Ports) == 1 && p.Ports[0] == spec {
+				return true
+			}
+		}
+		return false
+	})
+	if _, got := tcpRoundTrip(t, public, []byte("after")); string(got) != "after" {
+		t.Fatalf("after restart: %q", got)
+	}
+	<-headers
+	t.Logf("mapping back %v after the relay restarted", time.Since(start).Round(time.Millisecond))
+}
