@@ -145,7 +145,11 @@ func TestReloadNarrowedAllow(t *testing.T) {
 	if err != nil || !slices.Equal(diff.Changed, []string{"ssh"}) {
 		t.Fatalf("diff %+v, %v", diff, err)
 	}
-	<-flows["192.0.2.2"].done
+	select {
+	case <-flows["192.0.2.2"].done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("non-admitted session not closed")
+	}
 	waitFor(t, "2 sessions", func() bool { return len(e.Sessions()) == 2 })
 	for _, s := range e.Sessions() {
 		if s.Client.Addr() == netip.MustParseAddr("192.0.2.2") {

@@ -119,12 +119,12 @@ func (us *udpSession) setConn(c *net.UDPConn) bool {
 
 // deliver queues a copy of a client datagram; it never blocks, dropping and
 // counting when the queue is full.
-func (us *udpSession) deliver(payload []byte, dst netip.AddrPort) {
+func (us *udpSession) deliver(payload []byte, dst netip.AddrPort, now time.Time) {
 	if p := us.public.Load(); *p != dst.Addr() {
 		a := dst.Addr()
 		us.public.Store(&a)
 	}
-	us.idle.touch()
+	us.idle.last.Store(now.UnixNano())
 	bp := getDatagramBuf(len(payload))
 	n := copy(*bp, payload)
 	select {
@@ -171,7 +171,7 @@ func (e *Engine) HandleUDP(in Ingress, src, dst netip.AddrPort, payload []byte) 
 			return
 		}
 	}
-	us.deliver(payload, dst)
+	us.deliver(payload, dst, now)
 }
 
 // openUDP admits a new client and starts its session, or returns the

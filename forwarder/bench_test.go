@@ -1,0 +1,128 @@
+package forwarder
+
+import (
+	"io"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/natbox/natbox/conf"
+)
+
+func benchRuleSet(b *testing.B) *RuleSet {
+	var ms []conf.Mapping
+	for i := range 200 {
+		p := itoa(uint16(1000 + i*10))
+		ms = append(ms, mapping("single"+p, conf.TCP, p, "127.0.0.1:"+p))
+		ms = append(ms, mapping("range"+p, conf.UDP, p+"-"+itoa(uint16(1000+i*10+5)), "127.0.0.1:"+p))
+	}
+	ms = append(ms, mapping("addr", conf.TCP, "198.51.100.7:1000", "127.0.0.1:1"))
+	rs, err := Compile(config(ms...))
+	if err != nil {
+		b.Fatal(err)
+	}
+	return rs
+}
+
+func BenchmarkLookup(b *testing.B) {
+	rs := benchRuleSet(b)
+	now := time.Now()
+	dsts := []netip.AddrPort{
+		netip.MustParseAddrPort("198.51.100.7:1000"),
+		netip.MustParseAddrPort("203.0.113.1:1990"),
+		netip.MustParseAddrPort("[2001:db8::1]:2500"),
+		netip.MustParseAddrPort("203.0.113.1:2003"),
+	}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		d := dsts[i%len(dsts)]
+		proto := conf.TCP
+		if i%2 == 1 {
+			proto = conf.UDP
+		}
+		if rs.Lookup("tun", proto, d, now) == nil {
+			b.Fatalf("no match for %v", d)
+		}
+		i++
+	}
+}
+
+func BenchmarkAllowMatch(b *testing.B) {
+	m := mapping("ssh", conf.TCP, "22", "127.0.0.1:22")
+	for i := range 100 {
+		m.Allow = append(m.Allow, netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i), 0, 0}), 16))
+		m.Deny = append(m.Deny, netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i), 66, 0}), 24))
+	}
+	r, err := compileRule(m, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	clients := []netip.Addr{netip.MustParseAddr("10.50.1.1"), netip.MustParseAddr("10.50.66.1"), netip.MustParseAddr("192.0.2.1")}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		r.admits(clients[i%len(clients)])
+		i++
+	}
+}
+
+func BenchmarkUDPTable(b *testing.B) {
+	t := udpTable{m: make(map[udpKey]*udpSession)}
+	keys := make([]udpKey, 4096)
+	for i := range keys {
+		keys[i] = udpKey{mapping: "game", client: netip.AddrPortFrom(netip.AddrFrom4([4]byte{203, 0, 113, byte(i)}), uint16(i))}
+	}
+	us := &udpSession{}
+	b.Run("insert", func(b *testing.B) {
+		b.ReportAllocs()
+		i := 0
+		for b.Loop() {
+			k := keys[i%len(keys)]
+			t.mu.Lock()
+			t.m[k] = us
+			t.mu.Unlock()
+			i++
+		}
+	})
+	b.Run("lookup", func(b *testing.B) {
+		b.ReportAllocs()
+		i := 0
+		for b.Loop() {
+			if t.get(keys[i%len(keys)]) == nil {
+				b.Fatal("missing")
+			}
+			i++
+		}
+	})
+}
+
+// BenchmarkSpliceCopy measures the copy loop between two loopback TCP
+// connections.
+func BenchmarkSpliceCopy(b *testing.B) {
+	aUser, a := tcpPair(b)
+	bUser, bb := tcpPair(b)
+	var t idleTimer
+	t.clock = wallClock{}
+	t.setIdle(time.Minute)
+	t.touch()
+	sp := newSplicer(a, bb, &t)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		sp.run(nil, nil)
+	}()
+	const chunk = 64 << 10
+	buf := make([]byte, chunk)
+	rbuf := make([]byte, chunk)
+	b.SetBytes(chunk)
+	b.ReportAllocs()
+	for b.Loop() {
+		go aUser.Write(buf)
+		if _, err := io.ReadFull(bUser, rbuf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	sp.closeBoth()
+	<-done
+}
