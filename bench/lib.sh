@@ -1,0 +1,74 @@
+# lib.sh - sourced by run.sh and relay.sh; not run on its own.
+#
+# Reuses the shared baseline harness instead of copying it: ../shared/bench/run-baselines.sh is
+# sourced without its final `main "$@"` line, so its process bookkeeping (start_bg, stop_pid,
+# stop_all: PIDs only, never names), per-test accounting (run_test, cpu_snap, bg_probe), readiness
+# probe (wait_ready), the baseline modes (setup_mode: direct nftdnat socat haproxy) and the per-mode
+# loop (run_mode) are the very code that produced shared/bench/BASELINES.md. Our scripts override
+# only what natbox adds (a mode, tests, a summary) by redefining functions after the source.
+#
+# Expects NB_BENCH_DIR (this directory) to be set by the caller.
+
+REPO_DIR=$(cd "$NB_BENCH_DIR/.." && pwd)
+SHARED_BENCH=${SHARED_BENCH:-$(cd "$REPO_DIR/../shared/bench" 2>/dev/null && pwd)}
+if [ -z "$SHARED_BENCH" ] || [ ! -f "$SHARED_BENCH/run-baselines.sh" ]; then
+  echo "shared harness not found: expected ../shared/bench beside the repository (or set SHARED_BENCH)" >&2
+  exit 1
+fi
+
+# shellcheck disable=SC1090
+source <(sed '/^main "\$@"$/d' "$SHARED_BENCH/run-baselines.sh")
+# BASH_SOURCE inside a process substitution is /dev/fd/N: point the paths back at shared/bench.
+BENCH_DIR=$SHARED_BENCH
+TOPO=$SHARED_BENCH/netns-topo.sh
+
+NATBOX=${NATBOX:-$WORK/bin/natbox}
+
+# Packages the benchmarks need; installed here, never by CI (CI does not run benchmarks).
+install_deps() { # install_deps CMD:PKG ...
+  local need=() p
+  for p in "$@"; do command -v "${p%%:*}" >/dev/null || need+=("${p#*:}"); done
+  [ ${#need[@]} -eq 0 ] && return 0
+  echo "installing ${need[*]}" >&2
+  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
+}
+
+build_natbox() { # a prebuilt binary given by NATBOX wins; otherwise build this checkout
+  if [ -n "${NATBOX_PREBUILT:-}" ]; then NATBOX=$NATBOX_PREBUILT; return 0; fi
+  mkdir -p "$WORK/bin"
+  (cd "$REPO_DIR" && go build -o "$NATBOX" ./cmd/natbox)
+}
+
+natbox_version() {
+  "$NATBOX" --version 2>/dev/null | head -1
+  (cd "$REPO_DIR" && git log -1 --format='natbox commit %h %cd' --date=iso-strict 2>/dev/null)
+}
+
+# cpu profile of PID for SECS seconds into OUTDIR/NAME.*: Go pprof when the process serves it
+# (natbox with NATBOX_PPROF=ADDR set when it was started), and perf (cpu-clock, call graphs) when
+# it works on this kernel. Run in the background around a load; bounded by SECS.
+profile_pid() { # profile_pid NETNS PID SECS OUTDIR NAME PPROF_ADDR
+  local ns=$1 pid=$2 secs=$3 dir=$4 name=$5 addr=${6:-} waitfor=()
+  mkdir -p "$dir"
+  if [ -n "$addr" ]; then
+    ip netns exec "$ns" timeout $((secs + 10)) curl -s -o "$dir/$name.pprof" \
+      "http://$addr/debug/pprof/profile?seconds=$secs" &
+    waitfor+=($!)
+  fi
+  if command -v perf >/dev/null; then
+    timeout $((secs + 10)) perf record -q -e cpu-clock -F 499 -g -p "$pid" -o "$dir/$name.perf.data" -- sleep "$secs" \
+      >"$dir/$name.perf.log" 2>&1 &
+    waitfor+=($!)
+  fi
+  [ ${#waitfor[@]} -gt 0 ] && wait "${waitfor[@]}" # only our own jobs: the servers run in the background too
+  if [ -s "$dir/$name.pprof" ] && go tool pprof -top -nodecount=40 "$NATBOX" "$dir/$name.pprof" >"$dir/$name.pprof.top.txt" 2>/dev/null; then
+    :
+  else
+    rm -f "$dir/$name.pprof"
+  fi
+  if [ -s "$dir/$name.perf.data" ]; then
+    perf report -i "$dir/$name.perf.data" --stdio --no-children --sort dso,symbol 2>/dev/null \
+      | grep -v '^$' | grep -E '^ +[0-9.]+%' | head -60 >"$dir/$name.perf.top.txt"
+    rm -f "$dir/$name.perf.data"
+  fi
+}

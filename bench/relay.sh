@@ -1,0 +1,370 @@
+#!/usr/bin/env bash
+# relay.sh - natbox relay mode beside plain loopback, frp (tcpMux on/off) and ssh -R, in one run.
+#
+# Everything runs in one throwaway network namespace, nb-relay, on its loopback only (so nothing
+# can collide with, or reach, ports outside it): the target servers (iperf3 :5201, pmbench echo
+# :5301 and crr :5302), the "relay" side and the "appliance" side of each tunnel, and the clients.
+# Public ports on the relay: 18080 (iperf3, tcp and udp), 18081 (echo), 18082 (crr).
+#   loopback   client -> 127.0.0.1:5201 directly                                      (ceiling)
+#   natbox     natbox relay (WireGuard 127.0.0.1:51820, public_bind 127.0.0.1) <- natbox run with
+#              only [uplink] (mappings tcp+udp 18080 -> :5201, 18081 -> :5301, 18082 -> :5302)
+#   frp        frps (bindPort 7000) <- frpc, TCP transport, defaults (tcpMux on, TLS on);
+#              tcp proxies 18080/18081/18082 + udp proxy 18080
+#   frp-nomux  the same with transport.tcpMux = false on both sides
+#   ssh        throwaway sshd on 127.0.0.1:2222 (generated host key, key-only root login, config
+#              in $WORK) <- ssh -N -R 18080:127.0.0.1:5201 -R 18081:... -R 18082:...; no UDP
+# Tests (REPS interleaved reps): tcp1 tcp4 tcpR (iperf3 -t DUR), crr (pmbench, 64 workers), udp
+# (iperf3 -u -b 200M -l 1200: 1200 so that a datagram plus headers fits the 1420-byte tunnel MTU),
+# rr (64-byte ping-pong); per side: CPU ticks over each test and peak RSS (pmbench memwatch).
+# Then a CPU profile of both natbox sides during a single flow -> $OUT/profiles/.
+#
+#   sudo bench/relay.sh        # REPS=3 DUR=5 RELAY_MODES="loopback natbox frp frp-nomux ssh"
+# Env: REPS DUR RR_DUR WORK RELAY_MODES NATBOX FRP_VERSION(v0.69.1) FRP_BIN UDP_RATE(200M)
+#      UDP_LEN(1200) SKIP_PROFILE=1.
+set -uo pipefail
+
+NB_BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export WORK=${WORK:-/tmp/nb-bench}
+export REPS=${REPS:-3} DUR=${DUR:-5} RR_DUR=${RR_DUR:-5}
+export UDP_RATE=${UDP_RATE:-200M} UDP_LEN=${UDP_LEN:-1200}
+RELAY_MODES=${RELAY_MODES:-"loopback natbox frp frp-nomux ssh"}
+export MODES=$RELAY_MODES
+FRP_VERSION=${FRP_VERSION:-v0.69.1}
+FRP_BIN=${FRP_BIN:-/tmp/frp-bin}
+NATBOX_PREBUILT=${NATBOX:-}
+unset NATBOX
+# shellcheck source=bench/lib.sh
+source "$NB_BENCH_DIR/lib.sh"
+
+NS=nb-relay
+LO=127.0.0.1
+NB_PPROF_RELAY=127.0.0.1:6061
+NB_PPROF_APP=127.0.0.1:6062
+RELAY_PIDS=() # the relay side's root processes of the current mode (CPU and memory per side)
+APP_PIDS=()   # the appliance side's
+C() { ip netns exec "$NS" "$@"; } # the clients (run_test, wait_ready) run in the same namespace
+
+ns_up() {
+  ns_down
+  ip netns add "$NS" && ip netns exec "$NS" ip link set lo up \
+    && ip netns exec "$NS" sysctl -qw net.ipv4.ip_local_port_range="1024 65535" net.core.somaxconn=4096 \
+         net.ipv4.tcp_max_syn_backlog=4096
+}
+ns_down() {
+  ip netns list | awk '{print $1}' | grep -qx "$NS" || return 0
+  local pids
+  pids=$(ip netns pids "$NS" 2>/dev/null || true)
+  [ -n "$pids" ] && echo "warning: namespace $NS still has pids: $pids (not killed)" >&2
+  ip netns del "$NS"
+}
+cleanup() { stop_all; ns_down; }
+
+# ------------------------------------------------------------------ third-party tools
+# frp's module zip lacks the prebuilt web UI (web/*/dist, embedded with go:embed), so `go install`
+# cannot build it; build from a copy of the module source with an empty UI, outside the repository.
+install_frp() {
+  [ -x "$FRP_BIN/frps" ] && [ -x "$FRP_BIN/frpc" ] && return 0
+  local src=/tmp/frp-src-$FRP_VERSION mod
+  (cd /tmp && go mod download github.com/fatedier/frp@"$FRP_VERSION") || return 1
+  mod=$(go env GOMODCACHE)/github.com/fatedier/frp@$FRP_VERSION
+  rm -rf "$src" && cp -r "$mod" "$src" && chmod -R u+w "$src" || return 1
+  local w
+  for w in frps frpc; do mkdir -p "$src/web/$w/dist" && echo '<html></html>' >"$src/web/$w/dist/index.html"; done
+  mkdir -p "$FRP_BIN"
+  (cd "$src" && go build -trimpath -o "$FRP_BIN/frps" ./cmd/frps && go build -trimpath -o "$FRP_BIN/frpc" ./cmd/frpc)
+}
+
+ssh_keys() { # host key, client key, authorized_keys: generated per run, under $OUT/ssh
+  local k=$OUT/ssh
+  [ -f "$k/id" ] && return 0
+  mkdir -p "$k" && chmod 700 "$k"
+  ssh-keygen -q -t ed25519 -N '' -f "$k/host" && ssh-keygen -q -t ed25519 -N '' -f "$k/id" \
+    && cp "$k/id.pub" "$k/authorized_keys"
+  mkdir -p /run/sshd # sshd's privilege-separation directory
+  cat >"$k/sshd_config" <<EOF
+Port 2222
+ListenAddress $LO
+HostKey $k/host
+PidFile none
+AuthorizedKeysFile $k/authorized_keys
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UsePAM no
+StrictModes no
+AllowTcpForwarding remote
+AllowAgentForwarding no
+X11Forwarding no
+PermitTunnel no
+EOF
+}
+
+natbox_keys() {
+  local k=$OUT/keys
+  [ -f "$k/relay.pub" ] && return 0
+  mkdir -p "$k" && chmod 700 "$k"
+  "$NATBOX" genkey >"$k/relay.key" && "$NATBOX" pubkey <"$k/relay.key" >"$k/relay.pub" \
+    && "$NATBOX" genkey >"$k/app.key" && "$NATBOX" pubkey <"$k/app.key" >"$k/app.pub"
+}
+
+# ------------------------------------------------------------------ modes
+start_servers() {
+  local d=$1
+  start_bg "$d/iperf3-server.log" ip netns exec "$NS" iperf3 -s -B $LO -p 5201
+  start_bg "$d/pmbench-server.log" ip netns exec "$NS" "$PMBENCH" server -echo $LO:5301 -crr $LO:5302 -lifetime 1h
+}
+
+frp_configs() { # frp_configs DIR MUX(true|false)
+  cat >"$1/frps.toml" <<EOF
+bindAddr = "$LO"
+bindPort = 7000
+proxyBindAddr = "$LO"
+transport.tcpMux = $2
+log.level = "warn"
+EOF
+  cat >"$1/frpc.toml" <<EOF
+serverAddr = "$LO"
+serverPort = 7000
+transport.tcpMux = $2
+log.level = "warn"
+
+[[proxies]]
+name = "iperf"
+type = "tcp"
+localIP = "$LO"
+localPort = 5201
+remotePort = 18080
+
+[[proxies]]
+name = "iperf-udp"
+type = "udp"
+localIP = "$LO"
+localPort = 5201
+remotePort = 18080
+
+[[proxies]]
+name = "echo"
+type = "tcp"
+localIP = "$LO"
+localPort = 5301
+remotePort = 18081
+
+[[proxies]]
+name = "crr"
+type = "tcp"
+localIP = "$LO"
+localPort = 5302
+remotePort = 18082
+EOF
+}
+
+natbox_configs() { # natbox_configs DIR
+  local k=$OUT/keys
+  cat >"$1/relay.toml" <<EOF
+[log]
+level = "warn"
+
+[relay]
+listen = "$LO:51820"
+private_key = "$(cat "$k/relay.key")"
+address = "100.96.0.1"
+public_bind = ["$LO"]
+
+[admin]
+socket = "$1/relay.sock"
+
+[[peer]]
+name = "bench"
+public_key = "$(cat "$k/app.pub")"
+address = "100.96.0.2"
+ports = ["tcp+udp/18080", "tcp/18081-18082"]
+EOF
+  cat >"$1/natbox.toml" <<EOF
+[log]
+level = "warn"
+
+[uplink]
+relay = "$LO:51820"
+relay_public_key = "$(cat "$k/relay.pub")"
+private_key = "$(cat "$k/app.key")"
+address = "100.96.0.2"
+relay_address = "100.96.0.1"
+keepalive = "25s"
+
+[admin]
+socket = "$1/natbox.sock"
+
+[[mapping]]
+name = "iperf"
+protocol = "tcp+udp"
+listen = "18080"
+target = "$LO:5201"
+
+[[mapping]]
+name = "echo"
+protocol = "tcp"
+listen = "18081"
+target = "$LO:5301"
+
+[[mapping]]
+name = "crr"
+protocol = "tcp"
+listen = "18082"
+target = "$LO:5302"
+EOF
+}
+
+setup_relay_mode() { # sets T_HOST P_IPERF P_ECHO P_CRR RELAY_PIDS APP_PIDS
+  local mode=$1 d=$2
+  RELAY_PIDS=(); APP_PIDS=()
+  T_HOST=$LO; P_IPERF=18080; P_ECHO=18081; P_CRR=18082
+  case $mode in
+    loopback)
+      P_IPERF=5201; P_ECHO=5301; P_CRR=5302 ;;
+    natbox)
+      natbox_configs "$d"
+      if [ "${PROFILE:-0}" = 1 ]; then
+        NATBOX_PPROF=$NB_PPROF_RELAY start_bg "$d/relay.log" ip netns exec "$NS" "$NATBOX" relay -c "$d/relay.toml"
+      else
+        start_bg "$d/relay.log" ip netns exec "$NS" "$NATBOX" relay -c "$d/relay.toml"
+      fi
+      RELAY_PIDS+=("$LAST_PID")
+      sleep 0.3
+      if [ "${PROFILE:-0}" = 1 ]; then
+        NATBOX_PPROF=$NB_PPROF_APP start_bg "$d/natbox.log" ip netns exec "$NS" "$NATBOX" run -c "$d/natbox.toml"
+      else
+        start_bg "$d/natbox.log" ip netns exec "$NS" "$NATBOX" run -c "$d/natbox.toml"
+      fi
+      APP_PIDS+=("$LAST_PID") ;;
+    frp|frp-nomux)
+      local mux=true
+      [ "$mode" = frp-nomux ] && mux=false
+      frp_configs "$d" $mux
+      start_bg "$d/frps.log" ip netns exec "$NS" "$FRP_BIN/frps" -c "$d/frps.toml"
+      RELAY_PIDS+=("$LAST_PID")
+      sleep 0.3
+      start_bg "$d/frpc.log" ip netns exec "$NS" "$FRP_BIN/frpc" -c "$d/frpc.toml"
+      APP_PIDS+=("$LAST_PID") ;;
+    ssh)
+      local k=$OUT/ssh
+      start_bg "$d/sshd.log" ip netns exec "$NS" /usr/sbin/sshd -D -e -f "$k/sshd_config"
+      RELAY_PIDS+=("$LAST_PID")
+      sleep 0.3
+      start_bg "$d/ssh.log" ip netns exec "$NS" ssh -N -F /dev/null -i "$k/id" -p 2222 \
+        -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ExitOnForwardFailure=yes \
+        -o ServerAliveInterval=30 \
+        -R "$LO:18080:$LO:5201" -R "$LO:18081:$LO:5301" -R "$LO:18082:$LO:5302" root@$LO
+      APP_PIDS+=("$LAST_PID") ;;
+    *) echo "unknown relay mode $mode" >&2; return 1 ;;
+  esac
+}
+
+tree_ticks() { # CPU ticks of the given roots and all their current descendants (sshd forks)
+  [ $# -eq 0 ] && { echo 0; return; }
+  local all=() p
+  for p in "$@"; do all+=("$p"); all+=($(children_of "$p")); done
+  "$PMBENCH" cpu -pids "$(IFS=,; echo "${all[*]}")"
+}
+cpu_snap() { # overrides the shared one: host /proc/stat, relay ticks, appliance ticks, time
+  echo "$(head -1 /proc/stat | cut -d' ' -f2-) $(tree_ticks "${RELAY_PIDS[@]}") $(tree_ticks "${APP_PIDS[@]}") $(date +%s.%N)"
+}
+
+run_relay_mode() {
+  local mode=$1 rep=$2
+  local d=$OUT/raw/$mode/r$rep
+  mkdir -p "$d"
+  ns_up || { log "netns up failed"; return 1; }
+  start_servers "$d"
+  if ! setup_relay_mode "$mode" "$d" || ! wait_ready; then
+    log "$mode r$rep: not ready, skipping: $(tail -c 300 "$d"/*.log 2>/dev/null | tr '\n' ' ')"
+    cleanup; return 1
+  fi
+  local side pids
+  for side in relay app; do
+    if [ $side = relay ]; then pids=("${RELAY_PIDS[@]}"); else pids=("${APP_PIDS[@]}"); fi
+    [ ${#pids[@]} -gt 0 ] || continue
+    start_bg "$d/memwatch-$side.log" "$PMBENCH" memwatch -pids "$(IFS=,; echo "${pids[*]}")" -interval 500ms \
+      -out "$d/mem-$side.json" -max-duration 30m
+  done
+  local t
+  for t in $TESTS; do
+    case $t in
+      tcp1) run_test "$d" tcp1 iperf3 -c "$T_HOST" -p "$P_IPERF" -t "$DUR" --connect-timeout 3000 -J ;;
+      tcp4) run_test "$d" tcp4 iperf3 -c "$T_HOST" -p "$P_IPERF" -t "$DUR" -P 4 --connect-timeout 3000 -J ;;
+      tcpR) run_test "$d" tcpR iperf3 -c "$T_HOST" -p "$P_IPERF" -t "$DUR" -R --connect-timeout 3000 -J ;;
+      udp)
+        if [ "$mode" = ssh ]; then echo '{"skipped": "ssh -R forwards TCP only"}' >"$d/udp.json"; continue; fi
+        run_test "$d" udp iperf3 -c "$T_HOST" -p "$P_IPERF" -t "$DUR" -u -b "$UDP_RATE" -l "$UDP_LEN" --connect-timeout 3000 -J ;;
+      crr) run_test "$d" crr "$PMBENCH" crr -addr "$T_HOST:$P_CRR" -workers "$CRR_WORKERS" -duration "${DUR}s" ;;
+      rr) run_test "$d" rr "$PMBENCH" rr -addr "$T_HOST:$P_ECHO" -duration "${RR_DUR}s" -count 20000 -size 64 ;;
+    esac
+  done
+  { echo "## ss -s"; C ss -s; } >"$d/state.txt" 2>&1
+  cleanup
+}
+
+run_relay_profile() {
+  local d=$OUT/raw-extra/profile
+  mkdir -p "$d"
+  log "profile: natbox relay + appliance during tcp1 and tcpR"
+  ns_up && start_servers "$d"
+  if PROFILE=1 setup_relay_mode natbox "$d" && wait_ready; then
+    local t
+    for t in tcp1 tcpR; do
+      local rflag=() secs=$((DUR > 2 ? DUR - 1 : DUR))
+      [ $t = tcpR ] && rflag=(-R)
+      profile_pid "$NS" "${RELAY_PIDS[0]}" "$secs" "$OUT/profiles" "natbox-relay-$t" "$NB_PPROF_RELAY" &
+      local p1=$!
+      profile_pid "$NS" "${APP_PIDS[0]}" "$secs" "$OUT/profiles" "natbox-app-$t" "$NB_PPROF_APP" &
+      local p2=$!
+      sleep 0.5
+      C timeout $((DUR + 20)) iperf3 -c $LO -p 18080 -t "$DUR" "${rflag[@]}" --connect-timeout 3000 -J >"$d/$t.json" 2>"$d/$t.err"
+      wait "$p1" "$p2"
+    done
+  else
+    log "profile: natbox relay not ready"
+  fi
+  cleanup
+}
+
+record_relay_env() {
+  record_env
+  {
+    natbox_version
+    echo "frp $("$FRP_BIN/frps" --version 2>&1) ($FRP_VERSION, built from the module source, UI stubbed)"
+    ssh -V 2>&1
+    echo "ssh cipher: $(ssh -F /dev/null -G $LO 2>/dev/null | awk '/^ciphers /{print $2}' | cut -d, -f1) (default; first offered)"
+  } >>"$OUT/env.txt" 2>&1
+}
+
+main() {
+  mkdir -p "$OUT"
+  [ "$(id -u)" = 0 ] || { echo "must run as root" >&2; exit 1; }
+  install_deps iperf3:iperf3 sshd:openssh-server ssh:openssh-client perf:linux-perf curl:curl
+  [ -x /usr/sbin/sshd ] || install_deps /usr/sbin/sshd:openssh-server
+  build_tools
+  if [[ " $MODES " == *" natbox "* ]] && ! { build_natbox && natbox_keys; }; then
+    log "natbox: build or key generation failed; dropping the mode"; MODES=${MODES//natbox/}
+  fi
+  if [[ " $MODES " == *" frp"* ]] && ! install_frp; then
+    log "frp: build failed; dropping its modes"; MODES=${MODES//frp-nomux/}; MODES=${MODES//frp/}
+  fi
+  if [[ " $MODES " == *" ssh "* ]] && ! ssh_keys; then
+    log "ssh: key generation failed; dropping the mode"; MODES=${MODES//ssh/}
+  fi
+  record_relay_env
+  log "relay run $RUN_ID -> $OUT (REPS=$REPS DUR=$DUR modes: $MODES)"
+  local rep mode
+  for rep in $(seq "$REPS"); do
+    for mode in $MODES; do
+      log "rep $rep mode $mode"
+      run_relay_mode "$mode" "$rep"
+    done
+  done
+  if [[ " $MODES " == *" natbox "* ]] && [ "${SKIP_PROFILE:-0}" != 1 ]; then run_relay_profile; fi
+  python3 "$NB_BENCH_DIR/summarize.py" relay "$OUT" | tee "$OUT/summary.md"
+  log "done: $OUT"
+}
+
+main "$@"

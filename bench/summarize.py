@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""Summarize a bench/run.sh (gateway) or bench/relay.sh (relay) run: medians over repetitions,
+same-run ratios, and the issues' targets marked met / not met.
+
+usage: summarize.py gateway|relay RUN_DIR   (prints markdown; writes RUN_DIR/summary.json)
+
+Parsing of the per-test files (iperf3 / pmbench JSON, .meta CPU snapshots) is the shared
+harness's (../shared/bench/summarize.py), imported rather than copied.
+"""
+import importlib.util
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.environ.get("SHARED_BENCH") or os.path.join(HERE, "..", "..", "shared", "bench")
+_spec = importlib.util.spec_from_file_location("shared_summarize", os.path.join(SHARED, "summarize.py"))
+base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(base)
+load, metric, med = base.load, base.metric, base.med
+
+TESTS = ("tcp1", "tcp4", "tcpR", "udp", "crr", "rr")
+
+
+def reps_of(run, mode):
+    d = os.path.join(run, "raw", mode)
+    return [os.path.join(d, r) for r in sorted(os.listdir(d))] if os.path.isdir(d) else []
+
+
+def sub(v, key):
+    return v.get(key) if isinstance(v, dict) else None
+
+
+def fmt(v, nd=0):
+    return "n/a" if v is None else ("%.*f" % (nd, v))
+
+
+def ratio(v, b):
+    return " [%.2f]" % (v / b) if v is not None and b else ""
+
+
+def iperf_bytes(j):
+    try:
+        return j["end"]["sum_received"]["bytes"]
+    except (KeyError, TypeError):
+        return None
+
+
+# ------------------------------------------------------------------ gateway
+GW_MODES = ["direct", "nftdnat", "haproxy", "socat", "natbox"]
+GW_LABEL = {"direct": "direct routing", "nftdnat": "nftables DNAT", "haproxy": "haproxy tcp",
+            "socat": "socat", "natbox": "**natbox**"}
+
+
+def gateway(run):
+    rows = {}
+    for m in GW_MODES:
+        reps = []
+        for d in reps_of(run, m):
+            r = {t: metric(t, load(os.path.join(d, t + ".json"))) for t in TESTS}
+            crr = load(os.path.join(d, "crr.json")) or {}
+            r["crr_conns"], r["crr_errors"] = crr.get("conns"), crr.get("errors")
+            for t in ("tcp1", "crr"):
+                gw, _, _ = base.cpu_from_meta(load(os.path.join(d, t + ".meta")))
+                r[t + "_cpu"] = None if m in ("direct", "nftdnat") else gw
+            mem = load(os.path.join(d, "mem.json"))
+            r["mem"] = None
+            if mem and m not in ("direct", "nftdnat"):
+                r["mem"] = (mem["peak_tree_pss_kb"] if m == "socat" else mem["sum_root_vmhwm_kb"]) / 1024
+            r["eff"] = r["tcp1"] / (r["tcp1_cpu"] / 100) if r["tcp1"] and r["tcp1_cpu"] else None
+            reps.append(r)
+        if reps:
+            rows[m] = reps
+
+    figs = [  # name, getter, decimals, ratio?
+        ("TCP 1 flow Gbit/s", lambda r: r["tcp1"], 2, True),
+        ("TCP -P4 Gbit/s", lambda r: r["tcp4"], 2, True),
+        ("TCP -R Gbit/s", lambda r: r["tcpR"], 2, True),
+        ("conn/s (64 wkr)", lambda r: sub(r["crr"], "cps"), 0, True),
+        ("crr errors", lambda r: r["crr_errors"], 0, False),
+        ("UDP rx Mbit/s @1G", lambda r: sub(r["udp"], "rx_mbps"), 0, True),
+        ("UDP loss %", lambda r: sub(r["udp"], "loss_pct"), 1, False),
+        ("RTT p50 us", lambda r: sub(r["rr"], "p50"), 0, True),
+        ("RTT p99 us", lambda r: sub(r["rr"], "p99"), 0, True),
+        ("gw CPU % (1 flow)", lambda r: r["tcp1_cpu"], 0, False),
+        ("gw CPU % (conn/s)", lambda r: r["crr_cpu"], 0, False),
+        ("gw peak RSS MiB", lambda r: r["mem"], 0, False),
+        ("Gbit/s per gw core", lambda r: r["eff"], 2, False),
+    ]
+    summary = {m: {n: {"median": med([g(r) for r in reps]), "reps": [g(r) for r in reps]}
+                   for n, g, _, _ in figs} for m, reps in rows.items()}
+    nreps = max((len(v) for v in rows.values()), default=0)
+    out = ["Medians of %d repetitions; [ratio] to nftables DNAT measured in the same run.\n" % nreps]
+    out.append("| mode | " + " | ".join(f[0] for f in figs) + " |")
+    out.append("|---" * (len(figs) + 1) + "|")
+    dn = summary.get("nftdnat", {})
+    for m in rows:
+        cells = [GW_LABEL.get(m, m)]
+        for n, _, nd, rt in figs:
+            v = summary[m][n]["median"]
+            b = dn.get(n, {}).get("median")
+            cells.append(fmt(v, nd) + (ratio(v, b) if rt and m != "nftdnat" else ""))
+        out.append("| " + " | ".join(cells) + " |")
+
+    idle = load(os.path.join(run, "raw-extra", "idle", "idle.json"))
+    out.append("")
+    if idle:
+        out.append("Idle TCP sessions through natbox: %d/%d open (%d errors) in %.1f s; natbox RSS %.1f MiB before, "
+                   "%.1f MiB held, %.1f MiB after closing -> **%.1f KiB per session**." % (
+                       idle["open"], idle["requested"], idle["errors"], idle["open_s"], idle["rss_before_kb"] / 1024,
+                       idle["rss_held_kb"] / 1024, idle["rss_after_close_kb"] / 1024, idle["kib_per_session"]))
+    else:
+        out.append("Idle TCP sessions: not measured (no raw-extra/idle/idle.json).")
+
+    out.append("\nPer-repetition values:\n")
+    out.append("| mode | figure | values |")
+    out.append("|---|---|---|")
+    for m in rows:
+        for n, _, nd, _ in figs:
+            out.append("| %s | %s | %s |" % (m, n, ", ".join(fmt(v, nd) for v in summary[m][n]["reps"])))
+
+    # targets (issue 2), natbox vs nftables DNAT in this run
+    t = []
+    nb = summary.get("natbox")
+    if nb and dn:
+        def m_(n, s=summary["natbox"]):
+            return s[n]["median"]
+
+        def d_(n):
+            return dn[n]["median"]
+
+        def check(name, ok, fig):
+            t.append("| %s | %s | %s |" % (name, fig, "n/a" if ok is None else ("met" if ok else "**not met**")))
+
+        def safe(f):
+            try:
+                return f()
+            except TypeError:
+                return None
+        v, b = m_("TCP 1 flow Gbit/s"), d_("TCP 1 flow Gbit/s")
+        check("single-flow TCP >= 0.5x DNAT", safe(lambda: v >= 0.5 * b), "%s vs %s Gbit/s = %s" % (fmt(v, 2), fmt(b, 2), safe(lambda: "%.2fx" % (v / b))))
+        v, b = m_("conn/s (64 wkr)"), d_("conn/s (64 wkr)")
+        conns = sum(r["crr_conns"] or 0 for r in rows["natbox"])
+        errs = sum(r["crr_errors"] or 0 for r in rows["natbox"])
+        check("conn/s >= 0.5x DNAT", safe(lambda: v >= 0.5 * b), "%s vs %s = %s" % (fmt(v), fmt(b), safe(lambda: "%.2fx" % (v / b))))
+        check("zero failed connections (100k)", errs == 0 if conns >= 100000 else (False if errs else None),
+              "%d errors in %d connections over all reps%s" % (errs, conns, "" if conns >= 100000 else " (< 100k: run longer for the full check)"))
+        v, b = m_("UDP rx Mbit/s @1G"), d_("UDP rx Mbit/s @1G")
+        check("UDP delivered >= 0.8x DNAT @1G", safe(lambda: v >= 0.8 * b), "%s vs %s Mbit/s = %s" % (fmt(v), fmt(b), safe(lambda: "%.2fx" % (v / b))))
+        v, b = m_("RTT p50 us"), d_("RTT p50 us")
+        check("p50 latency <= DNAT + 100 us", safe(lambda: v <= b + 100), "%s vs %s us (+%s)" % (fmt(v), fmt(b), safe(lambda: "%.0f" % (v - b))))
+        k = idle["kib_per_session"] if idle else None
+        check("<= 64 KiB per idle TCP session", None if k is None else k <= 64, "%s KiB at %s sessions" % (fmt(k, 1), idle["open"] if idle else "n/a"))
+    out.append("\nTargets (issue 2), natbox vs nftables DNAT in this run:\n")
+    out.append("| target | figure | status |")
+    out.append("|---|---|---|")
+    out.extend(t or ["| all | natbox not measured | n/a |"])
+    print("\n".join(out))
+    with open(os.path.join(run, "summary.json"), "w") as f:
+        json.dump({"modes": summary, "idle": idle}, f, indent=1)
+
+
+# ------------------------------------------------------------------ relay
+RL_MODES = ["loopback", "natbox", "frp", "frp-nomux", "ssh"]
+RL_LABEL = {"loopback": "plain loopback", "natbox": "**natbox relay**", "frp": "frp (tcpMux, TLS)",
+            "frp-nomux": "frp, tcpMux = false", "ssh": "ssh -R"}
+
+
+def side_cpu(meta):
+    """-> (relay_cpu_s, app_cpu_s, wall_s) from a relay.sh .meta (procstat, relay, app, time)."""
+    if not meta:
+        return None, None, None
+    b = [float(x) for x in meta["before"].split()]
+    a = [float(x) for x in meta["after"].split()]
+    clk = meta.get("clk_tck", 100)
+    return (a[-3] - b[-3]) / clk, (a[-2] - b[-2]) / clk, a[-1] - b[-1]
+
+
+def peak_mib(mem):
+    if not mem:
+        return None
+    return max(mem.get("sum_root_vmhwm_kb", 0), mem.get("peak_tree_rss_kb", 0)) / 1024
+
+
+def relay(run):
+    rows = {}
+    for m in RL_MODES:
+        reps = []
+        for d in reps_of(run, m):
+            r = {t: metric(t, load(os.path.join(d, t + ".json"))) for t in TESTS}
+            crr = load(os.path.join(d, "crr.json")) or {}
+            r["crr_errors"] = crr.get("errors")
+            rc, ac, wall = side_cpu(load(os.path.join(d, "tcp1.meta")))
+            gib = (iperf_bytes(load(os.path.join(d, "tcp1.json"))) or 0) / 2 ** 30
+            has = m != "loopback"
+            r["relay_s_gib"] = rc / gib if has and gib and rc is not None else None
+            r["app_s_gib"] = ac / gib if has and gib and ac is not None else None
+            r["cores_per_gbit"] = ((rc + ac) / wall) / r["tcp1"] if has and wall and r["tcp1"] else None
+            r["relay_mib"] = peak_mib(load(os.path.join(d, "mem-relay.json")))
+            r["app_mib"] = peak_mib(load(os.path.join(d, "mem-app.json")))
+            reps.append(r)
+        if reps:
+            rows[m] = reps
+    figs = [
+        ("TCP 1 flow Gbit/s", lambda r: r["tcp1"], 2, True),
+        ("TCP -P4 Gbit/s", lambda r: r["tcp4"], 2, True),
+        ("TCP -R Gbit/s", lambda r: r["tcpR"], 2, True),
+        ("conn/s (64 wkr)", lambda r: sub(r["crr"], "cps"), 0, True),
+        ("crr errors", lambda r: r["crr_errors"], 0, False),
+        ("UDP rx Mbit/s @200M", lambda r: sub(r["udp"], "rx_mbps"), 0, False),
+        ("UDP loss %", lambda r: sub(r["udp"], "loss_pct"), 1, False),
+        ("RTT p50 us", lambda r: sub(r["rr"], "p50"), 0, True),
+        ("RTT p99 us", lambda r: sub(r["rr"], "p99"), 0, True),
+        ("relay CPU s/GiB", lambda r: r["relay_s_gib"], 2, False),
+        ("appliance CPU s/GiB", lambda r: r["app_s_gib"], 2, False),
+        ("cores per Gbit/s (both sides, 1 flow)", lambda r: r["cores_per_gbit"], 2, False),
+        ("relay peak RSS MiB", lambda r: r["relay_mib"], 0, False),
+        ("appliance peak RSS MiB", lambda r: r["app_mib"], 0, False),
+    ]
+    summary = {m: {n: {"median": med([g(r) for r in reps]), "reps": [g(r) for r in reps]}
+                   for n, g, _, _ in figs} for m, reps in rows.items()}
+    nreps = max((len(v) for v in rows.values()), default=0)
+    out = ["Medians of %d repetitions; [ratio] to frp (default: tcpMux, TLS) measured in the same run.\n" % nreps]
+    out.append("| mode | " + " | ".join(f[0] for f in figs) + " |")
+    out.append("|---" * (len(figs) + 1) + "|")
+    fr = summary.get("frp", {})
+    for m in rows:
+        cells = [RL_LABEL.get(m, m)]
+        for n, _, nd, rt in figs:
+            v = summary[m][n]["median"]
+            cells.append(fmt(v, nd) + (ratio(v, fr.get(n, {}).get("median")) if rt and m not in ("frp", "loopback") else ""))
+        out.append("| " + " | ".join(cells) + " |")
+    lb = summary.get("loopback")
+    if lb:
+        out.append("\nShare of plain loopback (single flow): " + ", ".join(
+            "%s %s" % (m, "n/a" if summary[m]["TCP 1 flow Gbit/s"]["median"] is None or not lb["TCP 1 flow Gbit/s"]["median"]
+                       else "%.2fx" % (summary[m]["TCP 1 flow Gbit/s"]["median"] / lb["TCP 1 flow Gbit/s"]["median"]))
+            for m in rows if m != "loopback"))
+    out.append("\nPer-repetition values:\n")
+    out.append("| mode | figure | values |")
+    out.append("|---|---|---|")
+    for m in rows:
+        for n, _, nd, _ in figs:
+            out.append("| %s | %s | %s |" % (m, n, ", ".join(fmt(v, nd) for v in summary[m][n]["reps"])))
+
+    t = []
+    nb = summary.get("natbox")
+
+    def check(name, ok, fig):
+        t.append("| %s | %s | %s |" % (name, fig, "n/a" if ok is None else ("met" if ok else "**not met**")))
+    if nb:
+        g = lambda m, n: summary.get(m, {}).get(n, {}).get("median")  # noqa: E731
+        v, f = g("natbox", "TCP 1 flow Gbit/s"), g("frp", "TCP 1 flow Gbit/s")
+        check("single flow >= frp default", None if v is None or f is None else v >= f, "%s vs %s Gbit/s" % (fmt(v, 2), fmt(f, 2)))
+        check("single flow >= 4x naive wireguard-go+netstack (0.5 Gbit/s, issue figure, not re-run)",
+              None if v is None else v >= 2.0, "%s Gbit/s vs 2.0" % fmt(v, 2))
+        c = g("natbox", "cores per Gbit/s (both sides, 1 flow)")
+        check("<= 1 core per Gbit/s (relay + appliance)", None if c is None else c <= 1.0, "%s" % fmt(c, 2))
+        v = g("natbox", "conn/s (64 wkr)")
+        best = max([x for x in (g("frp", "conn/s (64 wkr)"), g("frp-nomux", "conn/s (64 wkr)")) if x is not None], default=None)
+        check("conn/s >= frp's best", None if v is None or best is None else v >= best, "%s vs %s" % (fmt(v), fmt(best)))
+        v = g("natbox", "UDP loss %")
+        check("UDP loss <= 2 % at 200 Mbit/s", None if v is None else v <= 2.0, "%s %%" % fmt(v, 1))
+        a, b = g("natbox", "relay peak RSS MiB"), g("natbox", "appliance peak RSS MiB")
+        check("< 64 MiB peak RSS per side", None if a is None or b is None else a < 64 and b < 64, "relay %s, appliance %s MiB" % (fmt(a), fmt(b)))
+    out.append("\nTargets (issue 3), natbox relay in this run:\n")
+    out.append("| target | figure | status |")
+    out.append("|---|---|---|")
+    out.extend(t or ["| all | natbox not measured | n/a |"])
+    print("\n".join(out))
+    with open(os.path.join(run, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in ("gateway", "relay"):
+        sys.exit(__doc__)
+    {"gateway": gateway, "relay": relay}[sys.argv[1]](sys.argv[2])
