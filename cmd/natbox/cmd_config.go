@@ -1,0 +1,148 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/natbox/natbox/conf"
+)
+
+func checkCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "check",
+		Usage:     "validate a config without touching the network and show its mappings",
+		ArgsUsage: " ",
+		Description: `Loads the config exactly as "natbox run" would, reports every problem at once as
+FILE:LINE: key path: problem; fix, and prints the mappings it defines with their
+owners and review dates, plus warnings (no owner, review overdue, expiring within
+30 days, risky services exposed to everyone). Exit 0 when valid, 2 when not.`,
+		Flags: []cli.Flag{configFlag},
+		Action: func(c *cli.Context) error {
+			cfg, warnings, err := conf.Load(c.String("config"))
+			if err != nil {
+				return err
+			}
+			printMappings(c.App.Writer, cfg, time.Now())
+			printWarnings(c.App.Writer, warnings)
+			fmt.Fprintf(c.App.Writer, "ok: %s: %d mapping(s), %d warning(s)\n", cfg.Path, len(cfg.Mappings), len(warnings))
+			return nil
+		},
+	}
+}
+
+// printMappings writes the table natbox check shows: what is exposed, to whom,
+// and who answers for it.
+func printMappings(w io.Writer, cfg *conf.Config, now time.Time) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tPROTO\tLISTEN\tTARGET\tALLOW\tINGRESS\tOWNER\tREVIEW_BY\tSTATE")
+	for i := range cfg.Mappings {
+		m := &cfg.Mappings[i]
+		allow := "anyone"
+		if len(m.Allow) > 0 {
+			parts := make([]string, len(m.Allow))
+			for j, p := range m.Allow {
+				parts[j] = p.String()
+			}
+			allow = strings.Join(parts, ",")
+		}
+		if len(m.Deny) > 0 {
+			allow += fmt.Sprintf(" (deny %d)", len(m.Deny))
+		}
+		ingress := strings.Join(m.Ingress, ",")
+		if ingress == "" {
+			ingress = "all"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
+			m.Name, m.Protocol, m.Listen, m.Target, allow, ingress,
+			orDash(m.Owner), dateOrDash(m.ReviewBy), mappingState(m, now))
+	}
+	tw.Flush()
+}
+
+func mappingState(m *conf.Mapping, now time.Time) string {
+	switch {
+	case !m.IsEnabled():
+		return "disabled"
+	case !m.Expires.IsZero() && !now.Before(m.Expires):
+		return "expired"
+	case !m.Expires.IsZero() && m.Expires.Sub(now) < 30*24*time.Hour:
+		return "expires " + m.Expires.Format(time.DateOnly)
+	case !m.ReviewBy.IsZero() && now.After(m.ReviewBy):
+		return "review overdue"
+	}
+	return "active"
+}
+
+func printWarnings(w io.Writer, warnings []conf.Warning) {
+	for _, wn := range warnings {
+		fmt.Fprintf(w, "warning: %s\n", wn)
+	}
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func dateOrDash(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.Format(time.DateOnly)
+}
+
+func genkeyCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "genkey",
+		Usage: "print a new WireGuard private key (base64, as wg genkey)",
+		Description: `Example: natbox genkey > natbox.key && chmod 600 natbox.key
+         natbox pubkey < natbox.key`,
+		Action: func(c *cli.Context) error {
+			k, err := conf.GenerateKey()
+			if err != nil {
+				return fmt.Errorf("generate key: %w", err)
+			}
+			fmt.Fprintln(c.App.Writer, k.String())
+			return nil
+		},
+	}
+}
+
+func pubkeyCommand() *cli.Command {
+	return &cli.Command{
+		Name:        "pubkey",
+		Usage:       "read a private key on stdin and print its public key (as wg pubkey)",
+		Description: `Example: natbox pubkey < natbox.key`,
+		Action: func(c *cli.Context) error {
+			line, err := bufio.NewReader(c.App.Reader).ReadString('\n')
+			if err != nil && err != io.EOF {
+				return fmt.Errorf("read private key from stdin: %w", err)
+			}
+			k, err := conf.ParseKey(strings.TrimSpace(line))
+			if err != nil {
+				return usagef("stdin: %v; pipe in a key made by natbox genkey or wg genkey", err)
+			}
+			fmt.Fprintln(c.App.Writer, k.Public().String())
+			return nil
+		},
+	}
+}
+
+func versionCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "version",
+		Usage: "print the natbox version",
+		Action: func(c *cli.Context) error {
+			fmt.Fprintf(c.App.Writer, "natbox %s\n", version)
+			return nil
+		},
+	}
+}

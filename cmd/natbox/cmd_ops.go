@@ -1,0 +1,166 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/natbox/natbox/admin"
+	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/internal/doctor"
+)
+
+var (
+	socketFlag = &cli.StringFlag{
+		Name:      "socket",
+		Usage:     "admin socket `PATH` of the running natbox (default: [admin] socket of --config)",
+		TakesFile: true,
+	}
+	jsonFlag = &cli.BoolFlag{Name: "json", Usage: "print JSON for scripts instead of a table"}
+)
+
+// adminSocket finds the running natbox: --socket, else the config's [admin]
+// socket. A config that no longer validates still names its socket (so
+// "natbox reload" can report the errors from the running process).
+func adminSocket(c *cli.Context) string {
+	if s := c.String("socket"); s != "" {
+		return s
+	}
+	if cfg, _, err := conf.Load(c.String("config")); err == nil {
+		return cfg.Admin.Socket
+	}
+	return conf.DefaultAdminSocket
+}
+
+func dialAdmin(c *cli.Context) (*admin.Client, error) { return admin.Dial(adminSocket(c)) }
+
+func statusCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "status",
+		Usage: "show the running natbox: mappings with state, hits, bytes, sessions, refusals; uplink or relay",
+		Description: `States: active, disabled, expired (its expires date passed), refused_by_relay.
+Refusals are counted by reason: no_match, denied, not_allowed, over_limit,
+dial_failed. Finds the running natbox through --socket or the [admin] socket of --config.`,
+		Flags: []cli.Flag{configFlag, socketFlag, jsonFlag},
+		Action: func(c *cli.Context) error {
+			cl, err := dialAdmin(c)
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			st, err := cl.Status(c.Context)
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return admin.WriteJSON(c.App.Writer, st)
+			}
+			return admin.RenderStatus(c.App.Writer, st)
+		},
+	}
+}
+
+func sessionsCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "sessions",
+		Usage: "list live sessions with the real client address, target, age, bytes and idle time",
+		Flags: []cli.Flag{configFlag, socketFlag, jsonFlag,
+			&cli.StringFlag{Name: "mapping", Aliases: []string{"m"}, Usage: "only the sessions of mapping `NAME`"},
+		},
+		Action: func(c *cli.Context) error {
+			cl, err := dialAdmin(c)
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			ss, err := cl.Sessions(c.Context, c.String("mapping"))
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return admin.WriteJSON(c.App.Writer, ss)
+			}
+			return admin.RenderSessions(c.App.Writer, ss)
+		},
+	}
+}
+
+func reloadCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "reload",
+		Usage: "make the running natbox re-read its config; an invalid file changes nothing (exit 2)",
+		Description: `The new mapping set is swapped in atomically. Sessions of unchanged mappings keep
+running; sessions of removed or disabled mappings close at once; a changed mapping
+keeps only the sessions the change cannot widen access for (a narrower allow list
+closes the sessions it no longer admits). The same happens on SIGHUP.`,
+		Flags: []cli.Flag{configFlag, socketFlag, jsonFlag},
+		Action: func(c *cli.Context) error {
+			cl, err := dialAdmin(c)
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			res, err := cl.Reload(c.Context)
+			var ce *admin.ConfigError
+			if errors.As(err, &ce) {
+				for _, l := range ce.Lines {
+					fmt.Fprintln(c.App.ErrWriter, l)
+				}
+				fmt.Fprintln(c.App.ErrWriter, "natbox: reload refused, nothing changed; fix the config and reload again")
+				return silentExit{exitUsage}
+			}
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return admin.WriteJSON(c.App.Writer, res)
+			}
+			fmt.Fprintf(c.App.Writer, "reloaded: added %v, changed %v, removed %v; %d session(s) closed\n",
+				res.Added, res.Changed, res.Removed, res.SessionsClosed)
+			return nil
+		},
+	}
+}
+
+func doctorCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "doctor",
+		Usage: "diagnose why a mapping does not work; changes nothing",
+		Description: `Checks every mapping's target (listening, refused, timed out, name not resolving),
+this box's own addresses (carrier-grade or double NAT), the TUN device, its routes
+and permissions, the relay uplink, risky services exposed to everyone, and mappings
+whose review date passed or that have no owner. Each finding is ok, warning or
+problem, with the fix in plain words. Exit 0 when nothing is a problem, 1 otherwise.`,
+		Flags: []cli.Flag{configFlag, socketFlag,
+			&cli.DurationFlag{Name: "timeout", Value: 3 * time.Second, Usage: "how long each target probe may take"},
+		},
+		Action: func(c *cli.Context) error {
+			cfg, _, err := conf.Load(c.String("config"))
+			if err != nil {
+				return err
+			}
+			socket := adminSocket(c)
+			rep := doctor.Run(c.Context, cfg, doctor.Options{
+				DialTimeout: c.Duration("timeout"),
+				Status: func(ctx context.Context) (admin.Status, error) {
+					cl, err := admin.Dial(socket)
+					if err != nil {
+						return admin.Status{}, err
+					}
+					defer cl.Close()
+					return cl.Status(ctx)
+				},
+			})
+			if err := rep.Write(c.App.Writer); err != nil {
+				return err
+			}
+			if rep.HasProblems() {
+				return silentExit{exitRuntime}
+			}
+			return nil
+		},
+	}
+}

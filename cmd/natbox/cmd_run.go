@@ -1,0 +1,128 @@
+package main
+
+import (
+	"context"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/urfave/cli/v2"
+	"go.uber.org/zap"
+
+	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/internal/app"
+)
+
+var logLevelFlag = &cli.StringFlag{
+	Name:  "log-level",
+	Usage: logLevelFlagUsage,
+}
+
+func runCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "run",
+		Usage: "run the appliance: serve the config's mappings until SIGINT or SIGTERM",
+		Description: `Starts every ingress the config names: [tun] creates (or attaches to) the TUN
+device, brings it up and installs its routes (needs CAP_NET_ADMIN and /dev/net/tun);
+[uplink] keeps a WireGuard tunnel to a natbox relay (needs no privileges).
+SIGHUP or "natbox reload" re-reads the config: an invalid file changes nothing.
+SIGINT/SIGTERM stop admitting new flows, drain sessions for [limits] shutdown_grace,
+remove the routes natbox added, close the TUN and exit 0.`,
+		Flags: []cli.Flag{configFlag, logLevelFlag},
+		Action: func(c *cli.Context) error {
+			cfg, warnings, err := conf.Load(c.String("config"))
+			if err != nil {
+				return err
+			}
+			log, _, err := newLogger(cfg.Log, c.String("log-level"), c.App.ErrWriter)
+			if err != nil {
+				return err
+			}
+			defer log.Sync()
+			for _, w := range warnings {
+				log.Warn("config", zap.Stringer("warning", w))
+			}
+			a, err := app.NewAppliance(cfg, app.Options{Version: version}, log)
+			if err != nil {
+				return err
+			}
+			stopHUP := onSIGHUP(c.Context, func() {
+				if _, err := a.Reload(); err != nil {
+					log.Warn("reload failed; still running the previous config", zap.Error(err))
+				}
+			})
+			defer stopHUP()
+			return a.Run(c.Context)
+		},
+	}
+}
+
+func relayCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "relay",
+		Usage: "run the relay on a public server for appliances behind carrier-grade NAT",
+		Description: `Listens for WireGuard from the [[peer]] appliances in the relay config. Each
+appliance registers the ports its mappings need; the relay opens public listeners
+for those inside the peer's "ports" and refuses the rest. Public flows reach the
+appliance with the client's real address. Needs no root, only the right to bind
+the public ports (CAP_NET_BIND_SERVICE for ports below 1024).
+SIGHUP re-reads peers and port allowances without dropping other peers' flows.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "config", Aliases: []string{"c"}, Usage: "relay config `FILE`", Value: "/etc/natbox/relay.toml", EnvVars: []string{"NATBOX_RELAY_CONFIG"}, TakesFile: true},
+			logLevelFlag,
+		},
+		Action: func(c *cli.Context) error {
+			cfg, warnings, err := conf.LoadRelay(c.String("config"))
+			if err != nil {
+				return err
+			}
+			log, _, err := newLogger(cfg.Log, c.String("log-level"), c.App.ErrWriter)
+			if err != nil {
+				return err
+			}
+			defer log.Sync()
+			for _, w := range warnings {
+				log.Warn("config", zap.Stringer("warning", w))
+			}
+			n, err := app.NewRelayNode(cfg, version, log)
+			if err != nil {
+				return err
+			}
+			stopHUP := onSIGHUP(c.Context, func() {
+				if err := n.Reload(); err != nil {
+					log.Warn("reload failed; still running the previous config", zap.Error(err))
+				} else {
+					log.Info("reloaded")
+				}
+			})
+			defer stopHUP()
+			return n.Run(c.Context)
+		},
+	}
+}
+
+// onSIGHUP calls fn for each SIGHUP until ctx ends or the returned stop is called.
+func onSIGHUP(ctx context.Context, fn func()) (stop func()) {
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, syscall.SIGHUP)
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		for {
+			select {
+			case <-ch:
+				fn()
+			case <-ctx.Done():
+				return
+			case <-done:
+				return
+			}
+		}
+	}()
+	return func() {
+		signal.Stop(ch)
+		close(done)
+		<-finished
+	}
+}

@@ -1,0 +1,45 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"sync"
+
+	"go.uber.org/zap"
+
+	"github.com/natbox/natbox/admin"
+	"github.com/natbox/natbox/conf"
+)
+
+// startAdmin opens the control socket and the optional HTTP listener. The
+// default socket lives in /run, which an unprivileged natbox (an uplink-only
+// appliance, a relay) may not write: then it runs without the socket and says
+// how to get one, instead of refusing to start.
+func startAdmin(c conf.Admin, src admin.Source, ready func() error, log *zap.Logger) (*admin.Server, error) {
+	s, err := admin.NewServer(c, src, admin.Options{Ready: ready}, log.Named("admin"))
+	if err != nil && c.Socket == conf.DefaultAdminSocket && errors.Is(err, fs.ErrPermission) {
+		log.Warn("no admin socket: permission denied; natbox status/sessions/reload need [admin] socket set to a writable path",
+			zap.String("socket", c.Socket), zap.Error(err))
+		c.Socket = ""
+		if c.Listen == "" {
+			return nil, nil
+		}
+		s, err = admin.NewServer(c, src, admin.Options{Ready: ready}, log.Named("admin"))
+	}
+	return s, err
+}
+
+// runAdmin serves s until ctx ends; wg tracks it. A nil server is a no-op.
+func runAdmin(ctx context.Context, s *admin.Server, wg *sync.WaitGroup, log *zap.Logger) {
+	if s == nil {
+		return
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := s.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
+			log.Error("admin server stopped", zap.Error(err))
+		}
+	}()
+}

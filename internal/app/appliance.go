@@ -1,0 +1,314 @@
+// Package app wires natbox's pieces into the two programs it runs: the
+// appliance (TUN gateway and/or relay uplink in front of the forwarder) and the
+// relay. It owns start-up order, reload and shutdown order; the packages it
+// wires own everything else.
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.zx2c4.com/wireguard/tun"
+
+	"github.com/natbox/natbox/admin"
+	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/forwarder"
+	"github.com/natbox/natbox/netstack"
+	"github.com/natbox/natbox/tunnel"
+)
+
+// Appliance is a running natbox appliance.
+type Appliance struct {
+	log    *zap.Logger
+	engine *forwarder.Engine
+
+	mu  sync.Mutex // guards cfg and serializes Reload
+	cfg *conf.Config
+
+	tun    *ingress // nil without [tun]
+	undoRt func() error
+	uplink *tunnel.Uplink // nil without [uplink]
+	upIn   *ingress
+	admin  *admin.Server // nil without a control socket or HTTP listener
+
+	closeOnce sync.Once
+}
+
+// Options are the seams tests and the demo use.
+type Options struct {
+	Dialer  forwarder.Dialer // egress to targets; nil: the host's network
+	Clock   forwarder.Clock  // nil: the wall clock
+	Version string           // shown by natbox status
+}
+
+// NewAppliance builds every ingress the config names and starts them. On
+// error everything already started is closed again.
+func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (a *Appliance, err error) {
+	a = &Appliance{log: log, cfg: cfg}
+	defer func() {
+		if err != nil {
+			a.Close()
+		}
+	}()
+	a.engine, err = forwarder.New(cfg, forwarder.Options{
+		Dialer:  opts.Dialer,
+		Clock:   opts.Clock,
+		ConnLog: connLog(cfg.Log, log),
+	}, log.Named("forwarder"))
+	if err != nil {
+		return nil, err
+	}
+	if cfg.TUN != nil {
+		if err := a.startTUN(cfg.TUN, cfg.Limits); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.Uplink != nil {
+		if err := a.startUplink(cfg); err != nil {
+			return nil, err
+		}
+	}
+	src := applianceSource{a: a, started: time.Now(), version: opts.Version}
+	if a.admin, err = startAdmin(cfg.Admin, src, a.ready, log); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+func (a *Appliance) startTUN(c *conf.TUN, lim conf.Limits) error {
+	dev, err := netstack.CreateTUN(c.Name, c.MTU)
+	if err != nil {
+		return fmt.Errorf("create TUN %q: %w (natbox needs CAP_NET_ADMIN and /dev/net/tun; in a container: --cap-add NET_ADMIN --device /dev/net/tun)", c.Name, err)
+	}
+	name, err := dev.Name()
+	if err != nil {
+		dev.Close()
+		return fmt.Errorf("TUN name: %w", err)
+	}
+	undo, err := tunLink(name, c.MTU, c.Routes)
+	if err != nil {
+		dev.Close()
+		return err
+	}
+	a.undoRt = undo
+	in, err := newIngress(conf.IngressTUN, dev, netstack.Config{MTU: c.MTU, Addresses: c.Addresses}, a.engine, a.log.Named("tun"))
+	if err != nil {
+		return err
+	}
+	a.tun = in
+	a.log.Info("tun up", zap.String("name", name), zap.Int("mtu", c.MTU),
+		zap.Stringers("addresses", c.Addresses), zap.Stringers("routes", c.Routes))
+	return nil
+}
+
+func (a *Appliance) startUplink(cfg *conf.Config) error {
+	u := cfg.Uplink
+	stackSide, outer := netstack.Pipe(u.MTU)
+	in, err := newIngress(conf.IngressUplink, stackSide, netstack.Config{
+		MTU:       u.MTU,
+		Addresses: tunnel.TunnelPrefixes(u.Address),
+	}, a.engine, a.log.Named("uplink"))
+	if err != nil {
+		outer.Close()
+		return err
+	}
+	a.upIn = in
+	up, err := tunnel.NewUplink(u, outer, in.stack, a.log.Named("uplink"))
+	if err != nil {
+		return err
+	}
+	a.uplink = up
+	up.SetPorts(uplinkPorts(cfg, time.Now()))
+	return nil
+}
+
+// uplinkPorts lists what the relay must hold for the mappings served through it.
+func uplinkPorts(cfg *conf.Config, now time.Time) []conf.PortSpec {
+	var ports []conf.PortSpec
+	for _, m := range cfg.EnabledMappings(now) {
+		if m.ServesIngress(conf.IngressUplink, cfg) {
+			ports = append(ports, conf.PortSpec{Proto: m.Protocol, Ports: m.Listen.Ports})
+		}
+	}
+	return ports
+}
+
+// Run blocks until ctx is done, then shuts down in order: stop admitting,
+// drain with the configured grace, close inputs, remove routes.
+func (a *Appliance) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	errc := make(chan error, 1)
+	if a.uplink != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := a.uplink.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
+				select {
+				case errc <- fmt.Errorf("uplink: %w", err):
+				default:
+				}
+			}
+		}()
+	}
+	runAdmin(ctx, a.admin, &wg, a.log)
+	a.log.Info("natbox running", zap.Int("mappings", len(a.config().Mappings)))
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-errc:
+	}
+	a.log.Info("stopping: draining sessions", zap.Duration("grace", a.config().Limits.ShutdownGrace.D()))
+	grace, cancel := context.WithTimeout(context.Background(), a.config().Limits.ShutdownGrace.D())
+	if err := a.engine.Shutdown(grace); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		a.log.Warn("drain", zap.Error(err))
+	}
+	cancel()
+	err := a.Close()
+	wg.Wait()
+	a.log.Info("stopped")
+	return errors.Join(runErr, err)
+}
+
+// Close stops everything at once; it is idempotent.
+func (a *Appliance) Close() error {
+	var errs []error
+	a.closeOnce.Do(func() {
+		if a.admin != nil {
+			errs = append(errs, a.admin.Close())
+		}
+		if a.uplink != nil {
+			errs = append(errs, a.uplink.Close())
+		}
+		if a.upIn != nil {
+			errs = append(errs, a.upIn.Close())
+		}
+		if a.tun != nil {
+			errs = append(errs, a.tun.Close())
+		}
+		if a.undoRt != nil {
+			errs = append(errs, a.undoRt())
+		}
+		if a.engine != nil {
+			ctx, cancel := context.WithCancel(context.Background())
+			cancel()
+			_ = a.engine.Shutdown(ctx)
+		}
+	})
+	return errors.Join(errs...)
+}
+
+// ready reports whether every ingress is up, for /readyz.
+func (a *Appliance) ready() error {
+	if a.uplink != nil {
+		if st := a.uplink.Status(); st.State != tunnel.StateRegistered {
+			return fmt.Errorf("uplink %s: %s", st.Relay, st.State)
+		}
+	}
+	return nil
+}
+
+// Engine is the forwarder, for status and tests.
+func (a *Appliance) Engine() *forwarder.Engine { return a.engine }
+
+// Uplink is the relay uplink, or nil.
+func (a *Appliance) Uplink() *tunnel.Uplink { return a.uplink }
+
+func (a *Appliance) config() *conf.Config {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.cfg
+}
+
+// Reload re-reads the config file and applies it atomically: an invalid file
+// changes nothing and its errors come back.
+func (a *Appliance) Reload() (forwarder.Diff, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	next, warnings, err := conf.Load(a.cfg.Path)
+	if err != nil {
+		a.log.Warn("reload refused: config has errors; nothing changed", zap.Error(err))
+		return forwarder.Diff{}, err
+	}
+	if err := reloadable(a.cfg, next); err != nil {
+		return forwarder.Diff{}, err
+	}
+	for _, w := range warnings {
+		a.log.Warn("config", zap.Stringer("warning", w))
+	}
+	diff, err := a.engine.Reload(next)
+	if err != nil {
+		return forwarder.Diff{}, err
+	}
+	a.cfg = next
+	if a.uplink != nil {
+		a.uplink.SetPorts(uplinkPorts(next, time.Now()))
+	}
+	a.log.Info("reloaded", zap.Strings("added", diff.Added), zap.Strings("changed", diff.Changed), zap.Strings("removed", diff.Removed))
+	return diff, nil
+}
+
+// reloadable rejects changes a running process cannot apply in place.
+func reloadable(old, next *conf.Config) error {
+	var errs []error
+	if (old.TUN == nil) != (next.TUN == nil) || (old.TUN != nil && (old.TUN.Name != next.TUN.Name || old.TUN.MTU != next.TUN.MTU)) {
+		errs = append(errs, errors.New("[tun] changed: restart natbox to apply a new TUN device or MTU"))
+	}
+	if (old.Uplink == nil) != (next.Uplink == nil) || (old.Uplink != nil && *old.Uplink != *next.Uplink) {
+		errs = append(errs, errors.New("[uplink] changed: restart natbox to apply a new tunnel"))
+	}
+	return errors.Join(errs...)
+}
+
+// ingress joins one netstack.Stack to the forwarder: it is the stack's
+// Handler and the forwarder's Ingress.
+type ingress struct {
+	name   string
+	engine *forwarder.Engine
+	stack  *netstack.Stack
+	ready  atomic.Bool // set once stack is assigned; the stack may deliver first
+}
+
+func newIngress(name string, dev tun.Device, cfg netstack.Config, e *forwarder.Engine, log *zap.Logger) (*ingress, error) {
+	in := &ingress{name: name, engine: e}
+	s, err := netstack.New(dev, cfg, in, log)
+	if err != nil {
+		dev.Close()
+		return nil, fmt.Errorf("%s stack: %w", name, err)
+	}
+	in.stack = s
+	in.ready.Store(true)
+	return in, nil
+}
+
+func (in *ingress) Name() string { return in.name }
+
+func (in *ingress) WriteUDP(src, dst netip.AddrPort, payload []byte) error {
+	if !in.ready.Load() {
+		return errors.New("ingress starting")
+	}
+	return in.stack.WriteUDP(src, dst, payload)
+}
+
+func (in *ingress) HandleTCP(r *netstack.TCPRequest) {
+	in.engine.HandleTCP(in, r.Src, r.Dst, r.Accept, r.Reject)
+}
+
+func (in *ingress) HandleUDP(src, dst netip.AddrPort, payload []byte) {
+	in.engine.HandleUDP(in, src, dst, payload)
+}
+
+func (in *ingress) Close() error { return in.stack.Close() }
+
+// connLog is the audit logger for closed sessions, when [log] connections is on.
+func connLog(c conf.Log, log *zap.Logger) *zap.Logger {
+	if !c.Connections {
+		return nil
+	}
+	return log.Named("conn")
+}

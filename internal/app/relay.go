@@ -1,0 +1,131 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/natbox/natbox/admin"
+	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/netstack"
+	"github.com/natbox/natbox/tunnel"
+)
+
+// RelayNode is a running "natbox relay": a WireGuard listener whose tunnel
+// ends in a netstack, and the relay that opens public listeners for the ports
+// its peers register.
+type RelayNode struct {
+	log   *zap.Logger
+	stack *netstack.Stack
+	relay *tunnel.Relay
+	h     *relayHandler
+	admin *admin.Server
+
+	mu  sync.Mutex // guards cfg and serializes Reload
+	cfg *conf.RelayConfig
+
+	closeOnce sync.Once
+}
+
+// NewRelayNode starts the relay's stack and WireGuard device.
+func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*RelayNode, error) {
+	n := &RelayNode{log: log, cfg: cfg, h: &relayHandler{}}
+	stackSide, outer := netstack.Pipe(cfg.Relay.MTU)
+	s, err := netstack.New(stackSide, netstack.Config{
+		MTU:       cfg.Relay.MTU,
+		Addresses: tunnel.TunnelPrefixes(cfg.Relay.Address),
+	}, n.h, log.Named("netstack"))
+	if err != nil {
+		stackSide.Close()
+		outer.Close()
+		return nil, fmt.Errorf("relay stack: %w", err)
+	}
+	n.stack = s
+	r, err := tunnel.NewRelay(cfg, outer, s, log.Named("relay"))
+	if err != nil {
+		s.Close()
+		return nil, err
+	}
+	n.relay = r
+	n.h.relay.Store(r)
+	if n.admin, err = startAdmin(cfg.Admin, relaySource{n: n, started: time.Now(), version: version}, nil, log); err != nil {
+		n.Close()
+		return nil, err
+	}
+	return n, nil
+}
+
+// Run blocks until ctx is done, then closes the relay.
+func (n *RelayNode) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	runAdmin(ctx, n.admin, &wg, n.log)
+	defer wg.Wait()
+	err := n.relay.Run(ctx)
+	if errors.Is(err, context.Canceled) {
+		err = nil
+	}
+	return errors.Join(err, n.Close())
+}
+
+// Relay is the tunnel relay, for status and tests.
+func (n *RelayNode) Relay() *tunnel.Relay { return n.relay }
+
+// Reload re-reads the relay config and applies peers and port allowances
+// without dropping other peers' flows.
+func (n *RelayNode) Reload() error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	next, _, err := conf.LoadRelay(n.cfg.Path)
+	if err != nil {
+		return err
+	}
+	if next.Relay.Listen != n.cfg.Relay.Listen || next.Relay.Address != n.cfg.Relay.Address || next.Relay.PrivateKey != n.cfg.Relay.PrivateKey || next.Relay.MTU != n.cfg.Relay.MTU {
+		return errors.New("[relay] listen, address, key or mtu changed: restart the relay to apply them")
+	}
+	if err := n.relay.Reload(next); err != nil {
+		return err
+	}
+	n.cfg = next
+	return nil
+}
+
+// Close is idempotent.
+func (n *RelayNode) Close() error {
+	var errs []error
+	n.closeOnce.Do(func() {
+		if n.admin != nil {
+			errs = append(errs, n.admin.Close())
+		}
+		if n.relay != nil {
+			errs = append(errs, n.relay.Close())
+		}
+		if n.stack != nil {
+			errs = append(errs, n.stack.Close())
+		}
+	})
+	return errors.Join(errs...)
+}
+
+// relayHandler hands the relay stack's flows to the relay once it exists.
+type relayHandler struct{ relay atomic.Pointer[tunnel.Relay] }
+
+func (h *relayHandler) HandleTCP(r *netstack.TCPRequest) {
+	rl := h.relay.Load()
+	if rl == nil {
+		r.Reject()
+		return
+	}
+	rl.HandleTCP(r.Src, r.Dst, r.Accept, r.Reject)
+}
+
+func (h *relayHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) {
+	if rl := h.relay.Load(); rl != nil {
+		rl.HandleUDP(src, dst, payload)
+	}
+}

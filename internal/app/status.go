@@ -1,0 +1,229 @@
+package app
+
+import (
+	"context"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/natbox/natbox/admin"
+	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/forwarder"
+	"github.com/natbox/natbox/tunnel"
+)
+
+// applianceSource adapts a running Appliance to what the admin API shows.
+type applianceSource struct {
+	a       *Appliance
+	started time.Time
+	version string
+}
+
+func (s applianceSource) Status() admin.Status {
+	cfg := s.a.config()
+	snap := s.a.engine.Snapshot()
+	st := admin.Status{
+		Time:       time.Now(),
+		Version:    s.version,
+		ConfigPath: cfg.Path,
+		StartedAt:  s.started,
+		Refusals:   nonZero(snap.Unmatched),
+	}
+	byName := make(map[string]*conf.Mapping, len(cfg.Mappings))
+	for i := range cfg.Mappings {
+		byName[cfg.Mappings[i].Name] = &cfg.Mappings[i]
+	}
+	var relayRefused map[string]string // "tcp/22" -> reason
+	if s.a.uplink != nil {
+		u := uplinkStatus(cfg.Uplink, s.a.uplink.Status())
+		st.Uplink = &u
+		relayRefused = make(map[string]string, len(u.Refused))
+		for _, r := range u.Refused {
+			relayRefused[r.Port] = r.Reason
+		}
+	}
+	budget := map[string]uint64{}
+	for _, ms := range snap.Mappings {
+		m := admin.Mapping{
+			Name:               ms.Name,
+			State:              admin.StateActive,
+			Protocol:           ms.Protocol,
+			Listen:             ms.Listen,
+			Target:             ms.Target,
+			Hits:               ms.Hits,
+			SessionsOpened:     ms.SessionsOpened,
+			SessionsActive:     ms.SessionsActive,
+			BytesIn:            ms.BytesIn,
+			BytesOut:           ms.BytesOut,
+			LastUsed:           ms.LastUsed,
+			Refusals:           nonZero(ms.Refusals),
+			UDPSessionsExpired: ms.UDPExpired,
+			DialLatency:        histogram(ms.DialLatency),
+			ReviewBy:           ms.ReviewBy,
+			Expires:            ms.Expires,
+			ReviewOverdue:      ms.ReviewOverdue,
+		}
+		for reason, n := range ms.Refusals {
+			if limit, ok := strings.CutPrefix(reason, "over_limit_"); ok && n > 0 {
+				budget[limit] += n
+			}
+		}
+		switch {
+		case !ms.Enabled:
+			m.State = admin.StateDisabled
+		case ms.Expired:
+			m.State = admin.StateExpired
+		}
+		if cm := byName[ms.Name]; cm != nil {
+			m.Ingress = cm.Ingress
+			m.Description, m.Owner = cm.Description, cm.Owner
+			for _, p := range cm.Allow {
+				m.Allow = append(m.Allow, p.String())
+			}
+			if reason := refusedByRelay(cm, cfg, relayRefused); reason != "" {
+				m.RelayRefusal = reason
+				if !cm.ServesIngress(conf.IngressTUN, cfg) && m.State == admin.StateActive {
+					m.State = admin.StateRefusedByRelay
+				}
+			}
+		}
+		st.Mappings = append(st.Mappings, m)
+	}
+	st.BudgetHits = nonZero(budget)
+	return st
+}
+
+// refusedByRelay returns the relay's reason for refusing any of m's ports.
+func refusedByRelay(m *conf.Mapping, cfg *conf.Config, refused map[string]string) string {
+	if len(refused) == 0 || !m.ServesIngress(conf.IngressUplink, cfg) {
+		return ""
+	}
+	for _, p := range []conf.Proto{conf.TCP, conf.UDP} {
+		if !m.Protocol.Has(p) {
+			continue
+		}
+		key := conf.PortSpec{Proto: p, Ports: m.Listen.Ports}.String()
+		if r, ok := refused[key]; ok {
+			return r
+		}
+	}
+	return ""
+}
+
+func (s applianceSource) Sessions(mapping string) []admin.Session {
+	var out []admin.Session
+	for _, si := range s.a.engine.Sessions() {
+		if mapping != "" && si.Mapping != mapping {
+			continue
+		}
+		out = append(out, admin.Session{
+			ID:         si.ID,
+			Mapping:    si.Mapping,
+			Protocol:   si.Protocol,
+			Client:     si.Client.String(),
+			Public:     si.Public.String(),
+			Target:     si.Target,
+			Ingress:    si.Ingress,
+			Started:    si.Start,
+			LastActive: si.LastActivity,
+			BytesIn:    si.BytesIn,
+			BytesOut:   si.BytesOut,
+		})
+	}
+	return out
+}
+
+func (s applianceSource) Reload(context.Context) (admin.ReloadResult, error) {
+	diff, err := s.a.Reload()
+	if err != nil {
+		return admin.ReloadResult{}, admin.InvalidConfig(err)
+	}
+	return admin.ReloadResult{Added: diff.Added, Changed: diff.Changed, Removed: diff.Removed}, nil
+}
+
+func histogram(h forwarder.Histogram) admin.Histogram {
+	out := admin.Histogram{Count: h.Count, SumSeconds: h.Sum.Seconds()}
+	for i, b := range h.Bounds {
+		out.Buckets = append(out.Buckets, admin.Bucket{UpperBoundSeconds: b.Seconds(), Count: h.Buckets[i]})
+	}
+	return out
+}
+
+func nonZero(m map[string]uint64) map[string]uint64 {
+	out := make(map[string]uint64, len(m))
+	for k, v := range m {
+		if v > 0 {
+			out[k] = v
+		}
+	}
+	if len(out) == 0 {
+		return nil
+	}
+	return out
+}
+
+func uplinkStatus(c *conf.Uplink, us tunnel.UplinkStatus) admin.Uplink {
+	return admin.Uplink{
+		Relay:         us.Relay,
+		Endpoint:      us.Endpoint,
+		Address:       c.Address.String(),
+		LastHandshake: us.LastHandshake,
+		BytesIn:       us.RxBytes,
+		BytesOut:      us.TxBytes,
+		Registered:    us.Registered,
+		Refused:       refusals(us.Refused),
+	}
+}
+
+func refusals(m map[string]string) []admin.PortRefusal {
+	out := make([]admin.PortRefusal, 0, len(m))
+	for port, reason := range m {
+		out = append(out, admin.PortRefusal{Port: port, Reason: reason})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Port < out[j].Port })
+	return out
+}
+
+// relaySource adapts a RelayNode to the admin API.
+type relaySource struct {
+	n       *RelayNode
+	started time.Time
+	version string
+}
+
+func (s relaySource) Status() admin.Status {
+	s.n.mu.Lock()
+	cfg := s.n.cfg
+	s.n.mu.Unlock()
+	rs := s.n.relay.Status()
+	allowed := make(map[string][]string, len(cfg.Peers))
+	for _, p := range cfg.Peers {
+		for _, spec := range p.Ports {
+			allowed[p.Name] = append(allowed[p.Name], spec.String())
+		}
+	}
+	r := &admin.Relay{Listen: cfg.Relay.Listen}
+	for _, p := range rs.Peers {
+		r.Peers = append(r.Peers, admin.RelayPeer{
+			Name:          p.Name,
+			Address:       p.Address.String(),
+			Endpoint:      p.Endpoint,
+			LastHandshake: p.LastHandshake,
+			BytesIn:       p.RxBytes,
+			BytesOut:      p.TxBytes,
+			Allowed:       allowed[p.Name],
+			Registered:    p.Ports,
+			Refused:       refusals(p.Refused),
+		})
+	}
+	return admin.Status{Time: time.Now(), Version: s.version, ConfigPath: cfg.Path, StartedAt: s.started, Relay: r}
+}
+
+func (s relaySource) Sessions(string) []admin.Session { return nil }
+
+func (s relaySource) Reload(context.Context) (admin.ReloadResult, error) {
+	if err := s.n.Reload(); err != nil {
+		return admin.ReloadResult{}, admin.InvalidConfig(err)
+	}
+	return admin.ReloadResult{}, nil
+}
