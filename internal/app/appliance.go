@@ -45,6 +45,10 @@ type Options struct {
 	Dialer  forwarder.Dialer // egress to targets; nil: the host's network
 	Clock   forwarder.Clock  // nil: the wall clock
 	Version string           // shown by natbox status
+	// TUNDevice, when set, replaces the kernel TUN of [tun]: no device is
+	// created and no link or route is touched. In-process tests pass one
+	// side of a netstack.Pipe here and drive a client stack on the other.
+	TUNDevice tun.Device
 }
 
 // NewAppliance builds every ingress the config names and starts them. On
@@ -65,7 +69,7 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (a *Appliance
 		return nil, err
 	}
 	if cfg.TUN != nil {
-		if err := a.startTUN(cfg.TUN, cfg.Limits); err != nil {
+		if err := a.startTUN(cfg.TUN, opts.TUNDevice); err != nil {
 			return nil, err
 		}
 	}
@@ -81,22 +85,24 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (a *Appliance
 	return a, nil
 }
 
-func (a *Appliance) startTUN(c *conf.TUN, lim conf.Limits) error {
-	dev, err := netstack.CreateTUN(c.Name, c.MTU)
-	if err != nil {
-		return fmt.Errorf("create TUN %q: %w (natbox needs CAP_NET_ADMIN and /dev/net/tun; in a container: --cap-add NET_ADMIN --device /dev/net/tun)", c.Name, err)
+func (a *Appliance) startTUN(c *conf.TUN, dev tun.Device) error {
+	name := c.Name
+	if dev == nil {
+		var err error
+		if dev, err = netstack.CreateTUN(c.Name, c.MTU); err != nil {
+			return fmt.Errorf("create TUN %q: %w (natbox needs CAP_NET_ADMIN and /dev/net/tun; in a container: --cap-add NET_ADMIN --device /dev/net/tun)", c.Name, err)
+		}
+		if name, err = dev.Name(); err != nil {
+			dev.Close()
+			return fmt.Errorf("TUN name: %w", err)
+		}
+		undo, err := tunLink(name, c.MTU, c.Routes)
+		if err != nil {
+			dev.Close()
+			return err
+		}
+		a.undoRt = undo
 	}
-	name, err := dev.Name()
-	if err != nil {
-		dev.Close()
-		return fmt.Errorf("TUN name: %w", err)
-	}
-	undo, err := tunLink(name, c.MTU, c.Routes)
-	if err != nil {
-		dev.Close()
-		return err
-	}
-	a.undoRt = undo
 	in, err := newIngress(conf.IngressTUN, dev, netstack.Config{MTU: c.MTU, Addresses: c.Addresses}, a.engine, a.log.Named("tun"))
 	if err != nil {
 		return err
