@@ -69,7 +69,7 @@ func sampleStatus() Status {
 				Name: "web", State: StateActive, Protocol: "tcp", Listen: "8443", Target: "127.0.0.1:443",
 				Hits: 45, SessionsOpened: 42, SessionsActive: 3, BytesIn: 1000, BytesOut: 250000,
 				LastUsed: testNow.Add(-90 * time.Second),
-				Refusals: map[string]uint64{"denied": 2, "dial_failed": 1},
+				Refusals: map[string]uint64{"denied": 2, "dial_failed": 1, "not_allowed": 0}, UDPDropped: 4,
 				DialLatency: Histogram{Count: 4, SumSeconds: 0.05, Buckets: []Bucket{
 					{UpperBoundSeconds: 0.01, Count: 3}, {UpperBoundSeconds: 0.1, Count: 4},
 				}},
@@ -82,7 +82,7 @@ func sampleStatus() Status {
 			},
 		},
 		Refusals:   map[string]uint64{"no_match": 9},
-		BudgetHits: map[string]uint64{"per_source": 5},
+		BudgetHits: map[string]uint64{"per_source": 5, "total": 0}, InflightDials: 6,
 		Uplink: &Uplink{
 			Relay: "relay.example.net:51820", Address: "100.96.0.2",
 			LastHandshake: testNow.Add(-30 * time.Second), BytesIn: 5000, BytesOut: 7000,
@@ -391,6 +391,10 @@ func TestMetricsScrape(t *testing.T) {
 		`natbox_dial_latency_seconds_count{mapping="web"} 4`,
 		`natbox_udp_sessions_expired_total{mapping="games"} 7`,
 		`natbox_inflight_budget_hits_total{limit="per_source"} 5`,
+		`natbox_inflight_budget_hits_total{limit="total"} 0`,
+		`natbox_refusals_total{mapping="web",reason="not_allowed"} 0`,
+		`natbox_udp_datagrams_dropped_total{mapping="web"} 4`,
+		`natbox_inflight_dials 6`,
 		`natbox_mapping_review_overdue{mapping="web"} 1`,
 		`natbox_mapping_review_overdue{mapping="games"} 0`,
 		`natbox_mapping_expired{mapping="games"} 1`,

@@ -42,6 +42,8 @@ var (
 	descRefusals       = desc("natbox_refusals_total", "Refused flows by mapping and reason; mapping is empty for flows that matched none.", "mapping", "reason")
 	descDialLatency    = desc("natbox_dial_latency_seconds", "Time to connect to a mapping's target.", "mapping")
 	descUDPExpired     = desc("natbox_udp_sessions_expired_total", "UDP sessions closed by their idle timeout.", "mapping")
+	descUDPDropped     = desc("natbox_udp_datagrams_dropped_total", "UDP datagrams dropped: a full queue, a failed dial, stray replies.", "mapping")
+	descInflightDials  = desc("natbox_inflight_dials", "Connection attempts being dialed now.")
 	descBudgetHits     = desc("natbox_inflight_budget_hits_total", "Admissions refused by a shared budget, by limit.", "limit")
 	descReviewOverdue  = desc("natbox_mapping_review_overdue", "1 when the mapping's review_by date has passed.", "mapping")
 	descExpired        = desc("natbox_mapping_expired", "1 when the mapping's expires date has passed and natbox disabled it.", "mapping")
@@ -61,7 +63,7 @@ var (
 
 	allDescs = []*prometheus.Desc{
 		descSessionsOpened, descSessionsActive, descHits, descBytes, descRefusals, descDialLatency,
-		descUDPExpired, descBudgetHits, descReviewOverdue, descExpired, descMappingUp,
+		descUDPExpired, descUDPDropped, descInflightDials, descBudgetHits, descReviewOverdue, descExpired, descMappingUp,
 		descUplinkHandshakeAge, descUplinkBytes, descUplinkRegistered, descUplinkRefused,
 		descPeerHandshakeAge, descPeerBytes, descPeerActive, descPeerOpened, descPeerRegistered, descPeerRefused,
 	}
@@ -99,6 +101,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstHistogram(descDialLatency, m.DialLatency.Count, m.DialLatency.SumSeconds,
 			bucketMap(m.DialLatency.Buckets), m.Name)
 		counter(descUDPExpired, m.UDPSessionsExpired, m.Name)
+		counter(descUDPDropped, m.UDPDropped, m.Name)
 		gauge(descReviewOverdue, boolValue(m.ReviewOverdue), m.Name)
 		gauge(descExpired, boolValue(m.State == StateExpired), m.Name)
 		gauge(descMappingUp, boolValue(m.State == StateActive), m.Name)
@@ -106,6 +109,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	for _, reason := range sortedKeys(st.Refusals) {
 		counter(descRefusals, st.Refusals[reason], "", reason)
 	}
+	gauge(descInflightDials, float64(st.InflightDials))
 	for _, limit := range sortedKeys(st.BudgetHits) {
 		counter(descBudgetHits, st.BudgetHits[limit], limit)
 	}

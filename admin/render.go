@@ -50,11 +50,11 @@ func RenderStatus(w io.Writer, st Status) error {
 			notes = append(notes, fmt.Sprintf("relay refused: %s: %s", m.Name, m.RelayRefusal))
 		}
 	}
-	if len(st.Refusals) > 0 {
-		notes = append(notes, "refused without a mapping: "+formatCounts(st.Refusals))
+	if c := formatCounts(st.Refusals); c != "-" {
+		notes = append(notes, "refused without a mapping: "+c)
 	}
-	if len(st.BudgetHits) > 0 {
-		notes = append(notes, "budget limits hit: "+formatCounts(st.BudgetHits))
+	if c := formatCounts(st.BudgetHits); c != "-" {
+		notes = append(notes, "budget limits hit: "+c)
 	}
 	if len(notes) > 0 {
 		fmt.Fprintln(w)
@@ -190,13 +190,16 @@ func formatSeconds(s float64) string {
 	return fmt.Sprintf("%dd", int(d/(24*time.Hour)))
 }
 
+// formatCounts lists the non-zero counts as key=n, or "-" when there are none.
 func formatCounts(m map[string]uint64) string {
-	if len(m) == 0 {
-		return "-"
-	}
-	parts := make([]string, 0, len(m))
+	var parts []string
 	for _, k := range sortedKeys(m) {
-		parts = append(parts, fmt.Sprintf("%s=%d", k, m[k]))
+		if m[k] != 0 {
+			parts = append(parts, fmt.Sprintf("%s=%d", k, m[k]))
+		}
+	}
+	if len(parts) == 0 {
+		return "-"
 	}
 	return strings.Join(parts, " ")
 }

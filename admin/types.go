@@ -64,6 +64,8 @@ type Status struct {
 	// BudgetHits counts admissions refused by a shared in-flight or session
 	// budget, by limit: "total", "per_source", "per_target", "sessions".
 	BudgetHits map[string]uint64 `json:"budget_hits,omitempty"`
+	// InflightDials is how many connection attempts are being dialed now.
+	InflightDials int `json:"inflight_dials"`
 
 	Uplink *Uplink `json:"uplink,omitempty"` // nil: no [uplink]
 	Relay  *Relay  `json:"relay,omitempty"`  // nil: not a relay
@@ -91,7 +93,9 @@ type Mapping struct {
 	// "not_allowed", "over_limit", "dial_failed", ...).
 	Refusals           map[string]uint64 `json:"refusals,omitempty"`
 	UDPSessionsExpired uint64            `json:"udp_sessions_expired,omitempty"`
-	DialLatency        Histogram         `json:"dial_latency,omitzero"`
+	// UDPDropped counts datagrams dropped: a full queue, a failed dial, stray replies.
+	UDPDropped  uint64    `json:"udp_dropped,omitempty"`
+	DialLatency Histogram `json:"dial_latency,omitzero"`
 
 	// RelayRefusal is the relay's reason when it refused this mapping's ports.
 	RelayRefusal string `json:"relay_refusal,omitempty"`
