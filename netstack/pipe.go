@@ -59,11 +59,11 @@ type pipeDir struct {
 	readable sync.Cond // a batch was posted, or closed
 	consumed sync.Cond // the posted batch was consumed, or closed
 	// mu guards the following fields.
-	bufs    [][]byte // posted batch; nil when none
-	offset  int
-	next    int // first packet not yet read
-	tooBig  int // packets skipped for exceeding mtu
-	closed  bool
+	bufs   [][]byte // posted batch; nil when none
+	offset int
+	next   int // first packet not yet read
+	tooBig int // packets skipped for exceeding mtu
+	closed bool
 }
 
 func newPipeDir(mtu int) *pipeDir {

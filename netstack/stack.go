@@ -363,7 +363,7 @@ func (s *Stack) runInput() {
 				pkt = info.packet
 			}
 			if info.pureSYN() {
-				// s.reopenTimeWait(&info)
+				s.reopenTimeWait(&info)
 			} else if info.rst() {
 				s.pending.abandon(&info, &s.stats)
 			}
