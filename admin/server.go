@@ -328,7 +328,8 @@ type errorBody struct {
 
 func (s *Server) handleReload(w http.ResponseWriter, r *http.Request) {
 	s.reloadMu.Lock()
-	res, err := s.src.Reload(r.Context())
+	// A reload that started finishes even if natbox reload is interrupted.
+	res, err := s.src.Reload(context.WithoutCancel(r.Context()))
 	s.reloadMu.Unlock()
 	var ce *ConfigError
 	switch {
