@@ -272,16 +272,16 @@ func TestTCPIdleTimeout(t *testing.T) {
 	t.Parallel()
 	echo := tcpEcho(t)
 	m := mapping("idle", conf.TCP, "80", "127.0.0.1:"+itoa(echo))
-	m.IdleTimeout = conf.Duration(200 * time.Millisecond)
+	m.IdleTimeout = conf.Duration(time.Second)
 	e := newEngine(t, config(m), Options{})
 	f := startTCP(t, e, newIngress(conf.IngressTUN), "203.0.113.1:1", "198.51.100.1:80")
 	if f.wait(t) != "accepted" {
 		t.Fatal("rejected")
 	}
-	// Traffic every 100 ms for 600 ms keeps it open past 3 idle periods.
+	// Traffic every 200 ms for 2 s keeps it open past 2 idle periods.
 	buf := make([]byte, 1)
-	for range 6 {
-		time.Sleep(100 * time.Millisecond)
+	for range 10 {
+		time.Sleep(200 * time.Millisecond)
 		f.client.Write([]byte{'x'})
 		f.client.SetReadDeadline(time.Now().Add(2 * time.Second))
 		if _, err := io.ReadFull(f.client, buf); err != nil {
@@ -294,7 +294,7 @@ func TestTCPIdleTimeout(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("idle session not closed")
 	}
-	if el := time.Since(start); el < 150*time.Millisecond {
+	if el := time.Since(start); el < 800*time.Millisecond {
 		t.Fatalf("closed after %v idle, before the timeout", el)
 	}
 	f.client.SetReadDeadline(time.Now().Add(2 * time.Second))

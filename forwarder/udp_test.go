@@ -102,8 +102,10 @@ func TestUDPSession(t *testing.T) {
 	if r := tun.next(t); r.dst != netip.MustParseAddrPort("203.0.113.8:4444") {
 		t.Fatalf("reply to %v", r.dst)
 	}
+	// Bytes are counted just after the send, which can trail the reply.
+	waitFor(t, "bytes counted", func() bool { return mappingStatus(t, e, "game").BytesIn == 11 })
 	ms := mappingStatus(t, e, "game")
-	if ms.SessionsOpened != 2 || ms.BytesIn != 11 || ms.Hits != 2 {
+	if ms.SessionsOpened != 2 || ms.Hits != 2 {
 		t.Fatalf("status %+v", ms)
 	}
 }
@@ -203,7 +205,9 @@ func TestUDPFloodDoesNotBlock(t *testing.T) {
 		worst = max(worst, time.Since(t0))
 	}
 	total := time.Since(start)
-	if worst > 100*time.Millisecond || total > 10*time.Second {
+	// A blocking call would hang on the stuck sender for good; the bound
+	// only has to survive -race and GC pauses on a loaded CI machine.
+	if worst > time.Second || total > 15*time.Second {
 		t.Fatalf("HandleUDP blocked: worst call %v, %d calls in %v", worst, n, total)
 	}
 	// At most the queue plus the one datagram the stuck sender holds got in.
