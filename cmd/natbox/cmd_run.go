@@ -46,11 +46,7 @@ remove the routes natbox added, close the TUN and exit 0.`,
 			if err != nil {
 				return err
 			}
-			stopHUP := onSIGHUP(c.Context, func() {
-				if _, err := a.Reload(); err != nil {
-					log.Warn("reload failed; still running the previous config", zap.Error(err))
-				}
-			})
+			stopHUP := onSIGHUP(c.Context, func() { _, _ = a.Reload() })
 			defer stopHUP()
 			return a.Run(c.Context)
 		},
@@ -88,13 +84,7 @@ SIGHUP re-reads peers and port allowances without dropping other peers' flows.`,
 			if err != nil {
 				return err
 			}
-			stopHUP := onSIGHUP(c.Context, func() {
-				if err := n.Reload(); err != nil {
-					log.Warn("reload failed; still running the previous config", zap.Error(err))
-				} else {
-					log.Info("reloaded")
-				}
-			})
+			stopHUP := onSIGHUP(c.Context, func() { _ = n.Reload() })
 			defer stopHUP()
 			return n.Run(c.Context)
 		},

@@ -163,6 +163,13 @@ func (a *Appliance) Run(ctx context.Context) error {
 		}()
 	}
 	runAdmin(ctx, a.admin, &wg, a.log)
+	if cfg := a.config(); cfg.Admin.Watch && cfg.Path != "" {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			watchConfig(ctx, cfg.Path, watchInterval, func() { _, _ = a.Reload() }, a.log)
+		}()
+	}
 	a.log.Info("natbox running", zap.Int("mappings", len(a.config().Mappings)))
 	var runErr error
 	select {
@@ -232,7 +239,8 @@ func (a *Appliance) config() *conf.Config {
 }
 
 // Reload re-reads the config file and applies it atomically: an invalid file
-// changes nothing and its errors come back.
+// changes nothing and its errors come back. Either way the outcome is logged,
+// so callers (SIGHUP, the file watcher) need not.
 func (a *Appliance) Reload() (forwarder.Diff, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -242,6 +250,7 @@ func (a *Appliance) Reload() (forwarder.Diff, error) {
 		return forwarder.Diff{}, err
 	}
 	if err := reloadable(a.cfg, next); err != nil {
+		a.log.Warn("reload refused; nothing changed", zap.Error(err))
 		return forwarder.Diff{}, err
 	}
 	for _, w := range warnings {
@@ -249,6 +258,7 @@ func (a *Appliance) Reload() (forwarder.Diff, error) {
 	}
 	diff, err := a.engine.Reload(next)
 	if err != nil {
+		a.log.Warn("reload refused; nothing changed", zap.Error(err))
 		return forwarder.Diff{}, err
 	}
 	a.cfg = next

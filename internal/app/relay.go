@@ -65,6 +65,13 @@ func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*Rela
 func (n *RelayNode) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	runAdmin(ctx, n.admin, &wg, n.log)
+	if n.cfg.Admin.Watch && n.cfg.Path != "" {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			watchConfig(ctx, n.cfg.Path, watchInterval, func() { _ = n.Reload() }, n.log)
+		}()
+	}
 	defer wg.Wait()
 	err := n.relay.Run(ctx)
 	if errors.Is(err, context.Canceled) {
@@ -77,21 +84,20 @@ func (n *RelayNode) Run(ctx context.Context) error {
 func (n *RelayNode) Relay() *tunnel.Relay { return n.relay }
 
 // Reload re-reads the relay config and applies peers and port allowances
-// without dropping other peers' flows.
+// without dropping other peers' flows. The outcome is logged.
 func (n *RelayNode) Reload() error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	next, _, err := conf.LoadRelay(n.cfg.Path)
+	if err == nil {
+		err = n.relay.Reload(next)
+	}
 	if err != nil {
-		return err
-	}
-	if next.Relay.Listen != n.cfg.Relay.Listen || next.Relay.Address != n.cfg.Relay.Address || next.Relay.PrivateKey != n.cfg.Relay.PrivateKey || next.Relay.MTU != n.cfg.Relay.MTU {
-		return errors.New("[relay] listen, address, key or mtu changed: restart the relay to apply them")
-	}
-	if err := n.relay.Reload(next); err != nil {
+		n.log.Warn("reload refused; nothing changed", zap.Error(err))
 		return err
 	}
 	n.cfg = next
+	n.log.Info("reloaded", zap.Int("peers", len(next.Peers)))
 	return nil
 }
 

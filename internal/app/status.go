@@ -3,7 +3,6 @@ package app
 import (
 	"context"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/natbox/natbox/admin"
@@ -23,11 +22,12 @@ func (s applianceSource) Status() admin.Status {
 	cfg := s.a.config()
 	snap := s.a.engine.Snapshot()
 	st := admin.Status{
-		Time:       time.Now(),
-		Version:    s.version,
-		ConfigPath: cfg.Path,
-		StartedAt:  s.started,
-		Refusals:   nonZero(snap.Unmatched),
+		Time:          time.Now(),
+		Version:       s.version,
+		ConfigPath:    cfg.Path,
+		StartedAt:     s.started,
+		Refusals:      nonZero(snap.Unmatched),
+		InflightDials: snap.InflightDials,
 	}
 	byName := make(map[string]*conf.Mapping, len(cfg.Mappings))
 	for i := range cfg.Mappings {
@@ -58,13 +58,14 @@ func (s applianceSource) Status() admin.Status {
 			LastUsed:           ms.LastUsed,
 			Refusals:           nonZero(ms.Refusals),
 			UDPSessionsExpired: ms.UDPExpired,
+			UDPDropped:         ms.UDPDropped,
 			DialLatency:        histogram(ms.DialLatency),
 			ReviewBy:           ms.ReviewBy,
 			Expires:            ms.Expires,
 			ReviewOverdue:      ms.ReviewOverdue,
 		}
 		for reason, n := range ms.Refusals {
-			if limit, ok := strings.CutPrefix(reason, "over_limit_"); ok && n > 0 {
+			if limit, ok := budgetLimit[reason]; ok && n > 0 {
 				budget[limit] += n
 			}
 		}
@@ -91,6 +92,16 @@ func (s applianceSource) Status() admin.Status {
 	}
 	st.BudgetHits = nonZero(budget)
 	return st
+}
+
+// budgetLimit names the shared budget behind each over-limit refusal reason,
+// as the admin API and metrics label them.
+var budgetLimit = map[string]string{
+	"over_limit_inflight":            "total",
+	"over_limit_inflight_per_source": "per_source",
+	"over_limit_inflight_per_target": "per_target",
+	"over_limit_mapping_sessions":    "sessions",
+	"over_limit_sessions":            "sessions",
 }
 
 // refusedByRelay returns the relay's reason for refusing any of m's ports.
