@@ -63,7 +63,9 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (a *Appliance
 	a.engine, err = forwarder.New(cfg, forwarder.Options{
 		Dialer:  opts.Dialer,
 		Clock:   opts.Clock,
-		ConnLog: connLog(cfg.Log, log),
+		// Always handed over: the engine writes to it only while the current
+		// config has [log] connections = true, so a reload can switch it on.
+		ConnLog: log.Named("conn"),
 	}, log.Named("forwarder"))
 	if err != nil {
 		return nil, err
@@ -320,11 +322,3 @@ func (in *ingress) HandleUDP(src, dst netip.AddrPort, payload []byte) {
 }
 
 func (in *ingress) Close() error { return in.stack.Close() }
-
-// connLog is the audit logger for closed sessions, when [log] connections is on.
-func connLog(c conf.Log, log *zap.Logger) *zap.Logger {
-	if !c.Connections {
-		return nil
-	}
-	return log.Named("conn")
-}
