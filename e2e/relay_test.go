@@ -31,9 +31,10 @@ const (
 	relayWGPort   = 51820
 	lanIP         = "10.77.0.2"
 	// Public ports on the relay (also the appliance's listen ports).
-	relayTCPPort = 8080
-	relayUDPPort = 9000
-	nobody       = "65534"
+	relayTCPPort  = 8080
+	relayUDPPort  = 9000
+	relayEchoPort = 8082
+	nobody        = "65534"
 )
 
 // ispRuleset is carrier-grade NAT in nftables: masquerade the subscribers,
@@ -125,8 +126,8 @@ socket = "%[4]s/relay.sock"
 name = "home"
 public_key = %[5]q
 address = "100.96.0.2"
-ports = ["tcp/%[6]d", "udp/%[7]d"]
-`, relayPublicIP, relayWGPort, relayKey, sockDir, homePub, relayTCPPort, relayUDPPort), 0o644)
+ports = ["tcp/%[6]d", "udp/%[7]d", "tcp/%[8]d"]
+`, relayPublicIP, relayWGPort, relayKey, sockDir, homePub, relayTCPPort, relayUDPPort, relayEchoPort), 0o644)
 
 	homeCfg := r.writeFile("home.toml", fmt.Sprintf(`[log]
 level = "debug"
@@ -138,6 +139,9 @@ private_key_file = %[4]q
 address = "100.96.0.2"
 relay_address = "100.96.0.1"
 keepalive = "2s"
+
+[limits]
+shutdown_grace = "1s"
 
 [admin]
 socket = "%[5]s/home.sock"
@@ -155,13 +159,20 @@ protocol = "udp"
 listen = "%[7]d"
 target = "%[8]s:7011"
 proxy_protocol = "v2"
-`, relayPublicIP, relayWGPort, relayPub, homeKey, sockDir, relayTCPPort, relayUDPPort, lanIP), 0o644)
+
+[[mapping]]
+name = "echo"
+protocol = "tcp"
+listen = "%[9]d"
+target = "%[8]s:7000"
+`, relayPublicIP, relayWGPort, relayPub, homeKey, sockDir, relayTCPPort, relayUDPPort, lanIP, relayEchoPort), 0o644)
 
 	if res := r.home.run(natboxBin, "check", "-c", homeCfg); res.code != 0 {
 		t.Fatalf("natbox check %s: %s", homeCfg, res)
 	}
 
-	servers := r.lan.start("lan-servers", toolBin, "serve", "-tcp-whoami", ":7010", "-udp-whoami", ":7011")
+	servers := r.lan.start("lan-servers", toolBin, "serve",
+		"-tcp-whoami", ":7010", "-udp-whoami", ":7011", "-tcp-echo", ":7000")
 	servers.waitOutput("ready", 10*time.Second)
 	relay := startUnprivileged(r.inet, "relay", "relay", "-c", relayCfg)
 	home := startUnprivileged(r.home, "home", "run", "-c", homeCfg)
@@ -217,6 +228,21 @@ proxy_protocol = "v2"
 		checkUDP(t, line, "42000")
 	})
 
+	t.Run("echo through the relay", func(t *testing.T) {
+		res := r.client.tool("tcp-echo", "-addr", fmt.Sprintf("%s:%d", relayPublicIP, relayEchoPort), "-size", fmt.Sprint(1<<20), "-timeout", "20s")
+		if res.code != 0 {
+			t.Fatalf("tcp echo through the relay: %s", res)
+		}
+	})
+
+	t.Run("status and sessions show the uplink and the real client", func(t *testing.T) {
+		hold := r.client.start("hold", toolBin, "tcp-hold", "-addr", fmt.Sprintf("%s:%d", relayPublicIP, relayEchoPort))
+		checkRelayOps(t, filepath.Join(sockDir, "home.sock"), filepath.Join(sockDir, "relay.sock"), "echo", hold,
+			[]string{fmt.Sprintf("tcp/%d", relayTCPPort), fmt.Sprintf("udp/%d", relayUDPPort), fmt.Sprintf("tcp/%d", relayEchoPort)})
+		hold.signal(syscall.SIGTERM)
+		hold.wait(10 * time.Second)
+	})
+
 	t.Run("unregistered port on the relay is refused", func(t *testing.T) {
 		res := r.client.tool("tcp-connect", "-addr", relayPublicIP+":8081", "-timeout", "5s")
 		if res.code != 3 {
@@ -248,6 +274,34 @@ proxy_protocol = "v2"
 			return err
 		}, relay, home)
 		checkUDP(t, uline, "42001")
+	})
+
+	t.Run("a new address behind the nat (a new nat mapping) recovers on its own", func(t *testing.T) {
+		// The CGNAT now sees a different inside source, so the relay sees the
+		// appliance come from a new public port: WireGuard must roam.
+		relaySock := filepath.Join(sockDir, "relay.sock")
+		endpoint := func() string {
+			st, err := adminStatus(t, relaySock)
+			if err != nil || st.Relay == nil || len(st.Relay.Peers) == 0 {
+				t.Fatalf("relay status: %v %+v", err, st.Relay)
+			}
+			return st.Relay.Peers[0].Endpoint
+		}
+		before := endpoint()
+		r.home.must("ip", "addr", "del", "100.64.0.2/24", "dev", "h0")
+		r.home.must("ip", "addr", "add", "100.64.0.3/24", "dev", "h0")
+		r.home.must("ip", "route", "replace", "default", "via", "100.64.0.1")
+		took := eventually(t, "tcp through the relay after the nat rebinding", 60*time.Second, func() (err error) {
+			line, err = whoamiTCP()
+			return err
+		}, relay, home)
+		t.Logf("tcp recovered %v after the nat rebinding", took.Round(time.Millisecond))
+		if after := endpoint(); after == before {
+			t.Errorf("relay still sees the appliance at %s; the rebinding did not change its public endpoint", before)
+		} else {
+			t.Logf("relay sees the appliance at %s, was %s", after, before)
+		}
+		checkTCP(t, line)
 	})
 
 	t.Run("signals stop both sides with exit 0", func(t *testing.T) {

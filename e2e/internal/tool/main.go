@@ -21,7 +21,8 @@
 //	tool tcp-echo    -addr A [-size N] [-timeout D]   full-duplex echo of N random bytes, half-close, compare
 //	tool tcp-whoami  -addr A [-timeout D]             prints the whoami line
 //	tool tcp-connect -addr A [-timeout D]             "connected", or exit 3 (refused) / 4 (timeout)
-//	tool tcp-hold    -addr A [-timeout D]             connects, prints "connected", holds until EOF or signal
+//	tool tcp-hold    -addr A [-ping D] [-timeout D]   connects, prints "connected local=ADDR", holds until EOF or
+//	                                                  signal; with -ping, echoes one byte every D and fails on any error
 //	tool udp         -addr A -msg M [-lport P] [-timeout D] [-retry D]   sends M (resent every -retry), prints the reply
 package main
 
@@ -444,6 +445,7 @@ func tcpConnect(args []string) int {
 
 func tcpHold(args []string) int {
 	cf := newClientFlags("tcp-hold")
+	ping := cf.fs.Duration("ping", 0, "against an echo server: send a byte and await it back this often; any failure exits non-zero")
 	if cf.fs.Parse(args) != nil {
 		return exitUsage
 	}
@@ -453,12 +455,33 @@ func tcpHold(args []string) int {
 	}
 	defer c.Close()
 	c.SetDeadline(time.Time{})
-	fmt.Println("connected")
+	fmt.Printf("connected local=%s\n", c.LocalAddr())
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	go func() { <-ctx.Done(); c.Close() }()
-	io.Copy(io.Discard, c)
-	return exitOK
+	if *ping <= 0 {
+		go func() { <-ctx.Done(); c.Close() }()
+		io.Copy(io.Discard, c)
+		fmt.Println("closed")
+		return exitOK
+	}
+	tick := time.NewTicker(*ping)
+	defer tick.Stop()
+	one := make([]byte, 1)
+	for pings := 0; ; pings++ {
+		select {
+		case <-ctx.Done():
+			fmt.Printf("ok pings=%d\n", pings)
+			return exitOK
+		case <-tick.C:
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte{'p'}); err != nil {
+			return ioExit(fmt.Sprintf("write of ping %d", pings), err)
+		}
+		if _, err := io.ReadFull(c, one); err != nil {
+			return ioExit(fmt.Sprintf("read of ping %d", pings), err)
+		}
+	}
 }
 
 func udpClient(args []string) int {
