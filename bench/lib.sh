@@ -33,15 +33,19 @@ install_deps() { # install_deps CMD:PKG ...
   apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
 }
 
-build_natbox() { # a prebuilt binary given by NATBOX wins; otherwise build this checkout
+# Builds the committed HEAD (git archive), not the working tree: other people edit it while a
+# run goes on, and a figure must name the code it measured. NATBOX=/path/to/binary skips the build.
+build_natbox() {
   if [ -n "${NATBOX_PREBUILT:-}" ]; then NATBOX=$NATBOX_PREBUILT; return 0; fi
-  mkdir -p "$WORK/bin"
-  (cd "$REPO_DIR" && go build -o "$NATBOX" ./cmd/natbox)
+  local src=$WORK/src
+  rm -rf "$src" && mkdir -p "$src" "$WORK/bin" || return 1
+  git -C "$REPO_DIR" archive HEAD | tar -x -C "$src" || return 1
+  NATBOX_COMMIT=$(git -C "$REPO_DIR" log -1 --format='%h %cd' --date=iso-strict)
+  (cd "$src" && go build -trimpath -ldflags "-X main.version=bench-${NATBOX_COMMIT%% *}" -o "$NATBOX" ./cmd/natbox)
 }
 
 natbox_version() {
-  "$NATBOX" --version 2>/dev/null | head -1
-  (cd "$REPO_DIR" && git log -1 --format='natbox commit %h %cd' --date=iso-strict 2>/dev/null)
+  echo "natbox $("$NATBOX" --version 2>/dev/null | head -1) (commit ${NATBOX_COMMIT:-prebuilt binary $NATBOX})"
 }
 
 # cpu profile of PID for SECS seconds into OUTDIR/NAME.*: Go pprof when the process serves it
@@ -68,7 +72,10 @@ profile_pid() { # profile_pid NETNS PID SECS OUTDIR NAME PPROF_ADDR
   fi
   if [ -s "$dir/$name.perf.data" ]; then
     perf report -i "$dir/$name.perf.data" --stdio --no-children --sort dso,symbol 2>/dev/null \
-      | grep -v '^$' | grep -E '^ +[0-9.]+%' | head -60 >"$dir/$name.perf.top.txt"
+      | grep -E "^ +[0-9.]+%" | sed -E "s/[ -]+$//" | head -60 >"$dir/$name.perf.top.txt"
+    # inclusive (with callees) view: which Go/kernel paths the self time above belongs to
+    perf report -i "$dir/$name.perf.data" --stdio --children --sort symbol -g none 2>/dev/null \
+      | grep -E "^ +[0-9.]+%" | sed -E "s/[ -]+$//" | head -80 >"$dir/$name.perf.children.txt"
     rm -f "$dir/$name.perf.data"
   fi
 }

@@ -39,6 +39,22 @@ def ratio(v, b):
     return " [%.2f]" % (v / b) if v is not None and b else ""
 
 
+def bg_line(run, modes):
+    """Other tenants' load: busy cores in the 1 s before each test (shared harness probe)."""
+    parts = []
+    for m in modes:
+        vals = []
+        for d in reps_of(run, m):
+            for t in TESTS:
+                meta = load(os.path.join(d, t + ".meta"))
+                if meta and meta.get("bg_busy_cores") is not None:
+                    vals.append(meta["bg_busy_cores"])
+        if vals:
+            parts.append("%s %.2f/%.2f" % (m, med(vals), max(vals)))
+    return "Other tenants' load, busy cores (of %d) in the 1 s before each test, median/max: %s" % (
+        os.cpu_count() or 0, ", ".join(parts) or "n/a")
+
+
 def iperf_bytes(j):
     try:
         return j["end"]["sum_received"]["bytes"]
@@ -103,6 +119,8 @@ def gateway(run):
         out.append("| " + " | ".join(cells) + " |")
 
     idle = load(os.path.join(run, "raw-extra", "idle", "idle.json"))
+    out.append("")
+    out.append(bg_line(run, rows))
     out.append("")
     if idle:
         out.append("Idle TCP sessions through natbox: %d/%d open (%d errors) in %.1f s; natbox RSS %.1f MiB before, "
@@ -230,6 +248,8 @@ def relay(run):
             v = summary[m][n]["median"]
             cells.append(fmt(v, nd) + (ratio(v, fr.get(n, {}).get("median")) if rt and m not in ("frp", "loopback") else ""))
         out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out.append(bg_line(run, rows))
     lb = summary.get("loopback")
     if lb:
         out.append("\nShare of plain loopback (single flow): " + ", ".join(
