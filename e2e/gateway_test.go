@@ -5,6 +5,7 @@ package e2e
 import (
 	"fmt"
 	"net/netip"
+	"os"
 	"strings"
 	"syscall"
 	"testing"
@@ -265,6 +266,22 @@ func TestGateway(t *testing.T) {
 		}, nb)
 	})
 
+	t.Run("closed tcp sessions leave no file descriptors behind", func(t *testing.T) {
+		before := openFDs(t, nb)
+		r := g.client.tool("tcp-echo", "-addr", pub(7000), "-size", "20000", "-n", "100", "-timeout", "5s")
+		if r.code != 0 {
+			t.Fatalf("100 sequential echoes: %s", r)
+		}
+		// UDP sessions of earlier subtests may expire meanwhile, so the count
+		// may drop below the baseline, never stay above it.
+		eventually(t, "fd count back to its baseline", 10*time.Second, func() error {
+			if now := openFDs(t, nb); now > before {
+				return fmt.Errorf("natbox has %d open fds, %d before 100 connections", now, before)
+			}
+			return nil
+		}, nb)
+	})
+
 	t.Run("sigterm exits 0 and removes the tun and its routes", func(t *testing.T) {
 		nb.signal(syscall.SIGTERM)
 		code, err := nb.wait(15 * time.Second)
@@ -290,4 +307,14 @@ func addrOf(s string) string {
 		return ""
 	}
 	return ap.Addr().String()
+}
+
+// openFDs counts the file descriptors a running process holds.
+func openFDs(t *testing.T, p *proc) int {
+	t.Helper()
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", p.cmd.Process.Pid))
+	if err != nil {
+		t.Fatalf("fds of %s: %v", p.name, err)
+	}
+	return len(ents)
 }

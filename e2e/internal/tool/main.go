@@ -18,7 +18,8 @@
 //
 // Clients:
 //
-//	tool tcp-echo    -addr A [-size N] [-timeout D]   full-duplex echo of N random bytes, half-close, compare
+//	tool tcp-echo    -addr A [-size N] [-n C] [-timeout D]   full-duplex echo of N random bytes, half-close,
+//	                                                  compare; C connections one after another
 //	tool tcp-whoami  -addr A [-timeout D]             prints the whoami line
 //	tool tcp-connect -addr A [-timeout D]             "connected", or exit 3 (refused) / 4 (timeout)
 //	tool tcp-hold    -addr A [-ping D] [-timeout D]   connects, prints "connected local=ADDR", holds until EOF or
@@ -368,15 +369,32 @@ func ioExit(what string, err error) int {
 func tcpEcho(args []string) int {
 	cf := newClientFlags("tcp-echo")
 	size := cf.fs.Int("size", 1<<20, "bytes to send")
+	count := cf.fs.Int("n", 1, "connections, one after another, each with its own payload")
 	if cf.fs.Parse(args) != nil {
 		return exitUsage
 	}
+	for i := range *count {
+		n, code := echoOnce(cf, *size)
+		if code != exitOK {
+			fmt.Printf("connection %d of %d failed\n", i+1, *count)
+			return code
+		}
+		if i == *count-1 {
+			fmt.Printf("ok bytes=%d connections=%d\n", n, *count)
+		}
+	}
+	return exitOK
+}
+
+// echoOnce sends size random bytes over one connection, half-closes, and
+// checks that exactly the same bytes come back before the server's FIN.
+func echoOnce(cf clientFlags, size int) (int64, int) {
 	c, _, code := dialTCP(cf)
 	if code != exitOK {
-		return code
+		return 0, code
 	}
 	defer c.Close()
-	payload := make([]byte, *size)
+	payload := make([]byte, size)
 	rand.Read(payload)
 	want := sha256.Sum256(payload)
 
@@ -395,17 +413,16 @@ func tcpEcho(args []string) int {
 	n, rerr := io.Copy(h, c)
 	wg.Wait()
 	if werr != nil {
-		return ioExit("write", werr)
+		return n, ioExit("write", werr)
 	}
 	if rerr != nil {
-		return ioExit("read", rerr)
+		return n, ioExit("read", rerr)
 	}
-	if n != int64(*size) || !bytes.Equal(h.Sum(nil), want[:]) {
-		fmt.Printf("mismatch: sent %d bytes, got %d back (checksum equal: %v)\n", *size, n, bytes.Equal(h.Sum(nil), want[:]))
-		return exitFail
+	if n != int64(size) || !bytes.Equal(h.Sum(nil), want[:]) {
+		fmt.Printf("mismatch: sent %d bytes, got %d back (checksum equal: %v)\n", size, n, bytes.Equal(h.Sum(nil), want[:]))
+		return n, exitFail
 	}
-	fmt.Printf("ok bytes=%d\n", n)
-	return exitOK
+	return n, exitOK
 }
 
 func tcpWhoami(args []string) int {
