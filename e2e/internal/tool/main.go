@@ -24,7 +24,8 @@
 //	tool tcp-connect -addr A [-timeout D]             "connected", or exit 3 (refused) / 4 (timeout)
 //	tool tcp-hold    -addr A [-ping D] [-timeout D]   connects, prints "connected local=ADDR", holds until EOF or
 //	                                                  signal; with -ping, echoes one byte every D and fails on any error
-//	tool udp         -addr A -msg M [-lport P] [-timeout D] [-retry D]   sends M (resent every -retry), prints the reply
+//	tool udp         -addr A -msg M [-lport P] [-n R] [-timeout D] [-retry D]   sends M (resent every -retry),
+//	                                                  prints the reply; R rounds from one socket
 package main
 
 import (
@@ -506,6 +507,7 @@ func udpClient(args []string) int {
 	msg := cf.fs.String("msg", "ping", "datagram payload")
 	lport := cf.fs.Int("lport", 0, "local port to send from (0: ephemeral)")
 	retry := cf.fs.Duration("retry", 250*time.Millisecond, "resend interval until a reply arrives")
+	rounds := cf.fs.Int("n", 1, "request/reply rounds from the same socket, one reply line each")
 	if cf.fs.Parse(args) != nil {
 		return exitUsage
 	}
@@ -521,13 +523,24 @@ func udpClient(args []string) int {
 	}
 	defer pc.Close()
 	deadline := time.Now().Add(*cf.timeout)
+	for range *rounds {
+		if code := udpExchange(pc, raddr, []byte(*msg), *retry, deadline); code != exitOK {
+			return code
+		}
+	}
+	return exitOK
+}
+
+// udpExchange sends msg, resending every retry, until a reply arrives from
+// raddr or the deadline passes, and prints the reply.
+func udpExchange(pc *net.UDPConn, raddr *net.UDPAddr, msg []byte, retry time.Duration, deadline time.Time) int {
 	buf := make([]byte, 65536)
 	for time.Now().Before(deadline) {
-		if _, err := pc.WriteToUDP([]byte(*msg), raddr); err != nil {
+		if _, err := pc.WriteToUDP(msg, raddr); err != nil {
 			// ICMP errors surface on the next call; keep trying until the deadline.
 			fmt.Fprintf(os.Stderr, "send: %v\n", err)
 		}
-		pc.SetReadDeadline(minTime(deadline, time.Now().Add(*retry)))
+		pc.SetReadDeadline(minTime(deadline, time.Now().Add(retry)))
 		n, from, err := pc.ReadFromUDP(buf)
 		if err == nil {
 			if from.Port != raddr.Port || !from.IP.Equal(raddr.IP) {
@@ -540,7 +553,7 @@ func udpClient(args []string) int {
 		var ne net.Error
 		if !errors.As(err, &ne) || !ne.Timeout() {
 			fmt.Fprintf(os.Stderr, "recv: %v\n", err)
-			time.Sleep(minDur(*retry, time.Until(deadline)))
+			time.Sleep(minDur(retry, time.Until(deadline)))
 		}
 	}
 	fmt.Println("timeout: no reply")
