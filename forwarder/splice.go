@@ -11,11 +11,20 @@ import (
 	"time"
 )
 
-// copyBufSize is the splice buffer. One leg is usually a gVisor conn, which
-// has no ReadFrom/WriteTo, so splice(2) never applies and our buffer is used.
-const copyBufSize = 64 << 10
+// Splice buffers. One leg is usually a gVisor conn, which has no
+// ReadFrom/WriteTo, so splice(2) never applies and our buffers are used.
+// A direction reads into a small buffer while traffic is light and holds a
+// large pooled one only while a read fills the small one (bulk transfer), so
+// an idle session, blocked in Read, pins 2 x 4 KiB rather than 2 x 64 KiB.
+const (
+	copyBufSize      = 64 << 10
+	smallCopyBufSize = 4 << 10
+)
 
-var copyBufPool = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+var (
+	copyBufPool      = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+	smallCopyBufPool = sync.Pool{New: func() any { b := make([]byte, smallCopyBufSize); return &b }}
+)
 
 // ErrIdleTimeout ends a splice or UDP session that saw no traffic for its
 // idle timeout.
@@ -138,12 +147,18 @@ func (sp *splicer) runCopy(dst, src net.Conn, dir string, n *byteCounter, done c
 	done <- sp.copy(dst, src, dir, n)
 }
 
-// copy moves src to dst with a pooled buffer. It calls Read and Write
+// copy moves src to dst with pooled buffers. It calls Read and Write
 // directly, so neither side's ReadFrom/WriteTo can swap in its own buffer.
 func (sp *splicer) copy(dst, src net.Conn, dir string, n *byteCounter) int64 {
-	bp := copyBufPool.Get().(*[]byte)
-	defer copyBufPool.Put(bp)
-	buf := *bp
+	small := smallCopyBufPool.Get().(*[]byte)
+	defer smallCopyBufPool.Put(small)
+	var big *[]byte
+	defer func() {
+		if big != nil {
+			copyBufPool.Put(big)
+		}
+	}()
+	buf := *small
 	var written int64
 	for {
 		nr, rerr := src.Read(buf)
@@ -156,6 +171,16 @@ func (sp *splicer) copy(dst, src net.Conn, dir string, n *byteCounter) int64 {
 				sp.fail(fmt.Errorf("%s: write: %w", dir, werr))
 				return written
 			}
+		}
+		switch {
+		case big == nil && nr == len(buf):
+			// The small buffer filled: more is queued, move to the large one.
+			big = copyBufPool.Get().(*[]byte)
+			buf = *big
+		case big != nil && nr < smallCopyBufSize:
+			// Drained: give the large buffer back before blocking again.
+			copyBufPool.Put(big)
+			big, buf = nil, *small
 		}
 		switch {
 		case rerr == nil:
