@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -318,13 +319,26 @@ func (e *Engine) sendLoop(us *udpSession, conn *net.UDPConn, targetIP netip.Addr
 func (e *Engine) runUDPReply(us *udpSession, conn *net.UDPConn, targetIP netip.Addr, done chan<- struct{}) {
 	defer e.flows.Done()
 	defer close(done)
-	bp := copyBufPool.Get().(*[]byte)
-	defer copyBufPool.Put(bp)
+	// Replies are read into an MTU-sized buffer: every session pins its
+	// buffer while it waits, and a flood of sources may open max_sessions
+	// of them. A reply the kernel had to truncate (MSG_TRUNC) is dropped and
+	// counted, and the session moves to a full-size buffer from then on.
+	bp := getDatagramBuf(smallDatagram)
+	defer func() { putDatagramBuf(bp) }()
 	buf := *bp
 	d, expired := us.idle.deadline()
 	conn.SetReadDeadline(d)
 	for !expired {
-		n, from, err := conn.ReadFromUDPAddrPort(buf)
+		n, _, flags, from, err := conn.ReadMsgUDPAddrPort(buf, nil)
+		if err == nil && flags&syscall.MSG_TRUNC != 0 {
+			us.state.udpDrops.Add(1)
+			if len(buf) < copyBufSize {
+				putDatagramBuf(bp)
+				bp = getDatagramBuf(copyBufSize)
+				buf = *bp
+			}
+			continue
+		}
 		if err != nil {
 			if isTimeout(err) {
 				// Re-arm only when the deadline fires; traffic just moves last.

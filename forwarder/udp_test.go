@@ -220,3 +220,32 @@ func TestUDPFloodDoesNotBlock(t *testing.T) {
 	}
 	t.Logf("%d datagrams, worst HandleUDP %v, mean %v", n, worst, total/n)
 }
+
+// A reply larger than the session's starting buffer is dropped and counted
+// once, never delivered cut short; the session then carries full-size
+// replies.
+func TestUDPLargeReplyNotTruncated(t *testing.T) {
+	t.Parallel()
+	port := udpEcho(t)
+	e := newEngine(t, config(mapping("big", conf.UDP, "5000", "127.0.0.1:"+itoa(port))), Options{})
+	tun := newIngress(conf.IngressTUN)
+	client := netip.MustParseAddrPort("203.0.113.7:4444")
+	pub := netip.MustParseAddrPort("198.51.100.1:5000")
+
+	small := strings.Repeat("s", 100)
+	e.HandleUDP(tun, client, pub, []byte(small))
+	if r := tun.next(t); !strings.HasSuffix(r.payload, small) {
+		t.Fatalf("small reply %d bytes, want the echo of %d", len(r.payload), len(small))
+	}
+	large := strings.Repeat("L", 8000) // a jumbo-frame datagram, bigger than smallDatagram
+	e.HandleUDP(tun, client, pub, []byte(large))
+	waitFor(t, "truncated reply counted as dropped", func() bool { return mappingStatus(t, e, "big").UDPDropped == 1 })
+	e.HandleUDP(tun, client, pub, []byte(large))
+	r := tun.next(t)
+	if !strings.HasSuffix(r.payload, large) {
+		t.Fatalf("large reply: %d bytes, want the whole echo of %d", len(r.payload), len(large))
+	}
+	if d := mappingStatus(t, e, "big").UDPDropped; d != 1 {
+		t.Fatalf("UDPDropped = %d, want 1", d)
+	}
+}
