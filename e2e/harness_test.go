@@ -117,6 +117,9 @@ type result struct {
 }
 
 func (r result) String() string {
+	if r.code == -1 && r.err != nil {
+		return fmt.Sprintf("did not run to completion: %v, stdout %q, stderr %q", r.err, r.stdout, r.stderr)
+	}
 	return fmt.Sprintf("exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
 }
 
