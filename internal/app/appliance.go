@@ -61,8 +61,8 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (a *Appliance
 		}
 	}()
 	a.engine, err = forwarder.New(cfg, forwarder.Options{
-		Dialer:  opts.Dialer,
-		Clock:   opts.Clock,
+		Dialer: opts.Dialer,
+		Clock:  opts.Clock,
 		// Always handed over: the engine writes to it only while the current
 		// config has [log] connections = true, so a reload can switch it on.
 		ConnLog: log.Named("conn"),

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"strconv"
@@ -91,11 +90,9 @@ const transferSize = 32 << 20
 
 // sendStream writes n pseudo-random bytes from seed to w and returns their
 // SHA-256.
-func sendStream(w io.Writer, seed uint64, n int64) ([]byte, error) {
+func sendStream(w io.Writer, seed byte, n int64) ([]byte, error) {
 	h := sha256.New()
-	var s [32]byte
-	s[0] = byte(seed)
-	src := rand.NewChaCha8(s)
+	src := chachaStream(seed)
 	buf := make([]byte, 64<<10)
 	_, err := io.CopyBuffer(io.MultiWriter(w, h), io.LimitReader(src, n), buf)
 	return h.Sum(nil), err

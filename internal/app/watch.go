@@ -17,10 +17,12 @@ import (
 const watchInterval = time.Second
 
 // watchConfig calls reload whenever the content of path changes, until ctx
-// ends. A file that is briefly missing or half-written is simply read again
-// on the next tick: reload validates before it applies anything.
+// ends. A new content must read the same on two consecutive ticks before it
+// is reloaded, so a file caught half-written (an editor or a tool that
+// truncates, then writes) is not reloaded, and a missing file is ignored.
 func watchConfig(ctx context.Context, path string, interval time.Duration, reload func(), log *zap.Logger) {
-	last := fileDigest(path)
+	applied := fileDigest(path)
+	var pending []byte
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -30,12 +32,16 @@ func watchConfig(ctx context.Context, path string, interval time.Duration, reloa
 		case <-t.C:
 		}
 		d := fileDigest(path)
-		if d == nil || bytes.Equal(d, last) {
-			continue
+		switch {
+		case d == nil || bytes.Equal(d, applied):
+			pending = nil
+		case !bytes.Equal(d, pending):
+			pending = d // changed: wait one tick for it to settle
+		default:
+			applied, pending = d, nil
+			log.Info("config file changed; reloading", zap.String("path", path))
+			reload()
 		}
-		last = d
-		log.Info("config file changed; reloading", zap.String("path", path))
-		reload()
 	}
 }
 
