@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -37,6 +38,24 @@ func adminSocket(c *cli.Context) string {
 
 func dialAdmin(c *cli.Context) (*admin.Client, error) { return admin.Dial(adminSocket(c)) }
 
+// showFromAdmin asks the running natbox with get and prints the answer as
+// a table with render, or as JSON with --json.
+func showFromAdmin[T any](c *cli.Context, get func(*admin.Client, context.Context) (T, error), render func(io.Writer, T) error) error {
+	cl, err := dialAdmin(c)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	v, err := get(cl, c.Context)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return admin.WriteJSON(c.App.Writer, v)
+	}
+	return render(c.App.Writer, v)
+}
+
 func statusCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "status",
@@ -46,19 +65,7 @@ Refusals are counted by reason: no_match, denied, not_allowed, over_limit,
 dial_failed. Finds the running natbox through --socket or the [admin] socket of --config.`,
 		Flags: []cli.Flag{configFlag, socketFlag, jsonFlag},
 		Action: func(c *cli.Context) error {
-			cl, err := dialAdmin(c)
-			if err != nil {
-				return err
-			}
-			defer cl.Close()
-			st, err := cl.Status(c.Context)
-			if err != nil {
-				return err
-			}
-			if c.Bool("json") {
-				return admin.WriteJSON(c.App.Writer, st)
-			}
-			return admin.RenderStatus(c.App.Writer, st)
+			return showFromAdmin(c, (*admin.Client).Status, admin.RenderStatus)
 		},
 	}
 }
@@ -71,19 +78,10 @@ func sessionsCommand() *cli.Command {
 			&cli.StringFlag{Name: "mapping", Aliases: []string{"m"}, Usage: "only the sessions of mapping `NAME`"},
 		},
 		Action: func(c *cli.Context) error {
-			cl, err := dialAdmin(c)
-			if err != nil {
-				return err
+			sessions := func(cl *admin.Client, ctx context.Context) ([]admin.Session, error) {
+				return cl.Sessions(ctx, c.String("mapping"))
 			}
-			defer cl.Close()
-			ss, err := cl.Sessions(c.Context, c.String("mapping"))
-			if err != nil {
-				return err
-			}
-			if c.Bool("json") {
-				return admin.WriteJSON(c.App.Writer, ss)
-			}
-			return admin.RenderSessions(c.App.Writer, ss)
+			return showFromAdmin(c, sessions, admin.RenderSessions)
 		},
 	}
 }

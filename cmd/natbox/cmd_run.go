@@ -34,14 +34,11 @@ remove the routes natbox added, close the TUN and exit 0.`,
 			if err != nil {
 				return err
 			}
-			log, _, err := newLogger(cfg.Log, c.String("log-level"), c.App.ErrWriter)
+			log, err := daemonLogger(c, cfg.Log, warnings)
 			if err != nil {
 				return err
 			}
 			defer log.Sync()
-			for _, w := range warnings {
-				log.Warn("config", zap.Stringer("warning", w))
-			}
 			a, err := app.NewAppliance(cfg, app.Options{Version: version}, log)
 			if err != nil {
 				return err
@@ -72,14 +69,11 @@ SIGHUP re-reads peers and port allowances without dropping other peers' flows.`,
 			if err != nil {
 				return err
 			}
-			log, _, err := newLogger(cfg.Log, c.String("log-level"), c.App.ErrWriter)
+			log, err := daemonLogger(c, cfg.Log, warnings)
 			if err != nil {
 				return err
 			}
 			defer log.Sync()
-			for _, w := range warnings {
-				log.Warn("config", zap.Stringer("warning", w))
-			}
 			n, err := app.NewRelayNode(cfg, version, log)
 			if err != nil {
 				return err
@@ -89,6 +83,19 @@ SIGHUP re-reads peers and port allowances without dropping other peers' flows.`,
 			return n.Run(c.Context)
 		},
 	}
+}
+
+// daemonLogger builds a long-running command's logger and logs the
+// config's warnings through it.
+func daemonLogger(c *cli.Context, lc conf.Log, warnings []conf.Warning) (*zap.Logger, error) {
+	log, _, err := newLogger(lc, c.String("log-level"), c.App.ErrWriter)
+	if err != nil {
+		return nil, err
+	}
+	for _, w := range warnings {
+		log.Warn("config", zap.Stringer("warning", w))
+	}
+	return log, nil
 }
 
 // onSIGHUP calls fn for each SIGHUP until ctx ends or the returned stop is called.

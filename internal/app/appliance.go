@@ -31,13 +31,10 @@ type Appliance struct {
 	mu  sync.Mutex // guards cfg and serializes Reload
 	cfg *conf.Config
 
-	tun    *ingress // nil without [tun]
-	undoRt func() error
 	uplink *tunnel.Uplink // nil without [uplink]
-	upIn   *ingress
-	admin  *admin.Server // nil without a control socket or HTTP listener
+	admin  *admin.Server  // nil without a control socket or HTTP listener
 
-	closeOnce sync.Once
+	teardown teardown
 }
 
 // Options are the seams tests and the demo use.
@@ -70,6 +67,7 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (a *Appliance
 	if err != nil {
 		return nil, err
 	}
+	a.teardown.add(a.engine.Close)
 	if cfg.TUN != nil {
 		if err := a.startTUN(cfg.TUN, opts.TUNDevice); err != nil {
 			return nil, err
@@ -83,6 +81,9 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (a *Appliance
 	src := applianceSource{a: a, started: time.Now(), version: opts.Version}
 	if a.admin, err = startAdmin(cfg.Admin, src, a.ready, log); err != nil {
 		return nil, err
+	}
+	if a.admin != nil {
+		a.teardown.add(a.admin.Close)
 	}
 	return a, nil
 }
@@ -103,13 +104,13 @@ func (a *Appliance) startTUN(c *conf.TUN, dev tun.Device) error {
 			dev.Close()
 			return err
 		}
-		a.undoRt = undo
+		a.teardown.add(undo)
 	}
 	in, err := newIngress(conf.IngressTUN, dev, netstack.Config{MTU: c.MTU, Addresses: c.Addresses}, a.engine, a.log.Named("tun"))
 	if err != nil {
 		return err
 	}
-	a.tun = in
+	a.teardown.add(in.Close)
 	a.log.Info("tun up", zap.String("name", name), zap.Int("mtu", c.MTU),
 		zap.Stringers("addresses", c.Addresses), zap.Stringers("routes", c.Routes))
 	return nil
@@ -126,12 +127,13 @@ func (a *Appliance) startUplink(cfg *conf.Config) error {
 		outer.Close()
 		return err
 	}
-	a.upIn = in
+	a.teardown.add(in.Close)
 	up, err := tunnel.NewUplink(u, outer, in.stack, a.log.Named("uplink"))
 	if err != nil {
 		return err
 	}
 	a.uplink = up
+	a.teardown.add(up.Close)
 	up.SetPorts(uplinkPorts(cfg, time.Now()))
 	return nil
 }
@@ -165,12 +167,8 @@ func (a *Appliance) Run(ctx context.Context) error {
 		}()
 	}
 	runAdmin(ctx, a.admin, &wg, a.log)
-	if cfg := a.config(); cfg.Admin.Watch && cfg.Path != "" {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			watchConfig(ctx, cfg.Path, watchInterval, func() { _, _ = a.Reload() }, a.log)
-		}()
+	if cfg := a.config(); cfg.Admin.Watch {
+		goWatchConfig(ctx, cfg.Path, func() { _, _ = a.Reload() }, &wg, a.log)
 	}
 	a.log.Info("natbox running", zap.Int("mappings", len(a.config().Mappings)))
 	var runErr error
@@ -190,33 +188,8 @@ func (a *Appliance) Run(ctx context.Context) error {
 	return errors.Join(runErr, err)
 }
 
-// Close stops everything at once; it is idempotent.
-func (a *Appliance) Close() error {
-	var errs []error
-	a.closeOnce.Do(func() {
-		if a.admin != nil {
-			errs = append(errs, a.admin.Close())
-		}
-		if a.uplink != nil {
-			errs = append(errs, a.uplink.Close())
-		}
-		if a.upIn != nil {
-			errs = append(errs, a.upIn.Close())
-		}
-		if a.tun != nil {
-			errs = append(errs, a.tun.Close())
-		}
-		if a.undoRt != nil {
-			errs = append(errs, a.undoRt())
-		}
-		if a.engine != nil {
-			ctx, cancel := context.WithCancel(context.Background())
-			cancel()
-			_ = a.engine.Shutdown(ctx)
-		}
-	})
-	return errors.Join(errs...)
-}
+// Close stops everything at once, newest first; it is idempotent.
+func (a *Appliance) Close() error { return a.teardown.run() }
 
 // ready reports whether every ingress is up, for /readyz.
 func (a *Appliance) ready() error {

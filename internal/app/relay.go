@@ -30,7 +30,7 @@ type RelayNode struct {
 	mu  sync.Mutex // guards cfg and serializes Reload
 	cfg *conf.RelayConfig
 
-	closeOnce sync.Once
+	teardown teardown
 }
 
 // NewRelayNode starts the relay's stack and WireGuard device.
@@ -47,16 +47,21 @@ func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*Rela
 		return nil, fmt.Errorf("relay stack: %w", err)
 	}
 	n.stack = s
+	n.teardown.add(s.Close)
 	r, err := tunnel.NewRelay(cfg, outer, s, log.Named("relay"))
 	if err != nil {
-		s.Close()
+		n.Close()
 		return nil, err
 	}
 	n.relay = r
+	n.teardown.add(r.Close)
 	n.h.relay.Store(r)
 	if n.admin, err = startAdmin(cfg.Admin, relaySource{n: n, started: time.Now(), version: version}, nil, log); err != nil {
 		n.Close()
 		return nil, err
+	}
+	if n.admin != nil {
+		n.teardown.add(n.admin.Close)
 	}
 	return n, nil
 }
@@ -65,12 +70,8 @@ func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*Rela
 func (n *RelayNode) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	runAdmin(ctx, n.admin, &wg, n.log)
-	if n.cfg.Admin.Watch && n.cfg.Path != "" {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			watchConfig(ctx, n.cfg.Path, watchInterval, func() { _ = n.Reload() }, n.log)
-		}()
+	if n.cfg.Admin.Watch {
+		goWatchConfig(ctx, n.cfg.Path, func() { _ = n.Reload() }, &wg, n.log)
 	}
 	defer wg.Wait()
 	err := n.relay.Run(ctx)
@@ -101,22 +102,8 @@ func (n *RelayNode) Reload() error {
 	return nil
 }
 
-// Close is idempotent.
-func (n *RelayNode) Close() error {
-	var errs []error
-	n.closeOnce.Do(func() {
-		if n.admin != nil {
-			errs = append(errs, n.admin.Close())
-		}
-		if n.relay != nil {
-			errs = append(errs, n.relay.Close())
-		}
-		if n.stack != nil {
-			errs = append(errs, n.stack.Close())
-		}
-	})
-	return errors.Join(errs...)
-}
+// Close stops everything, newest first; it is idempotent.
+func (n *RelayNode) Close() error { return n.teardown.run() }
 
 // relayHandler hands the relay stack's flows to the relay once it exists.
 type relayHandler struct{ relay atomic.Pointer[tunnel.Relay] }

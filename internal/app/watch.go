@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"os"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -15,6 +16,19 @@ import (
 // config-management tools that rewrite it in place, and costs one small read
 // a second.
 const watchInterval = time.Second
+
+// goWatchConfig runs watchConfig on its own goroutine, tracked by wg, for
+// configs loaded from a file.
+func goWatchConfig(ctx context.Context, path string, reload func(), wg *sync.WaitGroup, log *zap.Logger) {
+	if path == "" {
+		return
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		watchConfig(ctx, path, watchInterval, reload, log)
+	}()
+}
 
 // watchConfig calls reload whenever the content of path changes, until ctx
 // ends. A new content must read the same on two consecutive ticks before it
