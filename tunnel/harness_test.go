@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -67,7 +68,7 @@ func relayConfig(key conf.Key, listen string, binds []netip.Addr, peers ...conf.
 	}
 }
 
-func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger) *relaySide {
+func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger, opts ...tunnel.Option) *relaySide {
 	t.Helper()
 	stackSide, outer := netstack.Pipe(testMTU)
 	h := &relayHandler{}
@@ -76,7 +77,7 @@ func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger) *relaySide
 		outer.Close()
 		t.Fatal(err)
 	}
-	r, err := tunnel.NewRelay(cfg, outer, st, log.Named("relay"), testOpts...)
+	r, err := tunnel.NewRelay(cfg, outer, st, log.Named("relay"), append(testOpts[:len(testOpts):len(testOpts)], opts...)...)
 	if err != nil {
 		st.Close()
 		t.Fatal(err)
@@ -124,6 +125,7 @@ type appliance struct {
 	logs   *observer.ObservedLogs
 	cancel context.CancelFunc
 	done   chan error
+	once   sync.Once
 }
 
 // startAppliance runs an appliance with key and tunnel address addr whose
@@ -178,11 +180,15 @@ mtu = %d
 	return a
 }
 
+// close stops the appliance; it is idempotent (tests call it early, and
+// cleanup calls it again).
 func (a *appliance) close() {
-	a.cancel()
-	<-a.done
-	a.stack.Close()
-	a.engine.Close()
+	a.once.Do(func() {
+		a.cancel()
+		<-a.done
+		a.stack.Close()
+		a.engine.Close()
+	})
 }
 
 // waitFor polls cond every 20 ms until it holds or d passes.

@@ -29,7 +29,7 @@ var (
 )
 
 // proxyEchoService accepts TCP on 127.0.0.1, reads a PROXY v1 header line,
-// reports it, and echoes the rest.
+// reports it (up to 16 unread), and echoes the rest.
 func proxyEchoService(t *testing.T) (port uint16, headers <-chan string) {
 	t.Helper()
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
@@ -55,7 +55,10 @@ func proxyEchoService(t *testing.T) (port uint16, headers <-chan string) {
 				if err != nil {
 					return
 				}
-				ch <- line
+				select { // tests that do not read the headers must not stall
+				case ch <- line:
+				default:
+				}
 				io.Copy(c, br)
 				c.(*net.TCPConn).CloseWrite()
 			}()
@@ -141,6 +144,7 @@ func randomBytes(n int) []byte {
 // appliance sees each client's real address and port; a port outside the
 // peer's allowance is refused and the appliance logs why.
 func TestRelayEndToEnd(t *testing.T) {
+	t.Parallel()
 	v6 := haveIPv6()
 	binds := []netip.Addr{loopback4}
 	if v6 {
@@ -270,6 +274,7 @@ target = "127.0.0.1:%d"
 // TestRelayPeersIsolated: two peers cannot take the same port, and one
 // peer cannot reach the other's tunnel address, ports or UDP flows.
 func TestRelayPeersIsolated(t *testing.T) {
+	t.Parallel()
 	port := freePort(t, false)
 	spec := fmt.Sprintf("tcp/%d", port)
 	uspec := fmt.Sprintf("udp/%d", port)
@@ -363,6 +368,7 @@ func isTimeout(err error) bool {
 // TestRelayRestart: the relay restarts mid-run with the same key and port;
 // the appliance re-registers on its own and the mapping works again.
 func TestRelayRestart(t *testing.T) {
+	t.Parallel()
 	port := freePort(t, false)
 	keyA, relayKey := mustKey(t), mustKey(t)
 	peer := conf.Peer{Name: "a", PublicKey: keyA.Public(), Address: applAddrA, Ports: mustSpecs(t, fmt.Sprintf("tcp/%d", port))}

@@ -119,7 +119,9 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 		return nil, err
 	}
 	// Allowed IPs are everything: public clients' real addresses come through.
-	uapi := peerUAPI(cfg.RelayPublicKey, netip.AddrPort{}, cfg.Keepalive.D(),
+	// Keepalives start with the endpoint (resolve): one sent before would fail
+	// and hold the first real handshake back by wireguard-go's 5 s rekey timer.
+	uapi := peerUAPI(cfg.RelayPublicKey, netip.AddrPort{}, 0,
 		[]netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")})
 	if err := d.IpcSet(uapi); err != nil {
 		d.Close()
@@ -239,9 +241,16 @@ func (u *Uplink) resolve(ctx context.Context) {
 		}
 	}
 	ep := netip.AddrPortFrom(addrs[0].Unmap(), u.port)
-	if err := u.dev.IpcSet(fmt.Sprintf("public_key=%s\nendpoint=%s\n", u.cfg.RelayPublicKey.Hex(), ep)); err != nil {
+	uapi := fmt.Sprintf("public_key=%s\nendpoint=%s\npersistent_keepalive_interval=%d\n",
+		u.cfg.RelayPublicKey.Hex(), ep, int(u.cfg.Keepalive.D()/time.Second))
+	if err := u.dev.IpcSet(uapi); err != nil {
 		u.log.Warn("set relay endpoint", zap.Stringer("dst", ep), zap.Error(err))
 		return
+	}
+	// A new endpoint deserves a handshake now, not after the rekey timer.
+	if p := u.dev.LookupPeer(device.NoisePublicKey(u.cfg.RelayPublicKey)); p != nil {
+		p.ExpireCurrentKeypairs()
+		p.SendKeepalive()
 	}
 	u.mu.Lock()
 	u.endpoint = ep

@@ -1,0 +1,187 @@
+package tunnel_test
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/tunnel"
+)
+
+func tcpMapping(name string, port, target uint16) string {
+	return fmt.Sprintf(`
+[[mapping]]
+name = %q
+protocol = "tcp"
+listen = "%d"
+target = "127.0.0.1:%d"
+proxy_protocol = "v1"
+`, name, port, target)
+}
+
+func dialable(addr netip.AddrPort) bool {
+	c, err := net.DialTimeout("tcp", addr.String(), time.Second)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
+// TestRelayReload: a reload that takes one port from peer a closes exactly
+// that port and tells a why; b's established flow keeps running; widening
+// b's allowance grants the port b asked for earlier without b re-registering.
+func TestRelayReload(t *testing.T) {
+	t.Parallel()
+	portA1, portA2, portB, portB2 := freePort(t, false), freePort(t, false), freePort(t, false), freePort(t, false)
+	keyA, keyB, relayKey := mustKey(t), mustKey(t), mustKey(t)
+	peerA := conf.Peer{Name: "a", PublicKey: keyA.Public(), Address: applAddrA,
+		Ports: mustSpecs(t, fmt.Sprintf("tcp/%d", portA1), fmt.Sprintf("tcp/%d", portA2))}
+	peerB := conf.Peer{Name: "b", PublicKey: keyB.Public(), Address: applAddrB, Ports: mustSpecs(t, fmt.Sprintf("tcp/%d", portB))}
+	binds := []netip.Addr{loopback4}
+	relay := startRelay(t, relayConfig(relayKey, "127.0.0.1:0", binds, peerA, peerB), testLogger(t))
+	svc, _ := proxyEchoService(t)
+	a := startAppliance(t, relay, keyA, applAddrA, tcpMapping("a1", portA1, svc)+tcpMapping("a2", portA2, svc))
+	b := startAppliance(t, relay, keyB, applAddrB, tcpMapping("b", portB, svc)+tcpMapping("b2", portB2, svc))
+	specA1, specA2 := fmt.Sprintf("tcp/%d", portA1), fmt.Sprintf("tcp/%d", portA2)
+	specB, specB2 := fmt.Sprintf("tcp/%d", portB), fmt.Sprintf("tcp/%d", portB2)
+	waitRegistered(t, a, specA1, specA2)
+	waitRegistered(t, b, specB)
+	if r := b.uplink.Status().Refused[specB2]; r != "not in this peer's ports" {
+		t.Fatalf("b2 refusal %q", r)
+	}
+
+	// A long-lived flow of b's, open across the reload.
+	flow, err := net.DialTimeout("tcp", netip.AddrPortFrom(loopback4, portB).String(), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer flow.Close()
+	echo := func(msg string) string {
+		t.Helper()
+		flow.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := flow.Write([]byte(msg)); err != nil {
+			t.Fatalf("write on b's flow: %v", err)
+		}
+		buf := make([]byte, len(msg))
+		if _, err := io.ReadFull(flow, buf); err != nil {
+			t.Fatalf("read on b's flow: %v", err)
+		}
+		return string(buf)
+	}
+	if got := echo("one"); got != "one" {
+		t.Fatalf("echo %q", got)
+	}
+
+	peerA.Ports = mustSpecs(t, fmt.Sprintf("tcp/%d", portA1))
+	peerB.Ports = mustSpecs(t, fmt.Sprintf("tcp/%d", portB), fmt.Sprintf("tcp/%d", portB2))
+	if err := relay.relay.Reload(relayConfig(relayKey, "127.0.0.1:0", binds, peerA, peerB)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "a told it lost "+specA2, func() bool {
+		return a.uplink.Status().Refused[specA2] == "not in this peer's ports"
+	})
+	if dialable(netip.AddrPortFrom(loopback4, portA2)) {
+		t.Fatalf("%s still open after the reload took it away", specA2)
+	}
+	if !dialable(netip.AddrPortFrom(loopback4, portA1)) {
+		t.Fatalf("%s closed by a reload that kept it", specA1)
+	}
+	waitRegistered(t, b, specB, specB2)
+	if got := echo("two"); got != "two" {
+		t.Fatalf("b's flow after reload: %q", got)
+	}
+
+	// Settings that need a restart are refused whole.
+	bad := relayConfig(relayKey, "127.0.0.1:1", binds, peerA, peerB)
+	if err := relay.relay.Reload(bad); err == nil {
+		t.Fatal("reload accepted a new relay.listen")
+	}
+}
+
+// TestRelayGraceAndHandover: ports survive a short control outage, are
+// released when the appliance stays away past the grace, and a peer that was
+// refused because another held the port gets it then.
+func TestRelayGraceAndHandover(t *testing.T) {
+	t.Parallel()
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	keyA, keyB := mustKey(t), mustKey(t)
+	relay := startRelay(t, relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: keyA.Public(), Address: applAddrA, Ports: mustSpecs(t, spec)},
+		conf.Peer{Name: "b", PublicKey: keyB.Public(), Address: applAddrB, Ports: mustSpecs(t, spec)},
+	), testLogger(t))
+	svc, headers := proxyEchoService(t)
+	a := startAppliance(t, relay, keyA, applAddrA, tcpMapping("web", port, svc))
+	waitRegistered(t, a, spec)
+	b := startAppliance(t, relay, keyB, applAddrB, tcpMapping("web", port, svc))
+	waitFor(t, 10*time.Second, "b refused", func() bool { return b.uplink.Status().Refused[spec] == `held by peer "a"` })
+
+	a.close() // a goes away for good
+	gone := time.Now()
+	waitRegistered(t, b, spec)
+	if held := time.Since(gone); held < 900*time.Millisecond {
+		t.Fatalf("a's port moved to b after %v, inside the 1 s grace", held)
+	}
+	public := netip.AddrPortFrom(loopback4, port)
+	client, got := tcpRoundTrip(t, public, []byte("to b"))
+	if string(got) != "to b" {
+		t.Fatalf("echo %q", got)
+	}
+	if h := <-headers; !containsAddr(h, client) {
+		t.Fatalf("header %q lacks client %s", h, client)
+	}
+	for _, p := range relay.relay.Status().Peers {
+		if p.Name == "a" && (p.Connected || len(p.Ports) != 0) {
+			t.Fatalf("a still listed with ports: %+v", p)
+		}
+	}
+}
+
+// containsAddr reports whether a PROXY v1 header names ap as its source.
+func containsAddr(header string, ap netip.AddrPort) bool {
+	f := strings.Fields(header)
+	return len(f) == 6 && f[2] == ap.Addr().String() && f[4] == fmt.Sprint(ap.Port())
+}
+
+// TestRelayUDPIdleExpiry: the relay forgets a public UDP client after the
+// idle timeout and serves it again as a new session.
+func TestRelayUDPIdleExpiry(t *testing.T) {
+	t.Parallel()
+	port := freePort(t, false)
+	spec := fmt.Sprintf("udp/%d", port)
+	key := mustKey(t)
+	cfg := relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(t, spec)})
+	relay := startRelay(t, cfg, testLogger(t), tunnel.WithUDPIdleTimeout(300*time.Millisecond))
+	svc := udpEchoService(t)
+	a := startAppliance(t, relay, key, applAddrA, fmt.Sprintf(`
+[[mapping]]
+name = "dns"
+protocol = "udp"
+listen = "%d"
+target = "127.0.0.1:%d"
+`, port, svc))
+	waitRegistered(t, a, spec)
+	c, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback4, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	public := netip.AddrPortFrom(loopback4, port)
+	if got := udpRoundTrip(t, c, public, []byte("q1")); string(got) != "q1" {
+		t.Fatalf("echo %q", got)
+	}
+	if n := relay.relay.Status().UDPSessions; n != 1 {
+		t.Fatalf("udp sessions = %d, want 1", n)
+	}
+	waitFor(t, 3*time.Second, "udp session expiry", func() bool { return relay.relay.Status().UDPSessions == 0 })
+	if got := udpRoundTrip(t, c, public, []byte("q2")); string(got) != "q2" {
+		t.Fatalf("echo after expiry %q", got)
+	}
+}
