@@ -7,6 +7,7 @@ import (
 	"io"
 	"time"
 
+	"github.com/BurntSushi/toml"
 	"github.com/urfave/cli/v2"
 
 	"github.com/natbox/natbox/admin"
@@ -30,8 +31,18 @@ func adminSocket(c *cli.Context) string {
 	if s := c.String("socket"); s != "" {
 		return s
 	}
-	if cfg, _, err := conf.Load(c.String("config")); err == nil {
+	path := c.String("config")
+	if cfg, _, err := conf.Load(path); err == nil {
 		return cfg.Admin.Socket
+	}
+	// Invalid elsewhere: read only [admin] socket, leniently.
+	var partial struct {
+		Admin struct {
+			Socket string `toml:"socket"`
+		} `toml:"admin"`
+	}
+	if _, err := toml.DecodeFile(path, &partial); err == nil && partial.Admin.Socket != "" {
+		return partial.Admin.Socket
 	}
 	return conf.DefaultAdminSocket
 }

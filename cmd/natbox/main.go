@@ -50,7 +50,7 @@ var configFlag = &cli.StringFlag{
 }
 
 func newApp(stdout, stderr io.Writer) *cli.App {
-	return &cli.App{
+	app := &cli.App{
 		Name:    "natbox",
 		Usage:   "userspace port mapping: expose chosen internal services through a TUN gateway or a WireGuard relay",
 		Version: version,
@@ -70,9 +70,8 @@ Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage.`,
 		// urfave/cli would call os.Exit inside Run for ExitCoder errors, skipping
 		// deferred cleanup: main maps errors to exit codes instead.
 		ExitErrHandler: func(*cli.Context, error) {},
-		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
-			return usageError{err}
-		},
+		OnUsageError:   onUsageError,
+		Action:         rootAction,
 		Commands: []*cli.Command{
 			runCommand(),
 			checkCommand(),
@@ -87,6 +86,42 @@ Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage.`,
 			versionCommand(),
 		},
 	}
+	// urfave/cli applies OnUsageError to the root only: a bad flag after a
+	// command would otherwise exit 1 with the help text on stdout.
+	for _, c := range app.Commands {
+		c.OnUsageError = onUsageError
+	}
+	return app
+}
+
+// onUsageError turns a flag parsing error into a usage error (exit 2) that
+// says where the flags are documented.
+func onUsageError(c *cli.Context, err error, _ bool) error {
+	return usageError{fmt.Errorf("%w; see %s --help", err, c.Command.HelpName)}
+}
+
+// rootAction runs when no command matched: help for "natbox" and
+// "natbox help [COMMAND]" (the help command is hidden), a usage error for
+// anything else.
+func rootAction(c *cli.Context) error {
+	args := c.Args()
+	switch {
+	case !args.Present():
+		return cli.ShowAppHelp(c)
+	case args.First() == "help" && args.Len() == 1:
+		return cli.ShowAppHelp(c)
+	case args.First() == "help" && c.App.Command(args.Get(1)) != nil:
+		return cli.ShowCommandHelp(c, args.Get(1))
+	}
+	name := args.First()
+	if name == "help" {
+		name = args.Get(1)
+	}
+	err := fmt.Errorf("unknown command %q; natbox --help lists the commands", name)
+	if s := cli.SuggestCommand(c.App.Commands, name); s != "" {
+		err = fmt.Errorf("%w. %s", err, s)
+	}
+	return usageError{err}
 }
 
 func main() {

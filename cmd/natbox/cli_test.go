@@ -1,0 +1,213 @@
+package main
+
+import (
+	"fmt"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/natbox/natbox/conf"
+)
+
+func TestCheckValidExample(t *testing.T) {
+	const example = "../../examples/natbox.toml"
+	r := natbox(t, "", "check", "-c", example)
+	if r.code != exitOK {
+		t.Fatalf("check of the example: %v", r)
+	}
+	header := regexp.MustCompile(`(?m)^NAME\s+PROTO\s+LISTEN\s+TARGET\s+ALLOW\s+INGRESS\s+OWNER\s+REVIEW_BY\s+STATE$`)
+	if !header.MatchString(r.stdout) {
+		t.Fatalf("no mapping table header in:\n%s", r.stdout)
+	}
+	cfg, _, err := conf.Load(example)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range cfg.Mappings {
+		row := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(m.Name) + `\s+` + regexp.QuoteMeta(m.Protocol.String()) +
+			`\s+` + regexp.QuoteMeta(m.Listen.String()) + `\s+` + regexp.QuoteMeta(m.Target.String()) + `\s`)
+		if !row.MatchString(r.stdout) {
+			t.Errorf("no row for mapping %q (%s %s -> %s) in:\n%s", m.Name, m.Protocol, m.Listen, m.Target, r.stdout)
+		}
+	}
+	if want := fmt.Sprintf("ok: %s: %d mapping(s)", example, len(cfg.Mappings)); !strings.Contains(r.stdout, want) {
+		t.Fatalf("stdout lacks %q:\n%s", want, r.stdout)
+	}
+}
+
+func TestCheckReportsEveryErrorWithItsLine(t *testing.T) {
+	path := writeConfig(t, "bad.toml", `[tun]
+addresses = ["198.51.100.1/32"]
+
+[[mapping]]
+name = "web"
+protocol = "tcp"
+listen = "70000"
+target = "127.0.0.1:8080"
+
+[[mapping]]
+name = "ssh"
+protocol = "tcp"
+listen = "2222"
+target = "127.0.0.1:22"
+idle_timout = "5m"
+
+[[mapping]]
+name = "dns"
+protocol = "udp"
+listen = "53"
+target = "127.0.0.1:5353"
+idle_timeout = "soon"
+`)
+	r := natbox(t, "", "check", "-c", path)
+	if r.code != exitUsage {
+		t.Fatalf("check of a config with 3 errors: %v", r)
+	}
+	if r.stdout != "" {
+		t.Fatalf("an invalid config printed a table:\n%s", r.stdout)
+	}
+	for _, want := range []string{
+		path + `:7: mapping "web" (mapping[0]).listen: port 70000 is out of range`,
+		path + `:15: mapping "ssh" (mapping[1]): unknown key "idle_timout"; did you mean "idle_timeout"?`,
+		path + `:22: mapping "dns" (mapping[2]).idle_timeout: "soon" is not a duration`,
+	} {
+		if !strings.Contains(r.stderr, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, r.stderr)
+		}
+	}
+	if n := strings.Count(r.stderr, path+":"); n != 3 {
+		t.Fatalf("%d FILE:LINE lines, want 3:\n%s", n, r.stderr)
+	}
+	if !strings.Contains(r.stderr, "3 problem(s)") {
+		t.Fatalf("no problem count in:\n%s", r.stderr)
+	}
+}
+
+func TestCheckMissingFile(t *testing.T) {
+	r := natbox(t, "", "check", "-c", "/nonexistent/natbox.toml")
+	if r.code == exitOK || !strings.Contains(r.stderr, "/nonexistent/natbox.toml") {
+		t.Fatalf("check of a missing file: %v", r)
+	}
+}
+
+func TestUsageErrorsExit2WithAHint(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		want []string // in stderr
+	}{
+		{"unknown command", []string{"frobnicate"}, []string{`unknown command "frobnicate"`, "natbox --help"}},
+		{"misspelled command", []string{"stauts"}, []string{`unknown command "stauts"`, `"status"`}},
+		{"unknown global flag", []string{"--bogus"}, []string{"-bogus", "natbox --help"}},
+		{"unknown command flag", []string{"check", "--bogus"}, []string{"-bogus", "natbox check --help"}},
+		{"missing flag value", []string{"check", "-c"}, []string{"-c", "natbox check --help"}},
+		{"bad demo port", []string{"demo", "--once", "--port", "70000"}, []string{"--port 70000"}},
+		{"bad log level", []string{"demo", "--once", "--log-level", "loud"}, []string{`"loud"`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := natbox(t, "", tt.args...)
+			if r.code != exitUsage {
+				t.Fatalf("natbox %s: %v", strings.Join(tt.args, " "), r)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(r.stderr, w) {
+					t.Errorf("stderr lacks %q: %v", w, r)
+				}
+			}
+		})
+	}
+}
+
+func TestHelp(t *testing.T) {
+	for _, args := range [][]string{{"--help"}, {"help"}, {}} {
+		r := natbox(t, "", args...)
+		if r.code != exitOK || !strings.Contains(r.stdout, "COMMANDS:") {
+			t.Fatalf("natbox %v: %v", args, r)
+		}
+		for _, c := range newApp(nil, nil).Commands {
+			if !strings.Contains(r.stdout, c.Name) {
+				t.Errorf("natbox %v does not list %q", args, c.Name)
+			}
+		}
+	}
+}
+
+func TestEveryCommandHelpMentionsItsFlags(t *testing.T) {
+	for _, c := range newApp(nil, nil).Commands {
+		for _, args := range [][]string{{c.Name, "--help"}, {"help", c.Name}} {
+			r := natbox(t, "", args...)
+			if r.code != exitOK {
+				t.Fatalf("natbox %v: %v", args, r)
+			}
+			if !strings.Contains(r.stdout, c.Usage) {
+				t.Errorf("natbox %v lacks the command's usage %q:\n%s", args, c.Usage, r.stdout)
+			}
+			for _, f := range c.Flags {
+				if name := f.Names()[0]; !strings.Contains(r.stdout, "--"+name) {
+					t.Errorf("natbox %v does not mention --%s:\n%s", args, name, r.stdout)
+				}
+			}
+		}
+	}
+	// The shared flags really are on the commands that need them.
+	need := map[string][]string{
+		"run": {"config", "log-level"}, "check": {"config"}, "relay": {"config", "log-level"},
+		"demo": {"port", "once"}, "status": {"config", "socket", "json"}, "sessions": {"socket", "mapping", "json"},
+		"reload": {"socket"}, "doctor": {"config", "timeout"},
+	}
+	for _, c := range newApp(nil, nil).Commands {
+		for _, name := range need[c.Name] {
+			if !hasFlag(c, name) {
+				t.Errorf("%s has no --%s", c.Name, name)
+			}
+		}
+	}
+}
+
+func hasFlag(c *cli.Command, name string) bool {
+	for _, f := range c.Flags {
+		for _, n := range f.Names() {
+			if n == name {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func TestGenkeyPubkeyRoundTrip(t *testing.T) {
+	gen := natbox(t, "", "genkey")
+	if gen.code != exitOK {
+		t.Fatalf("genkey: %v", gen)
+	}
+	priv, err := conf.ParseKey(strings.TrimSpace(gen.stdout))
+	if err != nil {
+		t.Fatalf("genkey printed %q: %v", gen.stdout, err)
+	}
+	if again := natbox(t, "", "genkey"); again.stdout == gen.stdout {
+		t.Fatal("two genkey runs printed the same key")
+	}
+	pub := natbox(t, gen.stdout, "pubkey")
+	if pub.code != exitOK {
+		t.Fatalf("pubkey: %v", pub)
+	}
+	if got, want := strings.TrimSpace(pub.stdout), priv.Public().String(); got != want {
+		t.Fatalf("pubkey = %q, want %q", got, want)
+	}
+	bad := natbox(t, "not a key\n", "pubkey")
+	if bad.code != exitUsage || !strings.Contains(bad.stderr, "genkey") {
+		t.Fatalf("pubkey of garbage: %v", bad)
+	}
+}
+
+func TestVersion(t *testing.T) {
+	for _, args := range [][]string{{"version"}, {"--version"}} {
+		r := natbox(t, "", args...)
+		if r.code != exitOK || !strings.Contains(r.stdout, version) || !strings.HasPrefix(r.stdout, "natbox ") {
+			t.Fatalf("natbox %v: %v", args, r)
+		}
+	}
+}
