@@ -185,3 +185,79 @@ target = "127.0.0.1:%d"
 		t.Fatalf("echo after expiry %q", got)
 	}
 }
+
+// TestRelayMaxSessions: past relay.max_sessions a public connection is
+// closed at once and counted; the admitted one keeps working.
+func TestRelayMaxSessions(t *testing.T) {
+	t.Parallel()
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	key := mustKey(t)
+	cfg := relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(t, spec)})
+	cfg.Relay.MaxSessions = 1
+	relay := startRelay(t, cfg, testLogger(t))
+	svc, _ := proxyEchoService(t)
+	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", port, svc))
+	waitRegistered(t, a, spec)
+	public := netip.AddrPortFrom(loopback4, port).String()
+
+	first, err := net.DialTimeout("tcp", public, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	first.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := first.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 1)
+	if _, err := io.ReadFull(first, buf); err != nil || buf[0] != 'x' {
+		t.Fatalf("first flow: %q, %v", buf, err)
+	}
+	second, err := net.DialTimeout("tcp", public, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	second.SetDeadline(time.Now().Add(10 * time.Second))
+	if n, err := second.Read(buf); err == nil {
+		t.Fatalf("second flow over the cap read %d bytes", n)
+	}
+	if st := relay.relay.Status(); st.OverLimit != 1 || st.TCPSessions != 1 {
+		t.Fatalf("over_limit %d, tcp sessions %d; want 1 and 1", st.OverLimit, st.TCPSessions)
+	}
+	if _, err := first.Write([]byte("y")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(first, buf); err != nil || buf[0] != 'y' {
+		t.Fatalf("first flow after the refusal: %q, %v", buf, err)
+	}
+}
+
+// TestUplinkSetPorts: SetPorts at runtime (a reload on the appliance)
+// registers new ports and releases dropped ones on the relay.
+func TestUplinkSetPorts(t *testing.T) {
+	t.Parallel()
+	p1, p2 := freePort(t, false), freePort(t, false)
+	s1, s2 := fmt.Sprintf("tcp/%d", p1), fmt.Sprintf("tcp/%d", p2)
+	key := mustKey(t)
+	relay := startRelay(t, relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(t, s1, s2)}), testLogger(t))
+	svc, _ := proxyEchoService(t)
+	a := startAppliance(t, relay, key, applAddrA, tcpMapping("one", p1, svc))
+	waitRegistered(t, a, s1)
+
+	a.uplink.SetPorts(mustSpecs(t, s2))
+	waitRegistered(t, a, s2)
+	waitFor(t, 5*time.Second, s1+" released", func() bool {
+		ports := relay.relay.Status().Peers[0].Ports
+		return len(ports) == 1 && ports[0] == s2
+	})
+	if dialable(netip.AddrPortFrom(loopback4, p1)) {
+		t.Fatalf("%s still open after the appliance dropped it", s1)
+	}
+	if st := a.uplink.Status(); len(st.Registered) != 1 || st.Registered[0] != s2 {
+		t.Fatalf("uplink registered %v, want [%s]", st.Registered, s2)
+	}
+}

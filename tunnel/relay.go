@@ -467,11 +467,9 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 	r.cfg = cfg
 	r.log.Info("relay reloaded", zap.Int("count", len(r.peers)), zap.Strings("added", added),
 		zap.Strings("removed", dropped))
-	go func() {
-		for _, s := range closing {
-			s.close()
-		}
-	}()
+	for _, s := range closing { // close never blocks: it only closes a channel and the conn
+		s.close()
+	}
 	r.sendLocked(notes)
 	return nil
 }

@@ -185,6 +185,7 @@ func (u *Uplink) Run(ctx context.Context) error {
 	}()
 	u.log.Info("uplink starting", zap.String("relay", u.cfg.Relay), zap.Stringer("address", u.cfg.Address))
 	backoff := minBackoff
+	failures := 0
 	for ctx.Err() == nil {
 		u.resolve(ctx)
 		registered, err := u.controlSession(ctx)
@@ -193,9 +194,14 @@ func (u *Uplink) Run(ctx context.Context) error {
 		}
 		u.setState(StateConnecting)
 		if registered {
-			backoff = minBackoff
+			backoff, failures = minBackoff, 0
 		}
-		u.log.Info("relay control connection lost; reconnecting", zap.Error(err), zap.Duration("duration", backoff))
+		// The first failure in a row is news; the retries that follow are not.
+		if failures++; failures == 1 {
+			u.log.Warn("relay control connection lost; reconnecting", zap.Error(err))
+		} else {
+			u.log.Debug("relay control connection failed", zap.Error(err), zap.Int("count", failures))
+		}
 		// The relay may have restarted and lost our session keys: start a new
 		// handshake at once instead of waiting for wireguard-go's timers.
 		if p := u.dev.LookupPeer(device.NoisePublicKey(u.cfg.RelayPublicKey)); p != nil {
@@ -287,6 +293,7 @@ func (u *Uplink) controlSession(ctx context.Context) (registered bool, err error
 	u.mu.Lock()
 	u.peerName = hello.Peer
 	u.mu.Unlock()
+	u.log.Info("relay control connected", zap.String("peer", hello.Peer), zap.String("version", hello.Version))
 
 	readErr := make(chan error, 1)
 	u.runWG.Add(1)
