@@ -333,6 +333,9 @@ type RelayPeerStatus struct {
 	Refused       map[string]string `json:"refused,omitempty"` // spec -> reason
 }
 
+// HandshakeAge is the time since the peer's last handshake, or -1 if none yet.
+func (p RelayPeerStatus) HandshakeAge() time.Duration { return handshakeAge(p.LastHandshake) }
+
 // Status returns a snapshot of the relay.
 func (r *Relay) Status() RelayStatus {
 	stats, err := readPeerStats(r.dev)

@@ -223,6 +223,7 @@ target = "127.0.0.1:%d"
 			if len(fields) != 6 || fields[2] != client.Addr().String() || fields[4] != fmt.Sprint(client.Port()) {
 				t.Fatalf("via %s: target saw %q, client is %s", public, header, client)
 			}
+			t.Logf("via %s: target saw %q", public, strings.TrimSpace(header))
 		}
 	})
 
@@ -263,6 +264,9 @@ target = "127.0.0.1:%d"
 		if p.Name != "a" || !p.Connected || p.LastHandshake.IsZero() || p.RxBytes == 0 || p.TxBytes == 0 ||
 			strings.Join(p.Ports, ",") != tcpSpec+","+udpSpec || p.Refused[deniedSpec] == "" {
 			t.Fatalf("relay peer status %+v", p)
+		}
+		if age := p.HandshakeAge(); age < 0 || age > time.Minute {
+			t.Fatalf("relay peer handshake age %v", age)
 		}
 		us := appl.uplink.Status()
 		if us.Peer != "a" || us.LastHandshake.IsZero() || us.RxBytes == 0 {
@@ -353,6 +357,29 @@ target = "127.0.0.1:%d"
 	}
 	if st := relay.relay.Status(); st.Rejected == 0 {
 		t.Fatalf("relay counted no rejected flows: %+v", st)
+	}
+	// The control port closes on a client that does not start with hello
+	// or sends an oversize line, and a's registration is unaffected.
+	for _, first := range []string{
+		`{"v":1,"type":"register","ports":["tcp/1"]}` + "\n",
+		`{"v":1,"type":"hello","version":"` + strings.Repeat("x", 70<<10) + `"}` + "\n",
+	} {
+		dctx, dcancel := context.WithTimeout(context.Background(), 5*time.Second)
+		c, err := b.stack.DialTCP(dctx, netip.AddrPortFrom(applAddrB, 0), netip.AddrPortFrom(relayTunnelAddr, tunnel.ControlPort))
+		dcancel()
+		if err != nil {
+			t.Fatalf("dial control port: %v", err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		c.Write([]byte(first))
+		reply, err := io.ReadAll(c)
+		c.Close()
+		if isTimeout(err) {
+			t.Fatalf("relay kept a bad control connection open (sent %.40q)", first)
+		}
+		if strings.Contains(string(reply), `"hello"`) {
+			t.Fatalf("relay greeted a bad client: %q", reply)
+		}
 	}
 	// a's flows still work.
 	if got := udpRoundTrip(t, client, public, []byte("still a")); string(got) != "still a" {

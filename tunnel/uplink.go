@@ -429,11 +429,13 @@ type UplinkStatus struct {
 }
 
 // HandshakeAge is the time since the last handshake, or -1 if none yet.
-func (s UplinkStatus) HandshakeAge() time.Duration {
-	if s.LastHandshake.IsZero() {
+func (s UplinkStatus) HandshakeAge() time.Duration { return handshakeAge(s.LastHandshake) }
+
+func handshakeAge(last time.Time) time.Duration {
+	if last.IsZero() {
 		return -1
 	}
-	return time.Since(s.LastHandshake)
+	return time.Since(last)
 }
 
 // Status returns a snapshot of the uplink.
