@@ -76,11 +76,13 @@ type Relay struct {
 	udp   map[udpKey]*udpSession
 }
 
-// relayPeer is one configured peer. Fields other than cfg's addresses are
-// guarded by Relay.mu.
+// relayPeer is one configured peer. name and addr4 never change (a peer
+// whose address changes is replaced); the other fields are guarded by
+// Relay.mu.
 type relayPeer struct {
-	cfg      conf.Peer
+	name     string
 	addr4    netip.Addr
+	cfg      conf.Peer
 	session  *controlSession // nil when not connected
 	wanted   []string        // the specs of the peer's last register
 	results  map[string]message
@@ -232,6 +234,7 @@ func (r *Relay) Close() error {
 // by the caller).
 func (r *Relay) addPeerLocked(pc conf.Peer) {
 	p := &relayPeer{
+		name:     pc.Name,
 		cfg:      pc,
 		addr4:    pc.Address.Unmap(),
 		results:  make(map[string]message),
@@ -252,7 +255,7 @@ func (r *Relay) dropPeerLocked(p *relayPeer) {
 	for _, h := range p.holdings {
 		r.releaseLocked(h)
 	}
-	delete(r.peers, p.cfg.Name)
+	delete(r.peers, p.name)
 	delete(r.byAddr, p.addr4)
 	delete(r.byAddr, TunnelAddr6(p.addr4))
 }
@@ -283,7 +286,7 @@ func (r *Relay) HandleTCP(src, dst netip.AddrPort, accept func() (net.Conn, erro
 	defer r.wg.Done()
 	c, err := accept()
 	if err != nil {
-		r.log.Debug("accept control connection", zap.String("peer", p.cfg.Name), zap.Error(err))
+		r.log.Debug("accept control connection", zap.String("peer", p.name), zap.Error(err))
 		return
 	}
 	r.serveControl(p, c)
@@ -350,7 +353,7 @@ func (r *Relay) Status() RelayStatus {
 	r.mu.Lock()
 	for _, p := range r.peers {
 		ps := RelayPeerStatus{
-			Name:      p.cfg.Name,
+			Name:      p.name,
 			PublicKey: p.cfg.PublicKey.String(),
 			Address:   p.addr4,
 			Connected: p.session != nil,
@@ -505,7 +508,7 @@ func (r *Relay) reconcileLocked(p *relayPeer) []message {
 			continue
 		}
 		res.Port = spec.String()
-		if reason := r.reg.check(p.cfg.Name, p.cfg.Ports, spec); reason != "" {
+		if reason := r.reg.check(p.name, p.cfg.Ports, spec); reason != "" {
 			res.OK, res.Reason = false, reason
 			results = append(results, res)
 			continue
@@ -614,8 +617,8 @@ func (r *Relay) openLocked(p *relayPeer, k portKey) (*holding, error) {
 		go r.udpLoop(h, pc)
 	}
 	p.holdings[k] = h
-	r.reg.take(p.cfg.Name, k)
-	r.log.Info("port opened", zap.String("peer", p.cfg.Name), zap.Stringer("listen", k))
+	r.reg.take(p.name, k)
+	r.log.Info("port opened", zap.String("peer", p.name), zap.Stringer("listen", k))
 	return h, nil
 }
 
@@ -623,7 +626,7 @@ func (r *Relay) openLocked(p *relayPeer, k portKey) (*holding, error) {
 func (r *Relay) releaseLocked(h *holding) {
 	p := h.peer
 	delete(p.holdings, h.key)
-	r.reg.release(p.cfg.Name, h.key)
+	r.reg.release(p.name, h.key)
 	h.cancel()
 	h.closeSockets()
 	if h.key.proto == conf.UDP {
@@ -636,7 +639,7 @@ func (r *Relay) releaseLocked(h *holding) {
 		}
 		r.udpMu.Unlock()
 	}
-	r.log.Info("port closed", zap.String("peer", p.cfg.Name), zap.Stringer("listen", h.key))
+	r.log.Info("port closed", zap.String("peer", p.name), zap.Stringer("listen", h.key))
 }
 
 func (h *holding) closeSockets() {
@@ -718,7 +721,7 @@ func (r *Relay) forwardTCP(h *holding, c net.Conn) {
 	tc, err := r.org.DialTCP(dctx, client, dst)
 	cancel()
 	if err != nil {
-		r.log.Debug("relay dial failed", zap.String("peer", h.peer.cfg.Name), zap.Stringer("src", client),
+		r.log.Debug("relay dial failed", zap.String("peer", h.peer.name), zap.Stringer("src", client),
 			zap.Stringer("dst", dst), zap.Error(err))
 		return
 	}
@@ -726,10 +729,10 @@ func (r *Relay) forwardTCP(h *holding, c net.Conn) {
 	r.tcpFlows.Add(1)
 	defer r.tcpFlows.Add(-1)
 	start := time.Now()
-	r.log.Debug("session opened", zap.String("peer", h.peer.cfg.Name), zap.String("proto", "tcp"),
+	r.log.Debug("session opened", zap.String("peer", h.peer.name), zap.String("proto", "tcp"),
 		zap.Stringer("src", client), zap.Stringer("dst", dst))
 	up, down, err := forwarder.Splice(h.ctx, c, tc, r.opts.tcpIdleTimeout)
-	r.log.Debug("session closed", zap.String("peer", h.peer.cfg.Name), zap.String("proto", "tcp"),
+	r.log.Debug("session closed", zap.String("peer", h.peer.name), zap.String("proto", "tcp"),
 		zap.Stringer("src", client), zap.Stringer("dst", dst), zap.Int64("bytes_rx", up),
 		zap.Int64("bytes_tx", down), zap.Duration("duration", time.Since(start)), zap.Error(err))
 }

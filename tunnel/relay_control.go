@@ -62,7 +62,7 @@ func (s *controlSession) writeLoop() {
 func (r *Relay) serveControl(p *relayPeer, c net.Conn) {
 	s := &controlSession{peer: p, cc: newControlConn(c), out: make(chan []message, outQueue), done: make(chan struct{})}
 	defer s.close()
-	name := p.cfg.Name
+	name := p.name
 	log := r.log.With(zap.String("peer", name))
 
 	hello, err := s.cc.read(r.opts.pingTimeout)
@@ -157,7 +157,7 @@ func (r *Relay) controlLoop(p *relayPeer, s *controlSession) error {
 func (r *Relay) graceExpired(p *relayPeer) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.closed || p.session != nil || r.peers[p.cfg.Name] != p {
+	if r.closed || p.session != nil || r.peers[p.name] != p {
 		return
 	}
 	p.grace = nil
@@ -166,6 +166,6 @@ func (r *Relay) graceExpired(p *relayPeer) {
 	}
 	p.wanted = nil
 	clear(p.results)
-	r.log.Info("peer ports released", zap.String("peer", p.cfg.Name), zap.String("reason", "control connection gone"))
+	r.log.Info("peer ports released", zap.String("peer", p.name), zap.String("reason", "control connection gone"))
 	r.sendLocked(r.retryOthersLocked(p))
 }

@@ -88,7 +88,7 @@ func (r *Relay) udpSession(h *holding, pc *net.UDPConn, client netip.AddrPort) *
 	}
 	r.udp[key] = s
 	r.udpMu.Unlock()
-	r.log.Debug("session opened", zap.String("peer", h.peer.cfg.Name), zap.String("proto", "udp"),
+	r.log.Debug("session opened", zap.String("peer", h.peer.name), zap.String("proto", "udp"),
 		zap.Stringer("src", client), zap.Stringer("dst", s.dst))
 	return s
 }
@@ -110,7 +110,7 @@ func (r *Relay) expireLoop() {
 				if s.lastSeen.Load() < cutoff {
 					delete(r.udp, k)
 					r.sessions.Add(-1)
-					r.log.Debug("session closed", zap.String("peer", s.h.peer.cfg.Name), zap.String("proto", "udp"),
+					r.log.Debug("session closed", zap.String("peer", s.h.peer.name), zap.String("proto", "udp"),
 						zap.Stringer("src", s.client), zap.String("reason", "idle"))
 				}
 			}
