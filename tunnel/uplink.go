@@ -66,6 +66,7 @@ type Uplink struct {
 	state    string
 	endpoint netip.AddrPort
 	results  map[string]message // last result per spec
+	pending  int                // results still due for the last register
 	peerName string             // as the relay knows us
 }
 
@@ -331,6 +332,7 @@ func (u *Uplink) controlSession(ctx context.Context) (registered bool, err error
 func (u *Uplink) register(cc *controlConn) error {
 	u.mu.Lock()
 	ports := slices.Clone(u.ports)
+	u.pending = len(ports)
 	if len(ports) == 0 {
 		u.state = StateRegistered
 	}
@@ -368,7 +370,12 @@ func (u *Uplink) handleResult(m message) {
 	}
 	prev, seen := u.results[m.Port]
 	u.results[m.Port] = m
-	u.state = StateRegistered
+	if u.pending > 0 {
+		// Registered once the relay has answered every spec of the register.
+		if u.pending--; u.pending == 0 {
+			u.state = StateRegistered
+		}
+	}
 	u.mu.Unlock()
 	switch {
 	case !m.OK && (!seen || prev.OK || prev.Reason != m.Reason):
@@ -417,7 +424,7 @@ func (u *Uplink) monitorLoop(ctx context.Context) {
 
 // UplinkStatus is a snapshot of the uplink for the admin API.
 type UplinkStatus struct {
-	State         string            `json:"state"` // StateConnecting or StateRegistered
+	State         string            `json:"state"` // StateConnecting, or StateRegistered once the relay answered every port
 	Relay         string            `json:"relay"`
 	Endpoint      string            `json:"endpoint,omitempty"`
 	Peer          string            `json:"peer,omitempty"` // our name on the relay
