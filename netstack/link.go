@@ -169,23 +169,25 @@ func (e *linkEndpoint) SetLinkAddress(tcpip.LinkAddress) {}
 
 // Capabilities implements stack.LinkEndpoint.
 //
-// RX checksum offload is on: GRO (stack/gro) validates the IP and TCP
-// checksums of every plain TCP segment before coalescing, and classify
-// validates the IPv4 header of every packet, UDP on the fast path and TCP with
-// IPv4 options; without the capability the NIC would clear
-// RXChecksumValidated and TCP would checksum every coalesced 64 KiB segment a
-// second time (BenchmarkTCPThroughput measures the difference).
+// RX checksum offload is on, and must be while GRO is: GRO (stack/gro)
+// validates the IP and TCP checksums of each segment before coalescing, and a
+// coalesced segment keeps the first segment's TCP checksum, so without the
+// capability the NIC clears RXChecksumValidated and TCP drops every
+// coalesced segment as corrupt (measured: the flow stalls). classify
+// validates what GRO does not see: the IPv4 header of every packet, UDP on
+// the fast path and TCP behind IPv4 options.
 // TX checksum offload stays off: a kernel TUN checks checksums on input, so
 // gVisor must fill them in (offloaded SYN-ACKs would leave with checksum 0).
 func (e *linkEndpoint) Capabilities() stack.LinkEndpointCapabilities {
-	if rxChecksumOffload {
+	if groEnabled {
 		return stack.CapabilityRXChecksumOffload
 	}
 	return 0
 }
 
-// rxChecksumOffload is a variable only so the benchmark can compare.
-var rxChecksumOffload = true
+// groEnabled is a variable only so BenchmarkTCPThroughput can compare; with
+// GRO off, gVisor validates TCP checksums itself.
+var groEnabled = true
 
 // GSOMaxSize implements stack.GSOEndpoint.
 func (e *linkEndpoint) GSOMaxSize() uint32 { return stack.GVisorGSOMaxSize }

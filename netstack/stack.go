@@ -79,6 +79,8 @@ const (
 	defaultKeepaliveInterval = 15 * time.Second
 	defaultMaxInFlight       = 8192
 	nicID                    = tcpip.NICID(1)
+	// flushTimeout bounds how long Close waits for the outward queue to drain.
+	flushTimeout = 2 * time.Second
 )
 
 func (c *Config) applyDefaults(devMTU int) {
@@ -320,7 +322,7 @@ func (s *Stack) runInput() {
 	bufs[0] = make([]byte, tunOffset+65535)
 
 	var g gro.GRO
-	g.Init(true)
+	g.Init(groEnabled)
 	var cd countingDispatcher
 	var info packetInfo
 	for {
@@ -639,9 +641,15 @@ func (s *Stack) Close() error {
 		s.stack.Wait()
 		s.handlers.Wait()
 
+		// Flush what is queued (the RSTs), but do not let a peer that stopped
+		// reading hold Close: closing the device unblocks the pump's Write.
 		s.link.q.close()
-		<-s.outputDone
+		select {
+		case <-s.outputDone:
+		case <-time.After(flushTimeout):
+		}
 		s.closeErr = s.dev.Close()
+		<-s.outputDone
 		<-s.inputDone
 		s.log.Info("netstack stopped")
 	})
