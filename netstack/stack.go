@@ -83,10 +83,7 @@ const (
 	flushTimeout = 2 * time.Second
 )
 
-func (c *Config) applyDefaults(devMTU int) {
-	if c.MTU == 0 {
-		c.MTU = devMTU
-	}
+func (c *Config) applyDefaults() {
 	if c.QueueLen == 0 {
 		c.QueueLen = defaultQueueLen
 	}
@@ -184,12 +181,17 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		}
 		return nil, errors.New("netstack: New needs a tun.Device, a Handler and a logger")
 	}
-	devMTU, err := dev.MTU()
-	if err != nil {
-		dev.Close()
-		return nil, fmt.Errorf("netstack: read device mtu: %w", err)
+	if cfg.MTU == 0 {
+		// Only asked when needed: a kernel TUN answers by name through a
+		// socket of the caller's network namespace, which may not be the TUN's.
+		devMTU, err := dev.MTU()
+		if err != nil {
+			dev.Close()
+			return nil, fmt.Errorf("netstack: read device mtu (set Config.MTU to skip): %w", err)
+		}
+		cfg.MTU = devMTU
 	}
-	cfg.applyDefaults(devMTU)
+	cfg.applyDefaults()
 	if cfg.MTU < 1280 || cfg.MTU > 65535 {
 		dev.Close()
 		return nil, fmt.Errorf("netstack: mtu %d out of range; use 1280-65535", cfg.MTU)
