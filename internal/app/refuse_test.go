@@ -209,3 +209,21 @@ func anyRefusal(m map[string]uint64) bool {
 	}
 	return false
 }
+
+func TestGlobalSessionLimit(t *testing.T) {
+	t.Parallel()
+	target := serveTCP(t, echo)
+	h := newHarness(t, spec{
+		Limits:   "max_sessions = 1",
+		Mappings: mapping("a", "tcp", "8011", target.String()) + mapping("b", "tcp", "8012", target.String()),
+	}, app.Options{})
+	held := h.mustDial(ap(client4, 0), ap(public4, 8011))
+	expectEcho(t, held, "holds the only slot")
+	// The limit is shared: another mapping is refused too.
+	h.expectRefused(ap(client4, 0), ap(public4, 8012))
+	held.Close()
+	waitFor(t, 5*time.Second, "the slot to free", func() bool { return h.engine().Snapshot().ActiveSessions == 0 })
+	expectEcho(t, h.mustDial(ap(client4, 0), ap(public4, 8012)), "the slot is free again")
+	wantRefusals(t, "b", h.mappingStatus("b").Refusals, map[string]uint64{"over_limit_sessions": 1})
+	wantRefusals(t, "a", h.mappingStatus("a").Refusals, nil)
+}

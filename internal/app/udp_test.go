@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -114,5 +115,31 @@ func TestUDPIdleExpiry(t *testing.T) {
 	}
 	if m := h.mappingStatus("short"); m.SessionsOpened != 2 {
 		t.Fatalf("sessions opened = %d, want 2", m.SessionsOpened)
+	}
+}
+
+func TestUDPDeniedSourceIsDropped(t *testing.T) {
+	t.Parallel()
+	var seen atomic.Int64
+	target := serveUDP(t, func(_ netip.AddrPort, p []byte) []byte { seen.Add(1); return udpEcho(netip.AddrPort{}, p) })
+	h := newHarness(t, spec{Mappings: mapping("dns", "udp", "5302", target.String(), `deny = ["203.0.113.66/32"]`)}, app.Options{})
+	denied := ap(netip.MustParseAddr("203.0.113.66"), 42100)
+	h.sendUDP(denied, ap(public4, 5302), []byte("let me in"))
+	waitFor(t, 5*time.Second, "the refusal to count", func() bool { return h.mappingStatus("dns").Refusals["denied"] == 1 })
+	// An allowed client's exchange after it proves the path works, and
+	// that the denied datagram never reached the target.
+	allowed := ap(client4, 42101)
+	h.sendUDP(allowed, ap(public4, 5302), []byte("hello"))
+	if d := h.mustRecvUDP(allowed); string(d.payload) != "hello" {
+		t.Fatalf("reply %q", d.payload)
+	}
+	if n := seen.Load(); n != 1 {
+		t.Fatalf("target saw %d datagrams, want only the allowed one", n)
+	}
+	if d, err := h.recvUDP(denied, 50*time.Millisecond); err == nil {
+		t.Fatalf("denied client got %q", d.payload)
+	}
+	if ss := h.sessionsOf("dns"); len(ss) != 1 || ss[0].Client != allowed {
+		t.Fatalf("sessions = %+v, want only %s's", ss, allowed)
 	}
 }
