@@ -132,16 +132,22 @@ type appliance struct {
 // uplink points at relay; mappings is TOML for its [[mapping]] tables.
 func startAppliance(t testing.TB, relay *relaySide, key conf.Key, addr netip.Addr, mappings string) *appliance {
 	t.Helper()
+	return startApplianceVia(t, "127.0.0.1", relay, key, addr, mappings)
+}
+
+// startApplianceVia is startAppliance with the relay named by relayHost.
+func startApplianceVia(t testing.TB, relayHost string, relay *relaySide, key conf.Key, addr netip.Addr, mappings string) *appliance {
+	t.Helper()
 	toml := fmt.Sprintf(`
 [uplink]
-relay = "127.0.0.1:%d"
+relay = "%s:%d"
 relay_public_key = %q
 private_key = %q
 address = %q
 relay_address = %q
 keepalive = "1s"
 mtu = %d
-%s`, relay.port, relay.key.Public(), key, addr, relayTunnelAddr, testMTU, mappings)
+%s`, relayHost, relay.port, relay.key.Public(), key, addr, relayTunnelAddr, testMTU, mappings)
 	cfg, _, err := conf.Parse("appliance.toml", []byte(toml))
 	if err != nil {
 		t.Fatalf("appliance config: %v", err)

@@ -1,6 +1,7 @@
 package tunnel_test
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -98,9 +99,27 @@ func TestRelayReload(t *testing.T) {
 	}
 
 	// Settings that need a restart are refused whole.
-	bad := relayConfig(relayKey, "127.0.0.1:1", binds, peerA, peerB)
+	bad := relayConfig(relayKey, "127.0.0.1:1", binds, peerB)
 	if err := relay.relay.Reload(bad); err == nil {
 		t.Fatal("reload accepted a new relay.listen")
+	}
+	if !dialable(netip.AddrPortFrom(loopback4, portA1)) {
+		t.Fatal("a refused reload changed a's ports")
+	}
+
+	// Removing peer a closes its ports and its control session; b's flow runs on.
+	if err := relay.relay.Reload(relayConfig(relayKey, "127.0.0.1:0", binds, peerB)); err != nil {
+		t.Fatal(err)
+	}
+	if dialable(netip.AddrPortFrom(loopback4, portA1)) {
+		t.Fatalf("%s still open after its peer was removed", specA1)
+	}
+	waitFor(t, 10*time.Second, "a's uplink noticing", func() bool { return a.uplink.Status().State == tunnel.StateConnecting })
+	if st := relay.relay.Status(); len(st.Peers) != 1 || st.Peers[0].Name != "b" {
+		t.Fatalf("peers after removing a: %+v", st.Peers)
+	}
+	if got := echo("three"); got != "three" {
+		t.Fatalf("b's flow after a was removed: %q", got)
 	}
 }
 
@@ -259,5 +278,25 @@ func TestUplinkSetPorts(t *testing.T) {
 	}
 	if st := a.uplink.Status(); len(st.Registered) != 1 || st.Registered[0] != s2 {
 		t.Fatalf("uplink registered %v, want [%s]", st.Registered, s2)
+	}
+}
+
+// TestUplinkResolvesRelayName: uplink.relay may be a name; it is resolved
+// (here through /etc/hosts) and WireGuard pointed at the address.
+func TestUplinkResolvesRelayName(t *testing.T) {
+	t.Parallel()
+	if _, err := net.DefaultResolver.LookupNetIP(context.Background(), "ip", "localhost"); err != nil {
+		t.Skipf("localhost does not resolve here: %v", err)
+	}
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	key := mustKey(t)
+	relay := startRelay(t, relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(t, spec)}), testLogger(t))
+	svc, _ := proxyEchoService(t)
+	a := startApplianceVia(t, "localhost", relay, key, applAddrA, tcpMapping("web", port, svc))
+	waitRegistered(t, a, spec)
+	if ep, err := netip.ParseAddrPort(a.uplink.Status().Endpoint); err != nil || !ep.Addr().IsLoopback() || ep.Port() != relay.port {
+		t.Fatalf("endpoint %q (%v), want a loopback address and port %d", a.uplink.Status().Endpoint, err, relay.port)
 	}
 }
