@@ -263,7 +263,7 @@ func (s *Stack) configure() error {
 			return fmt.Errorf("netstack: set tcp %s: %s", o.name, err)
 		}
 	}
-	if err := st.CreateNIC(nicID, s.link); err != nil {
+	if err := st.CreateNICWithOptions(nicID, s.link, stack.NICOptions{QDisc: directQDisc{s.link}}); err != nil {
 		return fmt.Errorf("netstack: create nic: %s", err)
 	}
 	// Promiscuous: accept packets for any destination (the mapped public
