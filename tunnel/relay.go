@@ -453,12 +453,15 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 		r.addPeerLocked(next[name])
 	}
 	var notes []notification
+	var changed []string
 	for name, p := range r.peers {
 		np := next[name]
-		if slices.Equal(np.Ports, p.cfg.Ports) {
+		portsChanged := !slices.Equal(np.Ports, p.cfg.Ports)
+		p.cfg = np
+		if !portsChanged || slices.Contains(added, name) {
 			continue
 		}
-		p.cfg = np
+		changed = append(changed, name)
 		if p.session != nil {
 			notes = append(notes, r.renotifyLocked(p)...)
 			continue
@@ -472,7 +475,7 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 	notes = append(notes, r.retryOthersLocked(nil)...)
 	r.cfg = cfg
 	r.log.Info("relay reloaded", zap.Int("count", len(r.peers)), zap.Strings("added", added),
-		zap.Strings("removed", dropped))
+		zap.Strings("changed", changed), zap.Strings("removed", dropped))
 	for _, s := range closing { // close never blocks: it only closes a channel and the conn
 		s.close()
 	}
