@@ -312,16 +312,23 @@ func recovery(rack bool) tcpip.TCPRecovery {
 // off to the Handler, and injects the rest through GRO.
 func (s *Stack) runInput() {
 	defer close(s.inputDone)
+	// The device reads straight into gVisor buffer views: a packet for the
+	// stack is handed over without a copy and its slot gets a fresh view
+	// (pooled by gVisor); UDP and dropped packets leave their view in place.
 	batch := s.dev.BatchSize()
+	size := tunOffset + s.cfg.MTU
+	views := make([]*buffer.View, batch)
 	bufs := make([][]byte, batch)
 	sizes := make([]int, batch)
-	size := tunOffset + s.cfg.MTU
-	for i := range bufs {
-		bufs[i] = make([]byte, size)
+	for i := range views {
+		views[i] = buffer.NewViewSize(size)
+		bufs[i] = views[i].AsSlice()
 	}
-	// A kernel TUN hands over one non-GSO packet per read into bufs[0]; give
-	// it room for anything a misconfigured MTU lets through.
-	bufs[0] = make([]byte, tunOffset+65535)
+	defer func() {
+		for _, v := range views {
+			v.Release()
+		}
+	}()
 
 	var g gro.GRO
 	g.Init(groEnabled)
@@ -336,6 +343,7 @@ func (s *Stack) runInput() {
 			if errors.Is(err, os.ErrClosed) {
 				return
 			}
+			// e.g. a kernel frame larger than the MTU: counted, not fatal.
 			if c := s.stats.readErrors.Add(1); c&(c-1) == 0 { // log 1, 2, 4, 8, ...
 				s.log.Warn("tun read failed", zap.Error(err), zap.Uint64("count", c))
 			}
@@ -349,7 +357,7 @@ func (s *Stack) runInput() {
 		}
 		cd.NetworkDispatcher, cd.n = d, 0
 		g.Dispatcher = &cd
-		var bytesIn, injected uint64
+		var bytesIn uint64
 		for i := 0; i < n; i++ {
 			pkt := bufs[i][tunOffset : tunOffset+sizes[i]]
 			bytesIn += uint64(len(pkt))
@@ -364,24 +372,27 @@ func (s *Stack) runInput() {
 				continue
 			}
 			if info.packet != nil {
-				pkt = info.packet
+				pkt = info.packet // trimmed to the IP length
 			}
 			if info.pureSYN() {
 				s.reopenTimeWait(&info)
 			} else if info.rst() {
 				s.pending.abandon(&info, &s.stats)
 			}
-			pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(pkt)})
+			v := views[i]
+			v.TrimFront(tunOffset)
+			v.CapLength(len(pkt))
+			views[i] = buffer.NewViewSize(size)
+			bufs[i] = views[i].AsSlice()
+			pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithView(v)})
 			pb.NetworkProtocolNumber = info.proto
 			g.Enqueue(pb)
 			pb.DecRef()
-			injected++
 		}
 		g.Flush()
 		s.stats.packetsIn.Add(uint64(n))
 		s.stats.bytesIn.Add(bytesIn)
 		s.stats.groDelivered.Add(cd.n)
-		_ = injected
 	}
 }
 
