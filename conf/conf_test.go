@@ -815,3 +815,30 @@ func TestLoadReadsFile(t *testing.T) {
 		t.Errorf("missing file: %v", err)
 	}
 }
+
+func TestLoadUnreadableFileIsAConfigError(t *testing.T) {
+	t.Parallel()
+	missing := filepath.Join(t.TempDir(), "natbox.toml")
+	for _, load := range []func(string) error{
+		func(p string) error { _, _, err := Load(p); return err },
+		func(p string) error { _, _, err := LoadRelay(p); return err },
+	} {
+		err := load(missing)
+		var ce *Errors
+		if !errors.As(err, &ce) || len(ce.List) != 1 {
+			t.Fatalf("err = %v, want one config error", err)
+		}
+		want := missing + ": cannot read the config: no such file or directory; create it (start from examples/"
+		if !strings.HasPrefix(ce.Error(), want) {
+			t.Fatalf("got %q, want prefix %q", ce.Error(), want)
+		}
+	}
+	if got := AdminSocketOf(missing); got != DefaultAdminSocket {
+		t.Fatalf("AdminSocketOf(missing) = %q", got)
+	}
+	bad := filepath.Join(t.TempDir(), "bad.toml")
+	os.WriteFile(bad, []byte("[admin]\nsocket = \"/tmp/x.sock\"\n[[mapping]]\nprotcol = 1\n"), 0o600)
+	if got := AdminSocketOf(bad); got != "/tmp/x.sock" {
+		t.Fatalf("AdminSocketOf(invalid config) = %q, want its [admin] socket", got)
+	}
+}

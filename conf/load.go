@@ -3,6 +3,7 @@ package conf
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"reflect"
 	"time"
@@ -13,11 +14,29 @@ import (
 // Load reads, decodes, defaults and validates the appliance config at path.
 // On any problem it returns a nil Config and an *Errors listing every one.
 func Load(path string) (*Config, []Warning, error) {
-	data, err := os.ReadFile(path)
+	data, err := readConfig(path, "examples/natbox.toml")
 	if err != nil {
-		return nil, nil, fmt.Errorf("read config: %w", err)
+		return nil, nil, err
 	}
 	return Parse(path, data)
+}
+
+// readConfig reads a config file; failing to is a config problem (exit 2),
+// reported like the others with what to do about it.
+func readConfig(path, example string) ([]byte, error) {
+	data, err := os.ReadFile(path)
+	if err == nil {
+		return data, nil
+	}
+	fix := "check the path and its permissions, or pass another file with --config"
+	if errors.Is(err, fs.ErrNotExist) {
+		fix = "create it (start from " + example + ") or pass another file with --config"
+	}
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		err = pe.Err
+	}
+	return nil, &Errors{List: []Error{{Path: path, Msg: "cannot read the config: " + err.Error(), Fix: fix}}}
 }
 
 // Parse is Load from bytes; path names the file in messages and anchors
@@ -53,9 +72,9 @@ func ParseAt(path string, data []byte, now time.Time) (*Config, []Warning, error
 
 // LoadRelay reads, decodes, defaults and validates a relay config.
 func LoadRelay(path string) (*RelayConfig, []Warning, error) {
-	data, err := os.ReadFile(path)
+	data, err := readConfig(path, "examples/relay.toml")
 	if err != nil {
-		return nil, nil, fmt.Errorf("read relay config: %w", err)
+		return nil, nil, err
 	}
 	return ParseRelay(path, data)
 }
@@ -118,4 +137,19 @@ func begin(path string, data []byte) (*report, map[string]any, error) {
 		}
 	}
 	return r, raw, nil
+}
+
+// AdminSocketOf returns the [admin] socket a config file names, or the
+// default. It reads only that key and forgives every other problem, so a
+// client can reach the running natbox to report what is wrong with the file.
+func AdminSocketOf(path string) string {
+	var partial struct {
+		Admin struct {
+			Socket string `toml:"socket"`
+		} `toml:"admin"`
+	}
+	if _, err := toml.DecodeFile(path, &partial); err == nil && partial.Admin.Socket != "" {
+		return partial.Admin.Socket
+	}
+	return DefaultAdminSocket
 }

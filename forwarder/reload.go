@@ -12,9 +12,11 @@ import (
 // reviewWarnEvery spaces the review_by reminders of one mapping.
 const reviewWarnEvery = 24 * time.Hour
 
-// Diff names the mappings a Reload added, changed and removed.
+// Diff names the mappings a Reload added, changed and removed, and counts
+// the sessions it closed because their mapping no longer admits them.
 type Diff struct {
 	Added, Changed, Removed []string
+	SessionsClosed          int
 }
 
 // Reload compiles cfg and swaps it in atomically; on error nothing changes.
@@ -49,6 +51,7 @@ func (e *Engine) Reload(cfg *conf.Config) (Diff, error) {
 	}
 	e.log.Info("config reloaded", zap.Int("count", len(rs.rules)), zap.Strings("added", diff.Added),
 		zap.Strings("changed", diff.Changed), zap.Strings("removed", diff.Removed), zap.Int("sessions_closed", closed))
+	diff.SessionsClosed = closed
 	return diff, nil
 }
 

@@ -7,7 +7,6 @@ import (
 	"io"
 	"time"
 
-	"github.com/BurntSushi/toml"
 	"github.com/urfave/cli/v2"
 
 	"github.com/natbox/natbox/admin"
@@ -31,20 +30,7 @@ func adminSocket(c *cli.Context) string {
 	if s := c.String("socket"); s != "" {
 		return s
 	}
-	path := c.String("config")
-	if cfg, _, err := conf.Load(path); err == nil {
-		return cfg.Admin.Socket
-	}
-	// Invalid elsewhere: read only [admin] socket, leniently.
-	var partial struct {
-		Admin struct {
-			Socket string `toml:"socket"`
-		} `toml:"admin"`
-	}
-	if _, err := toml.DecodeFile(path, &partial); err == nil && partial.Admin.Socket != "" {
-		return partial.Admin.Socket
-	}
-	return conf.DefaultAdminSocket
+	return conf.AdminSocketOf(c.String("config"))
 }
 
 func dialAdmin(c *cli.Context) (*admin.Client, error) { return admin.Dial(adminSocket(c)) }

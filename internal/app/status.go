@@ -56,7 +56,7 @@ func (s applianceSource) Status() admin.Status {
 			BytesIn:            ms.BytesIn,
 			BytesOut:           ms.BytesOut,
 			LastUsed:           ms.LastUsed,
-			Refusals:           nonZero(ms.Refusals),
+			Refusals:           ms.Refusals, // every reason, zeros too: Prometheus rate() needs the series from the start
 			UDPSessionsExpired: ms.UDPExpired,
 			UDPDropped:         ms.UDPDropped,
 			DialLatency:        histogram(ms.DialLatency),
@@ -149,7 +149,7 @@ func (s applianceSource) Reload(context.Context) (admin.ReloadResult, error) {
 	if err != nil {
 		return admin.ReloadResult{}, admin.InvalidConfig(err)
 	}
-	return admin.ReloadResult{Added: diff.Added, Changed: diff.Changed, Removed: diff.Removed}, nil
+	return admin.ReloadResult{Added: diff.Added, Changed: diff.Changed, Removed: diff.Removed, SessionsClosed: diff.SessionsClosed}, nil
 }
 
 func histogram(h forwarder.Histogram) admin.Histogram {

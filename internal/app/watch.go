@@ -26,7 +26,9 @@ func goWatchConfig(ctx context.Context, path string, reload func(), wg *sync.Wai
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		watchConfig(ctx, path, watchInterval, reload, log)
+		t := time.NewTicker(watchInterval)
+		defer t.Stop()
+		watchConfig(ctx, path, t.C, reload, nil, log)
 	}()
 }
 
@@ -34,16 +36,15 @@ func goWatchConfig(ctx context.Context, path string, reload func(), wg *sync.Wai
 // ends. A new content must read the same on two consecutive ticks before it
 // is reloaded, so a file caught half-written (an editor or a tool that
 // truncates, then writes) is not reloaded, and a missing file is ignored.
-func watchConfig(ctx context.Context, path string, interval time.Duration, reload func(), log *zap.Logger) {
+// tickDone, when not nil, is called after each tick is handled (tests).
+func watchConfig(ctx context.Context, path string, ticks <-chan time.Time, reload, tickDone func(), log *zap.Logger) {
 	applied := fileDigest(path)
 	var pending []byte
-	t := time.NewTicker(interval)
-	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-ticks:
 		}
 		d := fileDigest(path)
 		switch {
@@ -55,6 +56,9 @@ func watchConfig(ctx context.Context, path string, interval time.Duration, reloa
 			applied, pending = d, nil
 			log.Info("config file changed; reloading", zap.String("path", path))
 			reload()
+		}
+		if tickDone != nil {
+			tickDone()
 		}
 	}
 }

@@ -4,72 +4,82 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
 	"go.uber.org/zap/zaptest"
 )
 
-func TestWatchConfigReloadsOnContentChange(t *testing.T) {
+func TestWatchConfigReloadsOnSettledContentChange(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "natbox.toml")
-	if err := os.WriteFile(path, []byte("a = 1\n"), 0o600); err != nil {
-		t.Fatal(err)
+	write := func(content string) {
+		t.Helper()
+		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
 	}
-	reloads := make(chan struct{}, 10)
+	write("a = 1\n")
+	ticks := make(chan time.Time)
+	reloads := 0
+	reloaded := make(chan struct{}, 1)
+	handled := make(chan struct{})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		watchConfig(ctx, path, 5*time.Millisecond, func() { reloads <- struct{}{} }, zaptest.NewLogger(t))
+		watchConfig(ctx, path, ticks, func() { reloads++; reloaded <- struct{}{} }, func() { handled <- struct{}{} }, zaptest.NewLogger(t))
 	}()
 	defer func() { cancel(); <-done }()
 
-	expectReloads := func(want int) {
-		t.Helper()
-		deadline := time.After(10 * 5 * time.Millisecond * 4)
-		got := 0
-		for {
-			select {
-			case <-reloads:
-				got++
-			case <-deadline:
-				if got != want {
-					t.Fatalf("reloads = %d, want %d", got, want)
-				}
-				return
+	// tick hands the watcher one tick and reports whether it reloaded on it.
+	tick := func() bool {
+		ticks <- time.Now()
+		<-handled
+		select {
+		case <-reloaded:
+			return true
+		default:
+			return false
+		}
+	}
+	steps := []struct {
+		what   string
+		change func()
+		want   []bool // reload on each following tick
+	}{
+		{"same bytes rewritten", func() { write("a = 1\n") }, []bool{false, false}},
+		{"new content, settled", func() { write("a = 2\n") }, []bool{false, true, false}},
+		{"caught half-written (empty), then complete", func() { write("") }, nil},
+		{"...complete", func() { write("a = 3\n") }, []bool{false, true, false}},
+		{"saved by rename", func() {
+			write("a = 3\n")
+			tmp := path + ".swp"
+			if err := os.WriteFile(tmp, []byte("a = 4\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Rename(tmp, path); err != nil {
+				t.Fatal(err)
+			}
+		}, []bool{false, true}},
+		{"removed", func() { os.Remove(path) }, []bool{false, false}},
+		{"back with the applied content", func() { write("a = 4\n") }, []bool{false}},
+	}
+	for _, st := range steps {
+		st.change()
+		if st.want == nil {
+			// One single tick sees the half-written file: pending, no reload.
+			if tick() {
+				t.Fatalf("%s: reloaded", st.what)
+			}
+			continue
+		}
+		for i, want := range st.want {
+			if got := tick(); got != want {
+				t.Fatalf("%s: tick %d reloaded = %v, want %v", st.what, i, got, want)
 			}
 		}
 	}
-	// Rewriting the same bytes (a touch, an editor saving unchanged) is no change.
-	if err := os.WriteFile(path, []byte("a = 1\n"), 0o600); err != nil {
-		t.Fatal(err)
+	if reloads != 3 {
+		t.Fatalf("reloads = %d, want 3", reloads)
 	}
-	expectReloads(0)
-	// An editor's save by rename is a change.
-	tmp := path + ".swp"
-	if err := os.WriteFile(tmp, []byte("a = 2\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		t.Fatal(err)
-	}
-	expectReloads(1)
-	// Truncate-then-write in place (config management tools) reloads once,
-	// whether or not a tick catches the file empty in between.
-	for i := 0; i < 20; i++ {
-		if err := os.WriteFile(path, []byte("a = 2\n"+strings.Repeat("# padding\n", i+1)), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		expectReloads(1)
-	}
-	// A file missing for a moment triggers nothing until it is back, changed.
-	if err := os.Remove(path); err != nil {
-		t.Fatal(err)
-	}
-	expectReloads(0)
-	if err := os.WriteFile(path, []byte("a = 3\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	expectReloads(1)
 }
