@@ -2,9 +2,13 @@ package forwarder
 
 import (
 	"io"
+	"net"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
 
 	"github.com/natbox/natbox/conf"
 )
@@ -125,4 +129,49 @@ func BenchmarkSpliceCopy(b *testing.B) {
 	}
 	sp.closeBoth()
 	<-done
+}
+
+// BenchmarkUDPForward pushes 1400-byte datagrams of one client through
+// HandleUDP to a loopback sink as fast as the caller can, the way a TUN
+// reader does, and reports the share the sink received: the UDP session's
+// send path is the ceiling for a UDP flood.
+func BenchmarkUDPForward(b *testing.B) {
+	sink, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer sink.Close()
+	sink.SetReadBuffer(8 << 20)
+	var got atomic.Int64
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			if _, _, err := sink.ReadFromUDPAddrPort(buf); err != nil {
+				return
+			}
+			got.Add(1)
+		}
+	}()
+	port := uint16(sink.LocalAddr().(*net.UDPAddr).Port)
+	e, err := New(config(mapping("flood", conf.UDP, "5000", "127.0.0.1:"+itoa(port))), Options{UDPQueueLen: 512}, zap.NewNop())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close()
+	in := newIngress(conf.IngressTUN)
+	client := netip.MustParseAddrPort("203.0.113.7:4444")
+	pub := netip.MustParseAddrPort("198.51.100.1:5000")
+	payload := make([]byte, 1400)
+	b.SetBytes(int64(len(payload)))
+	b.ReportAllocs()
+	start := time.Now()
+	for b.Loop() {
+		e.HandleUDP(in, client, pub, payload)
+	}
+	// Let the queue drain, then count.
+	for last := int64(-1); last != got.Load(); {
+		last = got.Load()
+		time.Sleep(20 * time.Millisecond)
+	}
+	b.ReportMetric(float64(got.Load())/time.Since(start).Seconds(), "delivered/s")
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/bits"
 	"net"
 	"net/netip"
 	"sync"
@@ -280,35 +281,53 @@ func (e *Engine) openUDPConn(us *udpSession, dialTimeout time.Duration) (*net.UD
 	return conn, ip, nil
 }
 
+// maxUDPBatch is how many queued datagrams one sendmmsg carries (at most 64:
+// batchWriter.flush reports failures as bits of a uint64).
+const maxUDPBatch = 64
+
+// sendLoop sends the session's queued datagrams to the target. It takes
+// whatever is queued (up to maxUDPBatch) into one sendmmsg, so a fast
+// client costs one system call and one wake-up per batch, not per datagram.
 func (e *Engine) sendLoop(us *udpSession, conn *net.UDPConn, targetIP netip.Addr) {
-	var scratch []byte // PROXY v2 header + payload, reused
+	w := newBatchWriter(conn, targetIP)
+	batch := make([]datagram, 0, maxUDPBatch)
 	for {
 		select {
 		case <-us.done:
 			return
 		case d := <-us.queue:
+			batch = append(batch[:0], d)
+		}
+	fill:
+		for len(batch) < maxUDPBatch {
+			select {
+			case d := <-us.queue:
+				batch = append(batch, d)
+			default:
+				break fill
+			}
+		}
+		r := us.rule.Load()
+		for _, d := range batch {
 			if e.beforeUDPSend != nil {
 				e.beforeUDPSend(us.state.name)
 			}
-			r := us.rule.Load()
-			out := (*d.buf)[:d.n]
-			if r.proxy == proxyV2 {
-				scratch = appendProxyV2(scratch[:0], true, us.client, d.dst)
-				scratch = append(scratch, out...)
-				out = scratch
-			}
-			to := netip.AddrPortFrom(targetIP, r.targetPort(d.dst.Port()))
-			_, err := conn.WriteToUDPAddrPort(out, to)
-			putDatagramBuf(d.buf)
-			if err != nil {
+			w.add((*d.buf)[:d.n], r.targetPort(d.dst.Port()), r.proxy == proxyV2, us.client, d.dst)
+		}
+		failed, err := w.flush()
+		for i, d := range batch {
+			if failed&(1<<i) == 0 {
+				us.in.Add(uint64(d.n))
+				us.state.bytesIn.Add(uint64(d.n))
+			} else {
 				us.state.udpDrops.Add(1)
-				if ce := e.log.Check(zap.DebugLevel, "udp send failed"); ce != nil {
-					ce.Write(zap.Uint64("session", us.id), zap.String("target", to.String()), zap.Error(err))
-				}
-				continue
 			}
-			us.in.Add(uint64(d.n))
-			us.state.bytesIn.Add(uint64(d.n))
+			putDatagramBuf(d.buf)
+		}
+		if err != nil {
+			if ce := e.log.Check(zap.DebugLevel, "udp send failed"); ce != nil {
+				ce.Write(zap.Uint64("session", us.id), zap.String("target", us.target), zap.Int("dropped", bits.OnesCount64(failed)), zap.Error(err))
+			}
 		}
 	}
 }
