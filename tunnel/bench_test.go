@@ -1,11 +1,20 @@
 package tunnel_test
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"os"
+	"runtime/debug"
+	"runtime/metrics"
+	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -14,9 +23,47 @@ import (
 	"github.com/natbox/natbox/conf"
 )
 
-// sinkService accepts TCP on 127.0.0.1 and discards everything it reads;
-// closing after EOF tells the sender every byte arrived.
-func sinkService(b *testing.B) uint16 {
+// The relay benchmarks run everything in one process: a loopback client, the
+// relay (host sockets, gVisor stack, wireguard-go), loopback UDP between two
+// wireguard-go devices, the appliance (wireguard-go, gVisor stack,
+// forwarder) and a target on 127.0.0.1. CPU and memory figures therefore
+// cover both sides plus the kernel work of the client and the target; see
+// tunnel/BENCH.md.
+
+// benchTCPService serves one TCP behaviour on 127.0.0.1.
+type benchTCPService func(c *net.TCPConn)
+
+var (
+	// serveSink discards everything and closes after EOF, which tells the
+	// sender every byte arrived.
+	serveSink benchTCPService = func(c *net.TCPConn) { io.Copy(io.Discard, c) }
+	// serveEchoByte answers one byte with one byte, then waits for EOF.
+	serveEchoByte benchTCPService = func(c *net.TCPConn) {
+		var b [1]byte
+		if _, err := io.ReadFull(c, b[:]); err != nil {
+			return
+		}
+		if _, err := c.Write(b[:]); err != nil {
+			return
+		}
+		io.Copy(io.Discard, c)
+	}
+)
+
+// serveSource writes n bytes, then closes.
+func serveSource(n int) benchTCPService {
+	return func(c *net.TCPConn) {
+		buf := make([]byte, 256<<10)
+		for sent := 0; sent < n; sent += len(buf) {
+			if _, err := c.Write(buf[:min(len(buf), n-sent)]); err != nil {
+				return
+			}
+		}
+	}
+}
+
+// tcpService listens on 127.0.0.1 and runs serve for each connection.
+func tcpService(b *testing.B, serve benchTCPService) uint16 {
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
@@ -33,13 +80,185 @@ func sinkService(b *testing.B) uint16 {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				io.Copy(io.Discard, c)
+				c.SetDeadline(time.Now().Add(2 * time.Minute))
+				serve(c.(*net.TCPConn))
 				c.Close()
 			}()
 		}
 	}()
 	b.Cleanup(func() { ln.Close(); wg.Wait() })
 	return uint16(ln.Addr().(*net.TCPAddr).Port)
+}
+
+// udpCounter counts datagrams arriving on a 127.0.0.1 socket.
+type udpCounter struct {
+	port    uint16
+	packets atomic.Uint64
+	bytes   atomic.Uint64
+}
+
+func udpCountService(b *testing.B) *udpCounter {
+	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	pc.SetReadBuffer(4 << 20)
+	u := &udpCounter{port: uint16(pc.LocalAddr().(*net.UDPAddr).Port)}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 64<<10)
+		for {
+			n, _, err := pc.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			u.packets.Add(1)
+			u.bytes.Add(uint64(n))
+		}
+	}()
+	b.Cleanup(func() { pc.Close(); <-done })
+	return u
+}
+
+// benchTarget is one mapping of the bench appliance: proto and the target
+// port on 127.0.0.1.
+type benchTarget struct {
+	proto string
+	port  uint16
+}
+
+// relayPath starts a relay and an appliance on loopback with one mapping
+// per target and returns the relay's public address for each, in order.
+func relayPath(b *testing.B, targets ...benchTarget) []string {
+	key := mustKey(b)
+	var specs, mappings []string
+	var public []string
+	for i, t := range targets {
+		port := freePort(b, false)
+		specs = append(specs, fmt.Sprintf("%s/%d", t.proto, port))
+		mappings = append(mappings, fmt.Sprintf(`
+[[mapping]]
+name = "m%d"
+protocol = %q
+listen = "%d"
+target = "127.0.0.1:%d"
+`, i, t.proto, port, t.port))
+		public = append(public, netip.AddrPortFrom(loopback4, port).String())
+	}
+	relay := startRelay(b, relayConfig(mustKey(b), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(b, specs...)},
+	), zap.NewNop())
+	a := startAppliance(b, relay, key, applAddrA, strings.Join(mappings, ""))
+	waitRegistered(b, a, specs...)
+	return public
+}
+
+// resources measures what a benchmark cost the whole process: CPU time
+// (getrusage), peak RSS (VmHWM, reset at start through clear_refs) and peak
+// live heap (sampled every 10 ms).
+type resources struct {
+	start    time.Time
+	cpu      time.Duration
+	stop     chan struct{}
+	done     chan struct{}
+	peakHeap atomic.Uint64
+}
+
+func startResources(b *testing.B) *resources {
+	// Start from what is live now, not what earlier benchmarks left mapped.
+	debug.FreeOSMemory()
+	// "5" resets the peak RSS to the current RSS (Linux >= 4.0); without it
+	// the figure is the process's peak since start.
+	_ = os.WriteFile("/proc/self/clear_refs", []byte("5"), 0)
+	r := &resources{start: time.Now(), cpu: cpuTime(b), stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(r.done)
+		sample := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			metrics.Read(sample)
+			if v := sample[0].Value.Uint64(); v > r.peakHeap.Load() {
+				r.peakHeap.Store(v)
+			}
+			select {
+			case <-r.stop:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	return r
+}
+
+// report stops sampling and reports Gbit/s and CPU seconds per GiB for
+// bytes moved (if any), process cores used, and the memory peaks.
+func (r *resources) report(b *testing.B, bytes int64) {
+	elapsed := time.Since(r.start)
+	cpu := cpuTime(b) - r.cpu
+	close(r.stop)
+	<-r.done
+	b.StopTimer()
+	if bytes > 0 {
+		b.ReportMetric(float64(bytes)*8/elapsed.Seconds()/1e9, "Gbit/s")
+		b.ReportMetric(cpu.Seconds()/(float64(bytes)/(1<<30)), "cpu-s/GiB")
+	}
+	b.ReportMetric(cpu.Seconds()/elapsed.Seconds(), "cores")
+	b.ReportMetric(float64(r.peakHeap.Load())/(1<<20), "peak-heap-MiB")
+	if hwm := vmHWM(); hwm > 0 {
+		b.ReportMetric(float64(hwm)/(1<<20), "peak-RSS-MiB")
+	}
+}
+
+func cpuTime(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// vmHWM returns the process's peak RSS in bytes, or 0 if unknown.
+func vmHWM() int64 {
+	status, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for line := range strings.Lines(string(status)) {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			if err != nil {
+				return 0
+			}
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+// sendAll writes n bytes to c, half-closes, and waits for the far end to
+// close (the sink has read everything).
+func sendAll(c *net.TCPConn, n int, buf []byte) error {
+	for sent := 0; sent < n; sent += len(buf) {
+		if _, err := c.Write(buf[:min(len(buf), n-sent)]); err != nil {
+			return fmt.Errorf("write after %d bytes: %w", sent, err)
+		}
+	}
+	c.CloseWrite()
+	if _, err := io.Copy(io.Discard, c); err != nil {
+		return fmt.Errorf("wait for the sink: %w", err)
+	}
+	return nil
+}
+
+func dialBench(public string) (*net.TCPConn, error) {
+	c, err := net.DialTimeout("tcp", public, 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	return c.(*net.TCPConn), nil
 }
 
 // BenchmarkRelayTCPThroughput measures one TCP flow from a loopback client
@@ -49,45 +268,187 @@ func sinkService(b *testing.B) uint16 {
 // read all of it.
 func BenchmarkRelayTCPThroughput(b *testing.B) {
 	const perConn = 32 << 20
-	port := freePort(b, false)
-	key := mustKey(b)
-	relay := startRelay(b, relayConfig(mustKey(b), "127.0.0.1:0", []netip.Addr{loopback4},
-		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(b, fmt.Sprintf("tcp/%d", port))},
-	), zap.NewNop())
-	sink := sinkService(b)
-	a := startAppliance(b, relay, key, applAddrA, fmt.Sprintf(`
-[[mapping]]
-name = "sink"
-protocol = "tcp"
-listen = "%d"
-target = "127.0.0.1:%d"
-`, port, sink))
-	waitRegistered(b, a, fmt.Sprintf("tcp/%d", port))
-	public := netip.AddrPortFrom(loopback4, port).String()
+	public := relayPath(b, benchTarget{"tcp", tcpService(b, serveSink)})[0]
 	buf := make([]byte, 256<<10)
 
 	b.SetBytes(perConn)
 	b.ReportAllocs()
-	start := time.Now()
-	n := 0
+	res := startResources(b)
+	var moved int64
 	for b.Loop() {
-		c, err := net.DialTimeout("tcp", public, 5*time.Second)
+		c, err := dialBench(public)
 		if err != nil {
 			b.Fatal(err)
 		}
-		c.SetDeadline(time.Now().Add(60 * time.Second))
-		for sent := 0; sent < perConn; sent += len(buf) {
-			if _, err := c.Write(buf); err != nil {
-				b.Fatalf("write after %d bytes: %v", sent, err)
-			}
-		}
-		c.(*net.TCPConn).CloseWrite()
-		if _, err := io.Copy(io.Discard, c); err != nil { // EOF once the sink has it all
+		if err := sendAll(c, perConn, buf); err != nil {
 			b.Fatal(err)
 		}
 		c.Close()
-		n++
+		moved += perConn
 	}
-	elapsed := time.Since(start)
-	b.ReportMetric(float64(n)*perConn*8/elapsed.Seconds()/1e9, "Gbit/s")
+	res.report(b, moved)
+}
+
+// BenchmarkRelayTCPReverse is BenchmarkRelayTCPThroughput the other way:
+// the target sends 32 MiB per connection to the client.
+func BenchmarkRelayTCPReverse(b *testing.B) {
+	const perConn = 32 << 20
+	public := relayPath(b, benchTarget{"tcp", tcpService(b, serveSource(perConn))})[0]
+
+	b.SetBytes(perConn)
+	b.ReportAllocs()
+	res := startResources(b)
+	var moved int64
+	for b.Loop() {
+		c, err := dialBench(public)
+		if err != nil {
+			b.Fatal(err)
+		}
+		n, err := io.Copy(io.Discard, c)
+		c.Close()
+		if err != nil || n != perConn {
+			b.Fatalf("received %d of %d bytes: %v", n, perConn, err)
+		}
+		moved += n
+	}
+	res.report(b, moved)
+}
+
+// BenchmarkRelayTCP4Flows runs four client-to-target flows at once through
+// the same tunnel; each iteration moves 4 x 16 MiB.
+func BenchmarkRelayTCP4Flows(b *testing.B) {
+	const flows, perFlow = 4, 16 << 20
+	public := relayPath(b, benchTarget{"tcp", tcpService(b, serveSink)})[0]
+	bufs := make([][]byte, flows)
+	for i := range bufs {
+		bufs[i] = make([]byte, 256<<10)
+	}
+
+	b.SetBytes(flows * perFlow)
+	b.ReportAllocs()
+	res := startResources(b)
+	var moved int64
+	for b.Loop() {
+		var wg sync.WaitGroup
+		errs := make([]error, flows)
+		for i := range flows {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c, err := dialBench(public)
+				if err != nil {
+					errs[i] = err
+					return
+				}
+				defer c.Close()
+				errs[i] = sendAll(c, perFlow, bufs[i])
+			}()
+		}
+		wg.Wait()
+		if err := errors.Join(errs...); err != nil {
+			b.Fatal(err)
+		}
+		moved += flows * perFlow
+	}
+	res.report(b, moved)
+}
+
+// BenchmarkRelayTCPConnRate measures connections per second through the
+// relay: each operation connects, sends one byte, reads the echoed byte and
+// closes, with 8 clients at once. Every failure is counted and fails the
+// benchmark: none is expected.
+func BenchmarkRelayTCPConnRate(b *testing.B) {
+	public := relayPath(b, benchTarget{"tcp", tcpService(b, serveEchoByte)})[0]
+	var failures atomic.Int64
+	var firstErr atomic.Value
+	oneConn := func() error {
+		c, err := net.DialTimeout("tcp", public, 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte{'x'}); err != nil {
+			return err
+		}
+		var got [1]byte
+		if _, err := io.ReadFull(c, got[:]); err != nil {
+			return fmt.Errorf("read echo: %w", err)
+		}
+		if got[0] != 'x' {
+			return fmt.Errorf("echo %q, want %q", got[0], 'x')
+		}
+		return nil
+	}
+
+	b.SetParallelism(4) // 8 clients on 2 cores
+	res := startResources(b)
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if err := oneConn(); err != nil {
+				failures.Add(1)
+				firstErr.CompareAndSwap(nil, err)
+			}
+		}
+	})
+	elapsed := time.Since(res.start)
+	res.report(b, 0)
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "conn/s")
+	b.ReportMetric(float64(failures.Load()), "failures")
+	if n := failures.Load(); n > 0 {
+		b.Errorf("%d of %d connections failed; first: %v", n, b.N, firstErr.Load())
+	}
+}
+
+// BenchmarkRelayUDP200Mbit offers 200 Mbit/s of 1200-byte datagrams from one
+// client through the relay to a counting target for 3 s per iteration, then
+// waits up to 1 s for stragglers, and reports what was delivered and lost.
+func BenchmarkRelayUDP200Mbit(b *testing.B) {
+	const (
+		size     = 1200
+		rate     = 200e6 / 8 / size // datagrams per second
+		duration = 3 * time.Second
+	)
+	sink := udpCountService(b)
+	public := relayPath(b, benchTarget{"udp", sink.port})[0]
+	c, err := net.Dial("udp4", public)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	payload := bytes.Repeat([]byte{'u'}, size)
+	// The first datagram opens the sessions on both sides; wait for it.
+	c.Write(payload)
+	waitFor(b, 10*time.Second, "first datagram through the relay", func() bool { return sink.packets.Load() > 0 })
+
+	var sent, delivered uint64
+	var sending time.Duration
+	res := startResources(b)
+	for b.Loop() {
+		before := sink.packets.Load()
+		start := time.Now()
+		n := uint64(0)
+		for elapsed := time.Duration(0); elapsed < duration; elapsed = time.Since(start) {
+			for due := uint64(elapsed.Seconds() * rate); n < due; n++ {
+				if _, err := c.Write(payload); err != nil {
+					b.Fatalf("send: %v", err) // loopback UDP does not fail; a failure is a bug
+				}
+			}
+			time.Sleep(500 * time.Microsecond)
+		}
+		sending += time.Since(start)
+		last, stable := sink.packets.Load(), time.Now()
+		for deadline := time.Now().Add(time.Second); time.Now().Before(deadline) && time.Since(stable) < 100*time.Millisecond; {
+			time.Sleep(10 * time.Millisecond)
+			if cur := sink.packets.Load(); cur != last {
+				last, stable = cur, time.Now()
+			}
+		}
+		sent += n
+		delivered += last - before
+	}
+	res.report(b, 0)
+	b.ReportMetric(float64(delivered)*size*8/sending.Seconds()/1e6, "delivered-Mbit/s")
+	b.ReportMetric(100*(1-float64(delivered)/float64(sent)), "loss-%")
 }

@@ -26,6 +26,9 @@ const testMTU = 1420
 
 var relayTunnelAddr = netip.MustParseAddr("100.96.0.1")
 
+// stackTCP is the TCP config of both tunnel stacks.
+var stackTCP = netstack.TCPConfig{}
+
 // testOpts make failures show up in seconds rather than tens of seconds.
 var testOpts = []tunnel.Option{tunnel.WithPing(500*time.Millisecond, 3*time.Second), tunnel.WithReleaseGrace(time.Second)}
 
@@ -72,7 +75,7 @@ func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger, opts ...tu
 	t.Helper()
 	stackSide, outer := netstack.Pipe(testMTU)
 	h := &relayHandler{}
-	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(relayTunnelAddr)}, h, log.Named("relay-stack"))
+	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(relayTunnelAddr), TCP: stackTCP}, h, log.Named("relay-stack"))
 	if err != nil {
 		outer.Close()
 		t.Fatal(err)
@@ -165,7 +168,7 @@ mtu = %d
 	}
 	stackSide, outer := netstack.Pipe(testMTU)
 	h := &engineHandler{e: engine}
-	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(addr)}, h, log.Named("appliance-stack"))
+	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(addr), TCP: stackTCP}, h, log.Named("appliance-stack"))
 	if err != nil {
 		t.Fatal(err)
 	}
