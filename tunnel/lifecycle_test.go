@@ -300,3 +300,70 @@ func TestUplinkResolvesRelayName(t *testing.T) {
 		t.Fatalf("endpoint %q (%v), want a loopback address and port %d", a.uplink.Status().Endpoint, err, relay.port)
 	}
 }
+
+// TestRelayPeerSessionCounts: a peer's status counts its TCP flows and UDP
+// client sessions while they are open, and every one it ever opened.
+func TestRelayPeerSessionCounts(t *testing.T) {
+	t.Parallel()
+	tcpPort, udpPort := freePort(t, false), freePort(t, false)
+	tcpSpec, udpSpec := fmt.Sprintf("tcp/%d", tcpPort), fmt.Sprintf("udp/%d", udpPort)
+	key := mustKey(t)
+	cfg := relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(t, tcpSpec, udpSpec)})
+	relay := startRelay(t, cfg, testLogger(t), tunnel.WithUDPIdleTimeout(300*time.Millisecond))
+	tcpSvc, _ := proxyEchoService(t)
+	udpSvc := udpEchoService(t)
+	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", tcpPort, tcpSvc)+fmt.Sprintf(`
+[[mapping]]
+name = "dns"
+protocol = "udp"
+listen = "%d"
+target = "127.0.0.1:%d"
+`, udpPort, udpSvc))
+	waitRegistered(t, a, tcpSpec, udpSpec)
+	counts := func() (int64, uint64) {
+		st := relay.relay.Status()
+		if len(st.Peers) != 1 {
+			t.Fatalf("peers %+v, want one", st.Peers)
+		}
+		return st.Peers[0].SessionsActive, st.Peers[0].SessionsOpened
+	}
+	if active, opened := counts(); active != 0 || opened != 0 {
+		t.Fatalf("before any flow: active %d, opened %d; want 0 and 0", active, opened)
+	}
+
+	c, err := net.DialTimeout("tcp", netip.AddrPortFrom(loopback4, tcpPort).String(), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 1)
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatalf("tcp echo: %v", err)
+	}
+	if active, opened := counts(); active != 1 || opened != 1 {
+		t.Fatalf("one tcp flow open: active %d, opened %d; want 1 and 1", active, opened)
+	}
+
+	u, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback4, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	if got := udpRoundTrip(t, u, netip.AddrPortFrom(loopback4, udpPort), []byte("q")); string(got) != "q" {
+		t.Fatalf("udp echo %q", got)
+	}
+	if active, opened := counts(); active != 2 || opened != 2 {
+		t.Fatalf("tcp flow and udp session open: active %d, opened %d; want 2 and 2", active, opened)
+	}
+
+	c.Close()
+	waitFor(t, 5*time.Second, "both sessions to end", func() bool { active, _ := counts(); return active == 0 })
+	if _, opened := counts(); opened != 2 {
+		t.Fatalf("after both ended: opened %d, want 2", opened)
+	}
+}

@@ -77,11 +77,13 @@ type Relay struct {
 }
 
 // relayPeer is one configured peer. name and addr4 never change (a peer
-// whose address changes is replaced); the other fields are guarded by
-// Relay.mu.
+// whose address changes is replaced); the counters are atomic; the other
+// fields are guarded by Relay.mu.
 type relayPeer struct {
 	name     string
 	addr4    netip.Addr
+	active   atomic.Int64  // TCP flows and UDP sessions open now
+	opened   atomic.Uint64 // TCP flows and UDP sessions ever opened
 	cfg      conf.Peer
 	session  *controlSession // nil when not connected
 	wanted   []string        // the specs of the peer's last register
@@ -334,6 +336,10 @@ type RelayPeerStatus struct {
 	TxBytes       uint64            `json:"tx_bytes"`
 	Ports         []string          `json:"ports"`             // held, e.g. "tcp/443", "udp/10000-10100"
 	Refused       map[string]string `json:"refused,omitempty"` // spec -> reason
+	// SessionsActive and SessionsOpened count the peer's TCP flows and UDP
+	// client sessions: open now, and opened since the peer was configured.
+	SessionsActive int64  `json:"sessions_active"`
+	SessionsOpened uint64 `json:"sessions_opened"`
 }
 
 // HandshakeAge is the time since the peer's last handshake, or -1 if none yet.
@@ -358,6 +364,9 @@ func (r *Relay) Status() RelayStatus {
 			Address:   p.addr4,
 			Connected: p.session != nil,
 			Ports:     specStrings(compressKeys(keysOf(p.holdings))),
+
+			SessionsActive: p.active.Load(),
+			SessionsOpened: p.opened.Load(),
 		}
 		for spec, m := range p.results {
 			if !m.OK {
@@ -636,8 +645,7 @@ func (r *Relay) releaseLocked(h *holding) {
 		r.udpMu.Lock()
 		for k, s := range r.udp {
 			if s.h == h {
-				delete(r.udp, k)
-				r.sessions.Add(-1)
+				r.forgetUDPLocked(k, s)
 			}
 		}
 		r.udpMu.Unlock()
@@ -731,6 +739,9 @@ func (r *Relay) forwardTCP(h *holding, c net.Conn) {
 	defer tc.Close()
 	r.tcpFlows.Add(1)
 	defer r.tcpFlows.Add(-1)
+	h.peer.opened.Add(1)
+	h.peer.active.Add(1)
+	defer h.peer.active.Add(-1)
 	start := time.Now()
 	r.log.Debug("session opened", zap.String("peer", h.peer.name), zap.String("proto", "tcp"),
 		zap.Stringer("src", client), zap.Stringer("dst", dst))

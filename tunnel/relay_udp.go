@@ -84,9 +84,11 @@ func (r *Relay) udpSession(h *holding, pc *net.UDPConn, client netip.AddrPort) *
 			r.sessions.Add(-1)
 			return old
 		}
-		r.sessions.Add(-1) // old's slot
+		r.forgetUDPLocked(key, old)
 	}
 	r.udp[key] = s
+	h.peer.opened.Add(1)
+	h.peer.active.Add(1)
 	r.udpMu.Unlock()
 	r.log.Debug("session opened", zap.String("peer", h.peer.name), zap.String("proto", "udp"),
 		zap.Stringer("src", client), zap.Stringer("dst", s.dst))
@@ -108,8 +110,7 @@ func (r *Relay) expireLoop() {
 			r.udpMu.Lock()
 			for k, s := range r.udp {
 				if s.lastSeen.Load() < cutoff {
-					delete(r.udp, k)
-					r.sessions.Add(-1)
+					r.forgetUDPLocked(k, s)
 					r.log.Debug("session closed", zap.String("peer", s.h.peer.name), zap.String("proto", "udp"),
 						zap.Stringer("src", s.client), zap.String("reason", "idle"))
 				}
@@ -117,4 +118,12 @@ func (r *Relay) expireLoop() {
 			r.udpMu.Unlock()
 		}
 	}
+}
+
+// forgetUDPLocked removes session s, stored under k, and frees its slot.
+// The caller holds udpMu for writing.
+func (r *Relay) forgetUDPLocked(k udpKey, s *udpSession) {
+	delete(r.udp, k)
+	r.sessions.Add(-1)
+	s.h.peer.active.Add(-1)
 }

@@ -166,7 +166,8 @@ target   = %q
 		t.Fatal(err)
 	}
 	if rst.Relay == nil || len(rst.Relay.Peers) != 1 || rst.Relay.Peers[0].Name != "home" ||
-		!slices.Contains(rst.Relay.Peers[0].Registered, fmt.Sprintf("tcp/%d", publicPort)) {
+		!slices.Contains(rst.Relay.Peers[0].Registered, fmt.Sprintf("tcp/%d", publicPort)) ||
+		rst.Relay.Peers[0].SessionsActive != 1 || rst.Relay.Peers[0].SessionsOpened != 1 {
 		t.Fatalf("relay status = %+v", rst.Relay)
 	}
 

@@ -216,15 +216,17 @@ func (s relaySource) Status() admin.Status {
 	r := &admin.Relay{Listen: cfg.Relay.Listen}
 	for _, p := range rs.Peers {
 		r.Peers = append(r.Peers, admin.RelayPeer{
-			Name:          p.Name,
-			Address:       p.Address.String(),
-			Endpoint:      p.Endpoint,
-			LastHandshake: p.LastHandshake,
-			BytesIn:       p.RxBytes,
-			BytesOut:      p.TxBytes,
-			Allowed:       allowed[p.Name],
-			Registered:    p.Ports,
-			Refused:       refusals(p.Refused),
+			Name:           p.Name,
+			Address:        p.Address.String(),
+			Endpoint:       p.Endpoint,
+			LastHandshake:  p.LastHandshake,
+			BytesIn:        p.RxBytes,
+			BytesOut:       p.TxBytes,
+			Allowed:        allowed[p.Name],
+			Registered:     p.Ports,
+			Refused:        refusals(p.Refused),
+			SessionsActive: p.SessionsActive,
+			SessionsOpened: p.SessionsOpened,
 		})
 	}
 	return admin.Status{Time: time.Now(), Version: s.version, ConfigPath: cfg.Path, StartedAt: s.started, Relay: r}
