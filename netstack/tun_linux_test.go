@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/tun"
@@ -26,45 +27,10 @@ import (
 // splits, and receives our segments re-coalesced) into a Stack and back. It
 // runs in a network namespace it creates and removes; it needs root.
 func TestCreateTUNKernelTCP(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (CAP_NET_ADMIN) to create a TUN in a new network namespace")
-	}
-	setupFailed := t.Skipf
-	if os.Getenv("CI") == "true" {
-		setupFailed = t.Fatalf
-	}
-	if _, err := exec.LookPath("ip"); err != nil {
-		setupFailed("needs iproute2: %v", err)
+	ns, dev := kernelTUN(t)
+	if dev == nil {
 		return
 	}
-	ns := fmt.Sprintf("nstun%d", os.Getpid())
-	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
-		setupFailed("ip netns add: %v: %s", err, out)
-		return
-	}
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
-
-	var dev tun.Device
-	if err := inNetns(ns, func() (err error) {
-		dev, err = CreateTUN("nstun0", 1500)
-		return err
-	}); err != nil {
-		setupFailed("create tun in %s: %v", ns, err)
-		return
-	}
-	for _, args := range [][]string{
-		{"addr", "add", "10.99.0.1/24", "dev", "nstun0"},
-		{"addr", "add", "fd99::1/64", "dev", "nstun0", "nodad"},
-		{"link", "set", "nstun0", "up"},
-		{"link", "set", "lo", "up"},
-	} {
-		if out, err := exec.Command("ip", append([]string{"-n", ns}, args...)...).CombinedOutput(); err != nil {
-			dev.Close()
-			setupFailed("ip %v: %v: %s", args, err, out)
-			return
-		}
-	}
-
 	echoed := make(chan struct{}, 4)
 	var s *Stack
 	s, err := New(dev, Config{MTU: 1500, Addresses: []netip.Prefix{netip.MustParsePrefix("10.99.0.2/24"), netip.MustParsePrefix("fd99::2/64")}},
@@ -158,6 +124,101 @@ func TestCreateTUNKernelTCP(t *testing.T) {
 	if st.Invalid != (InvalidStats{}) || st.WriteErrors != 0 {
 		t.Fatalf("kernel traffic counted as invalid or failed to write: %+v", st)
 	}
+}
+
+// kernelTUN creates a network namespace with a TUN (10.99.0.1/24,
+// fd99::1/64 on the kernel side) and returns both; both are removed when the
+// test ends. It skips without root, and fails under CI=true if setup fails.
+func kernelTUN(tb testing.TB) (string, tun.Device) {
+	if os.Geteuid() != 0 {
+		tb.Skip("needs root (CAP_NET_ADMIN) to create a TUN in a new network namespace")
+	}
+	setupFailed := tb.Skipf
+	if os.Getenv("CI") == "true" {
+		setupFailed = tb.Fatalf
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		setupFailed("needs iproute2: %v", err)
+		return "", nil
+	}
+	ns := fmt.Sprintf("nstun%d", os.Getpid())
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		setupFailed("ip netns add: %v: %s", err, out)
+		return "", nil
+	}
+	tb.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+
+	var dev tun.Device
+	if err := inNetns(ns, func() (err error) {
+		dev, err = CreateTUN("nstun0", 1500)
+		return err
+	}); err != nil {
+		setupFailed("create tun in %s: %v", ns, err)
+		return "", nil
+	}
+	for _, args := range [][]string{
+		{"addr", "add", "10.99.0.1/24", "dev", "nstun0"},
+		{"addr", "add", "fd99::1/64", "dev", "nstun0", "nodad"},
+		{"link", "set", "nstun0", "up"},
+		{"link", "set", "lo", "up"},
+	} {
+		if out, err := exec.Command("ip", append([]string{"-n", ns}, args...)...).CombinedOutput(); err != nil {
+			dev.Close()
+			setupFailed("ip %v: %v: %s", args, err, out)
+			return "", nil
+		}
+	}
+	return ns, dev
+}
+
+// BenchmarkKernelTUNTCP: one kernel TCP flow (in the namespace) through the
+// TUN into a Stack that discards it. Needs root.
+func BenchmarkKernelTUNTCP(b *testing.B) {
+	ns, dev := kernelTUN(b)
+	if dev == nil {
+		return
+	}
+	received := make(chan int64, 1)
+	s, err := New(dev, Config{MTU: 1500, Addresses: []netip.Prefix{netip.MustParsePrefix("10.99.0.2/24")}},
+		funcHandler{tcp: func(r *TCPRequest) {
+			c, err := r.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			n, _ := io.CopyBuffer(io.Discard, c, make([]byte, 64<<10))
+			received <- n
+		}}, zap.NewNop())
+	if err != nil {
+		b.Fatalf("new stack: %v", err)
+	}
+	defer s.Close()
+	var c net.Conn
+	if err := inNetns(ns, func() (err error) {
+		c, err = net.DialTimeout("tcp", "10.99.0.2:5201", 10*time.Second)
+		return err
+	}); err != nil {
+		b.Fatalf("kernel dial: %v", err)
+	}
+	defer c.Close()
+	chunk := make([]byte, 128<<10)
+	b.SetBytes(int64(len(chunk)))
+	start := time.Now()
+	var sent int64
+	for b.Loop() {
+		n, err := c.Write(chunk)
+		if err != nil {
+			b.Fatalf("write: %v", err)
+		}
+		sent += int64(n)
+	}
+	c.(*net.TCPConn).CloseWrite()
+	if got := <-received; got != sent {
+		b.Fatalf("stack received %d of %d bytes", got, sent)
+	}
+	b.ReportMetric(float64(sent)*8/time.Since(start).Seconds()/1e9, "Gbit/s")
+	st := s.Stats()
+	b.ReportMetric(float64(st.TCPRetransmits), "retransmits")
 }
 
 // inNetns runs fn on an OS thread switched into the named network namespace:
