@@ -94,9 +94,10 @@ type Engine struct {
 	states   map[string]*mappingState
 	sessions map[uint64]*session
 
-	stopSweep chan struct{}
-	sweepDone chan struct{}
-	stopOnce  sync.Once
+	stopSweep   chan struct{}
+	sweepDone   chan struct{}
+	stoppedOnce sync.Once // the "stopped" line is logged once, however often Shutdown runs
+	stopOnce    sync.Once
 
 	beforeUDPSend func(mapping string) // test seam: a slow target; set before traffic
 }
@@ -420,7 +421,7 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 	}
 	e.cancel()
 	<-e.sweepDone
-	e.log.Info("forwarder stopped")
+	e.stoppedOnce.Do(func() { e.log.Info("forwarder stopped") })
 	return nil
 }
 

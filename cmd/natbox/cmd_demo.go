@@ -97,8 +97,8 @@ func runDemo(c *cli.Context) error {
 	}()
 
 	url := fmt.Sprintf("http://127.0.0.1:%d/", port)
-	fmt.Fprintf(out, "natbox demo: relay on 127.0.0.1 (WireGuard %s), appliance behind it with no public port,\n", relayCfg.Relay.Listen)
-	fmt.Fprintf(out, "internal web service on %s reachable only through natbox.\n", svc.Addr())
+	fmt.Fprintf(out, "natbox demo: a relay (WireGuard on UDP %s, public ports on 127.0.0.1), an appliance behind it\nwith no public port of its own, and an ", strings.TrimPrefix(relayCfg.Relay.Listen, ":"))
+	fmt.Fprintf(out, "internal web service on %s that only natbox reaches.\n", svc.Addr())
 	fmt.Fprintf(out, "waiting for the uplink to register tcp/%d on the relay...\n", port)
 	body, err := fetchUntilReady(ctx, url, 20*time.Second)
 	if err != nil {
@@ -133,7 +133,7 @@ func demoConfigs(dir string, publicPort, svcPort int) (*conf.RelayConfig, *conf.
 	}
 	relayTOML := fmt.Sprintf(`
 [relay]
-listen      = "127.0.0.1:%d"
+listen      = ":%d"                 # WireGuard binds every address; its peers are keys, not addresses
 private_key = %q
 address     = "100.96.0.1"
 public_bind = ["127.0.0.1"]
@@ -154,6 +154,9 @@ relay_public_key = %q
 private_key      = %q
 address          = "100.96.0.2"
 keepalive        = "5s"
+
+[limits]
+shutdown_grace = "1s"
 
 [admin]
 socket = %q
@@ -190,7 +193,9 @@ func freeUDPPort() (int, error) {
 func fetchUntilReady(ctx context.Context, url string, limit time.Duration) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
-	client := &http.Client{Timeout: 3 * time.Second}
+	// No keep-alive: an idle kept connection would be a live session that
+	// the demo's shutdown waits on.
+	client := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	var last error
 	for {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
