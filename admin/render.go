@@ -24,9 +24,12 @@ func RenderStatus(w io.Writer, st Status) error {
 		now = time.Now()
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	if len(st.Mappings) == 0 {
+	switch {
+	case len(st.Mappings) == 0 && st.Relay != nil:
+		// A relay has peers, not mappings: its section below says it all.
+	case len(st.Mappings) == 0:
 		fmt.Fprintln(tw, "no mappings")
-	} else {
+	default:
 		fmt.Fprintln(tw, "MAPPING\tSTATE\tPROTO\tLISTEN\tTARGET\tSESSIONS\tHITS\tIN\tOUT\tLAST USED\tREFUSALS")
 		for _, m := range st.Mappings {
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\n",

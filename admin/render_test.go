@@ -108,3 +108,18 @@ func TestFormatAgo(t *testing.T) {
 		t.Errorf("zero time = %q, want never", got)
 	}
 }
+
+// A relay has peers and no mappings: its status shows no empty mapping table.
+func TestRenderRelayOnlyStatus(t *testing.T) {
+	st := sampleStatus()
+	st.Time = testNow
+	st.Mappings, st.Uplink, st.Refusals, st.BudgetHits = nil, nil, nil, nil
+	var buf bytes.Buffer
+	if err := RenderStatus(&buf, st); err != nil {
+		t.Fatal(err)
+	}
+	out := buf.String()
+	if strings.Contains(out, "no mappings") || !strings.HasPrefix(out, "relay listening on 0.0.0.0:51820") {
+		t.Fatalf("relay status:\n%s", out)
+	}
+}
