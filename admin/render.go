@@ -1,6 +1,7 @@
 package admin
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -19,6 +20,16 @@ func WriteJSON(w io.Writer, v any) error {
 // RenderStatus writes st as aligned tables for people: the mappings, then the
 // uplink and the relay when present. Ages are measured from st.Time.
 func RenderStatus(w io.Writer, st Status) error {
+	// Sections are separated by a blank line; the first one has none before it.
+	var buf bytes.Buffer
+	if err := renderStatus(&buf, st); err != nil {
+		return err
+	}
+	_, err := w.Write(bytes.TrimLeft(buf.Bytes(), "\n"))
+	return err
+}
+
+func renderStatus(w io.Writer, st Status) error {
 	now := st.Time
 	if now.IsZero() {
 		now = time.Now()
