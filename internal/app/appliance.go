@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -247,8 +248,8 @@ func (a *Appliance) Reload() (forwarder.Diff, error) {
 // reloadable rejects changes a running process cannot apply in place.
 func reloadable(old, next *conf.Config) error {
 	var errs []error
-	if (old.TUN == nil) != (next.TUN == nil) || (old.TUN != nil && (old.TUN.Name != next.TUN.Name || old.TUN.MTU != next.TUN.MTU)) {
-		errs = append(errs, errors.New("[tun] changed: restart natbox to apply a new TUN device or MTU"))
+	if !reflect.DeepEqual(old.TUN, next.TUN) {
+		errs = append(errs, errors.New("[tun] changed: restart natbox to apply a new TUN device, MTU, addresses or routes"))
 	}
 	if (old.Uplink == nil) != (next.Uplink == nil) || (old.Uplink != nil && *old.Uplink != *next.Uplink) {
 		errs = append(errs, errors.New("[uplink] changed: restart natbox to apply a new tunnel"))

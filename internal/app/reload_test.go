@@ -308,9 +308,14 @@ func TestReloadInvalidFileChangesNothing(t *testing.T) {
 		t.Fatalf("reload of an invalid file: %v, want a *conf.Errors with 2 problems", err)
 	}
 	// A valid file that changes what needs a restart is refused as well.
-	h.writeFile(replaceOnce(t, good.render(h.socket), "mtu = 1500", "mtu = 1400"))
-	if _, err := h.app.Reload(); err == nil {
-		t.Fatal("reload with a new tun mtu succeeded; it needs a restart")
+	for _, change := range []struct{ old, new string }{
+		{"mtu = 1500", "mtu = 1400"},
+		{"addresses = [", "routes = [\"198.51.100.0/24\"]\naddresses = ["},
+	} {
+		h.writeFile(replaceOnce(t, good.render(h.socket), change.old, change.new))
+		if _, err := h.app.Reload(); err == nil || !strings.Contains(err.Error(), "restart natbox") {
+			t.Fatalf("reload with %q: err = %v, want a refusal that says to restart", change.new, err)
+		}
 	}
 
 	if after := h.engine().Snapshot().Mappings; len(after) != 1 || after[0].Listen != before[0].Listen || after[0].Target != before[0].Target {
