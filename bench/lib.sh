@@ -75,7 +75,7 @@ profile_pid() { # profile_pid NETNS PID SECS OUTDIR NAME PPROF_ADDR
       | grep -E "^ +[0-9.]+%" | sed -E "s/[ -]+$//" | head -60 >"$dir/$name.perf.top.txt"
     # inclusive (with callees) view: which Go/kernel paths the self time above belongs to
     perf report -i "$dir/$name.perf.data" --stdio --children --sort symbol -g none 2>/dev/null \
-      | grep -E "^ +[0-9.]+%" | sed -E "s/[ -]+$//" | head -80 >"$dir/$name.perf.children.txt"
-    rm -f "$dir/$name.perf.data"
+      | grep -E "^ +[0-9.]+%" | sed -E "s/[ -]+$//" | head -200 >"$dir/$name.perf.children.txt"
+    [ "${KEEP_PERF:-0}" = 1 ] || rm -f "$dir/$name.perf.data"
   fi
 }

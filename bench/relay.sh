@@ -44,6 +44,13 @@ RELAY_PIDS=() # the relay side's root processes of the current mode (CPU and mem
 APP_PIDS=()   # the appliance side's
 C() { ip netns exec "$NS" "$@"; } # the clients (run_test, wait_ready) run in the same namespace
 
+wait_listen() { # wait_listen tcp|udp PORT: until the relay side listens (bounded, 10 s)
+  local i flag=-ltn
+  [ "$1" = udp ] && flag=-lun
+  for i in $(seq 100); do C ss -H $flag "sport = :$2" 2>/dev/null | grep -q . && return 0; sleep 0.1; done
+  return 1
+}
+
 ns_up() {
   ns_down
   ip netns add "$NS" && ip netns exec "$NS" ip link set lo up \
@@ -230,7 +237,7 @@ setup_relay_mode() { # sets T_HOST P_IPERF P_ECHO P_CRR RELAY_PIDS APP_PIDS
         start_bg "$d/relay.log" ip netns exec "$NS" "$NATBOX" relay -c "$d/relay.toml"
       fi
       RELAY_PIDS+=("$LAST_PID")
-      sleep 0.3
+      wait_listen udp 51820
       if [ "${PROFILE:-0}" = 1 ]; then
         NATBOX_PPROF=$NB_PPROF_APP start_bg "$d/natbox.log" ip netns exec "$NS" "$NATBOX" run -c "$d/natbox.toml"
       else
@@ -243,14 +250,14 @@ setup_relay_mode() { # sets T_HOST P_IPERF P_ECHO P_CRR RELAY_PIDS APP_PIDS
       frp_configs "$d" $mux
       start_bg "$d/frps.log" ip netns exec "$NS" "$FRP_BIN/frps" -c "$d/frps.toml"
       RELAY_PIDS+=("$LAST_PID")
-      sleep 0.3
+      wait_listen tcp 7000 # frpc gives up at once if frps is not there yet (loginFailExit)
       start_bg "$d/frpc.log" ip netns exec "$NS" "$FRP_BIN/frpc" -c "$d/frpc.toml"
       APP_PIDS+=("$LAST_PID") ;;
     ssh)
       local k=$OUT/ssh
       start_bg "$d/sshd.log" ip netns exec "$NS" /usr/sbin/sshd -D -e -f "$k/sshd_config"
       RELAY_PIDS+=("$LAST_PID")
-      sleep 0.3
+      wait_listen tcp 2222
       start_bg "$d/ssh.log" ip netns exec "$NS" ssh -N -F /dev/null -i "$k/id" -p 2222 \
         -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ExitOnForwardFailure=yes \
         -o ServerAliveInterval=30 \

@@ -18,7 +18,8 @@
 #   sudo bench/run.sh                         # REPS=3 DUR=5 MODES="direct nftdnat haproxy socat natbox"
 #   REPS=5 DUR=10 sudo -E bench/run.sh
 # Env (besides run-baselines.sh's REPS DUR RR_DUR TESTS UDP_RATE UDP_LEN MTU): MODES, WORK, NATBOX
-# (prebuilt binary; default: build this checkout), IDLE_N (10000), SKIP_IDLE=1, SKIP_PROFILE=1.
+# (prebuilt binary; default: build the committed HEAD), IDLE_N (10000), SKIP_IDLE=1, SKIP_PROFILE=1,
+# PROFILE_TESTS (tcp1 tcpR crr udp rr). REPS=0 runs only the idle and profile steps.
 set -uo pipefail
 
 NB_BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -123,20 +124,27 @@ run_idle() {
   natbox_down
 }
 
-run_profile() {
+run_profile() { # one profile per PROFILE_TESTS test (default: all that natbox misses targets on)
   local d=$OUT/raw-extra/profile
   mkdir -p "$d"
-  log "profile: natbox during tcp1 and tcpR"
+  log "profile: natbox during ${PROFILE_TESTS:=tcp1 tcpR crr udp rr}"
   if PROFILE=1 natbox_up "$d"; then
-    local t
-    for t in tcp1 tcpR; do
-      local rflag=()
-      [ $t = tcpR ] && rflag=(-R)
-      profile_pid pm-gw "${GW_PIDS[0]}" "$((DUR > 2 ? DUR - 1 : DUR))" "$OUT/profiles" "natbox-gw-$t" "$NB_PPROF" &
+    local t cmd secs=$((DUR > 2 ? DUR - 1 : DUR))
+    for t in $PROFILE_TESTS; do
+      case $t in
+        tcp1) cmd=(iperf3 -c "$NB_PUB" -p 8080 -t "$DUR" --connect-timeout 3000 -J) ;;
+        tcpR) cmd=(iperf3 -c "$NB_PUB" -p 8080 -t "$DUR" -R --connect-timeout 3000 -J) ;;
+        udp) cmd=(iperf3 -c "$NB_PUB" -p 8080 -t "$DUR" -u -b "$UDP_RATE" -l "$UDP_LEN" --connect-timeout 3000 -J) ;;
+        crr) cmd=("$PMBENCH" crr -addr "$NB_PUB:8082" -workers "$CRR_WORKERS" -duration "${DUR}s") ;;
+        rr) cmd=("$PMBENCH" rr -addr "$NB_PUB:8081" -duration "${DUR}s" -count 1000000 -size 64) ;;
+        *) continue ;;
+      esac
+      profile_pid pm-gw "${GW_PIDS[0]}" "$secs" "$OUT/profiles" "natbox-gw-$t" "$NB_PPROF" &
       local pp=$!
       sleep 0.5
-      C timeout $((DUR + 20)) iperf3 -c "$NB_PUB" -p 8080 -t "$DUR" "${rflag[@]}" --connect-timeout 3000 -J >"$d/$t.json" 2>"$d/$t.err"
+      C timeout $((DUR + 20)) "${cmd[@]}" >"$d/$t.json" 2>"$d/$t.err"
       wait "$pp"
+      sleep 1
     done
   else
     log "profile: natbox not ready"
