@@ -8,6 +8,8 @@
 #           (198.18.0.1 is the gw's own veth address, so natbox gets a public address of its own.)
 #           Mappings: tcp+udp 8080 -> 10.77.0.2:5201 (iperf3), tcp 8081 -> :5301 (echo),
 #           tcp 8082 -> :5302 (crr).
+#   churn   after the reps: CHURN_N (100000) connections through the crr mapping, 64 workers,
+#           failures counted (pmbench crr -max, bounded to 110 s).
 #   idle    after the interleaved reps: RSS per idle TCP session (bench/idle: IDLE_N connections
 #           through natbox to the echo server, 1-byte ping each, then held; natbox RSS before/after).
 #   profile a single-flow iperf3 through natbox with a CPU profile of natbox (Go pprof when natbox
@@ -18,7 +20,7 @@
 #   sudo bench/run.sh                         # REPS=3 DUR=5 MODES="direct nftdnat haproxy socat natbox"
 #   REPS=5 DUR=10 sudo -E bench/run.sh
 # Env (besides run-baselines.sh's REPS DUR RR_DUR TESTS UDP_RATE UDP_LEN MTU): MODES, WORK, NATBOX
-# (prebuilt binary; default: build the committed HEAD), IDLE_N (10000), SKIP_IDLE=1, SKIP_PROFILE=1,
+# (prebuilt binary; default: build the committed HEAD), IDLE_N (10000), CHURN_N (100000), SKIP_IDLE=1, SKIP_CHURN=1, SKIP_PROFILE=1,
 # PROFILE_TESTS (tcp1 tcpR crr udp rr). REPS=0 runs only the idle and profile steps.
 set -uo pipefail
 
@@ -27,6 +29,7 @@ export WORK=${WORK:-/tmp/nb-bench}
 export REPS=${REPS:-3} DUR=${DUR:-5} RR_DUR=${RR_DUR:-5}
 export MODES=${MODES:-"direct nftdnat haproxy socat natbox"}
 IDLE_N=${IDLE_N:-10000}
+CHURN_N=${CHURN_N:-100000}
 NATBOX_PREBUILT=${NATBOX:-}
 unset NATBOX
 # shellcheck source=bench/lib.sh
@@ -124,6 +127,19 @@ run_idle() {
   natbox_down
 }
 
+run_churn() { # issue 2: zero failed connections over CHURN_N connections through one mapping
+  local d=$OUT/raw-extra/churn
+  mkdir -p "$d"
+  log "churn: $CHURN_N connections through natbox (64 workers, <= 110 s)"
+  if natbox_up "$d"; then
+    C timeout 130 "$PMBENCH" crr -addr "$NB_PUB:8082" -workers "$CRR_WORKERS" -max "$CHURN_N" -duration 110s \
+      >"$d/churn.json" 2>"$d/churn.err" || log "churn rc=$? $(head -c 300 "$d/churn.err")"
+  else
+    log "churn: natbox not ready"
+  fi
+  natbox_down
+}
+
 run_profile() { # one profile per PROFILE_TESTS test (default: all that natbox misses targets on)
   local d=$OUT/raw-extra/profile
   mkdir -p "$d"
@@ -174,6 +190,7 @@ main() {
   done
   if [[ " $MODES " == *" natbox "* ]]; then
     [ "${SKIP_IDLE:-0}" = 1 ] || run_idle
+    [ "${SKIP_CHURN:-0}" = 1 ] || run_churn
     [ "${SKIP_PROFILE:-0}" = 1 ] || run_profile
   fi
   python3 "$NB_BENCH_DIR/summarize.py" gateway "$OUT" | tee "$OUT/summary.md"
