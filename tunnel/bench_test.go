@@ -131,6 +131,11 @@ type benchTarget struct {
 // relayPath starts a relay and an appliance on loopback with one mapping
 // per target and returns the relay's public address for each, in order.
 func relayPath(b *testing.B, targets ...benchTarget) []string {
+	public, _ := relayPathAppliance(b, targets...)
+	return public
+}
+
+func relayPathAppliance(b *testing.B, targets ...benchTarget) ([]string, *appliance) {
 	key := mustKey(b)
 	var specs, mappings []string
 	var public []string
@@ -151,7 +156,7 @@ target = "127.0.0.1:%d"
 	), zap.NewNop())
 	a := startAppliance(b, relay, key, applAddrA, strings.Join(mappings, ""))
 	waitRegistered(b, a, specs...)
-	return public
+	return public, a
 }
 
 // resources measures what a benchmark cost the whole process: CPU time
@@ -411,7 +416,8 @@ func BenchmarkRelayUDP200Mbit(b *testing.B) {
 		duration = 3 * time.Second
 	)
 	sink := udpCountService(b)
-	public := relayPath(b, benchTarget{"udp", sink.port})[0]
+	addrs, appl := relayPathAppliance(b, benchTarget{"udp", sink.port})
+	public := addrs[0]
 	c, err := net.Dial("udp4", public)
 	if err != nil {
 		b.Fatal(err)
@@ -424,6 +430,7 @@ func BenchmarkRelayUDP200Mbit(b *testing.B) {
 
 	var sent, delivered uint64
 	var sending time.Duration
+	sockDrops, fwdDrops := udpSocketDrops(), forwarderUDPDrops(appl)
 	res := startResources(b)
 	for b.Loop() {
 		before := sink.packets.Load()
@@ -451,4 +458,44 @@ func BenchmarkRelayUDP200Mbit(b *testing.B) {
 	res.report(b, 0)
 	b.ReportMetric(float64(delivered)*size*8/sending.Seconds()/1e6, "delivered-Mbit/s")
 	b.ReportMetric(100*(1-float64(delivered)/float64(sent)), "loss-%")
+	// Where the loss happened: kernel socket buffers of this process (the
+	// relay's public socket, both WireGuard sockets, the target's), or the
+	// appliance forwarder's per-session queue.
+	b.ReportMetric(100*float64(udpSocketDrops()-sockDrops)/float64(sent), "sock-drop-%")
+	b.ReportMetric(100*float64(forwarderUDPDrops(appl)-fwdDrops)/float64(sent), "fwd-drop-%")
+}
+
+func forwarderUDPDrops(a *appliance) uint64 {
+	var n uint64
+	for _, m := range a.engine.Snapshot().Mappings {
+		n += m.UDPDropped
+	}
+	return n
+}
+
+// udpSocketDrops sums the kernel's drop counters of this process's UDP
+// sockets (the last column of /proc/net/udp and udp6, matched by inode).
+func udpSocketDrops() uint64 {
+	inodes := make(map[string]bool)
+	fds, _ := os.ReadDir("/proc/self/fd")
+	for _, fd := range fds {
+		if l, err := os.Readlink("/proc/self/fd/" + fd.Name()); err == nil {
+			if inode, ok := strings.CutPrefix(l, "socket:["); ok {
+				inodes[strings.TrimSuffix(inode, "]")] = true
+			}
+		}
+	}
+	var n uint64
+	for _, table := range []string{"/proc/net/udp", "/proc/net/udp6"} {
+		text, _ := os.ReadFile(table)
+		for line := range strings.Lines(string(text)) {
+			f := strings.Fields(line)
+			if len(f) < 13 || !inodes[f[9]] {
+				continue
+			}
+			d, _ := strconv.ParseUint(f[len(f)-1], 10, 64)
+			n += d
+		}
+	}
+	return n
 }

@@ -26,8 +26,12 @@ const testMTU = 1420
 
 var relayTunnelAddr = netip.MustParseAddr("100.96.0.1")
 
-// stackTCP is the TCP config of both tunnel stacks.
-var stackTCP = netstack.TCPConfig{}
+// stackTCP is the TCP config of both tunnel stacks, engineOpts the
+// appliance forwarder's options (benchmark experiments change them).
+var (
+	stackTCP   = netstack.TCPConfig{}
+	engineOpts = forwarder.Options{}
+)
 
 // testOpts make failures show up in seconds rather than tens of seconds.
 var testOpts = []tunnel.Option{tunnel.WithPing(500*time.Millisecond, 3*time.Second), tunnel.WithReleaseGrace(time.Second)}
@@ -162,7 +166,7 @@ mtu = %d
 	} else {
 		log = zap.New(core)
 	}
-	engine, err := forwarder.New(cfg, forwarder.Options{}, log.Named("forwarder"))
+	engine, err := forwarder.New(cfg, engineOpts, log.Named("forwarder"))
 	if err != nil {
 		t.Fatal(err)
 	}

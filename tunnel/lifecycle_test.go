@@ -1,6 +1,7 @@
 package tunnel_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -365,5 +366,44 @@ target = "127.0.0.1:%d"
 	waitFor(t, 5*time.Second, "both sessions to end", func() bool { active, _ := counts(); return active == 0 })
 	if _, opened := counts(); opened != 2 {
 		t.Fatalf("after both ended: opened %d, want 2", opened)
+	}
+}
+
+// TestRelayUDPLargerThanMTU: a public datagram too big for the tunnel is
+// dropped whole (never forwarded truncated), and the client's next
+// datagrams still cross.
+func TestRelayUDPLargerThanMTU(t *testing.T) {
+	t.Parallel()
+	port := freePort(t, false)
+	spec := fmt.Sprintf("udp/%d", port)
+	key := mustKey(t)
+	relay := startRelay(t, relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(t, spec)}), testLogger(t))
+	svc := udpEchoService(t)
+	a := startAppliance(t, relay, key, applAddrA, fmt.Sprintf(`
+[[mapping]]
+name = "echo"
+protocol = "udp"
+listen = "%d"
+target = "127.0.0.1:%d"
+`, port, svc))
+	waitRegistered(t, a, spec)
+	c, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback4, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	public := netip.AddrPortFrom(loopback4, port)
+	if got := udpRoundTrip(t, c, public, []byte("first")); string(got) != "first" {
+		t.Fatalf("echo %q", got)
+	}
+	big := bytes.Repeat([]byte{'b'}, testMTU+100)
+	if _, err := c.WriteToUDPAddrPort(big, public); err != nil {
+		t.Fatal(err)
+	}
+	// The small datagram follows the big one on the same socket; the first
+	// echo to come back must be its own.
+	if got := udpRoundTrip(t, c, public, []byte("after")); string(got) != "after" {
+		t.Fatalf("echo after the oversized datagram: %d bytes %.16q, want %q", len(got), got, "after")
 	}
 }

@@ -10,6 +10,7 @@ const (
 	defaultUDPIdleTimeout = 2 * time.Minute
 	defaultDialTimeout    = 5 * time.Second
 	controlWriteTimeout   = 10 * time.Second
+	defaultMTU            = 1420 // WireGuard's usual tunnel MTU, when neither config nor device says
 )
 
 // Option changes a default of a Relay or an Uplink.

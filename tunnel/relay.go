@@ -49,6 +49,7 @@ type Relay struct {
 	addr4 netip.Addr // the relay's tunnel addresses
 	addr6 netip.Addr
 	binds []netip.Addr // where public listeners open
+	mtu   int          // of the tunnel: public datagrams larger than it cannot cross
 
 	dialTimeout time.Duration
 	maxSessions int64 // 0: unlimited
@@ -142,8 +143,15 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 		log.Warn("wireguard listens on every address; the host part of relay.listen is not applied",
 			zap.String("listen", cfg.Relay.Listen))
 	}
-	if mtu, err := dev.MTU(); err == nil && cfg.Relay.MTU != 0 && mtu != cfg.Relay.MTU {
-		log.Warn("tunnel device mtu differs from relay.mtu", zap.Int("device_mtu", mtu), zap.Int("mtu", cfg.Relay.MTU))
+	mtu := cfg.Relay.MTU
+	if devMTU, err := dev.MTU(); err == nil {
+		if mtu != 0 && devMTU != mtu {
+			log.Warn("tunnel device mtu differs from relay.mtu", zap.Int("device_mtu", devMTU), zap.Int("mtu", mtu))
+		}
+		mtu = devMTU
+	}
+	if mtu <= 0 {
+		mtu = defaultMTU
 	}
 
 	o := buildOptions(opts)
@@ -155,6 +163,7 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 		addr4:       cfg.Relay.Address.Unmap(),
 		addr6:       TunnelAddr6(cfg.Relay.Address),
 		binds:       cfg.Relay.PublicBind,
+		mtu:         mtu,
 		dialTimeout: cfg.Relay.DialTimeout.D(),
 		maxSessions: int64(cfg.Relay.MaxSessions),
 		ctx:         ctx,
@@ -617,7 +626,9 @@ func (r *Relay) openLocked(p *relayPeer, k portKey) (*holding, error) {
 				cancel()
 				return nil, bindError(ap, err)
 			}
-			h.pcs = append(h.pcs, pc.(*net.UDPConn))
+			uc := pc.(*net.UDPConn)
+			setUDPBuffers(uc)
+			h.pcs = append(h.pcs, uc)
 		}
 	}
 	for _, ln := range h.lns {
