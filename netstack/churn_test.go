@@ -124,7 +124,7 @@ func churnOnce(ctx context.Context, client *Stack, src, dst netip.AddrPort) erro
 // own address and port, and may close first, leaving its endpoint in
 // TIME_WAIT; the client's next connection from the same port must still dial.
 func TestDialTCPReusesTimeWaitTuple(t *testing.T) {
-	client, _ := newPair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+	client, server := newPair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
 		c, err := r.Accept()
 		if err != nil {
 			return
@@ -146,10 +146,16 @@ func TestDialTCPReusesTimeWaitTuple(t *testing.T) {
 		c.Close() // active close: the dialer's endpoint enters TIME_WAIT
 		// Wait for TIME_WAIT so the next dial meets it.
 		id := stack.TransportEndpointID{LocalPort: src.Port(), LocalAddress: tcpipAddr(src.Addr()), RemotePort: dst.Port(), RemoteAddress: tcpipAddr(dst.Addr())}
+		// Wait for TIME_WAIT on the dialer and for the listener's side to
+		// be gone: a SYN reaching it still in LAST_ACK (the dialer's last ACK
+		// not yet processed) is answered with RST, which is not what this
+		// tests (it failed so on a loaded machine).
+		serverID := stack.TransportEndpointID{LocalPort: dst.Port(), LocalAddress: tcpipAddr(dst.Addr()), RemotePort: src.Port(), RemoteAddress: tcpipAddr(src.Addr())}
 		deadline := time.Now().Add(5 * time.Second)
 		for {
 			ep, _ := client.stack.FindTransportEndpoint(header.IPv4ProtocolNumber, tcp.ProtocolNumber, id, nicID).(*tcp.Endpoint)
-			if ep != nil && tcp.EndpointState(ep.State()) == tcp.StateTimeWait {
+			gone := server.stack.FindTransportEndpoint(header.IPv4ProtocolNumber, tcp.ProtocolNumber, serverID, nicID) == nil
+			if ep != nil && tcp.EndpointState(ep.State()) == tcp.StateTimeWait && gone {
 				break
 			}
 			if time.Now().After(deadline) {

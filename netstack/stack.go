@@ -167,6 +167,8 @@ type counters struct {
 	timeWaitReopened     atomic.Uint64
 	abandoned            atomic.Uint64
 	oversize             atomic.Uint64
+	readBatches          atomic.Uint64 // dev.Read calls that returned packets
+	writeBatches         atomic.Uint64 // dev.Write calls
 	readErrors           atomic.Uint64
 	writeErrors          atomic.Uint64
 	invalid              [numDropReasons]atomic.Uint64
@@ -390,6 +392,7 @@ func (s *Stack) runInput() {
 			pb.DecRef()
 		}
 		g.Flush()
+		s.stats.readBatches.Add(1)
 		s.stats.packetsIn.Add(uint64(n))
 		s.stats.bytesIn.Add(bytesIn)
 		s.stats.groDelivered.Add(cd.n)
@@ -448,6 +451,9 @@ func (s *Stack) runOutput() {
 	bufs := make([][]byte, 0, batch)
 	spare := make([]*outBuf, 0, s.cfg.QueueLen)
 	deviceClosed := false
+	var room groRoom
+	_, isPipe := s.dev.(*pipeEnd)
+	room.enabled = !isPipe
 	for {
 		items, ok := s.link.q.take(spare)
 		if !ok {
@@ -457,13 +463,14 @@ func (s *Stack) runOutput() {
 			end := min(start+batch, len(items))
 			bufs = bufs[:0]
 			var bytesOut uint64
-			for _, b := range items[start:end] {
-				bufs = append(bufs, b.data[:tunOffset+b.n])
+			for i, b := range items[start:end] {
+				bufs = append(bufs, room.packet(i, end-start, b))
 				bytesOut += uint64(b.n)
 			}
 			if deviceClosed {
 				continue
 			}
+			s.stats.writeBatches.Add(1)
 			if _, err := s.dev.Write(bufs, tunOffset); err != nil {
 				if errors.Is(err, os.ErrClosed) {
 					// Keep draining so blocked writers return; they fail once
@@ -484,6 +491,40 @@ func (s *Stack) runOutput() {
 		}
 		spare = items[:0]
 	}
+}
+
+// groBufSize leaves room for a 64 KiB frame behind the headroom: the device
+// checks cap(buf)-2*offset against the coalesced length.
+const groBufSize = 2*tunOffset + 65535
+
+// groRoom gives the device's GRO the room it needs. wireguard-go's Linux TUN
+// coalesces the TCP segments (and UDP datagrams) of one Write into TSO frames
+// by appending to the first packet's buffer, and only when that buffer has
+// the capacity (offload_linux.go coalesceTCPPackets, coalesceInsufficientCap).
+// Pooled outBufs are MTU-sized, so without this every segment was its own
+// write(2) (measured: 1.0 packets per write, the reverse direction at a third
+// of the forward one). The pump copies the packets of a multi-packet batch
+// into its own buffers of groBufSize; their pages are touched only as far as
+// frames grow.
+type groRoom struct {
+	enabled bool
+	bufs    [][]byte // one per batch slot, allocated on first use
+}
+
+// packet returns the device buffer (headroom + packet) for slot i of a batch
+// of n: b's own buffer, or a copy in a buffer with room to coalesce.
+func (r *groRoom) packet(i, n int, b *outBuf) []byte {
+	p := b.data[:tunOffset+b.n]
+	if !r.enabled || n < 2 {
+		return p
+	}
+	if i >= len(r.bufs) {
+		r.bufs = append(r.bufs, make([][]byte, i+1-len(r.bufs))...)
+	}
+	if r.bufs[i] == nil {
+		r.bufs[i] = make([]byte, 0, groBufSize)
+	}
+	return append(r.bufs[i][:0], p...)
 }
 
 // WriteUDP sends one datagram from src to dst straight to the link (any src:
@@ -559,6 +600,10 @@ func tcpipAddr(a netip.Addr) tcpip.Address {
 type Stats struct {
 	PacketsIn, BytesIn   uint64 // read from the device
 	PacketsOut, BytesOut uint64 // written to the device
+	// ReadBatches and WriteBatches count dev.Read calls that returned
+	// packets and dev.Write calls: packets per batch is what the device's
+	// GRO (on write) can coalesce.
+	ReadBatches, WriteBatches uint64
 	// GROCoalesced is how many inbound packets GRO merged into others.
 	GROCoalesced uint64
 	// UDPFastPath counts datagrams handed to HandleUDP without gVisor;
@@ -604,6 +649,8 @@ func (s *Stack) Stats() Stats {
 		BytesIn:          c.bytesIn.Load(),
 		PacketsOut:       c.packetsOut.Load(),
 		BytesOut:         c.bytesOut.Load(),
+		ReadBatches:      c.readBatches.Load(),
+		WriteBatches:     c.writeBatches.Load(),
 		GROCoalesced:     coalesced,
 		UDPFastPath:      c.udpFastPath.Load(),
 		UDPReassembled:   c.udpReassembled.Load(),

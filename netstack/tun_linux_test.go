@@ -13,6 +13,8 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -40,6 +42,10 @@ func TestCreateTUNKernelTCP(t *testing.T) {
 				return
 			}
 			defer c.Close()
+			if r.Dst.Port() == chargenPort {
+				c.Write(make([]byte, chargenSize))
+				return
+			}
 			io.Copy(c, c)
 			c.(closeWriter).CloseWrite()
 			echoed <- struct{}{}
@@ -92,6 +98,31 @@ func TestCreateTUNKernelTCP(t *testing.T) {
 			<-echoed
 		})
 	}
+	t.Run("stack to kernel coalesced", func(t *testing.T) {
+		// A one-way bulk transfer from the Stack: the device's GRO must
+		// coalesce our segments into TSO frames (groRoom). Without room in
+		// the buffers it wrote one packet per write(2).
+		var c net.Conn
+		if err := inNetns(ns, func() (err error) {
+			c, err = net.DialTimeout("tcp", fmt.Sprintf("10.99.0.2:%d", chargenPort), 10*time.Second)
+			return err
+		}); err != nil {
+			t.Fatalf("kernel dial: %v", err)
+		}
+		defer c.Close()
+		out0, sysw0 := s.Stats().PacketsOut, writeSyscalls(t)
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		if n, err := io.Copy(io.Discard, c); err != nil || n != chargenSize {
+			t.Fatalf("read %d bytes, %v; want %d", n, err, chargenSize)
+		}
+		// syscw also counts the Go runtime's wakeup writes, so this is a
+		// lower bound on coalescing.
+		pkts, writes := s.Stats().PacketsOut-out0, writeSyscalls(t)-sysw0
+		t.Logf("%d packets out in %d write(2)s", pkts, writes)
+		if writes == 0 || pkts < 2*writes {
+			t.Errorf("%d packets out in %d write(2)s: the TUN's GRO did not coalesce", pkts, writes)
+		}
+	})
 	for _, target := range []string{"10.99.0.2:53", "[fd99::2]:53"} {
 		t.Run("udp "+target, func(t *testing.T) {
 			var c net.Conn
@@ -125,6 +156,13 @@ func TestCreateTUNKernelTCP(t *testing.T) {
 		t.Fatalf("kernel traffic counted as invalid or failed to write: %+v", st)
 	}
 }
+
+// chargenPort makes TestCreateTUNKernelTCP's handler send chargenSize bytes
+// and close instead of echoing.
+const (
+	chargenPort = 19
+	chargenSize = 8 << 20
+)
 
 // kernelTUN creates a network namespace with a TUN (10.99.0.1/24,
 // fd99::1/64 on the kernel side) and returns both; both are removed when the
@@ -172,17 +210,35 @@ func kernelTUN(tb testing.TB) (string, tun.Device) {
 }
 
 // BenchmarkKernelTUNTCP: one kernel TCP flow (in the namespace) through the
-// TUN into a Stack that discards it. Needs root.
+// TUN and a Stack, "in" from the kernel socket into the Stack (which
+// discards), "out" from the Stack to the kernel socket (which discards). It
+// reports the packets per write(2) to the TUN: above 1 means the device's
+// GRO coalesced our segments into TSO frames. Needs root.
+//
+//	sudo go test -run '^$' -bench KernelTUNTCP -benchtime 3s ./netstack
 func BenchmarkKernelTUNTCP(b *testing.B) {
+	for _, dir := range []string{"in", "out"} {
+		b.Run(dir, func(b *testing.B) { benchmarkKernelTUNTCP(b, dir == "out") })
+	}
+}
+
+func benchmarkKernelTUNTCP(b *testing.B, out bool) {
 	ns, dev := kernelTUN(b)
 	if dev == nil {
 		return
 	}
+	chunk := make([]byte, 128<<10)
+	// The side that writes runs b.Loop; the other counts what arrived.
 	received := make(chan int64, 1)
+	conns := make(chan net.Conn, 1)
 	s, err := New(dev, Config{MTU: 1500, Addresses: []netip.Prefix{netip.MustParsePrefix("10.99.0.2/24")}},
 		funcHandler{tcp: func(r *TCPRequest) {
 			c, err := r.Accept()
 			if err != nil {
+				return
+			}
+			if out {
+				conns <- c
 				return
 			}
 			defer c.Close()
@@ -193,32 +249,66 @@ func BenchmarkKernelTUNTCP(b *testing.B) {
 		b.Fatalf("new stack: %v", err)
 	}
 	defer s.Close()
-	var c net.Conn
+	var kc net.Conn
 	if err := inNetns(ns, func() (err error) {
-		c, err = net.DialTimeout("tcp", "10.99.0.2:5201", 10*time.Second)
+		kc, err = net.DialTimeout("tcp", "10.99.0.2:5201", 10*time.Second)
 		return err
 	}); err != nil {
 		b.Fatalf("kernel dial: %v", err)
 	}
-	defer c.Close()
-	chunk := make([]byte, 128<<10)
+	defer kc.Close()
+	w := kc
+	if out {
+		w = <-conns
+		defer w.Close()
+		go func() {
+			n, _ := io.CopyBuffer(io.Discard, kc, make([]byte, 256<<10))
+			received <- n
+		}()
+	}
 	b.SetBytes(int64(len(chunk)))
+	st0, sysw0 := s.Stats(), writeSyscalls(b)
 	start := time.Now()
 	var sent int64
 	for b.Loop() {
-		n, err := c.Write(chunk)
+		n, err := w.Write(chunk)
 		if err != nil {
 			b.Fatalf("write: %v", err)
 		}
 		sent += int64(n)
 	}
-	c.(*net.TCPConn).CloseWrite()
+	w.(interface{ CloseWrite() error }).CloseWrite()
 	if got := <-received; got != sent {
-		b.Fatalf("stack received %d of %d bytes", got, sent)
+		b.Fatalf("received %d of %d bytes", got, sent)
 	}
-	b.ReportMetric(float64(sent)*8/time.Since(start).Seconds()/1e9, "Gbit/s")
-	st := s.Stats()
+	el := time.Since(start)
+	st, sysw := s.Stats(), writeSyscalls(b)
+	b.ReportMetric(float64(sent)*8/el.Seconds()/1e9, "Gbit/s")
 	b.ReportMetric(float64(st.TCPRetransmits), "retransmits")
+	if out && sysw > sysw0 {
+		// The kernel socket only reads here: the process's writes are the
+		// Stack's TUN writes.
+		b.ReportMetric(float64(st.PacketsOut-st0.PacketsOut)/float64(sysw-sysw0), "pkts/write")
+	}
+	if n := st.WriteBatches - st0.WriteBatches; n > 0 {
+		b.ReportMetric(float64(st.PacketsOut-st0.PacketsOut)/float64(n), "pkts/batch")
+	}
+}
+
+// writeSyscalls returns the process's write-like syscalls so far
+// (/proc/self/io syscw).
+func writeSyscalls(tb testing.TB) uint64 {
+	data, err := os.ReadFile("/proc/self/io")
+	if err != nil {
+		tb.Fatalf("read /proc/self/io: %v", err)
+	}
+	var v uint64
+	for _, line := range strings.Split(string(data), "\n") {
+		if n, ok := strings.CutPrefix(line, "syscw: "); ok {
+			v, _ = strconv.ParseUint(n, 10, 64)
+		}
+	}
+	return v
 }
 
 // inNetns runs fn on an OS thread switched into the named network namespace:
