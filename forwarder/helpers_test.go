@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/natbox/natbox/internal/testutil"
+
 	"go.uber.org/goleak"
 	"go.uber.org/zap/zaptest"
 
@@ -124,30 +126,7 @@ func (f *fakeIngress) next(t *testing.T) reply {
 // its port.
 func tcpEcho(t testing.TB) uint16 {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				io.Copy(c, c)
-				c.(*net.TCPConn).CloseWrite()
-			}()
-		}
-	}()
-	return uint16(ln.Addr().(*net.TCPAddr).Port)
+	return testutil.ServeTCP(t, "127.0.0.1:0", testutil.Echo).Port()
 }
 
 // tcpPair returns the two ends of a loopback TCP connection: client is the

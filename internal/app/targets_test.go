@@ -6,8 +6,9 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
-	"sync"
 	"testing"
+
+	"github.com/natbox/natbox/internal/testutil"
 )
 
 // Targets: real servers on 127.0.0.1, the only host addresses tests touch.
@@ -15,43 +16,11 @@ import (
 // serveTCP serves each connection with fn on 127.0.0.1 until the test ends.
 func serveTCP(t testing.TB, fn func(c *net.TCPConn)) netip.AddrPort {
 	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("listen: %v", err)
-	}
-	return serveListener(t, ln, fn)
-}
-
-func serveListener(t testing.TB, ln net.Listener, fn func(c *net.TCPConn)) netip.AddrPort {
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				fn(c.(*net.TCPConn))
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-	})
-	return ln.Addr().(*net.TCPAddr).AddrPort()
+	return testutil.ServeTCP(t, "127.0.0.1:0", fn)
 }
 
 // echo copies everything back, then half-closes.
-func echo(c *net.TCPConn) {
-	io.Copy(c, c)
-	c.CloseWrite()
-}
+var echo = testutil.Echo
 
 // serveUDP answers each datagram on 127.0.0.1 with reply(from, payload),
 // when reply returns non-nil.

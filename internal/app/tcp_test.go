@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/natbox/natbox/internal/testutil"
+
 	"github.com/natbox/natbox/internal/app"
 )
 
@@ -187,7 +189,7 @@ func TestTCPPortRangeMapsOneToOne(t *testing.T) {
 		t.Skip("free port too low for a start port 5 below it")
 	}
 	for _, ln := range lns {
-		serveListener(t, ln.(net.Listener), identify)
+		testutil.ServeListener(t, ln.(net.Listener), identify)
 	}
 	h := newHarness(t, spec{Mappings: mapping("range", "tcp", "10000-10010", "127.0.0.1:"+strconv.Itoa(int(base)))}, app.Options{})
 	for _, listen := range []uint16{10005, 10006} {
@@ -222,7 +224,7 @@ func TestTCPAndUDPOnOneMapping(t *testing.T) {
 	if udpPC == nil {
 		t.Fatal("no port free for both tcp and udp on 127.0.0.1")
 	}
-	target := serveListener(t, tcpLn, echo)
+	target := testutil.ServeListener(t, tcpLn, echo)
 	serveUDPConn(t, udpPC, func(_ netip.AddrPort, p []byte) []byte { return append([]byte("udp:"), p...) })
 	h := newHarness(t, spec{Mappings: mapping("both", "tcp+udp", "5353", target.String())}, app.Options{})
 
