@@ -35,7 +35,9 @@ type outQueue struct {
 	// mu guards the following fields.
 	items  []*outBuf
 	closed bool
+	busy   bool   // a batch is being written, by the pump or directly
 	waits  uint64 // pushes that found the queue full
+	direct uint64 // packets written directly (tryDirect)
 
 	limit int
 	wake  chan struct{} // capacity 1: "items became non-empty or closed"
@@ -74,24 +76,64 @@ func (q *outQueue) push(b *outBuf) bool {
 	return true
 }
 
-// take waits for packets and swaps them out with spare (an empty slice the
-// caller owns). It returns ok=false once the queue is closed and empty: the
-// pump drains what was queued before Close (the RSTs of aborted endpoints).
+// take waits for packets and for no write to be in progress, and swaps the
+// packets out with spare (an empty slice the caller owns); the caller writes
+// them and then calls done. It returns ok=false once the queue is closed and
+// empty: the pump drains what was queued before Close (the RSTs of aborted
+// endpoints).
 func (q *outQueue) take(spare []*outBuf) (items []*outBuf, ok bool) {
 	for {
 		q.mu.Lock()
-		if len(q.items) > 0 {
+		if len(q.items) > 0 && !q.busy {
 			items, q.items = q.items, spare[:0]
+			q.busy = true
 			q.notFull.Broadcast()
 			q.mu.Unlock()
 			return items, true
 		}
-		if q.closed {
+		if q.closed && len(q.items) == 0 {
 			q.mu.Unlock()
 			return nil, false
 		}
 		q.mu.Unlock()
 		<-q.wake
+	}
+}
+
+// done ends the pump's write of what take returned.
+func (q *outQueue) done() {
+	q.mu.Lock()
+	q.busy = false
+	q.mu.Unlock()
+}
+
+// tryDirect reports whether the caller may write one packet to the device
+// itself, bypassing the queue: only when nothing is queued or being written,
+// so packets keep their order. A true result must be followed by
+// directDone.
+func (q *outQueue) tryDirect() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed || q.busy || len(q.items) > 0 {
+		return false
+	}
+	q.busy = true
+	q.direct++
+	return true
+}
+
+// directDone ends a direct write and hands what was queued meanwhile to the
+// pump.
+func (q *outQueue) directDone() {
+	q.mu.Lock()
+	q.busy = false
+	pending := len(q.items) > 0
+	q.mu.Unlock()
+	if pending {
+		select {
+		case q.wake <- struct{}{}:
+		default:
+		}
 	}
 }
 
@@ -107,10 +149,10 @@ func (q *outQueue) close() {
 	}
 }
 
-func (q *outQueue) fullWaits() uint64 {
+func (q *outQueue) counts() (fullWaits, direct uint64) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return q.waits
+	return q.waits, q.direct
 }
 
 // linkEndpoint is the stack's only NIC: a stack.LinkEndpoint with no link
@@ -125,6 +167,9 @@ type linkEndpoint struct {
 	bufPool sync.Pool // *outBuf with tunOffset+mtu bytes
 	q       outQueue
 	stats   *counters
+	// writeDirect, if set, writes one packet to the device on the caller's
+	// goroutine when the pump is idle (see send). Set before the NIC exists.
+	writeDirect func(*outBuf)
 
 	mu sync.RWMutex
 	// mu guards the following fields.
@@ -270,11 +315,41 @@ func (e *linkEndpoint) writePacket(pkt *stack.PacketBuffer) tcpip.Error {
 		off = 0
 	}
 	b.n = size
-	if !e.q.push(b) {
-		e.putBuf(b)
+	// Direct only for a segment that carries data and ends a send: a full
+	// MSS segment of a GSO send has the next one on its way, and pure ACKs
+	// (the bulk of a receiving flow's output) are not waited for by anyone,
+	// so the pump writing them keeps their syscalls off gVisor's processor
+	// goroutine (measured: forward throughput -10% when ACKs went direct).
+	gso := &pkt.GSOOptions
+	data := pkt.Data().Size()
+	last := gso.Type == stack.GSONone || gso.MSS == 0 || data < int(gso.MSS)
+	if !e.send(b, data > 0 && last) {
 		return &tcpip.ErrClosedForSend{}
 	}
 	return nil
+}
+
+// send hands b to the device and takes it. With direct set, it is written at
+// once by the caller when the pump is idle and nothing is queued; otherwise
+// it is queued for the pump (blocking while the queue is full). The direct
+// write saves a goroutine hand-off (a wakeup of the pump) on request/response
+// traffic. Callers pass direct=false for packets with more to follow (full
+// MSS segments of a GSO send: gVisor splits 64 KiB into MSS segments one
+// WritePacket at a time): written one by one they would never batch, and the
+// device's GRO could not coalesce them (measured: 1.0 packets per write(2),
+// a third of the throughput). It reports false (b released) if the queue is
+// closed.
+func (e *linkEndpoint) send(b *outBuf, direct bool) bool {
+	if direct && e.writeDirect != nil && e.q.tryDirect() {
+		e.writeDirect(b)
+		e.q.directDone()
+		return true
+	}
+	if !e.q.push(b) {
+		e.putBuf(b)
+		return false
+	}
+	return true
 }
 
 // directQDisc is the NIC's queueing discipline: straight into writePacket.
@@ -291,11 +366,5 @@ func (q directQDisc) WritePacket(pkt *stack.PacketBuffer) tcpip.Error { return q
 // Close implements stack.QueueingDiscipline.
 func (directQDisc) Close() {}
 
-// writeRaw queues one packet built by the caller in b (WriteUDP).
-func (e *linkEndpoint) writeRaw(b *outBuf) bool {
-	if !e.q.push(b) {
-		e.putBuf(b)
-		return false
-	}
-	return true
-}
+// writeRaw sends one packet built by the caller in b (WriteUDP).
+func (e *linkEndpoint) writeRaw(b *outBuf) bool { return e.send(b, true) }

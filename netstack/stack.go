@@ -150,6 +150,8 @@ type Stack struct {
 
 	pending pendingRequests
 
+	directBufs [1][]byte // writeDirect's batch; used by one writer at a time
+
 	inputDone  chan struct{}
 	outputDone chan struct{}
 }
@@ -208,6 +210,11 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 	}
 	s.pending.m = make(map[stack.TransportEndpointID]*TCPRequest)
 	s.link = newLinkEndpoint(uint32(cfg.MTU), cfg.QueueLen, &s.stats)
+	if _, isPipe := dev.(*pipeEnd); !isPipe && directWrites {
+		// Not on a Pipe: its Write waits for the reader, which may be a
+		// Stack's input pump delivering into the caller's own endpoint.
+		s.link.writeDirect = s.writeDirect
+	}
 	s.stack = stack.New(stack.Options{
 		// Loopback-addressed packets from the link are allowed: through the
 		// relay, a client on the relay host's 127.0.0.1 or ::1 is originated
@@ -470,27 +477,46 @@ func (s *Stack) runOutput() {
 			if deviceClosed {
 				continue
 			}
-			s.stats.writeBatches.Add(1)
-			if _, err := s.dev.Write(bufs, tunOffset); err != nil {
-				if errors.Is(err, os.ErrClosed) {
-					// Keep draining so blocked writers return; they fail once
-					// Close closes the queue.
-					deviceClosed = true
-					continue
-				}
-				if c := s.stats.writeErrors.Add(1); c&(c-1) == 0 {
-					s.log.Warn("tun write failed", zap.Error(err), zap.Uint64("count", c))
-				}
-			}
-			s.stats.packetsOut.Add(uint64(end - start))
-			s.stats.bytesOut.Add(bytesOut)
+			// Keep draining after the device closed so blocked writers
+			// return; they fail once Close closes the queue.
+			deviceClosed = s.writeDevice(bufs, bytesOut)
 		}
+		s.link.q.done()
 		for i, b := range items {
 			s.link.putBuf(b)
 			items[i] = nil
 		}
 		spare = items[:0]
 	}
+}
+
+// directWrites is a variable only so benchmarks can compare.
+var directWrites = true
+
+// writeDirect writes one packet on the caller's goroutine (linkEndpoint.send
+// allows one at a time, so the batch slice is reused).
+func (s *Stack) writeDirect(b *outBuf) {
+	s.directBufs[0] = b.data[:tunOffset+b.n]
+	s.writeDevice(s.directBufs[:], uint64(b.n))
+	s.directBufs[0] = nil
+	s.link.putBuf(b)
+}
+
+// writeDevice writes one batch and counts it. It reports whether the device
+// is closed.
+func (s *Stack) writeDevice(bufs [][]byte, bytes uint64) (closed bool) {
+	s.stats.writeBatches.Add(1)
+	if _, err := s.dev.Write(bufs, tunOffset); err != nil {
+		if errors.Is(err, os.ErrClosed) {
+			return true
+		}
+		if c := s.stats.writeErrors.Add(1); c&(c-1) == 0 {
+			s.log.Warn("tun write failed", zap.Error(err), zap.Uint64("count", c))
+		}
+	}
+	s.stats.packetsOut.Add(uint64(len(bufs)))
+	s.stats.bytesOut.Add(bytes)
+	return false
 }
 
 // groBufSize leaves room for a 64 KiB frame behind the headroom: the device
@@ -622,8 +648,11 @@ type Stats struct {
 	TCPEstablished   uint64 // currently established
 	// QueueFullWaits counts writers that blocked on a full outward queue.
 	QueueFullWaits uint64
-	ReadErrors     uint64
-	WriteErrors    uint64
+	// DirectWrites counts packets written on the sender's goroutine because
+	// the output pump was idle (included in PacketsOut and WriteBatches).
+	DirectWrites uint64
+	ReadErrors   uint64
+	WriteErrors  uint64
 	// Oversize counts outbound packets larger than the MTU (a bug if > 0).
 	Oversize uint64
 	Invalid  InvalidStats
@@ -639,6 +668,7 @@ func (s *Stack) Stats() Stats {
 	c := &s.stats
 	in := c.packetsIn.Load()
 	gs := s.stack.Stats()
+	fullWaits, direct := s.link.q.counts()
 	injected := in - c.udpFastPath.Load() - c.invalidTotal()
 	coalesced := uint64(0)
 	if d := c.groDelivered.Load(); injected > d {
@@ -662,7 +692,8 @@ func (s *Stack) Stats() Stats {
 		TimeWaitReopened: c.timeWaitReopened.Load(),
 		TCPRetransmits:   gs.TCP.Retransmits.Value(),
 		TCPEstablished:   gs.TCP.CurrentEstablished.Value(),
-		QueueFullWaits:   s.link.q.fullWaits(),
+		QueueFullWaits:   fullWaits,
+		DirectWrites:     direct,
 		ReadErrors:       c.readErrors.Load(),
 		WriteErrors:      c.writeErrors.Load(),
 		Oversize:         c.oversize.Load(),

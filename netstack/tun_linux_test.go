@@ -218,7 +218,14 @@ func kernelTUN(tb testing.TB) (string, tun.Device) {
 //	sudo go test -run '^$' -bench KernelTUNTCP -benchtime 3s ./netstack
 func BenchmarkKernelTUNTCP(b *testing.B) {
 	for _, dir := range []string{"in", "out"} {
-		b.Run(dir, func(b *testing.B) { benchmarkKernelTUNTCP(b, dir == "out") })
+		for _, direct := range []bool{true, false} {
+			b.Run(fmt.Sprintf("%s/direct=%v", dir, direct), func(b *testing.B) {
+				old := directWrites
+				directWrites = direct
+				defer func() { directWrites = old }()
+				benchmarkKernelTUNTCP(b, dir == "out")
+			})
+		}
 	}
 }
 
@@ -290,6 +297,9 @@ func benchmarkKernelTUNTCP(b *testing.B, out bool) {
 		// Stack's TUN writes.
 		b.ReportMetric(float64(st.PacketsOut-st0.PacketsOut)/float64(sysw-sysw0), "pkts/write")
 	}
+	if n := st.PacketsOut - st0.PacketsOut; n > 0 {
+		b.ReportMetric(float64(st.DirectWrites-st0.DirectWrites)/float64(n), "direct-ratio")
+	}
 	if n := st.WriteBatches - st0.WriteBatches; n > 0 {
 		b.ReportMetric(float64(st.PacketsOut-st0.PacketsOut)/float64(n), "pkts/batch")
 	}
@@ -335,4 +345,63 @@ func inNetns(name string, fn func() error) error {
 		runtime.Goexit()
 	}
 	return ferr
+}
+
+// BenchmarkKernelTUNRR: 64-byte ping-pong between a kernel socket (in the
+// namespace) and an echo on a Stack, through the TUN: the round-trip latency
+// the netstack adds (ns/op is one round trip). Needs root.
+//
+//	sudo go test -run '^$' -bench KernelTUNRR -benchtime 20000x ./netstack
+func BenchmarkKernelTUNRR(b *testing.B) {
+	for _, direct := range []bool{true, false} {
+		b.Run(fmt.Sprintf("direct=%v", direct), func(b *testing.B) {
+			old := directWrites
+			directWrites = direct
+			defer func() { directWrites = old }()
+			benchmarkKernelTUNRR(b)
+		})
+	}
+}
+
+func benchmarkKernelTUNRR(b *testing.B) {
+	ns, dev := kernelTUN(b)
+	if dev == nil {
+		return
+	}
+	s, err := New(dev, Config{MTU: 1500, Addresses: []netip.Prefix{netip.MustParsePrefix("10.99.0.2/24")}},
+		funcHandler{tcp: func(r *TCPRequest) {
+			c, err := r.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			io.Copy(c, c)
+		}}, zap.NewNop())
+	if err != nil {
+		b.Fatalf("new stack: %v", err)
+	}
+	defer s.Close()
+	var c net.Conn
+	if err := inNetns(ns, func() (err error) {
+		c, err = net.DialTimeout("tcp", "10.99.0.2:7", 10*time.Second)
+		return err
+	}); err != nil {
+		b.Fatalf("kernel dial: %v", err)
+	}
+	defer c.Close()
+	msg, buf := make([]byte, 64), make([]byte, 64)
+	c.SetDeadline(time.Now().Add(time.Minute))
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := c.Write(msg); err != nil {
+			b.Fatalf("write: %v", err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			b.Fatalf("read: %v", err)
+		}
+	}
+	st := s.Stats()
+	if st.PacketsOut > 0 {
+		b.ReportMetric(float64(st.DirectWrites)/float64(st.PacketsOut), "direct-ratio")
+	}
 }
