@@ -38,11 +38,13 @@ func wgLogger(log *zap.Logger) *device.Logger {
 }
 
 // newDevice builds a wireguard-go device on dev with the standard batched
-// bind (UDP GSO/GRO where the kernel has them), sets its private key and
+// bind (UDP GSO/GRO where the kernel has them), both gated (gate.go) so the
+// device holds a bounded number of packets, sets its private key and
 // listen port (0: any), and brings it up. The device owns dev from here on:
 // closing the device closes dev.
 func newDevice(dev tun.Device, key conf.Key, listenPort uint16, log *zap.Logger) (*device.Device, error) {
-	d := device.NewDevice(dev, conn.NewStdNetBind(), wgLogger(log))
+	g := newGates()
+	d := device.NewDevice(&gatedTUN{Device: dev, g: g}, &gatedBind{Bind: conn.NewStdNetBind(), g: g}, wgLogger(log))
 	uapi := fmt.Sprintf("private_key=%s\nlisten_port=%d\n", key.Hex(), listenPort)
 	if err := d.IpcSet(uapi); err != nil {
 		d.Close()

@@ -1,0 +1,166 @@
+package tunnel
+
+import (
+	"sync/atomic"
+	"time"
+
+	"golang.zx2c4.com/wireguard/conn"
+	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/tun"
+)
+
+// wireguard-go keeps every packet it holds in a 64 KiB message buffer and
+// queues up to 1024 batches of 128 per stage (device.QueueOutboundSize,
+// PreallocatedBuffersPerPool = 0: unbounded pools). Everything around it
+// applies backpressure instead of dropping, so when its goroutines fall
+// behind (encryption, the UDP syscalls) a TCP sender's whole window ends up
+// inside those queues: in BenchmarkRelayTCPThroughput, 8 MiB windows meant
+// thousands of packets and ~360 MiB of live heap, and refilling its pools
+// with fresh 64 KiB buffers (page faults, zeroing, GC) took a large share
+// of the CPU. The gates below bound how many data packets one direction of
+// a device holds, so the backlog waits upstream instead, in MTU-sized
+// buffers (the netstack's outward queue, the UDP socket buffer), and
+// wireguard-go's pools stay small and warm: CPU per GiB -52 %, peak heap
+// -62 %, allocated bytes -85 % (tunnel/BENCH.md). TCP windows are left
+// alone: they must cover the real path's bandwidth-delay product.
+//
+// The counts cannot see packets wireguard-go drops internally (no session
+// key yet, replayed or unauthenticated packets, no route), so a gate that
+// made no progress for gateStall assumes such a leak and reopens.
+const (
+	// gatePackets is how many data packets one direction may hold: two of
+	// wireguard-go's 128-packet batches (256 measured better than 128 and
+	// 512: tunnel/BENCH.md).
+	gatePackets = 256
+	// gateStall is how long a full gate waits without any packet leaving
+	// before it reopens (10 ms measured better than 50 ms: a loaded host
+	// stalls wireguard-go's goroutines that long more often than it leaks).
+	gateStall = 10 * time.Millisecond
+)
+
+// gate counts the data packets inside one direction of a wireguard-go
+// device. enter and leave may be called concurrently; wait is called by the
+// goroutines that feed the direction.
+type gate struct {
+	held   atomic.Int64
+	space  chan struct{} // capacity 1: a leave happened
+	stall  time.Duration
+	stalls atomic.Uint64 // reopened after stall without progress
+}
+
+func newGate() *gate { return &gate{space: make(chan struct{}, 1), stall: gateStall} }
+
+// wait blocks while the gate holds gatePackets or more, for at most
+// g.stall without progress.
+func (g *gate) wait() {
+	if g.held.Load() < gatePackets {
+		return
+	}
+	t := time.NewTimer(g.stall)
+	defer t.Stop()
+	for g.held.Load() >= gatePackets {
+		select {
+		case <-g.space:
+			t.Reset(g.stall)
+		case <-t.C:
+			g.stalls.Add(1)
+			g.held.Store(0)
+			return
+		}
+	}
+}
+
+func (g *gate) enter(n int) {
+	if n > 0 {
+		g.held.Add(int64(n))
+	}
+}
+
+func (g *gate) leave(n int) {
+	if n <= 0 {
+		return
+	}
+	if g.held.Add(-int64(n)) < 0 {
+		// Keepalives and packets that entered before a stall reset; an
+		// undercount only makes the gate more permissive.
+		g.held.Store(0)
+	}
+	select {
+	case g.space <- struct{}{}:
+	default:
+	}
+}
+
+// gates are the two directions of one device: out is read from the tun
+// device and leaves through the bind's Send; in is received by the bind
+// and leaves through the tun device's Write.
+type gates struct{ out, in *gate }
+
+func newGates() gates { return gates{out: newGate(), in: newGate()} }
+
+// gatedTUN is the tun.Device wireguard-go sees.
+type gatedTUN struct {
+	tun.Device
+	g gates
+}
+
+func (t *gatedTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	t.g.out.wait()
+	n, err := t.Device.Read(bufs, sizes, offset)
+	t.g.out.enter(n)
+	return n, err
+}
+
+func (t *gatedTUN) Write(bufs [][]byte, offset int) (int, error) {
+	n, err := t.Device.Write(bufs, offset)
+	t.g.in.leave(len(bufs)) // written or refused, they left wireguard-go
+	return n, err
+}
+
+// gatedBind is the conn.Bind wireguard-go sees. Wrapping the bind costs
+// one thing: wireguard-go starts its route listener only for a bare
+// *conn.StdNetBind (device/sticky_linux.go), which forgets a peer's cached
+// source address when the host's routes change; without it the source is
+// corrected by the peer's next packet instead.
+type gatedBind struct {
+	conn.Bind
+	g gates
+}
+
+func (b *gatedBind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
+	fns, actual, err := b.Bind.Open(port)
+	for i, fn := range fns {
+		fns[i] = func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
+			b.g.in.wait()
+			n, err := fn(packets, sizes, eps)
+			k := 0
+			for j := range n {
+				if isData(packets[j][:sizes[j]]) {
+					k++
+				}
+			}
+			b.g.in.enter(k)
+			return n, err
+		}
+	}
+	return fns, actual, err
+}
+
+func (b *gatedBind) Send(bufs [][]byte, ep conn.Endpoint) error {
+	err := b.Bind.Send(bufs, ep)
+	k := 0
+	for _, p := range bufs {
+		if isData(p) {
+			k++
+		}
+	}
+	b.g.out.leave(k)
+	return err
+}
+
+// isData reports whether msg is a WireGuard transport message carrying a
+// packet (keepalives are empty ones; handshakes have other types).
+func isData(msg []byte) bool {
+	return len(msg) > device.MessageKeepaliveSize && msg[0] == device.MessageTransportType &&
+		msg[1] == 0 && msg[2] == 0 && msg[3] == 0
+}

@@ -1,0 +1,89 @@
+package tunnel
+
+import (
+	"testing"
+	"time"
+
+	"golang.zx2c4.com/wireguard/device"
+)
+
+// TestGateWaitsForPacketsToLeave: a full gate holds its feeder until a
+// packet leaves, and never reopens early while packets do leave.
+func TestGateWaitsForPacketsToLeave(t *testing.T) {
+	t.Parallel()
+	g := newGate()
+	g.stall = time.Hour // only a leave can release the feeder
+	g.enter(gatePackets - 1)
+	g.wait() // not full: returns at once
+	g.enter(1)
+	released := make(chan struct{})
+	go func() {
+		g.wait()
+		close(released)
+	}()
+	select {
+	case <-released:
+		t.Fatal("a full gate let its feeder through with nothing leaving")
+	case <-time.After(50 * time.Millisecond):
+	}
+	g.leave(1)
+	select {
+	case <-released:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the feeder was not released after a packet left")
+	}
+	if n := g.held.Load(); n != gatePackets-1 {
+		t.Fatalf("held %d, want %d", n, gatePackets-1)
+	}
+	if g.stalls.Load() != 0 {
+		t.Fatal("counted a stall")
+	}
+}
+
+// TestGateReopensAfterStall: packets wireguard-go dropped never leave, so a
+// gate without progress for its stall time forgets them and reopens.
+func TestGateReopensAfterStall(t *testing.T) {
+	t.Parallel()
+	g := newGate()
+	g.stall = 20 * time.Millisecond
+	g.enter(gatePackets + 10)
+	start := time.Now()
+	g.wait()
+	if d := time.Since(start); d < g.stall {
+		t.Fatalf("reopened after %v, before the stall time %v", d, g.stall)
+	}
+	if g.stalls.Load() != 1 || g.held.Load() != 0 {
+		t.Fatalf("stalls %d, held %d; want 1 and 0", g.stalls.Load(), g.held.Load())
+	}
+	g.leave(5) // packets from before the reset: the count stays at zero
+	if n := g.held.Load(); n != 0 {
+		t.Fatalf("held %d after late leaves, want 0", n)
+	}
+}
+
+func TestIsData(t *testing.T) {
+	t.Parallel()
+	msg := func(typ byte, size int) []byte {
+		b := make([]byte, size)
+		b[0] = typ
+		return b
+	}
+	tests := []struct {
+		name string
+		msg  []byte
+		want bool
+	}{
+		{"transport with a packet", msg(device.MessageTransportType, device.MessageKeepaliveSize+20), true},
+		{"keepalive", msg(device.MessageTransportType, device.MessageKeepaliveSize), false},
+		{"handshake initiation", msg(device.MessageInitiationType, device.MessageInitiationSize), false},
+		{"handshake response", msg(device.MessageResponseType, device.MessageResponseSize), false},
+		{"cookie reply", msg(device.MessageCookieReplyType, device.MessageCookieReplySize), false},
+		{"type with high bytes set", append([]byte{4, 0, 0, 1}, make([]byte, 60)...), false},
+		{"empty", nil, false},
+	}
+	for _, tt := range tests {
+		if got := isData(tt.msg); got != tt.want {
+			t.Errorf("%s: isData = %v, want %v", tt.name, got, tt.want)
+		}
+	}
+}
