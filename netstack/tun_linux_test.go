@@ -15,6 +15,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -305,6 +306,16 @@ func benchmarkKernelTUNTCP(b *testing.B, out bool) {
 	}
 }
 
+// processCPU returns the process's user+system CPU time so far (the kernel
+// side of the benchmark included: compare like with like).
+func processCPU(tb testing.TB) time.Duration {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		tb.Fatalf("getrusage: %v", err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
 // writeSyscalls returns the process's write-like syscalls so far
 // (/proc/self/io syscw).
 func writeSyscalls(tb testing.TB) uint64 {
@@ -351,7 +362,11 @@ func inNetns(name string, fn func() error) error {
 // namespace) and an echo on a Stack, through the TUN: the round-trip latency
 // the netstack adds (ns/op is one round trip). Needs root.
 //
-//	sudo go test -run '^$' -bench KernelTUNRR -benchtime 20000x ./netstack
+//	sudo go test -run '^$' -bench KernelTUNRR/direct=true -benchtime 20000x ./netstack
+//
+// Run the variants in separate, alternating invocations: whichever runs first
+// in one process measured up to 30% slower (warm-up), which once passed for
+// an effect of direct writes.
 func BenchmarkKernelTUNRR(b *testing.B) {
 	for _, direct := range []bool{true, false} {
 		b.Run(fmt.Sprintf("direct=%v", direct), func(b *testing.B) {
@@ -392,6 +407,7 @@ func benchmarkKernelTUNRR(b *testing.B) {
 	msg, buf := make([]byte, 64), make([]byte, 64)
 	c.SetDeadline(time.Now().Add(time.Minute))
 	b.ReportAllocs()
+	cpu0 := processCPU(b)
 	for b.Loop() {
 		if _, err := c.Write(msg); err != nil {
 			b.Fatalf("write: %v", err)
@@ -400,8 +416,86 @@ func benchmarkKernelTUNRR(b *testing.B) {
 			b.Fatalf("read: %v", err)
 		}
 	}
+	b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-us/op")
 	st := s.Stats()
 	if st.PacketsOut > 0 {
 		b.ReportMetric(float64(st.DirectWrites)/float64(st.PacketsOut), "direct-ratio")
+	}
+}
+
+// churnParallelism is BenchmarkKernelTUNChurn's clients per GOMAXPROCS.
+var churnParallelism = 8
+
+// BenchmarkKernelTUNChurn: kernel clients (in the namespace, 8 per CPU)
+// connect through the TUN to a Stack whose handler accepts, sends one byte
+// and closes, the shape of pmbench crr without the target leg: the Stack's
+// per-connection cost. ns/op is one connection. Needs root.
+//
+//	sudo go test -run '^$' -bench KernelTUNChurn/direct=true -benchtime 5000x ./netstack
+//
+// As for BenchmarkKernelTUNRR, alternate the variants across invocations.
+func BenchmarkKernelTUNChurn(b *testing.B) {
+	for _, direct := range []bool{false, true} {
+		b.Run(fmt.Sprintf("direct=%v", direct), func(b *testing.B) {
+			old := directWrites
+			directWrites = direct
+			defer func() { directWrites = old }()
+			benchmarkKernelTUNChurn(b)
+		})
+	}
+}
+
+func benchmarkKernelTUNChurn(b *testing.B) {
+	ns, dev := kernelTUN(b)
+	if dev == nil {
+		return
+	}
+	s, err := New(dev, Config{MTU: 1500, Addresses: []netip.Prefix{netip.MustParsePrefix("10.99.0.2/24")}, TCP: TCPConfig{TimeWait: time.Second}},
+		funcHandler{tcp: func(r *TCPRequest) {
+			c, err := r.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			c.Write([]byte{'x'})
+		}}, zap.NewNop())
+	if err != nil {
+		b.Fatalf("new stack: %v", err)
+	}
+	defer s.Close()
+	var dialer *net.Dialer
+	// A socket created on a thread in the namespace stays there: dial from
+	// goroutines that switch in for the dial only.
+	dialOne := func() error {
+		var c net.Conn
+		if err := inNetns(ns, func() (err error) {
+			dialer = &net.Dialer{Timeout: 5 * time.Second}
+			c, err = dialer.Dial("tcp", "10.99.0.2:80")
+			return err
+		}); err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		buf := make([]byte, 1)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return err
+		}
+		return nil
+	}
+	b.ReportAllocs()
+	b.SetParallelism(churnParallelism)
+	var failed atomic.Int64
+	cpu0 := processCPU(b)
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if err := dialOne(); err != nil {
+				failed.Add(1)
+			}
+		}
+	})
+	b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-us/op")
+	if f := failed.Load(); f > 0 {
+		b.Fatalf("%d connections failed", f)
 	}
 }
