@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/natbox/natbox/internal/testutil"
+
 	"go.uber.org/zap"
 
 	"github.com/natbox/natbox/conf"
@@ -64,30 +66,10 @@ func serveSource(n int) benchTCPService {
 
 // tcpService listens on 127.0.0.1 and runs serve for each connection.
 func tcpService(b *testing.B, serve benchTCPService) uint16 {
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				c.SetDeadline(time.Now().Add(2 * time.Minute))
-				serve(c.(*net.TCPConn))
-				c.Close()
-			}()
-		}
-	}()
-	b.Cleanup(func() { ln.Close(); wg.Wait() })
-	return uint16(ln.Addr().(*net.TCPAddr).Port)
+	return testutil.ServeTCP(b, "127.0.0.1:0", func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(2 * time.Minute))
+		serve(c)
+	}).Port()
 }
 
 // udpCounter counts datagrams arriving on a 127.0.0.1 socket.

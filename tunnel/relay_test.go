@@ -11,9 +11,10 @@ import (
 	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/natbox/natbox/internal/testutil"
 
 	"go.uber.org/zap"
 
@@ -32,40 +33,21 @@ var (
 // reports it (up to 16 unread), and echoes the rest.
 func proxyEchoService(t *testing.T) (port uint16, headers <-chan string) {
 	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	ch := make(chan string, 16)
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				br := bufio.NewReader(c)
-				line, err := br.ReadString('\n')
-				if err != nil {
-					return
-				}
-				select { // tests that do not read the headers must not stall
-				case ch <- line:
-				default:
-				}
-				io.Copy(c, br)
-				c.(*net.TCPConn).CloseWrite()
-			}()
+	ap := testutil.ServeTCP(t, "127.0.0.1:0", func(c *net.TCPConn) {
+		br := bufio.NewReader(c)
+		line, err := br.ReadString('\n')
+		if err != nil {
+			return
 		}
-	}()
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	return uint16(ln.Addr().(*net.TCPAddr).Port), ch
+		select { // tests that do not read the headers must not stall
+		case ch <- line:
+		default:
+		}
+		io.Copy(c, br)
+		c.CloseWrite()
+	})
+	return ap.Port(), ch
 }
 
 // udpEchoService echoes datagrams on 127.0.0.1.
