@@ -45,7 +45,9 @@ remove the routes natbox added, close the TUN and exit 0.`,
 			}
 			stopHUP := onSIGHUP(c.Context, func() { _, _ = a.Reload() })
 			defer stopHUP()
-			return a.Run(c.Context)
+			return runWithShutdownWatchdog(c.Context, cfg.Limits.ShutdownGrace.D(), c.App.ErrWriter, osExit, func() error {
+				return a.Run(c.Context)
+			})
 		},
 	}
 }
@@ -80,7 +82,9 @@ SIGHUP re-reads peers and port allowances without dropping other peers' flows.`,
 			}
 			stopHUP := onSIGHUP(c.Context, func() { _ = n.Reload() })
 			defer stopHUP()
-			return n.Run(c.Context)
+			return runWithShutdownWatchdog(c.Context, 0, c.App.ErrWriter, osExit, func() error {
+				return n.Run(c.Context)
+			})
 		},
 	}
 }
