@@ -58,7 +58,7 @@ type Options struct {
 	// could next fire. Tests with a fake clock set it small.
 	IdleCheckInterval time.Duration
 	// UDPQueueLen is how many datagrams a UDP session buffers toward its
-	// target (including while it dials) before dropping. Zero: 256.
+	// target (including while it dials) before dropping. Zero: 2048.
 	UDPQueueLen int
 }
 
@@ -124,7 +124,10 @@ func New(cfg *conf.Config, opts Options, log *zap.Logger) (*Engine, error) {
 		opts.SweepInterval = time.Second
 	}
 	if opts.UDPQueueLen <= 0 {
-		opts.UDPQueueLen = 256 // the relay hands over bursts of up to 128 datagrams
+		// The relay hands over bursts of up to 128 datagrams, and a sender
+		// waiting for a CPU falls milliseconds behind a fast client; the
+		// queue only takes memory while it holds datagrams.
+		opts.UDPQueueLen = 2048
 	}
 	e := &Engine{
 		log:       log,

@@ -84,7 +84,7 @@ type udpSession struct {
 	*session
 	key    udpKey
 	via    Ingress // where replies go
-	queue  chan datagram
+	queue  *datagramQueue
 	done   chan struct{}              // closed when the session stops
 	public atomic.Pointer[netip.Addr] // public address the client last sent to
 
@@ -129,9 +129,7 @@ func (us *udpSession) deliver(payload []byte, dst netip.AddrPort, now time.Time)
 	us.idle.last.Store(now.UnixNano())
 	bp := getDatagramBuf(len(payload))
 	n := copy(*bp, payload)
-	select {
-	case us.queue <- datagram{buf: bp, n: n, dst: dst}:
-	default:
+	if !us.queue.push(datagram{buf: bp, n: n, dst: dst}) {
 		putDatagramBuf(bp)
 		us.state.udpDrops.Add(1)
 	}
@@ -139,14 +137,9 @@ func (us *udpSession) deliver(payload []byte, dst netip.AddrPort, now time.Time)
 
 // drain empties the queue, counting what is dropped.
 func (us *udpSession) drain() {
-	for {
-		select {
-		case d := <-us.queue:
-			putDatagramBuf(d.buf)
-			us.state.udpDrops.Add(1)
-		default:
-			return
-		}
+	for _, d := range us.queue.take(nil, us.queue.limit) {
+		putDatagramBuf(d.buf)
+		us.state.udpDrops.Add(1)
 	}
 }
 
@@ -205,7 +198,7 @@ func (e *Engine) openUDP(rs *RuleSet, r *Rule, in Ingress, src, dst netip.AddrPo
 		session: e.newSession(conf.UDP, in, r, src, dst, r.targetHostPort(dst.Port())),
 		key:     key,
 		via:     in,
-		queue:   make(chan datagram, e.opts.UDPQueueLen),
+		queue:   newDatagramQueue(e.opts.UDPQueueLen),
 		done:    make(chan struct{}),
 	}
 	pub := dst.Addr()
@@ -295,17 +288,16 @@ func (e *Engine) sendLoop(us *udpSession, conn *net.UDPConn, targetIP netip.Addr
 		select {
 		case <-us.done:
 			return
-		case d := <-us.queue:
-			batch = append(batch[:0], d)
+		default:
 		}
-	fill:
-		for len(batch) < maxUDPBatch {
+		batch = us.queue.take(batch[:0], maxUDPBatch)
+		if len(batch) == 0 {
 			select {
-			case d := <-us.queue:
-				batch = append(batch, d)
-			default:
-				break fill
+			case <-us.done:
+				return
+			case <-us.queue.ready:
 			}
+			continue
 		}
 		r := us.rule.Load()
 		for _, d := range batch {
