@@ -15,8 +15,13 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+
 	"github.com/natbox/natbox/admin"
+	"github.com/natbox/natbox/conf"
 	"github.com/natbox/natbox/internal/app"
+	"github.com/natbox/natbox/netstack"
 )
 
 // freeLoopbackAddr returns a 127.0.0.1 TCP address free a moment ago
@@ -223,4 +228,26 @@ func (h *harness) currentConfig(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// A start-up that fails late (here: another natbox already answers on the
+// admin socket) returns the error, closes what it had started and does not
+// panic; the first appliance keeps working.
+func TestNewApplianceFailingLateClosesWhatItStarted(t *testing.T) {
+	target := serveTCP(t, echo)
+	h := newHarness(t, spec{Mappings: mapping("web", "tcp", "8900", target.String())}, app.Options{})
+	cfg, _, err := conf.Load(h.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	appSide, clientSide := netstack.Pipe(linkMTU)
+	defer clientSide.Close()
+	second, err := app.NewAppliance(cfg, app.Options{TUNDevice: appSide}, zaptest.NewLogger(t, zaptest.Level(zap.ErrorLevel)))
+	if err == nil || second != nil {
+		t.Fatalf("second appliance on a live admin socket: %v, %v; want an error and no appliance", second, err)
+	}
+	if !strings.Contains(err.Error(), "already running") {
+		t.Fatalf("error %q does not say another natbox is running", err)
+	}
+	expectEcho(t, h.mustDial(ap(client4, 0), ap(public4, 8900)), "first still serves")
 }

@@ -51,8 +51,10 @@ type Options struct {
 
 // NewAppliance builds every ingress the config names and starts them. On
 // error everything already started is closed again.
-func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (a *Appliance, err error) {
-	a = &Appliance{log: log, cfg: cfg}
+func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (_ *Appliance, err error) {
+	// a is not the named result: "return nil, err" must not hide it from the
+	// deferred clean-up.
+	a := &Appliance{log: log, cfg: cfg}
 	defer func() {
 		if err != nil {
 			a.Close()
