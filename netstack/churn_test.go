@@ -2,38 +2,17 @@ package netstack
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"net/netip"
-	"os"
-	"strconv"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/natbox/natbox/internal/testutil"
 
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 )
-
-// churnConns returns how many connections TestTCPChurnTimeWait makes:
-// NETSTACK_CHURN_CONNS if set, else 100k (about 16 s), or 5k under -race or
-// -short (the race detector slows gVisor about tenfold; CI runs -race, so 5k
-// connections, each of the 2000 ports reused 2-3 times, is what CI sees).
-func churnConns(t *testing.T) int {
-	if s := os.Getenv("NETSTACK_CHURN_CONNS"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n <= 0 {
-			t.Fatalf("NETSTACK_CHURN_CONNS=%q: want a positive integer", s)
-		}
-		return n
-	}
-	if raceEnabled || testing.Short() {
-		return 5_000
-	}
-	return 100_000
-}
 
 // TestTCPChurnTimeWait is the TIME_WAIT trap (ARCHITECTURE.md "Known traps"):
 // the server side closes first, so natbox's endpoints sit in TIME_WAIT, and
@@ -45,7 +24,8 @@ func TestTCPChurnTimeWait(t *testing.T) {
 		ports     = 2000
 		firstPort = 20000
 	)
-	total := churnConns(t)
+	// 5k under -race: each of the 2000 ports is still reused 2-3 times.
+	total := testutil.ChurnCount(t, "NETSTACK_CHURN_CONNS", 100_000, 5_000, raceEnabled)
 	client, server := newPair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
 		c, err := r.Accept()
 		if err != nil {
@@ -61,37 +41,18 @@ func TestTCPChurnTimeWait(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
 
-	var next, failures atomic.Int64
-	var firstErr atomic.Value
-	start := time.Now()
-	var wg sync.WaitGroup
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := next.Add(1) - 1
-				if i >= int64(total) || ctx.Err() != nil {
-					return
-				}
-				src := netip.AddrPortFrom(clientPrefix4.Addr(), uint16(firstPort+i%ports))
-				if err := churnOnce(ctx, client, src, dst); err != nil {
-					failures.Add(1)
-					firstErr.CompareAndSwap(nil, fmt.Errorf("conn %d from %s: %w", i, src, err))
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	el := time.Since(start)
+	res := testutil.Churn(ctx, total, workers, ports, firstPort, func(ctx context.Context, port uint16) error {
+		return churnOnce(ctx, client, netip.AddrPortFrom(clientPrefix4.Addr(), port), dst)
+	})
+	el := res.Elapsed
 	st := server.Stats()
 	t.Logf("%d connections from %d ports in %v (%.0f conn/s); TIME_WAIT reopened %d, in-flight drops %d",
 		total, ports, el, float64(total)/el.Seconds(), st.TimeWaitReopened, st.TCPInFlightDrops)
-	if n := failures.Load(); n != 0 {
-		t.Fatalf("%d of %d connections failed; first: %v", n, total, firstErr.Load())
+	if res.Failures != 0 {
+		t.Fatalf("%d of %d connections failed; first: %v", res.Failures, total, res.FirstErr)
 	}
 	if ctx.Err() != nil {
-		t.Fatalf("churn did not finish in time: %d of %d started", next.Load(), total)
+		t.Fatalf("churn did not finish in time: %d of %d started", res.Started, total)
 	}
 	if total > ports && st.TimeWaitReopened == 0 {
 		t.Fatal("no SYN met a TIME_WAIT endpoint: the test did not exercise the trap")
@@ -105,19 +66,7 @@ func churnOnce(ctx context.Context, client *Stack, src, dst netip.AddrPort) erro
 	if err != nil {
 		return err
 	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := c.Write([]byte{'x'}); err != nil {
-		return err
-	}
-	b, err := io.ReadAll(c)
-	if err != nil {
-		return err
-	}
-	if string(b) != "x" {
-		return fmt.Errorf("reply %q, want x", b)
-	}
-	return nil
+	return testutil.OneByteExchange(c)
 }
 
 // TestDialTCPReusesTimeWaitTuple: the relay originates flows with a client's
