@@ -124,26 +124,8 @@ func classify4(b []byte, p *packetInfo) {
 	l4 := b[ihl:]
 	switch b[9] {
 	case ipProtoUDP:
-		if len(l4) < header.UDPMinimumSize {
-			p.verdict, p.reason = verdictDrop, dropUDPHeader
-			return
-		}
-		ulen := int(binary.BigEndian.Uint16(l4[4:6]))
-		if ulen < header.UDPMinimumSize || ulen > len(l4) {
-			p.verdict, p.reason = verdictDrop, dropUDPHeader
-			return
-		}
-		l4 = l4[:ulen]
 		// A zero checksum means "none" in IPv4 (RFC 768).
-		if binary.BigEndian.Uint16(l4[6:8]) != 0 &&
-			!l4ChecksumValid(header.UDPProtocolNumber, src[:], dst[:], l4) {
-			p.verdict, p.reason = verdictDrop, dropUDPChecksum
-			return
-		}
-		p.verdict = verdictUDP
-		p.src = netip.AddrPortFrom(netip.AddrFrom4(src), binary.BigEndian.Uint16(l4[0:2]))
-		p.dst = netip.AddrPortFrom(netip.AddrFrom4(dst), binary.BigEndian.Uint16(l4[2:4]))
-		p.payload = l4[header.UDPMinimumSize:]
+		p.setUDP(netip.AddrFrom4(src), netip.AddrFrom4(dst), src[:], dst[:], l4, true)
 	case ipProtoTCP:
 		if len(l4) < header.TCPMinimumSize {
 			return // gVisor counts it as malformed
@@ -179,31 +161,39 @@ func classify6(b []byte, p *packetInfo) {
 	l4 := b[header.IPv6MinimumSize:]
 	switch b[6] { // next header; extension headers go to gVisor
 	case ipProtoUDP:
-		if len(l4) < header.UDPMinimumSize {
-			p.verdict, p.reason = verdictDrop, dropUDPHeader
-			return
-		}
-		ulen := int(binary.BigEndian.Uint16(l4[4:6]))
-		if ulen < header.UDPMinimumSize || ulen > len(l4) {
-			p.verdict, p.reason = verdictDrop, dropUDPHeader
-			return
-		}
-		l4 = l4[:ulen]
 		// The UDP checksum is mandatory over IPv6 (RFC 8200 8.1).
-		if !l4ChecksumValid(header.UDPProtocolNumber, src[:], dst[:], l4) {
-			p.verdict, p.reason = verdictDrop, dropUDPChecksum
-			return
-		}
-		p.verdict = verdictUDP
-		p.src = netip.AddrPortFrom(netip.AddrFrom16(src), binary.BigEndian.Uint16(l4[0:2]))
-		p.dst = netip.AddrPortFrom(netip.AddrFrom16(dst), binary.BigEndian.Uint16(l4[2:4]))
-		p.payload = l4[header.UDPMinimumSize:]
+		p.setUDP(netip.AddrFrom16(src), netip.AddrFrom16(dst), src[:], dst[:], l4, false)
 	case ipProtoTCP:
 		if len(l4) < header.TCPMinimumSize {
 			return
 		}
 		p.setTCP(tcpip.AddrFrom16(src), tcpip.AddrFrom16(dst), l4)
 	}
+}
+
+// setUDP classifies the UDP datagram l4 between src and dst (srcB and dstB
+// are the same addresses as bytes, for the checksum): its header and length
+// must be sound and its checksum valid, or absent when zeroAllowed (IPv4).
+func (p *packetInfo) setUDP(src, dst netip.Addr, srcB, dstB, l4 []byte, zeroAllowed bool) {
+	if len(l4) < header.UDPMinimumSize {
+		p.verdict, p.reason = verdictDrop, dropUDPHeader
+		return
+	}
+	ulen := int(binary.BigEndian.Uint16(l4[4:6]))
+	if ulen < header.UDPMinimumSize || ulen > len(l4) {
+		p.verdict, p.reason = verdictDrop, dropUDPHeader
+		return
+	}
+	l4 = l4[:ulen]
+	absent := zeroAllowed && binary.BigEndian.Uint16(l4[6:8]) == 0
+	if !absent && !l4ChecksumValid(header.UDPProtocolNumber, srcB, dstB, l4) {
+		p.verdict, p.reason = verdictDrop, dropUDPChecksum
+		return
+	}
+	p.verdict = verdictUDP
+	p.src = netip.AddrPortFrom(src, binary.BigEndian.Uint16(l4[0:2]))
+	p.dst = netip.AddrPortFrom(dst, binary.BigEndian.Uint16(l4[2:4]))
+	p.payload = l4[header.UDPMinimumSize:]
 }
 
 func (p *packetInfo) setTCP(src, dst tcpip.Address, l4 []byte) {
