@@ -102,41 +102,27 @@ func serve(args []string) int {
 			c.Close()
 		}
 	}()
-	for _, a := range tcpEchoAddrs {
-		ln, err := net.Listen("tcp", a)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return exitFail
-		}
-		closers = append(closers, ln)
-		go acceptLoop(ln, handleTCPEcho)
+	// Each listener kind: its addresses, how to open one, how to serve it.
+	kinds := []struct {
+		addrs []string
+		open  func(a string) (io.Closer, error)
+		serve func(io.Closer)
+	}{
+		{tcpEchoAddrs, listenTCP, func(c io.Closer) { acceptLoop(c.(net.Listener), handleTCPEcho) }},
+		{tcpWhoamiAddrs, listenTCP, func(c io.Closer) { acceptLoop(c.(net.Listener), handleTCPWhoami) }},
+		{udpEchoAddrs, listenUDP, func(c io.Closer) { udpLoop(c.(*net.UDPConn), false) }},
+		{udpWhoamiAddrs, listenUDP, func(c io.Closer) { udpLoop(c.(*net.UDPConn), true) }},
 	}
-	for _, a := range tcpWhoamiAddrs {
-		ln, err := net.Listen("tcp", a)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return exitFail
+	for _, k := range kinds {
+		for _, a := range k.addrs {
+			c, err := k.open(a)
+			if err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				return exitFail
+			}
+			closers = append(closers, c)
+			go k.serve(c)
 		}
-		closers = append(closers, ln)
-		go acceptLoop(ln, handleTCPWhoami)
-	}
-	for _, a := range udpEchoAddrs {
-		pc, err := net.ListenPacket("udp", a)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return exitFail
-		}
-		closers = append(closers, pc)
-		go udpLoop(pc.(*net.UDPConn), false)
-	}
-	for _, a := range udpWhoamiAddrs {
-		pc, err := net.ListenPacket("udp", a)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return exitFail
-		}
-		closers = append(closers, pc)
-		go udpLoop(pc.(*net.UDPConn), true)
 	}
 	fmt.Println("ready")
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -572,4 +558,14 @@ func minDur(a, b time.Duration) time.Duration {
 		return a
 	}
 	return b
+}
+
+func listenTCP(a string) (io.Closer, error) { return net.Listen("tcp", a) }
+
+func listenUDP(a string) (io.Closer, error) {
+	pc, err := net.ListenPacket("udp", a)
+	if err != nil {
+		return nil, err
+	}
+	return pc.(*net.UDPConn), nil
 }
