@@ -1,6 +1,7 @@
 package conf
 
 import (
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
@@ -669,6 +670,9 @@ idle_timeout = "30s"
 	}
 	if cfg.Path != "t.toml" {
 		t.Errorf("path = %q", cfg.Path)
+	}
+	if cfg.Digest != sha256.Sum256([]byte(src)) {
+		t.Errorf("digest %x is not the SHA-256 of the parsed bytes", cfg.Digest)
 	}
 }
 

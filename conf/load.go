@@ -1,6 +1,7 @@
 package conf
 
 import (
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -57,7 +58,7 @@ func ParseAt(path string, data []byte, now time.Time) (*Config, []Warning, error
 		Admin:  defaultAdmin(),
 	}
 	r.decode("", raw, reflect.ValueOf(&cfg).Elem())
-	cfg.Path = path
+	cfg.Path, cfg.Digest = path, sha256.Sum256(data)
 	for i := range cfg.Mappings {
 		cfg.Mappings[i].Line = r.lines[fmt.Sprintf("mapping[%d]", i)]
 	}
@@ -91,7 +92,7 @@ func ParseRelay(path string, data []byte) (*RelayConfig, []Warning, error) {
 		Admin: defaultAdmin(),
 	}
 	r.decode("", raw, reflect.ValueOf(&cfg).Elem())
-	cfg.Path = path
+	cfg.Path, cfg.Digest = path, sha256.Sum256(data)
 	for i := range cfg.Peers {
 		cfg.Peers[i].Line = r.lines[fmt.Sprintf("peer[%d]", i)]
 	}

@@ -5,6 +5,7 @@
 package conf
 
 import (
+	"crypto/sha256"
 	"net/netip"
 	"time"
 )
@@ -20,6 +21,9 @@ type Config struct {
 
 	// Path is the file the config was loaded from ("" when built in code).
 	Path string `toml:"-"`
+	// Digest is the SHA-256 of the bytes the config was parsed from, so a
+	// file watcher can tell an edit from what is already applied.
+	Digest [sha256.Size]byte `toml:"-"`
 }
 
 // Log configures the logger.
@@ -109,7 +113,8 @@ type RelayConfig struct {
 	Admin Admin        `toml:"admin"`
 	Peers []Peer       `toml:"peer"`
 
-	Path string `toml:"-"`
+	Path   string            `toml:"-"` // as Config.Path
+	Digest [sha256.Size]byte `toml:"-"` // as Config.Digest
 }
 
 // RelaySection is the [relay] table.

@@ -171,7 +171,7 @@ func (a *Appliance) Run(ctx context.Context) error {
 	}
 	runAdmin(ctx, a.admin, &wg, a.log)
 	if cfg := a.config(); cfg.Admin.Watch {
-		goWatchConfig(ctx, cfg.Path, func() { _, _ = a.Reload() }, &wg, a.log)
+		goWatchConfig(ctx, cfg.Path, cfg.Digest, func() { _, _ = a.Reload() }, &wg, a.log)
 	}
 	a.log.Info("natbox running", zap.Int("mappings", len(a.config().Mappings)))
 	var runErr error

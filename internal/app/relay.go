@@ -71,7 +71,7 @@ func (n *RelayNode) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	runAdmin(ctx, n.admin, &wg, n.log)
 	if n.cfg.Admin.Watch {
-		goWatchConfig(ctx, n.cfg.Path, func() { _ = n.Reload() }, &wg, n.log)
+		goWatchConfig(ctx, n.cfg.Path, n.cfg.Digest, func() { _ = n.Reload() }, &wg, n.log)
 	}
 	defer wg.Wait()
 	err := n.relay.Run(ctx)

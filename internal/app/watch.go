@@ -18,8 +18,9 @@ import (
 const watchInterval = time.Second
 
 // goWatchConfig runs watchConfig on its own goroutine, tracked by wg, for
-// configs loaded from a file.
-func goWatchConfig(ctx context.Context, path string, reload func(), wg *sync.WaitGroup, log *zap.Logger) {
+// configs loaded from a file. loaded is the digest of the bytes the running
+// config was parsed from, so an edit made while natbox was starting is seen.
+func goWatchConfig(ctx context.Context, path string, loaded [sha256.Size]byte, reload func(), wg *sync.WaitGroup, log *zap.Logger) {
 	if path == "" {
 		return
 	}
@@ -28,17 +29,16 @@ func goWatchConfig(ctx context.Context, path string, reload func(), wg *sync.Wai
 		defer wg.Done()
 		t := time.NewTicker(watchInterval)
 		defer t.Stop()
-		watchConfig(ctx, path, t.C, reload, nil, log)
+		watchConfig(ctx, path, loaded[:], t.C, reload, nil, log)
 	}()
 }
 
-// watchConfig calls reload whenever the content of path changes, until ctx
-// ends. A new content must read the same on two consecutive ticks before it
+// watchConfig calls reload whenever the content of path differs from what
+// was last applied (starting with applied), until ctx ends. A new content must read the same on two consecutive ticks before it
 // is reloaded, so a file caught half-written (an editor or a tool that
 // truncates, then writes) is not reloaded, and a missing file is ignored.
 // tickDone, when not nil, is called after each tick is handled (tests).
-func watchConfig(ctx context.Context, path string, ticks <-chan time.Time, reload, tickDone func(), log *zap.Logger) {
-	applied := fileDigest(path)
+func watchConfig(ctx context.Context, path string, applied []byte, ticks <-chan time.Time, reload, tickDone func(), log *zap.Logger) {
 	var pending []byte
 	for {
 		select {

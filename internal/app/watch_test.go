@@ -19,6 +19,7 @@ func TestWatchConfigReloadsOnSettledContentChange(t *testing.T) {
 		}
 	}
 	write("a = 1\n")
+	loaded := fileDigest(path) // what the caller parsed, before the watcher starts
 	ticks := make(chan time.Time)
 	reloads := 0
 	reloaded := make(chan struct{}, 1)
@@ -27,7 +28,7 @@ func TestWatchConfigReloadsOnSettledContentChange(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		watchConfig(ctx, path, ticks, func() { reloads++; reloaded <- struct{}{} }, func() { handled <- struct{}{} }, zaptest.NewLogger(t))
+		watchConfig(ctx, path, loaded, ticks, func() { reloads++; reloaded <- struct{}{} }, func() { handled <- struct{}{} }, zaptest.NewLogger(t))
 	}()
 	defer func() { cancel(); <-done }()
 
@@ -81,5 +82,36 @@ func TestWatchConfigReloadsOnSettledContentChange(t *testing.T) {
 	}
 	if reloads != 3 {
 		t.Fatalf("reloads = %d, want 3", reloads)
+	}
+}
+
+// An edit made between loading the config and starting the watcher (natbox
+// can take seconds to bring its TUN up) is still reloaded.
+func TestWatchConfigSeesEditMadeDuringStartup(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "natbox.toml")
+	if err := os.WriteFile(path, []byte("a = 1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	loaded := fileDigest(path)
+	if err := os.WriteFile(path, []byte("a = 2\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ticks := make(chan time.Time)
+	handled := make(chan struct{})
+	reloads := 0
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		watchConfig(ctx, path, loaded, ticks, func() { reloads++ }, func() { handled <- struct{}{} }, zaptest.NewLogger(t))
+	}()
+	for i := 0; i < 3; i++ {
+		ticks <- time.Now()
+		<-handled
+	}
+	cancel()
+	<-done
+	if reloads != 1 {
+		t.Fatalf("reloads = %d, want 1 (the edit made before the watcher started)", reloads)
 	}
 }
