@@ -49,6 +49,11 @@ var (
 	descExpired        = desc("natbox_mapping_expired", "1 when the mapping's expires date has passed and natbox disabled it.", "mapping")
 	descMappingUp      = desc("natbox_mapping_active", "1 when the mapping is enabled and served.", "mapping")
 
+	descTUNUp      = desc("natbox_tun_up", "1 when the gateway's TUN link is up.", "tun")
+	descTUNPackets = desc("natbox_tun_packets_total", "Packets through the gateway's TUN; in is what the kernel handed natbox.", "tun", "direction")
+	descTUNBytes   = desc("natbox_tun_bytes_total", "Bytes through the gateway's TUN; in is what the kernel handed natbox.", "tun", "direction")
+	descTUNDropped = desc("natbox_tun_dropped_packets_total", "Packets the kernel dropped because natbox did not read them from the TUN in time.", "tun")
+
 	descUplinkHandshakeAge = desc("natbox_uplink_handshake_age_seconds", "Seconds since the last WireGuard handshake with the relay; +Inf when there was none.")
 	descUplinkBytes        = desc("natbox_uplink_bytes_total", "Bytes through the uplink; in is received from the relay.", "direction")
 	descUplinkRegistered   = desc("natbox_uplink_ports_registered", "Port specs the relay holds for this appliance.")
@@ -64,6 +69,7 @@ var (
 	allDescs = []*prometheus.Desc{
 		descSessionsOpened, descSessionsActive, descHits, descBytes, descRefusals, descDialLatency,
 		descUDPExpired, descUDPDropped, descInflightDials, descBudgetHits, descReviewOverdue, descExpired, descMappingUp,
+		descTUNUp, descTUNPackets, descTUNBytes, descTUNDropped,
 		descUplinkHandshakeAge, descUplinkBytes, descUplinkRegistered, descUplinkRefused,
 		descPeerHandshakeAge, descPeerBytes, descPeerActive, descPeerOpened, descPeerRegistered, descPeerRefused,
 	}
@@ -112,6 +118,14 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descInflightDials, float64(st.InflightDials))
 	for _, limit := range sortedKeys(st.BudgetHits) {
 		counter(descBudgetHits, st.BudgetHits[limit], limit)
+	}
+	if t := st.TUN; t != nil && t.Error == "" {
+		gauge(descTUNUp, boolValue(t.Up), t.Name)
+		counter(descTUNPackets, t.PacketsIn, t.Name, DirectionIn)
+		counter(descTUNPackets, t.PacketsOut, t.Name, DirectionOut)
+		counter(descTUNBytes, t.BytesIn, t.Name, DirectionIn)
+		counter(descTUNBytes, t.BytesOut, t.Name, DirectionOut)
+		counter(descTUNDropped, t.DroppedIn, t.Name)
 	}
 	if u := st.Uplink; u != nil {
 		gauge(descUplinkHandshakeAge, handshakeAge(now, u.LastHandshake))

@@ -63,6 +63,9 @@ func renderStatus(w io.Writer, st Status) error {
 		if m.RelayRefusal != "" {
 			notes = append(notes, fmt.Sprintf("relay refused: %s: %s", m.Name, m.RelayRefusal))
 		}
+		if m.UDPDropped > 0 {
+			notes = append(notes, fmt.Sprintf("UDP dropped: %s: %d datagrams (a full session queue, a failed dial or stray replies)", m.Name, m.UDPDropped))
+		}
 	}
 	if c := formatCounts(st.Refusals); c != "-" {
 		notes = append(notes, "refused without a mapping: "+c)
@@ -77,6 +80,10 @@ func renderStatus(w io.Writer, st Status) error {
 		}
 	}
 
+	if t := st.TUN; t != nil {
+		fmt.Fprintln(w)
+		renderTUN(w, t)
+	}
 	if u := st.Uplink; u != nil {
 		fmt.Fprintln(w)
 		renderUplink(w, now, u)
@@ -88,6 +95,24 @@ func renderStatus(w io.Writer, st Status) error {
 		}
 	}
 	return nil
+}
+
+func renderTUN(w io.Writer, t *TUN) {
+	if t.Error != "" {
+		fmt.Fprintf(w, "tun %s: %s\n", t.Name, t.Error)
+		return
+	}
+	state := "up"
+	if !t.Up {
+		state = "DOWN: nothing reaches natbox through it (ip link set " + t.Name + " up)"
+	}
+	fmt.Fprintf(w, "tun %s, %s, mtu %d\n", t.Name, state, t.MTU)
+	fmt.Fprintf(w, "  traffic     in %s (%d packets), out %s (%d packets)\n",
+		formatBytes(t.BytesIn), t.PacketsIn, formatBytes(t.BytesOut), t.PacketsOut)
+	if t.DroppedIn > 0 {
+		fmt.Fprintf(w, "  dropped     %d packets (%.2f %%) the kernel could not queue for natbox (queue %d): natbox is short of CPU for this load\n",
+			t.DroppedIn, 100*float64(t.DroppedIn)/float64(t.DroppedIn+t.PacketsIn), t.TxQueueLen)
+	}
 }
 
 func renderUplink(w io.Writer, now time.Time, u *Uplink) {

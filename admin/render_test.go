@@ -38,7 +38,11 @@ func TestRenderStatus(t *testing.T) {
 		`review overdue: web (review by 2026-05-01, owner it@example.com, "NAS web UI")`,
 		"expired: games on 2026-10-01, no owner; natbox no longer serves it",
 		"refused without a mapping: no_match=9",
+		"UDP dropped: web: 4 datagrams",
 		"budget limits hit: per_source=5",
+		"tun natbox0, up, mtu 1500",
+		"  traffic     in 11.4 MiB (9900 packets), out 62.5 KiB (800 packets)",
+		"  dropped     100 packets (1.00 %) the kernel could not queue for natbox (queue 2000)",
 		"uplink to relay.example.net:51820, tunnel address 100.96.0.2",
 		"  handshake   30s ago",
 		"  registered  tcp/8443",
@@ -113,7 +117,7 @@ func TestFormatAgo(t *testing.T) {
 func TestRenderRelayOnlyStatus(t *testing.T) {
 	st := sampleStatus()
 	st.Time = testNow
-	st.Mappings, st.Uplink, st.Refusals, st.BudgetHits = nil, nil, nil, nil
+	st.Mappings, st.TUN, st.Uplink, st.Refusals, st.BudgetHits = nil, nil, nil, nil, nil
 	var buf bytes.Buffer
 	if err := RenderStatus(&buf, st); err != nil {
 		t.Fatal(err)

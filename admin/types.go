@@ -67,6 +67,7 @@ type Status struct {
 	// InflightDials is how many connection attempts are being dialed now.
 	InflightDials int `json:"inflight_dials"`
 
+	TUN    *TUN    `json:"tun,omitempty"`    // nil: no kernel TUN
 	Uplink *Uplink `json:"uplink,omitempty"` // nil: no [uplink]
 	Relay  *Relay  `json:"relay,omitempty"`  // nil: not a relay
 }
@@ -119,6 +120,26 @@ type Histogram struct {
 type Bucket struct {
 	UpperBoundSeconds float64 `json:"le"`
 	Count             uint64  `json:"count"` // cumulative
+}
+
+// TUN is the gateway's kernel TUN link, from the kernel's counters. In is
+// what the kernel handed natbox; out is what natbox sent back through it.
+type TUN struct {
+	Name       string `json:"name"`
+	Up         bool   `json:"up"`
+	MTU        int    `json:"mtu"`
+	TxQueueLen int    `json:"txqueuelen"`
+	PacketsIn  uint64 `json:"packets_in"`
+	BytesIn    uint64 `json:"bytes_in"`
+	PacketsOut uint64 `json:"packets_out"`
+	BytesOut   uint64 `json:"bytes_out"`
+	// DroppedIn counts packets the kernel dropped because natbox did not
+	// read them in time (its queue of TxQueueLen packets was full): natbox
+	// is short of CPU for the offered load.
+	DroppedIn uint64 `json:"dropped_in"`
+	// Error is why the counters could not be read (for example the link
+	// was deleted under natbox).
+	Error string `json:"error,omitempty"`
 }
 
 // Uplink is the appliance's WireGuard tunnel to its relay.

@@ -144,6 +144,20 @@ func TestOpsGateway(t *testing.T) {
 			if got := d.Refusals["denied"] - d0.Refusals["denied"]; got != 1 {
 				problems = append(problems, fmt.Sprintf("denied refusals[denied] +%d, want +1 (%v)", got, d.Refusals))
 			}
+			// The kernel's TUN counters: the echo's bytes entered natbox through
+			// the TUN (in) and its replies left through it (out).
+			switch tun, tun0 := st.TUN, before.TUN; {
+			case tun == nil || tun0 == nil:
+				problems = append(problems, "status has no tun section")
+			case !tun.Up || tun.TxQueueLen != 2000 || tun.Error != "":
+				problems = append(problems, fmt.Sprintf("tun %+v: want up with txqueuelen 2000", *tun))
+			case tun.BytesIn-tun0.BytesIn < size || tun.BytesOut-tun0.BytesOut < size:
+				problems = append(problems, fmt.Sprintf("tun bytes in +%d out +%d, want >= %d each (the echo's payload)",
+					tun.BytesIn-tun0.BytesIn, tun.BytesOut-tun0.BytesOut, size))
+			case tun.PacketsIn-tun0.PacketsIn < 3 || tun.PacketsOut-tun0.PacketsOut < 3:
+				problems = append(problems, fmt.Sprintf("tun packets in +%d out +%d, want at least a handshake's each way",
+					tun.PacketsIn-tun0.PacketsIn, tun.PacketsOut-tun0.PacketsOut))
+			}
 			if st.Refusals["no_match"] <= before.Refusals["no_match"] {
 				problems = append(problems, fmt.Sprintf("refusals[no_match] %d, want > %d", st.Refusals["no_match"], before.Refusals["no_match"]))
 			}
@@ -153,7 +167,7 @@ func TestOpsGateway(t *testing.T) {
 			return nil
 		}, nb)
 		r := runCmd(nil, natboxBin, "status", "--socket", sock)
-		if r.code != 0 || !strings.Contains(r.stdout, "echo") || !strings.Contains(r.stdout, "limited") {
+		if r.code != 0 || !strings.Contains(r.stdout, "echo") || !strings.Contains(r.stdout, "limited") || !strings.Contains(r.stdout, "tun natbox0, up") {
 			t.Errorf("natbox status (table): %s", r)
 		}
 	})

@@ -32,8 +32,9 @@ type Appliance struct {
 	mu  sync.Mutex // guards cfg and serializes Reload
 	cfg *conf.Config
 
-	uplink *tunnel.Uplink // nil without [uplink]
-	admin  *admin.Server  // nil without a control socket or HTTP listener
+	tunName string         // the kernel TUN natbox created; "" without one
+	uplink  *tunnel.Uplink // nil without [uplink]
+	admin   *admin.Server  // nil without a control socket or HTTP listener
 
 	teardown teardown
 }
@@ -108,6 +109,7 @@ func (a *Appliance) startTUN(c *conf.TUN, dev tun.Device) error {
 			return err
 		}
 		a.teardown.add(undo)
+		a.tunName = name
 	}
 	in, err := newIngress(conf.IngressTUN, dev, netstack.Config{MTU: c.MTU, Addresses: c.Addresses}, a.engine, a.log.Named("tun"))
 	if err != nil {

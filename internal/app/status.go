@@ -33,6 +33,13 @@ func (s applianceSource) Status() admin.Status {
 	for i := range cfg.Mappings {
 		byName[cfg.Mappings[i].Name] = &cfg.Mappings[i]
 	}
+	if s.a.tunName != "" {
+		t, err := tunStatus(s.a.tunName)
+		if err != nil {
+			t.Error = err.Error()
+		}
+		st.TUN = &t
+	}
 	var relayRefused map[string]string // "tcp/22" -> reason
 	if s.a.uplink != nil {
 		u := uplinkStatus(cfg.Uplink, s.a.uplink.Status())
