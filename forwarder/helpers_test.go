@@ -159,26 +159,33 @@ func tcpPair(t testing.TB) (client, accepted net.Conn) {
 	return client, r.c
 }
 
-// flow drives one HandleTCP call the way netstack would.
+// flow drives one HandleTCP call the way netstack would: it is the
+// TCPAttempt, and abandon plays a client that sends an RST while waiting.
 type flow struct {
-	client   net.Conn // test side, valid once accepted
-	accepted chan struct{}
-	rejected chan struct{}
-	done     chan struct{}
+	client    net.Conn // test side, valid once accepted
+	server    net.Conn
+	accepted  chan struct{}
+	rejected  chan struct{}
+	abandoned chan struct{}
+	done      chan struct{}
 }
 
 func startTCP(t testing.TB, e *Engine, in Ingress, src, dst string) *flow {
 	t.Helper()
 	c, server := tcpPair(t)
-	f := &flow{client: c, accepted: make(chan struct{}), rejected: make(chan struct{}), done: make(chan struct{})}
+	f := &flow{client: c, server: server, accepted: make(chan struct{}), rejected: make(chan struct{}),
+		abandoned: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(f.done)
-		e.HandleTCP(in, netip.MustParseAddrPort(src), netip.MustParseAddrPort(dst),
-			func() (net.Conn, error) { close(f.accepted); return server, nil },
-			func() { close(f.rejected); server.Close() })
+		e.HandleTCP(in, netip.MustParseAddrPort(src), netip.MustParseAddrPort(dst), f)
 	}()
 	return f
 }
+
+func (f *flow) Accept() (net.Conn, error)  { close(f.accepted); return f.server, nil }
+func (f *flow) Reject()                    { close(f.rejected); f.server.Close() }
+func (f *flow) Abandoned() <-chan struct{} { return f.abandoned }
+func (f *flow) abandon()                   { close(f.abandoned) }
 
 // wait reports "accepted" or "rejected", whichever happens first.
 func (f *flow) wait(t testing.TB) string {

@@ -13,12 +13,26 @@ import (
 	"github.com/natbox/natbox/conf"
 )
 
+// TCPAttempt is a client's connection attempt that waits for natbox's answer
+// (netstack.TCPRequest is one).
+type TCPAttempt interface {
+	// Accept completes the client's handshake.
+	Accept() (net.Conn, error)
+	// Reject answers with an RST.
+	Reject()
+	// Abandoned is closed if the client gives up first (it sent an RST).
+	Abandoned() <-chan struct{}
+}
+
 // HandleTCP forwards one TCP connection attempt from src to dst that came in
-// on in. It dials the target first and only then calls accept to complete
-// the client's handshake; a refusal or failed dial calls reject (RST)
-// instead. Exactly one of accept and reject is called. It blocks for the
-// life of the session, so the caller runs it on its own goroutine.
-func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, accept func() (net.Conn, error), reject func()) {
+// on in. It dials the target first and only then accepts the client's
+// handshake; a refusal or failed dial rejects it (RST) instead, and a client
+// that gives up during the dial cancels it, so it holds no in-flight budget
+// for the rest of the dial timeout. Exactly one of Accept and Reject is
+// called. It blocks for the life of the session, so the caller runs it on
+// its own goroutine.
+func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttempt) {
+	reject := attempt.Reject
 	if !e.track() {
 		e.unmatched.refuse(refusedShuttingDown)
 		reject()
@@ -54,8 +68,15 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, accept func() (n
 		reject()
 		return
 	}
-	upstream, err := e.dialTarget(rs, r, src, dst, target)
+	upstream, err := e.dialTarget(rs, r, src, dst, target, attempt.Abandoned())
 	e.budget.release(srcAddr, target)
+	if err != nil && clientGone(attempt) {
+		// Not the target's fault: nobody is left to refuse.
+		e.releaseSlot(r.state)
+		e.log.Debug("client gave up during the dial", zap.String("rule", r.Name), zap.Stringer("src", src), zap.Error(err))
+		reject()
+		return
+	}
 	if err != nil {
 		e.releaseSlot(r.state)
 		r.state.refuse(refusedDialFailed)
@@ -63,7 +84,7 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, accept func() (n
 		reject()
 		return
 	}
-	client, err := accept()
+	client, err := attempt.Accept()
 	if err != nil {
 		upstream.Close()
 		e.releaseSlot(r.state)
@@ -90,9 +111,25 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, accept func() (n
 
 // dialTarget opens the host leg, bounded by dial_timeout and by engine
 // shutdown, and writes the PROXY header when the mapping asks for one.
-func (e *Engine) dialTarget(rs *RuleSet, r *Rule, src, dst netip.AddrPort, target string) (net.Conn, error) {
+func clientGone(a TCPAttempt) bool {
+	select {
+	case <-a.Abandoned():
+		return true
+	default:
+		return false
+	}
+}
+
+func (e *Engine) dialTarget(rs *RuleSet, r *Rule, src, dst netip.AddrPort, target string, abandoned <-chan struct{}) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(e.ctx, rs.dialTimeout())
 	defer cancel()
+	go func() {
+		select {
+		case <-abandoned:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	start := time.Now()
 	conn, err := e.dialer.DialContext(ctx, "tcp", target)
 	if err != nil {

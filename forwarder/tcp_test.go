@@ -154,6 +154,41 @@ func TestTCPDialFirst(t *testing.T) {
 	}
 }
 
+// TestTCPAbandonedDialCancelled: a client that gives up (RST) while the
+// target does not answer stops the dial at once, frees its in-flight budget
+// and is not counted as the target's failure.
+func TestTCPAbandonedDialCancelled(t *testing.T) {
+	t.Parallel()
+	cfg := config(mapping("slow", conf.TCP, "80", "127.0.0.1:1"))
+	cfg.Limits.DialTimeout = conf.Duration(time.Minute)
+	cfg.Limits.MaxInflightPerSource = 1
+	e := newEngine(t, cfg, Options{Dialer: &hangDialer{hang: map[string]bool{"127.0.0.1:1": true}}})
+	tun := newIngress(conf.IngressTUN)
+	f := startTCP(t, e, tun, "203.0.113.1:1000", "198.51.100.1:80")
+	waitFor(t, "the dial in flight", func() bool { return e.Snapshot().InflightDials == 1 })
+	// While it hangs, the source's only in-flight slot is taken.
+	if g := startTCP(t, e, tun, "203.0.113.1:1001", "198.51.100.1:80"); g.wait(t) != "rejected" {
+		t.Fatal("second attempt from the source admitted while the first one held its budget")
+	}
+	f.abandon()
+	select {
+	case <-f.done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("abandoned attempt still dialing after 5 s (dial_timeout 1m)")
+	}
+	if n := e.Snapshot().InflightDials; n != 0 {
+		t.Fatalf("in-flight dials = %d after the client gave up, want 0", n)
+	}
+	if n := mappingStatus(t, e, "slow").Refusals["dial_failed"]; n != 0 {
+		t.Fatalf("dial_failed = %d, want 0: the client gave up, the target did not fail", n)
+	}
+	// The budget is free again: the next attempt from that source dials.
+	h := startTCP(t, e, tun, "203.0.113.1:1002", "198.51.100.1:80")
+	waitFor(t, "the next attempt dialing", func() bool { return e.Snapshot().InflightDials == 1 })
+	h.abandon()
+	<-h.done
+}
+
 // TestTCPBudgets: flows stuck dialing a dead target hit the per-target
 // budget while another mapping keeps working.
 func TestTCPBudgets(t *testing.T) {

@@ -116,7 +116,7 @@ type engineHandler struct {
 }
 
 func (h *engineHandler) HandleTCP(req *netstack.TCPRequest) {
-	h.e.HandleTCP(h.in.Load(), req.Src, req.Dst, req.Accept, req.Reject)
+	h.e.HandleTCP(h.in.Load(), req.Src, req.Dst, req)
 }
 
 func (h *engineHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) {

@@ -292,7 +292,7 @@ func (in *ingress) WriteUDP(src, dst netip.AddrPort, payload []byte) error {
 }
 
 func (in *ingress) HandleTCP(r *netstack.TCPRequest) {
-	in.engine.HandleTCP(in, r.Src, r.Dst, r.Accept, r.Reject)
+	in.engine.HandleTCP(in, r.Src, r.Dst, r)
 }
 
 func (in *ingress) HandleUDP(src, dst netip.AddrPort, payload []byte) {
