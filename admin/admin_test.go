@@ -93,7 +93,7 @@ func sampleStatus() Status {
 		},
 		Relay: &Relay{Listen: "0.0.0.0:51820", Peers: []RelayPeer{
 			{Name: "home", Address: "100.96.0.2", BytesIn: 11, BytesOut: 22, SessionsActive: 1, SessionsOpened: 2,
-				Registered: []string{"tcp/8443"}},
+				DialFailures: 3, Registered: []string{"tcp/8443"}},
 		}},
 	}
 }
@@ -414,6 +414,7 @@ func TestMetricsScrape(t *testing.T) {
 		`natbox_relay_peer_bytes_total{direction="out",peer="home"} 22`,
 		`natbox_relay_peer_sessions_active{peer="home"} 1`,
 		`natbox_relay_peer_ports_registered{peer="home"} 1`,
+		`natbox_relay_peer_dial_failures_total{peer="home"} 3`,
 		"go_goroutines ", // the private registry also has the runtime collectors
 	} {
 		if !strings.Contains(body, "\n"+want) {

@@ -63,6 +63,7 @@ var (
 	descPeerBytes        = desc("natbox_relay_peer_bytes_total", "Bytes through the relay per peer; in is received from the peer.", "peer", "direction")
 	descPeerActive       = desc("natbox_relay_peer_sessions_active", "Sessions open now per relay peer.", "peer")
 	descPeerOpened       = desc("natbox_relay_peer_sessions_opened_total", "Sessions opened per relay peer.", "peer")
+	descPeerDialFailures = desc("natbox_relay_peer_dial_failures_total", "Public TCP connections reset because the peer refused or did not answer the flow inside the tunnel.", "peer")
 	descPeerRegistered   = desc("natbox_relay_peer_ports_registered", "Port specs a peer holds on the relay.", "peer")
 	descPeerRefused      = desc("natbox_relay_peer_ports_refused", "Port specs the relay refused to a peer.", "peer")
 
@@ -71,7 +72,7 @@ var (
 		descUDPExpired, descUDPDropped, descInflightDials, descBudgetHits, descReviewOverdue, descExpired, descMappingUp,
 		descTUNUp, descTUNPackets, descTUNBytes, descTUNDropped,
 		descUplinkHandshakeAge, descUplinkBytes, descUplinkRegistered, descUplinkRefused,
-		descPeerHandshakeAge, descPeerBytes, descPeerActive, descPeerOpened, descPeerRegistered, descPeerRefused,
+		descPeerHandshakeAge, descPeerBytes, descPeerActive, descPeerOpened, descPeerDialFailures, descPeerRegistered, descPeerRefused,
 	}
 )
 
@@ -141,6 +142,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			counter(descPeerBytes, p.BytesOut, p.Name, DirectionOut)
 			gauge(descPeerActive, float64(p.SessionsActive), p.Name)
 			counter(descPeerOpened, p.SessionsOpened, p.Name)
+			counter(descPeerDialFailures, p.DialFailures, p.Name)
 			gauge(descPeerRegistered, float64(len(p.Registered)), p.Name)
 			gauge(descPeerRefused, float64(len(p.Refused)), p.Name)
 		}

@@ -150,7 +150,16 @@ func renderRelay(w io.Writer, now time.Time, r *Relay) error {
 			formatBytes(p.BytesIn), formatBytes(p.BytesOut), p.SessionsActive,
 			formatList(p.Registered), formatList(refused))
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, p := range r.Peers {
+		if p.DialFailures > 0 {
+			fmt.Fprintf(w, "%s: %d public connections reset: the appliance refused them or did not answer (its natbox status says why)\n",
+				p.Name, p.DialFailures)
+		}
+	}
+	return nil
 }
 
 // RenderSessions writes the sessions as an aligned table for people.

@@ -48,6 +48,7 @@ func TestRenderStatus(t *testing.T) {
 		"  registered  tcp/8443",
 		"  refused     udp/27015: not in this peer's ports",
 		"relay listening on 0.0.0.0:51820, 1 peer",
+		"home: 3 public connections reset: the appliance refused them or did not answer",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status output lacks %q:\n%s", want, out)

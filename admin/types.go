@@ -180,6 +180,9 @@ type RelayPeer struct {
 	Refused        []PortRefusal `json:"refused,omitempty"`
 	SessionsActive int64         `json:"sessions_active"`
 	SessionsOpened uint64        `json:"sessions_opened"`
+	// DialFailures counts public TCP connections reset because the peer
+	// refused the flow inside the tunnel or did not answer it in time.
+	DialFailures uint64 `json:"dial_failures"`
 }
 
 // Session is one live flow.

@@ -81,16 +81,19 @@ type Relay struct {
 // whose address changes is replaced); the counters are atomic; the other
 // fields are guarded by Relay.mu.
 type relayPeer struct {
-	name     string
-	addr4    netip.Addr
-	active   atomic.Int64  // TCP flows and UDP sessions open now
-	opened   atomic.Uint64 // TCP flows and UDP sessions ever opened
-	cfg      conf.Peer
-	session  *controlSession // nil when not connected
-	wanted   []string        // the specs of the peer's last register
-	results  map[string]message
-	holdings map[portKey]*holding
-	grace    *time.Timer // runs while the peer is disconnected and still holds ports
+	name   string
+	addr4  netip.Addr
+	active atomic.Int64  // TCP flows and UDP sessions open now
+	opened atomic.Uint64 // TCP flows and UDP sessions ever opened
+	// dialFailed counts public TCP connections the peer did not take over
+	// inside the tunnel (its forwarder refused, or no answer in time).
+	dialFailed atomic.Uint64
+	cfg        conf.Peer
+	session    *controlSession // nil when not connected
+	wanted     []string        // the specs of the peer's last register
+	results    map[string]message
+	holdings   map[portKey]*holding
+	grace      *time.Timer // runs while the peer is disconnected and still holds ports
 }
 
 // holding is one (protocol, port) a peer holds: the public sockets on every
@@ -349,6 +352,9 @@ type RelayPeerStatus struct {
 	// client sessions: open now, and opened since the peer was configured.
 	SessionsActive int64  `json:"sessions_active"`
 	SessionsOpened uint64 `json:"sessions_opened"`
+	// DialFailures counts public TCP connections reset because the peer
+	// refused or did not answer the flow inside the tunnel.
+	DialFailures uint64 `json:"dial_failures"`
 }
 
 // HandshakeAge is the time since the peer's last handshake, or -1 if none yet.
@@ -376,6 +382,7 @@ func (r *Relay) Status() RelayStatus {
 
 			SessionsActive: p.active.Load(),
 			SessionsOpened: p.opened.Load(),
+			DialFailures:   p.dialFailed.Load(),
 		}
 		for spec, m := range p.results {
 			if !m.OK {
@@ -743,8 +750,15 @@ func (r *Relay) forwardTCP(h *holding, c net.Conn) {
 	tc, err := r.org.DialTCP(dctx, client, dst)
 	cancel()
 	if err != nil {
+		h.peer.dialFailed.Add(1)
 		r.log.Debug("relay dial failed", zap.String("peer", h.peer.name), zap.Stringer("src", client),
 			zap.Stringer("dst", dst), zap.Error(err))
+		// The kernel accepted the client already; an RST (not a clean
+		// close, which reads as an empty answer) tells it the connection
+		// was refused, as the appliance's own answer would have.
+		if tcp, ok := c.(*net.TCPConn); ok {
+			tcp.SetLinger(0)
+		}
 		return
 	}
 	defer tc.Close()

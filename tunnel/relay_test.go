@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -416,4 +417,45 @@ proxy_protocol = "v1"
 	}
 	<-headers
 	t.Logf("mapping back %v after the relay restarted", time.Since(start).Round(time.Millisecond))
+}
+
+// TestRelayResetsWhenTheApplianceRefuses: a public connection the appliance
+// refuses inside the tunnel (its target is down) reaches the client as a
+// reset, not as an empty answer, and both sides count it.
+func TestRelayResetsWhenTheApplianceRefuses(t *testing.T) {
+	t.Parallel()
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	keyA := mustKey(t)
+	relay := startRelay(t, relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: keyA.Public(), Address: applAddrA, Ports: mustSpecs(t, spec)},
+	), testLogger(t))
+	down := freePort(t, false) // nothing listens there
+	a := startAppliance(t, relay, keyA, applAddrA, tcpMapping("down", port, down))
+	waitRegistered(t, a, spec)
+
+	c, err := net.DialTimeout("tcp", netip.AddrPortFrom(loopback4, port).String(), 5*time.Second)
+	if err != nil {
+		t.Fatalf("the relay's public listener: %v", err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("read from a refused flow: %v, want connection reset", err)
+	}
+	var peer tunnel.RelayPeerStatus
+	for _, p := range relay.relay.Status().Peers {
+		if p.Name == "a" {
+			peer = p
+		}
+	}
+	if peer.DialFailures != 1 || peer.SessionsOpened != 0 {
+		t.Fatalf("peer a: dial failures %d, sessions opened %d; want 1 and 0", peer.DialFailures, peer.SessionsOpened)
+	}
+	for _, m := range a.engine.Snapshot().Mappings {
+		if m.Name == "down" && m.Refusals["dial_failed"] != 1 {
+			t.Fatalf("appliance refusals %v, want dial_failed 1", m.Refusals)
+		}
+	}
 }

@@ -234,6 +234,7 @@ func (s relaySource) Status() admin.Status {
 			Refused:        refusals(p.Refused),
 			SessionsActive: p.SessionsActive,
 			SessionsOpened: p.SessionsOpened,
+			DialFailures:   p.DialFailures,
 		})
 	}
 	return admin.Status{Time: time.Now(), Version: s.version, ConfigPath: cfg.Path, StartedAt: s.started, Relay: r}
