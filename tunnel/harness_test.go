@@ -75,6 +75,13 @@ func relayConfig(key conf.Key, listen string, binds []netip.Addr, peers ...conf.
 	}
 }
 
+// onePeerRelayConfig is a relay on 127.0.0.1 with the single peer "a"
+// (tunnel address applAddrA, key's public half) allowed specs.
+func onePeerRelayConfig(t testing.TB, key conf.Key, specs ...string) *conf.RelayConfig {
+	return relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(t, specs...)})
+}
+
 func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger, opts ...tunnel.Option) *relaySide {
 	t.Helper()
 	stackSide, outer := netstack.Pipe(testMTU)

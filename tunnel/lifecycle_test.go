@@ -176,8 +176,7 @@ func TestRelayUDPIdleExpiry(t *testing.T) {
 	port := freePort(t, false)
 	spec := fmt.Sprintf("udp/%d", port)
 	key := mustKey(t)
-	cfg := relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
-		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(t, spec)})
+	cfg := onePeerRelayConfig(t, key, spec)
 	relay := startRelay(t, cfg, testLogger(t), tunnel.WithUDPIdleTimeout(300*time.Millisecond))
 	svc := udpEchoService(t)
 	a := startAppliance(t, relay, key, applAddrA, fmt.Sprintf(`
@@ -213,8 +212,7 @@ func TestRelayMaxSessions(t *testing.T) {
 	port := freePort(t, false)
 	spec := fmt.Sprintf("tcp/%d", port)
 	key := mustKey(t)
-	cfg := relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
-		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(t, spec)})
+	cfg := onePeerRelayConfig(t, key, spec)
 	cfg.Relay.MaxSessions = 1
 	relay := startRelay(t, cfg, testLogger(t))
 	svc, _ := proxyEchoService(t)
@@ -262,8 +260,7 @@ func TestUplinkSetPorts(t *testing.T) {
 	p1, p2 := freePort(t, false), freePort(t, false)
 	s1, s2 := fmt.Sprintf("tcp/%d", p1), fmt.Sprintf("tcp/%d", p2)
 	key := mustKey(t)
-	relay := startRelay(t, relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
-		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(t, s1, s2)}), testLogger(t))
+	relay := startRelay(t, onePeerRelayConfig(t, key, s1, s2), testLogger(t))
 	svc, _ := proxyEchoService(t)
 	a := startAppliance(t, relay, key, applAddrA, tcpMapping("one", p1, svc))
 	waitRegistered(t, a, s1)
@@ -292,8 +289,7 @@ func TestUplinkResolvesRelayName(t *testing.T) {
 	port := freePort(t, false)
 	spec := fmt.Sprintf("tcp/%d", port)
 	key := mustKey(t)
-	relay := startRelay(t, relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
-		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(t, spec)}), testLogger(t))
+	relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t))
 	svc, _ := proxyEchoService(t)
 	a := startApplianceVia(t, "localhost", relay, key, applAddrA, tcpMapping("web", port, svc))
 	waitRegistered(t, a, spec)
@@ -309,8 +305,7 @@ func TestRelayPeerSessionCounts(t *testing.T) {
 	tcpPort, udpPort := freePort(t, false), freePort(t, false)
 	tcpSpec, udpSpec := fmt.Sprintf("tcp/%d", tcpPort), fmt.Sprintf("udp/%d", udpPort)
 	key := mustKey(t)
-	cfg := relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
-		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(t, tcpSpec, udpSpec)})
+	cfg := onePeerRelayConfig(t, key, tcpSpec, udpSpec)
 	relay := startRelay(t, cfg, testLogger(t), tunnel.WithUDPIdleTimeout(300*time.Millisecond))
 	tcpSvc, _ := proxyEchoService(t)
 	udpSvc := udpEchoService(t)
@@ -377,8 +372,7 @@ func TestRelayUDPLargerThanMTU(t *testing.T) {
 	port := freePort(t, false)
 	spec := fmt.Sprintf("udp/%d", port)
 	key := mustKey(t)
-	relay := startRelay(t, relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
-		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(t, spec)}), testLogger(t))
+	relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t))
 	svc := udpEchoService(t)
 	a := startAppliance(t, relay, key, applAddrA, fmt.Sprintf(`
 [[mapping]]

@@ -427,9 +427,7 @@ func TestRelayResetsWhenTheApplianceRefuses(t *testing.T) {
 	port := freePort(t, false)
 	spec := fmt.Sprintf("tcp/%d", port)
 	keyA := mustKey(t)
-	relay := startRelay(t, relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
-		conf.Peer{Name: "a", PublicKey: keyA.Public(), Address: applAddrA, Ports: mustSpecs(t, spec)},
-	), testLogger(t))
+	relay := startRelay(t, onePeerRelayConfig(t, keyA, spec), testLogger(t))
 	down := freePort(t, false) // nothing listens there
 	a := startAppliance(t, relay, keyA, applAddrA, tcpMapping("down", port, down))
 	waitRegistered(t, a, spec)
