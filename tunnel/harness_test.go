@@ -18,6 +18,7 @@ import (
 
 	"github.com/natbox/natbox/conf"
 	"github.com/natbox/natbox/forwarder"
+	"github.com/natbox/natbox/internal/testutil"
 	"github.com/natbox/natbox/netstack"
 	"github.com/natbox/natbox/tunnel"
 )
@@ -243,41 +244,7 @@ func waitRegistered(t testing.TB, a *appliance, want ...string) {
 
 // freePort returns a port free for both TCP and UDP on 127.0.0.1 (and ::1
 // when v6 is true) at the time of the call.
-func freePort(t testing.TB, v6 bool) uint16 {
-	t.Helper()
-	for range 50 {
-		ln, err := net.Listen("tcp4", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := uint16(ln.Addr().(*net.TCPAddr).Port)
-		ln.Close()
-		ok := true
-		for _, a := range []string{"udp4/127.0.0.1", "tcp6/[::1]", "udp6/[::1]"} {
-			network, host, _ := strings.Cut(a, "/")
-			if !v6 && strings.HasSuffix(network, "6") {
-				continue
-			}
-			addr := fmt.Sprintf("%s:%d", host, port)
-			var c interface{ Close() error }
-			if strings.HasPrefix(network, "tcp") {
-				c, err = net.Listen(network, addr)
-			} else {
-				c, err = net.ListenPacket(network, addr)
-			}
-			if err != nil {
-				ok = false
-				break
-			}
-			c.Close()
-		}
-		if ok {
-			return port
-		}
-	}
-	t.Fatal("no free port")
-	return 0
-}
+func freePort(t testing.TB, v6 bool) uint16 { return testutil.FreePort(t, v6) }
 
 // haveIPv6 reports whether ::1 can be bound.
 func haveIPv6() bool {

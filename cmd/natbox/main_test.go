@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/natbox/natbox/internal/testutil"
 	"go.uber.org/goleak"
 )
 
@@ -51,16 +52,8 @@ func writeConfig(t *testing.T, name, content string) string {
 	return p
 }
 
-// freePort returns a loopback TCP port that was free a moment ago.
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
+// freePort returns a loopback port that was free a moment ago.
+func freePort(t *testing.T) int { return int(testutil.FreePort(t, false)) }
 
 func netListen(port int) (net.Listener, error) {
 	return net.Listen("tcp4", "127.0.0.1:"+strconv.Itoa(port))

@@ -16,18 +16,11 @@ import (
 	"github.com/natbox/natbox/admin"
 	"github.com/natbox/natbox/conf"
 	"github.com/natbox/natbox/internal/app"
+	"github.com/natbox/natbox/internal/testutil"
 	"github.com/natbox/natbox/tunnel"
 )
 
-func freeUDPPort(t *testing.T) int {
-	t.Helper()
-	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	return pc.LocalAddr().(*net.UDPAddr).Port
-}
+func freeUDPPort(t *testing.T) int { return int(testutil.FreePort(t, false)) }
 
 // runUntilCleanup runs fn(ctx) until the test ends and checks it stopped
 // cleanly.
