@@ -10,6 +10,8 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"os"
+	"runtime/pprof"
 	"slices"
 	"strings"
 	"sync"
@@ -142,10 +144,16 @@ func TestReloadUnderLoad(t *testing.T) {
 
 	for i := 1; i <= 20; i++ {
 		// Let traffic move between reloads, so each one lands mid-flow.
-		s0, p0 := received.Load(), pings.Load()
-		waitFor(t, 30*time.Second, fmt.Sprintf("traffic before reload %d (stream at %d bytes, %d pings, %d lost)", i, s0, p0, lost.Load()), func() bool {
-			return received.Load() >= s0+256<<10 && pings.Load() >= p0+3
-		})
+		s0, p0, w0 := received.Load(), pings.Load(), sent.Load()
+		for deadline := time.Now().Add(30 * time.Second); received.Load() < s0+256<<10 || pings.Load() < p0+3; time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				// Say which stream stalled, and where, so a failure can be told
+				// from a slow machine.
+				dumpGoroutines(t)
+				t.Fatalf("no traffic for 30 s before reload %d: tcp sent +%d (total %d), received +%d (total %d); udp pings +%d, lost %d; stack %+v",
+					i, sent.Load()-w0, sent.Load(), received.Load()-s0, received.Load(), pings.Load()-p0, lost.Load(), h.client.Stats())
+			}
+		}
 		diff := h.reload(variant(i))
 		for _, name := range slices.Concat(diff.Added, diff.Changed, diff.Removed) {
 			if name == "stream" || name == "pings" {
@@ -180,6 +188,19 @@ func TestReloadUnderLoad(t *testing.T) {
 			t.Fatalf("%s: %d sessions opened, want the one session kept across every reload", name, m.SessionsOpened)
 		}
 	}
+}
+
+// dumpGoroutines writes every goroutine's stack to a file that outlives the
+// test, for a stall that cannot be read from counters.
+func dumpGoroutines(t *testing.T) {
+	f, err := os.CreateTemp("", "natbox-stall-*.txt")
+	if err != nil {
+		t.Logf("goroutine dump: %v", err)
+		return
+	}
+	defer f.Close()
+	pprof.Lookup("goroutine").WriteTo(f, 1)
+	t.Logf("goroutines dumped to %s", f.Name())
 }
 
 // counter counts what passes through to w.
@@ -273,7 +294,13 @@ func TestReloadNarrowedAllowClosesExactlyTheSessionsItRefuses(t *testing.T) {
 		t.Fatalf("udp reply %q", d.payload)
 	}
 	for _, name := range []string{"narrow", "narrow-udp"} {
-		ss := h.sessionsOf(name)
+		// A closed TCP session leaves the table when its splice has wound
+		// down, a moment after its client saw the close.
+		var ss []forwarder.SessionInfo
+		waitFor(t, 2*time.Second, name+" sessions to shrink to the admitted client's", func() bool {
+			ss = h.sessionsOf(name)
+			return len(ss) <= 1
+		})
 		if len(ss) != 1 || ss[0].Client.Addr() != stays {
 			t.Fatalf("%s sessions after narrowing: %+v, want only %s's", name, ss, stays)
 		}
