@@ -56,10 +56,13 @@ func showFromAdmin[T any](c *cli.Context, get func(*admin.Client, context.Contex
 func statusCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "status",
-		Usage: "show the running natbox: mappings with state, hits, bytes, sessions, refusals; uplink or relay",
+		Usage: "show the running natbox: mappings with state, hits, bytes, sessions, refusals; TUN; uplink or relay",
 		Description: `States: active, disabled, expired (its expires date passed), refused_by_relay.
 Refusals are counted by reason: no_match, denied, not_allowed, over_limit,
-dial_failed. Finds the running natbox through --socket or the [admin] socket of --config.`,
+dial_failed. The TUN section counts packets each way and those the kernel
+dropped before natbox read them (natbox short of CPU). A relay lists its peers
+with the public connections it reset because the appliance refused them.
+Finds the running natbox through --socket or the [admin] socket of --config.`,
 		Flags: []cli.Flag{configFlag, socketFlag, jsonFlag},
 		Action: func(c *cli.Context) error {
 			return showFromAdmin(c, (*admin.Client).Status, admin.RenderStatus)
