@@ -71,9 +71,20 @@ func (c *RelayConfig) validate(r *report) {
 }
 
 // checkPeerPorts rejects two peers allowed to hold the same public port:
-// the relay could not tell whose listener a client meant.
+// the relay could not tell whose listener a client meant. Overlaps within one
+// peer's list are harmless but usually a typo, so they are warnings.
 func (c *RelayConfig) checkPeerPorts(r *report) {
 	for j := range c.Peers {
+		ports := c.Peers[j].Ports
+		for k, b := range ports {
+			for i, a := range ports[:k] {
+				if shared := a.Proto & b.Proto; shared != 0 && a.Ports.Overlaps(b.Ports) {
+					r.warnf(fmt.Sprintf("peer[%d].ports[%d]", j, k), "%s/%s is already in this peer's ports (%s); list each port once",
+						shared, a.Ports.Intersect(b.Ports), ports[i])
+					break
+				}
+			}
+		}
 	next:
 		for k, b := range c.Peers[j].Ports {
 			for i := range j {

@@ -143,6 +143,33 @@ ports = ["tcp/443", "tcp+udp/53", "udp/10000-10100"]
 	}
 }
 
+// Overlaps inside one peer's ports are harmless, so a warning, with the line.
+func TestRelayPeerOverlapWarns(t *testing.T) {
+	t.Parallel()
+	src := relayBase + `
+[[peer]]
+name = "home"
+public_key = "` + testPeerPub1 + `"
+address = "10.77.0.2"
+ports = ["tcp/400-500", "tcp+udp/443", "udp/443"]
+`
+	_, warns, err := ParseRelay("t.toml", []byte(src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, w := range warns {
+		got = append(got, w.String())
+	}
+	want := []string{
+		`t.toml:9: peer "home" (peer[0]).ports[1]: tcp/443 is already in this peer's ports (tcp/400-500); list each port once`,
+		`t.toml:9: peer "home" (peer[0]).ports[2]: udp/443 is already in this peer's ports (tcp+udp/443); list each port once`,
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("warnings:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+}
+
 func TestKeyFile(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
