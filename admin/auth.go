@@ -31,6 +31,17 @@ func isLoopbackListen(listen string) (bool, error) {
 	return addr.Unmap().IsLoopback(), nil
 }
 
+// CheckListen reports what would stop the HTTP listener of cfg from starting
+// for want of a token (natbox check runs it, so a missing token file is found
+// before natbox starts).
+func CheckListen(cfg conf.Admin) error {
+	if cfg.Listen == "" {
+		return nil
+	}
+	_, err := listenToken(cfg)
+	return err
+}
+
 // listenToken returns the bearer token the HTTP listener requires: the content
 // of cfg.TokenFile, or "" (open) on loopback without a token file.
 func listenToken(cfg conf.Admin) (string, error) {

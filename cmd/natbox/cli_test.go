@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -89,6 +91,29 @@ func TestCheckMissingFile(t *testing.T) {
 	r := natbox(t, "", "check", "-c", "/nonexistent/natbox.toml")
 	if r.code == exitOK || !strings.Contains(r.stderr, "/nonexistent/natbox.toml") {
 		t.Fatalf("check of a missing file: %v", r)
+	}
+}
+
+// An admin HTTP listener whose token file is missing would stop natbox run;
+// check finds it first, as a config problem.
+func TestCheckMissingTokenFile(t *testing.T) {
+	tokenFile := filepath.Join(t.TempDir(), "admin.token")
+	path := writeConfig(t, "natbox.toml", `[tun]
+addresses = ["198.51.100.1/32"]
+
+[admin]
+listen = "0.0.0.0:9108"
+token_file = "`+tokenFile+`"
+`)
+	r := natbox(t, "", "check", "-c", path)
+	if r.code != exitUsage || !strings.Contains(r.stderr, path+": admin.token_file") || !strings.Contains(r.stderr, "create it") {
+		t.Fatalf("check with a missing token file: %v", r)
+	}
+	if err := os.WriteFile(tokenFile, []byte("s3cret-token-of-some-length\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if r := natbox(t, "", "check", "-c", path); r.code != exitOK {
+		t.Fatalf("check with the token file in place: %v", r)
 	}
 }
 

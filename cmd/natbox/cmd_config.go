@@ -10,6 +10,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/natbox/natbox/admin"
 	"github.com/natbox/natbox/conf"
 )
 
@@ -27,6 +28,10 @@ owners and review dates, plus warnings (no owner, review overdue, expiring withi
 			cfg, warnings, err := conf.Load(c.String("config"))
 			if err != nil {
 				return err
+			}
+			// Read like natbox run reads it at start, so check catches it first.
+			if err := admin.CheckListen(cfg.Admin); err != nil {
+				return &conf.Errors{List: []conf.Error{{Path: cfg.Path, Msg: err.Error()}}}
 			}
 			printMappings(c.App.Writer, cfg, time.Now())
 			printWarnings(c.App.Writer, warnings)
