@@ -15,6 +15,17 @@ private_key = "` + testRelayPriv + `"
 address = "10.77.0.1"
 `
 
+// relayWithHome is relayBase with one peer "home" (its [[peer]] on line 5)
+// allowed ports, a TOML array.
+func relayWithHome(ports string) string {
+	return relayBase + `
+[[peer]]
+name = "home"
+public_key = "` + testPeerPub1 + `"
+address = "10.77.0.2"
+ports = ` + ports + "\n"
+}
+
 func TestParseRelayErrors(t *testing.T) {
 	t.Parallel()
 	peer := func(name, key, addr, ports string) string {
@@ -114,14 +125,7 @@ ports = ["tcp/8443", "tcp+udp/10100-10200"] # <-`, `peer "office" (peer[1]).port
 
 func TestRelayDefaults(t *testing.T) {
 	t.Parallel()
-	src := relayBase + `
-[[peer]]
-name = "home"
-public_key = "` + testPeerPub1 + `"
-address = "10.77.0.2"
-ports = ["tcp/443", "tcp+udp/53", "udp/10000-10100"]
-`
-	cfg, warns, err := ParseRelay("t.toml", []byte(src))
+	cfg, warns, err := ParseRelay("t.toml", []byte(relayWithHome(`["tcp/443", "tcp+udp/53", "udp/10000-10100"]`)))
 	if err != nil || len(warns) != 0 {
 		t.Fatalf("err %v, warnings %v", err, warns)
 	}
@@ -146,14 +150,7 @@ ports = ["tcp/443", "tcp+udp/53", "udp/10000-10100"]
 // Overlaps inside one peer's ports are harmless, so a warning, with the line.
 func TestRelayPeerOverlapWarns(t *testing.T) {
 	t.Parallel()
-	src := relayBase + `
-[[peer]]
-name = "home"
-public_key = "` + testPeerPub1 + `"
-address = "10.77.0.2"
-ports = ["tcp/400-500", "tcp+udp/443", "udp/443"]
-`
-	_, warns, err := ParseRelay("t.toml", []byte(src))
+	_, warns, err := ParseRelay("t.toml", []byte(relayWithHome(`["tcp/400-500", "tcp+udp/443", "udp/443"]`)))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -83,6 +83,15 @@ func onePeerRelayConfig(t testing.TB, key conf.Key, specs ...string) *conf.Relay
 		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(t, specs...)})
 }
 
+// startOnePeerRelay starts a relay whose single peer "a" (with the returned
+// key) may hold one free port for proto ("tcp" or "udp"), given as spec.
+func startOnePeerRelay(t testing.TB, proto string) (relay *relaySide, key conf.Key, port uint16, spec string) {
+	port = freePort(t, false)
+	spec = fmt.Sprintf("%s/%d", proto, port)
+	key = mustKey(t)
+	return startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t)), key, port, spec
+}
+
 func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger, opts ...tunnel.Option) *relaySide {
 	t.Helper()
 	stackSide, outer := netstack.Pipe(testMTU)

@@ -286,10 +286,7 @@ func TestUplinkResolvesRelayName(t *testing.T) {
 	if _, err := net.DefaultResolver.LookupNetIP(context.Background(), "ip", "localhost"); err != nil {
 		t.Skipf("localhost does not resolve here: %v", err)
 	}
-	port := freePort(t, false)
-	spec := fmt.Sprintf("tcp/%d", port)
-	key := mustKey(t)
-	relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t))
+	relay, key, port, spec := startOnePeerRelay(t, "tcp")
 	svc, _ := proxyEchoService(t)
 	a := startApplianceVia(t, "localhost", relay, key, applAddrA, tcpMapping("web", port, svc))
 	waitRegistered(t, a, spec)
@@ -369,10 +366,7 @@ target = "127.0.0.1:%d"
 // datagrams still cross.
 func TestRelayUDPLargerThanMTU(t *testing.T) {
 	t.Parallel()
-	port := freePort(t, false)
-	spec := fmt.Sprintf("udp/%d", port)
-	key := mustKey(t)
-	relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t))
+	relay, key, port, spec := startOnePeerRelay(t, "udp")
 	svc := udpEchoService(t)
 	a := startAppliance(t, relay, key, applAddrA, fmt.Sprintf(`
 [[mapping]]

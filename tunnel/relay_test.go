@@ -424,10 +424,7 @@ proxy_protocol = "v1"
 // reset, not as an empty answer, and both sides count it.
 func TestRelayResetsWhenTheApplianceRefuses(t *testing.T) {
 	t.Parallel()
-	port := freePort(t, false)
-	spec := fmt.Sprintf("tcp/%d", port)
-	keyA := mustKey(t)
-	relay := startRelay(t, onePeerRelayConfig(t, keyA, spec), testLogger(t))
+	relay, keyA, port, spec := startOnePeerRelay(t, "tcp")
 	down := freePort(t, false) // nothing listens there
 	a := startAppliance(t, relay, keyA, applAddrA, tcpMapping("down", port, down))
 	waitRegistered(t, a, spec)
