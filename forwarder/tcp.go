@@ -109,8 +109,7 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 	e.finish(s, reason, err)
 }
 
-// dialTarget opens the host leg, bounded by dial_timeout and by engine
-// shutdown, and writes the PROXY header when the mapping asks for one.
+// clientGone reports whether the client of a has given up.
 func clientGone(a TCPAttempt) bool {
 	select {
 	case <-a.Abandoned():
@@ -120,6 +119,9 @@ func clientGone(a TCPAttempt) bool {
 	}
 }
 
+// dialTarget opens the host leg, bounded by dial_timeout, by engine
+// shutdown and by the client giving up (abandoned), and writes the PROXY
+// header when the mapping asks for one.
 func (e *Engine) dialTarget(rs *RuleSet, r *Rule, src, dst netip.AddrPort, target string, abandoned <-chan struct{}) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(e.ctx, rs.dialTimeout())
 	defer cancel()

@@ -34,9 +34,10 @@ func goWatchConfig(ctx context.Context, path string, loaded [sha256.Size]byte, r
 }
 
 // watchConfig calls reload whenever the content of path differs from what
-// was last applied (starting with applied), until ctx ends. A new content must read the same on two consecutive ticks before it
-// is reloaded, so a file caught half-written (an editor or a tool that
-// truncates, then writes) is not reloaded, and a missing file is ignored.
+// was last applied (starting with applied), until ctx ends. A new content
+// must read the same on two consecutive ticks before it is reloaded, so a
+// file caught half-written (an editor or a tool that truncates, then writes)
+// is not reloaded, and a missing file is ignored.
 // tickDone, when not nil, is called after each tick is handled (tests).
 func watchConfig(ctx context.Context, path string, applied []byte, ticks <-chan time.Time, reload, tickDone func(), log *zap.Logger) {
 	var pending []byte
