@@ -15,8 +15,8 @@ import (
 // tunTxQueueLen is the kernel's queue of packets waiting for natbox to read
 // them from the TUN. The kernel's default for a TUN, 500, overflowed while
 // natbox forwarded UDP at 1 Gbit/s (2-4 % of datagrams dropped before natbox
-// saw them); 2000 cut that to under 0.01 % (BENCHMARKS.md). At 1 Gbit/s a
-// full queue is about 20 ms of traffic, bounded.
+// saw them); with 2000 three runs dropped 0.0-1.7 % (BENCHMARKS.md). At
+// 1 Gbit/s a full queue is about 20 ms of traffic, bounded.
 const tunTxQueueLen = 2000
 
 // tunLink brings the TUN link up with its MTU and installs the kernel routes
