@@ -162,19 +162,21 @@ func tcpPair(t testing.TB) (client, accepted net.Conn) {
 // flow drives one HandleTCP call the way netstack would: it is the
 // TCPAttempt, and abandon plays a client that sends an RST while waiting.
 type flow struct {
-	client    net.Conn // test side, valid once accepted
-	server    net.Conn
-	accepted  chan struct{}
-	rejected  chan struct{}
-	abandoned chan struct{}
-	done      chan struct{}
+	client   net.Conn // test side, valid once accepted
+	server   net.Conn
+	accepted chan struct{}
+	rejected chan struct{}
+	ctx      context.Context
+	abandon  context.CancelFunc
+	done     chan struct{}
 }
 
 func startTCP(t testing.TB, e *Engine, in Ingress, src, dst string) *flow {
 	t.Helper()
 	c, server := tcpPair(t)
-	f := &flow{client: c, server: server, accepted: make(chan struct{}), rejected: make(chan struct{}),
-		abandoned: make(chan struct{}), done: make(chan struct{})}
+	f := &flow{client: c, server: server, accepted: make(chan struct{}), rejected: make(chan struct{}), done: make(chan struct{})}
+	f.ctx, f.abandon = context.WithCancel(context.Background())
+	t.Cleanup(f.abandon)
 	go func() {
 		defer close(f.done)
 		e.HandleTCP(in, netip.MustParseAddrPort(src), netip.MustParseAddrPort(dst), f)
@@ -182,10 +184,9 @@ func startTCP(t testing.TB, e *Engine, in Ingress, src, dst string) *flow {
 	return f
 }
 
-func (f *flow) Accept() (net.Conn, error)  { close(f.accepted); return f.server, nil }
-func (f *flow) Reject()                    { close(f.rejected); f.server.Close() }
-func (f *flow) Abandoned() <-chan struct{} { return f.abandoned }
-func (f *flow) abandon()                   { close(f.abandoned) }
+func (f *flow) Accept() (net.Conn, error) { close(f.accepted); return f.server, nil }
+func (f *flow) Reject()                   { close(f.rejected); f.server.Close() }
+func (f *flow) Context() context.Context  { return f.ctx }
 
 // wait reports "accepted" or "rejected", whichever happens first.
 func (f *flow) wait(t testing.TB) string {

@@ -20,8 +20,8 @@ type TCPAttempt interface {
 	Accept() (net.Conn, error)
 	// Reject answers with an RST.
 	Reject()
-	// Abandoned is closed if the client gives up first (it sent an RST).
-	Abandoned() <-chan struct{}
+	// Context is cancelled if the client gives up first (it sent an RST).
+	Context() context.Context
 }
 
 // HandleTCP forwards one TCP connection attempt from src to dst that came in
@@ -68,7 +68,7 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 		reject()
 		return
 	}
-	upstream, err := e.dialTarget(rs, r, src, dst, target, attempt.Abandoned())
+	upstream, err := e.dialTarget(rs, r, src, dst, target, attempt.Context())
 	e.budget.release(srcAddr, target)
 	if err != nil && clientGone(attempt) {
 		// Not the target's fault: nobody is left to refuse.
@@ -111,27 +111,16 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 
 // clientGone reports whether the client of a has given up.
 func clientGone(a TCPAttempt) bool {
-	select {
-	case <-a.Abandoned():
-		return true
-	default:
-		return false
-	}
+	return a.Context().Err() != nil
 }
 
 // dialTarget opens the host leg, bounded by dial_timeout, by engine
-// shutdown and by the client giving up (abandoned), and writes the PROXY
+// shutdown and by the client giving up (attempt), and writes the PROXY
 // header when the mapping asks for one.
-func (e *Engine) dialTarget(rs *RuleSet, r *Rule, src, dst netip.AddrPort, target string, abandoned <-chan struct{}) (net.Conn, error) {
+func (e *Engine) dialTarget(rs *RuleSet, r *Rule, src, dst netip.AddrPort, target string, attempt context.Context) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(e.ctx, rs.dialTimeout())
 	defer cancel()
-	go func() {
-		select {
-		case <-abandoned:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
+	defer context.AfterFunc(attempt, cancel)()
 	start := time.Now()
 	conn, err := e.dialer.DialContext(ctx, "tcp", target)
 	if err != nil {

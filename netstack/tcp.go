@@ -25,11 +25,15 @@ type TCPRequest struct {
 	// Src is the client, Dst the address it connects to.
 	Src, Dst netip.AddrPort
 
-	s         *Stack
-	fr        *tcp.ForwarderRequest
-	id        stack.TransportEndpointID
-	abandoned chan struct{} // closed by pendingRequests
-	done      atomic.Bool   // Accept or Reject was called
+	s  *Stack
+	fr *tcp.ForwarderRequest
+	id stack.TransportEndpointID
+	// ctx is cancelled by pendingRequests when the client gives up; a
+	// context (not a bare channel) lets a handler tie a dial to it with
+	// context.AfterFunc, without a goroutine per request.
+	ctx     context.Context
+	abandon context.CancelFunc
+	done    atomic.Bool // Accept or Reject was called
 }
 
 // errCompleted is returned by a second Accept.
@@ -80,7 +84,10 @@ func (r *TCPRequest) Reject() {
 // the Stack closes. Best effort: a client that silently stops retransmitting
 // its SYN is not noticed (there is no endpoint before Accept to watch; gVisor
 // ignores repeated SYNs of a pending request).
-func (r *TCPRequest) Abandoned() <-chan struct{} { return r.abandoned }
+func (r *TCPRequest) Abandoned() <-chan struct{} { return r.ctx.Done() }
+
+// Context is cancelled when Abandoned is closed.
+func (r *TCPRequest) Context() context.Context { return r.ctx }
 
 // forwardTCP is the tcp.Forwarder's handler, on its own goroutine per SYN.
 func (s *Stack) forwardTCP(fr *tcp.ForwarderRequest) {
@@ -96,13 +103,13 @@ func (s *Stack) forwardTCP(fr *tcp.ForwarderRequest) {
 
 	id := fr.ID()
 	r := &TCPRequest{
-		Src:       netip.AddrPortFrom(addrFrom(id.RemoteAddress), id.RemotePort),
-		Dst:       netip.AddrPortFrom(addrFrom(id.LocalAddress), id.LocalPort),
-		s:         s,
-		fr:        fr,
-		id:        id,
-		abandoned: make(chan struct{}),
+		Src: netip.AddrPortFrom(addrFrom(id.RemoteAddress), id.RemotePort),
+		Dst: netip.AddrPortFrom(addrFrom(id.LocalAddress), id.LocalPort),
+		s:   s,
+		fr:  fr,
+		id:  id,
 	}
+	r.ctx, r.abandon = context.WithCancel(context.Background())
 	s.stats.tcpRequests.Add(1)
 	s.pending.add(r)
 	defer r.Reject() // no-op if the handler answered
@@ -123,7 +130,7 @@ func (p *pendingRequests) add(r *TCPRequest) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
-		close(r.abandoned)
+		r.abandon()
 		return
 	}
 	p.m[r.id] = r
@@ -155,7 +162,7 @@ func (p *pendingRequests) abandon(info *packetInfo, c *counters) {
 	if r, ok := p.m[id]; ok {
 		delete(p.m, id)
 		p.n.Store(int32(len(p.m)))
-		close(r.abandoned)
+		r.abandon()
 		c.abandoned.Add(1)
 	}
 }
@@ -166,7 +173,7 @@ func (p *pendingRequests) closeAll() {
 	defer p.mu.Unlock()
 	p.closed = true
 	for id, r := range p.m {
-		close(r.abandoned)
+		r.abandon()
 		delete(p.m, id)
 	}
 	p.n.Store(0)
