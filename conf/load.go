@@ -48,27 +48,36 @@ func Parse(path string, data []byte) (*Config, []Warning, error) {
 
 // ParseAt is Parse with the clock for date checks (expires, review_by) given.
 func ParseAt(path string, data []byte, now time.Time) (*Config, []Warning, error) {
-	r, raw, err := begin(path, data)
-	if err != nil {
-		return nil, nil, err
-	}
-	cfg := Config{
+	cfg := &Config{
 		Log:    defaultLog(),
 		Limits: defaultLimits(),
 		Admin:  defaultAdmin(),
 	}
-	r.decode("", raw, reflect.ValueOf(&cfg).Elem())
-	cfg.Path, cfg.Digest = path, sha256.Sum256(data)
-	for i := range cfg.Mappings {
-		cfg.Mappings[i].Line = r.lines[fmt.Sprintf("mapping[%d]", i)]
+	return parseInto(path, data, cfg, &cfg.Path, &cfg.Digest, func(r *report) {
+		for i := range cfg.Mappings {
+			cfg.Mappings[i].Line = r.lines[fmt.Sprintf("mapping[%d]", i)]
+		}
+		cfg.applyDefaults()
+		cfg.validate(r, now)
+	})
+}
+
+// parseInto decodes data over cfg (which holds its defaults), records the
+// file's path and digest, runs finish (line numbers, defaults, validation)
+// and returns cfg only when the file has no errors.
+func parseInto[T any](path string, data []byte, cfg *T, cfgPath *string, digest *[sha256.Size]byte, finish func(*report)) (*T, []Warning, error) {
+	r, raw, err := begin(path, data)
+	if err != nil {
+		return nil, nil, err
 	}
-	cfg.applyDefaults()
-	cfg.validate(r, now)
+	r.decode("", raw, reflect.ValueOf(cfg).Elem())
+	*cfgPath, *digest = path, sha256.Sum256(data)
+	finish(r)
 	warns, err := r.result()
 	if err != nil {
 		return nil, warns, err
 	}
-	return &cfg, warns, nil
+	return cfg, warns, nil
 }
 
 // LoadRelay reads, decodes, defaults and validates a relay config.
@@ -82,26 +91,17 @@ func LoadRelay(path string) (*RelayConfig, []Warning, error) {
 
 // ParseRelay is LoadRelay from bytes.
 func ParseRelay(path string, data []byte) (*RelayConfig, []Warning, error) {
-	r, raw, err := begin(path, data)
-	if err != nil {
-		return nil, nil, err
-	}
-	cfg := RelayConfig{
+	cfg := &RelayConfig{
 		Log:   defaultLog(),
 		Relay: defaultRelay(),
 		Admin: defaultAdmin(),
 	}
-	r.decode("", raw, reflect.ValueOf(&cfg).Elem())
-	cfg.Path, cfg.Digest = path, sha256.Sum256(data)
-	for i := range cfg.Peers {
-		cfg.Peers[i].Line = r.lines[fmt.Sprintf("peer[%d]", i)]
-	}
-	cfg.validate(r)
-	warns, err := r.result()
-	if err != nil {
-		return nil, warns, err
-	}
-	return &cfg, warns, nil
+	return parseInto(path, data, cfg, &cfg.Path, &cfg.Digest, func(r *report) {
+		for i := range cfg.Peers {
+			cfg.Peers[i].Line = r.lines[fmt.Sprintf("peer[%d]", i)]
+		}
+		cfg.validate(r)
+	})
 }
 
 // begin parses the TOML syntax and indexes the source for messages.
