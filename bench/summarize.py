@@ -64,6 +64,49 @@ def iperf_bytes(j):
 
 # ------------------------------------------------------------------ gateway
 GW_MODES = ["direct", "nftdnat", "haproxy", "socat", "natbox"]
+# The figures both harnesses report, in this order, before each one's own columns:
+# (name, getter, decimals, ratio to the baseline mode?).
+def common_figs(udp_label, udp_ratio):
+    return [
+        ("TCP 1 flow Gbit/s", lambda r: r["tcp1"], 2, True),
+        ("TCP -P4 Gbit/s", lambda r: r["tcp4"], 2, True),
+        ("TCP -R Gbit/s", lambda r: r["tcpR"], 2, True),
+        ("conn/s (64 wkr)", lambda r: sub(r["crr"], "cps"), 0, True),
+        ("crr errors", lambda r: r["crr_errors"], 0, False),
+        (udp_label, lambda r: sub(r["udp"], "rx_mbps"), 0, udp_ratio),
+        ("UDP loss %", lambda r: sub(r["udp"], "loss_pct"), 1, False),
+        ("RTT p50 us", lambda r: sub(r["rr"], "p50"), 0, True),
+        ("RTT p99 us", lambda r: sub(r["rr"], "p99"), 0, True),
+    ]
+
+
+def summarize_figs(rows, figs):
+    """Median and per-repetition values of every figure, per mode."""
+    return {m: {n: {"median": med([g(r) for r in reps]), "reps": [g(r) for r in reps]}
+                for n, g, _, _ in figs} for m, reps in rows.items()}
+
+
+def medians_table(rows, figs, summary, labels, base, no_ratio):
+    """The medians table; ratio figures get [x] against mode base, except for no_ratio modes."""
+    out = ["| mode | " + " | ".join(f[0] for f in figs) + " |", "|---" * (len(figs) + 1) + "|"]
+    b = summary.get(base, {})
+    for m in rows:
+        cells = [labels.get(m, m)]
+        for n, _, nd, rt in figs:
+            v = summary[m][n]["median"]
+            cells.append(fmt(v, nd) + (ratio(v, b.get(n, {}).get("median")) if rt and m not in no_ratio else ""))
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def per_rep_table(rows, figs, summary):
+    out = ["\nPer-repetition values:\n", "| mode | figure | values |", "|---|---|---|"]
+    for m in rows:
+        for n, _, nd, _ in figs:
+            out.append("| %s | %s | %s |" % (m, n, ", ".join(fmt(v, nd) for v in summary[m][n]["reps"])))
+    return out
+
+
 GW_LABEL = {"direct": "direct routing", "nftdnat": "nftables DNAT", "haproxy": "haproxy tcp",
             "socat": "socat", "natbox": "**natbox**"}
 
@@ -88,35 +131,17 @@ def gateway(run):
         if reps:
             rows[m] = reps
 
-    figs = [  # name, getter, decimals, ratio?
-        ("TCP 1 flow Gbit/s", lambda r: r["tcp1"], 2, True),
-        ("TCP -P4 Gbit/s", lambda r: r["tcp4"], 2, True),
-        ("TCP -R Gbit/s", lambda r: r["tcpR"], 2, True),
-        ("conn/s (64 wkr)", lambda r: sub(r["crr"], "cps"), 0, True),
-        ("crr errors", lambda r: r["crr_errors"], 0, False),
-        ("UDP rx Mbit/s @1G", lambda r: sub(r["udp"], "rx_mbps"), 0, True),
-        ("UDP loss %", lambda r: sub(r["udp"], "loss_pct"), 1, False),
-        ("RTT p50 us", lambda r: sub(r["rr"], "p50"), 0, True),
-        ("RTT p99 us", lambda r: sub(r["rr"], "p99"), 0, True),
+    figs = common_figs("UDP rx Mbit/s @1G", True) + [
         ("gw CPU % (1 flow)", lambda r: r["tcp1_cpu"], 0, False),
         ("gw CPU % (conn/s)", lambda r: r["crr_cpu"], 0, False),
         ("gw peak RSS MiB", lambda r: r["mem"], 0, False),
         ("Gbit/s per gw core", lambda r: r["eff"], 2, False),
     ]
-    summary = {m: {n: {"median": med([g(r) for r in reps]), "reps": [g(r) for r in reps]}
-                   for n, g, _, _ in figs} for m, reps in rows.items()}
+    summary = summarize_figs(rows, figs)
     nreps = max((len(v) for v in rows.values()), default=0)
     out = ["Medians of %d repetitions; [ratio] to nftables DNAT measured in the same run.\n" % nreps]
-    out.append("| mode | " + " | ".join(f[0] for f in figs) + " |")
-    out.append("|---" * (len(figs) + 1) + "|")
+    out += medians_table(rows, figs, summary, GW_LABEL, "nftdnat", ("nftdnat",))
     dn = summary.get("nftdnat", {})
-    for m in rows:
-        cells = [GW_LABEL.get(m, m)]
-        for n, _, nd, rt in figs:
-            v = summary[m][n]["median"]
-            b = dn.get(n, {}).get("median")
-            cells.append(fmt(v, nd) + (ratio(v, b) if rt and m != "nftdnat" else ""))
-        out.append("| " + " | ".join(cells) + " |")
 
     idle = load(os.path.join(run, "raw-extra", "idle", "idle.json"))
     out.append("")
@@ -130,12 +155,7 @@ def gateway(run):
     else:
         out.append("Idle TCP sessions: not measured (no raw-extra/idle/idle.json).")
 
-    out.append("\nPer-repetition values:\n")
-    out.append("| mode | figure | values |")
-    out.append("|---|---|---|")
-    for m in rows:
-        for n, _, nd, _ in figs:
-            out.append("| %s | %s | %s |" % (m, n, ", ".join(fmt(v, nd) for v in summary[m][n]["reps"])))
+    out += per_rep_table(rows, figs, summary)
 
     # targets (issue 2), natbox vs nftables DNAT in this run
     t = []
@@ -225,35 +245,17 @@ def relay(run):
             reps.append(r)
         if reps:
             rows[m] = reps
-    figs = [
-        ("TCP 1 flow Gbit/s", lambda r: r["tcp1"], 2, True),
-        ("TCP -P4 Gbit/s", lambda r: r["tcp4"], 2, True),
-        ("TCP -R Gbit/s", lambda r: r["tcpR"], 2, True),
-        ("conn/s (64 wkr)", lambda r: sub(r["crr"], "cps"), 0, True),
-        ("crr errors", lambda r: r["crr_errors"], 0, False),
-        ("UDP rx Mbit/s @200M", lambda r: sub(r["udp"], "rx_mbps"), 0, False),
-        ("UDP loss %", lambda r: sub(r["udp"], "loss_pct"), 1, False),
-        ("RTT p50 us", lambda r: sub(r["rr"], "p50"), 0, True),
-        ("RTT p99 us", lambda r: sub(r["rr"], "p99"), 0, True),
+    figs = common_figs("UDP rx Mbit/s @200M", False) + [
         ("relay CPU s/GiB", lambda r: r["relay_s_gib"], 2, False),
         ("appliance CPU s/GiB", lambda r: r["app_s_gib"], 2, False),
         ("cores per Gbit/s (both sides, 1 flow)", lambda r: r["cores_per_gbit"], 2, False),
         ("relay peak RSS MiB", lambda r: r["relay_mib"], 0, False),
         ("appliance peak RSS MiB", lambda r: r["app_mib"], 0, False),
     ]
-    summary = {m: {n: {"median": med([g(r) for r in reps]), "reps": [g(r) for r in reps]}
-                   for n, g, _, _ in figs} for m, reps in rows.items()}
+    summary = summarize_figs(rows, figs)
     nreps = max((len(v) for v in rows.values()), default=0)
     out = ["Medians of %d repetitions; [ratio] to frp (default: tcpMux, TLS) measured in the same run.\n" % nreps]
-    out.append("| mode | " + " | ".join(f[0] for f in figs) + " |")
-    out.append("|---" * (len(figs) + 1) + "|")
-    fr = summary.get("frp", {})
-    for m in rows:
-        cells = [RL_LABEL.get(m, m)]
-        for n, _, nd, rt in figs:
-            v = summary[m][n]["median"]
-            cells.append(fmt(v, nd) + (ratio(v, fr.get(n, {}).get("median")) if rt and m not in ("frp", "loopback") else ""))
-        out.append("| " + " | ".join(cells) + " |")
+    out += medians_table(rows, figs, summary, RL_LABEL, "frp", ("frp", "loopback"))
     out.append("")
     out.append(bg_line(run, rows))
     lb = summary.get("loopback")
@@ -262,12 +264,7 @@ def relay(run):
             "%s %s" % (m, "n/a" if summary[m]["TCP 1 flow Gbit/s"]["median"] is None or not lb["TCP 1 flow Gbit/s"]["median"]
                        else "%.2fx" % (summary[m]["TCP 1 flow Gbit/s"]["median"] / lb["TCP 1 flow Gbit/s"]["median"]))
             for m in rows if m != "loopback"))
-    out.append("\nPer-repetition values:\n")
-    out.append("| mode | figure | values |")
-    out.append("|---|---|---|")
-    for m in rows:
-        for n, _, nd, _ in figs:
-            out.append("| %s | %s | %s |" % (m, n, ", ".join(fmt(v, nd) for v in summary[m][n]["reps"])))
+    out += per_rep_table(rows, figs, summary)
 
     t = []
     nb = summary.get("natbox")
