@@ -15,15 +15,36 @@ import (
 	"github.com/natbox/natbox/tunnel"
 )
 
-func tcpMapping(name string, port, target uint16) string {
+// mappingTOML is one [[mapping]] from the appliance's public port to a
+// loopback target, followed by the extra lines.
+func mappingTOML(name, proto string, port, target uint16, extra string) string {
 	return fmt.Sprintf(`
 [[mapping]]
 name = %q
-protocol = "tcp"
+protocol = %q
 listen = "%d"
 target = "127.0.0.1:%d"
-proxy_protocol = "v1"
-`, name, port, target)
+%s`, name, proto, port, target, extra)
+}
+
+// tcpMapping sends the client address to the target as PROXY v1.
+func tcpMapping(name string, port, target uint16) string {
+	return mappingTOML(name, "tcp", port, target, "proxy_protocol = \"v1\"\n")
+}
+
+func udpMapping(name string, port, target uint16) string {
+	return mappingTOML(name, "udp", port, target, "")
+}
+
+// udpClient is a public UDP client socket on 127.0.0.1, closed with the test.
+func udpClient(t testing.TB) *net.UDPConn {
+	t.Helper()
+	c, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback4, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 func dialable(addr netip.AddrPort) bool {
@@ -179,19 +200,9 @@ func TestRelayUDPIdleExpiry(t *testing.T) {
 	cfg := onePeerRelayConfig(t, key, spec)
 	relay := startRelay(t, cfg, testLogger(t), tunnel.WithUDPIdleTimeout(300*time.Millisecond))
 	svc := udpEchoService(t)
-	a := startAppliance(t, relay, key, applAddrA, fmt.Sprintf(`
-[[mapping]]
-name = "dns"
-protocol = "udp"
-listen = "%d"
-target = "127.0.0.1:%d"
-`, port, svc))
+	a := startAppliance(t, relay, key, applAddrA, udpMapping("dns", port, svc))
 	waitRegistered(t, a, spec)
-	c, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback4, 0)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := udpClient(t)
 	public := netip.AddrPortFrom(loopback4, port)
 	if got := udpRoundTrip(t, c, public, []byte("q1")); string(got) != "q1" {
 		t.Fatalf("echo %q", got)
@@ -306,13 +317,7 @@ func TestRelayPeerSessionCounts(t *testing.T) {
 	relay := startRelay(t, cfg, testLogger(t), tunnel.WithUDPIdleTimeout(300*time.Millisecond))
 	tcpSvc, _ := proxyEchoService(t)
 	udpSvc := udpEchoService(t)
-	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", tcpPort, tcpSvc)+fmt.Sprintf(`
-[[mapping]]
-name = "dns"
-protocol = "udp"
-listen = "%d"
-target = "127.0.0.1:%d"
-`, udpPort, udpSvc))
+	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", tcpPort, tcpSvc)+udpMapping("dns", udpPort, udpSvc))
 	waitRegistered(t, a, tcpSpec, udpSpec)
 	counts := func() (int64, uint64) {
 		st := relay.relay.Status()
@@ -342,11 +347,7 @@ target = "127.0.0.1:%d"
 		t.Fatalf("one tcp flow open: active %d, opened %d; want 1 and 1", active, opened)
 	}
 
-	u, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback4, 0)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer u.Close()
+	u := udpClient(t)
 	if got := udpRoundTrip(t, u, netip.AddrPortFrom(loopback4, udpPort), []byte("q")); string(got) != "q" {
 		t.Fatalf("udp echo %q", got)
 	}
@@ -368,19 +369,9 @@ func TestRelayUDPLargerThanMTU(t *testing.T) {
 	t.Parallel()
 	relay, key, port, spec := startOnePeerRelay(t, "udp")
 	svc := udpEchoService(t)
-	a := startAppliance(t, relay, key, applAddrA, fmt.Sprintf(`
-[[mapping]]
-name = "echo"
-protocol = "udp"
-listen = "%d"
-target = "127.0.0.1:%d"
-`, port, svc))
+	a := startAppliance(t, relay, key, applAddrA, udpMapping("echo", port, svc))
 	waitRegistered(t, a, spec)
-	c, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback4, 0)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := udpClient(t)
 	public := netip.AddrPortFrom(loopback4, port)
 	if got := udpRoundTrip(t, c, public, []byte("first")); string(got) != "first" {
 		t.Fatalf("echo %q", got)

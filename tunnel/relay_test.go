@@ -273,20 +273,7 @@ func TestRelayPeersIsolated(t *testing.T) {
 
 	svcTCP, _ := proxyEchoService(t)
 	svcUDP := udpEchoService(t)
-	mappings := fmt.Sprintf(`
-[[mapping]]
-name = "web"
-protocol = "tcp"
-listen = "%d"
-target = "127.0.0.1:%d"
-proxy_protocol = "v1"
-
-[[mapping]]
-name = "game"
-protocol = "udp"
-listen = "%d"
-target = "127.0.0.1:%d"
-`, port, svcTCP, port, svcUDP)
+	mappings := tcpMapping("web", port, svcTCP) + udpMapping("game", port, svcUDP)
 	a := startAppliance(t, relay, keyA, applAddrA, mappings)
 	waitRegistered(t, a, spec, uspec)
 	b := startAppliance(t, relay, keyB, applAddrB, mappings)
@@ -296,11 +283,7 @@ target = "127.0.0.1:%d"
 	})
 
 	// A UDP client of a's port, so there is a session b could try to hijack.
-	client, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback4, 0)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
+	client := udpClient(t)
 	public := netip.AddrPortFrom(loopback4, port)
 	if got := udpRoundTrip(t, client, public, []byte("hello a")); string(got) != "hello a" {
 		t.Fatalf("echo %q", got)
