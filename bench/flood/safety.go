@@ -54,7 +54,7 @@ func checkTargets(dst netip.Addr, src netip.Prefix) error {
 
 // checkNetns refuses to run unless this process sits in the named network
 // namespace (the one `ip netns add NAME` created, bind-mounted under
-// /run/netns), and that namespace is not the one PID 1 lives in.
+// /run/netns), and that namespace is not the initial one.
 func checkNetns(name string) error {
 	if name == "" {
 		return errors.New("-netns is required: the namespace (from `ip netns add`) this must run in")
@@ -73,13 +73,19 @@ func checkNetns(name string) error {
 	if self != want {
 		return fmt.Errorf("not inside network namespace %q: run under `ip netns exec %s`", name, name)
 	}
-	if initial, err := nsID("/proc/1/ns/net"); err != nil {
-		return fmt.Errorf("cannot tell the initial namespace apart: %w", err)
-	} else if self == initial {
+	if self.ino == initNetIno {
 		return fmt.Errorf("namespace %q is the initial network namespace: refusing", name)
+	}
+	// PID 1's namespace is the initial one where a sandbox lets us read it.
+	if initial, err := nsID("/proc/1/ns/net"); err == nil && self == initial {
+		return fmt.Errorf("namespace %q is PID 1's network namespace: refusing", name)
 	}
 	return nil
 }
+
+// initNetIno is the fixed inode number of the initial network namespace
+// (PROC_NET_INIT_INO, Linux 6.x); older kernels number it like any other.
+const initNetIno = 0xEFFFFFF9
 
 type nsIdent struct{ dev, ino uint64 }
 
