@@ -65,7 +65,9 @@ def phase(d):
 def collect(raw):
     out = {}
     base = os.path.join(raw, "raw")
-    for mode in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+    modes = os.listdir(base) if os.path.isdir(base) else []
+    order = list(MODE_NAMES)  # the kernel first, as the tables read
+    for mode in sorted(modes, key=lambda m: (order.index(m) if m in order else len(order), m)):
         m = {}
         md = os.path.join(base, mode)
         for g in ("syn", "unmapped", "udp"):
@@ -153,9 +155,9 @@ def client_line(path):
     parts = []
     t = c.get("tcp")
     if t:
-        parts.append("TCP %d/%d ok, connect p50 %s p99 %s ms, longest gap %s ms%s" % (
+        parts.append("TCP %d/%d ok, connect p50 %s p99 %s ms, longest gap %s ms, slowest answer %s ms%s" % (
             t["ok"], t["attempts"], f(t["connect_p50_ms"], 1), f(t["connect_p99_ms"], 1),
-            f(t["max_gap_ms"]), (", errors: " + errs({"client": c})) if t.get("errors") else ""))
+            f(t["max_gap_ms"]), f(t.get("answer_max_ms"), 1), (", errors: " + errs({"client": c})) if t.get("errors") else ""))
     u = c.get("udp")
     if u:
         parts.append("UDP replies: existing session %d/%d, fresh sessions %d/%d" % (
@@ -188,15 +190,20 @@ def summary(raw, results):
             sent_cell(m.get("udp")), tcp_cell(m.get("udp")),
             "%d/%d / %d/%d" % (u["existing_replies"], u["existing_sent"], u["fresh_replies"], u["fresh_sent"]) if u else "n/a",
         ))
-    lines += ["", "Failed real connections by kind (refused = RST, timeout = no answer within the client's timeout):", ""]
-    lines += ["| gateway | phase | errors |", "|---|---|---|"]
+    lines += ["", "Failed real connections by kind (refused = RST, timeout = no answer within the client's timeout), "
+              "and the longest any real connection waited for the gateway's first answer, SYN-ACK or RST "
+              "(a refusal is answered; a stalled gateway is not):", ""]
+    lines += ["| gateway | phase | errors | slowest answer |", "|---|---|---|---|"]
     for mode, m in data.items():
         for ph in ("baseline", "syn_mapped", "syn_unmapped", "udp"):
             if m.get(ph):
-                lines.append("| %s | %s | %s |" % (MODE_NAMES.get(mode, mode), ph, errs(m[ph])))
-    lines += ["", "Cost per phase (natbox: its process; host busy cores: the whole machine, generator included, "
-              "over the flood; conntrack: the gateway namespace's entries after the phase):", ""]
-    lines += ["| gateway | phase | natbox RSS start -> peak MiB | natbox VmHWM MiB | natbox CPU cores | "
+                lines.append("| %s | %s | %s | %s |" % (MODE_NAMES.get(mode, mode), ph, errs(m[ph]),
+                                                     f(g(m[ph], "client", "tcp", "answer_max_ms"), 1, " ms")))
+    lines += ["", "Cost per phase (natbox: its process, sampled every 100 ms from the phase's start to its end, "
+              "for the SYN flood to A that includes the wait before counting; host busy cores: the whole machine, "
+              "other tenants and the generator included, over the flood; conntrack: the gateway namespace's "
+              "entries after the phase):", ""]
+    lines += ["| gateway | phase | natbox RSS start -> peak MiB | natbox VmHWM MiB | natbox CPU s / wall s | "
               "watch's longest sampling gap | host busy cores | conntrack entries |", "|---|---|---|---|---|---|---|---|"]
     for mode, m in data.items():
         for ph in ("baseline", "syn_mapped", "syn_unmapped", "udp"):
@@ -207,7 +214,8 @@ def summary(raw, results):
             lines.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
                 MODE_NAMES.get(mode, mode), ph,
                 "%s -> %s" % (f(mib(w["rss_start_kb"]), 1), f(mib(w["rss_peak_kb"]), 1)) if w else "n/a",
-                f(mib(g(w, "vmhwm_kb")), 1), f(g(w, "cores"), 2), f(g(w, "max_sample_gap_ms"), 0, " ms"),
+                f(mib(g(w, "vmhwm_kb")), 1),
+                "%s / %s" % (f(w["cpu_s"], 2), f(w["wall_s"], 1)) if w else "n/a", f(g(w, "max_sample_gap_ms"), 0, " ms"),
                 f(p.get("host_busy_cores"), 2), f(p.get("conntrack")) if isinstance(p.get("conntrack"), int) else "n/a",
             ))
     rows = []

@@ -36,8 +36,12 @@ type tcpResult struct {
 	ConnectP99 float64        `json:"connect_p99_ms"`
 	ConnectMax float64        `json:"connect_max_ms"`
 	// MaxGap is the longest time without a completed connection, from the
-	// window's start to its end (a stall of the path shows here).
+	// window's start to its end.
 	MaxGap float64 `json:"max_gap_ms"`
+	// AnswerMax is the longest any attempt waited for the gateway's first
+	// answer (SYN-ACK or RST): a refused connection is answered, a stalled
+	// gateway is not, so this tells refusal and stall apart.
+	AnswerMax float64 `json:"answer_max_ms"`
 }
 
 // udpResult is what the real UDP client saw: Existing exchanges run on one
@@ -121,6 +125,7 @@ func runTCPClients(ctx context.Context, s clientSpec, start time.Time) *tcpResul
 			end := time.Since(start)
 			mu.Lock()
 			defer mu.Unlock()
+			res.AnswerMax = max(res.AnswerMax, ms(connect))
 			if err != nil {
 				res.Errors[errKind(err)]++
 				if res.FirstError == "" {
@@ -146,26 +151,26 @@ func runTCPClients(ctx context.Context, s clientSpec, start time.Time) *tcpResul
 
 // tcpEcho connects, sends one byte and waits for it to come back (so the
 // connection crossed the gateway to the target and back), then closes. It
-// returns the time the connect took.
+// returns the time the connect took, successful or not.
 func tcpEcho(ctx context.Context, addr string, timeout time.Duration) (time.Duration, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	t0 := time.Now()
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp4", addr)
-	if err != nil {
-		return 0, fmt.Errorf("dial %s: %w", addr, err)
-	}
 	connect := time.Since(t0)
+	if err != nil {
+		return connect, fmt.Errorf("dial %s: %w", addr, err)
+	}
 	defer c.Close()
 	dl, _ := ctx.Deadline()
 	_ = c.SetDeadline(dl)
 	b := []byte{'x'}
 	if _, err := c.Write(b); err != nil {
-		return 0, fmt.Errorf("write: %w", err)
+		return connect, fmt.Errorf("write: %w", err)
 	}
 	if _, err := io.ReadFull(c, b); err != nil {
-		return 0, fmt.Errorf("read echo: %w", err)
+		return connect, fmt.Errorf("read echo: %w", err)
 	}
 	return connect, nil
 }
@@ -182,21 +187,32 @@ func runUDPClients(ctx context.Context, s clientSpec, start time.Time, existing 
 			res.FirstError = err.Error()
 		}
 	}
+	if existing != nil && res.ExistingOpened {
+		// Sequential on the one socket, on its own goroutine so a slow
+		// reply does not hold back the fresh sessions' pace.
+		wg.Go(func() {
+			for i := range s.udpN {
+				if !at(ctx, start, s.window, i, s.udpN) {
+					return
+				}
+				ok, err := udpExchange(existing, fmt.Appendf(nil, "existing %d", i), s.udpTimeout)
+				note(err)
+				mu.Lock()
+				res.Existing++
+				if ok {
+					res.ExistingReplies++
+				}
+				mu.Unlock()
+			}
+		})
+	}
 	for i := range s.udpN {
 		if !at(ctx, start, s.window, i, s.udpN) {
 			break
 		}
-		if existing != nil && res.ExistingOpened {
-			res.Existing++
-			// Sequential on the one socket: the window spacing is longer
-			// than the timeout in the bench, so exchanges do not overlap.
-			ok, err := udpExchange(existing, fmt.Appendf(nil, "existing %d", i), min(s.udpTimeout, s.window/time.Duration(s.udpN)))
-			note(err)
-			if ok {
-				res.ExistingReplies++
-			}
-		}
+		mu.Lock()
 		res.Fresh++
+		mu.Unlock()
 		wg.Go(func() {
 			c, err := udpSocket(s.udpAddr)
 			if err != nil {

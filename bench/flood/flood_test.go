@@ -1,11 +1,16 @@
 package main
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
+	"io"
 	"math/rand/v2"
+	"net"
 	"net/netip"
+	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -340,5 +345,111 @@ func TestParseStatTicks(t *testing.T) {
 	}
 	if _, err := parseStatTicks("4242 (x) S 1 2"); err == nil || !strings.Contains(err.Error(), "short") {
 		t.Fatalf("short line: %v", err)
+	}
+}
+
+// echoServers starts a TCP and a UDP echo server on loopback; the UDP one
+// stays silent for datagrams that start with drop.
+func echoServers(t *testing.T, drop string) (tcpAddr, udpAddr string) {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); pc.Close(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() { defer c.Close(); io.Copy(c, c) })
+		}
+	})
+	wg.Go(func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			if drop == "" || !strings.HasPrefix(string(buf[:n]), drop) {
+				pc.WriteTo(buf[:n], from)
+			}
+		}
+	})
+	return ln.Addr().String(), pc.LocalAddr().String()
+}
+
+func TestClientCountsWhatCameBack(t *testing.T) {
+	tests := []struct {
+		name                    string
+		drop                    string
+		wantExisting, wantFresh int
+	}{
+		{name: "all answered", wantExisting: 5, wantFresh: 5},
+		{name: "new sessions unanswered", drop: "fresh", wantExisting: 5, wantFresh: 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tcpAddr, udpAddr := echoServers(t, tt.drop)
+			res := runClient(t.Context(), clientSpec{
+				tcpAddr: tcpAddr, tcpN: 10, udpAddr: udpAddr, udpN: 5,
+				window: 200 * time.Millisecond, tcpTimeout: 5 * time.Second, udpTimeout: time.Second,
+			})
+			if res.TCP == nil || res.TCP.Attempts != 10 || res.TCP.OK != 10 || len(res.TCP.Errors) != 0 {
+				t.Fatalf("tcp %+v: want 10 of 10 echoed", res.TCP)
+			}
+			if res.TCP.ConnectP99 <= 0 || res.TCP.ConnectP50 > res.TCP.ConnectP99 || res.TCP.AnswerMax < res.TCP.ConnectMax {
+				t.Fatalf("tcp timings %+v", res.TCP)
+			}
+			u := res.UDP
+			if u == nil || !u.ExistingOpened || u.Existing != 5 || u.Fresh != 5 {
+				t.Fatalf("udp %+v: want the session opened and 5 exchanges of each kind", u)
+			}
+			if u.ExistingReplies != tt.wantExisting || u.FreshReplies != tt.wantFresh {
+				t.Fatalf("udp replies existing %d fresh %d, want %d and %d", u.ExistingReplies, u.FreshReplies, tt.wantExisting, tt.wantFresh)
+			}
+		})
+	}
+}
+
+func TestClientCountsRefusals(t *testing.T) {
+	// A port nobody listens on: the kernel answers every SYN with an RST.
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	res := runClient(t.Context(), clientSpec{tcpAddr: addr, tcpN: 4, window: 40 * time.Millisecond, tcpTimeout: 2 * time.Second})
+	if res.TCP.OK != 0 || res.TCP.Errors["refused"] != 4 || res.TCP.FirstError == "" {
+		t.Fatalf("tcp %+v: want 4 refusals", res.TCP)
+	}
+	// Refused, not stalled: answered well inside the timeout, and no success
+	// ever closes the gap.
+	if res.TCP.AnswerMax >= 2000 || res.TCP.MaxGap != 40 {
+		t.Fatalf("answer max %v ms, gap %v ms: want a fast answer and the whole 40 ms window", res.TCP.AnswerMax, res.TCP.MaxGap)
+	}
+}
+
+func TestWatchSelf(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(t.Context(), 150*time.Millisecond)
+	defer cancel()
+	res, err := watch(ctx, os.Getpid(), 20*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Samples < 2 || res.RSSStartK <= 0 || res.RSSPeakK < res.RSSStartK || res.VmHWMK <= 0 || res.CPUS < 0 || res.Exited {
+		t.Fatalf("watch of this test process: %+v", res)
+	}
+	if _, err := watch(t.Context(), 1<<30, 20*time.Millisecond); err == nil {
+		t.Fatal("watch of a PID that does not exist: want an error")
 	}
 }

@@ -19,7 +19,7 @@ type watchResult struct {
 	RSSStartK int64   `json:"rss_start_kb"`
 	RSSPeakK  int64   `json:"rss_peak_kb"`
 	RSSEndK   int64   `json:"rss_end_kb"`
-	VmHWMK    int64   `json:"vmhwm_kb"` // peak since the process started
+	VmHWMK    int64   `json:"vmhwm_kb"` // peak since the process started; the kernel updates it lazily
 	CPUS      float64 `json:"cpu_s"`    // utime+stime over the watch
 	Cores     float64 `json:"cores"`    // CPUS / WallS
 	// MaxSampleGap is the longest time between two samples; the sampler
