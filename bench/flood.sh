@@ -177,10 +177,8 @@ flood() { # flood DIR syn|udp PORTS RATE COUNT
   C timeout $((SECS * 2 + 30)) "$FLOOD" "$kind" -netns "$NS_C" -dst "$T_HOST" -dport "$ports" -src "$SPOOF" \
     -rate "$rate" -count "$count" >"$d/flood.json" 2>"$d/flood.err" || log "  flood rc=$? $(head -c 300 "$d/flood.err")"
   head -1 /proc/stat >>"$d/hostcpu.txt"
-  log "  sent $(jq_field "$d/flood.json" sent) of $count $kind in $(jq_field "$d/flood.json" elapsed_s) s"
+  log "  $(python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print("sent %d of %s %s in %.2f s (%.0f/s), stopped by %s" % (j["sent"], sys.argv[2], j["kind"], j["elapsed_s"], j["rate_achieved_pps"], j["stopped_by"]))' "$d/flood.json" "$count" 2>/dev/null || echo "no flood result")"
 }
-
-jq_field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], "?"))' "$1" "$2" 2>/dev/null || echo "?"; }
 
 phase_end() { # phase_end MODE DIR: gateway state after a phase
   local mode=$1 d=$2
