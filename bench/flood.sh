@@ -165,10 +165,15 @@ watch_stop() {
   WATCH_PID=""
 }
 
-client() { # client DIR ARGS...: the measuring client, in the background -> CLIENT_PID
-  local d=$1; shift
-  ip netns exec "$NS_C" timeout $((SECS + 30)) "$FLOOD" client -netns "$NS_C" -window "${SECS}s" "$@" >"$d/client.json" 2>"$d/client.err" &
+client() { # client DIR ARGS...: the measuring client, in the background -> CLIENT_PID; returns
+  # once its window has started (a UDP session from before the flood is open by then)
+  local d=$1 i; shift
+  rm -f "$d/client.ready"
+  ip netns exec "$NS_C" timeout $((SECS + 30)) "$FLOOD" client -netns "$NS_C" -window "${SECS}s" \
+    -ready "$d/client.ready" "$@" >"$d/client.json" 2>"$d/client.err" &
   CLIENT_PID=$!
+  for i in $(seq 100); do [ -e "$d/client.ready" ] && return 0; kill -0 "$CLIENT_PID" 2>/dev/null || break; sleep 0.05; done
+  log "  the real client did not start its window: $(head -c 300 "$d/client.err")"
 }
 
 flood() { # flood DIR syn|udp PORTS RATE COUNT
@@ -236,7 +241,6 @@ run_group() { # run_group MODE GROUP
       log "$mode: UDP flood $UDP_FLOOD_RATE/s x $UDP_FLOOD_COUNT to U ($T_HOST:$P_U) while $N_UDP_TCP connect to B and a UDP client exchanges"
       watch_start "$d"
       client "$d" -tcp "$T_HOST:$P_B" -n "$N_UDP_TCP" -udp "$T_HOST:$P_U" -udp-n "$N_UDP"
-      sleep 0.5 # the client's pre-flood UDP session is open by now (its first exchange takes < 1 ms)
       flood "$d" udp "$P_U" "$UDP_FLOOD_RATE" "$UDP_FLOOD_COUNT"
       client_wait "$d"
       watch_stop

@@ -23,6 +23,9 @@ type clientSpec struct {
 	window     time.Duration // attempts are spread evenly over it
 	tcpTimeout time.Duration // per connection: dial plus the echo
 	udpTimeout time.Duration // per exchange
+	// ready, when set, is called once the pre-flood UDP session is open
+	// and the window starts, so the caller can start the flood.
+	ready func()
 }
 
 // tcpResult is what the real TCP clients saw.
@@ -82,6 +85,9 @@ func runClient(ctx context.Context, s clientSpec) clientResult {
 		}
 	}
 	start := time.Now()
+	if s.ready != nil {
+		s.ready()
+	}
 	if s.tcpAddr != "" && s.tcpN > 0 {
 		wg.Go(func() { res.TCP = runTCPClients(ctx, s, start) })
 	}

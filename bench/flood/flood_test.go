@@ -398,10 +398,15 @@ func TestClientCountsWhatCameBack(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tcpAddr, udpAddr := echoServers(t, tt.drop)
+			readyCalls := 0
 			res := runClient(t.Context(), clientSpec{
 				tcpAddr: tcpAddr, tcpN: 10, udpAddr: udpAddr, udpN: 5,
 				window: 200 * time.Millisecond, tcpTimeout: 5 * time.Second, udpTimeout: time.Second,
+				ready: func() { readyCalls++ },
 			})
+			if readyCalls != 1 {
+				t.Fatalf("ready called %d times, want once", readyCalls)
+			}
 			if res.TCP == nil || res.TCP.Attempts != 10 || res.TCP.OK != 10 || len(res.TCP.Errors) != 0 {
 				t.Fatalf("tcp %+v: want 10 of 10 echoed", res.TCP)
 			}

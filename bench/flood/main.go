@@ -177,6 +177,7 @@ func clientCmd(ctx context.Context, args []string) (any, error) {
 	window := fs.Duration("window", 3*time.Second, "the attempts are spread evenly over this")
 	tcpTimeout := fs.Duration("timeout", 3*time.Second, "per TCP connection: connect plus the echo")
 	udpTimeout := fs.Duration("udp-timeout", time.Second, "per UDP exchange")
+	readyFile := fs.String("ready", "", "create this file when the window starts (the UDP session from before is open by then)")
 	_ = fs.Parse(args)
 
 	if err := checkNetns(*netns); err != nil {
@@ -204,9 +205,17 @@ func clientCmd(ctx context.Context, args []string) (any, error) {
 	// Bounded as a whole: the last attempt starts at the window's end.
 	ctx, cancel := context.WithTimeout(ctx, *window+*tcpTimeout+*udpTimeout+5*time.Second)
 	defer cancel()
+	var ready func()
+	if *readyFile != "" {
+		ready = func() {
+			if err := os.WriteFile(*readyFile, nil, 0o644); err != nil {
+				fmt.Fprintln(os.Stderr, "flood: -ready:", err)
+			}
+		}
+	}
 	return runClient(ctx, clientSpec{
 		tcpAddr: *tcp, tcpN: *n, udpAddr: *udp, udpN: *udpN,
-		window: *window, tcpTimeout: *tcpTimeout, udpTimeout: *udpTimeout,
+		window: *window, tcpTimeout: *tcpTimeout, udpTimeout: *udpTimeout, ready: ready,
 	}), nil
 }
 
