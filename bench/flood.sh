@@ -78,6 +78,15 @@ for v in RATE SECS UDP_FLOOD_RATE N_REAL N_UDP_TCP N_UDP MAX_SESSIONS HOLD_WAIT;
 done
 COUNT=${COUNT:-$((RATE * SECS))}
 UDP_FLOOD_COUNT=${UDP_FLOOD_COUNT:-$((UDP_FLOOD_RATE * SECS))}
+for v in COUNT UDP_FLOOD_COUNT; do
+  [[ ${!v} =~ ^[0-9]+$ ]] || { echo "flood.sh: $v=${!v} is not a whole number" >&2; exit 2; }
+done
+for v in $FLOOD_MODES; do
+  [[ $v == nftdnat || $v == natbox ]] || { echo "flood.sh: mode $v: want nftdnat and/or natbox" >&2; exit 2; }
+done
+for v in $PHASES; do
+  [[ $v == syn || $v == unmapped || $v == udp ]] || { echo "flood.sh: phase $v: want syn, unmapped, udp" >&2; exit 2; }
+done
 # The generator refuses more than 200000 packets per flood; say so before any set-up.
 if [ "$COUNT" -gt 200000 ] || [ "$UDP_FLOOD_COUNT" -gt 200000 ] || [ "$SECS" -gt 20 ]; then
   echo "flood.sh: at most 200000 packets per flood and 20 s (got $COUNT SYNs, $UDP_FLOOD_COUNT datagrams, $SECS s)" >&2
