@@ -57,8 +57,13 @@ def phase(d):
             except ValueError:
                 p[name] = v
     st = load(os.path.join(d, "status.json"))
-    if st is not None:
-        p["natbox_status"] = st
+    if isinstance(st, dict):
+        # the figures a flood moves; the whole `natbox status --json` stays in the raw directory
+        p["natbox_status"] = {
+            "tun": st.get("tun"), "budget_hits": st.get("budget_hits"), "inflight_dials": st.get("inflight_dials"),
+            "mappings": [{k: m.get(k) for k in ("name", "hits", "sessions_opened", "sessions_active", "refusals")}
+                         for m in st.get("mappings") or []],
+        }
     return p
 
 
