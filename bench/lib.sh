@@ -16,11 +16,21 @@ if [ -z "$SHARED_BENCH" ] || [ ! -f "$SHARED_BENCH/run-baselines.sh" ]; then
   exit 1
 fi
 
+# NB_NETNS=PREFIX names the namespaces PREFIX-client, PREFIX-gw, PREFIX-server instead of pm-*, so
+# one harness (bench/flood.sh) cannot tear down the namespaces of another running at the same time.
+NS_C=pm-client NS_G=pm-gw NS_S=pm-server
+if [ -n "${NB_NETNS:-}" ]; then NS_C=$NB_NETNS-client NS_G=$NB_NETNS-gw NS_S=$NB_NETNS-server; fi
+ns_rename() { sed -e "s/pm-client/$NS_C/g; s/pm-gw/$NS_G/g; s/pm-server/$NS_S/g"; }
+
 # shellcheck disable=SC1090
-source <(sed '/^main "\$@"$/d' "$SHARED_BENCH/run-baselines.sh")
+source <(sed '/^main "\$@"$/d' "$SHARED_BENCH/run-baselines.sh" | ns_rename)
 # BASH_SOURCE inside a process substitution is /dev/fd/N: point the paths back at shared/bench.
 BENCH_DIR=$SHARED_BENCH
 TOPO=$SHARED_BENCH/netns-topo.sh
+if [ "$NS_G" != pm-gw ]; then
+  mkdir -p "$WORK" && TOPO=$WORK/netns-topo.sh
+  ns_rename <"$SHARED_BENCH/netns-topo.sh" >"$TOPO" && chmod +x "$TOPO"
+fi
 
 NATBOX=${NATBOX:-$WORK/bin/natbox}
 
