@@ -116,7 +116,8 @@ func TestUDPIdleExpiry(t *testing.T) {
 	clock := newFakeClock()
 	m := mapping("dns", conf.UDP, "53", "127.0.0.1:"+itoa(port))
 	m.IdleTimeout = conf.Duration(2 * time.Minute)
-	e := newEngine(t, config(m), Options{Clock: clock, IdleCheckInterval: 5 * time.Millisecond})
+	onCheck, checks := ticks[bool]()
+	e := newEngine(t, config(m), Options{Clock: clock, IdleCheckInterval: 5 * time.Millisecond, onIdleCheck: onCheck})
 	tun := newIngress(conf.IngressTUN)
 	client := netip.MustParseAddrPort("203.0.113.7:4444")
 	dst := netip.MustParseAddrPort("198.51.100.1:53")
@@ -127,7 +128,12 @@ func TestUDPIdleExpiry(t *testing.T) {
 	e.HandleUDP(tun, client, dst, []byte("q2")) // activity moves the idle point
 	tun.next(t)
 	clock.Advance(90 * time.Second) // 180 s since start, 90 s since traffic
-	time.Sleep(50 * time.Millisecond)
+	// The second idle check after the advance began after it: it saw 90 s.
+	for range 2 {
+		if nextTick(t, checks, "idle check") {
+			t.Fatal("idle check expired the session after 90 s idle")
+		}
+	}
 	if n := len(e.Sessions()); n != 1 {
 		t.Fatalf("%d sessions after 90 s idle, want 1", n)
 	}
