@@ -74,6 +74,7 @@ func sampleStatus() Status {
 					{UpperBoundSeconds: 0.01, Count: 3}, {UpperBoundSeconds: 0.1, Count: 4},
 				}},
 				Owner: "it@example.com", Description: "NAS web UI",
+				Stats:    Counters{Counters: map[string]uint64{"budget_hits": 5, "evictions": 0}},
 				ReviewBy: time.Date(2026, 5, 1, 0, 0, 0, 0, time.UTC), ReviewOverdue: true,
 			},
 			{
@@ -83,18 +84,30 @@ func sampleStatus() Status {
 		},
 		Refusals:   map[string]uint64{"no_match": 9},
 		BudgetHits: map[string]uint64{"per_source": 5, "total": 0}, InflightDials: 6,
+		Forwarder: Counters{Gauges: map[string]int64{"active_sessions": 3, "shutting_down": 0}},
+		Netstack: map[string]Counters{
+			"tun": {
+				Counters: map[string]uint64{"packets_in": 900, "tcp_requests": 10, "tcp_in_flight_drops": 3, "oversize": 0},
+				Gauges:   map[string]int64{"tcp_established": 4},
+				Reasons:  map[string]map[string]uint64{"invalid": {"ip_checksum": 2, "tcp_checksum": 0}},
+			},
+			"uplink": { // only traffic: natbox status shows nothing of it
+				Counters: map[string]uint64{"packets_in": 50, "tcp_requests": 1, "tcp_retransmits": 9, "tcp_in_flight_drops": 0},
+				Reasons:  map[string]map[string]uint64{"invalid": {"ip_checksum": 0}},
+			},
+		},
 		TUN: &TUN{Name: "natbox0", Up: true, MTU: 1500, TxQueueLen: 2000,
 			PacketsIn: 9900, BytesIn: 12000000, PacketsOut: 800, BytesOut: 64000, DroppedIn: 100},
 		Uplink: &Uplink{
-			Relay: "relay.example.net:51820", Address: "100.96.0.2",
+			State: UplinkRegistered, Relay: "relay.example.net:51820", Address: "100.96.0.2",
 			LastHandshake: testNow.Add(-30 * time.Second), BytesIn: 5000, BytesOut: 7000,
 			Registered: []string{"tcp/8443"},
 			Refused:    []PortRefusal{{Port: "udp/27015", Reason: "not in this peer's ports"}},
 		},
 		Relay: &Relay{Listen: "0.0.0.0:51820", Peers: []RelayPeer{
 			{Name: "home", Address: "100.96.0.2", BytesIn: 11, BytesOut: 22, SessionsActive: 1, SessionsOpened: 2,
-				DialFailures: 3, Registered: []string{"tcp/8443"}},
-		}},
+				DialFailures: 3, Registered: []string{"tcp/8443"}, Stats: Counters{Gauges: map[string]int64{"connected": 1}}},
+		}, Stats: Counters{Counters: map[string]uint64{"over_limit": 2, "rejected": 0}, Gauges: map[string]int64{"tcp_sessions": 1}}},
 	}
 }
 
@@ -415,6 +428,20 @@ func TestMetricsScrape(t *testing.T) {
 		`natbox_relay_peer_sessions_active{peer="home"} 1`,
 		`natbox_relay_peer_ports_registered{peer="home"} 1`,
 		`natbox_relay_peer_dial_failures_total{peer="home"} 3`,
+		`natbox_netstack_tcp_in_flight_drops_total{stack="tun"} 3`,
+		`natbox_netstack_packets_in_total{stack="uplink"} 50`,
+		`natbox_netstack_tcp_established{stack="tun"} 4`,
+		`natbox_netstack_invalid_total{reason="ip_checksum",stack="tun"} 2`,
+		`natbox_netstack_invalid_total{reason="tcp_checksum",stack="tun"} 0`,
+		`natbox_mapping_budget_hits_total{mapping="web"} 5`,
+		`natbox_forwarder_active_sessions 3`,
+		`natbox_forwarder_shutting_down 0`,
+		`natbox_uplink_registered 1`,
+		`natbox_relay_over_limit_total 2`,
+		`natbox_relay_tcp_sessions 1`,
+		`natbox_relay_peer_connected{peer="home"} 1`,
+		"# TYPE natbox_netstack_tcp_in_flight_drops_total counter",
+		"# TYPE natbox_netstack_tcp_established gauge",
 		"go_goroutines ", // the private registry also has the runtime collectors
 	} {
 		if !strings.Contains(body, "\n"+want) {

@@ -1,6 +1,7 @@
 package admin
 
 import (
+	"fmt"
 	"math"
 	"sort"
 	"time"
@@ -58,6 +59,7 @@ var (
 	descUplinkBytes        = desc("natbox_uplink_bytes_total", "Bytes through the uplink; in is received from the relay.", "direction")
 	descUplinkRegistered   = desc("natbox_uplink_ports_registered", "Port specs the relay holds for this appliance.")
 	descUplinkRefused      = desc("natbox_uplink_ports_refused", "Port specs the relay refused.")
+	descUplinkState        = desc("natbox_uplink_registered", "1 once the relay answered every port the appliance asked for (its state is registered).")
 
 	descPeerHandshakeAge = desc("natbox_relay_peer_handshake_age_seconds", "Seconds since the last handshake with a peer; +Inf when there was none.", "peer")
 	descPeerBytes        = desc("natbox_relay_peer_bytes_total", "Bytes through the relay per peer; in is received from the peer.", "peer", "direction")
@@ -71,7 +73,7 @@ var (
 		descSessionsOpened, descSessionsActive, descHits, descBytes, descRefusals, descDialLatency,
 		descUDPExpired, descUDPDropped, descInflightDials, descBudgetHits, descReviewOverdue, descExpired, descMappingUp,
 		descTUNUp, descTUNPackets, descTUNBytes, descTUNDropped,
-		descUplinkHandshakeAge, descUplinkBytes, descUplinkRegistered, descUplinkRefused,
+		descUplinkHandshakeAge, descUplinkBytes, descUplinkRegistered, descUplinkRefused, descUplinkState,
 		descPeerHandshakeAge, descPeerBytes, descPeerActive, descPeerOpened, descPeerDialFailures, descPeerRegistered, descPeerRefused,
 	}
 )
@@ -96,7 +98,12 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
+	collectCounters(ch, "natbox_forwarder_", "forwarder", st.Forwarder, nil)
+	for _, stack := range sortedKeys(st.Netstack) {
+		collectCounters(ch, "natbox_netstack_", "userspace network stack", st.Netstack[stack], []string{"stack"}, stack)
+	}
 	for _, m := range st.Mappings {
+		collectCounters(ch, "natbox_mapping_", "mapping", m.Stats, []string{"mapping"}, m.Name)
 		counter(descSessionsOpened, m.SessionsOpened, m.Name)
 		gauge(descSessionsActive, float64(m.SessionsActive), m.Name)
 		counter(descHits, m.Hits, m.Name)
@@ -134,9 +141,13 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		counter(descUplinkBytes, u.BytesOut, DirectionOut)
 		gauge(descUplinkRegistered, float64(len(u.Registered)))
 		gauge(descUplinkRefused, float64(len(u.Refused)))
+		gauge(descUplinkState, boolValue(u.State == UplinkRegistered))
+		collectCounters(ch, "natbox_uplink_", "uplink", u.Stats, nil)
 	}
 	if r := st.Relay; r != nil {
+		collectCounters(ch, "natbox_relay_", "relay", r.Stats, nil)
 		for _, p := range r.Peers {
+			collectCounters(ch, "natbox_relay_peer_", "relay peer", p.Stats, []string{"peer"}, p.Name)
 			gauge(descPeerHandshakeAge, handshakeAge(now, p.LastHandshake), p.Name)
 			counter(descPeerBytes, p.BytesIn, p.Name, DirectionIn)
 			counter(descPeerBytes, p.BytesOut, p.Name, DirectionOut)
@@ -145,6 +156,29 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			counter(descPeerDialFailures, p.DialFailures, p.Name)
 			gauge(descPeerRegistered, float64(len(p.Registered)), p.Name)
 			gauge(descPeerRefused, float64(len(p.Refused)), p.Name)
+		}
+	}
+}
+
+// collectCounters exports c, the fields CountersOf took from a stats struct:
+// each counter as <prefix><name>_total, each gauge as <prefix><name>, each
+// reason group as <prefix><group>_total{reason}. The descriptors are made per
+// scrape because the names come from the struct, so a new field needs no code
+// here; Describe does not list them, which a non-pedantic registry allows.
+func collectCounters(ch chan<- prometheus.Metric, prefix, what string, c Counters, labels []string, values ...string) {
+	for _, name := range sortedKeys(c.Counters) {
+		d := desc(prefix+name+"_total", fmt.Sprintf("The %s counter %s (natbox status --json shows it too).", what, name), labels...)
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(c.Counters[name]), values...)
+	}
+	for _, name := range sortedKeys(c.Gauges) {
+		d := desc(prefix+name, fmt.Sprintf("The %s gauge %s (natbox status --json shows it too).", what, name), labels...)
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, float64(c.Gauges[name]), values...)
+	}
+	for _, group := range sortedKeys(c.Reasons) {
+		d := desc(prefix+group+"_total", fmt.Sprintf("The %s counters %s, by reason (natbox status --json shows them too).", what, group),
+			append(append([]string(nil), labels...), "reason")...)
+		for _, reason := range sortedKeys(c.Reasons[group]) {
+			ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(c.Reasons[group][reason]), append(append([]string(nil), values...), reason)...)
 		}
 	}
 }

@@ -66,6 +66,12 @@ func renderStatus(w io.Writer, st Status) error {
 		if m.UDPDropped > 0 {
 			notes = append(notes, fmt.Sprintf("UDP dropped: %s: %d datagrams (a full session queue, a failed dial or stray replies)", m.Name, m.UDPDropped))
 		}
+		if c := formatStats(m.Stats, nil); c != "" {
+			notes = append(notes, fmt.Sprintf("mapping %s: %s", m.Name, c))
+		}
+	}
+	if st.Forwarder.Gauges["shutting_down"] != 0 {
+		notes = append(notes, "shutting down: no new flows are admitted")
 	}
 	if c := formatCounts(st.Refusals); c != "-" {
 		notes = append(notes, "refused without a mapping: "+c)
@@ -84,6 +90,7 @@ func renderStatus(w io.Writer, st Status) error {
 		fmt.Fprintln(w)
 		renderTUN(w, t)
 	}
+	renderNetstack(w, st.Netstack)
 	if u := st.Uplink; u != nil {
 		fmt.Fprintln(w)
 		renderUplink(w, now, u)
@@ -113,6 +120,54 @@ func renderTUN(w io.Writer, t *TUN) {
 		fmt.Fprintf(w, "  dropped     %d packets (%.2f %%) the kernel could not queue for natbox (queue %d): natbox is short of CPU for this load\n",
 			t.DroppedIn, 100*float64(t.DroppedIn)/float64(t.DroppedIn+t.PacketsIn), t.TxQueueLen)
 	}
+}
+
+// netstackRoutine are the netstack counters of normal traffic, which natbox
+// status leaves to --json and /metrics. Every other counter (drops, errors,
+// and whatever is added to netstack.Stats later) is shown when it is not 0.
+var netstackRoutine = map[string]bool{
+	"packets_in": true, "bytes_in": true, "packets_out": true, "bytes_out": true,
+	"read_batches": true, "write_batches": true, "gro_coalesced": true, "direct_writes": true,
+	"udp_fast_path": true, "udp_reassembled": true, "udp_sent": true,
+	"tcp_requests": true, "tcp_rejected": true, "tcp_retransmits": true, "time_wait_reopened": true,
+}
+
+// renderNetstack writes one line per stack whose drop and error counters are
+// not all 0, and nothing when every stack is quiet.
+func renderNetstack(w io.Writer, stacks map[string]Counters) {
+	var lines []string
+	for _, name := range sortedKeys(stacks) {
+		c := stacks[name]
+		if s := formatStats(c, netstackRoutine); s != "" {
+			lines = append(lines, fmt.Sprintf("  %-8s %s (of %d TCP requests, %d packets in)", name, s, c.Counters["tcp_requests"], c.Counters["packets_in"]))
+		}
+	}
+	if len(lines) == 0 {
+		return
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "netstack drops and errors (every counter: natbox status --json, /metrics)")
+	for _, l := range lines {
+		fmt.Fprintln(w, l)
+	}
+}
+
+// formatStats lists c's non-zero counters, then its non-zero reason groups
+// as group(reason=n ...), leaving out the names in skip; "" when none is left.
+// Gauges are left to --json and /metrics.
+func formatStats(c Counters, skip map[string]bool) string {
+	var parts []string
+	for _, k := range sortedKeys(c.Counters) {
+		if c.Counters[k] != 0 && !skip[k] {
+			parts = append(parts, fmt.Sprintf("%s=%d", k, c.Counters[k]))
+		}
+	}
+	for _, g := range sortedKeys(c.Reasons) {
+		if r := formatCounts(c.Reasons[g]); r != "-" && !skip[g] {
+			parts = append(parts, g+"("+r+")")
+		}
+	}
+	return strings.Join(parts, " ")
 }
 
 func renderUplink(w io.Writer, now time.Time, u *Uplink) {
@@ -153,7 +208,13 @@ func renderRelay(w io.Writer, now time.Time, r *Relay) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
+	if c := formatStats(r.Stats, nil); c != "" {
+		fmt.Fprintf(w, "relay: %s\n", c)
+	}
 	for _, p := range r.Peers {
+		if c := formatStats(p.Stats, nil); c != "" {
+			fmt.Fprintf(w, "%s: %s\n", p.Name, c)
+		}
 		if p.DialFailures > 0 {
 			fmt.Fprintf(w, "%s: %d public connections reset: the appliance refused them or did not answer (its natbox status says why)\n",
 				p.Name, p.DialFailures)

@@ -49,9 +49,18 @@ func TestRenderStatus(t *testing.T) {
 		"  refused     udp/27015: not in this peer's ports",
 		"relay listening on 0.0.0.0:51820, 1 peer",
 		"home: 3 public connections reset: the appliance refused them or did not answer",
+		"mapping web: budget_hits=5\n",
+		"relay: over_limit=2\n",
+		"netstack drops and errors (every counter: natbox status --json, /metrics)\n" +
+			"  tun      tcp_in_flight_drops=3 invalid(ip_checksum=2) (of 10 TCP requests, 900 packets in)\n",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status output lacks %q:\n%s", want, out)
+		}
+	}
+	for _, quiet := range []string{"uplink  ", "shutting down", "evictions", "connected", "tcp_established"} {
+		if strings.Contains(out, quiet) {
+			t.Errorf("status output shows %q, which is routine or 0:\n%s", quiet, out)
 		}
 	}
 	if !strings.Contains(out, "home  100.96.0.2  -         never") {
@@ -118,7 +127,7 @@ func TestFormatAgo(t *testing.T) {
 func TestRenderRelayOnlyStatus(t *testing.T) {
 	st := sampleStatus()
 	st.Time = testNow
-	st.Mappings, st.TUN, st.Uplink, st.Refusals, st.BudgetHits = nil, nil, nil, nil, nil
+	st.Mappings, st.TUN, st.Uplink, st.Refusals, st.BudgetHits, st.Netstack = nil, nil, nil, nil, nil, nil
 	var buf bytes.Buffer
 	if err := RenderStatus(&buf, st); err != nil {
 		t.Fatal(err)
@@ -126,5 +135,31 @@ func TestRenderRelayOnlyStatus(t *testing.T) {
 	out := buf.String()
 	if strings.Contains(out, "no mappings") || !strings.HasPrefix(out, "relay listening on 0.0.0.0:51820") {
 		t.Fatalf("relay status:\n%s", out)
+	}
+}
+
+// With no drop or error counted, natbox status has no netstack block.
+func TestRenderNetstackQuietWhenAllZero(t *testing.T) {
+	st := sampleStatus()
+	st.Time = testNow
+	tun := st.Netstack["tun"]
+	tun.Counters["tcp_in_flight_drops"] = 0
+	tun.Reasons["invalid"]["ip_checksum"] = 0
+	var buf bytes.Buffer
+	if err := RenderStatus(&buf, st); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(buf.String(), "netstack") {
+		t.Fatalf("quiet stacks rendered:\n%s", buf.String())
+	}
+	// A counter natbox does not know yet (say one added to netstack.Stats
+	// later) shows when it is not 0.
+	tun.Counters["syn_cookies_sent"] = 12
+	buf.Reset()
+	if err := RenderStatus(&buf, st); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(buf.String(), "  tun      syn_cookies_sent=12 (of 10 TCP requests") {
+		t.Fatalf("new counter not rendered:\n%s", buf.String())
 	}
 }

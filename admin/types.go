@@ -40,6 +40,9 @@ const (
 	StateRefusedByRelay = "refused_by_relay" // served through the uplink only, and the relay refused its ports
 )
 
+// UplinkRegistered is Uplink.State once the relay answered every port.
+const UplinkRegistered = "registered"
+
 // Traffic directions used in JSON and metric labels. For a mapping, "in" is
 // client to target and "out" is target to client. For the uplink and for a
 // relay peer, "in" is received from the tunnel and "out" is sent into it.
@@ -66,6 +69,13 @@ type Status struct {
 	BudgetHits map[string]uint64 `json:"budget_hits,omitempty"`
 	// InflightDials is how many connection attempts are being dialed now.
 	InflightDials int `json:"inflight_dials"`
+	// Forwarder holds the engine's other counters and gauges (sessions
+	// active in total, shutting down), by reflection: see CountersOf.
+	Forwarder Counters `json:"forwarder,omitzero"`
+	// Netstack holds every counter of each userspace network stack, by
+	// stack: "tun" (the gateway), "uplink" (the appliance's tunnel end),
+	// "relay" (the relay's tunnel end).
+	Netstack map[string]Counters `json:"netstack,omitempty"`
 
 	TUN    *TUN    `json:"tun,omitempty"`    // nil: no kernel TUN
 	Uplink *Uplink `json:"uplink,omitempty"` // nil: no [uplink]
@@ -97,6 +107,8 @@ type Mapping struct {
 	// UDPDropped counts datagrams dropped: a full queue, a failed dial, stray replies.
 	UDPDropped  uint64    `json:"udp_dropped,omitempty"`
 	DialLatency Histogram `json:"dial_latency,omitzero"`
+	// Stats holds the mapping's other counters, by reflection: see CountersOf.
+	Stats Counters `json:"stats,omitzero"`
 
 	// RelayRefusal is the relay's reason when it refused this mapping's ports.
 	RelayRefusal string `json:"relay_refusal,omitempty"`
@@ -144,6 +156,9 @@ type TUN struct {
 
 // Uplink is the appliance's WireGuard tunnel to its relay.
 type Uplink struct {
+	// State is "connecting", or UplinkRegistered once the relay answered every port.
+	State    string `json:"state,omitempty"`
+	Peer     string `json:"peer,omitempty"`     // this appliance's name on the relay
 	Relay    string `json:"relay"`              // as configured, host:port
 	Endpoint string `json:"endpoint,omitempty"` // the address in use now
 	Address  string `json:"address"`            // this appliance's tunnel address
@@ -153,6 +168,8 @@ type Uplink struct {
 	BytesOut      uint64        `json:"bytes_out"`            // sent to the relay
 	Registered    []string      `json:"registered,omitempty"` // ports the relay holds for us: "tcp/443"
 	Refused       []PortRefusal `json:"refused,omitempty"`
+	// Stats holds the uplink's other counters, by reflection: see CountersOf.
+	Stats Counters `json:"stats,omitzero"`
 }
 
 // PortRefusal is a port the relay would not open, with its reason.
@@ -165,11 +182,15 @@ type PortRefusal struct {
 type Relay struct {
 	Listen string      `json:"listen"`
 	Peers  []RelayPeer `json:"peers"`
+	// Stats holds the relay's own counters (sessions, flows refused by peer
+	// isolation or by relay.max_sessions), by reflection: see CountersOf.
+	Stats Counters `json:"stats,omitzero"`
 }
 
 // RelayPeer is one appliance known to the relay.
 type RelayPeer struct {
 	Name           string        `json:"name"`
+	PublicKey      string        `json:"public_key,omitempty"`
 	Address        string        `json:"address"`            // tunnel address
 	Endpoint       string        `json:"endpoint,omitempty"` // where its packets come from now
 	LastHandshake  time.Time     `json:"last_handshake,omitzero"`
@@ -183,6 +204,9 @@ type RelayPeer struct {
 	// DialFailures counts public TCP connections reset because the peer
 	// refused the flow inside the tunnel or did not answer it in time.
 	DialFailures uint64 `json:"dial_failures"`
+	// Stats holds the peer's other counters and gauges (connected: its
+	// control session is up), by reflection: see CountersOf.
+	Stats Counters `json:"stats,omitzero"`
 }
 
 // Session is one live flow.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -70,9 +71,17 @@ socket = %[3]q
 
 [[mapping]]
 name = "echo"
-protocol = "tcp+udp"
+protocol = "tcp"
 listen = "7000"
 target = "%[2]s:7000"
+
+# UDP sessions expire within seconds, so a test can wait for natbox to be idle.
+[[mapping]]
+name = "udp-echo"
+protocol = "udp"
+listen = "7000"
+target = "%[2]s:7000"
+idle_timeout = "3s"
 
 [[mapping]]
 name = "whoami-proxy"
@@ -94,6 +103,7 @@ protocol = "udp"
 listen = "7012"
 target = "%[2]s:7012"
 proxy_protocol = "v2"
+idle_timeout = "3s"
 
 [[mapping]]
 name = "denied"
@@ -151,6 +161,7 @@ func TestGateway(t *testing.T) {
 	g := newGatewayLab(t)
 	g.startServers()
 	nb := g.startNatbox()
+	sock := filepath.Join(g.dir, "gw.sock")
 	pub := func(port int) string { return fmt.Sprintf("%s:%d", gwPublicIP, port) }
 
 	t.Run("tcp echo with half-close", func(t *testing.T) {
@@ -246,16 +257,32 @@ func TestGateway(t *testing.T) {
 		if len(first) != 2 || first[0] != first[1] {
 			t.Fatalf("two datagrams within the idle timeout did not share one session: %v", first)
 		}
-		// Silence past the timeout (plus the expiry sweep): the next datagram
-		// must open a new session, with a new socket toward the target.
-		var later string
-		for range 3 {
-			time.Sleep(3 * time.Second)
-			if later = ask(1)[0]; later != first[0] {
-				return
+		// Silence past the timeout: natbox expires the session (its status
+		// says so), and the next datagram must open a new session.
+		var opened uint64
+		eventually(t, "udp-idle session to expire", 15*time.Second, func() error {
+			st, err := adminStatus(t, sock)
+			if err != nil {
+				return err
 			}
+			m := findMapping(st, "udp-idle")
+			if m.SessionsActive != 0 || m.UDPSessionsExpired == 0 {
+				return fmt.Errorf("udp-idle: %d sessions active, %d expired", m.SessionsActive, m.UDPSessionsExpired)
+			}
+			opened = m.SessionsOpened
+			return nil
+		}, nb)
+		later := ask(1)[0]
+		st, err := adminStatus(t, sock)
+		if err != nil {
+			t.Fatal(err)
 		}
-		t.Errorf("session still %s after 9s of silence with idle_timeout = 2s", later)
+		if m := findMapping(st, "udp-idle"); m.SessionsOpened != opened+1 {
+			t.Errorf("datagram after the expiry: udp-idle sessions opened %d, want %d (a new session)", m.SessionsOpened, opened+1)
+		}
+		if later == first[0] {
+			t.Logf("the new session's socket got the old one's port again (%s)", later)
+		}
 	})
 
 	t.Run("max_sessions refuses the connection over the limit", func(t *testing.T) {
@@ -273,20 +300,23 @@ func TestGateway(t *testing.T) {
 		}, nb)
 	})
 
-	t.Run("closed tcp sessions leave no file descriptors behind", func(t *testing.T) {
-		before := openFDs(t, nb)
+	t.Run("closed sessions leave no file descriptors behind", func(t *testing.T) {
+		// Both counts are taken with natbox idle, so a session expiring
+		// during the count cannot hide a leaked descriptor.
+		before := idleFDs(t, sock, nb)
 		r := g.client.tool("tcp-echo", "-addr", pub(7000), "-size", "20000", "-n", "100", "-timeout", "5s")
 		if r.code != 0 {
 			t.Fatalf("100 sequential echoes: %s", r)
 		}
-		// UDP sessions of earlier subtests may expire meanwhile, so the count
-		// may drop below the baseline, never stay above it.
-		eventually(t, "fd count back to its baseline", 10*time.Second, func() error {
-			if now := openFDs(t, nb); now > before {
-				return fmt.Errorf("natbox has %d open fds, %d before 100 connections", now, before)
+		for i := range 10 { // ten UDP sessions, one per client port
+			r := g.client.tool("udp", "-addr", pub(7000), "-msg", "fd", "-lport", fmt.Sprint(41100+i), "-timeout", "5s")
+			if r.code != 0 || strings.TrimSpace(r.stdout) != "fd" {
+				t.Fatalf("udp echo %d: %s", i, r)
 			}
-			return nil
-		}, nb)
+		}
+		if after := idleFDs(t, sock, nb); after != before {
+			t.Fatalf("natbox holds %d fds idle after 100 TCP and 10 UDP sessions, %d idle before: %v", after, before, fdTargetsOf(nb))
+		}
 	})
 
 	t.Run("sigterm exits 0 and removes the tun and its routes", func(t *testing.T) {
@@ -314,6 +344,47 @@ func addrOf(s string) string {
 		return ""
 	}
 	return ap.Addr().String()
+}
+
+// idleFDs waits until natbox's status shows no open session (UDP sessions
+// of earlier traffic expired) and its descriptor count holds still across
+// two polls, and returns that count.
+func idleFDs(t *testing.T, sock string, nb *proc) int {
+	t.Helper()
+	eventually(t, "no session open", 30*time.Second, func() error {
+		st, err := adminStatus(t, sock)
+		if err != nil {
+			return err
+		}
+		for _, m := range st.Mappings {
+			if m.SessionsActive != 0 {
+				return fmt.Errorf("mapping %s has %d sessions open", m.Name, m.SessionsActive)
+			}
+		}
+		return nil
+	}, nb)
+	n := -1
+	eventually(t, "fd count to hold still", 10*time.Second, func() error {
+		prev := n
+		if n = openFDs(t, nb); n != prev {
+			return fmt.Errorf("%d fds, %d at the poll before", n, prev)
+		}
+		return nil
+	}, nb)
+	return n
+}
+
+// fdTargetsOf lists what a process's descriptors point at, for a failure message.
+func fdTargetsOf(p *proc) []string {
+	dir := fmt.Sprintf("/proc/%d/fd", p.cmd.Process.Pid)
+	ents, _ := os.ReadDir(dir)
+	var out []string
+	for _, e := range ents {
+		if target, err := os.Readlink(filepath.Join(dir, e.Name())); err == nil {
+			out = append(out, target)
+		}
+	}
+	return out
 }
 
 // openFDs counts the file descriptors a running process holds.

@@ -158,6 +158,12 @@ func TestOpsGateway(t *testing.T) {
 				problems = append(problems, fmt.Sprintf("tun packets in +%d out +%d, want at least a handshake's each way",
 					tun.PacketsIn-tun0.PacketsIn, tun.PacketsOut-tun0.PacketsOut))
 			}
+			// The TUN's netstack handed the three connection attempts to the
+			// forwarder and answered the two refused ones with RST.
+			ns, ns0 := st.Netstack["tun"], before.Netstack["tun"]
+			if req, rej := ns.Counters["tcp_requests"]-ns0.Counters["tcp_requests"], ns.Counters["tcp_rejected"]-ns0.Counters["tcp_rejected"]; req < 3 || rej < 2 {
+				problems = append(problems, fmt.Sprintf("netstack tun tcp_requests +%d tcp_rejected +%d, want >= 3 and >= 2", req, rej))
+			}
 			if st.Refusals["no_match"] <= before.Refusals["no_match"] {
 				problems = append(problems, fmt.Sprintf("refusals[no_match] %d, want > %d", st.Refusals["no_match"], before.Refusals["no_match"]))
 			}

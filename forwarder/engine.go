@@ -60,6 +60,12 @@ type Options struct {
 	// UDPQueueLen is how many datagrams a UDP session buffers toward its
 	// target (including while it dials) before dropping. Zero: 2048.
 	UDPQueueLen int
+
+	// Test seams, so a test can wait for a check instead of sleeping:
+	// onSweep runs after each expiry sweep, onIdleCheck after each idle
+	// check of a session (on the goroutine that reads it). Neither may block.
+	onSweep     func()
+	onIdleCheck func(expired bool)
 }
 
 // Engine forwards flows according to the current RuleSet. It is safe for
@@ -264,6 +270,7 @@ func (e *Engine) newSession(proto conf.Proto, in Ingress, r *Rule, src, dst neti
 	}
 	s.rule.Store(r)
 	s.idle.clock = e.clock
+	s.idle.checked = e.opts.onIdleCheck
 	s.idle.maxSleep = e.opts.IdleCheckInterval
 	s.idle.setIdle(r.idleFor(proto))
 	s.idle.touch()

@@ -213,6 +213,32 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 	}
 }
 
+// ticks returns a hook that hands each call to a receiver waiting on the
+// channel and drops calls nobody waits for, and the channel. A value received
+// therefore comes from a call made while the test waited.
+func ticks[T any]() (func(T), chan T) {
+	c := make(chan T)
+	return func(v T) {
+		select {
+		case c <- v:
+		default:
+		}
+	}, c
+}
+
+// nextTick waits for the next value on c.
+func nextTick[T any](t testing.TB, c chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-c:
+		return v
+	case <-time.After(10 * time.Second):
+		t.Fatalf("no %s within 10s", what)
+		var zero T
+		return zero
+	}
+}
+
 func mappingStatus(t testing.TB, e *Engine, name string) MappingStatus {
 	t.Helper()
 	for _, m := range e.Snapshot().Mappings {
@@ -260,3 +286,17 @@ func readAllTimeout(c net.Conn, d time.Duration) ([]byte, error) {
 }
 
 func itoa(p uint16) string { return strconv.Itoa(int(p)) }
+
+// expectEcho writes msg on c and reads it back from an echo target.
+func expectEcho(t testing.TB, c net.Conn, msg string) {
+	t.Helper()
+	if _, err := c.Write([]byte(msg)); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	buf := make([]byte, len(msg))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
+		t.Fatalf("echo = %q, %v; want %q", buf, err, msg)
+	}
+	c.SetReadDeadline(time.Time{})
+}

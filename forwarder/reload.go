@@ -109,6 +109,9 @@ func (e *Engine) runSweep() {
 			return
 		case <-t.C:
 			e.sweep()
+			if e.opts.onSweep != nil {
+				e.opts.onSweep()
+			}
 		}
 	}
 }

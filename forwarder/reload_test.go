@@ -177,21 +177,28 @@ func TestReloadChangedTargetCloses(t *testing.T) {
 	if f.wait(t) != "accepted" {
 		t.Fatal("rejected")
 	}
+	// The handler registers the session just after the accept.
+	waitFor(t, "session registered", func() bool { return len(e.Sessions()) == 1 })
 	m.IdleTimeout = conf.Duration(time.Hour) // keeps sessions
-	if _, err := e.Reload(config(m)); err != nil {
+	// Reload decides about every registered session before it returns.
+	diff, err := e.Reload(config(m))
+	if err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(20 * time.Millisecond)
-	if len(e.Sessions()) != 1 {
-		t.Fatal("idle change closed the session")
+	if diff.SessionsClosed != 0 || len(e.Sessions()) != 1 {
+		t.Fatalf("idle change closed the session: %+v", diff)
 	}
+	expectEcho(t, f.client, "still open")
 	m.Target = conf.Target{Host: "127.0.0.1", Ports: conf.PortRange{Lo: echo2, Hi: echo2}}
-	if _, err := e.Reload(config(m)); err != nil {
+	if diff, err = e.Reload(config(m)); err != nil {
 		t.Fatal(err)
+	}
+	if diff.SessionsClosed != 1 {
+		t.Fatalf("target change closed %d sessions, want 1", diff.SessionsClosed)
 	}
 	select {
 	case <-f.done:
-	case <-time.After(time.Second):
+	case <-time.After(5 * time.Second):
 		t.Fatal("target change kept the session")
 	}
 }
@@ -214,10 +221,11 @@ func TestReloadInvalidChangesNothing(t *testing.T) {
 	if _, err := e.Reload(config(bad)); err == nil {
 		t.Fatal("invalid reload accepted")
 	}
+	// A failed reload returns before it touches a session: nothing is left
+	// to happen later.
 	if e.rules.Load() != before {
 		t.Fatal("rule set swapped by a failed reload")
 	}
-	time.Sleep(20 * time.Millisecond)
 	f.client.Write([]byte("hi"))
 	buf := make([]byte, 2)
 	f.client.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -237,7 +245,8 @@ func TestExpirySweep(t *testing.T) {
 	m.Expires = clock.Now().Add(time.Hour)
 	m.ReviewBy = clock.Now().Add(-time.Hour)
 	core, logs := observer.New(zapcore.WarnLevel)
-	e, err := New(config(m), Options{Clock: clock, SweepInterval: 5 * time.Millisecond}, zap.New(core))
+	onSweep, sweeps := ticks[struct{}]()
+	e, err := New(config(m), Options{Clock: clock, SweepInterval: 5 * time.Millisecond, onSweep: func() { onSweep(struct{}{}) }}, zap.New(core))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -256,7 +265,9 @@ func TestExpirySweep(t *testing.T) {
 	case <-time.After(time.Second):
 		t.Fatal("expired mapping's session not closed")
 	}
-	time.Sleep(30 * time.Millisecond) // several more sweeps
+	for range 3 { // several more sweeps, all after the one that closed it
+		nextTick(t, sweeps, "expiry sweep")
+	}
 	if n := logs.FilterMessageSnippet("mapping expired").Len(); n != 1 {
 		t.Fatalf("%d expiry warnings, want 1", n)
 	}

@@ -34,9 +34,10 @@ var ErrIdleTimeout = errors.New("idle timeout")
 // timestamp, and a read deadline, armed only when it fires, re-checks it.
 type idleTimer struct {
 	clock    Clock
-	maxSleep time.Duration // 0: sleep until the idle timeout could fire
-	last     atomic.Int64  // unix nanos of the last traffic, by clock
-	idle     atomic.Int64  // nanoseconds; 0: never idle
+	maxSleep time.Duration      // 0: sleep until the idle timeout could fire
+	last     atomic.Int64       // unix nanos of the last traffic, by clock
+	idle     atomic.Int64       // nanoseconds; 0: never idle
+	checked  func(expired bool) // test seam (Options.onIdleCheck): after each check
 }
 
 func (t *idleTimer) touch()                  { t.last.Store(t.clock.Now().UnixNano()) }
@@ -45,6 +46,14 @@ func (t *idleTimer) setIdle(d time.Duration) { t.idle.Store(int64(d)) }
 // deadline returns the read deadline to arm next (zero: none), or expired
 // when the idle timeout has passed.
 func (t *idleTimer) deadline() (d time.Time, expired bool) {
+	d, expired = t.check()
+	if t.checked != nil {
+		t.checked(expired)
+	}
+	return d, expired
+}
+
+func (t *idleTimer) check() (d time.Time, expired bool) {
 	idle := t.idle.Load()
 	if idle <= 0 {
 		return time.Time{}, false

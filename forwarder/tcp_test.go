@@ -308,30 +308,39 @@ func TestTCPIdleTimeout(t *testing.T) {
 	echo := tcpEcho(t)
 	m := mapping("idle", conf.TCP, "80", "127.0.0.1:"+itoa(echo))
 	m.IdleTimeout = conf.Duration(time.Second)
-	e := newEngine(t, config(m), Options{})
+	clock := newFakeClock()
+	onCheck, checks := ticks[bool]()
+	e := newEngine(t, config(m), Options{Clock: clock, IdleCheckInterval: 5 * time.Millisecond, onIdleCheck: onCheck})
 	f := startTCP(t, e, newIngress(conf.IngressTUN), "203.0.113.1:1", "198.51.100.1:80")
 	if f.wait(t) != "accepted" {
 		t.Fatal("rejected")
 	}
-	// Traffic every 200 ms for 2 s keeps it open past 2 idle periods.
-	buf := make([]byte, 1)
-	for range 10 {
-		time.Sleep(200 * time.Millisecond)
-		f.client.Write([]byte{'x'})
-		f.client.SetReadDeadline(time.Now().Add(2 * time.Second))
-		if _, err := io.ReadFull(f.client, buf); err != nil {
-			t.Fatalf("session closed while active: %v", err)
+	// Each direction checks on its own goroutine, so of three checks the
+	// test sees, at least one began after it started waiting.
+	const checksSeen = 3
+	noExpiry := func(what string) {
+		t.Helper()
+		for range checksSeen {
+			if nextTick(t, checks, "idle check") {
+				t.Fatalf("session closed %s", what)
+			}
 		}
 	}
-	start := time.Now()
+	// Traffic every 200 ms for 2 s keeps it open past 2 idle periods.
+	for range 10 {
+		clock.Advance(200 * time.Millisecond)
+		expectEcho(t, f.client, "x")
+		noExpiry("while active")
+	}
+	clock.Advance(time.Second - time.Millisecond)
+	noExpiry("before the timeout")
+	clock.Advance(time.Millisecond)
 	select {
 	case <-f.done:
 	case <-time.After(5 * time.Second):
 		t.Fatal("idle session not closed")
 	}
-	if el := time.Since(start); el < 800*time.Millisecond {
-		t.Fatalf("closed after %v idle, before the timeout", el)
-	}
+	buf := make([]byte, 1)
 	f.client.SetReadDeadline(time.Now().Add(2 * time.Second))
 	if _, err := f.client.Read(buf); err == nil {
 		t.Fatal("client conn still open after idle close")

@@ -116,7 +116,8 @@ func TestUDPIdleExpiry(t *testing.T) {
 	clock := newFakeClock()
 	m := mapping("dns", conf.UDP, "53", "127.0.0.1:"+itoa(port))
 	m.IdleTimeout = conf.Duration(2 * time.Minute)
-	e := newEngine(t, config(m), Options{Clock: clock, IdleCheckInterval: 5 * time.Millisecond})
+	onCheck, checks := ticks[bool]()
+	e := newEngine(t, config(m), Options{Clock: clock, IdleCheckInterval: 5 * time.Millisecond, onIdleCheck: onCheck})
 	tun := newIngress(conf.IngressTUN)
 	client := netip.MustParseAddrPort("203.0.113.7:4444")
 	dst := netip.MustParseAddrPort("198.51.100.1:53")
@@ -127,7 +128,12 @@ func TestUDPIdleExpiry(t *testing.T) {
 	e.HandleUDP(tun, client, dst, []byte("q2")) // activity moves the idle point
 	tun.next(t)
 	clock.Advance(90 * time.Second) // 180 s since start, 90 s since traffic
-	time.Sleep(50 * time.Millisecond)
+	// The second idle check after the advance began after it: it saw 90 s.
+	for range 2 {
+		if nextTick(t, checks, "idle check") {
+			t.Fatal("idle check expired the session after 90 s idle")
+		}
+	}
 	if n := len(e.Sessions()); n != 1 {
 		t.Fatalf("%d sessions after 90 s idle, want 1", n)
 	}
@@ -158,12 +164,12 @@ func TestUDPMaxSessions(t *testing.T) {
 	for i := range 3 {
 		e.HandleUDP(tun, netip.MustParseAddrPort("203.0.113.1:"+itoa(uint16(1000+i))), dst, []byte("x"))
 	}
-	tun.next(t)
-	tun.next(t)
-	select {
-	case r := <-tun.replies:
-		t.Fatalf("third client got a reply: %+v", r)
-	case <-time.After(100 * time.Millisecond):
+	// HandleUDP admits or refuses before it returns: the third client has
+	// no session, so the two replies are the first two clients'.
+	for range 2 {
+		if r := tun.next(t); r.dst.Port() == 1002 {
+			t.Fatalf("third client got a reply: %+v", r)
+		}
 	}
 	if n := mappingStatus(t, e, "game").Refusals["over_limit_mapping_sessions"]; n != 1 {
 		t.Fatalf("refusals %d, want 1", n)

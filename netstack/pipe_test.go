@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"errors"
 	"os"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 )
@@ -88,7 +90,8 @@ func TestPipeCloseUnblocks(t *testing.T) {
 		_, err := a.Write([][]byte{make([]byte, 10)}, 0)
 		readErr <- err
 	}()
-	time.Sleep(20 * time.Millisecond)
+	// Close must find both calls blocked, or it proves nothing.
+	waitParked(t, "netstack.(*pipeDir).read(", "netstack.(*pipeDir).write(")
 	b.Close() // either end closes both
 	for i := 0; i < 2; i++ {
 		select {
@@ -105,5 +108,32 @@ func TestPipeCloseUnblocks(t *testing.T) {
 	}
 	if err := a.Close(); err != nil {
 		t.Fatalf("second close: %v", err)
+	}
+}
+
+// waitParked polls the goroutine dump until, for each function, a goroutine
+// with it on its stack is parked on a sync.Cond.
+func waitParked(t *testing.T, funcs ...string) {
+	t.Helper()
+	buf := make([]byte, 1<<20)
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		dump := string(buf[:runtime.Stack(buf, true)])
+		parked := 0
+		for _, fn := range funcs {
+			for _, g := range strings.Split(dump, "\n\n") {
+				header, _, _ := strings.Cut(g, "\n")
+				if strings.Contains(header, "[sync.Cond.Wait") && strings.Contains(g, fn) {
+					parked++
+					break
+				}
+			}
+		}
+		if parked == len(funcs) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not every one of %q is parked:\n%s", funcs, dump)
+		}
+		time.Sleep(time.Millisecond)
 	}
 }

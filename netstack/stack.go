@@ -622,7 +622,9 @@ func tcpipAddr(a netip.Addr) tcpip.Address {
 	return tcpip.AddrFrom16(a.As16())
 }
 
-// Stats is a snapshot of the Stack's counters.
+// Stats is a snapshot of the Stack's counters. natbox status and /metrics
+// export every field by reflection (admin.CountersOf): an unsigned field is a
+// counter unless tagged `stats:"gauge"`, a nested struct is a group by reason.
 type Stats struct {
 	PacketsIn, BytesIn   uint64 // read from the device
 	PacketsOut, BytesOut uint64 // written to the device
@@ -645,7 +647,7 @@ type Stats struct {
 	// TimeWaitReopened counts SYNs that replaced a TIME_WAIT endpoint.
 	TimeWaitReopened uint64
 	TCPRetransmits   uint64
-	TCPEstablished   uint64 // currently established
+	TCPEstablished   uint64 `stats:"gauge"` // currently established
 	// QueueFullWaits counts writers that blocked on a full outward queue.
 	QueueFullWaits uint64
 	// DirectWrites counts packets written on the sender's goroutine because

@@ -1,6 +1,8 @@
 package tunnel
 
 import (
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -21,10 +23,23 @@ func TestGateWaitsForPacketsToLeave(t *testing.T) {
 		g.wait()
 		close(released)
 	}()
+	// Parked in wait's select, the feeder can only leave through a leave
+	// (the stall is an hour away).
+	for deadline := time.Now().Add(10 * time.Second); !parked("tunnel.(*gate).wait(", "[select"); {
+		select {
+		case <-released:
+			t.Fatal("a full gate let its feeder through with nothing leaving")
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the feeder neither waits in the gate nor got through")
+		}
+		time.Sleep(time.Millisecond)
+	}
 	select {
 	case <-released:
 		t.Fatal("a full gate let its feeder through with nothing leaving")
-	case <-time.After(50 * time.Millisecond):
+	default:
 	}
 	g.leave(1)
 	select {
@@ -86,4 +101,16 @@ func TestIsData(t *testing.T) {
 			t.Errorf("%s: isData = %v, want %v", tt.name, got, tt.want)
 		}
 	}
+}
+
+// parked reports whether a goroutine with fn on its stack is blocked in the
+// given state ("[select", "[chan receive", ...).
+func parked(fn, state string) bool {
+	buf := make([]byte, 1<<20)
+	for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+		if header, _, _ := strings.Cut(g, "\n"); strings.Contains(header, state) && strings.Contains(g, fn) {
+			return true
+		}
+	}
+	return false
 }

@@ -150,6 +150,16 @@ func TestStatusSessionsAndMetricsMatchTraffic(t *testing.T) {
 		}
 	}
 	wantRefusals(t, "status unmatched", st.Refusals, map[string]uint64{"no_match": 1})
+	// The TUN's netstack handed over six connection attempts (three web, the
+	// denied one, the unmatched one, held) and answered two with RST; the
+	// two DNS datagrams took the UDP fast path.
+	tun := st.Netstack["tun"]
+	if c := tun.Counters; c["tcp_requests"] != 6 || c["tcp_rejected"] != 2 || c["udp_fast_path"] != 2 || c["packets_in"] == 0 {
+		t.Errorf("status netstack tun = %+v, want 6 TCP requests, 2 rejected, 2 UDP fast path", tun)
+	}
+	if g := tun.Gauges["tcp_established"]; g != 1 {
+		t.Errorf("status netstack tun: tcp_established = %d, want 1 (held)", g)
+	}
 
 	ss, err := cl.Sessions(ctx, "")
 	if err != nil {
@@ -179,22 +189,28 @@ func TestStatusSessionsAndMetricsMatchTraffic(t *testing.T) {
 
 	metrics := scrape(t, metricsAddr)
 	for series, value := range map[string]string{
-		`natbox_mapping_hits_total{mapping="web"}`:                   "4",
-		`natbox_mapping_sessions_opened_total{mapping="web"}`:        "3",
-		`natbox_mapping_sessions_active{mapping="web"}`:              "0",
-		`natbox_mapping_bytes_total{direction="in",mapping="web"}`:   "3000",
-		`natbox_mapping_bytes_total{direction="out",mapping="web"}`:  "7500",
-		`natbox_refusals_total{mapping="web",reason="denied"}`:       "1",
-		`natbox_mapping_sessions_active{mapping="held"}`:             "1",
-		`natbox_mapping_bytes_total{direction="in",mapping="held"}`:  "123",
-		`natbox_mapping_bytes_total{direction="out",mapping="held"}`: "123",
-		`natbox_mapping_sessions_opened_total{mapping="dns"}`:        "1",
-		`natbox_mapping_bytes_total{direction="in",mapping="dns"}`:   "200",
-		`natbox_mapping_bytes_total{direction="out",mapping="dns"}`:  "200",
-		`natbox_refusals_total{mapping="",reason="no_match"}`:        "1",
-		`natbox_dial_latency_seconds_count{mapping="web"}`:           "3",
-		`natbox_mapping_active{mapping="dns"}`:                       "1",
-		`natbox_inflight_dials`:                                      "0",
+		`natbox_mapping_hits_total{mapping="web"}`:                         "4",
+		`natbox_mapping_sessions_opened_total{mapping="web"}`:              "3",
+		`natbox_mapping_sessions_active{mapping="web"}`:                    "0",
+		`natbox_mapping_bytes_total{direction="in",mapping="web"}`:         "3000",
+		`natbox_mapping_bytes_total{direction="out",mapping="web"}`:        "7500",
+		`natbox_refusals_total{mapping="web",reason="denied"}`:             "1",
+		`natbox_mapping_sessions_active{mapping="held"}`:                   "1",
+		`natbox_mapping_bytes_total{direction="in",mapping="held"}`:        "123",
+		`natbox_mapping_bytes_total{direction="out",mapping="held"}`:       "123",
+		`natbox_mapping_sessions_opened_total{mapping="dns"}`:              "1",
+		`natbox_mapping_bytes_total{direction="in",mapping="dns"}`:         "200",
+		`natbox_mapping_bytes_total{direction="out",mapping="dns"}`:        "200",
+		`natbox_refusals_total{mapping="",reason="no_match"}`:              "1",
+		`natbox_dial_latency_seconds_count{mapping="web"}`:                 "3",
+		`natbox_mapping_active{mapping="dns"}`:                             "1",
+		`natbox_inflight_dials`:                                            "0",
+		`natbox_netstack_tcp_requests_total{stack="tun"}`:                  "6",
+		`natbox_netstack_tcp_rejected_total{stack="tun"}`:                  "2",
+		`natbox_netstack_udp_fast_path_total{stack="tun"}`:                 "2",
+		`natbox_netstack_tcp_established{stack="tun"}`:                     "1",
+		`natbox_netstack_invalid_total{reason="tcp_checksum",stack="tun"}`: "0",
+		`natbox_forwarder_active_sessions`:                                 "2",
 	} {
 		if got, ok := metrics[series]; !ok || got != value {
 			t.Errorf("metric %s = %q (present %v), want %s", series, got, ok, value)

@@ -32,9 +32,10 @@ type Appliance struct {
 	mu  sync.Mutex // guards cfg and serializes Reload
 	cfg *conf.Config
 
-	tunName string         // the kernel TUN natbox created; "" without one
-	uplink  *tunnel.Uplink // nil without [uplink]
-	admin   *admin.Server  // nil without a control socket or HTTP listener
+	tunName   string         // the kernel TUN natbox created; "" without one
+	ingresses []*ingress     // one netstack each: the TUN's, the uplink's; status reads their counters
+	uplink    *tunnel.Uplink // nil without [uplink]
+	admin     *admin.Server  // nil without a control socket or HTTP listener
 
 	teardown teardown
 }
@@ -116,6 +117,7 @@ func (a *Appliance) startTUN(c *conf.TUN, dev tun.Device) error {
 		return err
 	}
 	a.teardown.add(in.Close)
+	a.ingresses = append(a.ingresses, in)
 	a.log.Info("tun up", zap.String("name", name), zap.Int("mtu", c.MTU),
 		zap.Stringers("addresses", c.Addresses), zap.Stringers("routes", c.Routes))
 	return nil
@@ -133,6 +135,7 @@ func (a *Appliance) startUplink(cfg *conf.Config) error {
 		return err
 	}
 	a.teardown.add(in.Close)
+	a.ingresses = append(a.ingresses, in)
 	up, err := tunnel.NewUplink(u, outer, in.stack, a.log.Named("uplink"))
 	if err != nil {
 		return err

@@ -148,6 +148,10 @@ target   = %q
 		!slices.Contains(st.Uplink.Registered, fmt.Sprintf("tcp/%d", publicPort)) {
 		t.Fatalf("appliance status = %+v, uplink %+v", st.Mappings, st.Uplink)
 	}
+	// The flow came in through the uplink's netstack; there is no TUN stack.
+	if up, ok := st.Netstack[conf.IngressUplink]; !ok || up.Counters["tcp_requests"] < 1 || len(st.Netstack) != 1 || st.Uplink.State != admin.UplinkRegistered {
+		t.Fatalf("appliance netstack = %+v, uplink state %q", st.Netstack, st.Uplink.State)
+	}
 
 	rcl, err := admin.Dial(relaySocket)
 	if err != nil {
@@ -162,6 +166,10 @@ target   = %q
 		!slices.Contains(rst.Relay.Peers[0].Registered, fmt.Sprintf("tcp/%d", publicPort)) ||
 		rst.Relay.Peers[0].SessionsActive != 1 || rst.Relay.Peers[0].SessionsOpened != 1 {
 		t.Fatalf("relay status = %+v", rst.Relay)
+	}
+	if rs := rst.Netstack["relay"]; rs.Counters["packets_in"] == 0 || rst.Relay.Peers[0].Stats.Gauges["connected"] != 1 ||
+		rst.Relay.Stats.Gauges["tcp_sessions"] != 1 {
+		t.Fatalf("relay netstack = %+v, relay stats %+v, peer stats %+v", rs, rst.Relay.Stats, rst.Relay.Peers[0].Stats)
 	}
 
 	c.Close()

@@ -8,6 +8,7 @@ import (
 	"github.com/natbox/natbox/admin"
 	"github.com/natbox/natbox/conf"
 	"github.com/natbox/natbox/forwarder"
+	"github.com/natbox/natbox/netstack"
 	"github.com/natbox/natbox/tunnel"
 )
 
@@ -20,14 +21,11 @@ type applianceSource struct {
 
 func (s applianceSource) Status() admin.Status {
 	cfg := s.a.config()
-	snap := s.a.engine.Snapshot()
-	st := admin.Status{
-		Time:          time.Now(),
-		Version:       s.version,
-		ConfigPath:    cfg.Path,
-		StartedAt:     s.started,
-		Refusals:      nonZero(snap.Unmatched),
-		InflightDials: snap.InflightDials,
+	st := engineStatus(s.a.engine.Snapshot())
+	st.Time, st.Version, st.ConfigPath, st.StartedAt = time.Now(), s.version, cfg.Path, s.started
+	st.Netstack = make(map[string]admin.Counters, len(s.a.ingresses))
+	for _, in := range s.a.ingresses {
+		st.Netstack[in.name] = netstackStatus(in.stack.Stats())
 	}
 	byName := make(map[string]*conf.Mapping, len(cfg.Mappings))
 	for i := range cfg.Mappings {
@@ -49,56 +47,100 @@ func (s applianceSource) Status() admin.Status {
 			relayRefused[r.Port] = r.Reason
 		}
 	}
+	for i := range st.Mappings {
+		m := &st.Mappings[i]
+		cm := byName[m.Name]
+		if cm == nil {
+			continue
+		}
+		m.Ingress = cm.Ingress
+		m.Description, m.Owner = cm.Description, cm.Owner
+		for _, p := range cm.Allow {
+			m.Allow = append(m.Allow, p.String())
+		}
+		if reason := refusedByRelay(cm, cfg, relayRefused); reason != "" {
+			m.RelayRefusal = reason
+			if !cm.ServesIngress(conf.IngressTUN, cfg) && m.State == admin.StateActive {
+				m.State = admin.StateRefusedByRelay
+			}
+		}
+	}
+	return st
+}
+
+// The fields of each status struct that this file shows by hand. Every other
+// field is exported by admin.CountersOf (integers, bools, groups of them), so
+// a counter added to one of these structs reaches natbox status and /metrics
+// with no code here; export_test.go fails for a field neither covers.
+var (
+	engineByHand  = []string{"Mappings", "Unmatched", "InflightDials"}
+	mappingByHand = []string{
+		"Name", "Protocol", "Listen", "Target", "Enabled", "Expired", "ReviewOverdue", "Expires", "ReviewBy",
+		"Hits", "SessionsOpened", "SessionsActive", "BytesIn", "BytesOut", "LastUsed", "Refusals",
+		"UDPExpired", "UDPDropped", "DialLatency",
+	}
+	uplinkByHand    = []string{"State", "Relay", "Endpoint", "Peer", "LastHandshake", "RxBytes", "TxBytes", "Registered", "Refused"}
+	relayByHand     = []string{"Peers"}
+	relayPeerByHand = []string{
+		"Name", "PublicKey", "Address", "Endpoint", "LastHandshake", "RxBytes", "TxBytes", "Ports", "Refused",
+		"SessionsActive", "SessionsOpened", "DialFailures",
+	}
+)
+
+// netstackStatus is every counter of one stack: netstack.Stats has nothing
+// to show by hand.
+func netstackStatus(ns netstack.Stats) admin.Counters { return admin.CountersOf(ns) }
+
+// engineStatus is what the forwarder's snapshot says, before the config adds
+// its descriptions.
+func engineStatus(snap forwarder.Status) admin.Status {
+	st := admin.Status{
+		Refusals:      nonZero(snap.Unmatched),
+		InflightDials: snap.InflightDials,
+		Forwarder:     admin.CountersOf(snap, engineByHand...),
+	}
 	budget := map[string]uint64{}
 	for _, ms := range snap.Mappings {
-		m := admin.Mapping{
-			Name:               ms.Name,
-			State:              admin.StateActive,
-			Protocol:           ms.Protocol,
-			Listen:             ms.Listen,
-			Target:             ms.Target,
-			Hits:               ms.Hits,
-			SessionsOpened:     ms.SessionsOpened,
-			SessionsActive:     ms.SessionsActive,
-			BytesIn:            ms.BytesIn,
-			BytesOut:           ms.BytesOut,
-			LastUsed:           ms.LastUsed,
-			Refusals:           ms.Refusals, // every reason, zeros too: Prometheus rate() needs the series from the start
-			UDPSessionsExpired: ms.UDPExpired,
-			UDPDropped:         ms.UDPDropped,
-			DialLatency:        histogram(ms.DialLatency),
-			ReviewBy:           ms.ReviewBy,
-			Expires:            ms.Expires,
-			ReviewOverdue:      ms.ReviewOverdue,
-		}
+		st.Mappings = append(st.Mappings, mappingStatus(ms))
 		for reason, n := range ms.Refusals {
 			if limit, ok := budgetLimit[reason]; ok && n > 0 {
 				budget[limit] += n
 			}
 		}
-		switch {
-		case !ms.Enabled:
-			m.State = admin.StateDisabled
-		case ms.Expired:
-			m.State = admin.StateExpired
-		}
-		if cm := byName[ms.Name]; cm != nil {
-			m.Ingress = cm.Ingress
-			m.Description, m.Owner = cm.Description, cm.Owner
-			for _, p := range cm.Allow {
-				m.Allow = append(m.Allow, p.String())
-			}
-			if reason := refusedByRelay(cm, cfg, relayRefused); reason != "" {
-				m.RelayRefusal = reason
-				if !cm.ServesIngress(conf.IngressTUN, cfg) && m.State == admin.StateActive {
-					m.State = admin.StateRefusedByRelay
-				}
-			}
-		}
-		st.Mappings = append(st.Mappings, m)
 	}
 	st.BudgetHits = nonZero(budget)
 	return st
+}
+
+func mappingStatus(ms forwarder.MappingStatus) admin.Mapping {
+	m := admin.Mapping{
+		Name:               ms.Name,
+		State:              admin.StateActive,
+		Protocol:           ms.Protocol,
+		Listen:             ms.Listen,
+		Target:             ms.Target,
+		Hits:               ms.Hits,
+		SessionsOpened:     ms.SessionsOpened,
+		SessionsActive:     ms.SessionsActive,
+		BytesIn:            ms.BytesIn,
+		BytesOut:           ms.BytesOut,
+		LastUsed:           ms.LastUsed,
+		Refusals:           ms.Refusals, // every reason, zeros too: Prometheus rate() needs the series from the start
+		UDPSessionsExpired: ms.UDPExpired,
+		UDPDropped:         ms.UDPDropped,
+		DialLatency:        histogram(ms.DialLatency),
+		ReviewBy:           ms.ReviewBy,
+		Expires:            ms.Expires,
+		ReviewOverdue:      ms.ReviewOverdue,
+		Stats:              admin.CountersOf(ms, mappingByHand...),
+	}
+	switch {
+	case !ms.Enabled:
+		m.State = admin.StateDisabled
+	case ms.Expired:
+		m.State = admin.StateExpired
+	}
+	return m
 }
 
 // budgetLimit names the shared budget behind each over-limit refusal reason,
@@ -182,6 +224,8 @@ func nonZero(m map[string]uint64) map[string]uint64 {
 
 func uplinkStatus(c *conf.Uplink, us tunnel.UplinkStatus) admin.Uplink {
 	return admin.Uplink{
+		State:         us.State,
+		Peer:          us.Peer,
 		Relay:         us.Relay,
 		Endpoint:      us.Endpoint,
 		Address:       c.Address.String(),
@@ -190,6 +234,7 @@ func uplinkStatus(c *conf.Uplink, us tunnel.UplinkStatus) admin.Uplink {
 		BytesOut:      us.TxBytes,
 		Registered:    us.Registered,
 		Refused:       refusals(us.Refused),
+		Stats:         admin.CountersOf(us, uplinkByHand...),
 	}
 }
 
@@ -213,17 +258,25 @@ func (s relaySource) Status() admin.Status {
 	s.n.mu.Lock()
 	cfg := s.n.cfg
 	s.n.mu.Unlock()
-	rs := s.n.relay.Status()
+	return admin.Status{
+		Time: time.Now(), Version: s.version, ConfigPath: cfg.Path, StartedAt: s.started,
+		Relay:    relayStatus(cfg, s.n.relay.Status()),
+		Netstack: map[string]admin.Counters{"relay": netstackStatus(s.n.stack.Stats())},
+	}
+}
+
+func relayStatus(cfg *conf.RelayConfig, rs tunnel.RelayStatus) *admin.Relay {
 	allowed := make(map[string][]string, len(cfg.Peers))
 	for _, p := range cfg.Peers {
 		for _, spec := range p.Ports {
 			allowed[p.Name] = append(allowed[p.Name], spec.String())
 		}
 	}
-	r := &admin.Relay{Listen: cfg.Relay.Listen}
+	r := &admin.Relay{Listen: cfg.Relay.Listen, Stats: admin.CountersOf(rs, relayByHand...)}
 	for _, p := range rs.Peers {
 		r.Peers = append(r.Peers, admin.RelayPeer{
 			Name:           p.Name,
+			PublicKey:      p.PublicKey,
 			Address:        p.Address.String(),
 			Endpoint:       p.Endpoint,
 			LastHandshake:  p.LastHandshake,
@@ -235,9 +288,10 @@ func (s relaySource) Status() admin.Status {
 			SessionsActive: p.SessionsActive,
 			SessionsOpened: p.SessionsOpened,
 			DialFailures:   p.DialFailures,
+			Stats:          admin.CountersOf(p, relayPeerByHand...),
 		})
 	}
-	return admin.Status{Time: time.Now(), Version: s.version, ConfigPath: cfg.Path, StartedAt: s.started, Relay: r}
+	return r
 }
 
 func (s relaySource) Sessions(string) []admin.Session { return nil }
