@@ -135,7 +135,7 @@ type MappingStatus struct {
 	UDPDropped     uint64            // datagrams dropped: full queue, failed dial, stray replies
 	TCPExpired     uint64            // TCP sessions reset by the idle timeout
 	ResetsToClient uint64            // RSTs passed to the client: the target reset, or its leg failed
-	ResetsToTarget uint64            // RSTs passed to the target: the client reset, or its leg failed
+	ResetsToTarget uint64            // RSTs passed to the target: the client reset (also during its handshake), or its leg failed
 	DialLatency    Histogram
 }
 

@@ -86,8 +86,12 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 	}
 	client, err := attempt.Accept()
 	if err != nil {
-		// The client is gone: the target must not read a clean, empty request.
+		// The client is gone (typically it reset while its handshake
+		// completed): the target must not read a clean, empty request.
 		closeWithReset(upstream)
+		if !e.closing.Load() {
+			r.state.resetsToTarget.Add(1)
+		}
 		e.releaseSlot(r.state)
 		e.log.Debug("client gone before accept", zap.String("rule", r.Name), zap.Stringer("src", src), zap.Error(err))
 		return
