@@ -26,14 +26,20 @@ func TestRelayPassesResets(t *testing.T) {
 		_, err := testutil.ReadToError(c, 15*time.Second)
 		targetErr <- err
 	})
-	cutPort, readerPort := freePort(t, false), freePort(t, false)
-	cutSpec, readerSpec := fmt.Sprintf("tcp/%d", cutPort), fmt.Sprintf("tcp/%d", readerPort)
+	rude := testutil.ServeTCP(t, "127.0.0.1:0", func(c *net.TCPConn) { c.SetLinger(0); c.Close() })
+	cutPort, readerPort, rudePort := freePort(t, false), freePort(t, false), freePort(t, false)
+	cutSpec, readerSpec, rudeSpec := fmt.Sprintf("tcp/%d", cutPort), fmt.Sprintf("tcp/%d", readerPort), fmt.Sprintf("tcp/%d", rudePort)
 	key := mustKey(t)
-	relay := startRelay(t, onePeerRelayConfig(t, key, cutSpec, readerSpec), testLogger(t))
+	relay := startRelay(t, onePeerRelayConfig(t, key, cutSpec, readerSpec, rudeSpec), testLogger(t))
 	// No PROXY header: the targets' first bytes are the client's.
 	a := startAppliance(t, relay, key, applAddrA,
-		mappingTOML("cut", "tcp", cutPort, cut.Port(), "")+mappingTOML("reader", "tcp", readerPort, reader.Port(), ""))
-	waitRegistered(t, a, cutSpec, readerSpec)
+		mappingTOML("cut", "tcp", cutPort, cut.Port(), "")+mappingTOML("reader", "tcp", readerPort, reader.Port(), "")+
+			mappingTOML("rude", "tcp", rudePort, rude.Port(), ""))
+	waitRegistered(t, a, cutSpec, readerSpec, rudeSpec)
+
+	t.Run("target resets at once", func(t *testing.T) {
+		expectReset(t, netip.AddrPortFrom(loopback4, rudePort))
+	})
 
 	t.Run("target resets", func(t *testing.T) {
 		c, err := net.DialTimeout("tcp", netip.AddrPortFrom(loopback4, cutPort).String(), 5*time.Second)

@@ -26,8 +26,31 @@ func TestTCPResetsPassThrough(t *testing.T) {
 		_, err := testutil.ReadToError(c, 10*time.Second)
 		targetErr <- err
 	})
+	rude := serveTCP(t, func(c *net.TCPConn) { c.SetLinger(0); c.Close() })
 	h := newHarness(t, spec{Mappings: mapping("cut", "tcp", "8080", cut.String()) +
-		mapping("reader", "tcp", "8081", reader.String())}, app.Options{})
+		mapping("reader", "tcp", "8081", reader.String()) + mapping("rude", "tcp", "8082", rude.String())}, app.Options{})
+
+	t.Run("target resets at once", func(t *testing.T) {
+		// natbox completes the client's handshake once its dial of the
+		// target returned: a reset that beats that dial fails it (the
+		// client is refused, as if it had connected directly); a later one
+		// meets the client's dial or its first read.
+		c, err := h.dial(ap(client4, 0), ap(public4, 8082))
+		if errors.Is(err, errRefused) && h.mappingStatus("rude").Refusals["dial_failed"] == 1 {
+			return
+		}
+		if err == nil {
+			defer c.Close()
+			var got []byte
+			got, err = testutil.ReadToError(c, 10*time.Second)
+			if len(got) != 0 {
+				t.Fatalf("client read %q from a target that sent nothing", got)
+			}
+		}
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("client: %v, want connection reset", err)
+		}
+	})
 
 	t.Run("target resets", func(t *testing.T) {
 		c := h.mustDial(ap(client4, 0), ap(public4, 8080))
