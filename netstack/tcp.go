@@ -39,9 +39,9 @@ type TCPRequest struct {
 // errCompleted is returned by a second Accept.
 var errCompleted = errors.New("netstack: tcp request already accepted or rejected")
 
-// Accept completes the handshake and returns the client connection, which
-// has CloseRead, CloseWrite and Abort (see TCPConn). It fails if the client went
-// away meanwhile, the stack is closing, or the request was already answered.
+// Accept completes the handshake and returns the client connection, a
+// TCPConn. It fails if the client went away meanwhile, the stack is
+// closing, or the request was already answered.
 func (r *TCPRequest) Accept() (net.Conn, error) {
 	if !r.done.CompareAndSwap(false, true) {
 		return nil, errCompleted
@@ -192,8 +192,7 @@ func (s *Stack) setKeepalive(ep tcpip.Endpoint) {
 // DialTCP opens a TCP connection from src to dst through the link. src may be
 // any address (spoofing) with port 0 for an ephemeral port; the relay uses it
 // to originate flows with the public client's own address. Cancelling ctx
-// aborts the attempt. The conn has CloseRead, CloseWrite and Abort (see
-// TCPConn).
+// aborts the attempt. The conn is a TCPConn.
 func (s *Stack) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn, error) {
 	if s.closing.Load() {
 		return nil, ErrClosed
