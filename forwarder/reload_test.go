@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"errors"
 	"io"
 	"net"
 	"net/netip"
 	"slices"
+	"syscall"
 	"testing"
 	"time"
 
@@ -108,8 +110,9 @@ func TestReloadRemovedClosesSessions(t *testing.T) {
 	}
 	start := time.Now()
 	gone.client.SetReadDeadline(time.Now().Add(time.Second))
-	if _, err := gone.client.Read(make([]byte, 1)); err == nil || isTimeout(err) {
-		t.Fatalf("removed mapping's session still open: %v", err)
+	// Cut, not finished: a reset, never a clean end.
+	if _, err := gone.client.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("removed mapping's session: read %v, want connection reset", err)
 	}
 	waitFor(t, "removed sessions gone", func() bool { return len(e.Sessions()) == 1 })
 	if el := time.Since(start); el > time.Second {
@@ -322,6 +325,10 @@ func TestShutdown(t *testing.T) {
 		t.Fatalf("shutdown returned after %v, before the grace ended", el)
 	}
 	<-lingering.done
+	lingering.client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := lingering.client.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("session cut at shutdown: read %v, want connection reset", err)
+	}
 	if n := len(e.Sessions()); n != 0 {
 		t.Fatalf("%d sessions after shutdown", n)
 	}

@@ -76,11 +76,35 @@ func isTimeout(err error) bool {
 type closeWriter interface{ CloseWrite() error }
 type closeReader interface{ CloseRead() error }
 
+// aborter is a conn that can close with an RST instead of a FIN (netstack's
+// TCP conns).
+type aborter interface{ Abort() error }
+
+// lingerer is a conn whose Close sends an RST after SetLinger(0)
+// (*net.TCPConn).
+type lingerer interface{ SetLinger(sec int) error }
+
+// closeWithReset closes c with an RST where c can send one, so its peer
+// reads "connection reset" rather than a clean end of stream.
+func closeWithReset(c net.Conn) error {
+	switch c := c.(type) {
+	case aborter:
+		return c.Abort()
+	case lingerer:
+		c.SetLinger(0)
+	}
+	return c.Close()
+}
+
 // Splice copies a to b and b to a until both directions end, propagating
-// half-close: after EOF from one side it shuts the other side's write half
-// (closing it outright when it cannot half-close) and its own read half. An
-// error in either direction, ctx being done, or no traffic either way for
-// idle (0: never) closes both conns. It always closes a and b before
+// half-close: after a clean EOF from one side it shuts the other side's
+// write half (closing it outright when it cannot half-close) and its own
+// read half. Anything else cuts the stream, and a cut stream must not look
+// complete to either side, so it closes both conns with an RST (where the
+// conn type can send one): a read or write error on either side (a reset,
+// a keepalive timeout, ...), also while the other side is half-closed; ctx
+// being done; and no traffic either way for idle (0: never). By convention
+// a is the client and b the target. It always closes a and b before
 // returning. err is nil after two clean EOFs, ErrIdleTimeout, the context's
 // cause, or the first copy error, wrapped with its direction.
 func Splice(ctx context.Context, a, b net.Conn, idle time.Duration) (aToB, bToA int64, err error) {
@@ -89,7 +113,7 @@ func Splice(ctx context.Context, a, b net.Conn, idle time.Duration) (aToB, bToA 
 	t.setIdle(idle)
 	t.touch()
 	sp := newSplicer(a, b, &t)
-	stop := context.AfterFunc(ctx, sp.closeBoth)
+	stop := context.AfterFunc(ctx, sp.resetBoth)
 	defer stop()
 	aToB, bToA, err = sp.run(nil, nil)
 	if ctx.Err() != nil && !errors.Is(err, ErrIdleTimeout) {
@@ -98,10 +122,11 @@ func Splice(ctx context.Context, a, b net.Conn, idle time.Duration) (aToB, bToA 
 	return aToB, bToA, err
 }
 
-// splicer is one splice's shared state.
+// splicer is one splice's shared state; a is the client, b the target.
 type splicer struct {
 	a, b      net.Conn
 	idle      *idleTimer
+	resets    *resetCounter // optional
 	closeOnce sync.Once
 	closed    atomic.Bool // set before the conns close: later errors are ours
 	idled     atomic.Bool
@@ -113,23 +138,41 @@ func newSplicer(a, b net.Conn, idle *idleTimer) *splicer {
 	return &splicer{a: a, b: b, idle: idle}
 }
 
-// closeBoth closes both conns, which ends both copy directions; safe to
-// call from any goroutine, any number of times.
-func (sp *splicer) closeBoth() {
+// end closes both conns, with RSTs if reset, and reports whether this call
+// closed them (only the first call does); safe to call from any goroutine.
+func (sp *splicer) end(reset bool) (first bool) {
 	sp.closeOnce.Do(func() {
+		first = true
 		sp.closed.Store(true)
+		if reset {
+			closeWithReset(sp.a)
+			closeWithReset(sp.b)
+			return
+		}
 		sp.a.Close()
 		sp.b.Close()
 	})
+	return first
 }
 
+// closeBoth closes both conns after the stream ended cleanly.
+func (sp *splicer) closeBoth() { sp.end(false) }
+
+// resetBoth cuts the stream: both peers get an RST.
+func (sp *splicer) resetBoth() { sp.end(true) }
+
 // fail records the first error that we did not cause ourselves by closing,
-// and aborts both directions.
-func (sp *splicer) fail(err error) {
-	if !sp.closed.Load() && !errors.Is(err, net.ErrClosed) && !errors.Is(err, io.ErrClosedPipe) {
-		sp.errOnce.Do(func() { sp.err = err })
+// and resets both conns. leg is the conn whose read or write failed; the
+// reset passed to the other one is counted.
+func (sp *splicer) fail(err error, leg net.Conn) {
+	if sp.closed.Load() || errors.Is(err, net.ErrClosed) || errors.Is(err, io.ErrClosedPipe) {
+		sp.resetBoth()
+		return
 	}
-	sp.closeBoth()
+	sp.errOnce.Do(func() { sp.err = err })
+	if sp.end(true) {
+		sp.resets.count(leg == sp.b)
+	}
 }
 
 // run splices until both directions end; live byte counts go to the
@@ -177,7 +220,7 @@ func (sp *splicer) copy(dst, src net.Conn, dir string, n *byteCounter) int64 {
 			written += int64(nw)
 			n.add(nw)
 			if werr != nil {
-				sp.fail(fmt.Errorf("%s: write: %w", dir, werr))
+				sp.fail(fmt.Errorf("%s: write: %w", dir, werr), dst)
 				return written
 			}
 		}
@@ -194,6 +237,11 @@ func (sp *splicer) copy(dst, src net.Conn, dir string, n *byteCounter) int64 {
 		switch {
 		case rerr == nil:
 		case rerr == io.EOF:
+			if sp.closed.Load() {
+				// A netstack conn reads EOF once we closed it: that EOF is
+				// ours, and passing it on as a FIN could beat the RST.
+				return written
+			}
 			if cw, ok := dst.(closeWriter); ok {
 				cw.CloseWrite()
 			} else {
@@ -208,14 +256,32 @@ func (sp *splicer) copy(dst, src net.Conn, dir string, n *byteCounter) int64 {
 			d, expired := sp.idle.deadline()
 			if expired {
 				sp.idled.Store(true)
-				sp.closeBoth()
+				// The stream was cut, not finished: a FIN could pass a
+				// truncated answer off as complete.
+				sp.resetBoth()
 				return written
 			}
 			src.SetReadDeadline(d)
 		default:
-			sp.fail(fmt.Errorf("%s: read: %w", dir, rerr))
+			sp.fail(fmt.Errorf("%s: read: %w", dir, rerr), src)
 			return written
 		}
+	}
+}
+
+// resetCounter counts the resets a splice passed on, by the leg that got
+// them; a nil counter counts nothing.
+type resetCounter struct{ toClient, toTarget *atomic.Uint64 }
+
+// count counts one reset passed on after the target's leg failed
+// (fromTarget) or the client's.
+func (c *resetCounter) count(fromTarget bool) {
+	switch {
+	case c == nil:
+	case fromTarget:
+		c.toClient.Add(1)
+	default:
+		c.toTarget.Add(1)
 	}
 }
 

@@ -71,6 +71,9 @@ type mappingState struct {
 	refusals             [numRefusals]atomic.Uint64
 	budgetHits           atomic.Uint64
 	udpExpired, udpDrops atomic.Uint64
+	tcpExpired           atomic.Uint64
+	resetsToClient       atomic.Uint64
+	resetsToTarget       atomic.Uint64
 	dialCount, dialNanos atomic.Uint64
 	dialBuckets          [len(dialLatencyBounds) + 1]atomic.Uint64
 
@@ -130,6 +133,9 @@ type MappingStatus struct {
 	BudgetHits     uint64            // refusals by any in-flight budget
 	UDPExpired     uint64            // UDP sessions closed by the idle timeout
 	UDPDropped     uint64            // datagrams dropped: full queue, failed dial, stray replies
+	TCPExpired     uint64            // TCP sessions reset by the idle timeout
+	ResetsToClient uint64            // RSTs passed to the client: the target reset, or its leg failed
+	ResetsToTarget uint64            // RSTs passed to the target: the client reset (also during its handshake), or its leg failed
 	DialLatency    Histogram
 }
 
@@ -154,6 +160,9 @@ func (m *mappingState) snapshot() MappingStatus {
 		BudgetHits:     m.budgetHits.Load(),
 		UDPExpired:     m.udpExpired.Load(),
 		UDPDropped:     m.udpDrops.Load(),
+		TCPExpired:     m.tcpExpired.Load(),
+		ResetsToClient: m.resetsToClient.Load(),
+		ResetsToTarget: m.resetsToTarget.Load(),
 	}
 	if t := m.lastUsed.Load(); t != 0 {
 		s.LastUsed = time.Unix(0, t)

@@ -86,14 +86,20 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 	}
 	client, err := attempt.Accept()
 	if err != nil {
-		upstream.Close()
+		// The client is gone (typically it reset while its handshake
+		// completed): the target must not read a clean, empty request.
+		closeWithReset(upstream)
+		if !e.closing.Load() {
+			r.state.resetsToTarget.Add(1)
+		}
 		e.releaseSlot(r.state)
 		e.log.Debug("client gone before accept", zap.String("rule", r.Name), zap.Stringer("src", src), zap.Error(err))
 		return
 	}
 	s := e.newSession(conf.TCP, in, r, src, dst, target)
 	sp := newSplicer(client, upstream, &s.idle)
-	s.stop = sp.closeBoth
+	sp.resets = &resetCounter{toClient: &r.state.resetsToClient, toTarget: &r.state.resetsToTarget}
+	s.stop = sp.resetBoth // shutdown, expiry, reload: the stream is cut
 	e.register(s, rs)
 	_, _, err = sp.run(
 		&byteCounter{session: &s.in, mapping: &r.state.bytesIn},
@@ -103,6 +109,7 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 	switch {
 	case errors.Is(err, ErrIdleTimeout):
 		reason, err = "idle", nil
+		s.state.tcpExpired.Add(1)
 	case err != nil:
 		reason = "error"
 	}

@@ -40,8 +40,8 @@ type TCPRequest struct {
 var errCompleted = errors.New("netstack: tcp request already accepted or rejected")
 
 // Accept completes the handshake and returns the client connection, a
-// *gonet.TCPConn with CloseRead and CloseWrite. It fails if the client went
-// away meanwhile, the stack is closing, or the request was already answered.
+// TCPConn. It fails if the client went away meanwhile, the stack is
+// closing, or the request was already answered.
 func (r *TCPRequest) Accept() (net.Conn, error) {
 	if !r.done.CompareAndSwap(false, true) {
 		return nil, errCompleted
@@ -65,7 +65,7 @@ func (r *TCPRequest) Accept() (net.Conn, error) {
 		return nil, ErrClosed
 	}
 	s.setKeepalive(ep)
-	return gonet.NewTCPConn(&wq, ep), nil
+	return newTCPConn(&wq, ep), nil
 }
 
 // Reject answers the connection attempt with an RST (the client sees
@@ -192,7 +192,7 @@ func (s *Stack) setKeepalive(ep tcpip.Endpoint) {
 // DialTCP opens a TCP connection from src to dst through the link. src may be
 // any address (spoofing) with port 0 for an ephemeral port; the relay uses it
 // to originate flows with the public client's own address. Cancelling ctx
-// aborts the attempt. The conn is a *gonet.TCPConn (CloseRead, CloseWrite).
+// aborts the attempt. The conn is a TCPConn.
 func (s *Stack) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn, error) {
 	if s.closing.Load() {
 		return nil, ErrClosed
@@ -250,7 +250,74 @@ func (s *Stack) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn,
 		ep.Abort()
 		return nil, ErrClosed
 	}
-	return gonet.NewTCPConn(&wq, ep), nil
+	return newTCPConn(&wq, ep), nil
+}
+
+// TCPConn is what the stack's TCP conns offer beyond net.Conn; Accept and
+// DialTCP return conns that implement it.
+type TCPConn interface {
+	net.Conn
+	CloseRead() error
+	CloseWrite() error
+	// Abort closes the connection with an RST instead of a FIN, discarding
+	// unsent data, as Close after SetLinger(0) does to a *net.TCPConn: the
+	// peer reads "connection reset", never a clean end of stream.
+	Abort() error
+}
+
+// tcpConn is a gonet conn with Abort, whose Read and Write report a reset,
+// an abort or a keepalive timeout as the syscall errno a kernel socket
+// would (gonet keeps only the text), so callers test them with errors.Is.
+type tcpConn struct {
+	*gonet.TCPConn
+	ep tcpip.Endpoint
+}
+
+var _ TCPConn = (*tcpConn)(nil)
+
+func newTCPConn(wq *waiter.Queue, ep tcpip.Endpoint) *tcpConn {
+	return &tcpConn{TCPConn: gonet.NewTCPConn(wq, ep), ep: ep}
+}
+
+func (c *tcpConn) Read(b []byte) (int, error) {
+	n, err := c.TCPConn.Read(b)
+	return n, connError(err)
+}
+
+func (c *tcpConn) Write(b []byte) (int, error) {
+	n, err := c.TCPConn.Write(b)
+	return n, connError(err)
+}
+
+func (c *tcpConn) Abort() error {
+	// Abort sends the RST in every connected state (after a half-close
+	// too); Close then releases the endpoint as usual.
+	c.ep.Abort()
+	return c.TCPConn.Close()
+}
+
+// connError maps the text gonet left of a tcpip.Error back to its errno.
+func connError(err error) error {
+	var oe *net.OpError
+	if err == nil || !errors.As(err, &oe) || oe.Err == nil {
+		return err
+	}
+	var errno syscall.Errno
+	switch oe.Err.Error() {
+	case (*tcpip.ErrConnectionReset).String(nil):
+		errno = syscall.ECONNRESET
+	case (*tcpip.ErrConnectionAborted).String(nil), (*tcpip.ErrAborted).String(nil):
+		errno = syscall.ECONNABORTED
+	case (*tcpip.ErrTimeout).String(nil):
+		errno = syscall.ETIMEDOUT
+	case (*tcpip.ErrClosedForSend).String(nil):
+		errno = syscall.EPIPE
+	default:
+		return err
+	}
+	mapped := *oe
+	mapped.Err = errno
+	return &mapped
 }
 
 // tcpipError maps gVisor errors to the syscall errors callers test with

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"sync"
 	"testing"
+	"time"
 )
 
 // ServeTCP accepts connections on a new listener at addr ("127.0.0.1:0",
@@ -54,4 +55,34 @@ func ServeListener(t testing.TB, ln net.Listener, fn func(c *net.TCPConn)) netip
 func Echo(c *net.TCPConn) {
 	io.Copy(c, c)
 	c.CloseWrite()
+}
+
+// CutResponse returns a handler for a target that fails mid-response: it
+// waits for the client's first bytes, writes partial, then resets the
+// connection (SetLinger(0) and Close send an RST instead of a FIN).
+func CutResponse(partial []byte) func(c *net.TCPConn) {
+	return func(c *net.TCPConn) {
+		if _, err := c.Read(make([]byte, 1)); err != nil {
+			return
+		}
+		c.Write(partial)
+		c.SetLinger(0)
+		c.Close()
+	}
+}
+
+// ReadToError reads c until the first error, which it returns with every
+// byte read before it (io.EOF included: a clean end is an error here too).
+// It gives up after d with the timeout error.
+func ReadToError(c net.Conn, d time.Duration) ([]byte, error) {
+	c.SetReadDeadline(time.Now().Add(d))
+	var got []byte
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := c.Read(buf)
+		got = append(got, buf[:n]...)
+		if err != nil {
+			return got, err
+		}
+	}
 }
