@@ -247,7 +247,7 @@ max_sessions = -1 # <-`, `limits.max_sessions: -1 is negative; use 0 for unlimit
 max_udp_sessions_per_source = -1 # <-`, `limits.max_udp_sessions_per_source: -1 is negative; use 0 for unlimited or a positive number (default 256)`},
 		{"limits negative tcp pool", tunBase + `
 [limits]
-max_tcp_sessions = -3 # <-`, `limits.max_tcp_sessions: -3 is negative; use a positive number, or 0 for 60 % of max_sessions`},
+max_tcp_sessions = -3 # <-`, `limits.max_tcp_sessions: -3 is negative; use a positive number, or 0 for max_sessions`},
 		{"limits tracked sources zero", tunBase + `
 [limits]
 max_tracked_sources = 0 # <-`, `limits.max_tracked_sources: 0 is not positive; use a positive number (default 65536)`},
@@ -652,7 +652,7 @@ idle_timeout = "30s"
 	wantLimits := Limits{
 		DialTimeout: Duration(5 * time.Second), MaxInflight: 1024, MaxInflightPerSource: 64,
 		MaxInflightPerTarget: 256, MaxSessions: 100000, ShutdownGrace: Duration(5 * time.Second),
-		MaxTCPSessions: 60000, MaxUDPSessions: 40000, MaxTCPSessionsPerSource: 256, MaxUDPSessionsPerSource: 256,
+		MaxTCPSessions: 100000, MaxUDPSessions: 40000, MaxTCPSessionsPerSource: 256, MaxUDPSessionsPerSource: 256,
 		NewSessionsPerSourcePerSecond: 100, MaxTrackedSources: 65536,
 	}
 	if cfg.Limits != wantLimits {
@@ -715,9 +715,9 @@ func TestSessionBudgets(t *testing.T) {
 		limits   string
 		tcp, udp int
 	}{
-		{"defaults", "", 60000, 40000},
-		{"only max_sessions, as written before pools", "max_sessions = 1000", 600, 400},
-		{"one pool set", "max_sessions = 1000\nmax_udp_sessions = 100", 600, 100},
+		{"defaults", "", 100000, 40000},
+		{"only max_sessions, as written before pools", "max_sessions = 1000", 1000, 400},
+		{"one pool set", "max_sessions = 1000\nmax_udp_sessions = 100", 1000, 100},
 		{"both set", "max_tcp_sessions = 7\nmax_udp_sessions = 9", 7, 9},
 		{"unlimited", "max_sessions = 0", 0, 0},
 		{"tiny max_sessions", "max_sessions = 1", 1, 1},
@@ -810,9 +810,9 @@ func TestWarnings(t *testing.T) {
 		{"listen address without tun", uplinkTable + mapping("a", "203.0.113.7:443", owner),
 			[]string{`t.toml:10: mapping "a" (mapping[0]).listen: listen address 203.0.113.7 is not on tun (no tun ingress serves this mapping), so it will only match flows sent to that exact address`}},
 		{"listen on uplink address", uplinkTable + mapping("a", "10.77.0.2:443", owner), nil},
-		{"session pools above max_sessions", tunBase + "[limits]\nmax_tcp_sessions = 800\nmax_udp_sessions = 400\nmax_sessions = 1000\n" + mapping("a", "443", owner),
-			[]string{`t.toml:5: limits.max_udp_sessions: max_tcp_sessions 800 + max_udp_sessions 400 exceed max_sessions 1000, so a UDP flood can refuse TCP (and the other way round) once TCP holds 600; lower one pool or raise max_sessions`}},
-		{"session pools within max_sessions", tunBase + "[limits]\nmax_tcp_sessions = 600\nmax_udp_sessions = 400\nmax_sessions = 1000\n" + mapping("a", "443", owner), nil},
+		{"udp pool as large as max_sessions", tunBase + "[limits]\nmax_sessions = 1000\nmax_udp_sessions = 1000\n" + mapping("a", "443", owner),
+			[]string{`t.toml:5: limits.max_udp_sessions: max_udp_sessions 1000 leaves TCP no slot of max_sessions 1000 that a UDP flood cannot take; lower it (default 40 % of max_sessions) or raise max_sessions`}},
+		{"udp pool below max_sessions", tunBase + "[limits]\nmax_sessions = 1000\nmax_udp_sessions = 999\n" + mapping("a", "443", owner), nil},
 		{"udp cap on a tcp mapping", tunBase + mapping("a", "443", owner, "max_udp_sessions_per_source = 5"),
 			[]string{`t.toml:10: mapping "a" (mapping[0]).max_udp_sessions_per_source: has no effect: the mapping carries tcp only; remove it`}},
 		{"burst below rate", tunBase + "[limits]\nnew_sessions_per_source_per_second = 50\nnew_sessions_per_source_burst = 10\n" + mapping("a", "443", owner),

@@ -6,23 +6,24 @@ const (
 	DefaultNewSessionsRate   = 100 // per source and second
 	DefaultMaxTrackedSources = 65536
 
-	// tcpShare is the part of max_sessions the TCP pool gets when
-	// max_tcp_sessions is unset; UDP gets the rest, so by default the two
-	// pools add up to max_sessions and neither protocol can refuse the other.
-	tcpSharePercent = 60
+	// udpSharePercent is the part of max_sessions the UDP pool gets when
+	// max_udp_sessions is unset: the rest stays for TCP whatever UDP does.
+	udpSharePercent = 40
 )
 
 // SessionPools returns the TCP and UDP session pools (0: unlimited): the
-// configured ones, or the default shares of max_sessions for those unset.
+// configured ones, or for those unset max_sessions (TCP) and 40 % of it
+// (UDP). max_sessions caps the sum and is checked first, so a config
+// written before the pools existed keeps its meaning for TCP, and TCP
+// always has max_sessions - max_udp_sessions slots no UDP flood can take.
 func (l Limits) SessionPools() (tcp, udp int) {
 	tcp, udp = l.MaxTCPSessions, l.MaxUDPSessions
 	if l.MaxSessions > 0 {
-		share := max(1, l.MaxSessions*tcpSharePercent/100)
 		if tcp == 0 {
-			tcp = share
+			tcp = l.MaxSessions
 		}
 		if udp == 0 {
-			udp = max(1, l.MaxSessions-share)
+			udp = max(1, l.MaxSessions*udpSharePercent/100)
 		}
 	}
 	return tcp, udp

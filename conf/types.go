@@ -62,10 +62,10 @@ type Limits struct {
 	MaxSessions          int      `toml:"max_sessions"`            // all mappings together; default 100000
 	ShutdownGrace        Duration `toml:"shutdown_grace"`          // drain time on stop; default 5s
 
-	// TCP and UDP have separate session pools, so a flood of one protocol
-	// cannot take the slots of the other; max_sessions still caps the sum.
-	// 0 or unset: 60 % (TCP) and 40 % (UDP) of max_sessions, unlimited when
-	// max_sessions is 0. Use SessionPools.
+	// TCP and UDP have separate session pools under max_sessions, so a UDP
+	// flood (spoofable) cannot take the slots TCP needs. 0 or unset:
+	// max_sessions for TCP, 40 % of it for UDP; unlimited when max_sessions
+	// is 0. Use SessionPools.
 	MaxTCPSessions int `toml:"max_tcp_sessions"`
 	MaxUDPSessions int `toml:"max_udp_sessions"`
 	// Per-source caps count one mapping's sessions of one protocol from one

@@ -234,7 +234,7 @@ func (l *Limits) validate(r *report) {
 		n        int
 	}{
 		{"max_sessions", "use 0 for unlimited or a positive number", l.MaxSessions},
-		{"max_tcp_sessions", "use a positive number, or 0 for 60 % of max_sessions", l.MaxTCPSessions},
+		{"max_tcp_sessions", "use a positive number, or 0 for max_sessions", l.MaxTCPSessions},
 		{"max_udp_sessions", "use a positive number, or 0 for 40 % of max_sessions", l.MaxUDPSessions},
 		{"max_tcp_sessions_per_source", "use 0 for unlimited or a positive number (default 256)", l.MaxTCPSessionsPerSource},
 		{"max_udp_sessions_per_source", "use 0 for unlimited or a positive number (default 256)", l.MaxUDPSessionsPerSource},
@@ -252,11 +252,11 @@ func (l *Limits) validate(r *report) {
 		r.warnf("limits.new_sessions_per_source_burst", "burst %d is below the rate %d; a source can then never open its rate within one second's bucket",
 			l.NewSessionsPerSourceBurst, l.NewSessionsPerSourcePerSecond)
 	}
-	// Pools that add up to more than max_sessions share its slots: past
-	// max_sessions minus one pool, a flood of that protocol refuses the other.
-	if tcp, udp := l.MaxTCPSessions, l.MaxUDPSessions; l.MaxSessions > 0 && tcp > 0 && udp > 0 && tcp+udp > l.MaxSessions {
-		r.warnf("limits.max_udp_sessions", "max_tcp_sessions %d + max_udp_sessions %d exceed max_sessions %d, so a UDP flood can refuse TCP (and the other way round) once TCP holds %d; lower one pool or raise max_sessions",
-			tcp, udp, l.MaxSessions, max(0, l.MaxSessions-udp))
+	// max_sessions is checked before the pools: TCP keeps only what the
+	// UDP pool leaves of it.
+	if l.MaxSessions > 0 && l.MaxUDPSessions >= l.MaxSessions {
+		r.warnf("limits.max_udp_sessions", "max_udp_sessions %d leaves TCP no slot of max_sessions %d that a UDP flood cannot take; lower it (default 40 %% of max_sessions) or raise max_sessions",
+			l.MaxUDPSessions, l.MaxSessions)
 	}
 }
 
