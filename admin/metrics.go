@@ -44,6 +44,10 @@ var (
 	descUDPExpired     = desc("natbox_udp_sessions_expired_total", "UDP sessions closed by their idle timeout.", "mapping")
 	descUDPDropped     = desc("natbox_udp_datagrams_dropped_total", "UDP datagrams dropped: a full queue, a failed dial, stray replies.", "mapping")
 	descInflightDials  = desc("natbox_inflight_dials", "Connection attempts being dialed now.")
+	descUDPEvicted     = desc("natbox_udp_sessions_evicted_total", "UDP sessions with no reply yet evicted to admit a new one when a session pool was full.", "mapping")
+	descRateEvicted    = desc("natbox_rate_sources_evicted_total", "Per-source rate buckets dropped because limits.max_tracked_sources was reached.", "mapping")
+	descPoolSessions   = desc("natbox_sessions", "Session slots taken from each protocol's pool.", "protocol")
+	descTrackedSources = desc("natbox_rate_tracked_sources", "Per-source rate buckets kept now.")
 	descBudgetHits     = desc("natbox_inflight_budget_hits_total", "Admissions refused by a shared budget, by limit.", "limit")
 	descReviewOverdue  = desc("natbox_mapping_review_overdue", "1 when the mapping's review_by date has passed.", "mapping")
 	descExpired        = desc("natbox_mapping_expired", "1 when the mapping's expires date has passed and natbox disabled it.", "mapping")
@@ -70,6 +74,7 @@ var (
 	allDescs = []*prometheus.Desc{
 		descSessionsOpened, descSessionsActive, descHits, descBytes, descRefusals, descDialLatency,
 		descUDPExpired, descUDPDropped, descInflightDials, descBudgetHits, descReviewOverdue, descExpired, descMappingUp,
+		descUDPEvicted, descRateEvicted, descPoolSessions, descTrackedSources,
 		descTUNUp, descTUNPackets, descTUNBytes, descTUNDropped,
 		descUplinkHandshakeAge, descUplinkBytes, descUplinkRegistered, descUplinkRefused,
 		descPeerHandshakeAge, descPeerBytes, descPeerActive, descPeerOpened, descPeerDialFailures, descPeerRegistered, descPeerRefused,
@@ -109,6 +114,8 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			bucketMap(m.DialLatency.Buckets), m.Name)
 		counter(descUDPExpired, m.UDPSessionsExpired, m.Name)
 		counter(descUDPDropped, m.UDPDropped, m.Name)
+		counter(descUDPEvicted, m.UDPEvicted, m.Name)
+		counter(descRateEvicted, m.RateSourcesEvicted, m.Name)
 		gauge(descReviewOverdue, boolValue(m.ReviewOverdue), m.Name)
 		gauge(descExpired, boolValue(m.State == StateExpired), m.Name)
 		gauge(descMappingUp, boolValue(m.State == StateActive), m.Name)
@@ -117,6 +124,9 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		counter(descRefusals, st.Refusals[reason], "", reason)
 	}
 	gauge(descInflightDials, float64(st.InflightDials))
+	gauge(descPoolSessions, float64(st.TCPSessions), "tcp")
+	gauge(descPoolSessions, float64(st.UDPSessions), "udp")
+	gauge(descTrackedSources, float64(st.TrackedSources))
 	for _, limit := range sortedKeys(st.BudgetHits) {
 		counter(descBudgetHits, st.BudgetHits[limit], limit)
 	}

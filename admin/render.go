@@ -66,6 +66,9 @@ func renderStatus(w io.Writer, st Status) error {
 		if m.UDPDropped > 0 {
 			notes = append(notes, fmt.Sprintf("UDP dropped: %s: %d datagrams (a full session queue, a failed dial or stray replies)", m.Name, m.UDPDropped))
 		}
+		if m.UDPEvicted > 0 {
+			notes = append(notes, fmt.Sprintf("UDP evicted: %s: %d sessions that never had a reply, to admit new ones (a session pool was full)", m.Name, m.UDPEvicted))
+		}
 	}
 	if c := formatCounts(st.Refusals); c != "-" {
 		notes = append(notes, "refused without a mapping: "+c)

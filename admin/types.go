@@ -62,10 +62,16 @@ type Status struct {
 	// (for example "no_match").
 	Refusals map[string]uint64 `json:"refusals,omitempty"`
 	// BudgetHits counts admissions refused by a shared in-flight or session
-	// budget, by limit: "total", "per_source", "per_target", "sessions".
+	// budget, by limit: "total", "per_source", "per_target", "sessions",
+	// "tcp_sessions", "udp_sessions", "sessions_per_source", "rate_per_source".
 	BudgetHits map[string]uint64 `json:"budget_hits,omitempty"`
 	// InflightDials is how many connection attempts are being dialed now.
 	InflightDials int `json:"inflight_dials"`
+	// TCPSessions and UDPSessions are the slots taken from each protocol's
+	// session pool; TrackedSources is how many per-source rate buckets are kept.
+	TCPSessions    int64 `json:"tcp_sessions"`
+	UDPSessions    int64 `json:"udp_sessions"`
+	TrackedSources int   `json:"tracked_sources"`
 
 	TUN    *TUN    `json:"tun,omitempty"`    // nil: no kernel TUN
 	Uplink *Uplink `json:"uplink,omitempty"` // nil: no [uplink]
@@ -97,6 +103,13 @@ type Mapping struct {
 	// UDPDropped counts datagrams dropped: a full queue, a failed dial, stray replies.
 	UDPDropped  uint64    `json:"udp_dropped,omitempty"`
 	DialLatency Histogram `json:"dial_latency,omitzero"`
+
+	// UDPEvicted counts UDP sessions with no reply yet evicted to admit a
+	// new one when a session pool was full.
+	UDPEvicted uint64 `json:"udp_evicted,omitempty"`
+	// RateSourcesEvicted counts sources whose rate bucket was dropped past
+	// limits.max_tracked_sources.
+	RateSourcesEvicted uint64 `json:"rate_sources_evicted,omitempty"`
 
 	// RelayRefusal is the relay's reason when it refused this mapping's ports.
 	RelayRefusal string `json:"relay_refusal,omitempty"`

@@ -28,6 +28,10 @@ func (s applianceSource) Status() admin.Status {
 		StartedAt:     s.started,
 		Refusals:      nonZero(snap.Unmatched),
 		InflightDials: snap.InflightDials,
+
+		TCPSessions:    snap.TCPSessions,
+		UDPSessions:    snap.UDPSessions,
+		TrackedSources: snap.TrackedSources,
 	}
 	byName := make(map[string]*conf.Mapping, len(cfg.Mappings))
 	for i := range cfg.Mappings {
@@ -67,6 +71,8 @@ func (s applianceSource) Status() admin.Status {
 			UDPSessionsExpired: ms.UDPExpired,
 			UDPDropped:         ms.UDPDropped,
 			DialLatency:        histogram(ms.DialLatency),
+			UDPEvicted:         ms.UDPEvicted,
+			RateSourcesEvicted: ms.RateSourcesEvicted,
 			ReviewBy:           ms.ReviewBy,
 			Expires:            ms.Expires,
 			ReviewOverdue:      ms.ReviewOverdue,
@@ -109,6 +115,10 @@ var budgetLimit = map[string]string{
 	"over_limit_inflight_per_target": "per_target",
 	"over_limit_mapping_sessions":    "sessions",
 	"over_limit_sessions":            "sessions",
+	"over_limit_tcp_sessions":        "tcp_sessions",
+	"over_limit_udp_sessions":        "udp_sessions",
+	"over_limit_sessions_per_source": "sessions_per_source",
+	"over_limit_rate_per_source":     "rate_per_source",
 }
 
 // refusedByRelay returns the relay's reason for refusing any of m's ports.
