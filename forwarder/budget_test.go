@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/natbox/natbox/conf"
 )
 
@@ -479,5 +481,39 @@ func TestTrackedSourcesThroughTheEngine(t *testing.T) {
 	}
 	if ms.UDPEvicted != flood-16 || st.UDPSessions != 16 {
 		t.Fatalf("udp evicted %d, pool %d; want %d, 16", ms.UDPEvicted, st.UDPSessions, flood-16)
+	}
+}
+
+// TestRefusedUDPDatagramDoesNotAllocate: under a flood that a full pool
+// refuses, each datagram costs no allocation (once the rate table is full,
+// evicted buckets are reused).
+func TestRefusedUDPDatagramDoesNotAllocate(t *testing.T) {
+	echo := udpEcho(t)
+	cfg := config(mapping("game", conf.UDP, "6001", "127.0.0.1:"+itoa(echo)))
+	cfg.Limits.MaxUDPSessions = 1
+	cfg.Limits.NewSessionsPerSourcePerSecond = 100
+	cfg.Limits.MaxTrackedSources = 16
+	e, err := New(cfg, Options{}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	tun := newIngress(conf.IngressTUN)
+	dst := netip.MustParseAddrPort("198.51.100.1:6001")
+	e.HandleUDP(tun, netip.MustParseAddrPort("203.0.113.1:1"), dst, []byte("x"))
+	tun.next(t) // assured: nothing to evict
+	i := 0
+	flood := func() {
+		e.HandleUDP(tun, floodSource(i), dst, []byte("spoof"))
+		i++
+	}
+	for range 1000 { // fill the rate table
+		flood()
+	}
+	if n := testing.AllocsPerRun(1000, flood); n != 0 {
+		t.Fatalf("%v allocations per refused datagram, want 0", n)
+	}
+	if n := mappingStatus(t, e, "game").Refusals["over_limit_udp_sessions"]; n < 2000 {
+		t.Fatalf("over_limit_udp_sessions %d, want every flood datagram refused", n)
 	}
 }
