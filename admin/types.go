@@ -65,7 +65,8 @@ type Status struct {
 	// (for example "no_match").
 	Refusals map[string]uint64 `json:"refusals,omitempty"`
 	// BudgetHits counts admissions refused by a shared in-flight or session
-	// budget, by limit: "total", "per_source", "per_target", "sessions".
+	// budget, by limit: "total", "per_source", "per_target", "sessions",
+	// "tcp_sessions", "udp_sessions", "sessions_per_source", "rate_per_source".
 	BudgetHits map[string]uint64 `json:"budget_hits,omitempty"`
 	// InflightDials is how many connection attempts are being dialed now.
 	InflightDials int `json:"inflight_dials"`

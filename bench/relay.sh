@@ -199,6 +199,13 @@ address = "100.96.0.2"
 relay_address = "100.96.0.1"
 keepalive = "25s"
 
+[limits]
+# One load generator is one source: the per-source budgets (flood
+# defences) would cap its connection rate and idle connections.
+max_tcp_sessions_per_source = 0
+max_udp_sessions_per_source = 0
+new_sessions_per_source_per_second = 0
+
 [admin]
 socket = "$1/natbox.sock"
 

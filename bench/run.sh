@@ -51,6 +51,13 @@ mtu = $MTU
 addresses = ["$NB_PUB/32"]
 routes = ["$NB_PUB/32"]
 
+[limits]
+# One load generator is one source: the per-source budgets (flood
+# defences) would cap its connection rate and idle connections.
+max_tcp_sessions_per_source = 0
+max_udp_sessions_per_source = 0
+new_sessions_per_source_per_second = 0
+
 [admin]
 socket = "$1/natbox.sock"
 

@@ -242,6 +242,15 @@ routes = ["203.0.113.10/24"] # <-`, `tun.routes[0]: "203.0.113.10/24" has host b
 		{"limits negative sessions", tunBase + `
 [limits]
 max_sessions = -1 # <-`, `limits.max_sessions: -1 is negative; use 0 for unlimited or a positive number`},
+		{"limits negative per-source cap", tunBase + `
+[limits]
+max_udp_sessions_per_source = -1 # <-`, `limits.max_udp_sessions_per_source: -1 is negative; use 0 for unlimited or a positive number (default 256)`},
+		{"limits negative tcp pool", tunBase + `
+[limits]
+max_tcp_sessions = -3 # <-`, `limits.max_tcp_sessions: -3 is negative; use a positive number, or 0 for max_sessions`},
+		{"limits tracked sources zero", tunBase + `
+[limits]
+max_tracked_sources = 0 # <-`, `limits.max_tracked_sources: 0 is not positive; use a positive number (default 65536)`},
 		{"limits inflight zero", tunBase + `
 [limits]
 max_inflight_per_source = 0 # <-`, `limits.max_inflight_per_source: 0 is not positive; use a positive number`},
@@ -330,6 +339,13 @@ protocol = "tcp"
 listen = "443"
 target = "10.0.0.5:443"
 max_sessions = -5 # <-`, `mapping "web" (mapping[0]).max_sessions: -5 is negative; use 0 for unlimited or a positive number`},
+		{"mapping negative rate", tunBase + `
+[[mapping]]
+name = "web"
+protocol = "tcp"
+listen = "443"
+target = "10.0.0.5:443"
+new_sessions_per_source_per_second = -1 # <-`, `mapping "web" (mapping[0]).new_sessions_per_source_per_second: -1 is negative; use a positive number, or leave it out to use the [limits] value`},
 		{"ingress unknown", tunBase + `
 [[mapping]]
 name = "web"
@@ -636,6 +652,8 @@ idle_timeout = "30s"
 	wantLimits := Limits{
 		DialTimeout: Duration(5 * time.Second), MaxInflight: 1024, MaxInflightPerSource: 64,
 		MaxInflightPerTarget: 256, MaxSessions: 100000, ShutdownGrace: Duration(5 * time.Second),
+		MaxTCPSessions: 100000, MaxUDPSessions: 40000, MaxTCPSessionsPerSource: 256, MaxUDPSessionsPerSource: 256,
+		NewSessionsPerSourcePerSecond: 100, MaxTrackedSources: 65536,
 	}
 	if cfg.Limits != wantLimits {
 		t.Errorf("limits = %+v, want %+v", cfg.Limits, wantLimits)
@@ -687,6 +705,80 @@ func TestExplicitZeroLimitIsKept(t *testing.T) {
 	}
 }
 
+// TestSessionBudgets checks how the per-protocol pools derive from
+// max_sessions (a config written before they existed keeps working) and how
+// a mapping's per-source keys override [limits].
+func TestSessionBudgets(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name     string
+		limits   string
+		tcp, udp int
+	}{
+		{"defaults", "", 100000, 40000},
+		{"only max_sessions, as written before pools", "max_sessions = 1000", 1000, 400},
+		{"one pool set", "max_sessions = 1000\nmax_udp_sessions = 100", 1000, 100},
+		{"both set", "max_tcp_sessions = 7\nmax_udp_sessions = 9", 7, 9},
+		{"unlimited", "max_sessions = 0", 0, 0},
+		{"tiny max_sessions", "max_sessions = 1", 1, 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			cfg, _, err := ParseAt("t.toml", []byte(tunBase+"[limits]\n"+tt.limits+"\n"), clock)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.Limits.MaxTCPSessions != tt.tcp || cfg.Limits.MaxUDPSessions != tt.udp {
+				t.Errorf("pools tcp %d udp %d, want %d %d", cfg.Limits.MaxTCPSessions, cfg.Limits.MaxUDPSessions, tt.tcp, tt.udp)
+			}
+			if tcp, udp := cfg.Limits.SessionPools(); tcp != tt.tcp || udp != tt.udp {
+				t.Errorf("SessionPools() = %d, %d after defaults, want %d, %d", tcp, udp, tt.tcp, tt.udp)
+			}
+		})
+	}
+
+	src := tunBase + `[limits]
+new_sessions_per_source_burst = 300
+
+[[mapping]]
+name = "plain"
+protocol = "tcp+udp"
+listen = "1000"
+target = "10.0.0.5:1000"
+
+[[mapping]]
+name = "own"
+protocol = "tcp+udp"
+listen = "2000"
+target = "10.0.0.5:2000"
+max_tcp_sessions_per_source = 4
+max_udp_sessions_per_source = 5
+new_sessions_per_source_per_second = 7
+
+[[mapping]]
+name = "own-burst"
+protocol = "udp"
+listen = "3000"
+target = "10.0.0.5:3000"
+new_sessions_per_source_burst = 9
+`
+	cfg, _, err := ParseAt("t.toml", []byte(src), clock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []SourceBudget{
+		{MaxTCPSessions: 256, MaxUDPSessions: 256, RatePerSecond: 100, Burst: 300},
+		{MaxTCPSessions: 4, MaxUDPSessions: 5, RatePerSecond: 7, Burst: 14}, // its own rate: twice it, not the global burst
+		{MaxTCPSessions: 256, MaxUDPSessions: 256, RatePerSecond: 100, Burst: 9},
+	}
+	for i, w := range want {
+		if got := cfg.Limits.SourceBudget(&cfg.Mappings[i]); got != w {
+			t.Errorf("%s: budget %+v, want %+v", cfg.Mappings[i].Name, got, w)
+		}
+	}
+}
+
 func TestWarnings(t *testing.T) {
 	t.Parallel()
 	mapping := func(name, listen string, extra ...string) string {
@@ -718,6 +810,13 @@ func TestWarnings(t *testing.T) {
 		{"listen address without tun", uplinkTable + mapping("a", "203.0.113.7:443", owner),
 			[]string{`t.toml:10: mapping "a" (mapping[0]).listen: listen address 203.0.113.7 is not on tun (no tun ingress serves this mapping), so it will only match flows sent to that exact address`}},
 		{"listen on uplink address", uplinkTable + mapping("a", "10.77.0.2:443", owner), nil},
+		{"udp pool as large as max_sessions", tunBase + "[limits]\nmax_sessions = 1000\nmax_udp_sessions = 1000\n" + mapping("a", "443", owner),
+			[]string{`t.toml:5: limits.max_udp_sessions: max_udp_sessions 1000 leaves TCP no slot of max_sessions 1000 that a UDP flood cannot take; lower it (default 40 % of max_sessions) or raise max_sessions`}},
+		{"udp pool below max_sessions", tunBase + "[limits]\nmax_sessions = 1000\nmax_udp_sessions = 999\n" + mapping("a", "443", owner), nil},
+		{"udp cap on a tcp mapping", tunBase + mapping("a", "443", owner, "max_udp_sessions_per_source = 5"),
+			[]string{`t.toml:10: mapping "a" (mapping[0]).max_udp_sessions_per_source: has no effect: the mapping carries tcp only; remove it`}},
+		{"burst below rate", tunBase + "[limits]\nnew_sessions_per_source_per_second = 50\nnew_sessions_per_source_burst = 10\n" + mapping("a", "443", owner),
+			[]string{`t.toml:5: limits.new_sessions_per_source_burst: burst 10 is below the rate 50; a source can then never open its rate within one second's bucket`}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -61,6 +61,24 @@ type Limits struct {
 	MaxInflightPerTarget int      `toml:"max_inflight_per_target"` // default 256
 	MaxSessions          int      `toml:"max_sessions"`            // all mappings together; default 100000
 	ShutdownGrace        Duration `toml:"shutdown_grace"`          // drain time on stop; default 5s
+
+	// TCP and UDP have separate session pools under max_sessions, so a UDP
+	// flood (spoofable) cannot take the slots TCP needs. 0 or unset:
+	// max_sessions for TCP, 40 % of it for UDP; unlimited when max_sessions
+	// is 0. Use SessionPools.
+	MaxTCPSessions int `toml:"max_tcp_sessions"`
+	MaxUDPSessions int `toml:"max_udp_sessions"`
+	// Per-source caps count one mapping's sessions of one protocol from one
+	// source (an IPv4 address, an IPv6 /64); default 256, 0: unlimited.
+	MaxTCPSessionsPerSource int `toml:"max_tcp_sessions_per_source"`
+	MaxUDPSessionsPerSource int `toml:"max_udp_sessions_per_source"`
+	// New sessions one source may open per second on one mapping (a token
+	// bucket); default 100, 0: unlimited. Burst 0: twice the rate.
+	NewSessionsPerSourcePerSecond int `toml:"new_sessions_per_source_per_second"`
+	NewSessionsPerSourceBurst     int `toml:"new_sessions_per_source_burst"`
+	// MaxTrackedSources bounds the rate buckets kept; past it the least
+	// recently seen source's bucket is dropped. Default 65536.
+	MaxTrackedSources int `toml:"max_tracked_sources"`
 }
 
 // Admin configures the local control API and the optional HTTP endpoint.
@@ -91,6 +109,13 @@ type Mapping struct {
 	Ingress         []string       `toml:"ingress"`      // "tun" and/or "uplink"; empty: every configured ingress
 	ProxyProtocol   string         `toml:"proxy_protocol"`
 	AcknowledgeRisk string         `toml:"acknowledge_risk"`
+
+	// Per-source budgets for this mapping; 0 or unset: the [limits] value
+	// (see Limits.SourceBudget).
+	MaxTCPSessionsPerSource       int `toml:"max_tcp_sessions_per_source"`
+	MaxUDPSessionsPerSource       int `toml:"max_udp_sessions_per_source"`
+	NewSessionsPerSourcePerSecond int `toml:"new_sessions_per_source_per_second"`
+	NewSessionsPerSourceBurst     int `toml:"new_sessions_per_source_burst"`
 
 	// Documentation fields: kept and shown, never interpreted beyond dates.
 	Description string    `toml:"description"`

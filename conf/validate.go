@@ -39,12 +39,19 @@ func defaultLimits() Limits {
 		MaxInflightPerTarget: 256,
 		MaxSessions:          DefaultMaxSessions,
 		ShutdownGrace:        Duration(5 * time.Second),
+
+		MaxTCPSessionsPerSource:       DefaultSessionsPerSource,
+		MaxUDPSessionsPerSource:       DefaultSessionsPerSource,
+		NewSessionsPerSourcePerSecond: DefaultNewSessionsRate,
+		MaxTrackedSources:             DefaultMaxTrackedSources,
 	}
 }
 
 // applyDefaults fills what the tables that exist left unset. Top-level
 // tables were filled before decoding, so an explicit value (even 0) stays.
 func (c *Config) applyDefaults() {
+	// Written out so that status and check show the pools in force.
+	c.Limits.MaxTCPSessions, c.Limits.MaxUDPSessions = c.Limits.SessionPools()
 	if t := c.TUN; t != nil {
 		if t.Name == "" {
 			t.Name = DefaultTUNName
@@ -222,8 +229,34 @@ func (l *Limits) validate(r *report) {
 			r.errorf("limits."+f.key, "use a positive number", "%d is not positive", f.n)
 		}
 	}
-	if l.MaxSessions < 0 {
-		r.errorf("limits.max_sessions", "use 0 for unlimited or a positive number", "%d is negative", l.MaxSessions)
+	for _, f := range []struct {
+		key, fix string
+		n        int
+	}{
+		{"max_sessions", "use 0 for unlimited or a positive number", l.MaxSessions},
+		{"max_tcp_sessions", "use a positive number, or 0 for max_sessions", l.MaxTCPSessions},
+		{"max_udp_sessions", "use a positive number, or 0 for 40 % of max_sessions", l.MaxUDPSessions},
+		{"max_tcp_sessions_per_source", "use 0 for unlimited or a positive number (default 256)", l.MaxTCPSessionsPerSource},
+		{"max_udp_sessions_per_source", "use 0 for unlimited or a positive number (default 256)", l.MaxUDPSessionsPerSource},
+		{"new_sessions_per_source_per_second", "use 0 for unlimited or a positive number (default 100)", l.NewSessionsPerSourcePerSecond},
+		{"new_sessions_per_source_burst", "use a positive number, or 0 for twice the rate", l.NewSessionsPerSourceBurst},
+	} {
+		if f.n < 0 {
+			r.errorf("limits."+f.key, f.fix, "%d is negative", f.n)
+		}
+	}
+	if l.MaxTrackedSources < 1 {
+		r.errorf("limits.max_tracked_sources", "use a positive number (default 65536)", "%d is not positive", l.MaxTrackedSources)
+	}
+	if l.NewSessionsPerSourceBurst > 0 && l.NewSessionsPerSourceBurst < l.NewSessionsPerSourcePerSecond {
+		r.warnf("limits.new_sessions_per_source_burst", "burst %d is below the rate %d; a source can then never open its rate within one second's bucket",
+			l.NewSessionsPerSourceBurst, l.NewSessionsPerSourcePerSecond)
+	}
+	// max_sessions is checked before the pools: TCP keeps only what the
+	// UDP pool leaves of it.
+	if l.MaxSessions > 0 && l.MaxUDPSessions >= l.MaxSessions {
+		r.warnf("limits.max_udp_sessions", "max_udp_sessions %d leaves TCP no slot of max_sessions %d that a UDP flood cannot take; lower it (default 40 %% of max_sessions) or raise max_sessions",
+			l.MaxUDPSessions, l.MaxSessions)
 	}
 }
 
@@ -291,6 +324,7 @@ func (c *Config) validateMapping(r *report, i int, names map[string]int, now tim
 	if m.MaxSessions < 0 {
 		r.errorf(p+".max_sessions", "use 0 for unlimited or a positive number", "%d is negative", m.MaxSessions)
 	}
+	validateMappingBudget(r, p, m)
 	for j, in := range m.Ingress {
 		path := fmt.Sprintf("%s.ingress[%d]", p, j)
 		switch {
@@ -320,6 +354,27 @@ func (c *Config) validateMapping(r *report, i int, names map[string]int, now tim
 		}
 	}
 	c.warnMapping(r, p, m, now)
+}
+
+// validateMappingBudget checks a mapping's per-source overrides.
+func validateMappingBudget(r *report, p string, m *Mapping) {
+	for _, f := range []struct {
+		key   string
+		n     int
+		proto Proto // the protocol the key applies to; 0: both
+	}{
+		{"max_tcp_sessions_per_source", m.MaxTCPSessionsPerSource, TCP},
+		{"max_udp_sessions_per_source", m.MaxUDPSessionsPerSource, UDP},
+		{"new_sessions_per_source_per_second", m.NewSessionsPerSourcePerSecond, 0},
+		{"new_sessions_per_source_burst", m.NewSessionsPerSourceBurst, 0},
+	} {
+		switch {
+		case f.n < 0:
+			r.errorf(p+"."+f.key, "use a positive number, or leave it out to use the [limits] value", "%d is negative", f.n)
+		case f.n > 0 && f.proto != 0 && m.Protocol != 0 && !m.Protocol.Has(f.proto):
+			r.warnf(p+"."+f.key, "has no effect: the mapping carries %s only; remove it", m.Protocol)
+		}
+	}
 }
 
 // checkTargetRange checks that target is a single start port, or a range as

@@ -175,3 +175,41 @@ func BenchmarkUDPForward(b *testing.B) {
 	}
 	b.ReportMetric(float64(got.Load())/time.Since(start).Seconds(), "delivered/s")
 }
+
+// BenchmarkSourceBudgets is the per-new-flow cost of the per-source
+// budgets: the rate bucket, a session slot under every pool and cap, and
+// its release, for sources spread over the shards (RunParallel: the
+// contention between admissions).
+func BenchmarkSourceBudgets(b *testing.B) {
+	cfg := config(mapping("m", conf.TCPUDP, "80", "127.0.0.1:80"))
+	cfg.Limits.MaxTCPSessionsPerSource = 256
+	cfg.Limits.MaxUDPSessionsPerSource = 256
+	cfg.Limits.NewSessionsPerSourcePerSecond = 1 << 30 // never the limit: the cost, not the refusal
+	e, err := New(cfg, Options{}, zap.NewNop())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close()
+	rs := e.rules.Load()
+	r := rs.rules[0]
+	now := time.Now()
+	var next atomic.Uint32
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		base := next.Add(1) << 16
+		i := uint32(0)
+		for pb.Next() {
+			v := base + i%4096
+			src := netip.AddrFrom4([4]byte{10, byte(v >> 16), byte(v >> 8), byte(v)})
+			if e.allowNew(rs, r, src, now) != refusalNone {
+				b.Fatal("rate refused")
+			}
+			sl, why := e.reserveSlot(rs, r, conf.UDP, src)
+			if why != refusalNone {
+				b.Fatalf("slot refused: %v", why)
+			}
+			e.releaseSlot(sl)
+			i++
+		}
+	})
+}

@@ -81,6 +81,9 @@ type Engine struct {
 	unmatched *mappingState // refusals of flows that matched no mapping
 	budget    budgets
 	slots     atomic.Int64 // session slots reserved across all mappings
+	tcpSlots  atomic.Int64 // ... of them TCP, against limits.max_tcp_sessions
+	udpSlots  atomic.Int64 // ... of them UDP, against limits.max_udp_sessions
+	sources   sourceTable  // per-source session counts and rate buckets
 	active    atomic.Int64 // registered sessions
 	nextID    atomic.Uint64
 	closing   atomic.Bool
@@ -149,6 +152,7 @@ func New(cfg *conf.Config, opts Options, log *zap.Logger) (*Engine, error) {
 		sweepDone: make(chan struct{}),
 	}
 	e.budget.init()
+	e.sources.init()
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	e.bindStates(rs)
 	e.rules.Store(rs)
@@ -210,27 +214,6 @@ func (e *Engine) admit(r *Rule, src netip.Addr, now time.Time) refusal {
 	return why
 }
 
-// reserveSlot takes a session slot under the mapping's and the global
-// max_sessions (0: unlimited).
-func (e *Engine) reserveSlot(rs *RuleSet, r *Rule) refusal {
-	st := r.state
-	if n := st.slots.Add(1); r.Mapping.MaxSessions > 0 && n > int64(r.Mapping.MaxSessions) {
-		st.slots.Add(-1)
-		return refusedMappingSessions
-	}
-	if n := e.slots.Add(1); rs.limits.MaxSessions > 0 && n > int64(rs.limits.MaxSessions) {
-		e.slots.Add(-1)
-		st.slots.Add(-1)
-		return refusedSessions
-	}
-	return refusalNone
-}
-
-func (e *Engine) releaseSlot(st *mappingState) {
-	st.slots.Add(-1)
-	e.slots.Add(-1)
-}
-
 func (e *Engine) debugRefusal(r *Rule, proto conf.Proto, src, dst netip.AddrPort, why refusal, err error) {
 	if ce := e.log.Check(zap.DebugLevel, "flow refused"); ce != nil {
 		name := ""
@@ -256,6 +239,8 @@ type session struct {
 	target  string
 	start   time.Time
 	state   *mappingState
+	slot    slot                 // its claim on the session budgets
+	freed   atomic.Bool          // slot released (by finish, or early by a UDP eviction)
 	rule    atomic.Pointer[Rule] // the current rule: Reload swaps it for survivors
 	in, out atomic.Uint64        // bytes client->target, target->client
 	idle    idleTimer
@@ -263,10 +248,10 @@ type session struct {
 	stop    func() // closes the session's conns; idempotent
 }
 
-func (e *Engine) newSession(proto conf.Proto, in Ingress, r *Rule, src, dst netip.AddrPort, target string) *session {
+func (e *Engine) newSession(proto conf.Proto, in Ingress, r *Rule, src, dst netip.AddrPort, target string, sl slot) *session {
 	s := &session{
 		id: e.nextID.Add(1), proto: proto, ingress: in.Name(), client: src, public: dst, target: target,
-		start: e.clock.Now(), state: r.state,
+		start: e.clock.Now(), state: r.state, slot: sl,
 	}
 	s.rule.Store(r)
 	s.idle.clock = e.clock
@@ -332,7 +317,7 @@ func (e *Engine) finish(s *session, defaultReason string, err error) {
 	e.mu.Unlock()
 	s.state.active.Add(-1)
 	e.active.Add(-1)
-	e.releaseSlot(s.state)
+	e.freeSlot(s)
 	reason := defaultReason
 	if p := s.reason.Load(); p != nil {
 		reason = *p
@@ -351,6 +336,13 @@ func (e *Engine) finish(s *session, defaultReason string, err error) {
 	}
 	if e.connLog != nil && e.rules.Load().connLog {
 		e.connLog.Info("connection", fields...)
+	}
+}
+
+// freeSlot releases s's session slot once.
+func (e *Engine) freeSlot(s *session) {
+	if s.freed.CompareAndSwap(false, true) {
+		e.releaseSlot(s.slot)
 	}
 }
 
@@ -386,6 +378,9 @@ func (e *Engine) Snapshot() Status {
 		ActiveSessions: e.active.Load(),
 		InflightDials:  e.budget.inflight(),
 		ShuttingDown:   e.closing.Load(),
+		TCPSessions:    e.tcpSlots.Load(),
+		UDPSessions:    e.udpSlots.Load(),
+		TrackedSources: e.sources.tracked(),
 	}
 	for _, r := range rs.rules {
 		ms := r.state.snapshot()
@@ -442,8 +437,9 @@ func (e *Engine) Close() error {
 	return e.Shutdown(ctx)
 }
 
-// budgets are the in-flight dial budgets: total, per source address and per
-// target. They bound what dead or slow targets can tie up.
+// budgets are the in-flight dial budgets: total, per source (a sourceKey:
+// an IPv4 address or an IPv6 /64) and per target. They bound what dead or
+// slow targets can tie up.
 type budgets struct {
 	mu        sync.Mutex // mu guards the following fields
 	total     int

@@ -109,6 +109,7 @@ func (e *Engine) runSweep() {
 			return
 		case <-t.C:
 			e.sweep()
+			e.sources.sweep(e.clock.Now())
 			if e.opts.onSweep != nil {
 				e.opts.onSweep()
 			}

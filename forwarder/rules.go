@@ -37,7 +37,8 @@ type Rule struct {
 	proxy       int
 	expires     int64 // unix nanos; 0: never
 	enabled     bool
-	state       *mappingState // this name's counters; set before the RuleSet is published
+	budget      conf.SourceBudget // per-source caps and rate, [limits] and the mapping's own keys resolved
+	state       *mappingState     // this name's counters; set before the RuleSet is published
 }
 
 // ingressSet is a bit set of ingress names; 0 means any ingress.
@@ -214,6 +215,9 @@ type RuleSet struct {
 	udp     portIndex
 	limits  conf.Limits
 	connLog bool
+
+	tcpPool, udpPool int // session pools; 0: unlimited
+	trackedPerShard  int // rate buckets kept per sourceTable shard
 }
 
 // Compile builds a RuleSet from cfg. It returns an error, and nothing else,
@@ -223,6 +227,12 @@ func Compile(cfg *conf.Config) (*RuleSet, error) {
 		return nil, errors.New("no config; pass a loaded *conf.Config")
 	}
 	rs := &RuleSet{byName: make(map[string]*Rule, len(cfg.Mappings)), limits: cfg.Limits, connLog: cfg.Log.Connections}
+	rs.tcpPool, rs.udpPool = cfg.Limits.SessionPools()
+	tracked := cfg.Limits.MaxTrackedSources
+	if tracked <= 0 {
+		tracked = conf.DefaultMaxTrackedSources
+	}
+	rs.trackedPerShard = max(1, (tracked+sourceShards-1)/sourceShards)
 	// An empty ingress list means every configured ingress; a config with
 	// none configured (built in code, or the relay's) serves any ingress.
 	var configured ingressSet
@@ -238,6 +248,7 @@ func Compile(cfg *conf.Config) (*RuleSet, error) {
 		if err != nil {
 			return nil, err
 		}
+		r.budget = cfg.Limits.SourceBudget(&m)
 		if _, dup := rs.byName[r.Name]; dup {
 			return nil, fmt.Errorf("mapping %q is defined twice; give each mapping a unique name", r.Name)
 		}

@@ -20,6 +20,10 @@ const (
 	refusedInflightTarget
 	refusedMappingSessions
 	refusedSessions
+	refusedTCPSessions
+	refusedUDPSessions
+	refusedSourceSessions
+	refusedSourceRate
 	refusedDialFailed
 	refusedShuttingDown
 	numRefusals
@@ -35,6 +39,10 @@ var refusalNames = [numRefusals]string{
 	refusedInflightTarget:  "over_limit_inflight_per_target",
 	refusedMappingSessions: "over_limit_mapping_sessions",
 	refusedSessions:        "over_limit_sessions",
+	refusedTCPSessions:     "over_limit_tcp_sessions",
+	refusedUDPSessions:     "over_limit_udp_sessions",
+	refusedSourceSessions:  "over_limit_sessions_per_source",
+	refusedSourceRate:      "over_limit_rate_per_source",
 	refusedDialFailed:      "dial_failed",
 	refusedShuttingDown:    "shutting_down",
 }
@@ -74,8 +82,14 @@ type mappingState struct {
 	tcpExpired           atomic.Uint64
 	resetsToClient       atomic.Uint64
 	resetsToTarget       atomic.Uint64
+	udpEvicted           atomic.Uint64 // unassured UDP sessions evicted for a new one
+	rateEvicted          atomic.Uint64 // rate buckets dropped past max_tracked_sources
 	dialCount, dialNanos atomic.Uint64
 	dialBuckets          [len(dialLatencyBounds) + 1]atomic.Uint64
+
+	// unassured lists this mapping's UDP sessions that have had no reply
+	// yet, oldest first; guarded by the engine's udpTable.mu.
+	unassured udpList
 
 	// Touched only by the sweep goroutine.
 	warnedExpiry   int64 // the expires (unix nanos) already warned about
@@ -108,6 +122,11 @@ type Status struct {
 	ActiveSessions int64
 	InflightDials  int
 	ShuttingDown   bool
+	// TCPSessions and UDPSessions are the slots taken from each protocol's
+	// pool (sessions open or being dialed); TrackedSources is how many
+	// new-session rate buckets are kept.
+	TCPSessions, UDPSessions int64
+	TrackedSources           int
 }
 
 // MappingStatus is one mapping's configuration summary and counters.
@@ -136,7 +155,13 @@ type MappingStatus struct {
 	TCPExpired     uint64            // TCP sessions reset by the idle timeout
 	ResetsToClient uint64            // RSTs passed to the client: the target reset, or its leg failed
 	ResetsToTarget uint64            // RSTs passed to the target: the client reset (also during its handshake), or its leg failed
+	UDPEvicted     uint64            // UDP sessions with no reply yet, evicted to admit a new one when a pool was full
 	DialLatency    Histogram
+
+	// RateSourcesEvicted counts sources whose new-session rate bucket was
+	// dropped because max_tracked_sources was reached (they start over
+	// with a full burst).
+	RateSourcesEvicted uint64
 }
 
 // Histogram is a latency histogram in Prometheus shape: Buckets[i] counts
@@ -163,6 +188,9 @@ func (m *mappingState) snapshot() MappingStatus {
 		TCPExpired:     m.tcpExpired.Load(),
 		ResetsToClient: m.resetsToClient.Load(),
 		ResetsToTarget: m.resetsToTarget.Load(),
+		UDPEvicted:     m.udpEvicted.Load(),
+
+		RateSourcesEvicted: m.rateEvicted.Load(),
 	}
 	if t := m.lastUsed.Load(); t != 0 {
 		s.LastUsed = time.Unix(0, t)

@@ -53,32 +53,44 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 		reject()
 		return
 	}
-	target := r.targetHostPort(dst.Port())
-	srcAddr := src.Addr().Unmap()
-	if why := e.budget.acquire(rs.limits, srcAddr, target); why != refusalNone {
+	srcKey := sourceKey(src.Addr())
+	if why := e.allowNew(rs, r, srcKey, now); why != refusalNone {
 		r.state.refuse(why)
 		e.debugRefusal(r, conf.TCP, src, dst, why, nil)
 		reject()
 		return
 	}
-	if why := e.reserveSlot(rs, r); why != refusalNone {
-		e.budget.release(srcAddr, target)
+	target := r.targetHostPort(dst.Port())
+	if why := e.budget.acquire(rs.limits, srcKey, target); why != refusalNone {
+		r.state.refuse(why)
+		e.debugRefusal(r, conf.TCP, src, dst, why, nil)
+		reject()
+		return
+	}
+	sl, why := e.reserveSlot(rs, r, conf.TCP, srcKey)
+	if why == refusedSessions || why == refusedMappingSessions {
+		// UDP sessions that never had a reply (a spoofed flood's) give way
+		// to TCP too where the two share a bound.
+		sl, why = e.reserveEvicting(rs, r, conf.TCP, srcKey)
+	}
+	if why != refusalNone {
+		e.budget.release(srcKey, target)
 		r.state.refuse(why)
 		e.debugRefusal(r, conf.TCP, src, dst, why, nil)
 		reject()
 		return
 	}
 	upstream, err := e.dialTarget(rs, r, src, dst, target, attempt.Context())
-	e.budget.release(srcAddr, target)
+	e.budget.release(srcKey, target)
 	if err != nil && clientGone(attempt) {
 		// Not the target's fault: nobody is left to refuse.
-		e.releaseSlot(r.state)
+		e.releaseSlot(sl)
 		e.log.Debug("client gave up during the dial", zap.String("rule", r.Name), zap.Stringer("src", src), zap.Error(err))
 		reject()
 		return
 	}
 	if err != nil {
-		e.releaseSlot(r.state)
+		e.releaseSlot(sl)
 		r.state.refuse(refusedDialFailed)
 		e.debugRefusal(r, conf.TCP, src, dst, refusedDialFailed, err)
 		reject()
@@ -92,11 +104,11 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 		if !e.closing.Load() {
 			r.state.resetsToTarget.Add(1)
 		}
-		e.releaseSlot(r.state)
+		e.releaseSlot(sl)
 		e.log.Debug("client gone before accept", zap.String("rule", r.Name), zap.Stringer("src", src), zap.Error(err))
 		return
 	}
-	s := e.newSession(conf.TCP, in, r, src, dst, target)
+	s := e.newSession(conf.TCP, in, r, src, dst, target, sl)
 	sp := newSplicer(client, upstream, &s.idle)
 	sp.resets = &resetCounter{toClient: &r.state.resetsToClient, toTarget: &r.state.resetsToTarget}
 	s.stop = sp.resetBoth // shutdown, expiry, reload: the stream is cut

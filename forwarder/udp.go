@@ -48,8 +48,129 @@ type udpKey struct {
 
 // udpTable is the UDP session table.
 type udpTable struct {
-	mu sync.RWMutex // mu guards m
+	mu sync.RWMutex // mu guards m, unassured and every mappingState.unassured
 	m  map[udpKey]*udpSession
+	// unassured lists the sessions that have had no reply from their
+	// target yet, oldest first: what a full pool evicts, the way conntrack
+	// drops unassured entries, so a flood from spoofed sources (which never
+	// sees a reply) cannot lock out a client whose target answers.
+	unassured udpList
+}
+
+// The two lists an unassured session is on: its table's and its mapping's.
+const (
+	listTable = iota
+	listMapping
+)
+
+// udpList is an intrusive list of UDP sessions, oldest first: push,
+// remove and pop are O(1) and allocate nothing.
+type udpList struct {
+	head, tail *udpSession
+}
+
+type udpLinks struct {
+	prev, next *udpSession
+	on         bool
+}
+
+func (l *udpList) push(us *udpSession, i int) {
+	us.links[i] = udpLinks{prev: l.tail, on: true}
+	if l.tail != nil {
+		l.tail.links[i].next = us
+	} else {
+		l.head = us
+	}
+	l.tail = us
+}
+
+func (l *udpList) remove(us *udpSession, i int) {
+	k := &us.links[i]
+	if !k.on {
+		return
+	}
+	if k.prev != nil {
+		k.prev.links[i].next = k.next
+	} else {
+		l.head = k.next
+	}
+	if k.next != nil {
+		k.next.links[i].prev = k.prev
+	} else {
+		l.tail = k.prev
+	}
+	*k = udpLinks{}
+}
+
+func (t *udpTable) listLocked(us *udpSession) {
+	t.unassured.push(us, listTable)
+	us.state.unassured.push(us, listMapping)
+}
+
+func (t *udpTable) unlistLocked(us *udpSession) {
+	t.unassured.remove(us, listTable)
+	us.state.unassured.remove(us, listMapping)
+}
+
+// victimLocked returns the session to evict for a new one refused for why,
+// or nil: the oldest unassured session of the mapping when the mapping's
+// max_sessions is full, of any mapping when the UDP pool or max_sessions is.
+func (t *udpTable) victimLocked(why refusal, st *mappingState) *udpSession {
+	switch why {
+	case refusedMappingSessions:
+		return st.unassured.head
+	case refusedUDPSessions, refusedSessions:
+		return t.unassured.head
+	}
+	return nil
+}
+
+// maxEvictions bounds the evictions one admission may make: a slot freed by
+// an eviction can be taken by a concurrent admission before the retry.
+const maxEvictions = 4
+
+// reserveEvictingLocked is reserveSlot that, while the refusal is a full
+// pool, evicts unassured UDP sessions (see victimLocked) and tries again.
+// It returns the evicted sessions, whose slots it freed and which it took
+// out of the table; the caller closes them after unlocking e.udp.mu.
+func (e *Engine) reserveEvictingLocked(rs *RuleSet, r *Rule, proto conf.Proto, src netip.Addr, evicted *[maxEvictions]*udpSession) (slot, refusal, int) {
+	sl, why := e.reserveSlot(rs, r, proto, src)
+	n := 0
+	for ; why != refusalNone && n < maxEvictions; n++ {
+		v := e.udp.victimLocked(why, r.state)
+		if v == nil {
+			break
+		}
+		e.udp.unlistLocked(v)
+		if e.udp.m[v.key] == v {
+			delete(e.udp.m, v.key)
+		}
+		v.state.udpEvicted.Add(1)
+		e.freeSlot(v.session)
+		evicted[n] = v
+		sl, why = e.reserveSlot(rs, r, proto, src)
+	}
+	return sl, why, n
+}
+
+// reserveEvicting is reserveEvictingLocked for a caller that does not hold
+// e.udp.mu.
+func (e *Engine) reserveEvicting(rs *RuleSet, r *Rule, proto conf.Proto, src netip.Addr) (slot, refusal) {
+	var evicted [maxEvictions]*udpSession
+	e.udp.mu.Lock()
+	sl, why, n := e.reserveEvictingLocked(rs, r, proto, src, &evicted)
+	e.udp.mu.Unlock()
+	closeEvicted(evicted[:n])
+	return sl, why
+}
+
+// assure marks us as having seen a reply: it is no longer evicted for new
+// sessions. Called once, on the first reply.
+func (e *Engine) assure(us *udpSession) {
+	e.udp.mu.Lock()
+	us.assured.Store(true)
+	e.udp.unlistLocked(us)
+	e.udp.mu.Unlock()
 }
 
 func (t *udpTable) get(k udpKey) *udpSession {
@@ -61,6 +182,7 @@ func (t *udpTable) get(k udpKey) *udpSession {
 func (t *udpTable) remove(us *udpSession) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.unlistLocked(us)
 	if t.m[us.key] == us {
 		delete(t.m, us.key)
 	}
@@ -82,11 +204,13 @@ type datagram struct {
 // queue of client datagrams, a sender and a reply reader goroutine.
 type udpSession struct {
 	*session
-	key    udpKey
-	via    Ingress // where replies go
-	queue  *datagramQueue
-	done   chan struct{}              // closed when the session stops
-	public atomic.Pointer[netip.Addr] // public address the client last sent to
+	key     udpKey
+	via     Ingress // where replies go
+	queue   *datagramQueue
+	done    chan struct{}              // closed when the session stops
+	public  atomic.Pointer[netip.Addr] // public address the client last sent to
+	assured atomic.Bool                // the target has replied
+	links   [2]udpLinks                // on the unassured lists (listTable, listMapping); guarded by udpTable.mu
 
 	mu      sync.Mutex // mu guards the following fields
 	conn    *net.UDPConn
@@ -176,26 +300,36 @@ func (e *Engine) openUDP(rs *RuleSet, r *Rule, in Ingress, src, dst netip.AddrPo
 		e.debugRefusal(r, conf.UDP, src, dst, why, nil)
 		return nil
 	}
+	srcKey := sourceKey(src.Addr())
+	if why := e.allowNew(rs, r, srcKey, now); why != refusalNone {
+		r.state.refuse(why)
+		e.debugRefusal(r, conf.UDP, src, dst, why, nil)
+		return nil
+	}
 	key := udpKey{mapping: r.Name, client: src}
+	var evicted [maxEvictions]*udpSession
 	e.udp.mu.Lock()
 	if us := e.udp.m[key]; us != nil {
 		e.udp.mu.Unlock()
 		return us
 	}
-	if why := e.reserveSlot(rs, r); why != refusalNone {
+	sl, why, n := e.reserveEvictingLocked(rs, r, conf.UDP, srcKey, &evicted)
+	if why != refusalNone {
 		e.udp.mu.Unlock()
+		closeEvicted(evicted[:n])
 		r.state.refuse(why)
 		e.debugRefusal(r, conf.UDP, src, dst, why, nil)
 		return nil
 	}
 	if !e.track() {
 		e.udp.mu.Unlock()
-		e.releaseSlot(r.state)
+		closeEvicted(evicted[:n])
+		e.releaseSlot(sl)
 		r.state.refuse(refusedShuttingDown)
 		return nil
 	}
 	us := &udpSession{
-		session: e.newSession(conf.UDP, in, r, src, dst, r.targetHostPort(dst.Port())),
+		session: e.newSession(conf.UDP, in, r, src, dst, r.targetHostPort(dst.Port()), sl),
 		key:     key,
 		via:     in,
 		queue:   newDatagramQueue(e.opts.UDPQueueLen),
@@ -205,10 +339,18 @@ func (e *Engine) openUDP(rs *RuleSet, r *Rule, in Ingress, src, dst netip.AddrPo
 	us.public.Store(&pub)
 	us.stop = us.shutdown
 	e.udp.m[key] = us
+	e.udp.listLocked(us)
 	e.udp.mu.Unlock()
+	closeEvicted(evicted[:n])
 	e.register(us.session, rs)
 	go e.runUDPSession(us, rs.dialTimeout())
 	return us
+}
+
+func closeEvicted(vs []*udpSession) {
+	for _, v := range vs {
+		v.close("evicted")
+	}
 }
 
 // runUDPSession opens the target socket, then sends queued datagrams until
@@ -371,6 +513,9 @@ func (e *Engine) runUDPReply(us *udpSession, conn *net.UDPConn, targetIP netip.A
 			continue
 		}
 		us.idle.touch()
+		if !us.assured.Load() {
+			e.assure(us)
+		}
 		pub := netip.AddrPortFrom(*us.public.Load(), r.listenPort(from.Port()))
 		if err := us.via.WriteUDP(pub, us.client, buf[:n]); err != nil {
 			us.state.udpDrops.Add(1)

@@ -161,18 +161,18 @@ func TestUDPMaxSessions(t *testing.T) {
 	e := newEngine(t, config(m), Options{})
 	tun := newIngress(conf.IngressTUN)
 	dst := netip.MustParseAddrPort("198.51.100.1:5000")
-	for i := range 3 {
+	// Both sessions have their reply (they are assured), so a full mapping
+	// has nothing to evict and refuses the third client at once.
+	for i := range 2 {
 		e.HandleUDP(tun, netip.MustParseAddrPort("203.0.113.1:"+itoa(uint16(1000+i))), dst, []byte("x"))
+		tun.next(t)
 	}
-	// HandleUDP admits or refuses before it returns: the third client has
-	// no session, so the two replies are the first two clients'.
-	for range 2 {
-		if r := tun.next(t); r.dst.Port() == 1002 {
-			t.Fatalf("third client got a reply: %+v", r)
-		}
-	}
+	e.HandleUDP(tun, netip.MustParseAddrPort("203.0.113.1:1002"), dst, []byte("x"))
 	if n := mappingStatus(t, e, "game").Refusals["over_limit_mapping_sessions"]; n != 1 {
 		t.Fatalf("refusals %d, want 1", n)
+	}
+	if n := mappingStatus(t, e, "game").UDPEvicted; n != 0 {
+		t.Fatalf("%d evicted, want 0", n)
 	}
 	if n := len(e.Sessions()); n != 2 {
 		t.Fatalf("%d sessions, want 2", n)

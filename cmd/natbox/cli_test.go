@@ -37,6 +37,14 @@ func TestCheckValidExample(t *testing.T) {
 	if want := fmt.Sprintf("ok: %s: %d mapping(s)", example, len(cfg.Mappings)); !strings.Contains(r.stdout, want) {
 		t.Fatalf("stdout lacks %q:\n%s", want, r.stdout)
 	}
+	for _, want := range []string{
+		"sessions: 100000 in all, tcp 100000, udp 40000\n",
+		"per source and mapping: tcp 256, udp 256, 100 new/s burst 200; own: game (tcp 256, udp 16, 100 new/s burst 200), dns (tcp 32, udp 256, 500 new/s burst 1000)\n",
+	} {
+		if !strings.Contains(r.stdout, want) {
+			t.Errorf("stdout lacks %q:\n%s", want, r.stdout)
+		}
+	}
 }
 
 func TestCheckReportsEveryErrorWithItsLine(t *testing.T) {

@@ -21,7 +21,7 @@ func checkCommand() *cli.Command {
 		ArgsUsage: " ",
 		Description: `Loads the config exactly as "natbox run" would, reports every problem at once as
 FILE:LINE: key path: problem; fix, and prints the mappings it defines with their
-owners and review dates, plus warnings (no owner, review overdue, expiring within
+owners and review dates, the session budgets in force, plus warnings (no owner, review overdue, expiring within
 30 days, risky services exposed to everyone). Exit 0 when valid, 2 when not.`,
 		Flags: []cli.Flag{configFlag},
 		Action: func(c *cli.Context) error {
@@ -34,6 +34,7 @@ owners and review dates, plus warnings (no owner, review overdue, expiring withi
 				return &conf.Errors{List: []conf.Error{{Path: cfg.Path, Msg: err.Error()}}}
 			}
 			printMappings(c.App.Writer, cfg, time.Now())
+			printBudgets(c.App.Writer, cfg)
 			printWarnings(c.App.Writer, warnings)
 			fmt.Fprintf(c.App.Writer, "ok: %s: %d mapping(s), %d warning(s)\n", cfg.Path, len(cfg.Mappings), len(warnings))
 			return nil
@@ -68,6 +69,40 @@ func printMappings(w io.Writer, cfg *conf.Config, now time.Time) {
 			orDash(m.Owner), dateOrDash(m.ReviewBy), mappingState(m, now))
 	}
 	tw.Flush()
+}
+
+// printBudgets writes the session budgets in force, resolved from [limits]
+// and the mappings' own per-source keys.
+func printBudgets(w io.Writer, cfg *conf.Config) {
+	n := func(v int) string {
+		if v == 0 {
+			return "unlimited"
+		}
+		return fmt.Sprint(v)
+	}
+	tcp, udp := cfg.Limits.SessionPools()
+	fmt.Fprintf(w, "sessions: %s in all, tcp %s, udp %s\n", n(cfg.Limits.MaxSessions), n(tcp), n(udp))
+	var own []string
+	for i := range cfg.Mappings {
+		m := &cfg.Mappings[i]
+		if m.MaxTCPSessionsPerSource|m.MaxUDPSessionsPerSource|m.NewSessionsPerSourcePerSecond|m.NewSessionsPerSourceBurst != 0 {
+			b := cfg.Limits.SourceBudget(m)
+			own = append(own, fmt.Sprintf("%s (tcp %s, udp %s, %s)", m.Name, n(b.MaxTCPSessions), n(b.MaxUDPSessions), rate(b)))
+		}
+	}
+	b := cfg.Limits.SourceBudget(&conf.Mapping{})
+	line := fmt.Sprintf("per source and mapping: tcp %s, udp %s, %s", n(b.MaxTCPSessions), n(b.MaxUDPSessions), rate(b))
+	if len(own) > 0 {
+		line += "; own: " + strings.Join(own, ", ")
+	}
+	fmt.Fprintln(w, line)
+}
+
+func rate(b conf.SourceBudget) string {
+	if b.RatePerSecond == 0 {
+		return "new sessions unlimited"
+	}
+	return fmt.Sprintf("%d new/s burst %d", b.RatePerSecond, b.Burst)
 }
 
 func mappingState(m *conf.Mapping, now time.Time) string {

@@ -32,7 +32,13 @@ func TestConnectionChurn(t *testing.T) {
 			c.Write(b)
 		}
 	})
-	h := newHarness(t, spec{Mappings: mapping("churn", "tcp", "8200", target.String())}, app.Options{})
+	// One client opens thousands of connections a second, and on a loaded
+	// machine natbox's side of them may close later than the client's: the
+	// per-source budgets (flood defences) are not what this test is about.
+	h := newHarness(t, spec{
+		Limits:   "new_sessions_per_source_per_second = 0\nmax_tcp_sessions_per_source = 0",
+		Mappings: mapping("churn", "tcp", "8200", target.String()),
+	}, app.Options{})
 	dst := ap(public4, 8200)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Second)
@@ -43,7 +49,7 @@ func TestConnectionChurn(t *testing.T) {
 	t.Logf("%d connections through one mapping from %d source ports in %v: %.0f conn/s",
 		res.Started, ports, res.Elapsed.Round(time.Millisecond), res.Rate())
 	if res.Failures != 0 {
-		t.Fatalf("%d of %d connections failed; first: %v", res.Failures, res.Started, res.FirstErr)
+		t.Fatalf("%d of %d connections failed; first: %v; refusals %v", res.Failures, res.Started, res.FirstErr, h.mappingStatus("churn").Refusals)
 	}
 	if ctx.Err() != nil {
 		t.Fatalf("churn did not finish in time: %d of %d started", res.Started, total)

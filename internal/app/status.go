@@ -151,6 +151,10 @@ var budgetLimit = map[string]string{
 	"over_limit_inflight_per_target": "per_target",
 	"over_limit_mapping_sessions":    "sessions",
 	"over_limit_sessions":            "sessions",
+	"over_limit_tcp_sessions":        "tcp_sessions",
+	"over_limit_udp_sessions":        "udp_sessions",
+	"over_limit_sessions_per_source": "sessions_per_source",
+	"over_limit_rate_per_source":     "rate_per_source",
 }
 
 // refusedByRelay returns the relay's reason for refusing any of m's ports.

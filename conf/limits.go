@@ -1,0 +1,68 @@
+package conf
+
+// Defaults of the per-protocol and per-source session budgets.
+const (
+	DefaultSessionsPerSource = 256
+	DefaultNewSessionsRate   = 100 // per source and second
+	DefaultMaxTrackedSources = 65536
+
+	// udpSharePercent is the part of max_sessions the UDP pool gets when
+	// max_udp_sessions is unset: the rest stays for TCP whatever UDP does.
+	udpSharePercent = 40
+)
+
+// SessionPools returns the TCP and UDP session pools (0: unlimited): the
+// configured ones, or for those unset max_sessions (TCP) and 40 % of it
+// (UDP). max_sessions caps the sum and is checked first, so a config
+// written before the pools existed keeps its meaning for TCP, and TCP
+// always has max_sessions - max_udp_sessions slots no UDP flood can take.
+func (l Limits) SessionPools() (tcp, udp int) {
+	tcp, udp = l.MaxTCPSessions, l.MaxUDPSessions
+	if l.MaxSessions > 0 {
+		if tcp == 0 {
+			tcp = l.MaxSessions
+		}
+		if udp == 0 {
+			udp = max(1, l.MaxSessions*udpSharePercent/100)
+		}
+	}
+	return tcp, udp
+}
+
+// SourceBudget is what one source (an IPv4 address or an IPv6 /64) may open
+// on one mapping. Zero fields are unlimited.
+type SourceBudget struct {
+	MaxTCPSessions int
+	MaxUDPSessions int
+	RatePerSecond  int // new sessions per second
+	Burst          int // bucket size; at least 1 when RatePerSecond is set
+}
+
+// SourceBudget returns the per-source budget of m under l: the mapping's
+// own keys where set, the [limits] values otherwise.
+func (l Limits) SourceBudget(m *Mapping) SourceBudget {
+	pick := func(own, global int) int {
+		if own > 0 {
+			return own
+		}
+		return global
+	}
+	b := SourceBudget{
+		MaxTCPSessions: pick(m.MaxTCPSessionsPerSource, l.MaxTCPSessionsPerSource),
+		MaxUDPSessions: pick(m.MaxUDPSessionsPerSource, l.MaxUDPSessionsPerSource),
+		RatePerSecond:  pick(m.NewSessionsPerSourcePerSecond, l.NewSessionsPerSourcePerSecond),
+	}
+	if b.RatePerSecond > 0 {
+		// A mapping that sets only its rate gets twice that rate as burst,
+		// not the global burst sized for another rate.
+		switch {
+		case m.NewSessionsPerSourceBurst > 0:
+			b.Burst = m.NewSessionsPerSourceBurst
+		case m.NewSessionsPerSourcePerSecond == 0 && l.NewSessionsPerSourceBurst > 0:
+			b.Burst = l.NewSessionsPerSourceBurst
+		default:
+			b.Burst = 2 * b.RatePerSecond
+		}
+	}
+	return b
+}
