@@ -115,7 +115,7 @@ func checkProblems(t *testing.T, path string, data []byte, warns []Warning, err 
 // line of each element's own [[table]] header, in file order.
 func checkHeaderLines(t *testing.T, data []byte, table string, got []int) {
 	t.Helper()
-	src := strings.Split(string(data), "\n")
+	src := strings.Split(trimBOM(string(data)), "\n")
 	prev := 0
 	for i, n := range got {
 		if n == 0 {
