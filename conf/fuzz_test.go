@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/BurntSushi/toml"
 )
@@ -189,6 +190,11 @@ target = "10.0.0.5:443"
 		lines := make([]int, len(cfg.Mappings))
 		for i, m := range cfg.Mappings {
 			lines[i] = m.Line
+			for _, d := range []time.Time{m.Created, m.ReviewBy, m.Expires} {
+				if !d.IsZero() && d.Year() < 1 {
+					t.Fatalf("mapping[%d] holds %v, which is no day", i, d)
+				}
+			}
 		}
 		checkHeaderLines(t, data, "mapping", lines)
 		// Validation of the result is stable. The key file is read again.
