@@ -140,7 +140,8 @@ func checkHeaderLines(t *testing.T, data []byte, table string, got []int) {
 // FuzzParse checks the appliance loader on any input: it never panics, it
 // rejects everything BurntSushi/toml rejects, its problems name the file and
 // a line it has, and what it accepts is deterministic, carries each
-// mapping's header line, and validates again without a problem.
+// mapping's header line, holds dates that name a day, and validates again
+// without a problem.
 func FuzzParse(f *testing.F) {
 	mapping := `
 [[mapping]]
