@@ -175,6 +175,14 @@ protocol = "tcp"
 listen = "443"
 target = "10.0.0.5:443"
 created = "yesterday" # <-`, `mapping "web" (mapping[0]).created: "yesterday" is not a date; write a date, e.g. 2026-12-31`},
+		{"expires a time of day", tunBase + `
+[[mapping]]
+name = "web"
+owner = "me"
+protocol = "tcp"
+listen = "443"
+target = "10.0.0.5:443"
+expires = 07:30:00 # <-`, `mapping "web" (mapping[0]).expires: 07:30:00 is a time of day, not a date; write a date, e.g. 2026-12-31`},
 
 		// Types.
 		{"string for an integer", tunBase + `

@@ -179,6 +179,12 @@ func textHint(t reflect.Type, s string) (problem, fix string) {
 func (r *report) decodeDate(path string, v any, rv reflect.Value) {
 	switch x := v.(type) {
 	case time.Time:
+		// A TOML local time (07:30:00) decodes as that time on 0000-01-01:
+		// it names no day, and would read as long expired.
+		if x.Year() == 0 {
+			r.errorf(path, "write a date, e.g. 2026-12-31", "%s is a time of day, not a date", x.Format(time.TimeOnly))
+			return
+		}
 		rv.Set(reflect.ValueOf(x))
 		return
 	case string:

@@ -13,6 +13,7 @@ import (
 // point at the last one. Keys inside inline tables and multi-line arrays are
 // not indexed; lookups fall back to the key holding them.
 func scanKeyLines(src string) map[string]int {
+	src = trimBOM(src)
 	lines := make(map[string]int)
 	record := func(path string, n int) {
 		if _, ok := lines[path]; !ok {
@@ -52,6 +53,18 @@ func scanKeyLines(src string) map[string]int {
 		}
 	}
 	return lines
+}
+
+// trimBOM drops a leading byte order mark as BurntSushi/toml does (editors
+// on Windows write one). Kept, it would make the first line neither a table
+// nor a key, and every later line be found under the wrong path.
+func trimBOM(src string) string {
+	for _, bom := range []string{"\xef\xbb\xbf", "\xff\xfe", "\xfe\xff"} {
+		if strings.HasPrefix(src, bom) {
+			return src[len(bom):]
+		}
+	}
+	return src
 }
 
 // resolveTable turns a header's key parts into an indexed path: parts that

@@ -189,6 +189,24 @@ x = 2
 	}
 }
 
+// TestByteOrderMark checks that a file starting with a byte order mark, which
+// BurntSushi/toml skips, still has its problems reported at the right lines.
+func TestByteOrderMark(t *testing.T) {
+	t.Parallel()
+	mapping := func(name, listen string) string {
+		return "[[mapping]]\nname = \"" + name + "\"\nowner = \"x\"\nprotocol = \"tcp\"\nlisten = " + listen + "\ntarget = \"10.0.0.5:80\"\n"
+	}
+	body := mapping("a", `"99999" # <-`) + mapping("b", `"81"`) + tunBase
+	for _, bom := range []string{"\xef\xbb\xbf", "\xff\xfe", "\xfe\xff"} {
+		src := bom + body
+		_, _, err := ParseAt("t.toml", []byte(src), clock)
+		wantOneError(t, src, err, `mapping "a" (mapping[0]).listen: port 99999 is out of range; use 1-65535`)
+		if got := scanKeyLines(src); got["mapping[0]"] != 1 || got["mapping[1]"] != 7 || got["tun.addresses"] != 14 {
+			t.Errorf("bom %x: lines %v", bom, got)
+		}
+	}
+}
+
 func TestErrorFormat(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
