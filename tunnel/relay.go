@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -51,8 +52,10 @@ type Relay struct {
 	binds []netip.Addr // where public listeners open
 	mtu   int          // of the tunnel: public datagrams larger than it cannot cross
 
-	dialTimeout time.Duration
-	maxSessions int64 // 0: unlimited
+	limits atomic.Pointer[relayLimits] // swapped by Reload
+	// ipcSet configures the WireGuard device (a seam for tests that make it
+	// fail part-way); guarded by mu.
+	ipcSet func(uapi string) error
 
 	ctx       context.Context // cancelled by Close: ends every flow and control session
 	cancel    context.CancelFunc
@@ -75,6 +78,22 @@ type Relay struct {
 	// udpMu guards udp; it is separate from mu because the packet path takes it.
 	udpMu sync.RWMutex
 	udp   map[udpKey]*udpSession
+}
+
+// relayLimits are the [relay] settings a reload applies in place. Flows
+// already admitted keep running when max_sessions is lowered; new ones are
+// refused until the count is under it again.
+type relayLimits struct {
+	dialTimeout time.Duration
+	maxSessions int64 // 0: unlimited
+}
+
+func limitsOf(s conf.RelaySection) *relayLimits {
+	l := &relayLimits{dialTimeout: s.DialTimeout.D(), maxSessions: int64(s.MaxSessions)}
+	if l.dialTimeout <= 0 {
+		l.dialTimeout = defaultDialTimeout
+	}
+	return l
 }
 
 // relayPeer is one configured peer. name and addr4 never change (a peer
@@ -160,29 +179,25 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 	o := buildOptions(opts)
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &Relay{
-		log:         log,
-		org:         org,
-		opts:        o,
-		addr4:       cfg.Relay.Address.Unmap(),
-		addr6:       TunnelAddr6(cfg.Relay.Address),
-		binds:       cfg.Relay.PublicBind,
-		mtu:         mtu,
-		dialTimeout: cfg.Relay.DialTimeout.D(),
-		maxSessions: int64(cfg.Relay.MaxSessions),
-		ctx:         ctx,
-		cancel:      cancel,
-		cfg:         cfg,
-		peers:       make(map[string]*relayPeer),
-		byAddr:      make(map[netip.Addr]*relayPeer),
-		reg:         newRegistry(),
-		udp:         make(map[udpKey]*udpSession),
+		log:    log,
+		org:    org,
+		opts:   o,
+		addr4:  cfg.Relay.Address.Unmap(),
+		addr6:  TunnelAddr6(cfg.Relay.Address),
+		binds:  cfg.Relay.PublicBind,
+		mtu:    mtu,
+		ctx:    ctx,
+		cancel: cancel,
+		cfg:    cfg,
+		peers:  make(map[string]*relayPeer),
+		byAddr: make(map[netip.Addr]*relayPeer),
+		reg:    newRegistry(),
+		udp:    make(map[udpKey]*udpSession),
 	}
 	if len(r.binds) == 0 {
 		r.binds = []netip.Addr{netip.IPv4Unspecified(), netip.IPv6Unspecified()}
 	}
-	if r.dialTimeout <= 0 {
-		r.dialTimeout = defaultDialTimeout
-	}
+	r.limits.Store(limitsOf(cfg.Relay))
 
 	var uapi string
 	for _, p := range cfg.Peers {
@@ -199,6 +214,7 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 		return nil, fmt.Errorf("configure relay peers: %w", err)
 	}
 	r.dev = d
+	r.ipcSet = d.IpcSet
 	for i := range cfg.Peers {
 		r.addPeerLocked(cfg.Peers[i])
 	}
@@ -402,12 +418,14 @@ func (r *Relay) Status() RelayStatus {
 	return st
 }
 
-// Reload applies a new relay config: peers added, removed or changed and
-// new port allowances, without touching other peers' flows. A peer that
-// lost an allowance loses only those ports (their listeners and flows); a
-// peer whose key or address changed starts over. Settings that need a new
-// device or new sockets (listen, private key, address, public_bind, mtu)
-// cannot change on reload: the error says so and nothing changes.
+// Reload applies a new relay config: peers added, removed or changed, new
+// port allowances, dial_timeout and max_sessions, without touching other
+// peers' flows. A peer that lost an allowance loses only those ports (their
+// listeners and flows); a peer whose key or address changed starts over.
+// Settings that need a new device or new sockets (listen, private key,
+// address, public_bind, mtu) cannot change on reload: the error says so and
+// nothing changes. If WireGuard refuses the new peers part-way, what it
+// applied is rolled back and the error says so.
 func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 	if cfg == nil {
 		return errors.New("reload relay: no config")
@@ -460,10 +478,11 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 		}
 	}
 	if uapi != "" {
-		if err := r.dev.IpcSet(uapi); err != nil {
-			return fmt.Errorf("reload relay peers: %w", err)
+		if err := r.setPeersLocked(uapi, dropped, added, next); err != nil {
+			return err
 		}
 	}
+	r.limits.Store(limitsOf(cfg.Relay))
 
 	var closing []*controlSession
 	for _, name := range dropped {
@@ -499,13 +518,50 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 	}
 	notes = append(notes, r.retryOthersLocked(nil)...)
 	r.cfg = cfg
+	lim := r.limits.Load()
 	r.log.Info("relay reloaded", zap.Int("count", len(r.peers)), zap.Strings("added", added),
-		zap.Strings("changed", changed), zap.Strings("removed", dropped))
+		zap.Strings("changed", changed), zap.Strings("removed", dropped),
+		zap.Duration("dial_timeout", lim.dialTimeout), zap.Int64("max_sessions", lim.maxSessions))
 	for _, s := range closing { // close never blocks: it only closes a channel and the conn
 		s.close()
 	}
 	r.sendLocked(notes)
 	return nil
+}
+
+// setPeersLocked applies uapi, which removes the dropped peers and adds the
+// added ones (names in r.peers and next). wireguard-go applies a UAPI text
+// line by line, so a failure can leave part of it applied: then the added
+// keys that were not there before are removed and the dropped peers are put
+// back as they were (allowed IPs and last endpoint), and the error says
+// whether that worked.
+func (r *Relay) setPeersLocked(uapi string, dropped, added []string, next map[string]conf.Peer) error {
+	stats, _ := readPeerStats(r.dev) // endpoints to restore; best effort
+	err := r.ipcSet(uapi)
+	if err == nil {
+		return nil
+	}
+	old := make(map[conf.Key]bool, len(dropped))
+	for _, name := range dropped {
+		old[r.peers[name].cfg.PublicKey] = true
+	}
+	var undo strings.Builder
+	for _, name := range added {
+		if k := next[name].PublicKey; !old[k] {
+			undo.WriteString(removePeerUAPI(k))
+		}
+	}
+	for _, name := range dropped {
+		pc := r.peers[name].cfg
+		ep, _ := netip.ParseAddrPort(stats[pc.PublicKey].Endpoint)
+		undo.WriteString(peerUAPI(pc.PublicKey, ep, 0, TunnelPrefixes(pc.Address)))
+	}
+	if uerr := r.ipcSet(undo.String()); uerr != nil {
+		r.log.Error("wireguard peers half-updated and the rollback failed; restart natbox relay",
+			zap.NamedError("update", err), zap.NamedError("rollback", uerr))
+		return fmt.Errorf("reload relay peers: %w; rolling back failed too (%v): restart natbox relay to restore the peers", err, uerr)
+	}
+	return fmt.Errorf("reload relay peers: %w; the WireGuard peers it had changed were rolled back, nothing changed", err)
 }
 
 // notification is a batch of messages for one control session.
@@ -728,7 +784,7 @@ func (r *Relay) acceptLoop(h *holding, ln net.Listener) {
 
 // admit takes a session slot, or reports false when relay.max_sessions is reached.
 func (r *Relay) admit() bool {
-	if n := r.sessions.Add(1); r.maxSessions > 0 && n > r.maxSessions {
+	if n, max := r.sessions.Add(1), r.limits.Load().maxSessions; max > 0 && n > max {
 		r.sessions.Add(-1)
 		r.overCap.Add(1)
 		return false
@@ -746,7 +802,7 @@ func (r *Relay) forwardTCP(h *holding, c net.Conn) {
 	client := unmapPort(c.RemoteAddr().(*net.TCPAddr).AddrPort())
 	dst := netip.AddrPortFrom(tunnelAddrFor(h.peer.addr4, client.Addr()), h.key.port)
 
-	dctx, cancel := context.WithTimeout(h.ctx, r.dialTimeout)
+	dctx, cancel := context.WithTimeout(h.ctx, r.limits.Load().dialTimeout)
 	tc, err := r.org.DialTCP(dctx, client, dst)
 	cancel()
 	if err != nil {
