@@ -216,6 +216,9 @@ type ReloadResult struct {
 	// SessionsClosed counts sessions closed because their mapping went away,
 	// was disabled, or no longer admits them.
 	SessionsClosed int `json:"sessions_closed"`
+	// Restart lists the changed settings the running process cannot apply,
+	// each as "restart natbox to apply KEY"; the rest of the reload applied.
+	Restart []string `json:"restart,omitempty"`
 }
 
 // ConfigError is a config that failed to load on reload: nothing changed. Each

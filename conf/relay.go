@@ -9,6 +9,10 @@ import (
 // DefaultRelayListen is where the relay's WireGuard listens by default.
 const DefaultRelayListen = "0.0.0.0:51820"
 
+// DefaultRelayAdminSocket differs from the appliance's DefaultAdminSocket so
+// that both run on one host with default settings.
+const DefaultRelayAdminSocket = "/run/natbox/relay.sock"
+
 func defaultRelay() RelaySection {
 	return RelaySection{
 		Listen:      DefaultRelayListen,

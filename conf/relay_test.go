@@ -159,7 +159,7 @@ func TestRelayDefaults(t *testing.T) {
 		!slices.Equal(r.PublicBind, []netip.Addr{netip.MustParseAddr("0.0.0.0"), netip.MustParseAddr("::")}) {
 		t.Errorf("relay = %+v", r)
 	}
-	if cfg.Admin.Socket != DefaultAdminSocket || cfg.Log.Level != "info" {
+	if cfg.Admin.Socket != DefaultRelayAdminSocket || cfg.Admin.Socket == DefaultAdminSocket || cfg.Log.Level != "info" {
 		t.Errorf("admin %+v log %+v", cfg.Admin, cfg.Log)
 	}
 	p, ok := cfg.PeerByKey(mustKey(t, testPeerPub1))

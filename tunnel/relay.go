@@ -529,6 +529,11 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 	return nil
 }
 
+// ErrPeersHalfApplied is a reload whose WireGuard peer update failed part-way
+// and could not be rolled back: unlike every other reload error, something
+// did change.
+var ErrPeersHalfApplied = errors.New("rolling back the WireGuard peers failed too")
+
 // setPeersLocked applies uapi, which removes the dropped peers and adds the
 // added ones (names in r.peers and next). wireguard-go applies a UAPI text
 // line by line, so a failure can leave part of it applied: then the added
@@ -559,7 +564,7 @@ func (r *Relay) setPeersLocked(uapi string, dropped, added []string, next map[st
 	if uerr := r.ipcSet(undo.String()); uerr != nil {
 		r.log.Error("wireguard peers half-updated and the rollback failed; restart natbox relay",
 			zap.NamedError("update", err), zap.NamedError("rollback", uerr))
-		return fmt.Errorf("reload relay peers: %w; rolling back failed too (%v): restart natbox relay to restore the peers", err, uerr)
+		return fmt.Errorf("reload relay peers: %w; %w (%v): restart natbox relay to restore the peers", err, ErrPeersHalfApplied, uerr)
 	}
 	return fmt.Errorf("reload relay peers: %w; the WireGuard peers it had changed were rolled back, nothing changed", err)
 }

@@ -2,6 +2,7 @@ package app
 
 import (
 	"context"
+	"errors"
 	"sort"
 	"time"
 
@@ -156,7 +157,8 @@ func (s applianceSource) Reload(context.Context) (admin.ReloadResult, error) {
 	if err != nil {
 		return admin.ReloadResult{}, admin.InvalidConfig(err)
 	}
-	return admin.ReloadResult{Added: diff.Added, Changed: diff.Changed, Removed: diff.Removed, SessionsClosed: diff.SessionsClosed}, nil
+	return admin.ReloadResult{Added: diff.Added, Changed: diff.Changed, Removed: diff.Removed, SessionsClosed: diff.SessionsClosed,
+		Restart: diff.Restart}, nil
 }
 
 func histogram(h forwarder.Histogram) admin.Histogram {
@@ -243,8 +245,12 @@ func (s relaySource) Status() admin.Status {
 func (s relaySource) Sessions(string) []admin.Session { return nil }
 
 func (s relaySource) Reload(context.Context) (admin.ReloadResult, error) {
-	if err := s.n.Reload(); err != nil {
+	res, err := s.n.Reload()
+	switch {
+	case errors.Is(err, tunnel.ErrPeersHalfApplied): // something did change
+		return admin.ReloadResult{}, err
+	case err != nil:
 		return admin.ReloadResult{}, admin.InvalidConfig(err)
 	}
-	return admin.ReloadResult{}, nil
+	return admin.ReloadResult{Restart: res.Restart}, nil
 }
