@@ -270,3 +270,38 @@ func TestRelayTunnelAddressesAreUnmapped(t *testing.T) {
 		t.Errorf("relay address = %s, want 10.77.0.1", got)
 	}
 }
+
+// The relay's default socket is not the appliance's, and the clients that
+// find a natbox through a config file know which one a relay file means.
+func TestRelayDefaultAdminSocket(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	relay := filepath.Join(dir, "relay.toml")
+	if err := os.WriteFile(relay, []byte(relayWithHome(`[]`)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	appliance := filepath.Join(dir, "natbox.toml")
+	if err := os.WriteFile(appliance, []byte("[tun]\naddresses = [\"203.0.113.10/32\"]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got := AdminSocketOf(relay); got != DefaultRelayAdminSocket {
+		t.Errorf("AdminSocketOf(relay config) = %q, want %q", got, DefaultRelayAdminSocket)
+	}
+	if got := AdminSocketOf(appliance); got != DefaultAdminSocket {
+		t.Errorf("AdminSocketOf(appliance config) = %q, want %q", got, DefaultAdminSocket)
+	}
+	for path, want := range map[string]string{relay: DefaultRelayAdminSocket, appliance: DefaultAdminSocket} {
+		if a, err := LoadAdmin(path); err != nil || a.Socket != want {
+			t.Errorf("LoadAdmin(%s) = %+v, %v; want socket %q", filepath.Base(path), a, err, want)
+		}
+	}
+	// LoadAdmin validates the whole file, as the kind it is.
+	bad := filepath.Join(dir, "bad.toml")
+	if err := os.WriteFile(bad, []byte(relayBase+"max_session = 1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := LoadAdmin(bad)
+	if want := bad + `:4: relay: unknown key "max_session"; did you mean "max_sessions"?`; err == nil || err.Error() != want {
+		t.Errorf("LoadAdmin(bad relay config) = %v, want %s", err, want)
+	}
+}

@@ -9,14 +9,23 @@ import (
 
 // FailIpcSetPartway makes r's next WireGuard configuration apply only its
 // first n peer blocks and then fail, as wireguard-go does when it refuses a
-// line in the middle. mid returns the device's peers as that failure left them.
-func FailIpcSetPartway(r *Relay, n int) (mid func() map[string][]string) {
+// line in the middle; with rollbackFails the one after it (the rollback)
+// fails the same way. mid returns the device's peers as the first failure
+// left them.
+func FailIpcSetPartway(r *Relay, n int, rollbackFails bool) (mid func() map[string][]string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	set := r.ipcSet
 	var state map[string][]string
+	calls := 0
 	r.ipcSet = func(uapi string) error {
-		r.ipcSet = set // once; the caller holds r.mu
+		if calls++; calls == 2 || !rollbackFails {
+			r.ipcSet = set // the caller holds r.mu
+		}
+		if calls == 2 {
+			state0 := state
+			defer func() { state = state0 }()
+		}
 		blocks := strings.SplitAfter(uapi, "\n")
 		var head strings.Builder
 		seen := 0

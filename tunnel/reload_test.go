@@ -1,6 +1,7 @@
 package tunnel_test
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -36,9 +37,10 @@ func TestRelayReloadRollsBackAHalfAppliedPeerUpdate(t *testing.T) {
 	movedA.Address = netip.MustParseAddr("100.96.0.9")
 	peerC := conf.Peer{Name: "c", PublicKey: keyC.Public(), Address: applAddrB}
 	next := relayConfig(relayKey, "127.0.0.1:0", binds, movedA, peerC)
-	mid := tunnel.FailIpcSetPartway(relay.relay, 3)
+	mid := tunnel.FailIpcSetPartway(relay.relay, 3, false)
 	err := relay.relay.Reload(next)
-	if err == nil || !strings.Contains(err.Error(), "injected failure") || !strings.Contains(err.Error(), "rolled back, nothing changed") {
+	if err == nil || !strings.Contains(err.Error(), "injected failure") || !strings.Contains(err.Error(), "rolled back, nothing changed") ||
+		errors.Is(err, tunnel.ErrPeersHalfApplied) {
 		t.Fatalf("reload error = %v, want the failure and that it was rolled back", err)
 	}
 	if m := mid(); m == nil || maps.EqualFunc(m, before, slices.Equal) {
@@ -62,6 +64,22 @@ func TestRelayReloadRollsBackAHalfAppliedPeerUpdate(t *testing.T) {
 	}
 	if !maps.EqualFunc(got, want, slices.Equal) {
 		t.Fatalf("wireguard peers after the reload:\n%v\nwant\n%v", got, want)
+	}
+}
+
+// When the rollback fails too, the reload says that something did change
+// and that a restart restores the peers.
+func TestRelayReloadSaysWhenTheRollbackFails(t *testing.T) {
+	t.Parallel()
+	keyA, keyB, relayKey := mustKey(t), mustKey(t), mustKey(t)
+	binds := []netip.Addr{loopback4}
+	peerA := conf.Peer{Name: "a", PublicKey: keyA.Public(), Address: applAddrA}
+	relay := startRelay(t, relayConfig(relayKey, "127.0.0.1:0", binds, peerA), testLogger(t))
+	peerB := conf.Peer{Name: "b", PublicKey: keyB.Public(), Address: applAddrB}
+	tunnel.FailIpcSetPartway(relay.relay, 1, true)
+	err := relay.relay.Reload(relayConfig(relayKey, "127.0.0.1:0", binds, peerB))
+	if !errors.Is(err, tunnel.ErrPeersHalfApplied) || !strings.Contains(err.Error(), "restart natbox relay") {
+		t.Fatalf("reload error = %v, want ErrPeersHalfApplied and the fix", err)
 	}
 }
 
