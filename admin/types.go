@@ -183,6 +183,10 @@ type RelayPeer struct {
 	// DialFailures counts public TCP connections reset because the peer
 	// refused the flow inside the tunnel or did not answer it in time.
 	DialFailures uint64 `json:"dial_failures"`
+	// ControlRefusals counts control connections the relay refused or
+	// ended, by reason ("replaced", "hello_timeout", "bad_hello",
+	// "too_long", "bad_message", "rate").
+	ControlRefusals map[string]uint64 `json:"control_refusals,omitempty"`
 }
 
 // Session is one live flow.

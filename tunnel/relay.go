@@ -107,7 +107,9 @@ type relayPeer struct {
 	// dialFailed counts public TCP connections the peer did not take over
 	// inside the tunnel (its forwarder refused, or no answer in time).
 	dialFailed atomic.Uint64
+	ctlRefused ctlCounters // control connections refused, by reason
 	cfg        conf.Peer
+	pending    *controlConn    // a control connection waiting for its hello
 	session    *controlSession // nil when not connected
 	wanted     []string        // the specs of the peer's last register
 	results    map[string]message
@@ -242,9 +244,13 @@ func (r *Relay) Close() error {
 		r.mu.Lock()
 		r.closed = true
 		var sessions []*controlSession
+		var pending []*controlConn
 		for _, p := range r.peers {
 			if p.session != nil {
 				sessions = append(sessions, p.session)
+			}
+			if p.pending != nil {
+				pending = append(pending, p.pending)
 			}
 			r.dropPeerLocked(p)
 		}
@@ -252,6 +258,9 @@ func (r *Relay) Close() error {
 		r.cancel()
 		for _, s := range sessions {
 			s.close()
+		}
+		for _, cc := range pending { // not waiting out their hello deadline
+			cc.c.Close()
 		}
 		r.dev.Close()
 		r.wg.Wait()
@@ -319,7 +328,22 @@ func (r *Relay) HandleTCP(src, dst netip.AddrPort, accept func() (net.Conn, erro
 		r.log.Debug("accept control connection", zap.String("peer", p.name), zap.Error(err))
 		return
 	}
-	r.serveControl(p, c)
+	// One connection per peer waits for its hello: a newer one replaces it,
+	// so a peer opening many holds one goroutine and buffer, not many.
+	cc := newControlConn(c)
+	r.mu.Lock()
+	old := p.pending
+	p.pending = cc
+	if r.closed {
+		p.pending = nil
+		c.Close()
+	}
+	r.mu.Unlock()
+	if old != nil {
+		r.refuseControl(p, old, ctlReplaced, nil)
+		old.c.Close()
+	}
+	r.serveControl(p, cc)
 }
 
 // HandleUDP is called on the relay stack's packet path for each datagram
@@ -364,6 +388,9 @@ type RelayPeerStatus struct {
 	TxBytes       uint64            `json:"tx_bytes"`
 	Ports         []string          `json:"ports"`             // held, e.g. "tcp/443", "udp/10000-10100"
 	Refused       map[string]string `json:"refused,omitempty"` // spec -> reason
+	// ControlRefusals counts the peer's control connections refused or
+	// ended by the relay, by reason ("replaced", "hello_timeout", "rate", ...).
+	ControlRefusals map[string]uint64 `json:"control_refusals,omitempty"`
 	// SessionsActive and SessionsOpened count the peer's TCP flows and UDP
 	// client sessions: open now, and opened since the peer was configured.
 	SessionsActive int64  `json:"sessions_active"`
@@ -399,6 +426,8 @@ func (r *Relay) Status() RelayStatus {
 			SessionsActive: p.active.Load(),
 			SessionsOpened: p.opened.Load(),
 			DialFailures:   p.dialFailed.Load(),
+
+			ControlRefusals: p.ctlRefused.snapshot(),
 		}
 		for spec, m := range p.results {
 			if !m.OK {

@@ -237,6 +237,8 @@ func (s relaySource) Status() admin.Status {
 			SessionsActive: p.SessionsActive,
 			SessionsOpened: p.SessionsOpened,
 			DialFailures:   p.DialFailures,
+
+			ControlRefusals: p.ControlRefusals,
 		})
 	}
 	return admin.Status{Time: time.Now(), Version: s.version, ConfigPath: cfg.Path, StartedAt: s.started, Relay: r}
