@@ -42,7 +42,8 @@ func controlRefusals(r *tunnel.Relay, peer string) map[string]uint64 {
 // TestRelayControlFloodStaysBounded: one peer opening many control
 // connections without a hello holds one of them at a time on the relay (a
 // newer one replaces the older), each replacement counted; the relay's
-// goroutines do not grow with them, and another peer is served throughout.
+// goroutines and heap do not grow with them, and another peer is served
+// throughout.
 // Not parallel: it counts the process's goroutines.
 func TestRelayControlFloodStaysBounded(t *testing.T) {
 	const n = 1000
@@ -58,6 +59,9 @@ func TestRelayControlFloodStaysBounded(t *testing.T) {
 	waitRegistered(t, a, fmt.Sprintf("tcp/%d", portA))
 	waitRegistered(t, b, fmt.Sprintf("tcp/%d", portB))
 	before := runtime.NumGoroutine()
+	var m0 runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&m0)
 
 	peak := 0
 	for i := range n {
@@ -74,6 +78,14 @@ func TestRelayControlFloodStaysBounded(t *testing.T) {
 	waitFor(t, 10*time.Second, fmt.Sprintf("%d replacements counted", n-1), func() bool {
 		return controlRefusals(relay.relay, "a")["replaced"] == n-1
 	})
+	var m1 runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&m1)
+	// Each connection waiting for a hello would hold a 64 KiB reader; both
+	// sides' endpoints for the connections still open cost about 13 KiB each.
+	if grew := int64(m1.HeapInuse) - int64(m0.HeapInuse); grew > n*32<<10 {
+		t.Fatalf("heap in use grew by %d KiB with %d control connections open: not bounded", grew>>10, n)
+	}
 
 	// b is served, and a's own session was never touched.
 	payload := randomBytes(4096)
@@ -86,7 +98,8 @@ func TestRelayControlFloodStaysBounded(t *testing.T) {
 	if got := controlRefusals(relay.relay, "b"); got != nil {
 		t.Fatalf("b's control refusals: %v", got)
 	}
-	t.Logf("%d control connections without hello: goroutines %d -> peak %d", n, before, peak)
+	t.Logf("%d control connections without hello: goroutines %d -> peak %d, heap in use %d -> %d KiB",
+		n, before, peak, m0.HeapInuse>>10, m1.HeapInuse>>10)
 }
 
 // readError reads control messages from c until an error message and
