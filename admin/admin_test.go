@@ -93,7 +93,7 @@ func sampleStatus() Status {
 		},
 		Relay: &Relay{Listen: "0.0.0.0:51820", Peers: []RelayPeer{
 			{Name: "home", Address: "100.96.0.2", BytesIn: 11, BytesOut: 22, SessionsActive: 1, SessionsOpened: 2,
-				DialFailures: 3, Registered: []string{"tcp/8443"}},
+				DialFailures: 3, Registered: []string{"tcp/8443"}, ControlRefusals: map[string]uint64{"replaced": 4, "rate": 1}},
 		}},
 	}
 }
@@ -415,6 +415,8 @@ func TestMetricsScrape(t *testing.T) {
 		`natbox_relay_peer_sessions_active{peer="home"} 1`,
 		`natbox_relay_peer_ports_registered{peer="home"} 1`,
 		`natbox_relay_peer_dial_failures_total{peer="home"} 3`,
+		`natbox_relay_peer_control_refusals_total{peer="home",reason="replaced"} 4`,
+		`natbox_relay_peer_control_refusals_total{peer="home",reason="rate"} 1`,
 		"go_goroutines ", // the private registry also has the runtime collectors
 	} {
 		if !strings.Contains(body, "\n"+want) {

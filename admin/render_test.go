@@ -49,6 +49,7 @@ func TestRenderStatus(t *testing.T) {
 		"  refused     udp/27015: not in this peer's ports",
 		"relay listening on 0.0.0.0:51820, 1 peer",
 		"home: 3 public connections reset: the appliance refused them or did not answer",
+		"home: control connections refused: rate=1 replaced=4",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status output lacks %q:\n%s", want, out)
