@@ -212,7 +212,8 @@ type Session struct {
 	IdleSeconds float64 `json:"idle_seconds"`
 }
 
-// ReloadResult says what a reload changed, by mapping name.
+// ReloadResult says what a reload changed, by mapping name (by peer name
+// on a relay).
 type ReloadResult struct {
 	Added   []string `json:"added"`
 	Changed []string `json:"changed"`

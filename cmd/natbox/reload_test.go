@@ -157,7 +157,8 @@ address = "10.77.0.2"
 		t.Fatal(err)
 	}
 	r = natbox(t, "", "reload", "-c", path)
-	if r.code != exitOK || !strings.Contains(r.stdout, "not applied: restart natbox relay to apply log.format") {
+	if r.code != exitOK || !strings.Contains(r.stdout, "reloaded: added [office], changed [], removed []") ||
+		!strings.Contains(r.stdout, "not applied: restart natbox relay to apply log.format") {
 		t.Fatalf("reload of a valid relay config: %v", r)
 	}
 	if got := peers(); len(got) != 2 || got[1] != "office" {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/natbox/natbox/admin"
 	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/forwarder"
 	"github.com/natbox/natbox/netstack"
 	"github.com/natbox/natbox/tunnel"
 )
@@ -119,12 +121,40 @@ func (n *RelayNode) Reload() (Reloaded, error) {
 		n.log.Warn("config", zap.Stringer("warning", w))
 	}
 	applyLive()
+	res := Reloaded{Diff: peerDiff(n.cfg.Peers, next.Peers), Restart: restart}
 	n.cfg = next
 	n.log.Info("reloaded", zap.Int("peers", len(next.Peers)))
 	if len(restart) > 0 {
 		n.log.Warn("reloaded, but some changes need a restart", zap.Strings("restart", restart))
 	}
-	return Reloaded{Restart: restart}, nil
+	return res, nil
+}
+
+// peerDiff names the peers a relay reload added, changed and removed.
+func peerDiff(old, next []conf.Peer) forwarder.Diff {
+	var d forwarder.Diff
+	was := make(map[string]conf.Peer, len(old))
+	for _, p := range old {
+		p.Line = 0
+		was[p.Name] = p
+	}
+	for _, p := range next {
+		p.Line = 0
+		o, ok := was[p.Name]
+		switch {
+		case !ok:
+			d.Added = append(d.Added, p.Name)
+		case !reflect.DeepEqual(o, p):
+			d.Changed = append(d.Changed, p.Name)
+		}
+		delete(was, p.Name)
+	}
+	for _, p := range old {
+		if _, ok := was[p.Name]; ok {
+			d.Removed = append(d.Removed, p.Name)
+		}
+	}
+	return d
 }
 
 // Close stops everything, newest first; it is idempotent.

@@ -254,5 +254,5 @@ func (s relaySource) Reload(context.Context) (admin.ReloadResult, error) {
 	case err != nil:
 		return admin.ReloadResult{}, admin.InvalidConfig(err)
 	}
-	return admin.ReloadResult{Restart: res.Restart}, nil
+	return admin.ReloadResult{Added: res.Added, Changed: res.Changed, Removed: res.Removed, Restart: res.Restart}, nil
 }
