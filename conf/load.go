@@ -160,6 +160,19 @@ func AdminSocketOf(path string) string {
 	return DefaultAdminSocket
 }
 
+// IsRelayConfig reports whether the file at path is a relay config: it has
+// a [relay] table. An unreadable or unparsable file is not.
+func IsRelayConfig(path string) bool {
+	data, err := os.ReadFile(path)
+	return err == nil && isRelay(data)
+}
+
+func isRelay(data []byte) bool {
+	var probe map[string]any
+	md, err := toml.Decode(string(data), &probe)
+	return err == nil && md.IsDefined("relay")
+}
+
 // LoadAdmin loads and validates path as the kind of config it is (a relay
 // config when it has a [relay] table, else an appliance config) and returns
 // its [admin] table. natbox reload uses it so that a file with problems is
@@ -169,8 +182,7 @@ func LoadAdmin(path string) (Admin, error) {
 	if err != nil {
 		return Admin{}, err
 	}
-	var probe map[string]any
-	if md, err := toml.Decode(string(data), &probe); err == nil && md.IsDefined("relay") {
+	if isRelay(data) {
 		cfg, _, err := ParseRelay(path, data)
 		if err != nil {
 			return Admin{}, err
