@@ -106,7 +106,8 @@ func sampleStatus() Status {
 		},
 		Relay: &Relay{Listen: "0.0.0.0:51820", Peers: []RelayPeer{
 			{Name: "home", Address: "100.96.0.2", BytesIn: 11, BytesOut: 22, SessionsActive: 1, SessionsOpened: 2,
-				DialFailures: 3, Registered: []string{"tcp/8443"}, Stats: Counters{Gauges: map[string]int64{"connected": 1}}},
+				DialFailures: 3, Registered: []string{"tcp/8443"}, Stats: Counters{Gauges: map[string]int64{"connected": 1}},
+				ControlRefusals: map[string]uint64{"replaced": 4, "rate": 1}},
 		}, Stats: Counters{Counters: map[string]uint64{"over_limit": 2, "rejected": 0}, Gauges: map[string]int64{"tcp_sessions": 1}}},
 	}
 }
@@ -442,6 +443,8 @@ func TestMetricsScrape(t *testing.T) {
 		`natbox_relay_peer_connected{peer="home"} 1`,
 		"# TYPE natbox_netstack_tcp_in_flight_drops_total counter",
 		"# TYPE natbox_netstack_tcp_established gauge",
+		`natbox_relay_peer_control_refusals_total{peer="home",reason="replaced"} 4`,
+		`natbox_relay_peer_control_refusals_total{peer="home",reason="rate"} 1`,
 		"go_goroutines ", // the private registry also has the runtime collectors
 	} {
 		if !strings.Contains(body, "\n"+want) {

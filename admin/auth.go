@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync/atomic"
 
 	"github.com/natbox/natbox/conf"
 )
@@ -70,10 +71,35 @@ func listenToken(cfg conf.Admin) (string, error) {
 
 // requireToken answers 401 unless the request carries Authorization: Bearer token.
 func requireToken(token string, next http.Handler) http.Handler {
+	g := &tokenGate{}
+	g.set(token)
+	return g.wrap(next)
+}
+
+// tokenGate holds the bearer token the HTTP listener requires; a reload can
+// replace it (token rotation) while requests are served.
+type tokenGate struct {
 	// Comparing fixed-size digests keeps the comparison constant-time
-	// whatever the length of the presented token.
-	want := sha256.Sum256([]byte(token))
+	// whatever the length of the presented token. nil: no token required.
+	want atomic.Pointer[[sha256.Size]byte]
+}
+
+func (g *tokenGate) set(token string) {
+	if token == "" {
+		g.want.Store(nil)
+		return
+	}
+	sum := sha256.Sum256([]byte(token))
+	g.want.Store(&sum)
+}
+
+func (g *tokenGate) wrap(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		want := g.want.Load()
+		if want == nil {
+			next.ServeHTTP(w, r)
+			return
+		}
 		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		sum := sha256.Sum256([]byte(strings.TrimSpace(got)))
 		if !ok || subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {

@@ -69,12 +69,15 @@ var (
 	descPeerRegistered   = desc("natbox_relay_peer_ports_registered", "Port specs a peer holds on the relay.", "peer")
 	descPeerRefused      = desc("natbox_relay_peer_ports_refused", "Port specs the relay refused to a peer.", "peer")
 
+	descPeerCtlRefusals = desc("natbox_relay_peer_control_refusals_total", "Control connections the relay refused or ended per peer, by reason.", "peer", "reason")
+
 	allDescs = []*prometheus.Desc{
 		descSessionsOpened, descSessionsActive, descHits, descBytes, descRefusals, descDialLatency,
 		descUDPExpired, descUDPDropped, descInflightDials, descBudgetHits, descReviewOverdue, descExpired, descMappingUp,
 		descTUNUp, descTUNPackets, descTUNBytes, descTUNDropped,
 		descUplinkHandshakeAge, descUplinkBytes, descUplinkRegistered, descUplinkRefused, descUplinkState,
 		descPeerHandshakeAge, descPeerBytes, descPeerActive, descPeerOpened, descPeerDialFailures, descPeerRegistered, descPeerRefused,
+		descPeerCtlRefusals,
 	}
 )
 
@@ -156,6 +159,9 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			counter(descPeerDialFailures, p.DialFailures, p.Name)
 			gauge(descPeerRegistered, float64(len(p.Registered)), p.Name)
 			gauge(descPeerRefused, float64(len(p.Refused)), p.Name)
+			for reason, n := range p.ControlRefusals {
+				counter(descPeerCtlRefusals, n, p.Name, reason)
+			}
 		}
 	}
 }

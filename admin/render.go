@@ -219,6 +219,9 @@ func renderRelay(w io.Writer, now time.Time, r *Relay) error {
 			fmt.Fprintf(w, "%s: %d public connections reset: the appliance refused them or did not answer (its natbox status says why)\n",
 				p.Name, p.DialFailures)
 		}
+		if len(p.ControlRefusals) > 0 {
+			fmt.Fprintf(w, "%s: control connections refused: %s\n", p.Name, formatCounts(p.ControlRefusals))
+		}
 	}
 	return nil
 }

@@ -53,6 +53,7 @@ func TestRenderStatus(t *testing.T) {
 		"relay: over_limit=2\n",
 		"netstack drops and errors (every counter: natbox status --json, /metrics)\n" +
 			"  tun      tcp_in_flight_drops=3 invalid(ip_checksum=2) (of 10 TCP requests, 900 packets in)\n",
+		"home: control connections refused: rate=1 replaced=4",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status output lacks %q:\n%s", want, out)

@@ -53,6 +53,8 @@ type Server struct {
 
 	unixLn, tcpLn   net.Listener // nil when not configured
 	unixSrv, tcpSrv *http.Server
+	listen          string    // [admin] listen the HTTP listener was opened with
+	gate            tokenGate // the HTTP listener's bearer token
 
 	reloadMu  sync.Mutex // serializes reloads
 	closeOnce sync.Once
@@ -99,12 +101,9 @@ func NewServer(cfg conf.Admin, src Source, opts Options, log *zap.Logger) (*Serv
 			s.closeListeners()
 			return nil, fmt.Errorf("admin http listen %s: %w; pick a free address for [admin] listen", cfg.Listen, err)
 		}
-		s.tcpLn = ln
-		var h http.Handler = s.httpMux()
-		if token != "" {
-			h = requireToken(token, h)
-		}
-		s.tcpSrv = newHTTPServer(h)
+		s.tcpLn, s.listen = ln, cfg.Listen
+		s.gate.set(token)
+		s.tcpSrv = newHTTPServer(s.gate.wrap(s.httpMux()))
 	}
 	return s, nil
 }
@@ -115,6 +114,22 @@ func newHTTPServer(h http.Handler) *http.Server {
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       60 * time.Second,
 	}
+}
+
+// ReloadToken reads the HTTP listener's bearer token from tokenFile again,
+// for a reload (a rotated token, another token_file). It returns apply,
+// which makes the listener require that token from the next request on, or
+// the problem, and then nothing changes. Without an HTTP listener apply does
+// nothing.
+func (s *Server) ReloadToken(tokenFile string) (apply func(), err error) {
+	if s.tcpSrv == nil {
+		return func() {}, nil
+	}
+	token, err := listenToken(conf.Admin{Listen: s.listen, TokenFile: tokenFile})
+	if err != nil {
+		return nil, err
+	}
+	return func() { s.gate.set(token) }, nil
 }
 
 // Addr returns the HTTP listener's address, or nil without [admin] listen.

@@ -208,6 +208,10 @@ type RelayPeer struct {
 	// Stats holds the peer's other counters and gauges (connected: its
 	// control session is up), by reflection: see CountersOf.
 	Stats Counters `json:"stats,omitzero"`
+	// ControlRefusals counts control connections the relay refused or
+	// ended, by reason ("replaced", "hello_timeout", "bad_hello",
+	// "too_long", "bad_message", "rate").
+	ControlRefusals map[string]uint64 `json:"control_refusals,omitempty"`
 }
 
 // Session is one live flow.
@@ -233,7 +237,8 @@ type Session struct {
 	IdleSeconds float64 `json:"idle_seconds"`
 }
 
-// ReloadResult says what a reload changed, by mapping name.
+// ReloadResult says what a reload changed, by mapping name (by peer name
+// on a relay).
 type ReloadResult struct {
 	Added   []string `json:"added"`
 	Changed []string `json:"changed"`
@@ -241,6 +246,9 @@ type ReloadResult struct {
 	// SessionsClosed counts sessions closed because their mapping went away,
 	// was disabled, or no longer admits them.
 	SessionsClosed int `json:"sessions_closed"`
+	// Restart lists the changed settings the running process cannot apply,
+	// each as "restart natbox to apply KEY"; the rest of the reload applied.
+	Restart []string `json:"restart,omitempty"`
 }
 
 // ConfigError is a config that failed to load on reload: nothing changed. Each

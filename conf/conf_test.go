@@ -238,7 +238,10 @@ level = "verbose" # <-`, `log.level: unknown level "verbose"; use "debug", "info
 format = "text" # <-`, `log.format: unknown format "text"; use "console" or "json"`},
 		{"tun mtu", `[tun]
 addresses = ["203.0.113.10/32"]
-mtu = 70000 # <-`, `tun.mtu: mtu 70000 is out of range; use 576-65535 (1500 for Ethernet, 1420 inside WireGuard)`},
+mtu = 70000 # <-`, `tun.mtu: mtu 70000 is out of range; use 1280-65535 (1500 for Ethernet)`},
+		{"tun mtu below ipv6's minimum", `[tun]
+addresses = ["203.0.113.10/32"]
+mtu = 576 # <-`, `tun.mtu: mtu 576 is out of range; use 1280-65535 (1500 for Ethernet)`},
 		{"tun name too long", `[tun]
 addresses = ["203.0.113.10/32"]
 name = "natbox-much-too-long" # <-`, `tun.name: "natbox-much-too-long" is not a valid interface name; use 1-15 characters without spaces or slashes, e.g. "natbox0"`},
@@ -440,7 +443,15 @@ relay = "relay.example.net:51820"
 relay_public_key = "` + testRelayPub + `"
 private_key = "` + testPriv + `"
 address = "10.77.0.1"`, `uplink.relay_address: relay_address 10.77.0.1 is this appliance's own address; set relay_address to the relay's tunnel address`},
-		{"uplink mtu", uplinkTable + `mtu = 100 # <-`, `uplink.mtu: mtu 100 is out of range; use 576-65535 (1500 for Ethernet, 1420 inside WireGuard)`},
+		{"uplink mtu", uplinkTable + `mtu = 100 # <-`, `uplink.mtu: mtu 100 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
+		{"uplink mtu over one wireguard datagram", uplinkTable + `mtu = 65535 # <-`, `uplink.mtu: mtu 65535 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
+		{"uplink address ipv6", `[uplink]
+relay = "relay.example.net:51820"
+relay_public_key = "` + testRelayPub + `"
+private_key = "` + testPriv + `"
+address = "fd77::2" # <-`, `uplink.address: address fd77::2 is IPv6; tunnel addresses are IPv4; use an IPv4 address such as 10.77.0.2; natbox derives the IPv6 tunnel address from it`},
+		{"uplink relay address ipv6", uplinkTable + `relay_address = "fd77::1" # <-`, `uplink.relay_address: address fd77::1 is IPv6; tunnel addresses are IPv4; use an IPv4 address such as 10.77.0.2; natbox derives the IPv6 tunnel address from it`},
+		{"uplink v4-in-v6 relay address is own address", uplinkTable + `relay_address = "::ffff:10.77.0.2" # <-`, `uplink.relay_address: relay_address 10.77.0.2 is this appliance's own address; set relay_address to the relay's tunnel address`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -582,7 +593,7 @@ allow = ["10.0.0.1/8"]
 		t.Fatal("got a config despite errors")
 	}
 	want := strings.Join([]string{
-		`natbox.toml:3: tun.mtu: mtu 9 is out of range; use 576-65535 (1500 for Ethernet, 1420 inside WireGuard)`,
+		`natbox.toml:3: tun.mtu: mtu 9 is out of range; use 1280-65535 (1500 for Ethernet)`,
 		`natbox.toml:6: limits.max_sessions: -1 is negative; use 0 for unlimited or a positive number`,
 		`natbox.toml:17: mapping "ssh" (mapping[1]).listen: port 70000 is out of range; use 1-65535`,
 		`natbox.toml:22: mapping "dns" (mapping[2]): unknown key "protcol"; did you mean "protocol"?`,

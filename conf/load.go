@@ -94,7 +94,7 @@ func ParseRelay(path string, data []byte) (*RelayConfig, []Warning, error) {
 	cfg := &RelayConfig{
 		Log:   defaultLog(),
 		Relay: defaultRelay(),
-		Admin: defaultAdmin(),
+		Admin: Admin{Socket: DefaultRelayAdminSocket},
 	}
 	return parseInto(path, data, cfg, &cfg.Path, &cfg.Digest, func(r *report) {
 		for i := range cfg.Peers {
@@ -141,16 +141,57 @@ func begin(path string, data []byte) (*report, map[string]any, error) {
 }
 
 // AdminSocketOf returns the [admin] socket a config file names, or the
-// default. It reads only that key and forgives every other problem, so a
-// client can reach the running natbox to report what is wrong with the file.
+// default of its kind (a relay config has a [relay] table). It reads only
+// those keys and forgives every other problem, so status and sessions reach
+// the running natbox while its file is being edited.
 func AdminSocketOf(path string) string {
 	var partial struct {
 		Admin struct {
 			Socket string `toml:"socket"`
 		} `toml:"admin"`
 	}
-	if _, err := toml.DecodeFile(path, &partial); err == nil && partial.Admin.Socket != "" {
+	md, err := toml.DecodeFile(path, &partial)
+	switch {
+	case err == nil && partial.Admin.Socket != "":
 		return partial.Admin.Socket
+	case err == nil && md.IsDefined("relay"):
+		return DefaultRelayAdminSocket
 	}
 	return DefaultAdminSocket
+}
+
+// IsRelayConfig reports whether the file at path is a relay config: it has
+// a [relay] table. An unreadable or unparsable file is not.
+func IsRelayConfig(path string) bool {
+	data, err := os.ReadFile(path)
+	return err == nil && isRelay(data)
+}
+
+func isRelay(data []byte) bool {
+	var probe map[string]any
+	md, err := toml.Decode(string(data), &probe)
+	return err == nil && md.IsDefined("relay")
+}
+
+// LoadAdmin loads and validates path as the kind of config it is (a relay
+// config when it has a [relay] table, else an appliance config) and returns
+// its [admin] table. natbox reload uses it so that a file with problems is
+// reported, and nothing reloaded, before the running natbox is asked.
+func LoadAdmin(path string) (Admin, error) {
+	data, err := readConfig(path, "examples/natbox.toml")
+	if err != nil {
+		return Admin{}, err
+	}
+	if isRelay(data) {
+		cfg, _, err := ParseRelay(path, data)
+		if err != nil {
+			return Admin{}, err
+		}
+		return cfg.Admin, nil
+	}
+	cfg, _, err := Parse(path, data)
+	if err != nil {
+		return Admin{}, err
+	}
+	return cfg.Admin, nil
 }

@@ -9,6 +9,10 @@ import (
 // DefaultRelayListen is where the relay's WireGuard listens by default.
 const DefaultRelayListen = "0.0.0.0:51820"
 
+// DefaultRelayAdminSocket differs from the appliance's DefaultAdminSocket so
+// that both run on one host with default settings.
+const DefaultRelayAdminSocket = "/run/natbox/relay.sock"
+
 func defaultRelay() RelaySection {
 	return RelaySection{
 		Listen:      DefaultRelayListen,
@@ -29,11 +33,13 @@ func (c *RelayConfig) validate(r *report) {
 	loadPrivateKey(r, "relay", &s.PrivateKey, s.PrivateKeyFile, filepath.Dir(c.Path))
 	if !s.Address.IsValid() {
 		r.errorf("relay.address", `set the relay's tunnel address, e.g. address = "10.77.0.1"`, "address is required")
+	} else {
+		tunnelAddr(r, "relay.address", &s.Address)
 	}
 	if len(s.PublicBind) == 0 {
 		r.errorf("relay.public_bind", `list the addresses public listeners open on, e.g. ["0.0.0.0", "::"]`, "public_bind is empty")
 	}
-	validateMTU(r, "relay.mtu", s.MTU)
+	validateMTU(r, "relay.mtu", s.MTU, true)
 	if s.MaxSessions < 0 {
 		r.errorf("relay.max_sessions", "use 0 for unlimited or a positive number", "%d is negative", s.MaxSessions)
 	}
@@ -56,13 +62,23 @@ func (c *RelayConfig) validate(r *report) {
 		default:
 			keys[pe.PublicKey] = i
 		}
-		switch j, dup := addrs[pe.Address]; {
+		written := pe.Address // as written, for messages: ::ffff:10.77.0.2 compares as 10.77.0.2
+		as := written.String()
+		if written.Is4In6() {
+			as = fmt.Sprintf("%s (%s)", written, written.Unmap())
+		}
+		switch {
 		case !pe.Address.IsValid():
 			r.errorf(p+".address", `set the appliance's tunnel address, e.g. address = "10.77.0.2"`, "address is required")
+			continue
+		case !tunnelAddr(r, p+".address", &pe.Address):
+			continue
+		}
+		switch j, dup := addrs[pe.Address]; {
 		case pe.Address == s.Address:
-			r.errorf(p+".address", "pick another address in the tunnel subnet", "address %s is the relay's own address", pe.Address)
+			r.errorf(p+".address", "pick another address in the tunnel subnet", "address %s is the relay's own address", as)
 		case dup:
-			r.errorf(p+".address", "give each appliance its own address", "address %s is already used by %s", pe.Address, c.peerLabel(j))
+			r.errorf(p+".address", "give each appliance its own address", "address %s is already used by %s", as, c.peerLabel(j))
 		default:
 			addrs[pe.Address] = i
 		}

@@ -54,7 +54,32 @@ private_key = "` + testRelayPriv + `"`, `relay.address: address is required; set
 address = "10.77.0.1"`, `relay.private_key: a private key is required; set private_key_file (create it with: umask 077; wg genkey > FILE) or private_key`},
 		{"listen bad", relayBase + `listen = "51820" # <-`, `relay.listen: "51820" is not host:port; write host:port, e.g. "relay.example.net:51820" or "[2001:db8::1]:51820"`},
 		{"public bind bad", relayBase + `public_bind = ["0.0.0.0", "any"] # <-`, `relay.public_bind[1]: "any" is not an IP address; write an address, e.g. "10.77.0.2" or "fd77::2"`},
-		{"mtu", relayBase + `mtu = 65536 # <-`, `relay.mtu: mtu 65536 is out of range; use 576-65535 (1500 for Ethernet, 1420 inside WireGuard)`},
+		{"mtu", relayBase + `mtu = 65536 # <-`, `relay.mtu: mtu 65536 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
+		{"mtu below what the tunnel stack runs", relayBase + `mtu = 1279 # <-`, `relay.mtu: mtu 1279 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
+		{"mtu larger than one wireguard datagram", relayBase + `mtu = 65476 # <-`, `relay.mtu: mtu 65476 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
+		{"relay address ipv6", `[relay]
+private_key = "` + testRelayPriv + `"
+address = "fd77::1" # <-`, `relay.address: address fd77::1 is IPv6; tunnel addresses are IPv4; use an IPv4 address such as 10.77.0.2; natbox derives the IPv6 tunnel address from it`},
+		{"peer address ipv6", relayBase + `
+[[peer]]
+name = "home"
+public_key = "` + testPeerPub1 + `"
+address = "fd77::2" # <-`, `peer "home" (peer[0]).address: address fd77::2 is IPv6; tunnel addresses are IPv4; use an IPv4 address such as 10.77.0.2; natbox derives the IPv6 tunnel address from it`},
+		{"peer address v4-in-v6 duplicate", relayBase + peer("home", testPeerPub1, "10.77.0.2", `[]`) + `
+[[peer]]
+name = "office"
+public_key = "` + testPeerPub2 + `"
+address = "::ffff:10.77.0.2" # <-`, `peer "office" (peer[1]).address: address ::ffff:10.77.0.2 (10.77.0.2) is already used by peer "home" (line 5); give each appliance its own address`},
+		{"peer address v4-in-v6 first", relayBase + peer("home", testPeerPub1, "::ffff:10.77.0.2", `[]`) + `
+[[peer]]
+name = "office"
+public_key = "` + testPeerPub2 + `"
+address = "10.77.0.2" # <-`, `peer "office" (peer[1]).address: address 10.77.0.2 is already used by peer "home" (line 5); give each appliance its own address`},
+		{"peer address v4-in-v6 is relay's", relayBase + `
+[[peer]]
+name = "home"
+public_key = "` + testPeerPub1 + `"
+address = "::ffff:10.77.0.1" # <-`, `peer "home" (peer[0]).address: address ::ffff:10.77.0.1 (10.77.0.1) is the relay's own address; pick another address in the tunnel subnet`},
 		{"peer port spec", relayBase + `
 [[peer]]
 name = "home"
@@ -134,7 +159,7 @@ func TestRelayDefaults(t *testing.T) {
 		!slices.Equal(r.PublicBind, []netip.Addr{netip.MustParseAddr("0.0.0.0"), netip.MustParseAddr("::")}) {
 		t.Errorf("relay = %+v", r)
 	}
-	if cfg.Admin.Socket != DefaultAdminSocket || cfg.Log.Level != "info" {
+	if cfg.Admin.Socket != DefaultRelayAdminSocket || cfg.Admin.Socket == DefaultAdminSocket || cfg.Log.Level != "info" {
 		t.Errorf("admin %+v log %+v", cfg.Admin, cfg.Log)
 	}
 	p, ok := cfg.PeerByKey(mustKey(t, testPeerPub1))
@@ -226,4 +251,57 @@ func mustKey(t *testing.T, s string) Key {
 		t.Fatal(err)
 	}
 	return k
+}
+
+// A v4-in-v6 tunnel address is the IPv4 one: stored unmapped, so every
+// comparison (reload, WireGuard allowed IPs) sees one address.
+func TestRelayTunnelAddressesAreUnmapped(t *testing.T) {
+	t.Parallel()
+	src := strings.Replace(relayWithHome(`[]`), `"10.77.0.2"`, `"::ffff:10.77.0.2"`, 1)
+	src = strings.Replace(src, `"10.77.0.1"`, `"::ffff:10.77.0.1"`, 1)
+	cfg, _, err := ParseRelay("t.toml", []byte(src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := cfg.Peers[0].Address; got != netip.MustParseAddr("10.77.0.2") {
+		t.Errorf("peer address = %s, want 10.77.0.2", got)
+	}
+	if got := cfg.Relay.Address; got != netip.MustParseAddr("10.77.0.1") {
+		t.Errorf("relay address = %s, want 10.77.0.1", got)
+	}
+}
+
+// The relay's default socket is not the appliance's, and the clients that
+// find a natbox through a config file know which one a relay file means.
+func TestRelayDefaultAdminSocket(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	relay := filepath.Join(dir, "relay.toml")
+	if err := os.WriteFile(relay, []byte(relayWithHome(`[]`)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	appliance := filepath.Join(dir, "natbox.toml")
+	if err := os.WriteFile(appliance, []byte("[tun]\naddresses = [\"203.0.113.10/32\"]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got := AdminSocketOf(relay); got != DefaultRelayAdminSocket {
+		t.Errorf("AdminSocketOf(relay config) = %q, want %q", got, DefaultRelayAdminSocket)
+	}
+	if got := AdminSocketOf(appliance); got != DefaultAdminSocket {
+		t.Errorf("AdminSocketOf(appliance config) = %q, want %q", got, DefaultAdminSocket)
+	}
+	for path, want := range map[string]string{relay: DefaultRelayAdminSocket, appliance: DefaultAdminSocket} {
+		if a, err := LoadAdmin(path); err != nil || a.Socket != want {
+			t.Errorf("LoadAdmin(%s) = %+v, %v; want socket %q", filepath.Base(path), a, err, want)
+		}
+	}
+	// LoadAdmin validates the whole file, as the kind it is.
+	bad := filepath.Join(dir, "bad.toml")
+	if err := os.WriteFile(bad, []byte(relayBase+"max_session = 1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := LoadAdmin(bad)
+	if want := bad + `:4: relay: unknown key "max_session"; did you mean "max_sessions"?`; err == nil || err.Error() != want {
+		t.Errorf("LoadAdmin(bad relay config) = %v, want %s", err, want)
+	}
 }

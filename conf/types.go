@@ -83,7 +83,7 @@ type Limits struct {
 
 // Admin configures the local control API and the optional HTTP endpoint.
 type Admin struct {
-	Socket    string `toml:"socket"`     // unix socket; default /run/natbox/natbox.sock
+	Socket    string `toml:"socket"`     // unix socket; default /run/natbox/natbox.sock, the relay's /run/natbox/relay.sock
 	Listen    string `toml:"listen"`     // optional HTTP host:port for /metrics, /healthz, /readyz, /status
 	TokenFile string `toml:"token_file"` // bearer token, required when Listen is not loopback
 	Watch     bool   `toml:"watch"`      // reload when the config file changes

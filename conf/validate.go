@@ -117,17 +117,46 @@ func validateLog(r *report, l Log) {
 	}
 }
 
-func validateMTU(r *report, path string, mtu int) {
-	if mtu < 576 || mtu > 65535 {
-		r.errorf(path, "use 576-65535 (1500 for Ethernet, 1420 inside WireGuard)", "mtu %d is out of range", mtu)
+// MTU bounds, the one source of them: netstack refuses a link outside
+// MinMTU-MaxMTU (internal/app tests that the two agree). Every natbox stack
+// carries IPv6, whose minimum link MTU is 1280. A tunnel packet must fit one
+// WireGuard message (32 bytes of header) in the largest UDP datagram IPv4
+// carries (65507 bytes).
+const (
+	MinMTU       = 1280
+	MaxMTU       = 65535
+	MaxTunnelMTU = 65507 - 32
+)
+
+// validateMTU checks a TUN's mtu (tunnel false) or a WireGuard tunnel's.
+func validateMTU(r *report, path string, mtu int, tunnel bool) {
+	hi, usual := MaxMTU, "1500 for Ethernet"
+	if tunnel {
+		hi, usual = MaxTunnelMTU, fmt.Sprintf("%d is WireGuard's usual", DefaultTunnelMTU)
 	}
+	if mtu < MinMTU || mtu > hi {
+		r.errorf(path, fmt.Sprintf("use %d-%d (%s)", MinMTU, hi, usual), "mtu %d is out of range", mtu)
+	}
+}
+
+// tunnelAddr checks one side's tunnel address and stores it unmapped
+// (::ffff:10.77.0.2 is 10.77.0.2). Only IPv4 is accepted: each side's IPv6
+// tunnel address is derived from its IPv4 one.
+func tunnelAddr(r *report, path string, a *netip.Addr) bool {
+	if !a.Unmap().Is4() {
+		r.errorf(path, "use an IPv4 address such as 10.77.0.2; natbox derives the IPv6 tunnel address from it",
+			"address %s is IPv6; tunnel addresses are IPv4", *a)
+		return false
+	}
+	*a = a.Unmap()
+	return true
 }
 
 func (t *TUN) validate(r *report) {
 	if t.Name == "" || len(t.Name) > 15 || strings.ContainsAny(t.Name, "/ \t") {
 		r.errorf("tun.name", "use 1-15 characters without spaces or slashes, e.g. \"natbox0\"", "%q is not a valid interface name", t.Name)
 	}
-	validateMTU(r, "tun.mtu", t.MTU)
+	validateMTU(r, "tun.mtu", t.MTU, false)
 	if len(t.Addresses) == 0 {
 		r.errorf("tun.addresses", `list the public addresses natbox answers on, e.g. addresses = ["203.0.113.10/32"]`,
 			"no addresses")
@@ -157,12 +186,11 @@ func (u *Uplink) validate(r *report, dir string) {
 	loadPrivateKey(r, "uplink", &u.PrivateKey, u.PrivateKeyFile, dir)
 	if !u.Address.IsValid() {
 		r.errorf("uplink.address", `set the tunnel address the relay assigned to this appliance, e.g. address = "10.77.0.2"`, "address is required")
-	} else if u.RelayAddress == u.Address {
+	} else if tunnelAddr(r, "uplink.address", &u.Address) && tunnelAddr(r, "uplink.relay_address", &u.RelayAddress) &&
+		u.RelayAddress == u.Address {
 		r.errorf("uplink.relay_address", "set relay_address to the relay's tunnel address", "relay_address %s is this appliance's own address", u.RelayAddress)
-	} else if u.RelayAddress.Is4() != u.Address.Is4() {
-		r.errorf("uplink.relay_address", "use addresses of one family", "relay_address %s and address %s are of different families", u.RelayAddress, u.Address)
 	}
-	validateMTU(r, "uplink.mtu", u.MTU)
+	validateMTU(r, "uplink.mtu", u.MTU, true)
 }
 
 // checkHostPort validates "host:port"; an empty host is allowed only when

@@ -35,6 +35,10 @@ import (
 // port's state changes on its own (a reload took the allowance away, or a port
 // another peer held became free). Each spec names one protocol and a port or
 // range; a range is granted or refused as a whole.
+//
+// The relay bounds what one peer can make it hold (control_limits.go): one
+// connection waiting for its hello per peer, a hello within 5 s, and a
+// message rate; a refused connection gets an error naming the reason.
 
 // ProtocolVersion is the control protocol version this package speaks.
 const ProtocolVersion = 1
@@ -66,6 +70,9 @@ type message struct {
 
 // ErrControlLineTooLong is returned when a control message exceeds 64 KiB.
 var ErrControlLineTooLong = errors.New("control message longer than 64 KiB")
+
+// errBadMessage marks a line that is not a control message.
+var errBadMessage = errors.New("not a control message")
 
 // controlConn frames messages on a connection. One goroutine reads; any
 // goroutine may write (writes are serialised).
@@ -116,13 +123,13 @@ func readMessage(r *bufio.Reader) (message, error) {
 		}
 		var m message
 		if err := json.Unmarshal(line, &m); err != nil {
-			return message{}, fmt.Errorf("decode control message: %w", err)
+			return message{}, fmt.Errorf("decode control message: %w (%w)", err, errBadMessage)
 		}
 		if m.V < 1 {
-			return message{}, fmt.Errorf("control message without a protocol version (\"v\")")
+			return message{}, fmt.Errorf("control message without a protocol version (\"v\"): %w", errBadMessage)
 		}
 		if m.Type == "" {
-			return message{}, fmt.Errorf("control message without a type")
+			return message{}, fmt.Errorf("control message without a type: %w", errBadMessage)
 		}
 		return m, nil
 	}

@@ -19,6 +19,7 @@ type Option func(*options)
 type options struct {
 	pingInterval   time.Duration
 	pingTimeout    time.Duration
+	helloTimeout   time.Duration
 	releaseGrace   time.Duration
 	udpIdleTimeout time.Duration
 	tcpIdleTimeout time.Duration
@@ -29,6 +30,7 @@ func buildOptions(opts []Option) options {
 	o := options{
 		pingInterval:   defaultPingInterval,
 		pingTimeout:    defaultPingTimeout,
+		helloTimeout:   defaultHelloTimeout,
 		releaseGrace:   defaultReleaseGrace,
 		udpIdleTimeout: defaultUDPIdleTimeout,
 		version:        "natbox",
@@ -45,6 +47,10 @@ func buildOptions(opts []Option) options {
 func WithPing(interval, timeout time.Duration) Option {
 	return func(o *options) { o.pingInterval, o.pingTimeout = interval, timeout }
 }
+
+// WithHelloTimeout sets how long the relay waits for a new control
+// connection's hello (default 5 s).
+func WithHelloTimeout(d time.Duration) Option { return func(o *options) { o.helloTimeout = d } }
 
 // WithReleaseGrace sets how long the relay keeps a peer's ports after its
 // control connection ends (default 15 s), so an appliance that roams or

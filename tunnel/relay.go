@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -51,8 +52,10 @@ type Relay struct {
 	binds []netip.Addr // where public listeners open
 	mtu   int          // of the tunnel: public datagrams larger than it cannot cross
 
-	dialTimeout time.Duration
-	maxSessions int64 // 0: unlimited
+	limits atomic.Pointer[relayLimits] // swapped by Reload
+	// ipcSet configures the WireGuard device (a seam for tests that make it
+	// fail part-way); guarded by mu.
+	ipcSet func(uapi string) error
 
 	ctx       context.Context // cancelled by Close: ends every flow and control session
 	cancel    context.CancelFunc
@@ -77,6 +80,22 @@ type Relay struct {
 	udp   map[udpKey]*udpSession
 }
 
+// relayLimits are the [relay] settings a reload applies in place. Flows
+// already admitted keep running when max_sessions is lowered; new ones are
+// refused until the count is under it again.
+type relayLimits struct {
+	dialTimeout time.Duration
+	maxSessions int64 // 0: unlimited
+}
+
+func limitsOf(s conf.RelaySection) *relayLimits {
+	l := &relayLimits{dialTimeout: s.DialTimeout.D(), maxSessions: int64(s.MaxSessions)}
+	if l.dialTimeout <= 0 {
+		l.dialTimeout = defaultDialTimeout
+	}
+	return l
+}
+
 // relayPeer is one configured peer. name and addr4 never change (a peer
 // whose address changes is replaced); the counters are atomic; the other
 // fields are guarded by Relay.mu.
@@ -88,7 +107,9 @@ type relayPeer struct {
 	// dialFailed counts public TCP connections the peer did not take over
 	// inside the tunnel (its forwarder refused, or no answer in time).
 	dialFailed atomic.Uint64
+	ctlRefused ctlCounters // control connections refused, by reason
 	cfg        conf.Peer
+	pending    *controlConn    // a control connection waiting for its hello
 	session    *controlSession // nil when not connected
 	wanted     []string        // the specs of the peer's last register
 	results    map[string]message
@@ -160,29 +181,25 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 	o := buildOptions(opts)
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &Relay{
-		log:         log,
-		org:         org,
-		opts:        o,
-		addr4:       cfg.Relay.Address.Unmap(),
-		addr6:       TunnelAddr6(cfg.Relay.Address),
-		binds:       cfg.Relay.PublicBind,
-		mtu:         mtu,
-		dialTimeout: cfg.Relay.DialTimeout.D(),
-		maxSessions: int64(cfg.Relay.MaxSessions),
-		ctx:         ctx,
-		cancel:      cancel,
-		cfg:         cfg,
-		peers:       make(map[string]*relayPeer),
-		byAddr:      make(map[netip.Addr]*relayPeer),
-		reg:         newRegistry(),
-		udp:         make(map[udpKey]*udpSession),
+		log:    log,
+		org:    org,
+		opts:   o,
+		addr4:  cfg.Relay.Address.Unmap(),
+		addr6:  TunnelAddr6(cfg.Relay.Address),
+		binds:  cfg.Relay.PublicBind,
+		mtu:    mtu,
+		ctx:    ctx,
+		cancel: cancel,
+		cfg:    cfg,
+		peers:  make(map[string]*relayPeer),
+		byAddr: make(map[netip.Addr]*relayPeer),
+		reg:    newRegistry(),
+		udp:    make(map[udpKey]*udpSession),
 	}
 	if len(r.binds) == 0 {
 		r.binds = []netip.Addr{netip.IPv4Unspecified(), netip.IPv6Unspecified()}
 	}
-	if r.dialTimeout <= 0 {
-		r.dialTimeout = defaultDialTimeout
-	}
+	r.limits.Store(limitsOf(cfg.Relay))
 
 	var uapi string
 	for _, p := range cfg.Peers {
@@ -199,6 +216,7 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 		return nil, fmt.Errorf("configure relay peers: %w", err)
 	}
 	r.dev = d
+	r.ipcSet = d.IpcSet
 	for i := range cfg.Peers {
 		r.addPeerLocked(cfg.Peers[i])
 	}
@@ -226,9 +244,13 @@ func (r *Relay) Close() error {
 		r.mu.Lock()
 		r.closed = true
 		var sessions []*controlSession
+		var pending []*controlConn
 		for _, p := range r.peers {
 			if p.session != nil {
 				sessions = append(sessions, p.session)
+			}
+			if p.pending != nil {
+				pending = append(pending, p.pending)
 			}
 			r.dropPeerLocked(p)
 		}
@@ -236,6 +258,9 @@ func (r *Relay) Close() error {
 		r.cancel()
 		for _, s := range sessions {
 			s.close()
+		}
+		for _, cc := range pending { // not waiting out their hello deadline
+			cc.c.Close()
 		}
 		r.dev.Close()
 		r.wg.Wait()
@@ -303,7 +328,22 @@ func (r *Relay) HandleTCP(src, dst netip.AddrPort, accept func() (net.Conn, erro
 		r.log.Debug("accept control connection", zap.String("peer", p.name), zap.Error(err))
 		return
 	}
-	r.serveControl(p, c)
+	// One connection per peer waits for its hello: a newer one replaces it,
+	// so a peer opening many holds one goroutine and buffer, not many.
+	cc := newControlConn(c)
+	r.mu.Lock()
+	old := p.pending
+	p.pending = cc
+	if r.closed {
+		p.pending = nil
+		c.Close()
+	}
+	r.mu.Unlock()
+	if old != nil {
+		r.refuseControl(p, old, ctlReplaced, nil)
+		old.c.Close()
+	}
+	r.serveControl(p, cc)
 }
 
 // HandleUDP is called on the relay stack's packet path for each datagram
@@ -348,6 +388,9 @@ type RelayPeerStatus struct {
 	TxBytes       uint64            `json:"tx_bytes"`
 	Ports         []string          `json:"ports"`             // held, e.g. "tcp/443", "udp/10000-10100"
 	Refused       map[string]string `json:"refused,omitempty"` // spec -> reason
+	// ControlRefusals counts the peer's control connections refused or
+	// ended by the relay, by reason ("replaced", "hello_timeout", "rate", ...).
+	ControlRefusals map[string]uint64 `json:"control_refusals,omitempty"`
 	// SessionsActive and SessionsOpened count the peer's TCP flows and UDP
 	// client sessions: open now, and opened since the peer was configured.
 	SessionsActive int64  `json:"sessions_active"`
@@ -383,6 +426,8 @@ func (r *Relay) Status() RelayStatus {
 			SessionsActive: p.active.Load(),
 			SessionsOpened: p.opened.Load(),
 			DialFailures:   p.dialFailed.Load(),
+
+			ControlRefusals: p.ctlRefused.snapshot(),
 		}
 		for spec, m := range p.results {
 			if !m.OK {
@@ -402,12 +447,14 @@ func (r *Relay) Status() RelayStatus {
 	return st
 }
 
-// Reload applies a new relay config: peers added, removed or changed and
-// new port allowances, without touching other peers' flows. A peer that
-// lost an allowance loses only those ports (their listeners and flows); a
-// peer whose key or address changed starts over. Settings that need a new
-// device or new sockets (listen, private key, address, public_bind, mtu)
-// cannot change on reload: the error says so and nothing changes.
+// Reload applies a new relay config: peers added, removed or changed, new
+// port allowances, dial_timeout and max_sessions, without touching other
+// peers' flows. A peer that lost an allowance loses only those ports (their
+// listeners and flows); a peer whose key or address changed starts over.
+// Settings that need a new device or new sockets (listen, private key,
+// address, public_bind, mtu) cannot change on reload: the error says so and
+// nothing changes. If WireGuard refuses the new peers part-way, what it
+// applied is rolled back and the error says so.
 func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 	if cfg == nil {
 		return errors.New("reload relay: no config")
@@ -460,10 +507,11 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 		}
 	}
 	if uapi != "" {
-		if err := r.dev.IpcSet(uapi); err != nil {
-			return fmt.Errorf("reload relay peers: %w", err)
+		if err := r.setPeersLocked(uapi, dropped, added, next); err != nil {
+			return err
 		}
 	}
+	r.limits.Store(limitsOf(cfg.Relay))
 
 	var closing []*controlSession
 	for _, name := range dropped {
@@ -499,13 +547,55 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 	}
 	notes = append(notes, r.retryOthersLocked(nil)...)
 	r.cfg = cfg
+	lim := r.limits.Load()
 	r.log.Info("relay reloaded", zap.Int("count", len(r.peers)), zap.Strings("added", added),
-		zap.Strings("changed", changed), zap.Strings("removed", dropped))
+		zap.Strings("changed", changed), zap.Strings("removed", dropped),
+		zap.Duration("dial_timeout", lim.dialTimeout), zap.Int64("max_sessions", lim.maxSessions))
 	for _, s := range closing { // close never blocks: it only closes a channel and the conn
 		s.close()
 	}
 	r.sendLocked(notes)
 	return nil
+}
+
+// ErrPeersHalfApplied is a reload whose WireGuard peer update failed part-way
+// and could not be rolled back: unlike every other reload error, something
+// did change.
+var ErrPeersHalfApplied = errors.New("rolling back the WireGuard peers failed too")
+
+// setPeersLocked applies uapi, which removes the dropped peers and adds the
+// added ones (names in r.peers and next). wireguard-go applies a UAPI text
+// line by line, so a failure can leave part of it applied: then the added
+// keys that were not there before are removed and the dropped peers are put
+// back as they were (allowed IPs and last endpoint), and the error says
+// whether that worked.
+func (r *Relay) setPeersLocked(uapi string, dropped, added []string, next map[string]conf.Peer) error {
+	stats, _ := readPeerStats(r.dev) // endpoints to restore; best effort
+	err := r.ipcSet(uapi)
+	if err == nil {
+		return nil
+	}
+	old := make(map[conf.Key]bool, len(dropped))
+	for _, name := range dropped {
+		old[r.peers[name].cfg.PublicKey] = true
+	}
+	var undo strings.Builder
+	for _, name := range added {
+		if k := next[name].PublicKey; !old[k] {
+			undo.WriteString(removePeerUAPI(k))
+		}
+	}
+	for _, name := range dropped {
+		pc := r.peers[name].cfg
+		ep, _ := netip.ParseAddrPort(stats[pc.PublicKey].Endpoint)
+		undo.WriteString(peerUAPI(pc.PublicKey, ep, 0, TunnelPrefixes(pc.Address)))
+	}
+	if uerr := r.ipcSet(undo.String()); uerr != nil {
+		r.log.Error("wireguard peers half-updated and the rollback failed; restart natbox relay",
+			zap.NamedError("update", err), zap.NamedError("rollback", uerr))
+		return fmt.Errorf("reload relay peers: %w; %w (%v): restart natbox relay to restore the peers", err, ErrPeersHalfApplied, uerr)
+	}
+	return fmt.Errorf("reload relay peers: %w; the WireGuard peers it had changed were rolled back, nothing changed", err)
 }
 
 // notification is a batch of messages for one control session.
@@ -728,7 +818,7 @@ func (r *Relay) acceptLoop(h *holding, ln net.Listener) {
 
 // admit takes a session slot, or reports false when relay.max_sessions is reached.
 func (r *Relay) admit() bool {
-	if n := r.sessions.Add(1); r.maxSessions > 0 && n > r.maxSessions {
+	if n, max := r.sessions.Add(1), r.limits.Load().maxSessions; max > 0 && n > max {
 		r.sessions.Add(-1)
 		r.overCap.Add(1)
 		return false
@@ -746,7 +836,7 @@ func (r *Relay) forwardTCP(h *holding, c net.Conn) {
 	client := unmapPort(c.RemoteAddr().(*net.TCPAddr).AddrPort())
 	dst := netip.AddrPortFrom(tunnelAddrFor(h.peer.addr4, client.Addr()), h.key.port)
 
-	dctx, cancel := context.WithTimeout(h.ctx, r.dialTimeout)
+	dctx, cancel := context.WithTimeout(h.ctx, r.limits.Load().dialTimeout)
 	tc, err := r.org.DialTCP(dctx, client, dst)
 	cancel()
 	if err != nil {

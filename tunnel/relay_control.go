@@ -3,6 +3,7 @@ package tunnel
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"sync"
@@ -13,6 +14,7 @@ import (
 
 // controlSession is the relay's side of one appliance's control connection.
 type controlSession struct {
+	log  *zap.Logger
 	peer *relayPeer
 	cc   *controlConn
 	out  chan []message // drained by writeLoop
@@ -30,6 +32,8 @@ func (s *controlSession) send(msgs ...message) {
 	case s.out <- msgs:
 	case <-s.done:
 	default:
+		s.peer.ctlRefused[ctlQueueFull].Add(1)
+		s.log.Info("control connection refused", zap.String("reason", ctlQueueFull.String()))
 		s.close()
 	}
 }
@@ -57,20 +61,37 @@ func (s *controlSession) writeLoop() {
 	}
 }
 
-// serveControl runs one control session for p on c until either side ends
+// serveControl runs one control session for p on cc until either side ends
 // it, the appliance stays silent past the ping timeout, or the relay closes.
-func (r *Relay) serveControl(p *relayPeer, c net.Conn) {
-	s := &controlSession{peer: p, cc: newControlConn(c), out: make(chan []message, outQueue), done: make(chan struct{})}
-	defer s.close()
+// cc is p's pending connection until its hello is read.
+func (r *Relay) serveControl(p *relayPeer, cc *controlConn) {
 	name := p.name
 	log := r.log.With(zap.String("peer", name))
+	s := &controlSession{log: log, peer: p, cc: cc, out: make(chan []message, outQueue), done: make(chan struct{})}
+	defer s.close()
+	c := cc.c
 
-	hello, err := s.cc.read(r.opts.pingTimeout)
-	if err != nil || hello.Type != msgHello {
-		log.Debug("control handshake failed", zap.String("type", hello.Type), zap.Error(err))
-		_ = s.cc.write(message{Type: msgError, Reason: "expected hello"}, controlWriteTimeout)
+	hello, err := s.cc.read(r.opts.helloTimeout)
+	r.mu.Lock()
+	replaced := p.pending != cc // by a newer connection, counted there, or the relay is closing
+	if !replaced {
+		p.pending = nil
+	}
+	r.mu.Unlock()
+	switch why, refused := readReason(err); {
+	case replaced:
+		return
+	case err != nil && refused:
+		r.refuseControl(p, cc, why, err)
+		return
+	case err != nil:
+		log.Debug("control connection ended before hello", zap.Error(err))
+		return
+	case hello.Type != msgHello:
+		r.refuseControl(p, cc, ctlBadHello, fmt.Errorf("first message %q", hello.Type))
 		return
 	}
+	_ = c.SetReadDeadline(time.Time{})
 
 	r.mu.Lock()
 	if r.closed || r.peers[name] != p {
@@ -118,6 +139,7 @@ func (r *Relay) serveControl(p *relayPeer, c net.Conn) {
 
 // controlLoop reads the appliance's messages until the session ends.
 func (r *Relay) controlLoop(p *relayPeer, s *controlSession) error {
+	bucket := newMsgBucket(time.Now())
 	for {
 		m, err := s.cc.read(r.opts.pingTimeout)
 		if err != nil {
@@ -125,8 +147,16 @@ func (r *Relay) controlLoop(p *relayPeer, s *controlSession) error {
 			case <-s.done:
 				return nil // replaced, removed or relay closing
 			default:
-				return err
 			}
+			if why, refused := readReason(err); refused && why != ctlHelloTimeout {
+				r.refuseControl(p, s.cc, why, err)
+			}
+			return err
+		}
+		if !bucket.take(time.Now()) {
+			err := fmt.Errorf("more than %d control messages at once or %g a second", controlBurst, controlRate)
+			r.refuseControl(p, s.cc, ctlRate, err)
+			return err
 		}
 		switch m.Type {
 		case msgPing:

@@ -21,10 +21,15 @@ func checkCommand() *cli.Command {
 		ArgsUsage: " ",
 		Description: `Loads the config exactly as "natbox run" would, reports every problem at once as
 FILE:LINE: key path: problem; fix, and prints the mappings it defines with their
-owners and review dates, the session budgets in force, plus warnings (no owner, review overdue, expiring within
-30 days, risky services exposed to everyone). Exit 0 when valid, 2 when not.`,
+owners and review dates, the session budgets in force, plus warnings (no owner,
+review overdue, expiring within 30 days, risky services exposed to everyone). A
+relay config (one with a [relay] table) is loaded as "natbox relay" would, and
+its peers are shown. Exit 0 when valid, 2 when not.`,
 		Flags: []cli.Flag{configFlag},
 		Action: func(c *cli.Context) error {
+			if conf.IsRelayConfig(c.String("config")) {
+				return checkRelay(c)
+			}
 			cfg, warnings, err := conf.Load(c.String("config"))
 			if err != nil {
 				return err
@@ -40,6 +45,30 @@ owners and review dates, the session budgets in force, plus warnings (no owner, 
 			return nil
 		},
 	}
+}
+
+// checkRelay is natbox check for a relay config.
+func checkRelay(c *cli.Context) error {
+	cfg, warnings, err := conf.LoadRelay(c.String("config"))
+	if err != nil {
+		return err
+	}
+	if err := admin.CheckListen(cfg.Admin); err != nil {
+		return &conf.Errors{List: []conf.Error{{Path: cfg.Path, Msg: err.Error()}}}
+	}
+	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tADDRESS\tPORTS")
+	for _, p := range cfg.Peers {
+		ports := make([]string, len(p.Ports))
+		for i, s := range p.Ports {
+			ports[i] = s.String()
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", p.Name, p.Address, orDash(strings.Join(ports, ",")))
+	}
+	tw.Flush()
+	printWarnings(c.App.Writer, warnings)
+	fmt.Fprintf(c.App.Writer, "ok: %s: relay, %d peer(s), %d warning(s)\n", cfg.Path, len(cfg.Peers), len(warnings))
+	return nil
 }
 
 // printMappings writes the table natbox check shows: what is exposed, to whom,

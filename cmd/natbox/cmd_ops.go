@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -93,10 +94,30 @@ func reloadCommand() *cli.Command {
 		Description: `The new mapping set is swapped in atomically. Sessions of unchanged mappings keep
 running; sessions of removed or disabled mappings close at once; a changed mapping
 keeps only the sessions the change cannot widen access for (a narrower allow list
-closes the sessions it no longer admits). The same happens on SIGHUP.`,
+closes the sessions it no longer admits). The same happens on SIGHUP.
+The --config file (an appliance's or a relay's) is checked first: if it has
+problems they are printed, nothing is reloaded and the exit code is 2. Settings
+that apply only at start ([admin] socket, listen, watch; [log] format) are
+listed as "restart natbox to apply KEY"; the log level and the HTTP token apply.`,
 		Flags: []cli.Flag{configFlag, socketFlag, jsonFlag},
 		Action: func(c *cli.Context) error {
-			cl, err := dialAdmin(c)
+			socket := c.String("socket")
+			if socket == "" || c.IsSet("config") {
+				// A broken file must not send us to a default socket, nor
+				// reach the running natbox: report it here.
+				adm, err := conf.LoadAdmin(c.String("config"))
+				var ce *conf.Errors
+				if errors.As(err, &ce) {
+					return reloadRefused(c.App.ErrWriter, strings.Split(ce.Error(), "\n"))
+				}
+				if err != nil {
+					return err
+				}
+				if socket == "" {
+					socket = adm.Socket
+				}
+			}
+			cl, err := admin.Dial(socket)
 			if err != nil {
 				return err
 			}
@@ -104,11 +125,7 @@ closes the sessions it no longer admits). The same happens on SIGHUP.`,
 			res, err := cl.Reload(c.Context)
 			var ce *admin.ConfigError
 			if errors.As(err, &ce) {
-				for _, l := range ce.Lines {
-					fmt.Fprintln(c.App.ErrWriter, l)
-				}
-				fmt.Fprintln(c.App.ErrWriter, "natbox: reload refused, nothing changed; fix the config and reload again")
-				return silentExit{exitUsage}
+				return reloadRefused(c.App.ErrWriter, ce.Lines)
 			}
 			if err != nil {
 				return err
@@ -118,9 +135,21 @@ closes the sessions it no longer admits). The same happens on SIGHUP.`,
 			}
 			fmt.Fprintf(c.App.Writer, "reloaded: added %v, changed %v, removed %v; %d session(s) closed\n",
 				res.Added, res.Changed, res.Removed, res.SessionsClosed)
+			for _, r := range res.Restart {
+				fmt.Fprintln(c.App.Writer, "not applied: "+r)
+			}
 			return nil
 		},
 	}
+}
+
+// reloadRefused prints a refused reload's problems, one per line, and exits 2.
+func reloadRefused(w io.Writer, lines []string) error {
+	for _, l := range lines {
+		fmt.Fprintln(w, l)
+	}
+	fmt.Fprintln(w, "natbox: reload refused, nothing changed; fix the config and reload again")
+	return silentExit{exitUsage}
 }
 
 func doctorCommand() *cli.Command {

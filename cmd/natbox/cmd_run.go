@@ -34,7 +34,7 @@ remove the routes natbox added, close the TUN and exit 0.`,
 			if err != nil {
 				return err
 			}
-			log, err := daemonLogger(c, cfg.Log, warnings)
+			log, level, err := daemonLogger(c, cfg.Log, warnings)
 			if err != nil {
 				return err
 			}
@@ -43,6 +43,7 @@ remove the routes natbox added, close the TUN and exit 0.`,
 			if err != nil {
 				return err
 			}
+			a.SetLogLevel(level)
 			stopHUP := onSIGHUP(c.Context, func() { _, _ = a.Reload() })
 			defer stopHUP()
 			return runWithShutdownWatchdog(c.Context, cfg.Limits.ShutdownGrace.D(), c.App.ErrWriter, osExit, func() error {
@@ -61,7 +62,9 @@ appliance registers the ports its mappings need; the relay opens public listener
 for those inside the peer's "ports" and refuses the rest. Public flows reach the
 appliance with the client's real address. Needs no root, only the right to bind
 the public ports (CAP_NET_BIND_SERVICE for ports below 1024).
-SIGHUP re-reads peers and port allowances without dropping other peers' flows.`,
+SIGHUP (or "natbox reload -c FILE") re-reads peers, port allowances, dial_timeout
+and max_sessions without dropping other peers' flows. The admin socket defaults to
+/run/natbox/relay.sock, so a relay and an appliance share a host with defaults.`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "config", Aliases: []string{"c"}, Usage: "relay config `FILE`", Value: "/etc/natbox/relay.toml", EnvVars: []string{"NATBOX_RELAY_CONFIG"}, TakesFile: true},
 			logLevelFlag,
@@ -71,7 +74,7 @@ SIGHUP re-reads peers and port allowances without dropping other peers' flows.`,
 			if err != nil {
 				return err
 			}
-			log, err := daemonLogger(c, cfg.Log, warnings)
+			log, level, err := daemonLogger(c, cfg.Log, warnings)
 			if err != nil {
 				return err
 			}
@@ -80,7 +83,8 @@ SIGHUP re-reads peers and port allowances without dropping other peers' flows.`,
 			if err != nil {
 				return err
 			}
-			stopHUP := onSIGHUP(c.Context, func() { _ = n.Reload() })
+			n.SetLogLevel(level)
+			stopHUP := onSIGHUP(c.Context, func() { _, _ = n.Reload() })
 			defer stopHUP()
 			return runWithShutdownWatchdog(c.Context, 0, c.App.ErrWriter, osExit, func() error {
 				return n.Run(c.Context)
@@ -90,16 +94,20 @@ SIGHUP re-reads peers and port allowances without dropping other peers' flows.`,
 }
 
 // daemonLogger builds a long-running command's logger and logs the
-// config's warnings through it.
-func daemonLogger(c *cli.Context, lc conf.Log, warnings []conf.Warning) (*zap.Logger, error) {
-	log, _, err := newLogger(lc, c.String("log-level"), c.App.ErrWriter)
+// config's warnings through it. level is the logger's level for reloads to
+// change, or nil when --log-level fixes it.
+func daemonLogger(c *cli.Context, lc conf.Log, warnings []conf.Warning) (log *zap.Logger, level *zap.AtomicLevel, err error) {
+	log, lvl, err := newLogger(lc, c.String("log-level"), c.App.ErrWriter)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	for _, w := range warnings {
 		log.Warn("config", zap.Stringer("warning", w))
 	}
-	return log, nil
+	if c.String("log-level") == "" {
+		level = &lvl
+	}
+	return log, level, nil
 }
 
 // onSIGHUP calls fn for each SIGHUP until ctx ends or the returned stop is called.

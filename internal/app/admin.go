@@ -18,7 +18,8 @@ import (
 // how to get one, instead of refusing to start.
 func startAdmin(c conf.Admin, src admin.Source, ready func() error, log *zap.Logger) (*admin.Server, error) {
 	s, err := admin.NewServer(c, src, admin.Options{Ready: ready}, log.Named("admin"))
-	if err != nil && c.Socket == conf.DefaultAdminSocket && errors.Is(err, fs.ErrPermission) {
+	isDefault := c.Socket == conf.DefaultAdminSocket || c.Socket == conf.DefaultRelayAdminSocket
+	if err != nil && isDefault && errors.Is(err, fs.ErrPermission) {
 		log.Warn("no admin socket: permission denied; natbox status/sessions/reload need [admin] socket set to a writable path",
 			zap.String("socket", c.Socket), zap.Error(err))
 		c.Socket = ""

@@ -36,6 +36,7 @@ type Appliance struct {
 	ingresses []*ingress     // one netstack each: the TUN's, the uplink's; status reads their counters
 	uplink    *tunnel.Uplink // nil without [uplink]
 	admin     *admin.Server  // nil without a control socket or HTTP listener
+	live      *liveSettings  // [log] and [admin] as running
 
 	teardown teardown
 }
@@ -56,7 +57,7 @@ type Options struct {
 func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (_ *Appliance, err error) {
 	// a is not the named result: "return nil, err" must not hide it from the
 	// deferred clean-up.
-	a := &Appliance{log: log, cfg: cfg}
+	a := &Appliance{log: log, cfg: cfg, live: newLiveSettings("natbox", cfg.Log, cfg.Admin)}
 	defer func() {
 		if err != nil {
 			a.Close()
@@ -90,8 +91,14 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (_ *Appliance
 	if a.admin != nil {
 		a.teardown.add(a.admin.Close)
 	}
+	a.live.admin = a.admin
 	return a, nil
 }
+
+// SetLogLevel hands over the process logger's level, so that a reload
+// applies [log] level. Without it a changed level is reported as needing a
+// restart (the level was fixed by --log-level).
+func (a *Appliance) SetLogLevel(l *zap.AtomicLevel) { a.live.setLevel(l) }
 
 func (a *Appliance) startTUN(c *conf.TUN, dev tun.Device) error {
 	name := c.Name
@@ -222,19 +229,25 @@ func (a *Appliance) config() *conf.Config {
 }
 
 // Reload re-reads the config file and applies it atomically: an invalid file
-// changes nothing and its errors come back. Either way the outcome is logged,
-// so callers (SIGHUP, the file watcher) need not.
-func (a *Appliance) Reload() (forwarder.Diff, error) {
+// changes nothing and its errors come back. Settings that apply only at
+// start come back in Restart (the rest is applied). Either way the outcome
+// is logged, so callers (SIGHUP, the file watcher) need not.
+func (a *Appliance) Reload() (Reloaded, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	next, warnings, err := conf.Load(a.cfg.Path)
 	if err != nil {
 		a.log.Warn("reload refused: config has errors; nothing changed", zap.Error(err))
-		return forwarder.Diff{}, err
+		return Reloaded{}, err
 	}
 	if err := reloadable(a.cfg, next); err != nil {
 		a.log.Warn("reload refused; nothing changed", zap.Error(err))
-		return forwarder.Diff{}, err
+		return Reloaded{}, err
+	}
+	applyLive, restart, err := a.live.prepare(next.Log, next.Admin)
+	if err != nil {
+		a.log.Warn("reload refused; nothing changed", zap.Error(err))
+		return Reloaded{}, err
 	}
 	for _, w := range warnings {
 		a.log.Warn("config", zap.Stringer("warning", w))
@@ -242,14 +255,18 @@ func (a *Appliance) Reload() (forwarder.Diff, error) {
 	diff, err := a.engine.Reload(next)
 	if err != nil {
 		a.log.Warn("reload refused; nothing changed", zap.Error(err))
-		return forwarder.Diff{}, err
+		return Reloaded{}, err
 	}
+	applyLive()
 	a.cfg = next
 	if a.uplink != nil {
 		a.uplink.SetPorts(uplinkPorts(next, time.Now()))
 	}
 	a.log.Info("reloaded", zap.Strings("added", diff.Added), zap.Strings("changed", diff.Changed), zap.Strings("removed", diff.Removed))
-	return diff, nil
+	if len(restart) > 0 {
+		a.log.Warn("reloaded, but some changes need a restart", zap.Strings("restart", restart))
+	}
+	return Reloaded{Diff: diff, Restart: restart}, nil
 }
 
 // reloadable rejects changes a running process cannot apply in place.

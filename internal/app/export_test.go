@@ -61,18 +61,19 @@ var handMade = map[string]struct{ json, metric string }{
 
 	"tunnel.RelayStatus.Peers": {"peers", "natbox_relay_peer_bytes_total"},
 
-	"tunnel.RelayPeerStatus.Name":           {"name", "natbox_relay_peer_bytes_total"}, // the peer label
-	"tunnel.RelayPeerStatus.PublicKey":      {"public_key", "- a key"},
-	"tunnel.RelayPeerStatus.Address":        {"address", "- an address"},
-	"tunnel.RelayPeerStatus.Endpoint":       {"endpoint", "- an address"},
-	"tunnel.RelayPeerStatus.LastHandshake":  {"last_handshake", "natbox_relay_peer_handshake_age_seconds"},
-	"tunnel.RelayPeerStatus.RxBytes":        {"bytes_in", "natbox_relay_peer_bytes_total"},
-	"tunnel.RelayPeerStatus.TxBytes":        {"bytes_out", "natbox_relay_peer_bytes_total"},
-	"tunnel.RelayPeerStatus.Ports":          {"registered", "natbox_relay_peer_ports_registered"},
-	"tunnel.RelayPeerStatus.Refused":        {"refused", "natbox_relay_peer_ports_refused"},
-	"tunnel.RelayPeerStatus.SessionsActive": {"sessions_active", "natbox_relay_peer_sessions_active"},
-	"tunnel.RelayPeerStatus.SessionsOpened": {"sessions_opened", "natbox_relay_peer_sessions_opened_total"},
-	"tunnel.RelayPeerStatus.DialFailures":   {"dial_failures", "natbox_relay_peer_dial_failures_total"},
+	"tunnel.RelayPeerStatus.Name":            {"name", "natbox_relay_peer_bytes_total"}, // the peer label
+	"tunnel.RelayPeerStatus.PublicKey":       {"public_key", "- a key"},
+	"tunnel.RelayPeerStatus.Address":         {"address", "- an address"},
+	"tunnel.RelayPeerStatus.Endpoint":        {"endpoint", "- an address"},
+	"tunnel.RelayPeerStatus.LastHandshake":   {"last_handshake", "natbox_relay_peer_handshake_age_seconds"},
+	"tunnel.RelayPeerStatus.RxBytes":         {"bytes_in", "natbox_relay_peer_bytes_total"},
+	"tunnel.RelayPeerStatus.TxBytes":         {"bytes_out", "natbox_relay_peer_bytes_total"},
+	"tunnel.RelayPeerStatus.Ports":           {"registered", "natbox_relay_peer_ports_registered"},
+	"tunnel.RelayPeerStatus.Refused":         {"refused", "natbox_relay_peer_ports_refused"},
+	"tunnel.RelayPeerStatus.SessionsActive":  {"sessions_active", "natbox_relay_peer_sessions_active"},
+	"tunnel.RelayPeerStatus.SessionsOpened":  {"sessions_opened", "natbox_relay_peer_sessions_opened_total"},
+	"tunnel.RelayPeerStatus.DialFailures":    {"dial_failures", "natbox_relay_peer_dial_failures_total"},
+	"tunnel.RelayPeerStatus.ControlRefusals": {"control_refusals", "natbox_relay_peer_control_refusals_total"},
 }
 
 // section is one status struct and where its fields land.

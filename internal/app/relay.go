@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/natbox/natbox/admin"
 	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/forwarder"
 	"github.com/natbox/natbox/netstack"
 	"github.com/natbox/natbox/tunnel"
 )
@@ -26,6 +28,7 @@ type RelayNode struct {
 	relay *tunnel.Relay
 	h     *relayHandler
 	admin *admin.Server
+	live  *liveSettings // [log] and [admin] as running
 
 	mu  sync.Mutex // guards cfg and serializes Reload
 	cfg *conf.RelayConfig
@@ -35,7 +38,7 @@ type RelayNode struct {
 
 // NewRelayNode starts the relay's stack and WireGuard device.
 func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*RelayNode, error) {
-	n := &RelayNode{log: log, cfg: cfg, h: &relayHandler{}}
+	n := &RelayNode{log: log, cfg: cfg, h: &relayHandler{}, live: newLiveSettings("natbox relay", cfg.Log, cfg.Admin)}
 	stackSide, outer := netstack.Pipe(cfg.Relay.MTU)
 	s, err := netstack.New(stackSide, netstack.Config{
 		MTU:       cfg.Relay.MTU,
@@ -63,15 +66,22 @@ func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*Rela
 	if n.admin != nil {
 		n.teardown.add(n.admin.Close)
 	}
+	n.live.admin = n.admin
 	return n, nil
 }
+
+// SetLogLevel is Appliance.SetLogLevel for the relay.
+func (n *RelayNode) SetLogLevel(l *zap.AtomicLevel) { n.live.setLevel(l) }
 
 // Run blocks until ctx is done, then closes the relay.
 func (n *RelayNode) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
+	n.mu.Lock() // a reload may come in as soon as the admin server runs
+	cfg := n.cfg
+	n.mu.Unlock()
 	runAdmin(ctx, n.admin, &wg, n.log)
-	if n.cfg.Admin.Watch {
-		goWatchConfig(ctx, n.cfg.Path, n.cfg.Digest, func() { _ = n.Reload() }, &wg, n.log)
+	if cfg.Admin.Watch {
+		goWatchConfig(ctx, cfg.Path, cfg.Digest, func() { _, _ = n.Reload() }, &wg, n.log)
 	}
 	defer wg.Wait()
 	err := n.relay.Run(ctx)
@@ -84,22 +94,67 @@ func (n *RelayNode) Run(ctx context.Context) error {
 // Relay is the tunnel relay, for status and tests.
 func (n *RelayNode) Relay() *tunnel.Relay { return n.relay }
 
-// Reload re-reads the relay config and applies peers and port allowances
-// without dropping other peers' flows. The outcome is logged.
-func (n *RelayNode) Reload() error {
+// Reload re-reads the relay config and applies peers, port allowances and
+// limits without dropping other peers' flows, and [log] and [admin] as
+// Appliance.Reload does. The outcome is logged.
+func (n *RelayNode) Reload() (Reloaded, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	next, _, err := conf.LoadRelay(n.cfg.Path)
+	next, warnings, err := conf.LoadRelay(n.cfg.Path)
+	var applyLive func()
+	var restart []string
+	if err == nil {
+		applyLive, restart, err = n.live.prepare(next.Log, next.Admin)
+	}
 	if err == nil {
 		err = n.relay.Reload(next)
 	}
-	if err != nil {
+	switch {
+	case errors.Is(err, tunnel.ErrPeersHalfApplied):
+		n.log.Error("reload failed part-way", zap.Error(err))
+		return Reloaded{}, err
+	case err != nil:
 		n.log.Warn("reload refused; nothing changed", zap.Error(err))
-		return err
+		return Reloaded{}, err
 	}
+	for _, w := range warnings {
+		n.log.Warn("config", zap.Stringer("warning", w))
+	}
+	applyLive()
+	res := Reloaded{Diff: peerDiff(n.cfg.Peers, next.Peers), Restart: restart}
 	n.cfg = next
 	n.log.Info("reloaded", zap.Int("peers", len(next.Peers)))
-	return nil
+	if len(restart) > 0 {
+		n.log.Warn("reloaded, but some changes need a restart", zap.Strings("restart", restart))
+	}
+	return res, nil
+}
+
+// peerDiff names the peers a relay reload added, changed and removed.
+func peerDiff(old, next []conf.Peer) forwarder.Diff {
+	var d forwarder.Diff
+	was := make(map[string]conf.Peer, len(old))
+	for _, p := range old {
+		p.Line = 0
+		was[p.Name] = p
+	}
+	for _, p := range next {
+		p.Line = 0
+		o, ok := was[p.Name]
+		switch {
+		case !ok:
+			d.Added = append(d.Added, p.Name)
+		case !reflect.DeepEqual(o, p):
+			d.Changed = append(d.Changed, p.Name)
+		}
+		delete(was, p.Name)
+	}
+	for _, p := range old {
+		if _, ok := was[p.Name]; ok {
+			d.Removed = append(d.Removed, p.Name)
+		}
+	}
+	return d
 }
 
 // Close stops everything, newest first; it is idempotent.

@@ -28,11 +28,11 @@ import (
 func (h *harness) reload(s spec) forwarder.Diff {
 	h.t.Helper()
 	h.writeConfig(s)
-	diff, err := h.app.Reload()
+	res, err := h.app.Reload()
 	if err != nil {
 		h.t.Fatalf("reload: %v", err)
 	}
-	return diff
+	return res.Diff
 }
 
 // expectClosedWithin checks that natbox ends c (EOF or reset) within d.

@@ -2,6 +2,7 @@ package app
 
 import (
 	"context"
+	"errors"
 	"sort"
 	"time"
 
@@ -83,7 +84,7 @@ var (
 	relayByHand     = []string{"Peers"}
 	relayPeerByHand = []string{
 		"Name", "PublicKey", "Address", "Endpoint", "LastHandshake", "RxBytes", "TxBytes", "Ports", "Refused",
-		"SessionsActive", "SessionsOpened", "DialFailures",
+		"SessionsActive", "SessionsOpened", "DialFailures", "ControlRefusals",
 	}
 )
 
@@ -202,7 +203,8 @@ func (s applianceSource) Reload(context.Context) (admin.ReloadResult, error) {
 	if err != nil {
 		return admin.ReloadResult{}, admin.InvalidConfig(err)
 	}
-	return admin.ReloadResult{Added: diff.Added, Changed: diff.Changed, Removed: diff.Removed, SessionsClosed: diff.SessionsClosed}, nil
+	return admin.ReloadResult{Added: diff.Added, Changed: diff.Changed, Removed: diff.Removed, SessionsClosed: diff.SessionsClosed,
+		Restart: diff.Restart}, nil
 }
 
 func histogram(h forwarder.Histogram) admin.Histogram {
@@ -293,6 +295,8 @@ func relayStatus(cfg *conf.RelayConfig, rs tunnel.RelayStatus) *admin.Relay {
 			SessionsOpened: p.SessionsOpened,
 			DialFailures:   p.DialFailures,
 			Stats:          admin.CountersOf(p, relayPeerByHand...),
+
+			ControlRefusals: p.ControlRefusals,
 		})
 	}
 	return r
@@ -301,8 +305,12 @@ func relayStatus(cfg *conf.RelayConfig, rs tunnel.RelayStatus) *admin.Relay {
 func (s relaySource) Sessions(string) []admin.Session { return nil }
 
 func (s relaySource) Reload(context.Context) (admin.ReloadResult, error) {
-	if err := s.n.Reload(); err != nil {
+	res, err := s.n.Reload()
+	switch {
+	case errors.Is(err, tunnel.ErrPeersHalfApplied): // something did change
+		return admin.ReloadResult{}, err
+	case err != nil:
 		return admin.ReloadResult{}, admin.InvalidConfig(err)
 	}
-	return admin.ReloadResult{}, nil
+	return admin.ReloadResult{Added: res.Added, Changed: res.Changed, Removed: res.Removed, Restart: res.Restart}, nil
 }

@@ -1,0 +1,78 @@
+package tunnel
+
+import (
+	"errors"
+	"slices"
+	"strings"
+	"time"
+)
+
+// FailIpcSetPartway makes r's next WireGuard configuration apply only its
+// first n peer blocks and then fail, as wireguard-go does when it refuses a
+// line in the middle; with rollbackFails the one after it (the rollback)
+// fails the same way. mid returns the device's peers as the first failure
+// left them.
+func FailIpcSetPartway(r *Relay, n int, rollbackFails bool) (mid func() map[string][]string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	set := r.ipcSet
+	var state map[string][]string
+	calls := 0
+	r.ipcSet = func(uapi string) error {
+		if calls++; calls == 2 || !rollbackFails {
+			r.ipcSet = set // the caller holds r.mu
+		}
+		if calls == 2 {
+			state0 := state
+			defer func() { state = state0 }()
+		}
+		blocks := strings.SplitAfter(uapi, "\n")
+		var head strings.Builder
+		seen := 0
+		for _, line := range blocks {
+			if strings.HasPrefix(line, "public_key=") {
+				if seen++; seen > n {
+					break
+				}
+			}
+			head.WriteString(line)
+		}
+		if err := set(head.String()); err != nil {
+			return err
+		}
+		state = WireGuardPeers(r)
+		return errors.New("injected failure after part of the peers")
+	}
+	return func() map[string][]string { return state }
+}
+
+// WireGuardPeers returns the device's peers: public key (hex) -> sorted
+// allowed IPs.
+func WireGuardPeers(r *Relay) map[string][]string {
+	text, err := r.dev.IpcGet()
+	if err != nil {
+		return nil
+	}
+	out := make(map[string][]string)
+	var cur string
+	for line := range strings.Lines(text) {
+		k, v, _ := strings.Cut(strings.TrimSpace(line), "=")
+		switch k {
+		case "public_key":
+			cur = v
+			out[cur] = []string{}
+		case "allowed_ip":
+			out[cur] = append(out[cur], v)
+		}
+	}
+	for _, ips := range out {
+		slices.Sort(ips)
+	}
+	return out
+}
+
+// Limits returns the dial timeout and session cap r applies now.
+func Limits(r *Relay) (time.Duration, int64) {
+	l := r.limits.Load()
+	return l.dialTimeout, l.maxSessions
+}
