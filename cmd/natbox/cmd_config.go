@@ -8,6 +8,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/BurntSushi/toml"
 	"github.com/urfave/cli/v2"
 
 	"github.com/natbox/natbox/admin"
@@ -22,10 +23,17 @@ func checkCommand() *cli.Command {
 		Description: `Loads the config exactly as "natbox run" would, reports every problem at once as
 FILE:LINE: key path: problem; fix, and prints the mappings it defines with their
 owners and review dates, plus warnings (no owner, review overdue, expiring within
-30 days, risky services exposed to everyone). Exit 0 when valid, 2 when not.`,
+30 days, risky services exposed to everyone). A relay config (one with a [relay]
+table or [[peer]] tables) is loaded as "natbox relay" would load it, and check
+prints the relay's public key and each peer's tunnel address and ports.
+Exit 0 when valid, 2 when not.`,
 		Flags: []cli.Flag{configFlag},
 		Action: func(c *cli.Context) error {
-			cfg, warnings, err := conf.Load(c.String("config"))
+			path := c.String("config")
+			if isRelayConfig(path) {
+				return checkRelay(c.App.Writer, path)
+			}
+			cfg, warnings, err := conf.Load(path)
 			if err != nil {
 				return err
 			}
@@ -39,6 +47,53 @@ owners and review dates, plus warnings (no owner, review overdue, expiring withi
 			return nil
 		},
 	}
+}
+
+// isRelayConfig reports whether the file at path is a relay config: it has a
+// [relay] table or [[peer]] tables, which an appliance config never has. A
+// file that does not parse is left to conf.Load to report.
+func isRelayConfig(path string) bool {
+	var top map[string]any
+	if _, err := toml.DecodeFile(path, &top); err != nil {
+		return false
+	}
+	_, relay := top["relay"].(map[string]any)
+	_, peers := top["peer"]
+	return relay || peers
+}
+
+// checkRelay validates a relay config as natbox relay does at start and
+// prints what it would serve: its key and addresses, and each peer's tunnel
+// address and port allowance.
+func checkRelay(w io.Writer, path string) error {
+	cfg, warnings, err := conf.LoadRelay(path)
+	if err != nil {
+		return err
+	}
+	if err := admin.CheckListen(cfg.Admin); err != nil {
+		return &conf.Errors{List: []conf.Error{{Path: cfg.Path, Msg: err.Error()}}}
+	}
+	r := &cfg.Relay
+	binds := make([]string, len(r.PublicBind))
+	for i, a := range r.PublicBind {
+		binds[i] = a.String()
+	}
+	fmt.Fprintf(w, "relay: wireguard %s, tunnel address %s, public key %s\n", r.Listen, r.Address, r.PrivateKey.Public())
+	fmt.Fprintf(w, "public listeners on: %s\n", strings.Join(binds, ", "))
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tADDRESS\tPORTS\tPUBLIC_KEY")
+	for i := range cfg.Peers {
+		p := &cfg.Peers[i]
+		ports := make([]string, len(p.Ports))
+		for j, s := range p.Ports {
+			ports[j] = s.String()
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.Name, p.Address, orDash(strings.Join(ports, ",")), p.PublicKey)
+	}
+	tw.Flush()
+	printWarnings(w, warnings)
+	fmt.Fprintf(w, "ok: %s: relay config, %d peer(s), %d warning(s)\n", cfg.Path, len(cfg.Peers), len(warnings))
+	return nil
 }
 
 // printMappings writes the table natbox check shows: what is exposed, to whom,
