@@ -29,9 +29,6 @@ func (c *RelayConfig) validate(r *report) {
 	loadPrivateKey(r, "relay", &s.PrivateKey, s.PrivateKeyFile, filepath.Dir(c.Path))
 	if !s.Address.IsValid() {
 		r.errorf("relay.address", `set the relay's tunnel address, e.g. address = "10.77.0.1"`, "address is required")
-	} else if !s.Address.Unmap().Is4() {
-		// The tunnel derives each side's IPv6 address from its IPv4 one.
-		r.errorf("relay.address", `use an IPv4 address, e.g. address = "10.77.0.1"; IPv6 clients are carried anyway`, "%s is not an IPv4 address", s.Address)
 	}
 	if len(s.PublicBind) == 0 {
 		r.errorf("relay.public_bind", `list the addresses public listeners open on, e.g. ["0.0.0.0", "::"]`, "public_bind is empty")
@@ -62,8 +59,6 @@ func (c *RelayConfig) validate(r *report) {
 		switch j, dup := addrs[pe.Address]; {
 		case !pe.Address.IsValid():
 			r.errorf(p+".address", `set the appliance's tunnel address, e.g. address = "10.77.0.2"`, "address is required")
-		case !pe.Address.Unmap().Is4():
-			r.errorf(p+".address", `use an IPv4 address, e.g. address = "10.77.0.2"; IPv6 clients are carried anyway`, "%s is not an IPv4 address", pe.Address)
 		case pe.Address == s.Address:
 			r.errorf(p+".address", "pick another address in the tunnel subnet", "address %s is the relay's own address", pe.Address)
 		case dup:

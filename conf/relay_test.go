@@ -104,14 +104,6 @@ address = "10.77.0.1" # <-`, `peer "home" (peer[0]).address: address 10.77.0.1 i
 [[peer]] # <-
 name = "home"
 public_key = "` + testPeerPub1 + `"`, `peer "home" (peer[0]).address: address is required; set the appliance's tunnel address, e.g. address = "10.77.0.2"`},
-		{"address not IPv4", `[relay]
-private_key = "` + testRelayPriv + `"
-address = "fd77::1" # <-`, `relay.address: fd77::1 is not an IPv4 address; use an IPv4 address, e.g. address = "10.77.0.1"; IPv6 clients are carried anyway`},
-		{"peer address not IPv4", relayBase + `
-[[peer]]
-name = "home"
-public_key = "` + testPeerPub1 + `"
-address = "fd77::2" # <-`, `peer "home" (peer[0]).address: fd77::2 is not an IPv4 address; use an IPv4 address, e.g. address = "10.77.0.2"; IPv6 clients are carried anyway`},
 		{"peer ports overlap", relayBase + peer("home", testPeerPub1, "10.77.0.2", `["tcp/443", "udp/10000-10100"]`) + `
 [[peer]]
 name = "office"

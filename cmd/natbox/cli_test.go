@@ -291,7 +291,8 @@ address = "10.77.0.2"
 func TestCheckRelayReportsEveryErrorWithItsLine(t *testing.T) {
 	path := writeConfig(t, "relay.toml", `[relay]
 private_key = "OPUJiCYO76vpxPMOnwKvirCGC8YnqmVCYSIoT5N/ME0="
-address = "fd77::1"
+address = "10.77.0.1"
+listen = "51820"
 
 [[peer]]
 name = "home"
@@ -313,8 +314,8 @@ ports = ["tcp/400-500"]
 		t.Fatalf("an invalid relay config printed a summary:\n%s", r.stdout)
 	}
 	for _, want := range []string{
-		path + `:3: relay.address: fd77::1 is not an IPv4 address`,
-		path + `:15: peer "office" (peer[1]).ports[0]: tcp/443 is already allowed to peer "home" (line 5); give each port to one peer`,
+		path + `:4: relay.listen: "51820" is not host:port`,
+		path + `:16: peer "office" (peer[1]).ports[0]: tcp/443 is already allowed to peer "home" (line 6); give each port to one peer`,
 	} {
 		if !strings.Contains(r.stderr, want) {
 			t.Errorf("stderr lacks %q:\n%s", want, r.stderr)
