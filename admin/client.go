@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -78,6 +79,29 @@ func (c *Client) Reload(ctx context.Context) (ReloadResult, error) {
 	var res ReloadResult
 	err := c.do(ctx, http.MethodPost, "/v1/reload", &res)
 	return res, err
+}
+
+// Ready asks the running natbox's /readyz: nil when it is ready, else why
+// not (not running, or an ingress not up yet, such as an unregistered uplink).
+func (c *Client) Ready(ctx context.Context) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://natbox/readyz", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return socketError(c.socket, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	if resp.StatusCode != http.StatusOK {
+		msg := strings.TrimSpace(string(body))
+		if msg == "" {
+			msg = resp.Status
+		}
+		return errors.New(msg)
+	}
+	return nil
 }
 
 func (c *Client) do(ctx context.Context, method, path string, out any) error {

@@ -161,7 +161,8 @@ func AdminSocketOf(path string) string {
 }
 
 // IsRelayConfig reports whether the file at path is a relay config: it has
-// a [relay] table. An unreadable or unparsable file is not.
+// a [relay] table or [[peer]] tables, which an appliance config never has.
+// An unreadable or unparsable file is not (conf.Load reports it).
 func IsRelayConfig(path string) bool {
 	data, err := os.ReadFile(path)
 	return err == nil && isRelay(data)
@@ -170,7 +171,7 @@ func IsRelayConfig(path string) bool {
 func isRelay(data []byte) bool {
 	var probe map[string]any
 	md, err := toml.Decode(string(data), &probe)
-	return err == nil && md.IsDefined("relay")
+	return err == nil && (md.IsDefined("relay") || md.IsDefined("peer"))
 }
 
 // LoadAdmin loads and validates path as the kind of config it is (a relay

@@ -244,3 +244,130 @@ func TestVersion(t *testing.T) {
 		}
 	}
 }
+
+// A relay config is recognised by its [relay] table and loaded as natbox
+// relay loads it: check prints the relay's public key and every peer's tunnel
+// address and ports instead of calling [relay] an unknown key.
+func TestCheckRelayExample(t *testing.T) {
+	const example = "../../examples/relay.toml"
+	r := natbox(t, "", "check", "-c", example)
+	if r.code != exitOK {
+		t.Fatalf("check of the relay example: %v", r)
+	}
+	cfg, _, err := conf.LoadRelay(example)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprintf("relay: wireguard %s, tunnel address %s, public key %s\n",
+		cfg.Relay.Listen, cfg.Relay.Address, cfg.Relay.PrivateKey.Public())
+	if !strings.Contains(r.stdout, want) {
+		t.Fatalf("stdout lacks %q:\n%s", want, r.stdout)
+	}
+	if len(cfg.Peers) == 0 {
+		t.Fatal("the relay example has no peers")
+	}
+	for _, p := range cfg.Peers {
+		ports := make([]string, len(p.Ports))
+		for i, s := range p.Ports {
+			ports[i] = s.String()
+		}
+		row := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(p.Name) + `\s+` + regexp.QuoteMeta(p.Address.String()) +
+			`\s+` + regexp.QuoteMeta(strings.Join(ports, ",")) + `\s+` + regexp.QuoteMeta(p.PublicKey.String()) + `$`)
+		if !row.MatchString(r.stdout) {
+			t.Errorf("no row for peer %q in:\n%s", p.Name, r.stdout)
+		}
+	}
+	if want := fmt.Sprintf("ok: %s: relay config, %d peer(s), 0 warning(s)", example, len(cfg.Peers)); !strings.Contains(r.stdout, want) {
+		t.Fatalf("stdout lacks %q:\n%s", want, r.stdout)
+	}
+}
+
+// The [[peer]] tables alone mark a relay config, so a missing [relay] table
+// is reported as such rather than as an unknown key "peer".
+func TestCheckRelayWithoutRelayTable(t *testing.T) {
+	path := writeConfig(t, "relay.toml", `[[peer]]
+name = "home"
+public_key = "yZUZKbuCSZ4FC4s8CsN5TFecmNcqXpVO4A6f4wUTxmw="
+address = "10.77.0.2"
+`)
+	r := natbox(t, "", "check", "-c", path)
+	if r.code != exitUsage || !strings.Contains(r.stderr, "relay.address: address is required") || strings.Contains(r.stderr, "unknown key") {
+		t.Fatalf("check of a relay config without [relay]: %v", r)
+	}
+}
+
+func TestCheckRelayReportsEveryErrorWithItsLine(t *testing.T) {
+	path := writeConfig(t, "relay.toml", `[relay]
+private_key = "OPUJiCYO76vpxPMOnwKvirCGC8YnqmVCYSIoT5N/ME0="
+address = "10.77.0.1"
+listen = "51820"
+
+[[peer]]
+name = "home"
+public_key = "yZUZKbuCSZ4FC4s8CsN5TFecmNcqXpVO4A6f4wUTxmw="
+address = "10.77.0.2"
+ports = ["tcp/443"]
+
+[[peer]]
+name = "office"
+public_key = "vy5dwlz/pj80EBiof6odA+0YCxlQsqB4vQ+SkggT2Es="
+address = "10.77.0.3"
+ports = ["tcp/400-500"]
+`)
+	r := natbox(t, "", "check", "-c", path)
+	if r.code != exitUsage {
+		t.Fatalf("check of a relay config with 2 errors: %v", r)
+	}
+	if r.stdout != "" {
+		t.Fatalf("an invalid relay config printed a summary:\n%s", r.stdout)
+	}
+	for _, want := range []string{
+		path + `:4: relay.listen: "51820" is not host:port`,
+		path + `:16: peer "office" (peer[1]).ports[0]: tcp/443 is already allowed to peer "home" (line 6); give each port to one peer`,
+	} {
+		if !strings.Contains(r.stderr, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, r.stderr)
+		}
+	}
+	if n := strings.Count(r.stderr, path+":"); n != 2 || !strings.Contains(r.stderr, "2 problem(s)") {
+		t.Fatalf("want 2 FILE:LINE problems:\n%s", r.stderr)
+	}
+}
+
+// natbox relay refuses to start when its admin listener has no token; check
+// says so first, as it does for an appliance.
+func TestCheckRelayMissingTokenFile(t *testing.T) {
+	tokenFile := filepath.Join(t.TempDir(), "admin.token")
+	path := writeConfig(t, "relay.toml", `[relay]
+private_key = "OPUJiCYO76vpxPMOnwKvirCGC8YnqmVCYSIoT5N/ME0="
+address = "10.77.0.1"
+
+[admin]
+listen = "0.0.0.0:9109"
+token_file = "`+tokenFile+`"
+`)
+	r := natbox(t, "", "check", "-c", path)
+	if r.code != exitUsage || !strings.Contains(r.stderr, path+": admin.token_file") {
+		t.Fatalf("check of a relay config with a missing token file: %v", r)
+	}
+	if err := os.WriteFile(tokenFile, []byte("s3cret-token-of-some-length\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if r := natbox(t, "", "check", "-c", path); r.code != exitOK || !strings.Contains(r.stdout, "relay config, 0 peer(s)") {
+		t.Fatalf("check of the relay config with the token file in place: %v", r)
+	}
+}
+
+// The kind of config comes from its tables, not its name: an appliance
+// config named relay.toml is still checked as an appliance.
+func TestCheckKindFromTablesNotName(t *testing.T) {
+	data, err := os.ReadFile("../../examples/natbox-uplink.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := writeConfig(t, "relay.toml", string(data))
+	r := natbox(t, "", "check", "-c", path)
+	if r.code != exitOK || !strings.Contains(r.stdout, "mapping(s)") || strings.Contains(r.stdout, "relay config") {
+		t.Fatalf("check of an appliance config named relay.toml: %v", r)
+	}
+}

@@ -21,16 +21,18 @@ func checkCommand() *cli.Command {
 		ArgsUsage: " ",
 		Description: `Loads the config exactly as "natbox run" would, reports every problem at once as
 FILE:LINE: key path: problem; fix, and prints the mappings it defines with their
-owners and review dates, the session budgets in force, plus warnings (no owner,
-review overdue, expiring within 30 days, risky services exposed to everyone). A
-relay config (one with a [relay] table) is loaded as "natbox relay" would, and
-its peers are shown. Exit 0 when valid, 2 when not.`,
+owners and review dates, plus warnings (no owner, review overdue, expiring within
+30 days, risky services exposed to everyone). A relay config (one with a [relay]
+table or [[peer]] tables) is loaded as "natbox relay" would load it, and check
+prints the relay's public key and each peer's tunnel address and ports.
+Exit 0 when valid, 2 when not.`,
 		Flags: []cli.Flag{configFlag},
 		Action: func(c *cli.Context) error {
-			if conf.IsRelayConfig(c.String("config")) {
-				return checkRelay(c)
+			path := c.String("config")
+			if conf.IsRelayConfig(path) {
+				return checkRelay(c.App.Writer, path)
 			}
-			cfg, warnings, err := conf.Load(c.String("config"))
+			cfg, warnings, err := conf.Load(path)
 			if err != nil {
 				return err
 			}
@@ -47,27 +49,37 @@ its peers are shown. Exit 0 when valid, 2 when not.`,
 	}
 }
 
-// checkRelay is natbox check for a relay config.
-func checkRelay(c *cli.Context) error {
-	cfg, warnings, err := conf.LoadRelay(c.String("config"))
+// checkRelay validates a relay config as natbox relay does at start and
+// prints what it would serve: its key and addresses, and each peer's tunnel
+// address and port allowance.
+func checkRelay(w io.Writer, path string) error {
+	cfg, warnings, err := conf.LoadRelay(path)
 	if err != nil {
 		return err
 	}
 	if err := admin.CheckListen(cfg.Admin); err != nil {
 		return &conf.Errors{List: []conf.Error{{Path: cfg.Path, Msg: err.Error()}}}
 	}
-	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PEER\tADDRESS\tPORTS")
-	for _, p := range cfg.Peers {
+	r := &cfg.Relay
+	binds := make([]string, len(r.PublicBind))
+	for i, a := range r.PublicBind {
+		binds[i] = a.String()
+	}
+	fmt.Fprintf(w, "relay: wireguard %s, tunnel address %s, public key %s\n", r.Listen, r.Address, r.PrivateKey.Public())
+	fmt.Fprintf(w, "public listeners on: %s\n", strings.Join(binds, ", "))
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tADDRESS\tPORTS\tPUBLIC_KEY")
+	for i := range cfg.Peers {
+		p := &cfg.Peers[i]
 		ports := make([]string, len(p.Ports))
-		for i, s := range p.Ports {
-			ports[i] = s.String()
+		for j, s := range p.Ports {
+			ports[j] = s.String()
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\n", p.Name, p.Address, orDash(strings.Join(ports, ",")))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.Name, p.Address, orDash(strings.Join(ports, ",")), p.PublicKey)
 	}
 	tw.Flush()
-	printWarnings(c.App.Writer, warnings)
-	fmt.Fprintf(c.App.Writer, "ok: %s: relay, %d peer(s), %d warning(s)\n", cfg.Path, len(cfg.Peers), len(warnings))
+	printWarnings(w, warnings)
+	fmt.Fprintf(w, "ok: %s: relay config, %d peer(s), %d warning(s)\n", cfg.Path, len(cfg.Peers), len(warnings))
 	return nil
 }
 
