@@ -22,6 +22,7 @@ const (
 	refusedSessions
 	refusedDialFailed
 	refusedShuttingDown
+	refusedHandshakeTimeout
 	numRefusals
 )
 
@@ -37,6 +38,9 @@ var refusalNames = [numRefusals]string{
 	refusedSessions:        "over_limit_sessions",
 	refusedDialFailed:      "dial_failed",
 	refusedShuttingDown:    "shutting_down",
+	// The target was dialed but the client never completed its handshake
+	// (e.g. a spoofed SYN); the target connection was closed at once.
+	refusedHandshakeTimeout: "handshake_timeout",
 }
 
 func (r refusal) String() string { return refusalNames[r] }
