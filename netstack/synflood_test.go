@@ -1,14 +1,24 @@
 package netstack
 
 import (
+	"context"
 	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
 	"net"
 	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/natbox/natbox/internal/testutil"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+	"golang.zx2c4.com/wireguard/tun"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
@@ -163,5 +173,228 @@ func TestBadChecksumSYNNeverHandled(t *testing.T) {
 	}
 	if st.IPFragmentsIn != 4 {
 		t.Fatalf("IPFragmentsIn = %d, want 4", st.IPFragmentsIn)
+	}
+}
+
+// floodRig is a server Stack whose link carries both a real client Stack
+// and raw packets the test writes (spoofed SYNs). Of what the server sends,
+// only packets for the client's addresses reach the client: replies to
+// spoofed sources vanish, as they would on the Internet (the client stack,
+// promiscuous, would otherwise answer them with RSTs).
+type floodRig struct {
+	server, client *Stack
+	raw            tun.Device // write spoofed packets here
+}
+
+func newFloodRig(t *testing.T, cfg Config, h Handler) *floodRig {
+	t.Helper()
+	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
+	srvSide, rawSide := Pipe(1500)
+	cliSide, swSide := Pipe(1500)
+	cfg.Addresses = []netip.Prefix{serverPrefix4, serverPrefix6}
+	server, err := New(srvSide, cfg, h, log.Named("server"))
+	if err != nil {
+		t.Fatalf("new server stack: %v", err)
+	}
+	client, err := New(cliSide, Config{Addresses: []netip.Prefix{clientPrefix4, clientPrefix6}}, funcHandler{}, log.Named("client"))
+	if err != nil {
+		server.Close()
+		t.Fatalf("new client stack: %v", err)
+	}
+	var wg sync.WaitGroup
+	pump := func(from, to tun.Device, keep func([]byte) bool) {
+		defer wg.Done()
+		bufs, sizes := make([][]byte, pipeBatchSize), make([]int, pipeBatchSize)
+		for i := range bufs {
+			bufs[i] = make([]byte, 1600)
+		}
+		out := make([][]byte, 0, pipeBatchSize)
+		for {
+			n, err := from.Read(bufs, sizes, 0)
+			if err != nil {
+				return
+			}
+			out = out[:0]
+			for i := range n {
+				if p := bufs[i][:sizes[i]]; keep(p) {
+					out = append(out, p)
+				}
+			}
+			if _, err := to.Write(out, 0); err != nil && errors.Is(err, os.ErrClosed) {
+				return
+			}
+		}
+	}
+	toClient := func(p []byte) bool {
+		switch p[0] >> 4 {
+		case 4:
+			return len(p) >= 20 && netip.AddrFrom4([4]byte(p[16:20])) == clientPrefix4.Addr()
+		case 6:
+			return len(p) >= 40 && netip.AddrFrom16([16]byte(p[24:40])) == clientPrefix6.Addr()
+		}
+		return false
+	}
+	wg.Add(2)
+	go pump(swSide, rawSide, func([]byte) bool { return true })
+	go pump(rawSide, swSide, toClient)
+	t.Cleanup(func() {
+		server.Close()
+		client.Close()
+		wg.Wait()
+	})
+	return &floodRig{server: server, client: client, raw: rawSide}
+}
+
+// flood writes n SYNs to dst from random spoofed sources in 198.18.0.0/15,
+// in batches of 16.
+func (r *floodRig) flood(t *testing.T, rng *rand.Rand, dst netip.AddrPort, n int) {
+	t.Helper()
+	batch := make([][]byte, 0, 16)
+	for i := 0; i < n; i++ {
+		a := [4]byte{198, 18 + byte(rng.IntN(2)), byte(rng.IntN(256)), byte(1 + rng.IntN(254))}
+		src := netip.AddrPortFrom(netip.AddrFrom4(a), uint16(1024+rng.IntN(60000)))
+		batch = append(batch, rawTCP4(src, dst, rng.Uint32(), 0, header.TCPFlagSyn))
+		if len(batch) == cap(batch) || i == n-1 {
+			if _, err := r.raw.Write(batch, 0); err != nil {
+				t.Fatalf("write flood: %v", err)
+			}
+			batch = batch[:0]
+		}
+	}
+}
+
+// echoOnce dials dst from the real client, sends msg and expects it back.
+func (r *floodRig) echoOnce(ctx context.Context, dst netip.AddrPort, msg string) error {
+	c, err := r.client.DialTCP(ctx, netip.AddrPort{}, dst)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if d, ok := ctx.Deadline(); ok {
+		c.SetDeadline(d)
+	}
+	if _, err := c.Write([]byte(msg)); err != nil {
+		return err
+	}
+	b := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, b); err != nil {
+		return err
+	}
+	if string(b) != msg {
+		return fmt.Errorf("echo %q, want %q", b, msg)
+	}
+	return nil
+}
+
+// heldTarget is a loopback echo target that counts the connections open on
+// it and all it ever accepted.
+type heldTarget struct {
+	addr           string
+	open, accepted atomic.Int64
+}
+
+func newHeldTarget(t *testing.T) *heldTarget {
+	h := &heldTarget{}
+	h.addr = testutil.ServeTCP(t, "127.0.0.1:0", func(c *net.TCPConn) {
+		h.accepted.Add(1)
+		h.open.Add(1)
+		defer h.open.Add(-1)
+		echo(c)
+	}).String()
+	return h
+}
+
+// forward is a dial-first handler (the forwarder's shape) that records
+// whether each request came in established, by destination port.
+type forward struct {
+	targets     map[uint16]string
+	established sync.Map // netip.AddrPort (src) -> bool
+}
+
+func (f *forward) handle(r *TCPRequest) {
+	f.established.Store(r.Src, r.Established())
+	up, err := net.Dial("tcp", f.targets[r.Dst.Port()])
+	if err != nil {
+		r.Reject()
+		return
+	}
+	c, err := r.Accept()
+	if err != nil {
+		up.Close()
+		return
+	}
+	splice(c, up)
+}
+
+// TestSynFloodCookies: spoofed SYNs to port A switch A to SYN cookies, so
+// they stop costing target connections and forwarder slots. While the flood
+// runs, a real client of port B connects every time, and a real client of
+// A still gets through (its handshake completed by a cookie) and exchanges
+// bytes; once the handshake timeout has passed, A's target holds nothing.
+func TestSynFloodCookies(t *testing.T) {
+	const (
+		floodN  = 600
+		timeout = 500 * time.Millisecond
+	)
+	targetA, targetB := newHeldTarget(t), newHeldTarget(t)
+	fw := &forward{targets: map[uint16]string{80: targetA.addr, 81: targetB.addr}}
+	rig := newFloodRig(t, Config{TCP: TCPConfig{
+		HandshakeTimeout:     timeout,
+		MaxInFlight:          64, // the flood would fill it without cookies
+		CookiePortThreshold:  8,
+		CookieTotalThreshold: 1000,
+	}}, funcHandler{tcp: fw.handle})
+	portA, portB := netip.MustParseAddrPort("10.0.0.2:80"), netip.MustParseAddrPort("10.0.0.2:81")
+	ctx := testContext(t)
+	rng := rand.New(rand.NewPCG(1, 2))
+
+	// Part of the flood first, until A is in cookie mode.
+	rig.flood(t, rng, portA, floodN/3)
+	waitUntil(t, "port A in cookie mode", func() bool { return rig.server.Stats().CookiePortsActive == 1 })
+
+	// The rest of the flood, with real clients of B and A meanwhile.
+	floodDone := make(chan struct{})
+	go func() {
+		defer close(floodDone)
+		for i := 0; i < 2*floodN/3; i += 50 {
+			rig.flood(t, rng, portA, 50)
+			time.Sleep(2 * time.Millisecond) // spread it over the clients' dials
+		}
+	}()
+	for i := range 10 {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := rig.echoOnce(cctx, portB, fmt.Sprintf("to B %d", i))
+		cancel()
+		if err != nil {
+			t.Fatalf("real client of port B, attempt %d, during the flood: %v", i, err)
+		}
+	}
+	if err := rig.echoOnce(ctx, portA, "to A through a cookie"); err != nil {
+		t.Fatalf("real client of port A during the flood: %v", err)
+	}
+	<-floodDone
+
+	var viaCookie bool
+	fw.established.Range(func(k, v any) bool {
+		if k.(netip.AddrPort).Addr() == clientPrefix4.Addr() && v.(bool) {
+			viaCookie = true
+		}
+		return true
+	})
+	if !viaCookie {
+		t.Fatal("the real client of port A was not handed over established (no cookie handshake)")
+	}
+	waitUntil(t, "target A to hold no connection", func() bool { return targetA.open.Load() == 0 })
+	st := rig.server.Stats()
+	t.Logf("target A accepted %d connections for %d spoofed SYNs; stats %+v", targetA.accepted.Load(), floodN, st)
+	if n := targetA.accepted.Load(); n > floodN/3 {
+		t.Fatalf("target A accepted %d connections for %d spoofed SYNs: cookies did not take over", n, floodN)
+	}
+	if st.CookieModeEntries != 1 || st.SynCookiesSent == 0 || st.SynCookiesValid == 0 || st.CookieConns == 0 {
+		t.Fatalf("cookie counters: entries %d, sent %d, valid %d, conns %d", st.CookieModeEntries, st.SynCookiesSent, st.SynCookiesValid, st.CookieConns)
+	}
+	waitUntil(t, "no pending handshake", func() bool { return rig.server.Stats().TCPHandshakesPending == 0 })
+	if rig.server.Stats().TCPHandshakeTimeouts == 0 {
+		t.Fatal("no handshake timed out: the flood never reached the dial-first path")
 	}
 }
