@@ -263,6 +263,22 @@ func (r *floodRig) flood(t *testing.T, rng *rand.Rand, dst netip.AddrPort, n int
 	}
 }
 
+// engage floods dst until its port is in cookie mode: a first burst makes
+// handshakes pending, the next SYN finds them.
+func (r *floodRig) engage(t *testing.T, rng *rand.Rand, dst netip.AddrPort, threshold int) {
+	t.Helper()
+	before := r.server.Stats()
+	r.flood(t, rng, dst, threshold)
+	waitUntil(t, "handshakes pending", func() bool {
+		return r.server.Stats().TCPHandshakesPending >= before.TCPHandshakesPending+uint64(threshold)
+	})
+	r.flood(t, rng, dst, 1)
+	waitUntil(t, fmt.Sprintf("port %d in cookie mode or over the cap", dst.Port()), func() bool {
+		st := r.server.Stats()
+		return st.CookieModeEntries > before.CookieModeEntries || st.CookiePortsOverflow > before.CookiePortsOverflow
+	})
+}
+
 // echoOnce dials dst from the real client, sends msg and expects it back.
 func (r *floodRig) echoOnce(ctx context.Context, dst netip.AddrPort, msg string) error {
 	c, err := r.client.DialTCP(ctx, netip.AddrPort{}, dst)
@@ -396,5 +412,112 @@ func TestSynFloodCookies(t *testing.T) {
 	waitUntil(t, "no pending handshake", func() bool { return rig.server.Stats().TCPHandshakesPending == 0 })
 	if rig.server.Stats().TCPHandshakeTimeouts == 0 {
 		t.Fatal("no handshake timed out: the flood never reached the dial-first path")
+	}
+}
+
+// established4 reports whether the handler saw a request from src, and
+// whether one came established.
+func (f *forward) established4(t *testing.T, src netip.Addr) (est, seen bool) {
+	t.Helper()
+	f.established.Range(func(k, v any) bool {
+		if k.(netip.AddrPort).Addr() == src {
+			seen = true
+			est = est || v.(bool)
+		}
+		return true
+	})
+	return est, seen
+}
+
+// TestCookieModeLeavesWhenQuiet: a port leaves cookie mode once it saw no
+// SYN for CookieIdle, and new clients take the dial-first path again.
+func TestCookieModeLeavesWhenQuiet(t *testing.T) {
+	target := newHeldTarget(t)
+	fw := &forward{targets: map[uint16]string{80: target.addr}}
+	rig := newFloodRig(t, Config{TCP: TCPConfig{
+		HandshakeTimeout:    300 * time.Millisecond,
+		CookiePortThreshold: 2,
+		CookieIdle:          300 * time.Millisecond,
+	}}, funcHandler{tcp: fw.handle})
+	port := netip.MustParseAddrPort("10.0.0.2:80")
+	rig.engage(t, rand.New(rand.NewPCG(3, 4)), port, 2)
+	waitUntil(t, "cookie mode off", func() bool {
+		st := rig.server.Stats()
+		return st.CookiePortsActive == 0 && st.CookieModeExits == 1
+	})
+	if err := rig.echoOnce(testContext(t), port, "after the flood"); err != nil {
+		t.Fatalf("client after cookie mode ended: %v", err)
+	}
+	if est, seen := fw.established4(t, clientPrefix4.Addr()); !seen || est {
+		t.Fatalf("client request seen %v, established %v; want the dial-first path", seen, est)
+	}
+	if st := rig.server.Stats(); st.CookieModeEntries != 1 {
+		t.Fatalf("CookieModeEntries = %d, want 1", st.CookieModeEntries)
+	}
+}
+
+// TestCookiePortsCap: at most MaxCookiePorts ports are in cookie mode; SYNs
+// of a further port under pressure take the normal path and are counted.
+func TestCookiePortsCap(t *testing.T) {
+	target := newHeldTarget(t)
+	fw := &forward{targets: map[uint16]string{80: target.addr, 81: target.addr, 82: target.addr}}
+	rig := newFloodRig(t, Config{TCP: TCPConfig{
+		HandshakeTimeout:    2 * time.Second,
+		CookiePortThreshold: 2,
+		MaxCookiePorts:      2,
+	}}, funcHandler{tcp: fw.handle})
+	rng := rand.New(rand.NewPCG(5, 6))
+	for _, port := range []uint16{80, 81} {
+		rig.engage(t, rng, netip.AddrPortFrom(serverPrefix4.Addr(), port), 2)
+	}
+	third := netip.AddrPortFrom(serverPrefix4.Addr(), 82)
+	rig.engage(t, rng, third, 2)
+	if st := rig.server.Stats(); st.CookiePortsActive != 2 || st.CookieModeEntries != 2 {
+		t.Fatalf("cookie ports active %d, entries %d; want 2 and 2", st.CookiePortsActive, st.CookieModeEntries)
+	}
+	// The third port still works, dial first.
+	if err := rig.echoOnce(testContext(t), third, "over the cap"); err != nil {
+		t.Fatalf("client of the port over the cap: %v", err)
+	}
+	if est, seen := fw.established4(t, clientPrefix4.Addr()); !seen || est {
+		t.Fatalf("client request seen %v, established %v; want the dial-first path", seen, est)
+	}
+}
+
+// TestCookieRejectResets: a request a cookie completed cannot be refused
+// before the handshake; Reject resets it (an RST, not a FIN).
+func TestCookieRejectResets(t *testing.T) {
+	target := newHeldTarget(t)
+	fw := &forward{targets: map[uint16]string{80: target.addr}}
+	connected := make(chan struct{})
+	rig := newFloodRig(t, Config{TCP: TCPConfig{
+		HandshakeTimeout:    time.Second,
+		CookiePortThreshold: 2,
+	}}, funcHandler{tcp: func(r *TCPRequest) {
+		if r.Established() {
+			<-connected // the client's connect has returned: refuse only now
+			r.Reject()
+			return
+		}
+		fw.handle(r)
+	}})
+	port := netip.MustParseAddrPort("10.0.0.2:80")
+	rig.engage(t, rand.New(rand.NewPCG(7, 8)), port, 2)
+	var once sync.Once
+	release := func() { once.Do(func() { close(connected) }) }
+	t.Cleanup(release) // before the rig's: its Close waits for the handler
+	c, err := rig.client.DialTCP(testContext(t), netip.AddrPort{}, port)
+	if err != nil {
+		t.Fatalf("dial in cookie mode = %v; want the handshake to complete", err)
+	}
+	defer c.Close()
+	release()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	if err == nil || errors.Is(err, io.EOF) || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read after Reject = %v; want a connection reset", err)
+	}
+	if st := rig.server.Stats(); st.TCPRejected != 1 || st.CookieConns != 1 {
+		t.Fatalf("TCPRejected %d, CookieConns %d; want 1 and 1", st.TCPRejected, st.CookieConns)
 	}
 }
