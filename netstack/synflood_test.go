@@ -126,7 +126,9 @@ func TestBadChecksumSYNNeverHandled(t *testing.T) {
 		r.Reject()
 	}})
 	dst4, dst6 := netip.MustParseAddrPort("10.0.0.2:80"), netip.MustParseAddrPort("[2001:db8:1::2]:80")
-	src := func(i int) netip.AddrPort { return netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}), 1000) }
+	src := func(i int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}), 1000)
+	}
 	src6 := func(i int) netip.AddrPort {
 		return netip.AddrPortFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 15: byte(i)}), 1000)
 	}
