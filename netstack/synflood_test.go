@@ -92,8 +92,14 @@ func TestHandshakeTimeoutReleasesTarget(t *testing.T) {
 			if el := time.Since(start); el < timeout {
 				t.Fatalf("target closed after %v, before the handshake timeout %v", el, timeout)
 			}
-			if err := <-acceptErr; !errors.Is(err, ErrHandshakeTimeout) {
+			err := <-acceptErr
+			if !errors.Is(err, ErrHandshakeTimeout) {
 				t.Fatalf("Accept error = %v, want ErrHandshakeTimeout", err)
+			}
+			// How the forwarder, which does not import netstack, tells.
+			var ht interface{ HandshakeTimeout() bool }
+			if !errors.As(err, &ht) || !ht.HandshakeTimeout() {
+				t.Fatalf("Accept error %v has no HandshakeTimeout method reporting true", err)
 			}
 			waitUntil(t, "no pending handshake", func() bool { return s.Stats().TCPHandshakesPending == 0 })
 			if st := s.Stats(); st.TCPHandshakeTimeouts != 1 {
