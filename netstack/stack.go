@@ -147,10 +147,11 @@ func (c *Config) applyDefaults() {
 // Handler receives the flows a Stack terminates.
 type Handler interface {
 	// HandleTCP is called on its own goroutine for each new connection
-	// attempt. Exactly one of r.Accept or r.Reject must be called before
-	// HandleTCP returns (if neither was, the request is rejected). Stack.Close
-	// waits for HandleTCP calls to return; conns from Accept fail once the
-	// stack closes.
+	// attempt: a SYN, or, on a port in SYN-cookie mode, a connection whose
+	// handshake a cookie completed (r.Established). Exactly one of r.Accept
+	// or r.Reject must be called before HandleTCP returns (if neither was,
+	// the request is rejected). Stack.Close waits for HandleTCP calls to
+	// return; conns from Accept fail once the stack closes.
 	HandleTCP(r *TCPRequest)
 	// HandleUDP is called on the packet path for each datagram; it must not
 	// block. payload is valid only during the call.
