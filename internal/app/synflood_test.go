@@ -177,4 +177,3 @@ func onesSum(sum uint16, b []byte) uint16 {
 	}
 	return uint16(s)
 }
-
