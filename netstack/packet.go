@@ -7,6 +7,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
 // This file is the input parser: it looks at each raw IP packet read from the
@@ -73,6 +74,17 @@ type packetInfo struct {
 // connection attempt.
 func (p *packetInfo) pureSYN() bool {
 	return p.tcp && p.tcpFlags&(tcpFlagSYN|tcpFlagACK|tcpFlagRST) == tcpFlagSYN
+}
+
+// endpointID is the stack's view of a TCP segment's 4-tuple (local = its
+// destination).
+func (p *packetInfo) endpointID() stack.TransportEndpointID {
+	return stack.TransportEndpointID{
+		LocalPort:     p.dstPort,
+		LocalAddress:  p.dstAddr,
+		RemotePort:    p.srcPort,
+		RemoteAddress: p.srcAddr,
+	}
 }
 
 // rst reports whether the packet is a TCP RST.

@@ -217,6 +217,7 @@ type counters struct {
 	cookieOverflow       atomic.Uint64 // SYNs past MaxCookiePorts
 	cookieFailures       atomic.Uint64 // cookie listeners that could not open
 	cookieConns          atomic.Uint64 // connections cookies completed
+	synRetransHeld       atomic.Uint64 // see noteSYN
 	fragmentsIn          atomic.Uint64
 	readBatches          atomic.Uint64 // dev.Read calls that returned packets
 	writeBatches         atomic.Uint64 // dev.Write calls
@@ -258,7 +259,7 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		outputDone: make(chan struct{}),
 	}
 	s.pending.m = make(map[stack.TransportEndpointID]*TCPRequest)
-	s.handshakes = new(handshakeCounts)
+	s.handshakes = newHandshakeCounts()
 	s.cookies.m = make(map[uint16]*cookieListener)
 	s.cookies.stop = make(chan struct{})
 	s.link = newLinkEndpoint(uint32(cfg.MTU), cfg.QueueLen, &s.stats)
@@ -452,7 +453,10 @@ func (s *Stack) runInput() {
 			}
 			if info.pureSYN() {
 				s.reopenTimeWait(&info)
-				s.noteSYN(&info)
+				if s.noteSYN(&info) {
+					s.stats.synRetransHeld.Add(1)
+					continue
+				}
 			} else if info.rst() {
 				s.pending.abandon(&info, &s.stats)
 			}
@@ -499,13 +503,7 @@ func (c *countingDispatcher) DeliverNetworkPacket(p tcpip.NetworkProtocolNumber,
 // connection's sequence numbers; a client in SYN-SENT ignores it because it
 // does not acknowledge the new SYN (RFC 793 p. 66-67).
 func (s *Stack) reopenTimeWait(p *packetInfo) {
-	id := stack.TransportEndpointID{
-		LocalPort:     p.dstPort,
-		LocalAddress:  p.dstAddr,
-		RemotePort:    p.srcPort,
-		RemoteAddress: p.srcAddr,
-	}
-	if abortTimeWait(s.stack, p.proto, id) {
+	if abortTimeWait(s.stack, p.proto, p.endpointID()) {
 		s.stats.timeWaitReopened.Add(1)
 	}
 }
@@ -756,6 +754,9 @@ type Stats struct {
 	CookiePortsOverflow                uint64
 	CookieListenerFailures             uint64
 	CookieConns                        uint64
+	// CookieSYNRetransHeld counts SYN retransmissions of handshakes pending
+	// on the dial-first path that were kept from a cookie listener.
+	CookieSYNRetransHeld uint64
 	// gVisor's cookie counters: SYN-ACKs with a cookie sent, ACKs with a
 	// valid and an invalid cookie, and SYNs or ACKs dropped because a cookie
 	// listener's accept queue was full.
@@ -817,6 +818,7 @@ func (s *Stack) Stats() Stats {
 		CookiePortsOverflow:    c.cookieOverflow.Load(),
 		CookieListenerFailures: c.cookieFailures.Load(),
 		CookieConns:            c.cookieConns.Load(),
+		CookieSYNRetransHeld:   c.synRetransHeld.Load(),
 		SynCookiesSent:         gs.TCP.ListenOverflowSynCookieSent.Value(),
 		SynCookiesValid:        gs.TCP.ListenOverflowSynCookieRcvd.Value(),
 		SynCookiesInvalid:      gs.TCP.ListenOverflowInvalidSynCookieRcvd.Value(),

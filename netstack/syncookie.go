@@ -36,21 +36,43 @@ import (
 // paths while a port is under attack).
 
 // handshakeCounts counts pending handshakes (forwarder requests from their
-// SYN until the handshake completed or failed) per local port and in total.
-// An array, not a map: the input pump reads it for every SYN without a lock.
+// SYN until the handshake completed or failed) per local port and in total,
+// and knows their 4-tuples. The counts are an array, not a map: the input
+// pump reads them for every SYN without a lock.
 type handshakeCounts struct {
 	total atomic.Int32
 	port  [1 << 16]atomic.Int32
+
+	mu sync.Mutex
+	// mu guards ids.
+	ids map[stack.TransportEndpointID]struct{}
 }
 
-func (h *handshakeCounts) start(port uint16) {
+func newHandshakeCounts() *handshakeCounts {
+	return &handshakeCounts{ids: make(map[stack.TransportEndpointID]struct{})}
+}
+
+func (h *handshakeCounts) start(id stack.TransportEndpointID) {
 	h.total.Add(1)
-	h.port[port].Add(1)
+	h.port[id.LocalPort].Add(1)
+	h.mu.Lock()
+	h.ids[id] = struct{}{}
+	h.mu.Unlock()
 }
 
-func (h *handshakeCounts) done(port uint16) {
+func (h *handshakeCounts) done(id stack.TransportEndpointID) {
+	h.mu.Lock()
+	delete(h.ids, id)
+	h.mu.Unlock()
 	h.total.Add(-1)
-	h.port[port].Add(-1)
+	h.port[id.LocalPort].Add(-1)
+}
+
+func (h *handshakeCounts) pending(id stack.TransportEndpointID) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	_, ok := h.ids[id]
+	return ok
 }
 
 // cookieBacklog is each cookie listener's accept queue; runCookieAccept
@@ -87,10 +109,14 @@ func (s *Stack) cookieMode() bool {
 // noteSYN is called by the input pump for every pure SYN before it is
 // injected: it refreshes a cookie port's activity, or switches the port to
 // cookie mode when its (or all) pending handshakes reached the threshold,
-// so that this SYN already gets a cookie.
-func (s *Stack) noteSYN(p *packetInfo) {
+// so that this SYN already gets a cookie. It reports whether to drop the
+// SYN: a retransmission of a handshake still pending on the dial-first path
+// (tcp.Forwarder ignores those) must not reach the cookie listener, whose
+// connection would then race the forwarder's for the 4-tuple and reset the
+// client.
+func (s *Stack) noteSYN(p *packetInfo) (drop bool) {
 	if !s.cookieMode() {
-		return
+		return false
 	}
 	port := p.dstPort
 	if s.cookies.n.Load() > 0 {
@@ -99,14 +125,15 @@ func (s *Stack) noteSYN(p *packetInfo) {
 		s.cookies.mu.Unlock()
 		if l != nil {
 			l.lastSYN.Store(time.Now().UnixNano())
-			return
+			return s.handshakes.pending(p.endpointID())
 		}
 	}
 	t := &s.cfg.TCP
 	if int(s.handshakes.port[port].Load()) < t.CookiePortThreshold && int(s.handshakes.total.Load()) < t.CookieTotalThreshold {
-		return
+		return false
 	}
 	s.enterCookieMode(port)
+	return s.handshakes.pending(p.endpointID())
 }
 
 // enterCookieMode opens port's cookie listeners, unless MaxCookiePorts are

@@ -529,3 +529,39 @@ func TestCookieRejectResets(t *testing.T) {
 		t.Fatalf("TCPRejected %d, CookieConns %d; want 1 and 1", st.TCPRejected, st.CookieConns)
 	}
 }
+
+// TestCookieModeSparesPendingHandshake: a client whose dial-first handshake
+// is still pending when its port switches to cookies retransmits its SYN;
+// that SYN must not get a cookie (the cookie connection would race the
+// pending one for the 4-tuple and the client would be reset).
+func TestCookieModeSparesPendingHandshake(t *testing.T) {
+	target := newHeldTarget(t)
+	fw := &forward{targets: map[uint16]string{80: target.addr}}
+	gate := make(chan struct{})
+	var once sync.Once
+	open := func() { once.Do(func() { close(gate) }) }
+	rig := newFloodRig(t, Config{TCP: TCPConfig{
+		HandshakeTimeout:    5 * time.Second,
+		CookiePortThreshold: 2,
+	}}, funcHandler{tcp: func(r *TCPRequest) {
+		if r.Src.Addr() == clientPrefix4.Addr() {
+			<-gate // a slow dial
+		}
+		fw.handle(r)
+	}})
+	t.Cleanup(open)
+	port := netip.MustParseAddrPort("10.0.0.2:80")
+	done := make(chan error, 1)
+	go func() { done <- rig.echoOnce(testContext(t), port, "pending through the switch") }()
+	waitUntil(t, "the client's handshake pending", func() bool { return rig.server.Stats().TCPHandshakesPending == 1 })
+	rig.engage(t, rand.New(rand.NewPCG(11, 12)), port, 2)
+	// The client retransmits its SYN after about a second.
+	waitUntil(t, "the client's SYN retransmission held", func() bool { return rig.server.Stats().CookieSYNRetransHeld > 0 })
+	open()
+	if err := <-done; err != nil {
+		t.Fatalf("client whose handshake was pending when cookies came on: %v", err)
+	}
+	if est, seen := fw.established4(t, clientPrefix4.Addr()); !seen || est {
+		t.Fatalf("client request seen %v, established %v; want only the dial-first request", seen, est)
+	}
+}

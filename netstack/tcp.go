@@ -154,7 +154,7 @@ func (r *TCPRequest) netProto() tcpip.NetworkProtocolNumber {
 // endHandshake stops counting r as a pending handshake (once).
 func (r *TCPRequest) endHandshake() {
 	if r.inHandshake.CompareAndSwap(true, false) {
-		r.s.handshakes.done(r.id.LocalPort)
+		r.s.handshakes.done(r.id)
 	}
 }
 
@@ -204,7 +204,7 @@ func (s *Stack) forwardTCP(fr *tcp.ForwarderRequest) {
 	r.ctx, r.abandon = context.WithCancel(context.Background())
 	s.stats.tcpRequests.Add(1)
 	r.inHandshake.Store(true)
-	s.handshakes.start(id.LocalPort)
+	s.handshakes.start(id)
 	s.pending.add(r)
 	defer r.Reject() // no-op if the handler answered
 	s.handler.HandleTCP(r)
@@ -257,12 +257,7 @@ func (p *pendingRequests) abandon(info *packetInfo, c *counters) {
 	if p.n.Load() == 0 {
 		return
 	}
-	id := stack.TransportEndpointID{
-		LocalPort:     info.dstPort,
-		LocalAddress:  info.dstAddr,
-		RemotePort:    info.srcPort,
-		RemoteAddress: info.srcAddr,
-	}
+	id := info.endpointID()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if r, ok := p.m[id]; ok {
