@@ -219,11 +219,14 @@ type counters struct {
 	cookieConns          atomic.Uint64 // connections cookies completed
 	synRetransHeld       atomic.Uint64 // see noteSYN
 	fragmentsIn          atomic.Uint64
-	readBatches          atomic.Uint64 // dev.Read calls that returned packets
-	writeBatches         atomic.Uint64 // dev.Write calls
-	readErrors           atomic.Uint64
-	writeErrors          atomic.Uint64
-	invalid              [numDropReasons]atomic.Uint64
+	// lateTCPChecksum counts SYNs with a bad checksum dropped after
+	// injection (synChecksumValid); reported in Invalid.TCPChecksum.
+	lateTCPChecksum atomic.Uint64
+	readBatches     atomic.Uint64 // dev.Read calls that returned packets
+	writeBatches    atomic.Uint64 // dev.Write calls
+	readErrors      atomic.Uint64
+	writeErrors     atomic.Uint64
+	invalid         [numDropReasons]atomic.Uint64
 }
 
 // New builds a Stack on dev and starts its input and output pumps. The Stack
@@ -364,7 +367,7 @@ func (s *Stack) configure() error {
 	fwd := tcp.NewForwarder(st, defaultBufDefault, t.MaxInFlight, s.forwardTCP)
 	st.SetTransportProtocolHandler(tcp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
 		if !s.synChecksumValid(id, pkt) {
-			s.stats.invalid[dropTCPChecksum].Add(1)
+			s.stats.lateTCPChecksum.Add(1)
 			return true // dropped: no RST, no request
 		}
 		return fwd.HandlePacket(id, pkt)
@@ -781,7 +784,7 @@ func (s *Stack) Stats() Stats {
 	in := c.packetsIn.Load()
 	gs := s.stack.Stats()
 	fullWaits, direct := s.link.q.counts()
-	injected := in - c.udpFastPath.Load() - c.invalidTotal()
+	injected := in - c.udpFastPath.Load() - c.invalidTotal() - c.synRetransHeld.Load()
 	coalesced := uint64(0)
 	if d := c.groDelivered.Load(); injected > d {
 		coalesced = injected - d
@@ -831,7 +834,7 @@ func (s *Stack) Stats() Stats {
 			IPChecksum:  c.invalid[dropIPChecksum].Load(),
 			UDPHeader:   c.invalid[dropUDPHeader].Load(),
 			UDPChecksum: c.invalid[dropUDPChecksum].Load(),
-			TCPChecksum: c.invalid[dropTCPChecksum].Load(),
+			TCPChecksum: c.invalid[dropTCPChecksum].Load() + c.lateTCPChecksum.Load(),
 		},
 	}
 }

@@ -122,26 +122,25 @@ func (r *TCPRequest) Accept() (net.Conn, error) {
 // CreateEndpoint blocked all along (and the handler's target connection
 // open); aborting the SYN-RCVD endpoint makes CreateEndpoint return now.
 // The endpoint is found the way abortTimeWait finds one. If it is not
-// registered yet (CreateEndpoint has not got that far), look again shortly.
+// registered yet (CreateEndpoint has not got that far) or not in SYN-RCVD
+// (another endpoint of the 4-tuple, or one that completed just now and
+// CreateEndpoint is about to return), look again shortly.
 func (r *TCPRequest) expireHandshake() {
 	if r.handshakeOver.Load() {
 		return
 	}
 	te := r.s.stack.FindTransportEndpoint(r.netProto(), tcp.ProtocolNumber, r.id, nicID)
 	ep, ok := te.(*tcp.Endpoint)
-	if !ok {
+	if !ok || tcp.EndpointState(ep.State()) != tcp.StateSynRecv {
 		time.AfterFunc(handshakeRecheck, r.expireHandshake)
 		return
-	}
-	if tcp.EndpointState(ep.State()) != tcp.StateSynRecv {
-		return // completed (or failed) meanwhile
 	}
 	r.timedOut.Store(true)
 	ep.Abort()
 }
 
 // handshakeRecheck is how soon expireHandshake looks again for an endpoint
-// that is not registered yet.
+// it could not abort yet.
 const handshakeRecheck = 20 * time.Millisecond
 
 func (r *TCPRequest) netProto() tcpip.NetworkProtocolNumber {
