@@ -281,14 +281,18 @@ func (r *floodRig) engage(t *testing.T, rng *rand.Rand, dst netip.AddrPort, thre
 		return st.CookieModeEntries > before.CookieModeEntries || st.CookiePortsOverflow > before.CookiePortsOverflow
 	}
 	r.flood(t, rng, dst, threshold)
-	// A SYN of the burst may already find the first ones pending.
-	waitUntil(t, "handshakes pending", func() bool {
-		return switched() || r.server.Stats().TCPHandshakesPending >= before.TCPHandshakesPending+uint64(threshold)
-	})
-	if !switched() {
+	// One more SYN at a time until one finds enough pending (a SYN of the
+	// burst may already have); bounded.
+	for i := 0; !switched(); i++ {
+		if i == 100 {
+			t.Fatalf("port %d not switched after %d SYNs; stats %+v", dst.Port(), threshold+i, r.server.Stats())
+		}
 		r.flood(t, rng, dst, 1)
+		deadline := time.Now().Add(100 * time.Millisecond)
+		for !switched() && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
 	}
-	waitUntil(t, fmt.Sprintf("port %d in cookie mode or over the cap", dst.Port()), switched)
 }
 
 // echoOnce dials dst from the real client, sends msg and expects it back.
