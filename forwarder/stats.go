@@ -26,6 +26,7 @@ const (
 	refusedSourceRate
 	refusedDialFailed
 	refusedShuttingDown
+	refusedHandshakeTimeout
 	numRefusals
 )
 
@@ -45,6 +46,9 @@ var refusalNames = [numRefusals]string{
 	refusedSourceRate:      "over_limit_rate_per_source",
 	refusedDialFailed:      "dial_failed",
 	refusedShuttingDown:    "shutting_down",
+	// The target was dialed but the client never completed its handshake
+	// (e.g. a spoofed SYN); the target connection was closed at once.
+	refusedHandshakeTimeout: "handshake_timeout",
 }
 
 func (r refusal) String() string { return refusalNames[r] }

@@ -16,9 +16,14 @@ import (
 // TCPAttempt is a client's connection attempt that waits for natbox's answer
 // (netstack.TCPRequest is one).
 type TCPAttempt interface {
-	// Accept completes the client's handshake.
+	// Accept completes the client's handshake. An error with a
+	// HandshakeTimeout() bool method reporting true means the client never
+	// answered (a vanished client or a spoofed SYN). If the handshake was
+	// already complete (SYN cookies under a flood), Accept returns the
+	// connection at once.
 	Accept() (net.Conn, error)
-	// Reject answers with an RST.
+	// Reject answers with an RST: "connection refused" before the
+	// handshake, a reset of the connection after it.
 	Reject()
 	// Context is cancelled if the client gives up first (it sent an RST).
 	Context() context.Context
@@ -98,6 +103,15 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 	}
 	client, err := attempt.Accept()
 	if err != nil {
+		if handshakeTimedOut(err) {
+			// Most likely a spoofed SYN: its target connection goes at once
+			// (with a reset, so natbox keeps no TIME_WAIT for it).
+			closeWithReset(upstream)
+			e.releaseSlot(sl)
+			r.state.refuse(refusedHandshakeTimeout)
+			e.debugRefusal(r, conf.TCP, src, dst, refusedHandshakeTimeout, err)
+			return
+		}
 		// The client is gone (typically it reset while its handshake
 		// completed): the target must not read a clean, empty request.
 		closeWithReset(upstream)
@@ -126,6 +140,14 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 		reason = "error"
 	}
 	e.finish(s, reason, err)
+}
+
+// handshakeTimedOut reports whether err says the client never completed its
+// handshake (netstack.ErrHandshakeTimeout; forwarder does not import
+// netstack).
+func handshakeTimedOut(err error) bool {
+	var ht interface{ HandshakeTimeout() bool }
+	return errors.As(err, &ht) && ht.HandshakeTimeout()
 }
 
 // clientGone reports whether the client of a has given up.

@@ -2,9 +2,11 @@ package forwarder
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -18,6 +20,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/internal/testutil"
 )
 
 func TestTCPForwardHalfClose(t *testing.T) {
@@ -417,4 +420,55 @@ func TestSplicePipe(t *testing.T) {
 	}
 	bUser.Close()
 	wg.Wait()
+}
+
+// handshakeTimeoutError is what netstack's Accept returns when the client
+// never completed its handshake (forwarder knows it only by its method).
+type handshakeTimeoutError struct{}
+
+func (handshakeTimeoutError) Error() string          { return "client did not complete the handshake" }
+func (handshakeTimeoutError) HandshakeTimeout() bool { return true }
+
+// silentClient is a TCPAttempt whose client never answers the SYN-ACK.
+type silentClient struct{ rejected chan struct{} }
+
+func (a silentClient) Accept() (net.Conn, error) {
+	return nil, fmt.Errorf("accept: %w", handshakeTimeoutError{})
+}
+func (a silentClient) Reject()                  { close(a.rejected) }
+func (a silentClient) Context() context.Context { return context.Background() }
+
+// TestTCPHandshakeTimeout: when the client never completes its handshake
+// after the target was dialed, the target connection is closed at once and
+// the mapping counts handshake_timeout (not dial_failed).
+func TestTCPHandshakeTimeout(t *testing.T) {
+	t.Parallel()
+	closed := make(chan struct{}, 1)
+	target := testutil.ServeTCP(t, "127.0.0.1:0", func(c *net.TCPConn) {
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		// natbox resets the unused connection (no TIME_WAIT kept for a
+		// spoofed SYN): the target reads a reset.
+		if _, err := c.Read(make([]byte, 1)); errors.Is(err, syscall.ECONNRESET) {
+			closed <- struct{}{}
+		}
+	})
+	cfg := config(mapping("web", conf.TCP, "80", target.String()))
+	cfg.Limits.MaxSessions = 1
+	e := newEngine(t, cfg, Options{})
+	a := silentClient{rejected: make(chan struct{})}
+	e.HandleTCP(newIngress(conf.IngressTUN), netip.MustParseAddrPort("192.0.2.9:1000"), netip.MustParseAddrPort("198.51.100.1:80"), a)
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the target connection was not closed after the handshake timed out")
+	}
+	ms := mappingStatus(t, e, "web")
+	if ms.Refusals["handshake_timeout"] != 1 || ms.Refusals["dial_failed"] != 0 || ms.SessionsOpened != 0 {
+		t.Fatalf("status = %+v; want one handshake_timeout refusal and no session", ms)
+	}
+	// The session slot is free again: a real client gets through.
+	f := startTCP(t, e, newIngress(conf.IngressTUN), "192.0.2.10:1000", "198.51.100.1:80")
+	if got := f.wait(t); got != "accepted" {
+		t.Fatalf("next flow %s, want accepted (slot leaked)", got)
+	}
 }

@@ -26,7 +26,11 @@ func TestTCPChurnTimeWait(t *testing.T) {
 	)
 	// 5k under -race: each of the 2000 ports is still reused 2-3 times.
 	total := testutil.ChurnCount(t, "NETSTACK_CHURN_CONNS", 100_000, 5_000, raceEnabled)
-	client, server := newPair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+	// The trap is tcp.Forwarder's (no listener to take the SYN), so SYN
+	// cookies stay off: 64 workers keep enough handshakes pending to switch
+	// the port to cookie mode, and its listener would take those SYNs.
+	cfg := Config{TCP: TCPConfig{CookiePortThreshold: -1}}
+	client, server := newPairConfig(t, cfg, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
 		c, err := r.Accept()
 		if err != nil {
 			return
@@ -73,7 +77,11 @@ func churnOnce(ctx context.Context, client *Stack, src, dst netip.AddrPort) erro
 // own address and port, and may close first, leaving its endpoint in
 // TIME_WAIT; the client's next connection from the same port must still dial.
 func TestDialTCPReusesTimeWaitTuple(t *testing.T) {
-	client, server := newPair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+	// The trap is tcp.Forwarder's (no listener to take the SYN), so SYN
+	// cookies stay off: 64 workers keep enough handshakes pending to switch
+	// the port to cookie mode, and its listener would take those SYNs.
+	cfg := Config{TCP: TCPConfig{CookiePortThreshold: -1}}
+	client, server := newPairConfig(t, cfg, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
 		c, err := r.Accept()
 		if err != nil {
 			return

@@ -15,8 +15,15 @@ import (
 // packets into it; whatever the stack sends is read and discarded.
 func rawPeer(t *testing.T, h Handler) (*Stack, tun.Device) {
 	t.Helper()
+	return rawPeerConfig(t, Config{}, h)
+}
+
+// rawPeerConfig is rawPeer with a Config (its Addresses are set here).
+func rawPeerConfig(t *testing.T, cfg Config, h Handler) (*Stack, tun.Device) {
+	t.Helper()
 	a, b := Pipe(1500)
-	s, err := New(a, Config{Addresses: []netip.Prefix{serverPrefix4}}, h, zaptest.NewLogger(t))
+	cfg.Addresses = []netip.Prefix{serverPrefix4}
+	s, err := New(a, cfg, h, zaptest.NewLogger(t))
 	if err != nil {
 		t.Fatalf("new stack: %v", err)
 	}

@@ -52,6 +52,13 @@ func (h funcHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) {
 // newPair joins a client Stack and a server Stack with a Pipe.
 func newPair(t testing.TB, client, server Handler) (c, s *Stack) {
 	t.Helper()
+	return newPairConfig(t, Config{}, client, server)
+}
+
+// newPairConfig is newPair with the server's Config (Addresses are set
+// here).
+func newPairConfig(t testing.TB, serverCfg Config, client, server Handler) (c, s *Stack) {
+	t.Helper()
 	a, b := Pipe(1500)
 	log := zap.NewNop()
 	if tt, ok := t.(*testing.T); ok {
@@ -61,7 +68,8 @@ func newPair(t testing.TB, client, server Handler) (c, s *Stack) {
 	if err != nil {
 		t.Fatalf("new client stack: %v", err)
 	}
-	s, err = New(b, Config{Addresses: []netip.Prefix{serverPrefix4, serverPrefix6}}, server, log.Named("server"))
+	serverCfg.Addresses = []netip.Prefix{serverPrefix4, serverPrefix6}
+	s, err = New(b, serverCfg, server, log.Named("server"))
 	if err != nil {
 		c.Close()
 		t.Fatalf("new server stack: %v", err)

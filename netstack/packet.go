@@ -7,6 +7,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
 // This file is the input parser: it looks at each raw IP packet read from the
@@ -53,6 +54,8 @@ type packetInfo struct {
 	proto   tcpip.NetworkProtocolNumber
 	// packet is the IP packet trimmed to its IP total length.
 	packet []byte
+	// fragment is set for IP fragments (left to gVisor's reassembly).
+	fragment bool
 
 	// UDP fast path (verdictUDP).
 	src, dst netip.AddrPort
@@ -61,6 +64,7 @@ type packetInfo struct {
 	// TCP facts (verdictInject, tcp true): addresses and ports are those of the
 	// segment, flags its TCP flags byte.
 	tcp              bool
+	tcpChecked       bool // the TCP checksum was verified (valid)
 	tcpFlags         uint8
 	srcAddr, dstAddr tcpip.Address
 	srcPort, dstPort uint16
@@ -72,15 +76,28 @@ func (p *packetInfo) pureSYN() bool {
 	return p.tcp && p.tcpFlags&(tcpFlagSYN|tcpFlagACK|tcpFlagRST) == tcpFlagSYN
 }
 
+// endpointID is the stack's view of a TCP segment's 4-tuple (local = its
+// destination).
+func (p *packetInfo) endpointID() stack.TransportEndpointID {
+	return stack.TransportEndpointID{
+		LocalPort:     p.dstPort,
+		LocalAddress:  p.dstAddr,
+		RemotePort:    p.srcPort,
+		RemoteAddress: p.srcAddr,
+	}
+}
+
 // rst reports whether the packet is a TCP RST.
 func (p *packetInfo) rst() bool { return p.tcp && p.tcpFlags&tcpFlagRST != 0 }
 
 // classify parses one raw IP packet. It validates what gVisor would otherwise
 // skip because the link advertises RX checksum offload (see linkEndpoint
-// Capabilities): the IPv4 header checksum, and the TCP checksum of segments
-// that GRO does not look at (IPv4 with options). Packets it does not
-// understand well enough (IPv6 extension headers, fragments, other protocols)
-// go to gVisor unchanged, which validates or drops them itself.
+// Capabilities; the NIC marks every inbound packet checksum-validated, so
+// gVisor checks none): the IPv4 header checksum and the checksum of every
+// TCP segment it can find (a forged SYN must not start a dial, a corrupt
+// segment must not become data). Packets it does not understand well enough
+// (other IPv6 extension headers, fragments, other protocols) go to gVisor
+// unchanged; of those, SYNs are checked in synChecksumValid.
 func classify(b []byte, p *packetInfo) {
 	*p = packetInfo{}
 	if len(b) == 0 {
@@ -115,8 +132,8 @@ func classify4(b []byte, p *packetInfo) {
 		p.verdict, p.reason = verdictDrop, dropIPChecksum
 		return
 	}
-	fragmented := binary.BigEndian.Uint16(b[6:8])&0x3fff != 0 // MF or offset
-	if fragmented {
+	if binary.BigEndian.Uint16(b[6:8])&0x3fff != 0 { // MF or offset
+		p.fragment = true
 		return // gVisor reassembles; the UDP transport handler sees the result
 	}
 	src := [4]byte(b[12:16])
@@ -130,13 +147,7 @@ func classify4(b []byte, p *packetInfo) {
 		if len(l4) < header.TCPMinimumSize {
 			return // gVisor counts it as malformed
 		}
-		// GRO validates the TCP checksum only without IP options; do it here for
-		// the rest, since the stack then trusts RXChecksumValidated.
-		if ihl != header.IPv4MinimumSize && !l4ChecksumValid(header.TCPProtocolNumber, src[:], dst[:], l4) {
-			p.verdict, p.reason = verdictDrop, dropTCPChecksum
-			return
-		}
-		p.setTCP(tcpip.AddrFrom4(src), tcpip.AddrFrom4(dst), l4)
+		p.checkTCP(tcpip.AddrFrom4(src), tcpip.AddrFrom4(dst), src[:], dst[:], l4)
 	}
 }
 
@@ -159,16 +170,54 @@ func classify6(b []byte, p *packetInfo) {
 	src := [16]byte(b[8:24])
 	dst := [16]byte(b[24:40])
 	l4 := b[header.IPv6MinimumSize:]
-	switch b[6] { // next header; extension headers go to gVisor
-	case ipProtoUDP:
+	next := b[6]
+	if next == ipProtoUDP {
 		// The UDP checksum is mandatory over IPv6 (RFC 8200 8.1).
 		p.setUDP(netip.AddrFrom16(src), netip.AddrFrom16(dst), src[:], dst[:], l4, false)
-	case ipProtoTCP:
-		if len(l4) < header.TCPMinimumSize {
+		return
+	}
+	// Skip hop-by-hop and destination options to find TCP; they change
+	// neither the final destination nor the checksum. Anything else
+	// (routing, fragments, ...) goes to gVisor as it is.
+	for next == ipv6HopByHop || next == ipv6DestOpts {
+		if len(l4) < 8 {
+			p.verdict, p.reason = verdictDrop, dropIPHeader
 			return
 		}
-		p.setTCP(tcpip.AddrFrom16(src), tcpip.AddrFrom16(dst), l4)
+		n := (int(l4[1]) + 1) * 8
+		if n > len(l4) {
+			p.verdict, p.reason = verdictDrop, dropIPHeader
+			return
+		}
+		next, l4 = l4[0], l4[n:]
 	}
+	switch next {
+	case ipv6Fragment:
+		p.fragment = true
+	case ipProtoTCP:
+		p.checkTCP(tcpip.AddrFrom16(src), tcpip.AddrFrom16(dst), src[:], dst[:], l4)
+	}
+}
+
+// IPv6 extension header numbers classify6 knows.
+const (
+	ipv6HopByHop = 0
+	ipv6DestOpts = 60
+	ipv6Fragment = 44
+)
+
+// checkTCP verifies the TCP segment l4's checksum and records its facts; a
+// segment too short for a header is left to gVisor, which drops it.
+func (p *packetInfo) checkTCP(src, dst tcpip.Address, srcB, dstB, l4 []byte) {
+	if len(l4) < header.TCPMinimumSize {
+		return
+	}
+	if !l4ChecksumValid(header.TCPProtocolNumber, srcB, dstB, l4) {
+		p.verdict, p.reason = verdictDrop, dropTCPChecksum
+		return
+	}
+	p.tcpChecked = true
+	p.setTCP(src, dst, l4)
 }
 
 // setUDP classifies the UDP datagram l4 between src and dst (srcB and dstB

@@ -66,6 +66,25 @@ type TCPConfig struct {
 	// 8192); SYNs beyond it are dropped by gVisor and counted in
 	// Stats.TCPInFlightDrops. Admission budgets belong to the forwarder.
 	MaxInFlight int
+	// HandshakeTimeout bounds how long TCPRequest.Accept waits for the
+	// client's ACK after sending the SYN-ACK (default 3 s: room for two
+	// retransmits). A client that never answers (a spoofed SYN) makes Accept
+	// fail with ErrHandshakeTimeout, so the handler releases the target
+	// connection it dialed first; gVisor alone would wait about 2 minutes.
+	HandshakeTimeout time.Duration
+	// CookiePortThreshold and CookieTotalThreshold switch a port to SYN
+	// cookies (see syncookie.go): a SYN that finds this many handshakes
+	// pending on its port (default 64) or in total (default 512) opens a
+	// cookie listener on the port, and from then on its handshakes complete
+	// before the Handler is called. Negative disables cookie mode.
+	CookiePortThreshold  int
+	CookieTotalThreshold int
+	// MaxCookiePorts caps the ports in cookie mode at once (default 1024);
+	// beyond it SYNs take the normal path (Stats.CookiePortsOverflow).
+	MaxCookiePorts int
+	// CookieIdle is how long a cookie port must see no SYN, and no
+	// pressure, before it leaves cookie mode (default 10 s).
+	CookieIdle time.Duration
 }
 
 // Defaults.
@@ -78,6 +97,11 @@ const (
 	defaultKeepaliveIdle     = 60 * time.Second
 	defaultKeepaliveInterval = 15 * time.Second
 	defaultMaxInFlight       = 8192
+	defaultHandshakeTimeout  = 3 * time.Second
+	defaultCookiePort        = 64
+	defaultCookieTotal       = 512
+	defaultMaxCookiePorts    = 1024
+	defaultCookieIdle        = 10 * time.Second
 	nicID                    = tcpip.NICID(1)
 	// flushTimeout bounds how long Close waits for the outward queue to drain.
 	flushTimeout = 2 * time.Second
@@ -103,15 +127,31 @@ func (c *Config) applyDefaults() {
 	if t.MaxInFlight == 0 {
 		t.MaxInFlight = defaultMaxInFlight
 	}
+	if t.HandshakeTimeout <= 0 {
+		t.HandshakeTimeout = defaultHandshakeTimeout
+	}
+	if t.CookiePortThreshold == 0 {
+		t.CookiePortThreshold = defaultCookiePort
+	}
+	if t.CookieTotalThreshold == 0 {
+		t.CookieTotalThreshold = defaultCookieTotal
+	}
+	if t.MaxCookiePorts <= 0 {
+		t.MaxCookiePorts = defaultMaxCookiePorts
+	}
+	if t.CookieIdle <= 0 {
+		t.CookieIdle = defaultCookieIdle
+	}
 }
 
 // Handler receives the flows a Stack terminates.
 type Handler interface {
 	// HandleTCP is called on its own goroutine for each new connection
-	// attempt. Exactly one of r.Accept or r.Reject must be called before
-	// HandleTCP returns (if neither was, the request is rejected). Stack.Close
-	// waits for HandleTCP calls to return; conns from Accept fail once the
-	// stack closes.
+	// attempt: a SYN, or, on a port in SYN-cookie mode, a connection whose
+	// handshake a cookie completed (r.Established). Exactly one of r.Accept
+	// or r.Reject must be called before HandleTCP returns (if neither was,
+	// the request is rejected). Stack.Close waits for HandleTCP calls to
+	// return; conns from Accept fail once the stack closes.
 	HandleTCP(r *TCPRequest)
 	// HandleUDP is called on the packet path for each datagram; it must not
 	// block. payload is valid only during the call.
@@ -148,7 +188,9 @@ type Stack struct {
 	admitClosed bool
 	handlers    sync.WaitGroup
 
-	pending pendingRequests
+	pending    pendingRequests
+	handshakes *handshakeCounts
+	cookies    cookiePorts
 
 	directBufs [1][]byte // writeDirect's batch; used by one writer at a time
 
@@ -169,11 +211,22 @@ type counters struct {
 	timeWaitReopened     atomic.Uint64
 	abandoned            atomic.Uint64
 	oversize             atomic.Uint64
-	readBatches          atomic.Uint64 // dev.Read calls that returned packets
-	writeBatches         atomic.Uint64 // dev.Write calls
-	readErrors           atomic.Uint64
-	writeErrors          atomic.Uint64
-	invalid              [numDropReasons]atomic.Uint64
+	handshakeTimeouts    atomic.Uint64
+	cookieEntries        atomic.Uint64 // ports switched to cookie mode
+	cookieExits          atomic.Uint64
+	cookieOverflow       atomic.Uint64 // SYNs past MaxCookiePorts
+	cookieFailures       atomic.Uint64 // cookie listeners that could not open
+	cookieConns          atomic.Uint64 // connections cookies completed
+	synRetransHeld       atomic.Uint64 // see noteSYN
+	fragmentsIn          atomic.Uint64
+	// lateTCPChecksum counts SYNs with a bad checksum dropped after
+	// injection (synChecksumValid); reported in Invalid.TCPChecksum.
+	lateTCPChecksum atomic.Uint64
+	readBatches     atomic.Uint64 // dev.Read calls that returned packets
+	writeBatches    atomic.Uint64 // dev.Write calls
+	readErrors      atomic.Uint64
+	writeErrors     atomic.Uint64
+	invalid         [numDropReasons]atomic.Uint64
 }
 
 // New builds a Stack on dev and starts its input and output pumps. The Stack
@@ -209,6 +262,9 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		outputDone: make(chan struct{}),
 	}
 	s.pending.m = make(map[stack.TransportEndpointID]*TCPRequest)
+	s.handshakes = newHandshakeCounts()
+	s.cookies.m = make(map[uint16]*cookieListener)
+	s.cookies.stop = make(chan struct{})
 	s.link = newLinkEndpoint(uint32(cfg.MTU), cfg.QueueLen, &s.stats)
 	if _, isPipe := dev.(*pipeEnd); !isPipe && directWrites {
 		// Not on a Pipe: its Write waits for the reader, which may be a
@@ -234,6 +290,8 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 	}
 	go s.runOutput()
 	go s.runInput()
+	s.cookies.wg.Add(1)
+	go s.runCookieSweep()
 	log.Info("netstack started", zap.Int("mtu", cfg.MTU), zap.Int("batch", dev.BatchSize()))
 	return s, nil
 }
@@ -260,6 +318,10 @@ func (s *Stack) configure() error {
 		// Receive-buffer moderation: every read goes through gonet, which
 		// calls ModerateRecvBuf, so the window follows the reader.
 		{"receive buffer moderation", ptr(tcpip.TCPModerateReceiveBufferOption(true))},
+		// The only listening endpoints are the SYN-cookie ones (syncookie.go):
+		// they must answer every SYN with a cookie and keep no state.
+		// tcp.Forwarder does not look at this option.
+		{"always use syn cookies", ptr(tcpip.TCPAlwaysUseSynCookies(true))},
 	}
 	if t.TimeWait > 0 {
 		tcpOpts = append(tcpOpts, struct {
@@ -303,7 +365,13 @@ func (s *Stack) configure() error {
 		{Destination: header.IPv6EmptySubnet, NIC: nicID},
 	})
 	fwd := tcp.NewForwarder(st, defaultBufDefault, t.MaxInFlight, s.forwardTCP)
-	st.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
+	st.SetTransportProtocolHandler(tcp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+		if !s.synChecksumValid(id, pkt) {
+			s.stats.lateTCPChecksum.Add(1)
+			return true // dropped: no RST, no request
+		}
+		return fwd.HandlePacket(id, pkt)
+	})
 	st.SetTransportProtocolHandler(udp.ProtocolNumber, s.handleReassembledUDP)
 	return nil
 }
@@ -383,8 +451,15 @@ func (s *Stack) runInput() {
 			if info.packet != nil {
 				pkt = info.packet // trimmed to the IP length
 			}
+			if info.fragment {
+				s.stats.fragmentsIn.Add(1)
+			}
 			if info.pureSYN() {
 				s.reopenTimeWait(&info)
+				if s.noteSYN(&info) {
+					s.stats.synRetransHeld.Add(1)
+					continue
+				}
 			} else if info.rst() {
 				s.pending.abandon(&info, &s.stats)
 			}
@@ -395,6 +470,9 @@ func (s *Stack) runInput() {
 			bufs[i] = views[i].AsSlice()
 			pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithView(v)})
 			pb.NetworkProtocolNumber = info.proto
+			// classify verified the TCP checksum: GRO need not again. (The
+			// NIC marks every packet validated anyway, see Capabilities.)
+			pb.RXChecksumValidated = info.tcpChecked
 			g.Enqueue(pb)
 			pb.DecRef()
 		}
@@ -428,15 +506,23 @@ func (c *countingDispatcher) DeliverNetworkPacket(p tcpip.NetworkProtocolNumber,
 // connection's sequence numbers; a client in SYN-SENT ignores it because it
 // does not acknowledge the new SYN (RFC 793 p. 66-67).
 func (s *Stack) reopenTimeWait(p *packetInfo) {
-	id := stack.TransportEndpointID{
-		LocalPort:     p.dstPort,
-		LocalAddress:  p.dstAddr,
-		RemotePort:    p.srcPort,
-		RemoteAddress: p.srcAddr,
-	}
-	if abortTimeWait(s.stack, p.proto, id) {
+	if abortTimeWait(s.stack, p.proto, p.endpointID()) {
 		s.stats.timeWaitReopened.Add(1)
 	}
+}
+
+// synChecksumValid reports whether pkt, a segment no endpoint took, is not a
+// SYN with a wrong checksum. classify checks TCP checksums before gVisor
+// does (gVisor trusts them: the link advertises RX checksum offload), but
+// not those of segments in IP fragments or behind IPv6 extension headers
+// other than hop-by-hop and destination options; a corrupt or forged SYN
+// among those must not start a dial either.
+func (s *Stack) synChecksumValid(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+	hdr := header.TCP(pkt.TransportHeader().Slice())
+	if len(hdr) < header.TCPMinimumSize || hdr.Flags()&header.TCPFlagSyn == 0 {
+		return true
+	}
+	return hdr.IsChecksumValid(id.RemoteAddress, id.LocalAddress, pkt.Data().Checksum(), uint16(pkt.Data().Size()))
 }
 
 // abortTimeWait aborts the endpoint registered for id if it is in TIME_WAIT.
@@ -658,6 +744,35 @@ type Stats struct {
 	// Oversize counts outbound packets larger than the MTU (a bug if > 0).
 	Oversize uint64
 	Invalid  InvalidStats
+
+	// TCPHandshakeTimeouts counts Accepts that failed with
+	// ErrHandshakeTimeout; TCPHandshakesPending is the number of requests
+	// between SYN and a completed or failed handshake (a gauge).
+	TCPHandshakeTimeouts uint64
+	TCPHandshakesPending uint64
+	// SYN-cookie mode (syncookie.go): ports switched to it and back, ports in
+	// it now (a gauge), SYNs that would have switched a port past
+	// MaxCookiePorts, listeners that failed to open, and connections that
+	// cookies completed and handed to the Handler.
+	CookieModeEntries, CookieModeExits uint64
+	CookiePortsActive                  uint64
+	CookiePortsOverflow                uint64
+	CookieListenerFailures             uint64
+	CookieConns                        uint64
+	// CookieSYNRetransHeld counts SYN retransmissions of handshakes pending
+	// on the dial-first path that were kept from a cookie listener.
+	CookieSYNRetransHeld uint64
+	// gVisor's cookie counters: SYN-ACKs with a cookie sent, ACKs with a
+	// valid and an invalid cookie, and SYNs or ACKs dropped because a cookie
+	// listener's accept queue was full.
+	SynCookiesSent, SynCookiesValid, SynCookiesInvalid uint64
+	SynCookieQueueDrops                                uint64
+	// IP reassembly, bounded by gVisor (4 MiB of fragments per IP version;
+	// incomplete datagrams dropped after 30 s for IPv4, 60 s for IPv6;
+	// neither is settable through its API): fragments read, fragments
+	// dropped as malformed or overlapping, and reassembly timeouts that
+	// produced an ICMP time-exceeded (those whose first fragment arrived).
+	IPFragmentsIn, IPFragmentsMalformed, IPReassemblyTimeouts uint64
 }
 
 // InvalidStats counts inbound packets dropped as malformed, by reason.
@@ -671,7 +786,7 @@ func (s *Stack) Stats() Stats {
 	in := c.packetsIn.Load()
 	gs := s.stack.Stats()
 	fullWaits, direct := s.link.q.counts()
-	injected := in - c.udpFastPath.Load() - c.invalidTotal()
+	injected := in - c.udpFastPath.Load() - c.invalidTotal() - c.synRetransHeld.Load()
 	coalesced := uint64(0)
 	if d := c.groDelivered.Load(); injected > d {
 		coalesced = injected - d
@@ -699,12 +814,29 @@ func (s *Stack) Stats() Stats {
 		ReadErrors:       c.readErrors.Load(),
 		WriteErrors:      c.writeErrors.Load(),
 		Oversize:         c.oversize.Load(),
+
+		TCPHandshakeTimeouts:   c.handshakeTimeouts.Load(),
+		TCPHandshakesPending:   uint64(max(s.handshakes.total.Load(), 0)),
+		CookieModeEntries:      c.cookieEntries.Load(),
+		CookieModeExits:        c.cookieExits.Load(),
+		CookiePortsActive:      uint64(s.cookies.n.Load()),
+		CookiePortsOverflow:    c.cookieOverflow.Load(),
+		CookieListenerFailures: c.cookieFailures.Load(),
+		CookieConns:            c.cookieConns.Load(),
+		CookieSYNRetransHeld:   c.synRetransHeld.Load(),
+		SynCookiesSent:         gs.TCP.ListenOverflowSynCookieSent.Value(),
+		SynCookiesValid:        gs.TCP.ListenOverflowSynCookieRcvd.Value(),
+		SynCookiesInvalid:      gs.TCP.ListenOverflowInvalidSynCookieRcvd.Value(),
+		SynCookieQueueDrops:    gs.TCP.ListenOverflowSynDrop.Value() + gs.TCP.ListenOverflowAckDrop.Value(),
+		IPFragmentsIn:          c.fragmentsIn.Load(),
+		IPFragmentsMalformed:   gs.IP.MalformedFragmentsReceived.Value(),
+		IPReassemblyTimeouts:   gs.ICMP.V4.PacketsSent.TimeExceeded.Value() + gs.ICMP.V6.PacketsSent.TimeExceeded.Value(),
 		Invalid: InvalidStats{
 			IPHeader:    c.invalid[dropIPHeader].Load(),
 			IPChecksum:  c.invalid[dropIPChecksum].Load(),
 			UDPHeader:   c.invalid[dropUDPHeader].Load(),
 			UDPChecksum: c.invalid[dropUDPChecksum].Load(),
-			TCPChecksum: c.invalid[dropTCPChecksum].Load(),
+			TCPChecksum: c.invalid[dropTCPChecksum].Load() + c.lateTCPChecksum.Load(),
 		},
 	}
 }
@@ -729,6 +861,7 @@ func (s *Stack) Close() error {
 		s.admitClosed = true
 		s.admitMu.Unlock()
 		s.pending.closeAll()
+		s.closeCookies()
 
 		s.stack.Close()
 		s.stack.Wait()

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
@@ -18,44 +19,90 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 )
 
-// TCPRequest is a client's connection attempt (its SYN), handed to
-// Handler.HandleTCP before the handshake completes, so the handler can dial
-// the target first and answer with Accept or Reject.
+// TCPRequest is a client's connection attempt, handed to Handler.HandleTCP.
+// Normally it is a bare SYN: the handshake is still to be done, so the
+// handler can dial the target first and answer with Accept or Reject. On a
+// port in SYN-cookie mode (see TCPConfig.CookiePortThreshold) it arrives with
+// the handshake already completed (Established): Accept then returns the
+// connection at once and Reject resets it.
 type TCPRequest struct {
 	// Src is the client, Dst the address it connects to.
 	Src, Dst netip.AddrPort
 
 	s  *Stack
-	fr *tcp.ForwarderRequest
+	fr *tcp.ForwarderRequest // nil when established
 	id stack.TransportEndpointID
+	// est is the connection a cookie listener accepted (handshake done).
+	est *tcpConn
 	// ctx is cancelled by pendingRequests when the client gives up; a
 	// context (not a bare channel) lets a handler tie a dial to it with
 	// context.AfterFunc, without a goroutine per request.
 	ctx     context.Context
 	abandon context.CancelFunc
 	done    atomic.Bool // Accept or Reject was called
+	// inHandshake is set while the request counts as a pending handshake
+	// (from the SYN until the handshake completed or failed).
+	inHandshake atomic.Bool
+	// handshakeOver is set once CreateEndpoint returned; the handshake
+	// timer stops re-arming.
+	handshakeOver atomic.Bool
+	timedOut      atomic.Bool
 }
 
 // errCompleted is returned by a second Accept.
 var errCompleted = errors.New("netstack: tcp request already accepted or rejected")
 
+// ErrHandshakeTimeout is returned (wrapped) by Accept when the client did not
+// complete the handshake within TCPConfig.HandshakeTimeout: a client that
+// went away, or a spoofed SYN. Its HandshakeTimeout method reports true, so
+// packages that may not import netstack can recognise it.
+var ErrHandshakeTimeout error = handshakeTimeoutError{}
+
+type handshakeTimeoutError struct{}
+
+func (handshakeTimeoutError) Error() string          { return "netstack: client did not complete the handshake" }
+func (handshakeTimeoutError) Timeout() bool          { return true }
+func (handshakeTimeoutError) HandshakeTimeout() bool { return true }
+
+// Established reports whether the handshake is already complete (the request
+// came through a SYN-cookie listener). A dial failure then cannot show as
+// "connection refused": Reject resets the accepted connection instead.
+func (r *TCPRequest) Established() bool { return r.est != nil }
+
 // Accept completes the handshake and returns the client connection, a
 // TCPConn. It fails if the client went away meanwhile, the stack is
-// closing, or the request was already answered.
+// closing, or the request was already answered; and with ErrHandshakeTimeout
+// if the client does not answer the SYN-ACK within TCPConfig.HandshakeTimeout.
 func (r *TCPRequest) Accept() (net.Conn, error) {
 	if !r.done.CompareAndSwap(false, true) {
 		return nil, errCompleted
 	}
 	s := r.s
 	s.pending.remove(r)
+	if r.est != nil {
+		if s.closing.Load() {
+			r.est.ep.Abort()
+			return nil, ErrClosed
+		}
+		return r.est, nil
+	}
 	if s.closing.Load() {
+		r.endHandshake()
 		r.fr.Complete(true)
 		return nil, ErrClosed
 	}
 	var wq waiter.Queue
+	t := time.AfterFunc(s.cfg.TCP.HandshakeTimeout, r.expireHandshake)
 	ep, err := r.fr.CreateEndpoint(&wq)
+	r.handshakeOver.Store(true)
+	t.Stop()
+	r.endHandshake()
 	if err != nil {
 		r.fr.Complete(true)
+		if r.timedOut.Load() {
+			s.stats.handshakeTimeouts.Add(1)
+			return nil, fmt.Errorf("netstack: accept %s -> %s: %w", r.Src, r.Dst, ErrHandshakeTimeout)
+		}
 		return nil, fmt.Errorf("netstack: accept %s -> %s: %w", r.Src, r.Dst, tcpipError(err))
 	}
 	r.fr.Complete(false)
@@ -68,14 +115,60 @@ func (r *TCPRequest) Accept() (net.Conn, error) {
 	return newTCPConn(&wq, ep), nil
 }
 
+// expireHandshake runs when HandshakeTimeout has passed since Accept sent the
+// SYN-ACK. gVisor would retransmit it for about two minutes with
+// CreateEndpoint blocked all along (and the handler's target connection
+// open); aborting the SYN-RCVD endpoint makes CreateEndpoint return now.
+// The endpoint is found the way abortTimeWait finds one. If it is not
+// registered yet (CreateEndpoint has not got that far) or not in SYN-RCVD
+// (another endpoint of the 4-tuple, or one that completed just now and
+// CreateEndpoint is about to return), look again shortly.
+func (r *TCPRequest) expireHandshake() {
+	if r.handshakeOver.Load() {
+		return
+	}
+	te := r.s.stack.FindTransportEndpoint(r.netProto(), tcp.ProtocolNumber, r.id, nicID)
+	ep, ok := te.(*tcp.Endpoint)
+	if !ok || tcp.EndpointState(ep.State()) != tcp.StateSynRecv {
+		time.AfterFunc(handshakeRecheck, r.expireHandshake)
+		return
+	}
+	r.timedOut.Store(true)
+	ep.Abort()
+}
+
+// handshakeRecheck is how soon expireHandshake looks again for an endpoint
+// it could not abort yet.
+const handshakeRecheck = 20 * time.Millisecond
+
+func (r *TCPRequest) netProto() tcpip.NetworkProtocolNumber {
+	if r.id.LocalAddress.Len() == 4 {
+		return header.IPv4ProtocolNumber
+	}
+	return header.IPv6ProtocolNumber
+}
+
+// endHandshake stops counting r as a pending handshake (once).
+func (r *TCPRequest) endHandshake() {
+	if r.inHandshake.CompareAndSwap(true, false) {
+		r.s.handshakes.done(r.id)
+	}
+}
+
 // Reject answers the connection attempt with an RST (the client sees
-// "connection refused"). A Reject after Accept is a no-op.
+// "connection refused", or a reset of the connection if it was
+// Established). A Reject after Accept is a no-op.
 func (r *TCPRequest) Reject() {
 	if !r.done.CompareAndSwap(false, true) {
 		return
 	}
 	r.s.pending.remove(r)
 	r.s.stats.tcpRejected.Add(1)
+	if r.est != nil {
+		r.est.ep.Abort() // RST: an abort, not a FIN the client would take for a clean end
+		return
+	}
+	r.endHandshake()
 	r.fr.Complete(true)
 }
 
@@ -91,14 +184,10 @@ func (r *TCPRequest) Context() context.Context { return r.ctx }
 
 // forwardTCP is the tcp.Forwarder's handler, on its own goroutine per SYN.
 func (s *Stack) forwardTCP(fr *tcp.ForwarderRequest) {
-	s.admitMu.Lock()
-	if s.admitClosed {
-		s.admitMu.Unlock()
+	if !s.admit() {
 		fr.Complete(true)
 		return
 	}
-	s.handlers.Add(1)
-	s.admitMu.Unlock()
 	defer s.handlers.Done()
 
 	id := fr.ID()
@@ -111,9 +200,23 @@ func (s *Stack) forwardTCP(fr *tcp.ForwarderRequest) {
 	}
 	r.ctx, r.abandon = context.WithCancel(context.Background())
 	s.stats.tcpRequests.Add(1)
+	r.inHandshake.Store(true)
+	s.handshakes.start(id)
 	s.pending.add(r)
 	defer r.Reject() // no-op if the handler answered
 	s.handler.HandleTCP(r)
+}
+
+// admit reports whether a new handler call may start (the Stack is not
+// closing); if so the caller owes s.handlers.Done.
+func (s *Stack) admit() bool {
+	s.admitMu.Lock()
+	defer s.admitMu.Unlock()
+	if s.admitClosed {
+		return false
+	}
+	s.handlers.Add(1)
+	return true
 }
 
 // pendingRequests tracks requests between SYN and Accept/Reject, so an RST
@@ -151,12 +254,7 @@ func (p *pendingRequests) abandon(info *packetInfo, c *counters) {
 	if p.n.Load() == 0 {
 		return
 	}
-	id := stack.TransportEndpointID{
-		LocalPort:     info.dstPort,
-		LocalAddress:  info.dstAddr,
-		RemotePort:    info.srcPort,
-		RemoteAddress: info.srcAddr,
-	}
+	id := info.endpointID()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if r, ok := p.m[id]; ok {

@@ -17,6 +17,7 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"golang.zx2c4.com/wireguard/tun"
 
 	"github.com/natbox/natbox/conf"
 	"github.com/natbox/natbox/forwarder"
@@ -91,15 +92,24 @@ type harness struct {
 
 func newHarness(t *testing.T, s spec, opts app.Options) *harness {
 	t.Helper()
+	appSide, clientSide := netstack.Pipe(linkMTU)
+	return newHarnessOn(t, s, opts, appSide, clientSide)
+}
+
+// newHarnessOn is newHarness on a link the caller made: appSide becomes the
+// appliance's TUN, clientSide the client stack's device.
+func newHarnessOn(t *testing.T, s spec, opts app.Options, appSide, clientSide tun.Device) *harness {
+	t.Helper()
 	dir := t.TempDir()
 	h := &harness{t: t, inbox: newUDPInbox(), path: filepath.Join(dir, "natbox.toml"), socket: filepath.Join(dir, "admin.sock")}
 	h.writeConfig(s)
 	cfg, _, err := conf.Load(h.path)
 	if err != nil {
+		appSide.Close()
+		clientSide.Close()
 		t.Fatalf("load test config: %v", err)
 	}
 	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
-	appSide, clientSide := netstack.Pipe(linkMTU)
 	opts.TUNDevice = appSide
 	h.app, err = app.NewAppliance(cfg, opts, log.Named("appliance"))
 	if err != nil {

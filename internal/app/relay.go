@@ -43,6 +43,11 @@ func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*Rela
 	s, err := netstack.New(stackSide, netstack.Config{
 		MTU:       cfg.Relay.MTU,
 		Addresses: tunnel.TunnelPrefixes(cfg.Relay.Address),
+		// No SYN cookies: SYNs come only from authenticated peers and all
+		// but control connections are rejected at once, while a cookie
+		// listener's wildcard port would make the relay's DialTCP from a
+		// client's source port of the same number fail to bind.
+		TCP: netstack.TCPConfig{CookiePortThreshold: -1},
 	}, n.h, log.Named("netstack"))
 	if err != nil {
 		stackSide.Close()

@@ -1,0 +1,331 @@
+package netstack
+
+import (
+	"context"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// This file is the SYN-flood defence. Normally every SYN goes to
+// tcp.Forwarder, which hands it to the Handler before the handshake (dial
+// first: a stopped target looks "refused" to the client). That costs a
+// forwarder in-flight slot, a handler goroutine and, once the dial succeeds,
+// a target connection per SYN until the handshake completes or
+// HandshakeTimeout aborts it. gVisor has SYN cookies only for listening
+// endpoints (transport/tcp/accept.go handleListenSegment), so under
+// pressure a port gets one: a listener bound to the wildcard address on
+// that port (IPv4 and IPv6). The demuxer prefers an existing 4-tuple
+// endpoint, so connections in progress are not disturbed; new SYNs reach the
+// listener, which, with TCPAlwaysUseSynCookies set stack-wide (only these
+// listeners exist), answers with a cookie and keeps no state. A client that
+// completes the handshake comes out of Accept established and goes to the
+// Handler (handshake first); spoofed SYNs cost nothing.
+//
+// gVisor's cookie does not encode window scaling, so cookie connections
+// have none: their receive window stays at 64 KiB (a throughput cap on long
+// paths while a port is under attack).
+
+// handshakeCounts counts pending handshakes (forwarder requests from their
+// SYN until the handshake completed or failed) per local port and in total,
+// and knows their 4-tuples. The counts are an array, not a map: the input
+// pump reads them for every SYN without a lock.
+type handshakeCounts struct {
+	total atomic.Int32
+	port  [1 << 16]atomic.Int32
+
+	mu sync.Mutex
+	// mu guards ids.
+	ids map[stack.TransportEndpointID]struct{}
+}
+
+func newHandshakeCounts() *handshakeCounts {
+	return &handshakeCounts{ids: make(map[stack.TransportEndpointID]struct{})}
+}
+
+func (h *handshakeCounts) start(id stack.TransportEndpointID) {
+	h.total.Add(1)
+	h.port[id.LocalPort].Add(1)
+	h.mu.Lock()
+	h.ids[id] = struct{}{}
+	h.mu.Unlock()
+}
+
+func (h *handshakeCounts) done(id stack.TransportEndpointID) {
+	h.mu.Lock()
+	delete(h.ids, id)
+	h.mu.Unlock()
+	h.total.Add(-1)
+	h.port[id.LocalPort].Add(-1)
+}
+
+func (h *handshakeCounts) pending(id stack.TransportEndpointID) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	_, ok := h.ids[id]
+	return ok
+}
+
+// cookieBacklog is each cookie listener's accept queue; runCookieAccept
+// drains it at once, so it only absorbs bursts of completed handshakes.
+const cookieBacklog = 1024
+
+// cookiePorts is the set of ports in SYN-cookie mode.
+type cookiePorts struct {
+	n  atomic.Int32 // len(m), read without mu on the packet path
+	mu sync.Mutex
+	// mu guards the following fields.
+	m      map[uint16]*cookieListener
+	closed bool
+
+	wg   sync.WaitGroup // accept loops and the idle sweep
+	stop chan struct{}  // closed by Stack.Close
+}
+
+// cookieListener is one port's pair of listening endpoints.
+type cookieListener struct {
+	port    uint16
+	eps     []tcpip.Endpoint
+	wqs     []*waiter.Queue
+	lastSYN atomic.Int64 // unix nanos of the last SYN for the port
+	stop    chan struct{}
+	stopped chan struct{} // closed when runCookieAccept returned
+}
+
+// cookieMode reports whether new SYNs may switch ports to cookie mode.
+func (s *Stack) cookieMode() bool {
+	return s.cfg.TCP.CookiePortThreshold > 0 && s.cfg.TCP.CookieTotalThreshold > 0
+}
+
+// noteSYN is called by the input pump for every pure SYN before it is
+// injected: it refreshes a cookie port's activity, or switches the port to
+// cookie mode when its (or all) pending handshakes reached the threshold,
+// so that this SYN already gets a cookie. It reports whether to drop the
+// SYN: a retransmission of a handshake still pending on the dial-first path
+// (tcp.Forwarder ignores those) must not reach the cookie listener, whose
+// connection would then race the forwarder's for the 4-tuple and reset the
+// client.
+func (s *Stack) noteSYN(p *packetInfo) (drop bool) {
+	if !s.cookieMode() {
+		return false
+	}
+	port := p.dstPort
+	if s.cookies.n.Load() > 0 {
+		s.cookies.mu.Lock()
+		l := s.cookies.m[port]
+		s.cookies.mu.Unlock()
+		if l != nil {
+			l.lastSYN.Store(time.Now().UnixNano())
+			return s.handshakes.pending(p.endpointID())
+		}
+	}
+	t := &s.cfg.TCP
+	if int(s.handshakes.port[port].Load()) < t.CookiePortThreshold && int(s.handshakes.total.Load()) < t.CookieTotalThreshold {
+		return false
+	}
+	s.enterCookieMode(port)
+	return s.handshakes.pending(p.endpointID())
+}
+
+// enterCookieMode opens port's cookie listeners, unless MaxCookiePorts are
+// open already (the SYN then takes the forwarder path, counted).
+func (s *Stack) enterCookieMode(port uint16) {
+	c := &s.cookies
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || c.m[port] != nil {
+		return
+	}
+	if len(c.m) >= s.cfg.TCP.MaxCookiePorts {
+		s.stats.cookieOverflow.Add(1)
+		return
+	}
+	l, err := s.newCookieListener(port)
+	if err != nil {
+		if n := s.stats.cookieFailures.Add(1); n&(n-1) == 0 {
+			s.log.Warn("syn-cookie listener failed", zap.Uint16("listen", port), zap.Error(err), zap.Uint64("count", n))
+		}
+		return
+	}
+	c.m[port] = l
+	c.n.Store(int32(len(c.m)))
+	s.stats.cookieEntries.Add(1)
+	c.wg.Add(1)
+	go s.runCookieAccept(l)
+	s.log.Warn("port under syn flood: syn cookies on",
+		zap.Uint16("listen", port),
+		zap.Int32("count", s.handshakes.port[port].Load()))
+}
+
+// newCookieListener binds and listens on the wildcard address at port, for
+// IPv4 and (v6-only) IPv6.
+func (s *Stack) newCookieListener(port uint16) (*cookieListener, error) {
+	l := &cookieListener{port: port, stop: make(chan struct{}), stopped: make(chan struct{})}
+	l.lastSYN.Store(time.Now().UnixNano())
+	for _, proto := range []tcpip.NetworkProtocolNumber{header.IPv4ProtocolNumber, header.IPv6ProtocolNumber} {
+		wq := new(waiter.Queue)
+		ep, err := s.stack.NewEndpoint(tcp.ProtocolNumber, proto, wq)
+		if err == nil && proto == header.IPv6ProtocolNumber {
+			ep.SocketOptions().SetV6Only(true)
+		}
+		if err == nil {
+			// Connections that forwarder requests made on this port hold no
+			// port reservation; a relay's DialTCP bound to it would, and
+			// then the port stays in forwarder mode (counted).
+			if err = ep.Bind(tcpip.FullAddress{Port: port}); err == nil {
+				err = ep.Listen(cookieBacklog)
+			}
+			if err != nil {
+				ep.Close()
+			}
+		}
+		if err != nil {
+			l.close()
+			return nil, tcpipError(err)
+		}
+		l.eps = append(l.eps, ep)
+		l.wqs = append(l.wqs, wq)
+	}
+	return l, nil
+}
+
+func (l *cookieListener) close() {
+	for _, ep := range l.eps {
+		ep.Close()
+	}
+}
+
+// runCookieAccept hands the port's completed cookie handshakes to the
+// Handler until the listener is stopped; then it closes the listener (its
+// queued, unaccepted connections are reset).
+func (s *Stack) runCookieAccept(l *cookieListener) {
+	defer s.cookies.wg.Done()
+	defer close(l.stopped)
+	defer l.close()
+	notify := make(chan struct{}, 1)
+	for _, wq := range l.wqs {
+		e := waiter.NewFunctionEntry(waiter.ReadableEvents, func(waiter.EventMask) {
+			select {
+			case notify <- struct{}{}:
+			default:
+			}
+		})
+		wq.EventRegister(&e)
+		defer wq.EventUnregister(&e)
+	}
+	for {
+		for _, ep := range l.eps {
+			for {
+				nep, nwq, err := ep.Accept(nil)
+				if err != nil {
+					break // ErrWouldBlock, or the listener is closing
+				}
+				s.handleCookieConn(nep, nwq)
+			}
+		}
+		select {
+		case <-l.stop:
+			return
+		case <-notify:
+		}
+	}
+}
+
+// handleCookieConn hands one connection whose handshake a cookie completed
+// to the Handler, as an Established TCPRequest.
+func (s *Stack) handleCookieConn(ep tcpip.Endpoint, wq *waiter.Queue) {
+	info, ok := ep.Info().(*stack.TransportEndpointInfo)
+	if !ok || !s.admit() {
+		ep.Abort()
+		return
+	}
+	s.stats.cookieConns.Add(1)
+	id := info.ID
+	s.setKeepalive(ep)
+	r := &TCPRequest{
+		Src: netip.AddrPortFrom(addrFrom(id.RemoteAddress), id.RemotePort),
+		Dst: netip.AddrPortFrom(addrFrom(id.LocalAddress), id.LocalPort),
+		s:   s,
+		id:  id,
+		est: newTCPConn(wq, ep),
+	}
+	go func() {
+		defer s.handlers.Done()
+		r.serve()
+	}()
+}
+
+// serve runs the Handler for an established request.
+func (r *TCPRequest) serve() {
+	s := r.s
+	r.ctx, r.abandon = context.WithCancel(context.Background())
+	s.stats.tcpRequests.Add(1)
+	s.pending.add(r)
+	defer r.Reject() // no-op if the handler answered
+	s.handler.HandleTCP(r)
+}
+
+// runCookieSweep closes cookie listeners whose port saw no SYN for
+// CookieIdle and is not under pressure, until the Stack closes.
+func (s *Stack) runCookieSweep() {
+	defer s.cookies.wg.Done()
+	idle := s.cfg.TCP.CookieIdle
+	tick := time.NewTicker(max(idle/4, time.Millisecond))
+	defer tick.Stop()
+	for {
+		select {
+		case <-s.cookies.stop:
+			return
+		case now := <-tick.C:
+			s.sweepCookies(now, idle)
+		}
+	}
+}
+
+func (s *Stack) sweepCookies(now time.Time, idle time.Duration) {
+	c := &s.cookies
+	if c.n.Load() == 0 {
+		return
+	}
+	var quiet []*cookieListener
+	c.mu.Lock()
+	for port, l := range c.m {
+		if now.UnixNano()-l.lastSYN.Load() < int64(idle) ||
+			int(s.handshakes.port[port].Load()) >= s.cfg.TCP.CookiePortThreshold {
+			continue
+		}
+		delete(c.m, port)
+		quiet = append(quiet, l)
+	}
+	c.n.Store(int32(len(c.m)))
+	c.mu.Unlock()
+	for _, l := range quiet {
+		close(l.stop)
+		<-l.stopped
+		s.stats.cookieExits.Add(1)
+		s.log.Info("syn cookies off", zap.Uint16("listen", l.port))
+	}
+}
+
+// closeCookies stops the sweep and every cookie listener (Stack.Close).
+func (s *Stack) closeCookies() {
+	c := &s.cookies
+	c.mu.Lock()
+	c.closed = true
+	for port, l := range c.m {
+		close(l.stop)
+		delete(c.m, port)
+	}
+	c.n.Store(0)
+	c.mu.Unlock()
+	close(c.stop)
+	c.wg.Wait()
+}
