@@ -749,13 +749,13 @@ type Stats struct {
 	// ErrHandshakeTimeout; TCPHandshakesPending is the number of requests
 	// between SYN and a completed or failed handshake (a gauge).
 	TCPHandshakeTimeouts uint64
-	TCPHandshakesPending uint64
+	TCPHandshakesPending uint64 `stats:"gauge"`
 	// SYN-cookie mode (syncookie.go): ports switched to it and back, ports in
 	// it now (a gauge), SYNs that would have switched a port past
 	// MaxCookiePorts, listeners that failed to open, and connections that
 	// cookies completed and handed to the Handler.
 	CookieModeEntries, CookieModeExits uint64
-	CookiePortsActive                  uint64
+	CookiePortsActive                  uint64 `stats:"gauge"`
 	CookiePortsOverflow                uint64
 	CookieListenerFailures             uint64
 	CookieConns                        uint64
