@@ -88,10 +88,7 @@ func TestUDPFloodKeepsTCPAndRealClients(t *testing.T) {
 	client := netip.MustParseAddrPort("203.0.113.5:4000")
 	game := netip.MustParseAddrPort("198.51.100.1:6001")
 
-	e.HandleUDP(tun, client, game, []byte("hello"))
-	if r := tun.next(t); r.dst != client {
-		t.Fatalf("reply to %v, want %v", r.dst, client)
-	}
+	converse(t, e, tun, client, game)
 	sessionOf := func() uint64 {
 		for _, s := range e.Sessions() {
 			if s.Client == client {
@@ -171,8 +168,54 @@ func sumRefusals(ms MappingStatus) uint64 {
 	return n
 }
 
+// converse makes src's session assured the way a real client does: it sends,
+// reads the target's reply, and sends again (a spoofed source, which never
+// sees the reply, cannot).
+func converse(t *testing.T, e *Engine, tun *fakeIngress, src, dst netip.AddrPort) {
+	t.Helper()
+	for _, msg := range []string{"hello", "again"} {
+		e.HandleUDP(tun, src, dst, []byte(msg))
+		if r := tun.next(t); r.dst != src {
+			t.Fatalf("reply to %v, want %v", r.dst, src)
+		}
+	}
+}
+
+// TestUDPReplyAloneDoesNotAssure: a flood against a target that answers
+// every datagram (an echo, a DNS server) still evicts itself: the spoofed
+// sources have their replies but never speak again, so they stay
+// unassured, while the client that did converse keeps its session.
+func TestUDPReplyAloneDoesNotAssure(t *testing.T) {
+	t.Parallel()
+	echo := udpEcho(t)
+	cfg := config(mapping("game", conf.UDP, "6001", "127.0.0.1:"+itoa(echo)))
+	cfg.Limits.MaxUDPSessions = 2
+	e := newEngine(t, cfg, Options{})
+	tun := newIngress(conf.IngressTUN)
+	dst := netip.MustParseAddrPort("198.51.100.1:6001")
+	real := netip.MustParseAddrPort("203.0.113.1:1000")
+	converse(t, e, tun, real, dst)
+	for i := range 3 {
+		e.HandleUDP(tun, floodSource(i), dst, []byte("spoof"))
+		if r := tun.next(t); r.dst != floodSource(i) {
+			t.Fatalf("reply to %v, want %v", r.dst, floodSource(i))
+		}
+	}
+	ms := mappingStatus(t, e, "game")
+	if ms.UDPEvicted != 2 || ms.Refusals["over_limit_udp_sessions"] != 0 {
+		t.Fatalf("evicted %d, refusals %v; want 2 evicted (answered but unassured), none refused", ms.UDPEvicted, ms.Refusals)
+	}
+	var kept bool
+	for _, s := range e.Sessions() {
+		kept = kept || s.Client == real
+	}
+	if !kept {
+		t.Fatal("the conversing client lost its session")
+	}
+}
+
 // TestUDPPoolOfAssuredSessionsRefuses: when every session in the UDP pool
-// has had its reply, nothing is evicted and the new client is refused.
+// is assured, nothing is evicted and the new client is refused.
 func TestUDPPoolOfAssuredSessionsRefuses(t *testing.T) {
 	t.Parallel()
 	echo := udpEcho(t)
@@ -182,8 +225,7 @@ func TestUDPPoolOfAssuredSessionsRefuses(t *testing.T) {
 	tun := newIngress(conf.IngressTUN)
 	dst := netip.MustParseAddrPort("198.51.100.1:6001")
 	for i := range 2 {
-		e.HandleUDP(tun, netip.MustParseAddrPort("203.0.113.1:"+itoa(uint16(1000+i))), dst, []byte("x"))
-		tun.next(t)
+		converse(t, e, tun, netip.MustParseAddrPort("203.0.113.1:"+itoa(uint16(1000+i))), dst)
 	}
 	e.HandleUDP(tun, netip.MustParseAddrPort("203.0.113.1:1002"), dst, []byte("x"))
 	ms := mappingStatus(t, e, "game")
@@ -500,8 +542,7 @@ func TestRefusedUDPDatagramDoesNotAllocate(t *testing.T) {
 	defer e.Close()
 	tun := newIngress(conf.IngressTUN)
 	dst := netip.MustParseAddrPort("198.51.100.1:6001")
-	e.HandleUDP(tun, netip.MustParseAddrPort("203.0.113.1:1"), dst, []byte("x"))
-	tun.next(t) // assured: nothing to evict
+	converse(t, e, tun, netip.MustParseAddrPort("203.0.113.1:1"), dst) // assured: nothing to evict
 	i := 0
 	flood := func() {
 		e.HandleUDP(tun, floodSource(i), dst, []byte("spoof"))

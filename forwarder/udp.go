@@ -164,8 +164,9 @@ func (e *Engine) reserveEvicting(rs *RuleSet, r *Rule, proto conf.Proto, src net
 	return sl, why
 }
 
-// assure marks us as having seen a reply: it is no longer evicted for new
-// sessions. Called once, on the first reply.
+// assure marks us as a conversation: its client sent again after the
+// target's reply, which a spoofed source (it never sees the reply) cannot
+// know to do. It is no longer evicted for new sessions.
 func (e *Engine) assure(us *udpSession) {
 	e.udp.mu.Lock()
 	us.assured.Store(true)
@@ -204,13 +205,15 @@ type datagram struct {
 // queue of client datagrams, a sender and a reply reader goroutine.
 type udpSession struct {
 	*session
-	key     udpKey
-	via     Ingress // where replies go
-	queue   *datagramQueue
-	done    chan struct{}              // closed when the session stops
-	public  atomic.Pointer[netip.Addr] // public address the client last sent to
-	assured atomic.Bool                // the target has replied
-	links   [2]udpLinks                // on the unassured lists (listTable, listMapping); guarded by udpTable.mu
+	key    udpKey
+	via    Ingress // where replies go
+	queue  *datagramQueue
+	done   chan struct{}              // closed when the session stops
+	public atomic.Pointer[netip.Addr] // public address the client last sent to
+	// replied is set by the target's first reply; assured once the client
+	// sends again after it (see assure), as conntrack's UDP "stream".
+	replied, assured atomic.Bool
+	links            [2]udpLinks // on the unassured lists (listTable, listMapping); guarded by udpTable.mu
 
 	mu      sync.Mutex // mu guards the following fields
 	conn    *net.UDPConn
@@ -291,6 +294,9 @@ func (e *Engine) HandleUDP(in Ingress, src, dst netip.AddrPort, payload []byte) 
 		}
 	}
 	us.deliver(payload, dst, now)
+	if !us.assured.Load() && us.replied.Load() {
+		e.assure(us)
+	}
 }
 
 // openUDP admits a new client and starts its session, or returns the
@@ -513,8 +519,8 @@ func (e *Engine) runUDPReply(us *udpSession, conn *net.UDPConn, targetIP netip.A
 			continue
 		}
 		us.idle.touch()
-		if !us.assured.Load() {
-			e.assure(us)
+		if !us.replied.Load() {
+			us.replied.Store(true)
 		}
 		pub := netip.AddrPortFrom(*us.public.Load(), r.listenPort(from.Port()))
 		if err := us.via.WriteUDP(pub, us.client, buf[:n]); err != nil {

@@ -161,11 +161,10 @@ func TestUDPMaxSessions(t *testing.T) {
 	e := newEngine(t, config(m), Options{})
 	tun := newIngress(conf.IngressTUN)
 	dst := netip.MustParseAddrPort("198.51.100.1:5000")
-	// Both sessions have their reply (they are assured), so a full mapping
-	// has nothing to evict and refuses the third client at once.
+	// Both sessions are conversations (assured), so a full mapping has
+	// nothing to evict and refuses the third client at once.
 	for i := range 2 {
-		e.HandleUDP(tun, netip.MustParseAddrPort("203.0.113.1:"+itoa(uint16(1000+i))), dst, []byte("x"))
-		tun.next(t)
+		converse(t, e, tun, netip.MustParseAddrPort("203.0.113.1:"+itoa(uint16(1000+i))), dst)
 	}
 	e.HandleUDP(tun, netip.MustParseAddrPort("203.0.113.1:1002"), dst, []byte("x"))
 	if n := mappingStatus(t, e, "game").Refusals["over_limit_mapping_sessions"]; n != 1 {

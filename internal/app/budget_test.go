@@ -37,7 +37,10 @@ func TestUDPFloodFromSpoofedSources(t *testing.T) {
 			t.Fatalf("ping %q answered %q", what, d.payload)
 		}
 	}
+	// Two exchanges make the player's session a conversation (assured), as
+	// any real client's is after its second datagram.
 	ping("before")
+	ping("before again")
 
 	var wg sync.WaitGroup
 	wg.Add(1)
