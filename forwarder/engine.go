@@ -57,6 +57,12 @@ type Options struct {
 	// decision itself always uses Clock. Zero: sleep until the idle timeout
 	// could next fire. Tests with a fake clock set it small.
 	IdleCheckInterval time.Duration
+	// Egress, when set, originates every flow through it from the client's
+	// own address instead of dialing from the host (the relay's tunnel).
+	Egress Egress
+	// QuietRules logs loaded mappings and reloads at debug, not info: the
+	// relay re-derives its rules whenever a peer's ports change.
+	QuietRules bool
 	// UDPQueueLen is how many datagrams a UDP session buffers toward its
 	// target (including while it dials) before dropping. Zero: 2048.
 	UDPQueueLen int
@@ -147,7 +153,7 @@ func New(cfg *conf.Config, opts Options, log *zap.Logger) (*Engine, error) {
 		unmatched: &mappingState{},
 		states:    make(map[string]*mappingState),
 		sessions:  make(map[uint64]*session),
-		udp:       udpTable{m: make(map[udpKey]*udpSession)},
+		udp:       udpTable{m: make(map[udpKey]*udpSession), replies: make(map[replyKey]*udpSession)},
 		stopSweep: make(chan struct{}),
 		sweepDone: make(chan struct{}),
 	}

@@ -45,12 +45,19 @@ func (e *Engine) Reload(cfg *conf.Config) (Diff, error) {
 			closed++
 		}
 	}
-	for _, name := range diff.Added {
-		r := rs.byName[name]
-		e.log.Info("mapping loaded", ruleFields(r)...)
+	lvl := zap.InfoLevel
+	if e.opts.QuietRules {
+		lvl = zap.DebugLevel
 	}
-	e.log.Info("config reloaded", zap.Int("count", len(rs.rules)), zap.Strings("added", diff.Added),
-		zap.Strings("changed", diff.Changed), zap.Strings("removed", diff.Removed), zap.Int("sessions_closed", closed))
+	for _, name := range diff.Added {
+		if ce := e.log.Check(lvl, "mapping loaded"); ce != nil {
+			ce.Write(ruleFields(rs.byName[name])...)
+		}
+	}
+	if ce := e.log.Check(lvl, "config reloaded"); ce != nil {
+		ce.Write(zap.Int("count", len(rs.rules)), zap.Strings("added", diff.Added),
+			zap.Strings("changed", diff.Changed), zap.Strings("removed", diff.Removed), zap.Int("sessions_closed", closed))
+	}
 	diff.SessionsClosed = closed
 	return diff, nil
 }

@@ -141,7 +141,7 @@ func (e *Engine) dialTarget(rs *RuleSet, r *Rule, src, dst netip.AddrPort, targe
 	defer cancel()
 	defer context.AfterFunc(attempt, cancel)()
 	start := time.Now()
-	conn, err := e.dialer.DialContext(ctx, "tcp", target)
+	conn, err := e.dialTCP(ctx, r, src, dst, target)
 	if err != nil {
 		return nil, fmt.Errorf("dial target %s: %w", target, err)
 	}

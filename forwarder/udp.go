@@ -50,6 +50,8 @@ type udpKey struct {
 type udpTable struct {
 	mu sync.RWMutex // mu guards m, unassured and every mappingState.unassured
 	m  map[udpKey]*udpSession
+	// replies finds egress sessions (Options.Egress) from their replies.
+	replies map[replyKey]*udpSession
 	// unassured lists the sessions that have had no reply from their
 	// target yet, oldest first: what a full pool evicts, the way conntrack
 	// drops unassured entries, so a flood from spoofed sources (which never
@@ -141,10 +143,7 @@ func (e *Engine) reserveEvictingLocked(rs *RuleSet, r *Rule, proto conf.Proto, s
 		if v == nil {
 			break
 		}
-		e.udp.unlistLocked(v)
-		if e.udp.m[v.key] == v {
-			delete(e.udp.m, v.key)
-		}
+		e.udp.forgetLocked(v)
 		v.state.udpEvicted.Add(1)
 		e.freeSlot(v.session)
 		evicted[n] = v
@@ -182,9 +181,18 @@ func (t *udpTable) get(k udpKey) *udpSession {
 func (t *udpTable) remove(us *udpSession) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.forgetLocked(us)
+}
+
+// forgetLocked takes us out of the table, its reply index and the
+// unassured lists.
+func (t *udpTable) forgetLocked(us *udpSession) {
 	t.unlistLocked(us)
 	if t.m[us.key] == us {
 		delete(t.m, us.key)
+	}
+	if us.replyQ != nil && t.replies[us.rkey] == us {
+		delete(t.replies, us.rkey)
 	}
 }
 
@@ -211,6 +219,10 @@ type udpSession struct {
 	public  atomic.Pointer[netip.Addr] // public address the client last sent to
 	assured atomic.Bool                // the target has replied
 	links   [2]udpLinks                // on the unassured lists (listTable, listMapping); guarded by udpTable.mu
+	// Egress sessions only: replies waiting for the client, and the key
+	// that finds the session from them.
+	replyQ *datagramQueue
+	rkey   replyKey
 
 	mu      sync.Mutex // mu guards the following fields
 	conn    *net.UDPConn
@@ -259,11 +271,16 @@ func (us *udpSession) deliver(payload []byte, dst netip.AddrPort, now time.Time)
 	}
 }
 
-// drain empties the queue, counting what is dropped.
+// drain empties the queues, counting what is dropped.
 func (us *udpSession) drain() {
-	for _, d := range us.queue.take(nil, us.queue.limit) {
-		putDatagramBuf(d.buf)
-		us.state.udpDrops.Add(1)
+	for _, q := range []*datagramQueue{us.queue, us.replyQ} {
+		if q == nil {
+			continue
+		}
+		for _, d := range q.take(nil, q.limit) {
+			putDatagramBuf(d.buf)
+			us.state.udpDrops.Add(1)
+		}
 	}
 }
 
@@ -339,6 +356,11 @@ func (e *Engine) openUDP(rs *RuleSet, r *Rule, in Ingress, src, dst netip.AddrPo
 	us.public.Store(&pub)
 	us.stop = us.shutdown
 	e.udp.m[key] = us
+	if e.opts.Egress != nil && r.targetAddr.IsValid() {
+		us.replyQ = newDatagramQueue(defaultReplyQueueLen)
+		us.rkey = replyKey{client: src, target: netip.AddrPortFrom(r.targetAddr, r.targetPort(dst.Port()))}
+		e.udp.replies[us.rkey] = us // two mappings toward one target: the newest session gets the replies
+	}
 	e.udp.listLocked(us)
 	e.udp.mu.Unlock()
 	closeEvicted(evicted[:n])
@@ -358,6 +380,13 @@ func closeEvicted(vs []*udpSession) {
 func (e *Engine) runUDPSession(us *udpSession, dialTimeout time.Duration) {
 	defer e.flows.Done()
 	reason := "closed"
+	if e.opts.Egress != nil {
+		reason, err := e.runEgressUDP(us)
+		e.udp.remove(us)
+		us.drain()
+		e.finish(us.session, reason, err)
+		return
+	}
 	conn, targetIP, err := e.openUDPConn(us, dialTimeout)
 	switch {
 	case err != nil:

@@ -196,6 +196,7 @@ func (r *Relay) graceExpired(p *relayPeer) {
 	}
 	p.wanted = nil
 	clear(p.results)
+	r.syncRulesLocked()
 	r.log.Info("peer ports released", zap.String("peer", p.name), zap.String("reason", "control connection gone"))
 	r.sendLocked(r.retryOthersLocked(p))
 }
