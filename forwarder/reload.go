@@ -25,8 +25,13 @@ type Diff struct {
 // close when its protocol, listen, target, PROXY framing or ingress no
 // longer fit them, or when its allow/deny no longer admits their client;
 // otherwise they continue under the new rule (limits, idle timeout).
-func (e *Engine) Reload(cfg *conf.Config) (Diff, error) {
-	rs, err := Compile(cfg)
+func (e *Engine) Reload(cfg *conf.Config) (Diff, error) { return e.ReloadGroups(cfg, Groups{}) }
+
+// ReloadGroups is Reload with mappings put under shared quotas (see
+// Groups): the relay swaps its rules this way, without a file. A group's
+// counters survive reloads while its name does.
+func (e *Engine) ReloadGroups(cfg *conf.Config, g Groups) (Diff, error) {
+	rs, err := CompileGroups(cfg, g)
 	if err != nil {
 		return Diff{}, fmt.Errorf("reload: %w", err)
 	}

@@ -26,6 +26,10 @@ const (
 	refusedSourceRate
 	refusedDialFailed
 	refusedShuttingDown
+	refusedGroupSessions
+	refusedGroupUDPSessions
+	refusedGroupInflight
+	refusedGroupRate
 	numRefusals
 )
 
@@ -45,6 +49,11 @@ var refusalNames = [numRefusals]string{
 	refusedSourceRate:      "over_limit_rate_per_source",
 	refusedDialFailed:      "dial_failed",
 	refusedShuttingDown:    "shutting_down",
+	// A group's Quota; the relay's groups are its peers.
+	refusedGroupSessions:    "over_limit_peer_sessions",
+	refusedGroupUDPSessions: "over_limit_peer_udp_sessions",
+	refusedGroupInflight:    "over_limit_peer_inflight",
+	refusedGroupRate:        "over_limit_peer_rate",
 }
 
 func (r refusal) String() string { return refusalNames[r] }

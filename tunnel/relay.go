@@ -392,6 +392,19 @@ type RelayPeerStatus struct {
 	// DialFailures counts public TCP connections reset because the peer
 	// refused or did not answer the flow inside the tunnel.
 	DialFailures uint64 `json:"dial_failures"`
+	// UDPSessions are the peer's public UDP client sessions open now.
+	UDPSessions int64 `json:"udp_sessions"`
+	// PublicBytesIn and PublicBytesOut count payload from public clients
+	// toward the peer and back.
+	PublicBytesIn  uint64 `json:"public_bytes_in"`
+	PublicBytesOut uint64 `json:"public_bytes_out"`
+	// UDPDropped counts public datagrams dropped either way (full queues,
+	// the tunnel refusing a write, a public socket refusing a reply).
+	UDPDropped uint64 `json:"udp_dropped"`
+	// Refusals counts public flows to the peer's ports refused, by reason:
+	// the peer's quotas (over_limit_peer_*), the per-source budgets, the
+	// relay's max_sessions, dial_failed.
+	Refusals map[string]uint64 `json:"refusals,omitempty"`
 }
 
 // HandshakeAge is the time since the peer's last handshake, or -1 if none yet.
@@ -409,6 +422,7 @@ func (r *Relay) Status() RelayStatus {
 	r.mu.Lock()
 	live := make(map[*relayPeer]*peerTotals, len(r.peers))
 	active := make(map[*relayPeer]int64, len(r.peers))
+	udp := make(map[*relayPeer]int64, len(r.peers))
 	for _, ms := range es.Mappings {
 		p := r.rulePeer[ms.Name]
 		if p == nil {
@@ -419,6 +433,9 @@ func (r *Relay) Status() RelayStatus {
 		}
 		live[p].add(ms)
 		active[p] += ms.SessionsActive
+		if ms.Protocol == conf.UDP.String() {
+			udp[p] += ms.SessionsActive
+		}
 	}
 	for _, p := range r.peers {
 		t := p.retired.plus(live[p])
@@ -432,6 +449,11 @@ func (r *Relay) Status() RelayStatus {
 			SessionsActive: active[p],
 			SessionsOpened: t.opened,
 			DialFailures:   t.dialFailed,
+			UDPSessions:    udp[p],
+			PublicBytesIn:  t.bytesIn,
+			PublicBytesOut: t.bytesOut,
+			UDPDropped:     t.udpDropped,
+			Refusals:       t.refusals,
 
 			ControlRefusals: p.ctlRefused.snapshot(),
 		}

@@ -34,7 +34,8 @@ func ruleName(peer string, k portKey) string { return peer + "/" + k.String() }
 
 // newEngine builds the relay's engine with no rules yet.
 func (r *Relay) newEngine() (*forwarder.Engine, error) {
-	return forwarder.New(r.engineConfigLocked(), forwarder.Options{
+	cfg, _ := r.engineConfigLocked() // no holdings yet: no groups
+	return forwarder.New(cfg, forwarder.Options{
 		Egress:     relayEgress{r.org},
 		ConnLog:    r.log.Named("conn"),
 		QuietRules: true,
@@ -42,8 +43,10 @@ func (r *Relay) newEngine() (*forwarder.Engine, error) {
 }
 
 // engineConfigLocked is the engine's config for the relay as it is now:
-// the [relay] limits and one mapping per holding.
-func (r *Relay) engineConfigLocked() *conf.Config {
+// the [relay] limits, one mapping per holding with its peer's per-source
+// budgets, and one group per peer with its quotas.
+func (r *Relay) engineConfigLocked() (*conf.Config, forwarder.Groups) {
+	g := forwarder.Groups{Quotas: make(map[string]forwarder.Quota), Of: make(map[string]string)}
 	lim := r.limits.Load()
 	c := &conf.Config{
 		Log: conf.Log{Connections: r.cfg.Log.Connections},
@@ -66,6 +69,11 @@ func (r *Relay) engineConfigLocked() *conf.Config {
 	}
 	for _, name := range names {
 		p := r.peers[name]
+		pl := r.cfg.Relay.PeerLimits(&p.cfg)
+		g.Quotas[p.name] = forwarder.Quota{
+			MaxSessions: pl.MaxSessions, MaxUDPSessions: pl.MaxUDPSessions, MaxInflight: pl.MaxInflight,
+			RatePerSecond: pl.NewSessionsPerSecond, Burst: pl.NewSessionsBurst,
+		}
 		keys := keysOf(p.holdings)
 		compressKeys(keys) // sorts
 		for _, k := range keys {
@@ -77,14 +85,20 @@ func (r *Relay) engineConfigLocked() *conf.Config {
 				Listen:      conf.Listen{Ports: ports},
 				Target:      conf.Target{Host: p.addr4.String(), Ports: ports},
 				IdleTimeout: tcpIdle,
+
+				MaxTCPSessionsPerSource:       pl.MaxSessionsPerSource,
+				MaxUDPSessionsPerSource:       pl.MaxSessionsPerSource,
+				NewSessionsPerSourcePerSecond: pl.NewSessionsPerSourcePerSecond,
+				NewSessionsPerSourceBurst:     pl.NewSessionsPerSourceBurst,
 			}
 			if k.proto == conf.UDP {
 				m.IdleTimeout = conf.Duration(h.udpIdle)
 			}
 			c.Mappings = append(c.Mappings, m)
+			g.Of[m.Name] = p.name
 		}
 	}
-	return c
+	return c, g
 }
 
 // syncRulesLocked hands the engine the rules for the current holdings and
@@ -97,8 +111,8 @@ func (r *Relay) syncRulesLocked() {
 	}
 	r.rulesDirty = false
 	before := r.eng.Snapshot()
-	cfg := r.engineConfigLocked()
-	if _, err := r.eng.Reload(cfg); err != nil {
+	cfg, groups := r.engineConfigLocked()
+	if _, err := r.eng.ReloadGroups(cfg, groups); err != nil {
 		// The rules are built from validated holdings; this is a bug.
 		r.log.Error("relay rules refused by the forwarder", zap.Error(err))
 		return
