@@ -1,0 +1,74 @@
+package tunnel_test
+
+import (
+	"fmt"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/tunnel"
+)
+
+func peerStatus(t *testing.T, relay *relaySide, name string) tunnel.RelayPeerStatus {
+	t.Helper()
+	for _, p := range relay.relay.Status().Peers {
+		if p.Name == name {
+			return p
+		}
+	}
+	t.Fatalf("no peer %q in the relay status", name)
+	return tunnel.RelayPeerStatus{}
+}
+
+// TestRelayPeerQuotaIsolatesASprayer: a public client spraying peer a's UDP
+// port from 500 source ports fills a's UDP quota, not the relay: the excess
+// is refused and counted for a alone, and peer b's TCP keeps working. The
+// relay's max_sessions (300) is below the spray, so without the per-peer
+// quota b's connection would be refused.
+func TestRelayPeerQuotaIsolatesASprayer(t *testing.T) {
+	t.Parallel()
+	const spray, quota = 500, 50
+	portA, portB := freePort(t, false), freePort(t, false)
+	specA, specB := fmt.Sprintf("udp/%d", portA), fmt.Sprintf("tcp/%d", portB)
+	keyA, keyB := mustKey(t), mustKey(t)
+	cfg := relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: keyA.Public(), Address: applAddrA, Ports: mustSpecs(t, specA)},
+		conf.Peer{Name: "b", PublicKey: keyB.Public(), Address: applAddrB, Ports: mustSpecs(t, specB)},
+	)
+	cfg.Relay.MaxSessions = 300
+	cfg.Relay.PeerMaxUDPSessions = quota
+	relay := startRelay(t, cfg, testLogger(t))
+	// a's own forwarder takes the whole spray (one source, 500 ports), so
+	// every sprayed session gets its replies and cannot be evicted.
+	a := startAppliance(t, relay, keyA, applAddrA, mappingTOML("game", "udp", portA, udpEchoService(t),
+		"max_udp_sessions_per_source = 1000\nnew_sessions_per_source_per_second = 10000\n"))
+	svc, _ := proxyEchoService(t)
+	b := startAppliance(t, relay, keyB, applAddrB, tcpMapping("web", portB, svc))
+	waitRegistered(t, a, specA)
+	waitRegistered(t, b, specB)
+
+	public := netip.AddrPortFrom(loopback4, portA)
+	for range spray {
+		if _, err := udpClient(t).WriteToUDPAddrPort([]byte("spray"), public); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 10*time.Second, "every sprayed datagram admitted or refused", func() bool {
+		p := peerStatus(t, relay, "a")
+		return p.UDPSessions == quota && p.Refusals["over_limit_peer_udp_sessions"] == spray-quota
+	})
+	waitFor(t, 10*time.Second, "a reply to every admitted session", func() bool {
+		return peerStatus(t, relay, "a").PublicBytesOut == quota*uint64(len("spray"))
+	})
+
+	if _, got := tcpRoundTrip(t, netip.AddrPortFrom(loopback4, portB), []byte("still here")); string(got) != "still here" {
+		t.Fatalf("peer b's tcp echo %q", got)
+	}
+	if pb := peerStatus(t, relay, "b"); len(pb.Refusals) != 0 || pb.SessionsOpened != 1 {
+		t.Fatalf("peer b: refusals %v, sessions opened %d; want none and 1", pb.Refusals, pb.SessionsOpened)
+	}
+	if st := relay.relay.Status(); st.OverLimit != 0 {
+		t.Fatalf("relay over_limit %d, want 0: the sprayer must hit its own quota first", st.OverLimit)
+	}
+}
