@@ -192,16 +192,17 @@ func containsAddr(header string, ap netip.AddrPort) bool {
 }
 
 // TestRelayUDPIdleExpiry: the relay forgets a public UDP client after the
-// idle timeout and serves it again as a new session.
+// mapping's idle timeout and serves it again as a new session.
 func TestRelayUDPIdleExpiry(t *testing.T) {
 	t.Parallel()
 	port := freePort(t, false)
 	spec := fmt.Sprintf("udp/%d", port)
 	key := mustKey(t)
 	cfg := onePeerRelayConfig(t, key, spec)
-	relay := startRelay(t, cfg, testLogger(t), tunnel.WithUDPIdleTimeout(300*time.Millisecond))
+	relay := startRelay(t, cfg, testLogger(t))
 	svc := udpEchoService(t)
-	a := startAppliance(t, relay, key, applAddrA, udpMapping("dns", port, svc))
+	// The relay's session follows the mapping's idle timeout.
+	a := startAppliance(t, relay, key, applAddrA, mappingTOML("dns", "udp", port, svc, "idle_timeout = \"300ms\"\n"))
 	waitRegistered(t, a, spec)
 	c := udpClient(t)
 	public := netip.AddrPortFrom(loopback4, port)
@@ -309,10 +310,11 @@ func TestRelayPeerSessionCounts(t *testing.T) {
 	tcpSpec, udpSpec := fmt.Sprintf("tcp/%d", tcpPort), fmt.Sprintf("udp/%d", udpPort)
 	key := mustKey(t)
 	cfg := onePeerRelayConfig(t, key, tcpSpec, udpSpec)
-	relay := startRelay(t, cfg, testLogger(t), tunnel.WithUDPIdleTimeout(300*time.Millisecond))
+	relay := startRelay(t, cfg, testLogger(t))
 	tcpSvc, _ := proxyEchoService(t)
 	udpSvc := udpEchoService(t)
-	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", tcpPort, tcpSvc)+udpMapping("dns", udpPort, udpSvc))
+	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", tcpPort, tcpSvc)+
+		mappingTOML("dns", "udp", udpPort, udpSvc, "idle_timeout = \"300ms\"\n"))
 	waitRegistered(t, a, tcpSpec, udpSpec)
 	counts := func() (int64, uint64) {
 		st := relay.relay.Status()

@@ -2,6 +2,7 @@ package tunnel_test
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -70,5 +71,68 @@ func TestRelayPeerQuotaIsolatesASprayer(t *testing.T) {
 	}
 	if st := relay.relay.Status(); st.OverLimit != 0 {
 		t.Fatalf("relay over_limit %d, want 0: the sprayer must hit its own quota first", st.OverLimit)
+	}
+}
+
+// TestRelayUDPFollowsTheMappingIdleTimeout: the relay keeps a public UDP
+// session for the idle timeout the appliance registered with its port, not
+// its own default: a reply the target sends after a quiet spell longer than
+// the relay's default (here 500 ms, standing in for the old fixed 2 min)
+// but shorter than the mapping's idle_timeout (3 s, standing in for 5 min)
+// still reaches the client, on the same session.
+func TestRelayUDPFollowsTheMappingIdleTimeout(t *testing.T) {
+	t.Parallel()
+	const relayDefault, quiet = 500 * time.Millisecond, 1500 * time.Millisecond
+	port := freePort(t, false)
+	spec := fmt.Sprintf("udp/%d", port)
+	key := mustKey(t)
+	relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t), tunnel.WithUDPIdleTimeout(relayDefault))
+
+	// The target answers at once, and again when told to (after the quiet spell).
+	svc, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback4, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	push := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 2048)
+		n, from, err := svc.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			return
+		}
+		svc.WriteToUDPAddrPort(buf[:n], from)
+		select {
+		case <-push:
+			svc.WriteToUDPAddrPort([]byte("late"), from)
+		case <-t.Context().Done():
+		}
+	}()
+	t.Cleanup(func() { svc.Close(); <-done })
+	svcPort := uint16(svc.LocalAddr().(*net.UDPAddr).Port)
+
+	a := startAppliance(t, relay, key, applAddrA, mappingTOML("game", "udp", port, svcPort, "idle_timeout = \"3s\"\n"))
+	waitRegistered(t, a, spec)
+	c := udpClient(t)
+	public := netip.AddrPortFrom(loopback4, port)
+	if _, err := c.WriteToUDPAddrPort([]byte("hi"), public); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 2048)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, _, err := c.ReadFromUDPAddrPort(buf); err != nil || string(buf[:n]) != "hi" {
+		t.Fatalf("echo %q, %v", buf[:n], err)
+	}
+
+	time.Sleep(quiet) // the scenario: nobody sends for longer than the relay's default
+	close(push)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	n, from, err := c.ReadFromUDPAddrPort(buf)
+	if err != nil || string(buf[:n]) != "late" || from.Port() != port {
+		t.Fatalf("late reply %q from %v, %v; want \"late\" from port %d", buf[:n], from, err, port)
+	}
+	if p := peerStatus(t, relay, "a"); p.SessionsOpened != 1 || p.UDPSessions != 1 {
+		t.Fatalf("peer a: sessions opened %d, udp sessions %d; want the one session, still open", p.SessionsOpened, p.UDPSessions)
 	}
 }

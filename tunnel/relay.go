@@ -103,9 +103,10 @@ type relayPeer struct {
 	ctlRefused ctlCounters // control connections refused, by reason
 	retired    peerTotals  // engine counters of holdings released
 	cfg        conf.Peer
-	pending    *controlConn    // a control connection waiting for its hello
-	session    *controlSession // nil when not connected
-	wanted     []string        // the specs of the peer's last register
+	pending    *controlConn             // a control connection waiting for its hello
+	session    *controlSession          // nil when not connected
+	wanted     []string                 // the specs of the peer's last register
+	udpIdle    map[string]time.Duration // ... and their UDP idle timeouts, where given
 	results    map[string]message
 	holdings   map[portKey]*holding
 	grace      *time.Timer // runs while the peer is disconnected and still holds ports
@@ -666,12 +667,20 @@ func (r *Relay) reconcileLocked(p *relayPeer) []message {
 			results = append(results, res)
 			continue
 		}
+		idle := r.opts.udpIdleTimeout
+		if d, ok := p.udpIdle[raw]; ok {
+			idle = d
+		}
 		var opened []*holding
 		for _, k := range portKeys(spec) {
-			if p.holdings[k] != nil {
+			if h := p.holdings[k]; h != nil {
+				if k.proto == conf.UDP && h.udpIdle != idle {
+					h.udpIdle = idle // its sessions move to it with the rule
+					r.rulesDirty = true
+				}
 				continue
 			}
-			h, err := r.openLocked(p, k)
+			h, err := r.openLocked(p, k, idle)
 			if err != nil {
 				res.OK, res.Reason = false, err.Error()
 				break
@@ -735,9 +744,9 @@ func (r *Relay) retryOthersLocked(except *relayPeer) []notification {
 
 // openLocked opens k's public sockets on every bind address for p and
 // starts serving them.
-func (r *Relay) openLocked(p *relayPeer, k portKey) (*holding, error) {
+func (r *Relay) openLocked(p *relayPeer, k portKey, udpIdle time.Duration) (*holding, error) {
 	ctx, cancel := context.WithCancel(r.ctx)
-	h := &holding{key: k, peer: p, ctx: ctx, cancel: cancel, udpIdle: r.opts.udpIdleTimeout}
+	h := &holding{key: k, peer: p, ctx: ctx, cancel: cancel, udpIdle: udpIdle}
 	for _, a := range r.binds {
 		a = a.Unmap()
 		ap := netip.AddrPortFrom(a, k.port).String()

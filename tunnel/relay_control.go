@@ -168,6 +168,7 @@ func (r *Relay) controlLoop(p *relayPeer, s *controlSession) error {
 				return nil
 			}
 			p.wanted = m.Ports
+			p.udpIdle = udpIdleOf(m)
 			results := r.reconcileLocked(p)
 			clear(p.results)
 			for _, res := range results {

@@ -288,3 +288,27 @@ func isOverLimit(why string) bool {
 	}
 	return false
 }
+
+// maxUDPIdle caps the UDP idle timeout a peer may ask for: its sessions
+// hold slots of its quota that long after their last datagram.
+const maxUDPIdle = 24 * time.Hour
+
+// udpIdleOf returns a register's UDP idle timeouts by spec; invalid ones
+// are left out (the default applies), long ones capped.
+func udpIdleOf(m message) map[string]time.Duration {
+	if len(m.UDPIdle) == 0 {
+		return nil
+	}
+	listed := make(map[string]bool, len(m.Ports))
+	for _, spec := range m.Ports {
+		listed[spec] = true
+	}
+	out := make(map[string]time.Duration, len(m.UDPIdle))
+	for spec, ms := range m.UDPIdle {
+		if ms <= 0 || !listed[spec] {
+			continue
+		}
+		out[spec] = time.Duration(min(ms, maxUDPIdle.Milliseconds())) * time.Millisecond
+	}
+	return out
+}
