@@ -2,6 +2,7 @@ package tunnel_test
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"testing"
@@ -134,5 +135,63 @@ func TestRelayUDPFollowsTheMappingIdleTimeout(t *testing.T) {
 	}
 	if p := peerStatus(t, relay, "a"); p.SessionsOpened != 1 || p.UDPSessions != 1 {
 		t.Fatalf("peer a: sessions opened %d, udp sessions %d; want the one session, still open", p.SessionsOpened, p.UDPSessions)
+	}
+}
+
+// TestRelayPeerQuotaResetsAndReloads: a public TCP client over its peer's
+// session quota is reset and counted for that peer; a reload that raises
+// the peer's own max_sessions admits it, without cutting the admitted flow.
+func TestRelayPeerQuotaResetsAndReloads(t *testing.T) {
+	t.Parallel()
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	key := mustKey(t)
+	cfg := onePeerRelayConfig(t, key, spec)
+	cfg.Relay.PeerMaxSessions = 1
+	relay := startRelay(t, cfg, testLogger(t))
+	svc, _ := proxyEchoService(t)
+	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", port, svc))
+	waitRegistered(t, a, spec)
+	public := netip.AddrPortFrom(loopback4, port)
+
+	first, err := net.DialTimeout("tcp", public.String(), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	expectEchoByte(t, first, 'x')
+	expectReset(t, public)
+	if p := peerStatus(t, relay, "a"); p.Refusals["over_limit_peer_sessions"] != 1 || p.SessionsActive != 1 {
+		t.Fatalf("peer a: refusals %v, active %d; want over_limit_peer_sessions 1 and the first flow", p.Refusals, p.SessionsActive)
+	}
+
+	raised := *cfg
+	raised.Peers = []conf.Peer{cfg.Peers[0]}
+	raised.Peers[0].MaxSessions = 2 // the peer's own, over [relay]'s 1
+	if err := relay.relay.Reload(&raised); err != nil {
+		t.Fatal(err)
+	}
+	second, err := net.DialTimeout("tcp", public.String(), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	expectEchoByte(t, second, 'y')
+	expectEchoByte(t, first, 'z')
+	if p := peerStatus(t, relay, "a"); p.SessionsActive != 2 || p.SessionsOpened != 2 {
+		t.Fatalf("peer a after the reload: active %d, opened %d; want 2 and 2", p.SessionsActive, p.SessionsOpened)
+	}
+}
+
+// expectEchoByte writes b on c and wants it back.
+func expectEchoByte(t *testing.T, c net.Conn, b byte) {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte{b}); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 1)
+	if _, err := io.ReadFull(c, buf); err != nil || buf[0] != b {
+		t.Fatalf("echo of %q: %q, %v", b, buf, err)
 	}
 }
