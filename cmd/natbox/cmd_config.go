@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -57,13 +58,24 @@ func checkRelay(c *cli.Context) error {
 		return &conf.Errors{List: []conf.Error{{Path: cfg.Path, Msg: err.Error()}}}
 	}
 	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PEER\tADDRESS\tPORTS")
-	for _, p := range cfg.Peers {
+	// The quotas in force per peer (its own or the [relay] default); "-": unlimited.
+	fmt.Fprintln(tw, "PEER\tADDRESS\tPORTS\tSESSIONS\tUDP\tINFLIGHT\tNEW/S\tPER_SOURCE\tNEW/S/SOURCE")
+	limit := func(n int) string {
+		if n <= 0 {
+			return "-"
+		}
+		return strconv.Itoa(n)
+	}
+	for i := range cfg.Peers {
+		p := &cfg.Peers[i]
 		ports := make([]string, len(p.Ports))
 		for i, s := range p.Ports {
 			ports[i] = s.String()
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\n", p.Name, p.Address, orDash(strings.Join(ports, ",")))
+		l := cfg.Relay.PeerLimits(p)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, p.Address, orDash(strings.Join(ports, ",")),
+			limit(l.MaxSessions), limit(l.MaxUDPSessions), limit(l.MaxInflight), limit(l.NewSessionsPerSecond),
+			limit(l.MaxSessionsPerSource), limit(l.NewSessionsPerSourcePerSecond))
 	}
 	tw.Flush()
 	printWarnings(c.App.Writer, warnings)
