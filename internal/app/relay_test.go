@@ -171,6 +171,15 @@ target   = %q
 		rst.Relay.Stats.Gauges["tcp_sessions"] != 1 {
 		t.Fatalf("relay netstack = %+v, relay stats %+v, peer stats %+v", rs, rst.Relay.Stats, rst.Relay.Peers[0].Stats)
 	}
+	// The peer's public traffic, as natbox status and /metrics show it.
+	waitFor(t, 5*time.Second, "the relay's per-peer byte counters", func() bool {
+		st, err := rcl.Status(ctx)
+		if err != nil || st.Relay == nil || len(st.Relay.Peers) != 1 {
+			return false
+		}
+		c := st.Relay.Peers[0].Stats.Counters
+		return c["public_bytes_in"] == uint64(len(msg)) && c["public_bytes_out"] == uint64(len(msg))
+	})
 	// natbox sessions on the relay: the same client, by its real address,
 	// on the peer's mapping; a peer's name selects its sessions.
 	rss, err := rcl.Sessions(ctx, "home")
