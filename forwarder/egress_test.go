@@ -165,6 +165,9 @@ func TestGroupQuotas(t *testing.T) {
 	}
 	udp("203.0.113.1:1000", 1)
 	udp("203.0.113.2:1000", 2)
+	// Answered, so they are not evicted for the next (TestGroupQuotaEvictsUnassured).
+	e.HandleUDPReply(netip.MustParseAddrPort("10.0.0.2:1"), netip.MustParseAddrPort("203.0.113.1:1000"), []byte("r"))
+	e.HandleUDPReply(netip.MustParseAddrPort("10.0.0.2:2"), netip.MustParseAddrPort("203.0.113.2:1000"), []byte("r"))
 	udp("203.0.113.3:1000", 2) // the group's third UDP session: over max_udp_sessions
 	if r := mappingStatus(t, e, "p/udp/2").Refusals; r["over_limit_peer_udp_sessions"] != 1 {
 		t.Fatalf("p/udp/2 refusals %v, want over_limit_peer_udp_sessions 1", r)
@@ -202,5 +205,42 @@ func TestGroupQuotas(t *testing.T) {
 	udp("203.0.113.7:1000", 1) // a token again, but the UDP quota is still full
 	if r := mappingStatus(t, e, "p/udp/1").Refusals; r["over_limit_peer_udp_sessions"] != 1 {
 		t.Fatalf("p/udp/1 refusals %v, want over_limit_peer_udp_sessions 1", r)
+	}
+}
+
+// TestGroupQuotaEvictsUnassured: when a group's UDP quota is full, a new
+// client evicts the group's oldest session that never had a reply (a
+// spoofed flood's), counted as evicted; answered sessions are kept, and
+// with only those left the new client is refused.
+func TestGroupQuotaEvictsUnassured(t *testing.T) {
+	t.Parallel()
+	eg := newEgress()
+	cfg := config(mapping("p/udp/1", conf.UDP, "1", "10.0.0.2:1"), mapping("p/udp/2", conf.UDP, "2", "10.0.0.2:2"))
+	g := Groups{Quotas: map[string]Quota{"p": {MaxUDPSessions: 2}}, Of: map[string]string{"p/udp/1": "p", "p/udp/2": "p"}}
+	e := newEngine(t, config(), Options{Egress: eg})
+	if _, err := e.ReloadGroups(cfg, g); err != nil {
+		t.Fatal(err)
+	}
+	in := newIngress("relay")
+	pub := func(port uint16) netip.AddrPort { return netip.AddrPortFrom(netip.MustParseAddr("198.51.100.1"), port) }
+	answered := netip.MustParseAddrPort("203.0.113.1:1000")
+	e.HandleUDP(in, answered, pub(1), []byte("x"))
+	if !e.HandleUDPReply(netip.MustParseAddrPort("10.0.0.2:1"), answered, []byte("r")) {
+		t.Fatal("the reply found no session")
+	}
+	e.HandleUDP(in, netip.MustParseAddrPort("203.0.113.2:1000"), pub(2), []byte("x")) // never answered
+	e.HandleUDP(in, netip.MustParseAddrPort("203.0.113.3:1000"), pub(2), []byte("x")) // evicts .2
+	if st := mappingStatus(t, e, "p/udp/2"); st.UDPEvicted != 1 || st.Refusals["over_limit_peer_udp_sessions"] != 0 {
+		t.Fatalf("p/udp/2: evicted %d, refusals %v; want 1 eviction and no refusal", st.UDPEvicted, st.Refusals)
+	}
+	if !e.HandleUDPReply(netip.MustParseAddrPort("10.0.0.2:2"), netip.MustParseAddrPort("203.0.113.3:1000"), []byte("r")) {
+		t.Fatal("the newest session is not in the table")
+	}
+	e.HandleUDP(in, netip.MustParseAddrPort("203.0.113.4:1000"), pub(1), []byte("x")) // both answered: refused
+	if st := mappingStatus(t, e, "p/udp/1"); st.Refusals["over_limit_peer_udp_sessions"] != 1 || st.UDPEvicted != 0 {
+		t.Fatalf("p/udp/1: refusals %v, evicted %d; want one refusal and no eviction", st.Refusals, st.UDPEvicted)
+	}
+	if e.HandleUDPReply(netip.MustParseAddrPort("10.0.0.2:2"), netip.MustParseAddrPort("203.0.113.2:1000"), []byte("r")) {
+		t.Fatal("the evicted session still takes replies")
 	}
 }

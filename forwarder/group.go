@@ -32,6 +32,10 @@ type Groups struct {
 type groupState struct {
 	sessions, udp, inflight atomic.Int64
 
+	// unassured lists the group's UDP sessions with no reply yet, oldest
+	// first, which a full quota evicts first; guarded by udpTable.mu.
+	unassured udpList
+
 	mu     sync.Mutex // mu guards the rate bucket
 	tokens float64
 	last   int64 // unix nanos of the last refill; 0: full

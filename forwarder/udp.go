@@ -63,6 +63,7 @@ type udpTable struct {
 const (
 	listTable = iota
 	listMapping
+	listGroup // only for sessions of a mapping in a quota group
 )
 
 // udpList is an intrusive list of UDP sessions, oldest first: push,
@@ -107,20 +108,32 @@ func (l *udpList) remove(us *udpSession, i int) {
 func (t *udpTable) listLocked(us *udpSession) {
 	t.unassured.push(us, listTable)
 	us.state.unassured.push(us, listMapping)
+	if us.group != nil {
+		us.group.unassured.push(us, listGroup)
+	}
 }
 
 func (t *udpTable) unlistLocked(us *udpSession) {
 	t.unassured.remove(us, listTable)
 	us.state.unassured.remove(us, listMapping)
+	if us.group != nil {
+		us.group.unassured.remove(us, listGroup)
+	}
 }
 
 // victimLocked returns the session to evict for a new one refused for why,
 // or nil: the oldest unassured session of the mapping when the mapping's
-// max_sessions is full, of any mapping when the UDP pool or max_sessions is.
-func (t *udpTable) victimLocked(why refusal, st *mappingState) *udpSession {
+// max_sessions is full, of the group when its quota is (so a spoofed flood
+// at one relay peer's port cannot lock out that peer's answered clients),
+// of any mapping when the UDP pool or max_sessions is.
+func (t *udpTable) victimLocked(why refusal, st *mappingState, g *groupState) *udpSession {
 	switch why {
 	case refusedMappingSessions:
 		return st.unassured.head
+	case refusedGroupSessions, refusedGroupUDPSessions:
+		if g != nil {
+			return g.unassured.head
+		}
 	case refusedUDPSessions, refusedSessions:
 		return t.unassured.head
 	}
@@ -139,7 +152,7 @@ func (e *Engine) reserveEvictingLocked(rs *RuleSet, r *Rule, proto conf.Proto, s
 	sl, why := e.reserveSlot(rs, r, proto, src)
 	n := 0
 	for ; why != refusalNone && n < maxEvictions; n++ {
-		v := e.udp.victimLocked(why, r.state)
+		v := e.udp.victimLocked(why, r.state, r.group)
 		if v == nil {
 			break
 		}
@@ -218,7 +231,8 @@ type udpSession struct {
 	done    chan struct{}              // closed when the session stops
 	public  atomic.Pointer[netip.Addr] // public address the client last sent to
 	assured atomic.Bool                // the target has replied
-	links   [2]udpLinks                // on the unassured lists (listTable, listMapping); guarded by udpTable.mu
+	links   [3]udpLinks                // on the unassured lists (listTable, listMapping, listGroup); guarded by udpTable.mu
+	group   *groupState                // its mapping's quota group at open, or nil
 	// Egress sessions only: replies waiting for the client, and the key
 	// that finds the session from them.
 	replyQ *datagramQueue
@@ -349,6 +363,7 @@ func (e *Engine) openUDP(rs *RuleSet, r *Rule, in Ingress, src, dst netip.AddrPo
 		session: e.newSession(conf.UDP, in, r, src, dst, r.targetHostPort(dst.Port()), sl),
 		key:     key,
 		via:     in,
+		group:   r.group,
 		queue:   newDatagramQueue(e.opts.UDPQueueLen),
 		done:    make(chan struct{}),
 	}

@@ -42,7 +42,8 @@ func TestRelayPeerQuotaIsolatesASprayer(t *testing.T) {
 	cfg.Relay.PeerMaxUDPSessions = quota
 	relay := startRelay(t, cfg, testLogger(t))
 	// a's own forwarder takes the whole spray (one source, 500 ports), so
-	// every sprayed session gets its replies and cannot be evicted.
+	// every sprayed session gets its replies and, once answered, cannot be
+	// evicted for b's connection or another sprayed port.
 	a := startAppliance(t, relay, keyA, applAddrA, mappingTOML("game", "udp", portA, udpEchoService(t),
 		"max_udp_sessions_per_source = 1000\nnew_sessions_per_source_per_second = 10000\n"))
 	svc, _ := proxyEchoService(t)
@@ -50,19 +51,26 @@ func TestRelayPeerQuotaIsolatesASprayer(t *testing.T) {
 	waitRegistered(t, a, specA)
 	waitRegistered(t, b, specB)
 
+	// The first sprayed ports get their answers (answered sessions are never
+	// evicted for new ones); the rest find a's quota full.
 	public := netip.AddrPortFrom(loopback4, portA)
-	for range spray {
+	for range quota {
+		if got := udpRoundTrip(t, udpClient(t), public, []byte("spray")); string(got) != "spray" {
+			t.Fatalf("echo %q", got)
+		}
+	}
+	for range spray - quota {
 		if _, err := udpClient(t).WriteToUDPAddrPort([]byte("spray"), public); err != nil {
 			t.Fatal(err)
 		}
 	}
 	waitFor(t, 10*time.Second, "every sprayed datagram admitted or refused", func() bool {
 		p := peerStatus(t, relay, "a")
-		return p.UDPSessions == quota && p.Refusals["over_limit_peer_udp_sessions"] == spray-quota
+		return p.UDPSessions == quota && p.SessionsOpened == quota && p.Refusals["over_limit_peer_udp_sessions"] == spray-quota
 	})
-	waitFor(t, 10*time.Second, "a reply to every admitted session", func() bool {
-		return peerStatus(t, relay, "a").PublicBytesOut == quota*uint64(len("spray"))
-	})
+	if p := peerStatus(t, relay, "a"); p.PublicBytesOut != quota*uint64(len("spray")) || p.UDPEvicted != 0 {
+		t.Fatalf("peer a: public bytes out %d, udp evicted %d; want a reply per admitted session, none evicted", p.PublicBytesOut, p.UDPEvicted)
+	}
 
 	if _, got := tcpRoundTrip(t, netip.AddrPortFrom(loopback4, portB), []byte("still here")); string(got) != "still here" {
 		t.Fatalf("peer b's tcp echo %q", got)

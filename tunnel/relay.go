@@ -402,6 +402,9 @@ type RelayPeerStatus struct {
 	// UDPDropped counts public datagrams dropped either way (full queues,
 	// the tunnel refusing a write, a public socket refusing a reply).
 	UDPDropped uint64 `json:"udp_dropped"`
+	// UDPEvicted counts the peer's public UDP sessions that never had a
+	// reply and were evicted to admit a new one (a flood at its ports).
+	UDPEvicted uint64 `json:"udp_evicted"`
 	// Refusals counts public flows to the peer's ports refused, by reason:
 	// the peer's quotas (over_limit_peer_*), the per-source budgets, the
 	// relay's max_sessions, dial_failed.
@@ -454,6 +457,7 @@ func (r *Relay) Status() RelayStatus {
 			PublicBytesIn:  t.bytesIn,
 			PublicBytesOut: t.bytesOut,
 			UDPDropped:     t.udpDropped,
+			UDPEvicted:     t.udpEvicted,
 			Refusals:       t.refusals,
 
 			ControlRefusals: p.ctlRefused.snapshot(),

@@ -231,8 +231,8 @@ func (r *Relay) serveTCP(h *holding, c net.Conn) {
 
 // peerTotals are the engine counters of a peer's released holdings.
 type peerTotals struct {
-	opened, dialFailed, bytesIn, bytesOut, udpDropped uint64
-	refusals                                          map[string]uint64
+	opened, dialFailed, bytesIn, bytesOut, udpDropped, udpEvicted uint64
+	refusals                                                      map[string]uint64
 }
 
 func (t *peerTotals) add(ms forwarder.MappingStatus) {
@@ -241,6 +241,7 @@ func (t *peerTotals) add(ms forwarder.MappingStatus) {
 	t.bytesIn += ms.BytesIn
 	t.bytesOut += ms.BytesOut
 	t.udpDropped += ms.UDPDropped
+	t.udpEvicted += ms.UDPEvicted
 	for why, n := range ms.Refusals {
 		if n == 0 {
 			continue
@@ -271,6 +272,7 @@ func (t peerTotals) plus(o *peerTotals) peerTotals {
 	out.bytesIn += o.bytesIn
 	out.bytesOut += o.bytesOut
 	out.udpDropped += o.udpDropped
+	out.udpEvicted += o.udpEvicted
 	for why, n := range o.refusals {
 		if out.refusals == nil {
 			out.refusals = make(map[string]uint64)
