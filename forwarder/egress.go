@@ -75,10 +75,10 @@ func unmapAddrPort(ap netip.AddrPort) netip.AddrPort {
 }
 
 // runEgressUDP serves an egress UDP session on one goroutine: client
-// datagrams go out through the egress, queued replies go to the client,
-// and the session ends when idle for its mapping's timeout.
+// datagrams go out through the egress, queued replies go to the client (one
+// batch of each in turn, so neither direction starves the other), and the
+// session ends when idle for its mapping's timeout.
 func (e *Engine) runEgressUDP(us *udpSession) (reason string, err error) {
-	eg := e.opts.Egress
 	r := us.rule.Load()
 	if !r.targetAddr.IsValid() {
 		us.state.refuse(refusedDialFailed)
@@ -88,6 +88,7 @@ func (e *Engine) runEgressUDP(us *udpSession) (reason string, err error) {
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	batch := make([]datagram, 0, maxUDPBatch)
+	moreIn, moreOut := false, false // a queue may hold more than one batch
 	for {
 		d, expired := us.idle.deadline()
 		if expired {
@@ -95,46 +96,75 @@ func (e *Engine) runEgressUDP(us *udpSession) (reason string, err error) {
 			us.close("idle")
 			return "idle", nil
 		}
-		var wake <-chan time.Time
-		if !d.IsZero() {
-			timer.Reset(time.Until(d))
-			wake = timer.C
-		}
-		select {
-		case <-us.done:
-			return "closed", nil
-		case <-us.queue.ready:
-			for batch = us.queue.take(batch[:0], maxUDPBatch); len(batch) > 0; batch = us.queue.take(batch[:0], maxUDPBatch) {
-				r := us.rule.Load()
-				for _, d := range batch {
-					dst := netip.AddrPortFrom(r.targetAddr, r.targetPort(d.dst.Port()))
-					if err := eg.WriteUDP(us.client, dst, (*d.buf)[:d.n]); err != nil {
-						us.state.udpDrops.Add(1)
-						if ce := e.log.Check(zap.DebugLevel, "udp send failed"); ce != nil {
-							ce.Write(zap.Uint64("session", us.id), zap.String("target", us.target), zap.Error(err))
-						}
-					} else {
-						us.in.Add(uint64(d.n))
-						us.state.bytesIn.Add(uint64(d.n))
-					}
-					putDatagramBuf(d.buf)
-				}
+		if !moreIn && !moreOut {
+			var wake <-chan time.Time
+			if !d.IsZero() {
+				timer.Reset(time.Until(d))
+				wake = timer.C
 			}
-		case <-us.replyQ.ready:
-			for batch = us.replyQ.take(batch[:0], maxUDPBatch); len(batch) > 0; batch = us.replyQ.take(batch[:0], maxUDPBatch) {
-				r := us.rule.Load()
-				for _, d := range batch {
-					pub := netip.AddrPortFrom(*us.public.Load(), r.listenPort(d.dst.Port()))
-					if err := us.via.WriteUDP(pub, us.client, (*d.buf)[:d.n]); err != nil {
-						us.state.udpDrops.Add(1)
-					} else {
-						us.out.Add(uint64(d.n))
-						us.state.bytesOut.Add(uint64(d.n))
-					}
-					putDatagramBuf(d.buf)
-				}
+			select {
+			case <-us.done:
+				return "closed", nil
+			case <-us.queue.ready:
+				moreIn = true
+			case <-us.replyQ.ready:
+				moreOut = true
+			case <-wake:
 			}
-		case <-wake:
+		} else {
+			select {
+			case <-us.done:
+				return "closed", nil
+			case <-us.queue.ready:
+				moreIn = true
+			case <-us.replyQ.ready:
+				moreOut = true
+			default:
+			}
 		}
+		if moreIn {
+			batch = us.queue.take(batch[:0], maxUDPBatch)
+			moreIn = len(batch) == maxUDPBatch
+			e.sendEgress(us, batch)
+		}
+		if moreOut {
+			batch = us.replyQ.take(batch[:0], maxUDPBatch)
+			moreOut = len(batch) == maxUDPBatch
+			e.writeReplies(us, batch)
+		}
+	}
+}
+
+// sendEgress sends client datagrams to the target through the egress.
+func (e *Engine) sendEgress(us *udpSession, batch []datagram) {
+	r := us.rule.Load()
+	for _, d := range batch {
+		dst := netip.AddrPortFrom(r.targetAddr, r.targetPort(d.dst.Port()))
+		if err := e.opts.Egress.WriteUDP(us.client, dst, (*d.buf)[:d.n]); err != nil {
+			us.state.udpDrops.Add(1)
+			if ce := e.log.Check(zap.DebugLevel, "udp send failed"); ce != nil {
+				ce.Write(zap.Uint64("session", us.id), zap.String("target", us.target), zap.Error(err))
+			}
+		} else {
+			us.in.Add(uint64(d.n))
+			us.state.bytesIn.Add(uint64(d.n))
+		}
+		putDatagramBuf(d.buf)
+	}
+}
+
+// writeReplies writes queued replies to the client from the public address
+// it used and the port the reply answers.
+func (e *Engine) writeReplies(us *udpSession, batch []datagram) {
+	r := us.rule.Load()
+	for _, d := range batch {
+		pub := netip.AddrPortFrom(*us.public.Load(), r.listenPort(d.dst.Port()))
+		if err := us.via.WriteUDP(pub, us.client, (*d.buf)[:d.n]); err != nil {
+			us.state.udpDrops.Add(1)
+		} else {
+			us.out.Add(uint64(d.n))
+			us.state.bytesOut.Add(uint64(d.n))
+		}
+		putDatagramBuf(d.buf)
 	}
 }
