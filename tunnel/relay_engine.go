@@ -257,9 +257,6 @@ func (t *peerTotals) add(ms forwarder.MappingStatus) {
 // the peer's mapping and target, bytes).
 func (r *Relay) Sessions() []forwarder.SessionInfo { return r.eng.Sessions() }
 
-// Engine is the relay's forwarder, for status and tests.
-func (r *Relay) Engine() *forwarder.Engine { return r.eng }
-
 // plus returns t with o's counters added (o may be nil).
 func (t peerTotals) plus(o *peerTotals) peerTotals {
 	out := t
