@@ -5,8 +5,12 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/natbox/natbox/conf"
 	"github.com/natbox/natbox/tunnel"
@@ -201,5 +205,41 @@ func expectEchoByte(t *testing.T, c net.Conn, b byte) {
 	buf := make([]byte, 1)
 	if _, err := io.ReadFull(c, buf); err != nil || buf[0] != b {
 		t.Fatalf("echo of %q: %q, %v", b, buf, err)
+	}
+}
+
+// TestRelayConnectionLog: with log.connections, the relay writes one line
+// per closed public session naming the real client, the peer's mapping and
+// the bytes, as the appliance does.
+func TestRelayConnectionLog(t *testing.T) {
+	t.Parallel()
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	key := mustKey(t)
+	cfg := onePeerRelayConfig(t, key, spec)
+	cfg.Log.Connections = true
+	core, logs := observer.New(zap.InfoLevel)
+	relay := startRelay(t, cfg, zap.New(core))
+	svc, _ := proxyEchoService(t)
+	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", port, svc))
+	waitRegistered(t, a, spec)
+
+	client, got := tcpRoundTrip(t, netip.AddrPortFrom(loopback4, port), []byte("logged"))
+	if string(got) != "logged" {
+		t.Fatalf("echo %q", got)
+	}
+	var line observer.LoggedEntry
+	waitFor(t, 5*time.Second, "the connection line", func() bool {
+		entries := logs.FilterMessage("connection").All()
+		if len(entries) == 0 {
+			return false
+		}
+		line = entries[0]
+		return true
+	})
+	f := line.ContextMap()
+	if !strings.HasSuffix(line.LoggerName, "conn") || f["src"] != client.String() || f["rule"] != "a/"+spec || f["bytes_rx"] != uint64(len("logged")) ||
+		f["target"] != netip.AddrPortFrom(applAddrA, port).String() {
+		t.Fatalf("connection line %s %v, want one from %s on a/%s", line.LoggerName, f, client, spec)
 	}
 }
