@@ -177,6 +177,14 @@ listen = "$LO:51820"
 private_key = "$(cat "$k/relay.key")"
 address = "100.96.0.1"
 public_bind = ["$LO"]
+# One load generator is one source and the bench's one peer: the per-source
+# budgets and per-peer quotas (flood defences) would cap it.
+max_sessions_per_source = 0
+new_sessions_per_source_per_second = 0
+peer_max_sessions = 0
+peer_max_udp_sessions = 0
+peer_max_inflight = 0
+peer_new_sessions_per_second = 0
 
 [admin]
 socket = "$1/relay.sock"

@@ -20,6 +20,81 @@ func defaultRelay() RelaySection {
 		MTU:         DefaultTunnelMTU,
 		DialTimeout: Duration(DefaultDialTimeout),
 		MaxSessions: DefaultMaxSessions,
+
+		PeerMaxSessions:          DefaultPeerMaxSessions,
+		PeerMaxUDPSessions:       DefaultPeerMaxUDPSessions,
+		PeerMaxInflight:          DefaultPeerMaxInflight,
+		PeerNewSessionsPerSecond: DefaultPeerNewSessionsRate,
+
+		MaxSessionsPerSource:          DefaultSessionsPerSource,
+		NewSessionsPerSourcePerSecond: DefaultNewSessionsRate,
+	}
+}
+
+// Defaults of the relay's per-peer quotas.
+const (
+	DefaultPeerMaxSessions     = 10000
+	DefaultPeerMaxUDPSessions  = 4000
+	DefaultPeerMaxInflight     = 256
+	DefaultPeerNewSessionsRate = 1000
+)
+
+// PeerLimits are one peer's quotas and per-source budgets, resolved
+// against the [relay] defaults. Zero is unlimited; a zero burst is twice
+// its rate.
+type PeerLimits struct {
+	MaxSessions, MaxUDPSessions, MaxInflight                                       int
+	NewSessionsPerSecond, NewSessionsBurst                                         int
+	MaxSessionsPerSource, NewSessionsPerSourcePerSecond, NewSessionsPerSourceBurst int
+}
+
+// PeerLimits returns p's limits: its own keys where set, [relay]'s otherwise.
+func (s RelaySection) PeerLimits(p *Peer) PeerLimits {
+	pick := func(own, def int) int {
+		if own > 0 {
+			return own
+		}
+		return def
+	}
+	return PeerLimits{
+		MaxSessions:                   pick(p.MaxSessions, s.PeerMaxSessions),
+		MaxUDPSessions:                pick(p.MaxUDPSessions, s.PeerMaxUDPSessions),
+		MaxInflight:                   pick(p.MaxInflight, s.PeerMaxInflight),
+		NewSessionsPerSecond:          pick(p.NewSessionsPerSecond, s.PeerNewSessionsPerSecond),
+		NewSessionsBurst:              pick(p.NewSessionsBurst, s.PeerNewSessionsBurst),
+		MaxSessionsPerSource:          pick(p.MaxSessionsPerSource, s.MaxSessionsPerSource),
+		NewSessionsPerSourcePerSecond: pick(p.NewSessionsPerSourcePerSecond, s.NewSessionsPerSourcePerSecond),
+		NewSessionsPerSourceBurst:     pick(p.NewSessionsPerSourceBurst, s.NewSessionsPerSourceBurst),
+	}
+}
+
+// quotaKeys are the per-peer quota keys: in [relay] with their prefix, in
+// [[peer]] as written.
+func quotaKeys(s *RelaySection, p *Peer) []struct {
+	key string
+	n   int
+} {
+	if p == nil {
+		return []struct {
+			key string
+			n   int
+		}{
+			{"peer_max_sessions", s.PeerMaxSessions}, {"peer_max_udp_sessions", s.PeerMaxUDPSessions},
+			{"peer_max_inflight", s.PeerMaxInflight}, {"peer_new_sessions_per_second", s.PeerNewSessionsPerSecond},
+			{"peer_new_sessions_burst", s.PeerNewSessionsBurst}, {"max_sessions_per_source", s.MaxSessionsPerSource},
+			{"new_sessions_per_source_per_second", s.NewSessionsPerSourcePerSecond},
+			{"new_sessions_per_source_burst", s.NewSessionsPerSourceBurst},
+		}
+	}
+	return []struct {
+		key string
+		n   int
+	}{
+		{"max_sessions", p.MaxSessions}, {"max_udp_sessions", p.MaxUDPSessions},
+		{"max_inflight", p.MaxInflight}, {"new_sessions_per_second", p.NewSessionsPerSecond},
+		{"new_sessions_burst", p.NewSessionsBurst}, {"max_sessions_per_source", p.MaxSessionsPerSource},
+		{"new_sessions_per_source_per_second", p.NewSessionsPerSourcePerSecond},
+		{"new_sessions_per_source_burst", p.NewSessionsPerSourceBurst},
 	}
 }
 
@@ -43,6 +118,11 @@ func (c *RelayConfig) validate(r *report) {
 	if s.MaxSessions < 0 {
 		r.errorf("relay.max_sessions", "use 0 for unlimited or a positive number", "%d is negative", s.MaxSessions)
 	}
+	for _, f := range quotaKeys(s, nil) {
+		if f.n < 0 {
+			r.errorf("relay."+f.key, "use 0 for unlimited or a positive number", "%d is negative", f.n)
+		}
+	}
 
 	names := make(map[string]int)
 	keys := make(map[Key]int)
@@ -52,6 +132,11 @@ func (c *RelayConfig) validate(r *report) {
 		pe := &c.Peers[i]
 		p := fmt.Sprintf("peer[%d]", i)
 		validateName(r, p, pe.Name, i, names, "peer", line)
+		for _, f := range quotaKeys(s, pe) {
+			if f.n < 0 {
+				r.errorf(p+"."+f.key, "use a positive number, or 0 for the [relay] default", "%d is negative", f.n)
+			}
+		}
 		switch j, dup := keys[pe.PublicKey]; {
 		case pe.PublicKey.IsZero():
 			r.errorf(p+".public_key", "copy the appliance's public key (wg pubkey < its key file)", "public_key is required")

@@ -57,6 +57,8 @@ address = "10.77.0.1"`, `relay.private_key: a private key is required; set priva
 		{"mtu", relayBase + `mtu = 65536 # <-`, `relay.mtu: mtu 65536 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
 		{"mtu below what the tunnel stack runs", relayBase + `mtu = 1279 # <-`, `relay.mtu: mtu 1279 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
 		{"mtu larger than one wireguard datagram", relayBase + `mtu = 65476 # <-`, `relay.mtu: mtu 65476 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
+		{"peer quota default negative", relayBase + `peer_max_udp_sessions = -1 # <-`, `relay.peer_max_udp_sessions: -1 is negative; use 0 for unlimited or a positive number`},
+		{"peer quota negative", relayWithHome(`["udp/5000"]`) + `max_inflight = -3 # <-`, `peer "home" (peer[0]).max_inflight: -3 is negative; use a positive number, or 0 for the [relay] default`},
 		{"relay address ipv6", `[relay]
 private_key = "` + testRelayPriv + `"
 address = "fd77::1" # <-`, `relay.address: address fd77::1 is IPv6; tunnel addresses are IPv4; use an IPv4 address such as 10.77.0.2; natbox derives the IPv6 tunnel address from it`},
@@ -158,6 +160,10 @@ func TestRelayDefaults(t *testing.T) {
 	if r.Listen != "0.0.0.0:51820" || r.MTU != 1420 || r.DialTimeout.D() != 5*time.Second || r.MaxSessions != 100000 ||
 		!slices.Equal(r.PublicBind, []netip.Addr{netip.MustParseAddr("0.0.0.0"), netip.MustParseAddr("::")}) {
 		t.Errorf("relay = %+v", r)
+	}
+	if got, want := r.PeerLimits(&cfg.Peers[0]), (PeerLimits{MaxSessions: 10000, MaxUDPSessions: 4000, MaxInflight: 256,
+		NewSessionsPerSecond: 1000, MaxSessionsPerSource: 256, NewSessionsPerSourcePerSecond: 100}); got != want {
+		t.Errorf("peer limits %+v, want %+v", got, want)
 	}
 	if cfg.Admin.Socket != DefaultRelayAdminSocket || cfg.Admin.Socket == DefaultAdminSocket || cfg.Log.Level != "info" {
 		t.Errorf("admin %+v log %+v", cfg.Admin, cfg.Log)

@@ -152,6 +152,19 @@ type RelaySection struct {
 	MTU            int          `toml:"mtu"`         // default 1420
 	DialTimeout    Duration     `toml:"dial_timeout"`
 	MaxSessions    int          `toml:"max_sessions"`
+
+	// Each peer's quotas, unless its [[peer]] sets its own (0: unlimited):
+	// what one peer's ports may take of the relay. See RelayConfig.PeerLimits.
+	PeerMaxSessions          int `toml:"peer_max_sessions"`            // TCP and UDP; default 10000
+	PeerMaxUDPSessions       int `toml:"peer_max_udp_sessions"`        // default 4000
+	PeerMaxInflight          int `toml:"peer_max_inflight"`            // public TCP connections being dialed into the tunnel; default 256
+	PeerNewSessionsPerSecond int `toml:"peer_new_sessions_per_second"` // all sources together; default 1000
+	PeerNewSessionsBurst     int `toml:"peer_new_sessions_burst"`      // 0: twice the rate
+	// Per-source budgets on each held port (one source: an IPv4 address or
+	// an IPv6 /64), as [limits] on an appliance.
+	MaxSessionsPerSource          int `toml:"max_sessions_per_source"`            // per protocol; default 256
+	NewSessionsPerSourcePerSecond int `toml:"new_sessions_per_source_per_second"` // default 100
+	NewSessionsPerSourceBurst     int `toml:"new_sessions_per_source_burst"`      // 0: twice the rate
 }
 
 // Peer is one appliance allowed to use the relay.
@@ -160,6 +173,17 @@ type Peer struct {
 	PublicKey Key        `toml:"public_key"`
 	Address   netip.Addr `toml:"address"`
 	Ports     []PortSpec `toml:"ports"` // what this peer may hold, e.g. "tcp/443", "udp/10000-10100"
+
+	// This peer's quotas and per-source budgets; 0 or unset: the [relay]
+	// value of the same name (peer_max_sessions, ...).
+	MaxSessions                   int `toml:"max_sessions"`
+	MaxUDPSessions                int `toml:"max_udp_sessions"`
+	MaxInflight                   int `toml:"max_inflight"`
+	NewSessionsPerSecond          int `toml:"new_sessions_per_second"`
+	NewSessionsBurst              int `toml:"new_sessions_burst"`
+	MaxSessionsPerSource          int `toml:"max_sessions_per_source"`
+	NewSessionsPerSourcePerSecond int `toml:"new_sessions_per_source_per_second"`
+	NewSessionsPerSourceBurst     int `toml:"new_sessions_per_source_burst"`
 
 	Line int `toml:"-"`
 }

@@ -196,6 +196,7 @@ func (t *sourceTable) tracked() int {
 type slot struct {
 	src       sourceSessionKey
 	perSource bool
+	group     *groupState // nil: in no group
 }
 
 // reserveSlot takes a session slot for a src (a sourceKey) flow of proto
@@ -206,14 +207,28 @@ type slot struct {
 func (e *Engine) reserveSlot(rs *RuleSet, r *Rule, proto conf.Proto, src netip.Addr) (slot, refusal) {
 	st := r.state
 	sl := slot{src: sourceSessionKey{st: st, proto: proto, src: src}}
+	if why := r.group.reserve(r.quota, proto); why != refusalNone {
+		return sl, why
+	}
+	sl.group = r.group
+	if why := e.reserveShared(rs, r, proto, src, &sl); why != refusalNone {
+		sl.group.release(proto)
+		return sl, why
+	}
+	return sl, refusalNone
+}
+
+// reserveShared is reserveSlot past the group's quota.
+func (e *Engine) reserveShared(rs *RuleSet, r *Rule, proto conf.Proto, src netip.Addr, sl *slot) refusal {
+	st := r.state
 	if n := st.slots.Add(1); r.Mapping.MaxSessions > 0 && n > int64(r.Mapping.MaxSessions) {
 		st.slots.Add(-1)
-		return sl, refusedMappingSessions
+		return refusedMappingSessions
 	}
 	if n := e.slots.Add(1); rs.limits.MaxSessions > 0 && n > int64(rs.limits.MaxSessions) {
 		e.slots.Add(-1)
 		st.slots.Add(-1)
-		return sl, refusedSessions
+		return refusedSessions
 	}
 	pool, limit, why, perSource := &e.tcpSlots, rs.tcpPool, refusedTCPSessions, r.budget.MaxTCPSessions
 	if proto == conf.UDP {
@@ -223,18 +238,18 @@ func (e *Engine) reserveSlot(rs *RuleSet, r *Rule, proto conf.Proto, src netip.A
 		pool.Add(-1)
 		e.slots.Add(-1)
 		st.slots.Add(-1)
-		return sl, why
+		return why
 	}
 	if perSource > 0 {
 		if !e.sources.acquireSession(sl.src, perSource) {
 			pool.Add(-1)
 			e.slots.Add(-1)
 			st.slots.Add(-1)
-			return sl, refusedSourceSessions
+			return refusedSourceSessions
 		}
 		sl.perSource = true
 	}
-	return sl, refusalNone
+	return refusalNone
 }
 
 func (e *Engine) releaseSlot(sl slot) {
@@ -248,15 +263,18 @@ func (e *Engine) releaseSlot(sl slot) {
 	if sl.perSource {
 		e.sources.releaseSession(sl.src)
 	}
+	sl.group.release(sl.src.proto)
 }
 
-// allowNew applies r's new-session rate to src (a sourceKey) at now.
+// allowNew applies r's new-session rate to src (a sourceKey) at now, then
+// its group's: a source over its own rate does not spend the group's tokens.
 func (e *Engine) allowNew(rs *RuleSet, r *Rule, src netip.Addr, now time.Time) refusal {
-	if r.budget.RatePerSecond <= 0 {
-		return refusalNone
-	}
-	if !e.sources.allow(bucketKey{st: r.state, src: src}, now, float64(r.budget.RatePerSecond), float64(r.budget.Burst), rs.trackedPerShard) {
+	if r.budget.RatePerSecond > 0 &&
+		!e.sources.allow(bucketKey{st: r.state, src: src}, now, float64(r.budget.RatePerSecond), float64(r.budget.Burst), rs.trackedPerShard) {
 		return refusedSourceRate
+	}
+	if !r.group.allow(r.quota, now) {
+		return refusedGroupRate
 	}
 	return refusalNone
 }

@@ -57,6 +57,12 @@ type Options struct {
 	// decision itself always uses Clock. Zero: sleep until the idle timeout
 	// could next fire. Tests with a fake clock set it small.
 	IdleCheckInterval time.Duration
+	// Egress, when set, originates every flow through it from the client's
+	// own address instead of dialing from the host (the relay's tunnel).
+	Egress Egress
+	// QuietRules logs loaded mappings and reloads at debug, not info: the
+	// relay re-derives its rules whenever a peer's ports change.
+	QuietRules bool
 	// UDPQueueLen is how many datagrams a UDP session buffers toward its
 	// target (including while it dials) before dropping. Zero: 2048.
 	UDPQueueLen int
@@ -101,6 +107,7 @@ type Engine struct {
 	stopping bool
 	forced   bool // Shutdown's grace ended: new registrations close at once
 	states   map[string]*mappingState
+	groups   map[string]*groupState
 	sessions map[uint64]*session
 
 	stopSweep   chan struct{}
@@ -146,8 +153,9 @@ func New(cfg *conf.Config, opts Options, log *zap.Logger) (*Engine, error) {
 		opts:      opts,
 		unmatched: &mappingState{},
 		states:    make(map[string]*mappingState),
+		groups:    make(map[string]*groupState),
 		sessions:  make(map[uint64]*session),
-		udp:       udpTable{m: make(map[udpKey]*udpSession)},
+		udp:       udpTable{m: make(map[udpKey]*udpSession), replies: make(map[replyKey]*udpSession)},
 		stopSweep: make(chan struct{}),
 		sweepDone: make(chan struct{}),
 	}
@@ -184,10 +192,27 @@ func (e *Engine) bindStates(rs *RuleSet) {
 			e.states[r.Name] = st
 		}
 		r.state = st
+		if r.groupName != "" {
+			g := e.groups[r.groupName]
+			if g == nil {
+				g = &groupState{}
+				e.groups[r.groupName] = g
+			}
+			r.group = g
+		}
 	}
 	for name := range e.states {
 		if _, ok := rs.byName[name]; !ok {
 			delete(e.states, name)
+		}
+	}
+	inUse := make(map[*groupState]bool, len(e.groups))
+	for _, r := range rs.rules {
+		inUse[r.group] = true
+	}
+	for name, g := range e.groups {
+		if !inUse[g] {
+			delete(e.groups, name)
 		}
 	}
 }

@@ -25,8 +25,13 @@ type Diff struct {
 // close when its protocol, listen, target, PROXY framing or ingress no
 // longer fit them, or when its allow/deny no longer admits their client;
 // otherwise they continue under the new rule (limits, idle timeout).
-func (e *Engine) Reload(cfg *conf.Config) (Diff, error) {
-	rs, err := Compile(cfg)
+func (e *Engine) Reload(cfg *conf.Config) (Diff, error) { return e.ReloadGroups(cfg, Groups{}) }
+
+// ReloadGroups is Reload with mappings put under shared quotas (see
+// Groups): the relay swaps its rules this way, without a file. A group's
+// counters survive reloads while its name does.
+func (e *Engine) ReloadGroups(cfg *conf.Config, g Groups) (Diff, error) {
+	rs, err := CompileGroups(cfg, g)
 	if err != nil {
 		return Diff{}, fmt.Errorf("reload: %w", err)
 	}
@@ -45,12 +50,19 @@ func (e *Engine) Reload(cfg *conf.Config) (Diff, error) {
 			closed++
 		}
 	}
-	for _, name := range diff.Added {
-		r := rs.byName[name]
-		e.log.Info("mapping loaded", ruleFields(r)...)
+	lvl := zap.InfoLevel
+	if e.opts.QuietRules {
+		lvl = zap.DebugLevel
 	}
-	e.log.Info("config reloaded", zap.Int("count", len(rs.rules)), zap.Strings("added", diff.Added),
-		zap.Strings("changed", diff.Changed), zap.Strings("removed", diff.Removed), zap.Int("sessions_closed", closed))
+	for _, name := range diff.Added {
+		if ce := e.log.Check(lvl, "mapping loaded"); ce != nil {
+			ce.Write(ruleFields(rs.byName[name])...)
+		}
+	}
+	if ce := e.log.Check(lvl, "config reloaded"); ce != nil {
+		ce.Write(zap.Int("count", len(rs.rules)), zap.Strings("added", diff.Added),
+			zap.Strings("changed", diff.Changed), zap.Strings("removed", diff.Removed), zap.Int("sessions_closed", closed))
+	}
 	diff.SessionsClosed = closed
 	return diff, nil
 }

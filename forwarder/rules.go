@@ -38,6 +38,9 @@ type Rule struct {
 	expires     int64 // unix nanos; 0: never
 	enabled     bool
 	budget      conf.SourceBudget // per-source caps and rate, [limits] and the mapping's own keys resolved
+	groupName   string            // "" when in no group
+	quota       Quota             // the group's
+	group       *groupState       // the group's counters; set with state
 	state       *mappingState     // this name's counters; set before the RuleSet is published
 }
 
@@ -222,7 +225,10 @@ type RuleSet struct {
 
 // Compile builds a RuleSet from cfg. It returns an error, and nothing else,
 // when a mapping is unusable or two mappings share a name.
-func Compile(cfg *conf.Config) (*RuleSet, error) {
+func Compile(cfg *conf.Config) (*RuleSet, error) { return CompileGroups(cfg, Groups{}) }
+
+// CompileGroups is Compile with mappings put under the quotas of g.
+func CompileGroups(cfg *conf.Config, g Groups) (*RuleSet, error) {
 	if cfg == nil {
 		return nil, errors.New("no config; pass a loaded *conf.Config")
 	}
@@ -249,6 +255,13 @@ func Compile(cfg *conf.Config) (*RuleSet, error) {
 			return nil, err
 		}
 		r.budget = cfg.Limits.SourceBudget(&m)
+		if name, ok := g.Of[m.Name]; ok {
+			q, ok := g.Quotas[name]
+			if !ok {
+				return nil, fmt.Errorf("mapping %q: group %q has no quota", m.Name, name)
+			}
+			r.groupName, r.quota = name, q
+		}
 		if _, dup := rs.byName[r.Name]; dup {
 			return nil, fmt.Errorf("mapping %q is defined twice; give each mapping a unique name", r.Name)
 		}

@@ -27,6 +27,10 @@ const (
 	refusedDialFailed
 	refusedShuttingDown
 	refusedHandshakeTimeout
+	refusedGroupSessions
+	refusedGroupUDPSessions
+	refusedGroupInflight
+	refusedGroupRate
 	numRefusals
 )
 
@@ -49,6 +53,11 @@ var refusalNames = [numRefusals]string{
 	// The target was dialed but the client never completed its handshake
 	// (e.g. a spoofed SYN); the target connection was closed at once.
 	refusedHandshakeTimeout: "handshake_timeout",
+	// A group's Quota; the relay's groups are its peers.
+	refusedGroupSessions:    "over_limit_peer_sessions",
+	refusedGroupUDPSessions: "over_limit_peer_udp_sessions",
+	refusedGroupInflight:    "over_limit_peer_inflight",
+	refusedGroupRate:        "over_limit_peer_rate",
 }
 
 func (r refusal) String() string { return refusalNames[r] }

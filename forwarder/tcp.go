@@ -66,7 +66,7 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 		return
 	}
 	target := r.targetHostPort(dst.Port())
-	if why := e.budget.acquire(rs.limits, srcKey, target); why != refusalNone {
+	if why := e.acquireDial(rs, r, srcKey, target); why != refusalNone {
 		r.state.refuse(why)
 		e.debugRefusal(r, conf.TCP, src, dst, why, nil)
 		reject()
@@ -79,14 +79,14 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 		sl, why = e.reserveEvicting(rs, r, conf.TCP, srcKey)
 	}
 	if why != refusalNone {
-		e.budget.release(srcKey, target)
+		e.releaseDial(r, srcKey, target)
 		r.state.refuse(why)
 		e.debugRefusal(r, conf.TCP, src, dst, why, nil)
 		reject()
 		return
 	}
 	upstream, err := e.dialTarget(rs, r, src, dst, target, attempt.Context())
-	e.budget.release(srcKey, target)
+	e.releaseDial(r, srcKey, target)
 	if err != nil && clientGone(attempt) {
 		// Not the target's fault: nobody is left to refuse.
 		e.releaseSlot(sl)
@@ -163,7 +163,7 @@ func (e *Engine) dialTarget(rs *RuleSet, r *Rule, src, dst netip.AddrPort, targe
 	defer cancel()
 	defer context.AfterFunc(attempt, cancel)()
 	start := time.Now()
-	conn, err := e.dialer.DialContext(ctx, "tcp", target)
+	conn, err := e.dialTCP(ctx, r, src, dst, target)
 	if err != nil {
 		return nil, fmt.Errorf("dial target %s: %w", target, err)
 	}

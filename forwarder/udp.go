@@ -50,6 +50,8 @@ type udpKey struct {
 type udpTable struct {
 	mu sync.RWMutex // mu guards m, unassured and every mappingState.unassured
 	m  map[udpKey]*udpSession
+	// replies finds egress sessions (Options.Egress) from their replies.
+	replies map[replyKey]*udpSession
 	// unassured lists the sessions that have had no reply from their
 	// target yet, oldest first: what a full pool evicts, the way conntrack
 	// drops unassured entries, so a flood from spoofed sources (which never
@@ -61,6 +63,7 @@ type udpTable struct {
 const (
 	listTable = iota
 	listMapping
+	listGroup // only for sessions of a mapping in a quota group
 )
 
 // udpList is an intrusive list of UDP sessions, oldest first: push,
@@ -105,20 +108,32 @@ func (l *udpList) remove(us *udpSession, i int) {
 func (t *udpTable) listLocked(us *udpSession) {
 	t.unassured.push(us, listTable)
 	us.state.unassured.push(us, listMapping)
+	if us.group != nil {
+		us.group.unassured.push(us, listGroup)
+	}
 }
 
 func (t *udpTable) unlistLocked(us *udpSession) {
 	t.unassured.remove(us, listTable)
 	us.state.unassured.remove(us, listMapping)
+	if us.group != nil {
+		us.group.unassured.remove(us, listGroup)
+	}
 }
 
 // victimLocked returns the session to evict for a new one refused for why,
 // or nil: the oldest unassured session of the mapping when the mapping's
-// max_sessions is full, of any mapping when the UDP pool or max_sessions is.
-func (t *udpTable) victimLocked(why refusal, st *mappingState) *udpSession {
+// max_sessions is full, of the group when its quota is (so a spoofed flood
+// at one relay peer's port cannot lock out that peer's answered clients),
+// of any mapping when the UDP pool or max_sessions is.
+func (t *udpTable) victimLocked(why refusal, st *mappingState, g *groupState) *udpSession {
 	switch why {
 	case refusedMappingSessions:
 		return st.unassured.head
+	case refusedGroupSessions, refusedGroupUDPSessions:
+		if g != nil {
+			return g.unassured.head
+		}
 	case refusedUDPSessions, refusedSessions:
 		return t.unassured.head
 	}
@@ -137,14 +152,11 @@ func (e *Engine) reserveEvictingLocked(rs *RuleSet, r *Rule, proto conf.Proto, s
 	sl, why := e.reserveSlot(rs, r, proto, src)
 	n := 0
 	for ; why != refusalNone && n < maxEvictions; n++ {
-		v := e.udp.victimLocked(why, r.state)
+		v := e.udp.victimLocked(why, r.state, r.group)
 		if v == nil {
 			break
 		}
-		e.udp.unlistLocked(v)
-		if e.udp.m[v.key] == v {
-			delete(e.udp.m, v.key)
-		}
+		e.udp.forgetLocked(v)
 		v.state.udpEvicted.Add(1)
 		e.freeSlot(v.session)
 		evicted[n] = v
@@ -183,9 +195,18 @@ func (t *udpTable) get(k udpKey) *udpSession {
 func (t *udpTable) remove(us *udpSession) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.forgetLocked(us)
+}
+
+// forgetLocked takes us out of the table, its reply index and the
+// unassured lists.
+func (t *udpTable) forgetLocked(us *udpSession) {
 	t.unlistLocked(us)
 	if t.m[us.key] == us {
 		delete(t.m, us.key)
+	}
+	if us.replyQ != nil && t.replies[us.rkey] == us {
+		delete(t.replies, us.rkey)
 	}
 }
 
@@ -213,7 +234,12 @@ type udpSession struct {
 	// replied is set by the target's first reply; assured once the client
 	// sends again after it (see assure), as conntrack's UDP "stream".
 	replied, assured atomic.Bool
-	links            [2]udpLinks // on the unassured lists (listTable, listMapping); guarded by udpTable.mu
+	links            [3]udpLinks // on the unassured lists (listTable, listMapping, listGroup); guarded by udpTable.mu
+	group            *groupState // its mapping's quota group at open, or nil
+	// Egress sessions only: replies waiting for the client, and the key
+	// that finds the session from them.
+	replyQ *datagramQueue
+	rkey   replyKey
 
 	mu      sync.Mutex // mu guards the following fields
 	conn    *net.UDPConn
@@ -262,11 +288,16 @@ func (us *udpSession) deliver(payload []byte, dst netip.AddrPort, now time.Time)
 	}
 }
 
-// drain empties the queue, counting what is dropped.
+// drain empties the queues, counting what is dropped.
 func (us *udpSession) drain() {
-	for _, d := range us.queue.take(nil, us.queue.limit) {
-		putDatagramBuf(d.buf)
-		us.state.udpDrops.Add(1)
+	for _, q := range []*datagramQueue{us.queue, us.replyQ} {
+		if q == nil {
+			continue
+		}
+		for _, d := range q.take(nil, q.limit) {
+			putDatagramBuf(d.buf)
+			us.state.udpDrops.Add(1)
+		}
 	}
 }
 
@@ -338,6 +369,7 @@ func (e *Engine) openUDP(rs *RuleSet, r *Rule, in Ingress, src, dst netip.AddrPo
 		session: e.newSession(conf.UDP, in, r, src, dst, r.targetHostPort(dst.Port()), sl),
 		key:     key,
 		via:     in,
+		group:   r.group,
 		queue:   newDatagramQueue(e.opts.UDPQueueLen),
 		done:    make(chan struct{}),
 	}
@@ -345,6 +377,11 @@ func (e *Engine) openUDP(rs *RuleSet, r *Rule, in Ingress, src, dst netip.AddrPo
 	us.public.Store(&pub)
 	us.stop = us.shutdown
 	e.udp.m[key] = us
+	if e.opts.Egress != nil && r.targetAddr.IsValid() {
+		us.replyQ = newDatagramQueue(defaultReplyQueueLen)
+		us.rkey = replyKey{client: src, target: netip.AddrPortFrom(r.targetAddr, r.targetPort(dst.Port()))}
+		e.udp.replies[us.rkey] = us // two mappings toward one target: the newest session gets the replies
+	}
 	e.udp.listLocked(us)
 	e.udp.mu.Unlock()
 	closeEvicted(evicted[:n])
@@ -364,6 +401,13 @@ func closeEvicted(vs []*udpSession) {
 func (e *Engine) runUDPSession(us *udpSession, dialTimeout time.Duration) {
 	defer e.flows.Done()
 	reason := "closed"
+	if e.opts.Egress != nil {
+		reason, err := e.runEgressUDP(us)
+		e.udp.remove(us)
+		us.drain()
+		e.finish(us.session, reason, err)
+		return
+	}
 	conn, targetIP, err := e.openUDPConn(us, dialTimeout)
 	switch {
 	case err != nil:

@@ -22,7 +22,7 @@ import (
 //
 //	appliance -> relay  {"v":1,"type":"hello","version":"natbox 1.2"}
 //	relay -> appliance  {"v":1,"type":"hello","peer":"home-nas","version":"natbox 1.2"}
-//	appliance -> relay  {"v":1,"type":"register","ports":["tcp/443","udp/10000-10100"]}
+//	appliance -> relay  {"v":1,"type":"register","ports":["tcp/443","udp/10000-10100"],"udp_idle_ms":{"udp/10000-10100":300000}}
 //	relay -> appliance  {"v":1,"type":"result","port":"tcp/443","ok":true}
 //	relay -> appliance  {"v":1,"type":"result","port":"udp/10000-10100","ok":false,"reason":"not in this peer's ports"}
 //	appliance -> relay  {"v":1,"type":"ping"}   every pingInterval
@@ -63,9 +63,13 @@ type message struct {
 	Peer    string   `json:"peer,omitempty"`    // hello from the relay: the name it knows the appliance by
 	Version string   `json:"version,omitempty"` // hello: software version, for logs
 	Ports   []string `json:"ports,omitempty"`   // register
-	Port    string   `json:"port,omitempty"`    // result
-	OK      bool     `json:"ok,omitempty"`      // result
-	Reason  string   `json:"reason,omitempty"`  // result (refused) or error
+	// UDPIdle is a register's UDP idle timeout per spec, in milliseconds:
+	// the appliance mapping's idle_timeout, which the relay's session for
+	// it follows. Absent (an older appliance): the relay's default.
+	UDPIdle map[string]int64 `json:"udp_idle_ms,omitempty"`
+	Port    string           `json:"port,omitempty"`   // result
+	OK      bool             `json:"ok,omitempty"`     // result
+	Reason  string           `json:"reason,omitempty"` // result (refused) or error
 }
 
 // ErrControlLineTooLong is returned when a control message exceeds 64 KiB.

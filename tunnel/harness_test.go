@@ -198,11 +198,16 @@ mtu = %d
 	if err != nil {
 		t.Fatal(err)
 	}
-	var ports []conf.PortSpec
+	// As the appliance registers: each UDP mapping with its idle timeout.
+	var ports []tunnel.WantedPort
 	for _, m := range cfg.Mappings {
-		ports = append(ports, conf.PortSpec{Proto: m.Protocol, Ports: m.Listen.Ports})
+		w := tunnel.WantedPort{Spec: conf.PortSpec{Proto: m.Protocol, Ports: m.Listen.Ports}}
+		if m.Protocol.Has(conf.UDP) {
+			w.UDPIdle = m.IdleTimeoutFor(conf.UDP)
+		}
+		ports = append(ports, w)
 	}
-	u.SetPorts(ports)
+	u.SetWanted(ports)
 	ctx, cancel := context.WithCancel(context.Background())
 	a := &appliance{uplink: u, stack: st, engine: engine, cfg: cfg, logs: logs, cancel: cancel, done: make(chan error, 1)}
 	go func() { a.done <- u.Run(ctx) }()

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/forwarder"
 	"github.com/natbox/natbox/tunnel"
 )
 
@@ -191,16 +192,17 @@ func containsAddr(header string, ap netip.AddrPort) bool {
 }
 
 // TestRelayUDPIdleExpiry: the relay forgets a public UDP client after the
-// idle timeout and serves it again as a new session.
+// mapping's idle timeout and serves it again as a new session.
 func TestRelayUDPIdleExpiry(t *testing.T) {
 	t.Parallel()
 	port := freePort(t, false)
 	spec := fmt.Sprintf("udp/%d", port)
 	key := mustKey(t)
 	cfg := onePeerRelayConfig(t, key, spec)
-	relay := startRelay(t, cfg, testLogger(t), tunnel.WithUDPIdleTimeout(300*time.Millisecond))
+	relay := startRelay(t, cfg, testLogger(t))
 	svc := udpEchoService(t)
-	a := startAppliance(t, relay, key, applAddrA, udpMapping("dns", port, svc))
+	// The relay's session follows the mapping's idle timeout.
+	a := startAppliance(t, relay, key, applAddrA, mappingTOML("dns", "udp", port, svc, "idle_timeout = \"300ms\"\n"))
 	waitRegistered(t, a, spec)
 	c := udpClient(t)
 	public := netip.AddrPortFrom(loopback4, port)
@@ -217,7 +219,7 @@ func TestRelayUDPIdleExpiry(t *testing.T) {
 }
 
 // TestRelayMaxSessions: past relay.max_sessions a public connection is
-// closed at once and counted; the admitted one keeps working.
+// reset at once and counted; the admitted one keeps working.
 func TestRelayMaxSessions(t *testing.T) {
 	t.Parallel()
 	port := freePort(t, false)
@@ -244,15 +246,9 @@ func TestRelayMaxSessions(t *testing.T) {
 	if _, err := io.ReadFull(first, buf); err != nil || buf[0] != 'x' {
 		t.Fatalf("first flow: %q, %v", buf, err)
 	}
-	second, err := net.DialTimeout("tcp", public, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer second.Close()
-	second.SetDeadline(time.Now().Add(10 * time.Second))
-	if n, err := second.Read(buf); err == nil {
-		t.Fatalf("second flow over the cap read %d bytes", n)
-	}
+	// Over the cap the client is reset, not closed: an empty answer would
+	// read as the service's.
+	expectReset(t, netip.MustParseAddrPort(public))
 	if st := relay.relay.Status(); st.OverLimit != 1 || st.TCPSessions != 1 {
 		t.Fatalf("over_limit %d, tcp sessions %d; want 1 and 1", st.OverLimit, st.TCPSessions)
 	}
@@ -314,10 +310,11 @@ func TestRelayPeerSessionCounts(t *testing.T) {
 	tcpSpec, udpSpec := fmt.Sprintf("tcp/%d", tcpPort), fmt.Sprintf("udp/%d", udpPort)
 	key := mustKey(t)
 	cfg := onePeerRelayConfig(t, key, tcpSpec, udpSpec)
-	relay := startRelay(t, cfg, testLogger(t), tunnel.WithUDPIdleTimeout(300*time.Millisecond))
+	relay := startRelay(t, cfg, testLogger(t))
 	tcpSvc, _ := proxyEchoService(t)
 	udpSvc := udpEchoService(t)
-	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", tcpPort, tcpSvc)+udpMapping("dns", udpPort, udpSvc))
+	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", tcpPort, tcpSvc)+
+		mappingTOML("dns", "udp", udpPort, udpSvc, "idle_timeout = \"300ms\"\n"))
 	waitRegistered(t, a, tcpSpec, udpSpec)
 	counts := func() (int64, uint64) {
 		st := relay.relay.Status()
@@ -384,5 +381,68 @@ func TestRelayUDPLargerThanMTU(t *testing.T) {
 	// echo to come back must be its own.
 	if got := udpRoundTrip(t, c, public, []byte("after")); string(got) != "after" {
 		t.Fatalf("echo after the oversized datagram: %d bytes %.16q, want %q", len(got), got, "after")
+	}
+}
+
+// TestRelaySessionsShowClients: the relay's session list names each public
+// client by its own address and port, with the peer's mapping, the public
+// port and the peer's tunnel address as target.
+func TestRelaySessionsShowClients(t *testing.T) {
+	t.Parallel()
+	tcpPort, udpPort := freePort(t, false), freePort(t, false)
+	tcpSpec, udpSpec := fmt.Sprintf("tcp/%d", tcpPort), fmt.Sprintf("udp/%d", udpPort)
+	key := mustKey(t)
+	relay := startRelay(t, onePeerRelayConfig(t, key, tcpSpec, udpSpec), testLogger(t))
+	tcpSvc, _ := proxyEchoService(t)
+	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", tcpPort, tcpSvc)+udpMapping("dns", udpPort, udpEchoService(t)))
+	waitRegistered(t, a, tcpSpec, udpSpec)
+
+	c, err := net.DialTimeout("tcp", netip.AddrPortFrom(loopback4, tcpPort).String(), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 1)
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatalf("tcp echo: %v", err)
+	}
+	u := udpClient(t)
+	if got := udpRoundTrip(t, u, netip.AddrPortFrom(loopback4, udpPort), []byte("q")); string(got) != "q" {
+		t.Fatalf("udp echo %q", got)
+	}
+
+	want := map[string]netip.AddrPort{
+		"a/" + tcpSpec: netip.MustParseAddrPort(c.LocalAddr().String()),
+		"a/" + udpSpec: netip.MustParseAddrPort(u.LocalAddr().String()),
+	}
+	// Bytes are counted once written, which may be just after the client read them.
+	var got []forwarder.SessionInfo
+	waitFor(t, 5*time.Second, "both sessions with bytes both ways", func() bool {
+		got = relay.relay.Sessions()
+		n := 0
+		for _, s := range got {
+			if s.BytesIn > 0 && s.BytesOut > 0 {
+				n++
+			}
+		}
+		return len(got) == 2 && n == 2
+	})
+	for _, s := range got {
+		client, ok := want[s.Mapping]
+		if !ok {
+			t.Fatalf("session of mapping %q, want one of %v", s.Mapping, want)
+		}
+		port := tcpPort
+		if s.Protocol == "udp" {
+			port = udpPort
+		}
+		if s.Client != client || s.Public.Port() != port || s.Target != netip.AddrPortFrom(applAddrA, port).String() {
+			t.Fatalf("session %s: client %v public %v target %s; want client %v, port %d, target %v:%d",
+				s.Mapping, s.Client, s.Public, s.Target, client, port, applAddrA, port)
+		}
 	}
 }

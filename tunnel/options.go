@@ -58,7 +58,8 @@ func WithHelloTimeout(d time.Duration) Option { return func(o *options) { o.hell
 func WithReleaseGrace(d time.Duration) Option { return func(o *options) { o.releaseGrace = d } }
 
 // WithUDPIdleTimeout sets when the relay forgets an idle public UDP client
-// session (default 2 min).
+// session of a port whose appliance did not send the mapping's idle timeout
+// with its register (an older appliance); default 2 min.
 func WithUDPIdleTimeout(d time.Duration) Option { return func(o *options) { o.udpIdleTimeout = d } }
 
 // WithTCPIdleTimeout sets when the relay closes a public TCP flow with no

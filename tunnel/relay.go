@@ -62,10 +62,8 @@ type Relay struct {
 	wg        sync.WaitGroup // every goroutine the relay starts
 	closeOnce sync.Once
 
-	sessions atomic.Int64 // TCP flows + UDP sessions, against maxSessions
-	tcpFlows atomic.Int64
-	rejected atomic.Uint64 // tunnel flows refused by isolation
-	overCap  atomic.Uint64 // public flows refused by maxSessions
+	eng      *forwarder.Engine // admits and runs every public flow
+	rejected atomic.Uint64     // tunnel flows refused by isolation
 
 	// mu guards the following fields.
 	mu     sync.Mutex
@@ -74,10 +72,10 @@ type Relay struct {
 	peers  map[string]*relayPeer // by name
 	byAddr map[netip.Addr]*relayPeer
 	reg    *registry
-
-	// udpMu guards udp; it is separate from mu because the packet path takes it.
-	udpMu sync.RWMutex
-	udp   map[udpKey]*udpSession
+	// rulesDirty: holdings or limits changed since the engine's rules were
+	// last built (see syncRulesLocked).
+	rulesDirty bool
+	rulePeer   map[string]*relayPeer // engine mapping name -> peer
 }
 
 // relayLimits are the [relay] settings a reload applies in place. Flows
@@ -100,32 +98,32 @@ func limitsOf(s conf.RelaySection) *relayLimits {
 // whose address changes is replaced); the counters are atomic; the other
 // fields are guarded by Relay.mu.
 type relayPeer struct {
-	name   string
-	addr4  netip.Addr
-	active atomic.Int64  // TCP flows and UDP sessions open now
-	opened atomic.Uint64 // TCP flows and UDP sessions ever opened
-	// dialFailed counts public TCP connections the peer did not take over
-	// inside the tunnel (its forwarder refused, or no answer in time).
-	dialFailed atomic.Uint64
+	name       string
+	addr4      netip.Addr
 	ctlRefused ctlCounters // control connections refused, by reason
+	retired    peerTotals  // engine counters of holdings released
 	cfg        conf.Peer
-	pending    *controlConn    // a control connection waiting for its hello
-	session    *controlSession // nil when not connected
-	wanted     []string        // the specs of the peer's last register
+	pending    *controlConn             // a control connection waiting for its hello
+	session    *controlSession          // nil when not connected
+	wanted     []string                 // the specs of the peer's last register
+	udpIdle    map[string]time.Duration // ... and their UDP idle timeouts, where given
 	results    map[string]message
 	holdings   map[portKey]*holding
 	grace      *time.Timer // runs while the peer is disconnected and still holds ports
 }
 
 // holding is one (protocol, port) a peer holds: the public sockets on every
-// bind address. Cancelling ctx ends its flows.
+// bind address, served once the engine has its rule. Cancelling ctx stops
+// its dials.
 type holding struct {
-	key    portKey
-	peer   *relayPeer
-	ctx    context.Context
-	cancel context.CancelFunc
-	lns    []net.Listener
-	pcs    []*net.UDPConn
+	key     portKey
+	peer    *relayPeer
+	ctx     context.Context
+	cancel  context.CancelFunc
+	lns     []net.Listener
+	pcs     []*net.UDPConn
+	udpIdle time.Duration // idle timeout of its UDP sessions
+	serving bool          // guarded by Relay.mu
 }
 
 // NewRelay configures a WireGuard device on dev for cfg's peers, listening
@@ -194,7 +192,8 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 		peers:  make(map[string]*relayPeer),
 		byAddr: make(map[netip.Addr]*relayPeer),
 		reg:    newRegistry(),
-		udp:    make(map[udpKey]*udpSession),
+
+		rulePeer: make(map[string]*relayPeer),
 	}
 	if len(r.binds) == 0 {
 		r.binds = []netip.Addr{netip.IPv4Unspecified(), netip.IPv6Unspecified()}
@@ -220,8 +219,11 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 	for i := range cfg.Peers {
 		r.addPeerLocked(cfg.Peers[i])
 	}
-	r.wg.Add(1)
-	go r.expireLoop()
+	if r.eng, err = r.newEngine(); err != nil {
+		d.Close()
+		cancel()
+		return nil, fmt.Errorf("relay forwarder: %w", err)
+	}
 	log.Info("relay up", zap.String("listen", cfg.Relay.Listen), zap.Stringer("address", r.addr4),
 		zap.Int("count", len(cfg.Peers)))
 	return r, nil
@@ -262,6 +264,7 @@ func (r *Relay) Close() error {
 		for _, cc := range pending { // not waiting out their hello deadline
 			cc.c.Close()
 		}
+		r.eng.Close() // ends every public flow
 		r.dev.Close()
 		r.wg.Wait()
 		r.log.Info("relay down")
@@ -351,19 +354,11 @@ func (r *Relay) HandleTCP(src, dst netip.AddrPort, accept func() (net.Conn, erro
 // sending peer's own address and port are passed on, from the same public
 // socket the client used; everything else is dropped.
 func (r *Relay) HandleUDP(src, dst netip.AddrPort, payload []byte) {
-	key := udpKey{client: unmapPort(dst), port: src.Port()}
-	r.udpMu.RLock()
-	s := r.udp[key]
-	r.udpMu.RUnlock()
-	if s == nil || s.dst != unmapPort(src) {
+	// Sessions know the peer by its IPv4 tunnel address; a peer's
+	// allowed IPs guarantee src is its own.
+	from := netip.AddrPortFrom(tunnelAddr4(src.Addr()), src.Port())
+	if !r.eng.HandleUDPReply(from, dst, payload) {
 		r.rejected.Add(1)
-		return
-	}
-	s.touch()
-	if _, err := s.pc.WriteToUDPAddrPort(payload, s.client); err != nil {
-		if ce := r.log.Check(zap.DebugLevel, "udp reply to client"); ce != nil {
-			ce.Write(zap.Stringer("src", s.client), zap.Error(err))
-		}
 	}
 }
 
@@ -398,6 +393,22 @@ type RelayPeerStatus struct {
 	// DialFailures counts public TCP connections reset because the peer
 	// refused or did not answer the flow inside the tunnel.
 	DialFailures uint64 `json:"dial_failures"`
+	// UDPSessions are the peer's public UDP client sessions open now.
+	UDPSessions int64 `json:"udp_sessions"`
+	// PublicBytesIn and PublicBytesOut count payload from public clients
+	// toward the peer and back.
+	PublicBytesIn  uint64 `json:"public_bytes_in"`
+	PublicBytesOut uint64 `json:"public_bytes_out"`
+	// UDPDropped counts public datagrams dropped either way (full queues,
+	// the tunnel refusing a write, a public socket refusing a reply).
+	UDPDropped uint64 `json:"udp_dropped"`
+	// UDPEvicted counts the peer's public UDP sessions that never had a
+	// reply and were evicted to admit a new one (a flood at its ports).
+	UDPEvicted uint64 `json:"udp_evicted"`
+	// Refusals counts public flows to the peer's ports refused, by reason:
+	// the peer's quotas (over_limit_peer_*), the per-source budgets, the
+	// relay's max_sessions, dial_failed.
+	Refusals map[string]uint64 `json:"refusals,omitempty"`
 }
 
 // HandshakeAge is the time since the peer's last handshake, or -1 if none yet.
@@ -409,13 +420,29 @@ func (r *Relay) Status() RelayStatus {
 	if err != nil {
 		r.log.Debug("relay status", zap.Error(err))
 	}
-	st := RelayStatus{TCPSessions: r.tcpFlows.Load(), Rejected: r.rejected.Load(), OverLimit: r.overCap.Load()}
-	r.udpMu.RLock()
-	st.UDPSessions = len(r.udp)
-	r.udpMu.RUnlock()
+	es := r.eng.Snapshot()
+	st := RelayStatus{TCPSessions: es.TCPSessions, UDPSessions: int(es.UDPSessions), Rejected: r.rejected.Load()}
 
 	r.mu.Lock()
+	live := make(map[*relayPeer]*peerTotals, len(r.peers))
+	active := make(map[*relayPeer]int64, len(r.peers))
+	udp := make(map[*relayPeer]int64, len(r.peers))
+	for _, ms := range es.Mappings {
+		p := r.rulePeer[ms.Name]
+		if p == nil {
+			continue
+		}
+		if live[p] == nil {
+			live[p] = &peerTotals{}
+		}
+		live[p].add(ms)
+		active[p] += ms.SessionsActive
+		if ms.Protocol == conf.UDP.String() {
+			udp[p] += ms.SessionsActive
+		}
+	}
 	for _, p := range r.peers {
+		t := p.retired.plus(live[p])
 		ps := RelayPeerStatus{
 			Name:      p.name,
 			PublicKey: p.cfg.PublicKey.String(),
@@ -423,11 +450,22 @@ func (r *Relay) Status() RelayStatus {
 			Connected: p.session != nil,
 			Ports:     specStrings(compressKeys(keysOf(p.holdings))),
 
-			SessionsActive: p.active.Load(),
-			SessionsOpened: p.opened.Load(),
-			DialFailures:   p.dialFailed.Load(),
+			SessionsActive: active[p],
+			SessionsOpened: t.opened,
+			DialFailures:   t.dialFailed,
+			UDPSessions:    udp[p],
+			PublicBytesIn:  t.bytesIn,
+			PublicBytesOut: t.bytesOut,
+			UDPDropped:     t.udpDropped,
+			UDPEvicted:     t.udpEvicted,
+			Refusals:       t.refusals,
 
 			ControlRefusals: p.ctlRefused.snapshot(),
+		}
+		for why, n := range t.refusals {
+			if isOverLimit(why) {
+				st.OverLimit += n
+			}
 		}
 		for spec, m := range p.results {
 			if !m.OK {
@@ -547,6 +585,8 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 	}
 	notes = append(notes, r.retryOthersLocked(nil)...)
 	r.cfg = cfg
+	r.rulesDirty = true // limits
+	r.syncRulesLocked()
 	lim := r.limits.Load()
 	r.log.Info("relay reloaded", zap.Int("count", len(r.peers)), zap.Strings("added", added),
 		zap.Strings("changed", changed), zap.Strings("removed", dropped),
@@ -631,12 +671,20 @@ func (r *Relay) reconcileLocked(p *relayPeer) []message {
 			results = append(results, res)
 			continue
 		}
+		idle := r.opts.udpIdleTimeout
+		if d, ok := p.udpIdle[raw]; ok {
+			idle = d
+		}
 		var opened []*holding
 		for _, k := range portKeys(spec) {
-			if p.holdings[k] != nil {
+			if h := p.holdings[k]; h != nil {
+				if k.proto == conf.UDP && h.udpIdle != idle {
+					h.udpIdle = idle // its sessions move to it with the rule
+					r.rulesDirty = true
+				}
 				continue
 			}
-			h, err := r.openLocked(p, k)
+			h, err := r.openLocked(p, k, idle)
 			if err != nil {
 				res.OK, res.Reason = false, err.Error()
 				break
@@ -659,6 +707,7 @@ func (r *Relay) reconcileLocked(p *relayPeer) []message {
 			r.releaseLocked(h)
 		}
 	}
+	r.syncRulesLocked()
 	return results
 }
 
@@ -699,9 +748,9 @@ func (r *Relay) retryOthersLocked(except *relayPeer) []notification {
 
 // openLocked opens k's public sockets on every bind address for p and
 // starts serving them.
-func (r *Relay) openLocked(p *relayPeer, k portKey) (*holding, error) {
+func (r *Relay) openLocked(p *relayPeer, k portKey, udpIdle time.Duration) (*holding, error) {
 	ctx, cancel := context.WithCancel(r.ctx)
-	h := &holding{key: k, peer: p, ctx: ctx, cancel: cancel}
+	h := &holding{key: k, peer: p, ctx: ctx, cancel: cancel, udpIdle: udpIdle}
 	for _, a := range r.binds {
 		a = a.Unmap()
 		ap := netip.AddrPortFrom(a, k.port).String()
@@ -728,15 +777,8 @@ func (r *Relay) openLocked(p *relayPeer, k portKey) (*holding, error) {
 			h.pcs = append(h.pcs, uc)
 		}
 	}
-	for _, ln := range h.lns {
-		r.wg.Add(1)
-		go r.acceptLoop(h, ln)
-	}
-	for _, pc := range h.pcs {
-		r.wg.Add(1)
-		go r.udpLoop(h, pc)
-	}
 	p.holdings[k] = h
+	r.rulesDirty = true
 	r.reg.take(p.name, k)
 	r.log.Info("port opened", zap.String("peer", p.name), zap.Stringer("listen", k))
 	return h, nil
@@ -749,15 +791,7 @@ func (r *Relay) releaseLocked(h *holding) {
 	r.reg.release(p.name, h.key)
 	h.cancel()
 	h.closeSockets()
-	if h.key.proto == conf.UDP {
-		r.udpMu.Lock()
-		for k, s := range r.udp {
-			if s.h == h {
-				r.forgetUDPLocked(k, s)
-			}
-		}
-		r.udpMu.Unlock()
-	}
+	r.rulesDirty = true
 	r.log.Info("port closed", zap.String("peer", p.name), zap.Stringer("listen", h.key))
 }
 
@@ -807,63 +841,9 @@ func (r *Relay) acceptLoop(h *holding, ln net.Listener) {
 			}
 			continue
 		}
-		if !r.admit() {
-			c.Close()
-			continue
-		}
 		r.wg.Add(1)
-		go r.forwardTCP(h, c)
+		go r.serveTCP(h, c)
 	}
-}
-
-// admit takes a session slot, or reports false when relay.max_sessions is reached.
-func (r *Relay) admit() bool {
-	if n, max := r.sessions.Add(1), r.limits.Load().maxSessions; max > 0 && n > max {
-		r.sessions.Add(-1)
-		r.overCap.Add(1)
-		return false
-	}
-	return true
-}
-
-// forwardTCP re-originates one public TCP connection inside the tunnel from
-// the client's own address, toward the peer's tunnel address and the same
-// port, and splices the two.
-func (r *Relay) forwardTCP(h *holding, c net.Conn) {
-	defer r.wg.Done()
-	defer r.sessions.Add(-1)
-	defer c.Close()
-	client := unmapPort(c.RemoteAddr().(*net.TCPAddr).AddrPort())
-	dst := netip.AddrPortFrom(tunnelAddrFor(h.peer.addr4, client.Addr()), h.key.port)
-
-	dctx, cancel := context.WithTimeout(h.ctx, r.limits.Load().dialTimeout)
-	tc, err := r.org.DialTCP(dctx, client, dst)
-	cancel()
-	if err != nil {
-		h.peer.dialFailed.Add(1)
-		r.log.Debug("relay dial failed", zap.String("peer", h.peer.name), zap.Stringer("src", client),
-			zap.Stringer("dst", dst), zap.Error(err))
-		// The kernel accepted the client already; an RST (not a clean
-		// close, which reads as an empty answer) tells it the connection
-		// was refused, as the appliance's own answer would have.
-		if tcp, ok := c.(*net.TCPConn); ok {
-			tcp.SetLinger(0)
-		}
-		return
-	}
-	defer tc.Close()
-	r.tcpFlows.Add(1)
-	defer r.tcpFlows.Add(-1)
-	h.peer.opened.Add(1)
-	h.peer.active.Add(1)
-	defer h.peer.active.Add(-1)
-	start := time.Now()
-	r.log.Debug("session opened", zap.String("peer", h.peer.name), zap.String("proto", "tcp"),
-		zap.Stringer("src", client), zap.Stringer("dst", dst))
-	up, down, err := forwarder.Splice(h.ctx, c, tc, r.opts.tcpIdleTimeout)
-	r.log.Debug("session closed", zap.String("peer", h.peer.name), zap.String("proto", "tcp"),
-		zap.Stringer("src", client), zap.Stringer("dst", dst), zap.Int64("bytes_rx", up),
-		zap.Int64("bytes_tx", down), zap.Duration("duration", time.Since(start)), zap.Error(err))
 }
 
 func unmapPort(ap netip.AddrPort) netip.AddrPort {

@@ -168,6 +168,7 @@ func (r *Relay) controlLoop(p *relayPeer, s *controlSession) error {
 				return nil
 			}
 			p.wanted = m.Ports
+			p.udpIdle = udpIdleOf(m)
 			results := r.reconcileLocked(p)
 			clear(p.results)
 			for _, res := range results {
@@ -196,6 +197,7 @@ func (r *Relay) graceExpired(p *relayPeer) {
 	}
 	p.wanted = nil
 	clear(p.results)
+	r.syncRulesLocked()
 	r.log.Info("peer ports released", zap.String("peer", p.name), zap.String("reason", "control connection gone"))
 	r.sendLocked(r.retryOthersLocked(p))
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -62,7 +63,8 @@ type Uplink struct {
 
 	// mu guards the following fields.
 	mu       sync.Mutex
-	ports    []string // wanted specs, single-protocol
+	ports    []string         // wanted specs, single-protocol
+	udpIdle  map[string]int64 // UDP idle timeout (ms) of wanted udp specs that have one
 	state    string
 	endpoint netip.AddrPort
 	results  map[string]message // last result per spec
@@ -147,12 +149,40 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 // ports of its uplink mappings) and re-registers if connected. Call it at
 // start and on every reload. Safe for concurrent use.
 func (u *Uplink) SetPorts(specs []conf.PortSpec) {
-	wanted := specStrings(splitProtos(specs))
+	wanted := make([]WantedPort, len(specs))
+	for i, s := range specs {
+		wanted[i] = WantedPort{Spec: s}
+	}
+	u.SetWanted(wanted)
+}
+
+// WantedPort is a port spec an appliance wants on the relay, with the
+// idle timeout of its UDP sessions there (0: the relay's default).
+type WantedPort struct {
+	Spec    conf.PortSpec
+	UDPIdle time.Duration
+}
+
+// SetWanted is SetPorts with each spec's UDP idle timeout, which the relay
+// applies to its public sessions of that spec.
+func (u *Uplink) SetWanted(ports []WantedPort) {
+	var specs []conf.PortSpec
+	idle := make(map[string]int64)
+	for _, w := range ports {
+		for _, s := range splitProtos([]conf.PortSpec{w.Spec}) {
+			specs = append(specs, s)
+			if ms := w.UDPIdle.Milliseconds(); s.Proto == conf.UDP && ms > 0 {
+				idle[s.String()] = max(idle[s.String()], ms) // one spec in two mappings: the longer
+			}
+		}
+	}
+	wanted := specStrings(specs)
 	sort.Strings(wanted)
 	wanted = slices.Compact(wanted)
 	u.mu.Lock()
-	changed := !slices.Equal(wanted, u.ports)
+	changed := !slices.Equal(wanted, u.ports) || !maps.Equal(idle, u.udpIdle)
 	u.ports = wanted
+	u.udpIdle = idle
 	for spec := range u.results {
 		if !slices.Contains(wanted, spec) {
 			delete(u.results, spec)
@@ -332,12 +362,16 @@ func (u *Uplink) controlSession(ctx context.Context) (registered bool, err error
 func (u *Uplink) register(cc *controlConn) error {
 	u.mu.Lock()
 	ports := slices.Clone(u.ports)
+	idle := maps.Clone(u.udpIdle)
 	u.pending = len(ports)
 	if len(ports) == 0 {
 		u.state = StateRegistered
 	}
 	u.mu.Unlock()
-	if err := cc.write(message{Type: msgRegister, Ports: ports}, controlWriteTimeout); err != nil {
+	if len(idle) == 0 {
+		idle = nil
+	}
+	if err := cc.write(message{Type: msgRegister, Ports: ports, UDPIdle: idle}, controlWriteTimeout); err != nil {
 		return fmt.Errorf("send register: %w", err)
 	}
 	return nil

@@ -47,6 +47,24 @@ func TestCheckValidExample(t *testing.T) {
 	}
 }
 
+// TestCheckRelayShowsPeerQuotas: natbox check on the example relay config
+// shows each peer's quotas in force, its own or the [relay] default.
+func TestCheckRelayShowsPeerQuotas(t *testing.T) {
+	r := natbox(t, "", "check", "-c", "../../examples/relay.toml")
+	if r.code != exitOK {
+		t.Fatalf("check of the example relay: %v", r)
+	}
+	for _, row := range []string{
+		`(?m)^PEER\s+ADDRESS\s+PORTS\s+SESSIONS\s+UDP\s+INFLIGHT\s+NEW/S\s+PER_SOURCE\s+NEW/S/SOURCE$`,
+		`(?m)^home\s+100\.96\.0\.2\s+tcp/443,udp/10000-10100\s+10000\s+4000\s+256\s+1000\s+256\s+100$`,
+		`(?m)^office\s+10\.77\.0\.3\s+tcp/8443,tcp\+udp/5060\s+20000\s+8000\s+256\s+1000\s+256\s+100$`,
+	} {
+		if !regexp.MustCompile(row).MatchString(r.stdout) {
+			t.Errorf("no line matching %s in:\n%s", row, r.stdout)
+		}
+	}
+}
+
 func TestCheckReportsEveryErrorWithItsLine(t *testing.T) {
 	path := writeConfig(t, "bad.toml", `[tun]
 addresses = ["198.51.100.1/32"]

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -67,15 +68,35 @@ func checkRelay(w io.Writer, path string) error {
 	}
 	fmt.Fprintf(w, "relay: wireguard %s, tunnel address %s, public key %s\n", r.Listen, r.Address, r.PrivateKey.Public())
 	fmt.Fprintf(w, "public listeners on: %s\n", strings.Join(binds, ", "))
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PEER\tADDRESS\tPORTS\tPUBLIC_KEY")
-	for i := range cfg.Peers {
-		p := &cfg.Peers[i]
+	peerPorts := func(p *conf.Peer) string {
 		ports := make([]string, len(p.Ports))
 		for j, s := range p.Ports {
 			ports[j] = s.String()
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.Name, p.Address, orDash(strings.Join(ports, ",")), p.PublicKey)
+		return orDash(strings.Join(ports, ","))
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tADDRESS\tPORTS\tPUBLIC_KEY")
+	for i := range cfg.Peers {
+		p := &cfg.Peers[i]
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.Name, p.Address, peerPorts(p), p.PublicKey)
+	}
+	tw.Flush()
+	// The quotas in force per peer (its own or the [relay] default); "-": unlimited.
+	fmt.Fprintln(w, "\nquotas per peer (\"-\": unlimited):")
+	limit := func(n int) string {
+		if n <= 0 {
+			return "-"
+		}
+		return strconv.Itoa(n)
+	}
+	fmt.Fprintln(tw, "PEER\tADDRESS\tPORTS\tSESSIONS\tUDP\tINFLIGHT\tNEW/S\tPER_SOURCE\tNEW/S/SOURCE")
+	for i := range cfg.Peers {
+		p := &cfg.Peers[i]
+		l := cfg.Relay.PeerLimits(p)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, p.Address, peerPorts(p),
+			limit(l.MaxSessions), limit(l.MaxUDPSessions), limit(l.MaxInflight), limit(l.NewSessionsPerSecond),
+			limit(l.MaxSessionsPerSource), limit(l.NewSessionsPerSourcePerSecond))
 	}
 	tw.Flush()
 	printWarnings(w, warnings)

@@ -149,16 +149,21 @@ func (a *Appliance) startUplink(cfg *conf.Config) error {
 	}
 	a.uplink = up
 	a.teardown.add(up.Close)
-	up.SetPorts(uplinkPorts(cfg, time.Now()))
+	up.SetWanted(uplinkPorts(cfg, time.Now()))
 	return nil
 }
 
-// uplinkPorts lists what the relay must hold for the mappings served through it.
-func uplinkPorts(cfg *conf.Config, now time.Time) []conf.PortSpec {
-	var ports []conf.PortSpec
+// uplinkPorts lists what the relay must hold for the mappings served
+// through it, with their UDP idle timeouts for the relay's sessions.
+func uplinkPorts(cfg *conf.Config, now time.Time) []tunnel.WantedPort {
+	var ports []tunnel.WantedPort
 	for _, m := range cfg.EnabledMappings(now) {
 		if m.ServesIngress(conf.IngressUplink, cfg) {
-			ports = append(ports, conf.PortSpec{Proto: m.Protocol, Ports: m.Listen.Ports})
+			w := tunnel.WantedPort{Spec: conf.PortSpec{Proto: m.Protocol, Ports: m.Listen.Ports}}
+			if m.Protocol.Has(conf.UDP) {
+				w.UDPIdle = m.IdleTimeoutFor(conf.UDP)
+			}
+			ports = append(ports, w)
 		}
 	}
 	return ports
@@ -260,7 +265,7 @@ func (a *Appliance) Reload() (Reloaded, error) {
 	applyLive()
 	a.cfg = next
 	if a.uplink != nil {
-		a.uplink.SetPorts(uplinkPorts(next, time.Now()))
+		a.uplink.SetWanted(uplinkPorts(next, time.Now()))
 	}
 	a.log.Info("reloaded", zap.Strings("added", diff.Added), zap.Strings("changed", diff.Changed), zap.Strings("removed", diff.Removed))
 	if len(restart) > 0 {

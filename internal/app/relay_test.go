@@ -171,6 +171,29 @@ target   = %q
 		rst.Relay.Stats.Gauges["tcp_sessions"] != 1 {
 		t.Fatalf("relay netstack = %+v, relay stats %+v, peer stats %+v", rs, rst.Relay.Stats, rst.Relay.Peers[0].Stats)
 	}
+	// The peer's public traffic, as natbox status and /metrics show it.
+	waitFor(t, 5*time.Second, "the relay's per-peer byte counters", func() bool {
+		st, err := rcl.Status(ctx)
+		if err != nil || st.Relay == nil || len(st.Relay.Peers) != 1 {
+			return false
+		}
+		c := st.Relay.Peers[0].Stats.Counters
+		return c["public_bytes_in"] == uint64(len(msg)) && c["public_bytes_out"] == uint64(len(msg))
+	})
+	// natbox sessions on the relay: the same client, by its real address,
+	// on the peer's mapping; a peer's name selects its sessions.
+	rss, err := rcl.Sessions(ctx, "home")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rss) != 1 || rss[0].Client != c.LocalAddr().String() || rss[0].Mapping != fmt.Sprintf("home/tcp/%d", publicPort) ||
+		rss[0].Ingress != "relay" || !strings.HasSuffix(rss[0].Public, fmt.Sprintf(":%d", publicPort)) ||
+		rss[0].Target != fmt.Sprintf("%s:%d", rc.Peers[0].Address, publicPort) {
+		t.Fatalf("relay sessions = %+v, want one from %s to home's tunnel address", rss, c.LocalAddr())
+	}
+	if other, err := rcl.Sessions(ctx, "office"); err != nil || len(other) != 0 {
+		t.Fatalf("relay sessions of another peer = %+v, %v; want none", other, err)
+	}
 
 	c.Close()
 	waitFor(t, 5*time.Second, "the session to close", func() bool { return len(a.Engine().Sessions()) == 0 })

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/natbox/natbox/admin"
@@ -176,9 +177,14 @@ func refusedByRelay(m *conf.Mapping, cfg *conf.Config, refused map[string]string
 }
 
 func (s applianceSource) Sessions(mapping string) []admin.Session {
+	return adminSessions(s.a.engine.Sessions(), func(name string) bool { return mapping == "" || name == mapping })
+}
+
+// adminSessions converts the engine's sessions whose mapping keep accepts.
+func adminSessions(all []forwarder.SessionInfo, keep func(mapping string) bool) []admin.Session {
 	var out []admin.Session
-	for _, si := range s.a.engine.Sessions() {
-		if mapping != "" && si.Mapping != mapping {
+	for _, si := range all {
+		if !keep(si.Mapping) {
 			continue
 		}
 		out = append(out, admin.Session{
@@ -302,7 +308,13 @@ func relayStatus(cfg *conf.RelayConfig, rs tunnel.RelayStatus) *admin.Relay {
 	return r
 }
 
-func (s relaySource) Sessions(string) []admin.Session { return nil }
+// Sessions lists the relay's public sessions; their mapping is
+// "peer/proto/port", and a peer's name selects all of its sessions.
+func (s relaySource) Sessions(mapping string) []admin.Session {
+	return adminSessions(s.n.relay.Sessions(), func(name string) bool {
+		return mapping == "" || name == mapping || strings.HasPrefix(name, mapping+"/")
+	})
+}
 
 func (s relaySource) Reload(context.Context) (admin.ReloadResult, error) {
 	res, err := s.n.Reload()
