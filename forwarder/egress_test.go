@@ -231,7 +231,7 @@ func TestGroupQuotaEvictsUnassured(t *testing.T) {
 	if !e.HandleUDPReply(netip.MustParseAddrPort("10.0.0.2:1"), answered, []byte("r")) {
 		t.Fatal("the reply found no session")
 	}
-	e.HandleUDP(in, answered, pub(1), []byte("y")) // a conversation now: assured
+	e.HandleUDP(in, answered, pub(1), []byte("y"))                                    // a conversation now: assured
 	e.HandleUDP(in, netip.MustParseAddrPort("203.0.113.2:1000"), pub(2), []byte("x")) // never answered
 	e.HandleUDP(in, netip.MustParseAddrPort("203.0.113.3:1000"), pub(2), []byte("x")) // evicts .2
 	if st := mappingStatus(t, e, "p/udp/2"); st.UDPEvicted != 1 || st.Refusals["over_limit_peer_udp_sessions"] != 0 {
