@@ -278,8 +278,12 @@ func (s *Server) handlePage(w http.ResponseWriter, _ *http.Request) {
 	d := pageData{Status: st, Warnings: warnings(st)}
 	for _, m := range st.Mappings {
 		in, out := s.web.hist.rates(m.Name)
+		top := 0.0 // one scale for both ways
+		for _, r := range slices.Concat(in, out) {
+			top = max(top, r)
+		}
 		pm := pageMapping{Mapping: m, AllowSummary: allowSummary(m.Allow),
-			SparkIn: sparkline(in), SparkOut: sparkline(out), HistIn: joinRates(in), HistOut: joinRates(out)}
+			SparkIn: sparkline(in, top), SparkOut: sparkline(out, top), HistIn: joinRates(in), HistOut: joinRates(out)}
 		if len(in) > 0 {
 			pm.RateIn, pm.RateOut = in[len(in)-1], out[len(out)-1]
 		}
@@ -365,13 +369,12 @@ func allowSummary(allow []string) string {
 // sparkW and sparkH are the chart's viewBox; a point per sample.
 const sparkW, sparkH = 150.0, 24.0
 
-// sparkline is the points of an SVG polyline of rates, scaled to the
-// largest, the newest at the right.
-func sparkline(rates []float64) string {
+// sparkline is the points of an SVG polyline of rates, scaled so that top
+// is the full height, the newest at the right.
+func sparkline(rates []float64, top float64) string {
 	if len(rates) == 0 {
 		return ""
 	}
-	top := slices.Max(rates)
 	if top <= 0 {
 		top = 1
 	}

@@ -107,7 +107,7 @@ func TestHistoryBoundedAndRates(t *testing.T) {
 	if _, ok := h.by["b"]; ok {
 		t.Error("a removed mapping's history is kept")
 	}
-	if pts := sparkline([]float64{0, 5, 10}); !strings.HasSuffix(pts, "150.0,1.0") || !strings.Contains(pts, ",23.0") {
+	if pts := sparkline([]float64{0, 5, 10}, 10); !strings.HasSuffix(pts, "150.0,1.0") || !strings.Contains(pts, ",23.0") {
 		t.Errorf("sparkline points %q: newest at the right edge, top at 1, zero at 23", pts)
 	}
 }

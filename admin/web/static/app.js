@@ -39,8 +39,7 @@
       s.append(k + " ", b); el.append(s, " ");
     }
   }
-  function draw(line, hist) {
-    const top = Math.max(1, ...hist);
+  function draw(line, hist, top) {
     const x0 = w - (hist.length - 1) * w / (keep - 1);
     line.setAttribute("points", hist.map((r, i) =>
       (x0 + i * w / (keep - 1)).toFixed(1) + "," + (h - 1 - r / top * (h - 2)).toFixed(1)).join(" "));
@@ -72,7 +71,8 @@
         const ri = Math.max(0, m.bytes_in - p.in) / dt, ro = Math.max(0, m.bytes_out - p.out) / dt;
         hs.in.push(ri); hs.out.push(ro);
         if (hs.in.length > keep - 1) { hs.in.shift(); hs.out.shift(); }
-        draw(hs.lin, hs.in); draw(hs.lout, hs.out);
+        const top = Math.max(1, ...hs.in, ...hs.out); // one scale for both ways
+        draw(hs.lin, hs.in, top); draw(hs.lout, hs.out, top);
         row.querySelector('[data-k="rate_in"]').textContent = bytes(Math.round(ri)) + "/s";
         row.querySelector('[data-k="rate_out"]').textContent = bytes(Math.round(ro)) + "/s";
       }
