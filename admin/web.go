@@ -10,7 +10,9 @@ import (
 	"fmt"
 	"html/template"
 	"io/fs"
+	"net"
 	"net/http"
+	"net/netip"
 	"slices"
 	"sort"
 	"strconv"
@@ -20,6 +22,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/natbox/natbox/conf"
 )
 
 // The status page: server-rendered HTML at / of the HTTP listener, refreshed
@@ -212,15 +216,21 @@ func (s *Server) handleLogin(w http.ResponseWriter, r *http.Request) {
 	}
 	http.SetCookie(w, &http.Cookie{
 		Name: sessionCookie, Value: s.cookieValue(want), Path: "/",
-		HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: r.TLS != nil,
+		HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: overTLS(r),
 	})
 	http.Redirect(w, r, "/", http.StatusSeeOther)
 }
 
 func (s *Server) handleLogout(w http.ResponseWriter, r *http.Request) {
 	http.SetCookie(w, &http.Cookie{Name: sessionCookie, Path: "/", MaxAge: -1,
-		HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: r.TLS != nil})
+		HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: overTLS(r)})
 	http.Redirect(w, r, "/", http.StatusSeeOther)
+}
+
+// overTLS reports whether the browser reached natbox over HTTPS, directly or
+// through a TLS reverse proxy. A forged header only makes the cookie stricter.
+func overTLS(r *http.Request) bool {
+	return r.TLS != nil || strings.EqualFold(r.Header.Get("X-Forwarded-Proto"), "https")
 }
 
 func (s *Server) loginForm(w http.ResponseWriter, code int, problem string) {
@@ -423,4 +433,29 @@ func (s *Server) webCollector() prometheus.Collector {
 		Name: "natbox_admin_login_failures_total",
 		Help: "Logins to the status page refused for a wrong token.",
 	}, func() float64 { return float64(s.web.loginFailed.Load()) })
+}
+
+// PageHelp tells the user where the status page of cfg is and how to get
+// in: the lines `natbox status --web` prints.
+func PageHelp(cfg conf.Admin) ([]string, error) {
+	if cfg.Listen == "" {
+		return nil, fmt.Errorf(`[admin] listen is not set, so there is no status page; set it (e.g. listen = "127.0.0.1:9108") and restart natbox`)
+	}
+	host, port, err := net.SplitHostPort(cfg.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("admin.listen %q: %w; write host:port, e.g. \"127.0.0.1:9108\"", cfg.Listen, err)
+	}
+	var lines []string
+	if addr, err := netip.ParseAddr(host); host == "" || (err == nil && addr.IsUnspecified()) {
+		lines = append(lines, fmt.Sprintf("Open http://%s/ on this machine, or http://<this machine's address>:%s/ from another one.",
+			net.JoinHostPort("127.0.0.1", port), port))
+	} else {
+		lines = append(lines, fmt.Sprintf("Open http://%s/", net.JoinHostPort(host, port)))
+	}
+	if cfg.TokenFile != "" {
+		lines = append(lines, fmt.Sprintf("Log in with the token in %s (the page asks for it; scripts send Authorization: Bearer).", cfg.TokenFile))
+	} else {
+		lines = append(lines, "No token: the page is open to this machine only (listen is a loopback address).")
+	}
+	return lines, nil
 }

@@ -200,6 +200,11 @@ func TestLoginFlow(t *testing.T) {
 	if !c.HttpOnly || c.SameSite != http.SameSiteStrictMode || c.Secure || strings.Contains(c.Value, "abc123") || c.Value == "" {
 		t.Fatalf("session cookie %+v: want HttpOnly, SameSite=Strict, not Secure over plain HTTP, not the token", c)
 	}
+	form["X-Forwarded-Proto"] = "https" // behind a TLS reverse proxy
+	resp, _ = do(t, hc, "POST", base+"/login", strings.NewReader(url.Values{"token": {"abc123"}}.Encode()), form)
+	if cs := resp.Cookies(); len(cs) != 1 || !cs[0].Secure {
+		t.Errorf("login through a TLS proxy: cookies %v, want one Secure", cs)
+	}
 	withCookie := map[string]string{"Cookie": c.Name + "=" + c.Value}
 	for _, path := range []string{"/", "/sessions?mapping=web", "/status", "/static/app.js"} {
 		if resp, _ := do(t, hc, "GET", base+path, nil, withCookie); resp.StatusCode != http.StatusOK {
@@ -241,5 +246,29 @@ func TestPageOpenOnLoopbackWithoutToken(t *testing.T) {
 	// Off loopback without a token natbox does not start at all.
 	if _, err := NewServer(conf.Admin{Listen: "0.0.0.0:0"}, &fakeSource{}, Options{}, nil); err == nil {
 		t.Error("NewServer served the page off loopback without a token")
+	}
+}
+
+func TestPageHelp(t *testing.T) {
+	for _, tt := range []struct {
+		cfg       conf.Admin
+		want, err string
+	}{
+		{conf.Admin{Listen: "127.0.0.1:9108"}, "Open http://127.0.0.1:9108/\nNo token", ""},
+		{conf.Admin{Listen: "[::1]:9108"}, "Open http://[::1]:9108/", ""},
+		{conf.Admin{Listen: "0.0.0.0:9108", TokenFile: "/etc/natbox/admin.token"},
+			"Open http://127.0.0.1:9108/ on this machine, or http://<this machine's address>:9108/ from another one.\nLog in with the token in /etc/natbox/admin.token", ""},
+		{conf.Admin{Listen: ":9108", TokenFile: "/t"}, "Open http://127.0.0.1:9108/ on this machine", ""},
+		{conf.Admin{Listen: "192.0.2.1:80", TokenFile: "/t"}, "Open http://192.0.2.1:80/\nLog in", ""},
+		{conf.Admin{}, "", "[admin] listen is not set"},
+		{conf.Admin{Listen: "9108"}, "", "write host:port"},
+	} {
+		lines, err := PageHelp(tt.cfg)
+		if got := strings.Join(lines, "\n"); tt.err == "" && (err != nil || !strings.HasPrefix(got, tt.want)) {
+			t.Errorf("%+v: %q, %v; want %q...", tt.cfg, got, err, tt.want)
+		}
+		if tt.err != "" && (err == nil || !strings.Contains(err.Error(), tt.err)) {
+			t.Errorf("%+v: error %v, want %q", tt.cfg, err, tt.err)
+		}
 	}
 }
