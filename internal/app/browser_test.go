@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto/cdp"
+	"github.com/chromedp/cdproto/emulation"
 	"github.com/chromedp/chromedp"
 
 	"github.com/natbox/natbox/internal/app"
@@ -189,6 +191,20 @@ func TestStatusPageInBrowser(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+
+	// On a phone the page fits the screen's width; in dark mode it is dark.
+	run("a phone", chromedp.EmulateViewport(390, 844, chromedp.EmulateMobile),
+		chromedp.Poll[chromedp.Void](`document.documentElement.scrollWidth <= window.innerWidth`, chromedp.WithPollingTimeout(5*time.Second)))
+	if d, err := chromedp.Run(step(), chromedp.Evaluate[string](`getComputedStyle(document.querySelector("#mappings thead")).display`)); err != nil || d != "none" {
+		t.Errorf("on a phone the mapping table's head is %q (%v), want cards without it", d, err)
+	}
+	dark := func(ctx context.Context, tg *chromedp.Target) (chromedp.Void, error) {
+		_, err := cdp.Call(ctx, tg, emulation.SetEmulatedMedia, emulation.SetEmulatedMediaParams{
+			Features: []*emulation.MediaFeature{{Name: "prefers-color-scheme", Value: "dark"}}})
+		return chromedp.Void{}, err
+	}
+	run("dark mode", dark, chromedp.Poll[chromedp.Void](`getComputedStyle(document.body).backgroundColor === "rgb(18, 18, 18)"`,
+		chromedp.WithPollingTimeout(5*time.Second)))
 
 	// The sessions view lists the live transfer with its real client.
 	run("open the sessions", chromedp.Click(chromedp.CSS(`tr[data-mapping="bulk"] a`)),
