@@ -40,6 +40,7 @@ var pageTemplates = template.Must(template.New("").Funcs(template.FuncMap{
 	"counts":  sortedCounts,
 	"list":    formatList,
 	"rate":    formatRate,
+	"stats":   func(c Counters) string { return formatStats(c, nil) },
 }).ParseFS(webFiles, "web/*.html"))
 
 const (

@@ -67,6 +67,7 @@ func TestPageListsMappings(t *testing.T) {
 		`data-peer="home"`, `dial_failed <b data-k="dial_failures">3</b>`, `data-reason="replaced"`,
 		`data-path="netstack.tun.counters.tcp_in_flight_drops">3<`,
 		`<script src="/static/app.js"`,
+		"budget_hits=5", "over_limit=2", // other counters of a mapping and of the relay
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("page lacks %q", want)
