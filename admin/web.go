@@ -68,11 +68,11 @@ type history struct {
 }
 
 // observe records st's byte counters unless the last sample is younger than
-// sampleEvery. Mappings no longer in st are forgotten.
-func (h *history) observe(st Status, now time.Time) {
+// every (less a tenth, for the jitter of the ticker and of page loads). Mappings no longer in st are forgotten.
+func (h *history) observe(st Status, now time.Time, every time.Duration) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if !h.last.IsZero() && now.Sub(h.last) < sampleEvery-sampleEvery/10 {
+	if !h.last.IsZero() && now.Sub(h.last) < every-every/10 {
 		return
 	}
 	h.last = now
@@ -114,7 +114,8 @@ func delta(b, a uint64) float64 {
 
 // web is the page's state on a Server.
 type web struct {
-	hist history
+	hist  history
+	every time.Duration // the sampler's period: sampleEvery
 	// key MACs the token into the session cookie; a restart or a new
 	// token logs everyone out.
 	key          [32]byte
@@ -124,7 +125,7 @@ type web struct {
 }
 
 func newWeb() *web {
-	w := &web{}
+	w := &web{every: sampleEvery}
 	rand.Read(w.key[:]) // never fails (crypto/rand panics rather)
 	return w
 }
@@ -139,14 +140,14 @@ func (s *Server) startSampler() (stop func()) {
 	s.web.sampling.Add(1)
 	go func() {
 		defer s.web.sampling.Done()
-		t := time.NewTicker(sampleEvery)
+		t := time.NewTicker(s.web.every)
 		defer t.Stop()
 		for {
 			select {
 			case <-done:
 				return
 			case <-t.C:
-				s.web.hist.observe(s.src.Status(), s.opts.Now())
+				s.web.hist.observe(s.src.Status(), s.opts.Now(), s.web.every)
 			}
 		}
 	}()
@@ -260,7 +261,7 @@ func (s *Server) snapshot() Status {
 	if st.Time.IsZero() {
 		st.Time = now
 	}
-	s.web.hist.observe(st, now)
+	s.web.hist.observe(st, now, s.web.every)
 	return st
 }
 

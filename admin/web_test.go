@@ -1,15 +1,19 @@
 package admin
 
 import (
+	"context"
 	"io"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"go.uber.org/zap/zaptest"
 
 	"github.com/natbox/natbox/conf"
 )
@@ -88,8 +92,8 @@ func TestHistoryBoundedAndRates(t *testing.T) {
 	for i := range 3 * sampleKeep {
 		st.Mappings[0].BytesIn = uint64(i) * 2000 // 1000 B/s at one sample per 2 s
 		st.Mappings[0].BytesOut = uint64(i) * 200
-		h.observe(st, at)
-		h.observe(st, at.Add(time.Second)) // too soon: not a sample
+		h.observe(st, at, sampleEvery)
+		h.observe(st, at.Add(time.Second), sampleEvery) // too soon: not a sample
 		at = at.Add(sampleEvery)
 	}
 	if n := len(h.by["a"]); n != sampleKeep {
@@ -101,7 +105,7 @@ func TestHistoryBoundedAndRates(t *testing.T) {
 	}
 	// A counter that goes back (the mapping was replaced) is no negative rate;
 	// a mapping gone from the status is forgotten.
-	h.observe(Status{Mappings: []Mapping{{Name: "a"}}}, at)
+	h.observe(Status{Mappings: []Mapping{{Name: "a"}}}, at, sampleEvery)
 	if in, _ := h.rates("a"); in[len(in)-1] != 0 {
 		t.Errorf("rate after a counter reset: %v", in[len(in)-1])
 	}
@@ -123,7 +127,9 @@ func TestPageDrawsTraffic(t *testing.T) {
 	base := "http://" + s.Addr().String()
 	httpGet(t, hc, base+"/", "") // first sample
 	src.mu.Lock()
-	src.status.Mappings[0].BytesIn += uint64(4 * 1024 * sampleEvery.Seconds())
+	ms := slices.Clone(src.status.Mappings) // the sampler may hold the old snapshot
+	ms[0].BytesIn += uint64(4 * 1024 * sampleEvery.Seconds())
+	src.status.Mappings = ms
 	src.mu.Unlock()
 	now.Add(int64(sampleEvery))
 	_, body := httpGet(t, hc, base+"/", "")
@@ -271,5 +277,43 @@ func TestPageHelp(t *testing.T) {
 		if tt.err != "" && (err == nil || !strings.Contains(err.Error(), tt.err)) {
 			t.Errorf("%+v: error %v, want %q", tt.cfg, err, tt.err)
 		}
+	}
+}
+
+// The sampler keeps the charts' history while nobody looks, and stops with
+// the server (TestMain's goleak would see it otherwise).
+func TestSamplerRunsWhileServing(t *testing.T) {
+	src := &fakeSource{status: sampleStatus()}
+	s, err := NewServer(conf.Admin{Listen: "127.0.0.1:0"}, src, Options{}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.web.every = 20 * time.Millisecond
+	done := make(chan error, 1)
+	go func() { done <- s.Run(context.Background()) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		src.mu.Lock()
+		ms := slices.Clone(src.status.Mappings) // a snapshot handed out is never written
+		ms[0].BytesIn += 1000
+		src.status.Mappings = ms
+		src.mu.Unlock()
+		s.web.hist.mu.Lock()
+		n := len(s.web.hist.by["web"])
+		s.web.hist.mu.Unlock()
+		if n >= 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the sampler took %d samples in 10 s, want 3", n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if in, _ := s.web.hist.rates("web"); len(in) < 2 || in[len(in)-1] <= 0 {
+		t.Errorf("rates from the sampler: %v, want positive", in)
+	}
+	s.Close()
+	if err := <-done; err != nil {
+		t.Fatalf("Run: %v", err)
 	}
 }
