@@ -164,6 +164,7 @@ func (s *Server) webRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /sessions", s.handleSessionsPage)
 	static, _ := fs.Sub(webFiles, "web/static")
 	mux.Handle("GET /static/", http.StripPrefix("/static/", http.FileServerFS(static)))
+	mux.HandleFunc("GET /login", func(w http.ResponseWriter, r *http.Request) { s.loginForm(w, http.StatusOK, "") })
 	mux.HandleFunc("POST /login", s.handleLogin)
 	mux.HandleFunc("POST /logout", s.handleLogout)
 }
@@ -283,11 +284,15 @@ type pageData struct {
 	Status
 	Mappings []pageMapping
 	Warnings []warning
+	// LoggedIn: the page was opened with the session cookie, so it offers
+	// to log out.
+	LoggedIn bool
 }
 
-func (s *Server) handlePage(w http.ResponseWriter, _ *http.Request) {
+func (s *Server) handlePage(w http.ResponseWriter, r *http.Request) {
 	st := s.snapshot()
-	d := pageData{Status: st, Warnings: warnings(st)}
+	_, err := r.Cookie(sessionCookie)
+	d := pageData{Status: st, Warnings: warnings(st), LoggedIn: err == nil && s.gate.want.Load() != nil}
 	for _, m := range st.Mappings {
 		in, out := s.web.hist.rates(m.Name)
 		top := 0.0 // one scale for both ways

@@ -224,6 +224,16 @@ func TestLoginFlow(t *testing.T) {
 	if code, body := httpGet(t, hc, base+"/", "abc123"); code != http.StatusOK || !strings.Contains(body, `data-mapping="web"`) {
 		t.Errorf("page with the bearer token: %d", code)
 	}
+	if _, body := do(t, hc, "GET", base+"/", nil, withCookie); !strings.Contains(body, `action="/logout"`) {
+		t.Error("the page opened with the cookie offers no log out")
+	}
+	resp, _ = do(t, hc, "POST", base+"/logout", nil, withCookie)
+	if cs := resp.Cookies(); resp.StatusCode != http.StatusSeeOther || len(cs) != 1 || cs[0].MaxAge >= 0 {
+		t.Errorf("logout: %d, cookies %v; want 303 and the cookie deleted", resp.StatusCode, cs)
+	}
+	if resp, body := do(t, hc, "GET", base+"/login", nil, nil); resp.StatusCode != http.StatusOK || !strings.Contains(body, `action="/login"`) {
+		t.Errorf("GET /login: %d, want the form", resp.StatusCode)
+	}
 	forged := map[string]string{"Cookie": c.Name + "=" + strings.Repeat("0", len(c.Value))}
 	if resp, _ := do(t, hc, "GET", base+"/status", nil, forged); resp.StatusCode != http.StatusUnauthorized {
 		t.Errorf("forged cookie: %d, want 401", resp.StatusCode)
