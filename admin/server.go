@@ -55,6 +55,7 @@ type Server struct {
 	unixSrv, tcpSrv *http.Server
 	listen          string    // [admin] listen the HTTP listener was opened with
 	gate            tokenGate // the HTTP listener's bearer token
+	web             *web      // the status page at / (web.go)
 
 	reloadMu  sync.Mutex // serializes reloads
 	closeOnce sync.Once
@@ -78,7 +79,10 @@ func NewServer(cfg conf.Admin, src Source, opts Options, log *zap.Logger) (*Serv
 	if err := opts.Registry.Register(NewCollector(src, opts.Now)); err != nil {
 		return nil, fmt.Errorf("register natbox metrics: %w", err)
 	}
-	s := &Server{src: src, opts: opts, log: log, closed: make(chan struct{})}
+	s := &Server{src: src, opts: opts, log: log, closed: make(chan struct{}), web: newWeb()}
+	if err := opts.Registry.Register(s.webCollector()); err != nil {
+		return nil, fmt.Errorf("register natbox metrics: %w", err)
+	}
 
 	var token string
 	if cfg.Listen != "" {
@@ -103,7 +107,9 @@ func NewServer(cfg conf.Admin, src Source, opts Options, log *zap.Logger) (*Serv
 		}
 		s.tcpLn, s.listen = ln, cfg.Listen
 		s.gate.set(token)
-		s.tcpSrv = newHTTPServer(s.gate.wrap(s.httpMux()))
+		mux := s.httpMux()
+		s.webRoutes(mux)
+		s.tcpSrv = newHTTPServer(s.webGate(mux))
 	}
 	return s, nil
 }
@@ -156,6 +162,8 @@ func (s *Server) Run(ctx context.Context) error {
 		all = append(all, served{s.tcpSrv, s.tcpLn})
 		s.log.Info("admin http listening", zap.Stringer("listen", s.tcpLn.Addr()))
 	}
+	stopSampler := s.startSampler()
+	defer stopSampler()
 	errc := make(chan error, len(all))
 	for _, a := range all {
 		go func() { errc <- serveErr(a.srv.Serve(a.ln)) }()

@@ -206,7 +206,7 @@ func TestEveryCommandHelpMentionsItsFlags(t *testing.T) {
 	// The shared flags really are on the commands that need them.
 	need := map[string][]string{
 		"run": {"config", "log-level"}, "check": {"config"}, "relay": {"config", "log-level"},
-		"demo": {"port", "once"}, "status": {"config", "socket", "json"}, "sessions": {"socket", "mapping", "json"},
+		"demo": {"port", "once"}, "status": {"config", "socket", "json", "web"}, "sessions": {"socket", "mapping", "json"},
 		"reload": {"socket"}, "doctor": {"config", "timeout"},
 	}
 	for _, c := range newApp(nil, nil).Commands {

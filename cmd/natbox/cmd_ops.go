@@ -63,9 +63,16 @@ Refusals are counted by reason: no_match, denied, not_allowed, over_limit,
 dial_failed. The TUN section counts packets each way and those the kernel
 dropped before natbox read them (natbox short of CPU). A relay lists its peers
 with the public connections it reset because the appliance refused them.
-Finds the running natbox through --socket or the [admin] socket of --config.`,
-		Flags: []cli.Flag{configFlag, socketFlag, jsonFlag},
+Finds the running natbox through --socket or the [admin] socket of --config.
+--web prints the address of the live status page ([admin] listen of --config)
+and how to log in, and asks the running natbox nothing.`,
+		Flags: []cli.Flag{configFlag, socketFlag, jsonFlag,
+			&cli.BoolFlag{Name: "web", Usage: "print the URL of the status page in a browser ([admin] listen of --config)"},
+		},
 		Action: func(c *cli.Context) error {
+			if c.Bool("web") {
+				return printPageHelp(c)
+			}
 			return showFromAdmin(c, (*admin.Client).Status, admin.RenderStatus)
 		},
 	}
@@ -190,4 +197,20 @@ problem, with the fix in plain words. Exit 0 when nothing is a problem, 1 otherw
 			return nil
 		},
 	}
+}
+
+// printPageHelp prints where the status page of --config is.
+func printPageHelp(c *cli.Context) error {
+	adm, err := conf.LoadAdmin(c.String("config"))
+	if err != nil {
+		return err
+	}
+	lines, err := admin.PageHelp(adm)
+	if err != nil {
+		return err
+	}
+	for _, l := range lines {
+		fmt.Fprintln(c.App.Writer, l)
+	}
+	return nil
 }

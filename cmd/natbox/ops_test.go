@@ -152,3 +152,35 @@ target = "127.0.0.1:8080"
 		t.Fatalf("status after reload: %v", r)
 	}
 }
+
+func TestStatusWebPrintsThePageURL(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "natbox.toml")
+	content := `[tun]
+addresses = ["198.51.100.1/32"]
+
+[admin]
+listen = "127.0.0.1:9188"
+
+[[mapping]]
+name = "web"
+owner = "tests"
+protocol = "tcp"
+listen = "8080"
+target = "127.0.0.1:8080"
+`
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// No natbox runs: --web reads the config only.
+	r := natbox(t, "", "status", "-c", path, "--web")
+	if r.code != exitOK || !strings.Contains(r.stdout, "Open http://127.0.0.1:9188/") {
+		t.Fatalf("status --web: %v", r)
+	}
+	if err := os.WriteFile(path, []byte(strings.Replace(content, `listen = "127.0.0.1:9188"`, "", 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if r := natbox(t, "", "status", "-c", path, "--web"); r.code == exitOK || !strings.Contains(r.stderr, "[admin] listen is not set") {
+		t.Fatalf("status --web without listen: %v", r)
+	}
+}
