@@ -113,6 +113,9 @@ type Mapping struct {
 
 	// RelayRefusal is the relay's reason when it refused this mapping's ports.
 	RelayRefusal string `json:"relay_refusal,omitempty"`
+	// RiskyExposure names the risky services ("rdp (3389)") the mapping
+	// opens to everyone without acknowledge_risk (conf.Mapping.RiskyExposure).
+	RiskyExposure []string `json:"risky_exposure,omitempty"`
 
 	Description   string    `json:"description,omitempty"`
 	Owner         string    `json:"owner,omitempty"`

@@ -335,13 +335,6 @@ func (s *Server) handleSessionsPage(w http.ResponseWriter, r *http.Request) {
 	}{name, m, sessions, st.Time})
 }
 
-// riskyPorts are target ports whose services are common attack targets:
-// exposed to anyone they earn a warning.
-var riskyPorts = map[string]string{
-	"22": "SSH", "23": "telnet", "445": "SMB", "139": "NetBIOS", "3389": "RDP",
-	"5900": "VNC", "3306": "MySQL", "5432": "PostgreSQL", "6379": "Redis", "27017": "MongoDB",
-}
-
 // warnings are what the operator should look at first.
 func warnings(st Status) []warning {
 	var ws []warning
@@ -355,13 +348,8 @@ func warnings(st Status) []warning {
 		if m.State == StateRefusedByRelay || m.RelayRefusal != "" {
 			ws = append(ws, warning{"relay", fmt.Sprintf("%s: refused by the relay: %s", m.Name, orDash(m.RelayRefusal))})
 		}
-		if m.State != StateActive || len(m.Allow) > 0 {
-			continue
-		}
-		if i := strings.LastIndexByte(m.Target, ':'); i >= 0 {
-			if svc, ok := riskyPorts[m.Target[i+1:]]; ok {
-				ws = append(ws, warning{"risky", fmt.Sprintf("%s exposes %s (%s) to anyone: set allow to the addresses that need it", m.Name, svc, m.Target)})
-			}
+		if m.State == StateActive && len(m.RiskyExposure) > 0 {
+			ws = append(ws, warning{"risky", fmt.Sprintf("%s exposes %s to anyone: set allow to the addresses that need it, or acknowledge_risk", m.Name, strings.Join(m.RiskyExposure, ", "))})
 		}
 	}
 	if st.Uplink != nil {

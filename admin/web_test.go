@@ -47,7 +47,7 @@ func do(t *testing.T, hc *http.Client, method, url string, body io.Reader, hdr m
 
 func TestPageListsMappings(t *testing.T) {
 	st := sampleStatus()
-	st.Mappings = append(st.Mappings, Mapping{Name: "ssh", State: StateActive, Protocol: "tcp", Listen: "2222", Target: "10.0.0.5:22"},
+	st.Mappings = append(st.Mappings, Mapping{Name: "ssh", State: StateActive, Protocol: "tcp", Listen: "2222", Target: "10.0.0.5:3389", RiskyExposure: []string{"rdp (3389)"}},
 		Mapping{Name: "vpn", State: StateRefusedByRelay, Protocol: "udp", Listen: "51821", Target: "10.0.0.6:51820",
 			Allow: []string{"192.0.2.0/24", "198.51.100.0/24", "203.0.113.1"}, RelayRefusal: "port taken"})
 	src := &fakeSource{status: st}
@@ -63,7 +63,7 @@ func TestPageListsMappings(t *testing.T) {
 		`data-reason="denied">denied <b>2</b>`, `data-reason="dial_failed"`, // zero counts left out: not_allowed
 		"192.0.2.0/24, 198.51.100.0/24 and 1 more", ">anyone<",
 		// warnings
-		"games expired on 2026-10-01", "web: review overdue", "ssh exposes SSH (10.0.0.5:22) to anyone",
+		"games expired on 2026-10-01", "web: review overdue", "ssh exposes rdp (3389) to anyone",
 		"vpn: refused by the relay: port taken", "the relay refused udp/27015: not in this peer",
 		// uplink, TUN, relay, netstack
 		`data-path="uplink.last_handshake" data-fmt="ago">30s ago`, "tcp/8443",

@@ -1,6 +1,7 @@
 package conf
 
 import (
+	"maps"
 	"slices"
 	"time"
 )
@@ -26,6 +27,34 @@ var RiskyPorts = map[uint16]string{
 	5900:  "vnc",
 	6379:  "redis",
 	27017: "mongodb",
+}
+
+// OpenToEveryone reports whether the mapping's allow list admits any
+// source: empty, or containing a /0.
+func (m *Mapping) OpenToEveryone() bool {
+	for _, p := range m.Allow {
+		if p.Bits() == 0 {
+			return true
+		}
+	}
+	return len(m.Allow) == 0
+}
+
+// RiskyExposure lists, by port, the RiskyPorts the mapping opens to
+// everyone on a listen or target port, unless acknowledge_risk is set. It is
+// the one definition behind natbox check's warning, natbox doctor and the
+// status page.
+func (m *Mapping) RiskyExposure() []uint16 {
+	if m.AcknowledgeRisk != "" || !m.OpenToEveryone() {
+		return nil
+	}
+	var ports []uint16
+	for _, port := range slices.Sorted(maps.Keys(RiskyPorts)) {
+		if m.Listen.Ports.Contains(port) || m.Target.Ports.Contains(port) {
+			ports = append(ports, port)
+		}
+	}
+	return ports
 }
 
 // IdleTimeoutFor returns the mapping's idle timeout for protocol p: the

@@ -2,7 +2,6 @@ package conf
 
 import (
 	"fmt"
-	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -454,17 +453,13 @@ func (c *Config) warnMapping(r *report, p string, m *Mapping, now time.Time) {
 	case m.Expires.Sub(now) <= expirySoon:
 		r.warnf(p+".expires", "expires on %s, in %d days", day(m.Expires), int(m.Expires.Sub(now).Hours()/24))
 	}
-	if len(m.Allow) == 0 && m.AcknowledgeRisk == "" {
-		var risky []string
-		for _, port := range slices.Sorted(maps.Keys(RiskyPorts)) {
-			if m.Listen.Ports.Contains(port) {
-				risky = append(risky, fmt.Sprintf("%d (%s)", port, RiskyPorts[port]))
-			}
+	if ports := m.RiskyExposure(); len(ports) > 0 {
+		risky := make([]string, len(ports))
+		for i, port := range ports {
+			risky[i] = fmt.Sprintf("%d (%s)", port, RiskyPorts[port])
 		}
-		if len(risky) > 0 {
-			r.warnf(p+".listen", "port %s open to everyone; set allow to the sources that need it, or acknowledge_risk = \"why\"",
-				strings.Join(risky, ", "))
-		}
+		r.warnf(p+".listen", "port %s open to everyone; set allow to the sources that need it, or acknowledge_risk = \"why\"",
+			strings.Join(risky, ", "))
 	}
 }
 

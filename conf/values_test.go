@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -321,5 +322,46 @@ func TestErrorsUnwrap(t *testing.T) {
 	}
 	if errs.Error() != "a\nb" {
 		t.Errorf("Error() = %q", errs.Error())
+	}
+}
+
+// TestRiskyExposure: a risky service counts on a listen or a target port,
+// only while everyone may connect (no allow list, or a /0), and never with
+// acknowledge_risk.
+func TestRiskyExposure(t *testing.T) {
+	parse := func(listen, target string) (Listen, Target) {
+		var l Listen
+		var tg Target
+		if err := l.UnmarshalText([]byte(listen)); err != nil {
+			t.Fatal(err)
+		}
+		if err := tg.UnmarshalText([]byte(target)); err != nil {
+			t.Fatal(err)
+		}
+		return l, tg
+	}
+	tests := []struct {
+		name           string
+		listen, target string
+		allow          []netip.Prefix
+		ack            string
+		want           []uint16
+	}{
+		{"listen port", "3389", "10.0.0.2:13389", nil, "", []uint16{3389}},
+		{"target port", "13389", "10.0.0.2:3389", nil, "", []uint16{3389}},
+		{"both, sorted", "5900", "10.0.0.2:445", nil, "", []uint16{445, 5900}},
+		{"allow /0 is everyone", "3389", "10.0.0.2:3389", []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}, "", []uint16{3389}},
+		{"allow list", "3389", "10.0.0.2:3389", []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}, "", nil},
+		{"acknowledged", "3389", "10.0.0.2:3389", nil, "lab box", nil},
+		{"harmless", "443", "10.0.0.2:443", nil, "", nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			l, tg := parse(tt.listen, tt.target)
+			m := Mapping{Listen: l, Target: tg, Allow: tt.allow, AcknowledgeRisk: tt.ack}
+			if got := m.RiskyExposure(); !slices.Equal(got, tt.want) {
+				t.Fatalf("RiskyExposure() = %v, want %v", got, tt.want)
+			}
+		})
 	}
 }

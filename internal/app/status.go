@@ -3,6 +3,7 @@ package app
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sort"
 	"strings"
 	"time"
@@ -57,6 +58,9 @@ func (s applianceSource) Status() admin.Status {
 		}
 		m.Ingress = cm.Ingress
 		m.Description, m.Owner = cm.Description, cm.Owner
+		for _, port := range cm.RiskyExposure() {
+			m.RiskyExposure = append(m.RiskyExposure, fmt.Sprintf("%s (%d)", conf.RiskyPorts[port], port))
+		}
 		for _, p := range cm.Allow {
 			m.Allow = append(m.Allow, p.String())
 		}

@@ -2,9 +2,6 @@ package doctor
 
 import (
 	"fmt"
-	"maps"
-	"net/netip"
-	"slices"
 	"strings"
 	"time"
 
@@ -15,40 +12,21 @@ import (
 // without TLS.
 var plainHTTPPorts = []uint16{80, 8080}
 
-// openToEveryone reports whether an allow list admits any source: empty, or
-// holding a /0.
-func openToEveryone(allow []netip.Prefix) bool {
-	for _, p := range allow {
-		if p.Bits() == 0 {
-			return true
-		}
-	}
-	return len(allow) == 0
-}
-
-// exposes reports whether m listens on or forwards to port.
-func exposes(m *conf.Mapping, port uint16) bool {
-	return m.Listen.Ports.Contains(port) || m.Target.Ports.Contains(port)
-}
-
 // checkExposure flags served mappings that open plain-text or high-risk
 // services to everyone; acknowledge_risk silences a mapping.
 func (d *doctor) checkExposure() []Check {
 	const area = "exposure"
 	var out []Check
-	risky := slices.Sorted(maps.Keys(conf.RiskyPorts))
 	for i := range d.cfg.Mappings {
 		m := &d.cfg.Mappings[i]
-		if !m.ActiveAt(d.now) || m.AcknowledgeRisk != "" || !openToEveryone(m.Allow) {
+		if !m.ActiveAt(d.now) || m.AcknowledgeRisk != "" || !m.OpenToEveryone() {
 			continue
 		}
 		fix := fmt.Sprintf("in mapping %q add allow = [\"<the sources that need it>\"], or set acknowledge_risk = \"<why this is fine>\"", m.Name)
-		for _, port := range risky {
-			if exposes(m, port) {
-				out = append(out, Check{Area: area, Severity: Problem,
-					Msg: fmt.Sprintf("mapping %q exposes %s (port %d) to everyone on the internet", m.Name, conf.RiskyPorts[port], port),
-					Fix: fix})
-			}
+		for _, port := range m.RiskyExposure() {
+			out = append(out, Check{Area: area, Severity: Problem,
+				Msg: fmt.Sprintf("mapping %q exposes %s (port %d) to everyone on the internet", m.Name, conf.RiskyPorts[port], port),
+				Fix: fix})
 		}
 		if !m.Protocol.Has(conf.TCP) {
 			continue
