@@ -220,7 +220,7 @@ func TestGroupQuotaEvictsUnassured(t *testing.T) {
 	eg := newEgress()
 	cfg := config(mapping("p/udp/1", conf.UDP, "1", "10.0.0.2:1"), mapping("p/udp/2", conf.UDP, "2", "10.0.0.2:2"))
 	g := Groups{Quotas: map[string]Quota{"p": {MaxUDPSessions: 2}}, Of: map[string]string{"p/udp/1": "p", "p/udp/2": "p"}}
-	e := newEngine(t, config(), Options{Egress: eg})
+	e := newEngine(t, config(), Options{Egress: eg, NoUDPProbation: true})
 	if _, err := e.ReloadGroups(cfg, g); err != nil {
 		t.Fatal(err)
 	}

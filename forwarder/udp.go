@@ -148,13 +148,18 @@ const maxEvictions = 4
 // pool, evicts unassured UDP sessions (see victimLocked) and tries again.
 // It returns the evicted sessions, whose slots it freed and which it took
 // out of the table; the caller closes them after unlocking e.udp.mu.
-func (e *Engine) reserveEvictingLocked(rs *RuleSet, r *Rule, proto conf.Proto, src netip.Addr, evicted *[maxEvictions]*udpSession) (slot, refusal, int) {
+// probe, when not nil, is asked once before the first eviction; false
+// refuses with refusedProbation and evicts nothing.
+func (e *Engine) reserveEvictingLocked(rs *RuleSet, r *Rule, proto conf.Proto, src netip.Addr, probe func() bool, evicted *[maxEvictions]*udpSession) (slot, refusal, int) {
 	sl, why := e.reserveSlot(rs, r, proto, src)
 	n := 0
 	for ; why != refusalNone && n < maxEvictions; n++ {
 		v := e.udp.victimLocked(why, r.state, r.group)
 		if v == nil {
 			break
+		}
+		if n == 0 && probe != nil && !probe() {
+			return sl, refusedProbation, 0
 		}
 		e.udp.forgetLocked(v)
 		v.state.udpEvicted.Add(1)
@@ -170,7 +175,7 @@ func (e *Engine) reserveEvictingLocked(rs *RuleSet, r *Rule, proto conf.Proto, s
 func (e *Engine) reserveEvicting(rs *RuleSet, r *Rule, proto conf.Proto, src netip.Addr) (slot, refusal) {
 	var evicted [maxEvictions]*udpSession
 	e.udp.mu.Lock()
-	sl, why, n := e.reserveEvictingLocked(rs, r, proto, src, &evicted)
+	sl, why, n := e.reserveEvictingLocked(rs, r, proto, src, nil, &evicted)
 	e.udp.mu.Unlock()
 	closeEvicted(evicted[:n])
 	return sl, why
@@ -243,9 +248,13 @@ type udpSession struct {
 
 	mu      sync.Mutex // mu guards the following fields
 	conn    *net.UDPConn
-	stopped bool
+	stopped bool // once set, the socket is the session goroutine's to close
 }
 
+// shutdown stops the session. It only closes done: the session's own
+// goroutine closes the socket (runUDPSession), because shutdown runs on the
+// input pump when a new session evicts this one, and a socket close there
+// would delay every packet behind it.
 func (us *udpSession) shutdown() {
 	us.mu.Lock()
 	if us.stopped {
@@ -253,12 +262,8 @@ func (us *udpSession) shutdown() {
 		return
 	}
 	us.stopped = true
-	c := us.conn
 	us.mu.Unlock()
 	close(us.done)
-	if c != nil {
-		c.Close()
-	}
 }
 
 // setConn installs the dialed socket; false if the session already stopped.
@@ -350,7 +355,11 @@ func (e *Engine) openUDP(rs *RuleSet, r *Rule, in Ingress, src, dst netip.AddrPo
 		e.udp.mu.Unlock()
 		return us
 	}
-	sl, why, n := e.reserveEvictingLocked(rs, r, conf.UDP, srcKey, &evicted)
+	var probe func() bool
+	if !e.opts.NoUDPProbation {
+		probe = func() bool { return e.probation.pass(r.state, src, now) }
+	}
+	sl, why, n := e.reserveEvictingLocked(rs, r, conf.UDP, srcKey, probe, &evicted)
 	if why != refusalNone {
 		e.udp.mu.Unlock()
 		closeEvicted(evicted[:n])
@@ -421,7 +430,8 @@ func (e *Engine) runUDPSession(us *udpSession, dialTimeout time.Duration) {
 		replyDone := make(chan struct{})
 		e.flows.Add(1) // a tracked goroutine holds the count above zero
 		go e.runUDPReply(us, conn, targetIP, replyDone)
-		e.sendLoop(us, conn, targetIP)
+		e.sendLoop(us, conn, targetIP) // returns once done is closed
+		conn.Close()                   // ends the reply reader
 		<-replyDone
 	}
 	e.udp.remove(us)
