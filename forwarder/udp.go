@@ -248,13 +248,9 @@ type udpSession struct {
 
 	mu      sync.Mutex // mu guards the following fields
 	conn    *net.UDPConn
-	stopped bool // once set, the socket is the session goroutine's to close
+	stopped bool
 }
 
-// shutdown stops the session. It only closes done: the session's own
-// goroutine closes the socket (runUDPSession), because shutdown runs on the
-// input pump when a new session evicts this one, and a socket close there
-// would delay every packet behind it.
 func (us *udpSession) shutdown() {
 	us.mu.Lock()
 	if us.stopped {
@@ -262,8 +258,12 @@ func (us *udpSession) shutdown() {
 		return
 	}
 	us.stopped = true
+	c := us.conn
 	us.mu.Unlock()
 	close(us.done)
+	if c != nil {
+		c.Close()
+	}
 }
 
 // setConn installs the dialed socket; false if the session already stopped.
@@ -430,8 +430,7 @@ func (e *Engine) runUDPSession(us *udpSession, dialTimeout time.Duration) {
 		replyDone := make(chan struct{})
 		e.flows.Add(1) // a tracked goroutine holds the count above zero
 		go e.runUDPReply(us, conn, targetIP, replyDone)
-		e.sendLoop(us, conn, targetIP) // returns once done is closed
-		conn.Close()                   // ends the reply reader
+		e.sendLoop(us, conn, targetIP)
 		<-replyDone
 	}
 	e.udp.remove(us)
