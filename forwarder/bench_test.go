@@ -213,3 +213,61 @@ func BenchmarkSourceBudgets(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkUDPFloodChurn is a spoofed-source UDP flood as HandleUDP sees
+// it: every datagram comes from a new source, to a mapping whose
+// max_sessions is full of unassured sessions. With probation (the default)
+// each is recorded and dropped; without, each evicts the oldest session and
+// opens one of its own (a socket and two goroutines). ns/op is what the
+// caller, the input pump, spends per datagram; the session goroutines' cost
+// is on the other CPUs and shows in sessions/s, the rate the pump got
+// through, when they compete for them.
+func BenchmarkUDPFloodChurn(b *testing.B) {
+	for _, bc := range []struct {
+		name string
+		opts Options
+	}{{"probation", Options{}}, {"evict", Options{NoUDPProbation: true}}} {
+		b.Run(bc.name, func(b *testing.B) { benchUDPFloodChurn(b, bc.opts) })
+	}
+}
+
+func benchUDPFloodChurn(b *testing.B, opts Options) {
+	sink, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer sink.Close()
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			if _, _, err := sink.ReadFromUDPAddrPort(buf); err != nil {
+				return
+			}
+		}
+	}()
+	port := uint16(sink.LocalAddr().(*net.UDPAddr).Port)
+	m := mapping("flood", conf.UDP, "5000", "127.0.0.1:"+itoa(port))
+	m.MaxSessions = 1000
+	e, err := New(config(m), opts, zap.NewNop())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close()
+	in := newIngress(conf.IngressTUN)
+	pub := netip.MustParseAddrPort("198.51.100.1:5000")
+	payload := make([]byte, 64)
+	src := func(i uint32) netip.AddrPort {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, byte(128 | i>>16&0x7f), byte(i >> 8)}), uint16(1024+i&0xff))
+	}
+	i := uint32(0)
+	for ; i < 1000; i++ { // fill the mapping
+		e.HandleUDP(in, src(i), pub, payload)
+	}
+	b.ReportAllocs()
+	start := time.Now()
+	for b.Loop() {
+		e.HandleUDP(in, src(i), pub, payload)
+		i++
+	}
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "datagrams/s")
+}

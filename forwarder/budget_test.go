@@ -83,7 +83,7 @@ func TestUDPFloodKeepsTCPAndRealClients(t *testing.T) {
 	)
 	cfg.Limits.MaxSessions = 40
 	cfg.Limits.MaxUDPSessions = 8
-	e := newEngine(t, cfg, Options{})
+	e := newEngine(t, cfg, Options{NoUDPProbation: true})
 	tun := newIngress(conf.IngressTUN)
 	client := netip.MustParseAddrPort("203.0.113.5:4000")
 	game := netip.MustParseAddrPort("198.51.100.1:6001")
@@ -190,7 +190,7 @@ func TestUDPReplyAloneDoesNotAssure(t *testing.T) {
 	echo := udpEcho(t)
 	cfg := config(mapping("game", conf.UDP, "6001", "127.0.0.1:"+itoa(echo)))
 	cfg.Limits.MaxUDPSessions = 2
-	e := newEngine(t, cfg, Options{})
+	e := newEngine(t, cfg, Options{NoUDPProbation: true})
 	tun := newIngress(conf.IngressTUN)
 	dst := netip.MustParseAddrPort("198.51.100.1:6001")
 	real := netip.MustParseAddrPort("203.0.113.1:1000")
@@ -244,7 +244,7 @@ func TestTCPEvictsUnassuredUDP(t *testing.T) {
 	cfg := config(mapping("flood", conf.UDP, "6000", "127.0.0.1:"+itoa(sink)), mapping("web", conf.TCP, "80", "127.0.0.1:"+itoa(web)))
 	cfg.Limits.MaxSessions = 10
 	cfg.Limits.MaxUDPSessions = 10
-	e := newEngine(t, cfg, Options{})
+	e := newEngine(t, cfg, Options{NoUDPProbation: true})
 	tun := newIngress(conf.IngressTUN)
 	for i := range 50 {
 		e.HandleUDP(tun, floodSource(i), netip.MustParseAddrPort("198.51.100.1:6000"), []byte("spoof"))
@@ -273,7 +273,7 @@ func TestMappingMaxSessionsEvictsItsOwnUnassured(t *testing.T) {
 	sink, _ := udpSink(t)
 	a := mapping("a", conf.UDP, "6000", "127.0.0.1:"+itoa(sink))
 	a.MaxSessions = 3
-	e := newEngine(t, config(a, mapping("b", conf.UDP, "6001", "127.0.0.1:"+itoa(sink))), Options{})
+	e := newEngine(t, config(a, mapping("b", conf.UDP, "6001", "127.0.0.1:"+itoa(sink))), Options{NoUDPProbation: true})
 	tun := newIngress(conf.IngressTUN)
 	bClient := netip.MustParseAddrPort("203.0.113.200:1")
 	e.HandleUDP(tun, bClient, netip.MustParseAddrPort("198.51.100.1:6001"), []byte("b")) // the oldest unassured overall
@@ -507,7 +507,7 @@ func TestTrackedSourcesThroughTheEngine(t *testing.T) {
 	cfg.Limits.MaxUDPSessions = 16
 	cfg.Limits.NewSessionsPerSourcePerSecond = 5
 	cfg.Limits.MaxTrackedSources = 32
-	e := newEngine(t, cfg, Options{Clock: newFakeClock()})
+	e := newEngine(t, cfg, Options{Clock: newFakeClock(), NoUDPProbation: true})
 	tun := newIngress(conf.IngressTUN)
 	const flood = 1000
 	for i := range flood {

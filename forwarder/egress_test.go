@@ -212,9 +212,10 @@ func TestGroupQuotas(t *testing.T) {
 }
 
 // TestGroupQuotaEvictsUnassured: when a group's UDP quota is full, a new
-// client evicts the group's oldest session that never had a reply (a
-// spoofed flood's), counted as evicted; answered sessions are kept, and
-// with only those left the new client is refused.
+// client is on probation (its first datagram dropped and counted), then
+// its retransmission evicts the group's oldest session that never had a
+// reply (a spoofed flood's), counted as evicted; answered sessions are
+// kept, and with only those left the new client is refused.
 func TestGroupQuotaEvictsUnassured(t *testing.T) {
 	t.Parallel()
 	eg := newEgress()
@@ -233,7 +234,11 @@ func TestGroupQuotaEvictsUnassured(t *testing.T) {
 	}
 	e.HandleUDP(in, answered, pub(1), []byte("y"))                                    // a conversation now: assured
 	e.HandleUDP(in, netip.MustParseAddrPort("203.0.113.2:1000"), pub(2), []byte("x")) // never answered
-	e.HandleUDP(in, netip.MustParseAddrPort("203.0.113.3:1000"), pub(2), []byte("x")) // evicts .2
+	e.HandleUDP(in, netip.MustParseAddrPort("203.0.113.3:1000"), pub(2), []byte("x")) // on probation
+	if st := mappingStatus(t, e, "p/udp/2"); st.UDPEvicted != 0 || st.Refusals["udp_probation"] != 1 {
+		t.Fatalf("p/udp/2: evicted %d, refusals %v; want none evicted and one udp_probation", st.UDPEvicted, st.Refusals)
+	}
+	e.HandleUDP(in, netip.MustParseAddrPort("203.0.113.3:1000"), pub(2), []byte("x")) // retransmitted: evicts .2
 	if st := mappingStatus(t, e, "p/udp/2"); st.UDPEvicted != 1 || st.Refusals["over_limit_peer_udp_sessions"] != 0 {
 		t.Fatalf("p/udp/2: evicted %d, refusals %v; want 1 eviction and no refusal", st.UDPEvicted, st.Refusals)
 	}
@@ -241,8 +246,8 @@ func TestGroupQuotaEvictsUnassured(t *testing.T) {
 		t.Fatal("the newest session is not in the table")
 	}
 	e.HandleUDP(in, netip.MustParseAddrPort("203.0.113.3:1000"), pub(2), []byte("y"))
-	e.HandleUDP(in, netip.MustParseAddrPort("203.0.113.4:1000"), pub(1), []byte("x")) // both answered: refused
-	if st := mappingStatus(t, e, "p/udp/1"); st.Refusals["over_limit_peer_udp_sessions"] != 1 || st.UDPEvicted != 0 {
+	e.HandleUDP(in, netip.MustParseAddrPort("203.0.113.4:1000"), pub(1), []byte("x")) // both answered: refused, no probation
+	if st := mappingStatus(t, e, "p/udp/1"); st.Refusals["over_limit_peer_udp_sessions"] != 1 || st.Refusals["udp_probation"] != 0 || st.UDPEvicted != 0 {
 		t.Fatalf("p/udp/1: refusals %v, evicted %d; want one refusal and no eviction", st.Refusals, st.UDPEvicted)
 	}
 	if e.HandleUDPReply(netip.MustParseAddrPort("10.0.0.2:2"), netip.MustParseAddrPort("203.0.113.2:1000"), []byte("r")) {

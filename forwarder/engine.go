@@ -66,6 +66,9 @@ type Options struct {
 	// UDPQueueLen is how many datagrams a UDP session buffers toward its
 	// target (including while it dials) before dropping. Zero: 2048.
 	UDPQueueLen int
+	// NoUDPProbation admits a new UDP source by eviction on its first
+	// datagram (see probation): for tests of the eviction order itself.
+	NoUDPProbation bool
 
 	// Test seams, so a test can wait for a check instead of sleeping:
 	// onSweep runs after each expiry sweep, onIdleCheck after each idle
@@ -94,6 +97,7 @@ type Engine struct {
 	nextID    atomic.Uint64
 	closing   atomic.Bool
 	udp       udpTable
+	probation *probation // UDP sources that need an eviction to get a session
 
 	ctx    context.Context // cancelled when the engine stops: aborts dials
 	cancel context.CancelFunc
@@ -161,6 +165,7 @@ func New(cfg *conf.Config, opts Options, log *zap.Logger) (*Engine, error) {
 	}
 	e.budget.init()
 	e.sources.init()
+	e.probation = newProbation(e.clock.Now())
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	e.bindStates(rs)
 	e.rules.Store(rs)

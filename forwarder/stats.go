@@ -31,6 +31,7 @@ const (
 	refusedGroupUDPSessions
 	refusedGroupInflight
 	refusedGroupRate
+	refusedProbation
 	numRefusals
 )
 
@@ -58,6 +59,9 @@ var refusalNames = [numRefusals]string{
 	refusedGroupUDPSessions: "over_limit_peer_udp_sessions",
 	refusedGroupInflight:    "over_limit_peer_inflight",
 	refusedGroupRate:        "over_limit_peer_rate",
+	// A new UDP source whose session needed an eviction sent its first
+	// datagram: dropped, its second admitted (see probation).
+	refusedProbation: "udp_probation",
 }
 
 func (r refusal) String() string { return refusalNames[r] }

@@ -148,13 +148,18 @@ const maxEvictions = 4
 // pool, evicts unassured UDP sessions (see victimLocked) and tries again.
 // It returns the evicted sessions, whose slots it freed and which it took
 // out of the table; the caller closes them after unlocking e.udp.mu.
-func (e *Engine) reserveEvictingLocked(rs *RuleSet, r *Rule, proto conf.Proto, src netip.Addr, evicted *[maxEvictions]*udpSession) (slot, refusal, int) {
+// probe, when not nil, is asked once before the first eviction; false
+// refuses with refusedProbation and evicts nothing.
+func (e *Engine) reserveEvictingLocked(rs *RuleSet, r *Rule, proto conf.Proto, src netip.Addr, probe func() bool, evicted *[maxEvictions]*udpSession) (slot, refusal, int) {
 	sl, why := e.reserveSlot(rs, r, proto, src)
 	n := 0
 	for ; why != refusalNone && n < maxEvictions; n++ {
 		v := e.udp.victimLocked(why, r.state, r.group)
 		if v == nil {
 			break
+		}
+		if n == 0 && probe != nil && !probe() {
+			return sl, refusedProbation, 0
 		}
 		e.udp.forgetLocked(v)
 		v.state.udpEvicted.Add(1)
@@ -170,7 +175,7 @@ func (e *Engine) reserveEvictingLocked(rs *RuleSet, r *Rule, proto conf.Proto, s
 func (e *Engine) reserveEvicting(rs *RuleSet, r *Rule, proto conf.Proto, src netip.Addr) (slot, refusal) {
 	var evicted [maxEvictions]*udpSession
 	e.udp.mu.Lock()
-	sl, why, n := e.reserveEvictingLocked(rs, r, proto, src, &evicted)
+	sl, why, n := e.reserveEvictingLocked(rs, r, proto, src, nil, &evicted)
 	e.udp.mu.Unlock()
 	closeEvicted(evicted[:n])
 	return sl, why
@@ -350,7 +355,11 @@ func (e *Engine) openUDP(rs *RuleSet, r *Rule, in Ingress, src, dst netip.AddrPo
 		e.udp.mu.Unlock()
 		return us
 	}
-	sl, why, n := e.reserveEvictingLocked(rs, r, conf.UDP, srcKey, &evicted)
+	var probe func() bool
+	if !e.opts.NoUDPProbation {
+		probe = func() bool { return e.probation.pass(r.state, src, now) }
+	}
+	sl, why, n := e.reserveEvictingLocked(rs, r, conf.UDP, srcKey, probe, &evicted)
 	if why != refusalNone {
 		e.udp.mu.Unlock()
 		closeEvicted(evicted[:n])

@@ -246,25 +246,42 @@ func udpSocket(addr string) (*net.UDPConn, error) {
 	return net.DialUDP("udp4", nil, ua)
 }
 
-// udpExchange sends msg and reports whether the same bytes came back within
-// timeout; stale replies to earlier messages are skipped.
+// udpRetransmit is how long the real UDP client waits for a reply before
+// it sends the datagram again, as real UDP clients do (DNS stubs, QUIC,
+// WireGuard), though theirs usually wait longer (0.4 to 5 s).
+const udpRetransmit = 300 * time.Millisecond
+
+// udpExchange sends msg, again every udpRetransmit while unanswered, and
+// reports whether the same bytes came back within timeout; stale replies
+// to earlier messages are skipped.
 func udpExchange(c *net.UDPConn, msg []byte, timeout time.Duration) (bool, error) {
-	if _, err := c.Write(msg); err != nil {
-		return false, fmt.Errorf("udp write: %w", err)
-	}
-	_ = c.SetReadDeadline(time.Now().Add(timeout))
+	end := time.Now().Add(timeout)
 	buf := make([]byte, 2048)
 	for {
-		n, err := c.Read(buf)
-		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				return false, nil
-			}
-			return false, fmt.Errorf("udp read: %w", err)
+		if _, err := c.Write(msg); err != nil {
+			return false, fmt.Errorf("udp write: %w", err)
 		}
-		if string(buf[:n]) == string(msg) {
-			return true, nil
+		next := time.Now().Add(udpRetransmit)
+		last := !next.Before(end)
+		if last {
+			next = end
+		}
+		_ = c.SetReadDeadline(next)
+		for {
+			n, err := c.Read(buf)
+			if err != nil {
+				var ne net.Error
+				if errors.As(err, &ne) && ne.Timeout() {
+					break
+				}
+				return false, fmt.Errorf("udp read: %w", err)
+			}
+			if string(buf[:n]) == string(msg) {
+				return true, nil
+			}
+		}
+		if last {
+			return false, nil
 		}
 	}
 }

@@ -458,3 +458,59 @@ func TestWatchSelf(t *testing.T) {
 		t.Fatal("watch of a PID that does not exist: want an error")
 	}
 }
+
+// TestUDPExchangeRetransmits: a server that ignores the first datagram (a
+// gateway's probation, a lost packet) answers the retransmission, and the
+// exchange succeeds; one that never answers fails after the timeout.
+func TestUDPExchangeRetransmits(t *testing.T) {
+	srv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan int)
+	go func() {
+		buf := make([]byte, 64)
+		n := 0
+		for {
+			m, from, err := srv.ReadFromUDP(buf)
+			if err != nil {
+				done <- n
+				return
+			}
+			if n++; n >= 2 {
+				srv.WriteToUDP(buf[:m], from)
+			}
+		}
+	}()
+	c, err := udpSocket(srv.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ok, err := udpExchange(c, []byte("hello"), 2*time.Second)
+	if err != nil || !ok {
+		t.Fatalf("exchange with a server that answers the retransmission: ok %v, err %v", ok, err)
+	}
+	srv.Close()
+	if n := <-done; n < 2 {
+		t.Fatalf("server saw %d datagrams, want the first and a retransmission", n)
+	}
+
+	silent, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	c2, err := udpSocket(silent.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	start := time.Now()
+	if ok, err := udpExchange(c2, []byte("hello"), 700*time.Millisecond); ok || err != nil {
+		t.Fatalf("exchange with a silent server: ok %v, err %v; want false, nil", ok, err)
+	}
+	if el := time.Since(start); el < 700*time.Millisecond || el > 3*time.Second {
+		t.Fatalf("silent exchange took %v, want its 700ms timeout", el)
+	}
+}

@@ -39,6 +39,11 @@ remove the routes natbox added, close the TUN and exit 0.`,
 				return err
 			}
 			defer log.Sync()
+			stopProfile, err := startCPUProfile(os.Getenv(cpuProfileEnv))
+			if err != nil {
+				return err
+			}
+			defer stopProfile()
 			a, err := app.NewAppliance(cfg, app.Options{Version: version}, log)
 			if err != nil {
 				return err

@@ -11,9 +11,12 @@ import (
 
 // TestUDPFloodFromSpoofedSources is the flood of issue 7 through the whole
 // appliance: 3000 datagrams from as many spoofed sources to one UDP mapping
-// whose target never answers. Each flood session evicts the oldest one
-// that never had a reply, so a real UDP client (its target answers) keeps
-// its session and every ping, and TCP to another mapping is never refused.
+// whose target never answers. Once the pool is full, a flood source could
+// only get a session by evicting one, so it is on probation: its single
+// datagram is dropped and counted, and nothing is evicted. A real UDP client
+// (its target answers) keeps its session and every ping, a new real client
+// that retransmits gets a session by evicting a flood session, and TCP to
+// another mapping is never refused.
 func TestUDPFloodFromSpoofedSources(t *testing.T) {
 	t.Parallel()
 	const (
@@ -70,17 +73,32 @@ func TestUDPFloodFromSpoofedSources(t *testing.T) {
 	}
 
 	f := h.mappingStatus("flood")
-	// The pool holds the player and pool-1 flood sessions; every other flood
-	// session was evicted by a later one, and none was refused.
-	if want := uint64(flood - (pool - 1)); f.UDPEvicted != want {
-		t.Errorf("flood: udp_evicted %d, want %d", f.UDPEvicted, want)
+	// The pool holds the player and pool-1 flood sessions; every later flood
+	// datagram was on probation and evicted nothing.
+	if f.UDPEvicted != 0 || f.SessionsOpened != pool-1 {
+		t.Errorf("flood: udp_evicted %d, %d sessions opened; want 0, %d", f.UDPEvicted, f.SessionsOpened, pool-1)
 	}
-	wantRefusals(t, "flood", f.Refusals, nil)
+	wantRefusals(t, "flood", f.Refusals, map[string]uint64{"udp_probation": flood - (pool - 1)})
+
+	// A new real client: its first datagram is on probation, its
+	// retransmission gets a session by evicting the oldest flood session.
+	fresh := ap(client4, 40001)
+	h.sendUDP(fresh, ap(public4, 8401), []byte("first"))
+	waitFor(t, 10*time.Second, "the fresh client's first datagram on probation", func() bool {
+		return h.mappingStatus("game").Refusals["udp_probation"] == 1
+	})
+	h.sendUDP(fresh, ap(public4, 8401), []byte("retransmit"))
+	if d := h.mustRecvUDP(fresh); string(d.payload) != "retransmit" {
+		t.Fatalf("fresh client answered %q, want \"retransmit\"", d.payload)
+	}
+	if n := h.mappingStatus("flood").UDPEvicted; n != 1 {
+		t.Errorf("flood: udp_evicted %d after the fresh client, want 1", n)
+	}
 	g := h.mappingStatus("game")
-	if g.SessionsOpened != 1 || g.UDPEvicted != 0 {
-		t.Errorf("game: %d sessions opened, %d evicted; want its one session kept", g.SessionsOpened, g.UDPEvicted)
+	if g.SessionsOpened != 2 || g.UDPEvicted != 0 {
+		t.Errorf("game: %d sessions opened, %d evicted; want the player's kept and the fresh one's", g.SessionsOpened, g.UDPEvicted)
 	}
-	wantRefusals(t, "game", g.Refusals, nil)
+	wantRefusals(t, "game", g.Refusals, map[string]uint64{"udp_probation": 1})
 	w := h.mappingStatus("web")
 	if w.SessionsOpened != 20 {
 		t.Errorf("web: %d sessions opened, want 20", w.SessionsOpened)
