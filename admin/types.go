@@ -61,6 +61,9 @@ type Status struct {
 	StartedAt  time.Time `json:"started_at,omitzero"`
 
 	Mappings []Mapping `json:"mappings"`
+	// Warnings are findings about the host natbox runs on, e.g. a
+	// carrier-grade NAT address with no uplink (see internal/doctor).
+	Warnings []string `json:"warnings,omitempty"`
 	// Refusals counts refused flows that matched no mapping, by reason
 	// (for example "no_match").
 	Refusals map[string]uint64 `json:"refusals,omitempty"`

@@ -348,9 +348,15 @@ func warnings(st Status) []warning {
 		if m.State == StateRefusedByRelay || m.RelayRefusal != "" {
 			ws = append(ws, warning{"relay", fmt.Sprintf("%s: refused by the relay: %s", m.Name, orDash(m.RelayRefusal))})
 		}
+		if m.State == StateActive && m.Stats.Gauges["target_down"] != 0 {
+			ws = append(ws, warning{"target", fmt.Sprintf("%s: the target %s did not accept the last connection (dial_failed): check that the service runs; natbox doctor tells refused from timing out", m.Name, m.Target)})
+		}
 		if m.State == StateActive && len(m.RiskyExposure) > 0 {
 			ws = append(ws, warning{"risky", fmt.Sprintf("%s exposes %s to anyone: set allow to the addresses that need it, or acknowledge_risk", m.Name, strings.Join(m.RiskyExposure, ", "))})
 		}
+	}
+	for _, w := range st.Warnings {
+		ws = append(ws, warning{"host", w})
 	}
 	if st.Uplink != nil {
 		for _, r := range st.Uplink.Refused {

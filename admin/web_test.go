@@ -49,7 +49,10 @@ func TestPageListsMappings(t *testing.T) {
 	st := sampleStatus()
 	st.Mappings = append(st.Mappings, Mapping{Name: "ssh", State: StateActive, Protocol: "tcp", Listen: "2222", Target: "10.0.0.5:3389", RiskyExposure: []string{"rdp (3389)"}},
 		Mapping{Name: "vpn", State: StateRefusedByRelay, Protocol: "udp", Listen: "51821", Target: "10.0.0.6:51820",
-			Allow: []string{"192.0.2.0/24", "198.51.100.0/24", "203.0.113.1"}, RelayRefusal: "port taken"})
+			Allow: []string{"192.0.2.0/24", "198.51.100.0/24", "203.0.113.1"}, RelayRefusal: "port taken"},
+		Mapping{Name: "cam", State: StateActive, Protocol: "tcp", Listen: "8554", Target: "10.0.0.7:554", Allow: []string{"192.0.2.0/24"},
+			Stats: Counters{Gauges: map[string]int64{"target_down": 1}}})
+	st.Warnings = []string{"carrier-grade NAT: 100.72.1.5 on wan0 is in 100.64.0.0/10; use relay mode"}
 	src := &fakeSource{status: st}
 	s := startServer(t, conf.Admin{Listen: "127.0.0.1:0"}, src, Options{})
 	code, body := httpGet(t, newHTTPClient(t), "http://"+s.Addr().String()+"/", "")
@@ -65,6 +68,7 @@ func TestPageListsMappings(t *testing.T) {
 		// warnings
 		"games expired on 2026-10-01", "web: review overdue", "ssh exposes rdp (3389) to anyone",
 		"vpn: refused by the relay: port taken", "the relay refused udp/27015: not in this peer",
+		"cam: the target 10.0.0.7:554 did not accept the last connection", "carrier-grade NAT: 100.72.1.5 on wan0",
 		// uplink, TUN, relay, netstack
 		`data-path="uplink.last_handshake" data-fmt="ago">30s ago`, "tcp/8443",
 		`data-path="tun.packets_in">9900<`, `data-path="tun.dropped_in">100<`,

@@ -108,6 +108,10 @@ type mappingState struct {
 	// yet, oldest first; guarded by the engine's udpTable.mu.
 	unassured udpList
 
+	// targetDown: the last dial to the target failed (set by refuse,
+	// cleared by observeDial), for the status page's dead-target warning.
+	targetDown atomic.Bool
+
 	// Touched only by the sweep goroutine.
 	warnedExpiry   int64 // the expires (unix nanos) already warned about
 	lastReviewWarn time.Time
@@ -118,10 +122,13 @@ func (m *mappingState) refuse(r refusal) {
 	switch r {
 	case refusedInflight, refusedInflightSource, refusedInflightTarget:
 		m.budgetHits.Add(1)
+	case refusedDialFailed:
+		m.targetDown.Store(true)
 	}
 }
 
 func (m *mappingState) observeDial(d time.Duration) {
+	m.targetDown.Store(false)
 	m.dialCount.Add(1)
 	m.dialNanos.Add(uint64(max(d, 0)))
 	i := 0
@@ -179,6 +186,10 @@ type MappingStatus struct {
 	// dropped because max_tracked_sources was reached (they start over
 	// with a full burst).
 	RateSourcesEvicted uint64
+
+	// TargetDown reports whether the last dial to the target failed (a
+	// refused, unreachable or silent target); the next good dial clears it.
+	TargetDown bool
 }
 
 // Histogram is a latency histogram in Prometheus shape: Buckets[i] counts
@@ -208,6 +219,7 @@ func (m *mappingState) snapshot() MappingStatus {
 		UDPEvicted:     m.udpEvicted.Load(),
 
 		RateSourcesEvicted: m.rateEvicted.Load(),
+		TargetDown:         m.targetDown.Load(),
 	}
 	if t := m.lastUsed.Load(); t != 0 {
 		s.LastUsed = time.Unix(0, t)

@@ -472,3 +472,37 @@ func TestTCPHandshakeTimeout(t *testing.T) {
 		t.Fatalf("next flow %s, want accepted (slot leaked)", got)
 	}
 }
+
+// TestTargetDown: a failed dial marks the mapping's target down (the status
+// page warns), the next good dial clears it.
+func TestTargetDown(t *testing.T) {
+	t.Parallel()
+	port := closedPort(t)
+	e := newEngine(t, config(mapping("web", conf.TCP, "80", "127.0.0.1:"+itoa(port))), Options{})
+	if f := startTCP(t, e, newIngress(conf.IngressTUN), "203.0.113.1:1000", "198.51.100.1:80"); f.wait(t) != "rejected" {
+		t.Fatal("a dial to a closed port was accepted")
+	}
+	if !mappingStatus(t, e, "web").TargetDown {
+		t.Fatal("target not down after a failed dial")
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:"+itoa(port))
+	if err != nil {
+		t.Skipf("the closed port was taken meanwhile: %v", err)
+	}
+	defer ln.Close()
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			defer c.Close()
+			io.Copy(io.Discard, c)
+		}
+	}()
+	f := startTCP(t, e, newIngress(conf.IngressTUN), "203.0.113.1:1001", "198.51.100.1:80")
+	if f.wait(t) != "accepted" {
+		t.Fatal("the dial to the listening target failed")
+	}
+	if mappingStatus(t, e, "web").TargetDown {
+		t.Fatal("target still down after a good dial")
+	}
+	f.client.Close()
+	<-f.done
+}

@@ -20,6 +20,7 @@ import (
 	"github.com/natbox/natbox/admin"
 	"github.com/natbox/natbox/conf"
 	"github.com/natbox/natbox/forwarder"
+	"github.com/natbox/natbox/internal/doctor"
 	"github.com/natbox/natbox/netstack"
 	"github.com/natbox/natbox/tunnel"
 )
@@ -37,6 +38,9 @@ type Appliance struct {
 	uplink    *tunnel.Uplink // nil without [uplink]
 	admin     *admin.Server  // nil without a control socket or HTTP listener
 	live      *liveSettings  // [log] and [admin] as running
+	// addressWarning is natbox doctor's finding about this host's addresses
+	// (carrier-grade or double NAT without an uplink), taken at start.
+	addressWarning string
 
 	teardown teardown
 }
@@ -84,6 +88,7 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (_ *Appliance
 			return nil, err
 		}
 	}
+	a.addressWarning = doctor.AddressWarning(cfg)
 	src := applianceSource{a: a, started: time.Now(), version: opts.Version}
 	if a.admin, err = startAdmin(cfg.Admin, src, a.ready, log); err != nil {
 		return nil, err

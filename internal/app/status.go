@@ -26,6 +26,9 @@ func (s applianceSource) Status() admin.Status {
 	cfg := s.a.config()
 	st := engineStatus(s.a.engine.Snapshot())
 	st.Time, st.Version, st.ConfigPath, st.StartedAt = time.Now(), s.version, cfg.Path, s.started
+	if s.a.addressWarning != "" {
+		st.Warnings = append(st.Warnings, s.a.addressWarning)
+	}
 	st.Netstack = make(map[string]admin.Counters, len(s.a.ingresses))
 	for _, in := range s.a.ingresses {
 		st.Netstack[in.name] = netstackStatus(in.stack.Stats())

@@ -3,6 +3,7 @@ package doctor
 import (
 	"bytes"
 	"context"
+	"errors"
 	"net"
 	"net/netip"
 	"os"
@@ -522,4 +523,26 @@ func testCtx(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// TestAddressWarning: the warning natbox run shows on its status page is
+// checkAddresses' warning with its fix, and nothing where doctor is content.
+func TestAddressWarning(t *testing.T) {
+	wan := func(a string) []Interface {
+		return []Interface{{Name: "wan0", Up: true, Addrs: []netip.Prefix{netip.MustParsePrefix(a)}}}
+	}
+	gateway := &conf.Config{TUN: &conf.TUN{Name: "natbox0"}}
+	uplink := &conf.Config{Uplink: &conf.Uplink{Relay: "203.0.113.1:51820"}}
+	if w := addressWarning(gateway, wan("100.72.1.5/10"), nil); !strings.Contains(w, "carrier-grade NAT: 100.72.1.5 on wan0") || !strings.Contains(w, "use relay mode") {
+		t.Fatalf("cgnat gateway: %q", w)
+	}
+	if w := addressWarning(uplink, wan("100.72.1.5/10"), nil); w != "" {
+		t.Fatalf("cgnat with an uplink: %q, want none", w)
+	}
+	if w := addressWarning(gateway, wan("198.51.100.20/24"), nil); w != "" {
+		t.Fatalf("public address: %q, want none", w)
+	}
+	if w := addressWarning(gateway, nil, errors.New("no netlink")); w != "" {
+		t.Fatalf("interfaces unreadable: %q, want none (doctor reports that itself)", w)
+	}
 }

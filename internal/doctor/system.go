@@ -1,6 +1,8 @@
 package doctor
 
 import (
+	"github.com/natbox/natbox/conf"
+
 	"bufio"
 	"context"
 	"encoding/binary"
@@ -374,4 +376,22 @@ func (d *doctor) checkRelayResolves(ctx context.Context) Check {
 			Fix: "check [uplink] relay, and this box's DNS (resolv.conf)"}
 	}
 	return Check{Area: area, Severity: OK, Msg: fmt.Sprintf("relay host %s resolves to %s", host, addrs[0])}
+}
+
+// AddressWarning is checkAddresses' warning about this host's own addresses
+// (carrier-grade or double NAT without an [uplink]), with its fix, or "" when
+// there is none. natbox run computes it once at start for the status page.
+func AddressWarning(cfg *conf.Config) string {
+	ifaces, err := systemInterfaces()
+	return addressWarning(cfg, ifaces, err)
+}
+
+func addressWarning(cfg *conf.Config, ifaces []Interface, err error) string {
+	d := &doctor{cfg: cfg, ifaces: ifaces, ifacesErr: err}
+	for _, c := range d.checkAddresses() {
+		if c.Severity == Warning && err == nil {
+			return c.Msg + "; " + c.Fix
+		}
+	}
+	return ""
 }
