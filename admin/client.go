@@ -84,20 +84,14 @@ func (c *Client) Reload(ctx context.Context) (ReloadResult, error) {
 // Ready asks the running natbox's /readyz: nil when it is ready, else why
 // not (not running, or an ingress not up yet, such as an unregistered uplink).
 func (c *Client) Ready(ctx context.Context) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://natbox/readyz", nil)
+	status, body, err := c.roundTrip(ctx, http.MethodGet, "/readyz", 4096)
 	if err != nil {
 		return err
 	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		return socketError(c.socket, err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-	if resp.StatusCode != http.StatusOK {
+	if status != http.StatusOK {
 		msg := strings.TrimSpace(string(body))
 		if msg == "" {
-			msg = resp.Status
+			msg = http.StatusText(status)
 		}
 		return errors.New(msg)
 	}
@@ -105,26 +99,16 @@ func (c *Client) Ready(ctx context.Context) error {
 }
 
 func (c *Client) do(ctx context.Context, method, path string, out any) error {
-	// The host is ignored: the transport always dials the socket.
-	req, err := http.NewRequestWithContext(ctx, method, "http://natbox"+path, nil)
+	status, body, err := c.roundTrip(ctx, method, path, 64<<20)
 	if err != nil {
 		return err
 	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		return socketError(c.socket, err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
-	if err != nil {
-		return fmt.Errorf("read answer from %s: %w", c.socket, err)
-	}
-	if resp.StatusCode != http.StatusOK {
+	if status != http.StatusOK {
 		var eb errorBody
 		if json.Unmarshal(body, &eb) != nil || eb.Error == "" {
-			return fmt.Errorf("%s %s: %s", method, path, resp.Status)
+			return fmt.Errorf("%s %s: %d %s", method, path, status, http.StatusText(status))
 		}
-		if resp.StatusCode == http.StatusUnprocessableEntity {
+		if status == http.StatusUnprocessableEntity {
 			return &ConfigError{Lines: eb.Errors}
 		}
 		return errors.New(eb.Error)
@@ -133,6 +117,26 @@ func (c *Client) do(ctx context.Context, method, path string, out any) error {
 		return fmt.Errorf("decode answer from %s: %w; is natbox the same version as this command?", c.socket, err)
 	}
 	return nil
+}
+
+// roundTrip sends one request over the socket and reads at most limit bytes
+// of the answer.
+func (c *Client) roundTrip(ctx context.Context, method, path string, limit int64) (status int, body []byte, err error) {
+	// The host is ignored: the transport always dials the socket.
+	req, err := http.NewRequestWithContext(ctx, method, "http://natbox"+path, nil)
+	if err != nil {
+		return 0, nil, err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return 0, nil, socketError(c.socket, err)
+	}
+	defer resp.Body.Close()
+	body, err = io.ReadAll(io.LimitReader(resp.Body, limit))
+	if err != nil {
+		return 0, nil, fmt.Errorf("read answer from %s: %w", c.socket, err)
+	}
+	return resp.StatusCode, body, nil
 }
 
 // socketError turns a dial failure into words that say what to do.
