@@ -90,6 +90,10 @@ func (r *Relay) serveControl(p *relayPeer, cc *controlConn) {
 	case hello.Type != msgHello:
 		r.refuseControl(p, cc, ctlBadHello, fmt.Errorf("first message %q", hello.Type))
 		return
+	case hello.V < MinProtocolVersion || hello.V > MaxProtocolVersion:
+		r.refuseControl(p, cc, ctlVersion, fmt.Errorf("control protocol version %d, relay speaks %d to %d",
+			hello.V, MinProtocolVersion, MaxProtocolVersion))
+		return
 	}
 	_ = c.SetReadDeadline(time.Time{})
 
