@@ -76,3 +76,12 @@ func Limits(r *Relay) (time.Duration, int64) {
 	l := r.limits.Load()
 	return l.dialTimeout, l.maxSessions
 }
+
+// HoldRelayLock takes r's global lock, as a long reconciliation would, and
+// returns its release; coalesced reads peer's coalesced-register count
+// without that lock.
+func HoldRelayLock(r *Relay, peer string) (release func(), coalesced func() uint64) {
+	r.mu.Lock()
+	p := r.peers[peer]
+	return r.mu.Unlock, p.regCoalesced.Load
+}

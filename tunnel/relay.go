@@ -76,6 +76,7 @@ type Relay struct {
 	// last built (see syncRulesLocked).
 	rulesDirty bool
 	rulePeer   map[string]*relayPeer // engine mapping name -> peer
+	udpSockets int                   // public UDP sockets open, all peers
 }
 
 // relayLimits are the [relay] settings a reload applies in place. Flows
@@ -102,14 +103,19 @@ type relayPeer struct {
 	addr4      netip.Addr
 	ctlRefused ctlCounters // control connections refused, by reason
 	retired    peerTotals  // engine counters of holdings released
-	cfg        conf.Peer
-	pending    *controlConn             // a control connection waiting for its hello
-	session    *controlSession          // nil when not connected
-	wanted     []string                 // the specs of the peer's last register
-	udpIdle    map[string]time.Duration // ... and their UDP idle timeouts, where given
-	results    map[string]message
-	holdings   map[portKey]*holding
-	grace      *time.Timer // runs while the peer is disconnected and still holds ports
+	// regCoalesced counts registers replaced by a newer one before they
+	// were applied (a peer registering faster than the relay applies).
+	regCoalesced atomic.Uint64
+	portRefused  [numPortRefusals]atomic.Uint64 // specs refused by a cap, by reason
+	udpSockets   int                            // public UDP sockets open; guarded by Relay.mu
+	cfg          conf.Peer
+	pending      *controlConn             // a control connection waiting for its hello
+	session      *controlSession          // nil when not connected
+	wanted       []string                 // the specs of the peer's last register
+	udpIdle      map[string]time.Duration // ... and their UDP idle timeouts, where given
+	results      map[string]message
+	holdings     map[portKey]*holding
+	grace        *time.Timer // runs while the peer is disconnected and still holds ports
 }
 
 // holding is one (protocol, port) a peer holds: the public sockets on every
@@ -367,8 +373,9 @@ type RelayStatus struct {
 	Peers       []RelayPeerStatus `json:"peers"`
 	TCPSessions int64             `json:"tcp_sessions"`
 	UDPSessions int               `json:"udp_sessions"`
-	Rejected    uint64            `json:"rejected"`   // flows from the tunnel refused by isolation
-	OverLimit   uint64            `json:"over_limit"` // public flows refused by relay.max_sessions
+	UDPSockets  int               `json:"udp_sockets"` // public UDP sockets open, all peers
+	Rejected    uint64            `json:"rejected"`    // flows from the tunnel refused by isolation
+	OverLimit   uint64            `json:"over_limit"`  // public flows refused by relay.max_sessions
 }
 
 // RelayPeerStatus describes one peer.
@@ -386,6 +393,14 @@ type RelayPeerStatus struct {
 	// ControlRefusals counts the peer's control connections refused or
 	// ended by the relay, by reason ("replaced", "hello_timeout", "rate", ...).
 	ControlRefusals map[string]uint64 `json:"control_refusals,omitempty"`
+	// RegistersCoalesced counts registers the relay skipped because a newer
+	// one from the same peer came before it applied them.
+	RegistersCoalesced uint64 `json:"registers_coalesced,omitempty"`
+	// UDPSockets are the peer's public UDP sockets open now (one per held
+	// UDP port per bind address); PortRefusals counts its specs refused by
+	// a cap ("udp_sockets_peer", "udp_sockets_relay").
+	UDPSockets   int               `json:"udp_sockets"`
+	PortRefusals map[string]uint64 `json:"port_refusals,omitempty"`
 	// SessionsActive and SessionsOpened count the peer's TCP flows and UDP
 	// client sessions: open now, and opened since the peer was configured.
 	SessionsActive int64  `json:"sessions_active"`
@@ -424,6 +439,7 @@ func (r *Relay) Status() RelayStatus {
 	st := RelayStatus{TCPSessions: es.TCPSessions, UDPSessions: int(es.UDPSessions), Rejected: r.rejected.Load()}
 
 	r.mu.Lock()
+	st.UDPSockets = r.udpSockets
 	live := make(map[*relayPeer]*peerTotals, len(r.peers))
 	active := make(map[*relayPeer]int64, len(r.peers))
 	udp := make(map[*relayPeer]int64, len(r.peers))
@@ -460,7 +476,17 @@ func (r *Relay) Status() RelayStatus {
 			UDPEvicted:     t.udpEvicted,
 			Refusals:       t.refusals,
 
-			ControlRefusals: p.ctlRefused.snapshot(),
+			ControlRefusals:    p.ctlRefused.snapshot(),
+			RegistersCoalesced: p.regCoalesced.Load(),
+			UDPSockets:         p.udpSockets,
+		}
+		for i := range p.portRefused {
+			if n := p.portRefused[i].Load(); n > 0 {
+				if ps.PortRefusals == nil {
+					ps.PortRefusals = make(map[string]uint64)
+				}
+				ps.PortRefusals[portRefusalNames[i]] = n
+			}
 		}
 		for why, n := range t.refusals {
 			if isOverLimit(why) {
@@ -583,7 +609,7 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 			}
 		}
 	}
-	notes = append(notes, r.retryOthersLocked(nil)...)
+	notes = append(notes, r.retryOthersLocked(nil, nil)...)
 	r.cfg = cfg
 	r.rulesDirty = true // limits
 	r.syncRulesLocked()
@@ -653,8 +679,26 @@ func (r *Relay) sendLocked(notes []notification) {
 
 // reconcileLocked makes p's holdings match its wanted specs and allowances:
 // it opens sockets for wanted ports it may take, releases held ports no
-// longer wanted or allowed, and returns one result per wanted spec.
-func (r *Relay) reconcileLocked(p *relayPeer) []message {
+// longer wanted or allowed, and returns one result per wanted spec and the
+// ports it released.
+func (r *Relay) reconcileLocked(p *relayPeer) ([]message, []portKey) {
+	// Ports no longer wanted go first, so their sockets count for nothing
+	// against the caps below.
+	var freed []portKey
+	want := make(map[portKey]bool)
+	for _, raw := range p.wanted {
+		if spec, err := parseWireSpec(raw); err == nil && r.reg.check(p.name, p.cfg.Ports, spec) == "" {
+			for _, k := range portKeys(spec) {
+				want[k] = true
+			}
+		}
+	}
+	for k, h := range p.holdings {
+		if !want[k] {
+			r.releaseLocked(h)
+			freed = append(freed, k)
+		}
+	}
 	keep := make(map[portKey]bool)
 	results := make([]message, 0, len(p.wanted))
 	for _, raw := range p.wanted {
@@ -667,6 +711,11 @@ func (r *Relay) reconcileLocked(p *relayPeer) []message {
 		}
 		res.Port = spec.String()
 		if reason := r.reg.check(p.name, p.cfg.Ports, spec); reason != "" {
+			res.OK, res.Reason = false, reason
+			results = append(results, res)
+			continue
+		}
+		if reason := r.udpSocketsLocked(p, spec); reason != "" {
 			res.OK, res.Reason = false, reason
 			results = append(results, res)
 			continue
@@ -705,17 +754,19 @@ func (r *Relay) reconcileLocked(p *relayPeer) []message {
 	for k, h := range p.holdings {
 		if !keep[k] {
 			r.releaseLocked(h)
+			freed = append(freed, k)
 		}
 	}
 	r.syncRulesLocked()
-	return results
+	return results, freed
 }
 
 // renotifyLocked reconciles p and returns the results that changed since
 // p's session last heard about them.
 func (r *Relay) renotifyLocked(p *relayPeer) []notification {
 	var changed []message
-	for _, m := range r.reconcileLocked(p) {
+	results, _ := r.reconcileLocked(p)
+	for _, m := range results {
 		if prev, ok := p.results[m.Port]; !ok || prev.OK != m.OK || prev.Reason != m.Reason {
 			changed = append(changed, m)
 		}
@@ -728,8 +779,16 @@ func (r *Relay) renotifyLocked(p *relayPeer) []notification {
 }
 
 // retryOthersLocked re-reconciles every connected peer other than except
-// that has a refused spec: a port it wanted may have become free.
-func (r *Relay) retryOthersLocked(except *relayPeer) []notification {
+// that was refused a spec covering a port in freed (nil: any refused spec,
+// as after a reload): that port may now be its.
+func (r *Relay) retryOthersLocked(except *relayPeer, freed []portKey) []notification {
+	if freed != nil && len(freed) == 0 {
+		return nil
+	}
+	free := make(map[portKey]bool, len(freed))
+	for _, k := range freed {
+		free[k] = true
+	}
 	var notes []notification
 	for _, q := range r.peers {
 		if q == except || q.session == nil {
@@ -737,13 +796,66 @@ func (r *Relay) retryOthersLocked(except *relayPeer) []notification {
 		}
 		refused := false
 		for _, m := range q.results {
-			refused = refused || !m.OK
+			refused = refused || (!m.OK && (freed == nil || coversAny(m.Port, free)))
 		}
 		if refused {
 			notes = append(notes, r.renotifyLocked(q)...)
 		}
 	}
 	return notes
+}
+
+// udpSocketsLocked returns why p may not open the public UDP sockets spec
+// still needs (the ports it does not hold, on every bind address), or "".
+func (r *Relay) udpSocketsLocked(p *relayPeer, spec conf.PortSpec) string {
+	if spec.Proto != conf.UDP {
+		return ""
+	}
+	n := 0
+	for port := int(spec.Ports.Lo); port <= int(spec.Ports.Hi); port++ {
+		if p.holdings[portKey{conf.UDP, uint16(port)}] == nil {
+			n++
+		}
+	}
+	need := n * len(r.binds)
+	if need == 0 {
+		return ""
+	}
+	peerMax := r.cfg.Relay.PeerLimits(&p.cfg).MaxUDPSockets
+	switch {
+	case peerMax > 0 && p.udpSockets+need > peerMax:
+		p.portRefused[refusedUDPSocketsPeer].Add(1)
+		return fmt.Sprintf("needs %d public UDP sockets (%d ports on %d bind addresses); the peer holds %d of its max_udp_sockets %d",
+			need, n, len(r.binds), p.udpSockets, peerMax)
+	case r.cfg.Relay.MaxUDPSockets > 0 && r.udpSockets+need > r.cfg.Relay.MaxUDPSockets:
+		p.portRefused[refusedUDPSocketsRelay].Add(1)
+		return fmt.Sprintf("needs %d public UDP sockets (%d ports on %d bind addresses); the relay has %d of its max_udp_sockets %d open",
+			need, n, len(r.binds), r.udpSockets, r.cfg.Relay.MaxUDPSockets)
+	}
+	return ""
+}
+
+// Why a spec's registration was refused by a cap, counted per peer.
+const (
+	refusedUDPSocketsPeer  = iota // the peer's max_udp_sockets
+	refusedUDPSocketsRelay        // the relay's max_udp_sockets
+	numPortRefusals
+)
+
+var portRefusalNames = [numPortRefusals]string{"udp_sockets_peer", "udp_sockets_relay"}
+
+// coversAny reports whether spec (as a result names it) covers a port in free.
+func coversAny(spec string, free map[portKey]bool) bool {
+	s, err := parseWireSpec(spec)
+	if err != nil {
+		return false
+	}
+	for p := int(s.Ports.Lo); p <= int(s.Ports.Hi); p++ {
+		if free[portKey{s.Proto, uint16(p)}] {
+			return true
+		}
+	}
+	return false
 }
 
 // openLocked opens k's public sockets on every bind address for p and
@@ -778,6 +890,8 @@ func (r *Relay) openLocked(p *relayPeer, k portKey, udpIdle time.Duration) (*hol
 		}
 	}
 	p.holdings[k] = h
+	p.udpSockets += len(h.pcs)
+	r.udpSockets += len(h.pcs)
 	r.rulesDirty = true
 	r.reg.take(p.name, k)
 	r.log.Info("port opened", zap.String("peer", p.name), zap.Stringer("listen", k))
@@ -788,6 +902,8 @@ func (r *Relay) openLocked(p *relayPeer, k portKey, udpIdle time.Duration) (*hol
 func (r *Relay) releaseLocked(h *holding) {
 	p := h.peer
 	delete(p.holdings, h.key)
+	p.udpSockets -= len(h.pcs)
+	r.udpSockets -= len(h.pcs)
 	r.reg.release(p.name, h.key)
 	h.cancel()
 	h.closeSockets()

@@ -20,6 +20,35 @@ type controlSession struct {
 	out  chan []message // drained by writeLoop
 	done chan struct{}
 	once sync.Once
+
+	// A register waits here for applyLoop; a newer one replaces it, so a
+	// burst of registrations costs one apply, of the last.
+	regMu    sync.Mutex
+	reg      *message
+	regReady chan struct{} // capacity 1: a register is waiting
+}
+
+// queueRegister makes m the register applyLoop applies next.
+func (s *controlSession) queueRegister(m message) {
+	s.regMu.Lock()
+	if s.reg != nil {
+		s.peer.regCoalesced.Add(1)
+	}
+	s.reg = &m
+	s.regMu.Unlock()
+	select {
+	case s.regReady <- struct{}{}:
+	default: // already signalled; the applier takes the latest
+	}
+}
+
+// takeRegister returns the waiting register, or nil.
+func (s *controlSession) takeRegister() *message {
+	s.regMu.Lock()
+	defer s.regMu.Unlock()
+	m := s.reg
+	s.reg = nil
+	return m
 }
 
 // outQueue bounds the batches queued for a slow appliance; past it the
@@ -67,7 +96,8 @@ func (s *controlSession) writeLoop() {
 func (r *Relay) serveControl(p *relayPeer, cc *controlConn) {
 	name := p.name
 	log := r.log.With(zap.String("peer", name))
-	s := &controlSession{log: log, peer: p, cc: cc, out: make(chan []message, outQueue), done: make(chan struct{})}
+	s := &controlSession{log: log, peer: p, cc: cc, out: make(chan []message, outQueue), done: make(chan struct{}),
+		regReady: make(chan struct{}, 1)}
 	defer s.close()
 	c := cc.c
 
@@ -108,7 +138,7 @@ func (r *Relay) serveControl(p *relayPeer, cc *controlConn) {
 		p.grace.Stop()
 		p.grace = nil
 	}
-	r.wg.Add(1)
+	r.wg.Add(2)
 	r.mu.Unlock()
 	if old != nil { // the same appliance from a new connection (it roamed or restarted)
 		old.close()
@@ -116,6 +146,10 @@ func (r *Relay) serveControl(p *relayPeer, cc *controlConn) {
 	go func() {
 		defer r.wg.Done()
 		s.writeLoop()
+	}()
+	go func() {
+		defer r.wg.Done()
+		r.applyLoop(p, s)
 	}()
 	stop := context.AfterFunc(r.ctx, s.close)
 	defer stop()
@@ -166,26 +200,47 @@ func (r *Relay) controlLoop(p *relayPeer, s *controlSession) error {
 		case msgPing:
 			s.send(message{Type: msgPong})
 		case msgRegister:
-			r.mu.Lock()
-			if p.session != s {
-				r.mu.Unlock()
-				return nil
-			}
-			p.wanted = m.Ports
-			p.udpIdle = udpIdleOf(m)
-			results := r.reconcileLocked(p)
-			clear(p.results)
-			for _, res := range results {
-				p.results[res.Port] = res
-			}
-			s.send(results...)
-			r.sendLocked(r.retryOthersLocked(p))
-			r.mu.Unlock()
+			s.queueRegister(m)
 		case msgError:
 			return errors.New("appliance: " + m.Reason)
 		}
 		// Unknown types are ignored: a newer appliance may send more.
 	}
+}
+
+// applyLoop applies s's registers, the latest of each burst, until the
+// session ends.
+func (r *Relay) applyLoop(p *relayPeer, s *controlSession) {
+	for {
+		select {
+		case <-s.regReady:
+		case <-s.done:
+			return
+		}
+		if m := s.takeRegister(); m != nil {
+			r.applyRegister(p, s, *m)
+		}
+	}
+}
+
+// applyRegister makes p's holdings what register m asks and answers it.
+// Only p's holdings change; other peers are retried only for ports p
+// released.
+func (r *Relay) applyRegister(p *relayPeer, s *controlSession, m message) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if p.session != s || r.closed {
+		return
+	}
+	p.wanted = m.Ports
+	p.udpIdle = udpIdleOf(m)
+	results, freed := r.reconcileLocked(p)
+	clear(p.results)
+	for _, res := range results {
+		p.results[res.Port] = res
+	}
+	s.send(results...)
+	r.sendLocked(r.retryOthersLocked(p, freed))
 }
 
 // graceExpired releases the ports of a peer that did not come back.
@@ -196,6 +251,7 @@ func (r *Relay) graceExpired(p *relayPeer) {
 		return
 	}
 	p.grace = nil
+	freed := keysOf(p.holdings)
 	for _, h := range p.holdings {
 		r.releaseLocked(h)
 	}
@@ -203,5 +259,5 @@ func (r *Relay) graceExpired(p *relayPeer) {
 	clear(p.results)
 	r.syncRulesLocked()
 	r.log.Info("peer ports released", zap.String("peer", p.name), zap.String("reason", "control connection gone"))
-	r.sendLocked(r.retryOthersLocked(p))
+	r.sendLocked(r.retryOthersLocked(p, freed))
 }

@@ -1,0 +1,119 @@
+package tunnel_test
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/tunnel"
+)
+
+// TestRelayRegistersCoalesced: a burst of registers from one peer, sent
+// while the relay is busy, is applied as its last register only (the others
+// counted as coalesced), and another peer registering meanwhile is served.
+func TestRelayRegistersCoalesced(t *testing.T) {
+	t.Parallel()
+	var specs []string
+	for range 4 {
+		specs = append(specs, fmt.Sprintf("tcp/%d", freePort(t, false)))
+	}
+	portB := freePort(t, false)
+	keyA, keyB := mustKey(t), mustKey(t)
+	relay := startRelay(t, relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: keyA.Public(), Address: applAddrA, Ports: mustSpecs(t, specs...)},
+		conf.Peer{Name: "b", PublicKey: keyB.Public(), Address: applAddrB, Ports: mustSpecs(t, fmt.Sprintf("tcp/%d", portB))},
+	), testLogger(t))
+	a := startAppliance(t, relay, keyA, applAddrA, "") // wants nothing: the raw connection below registers
+	waitRegistered(t, a)
+
+	c := controlDial(t, a)
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, err := c.Write([]byte(`{"v":1,"type":"hello"}` + "\n")); err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(c)
+	next := func() (m struct {
+		Type, Port, Reason string
+		OK                 bool
+	}) { t.Helper(); if !sc.Scan() {
+		t.Fatalf("control connection ended: %v", sc.Err())
+	}; if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+		t.Fatal(err)
+	}; return m }
+	if m := next(); m.Type != "hello" {
+		t.Fatalf("relay answered %+v, want its hello", m)
+	}
+
+	// Nine registers, each a different set of a's ports, the last one
+	// only specs[3]; the relay's lock is held, so none can apply yet.
+	const n = 9
+	var burst strings.Builder
+	for i := range n {
+		ports := []string{specs[i%3], specs[(i+1)%3]}
+		if i == n-1 {
+			ports = []string{specs[3]}
+		}
+		b, _ := json.Marshal(map[string]any{"v": 1, "type": "register", "ports": ports})
+		burst.Write(append(b, '\n'))
+	}
+	release, coalesced := tunnel.HoldRelayLock(relay.relay, "a")
+	held := true
+	defer func() {
+		if held {
+			release()
+		}
+	}()
+	if _, err := c.Write([]byte(burst.String())); err != nil {
+		t.Fatal(err)
+	}
+	// The applier took the first register (or none) and waits for the
+	// lock; every later one replaced the one waiting.
+	deadline := time.Now().Add(10 * time.Second)
+	for coalesced() < n-2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d registers coalesced, want at least %d", coalesced(), n-2)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	held = false
+	release()
+	start := time.Now()
+	b := startAppliance(t, relay, keyB, applAddrB, tcpMapping("b", portB, 1))
+
+	// At most two applies answer: the first register, if the applier had
+	// it, and the last, whose result ends the answers.
+	applies := 0
+	for {
+		m := next()
+		if m.Type != "result" {
+			continue
+		}
+		if m.Port == specs[3] {
+			if !m.OK {
+				t.Fatalf("last register refused: %s", m.Reason)
+			}
+			break
+		}
+		if m.Port == specs[0] { // every register but the last has two specs, one of 0..2 first
+			applies++
+		}
+	}
+	if applies > 1 {
+		t.Errorf("%d registers before the last were applied, want at most 1", applies)
+	}
+	waitRegistered(t, b, fmt.Sprintf("tcp/%d", portB))
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("peer b registered after %v", d)
+	}
+	for _, p := range relay.relay.Status().Peers {
+		if p.Name == "a" && p.RegistersCoalesced < n-2 {
+			t.Errorf("status: %d registers coalesced, want at least %d", p.RegistersCoalesced, n-2)
+		}
+	}
+}
