@@ -41,11 +41,16 @@ func TestRelayRegistersCoalesced(t *testing.T) {
 	next := func() (m struct {
 		Type, Port, Reason string
 		OK                 bool
-	}) { t.Helper(); if !sc.Scan() {
-		t.Fatalf("control connection ended: %v", sc.Err())
-	}; if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
-		t.Fatal(err)
-	}; return m }
+	}) {
+		t.Helper()
+		if !sc.Scan() {
+			t.Fatalf("control connection ended: %v", sc.Err())
+		}
+		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
 	if m := next(); m.Type != "hello" {
 		t.Fatalf("relay answered %+v, want its hello", m)
 	}
