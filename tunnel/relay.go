@@ -108,14 +108,17 @@ type relayPeer struct {
 	regCoalesced atomic.Uint64
 	portRefused  [numPortRefusals]atomic.Uint64 // specs refused by a cap, by reason
 	udpSockets   int                            // public UDP sockets open; guarded by Relay.mu
-	cfg          conf.Peer
-	pending      *controlConn             // a control connection waiting for its hello
-	session      *controlSession          // nil when not connected
-	wanted       []string                 // the specs of the peer's last register
-	udpIdle      map[string]time.Duration // ... and their UDP idle timeouts, where given
-	results      map[string]message
-	holdings     map[portKey]*holding
-	grace        *time.Timer // runs while the peer is disconnected and still holds ports
+	// reserved are the ports an apply is opening outside the lock, taken in
+	// the registry and counted in udpSockets meanwhile; guarded by Relay.mu.
+	reserved map[portKey]bool
+	cfg      conf.Peer
+	pending  *controlConn             // a control connection waiting for its hello
+	session  *controlSession          // nil when not connected
+	wanted   []string                 // the specs of the peer's last register
+	udpIdle  map[string]time.Duration // ... and their UDP idle timeouts, where given
+	results  map[string]message
+	holdings map[portKey]*holding
+	grace    *time.Timer // runs while the peer is disconnected and still holds ports
 }
 
 // holding is one (protocol, port) a peer holds: the public sockets on every
@@ -303,6 +306,7 @@ func (r *Relay) dropPeerLocked(p *relayPeer) {
 	for _, h := range p.holdings {
 		r.releaseLocked(h)
 	}
+	r.unreserveLocked(p)
 	delete(r.peers, p.name)
 	delete(r.byAddr, p.addr4)
 	delete(r.byAddr, TunnelAddr6(p.addr4))
@@ -681,23 +685,18 @@ func (r *Relay) sendLocked(notes []notification) {
 // it opens sockets for wanted ports it may take, releases held ports no
 // longer wanted or allowed, and returns one result per wanted spec and the
 // ports it released.
-func (r *Relay) reconcileLocked(p *relayPeer) ([]message, []portKey) {
-	// Ports no longer wanted go first, so their sockets count for nothing
-	// against the caps below.
-	var freed []portKey
-	want := make(map[portKey]bool)
-	for _, raw := range p.wanted {
-		if spec, err := parseWireSpec(raw); err == nil && r.reg.check(p.name, p.cfg.Ports, spec) == "" {
-			for _, k := range portKeys(spec) {
-				want[k] = true
+// pre, if not nil, holds the sockets applyRegister opened outside the lock
+// and the specs it could not open: those are used, not opened again.
+func (r *Relay) reconcileLocked(p *relayPeer, pre *prepared) ([]message, []portKey) {
+	freed := r.releaseUnwantedLocked(p)
+	if pre != nil {
+		defer func() { // opened for a spec that is no longer granted
+			for _, h := range pre.opened {
+				if p.holdings[h.key] != h {
+					h.discard()
+				}
 			}
-		}
-	}
-	for k, h := range p.holdings {
-		if !want[k] {
-			r.releaseLocked(h)
-			freed = append(freed, k)
-		}
+		}()
 	}
 	keep := make(map[portKey]bool)
 	results := make([]message, 0, len(p.wanted))
@@ -720,6 +719,11 @@ func (r *Relay) reconcileLocked(p *relayPeer) ([]message, []portKey) {
 			results = append(results, res)
 			continue
 		}
+		if reason := pre.failure(raw); reason != "" {
+			res.OK, res.Reason = false, reason
+			results = append(results, res)
+			continue
+		}
 		idle := r.opts.udpIdleTimeout
 		if d, ok := p.udpIdle[raw]; ok {
 			idle = d
@@ -731,6 +735,12 @@ func (r *Relay) reconcileLocked(p *relayPeer) ([]message, []portKey) {
 					h.udpIdle = idle // its sessions move to it with the rule
 					r.rulesDirty = true
 				}
+				continue
+			}
+			if h := pre.take(k); h != nil {
+				h.udpIdle = idle
+				r.installLocked(h)
+				opened = append(opened, h)
 				continue
 			}
 			h, err := r.openLocked(p, k, idle)
@@ -765,7 +775,10 @@ func (r *Relay) reconcileLocked(p *relayPeer) ([]message, []portKey) {
 // p's session last heard about them.
 func (r *Relay) renotifyLocked(p *relayPeer) []notification {
 	var changed []message
-	results, _ := r.reconcileLocked(p)
+	if p.reserved != nil {
+		return nil // an apply is opening sockets; it reconciles p when done
+	}
+	results, _ := r.reconcileLocked(p, nil)
 	for _, m := range results {
 		if prev, ok := p.results[m.Port]; !ok || prev.OK != m.OK || prev.Reason != m.Reason {
 			changed = append(changed, m)
@@ -805,6 +818,51 @@ func (r *Relay) retryOthersLocked(except *relayPeer, freed []portKey) []notifica
 	return notes
 }
 
+// releaseUnwantedLocked releases p's holdings that no spec it wants and
+// may take covers, first, so their sockets count for nothing against the
+// caps; it returns their ports.
+func (r *Relay) releaseUnwantedLocked(p *relayPeer) []portKey {
+	want := make(map[portKey]bool)
+	for _, raw := range p.wanted {
+		if spec, err := parseWireSpec(raw); err == nil && r.reg.check(p.name, p.cfg.Ports, spec) == "" {
+			for _, k := range portKeys(spec) {
+				want[k] = true
+			}
+		}
+	}
+	var freed []portKey
+	for k, h := range p.holdings {
+		if !want[k] {
+			r.releaseLocked(h)
+			freed = append(freed, k)
+		}
+	}
+	return freed
+}
+
+// prepared is what applyRegister opened outside the relay's lock.
+type prepared struct {
+	opened map[portKey]*holding
+	failed map[string]string // wanted spec -> why its sockets could not open
+}
+
+func (pr *prepared) failure(raw string) string {
+	if pr == nil {
+		return ""
+	}
+	return pr.failed[raw]
+}
+
+// take returns the holding opened for k, or nil; the caller owns it.
+func (pr *prepared) take(k portKey) *holding {
+	if pr == nil {
+		return nil
+	}
+	h := pr.opened[k]
+	delete(pr.opened, k)
+	return h
+}
+
 // udpSocketsLocked returns why p may not open the public UDP sockets spec
 // still needs (the ports it does not hold, on every bind address), or "".
 func (r *Relay) udpSocketsLocked(p *relayPeer, spec conf.PortSpec) string {
@@ -813,7 +871,7 @@ func (r *Relay) udpSocketsLocked(p *relayPeer, spec conf.PortSpec) string {
 	}
 	n := 0
 	for port := int(spec.Ports.Lo); port <= int(spec.Ports.Hi); port++ {
-		if p.holdings[portKey{conf.UDP, uint16(port)}] == nil {
+		if k := (portKey{conf.UDP, uint16(port)}); p.holdings[k] == nil && !p.reserved[k] {
 			n++
 		}
 	}
@@ -861,6 +919,17 @@ func coversAny(spec string, free map[portKey]bool) bool {
 // openLocked opens k's public sockets on every bind address for p and
 // starts serving them.
 func (r *Relay) openLocked(p *relayPeer, k portKey, udpIdle time.Duration) (*holding, error) {
+	h, err := r.openSockets(p, k, udpIdle)
+	if err != nil {
+		return nil, err
+	}
+	r.installLocked(h)
+	return h, nil
+}
+
+// openSockets opens k's public sockets on every bind address for p; it
+// needs no lock. The caller installs the holding or closes it.
+func (r *Relay) openSockets(p *relayPeer, k portKey, udpIdle time.Duration) (*holding, error) {
 	ctx, cancel := context.WithCancel(r.ctx)
 	h := &holding{key: k, peer: p, ctx: ctx, cancel: cancel, udpIdle: udpIdle}
 	for _, a := range r.binds {
@@ -889,13 +958,25 @@ func (r *Relay) openLocked(p *relayPeer, k portKey, udpIdle time.Duration) (*hol
 			h.pcs = append(h.pcs, uc)
 		}
 	}
+	return h, nil
+}
+
+// installLocked makes h one of its peer's holdings, served once the rules
+// are synced.
+func (r *Relay) installLocked(h *holding) {
+	p, k := h.peer, h.key
 	p.holdings[k] = h
 	p.udpSockets += len(h.pcs)
 	r.udpSockets += len(h.pcs)
 	r.rulesDirty = true
 	r.reg.take(p.name, k)
 	r.log.Info("port opened", zap.String("peer", p.name), zap.Stringer("listen", k))
-	return h, nil
+}
+
+// discard closes a holding that was never installed.
+func (h *holding) discard() {
+	h.cancel()
+	h.closeSockets()
 }
 
 // releaseLocked closes h's sockets and flows and frees its port.

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/natbox/natbox/conf"
 )
 
 // controlSession is the relay's side of one appliance's control connection.
@@ -225,22 +227,110 @@ func (r *Relay) applyLoop(p *relayPeer, s *controlSession) {
 
 // applyRegister makes p's holdings what register m asks and answers it.
 // Only p's holdings change; other peers are retried only for ports p
-// released.
+// released. The new public sockets are opened without the relay's lock
+// (a large UDP range is thousands of them): their ports are reserved in
+// the registry and counted against the socket caps meanwhile.
 func (r *Relay) applyRegister(p *relayPeer, s *controlSession, m message) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	if p.session != s || r.closed {
+		r.mu.Unlock()
 		return
 	}
 	p.wanted = m.Ports
 	p.udpIdle = udpIdleOf(m)
-	results, freed := r.reconcileLocked(p)
+	freed := r.releaseUnwantedLocked(p)
+	r.syncRulesLocked()
+	plan := r.reserveLocked(p)
+	r.mu.Unlock()
+
+	pre := &prepared{opened: make(map[portKey]*holding), failed: make(map[string]string)}
+	for _, ps := range plan {
+		var mine []*holding
+		for _, k := range ps.keys {
+			if pre.opened[k] != nil { // two wanted specs overlap
+				continue
+			}
+			h, err := r.openSockets(p, k, 0) // reconcile sets the idle timeout
+			if err != nil {
+				pre.failed[ps.raw] = err.Error()
+				for _, h := range mine {
+					delete(pre.opened, h.key)
+					h.discard()
+				}
+				break
+			}
+			mine = append(mine, h)
+			pre.opened[k] = h
+		}
+	}
+
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.unreserveLocked(p)
+	if p.session != s || r.closed || r.peers[p.name] != p {
+		for _, h := range pre.opened {
+			h.discard()
+		}
+		return
+	}
+	results, more := r.reconcileLocked(p, pre)
+	freed = append(freed, more...)
 	clear(p.results)
 	for _, res := range results {
 		p.results[res.Port] = res
 	}
 	s.send(results...)
 	r.sendLocked(r.retryOthersLocked(p, freed))
+}
+
+// plannedSpec is a wanted spec whose missing ports applyRegister opens.
+type plannedSpec struct {
+	raw  string
+	keys []portKey
+}
+
+// reserveLocked reserves the ports of p's wanted specs that p may take and
+// does not hold yet, and returns them by spec.
+func (r *Relay) reserveLocked(p *relayPeer) []plannedSpec {
+	var plan []plannedSpec
+	p.reserved = make(map[portKey]bool)
+	for _, raw := range p.wanted {
+		spec, err := parseWireSpec(raw)
+		if err != nil || r.reg.check(p.name, p.cfg.Ports, spec) != "" || r.udpSocketsLocked(p, spec) != "" {
+			continue // reconcile gives the reason
+		}
+		ps := plannedSpec{raw: raw}
+		for _, k := range portKeys(spec) {
+			if p.holdings[k] != nil || p.reserved[k] {
+				continue
+			}
+			p.reserved[k] = true
+			r.reg.take(p.name, k)
+			if k.proto == conf.UDP {
+				p.udpSockets += len(r.binds)
+				r.udpSockets += len(r.binds)
+			}
+			ps.keys = append(ps.keys, k)
+		}
+		if len(ps.keys) > 0 {
+			plan = append(plan, ps)
+		}
+	}
+	return plan
+}
+
+// unreserveLocked undoes reserveLocked.
+func (r *Relay) unreserveLocked(p *relayPeer) {
+	for k := range p.reserved {
+		if p.holdings[k] == nil {
+			r.reg.release(p.name, k)
+		}
+		if k.proto == conf.UDP {
+			p.udpSockets -= len(r.binds)
+			r.udpSockets -= len(r.binds)
+		}
+	}
+	p.reserved = nil
 }
 
 // graceExpired releases the ports of a peer that did not come back.
