@@ -4,6 +4,7 @@ import (
 	"errors"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -84,4 +85,26 @@ func HoldRelayLock(r *Relay, peer string) (release func(), coalesced func() uint
 	r.mu.Lock()
 	p := r.peers[peer]
 	return r.mu.Unlock, p.regCoalesced.Load
+}
+
+// BlockApplies makes peer's register applies on r wait, after reserving
+// their ports and before opening their sockets, until release is called;
+// entered receives when an apply reached the wait.
+func BlockApplies(r *Relay, peer string) (entered <-chan struct{}, release func()) {
+	in := make(chan struct{}, 16)
+	gate := make(chan struct{})
+	r.mu.Lock()
+	r.beforeOpen = func(name string) {
+		if name != peer {
+			return
+		}
+		select {
+		case in <- struct{}{}:
+		default:
+		}
+		<-gate
+	}
+	r.mu.Unlock()
+	var once sync.Once
+	return in, func() { once.Do(func() { close(gate) }) }
 }

@@ -56,6 +56,9 @@ type Relay struct {
 	// ipcSet configures the WireGuard device (a seam for tests that make it
 	// fail part-way); guarded by mu.
 	ipcSet func(uapi string) error
+	// beforeOpen, if set, runs before a register's sockets are opened,
+	// outside the lock (a seam for tests); guarded by mu.
+	beforeOpen func(peer string)
 
 	ctx       context.Context // cancelled by Close: ends every flow and control session
 	cancel    context.CancelFunc

@@ -241,7 +241,11 @@ func (r *Relay) applyRegister(p *relayPeer, s *controlSession, m message) {
 	freed := r.releaseUnwantedLocked(p)
 	r.syncRulesLocked()
 	plan := r.reserveLocked(p)
+	before := r.beforeOpen
 	r.mu.Unlock()
+	if before != nil {
+		before(p.name)
+	}
 
 	pre := &prepared{opened: make(map[portKey]*holding), failed: make(map[string]string)}
 	for _, ps := range plan {

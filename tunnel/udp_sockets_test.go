@@ -2,13 +2,16 @@ package tunnel_test
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/tunnel"
 )
 
 // TestRelayUDPSocketCaps: a registration that would pass the peer's or the
@@ -75,5 +78,81 @@ func TestRelayUDPSocketCaps(t *testing.T) {
 	fmt.Sscanf(specsA[0], "udp/%d", &port)
 	if got := udpRoundTrip(t, udpClient(t), netip.AddrPortFrom(loopback4, port), []byte("in cap")); string(got) != "in cap" {
 		t.Fatalf("echo %q", got)
+	}
+}
+
+// TestRelayOpensSocketsOutsideItsLock: while one peer's register is opening
+// its public sockets, the relay answers status and serves another peer's
+// register; the ports being opened are counted meanwhile, and once the
+// register completes they are counted once and carry traffic.
+func TestRelayOpensSocketsOutsideItsLock(t *testing.T) {
+	t.Parallel()
+	portA, portB := freePort(t, false), freePort(t, false)
+	specA, specB := fmt.Sprintf("udp/%d", portA), fmt.Sprintf("tcp/%d", portB)
+	keyA, keyB := mustKey(t), mustKey(t)
+	relay := startRelay(t, relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: keyA.Public(), Address: applAddrA, Ports: mustSpecs(t, specA)},
+		conf.Peer{Name: "b", PublicKey: keyB.Public(), Address: applAddrB, Ports: mustSpecs(t, specB)},
+	), testLogger(t))
+	entered, release := tunnel.BlockApplies(relay.relay, "a")
+	defer release()
+
+	a := startAppliance(t, relay, keyA, applAddrA, udpMapping("game", portA, udpEchoService(t)))
+	select {
+	case <-entered:
+	case <-time.After(20 * time.Second):
+		t.Fatal("a's register never reached the socket opening")
+	}
+	sockets := func() (all, ofA int) {
+		st := relay.relay.Status() // takes the relay's lock: a's apply must not hold it
+		for _, p := range st.Peers {
+			if p.Name == "a" {
+				ofA = p.UDPSockets
+			}
+		}
+		return st.UDPSockets, ofA
+	}
+	if all, ofA := sockets(); all != 1 || ofA != 1 {
+		t.Errorf("while opening: %d UDP sockets, %d of a's; want its reserved one counted", all, ofA)
+	}
+	b := startAppliance(t, relay, keyB, applAddrB, tcpMapping("web", portB, 1))
+	waitRegistered(t, b, specB)
+	if st := a.uplink.Status(); len(st.Registered) != 0 {
+		t.Fatalf("a registered %v before its sockets opened", st.Registered)
+	}
+
+	release()
+	waitRegistered(t, a, specA)
+	if all, ofA := sockets(); all != 1 || ofA != 1 {
+		t.Errorf("after: %d UDP sockets, %d of a's; want 1", all, ofA)
+	}
+	if got := udpRoundTrip(t, udpClient(t), netip.AddrPortFrom(loopback4, portA), []byte("opened")); string(got) != "opened" {
+		t.Fatalf("echo %q", got)
+	}
+}
+
+// TestRelayBindFailureFreesItsReservation: a wanted port some other
+// program holds is refused with the bind error, the ports reserved for it
+// are given back (not counted, free in the registry), and the rest of the
+// register is granted.
+func TestRelayBindFailureFreesItsReservation(t *testing.T) {
+	t.Parallel()
+	taken := udpClient(t) // another program's socket on a's port
+	portBusy := uint16(taken.LocalAddr().(*net.UDPAddr).Port)
+	portOK := freePort(t, false)
+	busy, ok := fmt.Sprintf("udp/%d", portBusy), fmt.Sprintf("udp/%d", portOK)
+	key := mustKey(t)
+	relay := startRelay(t, onePeerRelayConfig(t, key, busy, ok), testLogger(t))
+	svc := udpEchoService(t)
+	a := startAppliance(t, relay, key, applAddrA, udpMapping("busy", portBusy, svc)+udpMapping("ok", portOK, svc))
+	waitRegistered(t, a, ok)
+	want := fmt.Sprintf("cannot bind 127.0.0.1:%d: address already in use", portBusy)
+	waitFor(t, 10*time.Second, "the bind refusal", func() bool { return a.uplink.Status().Refused[busy] == want })
+	st := relay.relay.Status()
+	if st.UDPSockets != 1 || len(st.Peers) != 1 || st.Peers[0].UDPSockets != 1 {
+		t.Fatalf("%d UDP sockets, peers %+v; want the granted port's only", st.UDPSockets, st.Peers)
+	}
+	if !slices.Equal(st.Peers[0].Ports, []string{ok}) {
+		t.Fatalf("relay holds %v, want [%s]", st.Peers[0].Ports, ok)
 	}
 }
