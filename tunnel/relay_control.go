@@ -249,6 +249,9 @@ func (r *Relay) applyRegister(p *relayPeer, s *controlSession, m message) {
 
 	pre := &prepared{opened: make(map[portKey]*holding), failed: make(map[string]string)}
 	for _, ps := range plan {
+		if r.ctx.Err() != nil { // closing: the holdings would be discarded
+			break
+		}
 		var mine []*holding
 		for _, k := range ps.keys {
 			if pre.opened[k] != nil { // two wanted specs overlap
