@@ -717,7 +717,8 @@ func (r *Relay) reconcileLocked(p *relayPeer, pre *prepared) ([]message, []portK
 			results = append(results, res)
 			continue
 		}
-		if reason := r.udpSocketsLocked(p, spec); reason != "" {
+		if reason, which := r.udpSocketsLocked(p, spec); reason != "" {
+			p.portRefused[which].Add(1)
 			res.OK, res.Reason = false, reason
 			results = append(results, res)
 			continue
@@ -867,10 +868,11 @@ func (pr *prepared) take(k portKey) *holding {
 }
 
 // udpSocketsLocked returns why p may not open the public UDP sockets spec
-// still needs (the ports it does not hold, on every bind address), or "".
-func (r *Relay) udpSocketsLocked(p *relayPeer, spec conf.PortSpec) string {
+// still needs (the ports it does not hold, on every bind address) and the
+// cap that says so, or "".
+func (r *Relay) udpSocketsLocked(p *relayPeer, spec conf.PortSpec) (string, int) {
 	if spec.Proto != conf.UDP {
-		return ""
+		return "", 0
 	}
 	n := 0
 	for port := int(spec.Ports.Lo); port <= int(spec.Ports.Hi); port++ {
@@ -880,20 +882,18 @@ func (r *Relay) udpSocketsLocked(p *relayPeer, spec conf.PortSpec) string {
 	}
 	need := n * len(r.binds)
 	if need == 0 {
-		return ""
+		return "", 0
 	}
 	peerMax := r.cfg.Relay.PeerLimits(&p.cfg).MaxUDPSockets
 	switch {
 	case peerMax > 0 && p.udpSockets+need > peerMax:
-		p.portRefused[refusedUDPSocketsPeer].Add(1)
 		return fmt.Sprintf("needs %d public UDP sockets (%d ports on %d bind addresses); the peer holds %d of its max_udp_sockets %d",
-			need, n, len(r.binds), p.udpSockets, peerMax)
+			need, n, len(r.binds), p.udpSockets, peerMax), refusedUDPSocketsPeer
 	case r.cfg.Relay.MaxUDPSockets > 0 && r.udpSockets+need > r.cfg.Relay.MaxUDPSockets:
-		p.portRefused[refusedUDPSocketsRelay].Add(1)
 		return fmt.Sprintf("needs %d public UDP sockets (%d ports on %d bind addresses); the relay has %d of its max_udp_sockets %d open",
-			need, n, len(r.binds), r.udpSockets, r.cfg.Relay.MaxUDPSockets)
+			need, n, len(r.binds), r.udpSockets, r.cfg.Relay.MaxUDPSockets), refusedUDPSocketsRelay
 	}
-	return ""
+	return "", 0
 }
 
 // Why a spec's registration was refused by a cap, counted per peer.

@@ -303,8 +303,11 @@ func (r *Relay) reserveLocked(p *relayPeer) []plannedSpec {
 	p.reserved = make(map[portKey]bool)
 	for _, raw := range p.wanted {
 		spec, err := parseWireSpec(raw)
-		if err != nil || r.reg.check(p.name, p.cfg.Ports, spec) != "" || r.udpSocketsLocked(p, spec) != "" {
+		if err != nil || r.reg.check(p.name, p.cfg.Ports, spec) != "" {
 			continue // reconcile gives the reason
+		}
+		if why, _ := r.udpSocketsLocked(p, spec); why != "" {
+			continue // ... and counts it
 		}
 		ps := plannedSpec{raw: raw}
 		for _, k := range portKeys(spec) {
