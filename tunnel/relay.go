@@ -616,7 +616,7 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 			}
 		}
 	}
-	notes = append(notes, r.retryOthersLocked(nil, nil)...)
+	notes = append(notes, r.retryOthersLocked(nil, nil, true)...)
 	r.cfg = cfg
 	r.rulesDirty = true // limits
 	r.syncRulesLocked()
@@ -796,10 +796,10 @@ func (r *Relay) renotifyLocked(p *relayPeer) []notification {
 }
 
 // retryOthersLocked re-reconciles every connected peer other than except
-// that was refused a spec covering a port in freed (nil: any refused spec,
-// as after a reload): that port may now be its.
-func (r *Relay) retryOthersLocked(except *relayPeer, freed []portKey) []notification {
-	if freed != nil && len(freed) == 0 {
+// that was refused a spec covering a port in freed: that port may now be
+// its. With all, as after a reload, every peer with a refused spec is.
+func (r *Relay) retryOthersLocked(except *relayPeer, freed []portKey, all bool) []notification {
+	if len(freed) == 0 && !all {
 		return nil
 	}
 	free := make(map[portKey]bool, len(freed))
@@ -813,7 +813,7 @@ func (r *Relay) retryOthersLocked(except *relayPeer, freed []portKey) []notifica
 		}
 		refused := false
 		for _, m := range q.results {
-			refused = refused || (!m.OK && (freed == nil || coversAny(m.Port, free)))
+			refused = refused || (!m.OK && (all || coversAny(m.Port, free)))
 		}
 		if refused {
 			notes = append(notes, r.renotifyLocked(q)...)

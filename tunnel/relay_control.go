@@ -287,7 +287,7 @@ func (r *Relay) applyRegister(p *relayPeer, s *controlSession, m message) {
 		p.results[res.Port] = res
 	}
 	s.send(results...)
-	r.sendLocked(r.retryOthersLocked(p, freed))
+	r.sendLocked(r.retryOthersLocked(p, freed, false))
 }
 
 // plannedSpec is a wanted spec whose missing ports applyRegister opens.
@@ -359,5 +359,5 @@ func (r *Relay) graceExpired(p *relayPeer) {
 	clear(p.results)
 	r.syncRulesLocked()
 	r.log.Info("peer ports released", zap.String("peer", p.name), zap.String("reason", "control connection gone"))
-	r.sendLocked(r.retryOthersLocked(p, freed))
+	r.sendLocked(r.retryOthersLocked(p, freed, false))
 }
