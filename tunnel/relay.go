@@ -404,8 +404,9 @@ type RelayPeerStatus struct {
 	// one from the same peer came before it applied them.
 	RegistersCoalesced uint64 `json:"registers_coalesced,omitempty"`
 	// UDPSockets are the peer's public UDP sockets open now (one per held
-	// UDP port per bind address); PortRefusals counts its specs refused by
-	// a cap ("udp_sockets_peer", "udp_sockets_relay").
+	// UDP port per bind address); PortRefusals counts the answers that
+	// refused one of its specs for a cap ("udp_sockets_peer",
+	// "udp_sockets_relay").
 	UDPSockets   int               `json:"udp_sockets"`
 	PortRefusals map[string]uint64 `json:"port_refusals,omitempty"`
 	// SessionsActive and SessionsOpened count the peer's TCP flows and UDP
