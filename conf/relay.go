@@ -25,6 +25,8 @@ func defaultRelay() RelaySection {
 		PeerMaxUDPSessions:       DefaultPeerMaxUDPSessions,
 		PeerMaxInflight:          DefaultPeerMaxInflight,
 		PeerNewSessionsPerSecond: DefaultPeerNewSessionsRate,
+		PeerMaxUDPSockets:        DefaultPeerMaxUDPSockets,
+		MaxUDPSockets:            DefaultMaxUDPSockets,
 
 		MaxSessionsPerSource:          DefaultSessionsPerSource,
 		NewSessionsPerSourcePerSecond: DefaultNewSessionsRate,
@@ -37,6 +39,9 @@ const (
 	DefaultPeerMaxUDPSessions  = 4000
 	DefaultPeerMaxInflight     = 256
 	DefaultPeerNewSessionsRate = 1000
+	// 1024 UDP ports on the default two bind addresses.
+	DefaultPeerMaxUDPSockets = 2048
+	DefaultMaxUDPSockets     = 8192
 )
 
 // PeerLimits are one peer's quotas and per-source budgets, resolved
@@ -46,6 +51,7 @@ type PeerLimits struct {
 	MaxSessions, MaxUDPSessions, MaxInflight                                       int
 	NewSessionsPerSecond, NewSessionsBurst                                         int
 	MaxSessionsPerSource, NewSessionsPerSourcePerSecond, NewSessionsPerSourceBurst int
+	MaxUDPSockets                                                                  int
 }
 
 // PeerLimits returns p's limits: its own keys where set, [relay]'s otherwise.
@@ -65,6 +71,7 @@ func (s RelaySection) PeerLimits(p *Peer) PeerLimits {
 		MaxSessionsPerSource:          pick(p.MaxSessionsPerSource, s.MaxSessionsPerSource),
 		NewSessionsPerSourcePerSecond: pick(p.NewSessionsPerSourcePerSecond, s.NewSessionsPerSourcePerSecond),
 		NewSessionsPerSourceBurst:     pick(p.NewSessionsPerSourceBurst, s.NewSessionsPerSourceBurst),
+		MaxUDPSockets:                 pick(p.MaxUDPSockets, s.PeerMaxUDPSockets),
 	}
 }
 
@@ -84,6 +91,7 @@ func quotaKeys(s *RelaySection, p *Peer) []struct {
 			{"peer_new_sessions_burst", s.PeerNewSessionsBurst}, {"max_sessions_per_source", s.MaxSessionsPerSource},
 			{"new_sessions_per_source_per_second", s.NewSessionsPerSourcePerSecond},
 			{"new_sessions_per_source_burst", s.NewSessionsPerSourceBurst},
+			{"peer_max_udp_sockets", s.PeerMaxUDPSockets}, {"max_udp_sockets", s.MaxUDPSockets},
 		}
 	}
 	return []struct {
@@ -95,6 +103,7 @@ func quotaKeys(s *RelaySection, p *Peer) []struct {
 		{"new_sessions_burst", p.NewSessionsBurst}, {"max_sessions_per_source", p.MaxSessionsPerSource},
 		{"new_sessions_per_source_per_second", p.NewSessionsPerSourcePerSecond},
 		{"new_sessions_per_source_burst", p.NewSessionsPerSourceBurst},
+		{"max_udp_sockets", p.MaxUDPSockets},
 	}
 }
 
@@ -169,6 +178,42 @@ func (c *RelayConfig) validate(r *report) {
 		}
 	}
 	c.checkPeerPorts(r)
+	c.checkUDPSockets(r)
+}
+
+// UDPSockets is how many public UDP sockets holding every UDP port in
+// specs costs: one per port per public_bind address.
+func (c *RelayConfig) UDPSockets(specs []PortSpec) int {
+	n := 0
+	for _, s := range specs {
+		if s.Proto.Has(UDP) {
+			n += s.Ports.Size()
+		}
+	}
+	return n * max(1, len(c.Relay.PublicBind))
+}
+
+// checkUDPSockets warns about a UDP allowance the socket caps can never
+// grant whole: registering it would always be refused.
+func (c *RelayConfig) checkUDPSockets(r *report) {
+	s := &c.Relay
+	for j := range c.Peers {
+		pe := &c.Peers[j]
+		limit := s.PeerLimits(pe).MaxUDPSockets
+		for k, ps := range pe.Ports {
+			n := c.UDPSockets([]PortSpec{ps})
+			switch {
+			case limit > 0 && n > limit:
+				r.warnf(fmt.Sprintf("peer[%d].ports[%d]", j, k),
+					"%s needs %d public UDP sockets (%d bind addresses), more than the peer's %d (max_udp_sockets); it will be refused: narrow it or raise the cap",
+					ps, n, max(1, len(s.PublicBind)), limit)
+			case s.MaxUDPSockets > 0 && n > s.MaxUDPSockets:
+				r.warnf(fmt.Sprintf("peer[%d].ports[%d]", j, k),
+					"%s needs %d public UDP sockets (%d bind addresses), more than the relay's %d (relay.max_udp_sockets); it will be refused: narrow it or raise the cap",
+					ps, n, max(1, len(s.PublicBind)), s.MaxUDPSockets)
+			}
+		}
+	}
 }
 
 // checkPeerPorts rejects two peers allowed to hold the same public port:

@@ -58,6 +58,8 @@ address = "10.77.0.1"`, `relay.private_key: a private key is required; set priva
 		{"mtu below what the tunnel stack runs", relayBase + `mtu = 1279 # <-`, `relay.mtu: mtu 1279 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
 		{"mtu larger than one wireguard datagram", relayBase + `mtu = 65476 # <-`, `relay.mtu: mtu 65476 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
 		{"peer quota default negative", relayBase + `peer_max_udp_sessions = -1 # <-`, `relay.peer_max_udp_sessions: -1 is negative; use 0 for unlimited or a positive number`},
+		{"udp socket cap negative", relayBase + `max_udp_sockets = -1 # <-`, `relay.max_udp_sockets: -1 is negative; use 0 for unlimited or a positive number`},
+		{"peer udp socket cap negative", relayWithHome(`["udp/5000"]`) + `max_udp_sockets = -2 # <-`, `peer "home" (peer[0]).max_udp_sockets: -2 is negative; use a positive number, or 0 for the [relay] default`},
 		{"peer quota negative", relayWithHome(`["udp/5000"]`) + `max_inflight = -3 # <-`, `peer "home" (peer[0]).max_inflight: -3 is negative; use a positive number, or 0 for the [relay] default`},
 		{"relay address ipv6", `[relay]
 private_key = "` + testRelayPriv + `"
@@ -162,7 +164,7 @@ func TestRelayDefaults(t *testing.T) {
 		t.Errorf("relay = %+v", r)
 	}
 	if got, want := r.PeerLimits(&cfg.Peers[0]), (PeerLimits{MaxSessions: 10000, MaxUDPSessions: 4000, MaxInflight: 256,
-		NewSessionsPerSecond: 1000, MaxSessionsPerSource: 256, NewSessionsPerSourcePerSecond: 100}); got != want {
+		NewSessionsPerSecond: 1000, MaxSessionsPerSource: 256, NewSessionsPerSourcePerSecond: 100, MaxUDPSockets: 2048}); got != want {
 		t.Errorf("peer limits %+v, want %+v", got, want)
 	}
 	if cfg.Admin.Socket != DefaultRelayAdminSocket || cfg.Admin.Socket == DefaultAdminSocket || cfg.Log.Level != "info" {
@@ -175,6 +177,29 @@ func TestRelayDefaults(t *testing.T) {
 	want := []PortSpec{{TCP, PortRange{443, 443}}, {TCPUDP, PortRange{53, 53}}, {UDP, PortRange{10000, 10100}}}
 	if !slices.Equal(p.Ports, want) {
 		t.Errorf("ports = %v, want %v", p.Ports, want)
+	}
+}
+
+// A UDP allowance the socket caps can never grant whole is a warning naming
+// its cost, with the line.
+func TestRelayUDPSocketCapWarns(t *testing.T) {
+	t.Parallel()
+	cfg, warns, err := ParseRelay("t.toml", []byte(relayWithHome(`["udp/10000-10999", "tcp+udp/20000-21999"]`)+"max_udp_sockets = 2100\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, w := range warns {
+		got = append(got, w.String())
+	}
+	want := []string{
+		`t.toml:9: peer "home" (peer[0]).ports[1]: tcp+udp/20000-21999 needs 4000 public UDP sockets (2 bind addresses), more than the peer's 2100 (max_udp_sockets); it will be refused: narrow it or raise the cap`,
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("warnings:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if n := cfg.UDPSockets(cfg.Peers[0].Ports); n != 6000 {
+		t.Errorf("UDPSockets = %d, want 6000", n)
 	}
 }
 

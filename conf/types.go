@@ -160,6 +160,11 @@ type RelaySection struct {
 	PeerMaxInflight          int `toml:"peer_max_inflight"`            // public TCP connections being dialed into the tunnel; default 256
 	PeerNewSessionsPerSecond int `toml:"peer_new_sessions_per_second"` // all sources together; default 1000
 	PeerNewSessionsBurst     int `toml:"peer_new_sessions_burst"`      // 0: twice the rate
+	// Public UDP sockets: one per held UDP port per public_bind address,
+	// each with a reading goroutine and its buffers. A registration that
+	// would pass either cap is refused for that spec.
+	PeerMaxUDPSockets int `toml:"peer_max_udp_sockets"` // default 2048
+	MaxUDPSockets     int `toml:"max_udp_sockets"`      // all peers together; default 8192
 	// Per-source budgets on each held port (one source: an IPv4 address or
 	// an IPv6 /64), as [limits] on an appliance.
 	MaxSessionsPerSource          int `toml:"max_sessions_per_source"`            // per protocol; default 256
@@ -184,6 +189,7 @@ type Peer struct {
 	MaxSessionsPerSource          int `toml:"max_sessions_per_source"`
 	NewSessionsPerSourcePerSecond int `toml:"new_sessions_per_source_per_second"`
 	NewSessionsPerSourceBurst     int `toml:"new_sessions_per_source_burst"`
+	MaxUDPSockets                 int `toml:"max_udp_sockets"`
 
 	Line int `toml:"-"`
 }

@@ -43,6 +43,14 @@ import (
 // ProtocolVersion is the control protocol version this package speaks.
 const ProtocolVersion = 1
 
+// The control protocol versions a relay accepts in a hello. An appliance
+// outside them is refused with a reason naming both: upgrade the relay
+// before its appliances when the protocol changes.
+const (
+	MinProtocolVersion = 1
+	MaxProtocolVersion = ProtocolVersion
+)
+
 // maxControlLine bounds one control message, newline included.
 const maxControlLine = 64 << 10
 

@@ -35,10 +35,11 @@ const (
 	ctlBadMessage                    // a line that is not a control message
 	ctlRate                          // more messages than controlRate allows
 	ctlQueueFull                     // the appliance did not read the relay's answers
+	ctlVersion                       // a hello with a protocol version the relay does not speak
 	numCtlReasons
 )
 
-var ctlReasonNames = [numCtlReasons]string{"replaced", "hello_timeout", "bad_hello", "too_long", "bad_message", "rate", "queue_full"}
+var ctlReasonNames = [numCtlReasons]string{"replaced", "hello_timeout", "bad_hello", "too_long", "bad_message", "rate", "queue_full", "unsupported_version"}
 
 func (c ctlReason) String() string { return ctlReasonNames[c] }
 
@@ -67,7 +68,11 @@ func (r *Relay) refuseControl(p *relayPeer, cc *controlConn, why ctlReason, err 
 	r.log.Info("control connection refused", zap.String("peer", p.name), zap.String("reason", why.String()),
 		zap.Stringer("src", cc.c.RemoteAddr()), zap.Error(err))
 	if why != ctlReplaced {
-		_ = cc.write(message{Type: msgError, Reason: "refused: " + why.String()}, refusalWriteTimeout)
+		reason := "refused: " + why.String()
+		if why == ctlVersion { // the appliance needs the numbers to act on it
+			reason += ": " + err.Error()
+		}
+		_ = cc.write(message{Type: msgError, Reason: reason}, refusalWriteTimeout)
 	}
 }
 

@@ -119,8 +119,9 @@ func readError(t *testing.T, c net.Conn) string {
 
 // TestRelayControlRefusals: a connection silent past the hello deadline,
 // one that starts with something other than a hello, an oversize message and
-// a message flood are each refused, told why, and counted by reason; the
-// peer's own uplink then registers again.
+// a message flood and a hello with a protocol version the relay does not
+// speak are each refused, told why, and counted by reason; the peer's own
+// uplink then registers again.
 func TestRelayControlRefusals(t *testing.T) {
 	t.Parallel()
 	port := freePort(t, false)
@@ -134,18 +135,22 @@ func TestRelayControlRefusals(t *testing.T) {
 	tests := []struct {
 		reason string
 		send   string
+		detail string // after the reason in the error message
 	}{
-		{"hello_timeout", ""},
-		{"bad_hello", `{"v":1,"type":"register","ports":["tcp/1"]}` + "\n"},
-		{"too_long", strings.Repeat("x", 70<<10)},
-		{"rate", `{"v":1,"type":"hello"}` + "\n" + strings.Repeat(`{"v":1,"type":"ping"}`+"\n", 100)},
+		{"hello_timeout", "", ""},
+		{"bad_hello", `{"v":1,"type":"register","ports":["tcp/1"]}` + "\n", ""},
+		{"too_long", strings.Repeat("x", 70<<10), ""},
+		{"rate", `{"v":1,"type":"hello"}` + "\n" + strings.Repeat(`{"v":1,"type":"ping"}`+"\n", 100), ""},
+		{"unsupported_version", fmt.Sprintf(`{"v":%d,"type":"hello"}`+"\n", tunnel.MaxProtocolVersion+1),
+			fmt.Sprintf(": control protocol version %d, relay speaks %d to %d",
+				tunnel.MaxProtocolVersion+1, tunnel.MinProtocolVersion, tunnel.MaxProtocolVersion)},
 	}
 	for _, tt := range tests {
 		c := controlDial(t, a)
 		if tt.send != "" {
 			go c.Write([]byte(tt.send)) // the relay may close before taking it all
 		}
-		if got := readError(t, c); got != "refused: "+tt.reason {
+		if got := readError(t, c); got != "refused: "+tt.reason+tt.detail {
 			t.Errorf("%s: error message %q", tt.reason, got)
 		}
 		c.Close()

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -75,4 +76,35 @@ func WireGuardPeers(r *Relay) map[string][]string {
 func Limits(r *Relay) (time.Duration, int64) {
 	l := r.limits.Load()
 	return l.dialTimeout, l.maxSessions
+}
+
+// HoldRelayLock takes r's global lock, as a long reconciliation would, and
+// returns its release; coalesced reads peer's coalesced-register count
+// without that lock.
+func HoldRelayLock(r *Relay, peer string) (release func(), coalesced func() uint64) {
+	r.mu.Lock()
+	p := r.peers[peer]
+	return r.mu.Unlock, p.regCoalesced.Load
+}
+
+// BlockApplies makes peer's register applies on r wait, after reserving
+// their ports and before opening their sockets, until release is called;
+// entered receives when an apply reached the wait.
+func BlockApplies(r *Relay, peer string) (entered <-chan struct{}, release func()) {
+	in := make(chan struct{}, 16)
+	gate := make(chan struct{})
+	r.mu.Lock()
+	r.beforeOpen = func(name string) {
+		if name != peer {
+			return
+		}
+		select {
+		case in <- struct{}{}:
+		default:
+		}
+		<-gate
+	}
+	r.mu.Unlock()
+	var once sync.Once
+	return in, func() { once.Do(func() { close(gate) }) }
 }

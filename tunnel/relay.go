@@ -56,6 +56,9 @@ type Relay struct {
 	// ipcSet configures the WireGuard device (a seam for tests that make it
 	// fail part-way); guarded by mu.
 	ipcSet func(uapi string) error
+	// beforeOpen, if set, runs before a register's sockets are opened,
+	// outside the lock (a seam for tests); guarded by mu.
+	beforeOpen func(peer string)
 
 	ctx       context.Context // cancelled by Close: ends every flow and control session
 	cancel    context.CancelFunc
@@ -76,6 +79,7 @@ type Relay struct {
 	// last built (see syncRulesLocked).
 	rulesDirty bool
 	rulePeer   map[string]*relayPeer // engine mapping name -> peer
+	udpSockets int                   // public UDP sockets open, all peers
 }
 
 // relayLimits are the [relay] settings a reload applies in place. Flows
@@ -102,14 +106,22 @@ type relayPeer struct {
 	addr4      netip.Addr
 	ctlRefused ctlCounters // control connections refused, by reason
 	retired    peerTotals  // engine counters of holdings released
-	cfg        conf.Peer
-	pending    *controlConn             // a control connection waiting for its hello
-	session    *controlSession          // nil when not connected
-	wanted     []string                 // the specs of the peer's last register
-	udpIdle    map[string]time.Duration // ... and their UDP idle timeouts, where given
-	results    map[string]message
-	holdings   map[portKey]*holding
-	grace      *time.Timer // runs while the peer is disconnected and still holds ports
+	// regCoalesced counts registers replaced by a newer one before they
+	// were applied (a peer registering faster than the relay applies).
+	regCoalesced atomic.Uint64
+	portRefused  [numPortRefusals]atomic.Uint64 // specs refused by a cap, by reason
+	udpSockets   int                            // public UDP sockets open; guarded by Relay.mu
+	// reserved are the ports an apply is opening outside the lock, taken in
+	// the registry and counted in udpSockets meanwhile; guarded by Relay.mu.
+	reserved map[portKey]bool
+	cfg      conf.Peer
+	pending  *controlConn             // a control connection waiting for its hello
+	session  *controlSession          // nil when not connected
+	wanted   []string                 // the specs of the peer's last register
+	udpIdle  map[string]time.Duration // ... and their UDP idle timeouts, where given
+	results  map[string]message
+	holdings map[portKey]*holding
+	grace    *time.Timer // runs while the peer is disconnected and still holds ports
 }
 
 // holding is one (protocol, port) a peer holds: the public sockets on every
@@ -297,6 +309,7 @@ func (r *Relay) dropPeerLocked(p *relayPeer) {
 	for _, h := range p.holdings {
 		r.releaseLocked(h)
 	}
+	r.unreserveLocked(p)
 	delete(r.peers, p.name)
 	delete(r.byAddr, p.addr4)
 	delete(r.byAddr, TunnelAddr6(p.addr4))
@@ -367,8 +380,9 @@ type RelayStatus struct {
 	Peers       []RelayPeerStatus `json:"peers"`
 	TCPSessions int64             `json:"tcp_sessions"`
 	UDPSessions int               `json:"udp_sessions"`
-	Rejected    uint64            `json:"rejected"`   // flows from the tunnel refused by isolation
-	OverLimit   uint64            `json:"over_limit"` // public flows refused by relay.max_sessions
+	UDPSockets  int               `json:"udp_sockets"` // public UDP sockets open, all peers
+	Rejected    uint64            `json:"rejected"`    // flows from the tunnel refused by isolation
+	OverLimit   uint64            `json:"over_limit"`  // public flows refused by relay.max_sessions
 }
 
 // RelayPeerStatus describes one peer.
@@ -386,6 +400,15 @@ type RelayPeerStatus struct {
 	// ControlRefusals counts the peer's control connections refused or
 	// ended by the relay, by reason ("replaced", "hello_timeout", "rate", ...).
 	ControlRefusals map[string]uint64 `json:"control_refusals,omitempty"`
+	// RegistersCoalesced counts registers the relay skipped because a newer
+	// one from the same peer came before it applied them.
+	RegistersCoalesced uint64 `json:"registers_coalesced,omitempty"`
+	// UDPSockets are the peer's public UDP sockets open now (one per held
+	// UDP port per bind address); PortRefusals counts the answers that
+	// refused one of its specs for a cap ("udp_sockets_peer",
+	// "udp_sockets_relay").
+	UDPSockets   int               `json:"udp_sockets"`
+	PortRefusals map[string]uint64 `json:"port_refusals,omitempty"`
 	// SessionsActive and SessionsOpened count the peer's TCP flows and UDP
 	// client sessions: open now, and opened since the peer was configured.
 	SessionsActive int64  `json:"sessions_active"`
@@ -424,6 +447,7 @@ func (r *Relay) Status() RelayStatus {
 	st := RelayStatus{TCPSessions: es.TCPSessions, UDPSessions: int(es.UDPSessions), Rejected: r.rejected.Load()}
 
 	r.mu.Lock()
+	st.UDPSockets = r.udpSockets
 	live := make(map[*relayPeer]*peerTotals, len(r.peers))
 	active := make(map[*relayPeer]int64, len(r.peers))
 	udp := make(map[*relayPeer]int64, len(r.peers))
@@ -460,7 +484,17 @@ func (r *Relay) Status() RelayStatus {
 			UDPEvicted:     t.udpEvicted,
 			Refusals:       t.refusals,
 
-			ControlRefusals: p.ctlRefused.snapshot(),
+			ControlRefusals:    p.ctlRefused.snapshot(),
+			RegistersCoalesced: p.regCoalesced.Load(),
+			UDPSockets:         p.udpSockets,
+		}
+		for i := range p.portRefused {
+			if n := p.portRefused[i].Load(); n > 0 {
+				if ps.PortRefusals == nil {
+					ps.PortRefusals = make(map[string]uint64)
+				}
+				ps.PortRefusals[portRefusalNames[i]] = n
+			}
 		}
 		for why, n := range t.refusals {
 			if isOverLimit(why) {
@@ -583,7 +617,7 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 			}
 		}
 	}
-	notes = append(notes, r.retryOthersLocked(nil)...)
+	notes = append(notes, r.retryOthersLocked(nil, nil, true)...)
 	r.cfg = cfg
 	r.rulesDirty = true // limits
 	r.syncRulesLocked()
@@ -653,8 +687,21 @@ func (r *Relay) sendLocked(notes []notification) {
 
 // reconcileLocked makes p's holdings match its wanted specs and allowances:
 // it opens sockets for wanted ports it may take, releases held ports no
-// longer wanted or allowed, and returns one result per wanted spec.
-func (r *Relay) reconcileLocked(p *relayPeer) []message {
+// longer wanted or allowed, and returns one result per wanted spec and the
+// ports it released.
+// pre, if not nil, holds the sockets applyRegister opened outside the lock
+// and the specs it could not open: those are used, not opened again.
+func (r *Relay) reconcileLocked(p *relayPeer, pre *prepared) ([]message, []portKey) {
+	freed := r.releaseUnwantedLocked(p)
+	if pre != nil {
+		defer func() { // opened for a spec that is no longer granted
+			for _, h := range pre.opened {
+				if p.holdings[h.key] != h {
+					h.discard()
+				}
+			}
+		}()
+	}
 	keep := make(map[portKey]bool)
 	results := make([]message, 0, len(p.wanted))
 	for _, raw := range p.wanted {
@@ -671,6 +718,17 @@ func (r *Relay) reconcileLocked(p *relayPeer) []message {
 			results = append(results, res)
 			continue
 		}
+		if reason, which := r.udpSocketsLocked(p, spec); reason != "" {
+			p.portRefused[which].Add(1)
+			res.OK, res.Reason = false, reason
+			results = append(results, res)
+			continue
+		}
+		if reason := pre.failure(raw); reason != "" {
+			res.OK, res.Reason = false, reason
+			results = append(results, res)
+			continue
+		}
 		idle := r.opts.udpIdleTimeout
 		if d, ok := p.udpIdle[raw]; ok {
 			idle = d
@@ -682,6 +740,12 @@ func (r *Relay) reconcileLocked(p *relayPeer) []message {
 					h.udpIdle = idle // its sessions move to it with the rule
 					r.rulesDirty = true
 				}
+				continue
+			}
+			if h := pre.take(k); h != nil {
+				h.udpIdle = idle
+				r.installLocked(h)
+				opened = append(opened, h)
 				continue
 			}
 			h, err := r.openLocked(p, k, idle)
@@ -705,17 +769,22 @@ func (r *Relay) reconcileLocked(p *relayPeer) []message {
 	for k, h := range p.holdings {
 		if !keep[k] {
 			r.releaseLocked(h)
+			freed = append(freed, k)
 		}
 	}
 	r.syncRulesLocked()
-	return results
+	return results, freed
 }
 
 // renotifyLocked reconciles p and returns the results that changed since
 // p's session last heard about them.
 func (r *Relay) renotifyLocked(p *relayPeer) []notification {
 	var changed []message
-	for _, m := range r.reconcileLocked(p) {
+	if p.reserved != nil {
+		return nil // an apply is opening sockets; it reconciles p when done
+	}
+	results, _ := r.reconcileLocked(p, nil)
+	for _, m := range results {
 		if prev, ok := p.results[m.Port]; !ok || prev.OK != m.OK || prev.Reason != m.Reason {
 			changed = append(changed, m)
 		}
@@ -728,8 +797,16 @@ func (r *Relay) renotifyLocked(p *relayPeer) []notification {
 }
 
 // retryOthersLocked re-reconciles every connected peer other than except
-// that has a refused spec: a port it wanted may have become free.
-func (r *Relay) retryOthersLocked(except *relayPeer) []notification {
+// that was refused a spec covering a port in freed: that port may now be
+// its. With all, as after a reload, every peer with a refused spec is.
+func (r *Relay) retryOthersLocked(except *relayPeer, freed []portKey, all bool) []notification {
+	if len(freed) == 0 && !all {
+		return nil
+	}
+	free := make(map[portKey]bool, len(freed))
+	for _, k := range freed {
+		free[k] = true
+	}
 	var notes []notification
 	for _, q := range r.peers {
 		if q == except || q.session == nil {
@@ -737,7 +814,7 @@ func (r *Relay) retryOthersLocked(except *relayPeer) []notification {
 		}
 		refused := false
 		for _, m := range q.results {
-			refused = refused || !m.OK
+			refused = refused || (!m.OK && (all || coversAny(m.Port, free)))
 		}
 		if refused {
 			notes = append(notes, r.renotifyLocked(q)...)
@@ -746,9 +823,117 @@ func (r *Relay) retryOthersLocked(except *relayPeer) []notification {
 	return notes
 }
 
+// releaseUnwantedLocked releases p's holdings that no spec it wants and
+// may take covers, first, so their sockets count for nothing against the
+// caps; it returns their ports.
+func (r *Relay) releaseUnwantedLocked(p *relayPeer) []portKey {
+	want := make(map[portKey]bool)
+	for _, raw := range p.wanted {
+		if spec, err := parseWireSpec(raw); err == nil && r.reg.check(p.name, p.cfg.Ports, spec) == "" {
+			for _, k := range portKeys(spec) {
+				want[k] = true
+			}
+		}
+	}
+	var freed []portKey
+	for k, h := range p.holdings {
+		if !want[k] {
+			r.releaseLocked(h)
+			freed = append(freed, k)
+		}
+	}
+	return freed
+}
+
+// prepared is what applyRegister opened outside the relay's lock.
+type prepared struct {
+	opened map[portKey]*holding
+	failed map[string]string // wanted spec -> why its sockets could not open
+}
+
+func (pr *prepared) failure(raw string) string {
+	if pr == nil {
+		return ""
+	}
+	return pr.failed[raw]
+}
+
+// take returns the holding opened for k, or nil; the caller owns it.
+func (pr *prepared) take(k portKey) *holding {
+	if pr == nil {
+		return nil
+	}
+	h := pr.opened[k]
+	delete(pr.opened, k)
+	return h
+}
+
+// udpSocketsLocked returns why p may not open the public UDP sockets spec
+// still needs (the ports it does not hold, on every bind address) and the
+// cap that says so, or "".
+func (r *Relay) udpSocketsLocked(p *relayPeer, spec conf.PortSpec) (string, int) {
+	if spec.Proto != conf.UDP {
+		return "", 0
+	}
+	n := 0
+	for port := int(spec.Ports.Lo); port <= int(spec.Ports.Hi); port++ {
+		if k := (portKey{conf.UDP, uint16(port)}); p.holdings[k] == nil && !p.reserved[k] {
+			n++
+		}
+	}
+	need := n * len(r.binds)
+	if need == 0 {
+		return "", 0
+	}
+	peerMax := r.cfg.Relay.PeerLimits(&p.cfg).MaxUDPSockets
+	switch {
+	case peerMax > 0 && p.udpSockets+need > peerMax:
+		return fmt.Sprintf("needs %d public UDP sockets (%d ports on %d bind addresses); the peer holds %d of its max_udp_sockets %d",
+			need, n, len(r.binds), p.udpSockets, peerMax), refusedUDPSocketsPeer
+	case r.cfg.Relay.MaxUDPSockets > 0 && r.udpSockets+need > r.cfg.Relay.MaxUDPSockets:
+		return fmt.Sprintf("needs %d public UDP sockets (%d ports on %d bind addresses); the relay has %d of its max_udp_sockets %d open",
+			need, n, len(r.binds), r.udpSockets, r.cfg.Relay.MaxUDPSockets), refusedUDPSocketsRelay
+	}
+	return "", 0
+}
+
+// Why a spec's registration was refused by a cap, counted per peer.
+const (
+	refusedUDPSocketsPeer  = iota // the peer's max_udp_sockets
+	refusedUDPSocketsRelay        // the relay's max_udp_sockets
+	numPortRefusals
+)
+
+var portRefusalNames = [numPortRefusals]string{"udp_sockets_peer", "udp_sockets_relay"}
+
+// coversAny reports whether spec (as a result names it) covers a port in free.
+func coversAny(spec string, free map[portKey]bool) bool {
+	s, err := parseWireSpec(spec)
+	if err != nil {
+		return false
+	}
+	for p := int(s.Ports.Lo); p <= int(s.Ports.Hi); p++ {
+		if free[portKey{s.Proto, uint16(p)}] {
+			return true
+		}
+	}
+	return false
+}
+
 // openLocked opens k's public sockets on every bind address for p and
 // starts serving them.
 func (r *Relay) openLocked(p *relayPeer, k portKey, udpIdle time.Duration) (*holding, error) {
+	h, err := r.openSockets(p, k, udpIdle)
+	if err != nil {
+		return nil, err
+	}
+	r.installLocked(h)
+	return h, nil
+}
+
+// openSockets opens k's public sockets on every bind address for p; it
+// needs no lock. The caller installs the holding or closes it.
+func (r *Relay) openSockets(p *relayPeer, k portKey, udpIdle time.Duration) (*holding, error) {
 	ctx, cancel := context.WithCancel(r.ctx)
 	h := &holding{key: k, peer: p, ctx: ctx, cancel: cancel, udpIdle: udpIdle}
 	for _, a := range r.binds {
@@ -777,17 +962,33 @@ func (r *Relay) openLocked(p *relayPeer, k portKey, udpIdle time.Duration) (*hol
 			h.pcs = append(h.pcs, uc)
 		}
 	}
+	return h, nil
+}
+
+// installLocked makes h one of its peer's holdings, served once the rules
+// are synced.
+func (r *Relay) installLocked(h *holding) {
+	p, k := h.peer, h.key
 	p.holdings[k] = h
+	p.udpSockets += len(h.pcs)
+	r.udpSockets += len(h.pcs)
 	r.rulesDirty = true
 	r.reg.take(p.name, k)
 	r.log.Info("port opened", zap.String("peer", p.name), zap.Stringer("listen", k))
-	return h, nil
+}
+
+// discard closes a holding that was never installed.
+func (h *holding) discard() {
+	h.cancel()
+	h.closeSockets()
 }
 
 // releaseLocked closes h's sockets and flows and frees its port.
 func (r *Relay) releaseLocked(h *holding) {
 	p := h.peer
 	delete(p.holdings, h.key)
+	p.udpSockets -= len(h.pcs)
+	r.udpSockets -= len(h.pcs)
 	r.reg.release(p.name, h.key)
 	h.cancel()
 	h.closeSockets()

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/natbox/natbox/conf"
 )
 
 // controlSession is the relay's side of one appliance's control connection.
@@ -20,6 +22,35 @@ type controlSession struct {
 	out  chan []message // drained by writeLoop
 	done chan struct{}
 	once sync.Once
+
+	// A register waits here for applyLoop; a newer one replaces it, so a
+	// burst of registrations costs one apply, of the last.
+	regMu    sync.Mutex
+	reg      *message
+	regReady chan struct{} // capacity 1: a register is waiting
+}
+
+// queueRegister makes m the register applyLoop applies next.
+func (s *controlSession) queueRegister(m message) {
+	s.regMu.Lock()
+	if s.reg != nil {
+		s.peer.regCoalesced.Add(1)
+	}
+	s.reg = &m
+	s.regMu.Unlock()
+	select {
+	case s.regReady <- struct{}{}:
+	default: // already signalled; the applier takes the latest
+	}
+}
+
+// takeRegister returns the waiting register, or nil.
+func (s *controlSession) takeRegister() *message {
+	s.regMu.Lock()
+	defer s.regMu.Unlock()
+	m := s.reg
+	s.reg = nil
+	return m
 }
 
 // outQueue bounds the batches queued for a slow appliance; past it the
@@ -67,7 +98,8 @@ func (s *controlSession) writeLoop() {
 func (r *Relay) serveControl(p *relayPeer, cc *controlConn) {
 	name := p.name
 	log := r.log.With(zap.String("peer", name))
-	s := &controlSession{log: log, peer: p, cc: cc, out: make(chan []message, outQueue), done: make(chan struct{})}
+	s := &controlSession{log: log, peer: p, cc: cc, out: make(chan []message, outQueue), done: make(chan struct{}),
+		regReady: make(chan struct{}, 1)}
 	defer s.close()
 	c := cc.c
 
@@ -90,6 +122,10 @@ func (r *Relay) serveControl(p *relayPeer, cc *controlConn) {
 	case hello.Type != msgHello:
 		r.refuseControl(p, cc, ctlBadHello, fmt.Errorf("first message %q", hello.Type))
 		return
+	case hello.V < MinProtocolVersion || hello.V > MaxProtocolVersion:
+		r.refuseControl(p, cc, ctlVersion, fmt.Errorf("control protocol version %d, relay speaks %d to %d",
+			hello.V, MinProtocolVersion, MaxProtocolVersion))
+		return
 	}
 	_ = c.SetReadDeadline(time.Time{})
 
@@ -104,7 +140,7 @@ func (r *Relay) serveControl(p *relayPeer, cc *controlConn) {
 		p.grace.Stop()
 		p.grace = nil
 	}
-	r.wg.Add(1)
+	r.wg.Add(2)
 	r.mu.Unlock()
 	if old != nil { // the same appliance from a new connection (it roamed or restarted)
 		old.close()
@@ -112,6 +148,10 @@ func (r *Relay) serveControl(p *relayPeer, cc *controlConn) {
 	go func() {
 		defer r.wg.Done()
 		s.writeLoop()
+	}()
+	go func() {
+		defer r.wg.Done()
+		r.applyLoop(p, s)
 	}()
 	stop := context.AfterFunc(r.ctx, s.close)
 	defer stop()
@@ -162,26 +202,145 @@ func (r *Relay) controlLoop(p *relayPeer, s *controlSession) error {
 		case msgPing:
 			s.send(message{Type: msgPong})
 		case msgRegister:
-			r.mu.Lock()
-			if p.session != s {
-				r.mu.Unlock()
-				return nil
-			}
-			p.wanted = m.Ports
-			p.udpIdle = udpIdleOf(m)
-			results := r.reconcileLocked(p)
-			clear(p.results)
-			for _, res := range results {
-				p.results[res.Port] = res
-			}
-			s.send(results...)
-			r.sendLocked(r.retryOthersLocked(p))
-			r.mu.Unlock()
+			s.queueRegister(m)
 		case msgError:
 			return errors.New("appliance: " + m.Reason)
 		}
 		// Unknown types are ignored: a newer appliance may send more.
 	}
+}
+
+// applyLoop applies s's registers, the latest of each burst, until the
+// session ends.
+func (r *Relay) applyLoop(p *relayPeer, s *controlSession) {
+	for {
+		select {
+		case <-s.regReady:
+		case <-s.done:
+			return
+		}
+		if m := s.takeRegister(); m != nil {
+			r.applyRegister(p, s, *m)
+		}
+	}
+}
+
+// applyRegister makes p's holdings what register m asks and answers it.
+// Only p's holdings change; other peers are retried only for ports p
+// released. The new public sockets are opened without the relay's lock
+// (a large UDP range is thousands of them): their ports are reserved in
+// the registry and counted against the socket caps meanwhile.
+func (r *Relay) applyRegister(p *relayPeer, s *controlSession, m message) {
+	r.mu.Lock()
+	if p.session != s || r.closed {
+		r.mu.Unlock()
+		return
+	}
+	p.wanted = m.Ports
+	p.udpIdle = udpIdleOf(m)
+	freed := r.releaseUnwantedLocked(p)
+	r.syncRulesLocked()
+	plan := r.reserveLocked(p)
+	before := r.beforeOpen
+	r.mu.Unlock()
+	if before != nil {
+		before(p.name)
+	}
+
+	pre := &prepared{opened: make(map[portKey]*holding), failed: make(map[string]string)}
+	for _, ps := range plan {
+		if r.ctx.Err() != nil { // closing: the holdings would be discarded
+			break
+		}
+		var mine []*holding
+		for _, k := range ps.keys {
+			if pre.opened[k] != nil { // two wanted specs overlap
+				continue
+			}
+			h, err := r.openSockets(p, k, 0) // reconcile sets the idle timeout
+			if err != nil {
+				pre.failed[ps.raw] = err.Error()
+				for _, h := range mine {
+					delete(pre.opened, h.key)
+					h.discard()
+				}
+				break
+			}
+			mine = append(mine, h)
+			pre.opened[k] = h
+		}
+	}
+
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.unreserveLocked(p)
+	if p.session != s || r.closed || r.peers[p.name] != p {
+		for _, h := range pre.opened {
+			h.discard()
+		}
+		return
+	}
+	results, more := r.reconcileLocked(p, pre)
+	freed = append(freed, more...)
+	clear(p.results)
+	for _, res := range results {
+		p.results[res.Port] = res
+	}
+	s.send(results...)
+	r.sendLocked(r.retryOthersLocked(p, freed, false))
+}
+
+// plannedSpec is a wanted spec whose missing ports applyRegister opens.
+type plannedSpec struct {
+	raw  string
+	keys []portKey
+}
+
+// reserveLocked reserves the ports of p's wanted specs that p may take and
+// does not hold yet, and returns them by spec.
+func (r *Relay) reserveLocked(p *relayPeer) []plannedSpec {
+	var plan []plannedSpec
+	p.reserved = make(map[portKey]bool)
+	for _, raw := range p.wanted {
+		spec, err := parseWireSpec(raw)
+		if err != nil || r.reg.check(p.name, p.cfg.Ports, spec) != "" {
+			continue // reconcile gives the reason
+		}
+		if why, _ := r.udpSocketsLocked(p, spec); why != "" {
+			continue // ... and counts it
+		}
+		ps := plannedSpec{raw: raw}
+		for _, k := range portKeys(spec) {
+			if p.holdings[k] != nil || p.reserved[k] {
+				continue
+			}
+			p.reserved[k] = true
+			r.reg.take(p.name, k)
+			if k.proto == conf.UDP {
+				p.udpSockets += len(r.binds)
+				r.udpSockets += len(r.binds)
+			}
+			ps.keys = append(ps.keys, k)
+		}
+		if len(ps.keys) > 0 {
+			plan = append(plan, ps)
+		}
+	}
+	return plan
+}
+
+// unreserveLocked undoes reserveLocked.
+func (r *Relay) unreserveLocked(p *relayPeer) {
+	for k := range p.reserved {
+		if p.holdings[k] == nil {
+			r.reg.release(p.name, k)
+		}
+		if k.proto == conf.UDP {
+			p.udpSockets -= len(r.binds)
+			r.udpSockets -= len(r.binds)
+		}
+	}
+	p.reserved = nil
 }
 
 // graceExpired releases the ports of a peer that did not come back.
@@ -192,6 +351,7 @@ func (r *Relay) graceExpired(p *relayPeer) {
 		return
 	}
 	p.grace = nil
+	freed := keysOf(p.holdings)
 	for _, h := range p.holdings {
 		r.releaseLocked(h)
 	}
@@ -199,5 +359,5 @@ func (r *Relay) graceExpired(p *relayPeer) {
 	clear(p.results)
 	r.syncRulesLocked()
 	r.log.Info("peer ports released", zap.String("peer", p.name), zap.String("reason", "control connection gone"))
-	r.sendLocked(r.retryOthersLocked(p))
+	r.sendLocked(r.retryOthersLocked(p, freed, false))
 }

@@ -29,6 +29,12 @@ func setUDPBuffers(pc *net.UDPConn) {
 // for a CPU drains with one syscall per batch instead of one per datagram.
 const udpReadBatch = 32
 
+// UDPSocketMemory is about what one public UDP socket costs the relay in
+// its own memory at tunnel MTU mtu: the batch of read buffers and the
+// reading goroutine's stack. The kernel's socket buffers (up to
+// udpSocketBuffer each way) come on top while datagrams queue.
+func UDPSocketMemory(mtu int) int { return udpReadBatch*mtu + 8<<10 }
+
 // batchReader is ipv4.PacketConn or ipv6.PacketConn (their Message types
 // are the same).
 type batchReader interface {

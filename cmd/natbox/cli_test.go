@@ -48,7 +48,8 @@ func TestCheckValidExample(t *testing.T) {
 }
 
 // TestCheckRelayShowsPeerQuotas: natbox check on the example relay config
-// shows each peer's quotas in force, its own or the [relay] default.
+// shows each peer's quotas in force, its own or the [relay] default, and
+// what its UDP allowances cost in public sockets and memory.
 func TestCheckRelayShowsPeerQuotas(t *testing.T) {
 	r := natbox(t, "", "check", "-c", "../../examples/relay.toml")
 	if r.code != exitOK {
@@ -58,6 +59,11 @@ func TestCheckRelayShowsPeerQuotas(t *testing.T) {
 		`(?m)^PEER\s+ADDRESS\s+PORTS\s+SESSIONS\s+UDP\s+INFLIGHT\s+NEW/S\s+PER_SOURCE\s+NEW/S/SOURCE$`,
 		`(?m)^home\s+100\.96\.0\.2\s+tcp/443,udp/10000-10100\s+10000\s+4000\s+256\s+1000\s+256\s+100$`,
 		`(?m)^office\s+10\.77\.0\.3\s+tcp/8443,tcp\+udp/5060\s+20000\s+8000\s+256\s+1000\s+256\s+100$`,
+		// udp/10000-10100 and tcp+udp/5060 on two bind addresses, about 52 KiB each.
+		`(?m)^PEER\s+SOCKETS\s+MAX_UDP_SOCKETS\s+MEMORY$`,
+		`(?m)^home\s+202\s+2048\s+10\.3 MiB$`,
+		`(?m)^office\s+2\s+2048\s+0\.1 MiB$`,
+		`(?m)^all peers: 204 sockets \(10\.4 MiB\), relay max_udp_sockets 8192$`,
 	} {
 		if !regexp.MustCompile(row).MatchString(r.stdout) {
 			t.Errorf("no line matching %s in:\n%s", row, r.stdout)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/natbox/natbox/admin"
 	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/tunnel"
 )
 
 func checkCommand() *cli.Command {
@@ -99,10 +100,28 @@ func checkRelay(w io.Writer, path string) error {
 			limit(l.MaxSessionsPerSource), limit(l.NewSessionsPerSourcePerSecond))
 	}
 	tw.Flush()
+	// What the UDP allowances cost if held whole, against the caps.
+	nbinds := max(1, len(cfg.Relay.PublicBind))
+	per := tunnel.UDPSocketMemory(cfg.Relay.MTU)
+	fmt.Fprintf(w, "\npublic UDP sockets per peer, all its UDP ports held (one per port per bind address, %d here;\n"+
+		"each a goroutine and about %d KiB, plus kernel buffers while datagrams queue):\n", nbinds, per>>10)
+	fmt.Fprintln(tw, "PEER\tSOCKETS\tMAX_UDP_SOCKETS\tMEMORY")
+	total := 0
+	for i := range cfg.Peers {
+		p := &cfg.Peers[i]
+		n := cfg.UDPSockets(p.Ports)
+		total += n
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\n", p.Name, n, limit(cfg.Relay.PeerLimits(p).MaxUDPSockets), mib(n*per))
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "all peers: %d sockets (%s), relay max_udp_sockets %s\n", total, mib(total*per), limit(cfg.Relay.MaxUDPSockets))
 	printWarnings(w, warnings)
 	fmt.Fprintf(w, "ok: %s: relay config, %d peer(s), %d warning(s)\n", cfg.Path, len(cfg.Peers), len(warnings))
 	return nil
 }
+
+// mib formats a byte count for check's cost table.
+func mib(n int) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
 
 // printMappings writes the table natbox check shows: what is exposed, to whom,
 // and who answers for it.
