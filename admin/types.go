@@ -216,7 +216,7 @@ type RelayPeer struct {
 	Stats Counters `json:"stats,omitzero"`
 	// ControlRefusals counts control connections the relay refused or
 	// ended, by reason ("replaced", "hello_timeout", "bad_hello",
-	// "too_long", "bad_message", "rate").
+	// "too_long", "bad_message", "rate", "queue_full", "unsupported_version").
 	ControlRefusals map[string]uint64 `json:"control_refusals,omitempty"`
 }
 
