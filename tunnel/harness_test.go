@@ -92,6 +92,24 @@ func startOnePeerRelay(t testing.TB, proto string) (relay *relaySide, key conf.K
 	return startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t)), key, port, spec
 }
 
+// tcpEchoThroughRelay starts a one-peer relay, its config first changed by
+// tweak (limits, quotas), and an appliance behind it that maps one TCP port
+// to a PROXY-reading echo service, and waits until the port is registered.
+// public is where clients connect on the relay.
+func tcpEchoThroughRelay(t *testing.T, tweak func(*conf.RelayConfig)) (relay *relaySide, cfg *conf.RelayConfig, key conf.Key, spec string, public netip.AddrPort) {
+	t.Helper()
+	port := freePort(t, false)
+	spec = fmt.Sprintf("tcp/%d", port)
+	key = mustKey(t)
+	cfg = onePeerRelayConfig(t, key, spec)
+	tweak(cfg)
+	relay = startRelay(t, cfg, testLogger(t))
+	svc, _ := proxyEchoService(t)
+	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", port, svc))
+	waitRegistered(t, a, spec)
+	return relay, cfg, key, spec, netip.AddrPortFrom(loopback4, port)
+}
+
 func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger, opts ...tunnel.Option) *relaySide {
 	t.Helper()
 	stackSide, outer := netstack.Pipe(testMTU)

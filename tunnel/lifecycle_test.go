@@ -222,16 +222,8 @@ func TestRelayUDPIdleExpiry(t *testing.T) {
 // reset at once and counted; the admitted one keeps working.
 func TestRelayMaxSessions(t *testing.T) {
 	t.Parallel()
-	port := freePort(t, false)
-	spec := fmt.Sprintf("tcp/%d", port)
-	key := mustKey(t)
-	cfg := onePeerRelayConfig(t, key, spec)
-	cfg.Relay.MaxSessions = 1
-	relay := startRelay(t, cfg, testLogger(t))
-	svc, _ := proxyEchoService(t)
-	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", port, svc))
-	waitRegistered(t, a, spec)
-	public := netip.AddrPortFrom(loopback4, port).String()
+	relay, _, _, _, publicAddr := tcpEchoThroughRelay(t, func(c *conf.RelayConfig) { c.Relay.MaxSessions = 1 })
+	public := publicAddr.String()
 
 	first, err := net.DialTimeout("tcp", public, 5*time.Second)
 	if err != nil {

@@ -158,16 +158,7 @@ func TestRelayUDPFollowsTheMappingIdleTimeout(t *testing.T) {
 // the peer's own max_sessions admits it, without cutting the admitted flow.
 func TestRelayPeerQuotaResetsAndReloads(t *testing.T) {
 	t.Parallel()
-	port := freePort(t, false)
-	spec := fmt.Sprintf("tcp/%d", port)
-	key := mustKey(t)
-	cfg := onePeerRelayConfig(t, key, spec)
-	cfg.Relay.PeerMaxSessions = 1
-	relay := startRelay(t, cfg, testLogger(t))
-	svc, _ := proxyEchoService(t)
-	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", port, svc))
-	waitRegistered(t, a, spec)
-	public := netip.AddrPortFrom(loopback4, port)
+	relay, cfg, _, _, public := tcpEchoThroughRelay(t, func(c *conf.RelayConfig) { c.Relay.PeerMaxSessions = 1 })
 
 	first, err := net.DialTimeout("tcp", public.String(), 5*time.Second)
 	if err != nil {

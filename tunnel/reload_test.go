@@ -2,7 +2,6 @@ package tunnel_test
 
 import (
 	"errors"
-	"fmt"
 	"io"
 	"maps"
 	"net"
@@ -96,16 +95,8 @@ func prefixStrings(ps []netip.Prefix) []string {
 // reload; flows admitted under the old cap keep running.
 func TestRelayReloadAppliesLimits(t *testing.T) {
 	t.Parallel()
-	port := freePort(t, false)
-	spec := fmt.Sprintf("tcp/%d", port)
-	key := mustKey(t)
-	cfg := onePeerRelayConfig(t, key, spec)
-	cfg.Relay.MaxSessions = 1
-	relay := startRelay(t, cfg, testLogger(t))
-	svc, _ := proxyEchoService(t)
-	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", port, svc))
-	waitRegistered(t, a, spec)
-	public := netip.AddrPortFrom(loopback4, port).String()
+	relay, cfg, key, spec, publicAddr := tcpEchoThroughRelay(t, func(c *conf.RelayConfig) { c.Relay.MaxSessions = 1 })
+	public := publicAddr.String()
 	dial := func() net.Conn {
 		t.Helper()
 		c, err := net.DialTimeout("tcp", public, 5*time.Second)
@@ -130,7 +121,7 @@ func TestRelayReloadAppliesLimits(t *testing.T) {
 		t.Fatal("first flow under max_sessions = 1 failed")
 	}
 	// Refused: reset at connect or at the first read (see expectReset).
-	expectReset(t, netip.AddrPortFrom(loopback4, port))
+	expectReset(t, publicAddr)
 
 	raised := onePeerRelayConfig(t, key, spec)
 	raised.Relay.Listen, raised.Relay.PrivateKey = cfg.Relay.Listen, cfg.Relay.PrivateKey
@@ -153,7 +144,7 @@ func TestRelayReloadAppliesLimits(t *testing.T) {
 	if !echoes(first, 'w') {
 		t.Fatal("a flow admitted before max_sessions was lowered was cut")
 	}
-	expectReset(t, netip.AddrPortFrom(loopback4, port)) // over the lowered max_sessions
+	expectReset(t, publicAddr) // over the lowered max_sessions
 	if st := relay.relay.Status(); st.OverLimit != 2 {
 		t.Fatalf("over_limit = %d, want 2", st.OverLimit)
 	}
