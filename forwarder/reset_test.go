@@ -53,38 +53,18 @@ func TestSplicePassesResets(t *testing.T) {
 			if _, err := io.ReadFull(bUser, make([]byte, 3)); err != nil {
 				t.Fatal(err)
 			}
-			bUser.Write(partial)
-			resetConn(t, bUser)
-			got, err := testutil.ReadToError(aUser, 10*time.Second)
-			wantReset(t, "client", got, err, partial)
+			writeThenReset(t, bUser, aUser, "client", partial)
 		}, syscall.ECONNRESET},
 		{"client resets mid-request", func(t *testing.T, aUser, bUser net.Conn) {
-			aUser.Write(partial)
-			resetConn(t, aUser)
-			got, err := testutil.ReadToError(bUser, 10*time.Second)
-			wantReset(t, "target", got, err, partial)
+			writeThenReset(t, aUser, bUser, "target", partial)
 		}, syscall.ECONNRESET},
 		{"target resets after the client half-closed", func(t *testing.T, aUser, bUser net.Conn) {
-			aUser.Write([]byte("GET"))
-			aUser.(*net.TCPConn).CloseWrite()
-			if got, err := readAllTimeout(bUser, 10*time.Second); err != nil || string(got) != "GET" {
-				t.Fatalf("target read %q, %v; want the request, then EOF", got, err)
-			}
-			bUser.Write(partial)
-			resetConn(t, bUser)
-			got, err := testutil.ReadToError(aUser, 10*time.Second)
-			wantReset(t, "client", got, err, partial)
+			halfClose(t, aUser, bUser, "GET", "target")
+			writeThenReset(t, bUser, aUser, "client", partial)
 		}, syscall.ECONNRESET},
 		{"client resets after the target half-closed", func(t *testing.T, aUser, bUser net.Conn) {
-			bUser.Write([]byte("banner"))
-			bUser.(*net.TCPConn).CloseWrite()
-			if got, err := readAllTimeout(aUser, 10*time.Second); err != nil || string(got) != "banner" {
-				t.Fatalf("client read %q, %v; want the banner, then EOF", got, err)
-			}
-			aUser.Write(partial)
-			resetConn(t, aUser)
-			got, err := testutil.ReadToError(bUser, 10*time.Second)
-			wantReset(t, "target", got, err, partial)
+			halfClose(t, bUser, aUser, "banner", "client")
+			writeThenReset(t, aUser, bUser, "target", partial)
 		}, syscall.ECONNRESET},
 		{"clean close is a FIN with every byte", func(t *testing.T, aUser, bUser net.Conn) {
 			aUser.Write([]byte("GET"))
@@ -164,5 +144,26 @@ func TestTCPResetsCounted(t *testing.T) {
 	<-f.done
 	if ms := mappingStatus(t, e, "reader"); ms.ResetsToTarget != 1 || ms.ResetsToClient != 0 {
 		t.Fatalf("reader: resets to target %d, to client %d; want 1 and 0", ms.ResetsToTarget, ms.ResetsToClient)
+	}
+}
+
+// writeThenReset writes partial on from, resets it, and wants to (named
+// who) to read a prefix of partial and then the reset, never an EOF.
+func writeThenReset(t *testing.T, from, to net.Conn, who string, partial []byte) {
+	t.Helper()
+	from.Write(partial)
+	resetConn(t, from)
+	got, err := testutil.ReadToError(to, 10*time.Second)
+	wantReset(t, who, got, err, partial)
+}
+
+// halfClose sends msg from one side and shuts its write half; the other
+// side (named who) must read msg and then a clean EOF.
+func halfClose(t *testing.T, from, to net.Conn, msg, who string) {
+	t.Helper()
+	from.Write([]byte(msg))
+	from.(*net.TCPConn).CloseWrite()
+	if got, err := readAllTimeout(to, 10*time.Second); err != nil || string(got) != msg {
+		t.Fatalf("%s read %q, %v; want %q, then EOF", who, got, err, msg)
 	}
 }
