@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -83,7 +84,7 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (_ *Appliance
 			return nil, err
 		}
 	}
-	if cfg.Uplink != nil {
+	if len(cfg.Uplinks) > 0 {
 		if err := a.startUplink(cfg); err != nil {
 			return nil, err
 		}
@@ -136,7 +137,7 @@ func (a *Appliance) startTUN(c *conf.TUN, dev tun.Device) error {
 }
 
 func (a *Appliance) startUplink(cfg *conf.Config) error {
-	u := cfg.Uplink
+	u := &cfg.Uplinks[0]
 	stackSide, outer := netstack.Pipe(u.MTU)
 	in, err := newIngress(conf.IngressUplink, stackSide, netstack.Config{
 		MTU:       u.MTU,
@@ -285,7 +286,7 @@ func reloadable(old, next *conf.Config) error {
 	if !reflect.DeepEqual(old.TUN, next.TUN) {
 		errs = append(errs, errors.New("[tun] changed: restart natbox to apply a new TUN device, MTU, addresses or routes"))
 	}
-	if (old.Uplink == nil) != (next.Uplink == nil) || (old.Uplink != nil && *old.Uplink != *next.Uplink) {
+	if !slices.Equal(old.Uplinks, next.Uplinks) {
 		errs = append(errs, errors.New("[uplink] changed: restart natbox to apply a new tunnel"))
 	}
 	return errors.Join(errs...)

@@ -46,8 +46,8 @@ func (s applianceSource) Status() admin.Status {
 	}
 	var relayRefused map[string]string // "tcp/22" -> reason
 	if s.a.uplink != nil {
-		u := uplinkStatus(cfg.Uplink, s.a.uplink.Status())
-		st.Uplink = &u
+		u := uplinkStatus(&cfg.Uplinks[0], s.a.uplink.Status())
+		st.Uplinks = []admin.Uplink{u}
 		relayRefused = make(map[string]string, len(u.Refused))
 		for _, r := range u.Refused {
 			relayRefused[r.Port] = r.Reason

@@ -15,8 +15,8 @@ import (
 func TestUplinkPortsCarryUDPIdle(t *testing.T) {
 	ports := func(lo, hi uint16) conf.PortRange { return conf.PortRange{Lo: lo, Hi: hi} }
 	cfg := &conf.Config{
-		TUN:    &conf.TUN{},
-		Uplink: &conf.Uplink{},
+		TUN:     &conf.TUN{},
+		Uplinks: []conf.Uplink{{}},
 		Mappings: []conf.Mapping{
 			{Name: "game", Protocol: conf.TCPUDP, Listen: conf.Listen{Ports: ports(27015, 27015)}, IdleTimeout: conf.Duration(5 * time.Minute)},
 			{Name: "dns", Protocol: conf.UDP, Listen: conf.Listen{Ports: ports(53, 53)}},
