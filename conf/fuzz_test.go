@@ -151,7 +151,7 @@ protocol = "tcp"
 listen = "443"
 target = "10.0.0.5:443"
 `
-	addConfigSeeds(f, []string{"natbox.toml", "natbox-uplink.toml"}, []string{
+	addConfigSeeds(f, []string{"natbox.toml", "natbox-uplink.toml", "natbox-two-relays.toml"}, []string{
 		tunBase + mapping,
 		tunBase + uplinkTable + mapping + strings.ReplaceAll(mapping, "web", "web2"),
 		strings.Replace(uplinkTable, `private_key = "`+testPriv+`"`, `private_key_file = "`+fuzzKeyFile+`"`, 1) + mapping,

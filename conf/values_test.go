@@ -231,7 +231,7 @@ func TestErrorFormat(t *testing.T) {
 
 func TestExamples(t *testing.T) {
 	t.Parallel()
-	for _, name := range []string{"natbox.toml", "natbox-uplink.toml"} {
+	for _, name := range []string{"natbox.toml", "natbox-uplink.toml", "natbox-two-relays.toml"} {
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
 			path := filepath.Join("..", "examples", name)
