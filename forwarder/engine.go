@@ -117,7 +117,7 @@ type Engine struct {
 	running     bool          // guarded by mu: Run started the sweep
 	stopSweep   chan struct{} // closed by Shutdown: ends Run
 	sweepDone   chan struct{} // closed when Run's sweep returns
-	stoppedOnce sync.Once // the "stopped" line is logged once, however often Shutdown runs
+	stoppedOnce sync.Once     // the "stopped" line is logged once, however often Shutdown runs
 	stopOnce    sync.Once
 
 	beforeUDPSend func(mapping string) // test seam: a slow target; set before traffic
