@@ -2,6 +2,27 @@
 // appliance (TUN gateway and/or relay uplink in front of the forwarder) and the
 // relay. It owns start-up order, reload and shutdown order; the packages it
 // wires own everything else.
+//
+// Lifecycle. Every piece (netstack.Stack, forwarder.Engine, tunnel.Uplink,
+// tunnel.Relay, admin.Server) keeps one contract: New only builds (opens
+// sockets and devices, starts none of natbox's goroutines), Run(ctx) starts
+// and returns when everything it started has stopped, Close is idempotent
+// and ends Run, and Run after Close fails at once. No packet reaches a
+// handler before its stack's Run, so every piece is built and wired first
+// and nothing waits for another to become ready. wireguard-go starts its
+// own routines in device.NewDevice and gVisor its processors in stack.New;
+// both wait for packets that only a running stack moves.
+//
+// Close order, newest first (the reverse of construction), each piece
+// registered in a teardown as soon as it is built:
+//
+//	appliance: admin, uplink, uplink stack, TUN stack, TUN link and routes, forwarder
+//	relay:     admin, relay (public sockets, its engine, WireGuard), relay stack
+//
+// On ctx's end the appliance first stops admitting and drains for
+// limits.shutdown_grace (Engine.Shutdown) while the stacks and the uplink
+// still carry the sessions, then closes in that order; Run returns once
+// every piece's Run has.
 package app
 
 import (
