@@ -15,14 +15,15 @@ import (
 )
 
 // runStack runs s until the test ends; the cleanup closes it and waits for
-// Run to return.
+// Run to return. A test that closes s itself may do so before Run starts,
+// which then returns ErrClosed.
 func runStack(t testing.TB, s *Stack) {
 	t.Helper()
 	done := make(chan error, 1)
 	go func() { done <- s.Run(context.Background()) }()
 	t.Cleanup(func() {
 		s.Close()
-		if err := <-done; err != nil {
+		if err := <-done; err != nil && !errors.Is(err, ErrClosed) {
 			t.Errorf("stack Run: %v", err)
 		}
 	})
