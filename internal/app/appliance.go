@@ -2,6 +2,27 @@
 // appliance (TUN gateway and/or relay uplink in front of the forwarder) and the
 // relay. It owns start-up order, reload and shutdown order; the packages it
 // wires own everything else.
+//
+// Lifecycle. Every piece (netstack.Stack, forwarder.Engine, tunnel.Uplink,
+// tunnel.Relay, admin.Server) keeps one contract: New only builds (opens
+// sockets and devices, starts none of natbox's goroutines), Run(ctx) starts
+// and returns when everything it started has stopped, Close is idempotent
+// and ends Run, and Run after Close fails at once. No packet reaches a
+// handler before its stack's Run, so every piece is built and wired first
+// and nothing waits for another to become ready. wireguard-go starts its
+// own routines in device.NewDevice and gVisor its processors in stack.New;
+// both wait for packets that only a running stack moves.
+//
+// Close order, newest first (the reverse of construction), each piece
+// registered in a teardown as soon as it is built:
+//
+//	appliance: admin, uplink, uplink stack, TUN stack, TUN link and routes, forwarder
+//	relay:     admin, relay (public sockets, its engine, WireGuard), relay stack
+//
+// On ctx's end the appliance first stops admitting and drains for
+// limits.shutdown_grace (Engine.Shutdown) while the stacks and the uplink
+// still carry the sessions, then closes in that order; Run returns once
+// every piece's Run has.
 package app
 
 import (
@@ -11,7 +32,6 @@ import (
 	"net/netip"
 	"reflect"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -56,8 +76,9 @@ type Options struct {
 	TUNDevice tun.Device
 }
 
-// NewAppliance builds every ingress the config names and starts them. On
-// error everything already started is closed again.
+// NewAppliance builds every piece the config names (see the lifecycle at
+// the top of this file) and wires them; Run starts them. On error
+// everything already built is closed again.
 func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (_ *Appliance, err error) {
 	// a is not the named result: "return nil, err" must not hide it from the
 	// deferred clean-up.
@@ -79,18 +100,18 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (_ *Appliance
 	}
 	a.teardown.add(a.engine.Close)
 	if cfg.TUN != nil {
-		if err := a.startTUN(cfg.TUN, opts.TUNDevice); err != nil {
+		if err := a.addTUN(cfg.TUN, opts.TUNDevice); err != nil {
 			return nil, err
 		}
 	}
 	if cfg.Uplink != nil {
-		if err := a.startUplink(cfg); err != nil {
+		if err := a.addUplink(cfg); err != nil {
 			return nil, err
 		}
 	}
 	a.addressWarning = doctor.AddressWarning(cfg)
 	src := applianceSource{a: a, started: time.Now(), version: opts.Version}
-	if a.admin, err = startAdmin(cfg.Admin, src, a.ready, log); err != nil {
+	if a.admin, err = newAdmin(cfg.Admin, src, a.ready, log); err != nil {
 		return nil, err
 	}
 	if a.admin != nil {
@@ -105,7 +126,9 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (_ *Appliance
 // restart (the level was fixed by --log-level).
 func (a *Appliance) SetLogLevel(l *zap.AtomicLevel) { a.live.setLevel(l) }
 
-func (a *Appliance) startTUN(c *conf.TUN, dev tun.Device) error {
+// addTUN builds the TUN ingress: the kernel device with its link and routes
+// (unless the caller passed dev), and its stack.
+func (a *Appliance) addTUN(c *conf.TUN, dev tun.Device) error {
 	name := c.Name
 	if dev == nil {
 		var err error
@@ -130,12 +153,14 @@ func (a *Appliance) startTUN(c *conf.TUN, dev tun.Device) error {
 	}
 	a.teardown.add(in.Close)
 	a.ingresses = append(a.ingresses, in)
-	a.log.Info("tun up", zap.String("name", name), zap.Int("mtu", c.MTU),
+	a.log.Info("tun ready", zap.String("name", name), zap.Int("mtu", c.MTU),
 		zap.Stringers("addresses", c.Addresses), zap.Stringers("routes", c.Routes))
 	return nil
 }
 
-func (a *Appliance) startUplink(cfg *conf.Config) error {
+// addUplink builds the relay uplink: its stack, and the WireGuard device
+// that feeds the stack through a Pipe.
+func (a *Appliance) addUplink(cfg *conf.Config) error {
 	u := cfg.Uplink
 	stackSide, outer := netstack.Pipe(u.MTU)
 	in, err := newIngress(conf.IngressUplink, stackSide, netstack.Config{
@@ -174,33 +199,45 @@ func uplinkPorts(cfg *conf.Config, now time.Time) []tunnel.WantedPort {
 	return ports
 }
 
-// Run blocks until ctx is done, then shuts down in order: stop admitting,
-// drain with the configured grace, close inputs, remove routes.
+// Run starts every piece (see the lifecycle at the top of this file) and
+// blocks until ctx is done, Close is called or a piece fails; then it shuts
+// down in order: stop admitting, drain with the configured grace, Close.
+// It returns once every piece's Run has returned. After Close it fails at
+// once.
 func (a *Appliance) Run(ctx context.Context) error {
+	if a.teardown.isDone() {
+		return errors.New("appliance closed")
+	}
+	// The pieces run until Close stops them, not until ctx ends: the
+	// stacks and the uplink must carry the sessions the drain waits for.
+	pieces, stopPieces := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopPieces()
 	var wg sync.WaitGroup
 	errc := make(chan error, 1)
-	if a.uplink != nil {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := a.uplink.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
-				select {
-				case errc <- fmt.Errorf("uplink: %w", err):
-				default:
-				}
-			}
-		}()
+	run := func(name string, fn func(context.Context) error) {
+		goRun(pieces, name, fn, &wg, errc)
 	}
-	runAdmin(ctx, a.admin, &wg, a.log)
+	run("forwarder", a.engine.Run)
+	for _, in := range a.ingresses {
+		run(in.name+" stack", in.stack.Run)
+	}
+	if a.uplink != nil {
+		run("uplink", a.uplink.Run)
+	}
+	runAdmin(pieces, a.admin, &wg, a.log)
+	watching, stopWatching := context.WithCancel(ctx)
+	defer stopWatching()
 	if cfg := a.config(); cfg.Admin.Watch {
-		goWatchConfig(ctx, cfg.Path, cfg.Digest, func() { _, _ = a.Reload() }, &wg, a.log)
+		goWatchConfig(watching, cfg.Path, cfg.Digest, func() { _, _ = a.Reload() }, &wg, a.log)
 	}
 	a.log.Info("natbox running", zap.Int("mappings", len(a.config().Mappings)))
 	var runErr error
 	select {
 	case <-ctx.Done():
+	case <-a.teardown.closed():
 	case runErr = <-errc:
 	}
+	stopWatching()
 	a.log.Info("stopping: draining sessions", zap.Duration("grace", a.config().Limits.ShutdownGrace.D()))
 	grace, cancel := context.WithTimeout(context.Background(), a.config().Limits.ShutdownGrace.D())
 	if err := a.engine.Shutdown(grace); err != nil && !errors.Is(err, context.DeadlineExceeded) {
@@ -208,6 +245,7 @@ func (a *Appliance) Run(ctx context.Context) error {
 	}
 	cancel()
 	err := a.Close()
+	stopPieces()
 	wg.Wait()
 	a.log.Info("stopped")
 	return errors.Join(runErr, err)
@@ -292,12 +330,12 @@ func reloadable(old, next *conf.Config) error {
 }
 
 // ingress joins one netstack.Stack to the forwarder: it is the stack's
-// Handler and the forwarder's Ingress.
+// Handler and the forwarder's Ingress. stack is set before the stack runs,
+// so before any flow can arrive.
 type ingress struct {
 	name   string
 	engine *forwarder.Engine
 	stack  *netstack.Stack
-	ready  atomic.Bool // set once stack is assigned; the stack may deliver first
 }
 
 func newIngress(name string, dev tun.Device, cfg netstack.Config, e *forwarder.Engine, log *zap.Logger) (*ingress, error) {
@@ -308,16 +346,12 @@ func newIngress(name string, dev tun.Device, cfg netstack.Config, e *forwarder.E
 		return nil, fmt.Errorf("%s stack: %w", name, err)
 	}
 	in.stack = s
-	in.ready.Store(true)
 	return in, nil
 }
 
 func (in *ingress) Name() string { return in.name }
 
 func (in *ingress) WriteUDP(src, dst netip.AddrPort, payload []byte) error {
-	if !in.ready.Load() {
-		return errors.New("ingress starting")
-	}
 	return in.stack.WriteUDP(src, dst, payload)
 }
 
