@@ -7,6 +7,7 @@
 package netstack
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -194,6 +195,13 @@ type Stack struct {
 
 	directBufs [1][]byte // writeDirect's batch; used by one writer at a time
 
+	runMu sync.Mutex
+	// runMu guards running and stopped: Run starts the pumps only on a
+	// Stack that Close has not begun to stop, and Close waits for them only
+	// if Run started them.
+	running, stopped bool
+	done             chan struct{} // closed when Close begins: ends Run's wait
+
 	inputDone  chan struct{}
 	outputDone chan struct{}
 }
@@ -229,8 +237,14 @@ type counters struct {
 	invalid         [numDropReasons]atomic.Uint64
 }
 
-// New builds a Stack on dev and starts its input and output pumps. The Stack
-// owns dev from now on and closes it last in Close (also when New fails).
+// New builds a Stack on dev; Run starts its input and output pumps, so no
+// packet reaches h before Run: everything h needs can be wired between New
+// and Run. The Stack owns dev from now on and closes it last in Close (also
+// when New fails).
+//
+// gVisor's stack.New starts goroutines of its own (TCP's segment processors,
+// timers); they wait for packets, which only Run's input pump delivers, and
+// stop in Close.
 func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error) {
 	if dev == nil || h == nil || log == nil {
 		if dev != nil {
@@ -258,6 +272,7 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		cfg:        cfg,
 		handler:    h,
 		log:        log,
+		done:       make(chan struct{}),
 		inputDone:  make(chan struct{}),
 		outputDone: make(chan struct{}),
 	}
@@ -288,12 +303,38 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		dev.Close()
 		return nil, err
 	}
+	return s, nil
+}
+
+// ErrRunning is returned by a second Run.
+var ErrRunning = errors.New("netstack: stack already running")
+
+// Run starts the input and output pumps and the SYN-cookie sweep, serves
+// until ctx is done or Close is called, then closes the Stack and returns
+// once every goroutine it started has stopped: nil on a clean stop, the
+// device's close error, or ErrClosed at once if Close came first.
+func (s *Stack) Run(ctx context.Context) error {
+	s.runMu.Lock()
+	switch {
+	case s.stopped:
+		s.runMu.Unlock()
+		return ErrClosed
+	case s.running:
+		s.runMu.Unlock()
+		return ErrRunning
+	}
+	s.running = true
 	go s.runOutput()
 	go s.runInput()
 	s.cookies.wg.Add(1)
 	go s.runCookieSweep()
-	log.Info("netstack started", zap.Int("mtu", cfg.MTU), zap.Int("batch", dev.BatchSize()))
-	return s, nil
+	s.runMu.Unlock()
+	s.log.Info("netstack started", zap.Int("mtu", s.cfg.MTU), zap.Int("batch", s.dev.BatchSize()))
+	select {
+	case <-ctx.Done():
+	case <-s.done:
+	}
+	return s.Close()
 }
 
 // configure sets every stack option explicitly, each with its reason.
@@ -853,10 +894,17 @@ func (c *counters) invalidTotal() uint64 {
 // and injecting input, close the gVisor stack (aborting endpoints with RSTs),
 // wait for it and for running HandleTCP calls, flush the outward queue, and
 // only then close the device, which also ends the input pump's read.
-// Idempotent; no goroutine of the Stack outlives it.
+// Idempotent, safe before, during and after Run, and concurrently; no
+// goroutine of the Stack outlives it (a concurrent call returns once the
+// first is done).
 func (s *Stack) Close() error {
 	s.closeOnce.Do(func() {
 		s.closing.Store(true)
+		close(s.done)
+		s.runMu.Lock()
+		s.stopped = true
+		running := s.running
+		s.runMu.Unlock()
 		s.admitMu.Lock()
 		s.admitClosed = true
 		s.admitMu.Unlock()
@@ -870,13 +918,17 @@ func (s *Stack) Close() error {
 		// Flush what is queued (the RSTs), but do not let a peer that stopped
 		// reading hold Close: closing the device unblocks the pump's Write.
 		s.link.q.close()
-		select {
-		case <-s.outputDone:
-		case <-time.After(flushTimeout):
+		if running {
+			select {
+			case <-s.outputDone:
+			case <-time.After(flushTimeout):
+			}
 		}
 		s.closeErr = s.dev.Close()
-		<-s.outputDone
-		<-s.inputDone
+		if running {
+			<-s.outputDone
+			<-s.inputDone
+		}
 		s.log.Info("netstack stopped")
 	})
 	return s.closeErr

@@ -57,7 +57,7 @@ func TestCreateTUNKernelTCP(t *testing.T) {
 	if err != nil {
 		t.Fatalf("new stack on tun: %v", err)
 	}
-	defer s.Close()
+	runStack(t, s)
 
 	for _, target := range []string{"10.99.0.2:7", "10.99.0.77:7", "[fd99::2]:7"} {
 		t.Run(target, func(t *testing.T) {
@@ -256,7 +256,7 @@ func benchmarkKernelTUNTCP(b *testing.B, out bool) {
 	if err != nil {
 		b.Fatalf("new stack: %v", err)
 	}
-	defer s.Close()
+	runStack(b, s)
 	var kc net.Conn
 	if err := inNetns(ns, func() (err error) {
 		kc, err = net.DialTimeout("tcp", "10.99.0.2:5201", 10*time.Second)
@@ -395,7 +395,7 @@ func benchmarkKernelTUNRR(b *testing.B) {
 	if err != nil {
 		b.Fatalf("new stack: %v", err)
 	}
-	defer s.Close()
+	runStack(b, s)
 	var c net.Conn
 	if err := inNetns(ns, func() (err error) {
 		c, err = net.DialTimeout("tcp", "10.99.0.2:7", 10*time.Second)
@@ -462,7 +462,7 @@ func benchmarkKernelTUNChurn(b *testing.B) {
 	if err != nil {
 		b.Fatalf("new stack: %v", err)
 	}
-	defer s.Close()
+	runStack(b, s)
 	var dialer *net.Dialer
 	// A socket created on a thread in the namespace stays there: dial from
 	// goroutines that switch in for the dial only.

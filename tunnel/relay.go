@@ -64,6 +64,7 @@ type Relay struct {
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup // every goroutine the relay starts
 	closeOnce sync.Once
+	running   atomic.Bool // Run was called
 
 	eng      *forwarder.Engine // admits and runs every public flow
 	rejected atomic.Uint64     // tunnel flows refused by isolation
@@ -143,6 +144,11 @@ type holding struct {
 // of dev (closed by Close, or before returning an error). Public flows are
 // originated through org; cmd routes the relay stack's inbound flows to
 // HandleTCP and HandleUDP.
+//
+// NewRelay starts goroutines, all wireguard-go's: device.NewDevice starts
+// its routines, and binding relay.listen here (so that a taken port is a
+// start-up error and ListenPort answers before Run) starts its receivers.
+// What they decrypt waits in dev until the stack on its other end runs.
 func NewRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Logger, opts ...Option) (*Relay, error) {
 	r, err := newRelay(cfg, dev, org, log, opts)
 	if err != nil {
@@ -241,13 +247,30 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 	return r, nil
 }
 
-// Run serves until ctx is done or Close is called, then closes the relay.
+// ErrClosed is returned by Run on a closed Relay or Uplink, and by a
+// second Run.
+var ErrClosed = errors.New("tunnel: closed")
+
+// Run runs the relay's engine (its expiry sweep) and serves until ctx is
+// done or Close is called, then closes the relay and returns once the
+// engine's Run has returned too. The relay serves peers from New on, as
+// wireguard-go allows (see NewRelay), but its flows reach it only through
+// the relay stack, which delivers nothing before its own Run.
 func (r *Relay) Run(ctx context.Context) error {
+	if r.ctx.Err() != nil || !r.running.CompareAndSwap(false, true) {
+		return ErrClosed
+	}
+	engDone := make(chan error, 1)
+	go func() { engDone <- r.eng.Run(context.Background()) }() // Close stops it
 	select {
 	case <-ctx.Done():
 	case <-r.ctx.Done():
 	}
-	return r.Close()
+	err := r.Close()
+	if e := <-engDone; !errors.Is(e, forwarder.ErrStopped) {
+		err = errors.Join(err, e)
+	}
+	return err
 }
 
 // Close stops the relay: it closes the public listeners, every flow and

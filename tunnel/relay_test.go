@@ -498,3 +498,62 @@ func TestRelayOutageThenReturn(t *testing.T) {
 	}
 	t.Logf("registered again %v after the relay returned", time.Since(start).Round(time.Millisecond))
 }
+
+// TestRelayClientPortTowardTwoPublicPorts: a client may use one source port
+// toward two public ports (the kernel keeps only 4-tuples unique). The
+// relay originates both flows from that address and port in its stack, so
+// the second must not fail to bind there while the first is live or in
+// TIME_WAIT (the relay bench's crr resets: ports that an earlier test's
+// flows had used were refused as dial_failed).
+func TestRelayClientPortTowardTwoPublicPorts(t *testing.T) {
+	t.Parallel()
+	portA, portB := freePort(t, false), freePort(t, false)
+	specA, specB := fmt.Sprintf("tcp/%d", portA), fmt.Sprintf("tcp/%d", portB)
+	key := mustKey(t)
+	relay := startRelay(t, onePeerRelayConfig(t, key, specA, specB), testLogger(t))
+	svc, _ := proxyEchoService(t)
+	a := startAppliance(t, relay, key, applAddrA, tcpMapping("a", portA, svc)+tcpMapping("b", portB, svc))
+	waitRegistered(t, a, specA, specB)
+
+	// Both sockets bind the same port with SO_REUSEADDR, as a kernel that
+	// picks one ephemeral port for two destinations would have them.
+	src := freePort(t, false)
+	dial := func(port uint16) net.Conn {
+		t.Helper()
+		d := net.Dialer{
+			Timeout:   5 * time.Second,
+			LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(loopback4, src)),
+			Control: func(_, _ string, rc syscall.RawConn) error {
+				var serr error
+				if err := rc.Control(func(fd uintptr) {
+					serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
+				}); err != nil {
+					return err
+				}
+				return serr
+			},
+		}
+		c, err := d.Dial("tcp4", netip.AddrPortFrom(loopback4, port).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	echo := func(c net.Conn, msg string) {
+		t.Helper()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Write([]byte(msg + "\n")); err != nil {
+			t.Fatal(err)
+		}
+		if line, err := bufio.NewReader(c).ReadString('\n'); line != msg+"\n" {
+			t.Fatalf("echo through %v: %q, %v", c.RemoteAddr(), line, err)
+		}
+	}
+	first := dial(portA)
+	echo(first, "first")
+	second := dial(portB)
+	defer second.Close()
+	echo(second, "second, while the first is live")
+	echo(first, "first again")
+	first.Close()
+}

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -59,7 +60,8 @@ type Uplink struct {
 	kick      chan struct{} // SetPorts wakes the control loop
 	closed    chan struct{}
 	closeOnce sync.Once
-	runWG     sync.WaitGroup
+	running   atomic.Bool    // Run was called
+	runWG     sync.WaitGroup // Run's goroutines
 
 	// mu guards the following fields.
 	mu       sync.Mutex
@@ -74,7 +76,11 @@ type Uplink struct {
 
 // NewUplink configures a WireGuard device on dev with the relay as its only
 // peer and returns an Uplink; Run resolves the relay and keeps the
-// registration. It takes ownership of dev (closed by Close, or before
+// registration. Nothing is sent before Run: the peer has no endpoint until
+// Run resolves the relay. The goroutines NewUplink starts are
+// wireguard-go's own (device.NewDevice starts its routines, and dev's
+// EventUp brings the device up from one of them: its API has no way to
+// build a device that waits). It takes ownership of dev (closed by Close, or before
 // returning an error). dialer is the appliance stack, used to reach the
 // relay's control port through the tunnel. cmd creates dev with cfg.MTU.
 func NewUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.Logger, opts ...Option) (*Uplink, error) {
@@ -198,18 +204,29 @@ func (u *Uplink) SetWanted(ports []WantedPort) {
 }
 
 // Run keeps the tunnel and the registration up until ctx is done or Close
-// is called, then closes the uplink.
+// is called, then closes the uplink and returns once every goroutine it
+// started has stopped. On a closed Uplink, and a second time, it returns
+// ErrClosed at once.
 func (u *Uplink) Run(ctx context.Context) error {
+	select {
+	case <-u.closed:
+		return ErrClosed
+	default:
+	}
+	if !u.running.CompareAndSwap(false, true) {
+		return ErrClosed
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	u.runWG.Add(2)
 	go func() {
+		defer u.runWG.Done()
 		select {
 		case <-u.closed:
 			cancel()
 		case <-ctx.Done():
 		}
 	}()
-	u.runWG.Add(1)
 	go func() {
 		defer u.runWG.Done()
 		u.monitorLoop(ctx)

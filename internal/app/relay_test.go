@@ -110,7 +110,7 @@ target   = %q
 	}
 	runUntilCleanup(t, "appliance", a.Run)
 	waitFor(t, 20*time.Second, "the uplink to register its ports", func() bool {
-		return a.Uplink().Status().State == tunnel.StateRegistered
+		return a.Uplinks()[0].Status().State == tunnel.StateRegistered
 	})
 
 	c, err := net.DialTimeout("tcp4", fmt.Sprintf("127.0.0.1:%d", publicPort), 5*time.Second)

@@ -31,7 +31,7 @@ func (s applianceSource) Status() admin.Status {
 	}
 	st.Netstack = make(map[string]admin.Counters, len(s.a.ingresses))
 	for _, in := range s.a.ingresses {
-		st.Netstack[in.name] = netstackStatus(in.stack.Stats())
+		st.Netstack[in.statusName()] = netstackStatus(in.stack.Stats())
 	}
 	byName := make(map[string]*conf.Mapping, len(cfg.Mappings))
 	for i := range cfg.Mappings {
@@ -44,13 +44,13 @@ func (s applianceSource) Status() admin.Status {
 		}
 		st.TUN = &t
 	}
-	var relayRefused map[string]string // "tcp/22" -> reason
-	if s.a.uplink != nil {
-		u := uplinkStatus(&cfg.Uplinks[0], s.a.uplink.Status())
-		st.Uplinks = []admin.Uplink{u}
-		relayRefused = make(map[string]string, len(u.Refused))
+	relayRefused := make([]map[string]string, len(s.a.uplinks)) // per uplink: "tcp/22" -> reason
+	for i, up := range s.a.uplinks {
+		u := uplinkStatus(&cfg.Uplinks[i], up.Status())
+		st.Uplinks = append(st.Uplinks, u)
+		relayRefused[i] = make(map[string]string, len(u.Refused))
 		for _, r := range u.Refused {
-			relayRefused[r.Port] = r.Reason
+			relayRefused[i][r.Port] = r.Reason
 		}
 	}
 	for i := range st.Mappings {
@@ -67,9 +67,20 @@ func (s applianceSource) Status() admin.Status {
 		for _, p := range cm.Allow {
 			m.Allow = append(m.Allow, p.String())
 		}
-		if reason := refusedByRelay(cm, cfg, relayRefused); reason != "" {
-			m.RelayRefusal = reason
-			if !cm.ServesIngress(conf.IngressTUN, cfg) && m.State == admin.StateActive {
+		// Refused by the relay when every relay refused it: one that
+		// holds its ports still serves it.
+		var reasons []string
+		for j, refused := range relayRefused {
+			if reason := refusedByRelay(cm, cfg, refused); reason != "" {
+				if len(relayRefused) > 1 {
+					reason = cfg.Uplinks[j].Relay + ": " + reason
+				}
+				reasons = append(reasons, reason)
+			}
+		}
+		if len(reasons) > 0 {
+			m.RelayRefusal = strings.Join(reasons, "; ")
+			if len(reasons) == len(relayRefused) && !cm.ServesIngress(conf.IngressTUN, cfg) && m.State == admin.StateActive {
 				m.State = admin.StateRefusedByRelay
 			}
 		}
