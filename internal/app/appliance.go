@@ -16,7 +16,8 @@
 // Close order, newest first (the reverse of construction), each piece
 // registered in a teardown as soon as it is built:
 //
-//	appliance: admin, uplink, uplink stack, TUN stack, TUN link and routes, forwarder
+//	appliance: admin, each uplink then its stack (the last [[uplink]] first),
+//	           TUN stack, TUN link and routes, forwarder
 //	relay:     admin, relay (public sockets, its engine, WireGuard), relay stack
 //
 // On ctx's end the appliance first stops admitting and drains for
