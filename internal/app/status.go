@@ -67,20 +67,9 @@ func (s applianceSource) Status() admin.Status {
 		for _, p := range cm.Allow {
 			m.Allow = append(m.Allow, p.String())
 		}
-		// Refused by the relay when every relay refused it: one that
-		// holds its ports still serves it.
-		var reasons []string
-		for j, refused := range relayRefused {
-			if reason := refusedByRelay(cm, cfg, refused); reason != "" {
-				if len(relayRefused) > 1 {
-					reason = cfg.Uplinks[j].Relay + ": " + reason
-				}
-				reasons = append(reasons, reason)
-			}
-		}
-		if len(reasons) > 0 {
-			m.RelayRefusal = strings.Join(reasons, "; ")
-			if len(reasons) == len(relayRefused) && !cm.ServesIngress(conf.IngressTUN, cfg) && m.State == admin.StateActive {
+		if reason, all := refusedByRelays(cm, cfg, relayRefused); reason != "" {
+			m.RelayRefusal = reason
+			if all && !cm.ServesIngress(conf.IngressTUN, cfg) && m.State == admin.StateActive {
 				m.State = admin.StateRefusedByRelay
 			}
 		}
@@ -175,6 +164,23 @@ var budgetLimit = map[string]string{
 	"over_limit_udp_sessions":        "udp_sessions",
 	"over_limit_sessions_per_source": "sessions_per_source",
 	"over_limit_rate_per_source":     "rate_per_source",
+}
+
+// refusedByRelays returns the relays' reasons for refusing m's ports, each
+// named by its relay when there are several, and whether every relay
+// refused: one that holds the ports still serves the mapping. refused holds
+// each uplink's refusals, in cfg.Uplinks order.
+func refusedByRelays(m *conf.Mapping, cfg *conf.Config, refused []map[string]string) (reason string, all bool) {
+	var reasons []string
+	for i, r := range refused {
+		if why := refusedByRelay(m, cfg, r); why != "" {
+			if len(refused) > 1 {
+				why = cfg.Uplinks[i].Relay + ": " + why
+			}
+			reasons = append(reasons, why)
+		}
+	}
+	return strings.Join(reasons, "; "), len(reasons) > 0 && len(reasons) == len(refused)
 }
 
 // refusedByRelay returns the relay's reason for refusing any of m's ports.
