@@ -91,9 +91,18 @@ func renderStatus(w io.Writer, st Status) error {
 		renderTUN(w, t)
 	}
 	renderNetstack(w, st.Netstack)
-	if u := st.Uplink; u != nil {
+	if len(st.Uplinks) > 1 {
+		up := 0
+		for _, u := range st.Uplinks {
+			if u.State == UplinkRegistered {
+				up++
+			}
+		}
+		fmt.Fprintf(w, "\nuplinks: %d of %d relays registered\n", up, len(st.Uplinks))
+	}
+	for i := range st.Uplinks {
 		fmt.Fprintln(w)
-		renderUplink(w, now, u)
+		renderUplink(w, now, &st.Uplinks[i])
 	}
 	if r := st.Relay; r != nil {
 		fmt.Fprintln(w)
@@ -176,6 +185,7 @@ func renderUplink(w io.Writer, now time.Time, u *Uplink) {
 		relay += " (" + u.Endpoint + ")"
 	}
 	fmt.Fprintf(w, "uplink to %s, tunnel address %s\n", relay, u.Address)
+	fmt.Fprintf(w, "  state       %s\n", orDash(u.State))
 	fmt.Fprintf(w, "  handshake   %s\n", formatAgo(now, u.LastHandshake))
 	fmt.Fprintf(w, "  traffic     in %s, out %s\n", formatBytes(u.BytesIn), formatBytes(u.BytesOut))
 	fmt.Fprintf(w, "  registered  %s\n", formatList(u.Registered))

@@ -81,9 +81,11 @@ type Status struct {
 	// "relay" (the relay's tunnel end).
 	Netstack map[string]Counters `json:"netstack,omitempty"`
 
-	TUN    *TUN    `json:"tun,omitempty"`    // nil: no kernel TUN
-	Uplink *Uplink `json:"uplink,omitempty"` // nil: no [uplink]
-	Relay  *Relay  `json:"relay,omitempty"`  // nil: not a relay
+	TUN *TUN `json:"tun,omitempty"` // nil: no kernel TUN
+	// Uplinks are the relay tunnels, one per [[uplink]] in config order;
+	// each is independent (one down does not touch the others).
+	Uplinks []Uplink `json:"uplinks,omitempty"`
+	Relay   *Relay   `json:"relay,omitempty"` // nil: not a relay
 }
 
 // Mapping is one mapping's configuration summary and counters.
@@ -161,7 +163,7 @@ type TUN struct {
 	Error string `json:"error,omitempty"`
 }
 
-// Uplink is the appliance's WireGuard tunnel to its relay.
+// Uplink is one of the appliance's WireGuard tunnels, to one relay.
 type Uplink struct {
 	// State is "connecting", or UplinkRegistered once the relay answered every port.
 	State    string `json:"state,omitempty"`

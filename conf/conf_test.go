@@ -680,7 +680,7 @@ idle_timeout = "30s"
 	if cfg.Admin != (Admin{Socket: "/run/natbox/natbox.sock"}) {
 		t.Errorf("admin = %+v", cfg.Admin)
 	}
-	u := cfg.Uplink
+	u := cfg.Uplinks[0]
 	if u.Keepalive.D() != 25*time.Second || u.MTU != 1420 || u.RelayAddress.String() != "10.77.0.1" || u.PrivateKey.String() != testPriv {
 		t.Errorf("uplink = %+v", u)
 	}
@@ -901,7 +901,7 @@ expires = 2026-12-01T00:00:00Z
 func TestServesIngress(t *testing.T) {
 	t.Parallel()
 	gateway := &Config{TUN: &TUN{}}
-	both := &Config{TUN: &TUN{}, Uplink: &Uplink{}}
+	both := &Config{TUN: &TUN{}, Uplinks: []Uplink{{}}}
 	tests := []struct {
 		ingress []string
 		cfg     *Config

@@ -261,8 +261,8 @@ address = "10.77.0.2"
 			if err != nil {
 				t.Fatal(err)
 			}
-			if cfg.Uplink.PrivateKey.String() != testPriv {
-				t.Errorf("private key not loaded from the file: %v", cfg.Uplink.PrivateKey)
+			if cfg.Uplinks[0].PrivateKey.String() != testPriv {
+				t.Errorf("private key not loaded from the file: %v", cfg.Uplinks[0].PrivateKey)
 			}
 			var got []string
 			for _, w := range warns {

@@ -12,9 +12,12 @@ import (
 
 // Config is an appliance's natbox.toml after loading, defaults and validation.
 type Config struct {
-	Log      Log       `toml:"log"`
-	TUN      *TUN      `toml:"tun"`    // nil: no gateway ingress
-	Uplink   *Uplink   `toml:"uplink"` // nil: no relay uplink
+	Log Log  `toml:"log"`
+	TUN *TUN `toml:"tun"` // nil: no gateway ingress
+	// Uplinks are the relays this appliance registers its mappings with, one
+	// [[uplink]] table each (a single [uplink] table is one); none: no relay
+	// uplink. Each is independent: its own tunnel, stack and registration.
+	Uplinks  []Uplink  `toml:"uplink,one_or_many"`
 	Limits   Limits    `toml:"limits"`
 	Admin    Admin     `toml:"admin"`
 	Mappings []Mapping `toml:"mapping"`
@@ -51,7 +54,22 @@ type Uplink struct {
 	RelayAddress   netip.Addr `toml:"relay_address"`    // the relay's tunnel address; default: Address with last octet 1
 	Keepalive      Duration   `toml:"keepalive"`        // default 25s
 	MTU            int        `toml:"mtu"`              // tunnel MTU, default 1420
+
+	// Key is this table's key path in messages: "uplink" for a single
+	// [uplink] table, "uplink[1]" for the second [[uplink]].
+	Key string `toml:"-"`
+	// Line is the line of the table's header in Config.Path (0 when built in code).
+	Line int `toml:"-"`
 }
+
+// MaxUplinks bounds [[uplink]] tables: each is a WireGuard device, a
+// netstack and a control connection, and more relays than this buys no
+// reachability (issue 11: scaling past one relay is DNS and more relays).
+const MaxUplinks = 8
+
+// Name is how status, metrics and logs label the uplink: its relay's
+// host:port, unique among the uplinks of a valid config.
+func (u *Uplink) Name() string { return u.Relay }
 
 // Limits are the admission budgets shared by all mappings.
 type Limits struct {

@@ -22,6 +22,8 @@ import (
 const defaultDialTimeout = 5 * time.Second
 
 // Ingress is where a flow came in; cmd adapts a netstack.Stack to it.
+// Implementations must be comparable (pointers): a UDP session compares the
+// ingress of each datagram with the one its replies go to.
 type Ingress interface {
 	Name() string                                           // conf.IngressTUN or conf.IngressUplink
 	WriteUDP(src, dst netip.AddrPort, payload []byte) error // reply datagram toward a client

@@ -228,7 +228,7 @@ mtu = %d
 		t.Fatal(err)
 	}
 	h.in = &uplinkIngress{st}
-	u, err := tunnel.NewUplink(cfg.Uplink, outer, st, log.Named("uplink"), testOpts...)
+	u, err := tunnel.NewUplink(&cfg.Uplinks[0], outer, st, log.Named("uplink"), testOpts...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -467,7 +467,7 @@ mtu = %d
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	u, err := tunnel.NewUplink(cfg.Uplink, outer, st, testLogger(t), testOpts...)
+	u, err := tunnel.NewUplink(&cfg.Uplinks[0], outer, st, testLogger(t), testOpts...)
 	if err != nil {
 		t.Fatal(err)
 	}

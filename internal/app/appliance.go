@@ -16,7 +16,8 @@
 // Close order, newest first (the reverse of construction), each piece
 // registered in a teardown as soon as it is built:
 //
-//	appliance: admin, uplink, uplink stack, TUN stack, TUN link and routes, forwarder
+//	appliance: admin, each uplink then its stack (the last [[uplink]] first),
+//	           TUN stack, TUN link and routes, forwarder
 //	relay:     admin, relay (public sockets, its engine, WireGuard), relay stack
 //
 // On ctx's end the appliance first stops admitting and drains for
@@ -31,6 +32,8 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -53,11 +56,13 @@ type Appliance struct {
 	mu  sync.Mutex // guards cfg and serializes Reload
 	cfg *conf.Config
 
-	tunName   string         // the kernel TUN natbox created; "" without one
-	ingresses []*ingress     // one netstack each: the TUN's, the uplink's; status reads their counters
-	uplink    *tunnel.Uplink // nil without [uplink]
-	admin     *admin.Server  // nil without a control socket or HTTP listener
-	live      *liveSettings  // [log] and [admin] as running
+	tunName   string     // the kernel TUN natbox created; "" without one
+	ingresses []*ingress // one netstack each: the TUN's, each uplink's; status reads their counters
+	// uplinks are the relay tunnels, one per cfg.Uplinks element and in its
+	// order (a reload cannot change them).
+	uplinks []*tunnel.Uplink
+	admin   *admin.Server // nil without a control socket or HTTP listener
+	live    *liveSettings // [log] and [admin] as running
 	// addressWarning is natbox doctor's finding about this host's addresses
 	// (carrier-grade or double NAT without an uplink), taken at start.
 	addressWarning string
@@ -74,6 +79,9 @@ type Options struct {
 	// created and no link or route is touched. In-process tests pass one
 	// side of a netstack.Pipe here and drive a client stack on the other.
 	TUNDevice tun.Device
+	// Tunnel changes defaults of every uplink (tests shorten the control
+	// ping so that a relay gone is noticed in seconds).
+	Tunnel []tunnel.Option
 }
 
 // NewAppliance builds every piece the config names (see the lifecycle at
@@ -104,8 +112,8 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (_ *Appliance
 			return nil, err
 		}
 	}
-	if cfg.Uplink != nil {
-		if err := a.addUplink(cfg); err != nil {
+	for i := range cfg.Uplinks {
+		if err := a.addUplink(cfg, &cfg.Uplinks[i], opts.Tunnel); err != nil {
 			return nil, err
 		}
 	}
@@ -158,30 +166,41 @@ func (a *Appliance) addTUN(c *conf.TUN, dev tun.Device) error {
 	return nil
 }
 
-// addUplink builds the relay uplink: its stack, and the WireGuard device
-// that feeds the stack through a Pipe.
-func (a *Appliance) addUplink(cfg *conf.Config) error {
-	u := cfg.Uplink
+// addUplink builds one relay uplink: its stack, and the WireGuard device
+// that feeds the stack through a Pipe. Each [[uplink]] has its own; they
+// share only the forwarder.
+func (a *Appliance) addUplink(cfg *conf.Config, u *conf.Uplink, opts []tunnel.Option) error {
+	log := a.log.Named("uplink")
+	label := conf.IngressUplink
+	if len(cfg.Uplinks) > 1 {
+		log = log.With(zap.String("relay", u.Relay))
+		label = uplinkLabel(u)
+	}
 	stackSide, outer := netstack.Pipe(u.MTU)
 	in, err := newIngress(conf.IngressUplink, stackSide, netstack.Config{
 		MTU:       u.MTU,
 		Addresses: tunnel.TunnelPrefixes(u.Address),
-	}, a.engine, a.log.Named("uplink"))
+	}, a.engine, log)
 	if err != nil {
 		outer.Close()
 		return err
 	}
+	in.label = label
 	a.teardown.add(in.Close)
 	a.ingresses = append(a.ingresses, in)
-	up, err := tunnel.NewUplink(u, outer, in.stack, a.log.Named("uplink"))
+	up, err := tunnel.NewUplink(u, outer, in.stack, log, opts...)
 	if err != nil {
 		return err
 	}
-	a.uplink = up
+	a.uplinks = append(a.uplinks, up)
 	a.teardown.add(up.Close)
 	up.SetWanted(uplinkPorts(cfg, time.Now()))
 	return nil
 }
+
+// uplinkLabel names an uplink's stack in status and metrics when there are
+// several: "uplink@relay.example.net:51820".
+func uplinkLabel(u *conf.Uplink) string { return conf.IngressUplink + "@" + u.Name() }
 
 // uplinkPorts lists what the relay must hold for the mappings served
 // through it, with their UDP idle timeouts for the relay's sessions.
@@ -221,8 +240,8 @@ func (a *Appliance) Run(ctx context.Context) error {
 	for _, in := range a.ingresses {
 		run(in.name+" stack", in.stack.Run)
 	}
-	if a.uplink != nil {
-		run("uplink", a.uplink.Run)
+	for i, up := range a.uplinks {
+		run("uplink "+a.config().Uplinks[i].Relay, up.Run)
 	}
 	runAdmin(pieces, a.admin, &wg, a.log)
 	watching, stopWatching := context.WithCancel(ctx)
@@ -254,12 +273,20 @@ func (a *Appliance) Run(ctx context.Context) error {
 // Close stops everything at once, newest first; it is idempotent.
 func (a *Appliance) Close() error { return a.teardown.run() }
 
-// ready reports whether every ingress is up, for /readyz.
+// ready reports whether every ingress is up, for /readyz. With several
+// relays one registered uplink is enough: public clients reach the box
+// through it, and restarting natbox would not bring the others back.
 func (a *Appliance) ready() error {
-	if a.uplink != nil {
-		if st := a.uplink.Status(); st.State != tunnel.StateRegistered {
-			return fmt.Errorf("uplink %s: %s", st.Relay, st.State)
+	var down []string
+	for _, up := range a.uplinks {
+		st := up.Status()
+		if st.State == tunnel.StateRegistered {
+			return nil
 		}
+		down = append(down, fmt.Sprintf("uplink %s: %s", st.Relay, st.State))
+	}
+	if len(down) > 0 {
+		return errors.New(strings.Join(down, "; "))
 	}
 	return nil
 }
@@ -267,8 +294,8 @@ func (a *Appliance) ready() error {
 // Engine is the forwarder, for status and tests.
 func (a *Appliance) Engine() *forwarder.Engine { return a.engine }
 
-// Uplink is the relay uplink, or nil.
-func (a *Appliance) Uplink() *tunnel.Uplink { return a.uplink }
+// Uplinks are the relay uplinks in config order, for status and tests.
+func (a *Appliance) Uplinks() []*tunnel.Uplink { return a.uplinks }
 
 func (a *Appliance) config() *conf.Config {
 	a.mu.Lock()
@@ -307,8 +334,8 @@ func (a *Appliance) Reload() (Reloaded, error) {
 	}
 	applyLive()
 	a.cfg = next
-	if a.uplink != nil {
-		a.uplink.SetWanted(uplinkPorts(next, time.Now()))
+	for _, up := range a.uplinks {
+		up.SetWanted(uplinkPorts(next, time.Now()))
 	}
 	a.log.Info("reloaded", zap.Strings("added", diff.Added), zap.Strings("changed", diff.Changed), zap.Strings("removed", diff.Removed))
 	if len(restart) > 0 {
@@ -323,8 +350,8 @@ func reloadable(old, next *conf.Config) error {
 	if !reflect.DeepEqual(old.TUN, next.TUN) {
 		errs = append(errs, errors.New("[tun] changed: restart natbox to apply a new TUN device, MTU, addresses or routes"))
 	}
-	if (old.Uplink == nil) != (next.Uplink == nil) || (old.Uplink != nil && *old.Uplink != *next.Uplink) {
-		errs = append(errs, errors.New("[uplink] changed: restart natbox to apply a new tunnel"))
+	if !slices.Equal(old.Uplinks, next.Uplinks) {
+		errs = append(errs, errors.New("[uplink] changed: restart natbox to apply a new tunnel or another set of relays"))
 	}
 	return errors.Join(errs...)
 }
@@ -333,9 +360,19 @@ func reloadable(old, next *conf.Config) error {
 // Handler and the forwarder's Ingress. stack is set before the stack runs,
 // so before any flow can arrive.
 type ingress struct {
-	name   string
+	name   string // conf.IngressTUN or conf.IngressUplink, what mappings' ingress lists name
+	label  string // the stack's name in status and metrics; "" means name
 	engine *forwarder.Engine
 	stack  *netstack.Stack
+}
+
+// statusName is the stack's key in status: "tun", "uplink", or one uplink
+// of several, "uplink@relay.example.net:51820".
+func (in *ingress) statusName() string {
+	if in.label != "" {
+		return in.label
+	}
+	return in.name
 }
 
 func newIngress(name string, dev tun.Device, cfg netstack.Config, e *forwarder.Engine, log *zap.Logger) (*ingress, error) {

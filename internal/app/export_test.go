@@ -108,7 +108,7 @@ func TestEveryStatsFieldIsExported(t *testing.T) {
 	st := engineStatus(fs)
 	st.Time = time.Now()
 	u := uplinkStatus(&conf.Uplink{Address: netip.MustParseAddr("100.96.0.2")}, us)
-	st.Uplink = &u
+	st.Uplinks = []admin.Uplink{u}
 	st.Relay = relayStatus(&conf.RelayConfig{}, rs)
 	st.Netstack = map[string]admin.Counters{
 		"tun": netstackStatus(stacks[0]), "uplink": netstackStatus(stacks[1]), "relay": netstackStatus(stacks[2]),
@@ -122,7 +122,8 @@ func TestEveryStatsFieldIsExported(t *testing.T) {
 		{v: reflect.ValueOf(fs), byHand: engineByHand, parent: doc, stats: doc["forwarder"], prefix: "natbox_forwarder_"},
 		{v: reflect.ValueOf(fs.Mappings[0]), byHand: mappingByHand, parent: mapping0, stats: mapping0["stats"],
 			prefix: "natbox_mapping_", labels: map[string]string{"mapping": fs.Mappings[0].Name}},
-		{v: reflect.ValueOf(us), byHand: uplinkByHand, parent: index(doc, "uplink"), stats: index(doc, "uplink")["stats"], prefix: "natbox_uplink_"},
+		{v: reflect.ValueOf(us), byHand: uplinkByHand, parent: index(doc, "uplinks", 0), stats: index(doc, "uplinks", 0)["stats"],
+			prefix: "natbox_uplink_", labels: map[string]string{"uplink": us.Relay}},
 		{v: reflect.ValueOf(rs), byHand: relayByHand, parent: relay, stats: relay["stats"], prefix: "natbox_relay_"},
 		{v: reflect.ValueOf(rs.Peers[0]), byHand: relayPeerByHand, parent: peer0, stats: peer0["stats"],
 			prefix: "natbox_relay_peer_", labels: map[string]string{"peer": rs.Peers[0].Name}},

@@ -234,7 +234,7 @@ func TestAddresses(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := &conf.Config{TUN: &conf.TUN{Name: "natbox0"}}
 			if tt.uplink {
-				cfg.Uplink = &conf.Uplink{Relay: "203.0.113.1:51820"}
+				cfg.Uplinks = []conf.Uplink{{Relay: "203.0.113.1:51820"}}
 			}
 			opts := baseOptions()
 			opts.Interfaces = func() ([]Interface, error) { return tt.ifaces, nil }
@@ -341,9 +341,16 @@ func TestRealTUNDevicePermission(t *testing.T) {
 }
 
 func TestUplink(t *testing.T) {
-	uplinkCfg := &conf.Config{Uplink: &conf.Uplink{Relay: "relay.example.net:51820"}, Admin: conf.Admin{Socket: "/run/natbox/natbox.sock"}}
-	running := func(u *admin.Uplink) func(context.Context) (admin.Status, error) {
-		return func(context.Context) (admin.Status, error) { return admin.Status{Time: testNow, Uplink: u}, nil }
+	uplinkCfg := &conf.Config{Uplinks: []conf.Uplink{{Relay: "relay.example.net:51820"}}, Admin: conf.Admin{Socket: "/run/natbox/natbox.sock"}}
+	running := func(us ...*admin.Uplink) func(context.Context) (admin.Status, error) {
+		st := admin.Status{Time: testNow}
+		for _, u := range us {
+			if u.Relay == "" {
+				u.Relay = "relay.example.net:51820"
+			}
+			st.Uplinks = append(st.Uplinks, *u)
+		}
+		return func(context.Context) (admin.Status, error) { return st, nil }
 	}
 	t.Run("healthy", func(t *testing.T) {
 		opts := baseOptions()
@@ -372,6 +379,23 @@ func TestUplink(t *testing.T) {
 		r := Run(testCtx(t), uplinkCfg, opts)
 		mustFind(t, r, "uplink", "relay host relay.example.net resolves to 203.0.113.1", OK)
 		mustFind(t, r, "uplink", "no natbox answers on /run/natbox/natbox.sock", Warning)
+	})
+	t.Run("runs another config", func(t *testing.T) {
+		opts := baseOptions()
+		opts.Status = running(&admin.Uplink{Relay: "old.example.net:51820", LastHandshake: testNow})
+		r := Run(testCtx(t), uplinkCfg, opts)
+		mustFind(t, r, "uplink", "the running natbox has no uplink to relay.example.net:51820", Problem)
+	})
+	t.Run("two relays, one down", func(t *testing.T) {
+		two := &conf.Config{Uplinks: []conf.Uplink{{Relay: "a.example.net:51820"}, {Relay: "b.example.net:51820"}}}
+		opts := baseOptions()
+		opts.Status = running(
+			&admin.Uplink{Relay: "a.example.net:51820", LastHandshake: testNow.Add(-10 * time.Second), Registered: []string{"tcp/443"}},
+			&admin.Uplink{Relay: "b.example.net:51820"})
+		r := Run(testCtx(t), two, opts)
+		mustFind(t, r, "uplink a.example.net:51820", "handshake with the relay a.example.net:51820 10s ago", OK)
+		mustFind(t, r, "uplink a.example.net:51820", "the relay holds tcp/443", OK)
+		mustFind(t, r, "uplink b.example.net:51820", "no handshake with the relay b.example.net:51820 yet", Problem)
 	})
 	t.Run("not running, relay does not resolve", func(t *testing.T) {
 		r := Run(testCtx(t), uplinkCfg, baseOptions())
@@ -532,7 +556,7 @@ func TestAddressWarning(t *testing.T) {
 		return []Interface{{Name: "wan0", Up: true, Addrs: []netip.Prefix{netip.MustParsePrefix(a)}}}
 	}
 	gateway := &conf.Config{TUN: &conf.TUN{Name: "natbox0"}}
-	uplink := &conf.Config{Uplink: &conf.Uplink{Relay: "203.0.113.1:51820"}}
+	uplink := &conf.Config{Uplinks: []conf.Uplink{{Relay: "203.0.113.1:51820"}}}
 	if w := addressWarning(gateway, wan("100.72.1.5/10"), nil); !strings.Contains(w, "carrier-grade NAT: 100.72.1.5 on wan0") || !strings.Contains(w, "use relay mode") {
 		t.Fatalf("cgnat gateway: %q", w)
 	}
