@@ -16,11 +16,19 @@ import (
 const tunOffset = 16
 
 // outBuf is one outbound packet in a pooled buffer: data[:tunOffset] is
-// headroom, the packet is data[tunOffset:tunOffset+n].
+// headroom (on a vnet device its last vnetHdrLen bytes are the frame's
+// virtio-net header), the packet is data[tunOffset:tunOffset+n].
 type outBuf struct {
 	data []byte
 	n    int
+	// slots is what the packet counts against the outward queue's limit:
+	// its size in MTUs, so a queue of 64 KiB TSO frames holds no more bytes
+	// than one of MTU packets.
+	slots int
 }
+
+// frame returns the vnet frame: header and packet.
+func (b *outBuf) frame() []byte { return b.data[tunOffset-vnetHdrLen : tunOffset+b.n] }
 
 func (b *outBuf) packet() []byte { return b.data[tunOffset : tunOffset+b.n] }
 
@@ -34,6 +42,7 @@ type outQueue struct {
 	notFull sync.Cond // signalled when the pump empties the queue or it closes
 	// mu guards the following fields.
 	items  []*outBuf
+	used   int // slots of items
 	closed bool
 	busy   bool   // a batch is being written, by the pump or directly
 	waits  uint64 // pushes that found the queue full
@@ -54,9 +63,9 @@ func (q *outQueue) init(limit int) {
 // does not take b) if the queue is closed.
 func (q *outQueue) push(b *outBuf) bool {
 	q.mu.Lock()
-	if len(q.items) >= q.limit && !q.closed {
+	if q.used >= q.limit && !q.closed {
 		q.waits++
-		for len(q.items) >= q.limit && !q.closed {
+		for q.used >= q.limit && !q.closed {
 			q.notFull.Wait()
 		}
 	}
@@ -65,6 +74,7 @@ func (q *outQueue) push(b *outBuf) bool {
 		return false
 	}
 	q.items = append(q.items, b)
+	q.used += max(b.slots, 1)
 	first := len(q.items) == 1
 	q.mu.Unlock()
 	if first {
@@ -86,6 +96,7 @@ func (q *outQueue) take(spare []*outBuf) (items []*outBuf, ok bool) {
 		q.mu.Lock()
 		if len(q.items) > 0 && !q.busy {
 			items, q.items = q.items, spare[:0]
+			q.used = 0
 			q.busy = true
 			q.notFull.Broadcast()
 			q.mu.Unlock()
@@ -158,13 +169,18 @@ func (q *outQueue) counts() (fullWaits, direct uint64) {
 // linkEndpoint is the stack's only NIC: a stack.LinkEndpoint with no link
 // header whose outbound packets are copied into pooled buffers and queued for
 // the output pump, and whose inbound packets the input pump delivers through
-// GRO (Stack.runInput). It advertises gVisor GSO so TCP builds 64 KiB segments
-// and splits them to the MTU just before WritePackets (tcp/connect.go
-// sendTCPBatch): the tun.Device wants MTU-sized packets, and wireguard-go's
-// Linux TUN coalesces them again (GRO on write) into TSO frames.
+// GRO (Stack.runInput). TCP builds 64 KiB segments either way. On a vnet
+// device (natbox's kernel TUN) the link advertises host GSO: such a segment
+// leaves as one TSO frame with a virtio-net header and the kernel segments
+// it. On any other tun.Device it advertises gVisor GSO, which splits them to
+// the MTU just before WritePackets (tcp/connect.go sendTCPBatch): the device
+// wants MTU-sized packets (wireguard-go's Linux TUN would coalesce them again
+// on write).
 type linkEndpoint struct {
 	mtu     uint32
+	vnet    bool      // frames carry a virtio-net header; host GSO
 	bufPool sync.Pool // *outBuf with tunOffset+mtu bytes
+	bigPool sync.Pool // *outBuf with tunOffset+maxFrameLen bytes (TSO frames)
 	q       outQueue
 	stats   *counters
 	// writeDirect, if set, writes one packet to the device on the caller's
@@ -181,10 +197,16 @@ var (
 	_ stack.GSOEndpoint  = (*linkEndpoint)(nil)
 )
 
-func newLinkEndpoint(mtu uint32, queueLen int, st *counters) *linkEndpoint {
-	e := &linkEndpoint{mtu: mtu, stats: st}
+// maxFrameLen is the largest TSO frame the link writes: gVisor keeps a
+// host-GSO segment's payload below GSOMaxSize minus the largest headers
+// (tcp/snd.go sendData), so IPv4 and IPv6 ones both fit the IP length fields.
+const maxFrameLen = 65535
+
+func newLinkEndpoint(mtu uint32, queueLen int, st *counters, vnet bool) *linkEndpoint {
+	e := &linkEndpoint{mtu: mtu, stats: st, vnet: vnet}
 	size := tunOffset + int(mtu)
 	e.bufPool.New = func() any { return &outBuf{data: make([]byte, size)} }
+	e.bigPool.New = func() any { return &outBuf{data: make([]byte, tunOffset+maxFrameLen)} }
 	e.q.init(queueLen)
 	return e
 }
@@ -192,7 +214,11 @@ func newLinkEndpoint(mtu uint32, queueLen int, st *counters) *linkEndpoint {
 func (e *linkEndpoint) getBuf() *outBuf { return e.bufPool.Get().(*outBuf) }
 
 func (e *linkEndpoint) putBuf(b *outBuf) {
-	b.n = 0
+	b.n, b.slots = 0, 0
+	if len(b.data) > tunOffset+int(e.mtu) {
+		e.bigPool.Put(b)
+		return
+	}
 	e.bufPool.Put(b)
 }
 
@@ -238,7 +264,12 @@ var groEnabled = true
 func (e *linkEndpoint) GSOMaxSize() uint32 { return stack.GVisorGSOMaxSize }
 
 // SupportedGSO implements stack.GSOEndpoint.
-func (e *linkEndpoint) SupportedGSO() stack.SupportedGSO { return stack.GVisorGSOSupported }
+func (e *linkEndpoint) SupportedGSO() stack.SupportedGSO {
+	if e.vnet {
+		return stack.HostGSOSupported
+	}
+	return stack.GVisorGSOSupported
+}
 
 // Attach implements stack.LinkEndpoint.
 func (e *linkEndpoint) Attach(d stack.NetworkDispatcher) {
@@ -295,13 +326,28 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 // references) and queues it, blocking while the queue is full.
 func (e *linkEndpoint) writePacket(pkt *stack.PacketBuffer) tcpip.Error {
 	size := pkt.Size()
-	if size > int(e.mtu) {
-		// gVisor segments to the MTU (GVisorGSOSupported); anything larger
-		// is a bug, refused loudly rather than truncated.
+	var h vnetHdr
+	if e.vnet {
+		h = outVnetHdr(pkt)
+	}
+	if size > int(e.mtu) && (h.gsoType == vnetGSONone || size > maxFrameLen) {
+		// Only a TSO frame may exceed the MTU (gVisor segments to the MTU
+		// otherwise); anything larger is a bug, refused loudly rather than
+		// truncated.
 		e.stats.oversize.Add(1)
 		return &tcpip.ErrMessageTooLong{}
 	}
-	b := e.getBuf()
+	var b *outBuf
+	if size > int(e.mtu) {
+		b = e.bigPool.Get().(*outBuf)
+		e.stats.gsoFramesOut.Add(1)
+	} else {
+		b = e.getBuf()
+	}
+	if e.vnet {
+		h.encode(b.data[tunOffset-vnetHdrLen : tunOffset])
+	}
+	b.slots = (size + int(e.mtu) - 1) / int(e.mtu)
 	dst := b.data[tunOffset : tunOffset+size]
 	vl, off := pkt.AsViewList()
 	w := 0
@@ -378,4 +424,10 @@ func (q directQDisc) WritePacket(pkt *stack.PacketBuffer) tcpip.Error { return q
 func (directQDisc) Close() {}
 
 // writeRaw sends one packet built by the caller in b (WriteUDP).
-func (e *linkEndpoint) writeRaw(b *outBuf) bool { return e.send(b, true) }
+func (e *linkEndpoint) writeRaw(b *outBuf) bool {
+	if e.vnet {
+		clear(b.data[tunOffset-vnetHdrLen : tunOffset]) // no offload asked
+	}
+	b.slots = 1
+	return e.send(b, true)
+}

@@ -170,7 +170,10 @@ var (
 // Stack is one gVisor stack over one tun.Device. Its methods are safe for
 // concurrent use.
 type Stack struct {
-	dev     tun.Device
+	dev tun.Device
+	// queues are the device's own queues when it is a vnetDevice (natbox's
+	// kernel TUN): one input pump each, writes on the first.
+	queues  []frameQueue
 	cfg     Config
 	handler Handler
 	log     *zap.Logger
@@ -194,7 +197,7 @@ type Stack struct {
 
 	directBufs [1][]byte // writeDirect's batch; used by one writer at a time
 
-	inputDone  chan struct{}
+	inputs     sync.WaitGroup // the input pumps
 	outputDone chan struct{}
 }
 
@@ -223,6 +226,8 @@ type counters struct {
 	// injection (synChecksumValid); reported in Invalid.TCPChecksum.
 	lateTCPChecksum atomic.Uint64
 	readBatches     atomic.Uint64 // dev.Read calls that returned packets
+	gsoFramesIn     atomic.Uint64 // vnet frames of several segments read
+	gsoFramesOut    atomic.Uint64 // TSO frames written
 	writeBatches    atomic.Uint64 // dev.Write calls
 	readErrors      atomic.Uint64
 	writeErrors     atomic.Uint64
@@ -258,14 +263,17 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		cfg:        cfg,
 		handler:    h,
 		log:        log,
-		inputDone:  make(chan struct{}),
 		outputDone: make(chan struct{}),
+	}
+	vdev, vnet := dev.(vnetDevice)
+	if vnet {
+		s.queues = vdev.frameQueues()
 	}
 	s.pending.m = make(map[stack.TransportEndpointID]*TCPRequest)
 	s.handshakes = newHandshakeCounts()
 	s.cookies.m = make(map[uint16]*cookieListener)
 	s.cookies.stop = make(chan struct{})
-	s.link = newLinkEndpoint(uint32(cfg.MTU), cfg.QueueLen, &s.stats)
+	s.link = newLinkEndpoint(uint32(cfg.MTU), cfg.QueueLen, &s.stats, vnet)
 	if _, isPipe := dev.(*pipeEnd); !isPipe && directWrites {
 		// Not on a Pipe: its Write waits for the reader, which may be a
 		// Stack's input pump delivering into the caller's own endpoint.
@@ -289,10 +297,18 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		return nil, err
 	}
 	go s.runOutput()
-	go s.runInput()
+	if vnet {
+		for _, q := range s.queues {
+			s.inputs.Add(1)
+			go s.runInputQueue(q)
+		}
+	} else {
+		s.inputs.Add(1)
+		go s.runInput()
+	}
 	s.cookies.wg.Add(1)
 	go s.runCookieSweep()
-	log.Info("netstack started", zap.Int("mtu", cfg.MTU), zap.Int("batch", dev.BatchSize()))
+	log.Info("netstack started", zap.Int("mtu", cfg.MTU), zap.Int("batch", dev.BatchSize()), zap.Bool("vnet", vnet), zap.Int("queues", max(len(s.queues), 1)))
 	return s, nil
 }
 
@@ -388,7 +404,7 @@ func recovery(rack bool) tcpip.TCPRecovery {
 // runInput is the input pump: it reads batches from the device, takes UDP
 // off to the Handler, and injects the rest through GRO.
 func (s *Stack) runInput() {
-	defer close(s.inputDone)
+	defer s.inputs.Done()
 	// The device reads straight into gVisor buffer views: a packet for the
 	// stack is handed over without a copy and its slot gets a fresh view
 	// (pooled by gVisor); UDP and dropped packets leave their view in place.
@@ -451,17 +467,8 @@ func (s *Stack) runInput() {
 			if info.packet != nil {
 				pkt = info.packet // trimmed to the IP length
 			}
-			if info.fragment {
-				s.stats.fragmentsIn.Add(1)
-			}
-			if info.pureSYN() {
-				s.reopenTimeWait(&info)
-				if s.noteSYN(&info) {
-					s.stats.synRetransHeld.Add(1)
-					continue
-				}
-			} else if info.rst() {
-				s.pending.abandon(&info, &s.stats)
+			if s.holdBack(&info) {
+				continue
 			}
 			v := views[i]
 			v.TrimFront(tunOffset)
@@ -481,6 +488,137 @@ func (s *Stack) runInput() {
 		s.stats.packetsIn.Add(uint64(n))
 		s.stats.bytesIn.Add(bytesIn)
 		s.stats.groDelivered.Add(cd.n)
+	}
+}
+
+// holdBack does what an injected packet needs before gVisor sees it (see
+// reopenTimeWait, noteSYN, pendingRequests.abandon) and reports whether it
+// must not be injected.
+func (s *Stack) holdBack(info *packetInfo) bool {
+	if info.fragment {
+		s.stats.fragmentsIn.Add(1)
+	}
+	if info.pureSYN() {
+		s.reopenTimeWait(info)
+		if s.noteSYN(info) {
+			s.stats.synRetransHeld.Add(1)
+			return true
+		}
+	} else if info.rst() {
+		s.pending.abandon(info, &s.stats)
+	}
+	return false
+}
+
+// Input pumps of a vnet device (runInputQueue).
+const (
+	// frameBufSize holds the largest frame (an IP packet of 64 KiB) and is
+	// gVisor's largest pooled chunk.
+	frameBufSize = 1 << 16
+	// handOverMin: a frame at least this large is handed to gVisor in the
+	// read buffer itself (at most half of it unused); a smaller one is
+	// copied into a buffer its size, so a small segment waiting in a
+	// receive queue never pins 64 KiB.
+	handOverMin = frameBufSize / 2
+	// frameBatch bounds the frames injected before GRO is flushed.
+	frameBatch = 64
+)
+
+// runInputQueue is the input pump of one vnet queue: it reads frames one
+// read(2) each until none is waiting (or frameBatch), takes UDP off to the
+// Handler (each datagram of a USO frame), injects the rest through GRO (a
+// TSO frame as one packet: gVisor's TCP takes segments of any size), then
+// flushes GRO. The kernel's checksum verdict in the header is trusted
+// (classifyFrame); without one, checksums are verified as on any device.
+func (s *Stack) runInputQueue(q frameQueue) {
+	defer s.inputs.Done()
+	var hdr [vnetHdrLen]byte
+	view := buffer.NewViewSize(frameBufSize)
+	defer func() { view.Release() }()
+	var g gro.GRO
+	g.Init(groEnabled)
+	var cd countingDispatcher
+	var info packetInfo
+	pending := 0
+	flush := func() {
+		g.Flush()
+		s.stats.groDelivered.Add(cd.n)
+		cd.n, pending = 0, 0
+	}
+	for {
+		n, err := q.read(hdr[:], view.AsSlice(), pending == 0)
+		if s.closing.Load() {
+			return
+		}
+		if err == errWouldBlock {
+			flush()
+			continue
+		}
+		if err != nil {
+			if errors.Is(err, os.ErrClosed) {
+				return
+			}
+			if c := s.stats.readErrors.Add(1); c&(c-1) == 0 {
+				s.log.Warn("tun read failed", zap.Error(err), zap.Uint64("count", c))
+			}
+			continue
+		}
+		s.stats.readBatches.Add(1)
+		s.stats.packetsIn.Add(1)
+		s.stats.bytesIn.Add(uint64(n))
+		d := s.link.getDispatcher()
+		if d == nil {
+			continue
+		}
+		cd.NetworkDispatcher = d
+		g.Dispatcher = &cd
+		h := decodeVnetHdr(hdr[:])
+		if h.gso() != vnetGSONone {
+			s.stats.gsoFramesIn.Add(1)
+		}
+		pkt := view.AsSlice()[:n]
+		classifyFrame(h, pkt, &info)
+		switch info.verdict {
+		case verdictDrop:
+			s.stats.invalid[info.reason].Add(1)
+			continue
+		case verdictUDP:
+			s.stats.udpFastPath.Add(1)
+			src, dst := info.src, info.dst
+			if k := udpSegments(h, &info, func(p []byte) { s.handler.HandleUDP(src, dst, p) }); k > 1 {
+				// Each datagram counts as a packet read and one taken.
+				s.stats.packetsIn.Add(uint64(k - 1))
+				s.stats.udpFastPath.Add(uint64(k - 1))
+			}
+			continue
+		}
+		if info.packet != nil {
+			pkt = info.packet // trimmed to the IP length
+		}
+		if s.holdBack(&info) {
+			continue
+		}
+		if !info.tcpChecked || info.pureSYN() {
+			// A checksum a local sender left partial must be whole where
+			// gVisor checks one: a SYN's, in synChecksumValid (a few bytes).
+			completeChecksum(h, pkt)
+		}
+		var v *buffer.View
+		if len(pkt) >= handOverMin {
+			v = view
+			v.CapLength(len(pkt))
+			view = buffer.NewViewSize(frameBufSize)
+		} else {
+			v = buffer.NewViewWithData(pkt)
+		}
+		pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithView(v)})
+		pb.NetworkProtocolNumber = info.proto
+		pb.RXChecksumValidated = info.tcpChecked
+		g.Enqueue(pb)
+		pb.DecRef()
+		if pending++; pending >= frameBatch {
+			flush()
+		}
 	}
 }
 
@@ -546,7 +684,7 @@ func (s *Stack) runOutput() {
 	deviceClosed := false
 	var room groRoom
 	_, isPipe := s.dev.(*pipeEnd)
-	room.enabled = !isPipe
+	room.enabled = !isPipe && s.queues == nil
 	for {
 		items, ok := s.link.q.take(spare)
 		if !ok {
@@ -557,7 +695,11 @@ func (s *Stack) runOutput() {
 			bufs = bufs[:0]
 			var bytesOut uint64
 			for i, b := range items[start:end] {
-				bufs = append(bufs, room.packet(i, end-start, b))
+				if s.queues != nil {
+					bufs = append(bufs, b.frame())
+				} else {
+					bufs = append(bufs, room.packet(i, end-start, b))
+				}
 				bytesOut += uint64(b.n)
 			}
 			if deviceClosed {
@@ -583,6 +725,9 @@ var directWrites = true
 // allows one at a time, so the batch slice is reused).
 func (s *Stack) writeDirect(b *outBuf) {
 	s.directBufs[0] = b.data[:tunOffset+b.n]
+	if s.queues != nil {
+		s.directBufs[0] = b.frame()
+	}
 	s.writeDevice(s.directBufs[:], uint64(b.n))
 	s.directBufs[0] = nil
 	s.link.putBuf(b)
@@ -591,6 +736,9 @@ func (s *Stack) writeDirect(b *outBuf) {
 // writeDevice writes one batch and counts it. It reports whether the device
 // is closed.
 func (s *Stack) writeDevice(bufs [][]byte, bytes uint64) (closed bool) {
+	if s.queues != nil {
+		return s.writeFrames(bufs, bytes)
+	}
 	s.stats.writeBatches.Add(1)
 	if _, err := s.dev.Write(bufs, tunOffset); err != nil {
 		if errors.Is(err, os.ErrClosed) {
@@ -601,6 +749,26 @@ func (s *Stack) writeDevice(bufs [][]byte, bytes uint64) (closed bool) {
 		}
 	}
 	s.stats.packetsOut.Add(uint64(len(bufs)))
+	s.stats.bytesOut.Add(bytes)
+	return false
+}
+
+// writeFrames writes vnet frames (header and packet each) to the first
+// queue, one write(2) each: a TSO frame is its own batch. Writes may use any
+// queue of a multi-queue TUN; the kernel takes them in the writer's context.
+func (s *Stack) writeFrames(frames [][]byte, bytes uint64) (closed bool) {
+	for _, f := range frames {
+		s.stats.writeBatches.Add(1)
+		if err := s.queues[0].write(f); err != nil {
+			if errors.Is(err, os.ErrClosed) {
+				return true
+			}
+			if c := s.stats.writeErrors.Add(1); c&(c-1) == 0 {
+				s.log.Warn("tun write failed", zap.Error(err), zap.Uint64("count", c))
+			}
+		}
+	}
+	s.stats.packetsOut.Add(uint64(len(frames)))
 	s.stats.bytesOut.Add(bytes)
 	return false
 }
@@ -720,6 +888,12 @@ type Stats struct {
 	ReadBatches, WriteBatches uint64
 	// GROCoalesced is how many inbound packets GRO merged into others.
 	GROCoalesced uint64
+	// GSOFramesIn and GSOFramesOut count kernel TUN frames of several
+	// segments (TSO, USO): read and injected as one packet (a USO frame's
+	// datagrams go to the Handler one by one), and TCP segments of up to
+	// 64 KiB written as one frame the kernel segments. PacketsIn and
+	// PacketsOut count such a frame once (a USO frame once per datagram).
+	GSOFramesIn, GSOFramesOut uint64
 	// UDPFastPath counts datagrams handed to HandleUDP without gVisor;
 	// UDPReassembled those that went through gVisor (fragments).
 	UDPFastPath, UDPReassembled uint64
@@ -778,6 +952,10 @@ type Stats struct {
 // InvalidStats counts inbound packets dropped as malformed, by reason.
 type InvalidStats struct {
 	IPHeader, IPChecksum, UDPHeader, UDPChecksum, TCPChecksum uint64
+	// VnetHeader counts kernel TUN frames whose virtio-net header asked for
+	// something natbox does not do (an unknown segmentation type, a UDP
+	// segmentation frame that is not UDP).
+	VnetHeader uint64
 }
 
 // Stats returns a snapshot of the counters.
@@ -799,6 +977,8 @@ func (s *Stack) Stats() Stats {
 		ReadBatches:      c.readBatches.Load(),
 		WriteBatches:     c.writeBatches.Load(),
 		GROCoalesced:     coalesced,
+		GSOFramesIn:      c.gsoFramesIn.Load(),
+		GSOFramesOut:     c.gsoFramesOut.Load(),
 		UDPFastPath:      c.udpFastPath.Load(),
 		UDPReassembled:   c.udpReassembled.Load(),
 		UDPSent:          c.udpSent.Load(),
@@ -837,6 +1017,7 @@ func (s *Stack) Stats() Stats {
 			UDPHeader:   c.invalid[dropUDPHeader].Load(),
 			UDPChecksum: c.invalid[dropUDPChecksum].Load(),
 			TCPChecksum: c.invalid[dropTCPChecksum].Load() + c.lateTCPChecksum.Load(),
+			VnetHeader:  c.invalid[dropVnetHeader].Load(),
 		},
 	}
 }
@@ -876,7 +1057,7 @@ func (s *Stack) Close() error {
 		}
 		s.closeErr = s.dev.Close()
 		<-s.outputDone
-		<-s.inputDone
+		s.inputs.Wait()
 		s.log.Info("netstack stopped")
 	})
 	return s.closeErr

@@ -109,7 +109,7 @@ func (a *Appliance) startTUN(c *conf.TUN, dev tun.Device) error {
 	name := c.Name
 	if dev == nil {
 		var err error
-		if dev, err = netstack.CreateTUN(c.Name, c.MTU); err != nil {
+		if dev, err = netstack.CreateTUN(c.Name, c.MTU, c.Queues); err != nil {
 			return fmt.Errorf("create TUN %q: %w (natbox needs CAP_NET_ADMIN and /dev/net/tun; in a container: --cap-add NET_ADMIN --device /dev/net/tun)", c.Name, err)
 		}
 		if name, err = dev.Name(); err != nil {
