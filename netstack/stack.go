@@ -174,6 +174,8 @@ type Stack struct {
 	// queues are the device's own queues when it is a vnetDevice (natbox's
 	// kernel TUN): one input pump each, writes on the first.
 	queues  []frameQueue
+	// queueFrames counts the frames each queue's pump read.
+	queueFrames []atomic.Uint64
 	cfg     Config
 	handler Handler
 	log     *zap.Logger
@@ -268,6 +270,7 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 	vdev, vnet := dev.(vnetDevice)
 	if vnet {
 		s.queues = vdev.frameQueues()
+		s.queueFrames = make([]atomic.Uint64, len(s.queues))
 	}
 	s.pending.m = make(map[stack.TransportEndpointID]*TCPRequest)
 	s.handshakes = newHandshakeCounts()
@@ -298,9 +301,9 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 	}
 	go s.runOutput()
 	if vnet {
-		for _, q := range s.queues {
+		for i, q := range s.queues {
 			s.inputs.Add(1)
-			go s.runInputQueue(q)
+			go s.runInputQueue(q, &s.queueFrames[i])
 		}
 	} else {
 		s.inputs.Add(1)
@@ -530,7 +533,7 @@ const (
 // TSO frame as one packet: gVisor's TCP takes segments of any size), then
 // flushes GRO. The kernel's checksum verdict in the header is trusted
 // (classifyFrame); without one, checksums are verified as on any device.
-func (s *Stack) runInputQueue(q frameQueue) {
+func (s *Stack) runInputQueue(q frameQueue, frames *atomic.Uint64) {
 	defer s.inputs.Done()
 	var hdr [vnetHdrLen]byte
 	view := buffer.NewViewSize(frameBufSize)
@@ -563,6 +566,7 @@ func (s *Stack) runInputQueue(q frameQueue) {
 			}
 			continue
 		}
+		frames.Add(1)
 		s.stats.readBatches.Add(1)
 		s.stats.packetsIn.Add(1)
 		s.stats.bytesIn.Add(uint64(n))

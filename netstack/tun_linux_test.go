@@ -169,7 +169,11 @@ const (
 // kernelTUN creates a network namespace with a TUN (10.99.0.1/24,
 // fd99::1/64 on the kernel side) and returns both; both are removed when the
 // test ends. It skips without root, and fails under CI=true if setup fails.
-func kernelTUN(tb testing.TB) (string, tun.Device) {
+func kernelTUN(tb testing.TB) (string, tun.Device) { return kernelTUNQueues(tb, 0) }
+
+// kernelTUNQueues is kernelTUN with the given number of queues (0: the
+// default).
+func kernelTUNQueues(tb testing.TB, queues int) (string, tun.Device) {
 	if os.Geteuid() != 0 {
 		tb.Skip("needs root (CAP_NET_ADMIN) to create a TUN in a new network namespace")
 	}
@@ -190,7 +194,7 @@ func kernelTUN(tb testing.TB) (string, tun.Device) {
 
 	var dev tun.Device
 	if err := inNetns(ns, func() (err error) {
-		dev, err = CreateTUN("nstun0", 1500, 0)
+		dev, err = CreateTUN("nstun0", 1500, queues)
 		return err
 	}); err != nil {
 		setupFailed("create tun in %s: %v", ns, err)
