@@ -173,15 +173,15 @@ type Stack struct {
 	dev tun.Device
 	// queues are the device's own queues when it is a vnetDevice (natbox's
 	// kernel TUN): one input pump each, writes on the first.
-	queues  []frameQueue
+	queues []frameQueue
 	// queueFrames counts the frames each queue's pump read.
 	queueFrames []atomic.Uint64
-	cfg     Config
-	handler Handler
-	log     *zap.Logger
-	stack   *stack.Stack
-	link    *linkEndpoint
-	stats   counters
+	cfg         Config
+	handler     Handler
+	log         *zap.Logger
+	stack       *stack.Stack
+	link        *linkEndpoint
+	stats       counters
 
 	// closing is set first in Close: stop admitting flows and injecting input.
 	closing   atomic.Bool
