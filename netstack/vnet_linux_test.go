@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -112,7 +113,9 @@ func TestKernelTUNMultiQueue(t *testing.T) {
 	if dev == nil {
 		return
 	}
-	var s *Stack
+	// The handler sees the Stack through an atomic: the race detector cannot
+	// see that no datagram arrives before New returns.
+	var sp atomic.Pointer[Stack]
 	s, err := New(dev, Config{MTU: 1500, Addresses: tunAddrs}, funcHandler{tcp: func(r *TCPRequest) {
 		c, err := r.Accept()
 		if err != nil {
@@ -122,11 +125,12 @@ func TestKernelTUNMultiQueue(t *testing.T) {
 		io.Copy(c, c)
 		c.(closeWriter).CloseWrite()
 	}, udp: func(src, dst netip.AddrPort, p []byte) {
-		s.WriteUDP(dst, src, p)
+		sp.Load().WriteUDP(dst, src, p)
 	}}, zaptest.NewLogger(t))
 	if err != nil {
 		t.Fatalf("new stack: %v", err)
 	}
+	sp.Store(s)
 	defer s.Close()
 	if len(s.queues) != queues {
 		t.Fatalf("stack reads %d queues, want %d", len(s.queues), queues)
