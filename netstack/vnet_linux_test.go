@@ -269,3 +269,74 @@ func TestKernelTUNBadChecksumDropped(t *testing.T) {
 		t.Errorf("%d segments dropped at read for their checksum, want 1", n)
 	}
 }
+
+// TestKernelTUNUSOFramesIn: a kernel UDP socket sending with UDP_SEGMENT
+// hands the TUN one USO frame (where the kernel has TUN USO, 6.2+); the
+// Stack gives the Handler each datagram, in order and intact.
+func TestKernelTUNUSOFramesIn(t *testing.T) {
+	ns, dev := kernelTUNQueues(t, 1)
+	if dev == nil {
+		return
+	}
+	uso := dev.(*vnetTUN).uso
+	got := make(chan []byte, 64)
+	s, err := New(dev, Config{MTU: 1500, Addresses: tunAddrs}, funcHandler{udp: func(src, dst netip.AddrPort, p []byte) {
+		got <- append([]byte(nil), p...)
+	}}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatalf("new stack: %v", err)
+	}
+	defer s.Close()
+	for _, target := range []string{"10.99.0.2:5000", "[fd99::2]:5000"} {
+		t.Run(target, func(t *testing.T) {
+			var c *net.UDPConn
+			if err := inNetns(ns, func() error {
+				nc, err := net.Dial("udp", target)
+				if err != nil {
+					return err
+				}
+				c = nc.(*net.UDPConn)
+				return nil
+			}); err != nil {
+				t.Fatalf("udp socket: %v", err)
+			}
+			defer c.Close()
+			const seg, n = 100, 10
+			rc, err := c.SyscallConn()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var serr error
+			rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_UDP, unix.UDP_SEGMENT, seg) })
+			if serr != nil {
+				t.Skipf("UDP_SEGMENT: %v", serr)
+			}
+			msg := make([]byte, seg*n)
+			for i := range msg {
+				msg[i] = byte(i / seg)
+			}
+			frames0 := s.Stats().GSOFramesIn
+			if _, err := c.Write(msg); err != nil {
+				t.Fatalf("write: %v", err)
+			}
+			for i := range n {
+				select {
+				case p := <-got:
+					if !bytes.Equal(p, msg[i*seg:(i+1)*seg]) {
+						t.Fatalf("datagram %d: %d bytes starting %v, want %d bytes of %d", i, len(p), p[:min(len(p), 4)], seg, i)
+					}
+				case <-time.After(10 * time.Second):
+					t.Fatalf("%d of %d datagrams arrived", i, n)
+				}
+			}
+			frames := s.Stats().GSOFramesIn - frames0
+			t.Logf("TUN USO %v: %d USO frames", uso, frames)
+			if uso && frames != 1 {
+				t.Errorf("%d USO frames read, want 1", frames)
+			}
+		})
+	}
+	if st := s.Stats(); st.Invalid != (InvalidStats{}) {
+		t.Errorf("frames dropped: %+v", st)
+	}
+}
