@@ -154,7 +154,9 @@ type Handler interface {
 	// return; conns from Accept fail once the stack closes.
 	HandleTCP(r *TCPRequest)
 	// HandleUDP is called on the packet path for each datagram; it must not
-	// block. payload is valid only during the call.
+	// block. payload is valid only during the call. On a multi-queue TUN it
+	// is called concurrently, one caller per queue (a flow's datagrams stay
+	// on one queue, in order).
 	HandleUDP(src, dst netip.AddrPort, payload []byte)
 }
 
