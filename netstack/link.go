@@ -25,6 +25,10 @@ type outBuf struct {
 	// its size in MTUs, so a queue of 64 KiB TSO frames holds no more bytes
 	// than one of MTU packets.
 	slots int
+	// pkt, if set, is a TSO frame's packet, referenced rather than copied:
+	// data holds only its header, and the frame is written from pkt's
+	// views (gather write). Released by putBuf.
+	pkt *stack.PacketBuffer
 }
 
 // frame returns the vnet frame: header and packet.
@@ -214,6 +218,10 @@ func newLinkEndpoint(mtu uint32, queueLen int, st *counters, vnet bool) *linkEnd
 func (e *linkEndpoint) getBuf() *outBuf { return e.bufPool.Get().(*outBuf) }
 
 func (e *linkEndpoint) putBuf(b *outBuf) {
+	if b.pkt != nil {
+		b.pkt.DecRef()
+		b.pkt = nil
+	}
 	b.n, b.slots = 0, 0
 	if len(b.data) > tunOffset+int(e.mtu) {
 		e.bigPool.Put(b)
@@ -339,8 +347,22 @@ func (e *linkEndpoint) writePacket(pkt *stack.PacketBuffer) tcpip.Error {
 	}
 	var b *outBuf
 	if size > int(e.mtu) {
-		b = e.bigPool.Get().(*outBuf)
 		e.stats.gsoFramesOut.Add(1)
+		if viewCount(pkt) < maxFrameParts {
+			// A TSO frame leaves from gVisor's own views: its payload
+			// sits in the send queue anyway (for retransmits), so holding
+			// a reference costs no memory and saves copying 64 KiB.
+			b = e.getBuf()
+			h.encode(b.data[tunOffset-vnetHdrLen : tunOffset])
+			b.slots = (size + int(e.mtu) - 1) / int(e.mtu)
+			b.n = size
+			b.pkt = pkt.IncRef()
+			if !e.send(b, false) {
+				return &tcpip.ErrClosedForSend{}
+			}
+			return nil
+		}
+		b = e.bigPool.Get().(*outBuf)
 	} else {
 		b = e.getBuf()
 	}
@@ -365,6 +387,45 @@ func (e *linkEndpoint) writePacket(pkt *stack.PacketBuffer) tcpip.Error {
 		return &tcpip.ErrClosedForSend{}
 	}
 	return nil
+}
+
+// maxFrameParts bounds the pieces of one gather write (the virtio-net header
+// and the packet's views); a packet in more views is copied instead.
+const maxFrameParts = 64
+
+// viewCount returns the number of views pkt's bytes are in.
+func viewCount(pkt *stack.PacketBuffer) int {
+	vl, off := pkt.AsViewList()
+	n := 0
+	for v := vl.Front(); v != nil; v = v.Next() {
+		if l := v.Size(); off >= l {
+			off -= l
+			continue
+		}
+		off = 0
+		n++
+	}
+	return n
+}
+
+// appendParts appends b's frame to parts as the slices a gather write
+// sends: the virtio-net header, then the packet (pkt's views, or data).
+func (b *outBuf) appendParts(parts [][]byte) [][]byte {
+	if b.pkt == nil {
+		return append(parts, b.frame())
+	}
+	parts = append(parts, b.data[tunOffset-vnetHdrLen:tunOffset])
+	vl, off := b.pkt.AsViewList()
+	for v := vl.Front(); v != nil; v = v.Next() {
+		s := v.AsSlice()
+		if off >= len(s) {
+			off -= len(s)
+			continue
+		}
+		parts = append(parts, s[off:])
+		off = 0
+	}
+	return parts
 }
 
 // send hands b to the device and takes it. With direct set, it is written at

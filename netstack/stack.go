@@ -200,6 +200,9 @@ type Stack struct {
 	cookies    cookiePorts
 
 	directBufs [1][]byte // writeDirect's batch; used by one writer at a time
+	// directItems and frameParts are writeFrames' (vnet), likewise.
+	directItems [1]*outBuf
+	frameParts  [][]byte
 
 	inputs     sync.WaitGroup // the input pumps
 	outputDone chan struct{}
@@ -700,12 +703,14 @@ func (s *Stack) runOutput() {
 			end := min(start+batch, len(items))
 			bufs = bufs[:0]
 			var bytesOut uint64
-			for i, b := range items[start:end] {
-				if s.queues != nil {
-					bufs = append(bufs, b.frame())
-				} else {
-					bufs = append(bufs, room.packet(i, end-start, b))
+			if s.queues != nil {
+				if !deviceClosed {
+					deviceClosed = s.writeFrames(items[start:end])
 				}
+				continue
+			}
+			for i, b := range items[start:end] {
+				bufs = append(bufs, room.packet(i, end-start, b))
 				bytesOut += uint64(b.n)
 			}
 			if deviceClosed {
@@ -730,10 +735,14 @@ var directWrites = true
 // writeDirect writes one packet on the caller's goroutine (linkEndpoint.send
 // allows one at a time, so the batch slice is reused).
 func (s *Stack) writeDirect(b *outBuf) {
-	s.directBufs[0] = b.data[:tunOffset+b.n]
 	if s.queues != nil {
-		s.directBufs[0] = b.frame()
+		s.directItems[0] = b
+		s.writeFrames(s.directItems[:])
+		s.directItems[0] = nil
+		s.link.putBuf(b)
+		return
 	}
+	s.directBufs[0] = b.data[:tunOffset+b.n]
 	s.writeDevice(s.directBufs[:], uint64(b.n))
 	s.directBufs[0] = nil
 	s.link.putBuf(b)
@@ -742,9 +751,6 @@ func (s *Stack) writeDirect(b *outBuf) {
 // writeDevice writes one batch and counts it. It reports whether the device
 // is closed.
 func (s *Stack) writeDevice(bufs [][]byte, bytes uint64) (closed bool) {
-	if s.queues != nil {
-		return s.writeFrames(bufs, bytes)
-	}
 	s.stats.writeBatches.Add(1)
 	if _, err := s.dev.Write(bufs, tunOffset); err != nil {
 		if errors.Is(err, os.ErrClosed) {
@@ -759,13 +765,18 @@ func (s *Stack) writeDevice(bufs [][]byte, bytes uint64) (closed bool) {
 	return false
 }
 
-// writeFrames writes vnet frames (header and packet each) to the first
-// queue, one write(2) each: a TSO frame is its own batch. Writes may use any
-// queue of a multi-queue TUN; the kernel takes them in the writer's context.
-func (s *Stack) writeFrames(frames [][]byte, bytes uint64) (closed bool) {
-	for _, f := range frames {
+// writeFrames writes items as vnet frames (header and packet each) to the
+// first queue, one write(2) each: a TSO frame is its own batch. Writes may
+// use any queue of a multi-queue TUN; the kernel takes them in the writer's
+// context. One writer at a time (the outward queue's busy flag): the
+// gather list is the Stack's.
+func (s *Stack) writeFrames(items []*outBuf) (closed bool) {
+	for _, b := range items {
 		s.stats.writeBatches.Add(1)
-		if err := s.queues[0].write(f); err != nil {
+		s.frameParts = b.appendParts(s.frameParts[:0])
+		err := s.queues[0].write(s.frameParts)
+		clear(s.frameParts)
+		if err != nil {
 			if errors.Is(err, os.ErrClosed) {
 				return true
 			}
@@ -773,9 +784,9 @@ func (s *Stack) writeFrames(frames [][]byte, bytes uint64) (closed bool) {
 				s.log.Warn("tun write failed", zap.Error(err), zap.Uint64("count", c))
 			}
 		}
+		s.stats.packetsOut.Add(1)
+		s.stats.bytesOut.Add(uint64(b.n))
 	}
-	s.stats.packetsOut.Add(uint64(len(frames)))
-	s.stats.bytesOut.Add(bytes)
 	return false
 }
 

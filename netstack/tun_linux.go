@@ -91,6 +91,12 @@ type tunQueue struct {
 	n        uintptr
 	errno    syscall.Errno
 	readFunc func(fd uintptr) bool
+
+	// write's state, likewise.
+	wiov      [maxFrameParts]unix.Iovec
+	wn        int
+	werrno    syscall.Errno
+	writeFunc func(fd uintptr) bool
 }
 
 func createVnetTUN(name string, mtu, queues int) (*vnetTUN, error) {
@@ -173,6 +179,7 @@ func openTUNQueue(name string, flags uint16) (q *tunQueue, uso bool, err error) 
 		return nil, false, err
 	}
 	q.readFunc = q.doRead
+	q.writeFunc = q.doWrite
 	return q, uso, nil
 }
 
@@ -250,10 +257,41 @@ func (q *tunQueue) doRead(fd uintptr) bool {
 	return true
 }
 
-// write writes one frame (virtio-net header and packet).
-func (q *tunQueue) write(frame []byte) error {
-	_, err := q.f.Write(frame)
-	return err
+// write writes one frame (virtio-net header and packet) gathered from parts
+// with one writev(2).
+func (q *tunQueue) write(parts [][]byte) error {
+	if len(parts) > len(q.wiov) {
+		return fmt.Errorf("frame in %d parts; at most %d", len(parts), len(q.wiov))
+	}
+	q.wn = 0
+	for _, p := range parts {
+		if len(p) == 0 {
+			continue
+		}
+		q.wiov[q.wn].Base = &p[0]
+		q.wiov[q.wn].SetLen(len(p))
+		q.wn++
+	}
+	err := q.rc.Write(q.writeFunc)
+	clear(q.wiov[:q.wn])
+	if err != nil {
+		return os.ErrClosed
+	}
+	if q.werrno != 0 {
+		return q.werrno
+	}
+	return nil
+}
+
+// doWrite is write's RawConn callback: one writev(2); false waits for the
+// queue to become writable.
+func (q *tunQueue) doWrite(fd uintptr) bool {
+	_, _, e := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&q.wiov[0])), uintptr(q.wn))
+	if e == unix.EAGAIN {
+		return false
+	}
+	q.werrno = e
+	return true
 }
 
 // File implements tun.Device: the first queue.

@@ -174,8 +174,9 @@ type frameQueue interface {
 	// returns the packet's length; with block false, errWouldBlock when
 	// nothing is waiting; os.ErrClosed once the device is closed.
 	read(hdr, buf []byte, block bool) (int, error)
-	// write writes one frame: header and packet.
-	write(frame []byte) error
+	// write writes one frame, header and packet, gathered from parts (at
+	// most maxFrameParts).
+	write(parts [][]byte) error
 }
 
 // errWouldBlock: a frameQueue read with block false found nothing waiting.
