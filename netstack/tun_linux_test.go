@@ -593,3 +593,78 @@ func benchmarkKernelTUNUDP(b *testing.B, queues int) {
 		b.ReportMetric(float64(st.PacketsIn-st0.PacketsIn)/float64(sysr-sysr0), "pkts/read")
 	}
 }
+
+// BenchmarkKernelTUNTCP4: four kernel TCP flows into the Stack at once
+// (iperf3 -P4's shape), with the TUN's queues=1 or 2: what one input pump
+// per queue buys when flows hash to different queues. Needs root.
+//
+//	sudo go test -run '^$' -bench KernelTUNTCP4/queues=2 -benchtime 3s ./netstack
+func BenchmarkKernelTUNTCP4(b *testing.B) {
+	for _, queues := range []int{1, 2} {
+		b.Run(fmt.Sprintf("queues=%d", queues), func(b *testing.B) { benchmarkKernelTUNTCP4(b, queues) })
+	}
+}
+
+func benchmarkKernelTUNTCP4(b *testing.B, queues int) {
+	ns, dev := kernelTUNQueues(b, queues)
+	if dev == nil {
+		return
+	}
+	const flows = 4
+	var received atomic.Int64
+	s, err := New(dev, Config{MTU: 1500, Addresses: []netip.Prefix{netip.MustParsePrefix("10.99.0.2/24")}},
+		funcHandler{tcp: func(r *TCPRequest) {
+			c, err := r.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			n, _ := io.CopyBuffer(io.Discard, c, make([]byte, 64<<10))
+			received.Add(n)
+		}}, zap.NewNop())
+	if err != nil {
+		b.Fatalf("new stack: %v", err)
+	}
+	defer s.Close()
+	conns := make([]net.Conn, flows)
+	for i := range conns {
+		if err := inNetns(ns, func() (err error) {
+			conns[i], err = net.DialTimeout("tcp", "10.99.0.2:5201", 10*time.Second)
+			return err
+		}); err != nil {
+			b.Fatalf("kernel dial: %v", err)
+		}
+		defer conns[i].Close()
+	}
+	chunk := make([]byte, 128<<10)
+	b.SetBytes(int64(len(chunk)))
+	cpu0 := processCPU(b)
+	start := time.Now()
+	var sent atomic.Int64
+	var next atomic.Int64
+	b.SetParallelism(flows) // with GOMAXPROCS 1 too: one goroutine per flow
+	b.RunParallel(func(pb *testing.PB) {
+		c := conns[int(next.Add(1)-1)%flows]
+		for pb.Next() {
+			n, err := c.Write(chunk)
+			if err != nil {
+				b.Errorf("write: %v", err)
+				return
+			}
+			sent.Add(int64(n))
+		}
+	})
+	for _, c := range conns {
+		c.(*net.TCPConn).CloseWrite()
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for received.Load() < sent.Load() && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	el := time.Since(start)
+	if got := received.Load(); got != sent.Load() {
+		b.Fatalf("received %d of %d bytes", got, sent.Load())
+	}
+	b.ReportMetric(float64(sent.Load())*8/el.Seconds()/1e9, "Gbit/s")
+	b.ReportMetric(float64((processCPU(b)-cpu0).Milliseconds())/(float64(sent.Load())*8/1e9), "cpu-ms/Gbit")
+}
