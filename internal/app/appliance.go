@@ -283,7 +283,7 @@ func (a *Appliance) Reload() (Reloaded, error) {
 func reloadable(old, next *conf.Config) error {
 	var errs []error
 	if !reflect.DeepEqual(old.TUN, next.TUN) {
-		errs = append(errs, errors.New("[tun] changed: restart natbox to apply a new TUN device, MTU, addresses or routes"))
+		errs = append(errs, errors.New("[tun] changed: restart natbox to apply a new TUN device, MTU, queues, addresses or routes"))
 	}
 	if (old.Uplink == nil) != (next.Uplink == nil) || (old.Uplink != nil && *old.Uplink != *next.Uplink) {
 		errs = append(errs, errors.New("[uplink] changed: restart natbox to apply a new tunnel"))
