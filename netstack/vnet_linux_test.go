@@ -340,3 +340,102 @@ func TestKernelTUNUSOFramesIn(t *testing.T) {
 		t.Errorf("frames dropped: %+v", st)
 	}
 }
+
+// TestKernelTUNSynFloodCookies: spoofed SYNs from many sources (a raw
+// socket, checksums verified at read) spread over a four-queue TUN's pumps
+// switch the port to SYN cookies, and a real kernel client of that port
+// still connects (its handshake completed by a cookie) and exchanges bytes.
+func TestKernelTUNSynFloodCookies(t *testing.T) {
+	ns, dev := kernelTUNQueues(t, 4)
+	if dev == nil {
+		return
+	}
+	release := make(chan struct{})
+	s, err := New(dev, Config{MTU: 1500, Addresses: tunAddrs, TCP: TCPConfig{
+		HandshakeTimeout:     500 * time.Millisecond,
+		CookiePortThreshold:  8,
+		CookieTotalThreshold: 1000,
+	}}, funcHandler{tcp: func(r *TCPRequest) {
+		if !r.Established() {
+			// Dial-first: a target that never answers, so the spoofed
+			// handshakes stay pending.
+			select {
+			case <-release:
+			case <-r.Abandoned():
+			}
+			r.Reject()
+			return
+		}
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c)
+		c.(closeWriter).CloseWrite()
+	}}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatalf("new stack: %v", err)
+	}
+	defer s.Close()
+	defer close(release)
+	var fd int
+	if err := inNetns(ns, func() (err error) {
+		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_RAW)
+		return err
+	}); err != nil {
+		t.Fatalf("raw socket: %v", err)
+	}
+	defer unix.Close(fd)
+	dst := netip.MustParseAddrPort("10.99.0.2:80")
+	rng := rand.New(rand.NewPCG(3, 4))
+	for sent := 0; s.Stats().CookiePortsActive == 0; sent++ {
+		if sent >= 2000 {
+			t.Fatalf("port not in cookie mode after %d spoofed SYNs: %+v", sent, s.Stats())
+		}
+		// Spoofed sources off-link (10.98.x.y): their SYN-ACKs die in the
+		// namespace, which does not forward.
+		src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 98, byte(rng.IntN(256)), byte(1 + rng.IntN(254))}), uint16(1024+rng.IntN(60000)))
+		p := rawTCP4(src, dst, rng.Uint32(), 0, header.TCPFlagSyn)
+		if err := unix.Sendto(fd, p, 0, &unix.SockaddrInet4{Addr: dst.Addr().As4()}); err != nil {
+			t.Fatalf("send: %v", err)
+		}
+		if sent%50 == 49 {
+			deadline := time.Now().Add(50 * time.Millisecond)
+			for s.Stats().CookiePortsActive == 0 && time.Now().Before(deadline) {
+				time.Sleep(time.Millisecond)
+			}
+		}
+	}
+	var c net.Conn
+	if err := inNetns(ns, func() (err error) {
+		c, err = net.DialTimeout("tcp", dst.String(), 10*time.Second)
+		return err
+	}); err != nil {
+		t.Fatalf("real client during the flood: %v", err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	msg := []byte("through a cookie")
+	if _, err := c.Write(msg); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	c.(*net.TCPConn).CloseWrite()
+	got, err := io.ReadAll(c)
+	if err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("echo %q, %v; want %q", got, err, msg)
+	}
+	st := s.Stats()
+	if st.CookieModeEntries != 1 || st.SynCookiesSent == 0 || st.CookieConns == 0 {
+		t.Fatalf("cookie counters: entries %d, sent %d, conns %d", st.CookieModeEntries, st.SynCookiesSent, st.CookieConns)
+	}
+	busy := 0
+	for i := range s.queueFrames {
+		if s.queueFrames[i].Load() > 0 {
+			busy++
+		}
+	}
+	if busy < 2 {
+		t.Errorf("the flood reached %d of 4 queues", busy)
+	}
+}
