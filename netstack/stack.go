@@ -39,8 +39,9 @@ type Config struct {
 	// stack's preferred source addresses.
 	Addresses []netip.Prefix
 	TCP       TCPConfig
-	// QueueLen is the outward queue's capacity in packets (default 2048).
-	// Writers block when it is full.
+	// QueueLen is the outward queue's capacity in MTU-sized packets
+	// (default 2048; a TSO frame counts as its size in MTUs). Writers block
+	// when it is full.
 	QueueLen int
 }
 
