@@ -429,7 +429,7 @@ func benchmarkKernelTUNRR(b *testing.B) {
 	msg, buf := make([]byte, 64), make([]byte, 64)
 	c.SetDeadline(time.Now().Add(time.Minute))
 	b.ReportAllocs()
-	cpu0 := processCPU(b)
+	cpu0, sysr0 := processCPU(b), readSyscalls(b)
 	for b.Loop() {
 		if _, err := c.Write(msg); err != nil {
 			b.Fatalf("write: %v", err)
@@ -439,6 +439,9 @@ func benchmarkKernelTUNRR(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-us/op")
+	// Read syscalls per round trip: the kernel socket's, the input pump's
+	// and the runtime's.
+	b.ReportMetric(float64(readSyscalls(b)-sysr0)/float64(b.N), "reads/op")
 	st := s.Stats()
 	if st.PacketsOut > 0 {
 		b.ReportMetric(float64(st.DirectWrites)/float64(st.PacketsOut), "direct-ratio")
