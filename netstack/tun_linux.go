@@ -118,6 +118,11 @@ func createVnetTUN(name string, mtu, queues int) (*vnetTUN, error) {
 			if i > 0 {
 				err = fmt.Errorf("queue %d of %d: %w", i+1, queues, err)
 			}
+			if errors.Is(err, unix.EINVAL) {
+				// The kernel refuses to attach with flags other than those
+				// a persistent device was created with.
+				err = fmt.Errorf("%w (an existing persistent %q must be a multi_queue TUN when queues > 1: delete it, or set tun.queues = 1)", err, name)
+			}
 			return nil, err
 		}
 		if i == 0 {
