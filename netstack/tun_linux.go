@@ -121,7 +121,7 @@ func createVnetTUN(name string, mtu, queues int) (*vnetTUN, error) {
 			if errors.Is(err, unix.EINVAL) {
 				// The kernel refuses to attach with flags other than those
 				// a persistent device was created with.
-				err = fmt.Errorf("%w (an existing persistent %q must be a multi_queue TUN when queues > 1: delete it, or set tun.queues = 1)", err, name)
+				err = fmt.Errorf("%w (a persistent %q created with other flags? natbox opens it multi_queue when tun.queues > 1, single-queue otherwise: delete it or match tun.queues)", err, name)
 			}
 			return nil, err
 		}
