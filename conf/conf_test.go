@@ -242,6 +242,7 @@ mtu = 70000 # <-`, `tun.mtu: mtu 70000 is out of range; use 1280-65535 (1500 for
 		{"tun mtu below ipv6's minimum", `[tun]
 addresses = ["203.0.113.10/32"]
 mtu = 576 # <-`, `tun.mtu: mtu 576 is out of range; use 1280-65535 (1500 for Ethernet)`},
+		{"tun queues", tunBase + `queues = -1 # <-`, `tun.queues: -1 queues is out of range; use 1-64, or 0 for one per CPU (at most 4)`},
 		{"tun name too long", `[tun]
 addresses = ["203.0.113.10/32"]
 name = "natbox-much-too-long" # <-`, `tun.name: "natbox-much-too-long" is not a valid interface name; use 1-15 characters without spaces or slashes, e.g. "natbox0"`},

@@ -42,6 +42,9 @@ type TUN struct {
 	MTU       int            `toml:"mtu"`       // default 1500
 	Addresses []netip.Prefix `toml:"addresses"` // public-side addresses the stack answers on
 	Routes    []netip.Prefix `toml:"routes"`    // kernel routes installed into the TUN, removed on exit
+	// Queues is the number of TUN queues, each read by its own input pump
+	// (IFF_MULTI_QUEUE); 0 means one per CPU, at most 4.
+	Queues int `toml:"queues"`
 }
 
 // Uplink is the appliance side of relay mode: an outbound WireGuard tunnel.

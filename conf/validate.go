@@ -124,6 +124,9 @@ const (
 	MinMTU       = 1280
 	MaxMTU       = 65535
 	MaxTunnelMTU = 65507 - 32
+	// MaxTUNQueues is netstack.MaxTUNQueues (internal/app tests that the
+	// two agree).
+	MaxTUNQueues = 64
 )
 
 // validateMTU checks a TUN's mtu (tunnel false) or a WireGuard tunnel's.
@@ -155,6 +158,9 @@ func (t *TUN) validate(r *report) {
 		r.errorf("tun.name", "use 1-15 characters without spaces or slashes, e.g. \"natbox0\"", "%q is not a valid interface name", t.Name)
 	}
 	validateMTU(r, "tun.mtu", t.MTU, false)
+	if t.Queues < 0 || t.Queues > MaxTUNQueues {
+		r.errorf("tun.queues", fmt.Sprintf("use 1-%d, or 0 for one per CPU (at most 4)", MaxTUNQueues), "%d queues is out of range", t.Queues)
+	}
 	if len(t.Addresses) == 0 {
 		r.errorf("tun.addresses", `list the public addresses natbox answers on, e.g. addresses = ["203.0.113.10/32"]`,
 			"no addresses")

@@ -140,7 +140,7 @@ func (a *Appliance) addTUN(c *conf.TUN, dev tun.Device) error {
 	name := c.Name
 	if dev == nil {
 		var err error
-		if dev, err = netstack.CreateTUN(c.Name, c.MTU); err != nil {
+		if dev, err = netstack.CreateTUN(c.Name, c.MTU, c.Queues); err != nil {
 			return fmt.Errorf("create TUN %q: %w (natbox needs CAP_NET_ADMIN and /dev/net/tun; in a container: --cap-add NET_ADMIN --device /dev/net/tun)", c.Name, err)
 		}
 		if name, err = dev.Name(); err != nil {
@@ -348,7 +348,7 @@ func (a *Appliance) Reload() (Reloaded, error) {
 func reloadable(old, next *conf.Config) error {
 	var errs []error
 	if !reflect.DeepEqual(old.TUN, next.TUN) {
-		errs = append(errs, errors.New("[tun] changed: restart natbox to apply a new TUN device, MTU, addresses or routes"))
+		errs = append(errs, errors.New("[tun] changed: restart natbox to apply a new TUN device, MTU, queues, addresses or routes"))
 	}
 	if !slices.Equal(old.Uplinks, next.Uplinks) {
 		errs = append(errs, errors.New("[uplink] changed: restart natbox to apply a new tunnel or another set of relays"))
