@@ -551,6 +551,7 @@ func benchmarkKernelTUNUDP(b *testing.B, queues int) {
 		b.Fatalf("new stack: %v", err)
 	}
 	defer s.Close()
+	runStack(b, s)
 	const senders = 4
 	conns := make([]net.Conn, senders)
 	for i := range conns {
@@ -630,6 +631,7 @@ func benchmarkKernelTUNTCP4(b *testing.B, queues int) {
 		b.Fatalf("new stack: %v", err)
 	}
 	defer s.Close()
+	runStack(b, s)
 	conns := make([]net.Conn, flows)
 	for i := range conns {
 		if err := inNetns(ns, func() (err error) {

@@ -71,6 +71,7 @@ func TestKernelTUNTSOFramesIn(t *testing.T) {
 		t.Fatalf("new stack: %v", err)
 	}
 	defer s.Close()
+	runStack(t, s)
 	for _, target := range []string{"10.99.0.2:9", "[fd99::2]:9"} {
 		t.Run(target, func(t *testing.T) {
 			var c net.Conn
@@ -132,6 +133,7 @@ func TestKernelTUNMultiQueue(t *testing.T) {
 	}
 	sp.Store(s)
 	defer s.Close()
+	runStack(t, s)
 	if len(s.queues) != queues {
 		t.Fatalf("stack reads %d queues, want %d", len(s.queues), queues)
 	}
@@ -224,6 +226,7 @@ func TestKernelTUNBadChecksumDropped(t *testing.T) {
 		t.Fatalf("new stack: %v", err)
 	}
 	defer s.Close()
+	runStack(t, s)
 	var fd int
 	if err := inNetns(ns, func() (err error) {
 		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_RAW)
@@ -287,6 +290,7 @@ func TestKernelTUNUSOFramesIn(t *testing.T) {
 		t.Fatalf("new stack: %v", err)
 	}
 	defer s.Close()
+	runStack(t, s)
 	for _, target := range []string{"10.99.0.2:5000", "[fd99::2]:5000"} {
 		t.Run(target, func(t *testing.T) {
 			var c *net.UDPConn
@@ -378,6 +382,7 @@ func TestKernelTUNSynFloodCookies(t *testing.T) {
 		t.Fatalf("new stack: %v", err)
 	}
 	defer s.Close()
+	runStack(t, s)
 	defer close(release)
 	var fd int
 	if err := inNetns(ns, func() (err error) {
@@ -473,6 +478,7 @@ func TestKernelTUNWithoutTSO(t *testing.T) {
 		t.Fatalf("new stack: %v", err)
 	}
 	defer s.Close()
+	runStack(t, s)
 	var c net.Conn
 	if err := inNetns(ns, func() (err error) {
 		c, err = net.DialTimeout("tcp", "10.99.0.2:9", 10*time.Second)
