@@ -69,11 +69,13 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 		nextProbe  time.Time
 		probeStart int64
 	)
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
+	for first := true; ; first = false {
+		if !first {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
 		}
 		now := time.Now()
 		stats, _ := readPeerStats(u.dev)
