@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -170,19 +171,32 @@ func (c *streamClient) send(bufs [][]byte, ep conn.Endpoint) error {
 	if !c.tcp.Load() {
 		return c.bind.Bind.Send(bufs, ep)
 	}
-	for i, m := range bufs {
-		if len(m) == device.MessageInitiationSize && m[0] == device.MessageInitiationType && c.probe.CompareAndSwap(true, false) {
-			c.bind.Bind.Send(bufs[i:i+1], ep) // a blocked network's error says nothing new
-		}
-	}
 	s := c.cur.Load()
 	if s == nil {
 		c.bind.cnt.dropped.Add(uint64(len(bufs)))
 		return nil
 	}
+	for i, m := range bufs {
+		if len(m) == device.MessageInitiationSize && m[0] == device.MessageInitiationType && c.probe.CompareAndSwap(true, false) {
+			// The probe: the initiation over UDP now, over TCP a moment later,
+			// so that a relay reachable both ways sees the UDP copy first
+			// (it answers the first and ignores the other as a replay).
+			c.bind.Bind.Send(bufs[i:i+1], ep) // a blocked network's error says nothing new
+			late := slices.Clone(m)
+			time.AfterFunc(probeHeadStart, func() { s.enqueue([][]byte{late}) })
+			s.enqueue(bufs[:i])
+			s.enqueue(bufs[i+1:])
+			return nil
+		}
+	}
 	s.enqueue(bufs)
 	return nil
 }
+
+// probeHeadStart is how long a probe's UDP initiation leads its TCP copy:
+// more than the two paths' difference in one-way delay, little enough that
+// a network without UDP barely notices the later handshake.
+const probeHeadStart = 100 * time.Millisecond
 
 // receive is the reader's delivery for stream s: its packets present the
 // relay's UDP endpoint, so wireguard-go's own idea of the relay's address

@@ -129,7 +129,8 @@ func echoLine(t *testing.T, c net.Conn, line string) {
 
 // TestTransportFallbackAndBack: with UDP to the relay blackholed, an "auto"
 // uplink moves to TLS, registers, and a public TCP flow crosses; when UDP
-// passes again it moves back, and the flow opened over TCP still works.
+// passes again it moves back, and when UDP is blocked mid-session it moves
+// to TCP again; the one flow opened at the start works throughout.
 func TestTransportFallbackAndBack(t *testing.T) {
 	relay, key, spec, mapping, public := streamRelay(t)
 	gate := newUDPGate(t, relay.port)
@@ -167,6 +168,14 @@ func TestTransportFallbackAndBack(t *testing.T) {
 		t.Fatalf("relay still answers on %q", ep)
 	}
 	echoLine(t, c, "and again\n")
+
+	// UDP blocked mid-session: the same flow moves to TCP with the tunnel.
+	gate.open.Store(false)
+	waitFor(t, 20*time.Second, "the uplink on tcp again", func() bool { return a.uplink.Status().Transport == tunnel.TransportTCP })
+	if st := a.uplink.Status(); st.TransportSwitches != 3 || !strings.Contains(st.SwitchReason, "no reply over udp") {
+		t.Fatalf("blocked again: %+v", st)
+	}
+	echoLine(t, c, "the same flow over tcp again\n")
 }
 
 // TestTransportTCPOnly: transport "tcp" never uses UDP (the UDP address
