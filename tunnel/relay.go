@@ -677,6 +677,9 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 	for _, s := range closing { // close never blocks: it only closes a channel and the conn
 		s.close()
 	}
+	if r.streams != nil { // a removed peer's TCP transport ends with it
+		r.streams.retain(func(k conf.Key) bool { _, ok := cfg.PeerByKey(k); return ok })
+	}
 	r.sendLocked(notes)
 	return nil
 }

@@ -55,7 +55,7 @@ type streamServer struct {
 	// mu guards the following fields.
 	mu     sync.Mutex
 	closed bool
-	byPeer map[string]*stream
+	byPeer map[conf.Key]*stream   // by the peer's public key
 	all    map[*tls.Conn]struct{} // every connection, to close on Close
 }
 
@@ -80,7 +80,7 @@ func listenStreams(addr string, bind *streamBind, priv conf.Key, lookup func(con
 		pending:   make(chan struct{}, o.streamPending),
 		handshake: o.streamHandshake,
 		log:       log,
-		byPeer:    make(map[string]*stream),
+		byPeer:    make(map[conf.Key]*stream),
 		all:       make(map[*tls.Conn]struct{}),
 	}
 	s.wg.Add(1)
@@ -136,7 +136,7 @@ func (s *streamServer) serve(tc *tls.Conn) {
 		s.mu.Unlock()
 		tc.Close()
 	}()
-	peer, err := s.authenticate(tc)
+	peer, key, err := s.authenticate(tc)
 	<-s.pending
 	if err != nil {
 		s.log.Debug("relay tcp transport refused", zap.Stringer("src", tc.RemoteAddr()), zap.Error(err))
@@ -149,8 +149,8 @@ func (s *streamServer) serve(tc *tls.Conn) {
 		s.mu.Unlock()
 		return
 	}
-	old := s.byPeer[peer]
-	s.byPeer[peer] = st
+	old := s.byPeer[key]
+	s.byPeer[key] = st
 	s.mu.Unlock()
 	if old != nil {
 		s.refuse(4)
@@ -169,32 +169,43 @@ func (s *streamServer) serve(tc *tls.Conn) {
 		s.refuse(3)
 	}
 	s.mu.Lock()
-	if s.byPeer[peer] == st {
-		delete(s.byPeer, peer)
+	if s.byPeer[key] == st {
+		delete(s.byPeer, key)
 	}
 	s.mu.Unlock()
 	s.log.Debug("relay tcp transport closed", zap.String("peer", peer), zap.Error(st.Err()))
 }
 
-func (s *streamServer) authenticate(tc *tls.Conn) (string, error) {
+func (s *streamServer) authenticate(tc *tls.Conn) (name string, key conf.Key, err error) {
 	tc.SetDeadline(time.Now().Add(s.handshake))
 	ctx, cancel := context.WithTimeout(context.Background(), s.handshake)
 	defer cancel()
 	if err := tc.HandshakeContext(ctx); err != nil {
 		s.refuse(1)
-		return "", fmt.Errorf("tls handshake: %w", err)
+		return "", key, fmt.Errorf("tls handshake: %w", err)
 	}
-	peer, err := streamAuthServer(tc, s.priv, s.lookup)
+	name, key, err = streamAuthServer(tc, s.priv, s.lookup)
 	switch {
 	case errors.Is(err, errPeerProof):
 		s.refuse(2)
-		return "", err
+		return "", key, err
 	case err != nil:
 		s.refuse(1)
-		return "", err
+		return "", key, err
 	}
 	tc.SetDeadline(time.Time{})
-	return peer, nil
+	return name, key, nil
+}
+
+// retain ends the streams of peers keep does not want (removed on reload).
+func (s *streamServer) retain(keep func(conf.Key) bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for k, st := range s.byPeer {
+		if !keep(k) {
+			st.closeWith(errors.New("peer removed from the config"))
+		}
+	}
 }
 
 // close stops accepting, closes every connection and waits for them.

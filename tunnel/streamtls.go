@@ -160,15 +160,16 @@ func streamAuthClient(c *tls.Conn, priv, relayPub conf.Key) error {
 var errPeerProof = errors.New("not a configured peer, or a bad proof")
 
 // streamAuthServer runs the relay's side; lookup says whether a public key
-// is a configured peer, and returns its name.
-func streamAuthServer(c *tls.Conn, priv conf.Key, lookup func(conf.Key) (string, bool)) (string, error) {
+// is a configured peer, and returns its name. It returns the peer's name
+// and public key.
+func streamAuthServer(c *tls.Conn, priv conf.Key, lookup func(conf.Key) (string, bool)) (string, conf.Key, error) {
+	var pub conf.Key
 	exp, err := exporterOf(c)
 	if err != nil {
-		return "", err
+		return "", pub, err
 	}
-	var pub conf.Key
 	if _, err := io.ReadFull(c, pub[:]); err != nil {
-		return "", fmt.Errorf("read key: %w", err)
+		return "", pub, fmt.Errorf("read key: %w", err)
 	}
 	name, known := lookup(pub)
 	var secret []byte
@@ -184,16 +185,16 @@ func streamAuthServer(c *tls.Conn, priv conf.Key, lookup func(conf.Key) (string,
 		rand.Read(proof)
 	}
 	if _, err := c.Write(proof); err != nil {
-		return "", fmt.Errorf("send proof: %w", err)
+		return "", pub, fmt.Errorf("send proof: %w", err)
 	}
 	got := make([]byte, proofSize)
 	if _, err := io.ReadFull(c, got); err != nil {
-		return "", fmt.Errorf("read proof: %w", err)
+		return "", pub, fmt.Errorf("read proof: %w", err)
 	}
 	if !known || !hmac.Equal(got, streamProof(secret, "appliance", exp, pub)) {
-		return "", errPeerProof
+		return "", pub, errPeerProof
 	}
-	return name, nil
+	return name, pub, nil
 }
 
 // serverName is the SNI to send for host: none for an IP address.

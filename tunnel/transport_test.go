@@ -213,7 +213,37 @@ func TestTransportWrongRelayKey(t *testing.T) {
 	if !strings.Contains(st.TransportError, "did not prove uplink.relay_public_key") || st.TCPConnects != 0 || st.State == tunnel.StateRegistered {
 		t.Fatalf("%+v", st)
 	}
-	if rs := relay.relay.Status(); rs.TCPStreams != 0 || rs.TCPAccepted != 0 || rs.TCPRefusals["handshake"] == 0 {
+	// The relay counts the refusal once the appliance hangs up.
+	waitFor(t, 10*time.Second, "the relay's refusal", func() bool { return relay.relay.Status().TCPRefusals["handshake"] > 0 })
+	if rs := relay.relay.Status(); rs.TCPStreams != 0 || rs.TCPAccepted != 0 {
 		t.Fatalf("relay: %+v", rs)
+	}
+}
+
+// TestTransportPeerRemovedOnReload: a peer removed from the relay's config
+// loses its TCP transport connection with it, and cannot connect again.
+func TestTransportPeerRemovedOnReload(t *testing.T) {
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	key := mustKey(t)
+	cfg := onePeerRelayConfig(t, key, spec)
+	cfg.Relay.TCPListen = "127.0.0.1:0"
+	relay := startRelay(t, cfg, testLogger(t))
+	gate := newUDPGate(t, relay.port)
+	a := runAppliance(t, uplinkTOML(gate.port(), relay.relay.StreamAddr(), relay.key.Public(), key, "tcp",
+		mappingTOML("echo", "tcp", port, echoService(t), "")), applAddrA)
+	waitRegistered(t, a, spec)
+	if n := relay.relay.Status().TCPStreams; n != 1 {
+		t.Fatalf("tcp streams %d, want 1", n)
+	}
+	without := *cfg
+	without.Peers = nil
+	if err := relay.relay.Reload(&without); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the removed peer's stream closed", func() bool { return relay.relay.Status().TCPStreams == 0 })
+	waitFor(t, 10*time.Second, "a refused reconnect", func() bool { return relay.relay.Status().TCPRefusals["handshake"] > 0 })
+	if st := a.uplink.Status(); st.TransportError == "" {
+		t.Fatalf("appliance after removal: %+v", st)
 	}
 }
