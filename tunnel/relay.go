@@ -240,7 +240,7 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 		return nil, fmt.Errorf("relay forwarder: %w", err)
 	}
 	if cfg.Relay.TCPListen != "" {
-		r.streams, err = listenStreams(cfg.Relay.TCPListen, bind, cfg.Relay.PrivateKey, r.peerByKey, mtu, o, log)
+		r.streams, err = listenStreams(cfg.Relay.TCPListen, bind, cfg.Relay.PrivateKey, r.peerByKey, o, log)
 		if err != nil {
 			r.eng.Close()
 			d.Close()

@@ -65,7 +65,7 @@ func (s *streamServer) refuse(i int) { s.refused[i].Add(1) }
 
 // listenStreams opens the relay's TCP transport on addr.
 func listenStreams(addr string, bind *streamBind, priv conf.Key, lookup func(conf.Key) (string, bool),
-	mtu int, o options, log *zap.Logger) (*streamServer, error) {
+	o options, log *zap.Logger) (*streamServer, error) {
 	tlsCfg, err := streamServerTLS("localhost")
 	if err != nil {
 		return nil, fmt.Errorf("relay.tcp_listen: certificate: %w", err)
@@ -76,7 +76,7 @@ func listenStreams(addr string, bind *streamBind, priv conf.Key, lookup func(con
 	}
 	s := &streamServer{
 		ln: ln, tlsCfg: tlsCfg, bind: bind, priv: priv, lookup: lookup,
-		limit:     maxFrame(mtu),
+		limit:     maxStreamFrame,
 		pending:   make(chan struct{}, o.streamPending),
 		handshake: o.streamHandshake,
 		log:       log,

@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"bufio"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -44,12 +45,12 @@ const (
 
 var errFrameSize = errors.New("frame size out of range")
 
-// maxFrame is the largest frame a side accepts: one tunnel packet of mtu
-// bytes in a transport message, or a handshake message. An honest peer with
-// the same tunnel MTU never sends more.
-func maxFrame(mtu int) int {
-	return max(mtu+device.MessageTransportSize, device.MessageInitiationSize)
-}
+// maxStreamFrame is the largest frame either side accepts: what one UDP
+// datagram can carry, so the transport lets a peer send nothing it could
+// not send over UDP (tunnel MTUs up to conf.MaxTunnelMTU, and sides whose
+// MTUs differ, work alike). Only an authenticated peer gets to send frames;
+// the relay's frames in flight are bounded by the bind's queue.
+const maxStreamFrame = 65507
 
 var frameBufs = sync.Pool{New: func() any { b := make([]byte, poolFrame); return &b }}
 
@@ -122,6 +123,7 @@ type queued struct {
 // frame to the bind.
 type stream struct {
 	c     net.Conn
+	raw   net.Conn // under TLS: closing it never waits, unlike sending close_notify
 	ep    *streamEndpoint
 	limit int // largest frame accepted
 	cnt   *streamCounters
@@ -132,7 +134,10 @@ type stream struct {
 }
 
 func newStream(c net.Conn, limit int, cnt *streamCounters) *stream {
-	s := &stream{c: c, limit: limit, cnt: cnt, queue: make(chan queued, streamQueue), done: make(chan struct{})}
+	s := &stream{c: c, raw: c, limit: limit, cnt: cnt, queue: make(chan queued, streamQueue), done: make(chan struct{})}
+	if tc, ok := c.(*tls.Conn); ok {
+		s.raw = tc.NetConn()
+	}
 	dst, _ := netip.ParseAddrPort(c.RemoteAddr().String())
 	s.ep = &streamEndpoint{s: s, dst: netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())}
 	return s
@@ -146,7 +151,7 @@ func (s *stream) closeWith(err error) {
 		}
 		s.err.Store(&err)
 		close(s.done)
-		s.c.Close()
+		s.raw.Close()
 	})
 }
 

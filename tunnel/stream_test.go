@@ -34,13 +34,16 @@ func frames(t testing.TB, msgs ...[]byte) []byte {
 	return b.Bytes()
 }
 
+// testFrameLimit is a 1420-byte packet in a transport message.
+const testFrameLimit = 1420 + 32
+
 func msgOf(n int, fill byte) []byte { return bytes.Repeat([]byte{fill}, n) }
 
 // TestReadFramePartialReads: frames split anywhere (one byte per read, half
 // reads) come out whole and in order, and a stream cut inside a frame is
 // an unexpected EOF, not a short message.
 func TestReadFramePartialReads(t *testing.T) {
-	limit := maxFrame(1420)
+	limit := testFrameLimit
 	msgs := [][]byte{msgOf(minFrame, 1), msgOf(148, 2), msgOf(limit, 3), msgOf(poolFrame+1, 4)}
 	data := frames(t, msgs[:3]...)
 	for name, r := range map[string]io.Reader{
@@ -61,7 +64,7 @@ func TestReadFramePartialReads(t *testing.T) {
 	}
 	// Larger than the pool's buffers (a big tunnel MTU).
 	big := frames(t, msgs[3])
-	if b, n, err := readFrame(bytes.NewReader(big), maxFrame(9000)); err != nil || !bytes.Equal((*b)[:n], msgs[3]) {
+	if b, n, err := readFrame(bytes.NewReader(big), 9032); err != nil || !bytes.Equal((*b)[:n], msgs[3]) {
 		t.Fatalf("big frame: %d, %v", n, err)
 	}
 	for cut := 1; cut < frameHeader+minFrame; cut++ {
@@ -74,7 +77,7 @@ func TestReadFramePartialReads(t *testing.T) {
 // TestReadFrameSizeRefused: lengths under a keepalive or over the limit are
 // refused before anything is read or allocated for them.
 func TestReadFrameSizeRefused(t *testing.T) {
-	limit := maxFrame(1420)
+	limit := testFrameLimit
 	for _, n := range []int{0, 1, minFrame - 1, limit + 1, 0xffff} {
 		var h [2]byte
 		binary.BigEndian.PutUint16(h[:], uint16(n))
@@ -104,7 +107,7 @@ func FuzzReadFrame(f *testing.F) {
 	f.Add([]byte{0xff, 0xff, 1, 2, 3})
 	f.Add([]byte{0, 40, 1})
 	f.Fuzz(func(t *testing.T, data []byte) {
-		limit := maxFrame(1420)
+		limit := testFrameLimit
 		r := bytes.NewReader(data)
 		var out bytes.Buffer
 		w := bufio.NewWriter(&out)
@@ -134,7 +137,7 @@ func TestStreamQueueBounded(t *testing.T) {
 	a, b := net.Pipe() // unbuffered: nothing is written until b reads
 	defer b.Close()
 	var cnt streamCounters
-	s := newStream(a, maxFrame(1420), &cnt)
+	s := newStream(a, testFrameLimit, &cnt)
 	defer s.closeWith(nil)
 	go s.writeLoop()
 	msg := msgOf(100, 7)
@@ -162,7 +165,7 @@ func TestStreamQueueBounded(t *testing.T) {
 	r := bufio.NewReader(b)
 	for i := range total - d {
 		b.SetReadDeadline(time.Now().Add(5 * time.Second))
-		got, n, err := readFrame(r, maxFrame(1420))
+		got, n, err := readFrame(r, testFrameLimit)
 		if err != nil || !bytes.Equal((*got)[:n], msg) {
 			t.Fatalf("queued frame %d of %d: %v", i, total-d, err)
 		}
@@ -185,7 +188,7 @@ func testRelayKeys(t *testing.T) (relay, peer conf.Key) {
 func testStreamServer(t *testing.T, relay, peer conf.Key, o options) *streamServer {
 	t.Helper()
 	lookup := func(k conf.Key) (string, bool) { return "a", k == peer.Public() }
-	s, err := listenStreams("127.0.0.1:0", newStreamBind(conn.NewStdNetBind()), relay, lookup, 1420, o,
+	s, err := listenStreams("127.0.0.1:0", newStreamBind(conn.NewStdNetBind()), relay, lookup, o,
 		zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel)))
 	if err != nil {
 		t.Fatal(err)
@@ -322,7 +325,7 @@ func TestStreamServerFrameRefused(t *testing.T) {
 	}
 	waitCond(t, "the stream up", func() bool { return s.status().streams == 1 })
 	var h [2]byte
-	binary.BigEndian.PutUint16(h[:], uint16(maxFrame(1420)+1))
+	binary.BigEndian.PutUint16(h[:], uint16(maxStreamFrame+1))
 	tc.Write(h[:])
 	if _, err := io.ReadAll(tc); err != nil && !isReset(err) && !strings.Contains(err.Error(), "closed") {
 		t.Fatalf("after an oversize frame: %v", err)

@@ -193,11 +193,7 @@ func (u *Uplink) dialStream(ctx context.Context) error {
 		return err
 	}
 	tc.SetDeadline(time.Time{})
-	mtu := u.cfg.MTU
-	if mtu <= 0 {
-		mtu = defaultMTU
-	}
-	s := newStream(tc, maxFrame(mtu), &u.client.bind.cnt)
+	s := newStream(tc, maxStreamFrame, &u.client.bind.cnt)
 	if old := u.client.cur.Swap(s); old != nil {
 		old.closeWith(net.ErrClosed)
 	}
