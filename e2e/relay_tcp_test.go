@@ -131,6 +131,29 @@ proxy_protocol = "v2"
 		t.Errorf("natbox doctor does not say the uplink is on TCP/443:\n%s", doc.stdout)
 	}
 
+	// An appliance pinned to another relay key is refused over TLS, and the
+	// real one keeps working.
+	_, otherPub := r.genKey("other")
+	wrongCfg := r.writeFile("wrong.toml", strings.NewReplacer(relayPub, otherPub, "home.sock", "wrong.sock",
+		`keepalive = "2s"`, "keepalive = \"2s\"\ntransport = \"tcp\"").Replace(readFile(t, homeCfg)), 0o644)
+	wrong := startUnprivileged(r.home, "wrong", "run", "-c", wrongCfg)
+	eventually(t, "the wrong key refused", 20*time.Second, func() error {
+		st, err := adminStatus(t, filepath.Join(sockDir, "wrong.sock"))
+		if err == nil && (st.Uplink == nil || !strings.Contains(st.Uplink.TransportError, "did not prove uplink.relay_public_key")) {
+			err = fmt.Errorf("uplink %+v", st.Uplink)
+		}
+		return err
+	}, relay, home, wrong)
+	st, err = adminStatus(t, filepath.Join(sockDir, "relay.sock"))
+	if err != nil || st.Relay.Stats.Reasons["tcp_refusals"]["handshake"] == 0 || st.Relay.Stats.Counters["tcp_accepted"] != 1 {
+		t.Errorf("relay after the wrong key: %v %+v", err, st.Relay.Stats)
+	}
+	wrong.signal(os.Interrupt)
+	wrong.wait(15 * time.Second)
+	if _, err := whoami(); err != nil {
+		t.Fatalf("the real appliance after the refused one: %v", err)
+	}
+
 	r.isp.must("nft", "delete", "table", "ip", "udpblock")
 	unblocked := time.Now()
 	eventually(t, "the uplink back on udp", 90*time.Second, func() error {
@@ -152,4 +175,13 @@ proxy_protocol = "v2"
 		}
 		return err
 	}, relay, home)
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }
