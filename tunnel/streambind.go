@@ -150,6 +150,9 @@ type streamClient struct {
 	// udpResponse is when a handshake response last arrived over UDP (unix
 	// nanoseconds): the relay answered a probe there.
 	udpResponse atomic.Int64
+	// udpWhenDown: while on TCP with no stream up, send over UDP instead of
+	// dropping (transport "auto").
+	udpWhenDown atomic.Bool
 }
 
 func newStreamClient(udp conn.Bind) *streamClient {
@@ -172,7 +175,12 @@ func (c *streamClient) send(bufs [][]byte, ep conn.Endpoint) error {
 		return c.bind.Bind.Send(bufs, ep)
 	}
 	s := c.cur.Load()
-	if s == nil {
+	if s == nil || s.closed() {
+		if c.udpWhenDown.Load() {
+			// "auto" with no stream up (the relay may not offer TCP at all):
+			// UDP is no worse than nothing.
+			return c.bind.Bind.Send(bufs, ep)
+		}
 		c.bind.cnt.dropped.Add(uint64(len(bufs)))
 		return nil
 	}

@@ -247,3 +247,39 @@ func TestTransportPeerRemovedOnReload(t *testing.T) {
 		t.Fatalf("appliance after removal: %+v", st)
 	}
 }
+
+// TestTransportAutoWithoutRelayTCP: an "auto" uplink whose relay offers no
+// TCP transport loses nothing by trying it: after a UDP outage it finds TCP
+// unreachable, keeps sending over UDP, and is back on UDP as soon as UDP
+// answers (long before the next probe), with the flow intact.
+func TestTransportAutoWithoutRelayTCP(t *testing.T) {
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	key := mustKey(t)
+	relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t))
+	gate := newUDPGate(t, relay.port)
+	gate.open.Store(true)
+	closed := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: int(freePort(t, false))} // nothing listens
+	a := runAppliance(t, uplinkTOML(gate.port(), closed, relay.key.Public(), key, "auto",
+		mappingTOML("echo", "tcp", port, echoService(t), "")), applAddrA,
+		tunnel.WithTransportLadder(time.Second, time.Hour, 50*time.Millisecond))
+	waitRegistered(t, a, spec)
+	c, err := net.Dial("tcp", netip.AddrPortFrom(loopback4, port).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	echoLine(t, c, "over udp\n")
+
+	gate.open.Store(false)
+	waitFor(t, 20*time.Second, "a tcp attempt", func() bool {
+		st := a.uplink.Status()
+		return st.Transport == tunnel.TransportTCP && st.TCPConnectFailures > 0
+	})
+	gate.open.Store(true)
+	waitFor(t, 20*time.Second, "the uplink back on udp", func() bool { return a.uplink.Status().Transport == tunnel.TransportUDP })
+	if st := a.uplink.Status(); st.TCPConnects != 0 || st.TransportSwitches != 2 {
+		t.Fatalf("%+v", st)
+	}
+	echoLine(t, c, "still there\n")
+}

@@ -57,17 +57,21 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 	}()
 	if mode == conf.TransportTCP {
 		u.switchTransport(true, `uplink.transport is "tcp"`)
+	} else {
+		u.client.udpWhenDown.Store(true)
 	}
 	tick := time.NewTicker(u.opts.transportTick)
 	defer tick.Stop()
 	var (
-		lastRx     uint64
-		lastHS     time.Time
-		progress   = time.Now()
-		nextDial   time.Time
-		backoff    = minBackoff
-		nextProbe  time.Time
-		probeStart int64
+		lastRx    uint64
+		lastHS    time.Time
+		progress  = time.Now()
+		nextDial  time.Time
+		backoff   = minBackoff
+		nextProbe time.Time
+		tcpSince  int64 // unix nanoseconds of the switch to TCP
+		down      bool  // on TCP with no stream up, since downRx bytes received
+		downRx    uint64
 	)
 	for first := true; ; first = false {
 		if !first {
@@ -88,7 +92,20 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 				continue
 			}
 			u.switchTransport(true, fmt.Sprintf("no reply over udp for %s", u.opts.fallbackAfter))
-			nextDial, nextProbe = now, now.Add(u.opts.probeEvery)
+			nextDial, nextProbe, tcpSince = now, now.Add(u.opts.probeEvery), now.UnixNano()
+		}
+		// With no stream up, "auto" sends over UDP (streamClient.send), so
+		// anything received now came over UDP: it works again.
+		if s := u.client.cur.Load(); mode == conf.TransportAuto && (s == nil || s.closed()) {
+			if !down {
+				down, downRx = true, st.RxBytes
+			} else if st.RxBytes > downRx {
+				u.switchTransport(false, "the relay answered over udp")
+				progress, down = now, false
+				continue
+			}
+		} else {
+			down = false
 		}
 		if s := u.client.cur.Load(); (s == nil || s.closed()) && !now.Before(nextDial) {
 			if err := u.connectStream(ctx); err != nil {
@@ -105,17 +122,17 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 		if mode != conf.TransportAuto {
 			continue
 		}
-		// The relay answered a probe over UDP, and the handshake completed.
-		if r := u.client.udpResponse.Load(); probeStart != 0 && r > probeStart && !lastHS.Before(time.Unix(0, r)) {
+		// The relay answered over UDP (a probe, or a handshake sent there
+		// while no stream was up) and the handshake completed.
+		if r := u.client.udpResponse.Load(); r > tcpSince && !lastHS.Before(time.Unix(0, r)) {
 			u.switchTransport(false, "the relay answered over udp")
 			if s := u.client.cur.Swap(nil); s != nil {
 				s.closeWith(net.ErrClosed)
 			}
-			progress, probeStart = now, 0
+			progress = now
 			continue
 		}
 		if !now.Before(nextProbe) {
-			probeStart = now.UnixNano()
 			nextProbe = now.Add(u.opts.probeEvery)
 			u.client.probe.Store(true)
 			u.rehandshake()
