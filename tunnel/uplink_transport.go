@@ -23,7 +23,9 @@ import (
 // a replay it ignores), and a handshake completed on an answer that came
 // over UDP moves the uplink back. Only that first initiation is duplicated,
 // so a network that passes UDP one way only cannot trap the handshake on
-// UDP. WireGuard's sessions do not depend on the transport, so flows inside
+// UDP. While no stream is up (the relay offers no TCP, or it restarts),
+// sends keep going over UDP, and anything received then proves UDP works.
+// WireGuard's sessions do not depend on the transport, so flows inside
 // the tunnel see a pause of about one handshake, not a reset.
 const (
 	defaultFallbackAfter = 15 * time.Second
@@ -92,7 +94,7 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 				continue
 			}
 			u.switchTransport(true, fmt.Sprintf("no reply over udp for %s", u.opts.fallbackAfter))
-			nextDial, nextProbe, tcpSince = now, now.Add(u.opts.probeEvery), now.UnixNano()
+			nextDial, nextProbe, tcpSince, backoff = now, now.Add(u.opts.probeEvery), now.UnixNano(), minBackoff
 		}
 		// With no stream up, "auto" sends over UDP (streamClient.send), so
 		// anything received now came over UDP: it works again.
