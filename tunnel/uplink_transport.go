@@ -200,6 +200,8 @@ func (u *Uplink) dialStream(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	stop := context.AfterFunc(ctx, func() { raw.Close() }) // Close must not wait out the proof
+	defer stop()
 	tc := tls.Client(raw, streamClientTLS(serverName(host)))
 	deadline, _ := ctx.Deadline()
 	tc.SetDeadline(deadline)
@@ -210,6 +212,9 @@ func (u *Uplink) dialStream(ctx context.Context) error {
 	if err := streamAuthClient(tc, u.cfg.PrivateKey, u.cfg.RelayPublicKey); err != nil {
 		raw.Close()
 		return err
+	}
+	if !stop() {
+		return ctx.Err() // raw is closed
 	}
 	tc.SetDeadline(time.Time{})
 	s := newStream(tc, maxStreamFrame, &u.client.bind.cnt)
