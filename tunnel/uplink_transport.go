@@ -24,7 +24,8 @@ import (
 // over UDP moves the uplink back. Only that first initiation is duplicated,
 // so a network that passes UDP one way only cannot trap the handshake on
 // UDP. While no stream is up (the relay offers no TCP, or it restarts),
-// sends keep going over UDP, and anything received then proves UDP works.
+// sends keep going over UDP, and each failed connect starts a handshake
+// there, whose answer moves the uplink back.
 // WireGuard's sessions do not depend on the transport, so flows inside
 // the tunnel see a pause of about one handshake, not a reset.
 const (
@@ -72,8 +73,6 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 		backoff   = minBackoff
 		nextProbe time.Time
 		tcpSince  int64 // unix nanoseconds of the switch to TCP
-		down      bool  // on TCP with no stream up, since downRx bytes received
-		downRx    uint64
 	)
 	for first := true; ; first = false {
 		if !first {
@@ -96,19 +95,6 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 			u.switchTransport(true, fmt.Sprintf("no reply over udp for %s", u.opts.fallbackAfter))
 			nextDial, nextProbe, tcpSince, backoff = now, now.Add(u.opts.probeEvery), now.UnixNano(), minBackoff
 		}
-		// With no stream up, "auto" sends over UDP (streamClient.send), so
-		// anything received now came over UDP: it works again.
-		if s := u.client.cur.Load(); mode == conf.TransportAuto && (s == nil || s.closed()) {
-			if !down {
-				down, downRx = true, st.RxBytes
-			} else if st.RxBytes > downRx {
-				u.switchTransport(false, "the relay answered over udp")
-				progress, down = now, false
-				continue
-			}
-		} else {
-			down = false
-		}
 		if s := u.client.cur.Load(); (s == nil || s.closed()) && !now.Before(nextDial) {
 			if err := u.connectStream(ctx); err != nil {
 				if ctx.Err() != nil {
@@ -116,6 +102,11 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 				}
 				nextDial = now.Add(backoff)
 				backoff = min(backoff*2, maxBackoff)
+				if mode == conf.TransportAuto {
+					// Sends go over UDP meanwhile: a handshake there shows
+					// whether UDP works again (answered below).
+					u.rehandshake()
+				}
 			} else {
 				backoff = minBackoff
 				u.rehandshake()
