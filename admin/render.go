@@ -188,6 +188,13 @@ func renderUplink(w io.Writer, now time.Time, u *Uplink) {
 	fmt.Fprintf(w, "uplink to %s, tunnel address %s\n", relay, u.Address)
 	fmt.Fprintf(w, "  state       %s\n", orDash(u.State))
 	fmt.Fprintf(w, "  handshake   %s\n", formatAgo(now, u.LastHandshake))
+	if u.Transport != "" && u.Transport != "udp" { // udp is routine
+		why := u.SwitchReason
+		if u.TransportError != "" {
+			why = "failing: " + u.TransportError
+		}
+		fmt.Fprintf(w, "  transport   %s (%s)\n", u.Transport, why)
+	}
 	fmt.Fprintf(w, "  traffic     in %s, out %s\n", formatBytes(u.BytesIn), formatBytes(u.BytesOut))
 	fmt.Fprintf(w, "  registered  %s\n", formatList(u.Registered))
 	for _, r := range u.Refused {

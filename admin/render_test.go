@@ -70,6 +70,26 @@ func TestRenderStatus(t *testing.T) {
 	}
 }
 
+func TestRenderUplinkTransport(t *testing.T) {
+	now := time.Now()
+	var b strings.Builder
+	renderUplink(&b, now, &Uplink{Relay: "relay.example.net:51820", Endpoint: "tcp/203.0.113.1:443",
+		Transport: "tcp", SwitchReason: "no reply over udp for 15s"})
+	if want := "  transport   tcp (no reply over udp for 15s)\n"; !strings.Contains(b.String(), want) {
+		t.Errorf("lacks %q:\n%s", want, b.String())
+	}
+	b.Reset()
+	renderUplink(&b, now, &Uplink{Relay: "r:1", Transport: "tcp", SwitchReason: "x", TransportError: "connection refused"})
+	if want := "  transport   tcp (failing: connection refused)\n"; !strings.Contains(b.String(), want) {
+		t.Errorf("lacks %q:\n%s", want, b.String())
+	}
+	b.Reset()
+	renderUplink(&b, now, &Uplink{Relay: "r:1", Transport: "udp"})
+	if strings.Contains(b.String(), "transport") {
+		t.Errorf("udp shown:\n%s", b.String())
+	}
+}
+
 func TestRenderSessions(t *testing.T) {
 	ss := sampleSessions()
 	ss[0].AgeSeconds, ss[0].IdleSeconds = 7500, 5

@@ -177,6 +177,12 @@ type Uplink struct {
 	BytesOut      uint64        `json:"bytes_out"`            // sent to the relay
 	Registered    []string      `json:"registered,omitempty"` // ports the relay holds for us: "tcp/443"
 	Refused       []PortRefusal `json:"refused,omitempty"`
+	// Transport is "udp" or "tcp" (WireGuard inside TLS to relay_tcp);
+	// SwitchReason says why it last changed, TransportError why the last TCP
+	// connect failed.
+	Transport      string `json:"transport,omitempty"`
+	SwitchReason   string `json:"switch_reason,omitempty"`
+	TransportError string `json:"transport_error,omitempty"`
 	// Stats holds the uplink's other counters, by reflection: see CountersOf.
 	Stats Counters `json:"stats,omitzero"`
 }

@@ -452,6 +452,9 @@ relay_public_key = "` + testRelayPub + `"
 private_key = "` + testPriv + `"
 address = "fd77::2" # <-`, `uplink.address: address fd77::2 is IPv6; tunnel addresses are IPv4; use an IPv4 address such as 10.77.0.2; natbox derives the IPv6 tunnel address from it`},
 		{"uplink relay address ipv6", uplinkTable + `relay_address = "fd77::1" # <-`, `uplink.relay_address: address fd77::1 is IPv6; tunnel addresses are IPv4; use an IPv4 address such as 10.77.0.2; natbox derives the IPv6 tunnel address from it`},
+		{"uplink transport", uplinkTable + `transport = "tls" # <-`, `uplink.transport: unknown transport "tls"; use "auto" (UDP, TCP when UDP is blocked), "udp" or "tcp"`},
+		{"uplink relay_tcp", uplinkTable + `relay_tcp = "relay.example.net" # <-`, `uplink.relay_tcp: "relay.example.net" is not host:port; write host:port, e.g. "relay.example.net:51820" or "[2001:db8::1]:51820"`},
+		{"uplink relay_tcp port", uplinkTable + `relay_tcp = "relay.example.net:0" # <-`, `uplink.relay_tcp: port "0" is out of range; use 1-65535`},
 		{"uplink v4-in-v6 relay address is own address", uplinkTable + `relay_address = "::ffff:10.77.0.2" # <-`, `uplink.relay_address: relay_address 10.77.0.2 is this appliance's own address; set relay_address to the relay's tunnel address`},
 	}
 	for _, tt := range tests {
@@ -682,7 +685,8 @@ idle_timeout = "30s"
 		t.Errorf("admin = %+v", cfg.Admin)
 	}
 	u := cfg.Uplinks[0]
-	if u.Keepalive.D() != 25*time.Second || u.MTU != 1420 || u.RelayAddress.String() != "10.77.0.1" || u.PrivateKey.String() != testPriv {
+	if u.Keepalive.D() != 25*time.Second || u.MTU != 1420 || u.RelayAddress.String() != "10.77.0.1" || u.PrivateKey.String() != testPriv ||
+		u.Transport != "auto" || u.RelayTCP != "relay.example.net:443" {
 		t.Errorf("uplink = %+v", u)
 	}
 	idle := []struct {

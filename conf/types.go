@@ -57,6 +57,12 @@ type Uplink struct {
 	RelayAddress   netip.Addr `toml:"relay_address"`    // the relay's tunnel address; default: Address with last octet 1
 	Keepalive      Duration   `toml:"keepalive"`        // default 25s
 	MTU            int        `toml:"mtu"`              // tunnel MTU, default 1420
+	// The TCP fallback (WireGuard inside TLS): relay_tcp is the relay's
+	// tcp_listen as reachable from here, default the relay's host, port 443;
+	// transport is "auto" (default: UDP, TCP when UDP gets no answer), "udp"
+	// or "tcp".
+	RelayTCP  string `toml:"relay_tcp"`
+	Transport string `toml:"transport"`
 
 	// Key is this table's key path in messages: "uplink" for a single
 	// [uplink] table, "uplink[1]" for the second [[uplink]].
@@ -67,7 +73,7 @@ type Uplink struct {
 
 // MaxUplinks bounds [[uplink]] tables: each is a WireGuard device, a
 // netstack and a control connection, and more relays than this buys no
-// reachability (issue 11: scaling past one relay is DNS and more relays).
+// reachability: scaling past one relay is DNS and more relays.
 const MaxUplinks = 8
 
 // Name is how status, metrics and logs label the uplink: its relay's
@@ -173,6 +179,9 @@ type RelaySection struct {
 	MTU            int          `toml:"mtu"`         // default 1420
 	DialTimeout    Duration     `toml:"dial_timeout"`
 	MaxSessions    int          `toml:"max_sessions"`
+	// TCPListen turns the TCP transport on: WireGuard inside TLS for
+	// appliances whose network blocks UDP, e.g. "0.0.0.0:443"; empty: off.
+	TCPListen string `toml:"tcp_listen"`
 
 	// Each peer's quotas, unless its [[peer]] sets its own (0: unlimited):
 	// what one peer's ports may take of the relay. See RelayConfig.PeerLimits.

@@ -70,6 +70,12 @@ func (c *Config) applyDefaults() {
 		if !u.RelayAddress.IsValid() && u.Address.IsValid() {
 			u.RelayAddress = hostOne(u.Address)
 		}
+		if u.Transport == "" {
+			u.Transport = TransportAuto
+		}
+		if host, _, err := net.SplitHostPort(u.Relay); u.RelayTCP == "" && err == nil && host != "" {
+			u.RelayTCP = net.JoinHostPort(host, DefaultRelayTCPPort)
+		}
 	}
 	for i := range c.Mappings {
 		m := &c.Mappings[i]
@@ -263,7 +269,26 @@ func (u *Uplink) validate(r *report, p, dir string) {
 		r.errorf(p+".relay_address", "set relay_address to the relay's tunnel address", "relay_address %s is this appliance's own address", u.RelayAddress)
 	}
 	validateMTU(r, p+".mtu", u.MTU, true)
+	switch u.Transport {
+	case TransportAuto, TransportUDP, TransportTCP:
+	default:
+		r.errorf(p+".transport", `use "auto" (UDP, TCP when UDP is blocked), "udp" or "tcp"`, "unknown transport %q", u.Transport)
+	}
+	if u.RelayTCP != "" {
+		if err := checkHostPort(u.RelayTCP, false); err != nil {
+			r.valueError(p+".relay_tcp", err, "")
+		}
+	}
 }
+
+// Transports of uplink.transport.
+const (
+	TransportAuto = "auto"
+	TransportUDP  = "udp"
+	TransportTCP  = "tcp"
+	// DefaultRelayTCPPort is uplink.relay_tcp's port when only relay is set.
+	DefaultRelayTCPPort = "443"
+)
 
 // checkHostPort validates "host:port"; an empty host is allowed only when
 // emptyHost is set (listen on every address).

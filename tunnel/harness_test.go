@@ -206,6 +206,13 @@ relay_address = %q
 keepalive = "1s"
 mtu = %d
 %s`, relayHost, relay.port, relay.key.Public(), key, addr, relayTunnelAddr, testMTU, mappings)
+	return runAppliance(t, toml, addr)
+}
+
+// runAppliance starts an appliance from its whole config text; addr is its
+// tunnel address.
+func runAppliance(t testing.TB, toml string, addr netip.Addr, opts ...tunnel.Option) *appliance {
+	t.Helper()
 	cfg, _, err := conf.Parse("appliance.toml", []byte(toml))
 	if err != nil {
 		t.Fatalf("appliance config: %v", err)
@@ -228,7 +235,7 @@ mtu = %d
 		t.Fatal(err)
 	}
 	h.in = &uplinkIngress{st}
-	u, err := tunnel.NewUplink(&cfg.Uplinks[0], outer, st, log.Named("uplink"), testOpts...)
+	u, err := tunnel.NewUplink(&cfg.Uplinks[0], outer, st, log.Named("uplink"), append(testOpts[:len(testOpts):len(testOpts)], opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}

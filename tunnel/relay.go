@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
 
@@ -67,6 +68,7 @@ type Relay struct {
 	running   atomic.Bool // Run was called
 
 	eng      *forwarder.Engine // admits and runs every public flow
+	streams  *streamServer     // the TCP transport; nil when relay.tcp_listen is empty
 	rejected atomic.Uint64     // tunnel flows refused by isolation
 
 	// mu guards the following fields.
@@ -222,7 +224,8 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 	for _, p := range cfg.Peers {
 		uapi += peerUAPI(p.PublicKey, netip.AddrPort{}, 0, TunnelPrefixes(p.Address))
 	}
-	d, err := newDevice(dev, cfg.Relay.PrivateKey, port, log)
+	bind := newStreamBind(conn.NewStdNetBind())
+	d, err := newDevice(dev, bind, cfg.Relay.PrivateKey, port, log)
 	if err != nil {
 		cancel()
 		return nil, err // newDevice closed dev
@@ -241,6 +244,15 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 		d.Close()
 		cancel()
 		return nil, fmt.Errorf("relay forwarder: %w", err)
+	}
+	if cfg.Relay.TCPListen != "" {
+		r.streams, err = listenStreams(cfg.Relay.TCPListen, bind, cfg.Relay.PrivateKey, r.peerByKey, o, log)
+		if err != nil {
+			r.eng.Close()
+			d.Close()
+			cancel()
+			return nil, err
+		}
 	}
 	log.Info("relay up", zap.String("listen", cfg.Relay.Listen), zap.Stringer("address", r.addr4),
 		zap.Int("count", len(cfg.Peers)))
@@ -300,11 +312,33 @@ func (r *Relay) Close() error {
 			cc.c.Close()
 		}
 		r.eng.Close() // ends every public flow
+		if r.streams != nil {
+			r.streams.close()
+		}
 		r.dev.Close()
 		r.wg.Wait()
 		r.log.Info("relay down")
 	})
 	return nil
+}
+
+// peerByKey names the configured peer with public key k.
+func (r *Relay) peerByKey(k conf.Key) (string, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	p, ok := r.cfg.PeerByKey(k)
+	if !ok {
+		return "", false
+	}
+	return p.Name, true
+}
+
+// StreamAddr is the TCP transport's listening address, or nil when it is off.
+func (r *Relay) StreamAddr() net.Addr {
+	if r.streams == nil {
+		return nil
+	}
+	return r.streams.Addr()
 }
 
 // addPeerLocked registers a configured peer (its WireGuard side is set up
@@ -406,6 +440,14 @@ type RelayStatus struct {
 	UDPSockets  int               `json:"udp_sockets"` // public UDP sockets open, all peers
 	Rejected    uint64            `json:"rejected"`    // flows from the tunnel refused by isolation
 	OverLimit   uint64            `json:"over_limit"`  // public flows refused by relay.max_sessions
+	// The TCP transport (relay.tcp_listen): peers connected over it now,
+	// connections authenticated since start, connections refused or ended
+	// by reason (busy, handshake, auth, frame, replaced), and WireGuard
+	// messages dropped because a connection's write queue was full.
+	TCPStreams  int               `json:"tcp_streams"`
+	TCPAccepted uint64            `json:"tcp_accepted"`
+	TCPRefusals map[string]uint64 `json:"tcp_refusals,omitempty"`
+	TCPDropped  uint64            `json:"tcp_dropped"`
 }
 
 // RelayPeerStatus describes one peer.
@@ -468,6 +510,10 @@ func (r *Relay) Status() RelayStatus {
 	}
 	es := r.eng.Snapshot()
 	st := RelayStatus{TCPSessions: es.TCPSessions, UDPSessions: int(es.UDPSessions), Rejected: r.rejected.Load()}
+	if r.streams != nil {
+		ss := r.streams.status()
+		st.TCPStreams, st.TCPAccepted, st.TCPRefusals, st.TCPDropped = ss.streams, ss.accepted, ss.refused, ss.dropped
+	}
 
 	r.mu.Lock()
 	st.UDPSockets = r.udpSockets
@@ -577,6 +623,9 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 	if nw.MTU != old.MTU {
 		fixed = append(fixed, "relay.mtu")
 	}
+	if nw.TCPListen != old.TCPListen {
+		fixed = append(fixed, "relay.tcp_listen")
+	}
 	if len(fixed) > 0 {
 		return fmt.Errorf("reload relay: %v cannot change while running; restart natbox relay to apply", fixed)
 	}
@@ -650,6 +699,9 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 		zap.Duration("dial_timeout", lim.dialTimeout), zap.Int64("max_sessions", lim.maxSessions))
 	for _, s := range closing { // close never blocks: it only closes a channel and the conn
 		s.close()
+	}
+	if r.streams != nil { // a removed peer's TCP transport ends with it
+		r.streams.retain(func(k conf.Key) bool { _, ok := cfg.PeerByKey(k); return ok })
 	}
 	r.sendLocked(notes)
 	return nil

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
 
@@ -50,6 +51,7 @@ const (
 type Uplink struct {
 	cfg    *conf.Uplink
 	dev    *device.Device
+	client *streamClient // the bind's transport switch and TCP stream
 	dialer ControlDialer
 	log    *zap.Logger
 	opts   options
@@ -72,6 +74,7 @@ type Uplink struct {
 	results  map[string]message // last result per spec
 	pending  int                // results still due for the last register
 	peerName string             // as the relay knows us
+	tr       transportState
 }
 
 // NewUplink configures a WireGuard device on dev with the relay as its only
@@ -123,7 +126,8 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 	if mtu, err := dev.MTU(); err == nil && cfg.MTU != 0 && mtu != cfg.MTU {
 		log.Warn("tunnel device mtu differs from uplink.mtu", zap.Int("device_mtu", mtu), zap.Int("mtu", cfg.MTU))
 	}
-	d, err := newDevice(dev, cfg.PrivateKey, 0, log)
+	client := newStreamClient(conn.NewStdNetBind())
+	d, err := newDevice(dev, client.bind, cfg.PrivateKey, 0, log)
 	if err != nil {
 		return nil, err
 	}
@@ -139,6 +143,7 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 	return &Uplink{
 		cfg:     cfg,
 		dev:     d,
+		client:  client,
 		dialer:  dialer,
 		log:     log,
 		opts:    buildOptions(opts),
@@ -230,6 +235,11 @@ func (u *Uplink) Run(ctx context.Context) error {
 	go func() {
 		defer u.runWG.Done()
 		u.monitorLoop(ctx)
+	}()
+	u.runWG.Add(1)
+	go func() {
+		defer u.runWG.Done()
+		u.transportLoop(ctx)
 	}()
 	u.log.Info("uplink starting", zap.String("relay", u.cfg.Relay), zap.Stringer("address", u.cfg.Address))
 	backoff := minBackoff
@@ -484,6 +494,22 @@ type UplinkStatus struct {
 	TxBytes       uint64            `json:"tx_bytes"`
 	Registered    []string          `json:"registered"`        // e.g. "tcp/443"
 	Refused       map[string]string `json:"refused,omitempty"` // spec -> reason
+
+	// Transport is what WireGuard rides now, TransportUDP or TransportTCP
+	// (TLS to relay_tcp); SwitchReason says why it last changed, and
+	// TransportError why the last TCP connect failed ("" once one works).
+	Transport      string `json:"transport"`
+	SwitchReason   string `json:"switch_reason,omitempty"`
+	TransportError string `json:"transport_error,omitempty"`
+	// UsingTCP is Transport == "tcp", for /metrics.
+	UsingTCP          bool   `json:"using_tcp"`
+	TransportSwitches uint64 `json:"transport_switches"`
+	// TCPConnects and TCPConnectFailures count TLS connections to relay_tcp
+	// made and failed; TCPDropped counts WireGuard messages dropped on the
+	// TCP path (no connection up, or its write queue full).
+	TCPConnects        uint64 `json:"tcp_connects"`
+	TCPConnectFailures uint64 `json:"tcp_connect_failures"`
+	TCPDropped         uint64 `json:"tcp_dropped"`
 }
 
 // HandshakeAge is the time since the last handshake, or -1 if none yet.
@@ -499,7 +525,12 @@ func handshakeAge(last time.Time) time.Duration {
 // Status returns a snapshot of the uplink.
 func (u *Uplink) Status() UplinkStatus {
 	u.mu.Lock()
-	st := UplinkStatus{State: u.state, Relay: u.cfg.Relay, Peer: u.peerName}
+	st := UplinkStatus{State: u.state, Relay: u.cfg.Relay, Peer: u.peerName, Transport: TransportUDP,
+		SwitchReason: u.tr.reason, TransportError: u.tr.lastError, TransportSwitches: u.tr.switches,
+		TCPConnects: u.tr.connects, TCPConnectFailures: u.tr.failures, TCPDropped: u.client.bind.cnt.dropped.Load()}
+	if u.client.tcp.Load() {
+		st.Transport, st.UsingTCP = TransportTCP, true
+	}
 	for _, spec := range u.ports {
 		m, ok := u.results[spec]
 		switch {
@@ -520,6 +551,9 @@ func (u *Uplink) Status() UplinkStatus {
 	}
 	if s, ok := stats[u.cfg.RelayPublicKey]; ok {
 		st.Endpoint, st.LastHandshake, st.RxBytes, st.TxBytes = s.Endpoint, s.LastHandshake, s.RxBytes, s.TxBytes
+	}
+	if s := u.client.cur.Load(); st.UsingTCP && s != nil && !s.closed() {
+		st.Endpoint = s.ep.DstToString()
 	}
 	return st
 }

@@ -88,7 +88,7 @@ var (
 		"Hits", "SessionsOpened", "SessionsActive", "BytesIn", "BytesOut", "LastUsed", "Refusals",
 		"UDPExpired", "UDPDropped", "DialLatency",
 	}
-	uplinkByHand    = []string{"State", "Relay", "Endpoint", "Peer", "LastHandshake", "RxBytes", "TxBytes", "Registered", "Refused"}
+	uplinkByHand    = []string{"State", "Relay", "Endpoint", "Peer", "LastHandshake", "RxBytes", "TxBytes", "Registered", "Refused", "Transport", "SwitchReason", "TransportError"}
 	relayByHand     = []string{"Peers"}
 	relayPeerByHand = []string{
 		"Name", "PublicKey", "Address", "Endpoint", "LastHandshake", "RxBytes", "TxBytes", "Ports", "Refused",
@@ -271,6 +271,10 @@ func uplinkStatus(c *conf.Uplink, us tunnel.UplinkStatus) admin.Uplink {
 		Registered:    us.Registered,
 		Refused:       refusals(us.Refused),
 		Stats:         admin.CountersOf(us, uplinkByHand...),
+
+		Transport:      us.Transport,
+		SwitchReason:   us.SwitchReason,
+		TransportError: us.TransportError,
 	}
 }
 

@@ -373,6 +373,34 @@ func TestUplink(t *testing.T) {
 		r := Run(testCtx(t), uplinkCfg, opts)
 		mustFind(t, r, "uplink", "no handshake with the relay relay.example.net:51820 yet", Problem)
 	})
+	t.Run("transport", func(t *testing.T) {
+		cfg := *uplinkCfg
+		u := cfg.Uplinks[0]
+		u.RelayTCP, u.Transport = "relay.example.net:443", conf.TransportAuto
+		cfg.Uplinks = []conf.Uplink{u}
+		fresh := testNow.Add(-10 * time.Second)
+		opts := baseOptions()
+		opts.Status = running(&admin.Uplink{LastHandshake: fresh, Transport: conf.TransportTCP, SwitchReason: "no reply over udp for 15s"})
+		r := Run(testCtx(t), &cfg, opts)
+		c := mustFind(t, r, "uplink", "UDP to the relay is blocked; using TCP/443 (no reply over udp for 15s)", Warning)
+		if !strings.Contains(c.Fix, "relay.example.net:51820") {
+			t.Errorf("fix %q does not name the relay's UDP address", c.Fix)
+		}
+		opts.Status = running(&admin.Uplink{LastHandshake: fresh, Transport: conf.TransportTCP, TransportError: "connection refused"})
+		r = Run(testCtx(t), &cfg, opts)
+		mustFind(t, r, "uplink", "uses TCP/443 but cannot connect to relay.example.net:443: connection refused", Problem)
+		u.Transport = conf.TransportTCP
+		opts.Status = running(&admin.Uplink{LastHandshake: fresh, Transport: conf.TransportTCP})
+		r = Run(testCtx(t), &cfg, opts)
+		mustFind(t, r, "uplink", `using TCP/443 to relay.example.net:443 (uplink.transport = "tcp")`, OK)
+		opts.Status = running(&admin.Uplink{LastHandshake: fresh, Transport: conf.TransportUDP})
+		r = Run(testCtx(t), &cfg, opts)
+		for _, c := range r.Checks {
+			if strings.Contains(c.Msg, "TCP/") {
+				t.Errorf("on udp: %q", c.Msg)
+			}
+		}
+	})
 	t.Run("not running, relay resolves", func(t *testing.T) {
 		opts := baseOptions()
 		opts.Resolver = fakeResolver{"relay.example.net": {netip.MustParseAddr("203.0.113.1")}}

@@ -368,7 +368,30 @@ func (d *doctor) checkUplink(ctx context.Context, u *conf.Uplink) []Check {
 	if len(st.Refused) == 0 && len(st.Registered) > 0 {
 		out = append(out, Check{Area: area, Severity: OK, Msg: "the relay holds " + strings.Join(st.Registered, ", ")})
 	}
+	if c, ok := d.transportCheck(u, st); ok {
+		out = append(out, c)
+	}
 	return out
+}
+
+// transportCheck says which transport the uplink rides when it is not
+// plain UDP, or why TCP fails.
+func (d *doctor) transportCheck(u *conf.Uplink, st *admin.Uplink) (Check, bool) {
+	area := d.uplinkArea(u)
+	_, port, _ := net.SplitHostPort(u.RelayTCP)
+	switch {
+	case st.Transport == conf.TransportTCP && st.TransportError != "":
+		return Check{Area: area, Severity: Problem,
+			Msg: fmt.Sprintf("the uplink uses TCP/%s but cannot connect to %s: %s", port, u.RelayTCP, st.TransportError),
+			Fix: "check that the relay sets [relay] tcp_listen and that uplink.relay_tcp points at it"}, true
+	case st.Transport == conf.TransportTCP && u.Transport == conf.TransportTCP:
+		return Check{Area: area, Severity: OK, Msg: fmt.Sprintf("using TCP/%s to %s (uplink.transport = \"tcp\")", port, u.RelayTCP)}, true
+	case st.Transport == conf.TransportTCP:
+		return Check{Area: area, Severity: Warning,
+			Msg: fmt.Sprintf("UDP to the relay is blocked; using TCP/%s (%s)", port, st.SwitchReason),
+			Fix: fmt.Sprintf("allow outbound UDP to %s for full speed: TCP inside TCP stalls on loss; natbox moves back by itself when UDP works", u.Relay)}, true
+	}
+	return Check{}, false
 }
 
 func (d *doctor) checkRelayResolves(ctx context.Context, u *conf.Uplink) Check {
