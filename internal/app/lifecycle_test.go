@@ -133,10 +133,11 @@ func TestLifecycle(t *testing.T) {
 				done := make(chan error, 1)
 				go func() { done <- c.Run(ctx) }()
 				// Every piece runs. The appliance: forwarder, two stacks with
-				// three pumps each, the uplink with two, the admin server with
+				// three pumps each, the uplink with three (monitor, transport
+				// ladder, close watcher), the admin server with
 				// two listeners and a sampler; the relay: stack, relay (and
 				// its engine), admin on a socket.
-				testutil.WaitGoroutines(t, before, map[string]int{"appliance": 16, "relay": 8}[name])
+				testutil.WaitGoroutines(t, before, map[string]int{"appliance": 17, "relay": 8}[name])
 				if end == "ctx" {
 					cancel()
 				} else {
