@@ -44,6 +44,7 @@ remove the routes natbox added, close the TUN and exit 0.`,
 				return err
 			}
 			defer stopProfile()
+			setMemoryLimit(cfg.Limits.MemoryLimit, log)
 			a, err := app.NewAppliance(cfg, app.Options{Version: version}, log)
 			if err != nil {
 				return err
@@ -84,6 +85,7 @@ and max_sessions without dropping other peers' flows. The admin socket defaults 
 				return err
 			}
 			defer log.Sync()
+			setMemoryLimit(cfg.Relay.MemoryLimit, log)
 			n, err := app.NewRelayNode(cfg, version, log)
 			if err != nil {
 				return err

@@ -33,6 +33,7 @@ type Appliance struct {
 	mu  sync.Mutex // guards cfg and serializes Reload
 	cfg *conf.Config
 
+	stackBufs int            // each ingress stack's TCP buffer budget (limits.buffer_memory)
 	tunName   string         // the kernel TUN natbox created; "" without one
 	ingresses []*ingress     // one netstack each: the TUN's, the uplink's; status reads their counters
 	uplink    *tunnel.Uplink // nil without [uplink]
@@ -67,9 +68,19 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (_ *Appliance
 			a.Close()
 		}
 	}()
+	stacks := 0
+	if cfg.TUN != nil {
+		stacks++
+	}
+	if cfg.Uplink != nil {
+		stacks++
+	}
+	var fwdBufs int
+	fwdBufs, a.stackBufs = conf.BufferShares(cfg.Limits.BufferMemory, stacks)
 	a.engine, err = forwarder.New(cfg, forwarder.Options{
-		Dialer: opts.Dialer,
-		Clock:  opts.Clock,
+		BufferBudget: fwdBufs,
+		Dialer:       opts.Dialer,
+		Clock:        opts.Clock,
 		// Always handed over: the engine writes to it only while the current
 		// config has [log] connections = true, so a reload can switch it on.
 		ConnLog: log.Named("conn"),
@@ -124,7 +135,7 @@ func (a *Appliance) startTUN(c *conf.TUN, dev tun.Device) error {
 		a.teardown.add(undo)
 		a.tunName = name
 	}
-	in, err := newIngress(conf.IngressTUN, dev, netstack.Config{MTU: c.MTU, Addresses: c.Addresses}, a.engine, a.log.Named("tun"))
+	in, err := newIngress(conf.IngressTUN, dev, netstack.Config{MTU: c.MTU, Addresses: c.Addresses, TCP: netstack.TCPConfig{BufferBudget: a.stackBufs}}, a.engine, a.log.Named("tun"))
 	if err != nil {
 		return err
 	}
@@ -141,6 +152,7 @@ func (a *Appliance) startUplink(cfg *conf.Config) error {
 	in, err := newIngress(conf.IngressUplink, stackSide, netstack.Config{
 		MTU:       u.MTU,
 		Addresses: tunnel.TunnelPrefixes(u.Address),
+		TCP:       netstack.TCPConfig{BufferBudget: a.stackBufs},
 	}, a.engine, a.log.Named("uplink"))
 	if err != nil {
 		outer.Close()

@@ -41,6 +41,8 @@ type spec struct {
 	Limits   string // lines inside [limits]
 	Admin    string // extra lines inside [admin]
 	Mappings string // [[mapping]] tables
+	// clientTCP configures the client stack's TCP (not rendered).
+	clientTCP netstack.TCPConfig
 }
 
 // mapping renders one [[mapping]] table; extra lines are appended as is.
@@ -120,6 +122,7 @@ func newHarnessOn(t *testing.T, s spec, opts app.Options, appSide, clientSide tu
 	h.client, err = netstack.New(clientSide, netstack.Config{
 		MTU:       linkMTU,
 		Addresses: []netip.Prefix{netip.PrefixFrom(client4, 24), netip.PrefixFrom(client6, 64)},
+		TCP:       s.clientTCP,
 	}, h.inbox, log.Named("client"))
 	if err != nil {
 		h.app.Close()
