@@ -70,9 +70,9 @@ func (l Limits) SourceBudget(m *Mapping) SourceBudget {
 // Defaults of the memory bounds: a 1 GiB NAS runs the appliance, a 512 MiB
 // VPS the relay, each beside other software.
 const (
-	DefaultBufferMemory      = 48 << 20
-	DefaultMemoryLimit       = 192 << 20
-	DefaultRelayBufferMemory = 48 << 20
+	DefaultBufferMemory      = 32 << 20
+	DefaultMemoryLimit       = 256 << 20
+	DefaultRelayBufferMemory = 32 << 20
 	DefaultRelayMemoryLimit  = 192 << 20
 
 	// minBufferMemory is the least budget allowed: below it a handful of

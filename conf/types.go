@@ -83,9 +83,9 @@ type Limits struct {
 	// BufferMemory bounds the flow buffers that grow with traffic: the TCP
 	// windows and send queues of the userspace stacks and the forwarder's
 	// bulk copy buffers and queued datagrams (see BufferShares); past it
-	// flows get smaller windows instead of more memory. Default 48 MiB,
+	// flows get smaller windows instead of more memory. Default 32 MiB,
 	// 0: unbounded. MemoryLimit is the Go runtime's soft memory limit
-	// (GC works harder near it); default 192 MiB, 0: none. The GOMEMLIMIT
+	// (GC works harder near it); default 256 MiB, 0: none. The GOMEMLIMIT
 	// environment variable, when set, wins.
 	BufferMemory Size `toml:"buffer_memory"`
 	MemoryLimit  Size `toml:"memory_limit"`
@@ -184,7 +184,7 @@ type RelaySection struct {
 	// Memory bounds, as [limits] buffer_memory and memory_limit on an
 	// appliance: the relay's flow buffers (its tunnel stack's TCP windows
 	// and send queues, its forwarder's copy buffers and queued datagrams)
-	// and its Go soft memory limit. Defaults 48 MiB and 192 MiB, for a
+	// and its Go soft memory limit. Defaults 32 MiB and 192 MiB, for a
 	// 512 MiB VPS; 0: unbounded, none.
 	BufferMemory Size `toml:"buffer_memory"`
 	MemoryLimit  Size `toml:"memory_limit"`
