@@ -383,6 +383,12 @@ type RelayStatus struct {
 	UDPSockets  int               `json:"udp_sockets"` // public UDP sockets open, all peers
 	Rejected    uint64            `json:"rejected"`    // flows from the tunnel refused by isolation
 	OverLimit   uint64            `json:"over_limit"`  // public flows refused by relay.max_sessions
+	// The relay forwarder's buffer budget (relay.buffer_memory's share for
+	// copy buffers and queued datagrams), the bytes of it in use, and the
+	// buffers it refused.
+	BufferBudgetBytes int64  `json:"buffer_budget_bytes"`
+	BufferUsedBytes   int64  `json:"buffer_used_bytes"`
+	BufferDenied      uint64 `json:"buffer_denied"`
 }
 
 // RelayPeerStatus describes one peer.
@@ -444,7 +450,8 @@ func (r *Relay) Status() RelayStatus {
 		r.log.Debug("relay status", zap.Error(err))
 	}
 	es := r.eng.Snapshot()
-	st := RelayStatus{TCPSessions: es.TCPSessions, UDPSessions: int(es.UDPSessions), Rejected: r.rejected.Load()}
+	st := RelayStatus{TCPSessions: es.TCPSessions, UDPSessions: int(es.UDPSessions), Rejected: r.rejected.Load(),
+		BufferBudgetBytes: es.BufferBudgetBytes, BufferUsedBytes: es.BufferUsedBytes, BufferDenied: es.BufferDenied}
 
 	r.mu.Lock()
 	st.UDPSockets = r.udpSockets
