@@ -36,7 +36,7 @@ func (q *datagramQueue) push(d datagram) bool {
 		q.mu.Unlock()
 		return false
 	}
-	if !q.budget.take(cap(*d.buf)) {
+	if q.budget != nil && !q.budget.take(cap(*d.buf)) {
 		q.mu.Unlock()
 		return false
 	}
