@@ -106,4 +106,3 @@ func TestBufferBudgetSharedOut(t *testing.T) {
 		t.Errorf("share %d with no connections, want 512 KiB (1 MiB / 2)", share)
 	}
 }
-
