@@ -8,7 +8,9 @@ import (
 	"os"
 	"runtime"
 	"runtime/metrics"
+	"runtime/debug"
 	"runtime/pprof"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -320,4 +322,125 @@ func BenchmarkGatewayStalledFlows(b *testing.B) {
 			b.ReportMetric(peak/float64(b.N), "peak-heap-MiB")
 		})
 	}
+}
+
+// BenchmarkGatewayBulk moves flows x 32 MiB per iteration through the whole
+// appliance (client stack, TUN stack, forwarder, a loopback target), in (to
+// the target) or out (from it), with the default buffer_memory, and reports
+// Gbit/s, CPU seconds per GiB and the heap: the sampled peak of objects and
+// of what the collector found live. The client stack has a 4 MiB budget of
+// its own, so the figures are mostly the appliance's. NATBOX_BENCH_MEMLIMIT
+// (bytes) sets a soft memory limit for the run, to compare.
+//
+//	go test -run '^$' -bench GatewayBulk -benchtime 4x ./internal/app
+func BenchmarkGatewayBulk(b *testing.B) {
+	for _, dir := range []string{"in", "out"} {
+		for _, flows := range []int{1, 4} {
+			b.Run(fmt.Sprintf("%s/flows=%d", dir, flows), func(b *testing.B) {
+				benchmarkGatewayBulk(b, dir == "out", flows)
+			})
+		}
+	}
+}
+
+func benchmarkGatewayBulk(b *testing.B, out bool, flows int) {
+	const perFlow = 32 << 20
+	if v := os.Getenv("NATBOX_BENCH_MEMLIMIT"); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			b.Fatal(err)
+		}
+		old := debug.SetMemoryLimit(n)
+		defer debug.SetMemoryLimit(old)
+	}
+	target := serveTCP(b, func(c *net.TCPConn) {
+		if out {
+			buf := make([]byte, 64<<10)
+			for sent := 0; sent < perFlow; sent += len(buf) {
+				if _, err := c.Write(buf); err != nil {
+					return
+				}
+			}
+			return
+		}
+		io.Copy(io.Discard, c)
+	})
+	h := newHarness(b, spec{
+		Limits:    "max_inflight_per_source = 1000\nmax_tcp_sessions_per_source = 0\nnew_sessions_per_source_per_second = 0",
+		Mappings:  mapping("bulk", "tcp", "9200", target.String()),
+		clientTCP: netstack.TCPConfig{BufferBudget: 4 << 20},
+	}, app.Options{})
+	liveHeap()
+	stopPeak := heapPeak()
+	var live atomic.Uint64
+	quit := make(chan struct{})
+	go func() {
+		s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
+		for {
+			metrics.Read(s)
+			if v := s[0].Value.Uint64(); v > live.Load() {
+				live.Store(v)
+			}
+			select {
+			case <-quit:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}()
+	cpu0 := processCPU(b)
+	start := time.Now()
+	var moved atomic.Int64
+	for b.Loop() {
+		var wg sync.WaitGroup
+		for range flows {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c, err := h.dial(ap(client4, 0), ap(public4, 9200))
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(2 * time.Minute))
+				if out {
+					n, err := io.Copy(io.Discard, c)
+					moved.Add(n)
+					if err != nil || n != perFlow {
+						b.Errorf("received %d of %d bytes: %v", n, perFlow, err)
+					}
+					return
+				}
+				buf := make([]byte, 64<<10)
+				for sent := 0; sent < perFlow; sent += len(buf) {
+					n, err := c.Write(buf)
+					moved.Add(int64(n))
+					if err != nil {
+						b.Error(err)
+						return
+					}
+				}
+				c.(netstack.TCPConn).CloseWrite()
+				io.Copy(io.Discard, c)
+			}()
+		}
+		wg.Wait()
+	}
+	el, cpu := time.Since(start), processCPU(b)-cpu0
+	close(quit)
+	peak := stopPeak()
+	b.ReportMetric(float64(moved.Load())*8/el.Seconds()/1e9, "Gbit/s")
+	b.ReportMetric(cpu.Seconds()/(float64(moved.Load())/(1<<30)), "cpu-s/GiB")
+	b.ReportMetric(float64(peak)/(1<<20), "peak-heap-MiB")
+	b.ReportMetric(float64(live.Load())/(1<<20), "peak-live-MiB")
+}
+
+// processCPU returns the process's user and system CPU time so far.
+func processCPU(tb testing.TB) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		tb.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
