@@ -135,7 +135,7 @@ func (a *Appliance) startTUN(c *conf.TUN, dev tun.Device) error {
 		a.teardown.add(undo)
 		a.tunName = name
 	}
-	in, err := newIngress(conf.IngressTUN, dev, netstack.Config{MTU: c.MTU, Addresses: c.Addresses, TCP: netstack.TCPConfig{BufferBudget: a.stackBufs}}, a.engine, a.log.Named("tun"))
+	in, err := newIngress(conf.IngressTUN, dev, netstack.Config{MTU: c.MTU, Addresses: c.Addresses, TCP: stackTCP(a.stackBufs)}, a.engine, a.log.Named("tun"))
 	if err != nil {
 		return err
 	}
@@ -152,7 +152,7 @@ func (a *Appliance) startUplink(cfg *conf.Config) error {
 	in, err := newIngress(conf.IngressUplink, stackSide, netstack.Config{
 		MTU:       u.MTU,
 		Addresses: tunnel.TunnelPrefixes(u.Address),
-		TCP:       netstack.TCPConfig{BufferBudget: a.stackBufs},
+		TCP:       stackTCP(a.stackBufs),
 	}, a.engine, a.log.Named("uplink"))
 	if err != nil {
 		outer.Close()
@@ -168,6 +168,22 @@ func (a *Appliance) startUplink(cfg *conf.Config) error {
 	a.teardown.add(up.Close)
 	up.SetWanted(uplinkPorts(cfg, time.Now()))
 	return nil
+}
+
+// stackTimeWait is how long a closed TCP connection stays in TIME_WAIT in
+// natbox's stacks. gVisor keeps a whole endpoint there (a few KiB with its
+// timers and tables, against a kernel's ~200-byte minisock): with its
+// default 60 s, the benchmark's connection churn (3 500 a second) kept
+// every connection of the run, and they, not buffers, made the gateway's
+// peak memory (BENCHMARKS.md, "Memory"). A new SYN for a TIME_WAIT 4-tuple
+// is accepted anyway (netstack's reopenTimeWait), so one second only
+// bounds that memory.
+const stackTimeWait = time.Second
+
+// stackTCP is the TCP config of natbox's stacks: bufs is the stack's share
+// of buffer_memory.
+func stackTCP(bufs int) netstack.TCPConfig {
+	return netstack.TCPConfig{BufferBudget: bufs, TimeWait: stackTimeWait}
 }
 
 // uplinkPorts lists what the relay must hold for the mappings served

@@ -48,7 +48,7 @@ func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*Rela
 		// but control connections are rejected at once, while a cookie
 		// listener's wildcard port would make the relay's DialTCP from a
 		// client's source port of the same number fail to bind.
-		TCP: netstack.TCPConfig{CookiePortThreshold: -1, BufferBudget: stackBufs},
+		TCP: netstack.TCPConfig{CookiePortThreshold: -1, BufferBudget: stackBufs, TimeWait: stackTimeWait},
 	}, n.h, log.Named("netstack"))
 	if err != nil {
 		stackSide.Close()
