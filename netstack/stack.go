@@ -744,6 +744,10 @@ type Stats struct {
 	TimeWaitReopened uint64
 	TCPRetransmits   uint64
 	TCPEstablished   uint64 `stats:"gauge"` // currently established
+	// TCPClosing is how many connections are closed or closing but not
+	// gone: FIN-WAIT, CLOSE-WAIT, LAST-ACK, CLOSING and TIME-WAIT (each
+	// still a whole gVisor endpoint; TCPConfig.TimeWait bounds the last).
+	TCPClosing uint64 `stats:"gauge"`
 	// QueueFullWaits counts writers that blocked on a full outward queue.
 	QueueFullWaits uint64
 	// DirectWrites counts packets written on the sender's goroutine because
@@ -830,6 +834,7 @@ func (s *Stack) Stats() Stats {
 		TimeWaitReopened: c.timeWaitReopened.Load(),
 		TCPRetransmits:   gs.TCP.Retransmits.Value(),
 		TCPEstablished:   gs.TCP.CurrentEstablished.Value(),
+		TCPClosing:       gs.TCP.CurrentConnected.Value() - min(gs.TCP.CurrentConnected.Value(), gs.TCP.CurrentEstablished.Value()),
 		QueueFullWaits:   fullWaits,
 		DirectWrites:     direct,
 		ReadErrors:       c.readErrors.Load(),
