@@ -104,16 +104,18 @@ func TestTimeWaitBoundsClosedEndpoints(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cl.Close()
-	closing := func() int64 {
+	gauge := func(name string) int64 {
 		st, err := cl.Status(ctx)
 		if err != nil {
 			t.Fatalf("status: %v", err)
 		}
-		return st.Netstack["tun"].Gauges["tcp_closing"]
+		return st.Netstack["tun"].Gauges[name]
 	}
-	peak := closing()
+	peak := gauge("tcp_closing")
 	end := time.Now()
-	waitFor(t, 15*time.Second, "natbox's closed endpoints to leave TIME_WAIT", func() bool { return closing() == 0 })
+	waitFor(t, 15*time.Second, "natbox's closed endpoints to leave TIME_WAIT", func() bool { return gauge("tcp_closing") == 0 })
+	// And the buffer budget counts none of them any more.
+	waitFor(t, 5*time.Second, "the buffer budget to count no connection", func() bool { return gauge("tcp_conns") == 0 })
 	t.Logf("%d connections at %.0f conn/s; %d endpoints closing after the churn, none %v later",
 		res.Started, res.Rate(), peak, time.Since(end).Round(100*time.Millisecond))
 	if peak == 0 {
