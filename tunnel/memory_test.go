@@ -179,6 +179,7 @@ target = %q
 			as.TCPRecvQueued >= flows*(4<<10) && rs.BufferUsedBytes > rs.BufferBudgetBytes-(64<<10)
 	})
 	stalled, wgStalled := liveHeapAfterGC()
+	// NATBOX_TEST_HEAPPROFILE=FILE: a heap profile of the backed-up state.
 	if p := os.Getenv("NATBOX_TEST_HEAPPROFILE"); p != "" {
 		writeHeapProfile(p)
 	}

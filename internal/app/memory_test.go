@@ -7,8 +7,8 @@ import (
 	"net"
 	"os"
 	"runtime"
-	"runtime/metrics"
 	"runtime/debug"
+	"runtime/metrics"
 	"runtime/pprof"
 	"strconv"
 	"sync"
@@ -204,6 +204,7 @@ func driveStalledFlows(tb testing.TB, h *harness, sink *stalledSink, port uint16
 	})
 	r.written = written.Load()
 	r.stalled = liveHeap()
+	// NATBOX_TEST_HEAPPROFILE=FILE: a heap profile of the backed-up state.
 	if p := os.Getenv("NATBOX_TEST_HEAPPROFILE"); p != "" {
 		if f, err := os.Create(p); err == nil {
 			pprof.WriteHeapProfile(f)
