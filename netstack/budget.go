@@ -124,6 +124,13 @@ func (b *connBudget) rebalanceLocked(added *tcpConn) {
 	n := len(b.conns)
 	share := b.shareFor(n)
 	old := b.share
+	if share > old && b.shareFor(n+n/2+1) <= old {
+		// Raise only once the count fell well below where the share was
+		// lowered: a count going back and forth across a power of two (a
+		// client churning connections) would otherwise cut and raise every
+		// connection's buffers at each step.
+		share = old
+	}
 	b.share = share
 	if share != old {
 		r, s := b.options(share)
