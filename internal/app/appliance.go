@@ -295,6 +295,7 @@ func (a *Appliance) Reload() (Reloaded, error) {
 		a.log.Warn("reload refused; nothing changed", zap.Error(err))
 		return Reloaded{}, err
 	}
+	restart = append(restart, memoryRestart("limits", a.cfg.Limits.BufferMemory, next.Limits.BufferMemory, a.cfg.Limits.MemoryLimit, next.Limits.MemoryLimit)...)
 	applyLive()
 	a.cfg = next
 	if a.uplink != nil {
@@ -305,6 +306,20 @@ func (a *Appliance) Reload() (Reloaded, error) {
 		a.log.Warn("reloaded, but some changes need a restart", zap.Strings("restart", restart))
 	}
 	return Reloaded{Diff: diff, Restart: restart}, nil
+}
+
+// memoryRestart names the memory keys of section that changed: the budgets
+// are shared out when the stacks and the engine start, and the soft limit
+// is set once, so they apply at the next start.
+func memoryRestart(section string, oldBufs, nextBufs, oldLimit, nextLimit conf.Size) []string {
+	var keys []string
+	if oldBufs != nextBufs {
+		keys = append(keys, "restart natbox to apply "+section+".buffer_memory")
+	}
+	if oldLimit != nextLimit {
+		keys = append(keys, "restart natbox to apply "+section+".memory_limit")
+	}
+	return keys
 }
 
 // reloadable rejects changes a running process cannot apply in place.
