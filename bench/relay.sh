@@ -22,7 +22,8 @@
 #
 #   sudo bench/relay.sh        # REPS=3 DUR=5 RELAY_MODES="loopback natbox natbox-tcp frp frp-nomux ssh"
 # Env: REPS DUR RR_DUR WORK RELAY_MODES NATBOX FRP_VERSION(v0.69.1) FRP_BIN UDP_RATE(200M)
-#      UDP_LEN(1200) SKIP_PROFILE=1.
+#      UDP_LEN(1200) SKIP_PROFILE=1. HEAPPROFILE=1: each natbox process writes a heap profile at
+#      its peak to relay.heap / natbox.heap in its raw directory (NATBOX_HEAPPROFILE).
 set -uo pipefail
 
 NB_BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -254,14 +255,14 @@ setup_relay_mode() { # sets T_HOST P_IPERF P_ECHO P_CRR RELAY_PIDS APP_PIDS
       if [ "${PROFILE:-0}" = 1 ]; then
         NATBOX_PPROF=$NB_PPROF_RELAY start_bg "$d/relay.log" ip netns exec "$NS" "$NATBOX" relay -c "$d/relay.toml"
       else
-        start_bg "$d/relay.log" ip netns exec "$NS" "$NATBOX" relay -c "$d/relay.toml"
+        NATBOX_HEAPPROFILE=${HEAPPROFILE:+$d/relay.heap} start_bg "$d/relay.log" ip netns exec "$NS" "$NATBOX" relay -c "$d/relay.toml"
       fi
       RELAY_PIDS+=("$LAST_PID")
       wait_listen udp 51820
       if [ "${PROFILE:-0}" = 1 ]; then
         NATBOX_PPROF=$NB_PPROF_APP start_bg "$d/natbox.log" ip netns exec "$NS" "$NATBOX" run -c "$d/natbox.toml"
       else
-        start_bg "$d/natbox.log" ip netns exec "$NS" "$NATBOX" run -c "$d/natbox.toml"
+        NATBOX_HEAPPROFILE=${HEAPPROFILE:+$d/natbox.heap} start_bg "$d/natbox.log" ip netns exec "$NS" "$NATBOX" run -c "$d/natbox.toml"
       fi
       APP_PIDS+=("$LAST_PID") ;;
     frp|frp-nomux)

@@ -263,6 +263,12 @@ max_tcp_sessions = -3 # <-`, `limits.max_tcp_sessions: -3 is negative; use a pos
 		{"limits tracked sources zero", tunBase + `
 [limits]
 max_tracked_sources = 0 # <-`, `limits.max_tracked_sources: 0 is not positive; use a positive number (default 65536)`},
+		{"limits buffer memory not a size", tunBase + `
+[limits]
+buffer_memory = "64MB" # <-`, `limits.buffer_memory: "64MB" is not a size; write a size with a binary unit, e.g. "64MiB", "512KiB" or "1GiB"`},
+		{"limits buffer memory too small", tunBase + `
+[limits]
+buffer_memory = "512KiB" # <-`, `limits.buffer_memory: 512KiB is below 1 MiB; use at least "1MiB", or "0" for unbounded`},
 		{"limits inflight zero", tunBase + `
 [limits]
 max_inflight_per_source = 0 # <-`, `limits.max_inflight_per_source: 0 is not positive; use a positive number`},
@@ -677,6 +683,7 @@ idle_timeout = "30s"
 		MaxInflightPerTarget: 256, MaxSessions: 100000, ShutdownGrace: Duration(5 * time.Second),
 		MaxTCPSessions: 100000, MaxUDPSessions: 40000, MaxTCPSessionsPerSource: 256, MaxUDPSessionsPerSource: 256,
 		NewSessionsPerSourcePerSecond: 100, MaxTrackedSources: 65536,
+		BufferMemory: 32 << 20, MemoryLimit: 256 << 20,
 	}
 	if cfg.Limits != wantLimits {
 		t.Errorf("limits = %+v, want %+v", cfg.Limits, wantLimits)

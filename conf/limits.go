@@ -66,3 +66,43 @@ func (l Limits) SourceBudget(m *Mapping) SourceBudget {
 	}
 	return b
 }
+
+// Defaults of the memory bounds: a 1 GiB NAS runs the appliance, a 512 MiB
+// VPS the relay, each beside other software.
+const (
+	DefaultBufferMemory      = 32 << 20
+	DefaultMemoryLimit       = 256 << 20
+	DefaultRelayBufferMemory = 32 << 20
+	DefaultRelayMemoryLimit  = 192 << 20
+
+	// minBufferMemory is the least budget allowed: below it a handful of
+	// flows would already share out the 16 KiB floor per buffer.
+	minBufferMemory = 1 << 20
+)
+
+// BufferShares splits a buffer_memory budget of total bytes between the
+// forwarder (its bulk copy buffers and queued datagrams: a quarter) and
+// each of stacks userspace TCP/IP stacks (the rest, in equal parts, for
+// their connections' windows and send queues). total 0 is unbounded (all
+// 0).
+func BufferShares(total Size, stacks int) (forwarder, perStack int) {
+	if total <= 0 {
+		return 0, 0
+	}
+	forwarder = int(total) / 4
+	return forwarder, (int(total) - forwarder) / max(stacks, 1)
+}
+
+// validateMemory checks a section's buffer_memory and memory_limit.
+func validateMemory(r *report, section string, buffers, limit Size) {
+	if buffers > 0 && buffers < minBufferMemory {
+		r.errorf(section+".buffer_memory", `use at least "1MiB", or "0" for unbounded`, "%s is below 1 MiB", buffers.String())
+	}
+	if limit > 0 && buffers > 0 && limit < 2*buffers {
+		r.warnf(section+".memory_limit", "memory_limit %s is below twice buffer_memory %s: with full buffers the garbage collector would run almost without pause; raise it or lower buffer_memory",
+			limit.String(), buffers.String())
+	}
+}
+
+// String formats s as in a config file.
+func (s Size) String() string { b, _ := s.MarshalText(); return string(b) }

@@ -30,6 +30,9 @@ func defaultRelay() RelaySection {
 
 		MaxSessionsPerSource:          DefaultSessionsPerSource,
 		NewSessionsPerSourcePerSecond: DefaultNewSessionsRate,
+
+		BufferMemory: DefaultRelayBufferMemory,
+		MemoryLimit:  DefaultRelayMemoryLimit,
 	}
 }
 
@@ -111,6 +114,7 @@ func (c *RelayConfig) validate(r *report) {
 	validateLog(r, c.Log)
 	validateAdmin(r, c.Admin)
 	s := &c.Relay
+	validateMemory(r, "relay", s.BufferMemory, s.MemoryLimit)
 	if err := checkHostPort(s.Listen, true); err != nil {
 		r.valueError("relay.listen", err, "")
 	}

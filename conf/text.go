@@ -275,3 +275,46 @@ func (d *Duration) UnmarshalText(b []byte) error {
 
 // MarshalText is the inverse of UnmarshalText.
 func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// Size is a byte count written with a unit: "64MiB", "512KiB", "1GiB"
+// (binary units; "B" for plain bytes). "0" is allowed where the key says
+// what 0 means.
+type Size int64
+
+// Bytes returns s as an int.
+func (s Size) Bytes() int { return int(s) }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (s *Size) UnmarshalText(b []byte) error {
+	t := strings.TrimSpace(string(b))
+	if t == "0" {
+		*s = 0
+		return nil
+	}
+	num := strings.TrimRightFunc(t, func(r rune) bool { return r < '0' || r > '9' })
+	unit := strings.TrimSpace(t[len(num):])
+	mult := map[string]int64{"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[unit]
+	v, err := strconv.ParseInt(num, 10, 64)
+	if err != nil || mult == 0 || v < 0 || v > (1<<40)/mult {
+		return valueErr(`write a size with a binary unit, e.g. "64MiB", "512KiB" or "1GiB"`, "%q is not a size", t)
+	}
+	*s = Size(v * mult)
+	return nil
+}
+
+// MarshalText is the inverse of UnmarshalText.
+func (s Size) MarshalText() ([]byte, error) {
+	v := int64(s)
+	for _, u := range []struct {
+		name string
+		m    int64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}} {
+		if v != 0 && v%u.m == 0 {
+			return []byte(strconv.FormatInt(v/u.m, 10) + u.name), nil
+		}
+	}
+	if v == 0 {
+		return []byte("0"), nil
+	}
+	return []byte(strconv.FormatInt(v, 10) + "B"), nil
+}

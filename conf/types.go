@@ -106,6 +106,16 @@ type Limits struct {
 	// MaxTrackedSources bounds the rate buckets kept; past it the least
 	// recently seen source's bucket is dropped. Default 65536.
 	MaxTrackedSources int `toml:"max_tracked_sources"`
+
+	// BufferMemory bounds the flow buffers that grow with traffic: the TCP
+	// windows and send queues of the userspace stacks and the forwarder's
+	// bulk copy buffers and queued datagrams (see BufferShares); past it
+	// flows get smaller windows instead of more memory. Default 32 MiB,
+	// 0: unbounded. MemoryLimit is the Go runtime's soft memory limit
+	// (GC works harder near it); default 256 MiB, 0: none. The GOMEMLIMIT
+	// environment variable, when set, wins.
+	BufferMemory Size `toml:"buffer_memory"`
+	MemoryLimit  Size `toml:"memory_limit"`
 }
 
 // Admin configures the local control API and the optional HTTP endpoint.
@@ -200,6 +210,14 @@ type RelaySection struct {
 	MaxSessionsPerSource          int `toml:"max_sessions_per_source"`            // per protocol; default 256
 	NewSessionsPerSourcePerSecond int `toml:"new_sessions_per_source_per_second"` // default 100
 	NewSessionsPerSourceBurst     int `toml:"new_sessions_per_source_burst"`      // 0: twice the rate
+
+	// Memory bounds, as [limits] buffer_memory and memory_limit on an
+	// appliance: the relay's flow buffers (its tunnel stack's TCP windows
+	// and send queues, its forwarder's copy buffers and queued datagrams)
+	// and its Go soft memory limit. Defaults 32 MiB and 192 MiB, for a
+	// 512 MiB VPS; 0: unbounded, none.
+	BufferMemory Size `toml:"buffer_memory"`
+	MemoryLimit  Size `toml:"memory_limit"`
 }
 
 // Peer is one appliance allowed to use the relay.

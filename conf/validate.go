@@ -43,6 +43,8 @@ func defaultLimits() Limits {
 		MaxUDPSessionsPerSource:       DefaultSessionsPerSource,
 		NewSessionsPerSourcePerSecond: DefaultNewSessionsRate,
 		MaxTrackedSources:             DefaultMaxTrackedSources,
+		BufferMemory:                  DefaultBufferMemory,
+		MemoryLimit:                   DefaultMemoryLimit,
 	}
 }
 
@@ -370,6 +372,7 @@ func (l *Limits) validate(r *report) {
 			r.errorf("limits."+f.key, f.fix, "%d is negative", f.n)
 		}
 	}
+	validateMemory(r, "limits", l.BufferMemory, l.MemoryLimit)
 	if l.MaxTrackedSources < 1 {
 		r.errorf("limits.max_tracked_sources", "use a positive number (default 65536)", "%d is not positive", l.MaxTrackedSources)
 	}

@@ -365,3 +365,30 @@ func TestRiskyExposure(t *testing.T) {
 		})
 	}
 }
+
+func TestSize(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		in   string
+		want Size
+		ok   bool
+	}{
+		{"64MiB", 64 << 20, true}, {"512KiB", 512 << 10, true}, {"1GiB", 1 << 30, true},
+		{"100B", 100, true}, {"0", 0, true}, {" 2MiB ", 2 << 20, true},
+		{"64MB", 0, false}, {"64", 0, false}, {"MiB", 0, false}, {"-1MiB", 0, false},
+		{"2048GiB", 0, false}, {"1.5MiB", 0, false},
+	} {
+		var s Size
+		err := s.UnmarshalText([]byte(tt.in))
+		if (err == nil) != tt.ok || (tt.ok && s != tt.want) {
+			t.Errorf("Size(%q) = %d, %v; want %d, ok %v", tt.in, s, err, tt.want, tt.ok)
+			continue
+		}
+		if tt.ok {
+			var back Size
+			if err := back.UnmarshalText([]byte(s.String())); err != nil || back != s {
+				t.Errorf("Size %q formats as %q, which reads back as %d, %v", tt.in, s.String(), back, err)
+			}
+		}
+	}
+}

@@ -68,6 +68,10 @@ type Options struct {
 	// UDPQueueLen is how many datagrams a UDP session buffers toward its
 	// target (including while it dials) before dropping. Zero: 2048.
 	UDPQueueLen int
+	// BufferBudget bounds, in bytes, the buffers that grow with traffic:
+	// the large splice buffers of bulk transfers and queued UDP datagrams
+	// (see bufBudget). Zero: unlimited.
+	BufferBudget int
 	// NoUDPProbation admits a new UDP source by eviction on its first
 	// datagram (see probation): for tests of the eviction order itself.
 	NoUDPProbation bool
@@ -100,6 +104,7 @@ type Engine struct {
 	closing   atomic.Bool
 	udp       udpTable
 	probation *probation // UDP sources that need an eviction to get a session
+	bufs      *bufBudget // nil: unlimited
 
 	ctx    context.Context // cancelled when the engine stops: aborts dials
 	cancel context.CancelFunc
@@ -168,6 +173,7 @@ func New(cfg *conf.Config, opts Options, log *zap.Logger) (*Engine, error) {
 		sweepDone: make(chan struct{}),
 	}
 	e.budget.init()
+	e.bufs = newBufBudget(opts.BufferBudget, log)
 	e.sources.init()
 	e.probation = newProbation(e.clock.Now())
 	e.ctx, e.cancel = context.WithCancel(context.Background())
@@ -439,6 +445,7 @@ func (e *Engine) Snapshot() Status {
 		UDPSessions:    e.udpSlots.Load(),
 		TrackedSources: e.sources.tracked(),
 	}
+	e.bufs.fill(&st)
 	for _, r := range rs.rules {
 		ms := r.state.snapshot()
 		m := &r.Mapping

@@ -127,6 +127,7 @@ type splicer struct {
 	a, b      net.Conn
 	idle      *idleTimer
 	resets    *resetCounter // optional
+	bufs      *bufBudget    // large buffers count against it; nil: unlimited
 	closeOnce sync.Once
 	closed    atomic.Bool // set before the conns close: later errors are ours
 	idled     atomic.Bool
@@ -208,6 +209,7 @@ func (sp *splicer) copy(dst, src net.Conn, dir string, n *byteCounter) int64 {
 	defer func() {
 		if big != nil {
 			copyBufPool.Put(big)
+			sp.bufs.give(copyBufSize)
 		}
 	}()
 	buf := *small
@@ -225,13 +227,16 @@ func (sp *splicer) copy(dst, src net.Conn, dir string, n *byteCounter) int64 {
 			}
 		}
 		switch {
-		case big == nil && nr == len(buf):
-			// The small buffer filled: more is queued, move to the large one.
+		case big == nil && nr == len(buf) && sp.bufs.take(copyBufSize):
+			// The small buffer filled: more is queued, move to the large
+			// one if the budget has room (if not, the flow goes on in
+			// small reads).
 			big = copyBufPool.Get().(*[]byte)
 			buf = *big
 		case big != nil && nr < smallCopyBufSize:
 			// Drained: give the large buffer back before blocking again.
 			copyBufPool.Put(big)
+			sp.bufs.give(copyBufSize)
 			big, buf = nil, *small
 		}
 		switch {

@@ -151,6 +151,12 @@ type Status struct {
 	// new-session rate buckets are kept.
 	TCPSessions, UDPSessions int64
 	TrackedSources           int
+	// The buffer budget (Options.BufferBudget; 0: unlimited), the bytes
+	// of it in use, and the buffers it refused: a splice read kept to its
+	// small buffer, or a datagram dropped.
+	BufferBudgetBytes int64
+	BufferUsedBytes   int64
+	BufferDenied      uint64
 }
 
 // MappingStatus is one mapping's configuration summary and counters.

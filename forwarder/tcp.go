@@ -124,6 +124,7 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 	}
 	s := e.newSession(conf.TCP, in, r, src, dst, target, sl)
 	sp := newSplicer(client, upstream, &s.idle)
+	sp.bufs = e.bufs
 	sp.resets = &resetCounter{toClient: &r.state.resetsToClient, toTarget: &r.state.resetsToTarget}
 	s.stop = sp.resetBoth // shutdown, expiry, reload: the stream is cut
 	e.register(s, rs)

@@ -385,14 +385,14 @@ func (e *Engine) openUDP(rs *RuleSet, r *Rule, in Ingress, src, dst netip.AddrPo
 		session: e.newSession(conf.UDP, in, r, src, dst, r.targetHostPort(dst.Port()), sl),
 		key:     key,
 		group:   r.group,
-		queue:   newDatagramQueue(e.opts.UDPQueueLen),
+		queue:   newDatagramQueue(e.opts.UDPQueueLen, e.bufs),
 		done:    make(chan struct{}),
 	}
 	us.path.Store(&replyPath{via: in, public: dst.Addr()})
 	us.stop = us.shutdown
 	e.udp.m[key] = us
 	if e.opts.Egress != nil && r.targetAddr.IsValid() {
-		us.replyQ = newDatagramQueue(defaultReplyQueueLen)
+		us.replyQ = newDatagramQueue(defaultReplyQueueLen, e.bufs)
 		us.rkey = replyKey{client: src, target: netip.AddrPortFrom(r.targetAddr, r.targetPort(dst.Port()))}
 		e.udp.replies[us.rkey] = us // two mappings toward one target: the newest session gets the replies
 	}

@@ -10,8 +10,9 @@ import "sync"
 // loaded 2-vCPU gateway (197 Mbit/s delivered, 296 with 2048 slots), and a
 // 2048-slot channel would cost every session ~96 KiB up front.
 type datagramQueue struct {
-	limit int
-	ready chan struct{} // capacity 1: "items became non-empty"
+	limit  int
+	budget *bufBudget    // queued buffers count against it; nil: unlimited
+	ready  chan struct{} // capacity 1: "items became non-empty"
 
 	mu sync.Mutex
 	// mu guards the following fields.
@@ -23,14 +24,19 @@ type datagramQueue struct {
 // by a burst, is released.
 const queueKeepCap = 64
 
-func newDatagramQueue(limit int) *datagramQueue {
-	return &datagramQueue{limit: limit, ready: make(chan struct{}, 1)}
+func newDatagramQueue(limit int, budget *bufBudget) *datagramQueue {
+	return &datagramQueue{limit: limit, budget: budget, ready: make(chan struct{}, 1)}
 }
 
-// push queues d; it never blocks and reports false when the queue is full.
+// push queues d; it never blocks and reports false when the queue is full
+// or the buffer budget is spent.
 func (q *datagramQueue) push(d datagram) bool {
 	q.mu.Lock()
 	if len(q.items)-q.head >= q.limit {
+		q.mu.Unlock()
+		return false
+	}
+	if q.budget != nil && !q.budget.take(cap(*d.buf)) {
 		q.mu.Unlock()
 		return false
 	}
@@ -52,6 +58,13 @@ func (q *datagramQueue) take(batch []datagram, max int) []datagram {
 	defer q.mu.Unlock()
 	n := min(len(q.items)-q.head, max)
 	batch = append(batch, q.items[q.head:q.head+n]...)
+	if q.budget != nil {
+		bytes := 0
+		for _, d := range q.items[q.head : q.head+n] {
+			bytes += cap(*d.buf)
+		}
+		q.budget.give(bytes)
+	}
 	clear(q.items[q.head : q.head+n])
 	q.head += n
 	if q.head == len(q.items) {

@@ -3,7 +3,7 @@ package forwarder
 import "testing"
 
 func TestDatagramQueue(t *testing.T) {
-	q := newDatagramQueue(200)
+	q := newDatagramQueue(200, nil)
 	for i := range 200 {
 		if !q.push(datagram{n: i}) {
 			t.Fatalf("push %d refused below the limit", i)

@@ -87,6 +87,12 @@ type TCPConfig struct {
 	// CookieIdle is how long a cookie port must see no SYN, and no
 	// pressure, before it leaves cookie mode (default 10 s).
 	CookieIdle time.Duration
+	// BufferBudget bounds, in bytes, the receive and send buffers of all
+	// TCP connections together (see connBudget): each gets an equal share,
+	// no less than 16 KiB and no more than RecvBufMax / SendBufMax, so
+	// more connections mean smaller windows rather than more memory.
+	// 0: no budget, each connection auto-tunes up to the maxima.
+	BufferBudget int
 }
 
 // Defaults.
@@ -198,6 +204,7 @@ type Stack struct {
 	handlers    sync.WaitGroup
 
 	pending    pendingRequests
+	conns      connBudget
 	handshakes *handshakeCounts
 	cookies    cookiePorts
 
@@ -294,6 +301,7 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		s.queueFrames = make([]atomic.Uint64, len(s.queues))
 	}
 	s.pending.m = make(map[stack.TransportEndpointID]*TCPRequest)
+	s.conns.init(s)
 	s.handshakes = newHandshakeCounts()
 	s.cookies.m = make(map[uint16]*cookieListener)
 	s.cookies.stop = make(chan struct{})
@@ -366,6 +374,7 @@ func (s *Stack) Run(ctx context.Context) error {
 // configure sets every stack option explicitly, each with its reason.
 func (s *Stack) configure() error {
 	st, t := s.stack, s.cfg.TCP
+	rbuf, sbuf := s.conns.options(s.conns.share)
 	tcpOpts := []struct {
 		name string
 		opt  tcpip.SettableTransportProtocolOption
@@ -380,8 +389,9 @@ func (s *Stack) configure() error {
 		{"congestion control", ptr(tcpip.CongestionControlOption("reno"))},
 		// Buffers 4 KiB / 1 MiB / max: auto-tuning grows towards max on fast
 		// paths (tailscale's sizes; gVisor's 4 MiB max limits single flows).
-		{"receive buffer", &tcpip.TCPReceiveBufferSizeRangeOption{Min: defaultBufMin, Default: defaultBufDefault, Max: t.RecvBufMax}},
-		{"send buffer", &tcpip.TCPSendBufferSizeRangeOption{Min: defaultBufMin, Default: defaultBufDefault, Max: t.SendBufMax}},
+		// Under a BufferBudget, max is the connections' share (budget.go).
+		{"receive buffer", &rbuf},
+		{"send buffer", &sbuf},
 		// Receive-buffer moderation: every read goes through gonet, which
 		// calls ModerateRecvBuf, so the window follows the reader.
 		{"receive buffer moderation", ptr(tcpip.TCPModerateReceiveBufferOption(true))},
@@ -431,7 +441,7 @@ func (s *Stack) configure() error {
 		{Destination: header.IPv4EmptySubnet, NIC: nicID},
 		{Destination: header.IPv6EmptySubnet, NIC: nicID},
 	})
-	fwd := tcp.NewForwarder(st, defaultBufDefault, t.MaxInFlight, s.forwardTCP)
+	fwd := tcp.NewForwarder(st, s.conns.initialWindow(), t.MaxInFlight, s.forwardTCP)
 	st.SetTransportProtocolHandler(tcp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
 		if !s.synChecksumValid(id, pkt) {
 			s.stats.lateTCPChecksum.Add(1)
@@ -979,6 +989,10 @@ type Stats struct {
 	TimeWaitReopened uint64
 	TCPRetransmits   uint64
 	TCPEstablished   uint64 `stats:"gauge"` // currently established
+	// TCPClosing is how many connections are closed or closing but not
+	// gone: FIN-WAIT, CLOSE-WAIT, LAST-ACK, CLOSING and TIME-WAIT (each
+	// still a whole gVisor endpoint; TCPConfig.TimeWait bounds the last).
+	TCPClosing uint64 `stats:"gauge"`
 	// QueueFullWaits counts writers that blocked on a full outward queue.
 	QueueFullWaits uint64
 	// DirectWrites counts packets written on the sender's goroutine because
@@ -1018,6 +1032,16 @@ type Stats struct {
 	// dropped as malformed or overlapping, and reassembly timeouts that
 	// produced an ICMP time-exceeded (those whose first fragment arrived).
 	IPFragmentsIn, IPFragmentsMalformed, IPReassemblyTimeouts uint64
+
+	// The TCP buffer budget (TCPConfig.BufferBudget): connections handed
+	// out and open, the bytes received on them and not read yet, each
+	// connection's buffer share per direction (0: no budget), times the
+	// share fell, and buffers cut to it.
+	TCPConns         uint64 `stats:"gauge"`
+	TCPRecvQueued    uint64 `stats:"gauge"`
+	TCPBufferShare   uint64 `stats:"gauge"`
+	TCPBufferLowered uint64
+	TCPBufferCuts    uint64
 }
 
 // InvalidStats counts inbound packets dropped as malformed, by reason.
@@ -1035,6 +1059,7 @@ func (s *Stack) Stats() Stats {
 	in := c.packetsIn.Load()
 	gs := s.stack.Stats()
 	fullWaits, direct := s.link.q.counts()
+	conns, buffered := s.conns.buffered()
 	injected := in - c.udpFastPath.Load() - c.invalidTotal() - c.synRetransHeld.Load()
 	coalesced := uint64(0)
 	if d := c.groDelivered.Load(); injected > d {
@@ -1060,6 +1085,7 @@ func (s *Stack) Stats() Stats {
 		TimeWaitReopened: c.timeWaitReopened.Load(),
 		TCPRetransmits:   gs.TCP.Retransmits.Value(),
 		TCPEstablished:   gs.TCP.CurrentEstablished.Value(),
+		TCPClosing:       gs.TCP.CurrentConnected.Value() - min(gs.TCP.CurrentConnected.Value(), gs.TCP.CurrentEstablished.Value()),
 		QueueFullWaits:   fullWaits,
 		DirectWrites:     direct,
 		ReadErrors:       c.readErrors.Load(),
@@ -1082,6 +1108,11 @@ func (s *Stack) Stats() Stats {
 		IPFragmentsIn:          c.fragmentsIn.Load(),
 		IPFragmentsMalformed:   gs.IP.MalformedFragmentsReceived.Value(),
 		IPReassemblyTimeouts:   gs.ICMP.V4.PacketsSent.TimeExceeded.Value() + gs.ICMP.V6.PacketsSent.TimeExceeded.Value(),
+		TCPConns:               uint64(conns),
+		TCPRecvQueued:          buffered,
+		TCPBufferShare:         uint64(s.conns.currentShare()),
+		TCPBufferLowered:       s.conns.lowered.Load(),
+		TCPBufferCuts:          s.conns.cuts.Load(),
 		Invalid: InvalidStats{
 			IPHeader:    c.invalid[dropIPHeader].Load(),
 			IPChecksum:  c.invalid[dropIPChecksum].Load(),

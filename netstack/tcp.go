@@ -84,6 +84,7 @@ func (r *TCPRequest) Accept() (net.Conn, error) {
 			r.est.ep.Abort()
 			return nil, ErrClosed
 		}
+		s.conns.add(r.est)
 		return r.est, nil
 	}
 	if s.closing.Load() {
@@ -112,7 +113,7 @@ func (r *TCPRequest) Accept() (net.Conn, error) {
 		return nil, ErrClosed
 	}
 	s.setKeepalive(ep)
-	return newTCPConn(&wq, ep), nil
+	return s.track(newTCPConn(&wq, ep)), nil
 }
 
 // expireHandshake runs when HandshakeTimeout has passed since Accept sent the
@@ -354,7 +355,7 @@ func (s *Stack) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn,
 		ep.Abort()
 		return nil, ErrClosed
 	}
-	return newTCPConn(&wq, ep), nil
+	return s.track(newTCPConn(&wq, ep)), nil
 }
 
 // TCPConn is what the stack's TCP conns offer beyond net.Conn; Accept and
@@ -374,7 +375,9 @@ type TCPConn interface {
 // would (gonet keeps only the text), so callers test them with errors.Is.
 type tcpConn struct {
 	*gonet.TCPConn
-	ep tcpip.Endpoint
+	ep     tcpip.Endpoint
+	budget *connBudget // set once handed out; Close removes the conn from it
+	fixed  bool        // buffers set to a fixed size; guarded by budget.mu
 }
 
 var _ TCPConn = (*tcpConn)(nil)
@@ -397,7 +400,20 @@ func (c *tcpConn) Abort() error {
 	// Abort sends the RST in every connected state (after a half-close
 	// too); Close then releases the endpoint as usual.
 	c.ep.Abort()
+	return c.Close()
+}
+
+func (c *tcpConn) Close() error {
+	if c.budget != nil {
+		c.budget.remove(c)
+	}
 	return c.TCPConn.Close()
+}
+
+// track counts c in the stack's buffer budget until it is closed.
+func (s *Stack) track(c *tcpConn) *tcpConn {
+	s.conns.add(c)
+	return c
 }
 
 // connError maps the text gonet left of a tcpip.Error back to its errno.

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"runtime/metrics"
 	"strconv"
 	"strings"
 	"sync"
@@ -673,4 +674,132 @@ func benchmarkKernelTUNTCP4(b *testing.B, queues int) {
 	}
 	b.ReportMetric(float64(sent.Load())*8/el.Seconds()/1e9, "Gbit/s")
 	b.ReportMetric(float64((processCPU(b)-cpu0).Milliseconds())/(float64(sent.Load())*8/1e9), "cpu-ms/Gbit")
+}
+
+// BenchmarkKernelTUNMemory: flows kernel TCP flows (in the namespace)
+// through the TUN into a Stack whose handler copies each to a slow reader
+// (in: kernel to Stack) or from a fast writer (out: Stack to kernel), with
+// and without a TCP buffer budget. It reports Gbit/s and the heap the
+// Stack held: the sampled peak of live and uncollected objects and the
+// peak of what the collector found live. Needs root.
+//
+//	sudo go test -run '^$' -bench KernelTUNMemory -benchtime 64x ./netstack
+func BenchmarkKernelTUNMemory(b *testing.B) {
+	for _, dir := range []string{"in", "out"} {
+		for _, flows := range []int{1, 4} {
+			for _, budget := range []int{0, 36 << 20, 12 << 20} {
+				b.Run(fmt.Sprintf("%s/flows=%d/budget=%dMiB", dir, flows, budget>>20), func(b *testing.B) {
+					benchmarkKernelTUNMemory(b, dir == "out", flows, budget)
+				})
+			}
+		}
+	}
+}
+
+func benchmarkKernelTUNMemory(b *testing.B, out bool, flows, budget int) {
+	ns, dev := kernelTUN(b)
+	if dev == nil {
+		return
+	}
+	const chunk = 1 << 20 // per flow and iteration
+	received := make(chan int64, flows)
+	conns := make(chan net.Conn, flows)
+	s, err := New(dev, Config{MTU: 1500, Addresses: []netip.Prefix{netip.MustParsePrefix("10.99.0.2/24")}, TCP: TCPConfig{BufferBudget: budget}},
+		funcHandler{tcp: func(r *TCPRequest) {
+			c, err := r.Accept()
+			if err != nil {
+				return
+			}
+			if out {
+				conns <- c
+				return
+			}
+			defer c.Close()
+			n, _ := io.CopyBuffer(io.Discard, c, make([]byte, 64<<10))
+			received <- n
+		}}, zap.NewNop())
+	if err != nil {
+		b.Fatalf("new stack: %v", err)
+	}
+	defer s.Close()
+	runStack(b, s)
+	writers := make([]net.Conn, flows)
+	for i := range flows {
+		var kc net.Conn
+		if err := inNetns(ns, func() (err error) {
+			kc, err = net.DialTimeout("tcp", "10.99.0.2:5201", 10*time.Second)
+			return err
+		}); err != nil {
+			b.Fatalf("kernel dial: %v", err)
+		}
+		defer kc.Close()
+		writers[i] = kc
+		if out {
+			writers[i] = <-conns
+			defer writers[i].Close()
+			go func() {
+				n, _ := io.CopyBuffer(io.Discard, kc, make([]byte, 256<<10))
+				received <- n
+			}()
+		}
+	}
+	runtime.GC()
+	var peak, live atomic.Uint64
+	stop, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		sm := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}, {Name: "/gc/heap/live:bytes"}}
+		tick := time.NewTicker(2 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			metrics.Read(sm)
+			if v := sm[0].Value.Uint64(); v > peak.Load() {
+				peak.Store(v)
+			}
+			if v := sm[1].Value.Uint64(); v > live.Load() {
+				live.Store(v)
+			}
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	b.SetBytes(int64(flows * chunk))
+	start := time.Now()
+	var sent atomic.Int64
+	var wg sync.WaitGroup
+	for _, w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 128<<10)
+			for range b.N {
+				for n := 0; n < chunk; n += len(buf) {
+					m, err := w.Write(buf)
+					sent.Add(int64(m))
+					if err != nil {
+						b.Errorf("write: %v", err)
+						return
+					}
+				}
+			}
+			w.(interface{ CloseWrite() error }).CloseWrite()
+		}()
+	}
+	wg.Wait()
+	var got int64
+	for range flows {
+		got += <-received
+	}
+	el := time.Since(start)
+	close(stop)
+	<-done
+	if got != sent.Load() {
+		b.Fatalf("received %d of %d bytes", got, sent.Load())
+	}
+	b.ReportMetric(float64(got)*8/el.Seconds()/1e9, "Gbit/s")
+	b.ReportMetric(float64(peak.Load())/(1<<20), "peak-heap-MiB")
+	b.ReportMetric(float64(live.Load())/(1<<20), "peak-live-MiB")
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"runtime/debug"
 	"runtime/metrics"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -172,9 +173,13 @@ func startResources(b *testing.B) *resources {
 		sample := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}
 		tick := time.NewTicker(10 * time.Millisecond)
 		defer tick.Stop()
+		profile := os.Getenv("NATBOX_BENCH_HEAPPROFILE")
 		for {
 			metrics.Read(sample)
 			if v := sample[0].Value.Uint64(); v > r.peakHeap.Load() {
+				if profile != "" && v > r.peakHeap.Load()+r.peakHeap.Load()/20 {
+					writeHeapProfile(profile)
+				}
 				r.peakHeap.Store(v)
 			}
 			select {
@@ -203,6 +208,15 @@ func (r *resources) report(b *testing.B, bytes int64) {
 	b.ReportMetric(float64(r.peakHeap.Load())/(1<<20), "peak-heap-MiB")
 	if hwm := vmHWM(); hwm > 0 {
 		b.ReportMetric(float64(hwm)/(1<<20), "peak-RSS-MiB")
+	}
+}
+
+// writeHeapProfile writes the heap profile (as of the last collection) to
+// path: NATBOX_BENCH_HEAPPROFILE names it, rewritten at each new peak.
+func writeHeapProfile(path string) {
+	if f, err := os.Create(path); err == nil {
+		pprof.WriteHeapProfile(f)
+		f.Close()
 	}
 }
 

@@ -73,12 +73,13 @@ type relaySide struct {
 func relayConfig(key conf.Key, listen string, binds []netip.Addr, peers ...conf.Peer) *conf.RelayConfig {
 	return &conf.RelayConfig{
 		Relay: conf.RelaySection{
-			Listen:      listen,
-			PrivateKey:  key,
-			Address:     relayTunnelAddr,
-			PublicBind:  binds,
-			MTU:         testMTU,
-			DialTimeout: conf.Duration(5 * time.Second),
+			Listen:       listen,
+			PrivateKey:   key,
+			Address:      relayTunnelAddr,
+			PublicBind:   binds,
+			MTU:          testMTU,
+			DialTimeout:  conf.Duration(5 * time.Second),
+			BufferMemory: conf.DefaultRelayBufferMemory,
 		},
 		Peers: peers,
 	}
@@ -122,7 +123,11 @@ func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger, opts ...tu
 	t.Helper()
 	stackSide, outer := netstack.Pipe(testMTU)
 	h := &relayHandler{}
-	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(relayTunnelAddr), TCP: stackTCP}, h, log.Named("relay-stack"))
+	tcp := stackTCP
+	if _, stackBufs := conf.BufferShares(cfg.Relay.BufferMemory, 1); tcp.BufferBudget == 0 {
+		tcp.BufferBudget = stackBufs // as the relay node wires it
+	}
+	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(relayTunnelAddr), TCP: tcp}, h, log.Named("relay-stack"))
 	if err != nil {
 		outer.Close()
 		t.Fatal(err)
@@ -196,6 +201,14 @@ func startAppliance(t testing.TB, relay *relaySide, key conf.Key, addr netip.Add
 // startApplianceVia is startAppliance with the relay named by relayHost.
 func startApplianceVia(t testing.TB, relayHost string, relay *relaySide, key conf.Key, addr netip.Addr, mappings string) *appliance {
 	t.Helper()
+	return startApplianceOpts(t, relayHost, relay, key, addr, mappings, engineOpts)
+}
+
+// startApplianceOpts is startApplianceVia with the forwarder's options.
+// As the appliance wires them, the [limits] buffer_memory budget is shared
+// by the forwarder and the stack unless opts or stackTCP set their own.
+func startApplianceOpts(t testing.TB, relayHost string, relay *relaySide, key conf.Key, addr netip.Addr, mappings string, opts forwarder.Options) *appliance {
+	t.Helper()
 	toml := fmt.Sprintf(`
 [uplink]
 relay = "%s:%d"
@@ -206,12 +219,18 @@ relay_address = %q
 keepalive = "1s"
 mtu = %d
 %s`, relayHost, relay.port, relay.key.Public(), key, addr, relayTunnelAddr, testMTU, mappings)
-	return runAppliance(t, toml, addr)
+	return runApplianceWith(t, toml, addr, opts)
 }
 
 // runAppliance starts an appliance from its whole config text; addr is its
 // tunnel address.
 func runAppliance(t testing.TB, toml string, addr netip.Addr, opts ...tunnel.Option) *appliance {
+	t.Helper()
+	return runApplianceWith(t, toml, addr, engineOpts, opts...)
+}
+
+// runApplianceWith is runAppliance with the forwarder's options.
+func runApplianceWith(t testing.TB, toml string, addr netip.Addr, opts forwarder.Options, topts ...tunnel.Option) *appliance {
 	t.Helper()
 	cfg, _, err := conf.Parse("appliance.toml", []byte(toml))
 	if err != nil {
@@ -224,18 +243,26 @@ func runAppliance(t testing.TB, toml string, addr netip.Addr, opts ...tunnel.Opt
 	} else {
 		log = zap.New(core)
 	}
-	engine, err := forwarder.New(cfg, engineOpts, log.Named("forwarder"))
+	fwdBufs, stackBufs := conf.BufferShares(cfg.Limits.BufferMemory, 1)
+	if opts.BufferBudget == 0 {
+		opts.BufferBudget = fwdBufs
+	}
+	tcp := stackTCP
+	if tcp.BufferBudget == 0 {
+		tcp.BufferBudget = stackBufs
+	}
+	engine, err := forwarder.New(cfg, opts, log.Named("forwarder"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	stackSide, outer := netstack.Pipe(testMTU)
 	h := &engineHandler{e: engine}
-	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(addr), TCP: stackTCP}, h, log.Named("appliance-stack"))
+	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(addr), TCP: tcp}, h, log.Named("appliance-stack"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	h.in = &uplinkIngress{st}
-	u, err := tunnel.NewUplink(&cfg.Uplinks[0], outer, st, log.Named("uplink"), append(testOpts[:len(testOpts):len(testOpts)], opts...)...)
+	u, err := tunnel.NewUplink(&cfg.Uplinks[0], outer, st, log.Named("uplink"), append(testOpts[:len(testOpts):len(testOpts)], topts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}

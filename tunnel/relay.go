@@ -448,6 +448,12 @@ type RelayStatus struct {
 	TCPAccepted uint64            `json:"tcp_accepted"`
 	TCPRefusals map[string]uint64 `json:"tcp_refusals,omitempty"`
 	TCPDropped  uint64            `json:"tcp_dropped"`
+	// The relay forwarder's buffer budget (relay.buffer_memory's share for
+	// copy buffers and queued datagrams), the bytes of it in use, and the
+	// buffers it refused.
+	BufferBudgetBytes int64  `json:"buffer_budget_bytes"`
+	BufferUsedBytes   int64  `json:"buffer_used_bytes"`
+	BufferDenied      uint64 `json:"buffer_denied"`
 }
 
 // RelayPeerStatus describes one peer.
@@ -509,7 +515,8 @@ func (r *Relay) Status() RelayStatus {
 		r.log.Debug("relay status", zap.Error(err))
 	}
 	es := r.eng.Snapshot()
-	st := RelayStatus{TCPSessions: es.TCPSessions, UDPSessions: int(es.UDPSessions), Rejected: r.rejected.Load()}
+	st := RelayStatus{TCPSessions: es.TCPSessions, UDPSessions: int(es.UDPSessions), Rejected: r.rejected.Load(),
+		BufferBudgetBytes: es.BufferBudgetBytes, BufferUsedBytes: es.BufferUsedBytes, BufferDenied: es.BufferDenied}
 	if r.streams != nil {
 		ss := r.streams.status()
 		st.TCPStreams, st.TCPAccepted, st.TCPRefusals, st.TCPDropped = ss.streams, ss.accepted, ss.refused, ss.dropped

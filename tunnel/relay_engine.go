@@ -35,10 +35,12 @@ func ruleName(peer string, k portKey) string { return peer + "/" + k.String() }
 // newEngine builds the relay's engine with no rules yet.
 func (r *Relay) newEngine() (*forwarder.Engine, error) {
 	cfg, _ := r.engineConfigLocked() // no holdings yet: no groups
+	bufs, _ := conf.BufferShares(r.cfg.Relay.BufferMemory, 1)
 	return forwarder.New(cfg, forwarder.Options{
-		Egress:     relayEgress{r.org},
-		ConnLog:    r.log.Named("conn"),
-		QuietRules: true,
+		BufferBudget: bufs,
+		Egress:       relayEgress{r.org},
+		ConnLog:      r.log.Named("conn"),
+		QuietRules:   true,
 	}, r.log.Named("forwarder"))
 }
 

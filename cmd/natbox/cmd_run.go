@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/urfave/cli/v2"
 	"go.uber.org/zap"
@@ -44,6 +45,12 @@ remove the routes natbox added, close the TUN and exit 0.`,
 				return err
 			}
 			defer stopProfile()
+			stopHeap, err := startHeapProfile(os.Getenv(heapProfileEnv), 50*time.Millisecond)
+			if err != nil {
+				return err
+			}
+			defer stopHeap()
+			setMemoryLimit(cfg.Limits.MemoryLimit, log)
 			a, err := app.NewAppliance(cfg, app.Options{Version: version}, log)
 			if err != nil {
 				return err
@@ -84,6 +91,12 @@ and max_sessions without dropping other peers' flows. The admin socket defaults 
 				return err
 			}
 			defer log.Sync()
+			stopHeap, err := startHeapProfile(os.Getenv(heapProfileEnv), 50*time.Millisecond)
+			if err != nil {
+				return err
+			}
+			defer stopHeap()
+			setMemoryLimit(cfg.Relay.MemoryLimit, log)
 			n, err := app.NewRelayNode(cfg, version, log)
 			if err != nil {
 				return err

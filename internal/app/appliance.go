@@ -56,6 +56,7 @@ type Appliance struct {
 	mu  sync.Mutex // guards cfg and serializes Reload
 	cfg *conf.Config
 
+	stackBufs int        // each ingress stack's TCP buffer budget (limits.buffer_memory)
 	tunName   string     // the kernel TUN natbox created; "" without one
 	ingresses []*ingress // one netstack each: the TUN's, each uplink's; status reads their counters
 	// uplinks are the relay tunnels, one per cfg.Uplinks element and in its
@@ -96,9 +97,17 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (_ *Appliance
 			a.Close()
 		}
 	}()
+	stacks := 0
+	if cfg.TUN != nil {
+		stacks++
+	}
+	stacks += len(cfg.Uplinks)
+	var fwdBufs int
+	fwdBufs, a.stackBufs = conf.BufferShares(cfg.Limits.BufferMemory, stacks)
 	a.engine, err = forwarder.New(cfg, forwarder.Options{
-		Dialer: opts.Dialer,
-		Clock:  opts.Clock,
+		BufferBudget: fwdBufs,
+		Dialer:       opts.Dialer,
+		Clock:        opts.Clock,
 		// Always handed over: the engine writes to it only while the current
 		// config has [log] connections = true, so a reload can switch it on.
 		ConnLog: log.Named("conn"),
@@ -155,7 +164,7 @@ func (a *Appliance) addTUN(c *conf.TUN, dev tun.Device) error {
 		a.teardown.add(undo)
 		a.tunName = name
 	}
-	in, err := newIngress(conf.IngressTUN, dev, netstack.Config{MTU: c.MTU, Addresses: c.Addresses}, a.engine, a.log.Named("tun"))
+	in, err := newIngress(conf.IngressTUN, dev, netstack.Config{MTU: c.MTU, Addresses: c.Addresses, TCP: stackTCP(a.stackBufs)}, a.engine, a.log.Named("tun"))
 	if err != nil {
 		return err
 	}
@@ -180,6 +189,7 @@ func (a *Appliance) addUplink(cfg *conf.Config, u *conf.Uplink, opts []tunnel.Op
 	in, err := newIngress(conf.IngressUplink, stackSide, netstack.Config{
 		MTU:       u.MTU,
 		Addresses: tunnel.TunnelPrefixes(u.Address),
+		TCP:       stackTCP(a.stackBufs),
 	}, a.engine, log)
 	if err != nil {
 		outer.Close()
@@ -201,6 +211,22 @@ func (a *Appliance) addUplink(cfg *conf.Config, u *conf.Uplink, opts []tunnel.Op
 // uplinkLabel names an uplink's stack in status and metrics when there are
 // several: "uplink@relay.example.net:51820".
 func uplinkLabel(u *conf.Uplink) string { return conf.IngressUplink + "@" + u.Name() }
+
+// stackTimeWait is how long a closed TCP connection stays in TIME_WAIT in
+// natbox's stacks. gVisor keeps a whole endpoint there (a few KiB with its
+// timers and tables, against a kernel's ~200-byte minisock): with its
+// default 60 s, the benchmark's connection churn (3 500 a second) kept
+// every connection of the run, and they, not buffers, made the gateway's
+// peak memory (BENCHMARKS.md, "Memory"). A new SYN for a TIME_WAIT 4-tuple
+// is accepted anyway (netstack's reopenTimeWait), so one second only
+// bounds that memory.
+const stackTimeWait = time.Second
+
+// stackTCP is the TCP config of natbox's stacks: bufs is the stack's share
+// of buffer_memory.
+func stackTCP(bufs int) netstack.TCPConfig {
+	return netstack.TCPConfig{BufferBudget: bufs, TimeWait: stackTimeWait}
+}
 
 // uplinkPorts lists what the relay must hold for the mappings served
 // through it, with their UDP idle timeouts for the relay's sessions.
@@ -332,6 +358,7 @@ func (a *Appliance) Reload() (Reloaded, error) {
 		a.log.Warn("reload refused; nothing changed", zap.Error(err))
 		return Reloaded{}, err
 	}
+	restart = append(restart, memoryRestart("limits", a.cfg.Limits.BufferMemory, next.Limits.BufferMemory, a.cfg.Limits.MemoryLimit, next.Limits.MemoryLimit)...)
 	applyLive()
 	a.cfg = next
 	for _, up := range a.uplinks {
@@ -342,6 +369,20 @@ func (a *Appliance) Reload() (Reloaded, error) {
 		a.log.Warn("reloaded, but some changes need a restart", zap.Strings("restart", restart))
 	}
 	return Reloaded{Diff: diff, Restart: restart}, nil
+}
+
+// memoryRestart names the memory keys of section that changed: the budgets
+// are shared out when the stacks and the engine start, and the soft limit
+// is set once, so they apply at the next start.
+func memoryRestart(section string, oldBufs, nextBufs, oldLimit, nextLimit conf.Size) []string {
+	var keys []string
+	if oldBufs != nextBufs {
+		keys = append(keys, "restart natbox to apply "+section+".buffer_memory")
+	}
+	if oldLimit != nextLimit {
+		keys = append(keys, "restart natbox to apply "+section+".memory_limit")
+	}
+	return keys
 }
 
 // reloadable rejects changes a running process cannot apply in place.

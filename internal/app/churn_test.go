@@ -10,6 +10,7 @@ import (
 
 	"github.com/natbox/natbox/internal/testutil"
 
+	"github.com/natbox/natbox/admin"
 	"github.com/natbox/natbox/internal/app"
 )
 
@@ -70,4 +71,54 @@ func churnOnce(ctx context.Context, h *harness, src, dst netip.AddrPort) error {
 		return err
 	}
 	return testutil.OneByteExchange(c)
+}
+
+// TestTimeWaitBoundsClosedEndpoints churns 2000 connections through the
+// appliance, whose side closes first (the target does), so each one leaves
+// a closed endpoint in natbox's stack: they are gone about a second
+// (stackTimeWait) after the churn, not gVisor's 60 s later, so connection
+// churn cannot pile up memory.
+func TestTimeWaitBoundsClosedEndpoints(t *testing.T) {
+	const total, workers, ports, firstPort = 2000, 32, 2000, 24000
+	target := serveTCP(t, func(c *net.TCPConn) {
+		b := make([]byte, 1)
+		if _, err := io.ReadFull(c, b); err == nil {
+			c.Write(b)
+		}
+	})
+	h := newHarness(t, spec{
+		Limits:   "new_sessions_per_source_per_second = 0\nmax_tcp_sessions_per_source = 0",
+		Mappings: mapping("churn", "tcp", "8201", target.String()),
+	}, app.Options{})
+	h.run()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	res := testutil.Churn(ctx, total, workers, ports, firstPort, func(ctx context.Context, port uint16) error {
+		return churnOnce(ctx, h, ap(client4, port), ap(public4, 8201))
+	})
+	if res.Failures != 0 {
+		t.Fatalf("%d of %d connections failed; first: %v", res.Failures, res.Started, res.FirstErr)
+	}
+	cl, err := admin.Dial(h.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	gauge := func(name string) int64 {
+		st, err := cl.Status(ctx)
+		if err != nil {
+			t.Fatalf("status: %v", err)
+		}
+		return st.Netstack["tun"].Gauges[name]
+	}
+	peak := gauge("tcp_closing")
+	end := time.Now()
+	waitFor(t, 15*time.Second, "natbox's closed endpoints to leave TIME_WAIT", func() bool { return gauge("tcp_closing") == 0 })
+	// And the buffer budget counts none of them any more.
+	waitFor(t, 5*time.Second, "the buffer budget to count no connection", func() bool { return gauge("tcp_conns") == 0 })
+	t.Logf("%d connections at %.0f conn/s; %d endpoints closing after the churn, none %v later",
+		res.Started, res.Rate(), peak, time.Since(end).Round(100*time.Millisecond))
+	if peak == 0 {
+		t.Error("no closed endpoint right after the churn: the test did not see TIME_WAIT at all")
+	}
 }

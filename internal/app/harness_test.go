@@ -41,6 +41,8 @@ type spec struct {
 	Limits   string // lines inside [limits]
 	Admin    string // extra lines inside [admin]
 	Mappings string // [[mapping]] tables
+	// clientTCP configures the client stack's TCP (not rendered).
+	clientTCP netstack.TCPConfig
 }
 
 // mapping renders one [[mapping]] table; extra lines are appended as is.
@@ -79,7 +81,7 @@ socket = %q
 // harness is a whole appliance whose TUN is one side of an in-memory pipe,
 // and a client gVisor stack on the other side standing in for the Internet.
 type harness struct {
-	t      *testing.T
+	t      testing.TB
 	app    *app.Appliance
 	client *netstack.Stack
 	inbox  *udpInbox
@@ -91,7 +93,7 @@ type harness struct {
 	cancel     context.CancelFunc
 }
 
-func newHarness(t *testing.T, s spec, opts app.Options) *harness {
+func newHarness(t testing.TB, s spec, opts app.Options) *harness {
 	t.Helper()
 	appSide, clientSide := netstack.Pipe(linkMTU)
 	return newHarnessOn(t, s, opts, appSide, clientSide)
@@ -99,7 +101,7 @@ func newHarness(t *testing.T, s spec, opts app.Options) *harness {
 
 // newHarnessOn is newHarness on a link the caller made: appSide becomes the
 // appliance's TUN, clientSide the client stack's device.
-func newHarnessOn(t *testing.T, s spec, opts app.Options, appSide, clientSide tun.Device) *harness {
+func newHarnessOn(t testing.TB, s spec, opts app.Options, appSide, clientSide tun.Device) *harness {
 	t.Helper()
 	dir := t.TempDir()
 	h := &harness{t: t, inbox: newUDPInbox(), path: filepath.Join(dir, "natbox.toml"), socket: filepath.Join(dir, "admin.sock")}
@@ -121,6 +123,7 @@ func newHarnessOn(t *testing.T, s spec, opts app.Options, appSide, clientSide tu
 	h.client, err = netstack.New(clientSide, netstack.Config{
 		MTU:       linkMTU,
 		Addresses: []netip.Prefix{netip.PrefixFrom(client4, 24), netip.PrefixFrom(client6, 64)},
+		TCP:       s.clientTCP,
 	}, h.inbox, log.Named("client"))
 	if err != nil {
 		h.app.Close()

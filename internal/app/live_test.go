@@ -134,3 +134,24 @@ func TestReloadLevelFixedByFlagIsNamed(t *testing.T) {
 		t.Fatalf("restart = %q, want %q", res.Restart, want)
 	}
 }
+
+// TestReloadNamesMemoryKeysForRestart: the buffer budget is shared out and
+// the soft memory limit set at start, so a reload that changes them applies
+// the rest and names them.
+func TestReloadNamesMemoryKeysForRestart(t *testing.T) {
+	t.Parallel()
+	target := serveTCP(t, echo)
+	s := spec{Mappings: mapping("web", "tcp", "8810", target.String())}
+	h := newHarness(t, s, app.Options{})
+	s.Limits = "buffer_memory = \"16MiB\"\nmemory_limit = \"128MiB\""
+	s.Mappings += mapping("more", "tcp", "8811", target.String())
+	h.writeConfig(s)
+	res, err := h.app.Reload()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"restart natbox to apply limits.buffer_memory", "restart natbox to apply limits.memory_limit"}
+	if !slices.Equal(res.Restart, want) || !slices.Equal(res.Added, []string{"more"}) {
+		t.Fatalf("restart = %q, added %v; want %q, [more]", res.Restart, res.Added, want)
+	}
+}

@@ -40,6 +40,7 @@ type RelayNode struct {
 func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*RelayNode, error) {
 	n := &RelayNode{log: log, cfg: cfg, h: &relayHandler{}, live: newLiveSettings("natbox relay", cfg.Log, cfg.Admin)}
 	stackSide, outer := netstack.Pipe(cfg.Relay.MTU)
+	_, stackBufs := conf.BufferShares(cfg.Relay.BufferMemory, 1)
 	s, err := netstack.New(stackSide, netstack.Config{
 		MTU:       cfg.Relay.MTU,
 		Addresses: tunnel.TunnelPrefixes(cfg.Relay.Address),
@@ -47,7 +48,7 @@ func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*Rela
 		// but control connections are rejected at once, while a cookie
 		// listener's wildcard port would make the relay's DialTCP from a
 		// client's source port of the same number fail to bind.
-		TCP: netstack.TCPConfig{CookiePortThreshold: -1},
+		TCP: netstack.TCPConfig{CookiePortThreshold: -1, BufferBudget: stackBufs, TimeWait: stackTimeWait},
 	}, n.h, log.Named("netstack"))
 	if err != nil {
 		stackSide.Close()
@@ -144,6 +145,7 @@ func (n *RelayNode) Reload() (Reloaded, error) {
 		n.log.Warn("config", zap.Stringer("warning", w))
 	}
 	applyLive()
+	restart = append(restart, memoryRestart("relay", n.cfg.Relay.BufferMemory, next.Relay.BufferMemory, n.cfg.Relay.MemoryLimit, next.Relay.MemoryLimit)...)
 	res := Reloaded{Diff: peerDiff(n.cfg.Peers, next.Peers), Restart: restart}
 	n.cfg = next
 	n.log.Info("reloaded", zap.Int("peers", len(next.Peers)))

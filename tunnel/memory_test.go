@@ -1,0 +1,215 @@
+package tunnel_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/forwarder"
+)
+
+// tinySocketBuffers makes a kernel socket's buffers as small as Linux
+// allows, so a reader that stops backs up into natbox, not the kernel.
+func tinySocketBuffers(_, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+		if serr == nil {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, 4096)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// liveHeapAfterGC returns the live heap once the collector has run twice
+// (the second empties what sync.Pools kept from the first), and of it the
+// bytes wireguard-go allocated (its 64 KiB message buffers: bounded by the
+// gates of gate.go, not by buffer_memory), as far as the memory profile
+// saw them: exactly if runtime.MemProfileRate is 1 since they were made.
+func liveHeapAfterGC() (live, wireguard uint64) {
+	runtime.GC()
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	n, _ := runtime.MemProfile(nil, false)
+	recs := make([]runtime.MemProfileRecord, n+64)
+	n, _ = runtime.MemProfile(recs, false)
+	for _, r := range recs[:n] {
+		frames := runtime.CallersFrames(r.Stack())
+		for {
+			f, more := frames.Next()
+			if strings.HasPrefix(f.Function, "golang.zx2c4.com/wireguard/") {
+				wireguard += uint64(r.InUseBytes())
+				break
+			}
+			if !more {
+				break
+			}
+		}
+	}
+	return ms.HeapAlloc, wireguard
+}
+
+// TestRelayBufferBudgetHundredFlows drives 100 bulk flows from loopback
+// clients through the relay to an appliance whose target stops reading, so
+// every byte in flight backs up through the tunnel into the relay's send
+// queues and copy buffers. Each side has buffer_memory = 8MiB: once every
+// flow is backed up, the process's live heap has grown by no more than the
+// two budgets and the flows' fixed costs (not the 1 MiB or more of send
+// queue per flow an unbudgeted relay holds), the relay's forwarder shows
+// its budget spent and refusals counted, and once the target reads, every
+// flow delivers all its bytes.
+func TestRelayBufferBudgetHundredFlows(t *testing.T) {
+	const (
+		flows   = 100
+		size    = 512 << 10
+		budget  = 8 << 20
+		perFlow = 2 * (64 << 10) // fixed costs on both sides: endpoints, small copy buffers
+	)
+	// Profile every allocation, to tell wireguard-go's apart (see
+	// liveHeapAfterGC); the devices start below.
+	old := runtime.MemProfileRate
+	runtime.MemProfileRate = 1
+	t.Cleanup(func() { runtime.MemProfileRate = old })
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	open := func() { releaseOnce.Do(func() { close(release) }) }
+	t.Cleanup(open)
+	var got sync.Map // conn index -> bytes
+	var finished atomic.Int32
+	lc := net.ListenConfig{Control: tinySocketBuffers}
+	ln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sinkWG sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); open(); sinkWG.Wait() })
+	sinkWG.Add(1)
+	go func() {
+		defer sinkWG.Done()
+		for i := 0; ; i++ {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			sinkWG.Add(1)
+			go func() {
+				defer sinkWG.Done()
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(2 * time.Minute))
+				<-release
+				n, _ := io.Copy(io.Discard, c)
+				got.Store(i, n)
+				finished.Add(1)
+			}()
+		}
+	}()
+
+	key := mustKey(t)
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	cfg := relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: key.Public(), Address: applAddrA, Ports: mustSpecs(t, spec)})
+	cfg.Relay.BufferMemory = budget
+	relay := startRelay(t, cfg, testLogger(t))
+	a := startApplianceOpts(t, "127.0.0.1", relay, key, applAddrA, fmt.Sprintf(`
+[limits]
+buffer_memory = "8MiB"
+max_inflight_per_source = 1000
+max_tcp_sessions_per_source = 0
+new_sessions_per_source_per_second = 0
+
+[[mapping]]
+name = "bulk"
+protocol = "tcp"
+listen = "%d"
+target = %q
+`, port, ln.Addr().String()), forwarder.Options{Dialer: &net.Dialer{Control: tinySocketBuffers}})
+	waitRegistered(t, a, spec)
+
+	baseline, wgBase := liveHeapAfterGC()
+	var wg sync.WaitGroup
+	errs := make(chan error, flows)
+	for i := range flows {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// The clients' and the relay's public sockets are the kernel's:
+			// what they buffer is not the relay's heap.
+			c, err := net.DialTimeout("tcp4", fmt.Sprintf("127.0.0.1:%d", port), 10*time.Second)
+			if err != nil {
+				errs <- fmt.Errorf("flow %d: dial: %w", i, err)
+				return
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(2 * time.Minute))
+			buf := make([]byte, 32<<10)
+			for sent := 0; sent < size; sent += len(buf) {
+				if _, err := c.Write(buf[:min(len(buf), size-sent)]); err != nil {
+					errs <- fmt.Errorf("flow %d: write after %d bytes: %w", i, sent, err)
+					return
+				}
+			}
+			c.(*net.TCPConn).CloseWrite()
+			if _, err := io.Copy(io.Discard, c); err != nil {
+				errs <- fmt.Errorf("flow %d: wait for close: %w", i, err)
+			}
+		}()
+	}
+	// Backed up: the appliance's receive windows hold data, and the relay
+	// has every large copy buffer of its budget in use. (The control
+	// connection is one more conn on each stack.)
+	waitFor(t, 60*time.Second, "the flows to back up into the relay", func() bool {
+		as, rs := a.stack.Stats(), relay.relay.Status()
+		return as.TCPConns == flows+1 && relay.stack.Stats().TCPConns == flows+1 &&
+			as.TCPRecvQueued >= flows*(4<<10) && rs.BufferUsedBytes > rs.BufferBudgetBytes-(64<<10)
+	})
+	stalled, wgStalled := liveHeapAfterGC()
+	// NATBOX_TEST_HEAPPROFILE=FILE: a heap profile of the backed-up state.
+	if p := os.Getenv("NATBOX_TEST_HEAPPROFILE"); p != "" {
+		writeHeapProfile(p)
+	}
+	rs, rst := relay.relay.Status(), relay.stack.Stats()
+	open()
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	waitFor(t, 30*time.Second, "every target connection to finish", func() bool { return finished.Load() == flows })
+	got.Range(func(k, v any) bool {
+		if v.(int64) != size {
+			t.Errorf("target connection %d received %d bytes, want %d", k, v, size)
+		}
+		return true
+	})
+
+	if rs.BufferBudgetBytes != budget/4 || rs.BufferDenied == 0 {
+		t.Errorf("relay status: buffer_budget_bytes %d, buffer_denied %d; want %d, > 0", rs.BufferBudgetBytes, rs.BufferDenied, budget/4)
+	}
+	if rst.TCPBufferShare != 16<<10 || rst.TCPBufferCuts == 0 {
+		t.Errorf("relay stack: tcp_buffer_share %d, tcp_buffer_cuts %d; want 16 KiB, > 0", rst.TCPBufferShare, rst.TCPBufferCuts)
+	}
+	// wireguard-go's buffers are bounded by the gates, and counted apart.
+	grew := (int64(stalled) - int64(wgStalled)) - (int64(baseline) - int64(wgBase))
+	bound := int64(2*budget + flows*perFlow + flows*(32<<10))
+	t.Logf("live heap %d -> %d MiB with %d backed-up flows, wireguard-go's %d -> %d MiB; the rest grew %.1f MiB (bound %.1f MiB)",
+		baseline>>20, stalled>>20, flows, wgBase>>20, wgStalled>>20, float64(grew)/(1<<20), float64(bound)/(1<<20))
+	if grew > bound {
+		t.Errorf("live heap grew by %.1f MiB with %d backed-up flows, above the bound of %.1f MiB", float64(grew)/(1<<20), flows, float64(bound)/(1<<20))
+	}
+}
