@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"errors"
+	"io"
 	"net"
 	"sync/atomic"
 	"time"
@@ -22,6 +23,12 @@ const (
 	controlBurst        = 10 // below outQueue: a burst's answers fit the queue
 	// refusalWriteTimeout bounds telling a refused connection why.
 	refusalWriteTimeout = time.Second
+	// refusalLinger and refusalDrain bound how long and how much a refused
+	// connection is read after the refusal: closing with unread input
+	// answers with a reset, which can destroy the refusal before the
+	// appliance reads it (a flood refused for its rate has more in flight).
+	refusalLinger = 250 * time.Millisecond
+	refusalDrain  = 1 << 20
 )
 
 // ctlReason is why the relay refused or ended a peer's control connection.
@@ -72,8 +79,22 @@ func (r *Relay) refuseControl(p *relayPeer, cc *controlConn, why ctlReason, err 
 		if why == ctlVersion { // the appliance needs the numbers to act on it
 			reason += ": " + err.Error()
 		}
-		_ = cc.write(message{Type: msgError, Reason: reason}, refusalWriteTimeout)
+		if cc.write(message{Type: msgError, Reason: reason}, refusalWriteTimeout) == nil {
+			lingerAfterRefusal(cc.c)
+		}
 	}
+}
+
+// lingerAfterRefusal half-closes c and reads what is still arriving, for
+// at most refusalLinger and refusalDrain bytes, so that the close that
+// follows finds no unread input and sends a FIN rather than a reset.
+func lingerAfterRefusal(c net.Conn) {
+	cw, ok := c.(interface{ CloseWrite() error })
+	if !ok || cw.CloseWrite() != nil {
+		return
+	}
+	_ = c.SetReadDeadline(time.Now().Add(refusalLinger))
+	_, _ = io.CopyN(io.Discard, c, refusalDrain)
 }
 
 // readReason classifies an error from controlConn.read, or reports false
