@@ -20,6 +20,9 @@ const tunOffset = 16
 type outBuf struct {
 	data []byte
 	n    int
+	// pkt, on a Direct link, is the packet held by reference instead
+	// (data unused; n is its size).
+	pkt *stack.PacketBuffer
 }
 
 func (b *outBuf) packet() []byte { return b.data[tunOffset : tunOffset+b.n] }
@@ -170,6 +173,10 @@ type linkEndpoint struct {
 	// writeDirect, if set, writes one packet to the device on the caller's
 	// goroutine when the pump is idle (see send). Set before the NIC exists.
 	writeDirect func(*outBuf)
+	// byRef (a Direct link, set before the NIC exists) queues packets by
+	// reference with host GSO: the device's reader copies them out.
+	byRef   bool
+	refPool sync.Pool // *outBuf without data
 
 	mu sync.RWMutex
 	// mu guards the following fields.
@@ -185,6 +192,7 @@ func newLinkEndpoint(mtu uint32, queueLen int, st *counters) *linkEndpoint {
 	e := &linkEndpoint{mtu: mtu, stats: st}
 	size := tunOffset + int(mtu)
 	e.bufPool.New = func() any { return &outBuf{data: make([]byte, size)} }
+	e.refPool.New = func() any { return &outBuf{} }
 	e.q.init(queueLen)
 	return e
 }
@@ -193,6 +201,12 @@ func (e *linkEndpoint) getBuf() *outBuf { return e.bufPool.Get().(*outBuf) }
 
 func (e *linkEndpoint) putBuf(b *outBuf) {
 	b.n = 0
+	if b.pkt != nil {
+		b.pkt.DecRef()
+		b.pkt = nil
+		e.refPool.Put(b)
+		return
+	}
 	e.bufPool.Put(b)
 }
 
@@ -238,7 +252,12 @@ var groEnabled = true
 func (e *linkEndpoint) GSOMaxSize() uint32 { return stack.GVisorGSOMaxSize }
 
 // SupportedGSO implements stack.GSOEndpoint.
-func (e *linkEndpoint) SupportedGSO() stack.SupportedGSO { return stack.GVisorGSOSupported }
+func (e *linkEndpoint) SupportedGSO() stack.SupportedGSO {
+	if e.byRef {
+		return stack.HostGSOSupported // segmented by the Direct reader
+	}
+	return stack.GVisorGSOSupported
+}
 
 // Attach implements stack.LinkEndpoint.
 func (e *linkEndpoint) Attach(d stack.NetworkDispatcher) {
@@ -294,6 +313,9 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 // writePacket copies pkt into a pooled buffer (the caller keeps its
 // references) and queues it, blocking while the queue is full.
 func (e *linkEndpoint) writePacket(pkt *stack.PacketBuffer) tcpip.Error {
+	if e.byRef {
+		return e.writeRef(pkt)
+	}
 	size := pkt.Size()
 	if size > int(e.mtu) {
 		// gVisor segments to the MTU (GVisorGSOSupported); anything larger

@@ -193,6 +193,8 @@ type Stack struct {
 	cookies    cookiePorts
 
 	directBufs [1][]byte // writeDirect's batch; used by one writer at a time
+	// direct is set on a Direct pair's stack side: no pumps run.
+	direct *directShared
 
 	inputDone  chan struct{}
 	outputDone chan struct{}
@@ -266,7 +268,9 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 	s.cookies.m = make(map[uint16]*cookieListener)
 	s.cookies.stop = make(chan struct{})
 	s.link = newLinkEndpoint(uint32(cfg.MTU), cfg.QueueLen, &s.stats)
-	if _, isPipe := dev.(*pipeEnd); !isPipe && directWrites {
+	direct, isDirect := dev.(*directStackEnd)
+	s.link.byRef = isDirect
+	if _, isPipe := dev.(*pipeEnd); !isPipe && !isDirect && directWrites {
 		// Not on a Pipe: its Write waits for the reader, which may be a
 		// Stack's input pump delivering into the caller's own endpoint.
 		s.link.writeDirect = s.writeDirect
@@ -288,8 +292,14 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		dev.Close()
 		return nil, err
 	}
-	go s.runOutput()
-	go s.runInput()
+	if isDirect {
+		// wireguard-go's goroutines drive the link through the other end.
+		direct.d.attach(s)
+		close(s.inputDone)
+	} else {
+		go s.runOutput()
+		go s.runInput()
+	}
 	s.cookies.wg.Add(1)
 	go s.runCookieSweep()
 	log.Info("netstack started", zap.Int("mtu", cfg.MTU), zap.Int("batch", dev.BatchSize()))
@@ -439,29 +449,11 @@ func (s *Stack) runInput() {
 			pkt := bufs[i][tunOffset : tunOffset+sizes[i]]
 			bytesIn += uint64(len(pkt))
 			classify(pkt, &info)
-			switch info.verdict {
-			case verdictDrop:
-				s.stats.invalid[info.reason].Add(1)
-				continue
-			case verdictUDP:
-				s.stats.udpFastPath.Add(1)
-				s.handler.HandleUDP(info.src, info.dst, info.payload)
+			if !s.admitInput(&info) {
 				continue
 			}
 			if info.packet != nil {
 				pkt = info.packet // trimmed to the IP length
-			}
-			if info.fragment {
-				s.stats.fragmentsIn.Add(1)
-			}
-			if info.pureSYN() {
-				s.reopenTimeWait(&info)
-				if s.noteSYN(&info) {
-					s.stats.synRetransHeld.Add(1)
-					continue
-				}
-			} else if info.rst() {
-				s.pending.abandon(&info, &s.stats)
 			}
 			v := views[i]
 			v.TrimFront(tunOffset)
@@ -482,6 +474,34 @@ func (s *Stack) runInput() {
 		s.stats.bytesIn.Add(bytesIn)
 		s.stats.groDelivered.Add(cd.n)
 	}
+}
+
+// admitInput acts on a classified inbound packet: drops are counted, UDP
+// goes to the Handler, SYNs and RSTs update the handshake state. It reports
+// whether the packet goes on to gVisor. Safe for concurrent use.
+func (s *Stack) admitInput(info *packetInfo) bool {
+	switch info.verdict {
+	case verdictDrop:
+		s.stats.invalid[info.reason].Add(1)
+		return false
+	case verdictUDP:
+		s.stats.udpFastPath.Add(1)
+		s.handler.HandleUDP(info.src, info.dst, info.payload)
+		return false
+	}
+	if info.fragment {
+		s.stats.fragmentsIn.Add(1)
+	}
+	if info.pureSYN() {
+		s.reopenTimeWait(info)
+		if s.noteSYN(info) {
+			s.stats.synRetransHeld.Add(1)
+			return false
+		}
+	} else if info.rst() {
+		s.pending.abandon(info, &s.stats)
+	}
+	return true
 }
 
 // countingDispatcher counts what GRO delivers, to report coalescing.
@@ -862,6 +882,9 @@ func (s *Stack) Close() error {
 		s.admitMu.Unlock()
 		s.pending.closeAll()
 		s.closeCookies()
+		if s.direct != nil {
+			s.direct.quiesce()
+		}
 
 		s.stack.Close()
 		s.stack.Wait()

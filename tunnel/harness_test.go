@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -15,6 +16,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
+	"golang.zx2c4.com/wireguard/tun"
 
 	"github.com/natbox/natbox/conf"
 	"github.com/natbox/natbox/forwarder"
@@ -110,9 +112,19 @@ func tcpEchoThroughRelay(t *testing.T, tweak func(*conf.RelayConfig)) (relay *re
 	return relay, cfg, key, spec, netip.AddrPortFrom(loopback4, port)
 }
 
+// tunnelPair joins a stack and a wireguard-go device as natbox does
+// (netstack.Direct), or with a netstack.Pipe when NATBOX_TEST_PIPE=1, so the
+// benchmarks can compare the two.
+func tunnelPair(mtu int) (stackSide, outer tun.Device) {
+	if os.Getenv("NATBOX_TEST_PIPE") == "1" {
+		return netstack.Pipe(mtu)
+	}
+	return netstack.Direct(mtu)
+}
+
 func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger, opts ...tunnel.Option) *relaySide {
 	t.Helper()
-	stackSide, outer := netstack.Pipe(testMTU)
+	stackSide, outer := tunnelPair(testMTU)
 	h := &relayHandler{}
 	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(relayTunnelAddr), TCP: stackTCP}, h, log.Named("relay-stack"))
 	if err != nil {
@@ -205,7 +217,7 @@ mtu = %d
 	if err != nil {
 		t.Fatal(err)
 	}
-	stackSide, outer := netstack.Pipe(testMTU)
+	stackSide, outer := tunnelPair(testMTU)
 	h := &engineHandler{e: engine}
 	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(addr), TCP: stackTCP}, h, log.Named("appliance-stack"))
 	if err != nil {

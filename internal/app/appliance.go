@@ -137,7 +137,7 @@ func (a *Appliance) startTUN(c *conf.TUN, dev tun.Device) error {
 
 func (a *Appliance) startUplink(cfg *conf.Config) error {
 	u := cfg.Uplink
-	stackSide, outer := netstack.Pipe(u.MTU)
+	stackSide, outer := netstack.Direct(u.MTU)
 	in, err := newIngress(conf.IngressUplink, stackSide, netstack.Config{
 		MTU:       u.MTU,
 		Addresses: tunnel.TunnelPrefixes(u.Address),

@@ -39,7 +39,7 @@ type RelayNode struct {
 // NewRelayNode starts the relay's stack and WireGuard device.
 func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*RelayNode, error) {
 	n := &RelayNode{log: log, cfg: cfg, h: &relayHandler{}, live: newLiveSettings("natbox relay", cfg.Log, cfg.Admin)}
-	stackSide, outer := netstack.Pipe(cfg.Relay.MTU)
+	stackSide, outer := netstack.Direct(cfg.Relay.MTU)
 	s, err := netstack.New(stackSide, netstack.Config{
 		MTU:       cfg.Relay.MTU,
 		Addresses: tunnel.TunnelPrefixes(cfg.Relay.Address),
