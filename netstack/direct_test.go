@@ -522,4 +522,3 @@ func TestDirectCloseFlushes(t *testing.T) {
 		t.Fatalf("flushed datagrams %v, want [0 1 2]", got)
 	}
 }
-

@@ -1,9 +1,10 @@
 // Package netstack is natbox's only home of gVisor: one userspace TCP/IP stack
-// per Stack, whose single NIC is a tun.Device (a kernel TUN from CreateTUN, or
-// one end of a Pipe, e.g. towards a wireguard-go device). It terminates TCP
-// and UDP flows addressed to any destination (promiscuous + spoofing) and
-// hands them to a Handler as net.Conns and datagrams with their real
-// addresses; it knows nothing about mappings.
+// per Stack, whose single NIC is a tun.Device (a kernel TUN from CreateTUN, the
+// stack side of a Direct pair towards a wireguard-go device, or one end of a
+// Pipe joining two stacks). It terminates TCP and UDP flows addressed to any
+// destination (promiscuous + spoofing) and hands them to a Handler as
+// net.Conns and datagrams with their real addresses; it knows nothing about
+// mappings.
 package netstack
 
 import (
