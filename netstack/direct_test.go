@@ -95,7 +95,7 @@ func (br *directBridge) run(from, to tun.Device) {
 	}
 }
 
-func (br *directBridge) check(t *testing.T) {
+func (br *directBridge) check(t testing.TB) {
 	t.Helper()
 	br.mu.Lock()
 	defer br.mu.Unlock()
@@ -151,7 +151,7 @@ func checkWirePacket(p []byte, mtu int) error {
 }
 
 // newDirectPair is newPair over two Direct pairs and a bridge.
-func newDirectPair(t *testing.T, mtu int, client, server Handler) (c, s *Stack, br *directBridge) {
+func newDirectPair(t testing.TB, mtu int, client, server Handler) (c, s *Stack, br *directBridge) {
 	t.Helper()
 	cs, co := Direct(mtu)
 	ss, so := Direct(mtu)
