@@ -74,7 +74,7 @@ ns_up() {
       && ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65535" net.core.somaxconn=4096 \
            net.ipv4.tcp_max_syn_backlog=4096 || return 1
   done
-  [ -n "$NS_WAN" ] && wan_up
+  [ -z "$NS_WAN" ] || wan_up
 }
 wan_up() { # two veths into $NS_WAN, bridged there with RTT_MS/2 of delay each way (bounded run)
   ip link add vr0 netns "$NS" type veth peer name m0 netns "$NS_WAN" \
