@@ -522,3 +522,96 @@ func TestDirectCloseFlushes(t *testing.T) {
 		t.Fatalf("flushed datagrams %v, want [0 1 2]", got)
 	}
 }
+
+// TestDirectConcurrentWrites: wireguard-go writes from one goroutine per
+// peer, so deliveries run at once; every datagram arrives, and Writes
+// racing Stack.Close either deliver or fail with os.ErrClosed while Close
+// waits for them.
+func TestDirectConcurrentWrites(t *testing.T) {
+	const writers, batches, batch = 4, 50, 16
+	var got atomic.Int64
+	ss, outer := Direct(1500)
+	s, err := New(ss, Config{Addresses: []netip.Prefix{serverPrefix4}}, funcHandler{udp: func(netip.AddrPort, netip.AddrPort, []byte) {
+		got.Add(1)
+	}}, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	write := func(w int, stop <-chan struct{}) (sent int, err error) {
+		src := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.9"), uint16(1000+w))
+		bufs := make([][]byte, batch)
+		for i := range bufs {
+			bufs[i] = append(make([]byte, wgOffset), rawUDP(src, netip.MustParseAddrPort("10.0.0.2:53"), []byte{byte(w), byte(i)})...)
+		}
+		for range batches {
+			select {
+			case <-stop:
+				return sent, nil
+			default:
+			}
+			n, err := outer.Write(bufs, wgOffset)
+			sent += n
+			if err != nil {
+				return sent, err
+			}
+		}
+		return sent, nil
+	}
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Go(func() {
+			if n, err := write(w, nil); err != nil || n != batches*batch {
+				t.Errorf("writer %d: %d written, %v", w, n, err)
+			}
+		})
+	}
+	wg.Wait()
+	if g := got.Load(); g != writers*batches*batch {
+		t.Fatalf("HandleUDP saw %d datagrams, want %d", g, writers*batches*batch)
+	}
+
+	// Now with Close in the middle.
+	stop := make(chan struct{})
+	var stopOnce sync.Once
+	t.Cleanup(func() { // also on a failure below: no writer outlives the test
+		stopOnce.Do(func() { close(stop) })
+		s.Close()
+		wg.Wait()
+	})
+	for w := range writers {
+		wg.Go(func() {
+			for {
+				if _, err := write(w, stop); err != nil {
+					if !errors.Is(err, os.ErrClosed) {
+						t.Errorf("writer %d during close: %v", w, err)
+					}
+					return
+				}
+				select {
+				case <-stop:
+					return
+				default:
+				}
+			}
+		})
+	}
+	first := got.Load()
+	for deadline := time.Now().Add(10 * time.Second); got.Load() < first+writers*batch; { // delivering again
+		if time.Now().After(deadline) {
+			t.Fatal("writers made no progress")
+		}
+		runtime.Gosched()
+	}
+	if err := s.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+	before := got.Load()
+	stopOnce.Do(func() { close(stop) })
+	wg.Wait()
+	if _, err := outer.Write([][]byte{append(make([]byte, wgOffset), rawUDP(netip.MustParseAddrPort("192.0.2.9:1"), netip.MustParseAddrPort("10.0.0.2:53"), nil)...)}, wgOffset); !errors.Is(err, os.ErrClosed) {
+		t.Fatalf("write after close: %v", err)
+	}
+	if got.Load() != before {
+		t.Fatal("a datagram was delivered after Close returned")
+	}
+}
