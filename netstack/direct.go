@@ -127,6 +127,21 @@ func (d *directShared) finishOutput() {
 	d.outDone.Do(func() { close(d.s.outputDone) })
 }
 
+// flushedOnClose ends the flush at once when nothing is left to read after
+// the queue closed: a reader that is not there (no device yet) would
+// otherwise hold Stack.Close for the flush timeout.
+func (d *directShared) flushedOnClose() {
+	d.rmu.Lock()
+	defer d.rmu.Unlock()
+	q := &d.s.link.q
+	q.mu.Lock()
+	empty := len(q.items) == 0
+	q.mu.Unlock()
+	if empty && d.next == len(d.pending) {
+		d.finishOutput()
+	}
+}
+
 // quiesce waits for running deliveries; Stack.Close calls it after setting
 // closing, so no new delivery starts.
 func (d *directShared) quiesce() {

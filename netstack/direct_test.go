@@ -463,6 +463,23 @@ func TestDirectCloseUnblocks(t *testing.T) {
 			t.Fatalf("close: %v", err)
 		}
 	})
+	t.Run("no reader", func(t *testing.T) {
+		// A stack whose device was never handed to wireguard-go (its
+		// setup failed) has nothing to flush: Close must not wait the
+		// flush timeout for a reader.
+		ss, _ := Direct(1500)
+		s, err := New(ss, Config{Addresses: []netip.Prefix{serverPrefix4}}, funcHandler{}, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		if err := s.Close(); err != nil {
+			t.Fatalf("close: %v", err)
+		}
+		if el := time.Since(start); el >= flushTimeout {
+			t.Fatalf("Close took %v: it waited for a flush with nothing queued", el)
+		}
+	})
 	t.Run("unattached", func(t *testing.T) {
 		ss, outer := Direct(1500)
 		errc := make(chan error, 2)

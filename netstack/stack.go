@@ -894,6 +894,9 @@ func (s *Stack) Close() error {
 		// Flush what is queued (the RSTs), but do not let a peer that stopped
 		// reading hold Close: closing the device unblocks the pump's Write.
 		s.link.q.close()
+		if s.direct != nil {
+			s.direct.flushedOnClose()
+		}
 		select {
 		case <-s.outputDone:
 		case <-time.After(flushTimeout):
