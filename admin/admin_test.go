@@ -98,12 +98,15 @@ func sampleStatus() Status {
 		},
 		TUN: &TUN{Name: "natbox0", Up: true, MTU: 1500, TxQueueLen: 2000,
 			PacketsIn: 9900, BytesIn: 12000000, PacketsOut: 800, BytesOut: 64000, DroppedIn: 100},
-		Uplink: &Uplink{
+		Uplinks: []Uplink{{
 			State: UplinkRegistered, Relay: "relay.example.net:51820", Address: "100.96.0.2",
 			LastHandshake: testNow.Add(-30 * time.Second), BytesIn: 5000, BytesOut: 7000,
 			Registered: []string{"tcp/8443"},
 			Refused:    []PortRefusal{{Port: "udp/27015", Reason: "not in this peer's ports"}},
-		},
+		}, {
+			// A second relay that is down: it never answered.
+			State: "connecting", Relay: "relay2.example.net:51820", Address: "100.97.0.2",
+		}},
 		Relay: &Relay{Listen: "0.0.0.0:51820", Peers: []RelayPeer{
 			{Name: "home", Address: "100.96.0.2", BytesIn: 11, BytesOut: 22, SessionsActive: 1, SessionsOpened: 2,
 				DialFailures: 3, Registered: []string{"tcp/8443"}, Stats: Counters{Gauges: map[string]int64{"connected": 1}},
@@ -209,8 +212,9 @@ func TestSocketRoundTrip(t *testing.T) {
 		!web.ReviewOverdue || web.Owner != "it@example.com" || !web.LastUsed.Equal(testNow.Add(-90*time.Second)) {
 		t.Errorf("web mapping came back as %+v", web)
 	}
-	if st.Uplink == nil || st.Uplink.Refused[0].Port != "udp/27015" || st.Relay == nil || st.Relay.Peers[0].Name != "home" {
-		t.Errorf("uplink/relay came back as %+v / %+v", st.Uplink, st.Relay)
+	if len(st.Uplinks) != 2 || st.Uplinks[0].Refused[0].Port != "udp/27015" || st.Uplinks[1].Relay != "relay2.example.net:51820" ||
+		st.Relay == nil || st.Relay.Peers[0].Name != "home" {
+		t.Errorf("uplinks/relay came back as %+v / %+v", st.Uplinks, st.Relay)
 	}
 
 	ss, err := c.Sessions(ctx, "web")
@@ -385,7 +389,7 @@ func newHTTPClient(t *testing.T) *http.Client {
 
 func TestMetricsScrape(t *testing.T) {
 	src := &fakeSource{status: sampleStatus()}
-	src.status.Uplink.LastHandshake = testNow.Add(-30 * time.Second)
+	src.status.Uplinks[0].LastHandshake = testNow.Add(-30 * time.Second)
 	s := startServer(t, conf.Admin{Listen: "127.0.0.1:0"}, src, Options{})
 	code, body := httpGet(t, newHTTPClient(t), "http://"+s.Addr().String()+"/metrics", "")
 	if code != http.StatusOK {
@@ -420,10 +424,13 @@ func TestMetricsScrape(t *testing.T) {
 		`natbox_tun_packets_total{direction="in",tun="natbox0"} 9900`,
 		`natbox_tun_bytes_total{direction="out",tun="natbox0"} 64000`,
 		`natbox_tun_dropped_packets_total{tun="natbox0"} 100`,
-		`natbox_uplink_handshake_age_seconds 30`,
-		`natbox_uplink_bytes_total{direction="in"} 5000`,
-		`natbox_uplink_bytes_total{direction="out"} 7000`,
-		`natbox_uplink_ports_refused 1`,
+		`natbox_uplink_handshake_age_seconds{uplink="relay.example.net:51820"} 30`,
+		`natbox_uplink_bytes_total{direction="in",uplink="relay.example.net:51820"} 5000`,
+		`natbox_uplink_bytes_total{direction="out",uplink="relay.example.net:51820"} 7000`,
+		`natbox_uplink_ports_refused{uplink="relay.example.net:51820"} 1`,
+		`natbox_uplink_handshake_age_seconds{uplink="relay2.example.net:51820"} +Inf`,
+		`natbox_uplink_registered{uplink="relay2.example.net:51820"} 0`,
+		`natbox_uplink_bytes_total{direction="in",uplink="relay2.example.net:51820"} 0`,
 		`natbox_relay_peer_handshake_age_seconds{peer="home"} +Inf`,
 		`natbox_relay_peer_bytes_total{direction="out",peer="home"} 22`,
 		`natbox_relay_peer_sessions_active{peer="home"} 1`,
@@ -437,7 +444,7 @@ func TestMetricsScrape(t *testing.T) {
 		`natbox_mapping_budget_hits_total{mapping="web"} 5`,
 		`natbox_forwarder_active_sessions 3`,
 		`natbox_forwarder_shutting_down 0`,
-		`natbox_uplink_registered 1`,
+		`natbox_uplink_registered{uplink="relay.example.net:51820"} 1`,
 		`natbox_relay_over_limit_total 2`,
 		`natbox_relay_tcp_sessions 1`,
 		`natbox_relay_peer_connected{peer="home"} 1`,

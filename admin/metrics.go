@@ -16,8 +16,8 @@ type StatusSource interface {
 
 // Collector turns one Status snapshot per scrape into natbox_* metrics, so the
 // data path keeps plain atomic counters and does no metrics work per packet.
-// Labels stay bounded: mapping, reason, limit, peer, direction; never a
-// client address.
+// Labels stay bounded: mapping, reason, limit, peer, uplink, direction;
+// never a client address.
 type Collector struct {
 	src StatusSource
 	now func() time.Time
@@ -55,11 +55,13 @@ var (
 	descTUNBytes   = desc("natbox_tun_bytes_total", "Bytes through the gateway's TUN; in is what the kernel handed natbox.", "tun", "direction")
 	descTUNDropped = desc("natbox_tun_dropped_packets_total", "Packets the kernel dropped because natbox did not read them from the TUN in time.", "tun")
 
-	descUplinkHandshakeAge = desc("natbox_uplink_handshake_age_seconds", "Seconds since the last WireGuard handshake with the relay; +Inf when there was none.")
-	descUplinkBytes        = desc("natbox_uplink_bytes_total", "Bytes through the uplink; in is received from the relay.", "direction")
-	descUplinkRegistered   = desc("natbox_uplink_ports_registered", "Port specs the relay holds for this appliance.")
-	descUplinkRefused      = desc("natbox_uplink_ports_refused", "Port specs the relay refused.")
-	descUplinkState        = desc("natbox_uplink_registered", "1 once the relay answered every port the appliance asked for (its state is registered).")
+	// The uplink label is the relay's host:port as configured: one series
+	// per [[uplink]], at most conf.MaxUplinks.
+	descUplinkHandshakeAge = desc("natbox_uplink_handshake_age_seconds", "Seconds since the last WireGuard handshake with the relay; +Inf when there was none.", "uplink")
+	descUplinkBytes        = desc("natbox_uplink_bytes_total", "Bytes through the uplink; in is received from the relay.", "uplink", "direction")
+	descUplinkRegistered   = desc("natbox_uplink_ports_registered", "Port specs the relay holds for this appliance.", "uplink")
+	descUplinkRefused      = desc("natbox_uplink_ports_refused", "Port specs the relay refused.", "uplink")
+	descUplinkState        = desc("natbox_uplink_registered", "1 once the relay answered every port the appliance asked for (its state is registered).", "uplink")
 
 	descPeerHandshakeAge = desc("natbox_relay_peer_handshake_age_seconds", "Seconds since the last handshake with a peer; +Inf when there was none.", "peer")
 	descPeerBytes        = desc("natbox_relay_peer_bytes_total", "Bytes through the relay per peer; in is received from the peer.", "peer", "direction")
@@ -138,14 +140,14 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		counter(descTUNBytes, t.BytesOut, t.Name, DirectionOut)
 		counter(descTUNDropped, t.DroppedIn, t.Name)
 	}
-	if u := st.Uplink; u != nil {
-		gauge(descUplinkHandshakeAge, handshakeAge(now, u.LastHandshake))
-		counter(descUplinkBytes, u.BytesIn, DirectionIn)
-		counter(descUplinkBytes, u.BytesOut, DirectionOut)
-		gauge(descUplinkRegistered, float64(len(u.Registered)))
-		gauge(descUplinkRefused, float64(len(u.Refused)))
-		gauge(descUplinkState, boolValue(u.State == UplinkRegistered))
-		collectCounters(ch, "natbox_uplink_", "uplink", u.Stats, nil)
+	for _, u := range st.Uplinks {
+		gauge(descUplinkHandshakeAge, handshakeAge(now, u.LastHandshake), u.Relay)
+		counter(descUplinkBytes, u.BytesIn, u.Relay, DirectionIn)
+		counter(descUplinkBytes, u.BytesOut, u.Relay, DirectionOut)
+		gauge(descUplinkRegistered, float64(len(u.Registered)), u.Relay)
+		gauge(descUplinkRefused, float64(len(u.Refused)), u.Relay)
+		gauge(descUplinkState, boolValue(u.State == UplinkRegistered), u.Relay)
+		collectCounters(ch, "natbox_uplink_", "uplink", u.Stats, []string{"uplink"}, u.Relay)
 	}
 	if r := st.Relay; r != nil {
 		collectCounters(ch, "natbox_relay_", "relay", r.Stats, nil)

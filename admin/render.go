@@ -91,9 +91,18 @@ func renderStatus(w io.Writer, st Status) error {
 		renderTUN(w, t)
 	}
 	renderNetstack(w, st.Netstack)
-	if u := st.Uplink; u != nil {
+	if len(st.Uplinks) > 1 {
+		up := 0
+		for _, u := range st.Uplinks {
+			if u.State == UplinkRegistered {
+				up++
+			}
+		}
+		fmt.Fprintf(w, "\nuplinks: %d of %d relays registered\n", up, len(st.Uplinks))
+	}
+	for i := range st.Uplinks {
 		fmt.Fprintln(w)
-		renderUplink(w, now, u)
+		renderUplink(w, now, &st.Uplinks[i])
 	}
 	if r := st.Relay; r != nil {
 		fmt.Fprintln(w)
@@ -128,6 +137,7 @@ func renderTUN(w io.Writer, t *TUN) {
 var netstackRoutine = map[string]bool{
 	"packets_in": true, "bytes_in": true, "packets_out": true, "bytes_out": true,
 	"read_batches": true, "write_batches": true, "gro_coalesced": true, "direct_writes": true,
+	"gso_frames_in": true, "gso_frames_out": true,
 	"udp_fast_path": true, "udp_reassembled": true, "udp_sent": true,
 	"tcp_requests": true, "tcp_rejected": true, "tcp_retransmits": true, "time_wait_reopened": true,
 }
@@ -176,7 +186,15 @@ func renderUplink(w io.Writer, now time.Time, u *Uplink) {
 		relay += " (" + u.Endpoint + ")"
 	}
 	fmt.Fprintf(w, "uplink to %s, tunnel address %s\n", relay, u.Address)
+	fmt.Fprintf(w, "  state       %s\n", orDash(u.State))
 	fmt.Fprintf(w, "  handshake   %s\n", formatAgo(now, u.LastHandshake))
+	if u.Transport != "" && u.Transport != "udp" { // udp is routine
+		why := u.SwitchReason
+		if u.TransportError != "" {
+			why = "failing: " + u.TransportError
+		}
+		fmt.Fprintf(w, "  transport   %s (%s)\n", u.Transport, why)
+	}
 	fmt.Fprintf(w, "  traffic     in %s, out %s\n", formatBytes(u.BytesIn), formatBytes(u.BytesOut))
 	fmt.Fprintf(w, "  registered  %s\n", formatList(u.Registered))
 	for _, r := range u.Refused {

@@ -43,8 +43,9 @@ func TestRenderStatus(t *testing.T) {
 		"tun natbox0, up, mtu 1500",
 		"  traffic     in 11.4 MiB (9900 packets), out 62.5 KiB (800 packets)",
 		"  dropped     100 packets (1.00 %) the kernel could not queue for natbox (queue 2000)",
-		"uplink to relay.example.net:51820, tunnel address 100.96.0.2",
-		"  handshake   30s ago",
+		"uplinks: 1 of 2 relays registered\n",
+		"uplink to relay.example.net:51820, tunnel address 100.96.0.2\n  state       registered\n  handshake   30s ago",
+		"uplink to relay2.example.net:51820, tunnel address 100.97.0.2\n  state       connecting\n  handshake   never",
 		"  registered  tcp/8443",
 		"  refused     udp/27015: not in this peer's ports",
 		"relay listening on 0.0.0.0:51820, 1 peer",
@@ -66,6 +67,26 @@ func TestRenderStatus(t *testing.T) {
 	}
 	if !strings.Contains(out, "home  100.96.0.2  -         never") {
 		t.Errorf("relay peer row wrong:\n%s", out)
+	}
+}
+
+func TestRenderUplinkTransport(t *testing.T) {
+	now := time.Now()
+	var b strings.Builder
+	renderUplink(&b, now, &Uplink{Relay: "relay.example.net:51820", Endpoint: "tcp/203.0.113.1:443",
+		Transport: "tcp", SwitchReason: "no reply over udp for 15s"})
+	if want := "  transport   tcp (no reply over udp for 15s)\n"; !strings.Contains(b.String(), want) {
+		t.Errorf("lacks %q:\n%s", want, b.String())
+	}
+	b.Reset()
+	renderUplink(&b, now, &Uplink{Relay: "r:1", Transport: "tcp", SwitchReason: "x", TransportError: "connection refused"})
+	if want := "  transport   tcp (failing: connection refused)\n"; !strings.Contains(b.String(), want) {
+		t.Errorf("lacks %q:\n%s", want, b.String())
+	}
+	b.Reset()
+	renderUplink(&b, now, &Uplink{Relay: "r:1", Transport: "udp"})
+	if strings.Contains(b.String(), "transport") {
+		t.Errorf("udp shown:\n%s", b.String())
 	}
 }
 
@@ -128,7 +149,7 @@ func TestFormatAgo(t *testing.T) {
 func TestRenderRelayOnlyStatus(t *testing.T) {
 	st := sampleStatus()
 	st.Time = testNow
-	st.Mappings, st.TUN, st.Uplink, st.Refusals, st.BudgetHits, st.Netstack = nil, nil, nil, nil, nil, nil
+	st.Mappings, st.TUN, st.Uplinks, st.Refusals, st.BudgetHits, st.Netstack = nil, nil, nil, nil, nil, nil
 	var buf bytes.Buffer
 	if err := RenderStatus(&buf, st); err != nil {
 		t.Fatal(err)

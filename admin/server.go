@@ -146,9 +146,19 @@ func (s *Server) Addr() net.Addr {
 	return s.tcpLn.Addr()
 }
 
+// ErrClosed is returned by Run on a closed Server.
+var ErrClosed = errors.New("admin: server closed")
+
 // Run serves until ctx is done or Close is called, then stops, letting
-// answers in flight finish for a short grace. It returns nil on a clean stop.
+// answers in flight finish for a short grace, and returns once its
+// goroutines have stopped. It returns nil on a clean stop, and ErrClosed
+// at once after Close.
 func (s *Server) Run(ctx context.Context) error {
+	select {
+	case <-s.closed:
+		return ErrClosed
+	default:
+	}
 	type served struct {
 		srv *http.Server
 		ln  net.Listener

@@ -81,9 +81,11 @@ type Status struct {
 	// "relay" (the relay's tunnel end).
 	Netstack map[string]Counters `json:"netstack,omitempty"`
 
-	TUN    *TUN    `json:"tun,omitempty"`    // nil: no kernel TUN
-	Uplink *Uplink `json:"uplink,omitempty"` // nil: no [uplink]
-	Relay  *Relay  `json:"relay,omitempty"`  // nil: not a relay
+	TUN *TUN `json:"tun,omitempty"` // nil: no kernel TUN
+	// Uplinks are the relay tunnels, one per [[uplink]] in config order;
+	// each is independent (one down does not touch the others).
+	Uplinks []Uplink `json:"uplinks,omitempty"`
+	Relay   *Relay   `json:"relay,omitempty"` // nil: not a relay
 }
 
 // Mapping is one mapping's configuration summary and counters.
@@ -161,7 +163,7 @@ type TUN struct {
 	Error string `json:"error,omitempty"`
 }
 
-// Uplink is the appliance's WireGuard tunnel to its relay.
+// Uplink is one of the appliance's WireGuard tunnels, to one relay.
 type Uplink struct {
 	// State is "connecting", or UplinkRegistered once the relay answered every port.
 	State    string `json:"state,omitempty"`
@@ -175,6 +177,12 @@ type Uplink struct {
 	BytesOut      uint64        `json:"bytes_out"`            // sent to the relay
 	Registered    []string      `json:"registered,omitempty"` // ports the relay holds for us: "tcp/443"
 	Refused       []PortRefusal `json:"refused,omitempty"`
+	// Transport is "udp" or "tcp" (WireGuard inside TLS to relay_tcp);
+	// SwitchReason says why it last changed, TransportError why the last TCP
+	// connect failed.
+	Transport      string `json:"transport,omitempty"`
+	SwitchReason   string `json:"switch_reason,omitempty"`
+	TransportError string `json:"transport_error,omitempty"`
 	// Stats holds the uplink's other counters, by reflection: see CountersOf.
 	Stats Counters `json:"stats,omitzero"`
 }

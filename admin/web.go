@@ -358,9 +358,9 @@ func warnings(st Status) []warning {
 	for _, w := range st.Warnings {
 		ws = append(ws, warning{"host", w})
 	}
-	if st.Uplink != nil {
-		for _, r := range st.Uplink.Refused {
-			ws = append(ws, warning{"relay", fmt.Sprintf("the relay refused %s: %s", r.Port, r.Reason)})
+	for _, u := range st.Uplinks {
+		for _, r := range u.Refused {
+			ws = append(ws, warning{"relay", fmt.Sprintf("the relay %s refused %s: %s", u.Relay, r.Port, r.Reason)})
 		}
 	}
 	return ws

@@ -67,10 +67,11 @@ func TestPageListsMappings(t *testing.T) {
 		"192.0.2.0/24, 198.51.100.0/24 and 1 more", ">anyone<",
 		// warnings
 		"games expired on 2026-10-01", "web: review overdue", "ssh exposes rdp (3389) to anyone",
-		"vpn: refused by the relay: port taken", "the relay refused udp/27015: not in this peer",
+		"vpn: refused by the relay: port taken", "the relay relay.example.net:51820 refused udp/27015: not in this peer",
 		"cam: the target 10.0.0.7:554 did not accept the last connection", "carrier-grade NAT: 100.72.1.5 on wan0",
 		// uplink, TUN, relay, netstack
-		`data-path="uplink.last_handshake" data-fmt="ago">30s ago`, "tcp/8443",
+		`data-path="uplinks.0.last_handshake" data-fmt="ago">30s ago`, "tcp/8443",
+		`<h2>Uplink to relay2.example.net:51820</h2>`, `data-path="uplinks.1.state">connecting<`,
 		`data-path="tun.packets_in">9900<`, `data-path="tun.dropped_in">100<`,
 		`data-peer="home"`, `dial_failed <b data-k="dial_failures">3</b>`, `data-reason="replaced"`,
 		`data-path="netstack.tun.counters.tcp_in_flight_drops">3<`,

@@ -8,6 +8,8 @@
 #   loopback   client -> 127.0.0.1:5201 directly                                      (ceiling)
 #   natbox     natbox relay (WireGuard 127.0.0.1:51820, public_bind 127.0.0.1) <- natbox run with
 #              only [uplink] (mappings tcp+udp 18080 -> :5201, 18081 -> :5301, 18082 -> :5302)
+#   natbox-tcp the same over natbox's TCP transport: WireGuard inside TLS on 127.0.0.1:443
+#              (relay tcp_listen, appliance transport = "tcp"), the fallback for networks without UDP
 #   frp        frps (bindPort 7000) <- frpc, TCP transport, defaults (tcpMux on, TLS on);
 #              tcp proxies 18080/18081/18082 + udp proxy 18080
 #   frp-nomux  the same with transport.tcpMux = false on both sides
@@ -18,7 +20,7 @@
 # rr (64-byte ping-pong); per side: CPU ticks over each test and peak RSS (pmbench memwatch).
 # Then a CPU profile of both natbox sides during a single flow -> $OUT/profiles/.
 #
-#   sudo bench/relay.sh        # REPS=3 DUR=5 RELAY_MODES="loopback natbox frp frp-nomux ssh"
+#   sudo bench/relay.sh        # REPS=3 DUR=5 RELAY_MODES="loopback natbox natbox-tcp frp frp-nomux ssh"
 # Env: REPS DUR RR_DUR WORK RELAY_MODES NATBOX FRP_VERSION(v0.69.1) FRP_BIN UDP_RATE(200M)
 #      UDP_LEN(1200) SKIP_PROFILE=1 RTT_MS RELAY_NETNS(nb-relay).
 #
@@ -34,7 +36,7 @@ NB_BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export WORK=${WORK:-/tmp/nb-bench}
 export REPS=${REPS:-3} DUR=${DUR:-5} RR_DUR=${RR_DUR:-5}
 export UDP_RATE=${UDP_RATE:-200M} UDP_LEN=${UDP_LEN:-1200}
-RELAY_MODES=${RELAY_MODES:-"loopback natbox frp frp-nomux ssh"}
+RELAY_MODES=${RELAY_MODES:-"loopback natbox natbox-tcp frp frp-nomux ssh"}
 export MODES=$RELAY_MODES
 FRP_VERSION=${FRP_VERSION:-v0.69.1}
 FRP_BIN=${FRP_BIN:-/tmp/frp-bin}
@@ -215,14 +217,15 @@ remotePort = 18082
 EOF
 }
 
-natbox_configs() { # natbox_configs DIR
-  local k=$OUT/keys
+natbox_configs() { # natbox_configs DIR [TRANSPORT(udp|tcp)]
+  local k=$OUT/keys transport=${2:-udp}
   cat >"$1/relay.toml" <<EOF
 [log]
 level = "warn"
 
 [relay]
 listen = "$RELAY_HOST:51820"
+$([ "$transport" = tcp ] && echo "tcp_listen = \"$RELAY_HOST:443\"")
 private_key = "$(cat "$k/relay.key")"
 address = "100.96.0.1"
 public_bind = ["$LO"]
@@ -255,6 +258,8 @@ private_key = "$(cat "$k/app.key")"
 address = "100.96.0.2"
 relay_address = "100.96.0.1"
 keepalive = "25s"
+transport = "$transport"
+relay_tcp = "$RELAY_HOST:443"
 
 [limits]
 # One load generator is one source: the per-source budgets (flood
@@ -294,8 +299,8 @@ setup_relay_mode() { # sets T_HOST P_IPERF P_ECHO P_CRR RELAY_PIDS APP_PIDS
     loopback)
       [ -n "$NS_WAN" ] && T_HOST=10.99.0.2 # the bare line
       P_IPERF=5201; P_ECHO=5301; P_CRR=5302 ;;
-    natbox)
-      natbox_configs "$d"
+    natbox|natbox-tcp)
+      natbox_configs "$d" "$([ "$mode" = natbox-tcp ] && echo tcp || echo udp)"
       if [ "${PROFILE:-0}" = 1 ]; then
         NATBOX_PPROF=$NB_PPROF_RELAY start_bg "$d/relay.log" ip netns exec "$NS" "$NATBOX" relay -c "$d/relay.toml"
       else
@@ -418,8 +423,8 @@ main() {
   [ -x /usr/sbin/sshd ] || install_deps /usr/sbin/sshd:openssh-server
   build_tools
   build_wanbridge || exit 1
-  if [[ " $MODES " == *" natbox "* ]] && ! { build_natbox && natbox_keys; }; then
-    log "natbox: build or key generation failed; dropping the mode"; MODES=${MODES//natbox/}
+  if [[ " $MODES " == *" natbox"* ]] && ! { build_natbox && natbox_keys; }; then
+    log "natbox: build or key generation failed; dropping its modes"; MODES=${MODES//natbox-tcp/}; MODES=${MODES//natbox/}
   fi
   if [[ " $MODES " == *" frp"* ]] && ! install_frp; then
     log "frp: build failed; dropping its modes"; MODES=${MODES//frp-nomux/}; MODES=${MODES//frp/}

@@ -205,8 +205,9 @@ def gateway(run):
 
 
 # ------------------------------------------------------------------ relay
-RL_MODES = ["loopback", "natbox", "frp", "frp-nomux", "ssh"]
-RL_LABEL = {"loopback": "plain loopback", "natbox": "**natbox relay**", "frp": "frp (tcpMux, TLS)",
+RL_MODES = ["loopback", "natbox", "natbox-tcp", "frp", "frp-nomux", "ssh"]
+RL_LABEL = {"loopback": "plain loopback", "natbox": "**natbox relay**", "natbox-tcp": "natbox relay, TCP/443 (TLS)",
+            "frp": "frp (tcpMux, TLS)",
             "frp-nomux": "frp, tcpMux = false", "ssh": "ssh -R"}
 
 

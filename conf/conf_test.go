@@ -242,6 +242,7 @@ mtu = 70000 # <-`, `tun.mtu: mtu 70000 is out of range; use 1280-65535 (1500 for
 		{"tun mtu below ipv6's minimum", `[tun]
 addresses = ["203.0.113.10/32"]
 mtu = 576 # <-`, `tun.mtu: mtu 576 is out of range; use 1280-65535 (1500 for Ethernet)`},
+		{"tun queues", tunBase + `queues = -1 # <-`, `tun.queues: -1 queues is out of range; use 1-64, or 0 for one per CPU (at most 4)`},
 		{"tun name too long", `[tun]
 addresses = ["203.0.113.10/32"]
 name = "natbox-much-too-long" # <-`, `tun.name: "natbox-much-too-long" is not a valid interface name; use 1-15 characters without spaces or slashes, e.g. "natbox0"`},
@@ -451,6 +452,9 @@ relay_public_key = "` + testRelayPub + `"
 private_key = "` + testPriv + `"
 address = "fd77::2" # <-`, `uplink.address: address fd77::2 is IPv6; tunnel addresses are IPv4; use an IPv4 address such as 10.77.0.2; natbox derives the IPv6 tunnel address from it`},
 		{"uplink relay address ipv6", uplinkTable + `relay_address = "fd77::1" # <-`, `uplink.relay_address: address fd77::1 is IPv6; tunnel addresses are IPv4; use an IPv4 address such as 10.77.0.2; natbox derives the IPv6 tunnel address from it`},
+		{"uplink transport", uplinkTable + `transport = "tls" # <-`, `uplink.transport: unknown transport "tls"; use "auto" (UDP, TCP when UDP is blocked), "udp" or "tcp"`},
+		{"uplink relay_tcp", uplinkTable + `relay_tcp = "relay.example.net" # <-`, `uplink.relay_tcp: "relay.example.net" is not host:port; write host:port, e.g. "relay.example.net:51820" or "[2001:db8::1]:51820"`},
+		{"uplink relay_tcp port", uplinkTable + `relay_tcp = "relay.example.net:0" # <-`, `uplink.relay_tcp: port "0" is out of range; use 1-65535`},
 		{"uplink v4-in-v6 relay address is own address", uplinkTable + `relay_address = "::ffff:10.77.0.2" # <-`, `uplink.relay_address: relay_address 10.77.0.2 is this appliance's own address; set relay_address to the relay's tunnel address`},
 	}
 	for _, tt := range tests {
@@ -680,8 +684,9 @@ idle_timeout = "30s"
 	if cfg.Admin != (Admin{Socket: "/run/natbox/natbox.sock"}) {
 		t.Errorf("admin = %+v", cfg.Admin)
 	}
-	u := cfg.Uplink
-	if u.Keepalive.D() != 25*time.Second || u.MTU != 1420 || u.RelayAddress.String() != "10.77.0.1" || u.PrivateKey.String() != testPriv {
+	u := cfg.Uplinks[0]
+	if u.Keepalive.D() != 25*time.Second || u.MTU != 1420 || u.RelayAddress.String() != "10.77.0.1" || u.PrivateKey.String() != testPriv ||
+		u.Transport != "auto" || u.RelayTCP != "relay.example.net:443" {
 		t.Errorf("uplink = %+v", u)
 	}
 	idle := []struct {
@@ -901,7 +906,7 @@ expires = 2026-12-01T00:00:00Z
 func TestServesIngress(t *testing.T) {
 	t.Parallel()
 	gateway := &Config{TUN: &TUN{}}
-	both := &Config{TUN: &TUN{}, Uplink: &Uplink{}}
+	both := &Config{TUN: &TUN{}, Uplinks: []Uplink{{}}}
 	tests := []struct {
 		ingress []string
 		cfg     *Config

@@ -105,8 +105,29 @@ func (r *report) decodeTable(path string, m map[string]any, rv reflect.Value) {
 			r.unknownKey(path, key, fields)
 			continue
 		}
+		f := rv.Type().Field(i)
+		if m, ok := v.(map[string]any); ok && f.Type.Kind() == reflect.Slice && tagOption(f, "one_or_many") {
+			// [uplink] written once is the one element of the array, and
+			// keeps its unindexed key path (uplink.relay) in messages.
+			s := reflect.MakeSlice(f.Type, 1, 1)
+			r.decode(joinPath(path, key), m, s.Index(0))
+			rv.Field(i).Set(s)
+			r.oneTable[joinPath(path, key)] = true
+			continue
+		}
 		r.decode(joinPath(path, key), v, rv.Field(i))
 	}
+}
+
+// tagOption reports whether f's toml tag carries option opt after its name.
+func tagOption(f reflect.StructField, opt string) bool {
+	_, opts, _ := strings.Cut(f.Tag.Get("toml"), ",")
+	for o := range strings.SplitSeq(opts, ",") {
+		if o == opt {
+			return true
+		}
+	}
+	return false
 }
 
 func (r *report) unknownKey(table, key string, fields map[string]int) {

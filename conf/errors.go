@@ -84,6 +84,8 @@ type report struct {
 	errs  []Error
 	warns []Warning
 	bad   []string // raw paths that already have an error
+	// oneTable holds the one_or_many arrays written as a single table.
+	oneTable map[string]bool
 }
 
 // errorf records a problem at path unless path (or a table that holds it)

@@ -151,11 +151,14 @@ protocol = "tcp"
 listen = "443"
 target = "10.0.0.5:443"
 `
-	addConfigSeeds(f, []string{"natbox.toml", "natbox-uplink.toml"}, []string{
+	addConfigSeeds(f, []string{"natbox.toml", "natbox-uplink.toml", "natbox-two-relays.toml"}, []string{
 		tunBase + mapping,
 		tunBase + uplinkTable + mapping + strings.ReplaceAll(mapping, "web", "web2"),
 		strings.Replace(uplinkTable, `private_key = "`+testPriv+`"`, `private_key_file = "`+fuzzKeyFile+`"`, 1) + mapping,
 		tunBase + `mapping = [{name = "a", protocol = "udp", listen = 53, target = "[fd00::53]:53"}]`,
+		"[[uplink]]\n" + strings.TrimPrefix(uplinkTable, "[uplink]\n") + "[[uplink]]\n" +
+			strings.NewReplacer("relay.example", "relay2.example", testRelayPub, testPeerPub1).Replace(strings.TrimPrefix(uplinkTable, "[uplink]\n")) + mapping,
+		`uplink = [{relay = "a:1", relay_public_key = "` + testRelayPub + `", private_key = "` + testPriv + `", address = "10.77.0.2"}]` + mapping,
 		tunBase + "x = \"\"\"\n[[mapping]]\n\"\"\"\n[[mapping]] # c\nname = 'a'\n[[ \"mapping\" ]]\n",
 		tunBase + "mtu = = 1500\n",
 		"[tun]\naddresses = [\"203.0.113.10/32\",\n  # ]\n]\n[[mapping]]\nlisten = \"1-2\"\ntarget = \"h:3\"\nexpires = 2020-01-01\n",
@@ -198,9 +201,18 @@ target = "10.0.0.5:443"
 			}
 		}
 		checkHeaderLines(t, data, "mapping", lines)
+		if len(cfg.Uplinks) > 0 && cfg.Uplinks[0].Key != "uplink" { // [[uplink]], not one [uplink]
+			lines = lines[:0]
+			for _, u := range cfg.Uplinks {
+				lines = append(lines, u.Line)
+			}
+			checkHeaderLines(t, data, "uplink", lines)
+		}
 		// Validation of the result is stable. The key file is read again.
-		if cfg.Uplink != nil && cfg.Uplink.PrivateKeyFile != "" {
-			cfg.Uplink.PrivateKey = Key{}
+		for i := range cfg.Uplinks {
+			if cfg.Uplinks[i].PrivateKeyFile != "" {
+				cfg.Uplinks[i].PrivateKey = Key{}
+			}
 		}
 		r := &report{file: path, lines: map[string]int{}, names: map[string]string{}}
 		cfg.validate(r, clock)

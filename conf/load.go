@@ -57,6 +57,14 @@ func ParseAt(path string, data []byte, now time.Time) (*Config, []Warning, error
 		for i := range cfg.Mappings {
 			cfg.Mappings[i].Line = r.lines[fmt.Sprintf("mapping[%d]", i)]
 		}
+		for i := range cfg.Uplinks {
+			u := &cfg.Uplinks[i]
+			u.Key = fmt.Sprintf("uplink[%d]", i)
+			if r.oneTable["uplink"] {
+				u.Key = "uplink"
+			}
+			u.Line = r.lines[u.Key]
+		}
 		cfg.applyDefaults()
 		cfg.validate(r, now)
 	})
@@ -119,7 +127,7 @@ func begin(path string, data []byte) (*report, map[string]any, error) {
 		}
 		return nil, nil, fmt.Errorf("parse %s: %w", path, err)
 	}
-	r := &report{file: path, lines: scanKeyLines(string(data)), names: make(map[string]string)}
+	r := &report{file: path, lines: scanKeyLines(string(data)), names: make(map[string]string), oneTable: make(map[string]bool)}
 	for _, table := range []string{"mapping", "peer"} {
 		var elems []any // [[table]] or table = [{...}]
 		switch v := raw[table].(type) {

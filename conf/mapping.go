@@ -93,7 +93,7 @@ func (c *Config) HasIngress(name string) bool {
 	case IngressTUN:
 		return c.TUN != nil
 	case IngressUplink:
-		return c.Uplink != nil
+		return len(c.Uplinks) > 0
 	}
 	return false
 }

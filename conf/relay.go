@@ -124,6 +124,11 @@ func (c *RelayConfig) validate(r *report) {
 		r.errorf("relay.public_bind", `list the addresses public listeners open on, e.g. ["0.0.0.0", "::"]`, "public_bind is empty")
 	}
 	validateMTU(r, "relay.mtu", s.MTU, true)
+	if s.TCPListen != "" {
+		if err := checkHostPort(s.TCPListen, true); err != nil {
+			r.valueError("relay.tcp_listen", err, "")
+		}
+	}
 	if s.MaxSessions < 0 {
 		r.errorf("relay.max_sessions", "use 0 for unlimited or a positive number", "%d is negative", s.MaxSessions)
 	}

@@ -12,9 +12,12 @@ import (
 
 // Config is an appliance's natbox.toml after loading, defaults and validation.
 type Config struct {
-	Log      Log       `toml:"log"`
-	TUN      *TUN      `toml:"tun"`    // nil: no gateway ingress
-	Uplink   *Uplink   `toml:"uplink"` // nil: no relay uplink
+	Log Log  `toml:"log"`
+	TUN *TUN `toml:"tun"` // nil: no gateway ingress
+	// Uplinks are the relays this appliance registers its mappings with, one
+	// [[uplink]] table each (a single [uplink] table is one); none: no relay
+	// uplink. Each is independent: its own tunnel, stack and registration.
+	Uplinks  []Uplink  `toml:"uplink,one_or_many"`
 	Limits   Limits    `toml:"limits"`
 	Admin    Admin     `toml:"admin"`
 	Mappings []Mapping `toml:"mapping"`
@@ -39,6 +42,9 @@ type TUN struct {
 	MTU       int            `toml:"mtu"`       // default 1500
 	Addresses []netip.Prefix `toml:"addresses"` // public-side addresses the stack answers on
 	Routes    []netip.Prefix `toml:"routes"`    // kernel routes installed into the TUN, removed on exit
+	// Queues is the number of TUN queues, each read by its own input pump
+	// (IFF_MULTI_QUEUE); 0 means one per CPU, at most 4.
+	Queues int `toml:"queues"`
 }
 
 // Uplink is the appliance side of relay mode: an outbound WireGuard tunnel.
@@ -51,7 +57,28 @@ type Uplink struct {
 	RelayAddress   netip.Addr `toml:"relay_address"`    // the relay's tunnel address; default: Address with last octet 1
 	Keepalive      Duration   `toml:"keepalive"`        // default 25s
 	MTU            int        `toml:"mtu"`              // tunnel MTU, default 1420
+	// The TCP fallback (WireGuard inside TLS): relay_tcp is the relay's
+	// tcp_listen as reachable from here, default the relay's host, port 443;
+	// transport is "auto" (default: UDP, TCP when UDP gets no answer), "udp"
+	// or "tcp".
+	RelayTCP  string `toml:"relay_tcp"`
+	Transport string `toml:"transport"`
+
+	// Key is this table's key path in messages: "uplink" for a single
+	// [uplink] table, "uplink[1]" for the second [[uplink]].
+	Key string `toml:"-"`
+	// Line is the line of the table's header in Config.Path (0 when built in code).
+	Line int `toml:"-"`
 }
+
+// MaxUplinks bounds [[uplink]] tables: each is a WireGuard device, a
+// netstack and a control connection, and more relays than this buys no
+// reachability: scaling past one relay is DNS and more relays.
+const MaxUplinks = 8
+
+// Name is how status, metrics and logs label the uplink: its relay's
+// host:port, unique among the uplinks of a valid config.
+func (u *Uplink) Name() string { return u.Relay }
 
 // Limits are the admission budgets shared by all mappings.
 type Limits struct {
@@ -152,6 +179,9 @@ type RelaySection struct {
 	MTU            int          `toml:"mtu"`         // default 1420
 	DialTimeout    Duration     `toml:"dial_timeout"`
 	MaxSessions    int          `toml:"max_sessions"`
+	// TCPListen turns the TCP transport on: WireGuard inside TLS for
+	// appliances whose network blocks UDP, e.g. "0.0.0.0:443"; empty: off.
+	TCPListen string `toml:"tcp_listen"`
 
 	// Each peer's quotas, unless its [[peer]] sets its own (0: unlimited):
 	// what one peer's ports may take of the relay. See RelayConfig.PeerLimits.

@@ -59,7 +59,8 @@ func (c *Config) applyDefaults() {
 			t.MTU = DefaultTUNMTU
 		}
 	}
-	if u := c.Uplink; u != nil {
+	for i := range c.Uplinks {
+		u := &c.Uplinks[i]
 		if u.Keepalive == 0 {
 			u.Keepalive = Duration(DefaultKeepalive)
 		}
@@ -68,6 +69,12 @@ func (c *Config) applyDefaults() {
 		}
 		if !u.RelayAddress.IsValid() && u.Address.IsValid() {
 			u.RelayAddress = hostOne(u.Address)
+		}
+		if u.Transport == "" {
+			u.Transport = TransportAuto
+		}
+		if host, _, err := net.SplitHostPort(u.Relay); u.RelayTCP == "" && err == nil && host != "" {
+			u.RelayTCP = net.JoinHostPort(host, DefaultRelayTCPPort)
 		}
 	}
 	for i := range c.Mappings {
@@ -88,16 +95,14 @@ func hostOne(a netip.Addr) netip.Addr {
 
 func (c *Config) validate(r *report, now time.Time) {
 	validateLog(r, c.Log)
-	if c.TUN == nil && c.Uplink == nil {
+	if c.TUN == nil && len(c.Uplinks) == 0 {
 		r.errorf("", "add a [tun] table (gateway mode), an [uplink] table (relay mode), or both",
 			"no ingress is configured")
 	}
 	if c.TUN != nil {
 		c.TUN.validate(r)
 	}
-	if c.Uplink != nil {
-		c.Uplink.validate(r, filepath.Dir(c.Path))
-	}
+	c.validateUplinks(r)
 	c.Limits.validate(r)
 	validateAdmin(r, c.Admin)
 	names := make(map[string]int)
@@ -125,6 +130,9 @@ const (
 	MinMTU       = 1280
 	MaxMTU       = 65535
 	MaxTunnelMTU = 65507 - 32
+	// MaxTUNQueues is netstack.MaxTUNQueues (internal/app tests that the
+	// two agree).
+	MaxTUNQueues = 64
 )
 
 // validateMTU checks a TUN's mtu (tunnel false) or a WireGuard tunnel's.
@@ -156,6 +164,9 @@ func (t *TUN) validate(r *report) {
 		r.errorf("tun.name", "use 1-15 characters without spaces or slashes, e.g. \"natbox0\"", "%q is not a valid interface name", t.Name)
 	}
 	validateMTU(r, "tun.mtu", t.MTU, false)
+	if t.Queues < 0 || t.Queues > MaxTUNQueues {
+		r.errorf("tun.queues", fmt.Sprintf("use 1-%d, or 0 for one per CPU (at most 4)", MaxTUNQueues), "%d queues is out of range", t.Queues)
+	}
 	if len(t.Addresses) == 0 {
 		r.errorf("tun.addresses", `list the public addresses natbox answers on, e.g. addresses = ["203.0.113.10/32"]`,
 			"no addresses")
@@ -173,24 +184,111 @@ func checkMasked(r *report, path string, p netip.Prefix) {
 	}
 }
 
-func (u *Uplink) validate(r *report, dir string) {
+// validateUplinks checks each uplink, then that they can work side by
+// side: every relay at most once, and at most MaxUplinks of them.
+func (c *Config) validateUplinks(r *report) {
+	if n := len(c.Uplinks); n > MaxUplinks {
+		r.errorf(c.Uplinks[MaxUplinks].key(MaxUplinks), fmt.Sprintf("remove %d of them; more relays are more DNS records, not more uplinks per appliance", n-MaxUplinks),
+			"%d [[uplink]] tables; at most %d are allowed", n, MaxUplinks)
+	}
+	relays := make(map[string]int) // normalized host:port -> index
+	keys := make(map[Key]int)      // relay public key -> index
+	for i := range c.Uplinks {
+		u := &c.Uplinks[i]
+		u.validate(r, u.key(i), filepath.Dir(c.Path))
+		if u.Relay != "" {
+			if j, dup := relays[normalizeHostPort(u.Relay)]; dup {
+				r.errorf(u.key(i)+".relay", "remove one of the two tables; each [[uplink]] is a different relay",
+					"relay %q is already %s", u.Relay, c.uplinkLabel(j))
+			} else {
+				relays[normalizeHostPort(u.Relay)] = i
+			}
+		}
+		if !u.RelayPublicKey.IsZero() {
+			// One relay under two names: as one peer it would see two
+			// endpoints take turns, as two peers the second's ports are
+			// refused (the first holds them).
+			if j, dup := keys[u.RelayPublicKey]; dup {
+				r.errorf(u.key(i)+".relay_public_key", "each relay has its own key; remove the table that names the same relay twice",
+					"relay_public_key is the same as %s's: that is one relay twice", c.uplinkLabel(j))
+			} else {
+				keys[u.RelayPublicKey] = i
+			}
+		}
+	}
+}
+
+// key returns the uplink's key path, for an uplink built in code too.
+func (u *Uplink) key(i int) string {
+	switch {
+	case u.Key != "":
+		return u.Key
+	case i == 0:
+		return "uplink"
+	}
+	return fmt.Sprintf("uplink[%d]", i)
+}
+
+// uplinkLabel names uplink i in messages: uplink[0] (line 3).
+func (c *Config) uplinkLabel(i int) string {
+	s := c.Uplinks[i].key(i)
+	if n := c.Uplinks[i].Line; n > 0 {
+		s += fmt.Sprintf(" (line %d)", n)
+	}
+	return s
+}
+
+// normalizeHostPort lowercases the host, so that Relay.Example.net:51820
+// and relay.example.net:51820 are one relay.
+func normalizeHostPort(s string) string {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return s
+	}
+	if a, err := netip.ParseAddr(host); err == nil {
+		host = a.Unmap().String()
+	}
+	return net.JoinHostPort(strings.ToLower(host), port)
+}
+
+// validate checks one uplink; p is its key path ("uplink", "uplink[1]").
+func (u *Uplink) validate(r *report, p, dir string) {
 	if u.Relay == "" {
-		r.errorf("uplink.relay", `set the relay's WireGuard host:port, e.g. relay = "relay.example.net:51820"`, "relay is required")
+		r.errorf(p+".relay", `set the relay's WireGuard host:port, e.g. relay = "relay.example.net:51820"`, "relay is required")
 	} else if err := checkHostPort(u.Relay, false); err != nil {
-		r.valueError("uplink.relay", err, "")
+		r.valueError(p+".relay", err, "")
 	}
 	if u.RelayPublicKey.IsZero() {
-		r.errorf("uplink.relay_public_key", "copy the relay's public key (natbox relay prints it; or wg pubkey < relay.key)", "relay_public_key is required")
+		r.errorf(p+".relay_public_key", "copy the relay's public key (natbox relay prints it; or wg pubkey < relay.key)", "relay_public_key is required")
 	}
-	loadPrivateKey(r, "uplink", &u.PrivateKey, u.PrivateKeyFile, dir)
+	loadPrivateKey(r, p, &u.PrivateKey, u.PrivateKeyFile, dir)
 	if !u.Address.IsValid() {
-		r.errorf("uplink.address", `set the tunnel address the relay assigned to this appliance, e.g. address = "10.77.0.2"`, "address is required")
-	} else if tunnelAddr(r, "uplink.address", &u.Address) && tunnelAddr(r, "uplink.relay_address", &u.RelayAddress) &&
+		r.errorf(p+".address", `set the tunnel address the relay assigned to this appliance, e.g. address = "10.77.0.2"`, "address is required")
+	} else if tunnelAddr(r, p+".address", &u.Address) && tunnelAddr(r, p+".relay_address", &u.RelayAddress) &&
 		u.RelayAddress == u.Address {
-		r.errorf("uplink.relay_address", "set relay_address to the relay's tunnel address", "relay_address %s is this appliance's own address", u.RelayAddress)
+		r.errorf(p+".relay_address", "set relay_address to the relay's tunnel address", "relay_address %s is this appliance's own address", u.RelayAddress)
 	}
-	validateMTU(r, "uplink.mtu", u.MTU, true)
+	validateMTU(r, p+".mtu", u.MTU, true)
+	switch u.Transport {
+	case TransportAuto, TransportUDP, TransportTCP:
+	default:
+		r.errorf(p+".transport", `use "auto" (UDP, TCP when UDP is blocked), "udp" or "tcp"`, "unknown transport %q", u.Transport)
+	}
+	if u.RelayTCP != "" {
+		if err := checkHostPort(u.RelayTCP, false); err != nil {
+			r.valueError(p+".relay_tcp", err, "")
+		}
+	}
 }
+
+// Transports of uplink.transport.
+const (
+	TransportAuto = "auto"
+	TransportUDP  = "udp"
+	TransportTCP  = "tcp"
+	// DefaultRelayTCPPort is uplink.relay_tcp's port when only relay is set.
+	DefaultRelayTCPPort = "443"
+)
 
 // checkHostPort validates "host:port"; an empty host is allowed only when
 // emptyHost is set (listen on every address).
@@ -425,7 +523,7 @@ func (c *Config) checkListenAddr(r *report, path string, m *Mapping) {
 	if servesTUN && slices.ContainsFunc(c.TUN.Addresses, func(p netip.Prefix) bool { return p.Addr().Unmap() == a }) {
 		return
 	}
-	if m.ServesIngress(IngressUplink, c) && c.Uplink.Address == a {
+	if m.ServesIngress(IngressUplink, c) && slices.ContainsFunc(c.Uplinks, func(u Uplink) bool { return u.Address == a }) {
 		return
 	}
 	if servesTUN {

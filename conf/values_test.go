@@ -231,7 +231,7 @@ func TestErrorFormat(t *testing.T) {
 
 func TestExamples(t *testing.T) {
 	t.Parallel()
-	for _, name := range []string{"natbox.toml", "natbox-uplink.toml"} {
+	for _, name := range []string{"natbox.toml", "natbox-uplink.toml", "natbox-two-relays.toml"} {
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
 			path := filepath.Join("..", "examples", name)
@@ -274,11 +274,11 @@ func TestExamples(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if up.Uplink.RelayPublicKey != relay.Relay.PrivateKey.Public() {
+		if up.Uplinks[0].RelayPublicKey != relay.Relay.PrivateKey.Public() {
 			t.Error("uplink example's relay_public_key is not the relay example's public key")
 		}
-		p, ok := relay.PeerByKey(up.Uplink.PrivateKey.Public())
-		if !ok || p.Address != up.Uplink.Address || up.Uplink.RelayAddress != relay.Relay.Address {
+		p, ok := relay.PeerByKey(up.Uplinks[0].PrivateKey.Public())
+		if !ok || p.Address != up.Uplinks[0].Address || up.Uplinks[0].RelayAddress != relay.Relay.Address {
 			t.Errorf("uplink example is not a peer of the relay example: %+v %v", p, ok)
 		}
 	})

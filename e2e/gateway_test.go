@@ -171,6 +171,16 @@ func TestGateway(t *testing.T) {
 		if r.code != 0 || !strings.HasPrefix(r.stdout, fmt.Sprintf("ok bytes=%d", 4<<20)) {
 			t.Fatalf("tcp echo: %s", r)
 		}
+		// The client's TSO frames cross the gw's kernel whole into the TUN,
+		// and natbox takes them whole (no split into MTU packets) and
+		// answers with TSO frames of its own.
+		st, err := adminStatus(t, sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c := st.Netstack["tun"].Counters; c["gso_frames_in"] == 0 || c["gso_frames_out"] == 0 {
+			t.Errorf("4 MiB each way, but %d TSO frames in and %d out", c["gso_frames_in"], c["gso_frames_out"])
+		}
 	})
 
 	t.Run("udp request and reply", func(t *testing.T) {

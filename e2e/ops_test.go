@@ -274,15 +274,16 @@ func checkRelayOps(t *testing.T, homeSock, relaySock, mapping string, hold *proc
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Uplink == nil {
-		t.Fatal("appliance status has no uplink")
+	if len(st.Uplinks) != 1 {
+		t.Fatalf("appliance status has %d uplinks, want 1", len(st.Uplinks))
 	}
-	if st.Uplink.LastHandshake.IsZero() {
+	up := st.Uplinks[0]
+	if up.LastHandshake.IsZero() {
 		t.Error("appliance status: no handshake recorded")
 	}
 	for _, p := range wantPorts {
-		if !slices.Contains(st.Uplink.Registered, p) {
-			t.Errorf("appliance status: registered %v lacks %s", st.Uplink.Registered, p)
+		if !slices.Contains(up.Registered, p) {
+			t.Errorf("appliance status: registered %v lacks %s", up.Registered, p)
 		}
 	}
 	rst, err := adminStatus(t, relaySock)

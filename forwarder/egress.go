@@ -158,8 +158,9 @@ func (e *Engine) sendEgress(us *udpSession, batch []datagram) {
 func (e *Engine) writeReplies(us *udpSession, batch []datagram) {
 	r := us.rule.Load()
 	for _, d := range batch {
-		pub := netip.AddrPortFrom(*us.public.Load(), r.listenPort(d.dst.Port()))
-		if err := us.via.WriteUDP(pub, us.client, (*d.buf)[:d.n]); err != nil {
+		path := us.path.Load()
+		pub := netip.AddrPortFrom(path.public, r.listenPort(d.dst.Port()))
+		if err := path.via.WriteUDP(pub, us.client, (*d.buf)[:d.n]); err != nil {
 			us.state.udpDrops.Add(1)
 		} else {
 			us.out.Add(uint64(d.n))

@@ -22,6 +22,8 @@ import (
 const defaultDialTimeout = 5 * time.Second
 
 // Ingress is where a flow came in; cmd adapts a netstack.Stack to it.
+// Implementations must be comparable (pointers): a UDP session compares the
+// ingress of each datagram with the one its replies go to.
 type Ingress interface {
 	Name() string                                           // conf.IngressTUN or conf.IngressUplink
 	WriteUDP(src, dst netip.AddrPort, payload []byte) error // reply datagram toward a client
@@ -114,16 +116,18 @@ type Engine struct {
 	groups   map[string]*groupState
 	sessions map[uint64]*session
 
-	stopSweep   chan struct{}
-	sweepDone   chan struct{}
-	stoppedOnce sync.Once // the "stopped" line is logged once, however often Shutdown runs
+	running     bool          // guarded by mu: Run started the sweep
+	stopSweep   chan struct{} // closed by Shutdown: ends Run
+	sweepDone   chan struct{} // closed when Run's sweep returns
+	stoppedOnce sync.Once     // the "stopped" line is logged once, however often Shutdown runs
 	stopOnce    sync.Once
 
 	beforeUDPSend func(mapping string) // test seam: a slow target; set before traffic
 }
 
-// New compiles cfg and starts the engine (its expiry sweep). Stop it with
-// Shutdown or Close.
+// New compiles cfg and builds the engine; it starts no goroutine. The
+// engine forwards the flows handed to it from then on; Run runs its expiry
+// sweep. Stop it with Shutdown or Close.
 func New(cfg *conf.Config, opts Options, log *zap.Logger) (*Engine, error) {
 	rs, err := Compile(cfg)
 	if err != nil {
@@ -173,8 +177,31 @@ func New(cfg *conf.Config, opts Options, log *zap.Logger) (*Engine, error) {
 		e.log.Info("mapping loaded", ruleFields(r)...)
 	}
 	e.log.Info("forwarder started", zap.Int("count", len(rs.rules)))
-	go e.runSweep()
 	return e, nil
+}
+
+// ErrStopped is returned by Run on an engine that Shutdown or Close
+// stopped, and by a second Run.
+var ErrStopped = errors.New("forwarder: engine stopped")
+
+// Run runs the expiry sweep (mapping expires and review_by dates, idle
+// per-source state) until ctx is done or the engine stops. When ctx ends
+// it closes the engine (Close: no grace; call Shutdown first to drain). It
+// starts no goroutine: the sweep runs on the caller's, and flows' own
+// goroutines belong to the engine, which Shutdown waits for.
+func (e *Engine) Run(ctx context.Context) error {
+	e.mu.Lock()
+	if e.stopping || e.running {
+		e.mu.Unlock()
+		return ErrStopped
+	}
+	e.running = true
+	e.mu.Unlock()
+	e.runSweep(ctx)
+	if ctx.Err() != nil {
+		return e.Close()
+	}
+	return nil
 }
 
 func ruleFields(r *Rule) []zap.Field {
@@ -429,6 +456,7 @@ func (e *Engine) Snapshot() Status {
 func (e *Engine) Shutdown(ctx context.Context) error {
 	e.mu.Lock()
 	e.stopping = true
+	running := e.running
 	e.mu.Unlock()
 	e.closing.Store(true)
 	e.stopOnce.Do(func() { close(e.stopSweep) })
@@ -455,7 +483,9 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 		<-drained
 	}
 	e.cancel()
-	<-e.sweepDone
+	if running {
+		<-e.sweepDone
+	}
 	e.stoppedOnce.Do(func() { e.log.Info("forwarder stopped") })
 	return nil
 }

@@ -62,8 +62,22 @@ func newEngine(t testing.TB, cfg *conf.Config, opts Options) *Engine {
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
-	t.Cleanup(func() { e.Close() })
+	runEngine(t, e)
 	return e
+}
+
+// runEngine runs e until the test ends; the cleanup closes it and waits for
+// Run to return.
+func runEngine(t testing.TB, e *Engine) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- e.Run(context.Background()) }()
+	t.Cleanup(func() {
+		e.Close()
+		if err := <-done; err != nil && !errors.Is(err, ErrStopped) {
+			t.Errorf("engine Run: %v", err)
+		}
+	})
 }
 
 // fakeClock is a settable Clock.

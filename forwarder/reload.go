@@ -1,6 +1,7 @@
 package forwarder
 
 import (
+	"context"
 	"fmt"
 	"time"
 
@@ -110,14 +111,17 @@ func reloadVerdict(s *session, rs *RuleSet, now time.Time) string {
 	return ""
 }
 
-// runSweep checks mapping expiry and review dates every SweepInterval.
-func (e *Engine) runSweep() {
+// runSweep checks mapping expiry and review dates every SweepInterval
+// until the engine stops or ctx is done.
+func (e *Engine) runSweep(ctx context.Context) {
 	defer close(e.sweepDone)
 	t := time.NewTicker(e.opts.SweepInterval)
 	defer t.Stop()
 	for {
 		select {
 		case <-e.stopSweep:
+			return
+		case <-ctx.Done():
 			return
 		case <-t.C:
 			e.sweep()

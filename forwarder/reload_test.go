@@ -253,7 +253,7 @@ func TestExpirySweep(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer e.Close()
+	runEngine(t, e)
 	tun := newIngress(conf.IngressTUN)
 	f := startTCP(t, e, tun, "203.0.113.1:1", "198.51.100.1:80")
 	if f.wait(t) != "accepted" {

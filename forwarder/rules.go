@@ -245,7 +245,7 @@ func CompileGroups(cfg *conf.Config, g Groups) (*RuleSet, error) {
 	if cfg.TUN != nil {
 		configured |= ingressTUN
 	}
-	if cfg.Uplink != nil {
+	if len(cfg.Uplinks) > 0 {
 		configured |= ingressUplink
 	}
 	var tcp, udp []*Rule

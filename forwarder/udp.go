@@ -231,11 +231,13 @@ type datagram struct {
 // queue of client datagrams, a sender and a reply reader goroutine.
 type udpSession struct {
 	*session
-	key    udpKey
-	via    Ingress // where replies go
-	queue  *datagramQueue
-	done   chan struct{}              // closed when the session stops
-	public atomic.Pointer[netip.Addr] // public address the client last sent to
+	key   udpKey
+	queue *datagramQueue
+	done  chan struct{} // closed when the session stops
+	// path is where replies go: the ingress and public address of the
+	// client's latest datagram. A client that moves to another path (a
+	// second relay, after the first went away) takes its replies along.
+	path atomic.Pointer[replyPath]
 	// replied is set by the target's first reply; assured once the client
 	// sends again after it (see assure), as conntrack's UDP "stream".
 	replied, assured atomic.Bool
@@ -277,12 +279,17 @@ func (us *udpSession) setConn(c *net.UDPConn) bool {
 	return true
 }
 
-// deliver queues a copy of a client datagram; it never blocks, dropping and
-// counting when the queue is full.
-func (us *udpSession) deliver(payload []byte, dst netip.AddrPort, now time.Time) {
-	if p := us.public.Load(); *p != dst.Addr() {
-		a := dst.Addr()
-		us.public.Store(&a)
+// replyPath is the way back to a UDP session's client.
+type replyPath struct {
+	via    Ingress    // where replies go
+	public netip.Addr // the address the client sent to, the replies' source
+}
+
+// deliver queues a copy of a client datagram that came in on in; it never
+// blocks, dropping and counting when the queue is full.
+func (us *udpSession) deliver(in Ingress, payload []byte, dst netip.AddrPort, now time.Time) {
+	if p := us.path.Load(); p.public != dst.Addr() || p.via != in {
+		us.path.Store(&replyPath{via: in, public: dst.Addr()})
 	}
 	us.idle.last.Store(now.UnixNano())
 	bp := getDatagramBuf(len(payload))
@@ -329,7 +336,7 @@ func (e *Engine) HandleUDP(in Ingress, src, dst netip.AddrPort, payload []byte) 
 			return
 		}
 	}
-	us.deliver(payload, dst, now)
+	us.deliver(in, payload, dst, now)
 	if !us.assured.Load() && us.replied.Load() {
 		e.assure(us)
 	}
@@ -377,13 +384,11 @@ func (e *Engine) openUDP(rs *RuleSet, r *Rule, in Ingress, src, dst netip.AddrPo
 	us := &udpSession{
 		session: e.newSession(conf.UDP, in, r, src, dst, r.targetHostPort(dst.Port()), sl),
 		key:     key,
-		via:     in,
 		group:   r.group,
 		queue:   newDatagramQueue(e.opts.UDPQueueLen),
 		done:    make(chan struct{}),
 	}
-	pub := dst.Addr()
-	us.public.Store(&pub)
+	us.path.Store(&replyPath{via: in, public: dst.Addr()})
 	us.stop = us.shutdown
 	e.udp.m[key] = us
 	if e.opts.Egress != nil && r.targetAddr.IsValid() {
@@ -575,8 +580,9 @@ func (e *Engine) runUDPReply(us *udpSession, conn *net.UDPConn, targetIP netip.A
 		if !us.replied.Load() {
 			us.replied.Store(true)
 		}
-		pub := netip.AddrPortFrom(*us.public.Load(), r.listenPort(from.Port()))
-		if err := us.via.WriteUDP(pub, us.client, buf[:n]); err != nil {
+		path := us.path.Load()
+		pub := netip.AddrPortFrom(path.public, r.listenPort(from.Port()))
+		if err := path.via.WriteUDP(pub, us.client, buf[:n]); err != nil {
 			us.state.udpDrops.Add(1)
 			continue
 		}

@@ -254,3 +254,37 @@ func TestUDPLargeReplyNotTruncated(t *testing.T) {
 		t.Fatalf("UDPDropped = %d, want 1", d)
 	}
 }
+
+// TestUDPRepliesFollowTheClientsPath: one client reaching a mapping through
+// two ingresses of the same kind (two relays' uplinks) keeps one session,
+// and its replies go back the way its latest datagram came, from the
+// address it used there: a client that moves to the second relay after the
+// first went away gets its answers through the second.
+func TestUDPRepliesFollowTheClientsPath(t *testing.T) {
+	t.Parallel()
+	port := udpEcho(t)
+	e := newEngine(t, config(mapping("game", conf.UDP, "5000", "127.0.0.1:"+itoa(port))), Options{})
+	a, b := newIngress(conf.IngressUplink), newIngress(conf.IngressUplink)
+	client := netip.MustParseAddrPort("203.0.113.7:4444")
+	viaA, viaB := netip.MustParseAddrPort("100.96.0.2:5000"), netip.MustParseAddrPort("100.97.0.2:5000")
+
+	for i, step := range []struct {
+		in, other *fakeIngress
+		dst       netip.AddrPort
+		msg       string
+	}{{a, b, viaA, "one"}, {b, a, viaB, "two"}, {a, b, viaA, "three"}} {
+		e.HandleUDP(step.in, client, step.dst, []byte(step.msg))
+		r := step.in.next(t)
+		if r.src != step.dst || r.dst != client || !strings.HasSuffix(r.payload, "|"+step.msg) {
+			t.Fatalf("step %d: reply %v -> %v %q, want from %v to the client with %q", i, r.src, r.dst, r.payload, step.dst, step.msg)
+		}
+		select {
+		case r := <-step.other.replies:
+			t.Fatalf("step %d: a reply went the other way: %+v", i, r)
+		default:
+		}
+	}
+	if n := len(e.Sessions()); n != 1 {
+		t.Fatalf("%d sessions, want the client's one", n)
+	}
+}

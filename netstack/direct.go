@@ -31,6 +31,11 @@ import (
 //     gVisor's buffers. wireguard-go calls it from one goroutine per peer,
 //     so deliveries of different peers run concurrently.
 //
+// Both wait until the Stack's Run (the lifecycle: no packet reaches the
+// Handler before Run), as a Pipe's pumps would: what wireguard-go decrypts
+// before then is held in its caller, not dropped, and the stack's sends
+// stay queued. Stack.Close waits for running deliveries.
+//
 // Close on either end closes both: Read and Write fail with os.ErrClosed,
 // and the stack's sends fail from then on. stackSide serves only New.
 func Direct(mtu int) (stackSide, outerSide tun.Device) {
@@ -38,6 +43,7 @@ func Direct(mtu int) (stackSide, outerSide tun.Device) {
 		mtu:      mtu,
 		closed:   make(chan struct{}),
 		attached: make(chan struct{}),
+		started:  make(chan struct{}),
 	}
 	for i := range d.events {
 		d.events[i] = make(chan tun.Event, 1)
@@ -52,7 +58,8 @@ type directShared struct {
 	events   [2]chan tun.Event
 	once     sync.Once
 	closed   chan struct{}
-	attached chan struct{} // closed by attach
+	attached chan struct{} // closed by attach (New)
+	started  chan struct{} // closed by start (Run); after attached
 	s        *Stack        // set before attached is closed
 
 	// deliverMu is held (read) by every Write delivering into the stack;
@@ -78,10 +85,13 @@ func (d *directShared) attach(s *Stack) {
 	close(d.attached)
 }
 
-// stack waits for New to attach a Stack; nil once the pair is closed.
+// start lets the reader and writers in (Stack.Run, once).
+func (d *directShared) start() { close(d.started) }
+
+// stack waits for the attached Stack's Run; nil once the pair is closed.
 func (d *directShared) stack() *Stack {
 	select {
-	case <-d.attached:
+	case <-d.started:
 		select {
 		case <-d.closed:
 			return nil
@@ -110,7 +120,7 @@ func (d *directShared) close() {
 		q.close()
 		q.mu.Lock()
 		items := q.items
-		q.items = nil
+		q.items, q.used = nil, 0
 		q.mu.Unlock()
 		for _, b := range items {
 			d.s.link.putBuf(b)
@@ -282,6 +292,7 @@ func (q *outQueue) takeNow(spare []*outBuf) (items []*outBuf, ok bool) {
 		return nil, !q.closed
 	}
 	items, q.items = q.items, spare[:0]
+	q.used = 0
 	q.notFull.Broadcast()
 	return items, true
 }
@@ -377,6 +388,7 @@ func (e *linkEndpoint) writeRef(pkt *stack.PacketBuffer) tcpip.Error {
 	b := e.refPool.Get().(*outBuf)
 	b.pkt = pkt.IncRef()
 	b.n = size
+	b.slots = (size + int(e.mtu) - 1) / int(e.mtu) // a GSO packet: its size in MTUs
 	if !e.q.push(b) {
 		e.putBuf(b)
 		return &tcpip.ErrClosedForSend{}

@@ -2,6 +2,7 @@ package netstack
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -23,6 +24,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/natbox/natbox/internal/testutil"
 )
 
 // What wireguard-go's RoutineReadFromTUN passes to Read: conn.IdealBatchSize
@@ -175,7 +178,18 @@ func newDirectPair(t testing.TB, mtu int, client, server Handler) (c, s *Stack, 
 		c.Close()
 		br.done.Wait()
 	})
+	runStack(t, c)
+	runStack(t, s)
 	return c, s, br
+}
+
+// runDirect is runStack for a stack on a Direct pair, returning once Run
+// has let the pair's reader and writers in (so a Close that follows finds
+// the stack running).
+func runDirect(t testing.TB, s *Stack) {
+	t.Helper()
+	runStack(t, s)
+	<-s.direct.started
 }
 
 // TestDirectTCPBothWays sends flows of sizes around MSS multiples through
@@ -296,7 +310,7 @@ func gsoPacket(v6 bool, payload []byte, mss int, seq uint32, id uint16, flags he
 // segment, CWR only on the first, and the payloads in order.
 func TestDirectSegmentGSO(t *testing.T) {
 	const mtu, mss = 1420, 1000
-	e := newLinkEndpoint(mtu, 16, &counters{})
+	e := newLinkEndpoint(mtu, 16, &counters{}, false)
 	for _, v6 := range []bool{false, true} {
 		for _, n := range []int{0, 1, mss - 1, mss, mss + 1, 2*mss - 1, 2 * mss, 2*mss + 1, 7*mss + 5, 65000} {
 			t.Run(fmt.Sprintf("v6=%v/%d", v6, n), func(t *testing.T) {
@@ -377,7 +391,7 @@ func TestDirectUDPAndTooBig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
+	runStack(t, s)
 	a, b := netip.MustParseAddrPort("10.0.0.2:53"), netip.MustParseAddrPort("192.0.2.9:4000")
 	if err := s.WriteUDP(a, b, []byte("out")); err != nil {
 		t.Fatal(err)
@@ -437,12 +451,13 @@ func waitBlocked(t *testing.T, funcs ...string) {
 // and the stack still closes; before New attaches a stack, Read and Write
 // wait and Close releases them.
 func TestDirectCloseUnblocks(t *testing.T) {
-	t.Run("attached", func(t *testing.T) {
+	t.Run("running", func(t *testing.T) {
 		ss, outer := Direct(1500)
 		s, err := New(ss, Config{Addresses: []netip.Prefix{serverPrefix4}}, funcHandler{}, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
 		if err != nil {
 			t.Fatal(err)
 		}
+		runStack(t, s)
 		errc := make(chan error, 1)
 		go func() {
 			_, err := outer.Read([][]byte{make([]byte, wgBufLen)}, []int{0}, wgOffset)
@@ -472,6 +487,7 @@ func TestDirectCloseUnblocks(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		runDirect(t, s)
 		start := time.Now()
 		if err := s.Close(); err != nil {
 			t.Fatalf("close: %v", err)
@@ -509,6 +525,7 @@ func TestDirectCloseFlushes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	runDirect(t, s)
 	a, b := netip.MustParseAddrPort("10.0.0.2:53"), netip.MustParseAddrPort("192.0.2.9:4000")
 	for i := range 3 {
 		if err := s.WriteUDP(a, b, []byte{byte(i)}); err != nil {
@@ -554,6 +571,7 @@ func TestDirectConcurrentWrites(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	runStack(t, s)
 	write := func(w int, stop <-chan struct{}) (sent int, err error) {
 		src := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.9"), uint16(1000+w))
 		bufs := make([][]byte, batch)
@@ -631,4 +649,107 @@ func TestDirectConcurrentWrites(t *testing.T) {
 	if got.Load() != before {
 		t.Fatal("a datagram was delivered after Close returned")
 	}
+}
+
+// TestDirectLifecycle: over a Direct pair, as over a Pipe, nothing moves
+// before Run. New starts none of our goroutines; a Write that arrives first
+// is held (not dropped, HandleUDP not called) and delivered once Run starts,
+// and the reader takes nothing queued before then; Close before Run fails
+// the held Write with os.ErrClosed without delivering it; Run starts only
+// the cookie sweep (wireguard-go's goroutines move the packets) and returns
+// after it stopped.
+func TestDirectLifecycle(t *testing.T) {
+	a, b := netip.MustParseAddrPort("10.0.0.2:53"), netip.MustParseAddrPort("192.0.2.9:4000")
+	newStack := func(t *testing.T, got chan<- string) (*Stack, tun.Device) {
+		t.Helper()
+		ss, outer := Direct(1500)
+		s, err := New(ss, Config{Addresses: []netip.Prefix{serverPrefix4}}, funcHandler{udp: func(src, dst netip.AddrPort, p []byte) {
+			got <- fmt.Sprintf("%s>%s %s", src, dst, p)
+		}}, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s, outer
+	}
+	heldWrite := func(outer tun.Device) <-chan error {
+		errc := make(chan error, 1)
+		go func() {
+			_, err := outer.Write([][]byte{append(make([]byte, wgOffset), rawUDP(b, a, []byte("early"))...)}, wgOffset)
+			errc <- err
+		}()
+		return errc
+	}
+
+	t.Run("held until run", func(t *testing.T) {
+		before := testutil.Goroutines()
+		got := make(chan string, 4)
+		s, outer := newStack(t, got)
+		defer s.Close()
+		if extra := testutil.Goroutines().Started(before); len(extra) > 0 {
+			t.Fatalf("New started goroutines:\n%s", strings.Join(extra, "\n\n"))
+		}
+		if err := s.WriteUDP(a, b, []byte("queued")); err != nil {
+			t.Fatal(err)
+		}
+		werr := heldWrite(outer)
+		rerr := make(chan error, 1)
+		var out []byte
+		go func() {
+			bufs, sizes := [][]byte{make([]byte, wgBufLen)}, make([]int, 1)
+			n, err := outer.Read(bufs, sizes, wgOffset)
+			if err == nil && n == 1 {
+				out = header.UDP(header.IPv4(bufs[0][wgOffset : wgOffset+sizes[0]]).Payload()).Payload()
+			}
+			rerr <- err
+		}()
+		waitBlocked(t, "netstack.(*directOuter).Read(", "netstack.(*directOuter).Write(")
+		select {
+		case g := <-got:
+			t.Fatalf("HandleUDP got %q before Run", g)
+		default:
+		}
+		if st := s.Stats(); st.PacketsIn != 0 || st.PacketsOut != 0 {
+			t.Fatalf("stats before Run %+v: want nothing in or out", st)
+		}
+
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- s.Run(ctx) }()
+		if g := <-got; g != "192.0.2.9:4000>10.0.0.2:53 early" {
+			t.Fatalf("HandleUDP got %q", g)
+		}
+		if err := <-werr; err != nil {
+			t.Fatalf("held write: %v", err)
+		}
+		if err := <-rerr; err != nil || string(out) != "queued" {
+			t.Fatalf("read after Run: %q, %v; want the datagram queued before Run", out, err)
+		}
+		testutil.WaitGoroutines(t, before, 1) // the cookie sweep
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+		testutil.WaitGoroutines(t, before, 0)
+	})
+
+	t.Run("close before run", func(t *testing.T) {
+		got := make(chan string, 4)
+		s, outer := newStack(t, got)
+		werr := heldWrite(outer)
+		waitBlocked(t, "netstack.(*directOuter).Write(")
+		if err := s.Close(); err != nil {
+			t.Fatalf("close: %v", err)
+		}
+		if err := <-werr; !errors.Is(err, os.ErrClosed) {
+			t.Fatalf("held write after Close: %v; want os.ErrClosed", err)
+		}
+		select {
+		case g := <-got:
+			t.Fatalf("HandleUDP got %q from a stack that never ran", g)
+		default:
+		}
+		if err := s.Run(context.Background()); !errors.Is(err, ErrClosed) {
+			t.Fatalf("Run after Close = %v; want ErrClosed", err)
+		}
+	})
 }

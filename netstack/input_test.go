@@ -27,6 +27,7 @@ func rawPeerConfig(t *testing.T, cfg Config, h Handler) (*Stack, tun.Device) {
 	if err != nil {
 		t.Fatalf("new stack: %v", err)
 	}
+	runStack(t, s)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

@@ -16,14 +16,24 @@ import (
 const tunOffset = 16
 
 // outBuf is one outbound packet in a pooled buffer: data[:tunOffset] is
-// headroom, the packet is data[tunOffset:tunOffset+n].
+// headroom (on a vnet device its last vnetHdrLen bytes are the frame's
+// virtio-net header), the packet is data[tunOffset:tunOffset+n].
 type outBuf struct {
 	data []byte
 	n    int
-	// pkt, on a Direct link, is the packet held by reference instead
-	// (data unused; n is its size).
+	// slots is what the packet counts against the outward queue's limit:
+	// its size in MTUs, so a queue of 64 KiB TSO frames holds no more bytes
+	// than one of MTU packets.
+	slots int
+	// pkt, if set, is a packet referenced rather than copied, released by
+	// putBuf: on a vnet link a TSO frame's (data holds only its header, and
+	// the frame is written from pkt's views: gather write); on a Direct link
+	// any packet's (data is nil; n is its size).
 	pkt *stack.PacketBuffer
 }
+
+// frame returns the vnet frame: header and packet.
+func (b *outBuf) frame() []byte { return b.data[tunOffset-vnetHdrLen : tunOffset+b.n] }
 
 func (b *outBuf) packet() []byte { return b.data[tunOffset : tunOffset+b.n] }
 
@@ -37,6 +47,7 @@ type outQueue struct {
 	notFull sync.Cond // signalled when the pump empties the queue or it closes
 	// mu guards the following fields.
 	items  []*outBuf
+	used   int // slots of items
 	closed bool
 	busy   bool   // a batch is being written, by the pump or directly
 	waits  uint64 // pushes that found the queue full
@@ -57,9 +68,9 @@ func (q *outQueue) init(limit int) {
 // does not take b) if the queue is closed.
 func (q *outQueue) push(b *outBuf) bool {
 	q.mu.Lock()
-	if len(q.items) >= q.limit && !q.closed {
+	if q.used >= q.limit && !q.closed {
 		q.waits++
-		for len(q.items) >= q.limit && !q.closed {
+		for q.used >= q.limit && !q.closed {
 			q.notFull.Wait()
 		}
 	}
@@ -68,6 +79,7 @@ func (q *outQueue) push(b *outBuf) bool {
 		return false
 	}
 	q.items = append(q.items, b)
+	q.used += max(b.slots, 1)
 	first := len(q.items) == 1
 	q.mu.Unlock()
 	if first {
@@ -89,6 +101,7 @@ func (q *outQueue) take(spare []*outBuf) (items []*outBuf, ok bool) {
 		q.mu.Lock()
 		if len(q.items) > 0 && !q.busy {
 			items, q.items = q.items, spare[:0]
+			q.used = 0
 			q.busy = true
 			q.notFull.Broadcast()
 			q.mu.Unlock()
@@ -161,13 +174,20 @@ func (q *outQueue) counts() (fullWaits, direct uint64) {
 // linkEndpoint is the stack's only NIC: a stack.LinkEndpoint with no link
 // header whose outbound packets are copied into pooled buffers and queued for
 // the output pump, and whose inbound packets the input pump delivers through
-// GRO (Stack.runInput). It advertises gVisor GSO so TCP builds 64 KiB segments
-// and splits them to the MTU just before WritePackets (tcp/connect.go
-// sendTCPBatch): the tun.Device wants MTU-sized packets, and wireguard-go's
-// Linux TUN coalesces them again (GRO on write) into TSO frames.
+// GRO (Stack.runInput). TCP builds 64 KiB segments either way. On a vnet
+// device (natbox's kernel TUN) the link advertises host GSO: such a segment
+// leaves as one TSO frame with a virtio-net header and the kernel segments
+// it. On a Direct pair it advertises host GSO too and keeps packets by
+// reference: wireguard-go's reader cuts such a segment into its own buffers
+// (direct.go). On any other tun.Device it advertises gVisor GSO, which splits
+// them to the MTU just before WritePackets (tcp/connect.go sendTCPBatch): the
+// device wants MTU-sized packets (wireguard-go's Linux TUN would coalesce them
+// again on write).
 type linkEndpoint struct {
 	mtu     uint32
+	vnet    bool      // frames carry a virtio-net header; host GSO
 	bufPool sync.Pool // *outBuf with tunOffset+mtu bytes
+	bigPool sync.Pool // *outBuf with tunOffset+maxFrameLen bytes (TSO frames)
 	q       outQueue
 	stats   *counters
 	// writeDirect, if set, writes one packet to the device on the caller's
@@ -188,10 +208,16 @@ var (
 	_ stack.GSOEndpoint  = (*linkEndpoint)(nil)
 )
 
-func newLinkEndpoint(mtu uint32, queueLen int, st *counters) *linkEndpoint {
-	e := &linkEndpoint{mtu: mtu, stats: st}
+// maxFrameLen is the largest TSO frame the link writes: gVisor keeps a
+// host-GSO segment's payload below GSOMaxSize minus the largest headers
+// (tcp/snd.go sendData), so IPv4 and IPv6 ones both fit the IP length fields.
+const maxFrameLen = 65535
+
+func newLinkEndpoint(mtu uint32, queueLen int, st *counters, vnet bool) *linkEndpoint {
+	e := &linkEndpoint{mtu: mtu, stats: st, vnet: vnet}
 	size := tunOffset + int(mtu)
 	e.bufPool.New = func() any { return &outBuf{data: make([]byte, size)} }
+	e.bigPool.New = func() any { return &outBuf{data: make([]byte, tunOffset+maxFrameLen)} }
 	e.refPool.New = func() any { return &outBuf{} }
 	e.q.init(queueLen)
 	return e
@@ -200,11 +226,17 @@ func newLinkEndpoint(mtu uint32, queueLen int, st *counters) *linkEndpoint {
 func (e *linkEndpoint) getBuf() *outBuf { return e.bufPool.Get().(*outBuf) }
 
 func (e *linkEndpoint) putBuf(b *outBuf) {
-	b.n = 0
 	if b.pkt != nil {
 		b.pkt.DecRef()
 		b.pkt = nil
-		e.refPool.Put(b)
+	}
+	b.n, b.slots = 0, 0
+	if b.data == nil {
+		e.refPool.Put(b) // a Direct link's reference
+		return
+	}
+	if len(b.data) > tunOffset+int(e.mtu) {
+		e.bigPool.Put(b)
 		return
 	}
 	e.bufPool.Put(b)
@@ -253,8 +285,9 @@ func (e *linkEndpoint) GSOMaxSize() uint32 { return stack.GVisorGSOMaxSize }
 
 // SupportedGSO implements stack.GSOEndpoint.
 func (e *linkEndpoint) SupportedGSO() stack.SupportedGSO {
-	if e.byRef {
-		return stack.HostGSOSupported // segmented by the Direct reader
+	if e.vnet || e.byRef {
+		// A vnet TUN's kernel, or the Direct reader, segments.
+		return stack.HostGSOSupported
 	}
 	return stack.GVisorGSOSupported
 }
@@ -317,13 +350,42 @@ func (e *linkEndpoint) writePacket(pkt *stack.PacketBuffer) tcpip.Error {
 		return e.writeRef(pkt)
 	}
 	size := pkt.Size()
-	if size > int(e.mtu) {
-		// gVisor segments to the MTU (GVisorGSOSupported); anything larger
-		// is a bug, refused loudly rather than truncated.
+	var h vnetHdr
+	if e.vnet {
+		h = outVnetHdr(pkt)
+	}
+	if size > int(e.mtu) && (h.gsoType == vnetGSONone || size > maxFrameLen) {
+		// Only a TSO frame may exceed the MTU (gVisor segments to the MTU
+		// otherwise); anything larger is a bug, refused loudly rather than
+		// truncated.
 		e.stats.oversize.Add(1)
 		return &tcpip.ErrMessageTooLong{}
 	}
-	b := e.getBuf()
+	var b *outBuf
+	if size > int(e.mtu) {
+		e.stats.gsoFramesOut.Add(1)
+		if viewCount(pkt) < maxFrameParts {
+			// A TSO frame leaves from gVisor's own views: its payload
+			// sits in the send queue anyway (for retransmits), so holding
+			// a reference costs no memory and saves copying 64 KiB.
+			b = e.getBuf()
+			h.encode(b.data[tunOffset-vnetHdrLen : tunOffset])
+			b.slots = (size + int(e.mtu) - 1) / int(e.mtu)
+			b.n = size
+			b.pkt = pkt.IncRef()
+			if !e.send(b, false) {
+				return &tcpip.ErrClosedForSend{}
+			}
+			return nil
+		}
+		b = e.bigPool.Get().(*outBuf)
+	} else {
+		b = e.getBuf()
+	}
+	if e.vnet {
+		h.encode(b.data[tunOffset-vnetHdrLen : tunOffset])
+	}
+	b.slots = (size + int(e.mtu) - 1) / int(e.mtu)
 	dst := b.data[tunOffset : tunOffset+size]
 	vl, off := pkt.AsViewList()
 	w := 0
@@ -341,6 +403,45 @@ func (e *linkEndpoint) writePacket(pkt *stack.PacketBuffer) tcpip.Error {
 		return &tcpip.ErrClosedForSend{}
 	}
 	return nil
+}
+
+// maxFrameParts bounds the pieces of one gather write (the virtio-net header
+// and the packet's views); a packet in more views is copied instead.
+const maxFrameParts = 64
+
+// viewCount returns the number of views pkt's bytes are in.
+func viewCount(pkt *stack.PacketBuffer) int {
+	vl, off := pkt.AsViewList()
+	n := 0
+	for v := vl.Front(); v != nil; v = v.Next() {
+		if l := v.Size(); off >= l {
+			off -= l
+			continue
+		}
+		off = 0
+		n++
+	}
+	return n
+}
+
+// appendParts appends b's frame to parts as the slices a gather write
+// sends: the virtio-net header, then the packet (pkt's views, or data).
+func (b *outBuf) appendParts(parts [][]byte) [][]byte {
+	if b.pkt == nil {
+		return append(parts, b.frame())
+	}
+	parts = append(parts, b.data[tunOffset-vnetHdrLen:tunOffset])
+	vl, off := b.pkt.AsViewList()
+	for v := vl.Front(); v != nil; v = v.Next() {
+		s := v.AsSlice()
+		if off >= len(s) {
+			off -= len(s)
+			continue
+		}
+		parts = append(parts, s[off:])
+		off = 0
+	}
+	return parts
 }
 
 // send hands b to the device and takes it. With direct set, it is written at
@@ -400,4 +501,10 @@ func (q directQDisc) WritePacket(pkt *stack.PacketBuffer) tcpip.Error { return q
 func (directQDisc) Close() {}
 
 // writeRaw sends one packet built by the caller in b (WriteUDP).
-func (e *linkEndpoint) writeRaw(b *outBuf) bool { return e.send(b, true) }
+func (e *linkEndpoint) writeRaw(b *outBuf) bool {
+	if e.vnet {
+		clear(b.data[tunOffset-vnetHdrLen : tunOffset]) // no offload asked
+	}
+	b.slots = 1
+	return e.send(b, true)
+}

@@ -78,6 +78,8 @@ func newPairConfig(t testing.TB, serverCfg Config, client, server Handler) (c, s
 		s.Close()
 		c.Close()
 	})
+	runStack(t, c)
+	runStack(t, s)
 	return c, s
 }
 

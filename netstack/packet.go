@@ -34,6 +34,7 @@ const (
 	dropUDPHeader
 	dropUDPChecksum
 	dropTCPChecksum
+	dropVnetHeader // a vnet TUN frame header classifyFrame cannot honour
 	numDropReasons
 )
 
@@ -60,6 +61,10 @@ type packetInfo struct {
 	// UDP fast path (verdictUDP).
 	src, dst netip.AddrPort
 	payload  []byte
+
+	// l4Trusted: the kernel vouched for the transport checksum (see
+	// vnetHdr.l4Trusted), so it was not verified.
+	l4Trusted bool
 
 	// TCP facts (verdictInject, tcp true): addresses and ports are those of the
 	// segment, flags its TCP flags byte.
@@ -98,8 +103,13 @@ func (p *packetInfo) rst() bool { return p.tcp && p.tcpFlags&tcpFlagRST != 0 }
 // segment must not become data). Packets it does not understand well enough
 // (other IPv6 extension headers, fragments, other protocols) go to gVisor
 // unchanged; of those, SYNs are checked in synChecksumValid.
-func classify(b []byte, p *packetInfo) {
-	*p = packetInfo{}
+func classify(b []byte, p *packetInfo) { classifyTrusting(b, p, false) }
+
+// classifyTrusting is classify with the TCP and UDP checksums taken as
+// valid when l4Trusted (the kernel vouched for them; a partial checksum
+// would not verify). The IPv4 header checksum is checked regardless.
+func classifyTrusting(b []byte, p *packetInfo, l4Trusted bool) {
+	*p = packetInfo{l4Trusted: l4Trusted}
 	if len(b) == 0 {
 		p.verdict, p.reason = verdictDrop, dropIPHeader
 		return
@@ -212,11 +222,11 @@ func (p *packetInfo) checkTCP(src, dst tcpip.Address, srcB, dstB, l4 []byte) {
 	if len(l4) < header.TCPMinimumSize {
 		return
 	}
-	if !l4ChecksumValid(header.TCPProtocolNumber, srcB, dstB, l4) {
+	if !p.l4Trusted && !l4ChecksumValid(header.TCPProtocolNumber, srcB, dstB, l4) {
 		p.verdict, p.reason = verdictDrop, dropTCPChecksum
 		return
 	}
-	p.tcpChecked = true
+	p.tcpChecked = true // verified, or vouched for by the kernel
 	p.setTCP(src, dst, l4)
 }
 
@@ -235,7 +245,7 @@ func (p *packetInfo) setUDP(src, dst netip.Addr, srcB, dstB, l4 []byte, zeroAllo
 	}
 	l4 = l4[:ulen]
 	absent := zeroAllowed && binary.BigEndian.Uint16(l4[6:8]) == 0
-	if !absent && !l4ChecksumValid(header.UDPProtocolNumber, srcB, dstB, l4) {
+	if !absent && !p.l4Trusted && !l4ChecksumValid(header.UDPProtocolNumber, srcB, dstB, l4) {
 		p.verdict, p.reason = verdictDrop, dropUDPChecksum
 		return
 	}

@@ -209,6 +209,8 @@ func newFloodRig(t *testing.T, cfg Config, h Handler) *floodRig {
 		server.Close()
 		t.Fatalf("new client stack: %v", err)
 	}
+	runStack(t, server)
+	runStack(t, client)
 	var wg sync.WaitGroup
 	pump := func(from, to tun.Device, keep func([]byte) bool) {
 		defer wg.Done()

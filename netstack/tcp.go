@@ -319,6 +319,12 @@ func (s *Stack) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn,
 			abortTimeWait(s.stack, proto, stack.TransportEndpointID{
 				LocalPort: local.Port, LocalAddress: local.Addr, RemotePort: remote.Port, RemoteAddress: remote.Addr,
 			})
+			// And a client may use one source port toward two public
+			// ports (the kernel only keeps 4-tuples unique), so a flow on
+			// the same address and port toward another port, live or in
+			// TIME_WAIT, must not make the bind fail either: SO_REUSEADDR,
+			// which every such dial sets, leaves the 4-tuple to Connect.
+			ep.SocketOptions().SetReuseAddress(true)
 		}
 		if terr := ep.Bind(local); terr != nil {
 			ep.Close()

@@ -8,7 +8,6 @@ import (
 	"os"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -40,20 +39,28 @@ var (
 var testOpts = []tunnel.Option{tunnel.WithPing(500*time.Millisecond, 3*time.Second), tunnel.WithReleaseGrace(time.Second)}
 
 // relayHandler routes the relay stack's flows to a Relay set after both exist.
-type relayHandler struct{ r atomic.Pointer[tunnel.Relay] }
+// It is wired before the stack runs, so r is set before any flow.
+type relayHandler struct{ r *tunnel.Relay }
 
 func (h *relayHandler) HandleTCP(req *netstack.TCPRequest) {
-	if r := h.r.Load(); r != nil {
-		r.HandleTCP(req.Src, req.Dst, req.Accept, req.Reject)
-		return
-	}
-	req.Reject()
+	h.r.HandleTCP(req.Src, req.Dst, req.Accept, req.Reject)
 }
 
 func (h *relayHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) {
-	if r := h.r.Load(); r != nil {
-		r.HandleUDP(src, dst, payload)
-	}
+	h.r.HandleUDP(src, dst, payload)
+}
+
+// goRun calls run on its own goroutine until ctx's end or a Close ends it;
+// the returned func waits for it to return. Its error is not checked: a
+// test that closes early may close before Run starts (lifecycle_test.go
+// checks Run's errors).
+func goRun(ctx context.Context, run func(context.Context) error) (wait func()) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = run(ctx)
+	}()
+	return func() { <-done }
 }
 
 // relaySide is a Relay on its own netstack, as cmd wires it.
@@ -62,6 +69,7 @@ type relaySide struct {
 	stack *netstack.Stack
 	key   conf.Key
 	port  uint16 // WireGuard UDP port on 127.0.0.1
+	waits []func()
 }
 
 func relayConfig(key conf.Key, listen string, binds []netip.Addr, peers ...conf.Peer) *conf.RelayConfig {
@@ -136,12 +144,15 @@ func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger, opts ...tu
 		st.Close()
 		t.Fatal(err)
 	}
-	h.r.Store(r)
+	h.r = r
 	port, err := r.ListenPort()
 	if err != nil {
+		st.Close()
+		r.Close()
 		t.Fatal(err)
 	}
 	rs := &relaySide{relay: r, stack: st, key: cfg.Relay.PrivateKey, port: port}
+	rs.waits = []func(){goRun(context.Background(), st.Run), goRun(context.Background(), r.Run)}
 	t.Cleanup(rs.close)
 	return rs
 }
@@ -149,6 +160,9 @@ func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger, opts ...tu
 func (rs *relaySide) close() {
 	rs.relay.Close()
 	rs.stack.Close()
+	for _, wait := range rs.waits {
+		wait()
+	}
 }
 
 // uplinkIngress adapts the appliance stack to forwarder.Ingress.
@@ -156,18 +170,19 @@ type uplinkIngress struct{ *netstack.Stack }
 
 func (uplinkIngress) Name() string { return conf.IngressUplink }
 
-// engineHandler routes the appliance stack's flows to the forwarder.
+// engineHandler routes the appliance stack's flows to the forwarder. It is
+// wired before the stack runs, so in is set before any flow.
 type engineHandler struct {
 	e  *forwarder.Engine
-	in atomic.Pointer[uplinkIngress]
+	in *uplinkIngress
 }
 
 func (h *engineHandler) HandleTCP(req *netstack.TCPRequest) {
-	h.e.HandleTCP(h.in.Load(), req.Src, req.Dst, req)
+	h.e.HandleTCP(h.in, req.Src, req.Dst, req)
 }
 
 func (h *engineHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) {
-	h.e.HandleUDP(h.in.Load(), src, dst, payload)
+	h.e.HandleUDP(h.in, src, dst, payload)
 }
 
 // appliance is natbox in relay mode: forwarder engine, netstack, uplink.
@@ -179,6 +194,7 @@ type appliance struct {
 	logs   *observer.ObservedLogs
 	cancel context.CancelFunc
 	done   chan error
+	waits  []func() // the stack's and the engine's Run
 	once   sync.Once
 }
 
@@ -202,6 +218,13 @@ relay_address = %q
 keepalive = "1s"
 mtu = %d
 %s`, relayHost, relay.port, relay.key.Public(), key, addr, relayTunnelAddr, testMTU, mappings)
+	return runAppliance(t, toml, addr)
+}
+
+// runAppliance starts an appliance from its whole config text; addr is its
+// tunnel address.
+func runAppliance(t testing.TB, toml string, addr netip.Addr, opts ...tunnel.Option) *appliance {
+	t.Helper()
 	cfg, _, err := conf.Parse("appliance.toml", []byte(toml))
 	if err != nil {
 		t.Fatalf("appliance config: %v", err)
@@ -223,8 +246,8 @@ mtu = %d
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.in.Store(&uplinkIngress{st})
-	u, err := tunnel.NewUplink(cfg.Uplink, outer, st, log.Named("uplink"), testOpts...)
+	h.in = &uplinkIngress{st}
+	u, err := tunnel.NewUplink(&cfg.Uplinks[0], outer, st, log.Named("uplink"), append(testOpts[:len(testOpts):len(testOpts)], opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -240,6 +263,7 @@ mtu = %d
 	u.SetWanted(ports)
 	ctx, cancel := context.WithCancel(context.Background())
 	a := &appliance{uplink: u, stack: st, engine: engine, cfg: cfg, logs: logs, cancel: cancel, done: make(chan error, 1)}
+	a.waits = []func(){goRun(context.Background(), st.Run), goRun(context.Background(), engine.Run)}
 	go func() { a.done <- u.Run(ctx) }()
 	t.Cleanup(a.close)
 	return a
@@ -253,6 +277,9 @@ func (a *appliance) close() {
 		<-a.done
 		a.stack.Close()
 		a.engine.Close()
+		for _, wait := range a.waits {
+			wait()
+		}
 	})
 }
 

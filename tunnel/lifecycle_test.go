@@ -1,18 +1,23 @@
 package tunnel_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/natbox/natbox/conf"
 	"github.com/natbox/natbox/forwarder"
+	"github.com/natbox/natbox/internal/testutil"
+	"github.com/natbox/natbox/netstack"
 	"github.com/natbox/natbox/tunnel"
 )
 
@@ -437,4 +442,157 @@ func TestRelaySessionsShowClients(t *testing.T) {
 				s.Mapping, s.Client, s.Public, s.Target, client, port, applAddrA, port)
 		}
 	}
+}
+
+// newLifecycleUplink builds an Uplink towards relay port on 127.0.0.1 (with
+// nothing behind it) on a stack that is not running.
+func newLifecycleUplink(t *testing.T, port uint16) *tunnel.Uplink {
+	t.Helper()
+	cfg, _, err := conf.Parse("appliance.toml", []byte(fmt.Sprintf(`
+[uplink]
+relay = "127.0.0.1:%d"
+relay_public_key = %q
+private_key = %q
+address = %q
+relay_address = %q
+mtu = %d
+`, port, mustKey(t).Public(), mustKey(t), applAddrA, relayTunnelAddr, testMTU)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stackSide, outer := tunnelPair(testMTU)
+	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(applAddrA)}, nopHandler{}, testLogger(t))
+	if err != nil {
+		outer.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	u, err := tunnel.NewUplink(&cfg.Uplinks[0], outer, st, testLogger(t), testOpts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u
+}
+
+// newLifecycleRelay builds a one-peer Relay on a stack that is not running.
+func newLifecycleRelay(t *testing.T) *tunnel.Relay {
+	t.Helper()
+	stackSide, outer := tunnelPair(testMTU)
+	h := &relayHandler{}
+	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(relayTunnelAddr)}, h, testLogger(t))
+	if err != nil {
+		outer.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	r, err := tunnel.NewRelay(onePeerRelayConfig(t, mustKey(t), "tcp/1"), outer, st, testLogger(t), testOpts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.r = r
+	return r
+}
+
+type nopHandler struct{}
+
+func (nopHandler) HandleTCP(r *netstack.TCPRequest)        { r.Reject() }
+func (nopHandler) HandleUDP(_, _ netip.AddrPort, _ []byte) {}
+
+// TestLifecycle holds the Uplink and the Relay to the contract every
+// component keeps: New starts none of natbox's goroutines (wireguard-go's
+// own are allowed: device.NewDevice starts them), Close is idempotent
+// before Run and concurrently, Run after Close fails at once, and Run
+// returns only after what it started has stopped. Not parallel: it counts
+// goroutines.
+func TestLifecycle(t *testing.T) {
+	type component struct {
+		run   func(context.Context) error
+		close func() error
+	}
+	builds := map[string]func(t *testing.T) component{
+		"uplink": func(t *testing.T) component {
+			u := newLifecycleUplink(t, freePort(t, false))
+			return component{u.Run, u.Close}
+		},
+		"relay": func(t *testing.T) component {
+			r := newLifecycleRelay(t)
+			return component{r.Run, r.Close}
+		},
+	}
+	for name, build := range builds {
+		t.Run(name+"/new starts nothing", func(t *testing.T) {
+			before := testutil.Goroutines()
+			c := build(t)
+			defer c.close()
+			if extra := testutil.Goroutines().Started(before); len(extra) > 0 {
+				t.Fatalf("New started goroutines:\n%s", strings.Join(extra, "\n\n"))
+			}
+		})
+		t.Run(name+"/close before run", func(t *testing.T) {
+			c := build(t)
+			var wg sync.WaitGroup
+			for range 3 {
+				wg.Go(func() { c.close() })
+			}
+			wg.Wait()
+			if err := c.close(); err != nil {
+				t.Fatalf("second Close: %v", err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if err := c.run(ctx); !errors.Is(err, tunnel.ErrClosed) {
+				t.Fatalf("Run after Close = %v; want ErrClosed", err)
+			}
+			if ctx.Err() != nil {
+				t.Fatal("Run after Close waited for its context")
+			}
+		})
+		t.Run(name+"/close ends run", func(t *testing.T) {
+			before := testutil.Goroutines()
+			c := build(t)
+			done := make(chan error, 1)
+			go func() { done <- c.run(context.Background()) }()
+			// Running: the uplink's monitor and close watcher, the relay's engine.
+			testutil.WaitGoroutines(t, before, map[string]int{"uplink": 2, "relay": 1}[name])
+			var wg sync.WaitGroup
+			for range 2 {
+				wg.Go(func() { c.close() })
+			}
+			wg.Wait()
+			if err := <-done; err != nil {
+				t.Fatalf("Run ended by Close: %v", err)
+			}
+			testutil.WaitGoroutines(t, before, 0)
+		})
+	}
+	// Through a registered port with a flow on it, every goroutine the
+	// relay, the uplink, their stacks and engines started ends with their
+	// Runs.
+	t.Run("relay and uplink with a flow", func(t *testing.T) {
+		before := testutil.Goroutines()
+		port := freePort(t, false)
+		spec := fmt.Sprintf("tcp/%d", port)
+		key := mustKey(t)
+		relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t))
+		svc, _ := proxyEchoService(t)
+		a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", port, svc))
+		waitRegistered(t, a, spec)
+		c, err := net.DialTimeout("tcp", netip.AddrPortFrom(loopback4, port).String(), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if _, err := c.Write([]byte("ping\n")); err != nil {
+			t.Fatal(err)
+		}
+		if line, err := bufio.NewReader(c).ReadString('\n'); line != "ping\n" {
+			t.Fatalf("echo %q, %v", line, err)
+		}
+		if len(testutil.Goroutines().Started(before)) == 0 {
+			t.Fatal("nothing running: the check below proves nothing")
+		}
+		a.close()
+		relay.close() // waits for the relay's and its stack's Run
+		testutil.WaitGoroutines(t, before, 0)
+	})
 }

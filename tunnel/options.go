@@ -24,6 +24,12 @@ type options struct {
 	udpIdleTimeout time.Duration
 	tcpIdleTimeout time.Duration
 	version        string
+
+	streamPending   int           // relay: TCP transport connections authenticating at once
+	streamHandshake time.Duration // relay: deadline of a TCP transport connection's TLS and proof
+	fallbackAfter   time.Duration // uplink "auto": no reply over UDP this long moves to TCP
+	probeEvery      time.Duration // uplink on TCP: how often to try UDP again
+	transportTick   time.Duration // uplink: how often the transport ladder looks
 }
 
 func buildOptions(opts []Option) options {
@@ -34,6 +40,12 @@ func buildOptions(opts []Option) options {
 		releaseGrace:   defaultReleaseGrace,
 		udpIdleTimeout: defaultUDPIdleTimeout,
 		version:        "natbox",
+
+		streamPending:   defaultStreamPending,
+		streamHandshake: defaultStreamHandshake,
+		fallbackAfter:   defaultFallbackAfter,
+		probeEvery:      defaultProbeEvery,
+		transportTick:   defaultTransportTick,
 	}
 	for _, f := range opts {
 		f(&o)
@@ -68,3 +80,18 @@ func WithTCPIdleTimeout(d time.Duration) Option { return func(o *options) { o.tc
 
 // WithVersion sets the software version sent in the control hello, for logs.
 func WithVersion(v string) Option { return func(o *options) { o.version = v } }
+
+// WithStreamLimits sets how many TCP transport connections the relay lets
+// authenticate at once (default 64) and their TLS and proof deadline
+// (default 10 s).
+func WithStreamLimits(pending int, handshake time.Duration) Option {
+	return func(o *options) { o.streamPending, o.streamHandshake = pending, handshake }
+}
+
+// WithTransportLadder sets when an uplink with transport "auto" moves to
+// TCP (no reply over UDP for fallback; default 15 s), how often it tries UDP
+// again while on TCP (probe; default 30 s), and how often it checks (tick;
+// default 1 s).
+func WithTransportLadder(fallback, probe, tick time.Duration) Option {
+	return func(o *options) { o.fallbackAfter, o.probeEvery, o.transportTick = fallback, probe, tick }
+}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
 
@@ -64,8 +65,10 @@ type Relay struct {
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup // every goroutine the relay starts
 	closeOnce sync.Once
+	running   atomic.Bool // Run was called
 
 	eng      *forwarder.Engine // admits and runs every public flow
+	streams  *streamServer     // the TCP transport; nil when relay.tcp_listen is empty
 	rejected atomic.Uint64     // tunnel flows refused by isolation
 
 	// mu guards the following fields.
@@ -143,6 +146,11 @@ type holding struct {
 // of dev (closed by Close, or before returning an error). Public flows are
 // originated through org; cmd routes the relay stack's inbound flows to
 // HandleTCP and HandleUDP.
+//
+// NewRelay starts goroutines, all wireguard-go's: device.NewDevice starts
+// its routines, and binding relay.listen here (so that a taken port is a
+// start-up error and ListenPort answers before Run) starts its receivers.
+// What they decrypt waits in dev until the stack on its other end runs.
 func NewRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Logger, opts ...Option) (*Relay, error) {
 	r, err := newRelay(cfg, dev, org, log, opts)
 	if err != nil {
@@ -216,7 +224,8 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 	for _, p := range cfg.Peers {
 		uapi += peerUAPI(p.PublicKey, netip.AddrPort{}, 0, TunnelPrefixes(p.Address))
 	}
-	d, err := newDevice(dev, cfg.Relay.PrivateKey, port, log)
+	bind := newStreamBind(conn.NewStdNetBind())
+	d, err := newDevice(dev, bind, cfg.Relay.PrivateKey, port, log)
 	if err != nil {
 		cancel()
 		return nil, err // newDevice closed dev
@@ -236,18 +245,44 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 		cancel()
 		return nil, fmt.Errorf("relay forwarder: %w", err)
 	}
+	if cfg.Relay.TCPListen != "" {
+		r.streams, err = listenStreams(cfg.Relay.TCPListen, bind, cfg.Relay.PrivateKey, r.peerByKey, o, log)
+		if err != nil {
+			r.eng.Close()
+			d.Close()
+			cancel()
+			return nil, err
+		}
+	}
 	log.Info("relay up", zap.String("listen", cfg.Relay.Listen), zap.Stringer("address", r.addr4),
 		zap.Int("count", len(cfg.Peers)))
 	return r, nil
 }
 
-// Run serves until ctx is done or Close is called, then closes the relay.
+// ErrClosed is returned by Run on a closed Relay or Uplink, and by a
+// second Run.
+var ErrClosed = errors.New("tunnel: closed")
+
+// Run runs the relay's engine (its expiry sweep) and serves until ctx is
+// done or Close is called, then closes the relay and returns once the
+// engine's Run has returned too. The relay serves peers from New on, as
+// wireguard-go allows (see NewRelay), but its flows reach it only through
+// the relay stack, which delivers nothing before its own Run.
 func (r *Relay) Run(ctx context.Context) error {
+	if r.ctx.Err() != nil || !r.running.CompareAndSwap(false, true) {
+		return ErrClosed
+	}
+	engDone := make(chan error, 1)
+	go func() { engDone <- r.eng.Run(context.Background()) }() // Close stops it
 	select {
 	case <-ctx.Done():
 	case <-r.ctx.Done():
 	}
-	return r.Close()
+	err := r.Close()
+	if e := <-engDone; !errors.Is(e, forwarder.ErrStopped) {
+		err = errors.Join(err, e)
+	}
+	return err
 }
 
 // Close stops the relay: it closes the public listeners, every flow and
@@ -277,11 +312,33 @@ func (r *Relay) Close() error {
 			cc.c.Close()
 		}
 		r.eng.Close() // ends every public flow
+		if r.streams != nil {
+			r.streams.close()
+		}
 		r.dev.Close()
 		r.wg.Wait()
 		r.log.Info("relay down")
 	})
 	return nil
+}
+
+// peerByKey names the configured peer with public key k.
+func (r *Relay) peerByKey(k conf.Key) (string, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	p, ok := r.cfg.PeerByKey(k)
+	if !ok {
+		return "", false
+	}
+	return p.Name, true
+}
+
+// StreamAddr is the TCP transport's listening address, or nil when it is off.
+func (r *Relay) StreamAddr() net.Addr {
+	if r.streams == nil {
+		return nil
+	}
+	return r.streams.Addr()
 }
 
 // addPeerLocked registers a configured peer (its WireGuard side is set up
@@ -383,6 +440,14 @@ type RelayStatus struct {
 	UDPSockets  int               `json:"udp_sockets"` // public UDP sockets open, all peers
 	Rejected    uint64            `json:"rejected"`    // flows from the tunnel refused by isolation
 	OverLimit   uint64            `json:"over_limit"`  // public flows refused by relay.max_sessions
+	// The TCP transport (relay.tcp_listen): peers connected over it now,
+	// connections authenticated since start, connections refused or ended
+	// by reason (busy, handshake, auth, frame, replaced), and WireGuard
+	// messages dropped because a connection's write queue was full.
+	TCPStreams  int               `json:"tcp_streams"`
+	TCPAccepted uint64            `json:"tcp_accepted"`
+	TCPRefusals map[string]uint64 `json:"tcp_refusals,omitempty"`
+	TCPDropped  uint64            `json:"tcp_dropped"`
 }
 
 // RelayPeerStatus describes one peer.
@@ -445,6 +510,10 @@ func (r *Relay) Status() RelayStatus {
 	}
 	es := r.eng.Snapshot()
 	st := RelayStatus{TCPSessions: es.TCPSessions, UDPSessions: int(es.UDPSessions), Rejected: r.rejected.Load()}
+	if r.streams != nil {
+		ss := r.streams.status()
+		st.TCPStreams, st.TCPAccepted, st.TCPRefusals, st.TCPDropped = ss.streams, ss.accepted, ss.refused, ss.dropped
+	}
 
 	r.mu.Lock()
 	st.UDPSockets = r.udpSockets
@@ -554,6 +623,9 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 	if nw.MTU != old.MTU {
 		fixed = append(fixed, "relay.mtu")
 	}
+	if nw.TCPListen != old.TCPListen {
+		fixed = append(fixed, "relay.tcp_listen")
+	}
 	if len(fixed) > 0 {
 		return fmt.Errorf("reload relay: %v cannot change while running; restart natbox relay to apply", fixed)
 	}
@@ -627,6 +699,9 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 		zap.Duration("dial_timeout", lim.dialTimeout), zap.Int64("max_sessions", lim.maxSessions))
 	for _, s := range closing { // close never blocks: it only closes a channel and the conn
 		s.close()
+	}
+	if r.streams != nil { // a removed peer's TCP transport ends with it
+		r.streams.retain(func(k conf.Key) bool { _, ok := cfg.PeerByKey(k); return ok })
 	}
 	r.sendLocked(notes)
 	return nil

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -452,4 +453,107 @@ func expectReset(t *testing.T, addr netip.AddrPort) {
 	if !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("connection to %s: %v, want connection reset", addr, err)
 	}
+}
+
+// TestRelayOutageThenReturn: the relay goes away long enough for the
+// uplink to notice (its control connection times out and it starts
+// retrying with backoff), then comes back with the same key and address:
+// the uplink re-registers by itself and the mapping serves again. Unlike
+// TestRelayRestart, the appliance has already given up its session.
+func TestRelayOutageThenReturn(t *testing.T) {
+	t.Parallel()
+	port := freePort(t, false)
+	keyA, relayKey := mustKey(t), mustKey(t)
+	spec := fmt.Sprintf("tcp/%d", port)
+	peer := conf.Peer{Name: "a", PublicKey: keyA.Public(), Address: applAddrA, Ports: mustSpecs(t, spec)}
+	log := testLogger(t)
+	relay := startRelay(t, relayConfig(relayKey, "127.0.0.1:0", []netip.Addr{loopback4}, peer), log)
+	svc, _ := proxyEchoService(t)
+	appl := startAppliance(t, relay, keyA, applAddrA, tcpMapping("web", port, svc))
+	waitRegistered(t, appl, spec)
+	public := netip.AddrPortFrom(loopback4, port)
+	if _, got := tcpRoundTrip(t, public, []byte("before")); string(got) != "before" {
+		t.Fatalf("before the outage: %q", got)
+	}
+
+	relay.close()
+	// The uplink notices within its ping timeout (3 s in tests) and says so once.
+	waitFor(t, 15*time.Second, "the uplink to notice the relay is gone", func() bool {
+		return appl.uplink.Status().State == tunnel.StateConnecting &&
+			appl.logs.FilterMessage("relay control connection lost; reconnecting").Len() > 0
+	})
+	if _, err := net.DialTimeout("tcp", public.String(), time.Second); err == nil {
+		t.Fatal("the public port still accepts with the relay gone")
+	}
+
+	relay2 := startRelay(t, relayConfig(relayKey, fmt.Sprintf("127.0.0.1:%d", relay.port), []netip.Addr{loopback4}, peer), log)
+	start := time.Now()
+	waitRegistered(t, appl, spec)
+	waitFor(t, 5*time.Second, "the returned relay to hold the port", func() bool {
+		ps := relay2.relay.Status().Peers
+		return len(ps) == 1 && slices.Equal(ps[0].Ports, []string{spec})
+	})
+	if _, got := tcpRoundTrip(t, public, []byte("after")); string(got) != "after" {
+		t.Fatalf("after the relay returned: %q", got)
+	}
+	t.Logf("registered again %v after the relay returned", time.Since(start).Round(time.Millisecond))
+}
+
+// TestRelayClientPortTowardTwoPublicPorts: a client may use one source port
+// toward two public ports (the kernel keeps only 4-tuples unique). The
+// relay originates both flows from that address and port in its stack, so
+// the second must not fail to bind there while the first is live or in
+// TIME_WAIT (the relay bench's crr resets: ports that an earlier test's
+// flows had used were refused as dial_failed).
+func TestRelayClientPortTowardTwoPublicPorts(t *testing.T) {
+	t.Parallel()
+	portA, portB := freePort(t, false), freePort(t, false)
+	specA, specB := fmt.Sprintf("tcp/%d", portA), fmt.Sprintf("tcp/%d", portB)
+	key := mustKey(t)
+	relay := startRelay(t, onePeerRelayConfig(t, key, specA, specB), testLogger(t))
+	svc, _ := proxyEchoService(t)
+	a := startAppliance(t, relay, key, applAddrA, tcpMapping("a", portA, svc)+tcpMapping("b", portB, svc))
+	waitRegistered(t, a, specA, specB)
+
+	// Both sockets bind the same port with SO_REUSEADDR, as a kernel that
+	// picks one ephemeral port for two destinations would have them.
+	src := freePort(t, false)
+	dial := func(port uint16) net.Conn {
+		t.Helper()
+		d := net.Dialer{
+			Timeout:   5 * time.Second,
+			LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(loopback4, src)),
+			Control: func(_, _ string, rc syscall.RawConn) error {
+				var serr error
+				if err := rc.Control(func(fd uintptr) {
+					serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
+				}); err != nil {
+					return err
+				}
+				return serr
+			},
+		}
+		c, err := d.Dial("tcp4", netip.AddrPortFrom(loopback4, port).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	echo := func(c net.Conn, msg string) {
+		t.Helper()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Write([]byte(msg + "\n")); err != nil {
+			t.Fatal(err)
+		}
+		if line, err := bufio.NewReader(c).ReadString('\n'); line != msg+"\n" {
+			t.Fatalf("echo through %v: %q, %v", c.RemoteAddr(), line, err)
+		}
+	}
+	first := dial(portA)
+	echo(first, "first")
+	second := dial(portB)
+	defer second.Close()
+	echo(second, "second, while the first is live")
+	echo(first, "first again")
+	first.Close()
 }

@@ -11,9 +11,11 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
+	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
 
@@ -49,6 +51,7 @@ const (
 type Uplink struct {
 	cfg    *conf.Uplink
 	dev    *device.Device
+	client *streamClient // the bind's transport switch and TCP stream
 	dialer ControlDialer
 	log    *zap.Logger
 	opts   options
@@ -59,7 +62,8 @@ type Uplink struct {
 	kick      chan struct{} // SetPorts wakes the control loop
 	closed    chan struct{}
 	closeOnce sync.Once
-	runWG     sync.WaitGroup
+	running   atomic.Bool    // Run was called
+	runWG     sync.WaitGroup // Run's goroutines
 
 	// mu guards the following fields.
 	mu       sync.Mutex
@@ -70,11 +74,16 @@ type Uplink struct {
 	results  map[string]message // last result per spec
 	pending  int                // results still due for the last register
 	peerName string             // as the relay knows us
+	tr       transportState
 }
 
 // NewUplink configures a WireGuard device on dev with the relay as its only
 // peer and returns an Uplink; Run resolves the relay and keeps the
-// registration. It takes ownership of dev (closed by Close, or before
+// registration. Nothing is sent before Run: the peer has no endpoint until
+// Run resolves the relay. The goroutines NewUplink starts are
+// wireguard-go's own (device.NewDevice starts its routines, and dev's
+// EventUp brings the device up from one of them: its API has no way to
+// build a device that waits). It takes ownership of dev (closed by Close, or before
 // returning an error). dialer is the appliance stack, used to reach the
 // relay's control port through the tunnel. cmd creates dev with cfg.MTU.
 func NewUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.Logger, opts ...Option) (*Uplink, error) {
@@ -117,7 +126,8 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 	if mtu, err := dev.MTU(); err == nil && cfg.MTU != 0 && mtu != cfg.MTU {
 		log.Warn("tunnel device mtu differs from uplink.mtu", zap.Int("device_mtu", mtu), zap.Int("mtu", cfg.MTU))
 	}
-	d, err := newDevice(dev, cfg.PrivateKey, 0, log)
+	client := newStreamClient(conn.NewStdNetBind())
+	d, err := newDevice(dev, client.bind, cfg.PrivateKey, 0, log)
 	if err != nil {
 		return nil, err
 	}
@@ -133,6 +143,7 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 	return &Uplink{
 		cfg:     cfg,
 		dev:     d,
+		client:  client,
 		dialer:  dialer,
 		log:     log,
 		opts:    buildOptions(opts),
@@ -198,21 +209,37 @@ func (u *Uplink) SetWanted(ports []WantedPort) {
 }
 
 // Run keeps the tunnel and the registration up until ctx is done or Close
-// is called, then closes the uplink.
+// is called, then closes the uplink and returns once every goroutine it
+// started has stopped. On a closed Uplink, and a second time, it returns
+// ErrClosed at once.
 func (u *Uplink) Run(ctx context.Context) error {
+	select {
+	case <-u.closed:
+		return ErrClosed
+	default:
+	}
+	if !u.running.CompareAndSwap(false, true) {
+		return ErrClosed
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	u.runWG.Add(2)
 	go func() {
+		defer u.runWG.Done()
 		select {
 		case <-u.closed:
 			cancel()
 		case <-ctx.Done():
 		}
 	}()
-	u.runWG.Add(1)
 	go func() {
 		defer u.runWG.Done()
 		u.monitorLoop(ctx)
+	}()
+	u.runWG.Add(1)
+	go func() {
+		defer u.runWG.Done()
+		u.transportLoop(ctx)
 	}()
 	u.log.Info("uplink starting", zap.String("relay", u.cfg.Relay), zap.Stringer("address", u.cfg.Address))
 	backoff := minBackoff
@@ -467,6 +494,22 @@ type UplinkStatus struct {
 	TxBytes       uint64            `json:"tx_bytes"`
 	Registered    []string          `json:"registered"`        // e.g. "tcp/443"
 	Refused       map[string]string `json:"refused,omitempty"` // spec -> reason
+
+	// Transport is what WireGuard rides now, TransportUDP or TransportTCP
+	// (TLS to relay_tcp); SwitchReason says why it last changed, and
+	// TransportError why the last TCP connect failed ("" once one works).
+	Transport      string `json:"transport"`
+	SwitchReason   string `json:"switch_reason,omitempty"`
+	TransportError string `json:"transport_error,omitempty"`
+	// UsingTCP is Transport == "tcp", for /metrics.
+	UsingTCP          bool   `json:"using_tcp"`
+	TransportSwitches uint64 `json:"transport_switches"`
+	// TCPConnects and TCPConnectFailures count TLS connections to relay_tcp
+	// made and failed; TCPDropped counts WireGuard messages dropped on the
+	// TCP path (no connection up, or its write queue full).
+	TCPConnects        uint64 `json:"tcp_connects"`
+	TCPConnectFailures uint64 `json:"tcp_connect_failures"`
+	TCPDropped         uint64 `json:"tcp_dropped"`
 }
 
 // HandshakeAge is the time since the last handshake, or -1 if none yet.
@@ -482,7 +525,12 @@ func handshakeAge(last time.Time) time.Duration {
 // Status returns a snapshot of the uplink.
 func (u *Uplink) Status() UplinkStatus {
 	u.mu.Lock()
-	st := UplinkStatus{State: u.state, Relay: u.cfg.Relay, Peer: u.peerName}
+	st := UplinkStatus{State: u.state, Relay: u.cfg.Relay, Peer: u.peerName, Transport: TransportUDP,
+		SwitchReason: u.tr.reason, TransportError: u.tr.lastError, TransportSwitches: u.tr.switches,
+		TCPConnects: u.tr.connects, TCPConnectFailures: u.tr.failures, TCPDropped: u.client.bind.cnt.dropped.Load()}
+	if u.client.tcp.Load() {
+		st.Transport, st.UsingTCP = TransportTCP, true
+	}
 	for _, spec := range u.ports {
 		m, ok := u.results[spec]
 		switch {
@@ -503,6 +551,9 @@ func (u *Uplink) Status() UplinkStatus {
 	}
 	if s, ok := stats[u.cfg.RelayPublicKey]; ok {
 		st.Endpoint, st.LastHandshake, st.RxBytes, st.TxBytes = s.Endpoint, s.LastHandshake, s.RxBytes, s.TxBytes
+	}
+	if s := u.client.cur.Load(); st.UsingTCP && s != nil && !s.closed() {
+		st.Endpoint = s.ep.DstToString()
 	}
 	return st
 }

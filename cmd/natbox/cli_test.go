@@ -395,3 +395,30 @@ func TestCheckKindFromTablesNotName(t *testing.T) {
 		t.Fatalf("check of an appliance config named relay.toml: %v", r)
 	}
 }
+
+// TestCheckListsEachUplink: natbox check on a config with two relays prints
+// one line per uplink, in config order.
+func TestCheckListsEachUplink(t *testing.T) {
+	const example = "../../examples/natbox-two-relays.toml"
+	r := natbox(t, "", "check", "-c", example)
+	if r.code != exitOK {
+		t.Fatalf("check of the example: %v", r)
+	}
+	cfg, _, err := conf.Load(example)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.Uplinks) != 2 {
+		t.Fatalf("the example has %d uplinks, want 2", len(cfg.Uplinks))
+	}
+	last := -1
+	for _, u := range cfg.Uplinks {
+		want := fmt.Sprintf("uplink %s: relay key %s, tunnel address %s (relay %s), keepalive 25s, mtu 1420\n",
+			u.Relay, u.RelayPublicKey, u.Address, u.RelayAddress)
+		i := strings.Index(r.stdout, want)
+		if i < 0 || i < last {
+			t.Errorf("stdout lacks %q after the previous uplink:\n%s", want, r.stdout)
+		}
+		last = i
+	}
+}

@@ -44,6 +44,7 @@ Exit 0 when valid, 2 when not.`,
 			}
 			printMappings(c.App.Writer, cfg, time.Now())
 			printBudgets(c.App.Writer, cfg)
+			printUplinks(c.App.Writer, cfg)
 			printWarnings(c.App.Writer, warnings)
 			fmt.Fprintf(c.App.Writer, "ok: %s: %d mapping(s), %d warning(s)\n", cfg.Path, len(cfg.Mappings), len(warnings))
 			return nil
@@ -154,6 +155,14 @@ func printMappings(w io.Writer, cfg *conf.Config, now time.Time) {
 
 // printBudgets writes the session budgets in force, resolved from [limits]
 // and the mappings' own per-source keys.
+// printUplinks prints one line per relay the appliance registers with.
+func printUplinks(w io.Writer, cfg *conf.Config) {
+	for _, u := range cfg.Uplinks {
+		fmt.Fprintf(w, "uplink %s: relay key %s, tunnel address %s (relay %s), keepalive %s, mtu %d\n",
+			u.Relay, u.RelayPublicKey, u.Address, u.RelayAddress, u.Keepalive, u.MTU)
+	}
+}
+
 func printBudgets(w io.Writer, cfg *conf.Config) {
 	n := func(v int) string {
 		if v == 0 {

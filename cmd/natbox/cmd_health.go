@@ -17,7 +17,8 @@ func healthCommand() *cli.Command {
 		Usage: "exit 0 when the running natbox answers on its admin socket and is ready, 1 otherwise (container and service health checks)",
 		Description: `Asks the running natbox (or natbox relay) for /readyz over its admin socket:
 ready means every ingress is up, so an appliance with an [uplink] is ready only
-while the relay has registered it. Needs no shell or HTTP client, so it serves as
+while the relay has registered it (with several [[uplink]]s: while at least one
+relay has). Needs no shell or HTTP client, so it serves as
 a container HEALTHCHECK:
   HEALTHCHECK CMD ["/natbox", "health"]
 For a relay pass its config: natbox health --config /etc/natbox/relay.toml.

@@ -3,6 +3,7 @@ package app
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"sync"
 
@@ -12,11 +13,11 @@ import (
 	"github.com/natbox/natbox/conf"
 )
 
-// startAdmin opens the control socket and the optional HTTP listener. The
+// newAdmin opens the control socket and the optional HTTP listener. The
 // default socket lives in /run, which an unprivileged natbox (an uplink-only
 // appliance, a relay) may not write: then it runs without the socket and says
 // how to get one, instead of refusing to start.
-func startAdmin(c conf.Admin, src admin.Source, ready func() error, log *zap.Logger) (*admin.Server, error) {
+func newAdmin(c conf.Admin, src admin.Source, ready func() error, log *zap.Logger) (*admin.Server, error) {
 	s, err := admin.NewServer(c, src, admin.Options{Ready: ready}, log.Named("admin"))
 	isDefault := c.Socket == conf.DefaultAdminSocket || c.Socket == conf.DefaultRelayAdminSocket
 	if err != nil && isDefault && errors.Is(err, fs.ErrPermission) {
@@ -29,6 +30,21 @@ func startAdmin(c conf.Admin, src admin.Source, ready func() error, log *zap.Log
 		s, err = admin.NewServer(c, src, admin.Options{Ready: ready}, log.Named("admin"))
 	}
 	return s, err
+}
+
+// goRun runs one piece's Run on its own goroutine, tracked by wg; the first
+// failure goes to errc (a piece stopped by Close or ctx is no failure).
+func goRun(ctx context.Context, name string, run func(context.Context) error, wg *sync.WaitGroup, errc chan<- error) {
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := run(ctx); err != nil && !errors.Is(err, context.Canceled) {
+			select {
+			case errc <- fmt.Errorf("%s: %w", name, err):
+			default:
+			}
+		}
+	}()
 }
 
 // runAdmin serves s until ctx ends; wg tracks it. A nil server is a no-op.

@@ -2,6 +2,28 @@
 // appliance (TUN gateway and/or relay uplink in front of the forwarder) and the
 // relay. It owns start-up order, reload and shutdown order; the packages it
 // wires own everything else.
+//
+// Lifecycle. Every piece (netstack.Stack, forwarder.Engine, tunnel.Uplink,
+// tunnel.Relay, admin.Server) keeps one contract: New only builds (opens
+// sockets and devices, starts none of natbox's goroutines), Run(ctx) starts
+// and returns when everything it started has stopped, Close is idempotent
+// and ends Run, and Run after Close fails at once. No packet reaches a
+// handler before its stack's Run, so every piece is built and wired first
+// and nothing waits for another to become ready. wireguard-go starts its
+// own routines in device.NewDevice and gVisor its processors in stack.New;
+// both wait for packets that only a running stack moves.
+//
+// Close order, newest first (the reverse of construction), each piece
+// registered in a teardown as soon as it is built:
+//
+//	appliance: admin, each uplink then its stack (the last [[uplink]] first),
+//	           TUN stack, TUN link and routes, forwarder
+//	relay:     admin, relay (public sockets, its engine, WireGuard), relay stack
+//
+// On ctx's end the appliance first stops admitting and drains for
+// limits.shutdown_grace (Engine.Shutdown) while the stacks and the uplink
+// still carry the sessions, then closes in that order; Run returns once
+// every piece's Run has.
 package app
 
 import (
@@ -10,8 +32,9 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
+	"slices"
+	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -33,11 +56,13 @@ type Appliance struct {
 	mu  sync.Mutex // guards cfg and serializes Reload
 	cfg *conf.Config
 
-	tunName   string         // the kernel TUN natbox created; "" without one
-	ingresses []*ingress     // one netstack each: the TUN's, the uplink's; status reads their counters
-	uplink    *tunnel.Uplink // nil without [uplink]
-	admin     *admin.Server  // nil without a control socket or HTTP listener
-	live      *liveSettings  // [log] and [admin] as running
+	tunName   string     // the kernel TUN natbox created; "" without one
+	ingresses []*ingress // one netstack each: the TUN's, each uplink's; status reads their counters
+	// uplinks are the relay tunnels, one per cfg.Uplinks element and in its
+	// order (a reload cannot change them).
+	uplinks []*tunnel.Uplink
+	admin   *admin.Server // nil without a control socket or HTTP listener
+	live    *liveSettings // [log] and [admin] as running
 	// addressWarning is natbox doctor's finding about this host's addresses
 	// (carrier-grade or double NAT without an uplink), taken at start.
 	addressWarning string
@@ -54,10 +79,14 @@ type Options struct {
 	// created and no link or route is touched. In-process tests pass one
 	// side of a netstack.Pipe here and drive a client stack on the other.
 	TUNDevice tun.Device
+	// Tunnel changes defaults of every uplink (tests shorten the control
+	// ping so that a relay gone is noticed in seconds).
+	Tunnel []tunnel.Option
 }
 
-// NewAppliance builds every ingress the config names and starts them. On
-// error everything already started is closed again.
+// NewAppliance builds every piece the config names (see the lifecycle at
+// the top of this file) and wires them; Run starts them. On error
+// everything already built is closed again.
 func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (_ *Appliance, err error) {
 	// a is not the named result: "return nil, err" must not hide it from the
 	// deferred clean-up.
@@ -79,18 +108,18 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (_ *Appliance
 	}
 	a.teardown.add(a.engine.Close)
 	if cfg.TUN != nil {
-		if err := a.startTUN(cfg.TUN, opts.TUNDevice); err != nil {
+		if err := a.addTUN(cfg.TUN, opts.TUNDevice); err != nil {
 			return nil, err
 		}
 	}
-	if cfg.Uplink != nil {
-		if err := a.startUplink(cfg); err != nil {
+	for i := range cfg.Uplinks {
+		if err := a.addUplink(cfg, &cfg.Uplinks[i], opts.Tunnel); err != nil {
 			return nil, err
 		}
 	}
 	a.addressWarning = doctor.AddressWarning(cfg)
 	src := applianceSource{a: a, started: time.Now(), version: opts.Version}
-	if a.admin, err = startAdmin(cfg.Admin, src, a.ready, log); err != nil {
+	if a.admin, err = newAdmin(cfg.Admin, src, a.ready, log); err != nil {
 		return nil, err
 	}
 	if a.admin != nil {
@@ -105,11 +134,13 @@ func NewAppliance(cfg *conf.Config, opts Options, log *zap.Logger) (_ *Appliance
 // restart (the level was fixed by --log-level).
 func (a *Appliance) SetLogLevel(l *zap.AtomicLevel) { a.live.setLevel(l) }
 
-func (a *Appliance) startTUN(c *conf.TUN, dev tun.Device) error {
+// addTUN builds the TUN ingress: the kernel device with its link and routes
+// (unless the caller passed dev), and its stack.
+func (a *Appliance) addTUN(c *conf.TUN, dev tun.Device) error {
 	name := c.Name
 	if dev == nil {
 		var err error
-		if dev, err = netstack.CreateTUN(c.Name, c.MTU); err != nil {
+		if dev, err = netstack.CreateTUN(c.Name, c.MTU, c.Queues); err != nil {
 			return fmt.Errorf("create TUN %q: %w (natbox needs CAP_NET_ADMIN and /dev/net/tun; in a container: --cap-add NET_ADMIN --device /dev/net/tun)", c.Name, err)
 		}
 		if name, err = dev.Name(); err != nil {
@@ -130,33 +161,46 @@ func (a *Appliance) startTUN(c *conf.TUN, dev tun.Device) error {
 	}
 	a.teardown.add(in.Close)
 	a.ingresses = append(a.ingresses, in)
-	a.log.Info("tun up", zap.String("name", name), zap.Int("mtu", c.MTU),
+	a.log.Info("tun ready", zap.String("name", name), zap.Int("mtu", c.MTU),
 		zap.Stringers("addresses", c.Addresses), zap.Stringers("routes", c.Routes))
 	return nil
 }
 
-func (a *Appliance) startUplink(cfg *conf.Config) error {
-	u := cfg.Uplink
+// addUplink builds one relay uplink: its stack, and the WireGuard device
+// that feeds the stack through a netstack.Direct pair. Each [[uplink]] has
+// its own; they share only the forwarder.
+func (a *Appliance) addUplink(cfg *conf.Config, u *conf.Uplink, opts []tunnel.Option) error {
+	log := a.log.Named("uplink")
+	label := conf.IngressUplink
+	if len(cfg.Uplinks) > 1 {
+		log = log.With(zap.String("relay", u.Relay))
+		label = uplinkLabel(u)
+	}
 	stackSide, outer := netstack.Direct(u.MTU)
 	in, err := newIngress(conf.IngressUplink, stackSide, netstack.Config{
 		MTU:       u.MTU,
 		Addresses: tunnel.TunnelPrefixes(u.Address),
-	}, a.engine, a.log.Named("uplink"))
+	}, a.engine, log)
 	if err != nil {
 		outer.Close()
 		return err
 	}
+	in.label = label
 	a.teardown.add(in.Close)
 	a.ingresses = append(a.ingresses, in)
-	up, err := tunnel.NewUplink(u, outer, in.stack, a.log.Named("uplink"))
+	up, err := tunnel.NewUplink(u, outer, in.stack, log, opts...)
 	if err != nil {
 		return err
 	}
-	a.uplink = up
+	a.uplinks = append(a.uplinks, up)
 	a.teardown.add(up.Close)
 	up.SetWanted(uplinkPorts(cfg, time.Now()))
 	return nil
 }
+
+// uplinkLabel names an uplink's stack in status and metrics when there are
+// several: "uplink@relay.example.net:51820".
+func uplinkLabel(u *conf.Uplink) string { return conf.IngressUplink + "@" + u.Name() }
 
 // uplinkPorts lists what the relay must hold for the mappings served
 // through it, with their UDP idle timeouts for the relay's sessions.
@@ -174,33 +218,45 @@ func uplinkPorts(cfg *conf.Config, now time.Time) []tunnel.WantedPort {
 	return ports
 }
 
-// Run blocks until ctx is done, then shuts down in order: stop admitting,
-// drain with the configured grace, close inputs, remove routes.
+// Run starts every piece (see the lifecycle at the top of this file) and
+// blocks until ctx is done, Close is called or a piece fails; then it shuts
+// down in order: stop admitting, drain with the configured grace, Close.
+// It returns once every piece's Run has returned. After Close it fails at
+// once.
 func (a *Appliance) Run(ctx context.Context) error {
+	if a.teardown.isDone() {
+		return errors.New("appliance closed")
+	}
+	// The pieces run until Close stops them, not until ctx ends: the
+	// stacks and the uplink must carry the sessions the drain waits for.
+	pieces, stopPieces := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopPieces()
 	var wg sync.WaitGroup
 	errc := make(chan error, 1)
-	if a.uplink != nil {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := a.uplink.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
-				select {
-				case errc <- fmt.Errorf("uplink: %w", err):
-				default:
-				}
-			}
-		}()
+	run := func(name string, fn func(context.Context) error) {
+		goRun(pieces, name, fn, &wg, errc)
 	}
-	runAdmin(ctx, a.admin, &wg, a.log)
+	run("forwarder", a.engine.Run)
+	for _, in := range a.ingresses {
+		run(in.name+" stack", in.stack.Run)
+	}
+	for i, up := range a.uplinks {
+		run("uplink "+a.config().Uplinks[i].Relay, up.Run)
+	}
+	runAdmin(pieces, a.admin, &wg, a.log)
+	watching, stopWatching := context.WithCancel(ctx)
+	defer stopWatching()
 	if cfg := a.config(); cfg.Admin.Watch {
-		goWatchConfig(ctx, cfg.Path, cfg.Digest, func() { _, _ = a.Reload() }, &wg, a.log)
+		goWatchConfig(watching, cfg.Path, cfg.Digest, func() { _, _ = a.Reload() }, &wg, a.log)
 	}
 	a.log.Info("natbox running", zap.Int("mappings", len(a.config().Mappings)))
 	var runErr error
 	select {
 	case <-ctx.Done():
+	case <-a.teardown.closed():
 	case runErr = <-errc:
 	}
+	stopWatching()
 	a.log.Info("stopping: draining sessions", zap.Duration("grace", a.config().Limits.ShutdownGrace.D()))
 	grace, cancel := context.WithTimeout(context.Background(), a.config().Limits.ShutdownGrace.D())
 	if err := a.engine.Shutdown(grace); err != nil && !errors.Is(err, context.DeadlineExceeded) {
@@ -208,6 +264,7 @@ func (a *Appliance) Run(ctx context.Context) error {
 	}
 	cancel()
 	err := a.Close()
+	stopPieces()
 	wg.Wait()
 	a.log.Info("stopped")
 	return errors.Join(runErr, err)
@@ -216,12 +273,20 @@ func (a *Appliance) Run(ctx context.Context) error {
 // Close stops everything at once, newest first; it is idempotent.
 func (a *Appliance) Close() error { return a.teardown.run() }
 
-// ready reports whether every ingress is up, for /readyz.
+// ready reports whether every ingress is up, for /readyz. With several
+// relays one registered uplink is enough: public clients reach the box
+// through it, and restarting natbox would not bring the others back.
 func (a *Appliance) ready() error {
-	if a.uplink != nil {
-		if st := a.uplink.Status(); st.State != tunnel.StateRegistered {
-			return fmt.Errorf("uplink %s: %s", st.Relay, st.State)
+	var down []string
+	for _, up := range a.uplinks {
+		st := up.Status()
+		if st.State == tunnel.StateRegistered {
+			return nil
 		}
+		down = append(down, fmt.Sprintf("uplink %s: %s", st.Relay, st.State))
+	}
+	if len(down) > 0 {
+		return errors.New(strings.Join(down, "; "))
 	}
 	return nil
 }
@@ -229,8 +294,8 @@ func (a *Appliance) ready() error {
 // Engine is the forwarder, for status and tests.
 func (a *Appliance) Engine() *forwarder.Engine { return a.engine }
 
-// Uplink is the relay uplink, or nil.
-func (a *Appliance) Uplink() *tunnel.Uplink { return a.uplink }
+// Uplinks are the relay uplinks in config order, for status and tests.
+func (a *Appliance) Uplinks() []*tunnel.Uplink { return a.uplinks }
 
 func (a *Appliance) config() *conf.Config {
 	a.mu.Lock()
@@ -269,8 +334,8 @@ func (a *Appliance) Reload() (Reloaded, error) {
 	}
 	applyLive()
 	a.cfg = next
-	if a.uplink != nil {
-		a.uplink.SetWanted(uplinkPorts(next, time.Now()))
+	for _, up := range a.uplinks {
+		up.SetWanted(uplinkPorts(next, time.Now()))
 	}
 	a.log.Info("reloaded", zap.Strings("added", diff.Added), zap.Strings("changed", diff.Changed), zap.Strings("removed", diff.Removed))
 	if len(restart) > 0 {
@@ -283,21 +348,31 @@ func (a *Appliance) Reload() (Reloaded, error) {
 func reloadable(old, next *conf.Config) error {
 	var errs []error
 	if !reflect.DeepEqual(old.TUN, next.TUN) {
-		errs = append(errs, errors.New("[tun] changed: restart natbox to apply a new TUN device, MTU, addresses or routes"))
+		errs = append(errs, errors.New("[tun] changed: restart natbox to apply a new TUN device, MTU, queues, addresses or routes"))
 	}
-	if (old.Uplink == nil) != (next.Uplink == nil) || (old.Uplink != nil && *old.Uplink != *next.Uplink) {
-		errs = append(errs, errors.New("[uplink] changed: restart natbox to apply a new tunnel"))
+	if !slices.Equal(old.Uplinks, next.Uplinks) {
+		errs = append(errs, errors.New("[uplink] changed: restart natbox to apply a new tunnel or another set of relays"))
 	}
 	return errors.Join(errs...)
 }
 
 // ingress joins one netstack.Stack to the forwarder: it is the stack's
-// Handler and the forwarder's Ingress.
+// Handler and the forwarder's Ingress. stack is set before the stack runs,
+// so before any flow can arrive.
 type ingress struct {
-	name   string
+	name   string // conf.IngressTUN or conf.IngressUplink, what mappings' ingress lists name
+	label  string // the stack's name in status and metrics; "" means name
 	engine *forwarder.Engine
 	stack  *netstack.Stack
-	ready  atomic.Bool // set once stack is assigned; the stack may deliver first
+}
+
+// statusName is the stack's key in status: "tun", "uplink", or one uplink
+// of several, "uplink@relay.example.net:51820".
+func (in *ingress) statusName() string {
+	if in.label != "" {
+		return in.label
+	}
+	return in.name
 }
 
 func newIngress(name string, dev tun.Device, cfg netstack.Config, e *forwarder.Engine, log *zap.Logger) (*ingress, error) {
@@ -308,16 +383,12 @@ func newIngress(name string, dev tun.Device, cfg netstack.Config, e *forwarder.E
 		return nil, fmt.Errorf("%s stack: %w", name, err)
 	}
 	in.stack = s
-	in.ready.Store(true)
 	return in, nil
 }
 
 func (in *ingress) Name() string { return in.name }
 
 func (in *ingress) WriteUDP(src, dst netip.AddrPort, payload []byte) error {
-	if !in.ready.Load() {
-		return errors.New("ingress starting")
-	}
 	return in.stack.WriteUDP(src, dst, payload)
 }
 

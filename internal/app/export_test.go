@@ -49,15 +49,18 @@ var handMade = map[string]struct{ json, metric string }{
 	"forwarder.MappingStatus.UDPDropped":     {"udp_dropped", "natbox_udp_datagrams_dropped_total"},
 	"forwarder.MappingStatus.DialLatency":    {"dial_latency", "natbox_dial_latency_seconds"},
 
-	"tunnel.UplinkStatus.State":         {"state", "natbox_uplink_registered"},
-	"tunnel.UplinkStatus.Relay":         {"relay", "- configuration text"},
-	"tunnel.UplinkStatus.Endpoint":      {"endpoint", "- an address"},
-	"tunnel.UplinkStatus.Peer":          {"peer", "- a name"},
-	"tunnel.UplinkStatus.LastHandshake": {"last_handshake", "natbox_uplink_handshake_age_seconds"},
-	"tunnel.UplinkStatus.RxBytes":       {"bytes_in", "natbox_uplink_bytes_total"},
-	"tunnel.UplinkStatus.TxBytes":       {"bytes_out", "natbox_uplink_bytes_total"},
-	"tunnel.UplinkStatus.Registered":    {"registered", "natbox_uplink_ports_registered"},
-	"tunnel.UplinkStatus.Refused":       {"refused", "natbox_uplink_ports_refused"},
+	"tunnel.UplinkStatus.State":          {"state", "natbox_uplink_registered"},
+	"tunnel.UplinkStatus.Relay":          {"relay", "- configuration text"},
+	"tunnel.UplinkStatus.Endpoint":       {"endpoint", "- an address"},
+	"tunnel.UplinkStatus.Peer":           {"peer", "- a name"},
+	"tunnel.UplinkStatus.LastHandshake":  {"last_handshake", "natbox_uplink_handshake_age_seconds"},
+	"tunnel.UplinkStatus.RxBytes":        {"bytes_in", "natbox_uplink_bytes_total"},
+	"tunnel.UplinkStatus.TxBytes":        {"bytes_out", "natbox_uplink_bytes_total"},
+	"tunnel.UplinkStatus.Registered":     {"registered", "natbox_uplink_ports_registered"},
+	"tunnel.UplinkStatus.Refused":        {"refused", "natbox_uplink_ports_refused"},
+	"tunnel.UplinkStatus.Transport":      {"transport", "natbox_uplink_using_tcp"},
+	"tunnel.UplinkStatus.SwitchReason":   {"switch_reason", "- text; natbox_uplink_transport_switches_total counts them"},
+	"tunnel.UplinkStatus.TransportError": {"transport_error", "- text; natbox_uplink_tcp_connect_failures_total counts them"},
 
 	"tunnel.RelayStatus.Peers": {"peers", "natbox_relay_peer_bytes_total"},
 
@@ -108,7 +111,7 @@ func TestEveryStatsFieldIsExported(t *testing.T) {
 	st := engineStatus(fs)
 	st.Time = time.Now()
 	u := uplinkStatus(&conf.Uplink{Address: netip.MustParseAddr("100.96.0.2")}, us)
-	st.Uplink = &u
+	st.Uplinks = []admin.Uplink{u}
 	st.Relay = relayStatus(&conf.RelayConfig{}, rs)
 	st.Netstack = map[string]admin.Counters{
 		"tun": netstackStatus(stacks[0]), "uplink": netstackStatus(stacks[1]), "relay": netstackStatus(stacks[2]),
@@ -122,7 +125,8 @@ func TestEveryStatsFieldIsExported(t *testing.T) {
 		{v: reflect.ValueOf(fs), byHand: engineByHand, parent: doc, stats: doc["forwarder"], prefix: "natbox_forwarder_"},
 		{v: reflect.ValueOf(fs.Mappings[0]), byHand: mappingByHand, parent: mapping0, stats: mapping0["stats"],
 			prefix: "natbox_mapping_", labels: map[string]string{"mapping": fs.Mappings[0].Name}},
-		{v: reflect.ValueOf(us), byHand: uplinkByHand, parent: index(doc, "uplink"), stats: index(doc, "uplink")["stats"], prefix: "natbox_uplink_"},
+		{v: reflect.ValueOf(us), byHand: uplinkByHand, parent: index(doc, "uplinks", 0), stats: index(doc, "uplinks", 0)["stats"],
+			prefix: "natbox_uplink_", labels: map[string]string{"uplink": us.Relay}},
 		{v: reflect.ValueOf(rs), byHand: relayByHand, parent: relay, stats: relay["stats"], prefix: "natbox_relay_"},
 		{v: reflect.ValueOf(rs.Peers[0]), byHand: relayPeerByHand, parent: peer0, stats: peer0["stats"],
 			prefix: "natbox_relay_peer_", labels: map[string]string{"peer": rs.Peers[0].Name}},

@@ -86,8 +86,9 @@ type harness struct {
 	path   string // the config file, for Reload
 	socket string // the admin socket
 
-	runDone chan error // non-nil once run was called
-	cancel  context.CancelFunc
+	runDone    chan error // the appliance's Run
+	clientDone chan error // the client stack's Run
+	cancel     context.CancelFunc
 }
 
 func newHarness(t *testing.T, s spec, opts app.Options) *harness {
@@ -126,30 +127,34 @@ func newHarnessOn(t *testing.T, s spec, opts app.Options, appSide, clientSide tu
 		t.Fatalf("client stack: %v", err)
 	}
 	t.Cleanup(h.close)
+	// Nothing flows before Run: the appliance and the client stack run
+	// until cleanup, which checks that both returned cleanly.
+	ctx, cancel := context.WithCancel(context.Background())
+	h.cancel = cancel
+	h.runDone = make(chan error, 1)
+	go func() { h.runDone <- h.app.Run(ctx) }()
+	h.clientDone = make(chan error, 1)
+	go func() { h.clientDone <- h.client.Run(context.Background()) }()
 	return h
 }
 
 func (h *harness) close() {
-	if h.cancel != nil {
-		h.cancel()
-		if err := <-h.runDone; err != nil {
-			h.t.Errorf("appliance Run: %v", err)
-		}
+	h.cancel()
+	if err := <-h.runDone; err != nil {
+		h.t.Errorf("appliance Run: %v", err)
 	}
 	if err := h.app.Close(); err != nil {
 		h.t.Errorf("appliance Close: %v", err)
 	}
 	h.client.Close()
+	if err := <-h.clientDone; err != nil {
+		h.t.Errorf("client stack Run: %v", err)
+	}
 }
 
-// run starts the appliance's Run (the admin server lives there); cleanup
-// stops it and checks it returned cleanly.
+// run waits until the appliance's admin server serves (it runs from
+// newHarness on; NewAppliance already bound its socket).
 func (h *harness) run() {
-	ctx, cancel := context.WithCancel(context.Background())
-	h.cancel = cancel
-	h.runDone = make(chan error, 1)
-	go func() { h.runDone <- h.app.Run(ctx) }()
-	// The admin server accepts once Run serves; NewAppliance already bound it.
 	waitFor(h.t, 5*time.Second, "admin socket", func() bool {
 		_, err := os.Stat(h.socket)
 		return err == nil

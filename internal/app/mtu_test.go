@@ -79,3 +79,11 @@ type nopHandler struct{}
 
 func (nopHandler) HandleTCP(r *netstack.TCPRequest)        { r.Reject() }
 func (nopHandler) HandleUDP(_, _ netip.AddrPort, _ []byte) {}
+
+// TestTUNQueueLimitAgrees: the largest tun.queues check accepts is the
+// largest the netstack opens.
+func TestTUNQueueLimitAgrees(t *testing.T) {
+	if conf.MaxTUNQueues != netstack.MaxTUNQueues {
+		t.Fatalf("conf.MaxTUNQueues = %d, netstack.MaxTUNQueues = %d", conf.MaxTUNQueues, netstack.MaxTUNQueues)
+	}
+}

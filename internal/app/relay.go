@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"reflect"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -26,7 +25,7 @@ type RelayNode struct {
 	log   *zap.Logger
 	stack *netstack.Stack
 	relay *tunnel.Relay
-	h     *relayHandler
+	h     *relayHandler // the stack's handler; its relay is set before the stack runs
 	admin *admin.Server
 	live  *liveSettings // [log] and [admin] as running
 
@@ -36,7 +35,8 @@ type RelayNode struct {
 	teardown teardown
 }
 
-// NewRelayNode starts the relay's stack and WireGuard device.
+// NewRelayNode builds the relay's stack, relay (its WireGuard device bound
+// to relay.listen) and admin server and wires them; Run starts them.
 func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*RelayNode, error) {
 	n := &RelayNode{log: log, cfg: cfg, h: &relayHandler{}, live: newLiveSettings("natbox relay", cfg.Log, cfg.Admin)}
 	stackSide, outer := netstack.Direct(cfg.Relay.MTU)
@@ -63,8 +63,8 @@ func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*Rela
 	}
 	n.relay = r
 	n.teardown.add(r.Close)
-	n.h.relay.Store(r)
-	if n.admin, err = startAdmin(cfg.Admin, relaySource{n: n, started: time.Now(), version: version}, nil, log); err != nil {
+	n.h.relay = r
+	if n.admin, err = newAdmin(cfg.Admin, relaySource{n: n, started: time.Now(), version: version}, nil, log); err != nil {
 		n.Close()
 		return nil, err
 	}
@@ -78,22 +78,40 @@ func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*Rela
 // SetLogLevel is Appliance.SetLogLevel for the relay.
 func (n *RelayNode) SetLogLevel(l *zap.AtomicLevel) { n.live.setLevel(l) }
 
-// Run blocks until ctx is done, then closes the relay.
+// Run starts the stack, the relay and the admin server and blocks until ctx
+// is done, Close is called or a piece fails; then it closes everything
+// (admin, relay, stack) and returns once every piece's Run has returned.
+// After Close it fails at once.
 func (n *RelayNode) Run(ctx context.Context) error {
+	if n.teardown.isDone() {
+		return errors.New("relay closed")
+	}
+	pieces, stopPieces := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopPieces()
 	var wg sync.WaitGroup
+	errc := make(chan error, 1)
 	n.mu.Lock() // a reload may come in as soon as the admin server runs
 	cfg := n.cfg
 	n.mu.Unlock()
-	runAdmin(ctx, n.admin, &wg, n.log)
+	goRun(pieces, "relay stack", n.stack.Run, &wg, errc)
+	goRun(pieces, "relay", n.relay.Run, &wg, errc)
+	runAdmin(pieces, n.admin, &wg, n.log)
+	watching, stopWatching := context.WithCancel(ctx)
+	defer stopWatching()
 	if cfg.Admin.Watch {
-		goWatchConfig(ctx, cfg.Path, cfg.Digest, func() { _, _ = n.Reload() }, &wg, n.log)
+		goWatchConfig(watching, cfg.Path, cfg.Digest, func() { _, _ = n.Reload() }, &wg, n.log)
 	}
-	defer wg.Wait()
-	err := n.relay.Run(ctx)
-	if errors.Is(err, context.Canceled) {
-		err = nil
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case <-n.teardown.closed():
+	case runErr = <-errc:
 	}
-	return errors.Join(err, n.Close())
+	stopWatching()
+	err := n.Close()
+	stopPieces()
+	wg.Wait()
+	return errors.Join(runErr, err)
 }
 
 // Relay is the tunnel relay, for status and tests.
@@ -165,20 +183,16 @@ func peerDiff(old, next []conf.Peer) forwarder.Diff {
 // Close stops everything, newest first; it is idempotent.
 func (n *RelayNode) Close() error { return n.teardown.run() }
 
-// relayHandler hands the relay stack's flows to the relay once it exists.
-type relayHandler struct{ relay atomic.Pointer[tunnel.Relay] }
+// relayHandler hands the relay stack's flows to the relay. The stack and
+// the relay need each other (the relay originates flows through the
+// stack), so the stack is built first with this handler and relay is set
+// before the stack runs: no flow arrives before then.
+type relayHandler struct{ relay *tunnel.Relay }
 
 func (h *relayHandler) HandleTCP(r *netstack.TCPRequest) {
-	rl := h.relay.Load()
-	if rl == nil {
-		r.Reject()
-		return
-	}
-	rl.HandleTCP(r.Src, r.Dst, r.Accept, r.Reject)
+	h.relay.HandleTCP(r.Src, r.Dst, r.Accept, r.Reject)
 }
 
 func (h *relayHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) {
-	if rl := h.relay.Load(); rl != nil {
-		rl.HandleUDP(src, dst, payload)
-	}
+	h.relay.HandleUDP(src, dst, payload)
 }

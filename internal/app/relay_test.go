@@ -110,7 +110,7 @@ target   = %q
 	}
 	runUntilCleanup(t, "appliance", a.Run)
 	waitFor(t, 20*time.Second, "the uplink to register its ports", func() bool {
-		return a.Uplink().Status().State == tunnel.StateRegistered
+		return a.Uplinks()[0].Status().State == tunnel.StateRegistered
 	})
 
 	c, err := net.DialTimeout("tcp4", fmt.Sprintf("127.0.0.1:%d", publicPort), 5*time.Second)
@@ -144,13 +144,13 @@ target   = %q
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(st.Mappings) != 1 || st.Mappings[0].Hits != 1 || st.Mappings[0].BytesIn != uint64(len(msg)) || st.Uplink == nil ||
-		!slices.Contains(st.Uplink.Registered, fmt.Sprintf("tcp/%d", publicPort)) {
-		t.Fatalf("appliance status = %+v, uplink %+v", st.Mappings, st.Uplink)
+	if len(st.Mappings) != 1 || st.Mappings[0].Hits != 1 || st.Mappings[0].BytesIn != uint64(len(msg)) || len(st.Uplinks) != 1 ||
+		!slices.Contains(st.Uplinks[0].Registered, fmt.Sprintf("tcp/%d", publicPort)) {
+		t.Fatalf("appliance status = %+v, uplinks %+v", st.Mappings, st.Uplinks)
 	}
 	// The flow came in through the uplink's netstack; there is no TUN stack.
-	if up, ok := st.Netstack[conf.IngressUplink]; !ok || up.Counters["tcp_requests"] < 1 || len(st.Netstack) != 1 || st.Uplink.State != admin.UplinkRegistered {
-		t.Fatalf("appliance netstack = %+v, uplink state %q", st.Netstack, st.Uplink.State)
+	if up, ok := st.Netstack[conf.IngressUplink]; !ok || up.Counters["tcp_requests"] < 1 || len(st.Netstack) != 1 || st.Uplinks[0].State != admin.UplinkRegistered {
+		t.Fatalf("appliance netstack = %+v, uplink state %q", st.Netstack, st.Uplinks[0].State)
 	}
 
 	rcl, err := admin.Dial(relaySocket)

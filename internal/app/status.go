@@ -31,7 +31,7 @@ func (s applianceSource) Status() admin.Status {
 	}
 	st.Netstack = make(map[string]admin.Counters, len(s.a.ingresses))
 	for _, in := range s.a.ingresses {
-		st.Netstack[in.name] = netstackStatus(in.stack.Stats())
+		st.Netstack[in.statusName()] = netstackStatus(in.stack.Stats())
 	}
 	byName := make(map[string]*conf.Mapping, len(cfg.Mappings))
 	for i := range cfg.Mappings {
@@ -44,13 +44,13 @@ func (s applianceSource) Status() admin.Status {
 		}
 		st.TUN = &t
 	}
-	var relayRefused map[string]string // "tcp/22" -> reason
-	if s.a.uplink != nil {
-		u := uplinkStatus(cfg.Uplink, s.a.uplink.Status())
-		st.Uplink = &u
-		relayRefused = make(map[string]string, len(u.Refused))
+	relayRefused := make([]map[string]string, len(s.a.uplinks)) // per uplink: "tcp/22" -> reason
+	for i, up := range s.a.uplinks {
+		u := uplinkStatus(&cfg.Uplinks[i], up.Status())
+		st.Uplinks = append(st.Uplinks, u)
+		relayRefused[i] = make(map[string]string, len(u.Refused))
 		for _, r := range u.Refused {
-			relayRefused[r.Port] = r.Reason
+			relayRefused[i][r.Port] = r.Reason
 		}
 	}
 	for i := range st.Mappings {
@@ -67,9 +67,9 @@ func (s applianceSource) Status() admin.Status {
 		for _, p := range cm.Allow {
 			m.Allow = append(m.Allow, p.String())
 		}
-		if reason := refusedByRelay(cm, cfg, relayRefused); reason != "" {
+		if reason, all := refusedByRelays(cm, cfg, relayRefused); reason != "" {
 			m.RelayRefusal = reason
-			if !cm.ServesIngress(conf.IngressTUN, cfg) && m.State == admin.StateActive {
+			if all && !cm.ServesIngress(conf.IngressTUN, cfg) && m.State == admin.StateActive {
 				m.State = admin.StateRefusedByRelay
 			}
 		}
@@ -88,7 +88,7 @@ var (
 		"Hits", "SessionsOpened", "SessionsActive", "BytesIn", "BytesOut", "LastUsed", "Refusals",
 		"UDPExpired", "UDPDropped", "DialLatency",
 	}
-	uplinkByHand    = []string{"State", "Relay", "Endpoint", "Peer", "LastHandshake", "RxBytes", "TxBytes", "Registered", "Refused"}
+	uplinkByHand    = []string{"State", "Relay", "Endpoint", "Peer", "LastHandshake", "RxBytes", "TxBytes", "Registered", "Refused", "Transport", "SwitchReason", "TransportError"}
 	relayByHand     = []string{"Peers"}
 	relayPeerByHand = []string{
 		"Name", "PublicKey", "Address", "Endpoint", "LastHandshake", "RxBytes", "TxBytes", "Ports", "Refused",
@@ -164,6 +164,23 @@ var budgetLimit = map[string]string{
 	"over_limit_udp_sessions":        "udp_sessions",
 	"over_limit_sessions_per_source": "sessions_per_source",
 	"over_limit_rate_per_source":     "rate_per_source",
+}
+
+// refusedByRelays returns the relays' reasons for refusing m's ports, each
+// named by its relay when there are several, and whether every relay
+// refused: one that holds the ports still serves the mapping. refused holds
+// each uplink's refusals, in cfg.Uplinks order.
+func refusedByRelays(m *conf.Mapping, cfg *conf.Config, refused []map[string]string) (reason string, all bool) {
+	var reasons []string
+	for i, r := range refused {
+		if why := refusedByRelay(m, cfg, r); why != "" {
+			if len(refused) > 1 {
+				why = cfg.Uplinks[i].Relay + ": " + why
+			}
+			reasons = append(reasons, why)
+		}
+	}
+	return strings.Join(reasons, "; "), len(reasons) > 0 && len(reasons) == len(refused)
 }
 
 // refusedByRelay returns the relay's reason for refusing any of m's ports.
@@ -254,6 +271,10 @@ func uplinkStatus(c *conf.Uplink, us tunnel.UplinkStatus) admin.Uplink {
 		Registered:    us.Registered,
 		Refused:       refusals(us.Refused),
 		Stats:         admin.CountersOf(us, uplinkByHand...),
+
+		Transport:      us.Transport,
+		SwitchReason:   us.SwitchReason,
+		TransportError: us.TransportError,
 	}
 }
 

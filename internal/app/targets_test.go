@@ -65,14 +65,12 @@ func udpEcho(_ netip.AddrPort, p []byte) []byte { return append([]byte(nil), p..
 // them bound: TCP listeners (udp false) or UDP sockets (udp true).
 func consecutivePorts(t testing.TB, n int, udp bool) []io.Closer {
 	t.Helper()
+	// Below the ephemeral range (testutil.FreePort): above it, the port
+	// after an ephemeral bind is often an outgoing connection's on a busy host.
 	for attempt := 0; attempt < 100; attempt++ {
-		first, err := bindPort(0, udp)
+		base := testutil.FreePort(t, false)
+		first, err := bindPort(base, udp)
 		if err != nil {
-			t.Fatalf("bind: %v", err)
-		}
-		base := localPort(first)
-		if int(base)+n-1 > 65535 {
-			first.Close()
 			continue
 		}
 		all := []io.Closer{first}

@@ -9,9 +9,30 @@ import (
 // piece is registered as soon as it starts, so a start-up that fails half
 // way closes exactly what it had opened.
 type teardown struct {
-	mu   sync.Mutex // guards fns and done
+	mu   sync.Mutex // guards fns, done and ch
 	fns  []func() error
 	done bool
+	ch   chan struct{} // closed when run begins; made on first use
+}
+
+// closed returns a channel that is closed once run has begun.
+func (t *teardown) closed() <-chan struct{} {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.ch == nil {
+		t.ch = make(chan struct{})
+		if t.done {
+			close(t.ch)
+		}
+	}
+	return t.ch
+}
+
+// isDone reports whether run has begun.
+func (t *teardown) isDone() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.done
 }
 
 func (t *teardown) add(fn func() error) {
@@ -27,6 +48,9 @@ func (t *teardown) run() error {
 	t.fns = nil
 	done := t.done
 	t.done = true
+	if !done && t.ch != nil {
+		close(t.ch)
+	}
 	t.mu.Unlock()
 	if done {
 		return nil

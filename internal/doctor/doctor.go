@@ -196,7 +196,7 @@ func Run(ctx context.Context, cfg *conf.Config, opts Options) Report {
 	opts.fill(cfg)
 	d := &doctor{cfg: cfg, opts: opts, now: opts.Now()}
 	d.ifaces, d.ifacesErr = opts.Interfaces()
-	if cfg.TUN != nil || cfg.Uplink != nil {
+	if cfg.TUN != nil || len(cfg.Uplinks) > 0 {
 		sctx, cancel := context.WithTimeout(ctx, statusTimeout)
 		st, err := opts.Status(sctx)
 		cancel()
@@ -212,8 +212,8 @@ func Run(ctx context.Context, cfg *conf.Config, opts Options) Report {
 	if cfg.TUN != nil {
 		r.Checks = append(r.Checks, d.checkTUN()...)
 	}
-	if cfg.Uplink != nil {
-		r.Checks = append(r.Checks, d.checkUplink(ctx)...)
+	for i := range cfg.Uplinks {
+		r.Checks = append(r.Checks, d.checkUplink(ctx, &cfg.Uplinks[i])...)
 	}
 	r.Checks = append(r.Checks, d.checkExposure()...)
 	r.Checks = append(r.Checks, d.checkReview()...)

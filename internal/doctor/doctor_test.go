@@ -234,7 +234,7 @@ func TestAddresses(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := &conf.Config{TUN: &conf.TUN{Name: "natbox0"}}
 			if tt.uplink {
-				cfg.Uplink = &conf.Uplink{Relay: "203.0.113.1:51820"}
+				cfg.Uplinks = []conf.Uplink{{Relay: "203.0.113.1:51820"}}
 			}
 			opts := baseOptions()
 			opts.Interfaces = func() ([]Interface, error) { return tt.ifaces, nil }
@@ -341,9 +341,16 @@ func TestRealTUNDevicePermission(t *testing.T) {
 }
 
 func TestUplink(t *testing.T) {
-	uplinkCfg := &conf.Config{Uplink: &conf.Uplink{Relay: "relay.example.net:51820"}, Admin: conf.Admin{Socket: "/run/natbox/natbox.sock"}}
-	running := func(u *admin.Uplink) func(context.Context) (admin.Status, error) {
-		return func(context.Context) (admin.Status, error) { return admin.Status{Time: testNow, Uplink: u}, nil }
+	uplinkCfg := &conf.Config{Uplinks: []conf.Uplink{{Relay: "relay.example.net:51820"}}, Admin: conf.Admin{Socket: "/run/natbox/natbox.sock"}}
+	running := func(us ...*admin.Uplink) func(context.Context) (admin.Status, error) {
+		st := admin.Status{Time: testNow}
+		for _, u := range us {
+			if u.Relay == "" {
+				u.Relay = "relay.example.net:51820"
+			}
+			st.Uplinks = append(st.Uplinks, *u)
+		}
+		return func(context.Context) (admin.Status, error) { return st, nil }
 	}
 	t.Run("healthy", func(t *testing.T) {
 		opts := baseOptions()
@@ -366,12 +373,57 @@ func TestUplink(t *testing.T) {
 		r := Run(testCtx(t), uplinkCfg, opts)
 		mustFind(t, r, "uplink", "no handshake with the relay relay.example.net:51820 yet", Problem)
 	})
+	t.Run("transport", func(t *testing.T) {
+		cfg := *uplinkCfg
+		u := cfg.Uplinks[0]
+		u.RelayTCP, u.Transport = "relay.example.net:443", conf.TransportAuto
+		cfg.Uplinks = []conf.Uplink{u}
+		fresh := testNow.Add(-10 * time.Second)
+		opts := baseOptions()
+		opts.Status = running(&admin.Uplink{LastHandshake: fresh, Transport: conf.TransportTCP, SwitchReason: "no reply over udp for 15s"})
+		r := Run(testCtx(t), &cfg, opts)
+		c := mustFind(t, r, "uplink", "UDP to the relay is blocked; using TCP/443 (no reply over udp for 15s)", Warning)
+		if !strings.Contains(c.Fix, "relay.example.net:51820") {
+			t.Errorf("fix %q does not name the relay's UDP address", c.Fix)
+		}
+		opts.Status = running(&admin.Uplink{LastHandshake: fresh, Transport: conf.TransportTCP, TransportError: "connection refused"})
+		r = Run(testCtx(t), &cfg, opts)
+		mustFind(t, r, "uplink", "uses TCP/443 but cannot connect to relay.example.net:443: connection refused", Problem)
+		u.Transport = conf.TransportTCP
+		opts.Status = running(&admin.Uplink{LastHandshake: fresh, Transport: conf.TransportTCP})
+		r = Run(testCtx(t), &cfg, opts)
+		mustFind(t, r, "uplink", `using TCP/443 to relay.example.net:443 (uplink.transport = "tcp")`, OK)
+		opts.Status = running(&admin.Uplink{LastHandshake: fresh, Transport: conf.TransportUDP})
+		r = Run(testCtx(t), &cfg, opts)
+		for _, c := range r.Checks {
+			if strings.Contains(c.Msg, "TCP/") {
+				t.Errorf("on udp: %q", c.Msg)
+			}
+		}
+	})
 	t.Run("not running, relay resolves", func(t *testing.T) {
 		opts := baseOptions()
 		opts.Resolver = fakeResolver{"relay.example.net": {netip.MustParseAddr("203.0.113.1")}}
 		r := Run(testCtx(t), uplinkCfg, opts)
 		mustFind(t, r, "uplink", "relay host relay.example.net resolves to 203.0.113.1", OK)
 		mustFind(t, r, "uplink", "no natbox answers on /run/natbox/natbox.sock", Warning)
+	})
+	t.Run("runs another config", func(t *testing.T) {
+		opts := baseOptions()
+		opts.Status = running(&admin.Uplink{Relay: "old.example.net:51820", LastHandshake: testNow})
+		r := Run(testCtx(t), uplinkCfg, opts)
+		mustFind(t, r, "uplink", "the running natbox has no uplink to relay.example.net:51820", Problem)
+	})
+	t.Run("two relays, one down", func(t *testing.T) {
+		two := &conf.Config{Uplinks: []conf.Uplink{{Relay: "a.example.net:51820"}, {Relay: "b.example.net:51820"}}}
+		opts := baseOptions()
+		opts.Status = running(
+			&admin.Uplink{Relay: "a.example.net:51820", LastHandshake: testNow.Add(-10 * time.Second), Registered: []string{"tcp/443"}},
+			&admin.Uplink{Relay: "b.example.net:51820"})
+		r := Run(testCtx(t), two, opts)
+		mustFind(t, r, "uplink a.example.net:51820", "handshake with the relay a.example.net:51820 10s ago", OK)
+		mustFind(t, r, "uplink a.example.net:51820", "the relay holds tcp/443", OK)
+		mustFind(t, r, "uplink b.example.net:51820", "no handshake with the relay b.example.net:51820 yet", Problem)
 	})
 	t.Run("not running, relay does not resolve", func(t *testing.T) {
 		r := Run(testCtx(t), uplinkCfg, baseOptions())
@@ -532,7 +584,7 @@ func TestAddressWarning(t *testing.T) {
 		return []Interface{{Name: "wan0", Up: true, Addrs: []netip.Prefix{netip.MustParsePrefix(a)}}}
 	}
 	gateway := &conf.Config{TUN: &conf.TUN{Name: "natbox0"}}
-	uplink := &conf.Config{Uplink: &conf.Uplink{Relay: "203.0.113.1:51820"}}
+	uplink := &conf.Config{Uplinks: []conf.Uplink{{Relay: "203.0.113.1:51820"}}}
 	if w := addressWarning(gateway, wan("100.72.1.5/10"), nil); !strings.Contains(w, "carrier-grade NAT: 100.72.1.5 on wan0") || !strings.Contains(w, "use relay mode") {
 		t.Fatalf("cgnat gateway: %q", w)
 	}

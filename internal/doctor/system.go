@@ -1,8 +1,6 @@
 package doctor
 
 import (
-	"github.com/natbox/natbox/conf"
-
 	"bufio"
 	"context"
 	"encoding/binary"
@@ -17,6 +15,9 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/natbox/natbox/admin"
+	"github.com/natbox/natbox/conf"
 )
 
 // cgnatPrefix is the shared address space of RFC 6598: carrier-grade NAT.
@@ -81,7 +82,7 @@ func (d *doctor) checkAddresses() []Check {
 			}
 		}
 	}
-	relay := d.cfg.Uplink != nil
+	relay := len(d.cfg.Uplinks) > 0
 	switch {
 	case len(cgnat) > 0 && relay:
 		return []Check{{Area: area, Severity: OK, Msg: fmt.Sprintf("carrier-grade NAT address (%s); relay mode ([uplink]) carries inbound mappings", strings.Join(cgnat, ", "))}}
@@ -315,21 +316,34 @@ func readIPv6Routes(path string) ([]route, error) {
 	return out, sc.Err()
 }
 
-// checkUplink checks the relay tunnel through the running natbox, or, when
+// uplinkArea names an uplink's checks: "uplink" when there is one, else
+// "uplink <relay>", so that each relay's findings read apart.
+func (d *doctor) uplinkArea(u *conf.Uplink) string {
+	if len(d.cfg.Uplinks) == 1 {
+		return "uplink"
+	}
+	return "uplink " + u.Relay
+}
+
+// checkUplink checks one relay tunnel through the running natbox, or, when
 // none answers, only that the relay's name resolves.
-func (d *doctor) checkUplink(ctx context.Context) []Check {
-	const area = "uplink"
-	u := d.cfg.Uplink
+func (d *doctor) checkUplink(ctx context.Context, u *conf.Uplink) []Check {
+	area := d.uplinkArea(u)
 	if d.running == nil {
-		out := []Check{d.checkRelayResolves(ctx)}
+		out := []Check{d.checkRelayResolves(ctx, u)}
 		return append(out, Check{Area: area, Severity: Warning,
 			Msg: fmt.Sprintf("no natbox answers on %s (%v), so the tunnel's handshake and the ports the relay accepted cannot be checked", d.cfg.Admin.Socket, d.runningErr),
 			Fix: "start natbox (natbox run), then run natbox doctor again"})
 	}
-	st := d.running.Uplink
+	var st *admin.Uplink
+	for i := range d.running.Uplinks {
+		if d.running.Uplinks[i].Relay == u.Relay {
+			st = &d.running.Uplinks[i]
+		}
+	}
 	if st == nil {
-		return []Check{{Area: area, Severity: Problem, Msg: "the running natbox has no uplink: it runs with another config",
-			Fix: "natbox reload, or restart natbox with this config"}}
+		return []Check{{Area: area, Severity: Problem, Msg: fmt.Sprintf("the running natbox has no uplink to %s: it runs with another config", u.Relay),
+			Fix: "restart natbox with this config (an [[uplink]] change needs a restart)"}}
 	}
 	now := d.running.Time
 	if now.IsZero() {
@@ -354,12 +368,35 @@ func (d *doctor) checkUplink(ctx context.Context) []Check {
 	if len(st.Refused) == 0 && len(st.Registered) > 0 {
 		out = append(out, Check{Area: area, Severity: OK, Msg: "the relay holds " + strings.Join(st.Registered, ", ")})
 	}
+	if c, ok := d.transportCheck(u, st); ok {
+		out = append(out, c)
+	}
 	return out
 }
 
-func (d *doctor) checkRelayResolves(ctx context.Context) Check {
-	const area = "uplink"
-	relay := d.cfg.Uplink.Relay
+// transportCheck says which transport the uplink rides when it is not
+// plain UDP, or why TCP fails.
+func (d *doctor) transportCheck(u *conf.Uplink, st *admin.Uplink) (Check, bool) {
+	area := d.uplinkArea(u)
+	_, port, _ := net.SplitHostPort(u.RelayTCP)
+	switch {
+	case st.Transport == conf.TransportTCP && st.TransportError != "":
+		return Check{Area: area, Severity: Problem,
+			Msg: fmt.Sprintf("the uplink uses TCP/%s but cannot connect to %s: %s", port, u.RelayTCP, st.TransportError),
+			Fix: "check that the relay sets [relay] tcp_listen and that uplink.relay_tcp points at it"}, true
+	case st.Transport == conf.TransportTCP && u.Transport == conf.TransportTCP:
+		return Check{Area: area, Severity: OK, Msg: fmt.Sprintf("using TCP/%s to %s (uplink.transport = \"tcp\")", port, u.RelayTCP)}, true
+	case st.Transport == conf.TransportTCP:
+		return Check{Area: area, Severity: Warning,
+			Msg: fmt.Sprintf("UDP to the relay is blocked; using TCP/%s (%s)", port, st.SwitchReason),
+			Fix: fmt.Sprintf("allow outbound UDP to %s for full speed: TCP inside TCP stalls on loss; natbox moves back by itself when UDP works", u.Relay)}, true
+	}
+	return Check{}, false
+}
+
+func (d *doctor) checkRelayResolves(ctx context.Context, u *conf.Uplink) Check {
+	area := d.uplinkArea(u)
+	relay := u.Relay
 	host, _, err := net.SplitHostPort(relay)
 	if err != nil {
 		return Check{Area: area, Severity: Problem, Msg: fmt.Sprintf("relay %q is not host:port: %v", relay, err),

@@ -1,0 +1,285 @@
+package tunnel_test
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/internal/testutil"
+	"github.com/natbox/natbox/tunnel"
+)
+
+// udpGate stands between the appliance and the relay's WireGuard UDP port
+// on loopback: it forwards both ways while open and silently drops
+// everything while closed, as a network that blocks UDP does.
+type udpGate struct {
+	open atomic.Bool
+	pc   *net.UDPConn // the appliance talks to this
+	up   *net.UDPConn // toward the relay
+	peer atomic.Pointer[net.UDPAddr]
+}
+
+func newUDPGate(t *testing.T, relayPort uint16) *udpGate {
+	t.Helper()
+	lo := net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback4, 0))
+	pc, err := net.ListenUDP("udp4", lo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	up, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback4, relayPort)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &udpGate{pc: pc, up: up}
+	done := make(chan struct{}, 2)
+	go func() {
+		defer func() { done <- struct{}{} }()
+		buf := make([]byte, 65536)
+		for {
+			n, from, err := pc.ReadFromUDP(buf)
+			if err != nil {
+				return
+			}
+			g.peer.Store(from)
+			if g.open.Load() {
+				up.Write(buf[:n])
+			}
+		}
+	}()
+	go func() {
+		defer func() { done <- struct{}{} }()
+		buf := make([]byte, 65536)
+		for {
+			n, err := up.Read(buf)
+			if err != nil {
+				return
+			}
+			if p := g.peer.Load(); p != nil && g.open.Load() {
+				pc.WriteToUDP(buf[:n], p)
+			}
+		}
+	}()
+	t.Cleanup(func() { pc.Close(); up.Close(); <-done; <-done })
+	return g
+}
+
+func (g *udpGate) port() uint16 { return uint16(g.pc.LocalAddr().(*net.UDPAddr).Port) }
+
+// echoService echoes TCP on 127.0.0.1.
+func echoService(t *testing.T) uint16 {
+	t.Helper()
+	ap := testutil.ServeTCP(t, "127.0.0.1:0", func(c *net.TCPConn) { io.Copy(c, c) })
+	return ap.Port()
+}
+
+// streamRelay starts a one-peer relay with the TCP transport on loopback
+// and a TCP echo service mapped on one of its ports; it returns the relay,
+// the peer's key, and the mapping's config text and public address.
+func streamRelay(t *testing.T, opts ...tunnel.Option) (*relaySide, conf.Key, string, string, netip.AddrPort) {
+	t.Helper()
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	key := mustKey(t)
+	cfg := onePeerRelayConfig(t, key, spec)
+	cfg.Relay.TCPListen = "127.0.0.1:0"
+	relay := startRelay(t, cfg, testLogger(t), opts...)
+	if relay.relay.StreamAddr() == nil {
+		t.Fatal("relay has no tcp transport")
+	}
+	return relay, key, spec, mappingTOML("echo", "tcp", port, echoService(t), ""), netip.AddrPortFrom(loopback4, port)
+}
+
+func uplinkTOML(relayUDP uint16, relayTCP net.Addr, relayPub, key conf.Key, transport, mappings string) string {
+	return fmt.Sprintf(`
+[uplink]
+relay = "127.0.0.1:%d"
+relay_tcp = %q
+transport = %q
+relay_public_key = %q
+private_key = %q
+address = %q
+relay_address = %q
+keepalive = "1s"
+mtu = %d
+%s`, relayUDP, relayTCP, transport, relayPub, key, applAddrA, relayTunnelAddr, testMTU, mappings)
+}
+
+// echoLine writes line on c and reads it back.
+func echoLine(t *testing.T, c net.Conn, line string) {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, line); err != nil {
+		t.Fatalf("write %q: %v", line, err)
+	}
+	got := make([]byte, len(line))
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatalf("read back %q: %v", line, err)
+	}
+	if string(got) != line {
+		t.Fatalf("echo: got %q, want %q", got, line)
+	}
+}
+
+// TestTransportFallbackAndBack: with UDP to the relay blackholed, an "auto"
+// uplink moves to TLS, registers, and a public TCP flow crosses; when UDP
+// passes again it moves back, and when UDP is blocked mid-session it moves
+// to TCP again; the one flow opened at the start works throughout.
+func TestTransportFallbackAndBack(t *testing.T) {
+	relay, key, spec, mapping, public := streamRelay(t)
+	gate := newUDPGate(t, relay.port)
+	a := runAppliance(t, uplinkTOML(gate.port(), relay.relay.StreamAddr(), relay.key.Public(), key, "auto", mapping), applAddrA,
+		tunnel.WithTransportLadder(time.Second, 2*time.Second, 50*time.Millisecond))
+
+	waitRegistered(t, a, spec)
+	st := a.uplink.Status()
+	if st.Transport != tunnel.TransportTCP || !st.UsingTCP || st.TransportSwitches != 1 ||
+		!strings.Contains(st.SwitchReason, "no reply over udp") || !strings.HasPrefix(st.Endpoint, "tcp/") {
+		t.Fatalf("over blocked udp: %+v", st)
+	}
+	if rs := relay.relay.Status(); rs.TCPStreams != 1 || rs.TCPAccepted < 1 || !strings.HasPrefix(rs.Peers[0].Endpoint, "tcp/") {
+		t.Fatalf("relay: streams %d accepted %d peer endpoint %q", rs.TCPStreams, rs.TCPAccepted, rs.Peers[0].Endpoint)
+	}
+	c, err := net.Dial("tcp", public.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	echoLine(t, c, "over tcp\n")
+	if logs := a.logs.FilterMessage("uplink transport switched").All(); len(logs) != 1 {
+		t.Fatalf("switch logs: %d, want 1", len(logs))
+	}
+
+	gate.open.Store(true)
+	waitFor(t, 20*time.Second, "the uplink back on udp", func() bool { return a.uplink.Status().Transport == tunnel.TransportUDP })
+	st = a.uplink.Status()
+	if st.TransportSwitches != 2 || st.SwitchReason != "the relay answered over udp" || strings.HasPrefix(st.Endpoint, "tcp/") {
+		t.Fatalf("back on udp: %+v", st)
+	}
+	echoLine(t, c, "same flow over udp\n")
+	waitFor(t, 10*time.Second, "the relay's stream closed", func() bool { return relay.relay.Status().TCPStreams == 0 })
+	if ep := relay.relay.Status().Peers[0].Endpoint; strings.HasPrefix(ep, "tcp/") {
+		t.Fatalf("relay still answers on %q", ep)
+	}
+	echoLine(t, c, "and again\n")
+
+	// UDP blocked mid-session: the same flow moves to TCP with the tunnel.
+	gate.open.Store(false)
+	waitFor(t, 20*time.Second, "the uplink on tcp again", func() bool { return a.uplink.Status().Transport == tunnel.TransportTCP })
+	if st := a.uplink.Status(); st.TransportSwitches != 3 || !strings.Contains(st.SwitchReason, "no reply over udp") {
+		t.Fatalf("blocked again: %+v", st)
+	}
+	echoLine(t, c, "the same flow over tcp again\n")
+}
+
+// TestTransportTCPOnly: transport "tcp" never uses UDP (the UDP address
+// drops everything) and carries flows.
+func TestTransportTCPOnly(t *testing.T) {
+	relay, key, spec, mapping, public := streamRelay(t)
+	gate := newUDPGate(t, relay.port)
+	a := runAppliance(t, uplinkTOML(gate.port(), relay.relay.StreamAddr(), relay.key.Public(), key, "tcp", mapping), applAddrA)
+	waitRegistered(t, a, spec)
+	if st := a.uplink.Status(); st.Transport != tunnel.TransportTCP || st.TCPConnects != 1 {
+		t.Fatalf("%+v", st)
+	}
+	c, err := net.Dial("tcp", public.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	payload := bytes.Repeat([]byte("0123456789abcdef"), 64<<10) // 1 MiB: many full frames
+	go func() { c.Write(payload) }()
+	got := make([]byte, len(payload))
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("1 MiB echo over tcp transport: %v", err)
+	}
+}
+
+// TestTransportWrongRelayKey: an uplink pinned to another key is refused
+// over TLS with an error naming relay_public_key, and never registers.
+func TestTransportWrongRelayKey(t *testing.T) {
+	relay, key, _, mapping, _ := streamRelay(t)
+	gate := newUDPGate(t, relay.port)
+	a := runAppliance(t, uplinkTOML(gate.port(), relay.relay.StreamAddr(), mustKey(t).Public(), key, "tcp", mapping), applAddrA)
+	waitFor(t, 10*time.Second, "a refused tcp connect", func() bool { return a.uplink.Status().TCPConnectFailures > 0 })
+	st := a.uplink.Status()
+	if !strings.Contains(st.TransportError, "did not prove uplink.relay_public_key") || st.TCPConnects != 0 || st.State == tunnel.StateRegistered {
+		t.Fatalf("%+v", st)
+	}
+	// The relay counts the refusal once the appliance hangs up.
+	waitFor(t, 10*time.Second, "the relay's refusal", func() bool { return relay.relay.Status().TCPRefusals["handshake"] > 0 })
+	if rs := relay.relay.Status(); rs.TCPStreams != 0 || rs.TCPAccepted != 0 {
+		t.Fatalf("relay: %+v", rs)
+	}
+}
+
+// TestTransportPeerRemovedOnReload: a peer removed from the relay's config
+// loses its TCP transport connection with it, and cannot connect again.
+func TestTransportPeerRemovedOnReload(t *testing.T) {
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	key := mustKey(t)
+	cfg := onePeerRelayConfig(t, key, spec)
+	cfg.Relay.TCPListen = "127.0.0.1:0"
+	relay := startRelay(t, cfg, testLogger(t))
+	gate := newUDPGate(t, relay.port)
+	a := runAppliance(t, uplinkTOML(gate.port(), relay.relay.StreamAddr(), relay.key.Public(), key, "tcp",
+		mappingTOML("echo", "tcp", port, echoService(t), "")), applAddrA)
+	waitRegistered(t, a, spec)
+	if n := relay.relay.Status().TCPStreams; n != 1 {
+		t.Fatalf("tcp streams %d, want 1", n)
+	}
+	without := *cfg
+	without.Peers = nil
+	if err := relay.relay.Reload(&without); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the removed peer's stream closed", func() bool { return relay.relay.Status().TCPStreams == 0 })
+	waitFor(t, 10*time.Second, "a refused reconnect", func() bool { return relay.relay.Status().TCPRefusals["handshake"] > 0 })
+	if st := a.uplink.Status(); st.TransportError == "" {
+		t.Fatalf("appliance after removal: %+v", st)
+	}
+}
+
+// TestTransportAutoWithoutRelayTCP: an "auto" uplink whose relay offers no
+// TCP transport loses nothing by trying it: after a UDP outage it finds TCP
+// unreachable, keeps sending over UDP, and is back on UDP as soon as UDP
+// answers (long before the next probe), with the flow intact.
+func TestTransportAutoWithoutRelayTCP(t *testing.T) {
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	key := mustKey(t)
+	relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t))
+	gate := newUDPGate(t, relay.port)
+	gate.open.Store(true)
+	closed := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: int(freePort(t, false))} // nothing listens
+	a := runAppliance(t, uplinkTOML(gate.port(), closed, relay.key.Public(), key, "auto",
+		mappingTOML("echo", "tcp", port, echoService(t), "")), applAddrA,
+		tunnel.WithTransportLadder(time.Second, time.Hour, 50*time.Millisecond))
+	waitRegistered(t, a, spec)
+	c, err := net.Dial("tcp", netip.AddrPortFrom(loopback4, port).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	echoLine(t, c, "over udp\n")
+
+	gate.open.Store(false)
+	waitFor(t, 20*time.Second, "a tcp attempt", func() bool {
+		st := a.uplink.Status()
+		return st.Transport == tunnel.TransportTCP && st.TCPConnectFailures > 0
+	})
+	gate.open.Store(true)
+	waitFor(t, 20*time.Second, "the uplink back on udp", func() bool { return a.uplink.Status().Transport == tunnel.TransportUDP })
+	if st := a.uplink.Status(); st.TCPConnects != 0 || st.TransportSwitches != 2 {
+		t.Fatalf("%+v", st)
+	}
+	echoLine(t, c, "still there\n")
+}

@@ -1,0 +1,228 @@
+package tunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.zx2c4.com/wireguard/device"
+
+	"github.com/natbox/natbox/conf"
+)
+
+// The transport ladder of an uplink with transport "auto": WireGuard over
+// UDP first; when nothing comes back from the relay for fallbackAfter (the
+// control connection's pongs arrive every 10 s on a working tunnel, and a
+// silent relay triggers WireGuard handshakes that would count), sends move to
+// a TLS stream to relay_tcp. While on TCP, every probeEvery the uplink
+// starts a handshake whose first initiation also goes out over UDP, ahead of
+// the TCP copy: a relay that gets it answers over UDP (the TCP copy is then
+// a replay it ignores), and a handshake completed on an answer that came
+// over UDP moves the uplink back. Only that first initiation is duplicated,
+// so a network that passes UDP one way only cannot trap the handshake on
+// UDP. While no stream is up (the relay offers no TCP, or it restarts),
+// sends keep going over UDP, and each failed connect starts a handshake
+// there, whose answer moves the uplink back.
+// WireGuard's sessions do not depend on the transport, so flows inside
+// the tunnel see a pause of about one handshake, not a reset.
+const (
+	defaultFallbackAfter = 15 * time.Second
+	defaultProbeEvery    = 30 * time.Second
+	defaultTransportTick = time.Second
+	streamDialTimeout    = 10 * time.Second
+)
+
+// transportState is the ladder's part of UplinkStatus; guarded by Uplink.mu.
+type transportState struct {
+	switches  uint64
+	reason    string // of the last switch
+	lastError string // of the last failed TCP connect; cleared by a success
+	connects  uint64
+	failures  uint64
+}
+
+// transportLoop runs the ladder until ctx is done.
+func (u *Uplink) transportLoop(ctx context.Context) {
+	mode := u.cfg.Transport
+	if mode == "" {
+		mode = conf.TransportAuto
+	}
+	if mode == conf.TransportUDP {
+		return
+	}
+	defer func() {
+		if s := u.client.cur.Swap(nil); s != nil {
+			s.closeWith(net.ErrClosed)
+		}
+	}()
+	if mode == conf.TransportTCP {
+		u.switchTransport(true, `uplink.transport is "tcp"`)
+	} else {
+		u.client.udpWhenDown.Store(true)
+	}
+	tick := time.NewTicker(u.opts.transportTick)
+	defer tick.Stop()
+	var (
+		lastRx    uint64
+		lastHS    time.Time
+		progress  = time.Now()
+		nextDial  time.Time
+		backoff   = minBackoff
+		nextProbe time.Time
+		tcpSince  int64 // unix nanoseconds of the switch to TCP
+	)
+	for first := true; ; first = false {
+		if !first {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+		now := time.Now()
+		stats, _ := readPeerStats(u.dev)
+		st := stats[u.cfg.RelayPublicKey]
+		if st.RxBytes != lastRx || st.LastHandshake.After(lastHS) {
+			progress, lastRx, lastHS = now, st.RxBytes, st.LastHandshake
+		}
+		if !u.client.tcp.Load() {
+			if mode != conf.TransportAuto || now.Sub(progress) < u.opts.fallbackAfter {
+				continue
+			}
+			u.switchTransport(true, fmt.Sprintf("no reply over udp for %s", u.opts.fallbackAfter))
+			nextDial, nextProbe, tcpSince, backoff = now, now.Add(u.opts.probeEvery), now.UnixNano(), minBackoff
+		}
+		if s := u.client.cur.Load(); (s == nil || s.closed()) && !now.Before(nextDial) {
+			if err := u.connectStream(ctx); err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				nextDial = now.Add(backoff)
+				backoff = min(backoff*2, maxBackoff)
+				if mode == conf.TransportAuto {
+					// Sends go over UDP meanwhile: a handshake there shows
+					// whether UDP works again (answered below).
+					u.rehandshake()
+				}
+			} else {
+				backoff = minBackoff
+				u.rehandshake()
+			}
+		}
+		if mode != conf.TransportAuto {
+			continue
+		}
+		// The relay answered over UDP (a probe, or a handshake sent there
+		// while no stream was up) and the handshake completed.
+		if r := u.client.udpResponse.Load(); r > tcpSince && !lastHS.Before(time.Unix(0, r)) {
+			u.switchTransport(false, "the relay answered over udp")
+			if s := u.client.cur.Swap(nil); s != nil {
+				s.closeWith(net.ErrClosed)
+			}
+			progress = now
+			continue
+		}
+		if !now.Before(nextProbe) {
+			nextProbe = now.Add(u.opts.probeEvery)
+			u.client.probe.Store(true)
+			u.rehandshake()
+		}
+	}
+}
+
+// rehandshake starts a handshake now, on the transport in use.
+func (u *Uplink) rehandshake() {
+	if p := u.dev.LookupPeer(device.NoisePublicKey(u.cfg.RelayPublicKey)); p != nil {
+		p.ExpireCurrentKeypairs()
+		p.SendKeepalive()
+	}
+}
+
+func (u *Uplink) switchTransport(tcp bool, reason string) {
+	u.client.tcp.Store(tcp)
+	to := TransportUDP
+	if tcp {
+		to = TransportTCP
+	}
+	u.mu.Lock()
+	u.tr.switches++
+	u.tr.reason = reason
+	n := u.tr.switches
+	u.mu.Unlock()
+	u.log.Info("uplink transport switched", zap.String("transport", to), zap.String("reason", reason),
+		zap.String("relay_tcp", u.cfg.RelayTCP), zap.Uint64("count", n))
+}
+
+// connectStream dials relay_tcp, runs TLS and the key proof, and makes the
+// result the stream in use.
+func (u *Uplink) connectStream(ctx context.Context) error {
+	err := u.dialStream(ctx)
+	u.mu.Lock()
+	if err != nil {
+		first := u.tr.lastError == ""
+		u.tr.failures++
+		u.tr.lastError = err.Error()
+		u.mu.Unlock()
+		if first {
+			u.log.Warn("cannot reach the relay over tcp; retrying", zap.String("relay_tcp", u.cfg.RelayTCP), zap.Error(err))
+		}
+		return err
+	}
+	u.tr.connects++
+	u.tr.lastError = ""
+	u.mu.Unlock()
+	u.log.Info("relay tcp transport connected", zap.String("relay_tcp", u.cfg.RelayTCP))
+	return nil
+}
+
+func (u *Uplink) dialStream(ctx context.Context) error {
+	addr := u.cfg.RelayTCP
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("uplink.relay_tcp %q: %w", addr, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, streamDialTimeout)
+	defer cancel()
+	d := net.Dialer{KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 4}}
+	raw, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	stop := context.AfterFunc(ctx, func() { raw.Close() }) // Close must not wait out the proof
+	defer stop()
+	tc := tls.Client(raw, streamClientTLS(serverName(host)))
+	deadline, _ := ctx.Deadline()
+	tc.SetDeadline(deadline)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return fmt.Errorf("tls: %w", err)
+	}
+	if err := streamAuthClient(tc, u.cfg.PrivateKey, u.cfg.RelayPublicKey); err != nil {
+		raw.Close()
+		return err
+	}
+	if !stop() {
+		return ctx.Err() // raw is closed
+	}
+	tc.SetDeadline(time.Time{})
+	s := newStream(tc, maxStreamFrame, &u.client.bind.cnt)
+	if old := u.client.cur.Swap(s); old != nil {
+		old.closeWith(net.ErrClosed)
+	}
+	u.runWG.Add(2)
+	go func() {
+		defer u.runWG.Done()
+		s.writeLoop()
+	}()
+	go func() {
+		defer u.runWG.Done()
+		s.readLoop(u.client.receive(s))
+		if err := s.Err(); err != nil && u.client.cur.Load() == s {
+			u.log.Info("relay tcp transport lost", zap.Error(err))
+		}
+	}()
+	return nil
+}
