@@ -552,8 +552,9 @@ func TestLifecycle(t *testing.T) {
 			c := build(t)
 			done := make(chan error, 1)
 			go func() { done <- c.run(context.Background()) }()
-			// Running: the uplink's monitor and close watcher, the relay's engine.
-			testutil.WaitGoroutines(t, before, map[string]int{"uplink": 2, "relay": 1}[name])
+			// Running: the uplink's monitor, transport ladder and close
+			// watcher; the relay's engine.
+			testutil.WaitGoroutines(t, before, map[string]int{"uplink": 3, "relay": 1}[name])
 			var wg sync.WaitGroup
 			for range 2 {
 				wg.Go(func() { c.close() })

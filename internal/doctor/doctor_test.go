@@ -378,6 +378,7 @@ func TestUplink(t *testing.T) {
 		u := cfg.Uplinks[0]
 		u.RelayTCP, u.Transport = "relay.example.net:443", conf.TransportAuto
 		cfg.Uplinks = []conf.Uplink{u}
+		up := &cfg.Uplinks[0]
 		fresh := testNow.Add(-10 * time.Second)
 		opts := baseOptions()
 		opts.Status = running(&admin.Uplink{LastHandshake: fresh, Transport: conf.TransportTCP, SwitchReason: "no reply over udp for 15s"})
@@ -389,7 +390,7 @@ func TestUplink(t *testing.T) {
 		opts.Status = running(&admin.Uplink{LastHandshake: fresh, Transport: conf.TransportTCP, TransportError: "connection refused"})
 		r = Run(testCtx(t), &cfg, opts)
 		mustFind(t, r, "uplink", "uses TCP/443 but cannot connect to relay.example.net:443: connection refused", Problem)
-		u.Transport = conf.TransportTCP
+		up.Transport = conf.TransportTCP
 		opts.Status = running(&admin.Uplink{LastHandshake: fresh, Transport: conf.TransportTCP})
 		r = Run(testCtx(t), &cfg, opts)
 		mustFind(t, r, "uplink", `using TCP/443 to relay.example.net:443 (uplink.transport = "tcp")`, OK)
