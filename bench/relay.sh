@@ -22,8 +22,16 @@
 #
 #   sudo bench/relay.sh        # REPS=3 DUR=5 RELAY_MODES="loopback natbox natbox-tcp frp frp-nomux ssh"
 # Env: REPS DUR RR_DUR WORK RELAY_MODES NATBOX FRP_VERSION(v0.69.1) FRP_BIN UDP_RATE(200M)
-#      UDP_LEN(1200) SKIP_PROFILE=1. HEAPPROFILE=1: each natbox process writes a heap profile at
-#      its peak to relay.heap / natbox.heap in its raw directory (NATBOX_HEAPPROFILE).
+#      UDP_LEN(1200) SKIP_PROFILE=1 RTT_MS RELAY_NETNS(nb-relay). HEAPPROFILE=1: each natbox process
+#      writes a heap profile at its peak to relay.heap / natbox.heap in its raw directory
+#      (NATBOX_HEAPPROFILE).
+#
+# RTT_MS=20 puts a WAN round trip between the relay side and the home side (the kernels here have
+# no netem): the appliance side (natbox run, frpc, ssh) and the target servers move to a second
+# namespace, nb-relay-home (10.99.0.2), joined to nb-relay (10.99.0.1; relay sides and clients stay
+# there) by two veths that meet in nb-relay-wan, where bench/wanbridge copies every frame across
+# after RTT_MS/2 in each direction. `loopback` then measures the bare line: client -> 10.99.0.2.
+# wanbridge is built from bench/wanbridge (or taken from PATH).
 set -uo pipefail
 
 NB_BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -39,10 +47,18 @@ unset NATBOX
 # shellcheck source=bench/lib.sh
 source "$NB_BENCH_DIR/lib.sh"
 
-NS=nb-relay
+NS=${RELAY_NETNS:-nb-relay} # another name lets two runs (with their own WORK) coexist
 LO=127.0.0.1
 NB_PPROF_RELAY=127.0.0.1:6061
 NB_PPROF_APP=127.0.0.1:6062
+RTT_MS=${RTT_MS:-0}
+NS_HOME=$NS # the appliance side and the targets; their own namespace with RTT_MS
+NS_WAN=
+RELAY_HOST=$LO # where the appliance side reaches the relay side
+if [ "$RTT_MS" != 0 ]; then
+  NS_HOME=$NS-home NS_WAN=$NS-wan RELAY_HOST=10.99.0.1
+fi
+WANBRIDGE=${WANBRIDGE:-$(command -v wanbridge || echo "$WORK/bin/wanbridge")}
 RELAY_PIDS=() # the relay side's root processes of the current mode (CPU and memory per side)
 APP_PIDS=()   # the appliance side's
 C() { ip netns exec "$NS" "$@"; } # the clients (run_test, wait_ready) run in the same namespace
@@ -56,16 +72,49 @@ wait_listen() { # wait_listen tcp|udp PORT: until the relay side listens (bounde
 
 ns_up() {
   ns_down
-  ip netns add "$NS" && ip netns exec "$NS" ip link set lo up \
-    && ip netns exec "$NS" sysctl -qw net.ipv4.ip_local_port_range="1024 65535" net.core.somaxconn=4096 \
-         net.ipv4.tcp_max_syn_backlog=4096
+  local ns
+  for ns in $NS ${NS_WAN:+$NS_HOME $NS_WAN}; do
+    ip netns add "$ns" && ip netns exec "$ns" ip link set lo up \
+      && ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65535" net.core.somaxconn=4096 \
+           net.ipv4.tcp_max_syn_backlog=4096 || return 1
+  done
+  [ -z "$NS_WAN" ] || wan_up
+}
+wan_up() { # two veths into $NS_WAN, bridged there with RTT_MS/2 of delay each way (bounded run)
+  ip link add vr0 netns "$NS" type veth peer name m0 netns "$NS_WAN" \
+    && ip link add vh0 netns "$NS_HOME" type veth peer name m1 netns "$NS_WAN" || return 1
+  local ns ifc ns_ifc
+  # wanbridge copies whole frames: no offloads (oversized or checksum-less frames would be lost)
+  for ns_ifc in "$NS:vr0" "$NS_HOME:vh0" "$NS_WAN:m0" "$NS_WAN:m1"; do
+    ns=${ns_ifc%%:*} ifc=${ns_ifc#*:}
+    ip netns exec "$ns" ethtool -K "$ifc" gro off gso off tso off tx off rx off >/dev/null 2>&1
+    ip netns exec "$ns" ip link set "$ifc" up || return 1
+  done
+  ip netns exec "$NS" ip addr add 10.99.0.1/24 dev vr0 && ip netns exec "$NS_HOME" ip addr add 10.99.0.2/24 dev vh0 \
+    || return 1
+  start_bg "$OUT/wanbridge-$(date +%s%N).log" ip netns exec "$NS_WAN" "$WANBRIDGE" -a m0 -b m1 \
+    -delay "$((RTT_MS * 500))us" -duration 1h
+  local i
+  for i in $(seq 50); do C ping -c1 -W1 10.99.0.2 >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "wan bridge: 10.99.0.2 unreachable from $NS" >&2
+  return 1
 }
 ns_down() {
-  ip netns list | awk '{print $1}' | grep -qx "$NS" || return 0
-  local pids
-  pids=$(ip netns pids "$NS" 2>/dev/null || true)
-  [ -n "$pids" ] && echo "warning: namespace $NS still has pids: $pids (not killed)" >&2
-  ip netns del "$NS"
+  local ns pids
+  for ns in $NS $NS-home $NS-wan; do
+    ip netns list | awk '{print $1}' | grep -qx "$ns" || continue
+    pids=$(ip netns pids "$ns" 2>/dev/null || true)
+    [ -n "$pids" ] && echo "warning: namespace $ns still has pids: $pids (not killed)" >&2
+    ip netns del "$ns"
+  done
+}
+build_wanbridge() {
+  [ "$RTT_MS" = 0 ] || [ -x "$WANBRIDGE" ] && return 0
+  install_deps ethtool:ethtool ping:iputils-ping
+  mkdir -p "$WORK/bin" && (cd "$REPO_DIR" && go build -o "$WANBRIDGE" ./bench/wanbridge) || {
+    echo "wanbridge: build of bench/wanbridge failed; put a wanbridge binary on PATH or set WANBRIDGE" >&2
+    return 1
+  }
 }
 cleanup() { stop_all; ns_down; }
 
@@ -93,7 +142,7 @@ ssh_keys() { # host key, client key, authorized_keys: generated per run, under $
   mkdir -p /run/sshd # sshd's privilege-separation directory
   cat >"$k/sshd_config" <<EOF
 Port 2222
-ListenAddress $LO
+ListenAddress $RELAY_HOST
 HostKey $k/host
 PidFile none
 AuthorizedKeysFile $k/authorized_keys
@@ -119,22 +168,23 @@ natbox_keys() {
 }
 
 # ------------------------------------------------------------------ modes
-start_servers() {
-  local d=$1
-  start_bg "$d/iperf3-server.log" ip netns exec "$NS" iperf3 -s -B $LO -p 5201
-  start_bg "$d/pmbench-server.log" ip netns exec "$NS" "$PMBENCH" server -echo $LO:5301 -crr $LO:5302 -lifetime 1h
+start_servers() { # on the home side; with RTT_MS also on its line address, for `loopback`
+  local d=$1 b=$LO
+  [ -n "$NS_WAN" ] && b=0.0.0.0
+  start_bg "$d/iperf3-server.log" ip netns exec "$NS_HOME" iperf3 -s -B $b -p 5201
+  start_bg "$d/pmbench-server.log" ip netns exec "$NS_HOME" "$PMBENCH" server -echo $b:5301 -crr $b:5302 -lifetime 1h
 }
 
 frp_configs() { # frp_configs DIR MUX(true|false)
   cat >"$1/frps.toml" <<EOF
-bindAddr = "$LO"
+bindAddr = "$RELAY_HOST"
 bindPort = 7000
 proxyBindAddr = "$LO"
 transport.tcpMux = $2
 log.level = "warn"
 EOF
   cat >"$1/frpc.toml" <<EOF
-serverAddr = "$LO"
+serverAddr = "$RELAY_HOST"
 serverPort = 7000
 transport.tcpMux = $2
 log.level = "warn"
@@ -176,8 +226,8 @@ natbox_configs() { # natbox_configs DIR [TRANSPORT(udp|tcp)]
 level = "warn"
 
 [relay]
-listen = "$LO:51820"
-$([ "$transport" = tcp ] && echo "tcp_listen = \"$LO:443\"")
+listen = "$RELAY_HOST:51820"
+$([ "$transport" = tcp ] && echo "tcp_listen = \"$RELAY_HOST:443\"")
 private_key = "$(cat "$k/relay.key")"
 address = "100.96.0.1"
 public_bind = ["$LO"]
@@ -204,14 +254,14 @@ EOF
 level = "warn"
 
 [uplink]
-relay = "$LO:51820"
+relay = "$RELAY_HOST:51820"
 relay_public_key = "$(cat "$k/relay.pub")"
 private_key = "$(cat "$k/app.key")"
 address = "100.96.0.2"
 relay_address = "100.96.0.1"
 keepalive = "25s"
 transport = "$transport"
-relay_tcp = "$LO:443"
+relay_tcp = "$RELAY_HOST:443"
 
 [limits]
 # One load generator is one source: the per-source budgets (flood
@@ -249,6 +299,7 @@ setup_relay_mode() { # sets T_HOST P_IPERF P_ECHO P_CRR RELAY_PIDS APP_PIDS
   T_HOST=$LO; P_IPERF=18080; P_ECHO=18081; P_CRR=18082
   case $mode in
     loopback)
+      [ -n "$NS_WAN" ] && T_HOST=10.99.0.2 # the bare line
       P_IPERF=5201; P_ECHO=5301; P_CRR=5302 ;;
     natbox|natbox-tcp)
       natbox_configs "$d" "$([ "$mode" = natbox-tcp ] && echo tcp || echo udp)"
@@ -260,9 +311,9 @@ setup_relay_mode() { # sets T_HOST P_IPERF P_ECHO P_CRR RELAY_PIDS APP_PIDS
       RELAY_PIDS+=("$LAST_PID")
       wait_listen udp 51820
       if [ "${PROFILE:-0}" = 1 ]; then
-        NATBOX_PPROF=$NB_PPROF_APP start_bg "$d/natbox.log" ip netns exec "$NS" "$NATBOX" run -c "$d/natbox.toml"
+        NATBOX_PPROF=$NB_PPROF_APP start_bg "$d/natbox.log" ip netns exec "$NS_HOME" "$NATBOX" run -c "$d/natbox.toml"
       else
-        NATBOX_HEAPPROFILE=${HEAPPROFILE:+$d/natbox.heap} start_bg "$d/natbox.log" ip netns exec "$NS" "$NATBOX" run -c "$d/natbox.toml"
+        NATBOX_HEAPPROFILE=${HEAPPROFILE:+$d/natbox.heap} start_bg "$d/natbox.log" ip netns exec "$NS_HOME" "$NATBOX" run -c "$d/natbox.toml"
       fi
       APP_PIDS+=("$LAST_PID") ;;
     frp|frp-nomux)
@@ -272,17 +323,17 @@ setup_relay_mode() { # sets T_HOST P_IPERF P_ECHO P_CRR RELAY_PIDS APP_PIDS
       start_bg "$d/frps.log" ip netns exec "$NS" "$FRP_BIN/frps" -c "$d/frps.toml"
       RELAY_PIDS+=("$LAST_PID")
       wait_listen tcp 7000 # frpc gives up at once if frps is not there yet (loginFailExit)
-      start_bg "$d/frpc.log" ip netns exec "$NS" "$FRP_BIN/frpc" -c "$d/frpc.toml"
+      start_bg "$d/frpc.log" ip netns exec "$NS_HOME" "$FRP_BIN/frpc" -c "$d/frpc.toml"
       APP_PIDS+=("$LAST_PID") ;;
     ssh)
       local k=$OUT/ssh
       start_bg "$d/sshd.log" ip netns exec "$NS" /usr/sbin/sshd -D -e -f "$k/sshd_config"
       RELAY_PIDS+=("$LAST_PID")
       wait_listen tcp 2222
-      start_bg "$d/ssh.log" ip netns exec "$NS" ssh -N -F /dev/null -i "$k/id" -p 2222 \
+      start_bg "$d/ssh.log" ip netns exec "$NS_HOME" ssh -N -F /dev/null -i "$k/id" -p 2222 \
         -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ExitOnForwardFailure=yes \
         -o ServerAliveInterval=30 \
-        -R "$LO:18080:$LO:5201" -R "$LO:18081:$LO:5301" -R "$LO:18082:$LO:5302" root@$LO
+        -R "$LO:18080:$LO:5201" -R "$LO:18081:$LO:5301" -R "$LO:18082:$LO:5302" root@$RELAY_HOST
       APP_PIDS+=("$LAST_PID") ;;
     *) echo "unknown relay mode $mode" >&2; return 1 ;;
   esac
@@ -344,7 +395,7 @@ run_relay_profile() {
       [ $t = tcpR ] && rflag=(-R)
       profile_pid "$NS" "${RELAY_PIDS[0]}" "$secs" "$OUT/profiles" "natbox-relay-$t" "$NB_PPROF_RELAY" &
       local p1=$!
-      profile_pid "$NS" "${APP_PIDS[0]}" "$secs" "$OUT/profiles" "natbox-app-$t" "$NB_PPROF_APP" &
+      profile_pid "$NS_HOME" "${APP_PIDS[0]}" "$secs" "$OUT/profiles" "natbox-app-$t" "$NB_PPROF_APP" &
       local p2=$!
       sleep 0.5
       C timeout $((DUR + 20)) iperf3 -c $LO -p 18080 -t "$DUR" "${rflag[@]}" --connect-timeout 3000 -J >"$d/$t.json" 2>"$d/$t.err"
@@ -360,6 +411,7 @@ record_relay_env() {
   record_env
   {
     natbox_version
+    echo "relay <-> home round trip added: ${RTT_MS} ms"
     echo "frp $("$FRP_BIN/frps" --version 2>&1) ($FRP_VERSION, built from the module source, UI stubbed)"
     ssh -V 2>&1
     echo "ssh cipher: $(ssh -F /dev/null -G $LO 2>/dev/null | awk '/^ciphers /{print $2}' | cut -d, -f1) (default; first offered)"
@@ -372,6 +424,7 @@ main() {
   install_deps iperf3:iperf3 sshd:openssh-server ssh:openssh-client perf:linux-perf curl:curl
   [ -x /usr/sbin/sshd ] || install_deps /usr/sbin/sshd:openssh-server
   build_tools
+  build_wanbridge || exit 1
   if [[ " $MODES " == *" natbox"* ]] && ! { build_natbox && natbox_keys; }; then
     log "natbox: build or key generation failed; dropping its modes"; MODES=${MODES//natbox-tcp/}; MODES=${MODES//natbox/}
   fi
@@ -382,7 +435,7 @@ main() {
     log "ssh: key generation failed; dropping the mode"; MODES=${MODES//ssh/}
   fi
   record_relay_env
-  log "relay run $RUN_ID -> $OUT (REPS=$REPS DUR=$DUR modes: $MODES)"
+  log "relay run $RUN_ID -> $OUT (REPS=$REPS DUR=$DUR RTT_MS=$RTT_MS modes: $MODES)"
   local rep mode
   for rep in $(seq "$REPS"); do
     for mode in $MODES; do

@@ -72,10 +72,23 @@ func benchmarkTCP(b *testing.B) {
 // the other's HandleUDP: the whole fast path, both pumps included. allocs/op
 // must be 0.
 func BenchmarkUDP(b *testing.B) {
+	b.Run("pipe", func(b *testing.B) { benchmarkUDP(b, false) })
+	b.Run("direct", func(b *testing.B) { benchmarkUDP(b, true) })
+}
+
+// benchmarkUDP joins the stacks with a Pipe or, direct, as two wireguard-go
+// devices would see them (two Direct pairs and a bridge).
+func benchmarkUDP(b *testing.B, direct bool) {
 	var got atomic.Int64
-	client, _ := newPair(b, funcHandler{}, funcHandler{udp: func(src, dst netip.AddrPort, p []byte) {
+	server := funcHandler{udp: func(src, dst netip.AddrPort, p []byte) {
 		got.Add(1)
-	}})
+	}}
+	var client *Stack
+	if direct {
+		client, _, _ = newDirectPair(b, 1500, funcHandler{}, server)
+	} else {
+		client, _ = newPair(b, funcHandler{}, server)
+	}
 	src, dst := netip.MustParseAddrPort("10.0.0.1:4000"), netip.MustParseAddrPort("10.0.0.2:5000")
 	payload := make([]byte, 1400)
 	b.SetBytes(int64(len(payload)))
@@ -101,12 +114,14 @@ func TestUDPZeroAllocs(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector allocates")
 	}
-	res := testing.Benchmark(BenchmarkUDP)
-	if res.N == 0 {
-		t.Fatal("benchmark did not run")
-	}
-	// Allow a stray allocation from the runtime amortised over the run.
-	if a := res.AllocsPerOp(); a != 0 {
-		t.Fatalf("UDP fast path allocates %d times per datagram, want 0", a)
+	for _, direct := range []bool{false, true} {
+		res := testing.Benchmark(func(b *testing.B) { benchmarkUDP(b, direct) })
+		if res.N == 0 {
+			t.Fatal("benchmark did not run")
+		}
+		// Allow a stray allocation from the runtime amortised over the run.
+		if a := res.AllocsPerOp(); a != 0 {
+			t.Fatalf("UDP fast path (direct=%v) allocates %d times per datagram, want 0", direct, a)
+		}
 	}
 }

@@ -25,9 +25,10 @@ type outBuf struct {
 	// its size in MTUs, so a queue of 64 KiB TSO frames holds no more bytes
 	// than one of MTU packets.
 	slots int
-	// pkt, if set, is a TSO frame's packet, referenced rather than copied:
-	// data holds only its header, and the frame is written from pkt's
-	// views (gather write). Released by putBuf.
+	// pkt, if set, is a packet referenced rather than copied, released by
+	// putBuf: on a vnet link a TSO frame's (data holds only its header, and
+	// the frame is written from pkt's views: gather write); on a Direct link
+	// any packet's (data is nil; n is its size).
 	pkt *stack.PacketBuffer
 }
 
@@ -176,10 +177,12 @@ func (q *outQueue) counts() (fullWaits, direct uint64) {
 // GRO (Stack.runInput). TCP builds 64 KiB segments either way. On a vnet
 // device (natbox's kernel TUN) the link advertises host GSO: such a segment
 // leaves as one TSO frame with a virtio-net header and the kernel segments
-// it. On any other tun.Device it advertises gVisor GSO, which splits them to
-// the MTU just before WritePackets (tcp/connect.go sendTCPBatch): the device
-// wants MTU-sized packets (wireguard-go's Linux TUN would coalesce them again
-// on write).
+// it. On a Direct pair it advertises host GSO too and keeps packets by
+// reference: wireguard-go's reader cuts such a segment into its own buffers
+// (direct.go). On any other tun.Device it advertises gVisor GSO, which splits
+// them to the MTU just before WritePackets (tcp/connect.go sendTCPBatch): the
+// device wants MTU-sized packets (wireguard-go's Linux TUN would coalesce them
+// again on write).
 type linkEndpoint struct {
 	mtu     uint32
 	vnet    bool      // frames carry a virtio-net header; host GSO
@@ -190,6 +193,10 @@ type linkEndpoint struct {
 	// writeDirect, if set, writes one packet to the device on the caller's
 	// goroutine when the pump is idle (see send). Set before the NIC exists.
 	writeDirect func(*outBuf)
+	// byRef (a Direct link, set before the NIC exists) queues packets by
+	// reference with host GSO: the device's reader copies them out.
+	byRef   bool
+	refPool sync.Pool // *outBuf without data
 
 	mu sync.RWMutex
 	// mu guards the following fields.
@@ -211,6 +218,7 @@ func newLinkEndpoint(mtu uint32, queueLen int, st *counters, vnet bool) *linkEnd
 	size := tunOffset + int(mtu)
 	e.bufPool.New = func() any { return &outBuf{data: make([]byte, size)} }
 	e.bigPool.New = func() any { return &outBuf{data: make([]byte, tunOffset+maxFrameLen)} }
+	e.refPool.New = func() any { return &outBuf{} }
 	e.q.init(queueLen)
 	return e
 }
@@ -223,6 +231,10 @@ func (e *linkEndpoint) putBuf(b *outBuf) {
 		b.pkt = nil
 	}
 	b.n, b.slots = 0, 0
+	if b.data == nil {
+		e.refPool.Put(b) // a Direct link's reference
+		return
+	}
 	if len(b.data) > tunOffset+int(e.mtu) {
 		e.bigPool.Put(b)
 		return
@@ -273,7 +285,8 @@ func (e *linkEndpoint) GSOMaxSize() uint32 { return stack.GVisorGSOMaxSize }
 
 // SupportedGSO implements stack.GSOEndpoint.
 func (e *linkEndpoint) SupportedGSO() stack.SupportedGSO {
-	if e.vnet {
+	if e.vnet || e.byRef {
+		// A vnet TUN's kernel, or the Direct reader, segments.
 		return stack.HostGSOSupported
 	}
 	return stack.GVisorGSOSupported
@@ -333,6 +346,9 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 // writePacket copies pkt into a pooled buffer (the caller keeps its
 // references) and queues it, blocking while the queue is full.
 func (e *linkEndpoint) writePacket(pkt *stack.PacketBuffer) tcpip.Error {
+	if e.byRef {
+		return e.writeRef(pkt)
+	}
 	size := pkt.Size()
 	var h vnetHdr
 	if e.vnet {

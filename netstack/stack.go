@@ -1,9 +1,10 @@
 // Package netstack is natbox's only home of gVisor: one userspace TCP/IP stack
-// per Stack, whose single NIC is a tun.Device (a kernel TUN from CreateTUN, or
-// one end of a Pipe, e.g. towards a wireguard-go device). It terminates TCP
-// and UDP flows addressed to any destination (promiscuous + spoofing) and
-// hands them to a Handler as net.Conns and datagrams with their real
-// addresses; it knows nothing about mappings.
+// per Stack, whose single NIC is a tun.Device (a kernel TUN from CreateTUN, the
+// stack side of a Direct pair towards a wireguard-go device, or one end of a
+// Pipe joining two stacks). It terminates TCP and UDP flows addressed to any
+// destination (promiscuous + spoofing) and hands them to a Handler as
+// net.Conns and datagrams with their real addresses; it knows nothing about
+// mappings.
 package netstack
 
 import (
@@ -212,6 +213,9 @@ type Stack struct {
 	// directItems and frameParts are writeFrames' (vnet), likewise.
 	directItems [1]*outBuf
 	frameParts  [][]byte
+	// direct is set on a Direct pair's stack side: no pumps run, Run lets
+	// the pair's reader and writers in instead.
+	direct *directShared
 
 	runMu sync.Mutex
 	// runMu guards running and stopped: Run starts the pumps only on a
@@ -306,7 +310,9 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 	s.cookies.m = make(map[uint16]*cookieListener)
 	s.cookies.stop = make(chan struct{})
 	s.link = newLinkEndpoint(uint32(cfg.MTU), cfg.QueueLen, &s.stats, vnet)
-	if _, isPipe := dev.(*pipeEnd); !isPipe && directWrites {
+	direct, isDirect := dev.(*directStackEnd)
+	s.link.byRef = isDirect
+	if _, isPipe := dev.(*pipeEnd); !isPipe && !isDirect && directWrites {
 		// Not on a Pipe: its Write waits for the reader, which may be a
 		// Stack's input pump delivering into the caller's own endpoint.
 		s.link.writeDirect = s.writeDirect
@@ -328,6 +334,11 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		dev.Close()
 		return nil, err
 	}
+	if isDirect {
+		// Bound now; from Run on, wireguard-go's goroutines move the
+		// packets through the other end instead of pumps.
+		direct.d.attach(s)
+	}
 	return s, nil
 }
 
@@ -337,7 +348,10 @@ var ErrRunning = errors.New("netstack: stack already running")
 // Run starts the input and output pumps and the SYN-cookie sweep, serves
 // until ctx is done or Close is called, then closes the Stack and returns
 // once every goroutine it started has stopped: nil on a clean stop, the
-// device's close error, or ErrClosed at once if Close came first.
+// device's close error, or ErrClosed at once if Close came first. On a
+// Direct pair it starts no pumps but lets the pair's reader and writers
+// (wireguard-go's goroutines, held until now) move packets; Close waits for
+// their deliveries.
 func (s *Stack) Run(ctx context.Context) error {
 	s.runMu.Lock()
 	switch {
@@ -349,13 +363,18 @@ func (s *Stack) Run(ctx context.Context) error {
 		return ErrRunning
 	}
 	s.running = true
-	go s.runOutput()
-	if len(s.queues) > 0 {
+	switch {
+	case s.direct != nil:
+		// No pumps: the Direct pair's reader and writers wait for this.
+		s.direct.start()
+	case len(s.queues) > 0:
+		go s.runOutput()
 		for i, q := range s.queues {
 			s.inputs.Add(1)
 			go s.runInputQueue(q, &s.queueFrames[i])
 		}
-	} else {
+	default:
+		go s.runOutput()
 		s.inputs.Add(1)
 		go s.runInput()
 	}
@@ -516,20 +535,11 @@ func (s *Stack) runInput() {
 			pkt := bufs[i][tunOffset : tunOffset+sizes[i]]
 			bytesIn += uint64(len(pkt))
 			classify(pkt, &info)
-			switch info.verdict {
-			case verdictDrop:
-				s.stats.invalid[info.reason].Add(1)
-				continue
-			case verdictUDP:
-				s.stats.udpFastPath.Add(1)
-				s.handler.HandleUDP(info.src, info.dst, info.payload)
+			if !s.admitInput(&info) {
 				continue
 			}
 			if info.packet != nil {
 				pkt = info.packet // trimmed to the IP length
-			}
-			if s.holdBack(&info) {
-				continue
 			}
 			v := views[i]
 			v.TrimFront(tunOffset)
@@ -550,6 +560,22 @@ func (s *Stack) runInput() {
 		s.stats.bytesIn.Add(bytesIn)
 		s.stats.groDelivered.Add(cd.n)
 	}
+}
+
+// admitInput acts on a classified inbound packet: drops are counted, UDP
+// goes to the Handler, and a packet for gVisor gets holdBack's handling. It
+// reports whether the packet goes on to gVisor. Safe for concurrent use.
+func (s *Stack) admitInput(info *packetInfo) bool {
+	switch info.verdict {
+	case verdictDrop:
+		s.stats.invalid[info.reason].Add(1)
+		return false
+	case verdictUDP:
+		s.stats.udpFastPath.Add(1)
+		s.handler.HandleUDP(info.src, info.dst, info.payload)
+		return false
+	}
+	return !s.holdBack(info)
 }
 
 // holdBack does what an injected packet needs before gVisor sees it (see
@@ -1152,6 +1178,9 @@ func (s *Stack) Close() error {
 		s.admitMu.Unlock()
 		s.pending.closeAll()
 		s.closeCookies()
+		if s.direct != nil {
+			s.direct.quiesce()
+		}
 
 		s.stack.Close()
 		s.stack.Wait()
@@ -1160,6 +1189,9 @@ func (s *Stack) Close() error {
 		// Flush what is queued (the RSTs), but do not let a peer that stopped
 		// reading hold Close: closing the device unblocks the pump's Write.
 		s.link.q.close()
+		if s.direct != nil {
+			s.direct.flushedOnClose()
+		}
 		if running {
 			select {
 			case <-s.outputDone:

@@ -4,7 +4,7 @@
 // which an appliance registers the ports it wants, and peer isolation.
 //
 // tunnel never imports netstack: cmd hands each side a tun.Device (the outer
-// side of a netstack.Pipe) and the small Originator / ControlDialer
+// side of a netstack.Direct pair) and the small Originator / ControlDialer
 // interfaces that a netstack.Stack implements.
 //
 // Addressing inside the tunnel: every side has its configured IPv4 tunnel

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -14,6 +15,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
+	"golang.zx2c4.com/wireguard/tun"
 
 	"github.com/natbox/natbox/conf"
 	"github.com/natbox/natbox/forwarder"
@@ -119,9 +121,19 @@ func tcpEchoThroughRelay(t *testing.T, tweak func(*conf.RelayConfig)) (relay *re
 	return relay, cfg, key, spec, netip.AddrPortFrom(loopback4, port)
 }
 
+// tunnelPair joins a stack and a wireguard-go device as natbox does
+// (netstack.Direct), or with a netstack.Pipe when NATBOX_TEST_PIPE=1, so the
+// benchmarks can compare the two.
+func tunnelPair(mtu int) (stackSide, outer tun.Device) {
+	if os.Getenv("NATBOX_TEST_PIPE") == "1" {
+		return netstack.Pipe(mtu)
+	}
+	return netstack.Direct(mtu)
+}
+
 func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger, opts ...tunnel.Option) *relaySide {
 	t.Helper()
-	stackSide, outer := netstack.Pipe(testMTU)
+	stackSide, outer := tunnelPair(testMTU)
 	h := &relayHandler{}
 	tcp := stackTCP
 	if _, stackBufs := conf.BufferShares(cfg.Relay.BufferMemory, 1); tcp.BufferBudget == 0 {
@@ -255,7 +267,7 @@ func runApplianceWith(t testing.TB, toml string, addr netip.Addr, opts forwarder
 	if err != nil {
 		t.Fatal(err)
 	}
-	stackSide, outer := netstack.Pipe(testMTU)
+	stackSide, outer := tunnelPair(testMTU)
 	h := &engineHandler{e: engine}
 	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(addr), TCP: tcp}, h, log.Named("appliance-stack"))
 	if err != nil {

@@ -460,7 +460,7 @@ mtu = %d
 	if err != nil {
 		t.Fatal(err)
 	}
-	stackSide, outer := netstack.Pipe(testMTU)
+	stackSide, outer := tunnelPair(testMTU)
 	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(applAddrA)}, nopHandler{}, testLogger(t))
 	if err != nil {
 		outer.Close()
@@ -477,7 +477,7 @@ mtu = %d
 // newLifecycleRelay builds a one-peer Relay on a stack that is not running.
 func newLifecycleRelay(t *testing.T) *tunnel.Relay {
 	t.Helper()
-	stackSide, outer := netstack.Pipe(testMTU)
+	stackSide, outer := tunnelPair(testMTU)
 	h := &relayHandler{}
 	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(relayTunnelAddr)}, h, testLogger(t))
 	if err != nil {

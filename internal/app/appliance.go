@@ -176,8 +176,8 @@ func (a *Appliance) addTUN(c *conf.TUN, dev tun.Device) error {
 }
 
 // addUplink builds one relay uplink: its stack, and the WireGuard device
-// that feeds the stack through a Pipe. Each [[uplink]] has its own; they
-// share only the forwarder.
+// that feeds the stack through a netstack.Direct pair. Each [[uplink]] has
+// its own; they share only the forwarder.
 func (a *Appliance) addUplink(cfg *conf.Config, u *conf.Uplink, opts []tunnel.Option) error {
 	log := a.log.Named("uplink")
 	label := conf.IngressUplink
@@ -185,7 +185,7 @@ func (a *Appliance) addUplink(cfg *conf.Config, u *conf.Uplink, opts []tunnel.Op
 		log = log.With(zap.String("relay", u.Relay))
 		label = uplinkLabel(u)
 	}
-	stackSide, outer := netstack.Pipe(u.MTU)
+	stackSide, outer := netstack.Direct(u.MTU)
 	in, err := newIngress(conf.IngressUplink, stackSide, netstack.Config{
 		MTU:       u.MTU,
 		Addresses: tunnel.TunnelPrefixes(u.Address),

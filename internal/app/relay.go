@@ -39,7 +39,7 @@ type RelayNode struct {
 // to relay.listen) and admin server and wires them; Run starts them.
 func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*RelayNode, error) {
 	n := &RelayNode{log: log, cfg: cfg, h: &relayHandler{}, live: newLiveSettings("natbox relay", cfg.Log, cfg.Admin)}
-	stackSide, outer := netstack.Pipe(cfg.Relay.MTU)
+	stackSide, outer := netstack.Direct(cfg.Relay.MTU)
 	_, stackBufs := conf.BufferShares(cfg.Relay.BufferMemory, 1)
 	s, err := netstack.New(stackSide, netstack.Config{
 		MTU:       cfg.Relay.MTU,
