@@ -79,7 +79,7 @@ socket = %q
 // harness is a whole appliance whose TUN is one side of an in-memory pipe,
 // and a client gVisor stack on the other side standing in for the Internet.
 type harness struct {
-	t      *testing.T
+	t      testing.TB
 	app    *app.Appliance
 	client *netstack.Stack
 	inbox  *udpInbox
@@ -91,7 +91,7 @@ type harness struct {
 	cancel     context.CancelFunc
 }
 
-func newHarness(t *testing.T, s spec, opts app.Options) *harness {
+func newHarness(t testing.TB, s spec, opts app.Options) *harness {
 	t.Helper()
 	appSide, clientSide := netstack.Pipe(linkMTU)
 	return newHarnessOn(t, s, opts, appSide, clientSide)
@@ -99,7 +99,7 @@ func newHarness(t *testing.T, s spec, opts app.Options) *harness {
 
 // newHarnessOn is newHarness on a link the caller made: appSide becomes the
 // appliance's TUN, clientSide the client stack's device.
-func newHarnessOn(t *testing.T, s spec, opts app.Options, appSide, clientSide tun.Device) *harness {
+func newHarnessOn(t testing.TB, s spec, opts app.Options, appSide, clientSide tun.Device) *harness {
 	t.Helper()
 	dir := t.TempDir()
 	h := &harness{t: t, inbox: newUDPInbox(), path: filepath.Join(dir, "natbox.toml"), socket: filepath.Join(dir, "admin.sock")}
