@@ -141,25 +141,33 @@ func readDatagrams(t *testing.T, c *net.UDPConn, n int) [][]byte {
 // receives every datagram whole, in order, with its own PROXY v2 header.
 func TestBatchWriterGSO(t *testing.T) {
 	t.Parallel()
-	for _, refused := range []bool{false, true} {
-		t.Run(fmt.Sprintf("refused=%v", refused), func(t *testing.T) {
+	for _, bc := range []struct {
+		network, target string
+		refused         bool
+	}{{"udp4", "127.0.0.1", false}, {"udp6", "::1", false}, {"udp4", "127.0.0.1", true}} {
+		refused := bc.refused
+		t.Run(fmt.Sprintf("%s/refused=%v", bc.network, refused), func(t *testing.T) {
+			target := netip.MustParseAddr(bc.target)
 			var sinks [2]*net.UDPConn
 			var ports [2]uint16
 			for i := range sinks {
-				c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+				c, err := net.ListenUDP(bc.network, net.UDPAddrFromAddrPort(netip.AddrPortFrom(target, 0)))
 				if err != nil {
+					if bc.network == "udp6" {
+						t.Skipf("no IPv6 loopback: %v", err)
+					}
 					t.Fatal(err)
 				}
 				defer c.Close()
 				c.SetReadBuffer(1 << 20)
 				sinks[i], ports[i] = c, uint16(c.LocalAddr().(*net.UDPAddr).Port)
 			}
-			conn, err := net.ListenUDP("udp4", nil)
+			conn, err := net.ListenUDP(bc.network, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer conn.Close()
-			w := newBatchWriter(conn, netip.MustParseAddr("127.0.0.1"))
+			w := newBatchWriter(conn, target)
 			if !w.gso {
 				t.Skip("no UDP GSO on this OS")
 			}
