@@ -49,6 +49,9 @@ func BenchmarkGatewayUDP(b *testing.B) {
 	}
 	b.ReportMetric(float64((processCPU()-cpu0).Nanoseconds())/1e3/float64(b.N), "cpu-us/dgram")
 	b.ReportMetric(100*float64(got.Load())/float64(b.N), "%delivered")
+	// The part of the loss at the forwarder's session queue (the rest is
+	// the link's and the target socket's).
+	b.ReportMetric(100*float64(h.mappingStatus("u").UDPDropped)/float64(b.N), "%dropped-forwarder")
 }
 
 // BenchmarkGatewayRR is a 64-byte ping-pong through a TCP mapping to an
