@@ -303,6 +303,9 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		// Stack's input pump delivering into the caller's own endpoint.
 		s.link.writeDirect = s.writeDirect
 	}
+	if delayedACKEnabled {
+		s.link.acks = newDelayedACKs(delayedACKHold, func(b *outBuf) { s.link.send(b, true) }, s.link.putBuf)
+	}
 	s.stack = stack.New(stack.Options{
 		// Loopback-addressed packets from the link are allowed: through the
 		// relay, a client on the relay host's 127.0.0.1 or ::1 is originated
@@ -548,6 +551,10 @@ func (s *Stack) runInput() {
 func (s *Stack) holdBack(info *packetInfo) bool {
 	if info.fragment {
 		s.stats.fragmentsIn.Add(1)
+	}
+	if s.link.acks != nil && info.tcp && info.tcpPayload > 0 {
+		small := info.tcpPayload <= delackMaxRequest && info.tcpFlags&(tcpFlagSYN|tcpFlagRST|tcpFlagFIN|tcpFlagACK) == tcpFlagACK
+		s.link.acks.note(info.endpointID(), info.tcpSeq+uint32(info.tcpPayload), info.tcpAck, small)
 	}
 	if info.pureSYN() {
 		s.reopenTimeWait(info)
@@ -984,8 +991,11 @@ type Stats struct {
 	// DirectWrites counts packets written on the sender's goroutine because
 	// the output pump was idle (included in PacketsOut and WriteBatches).
 	DirectWrites uint64
-	ReadErrors   uint64
-	WriteErrors  uint64
+	// ACKsHeld counts pure ACKs of small requests held back for the answer
+	// (delayed ACK); ACKsSuppressed those of them the answer made needless.
+	ACKsHeld, ACKsSuppressed uint64
+	ReadErrors               uint64
+	WriteErrors              uint64
 	// Oversize counts outbound packets larger than the MTU (a bug if > 0).
 	Oversize uint64
 	Invalid  InvalidStats
@@ -1035,6 +1045,10 @@ func (s *Stack) Stats() Stats {
 	in := c.packetsIn.Load()
 	gs := s.stack.Stats()
 	fullWaits, direct := s.link.q.counts()
+	var acksHeld, acksSuppressed uint64
+	if a := s.link.acks; a != nil {
+		acksHeld, acksSuppressed = a.heldTotal.Load(), a.suppressed.Load()
+	}
 	injected := in - c.udpFastPath.Load() - c.invalidTotal() - c.synRetransHeld.Load()
 	coalesced := uint64(0)
 	if d := c.groDelivered.Load(); injected > d {
@@ -1062,6 +1076,8 @@ func (s *Stack) Stats() Stats {
 		TCPEstablished:   gs.TCP.CurrentEstablished.Value(),
 		QueueFullWaits:   fullWaits,
 		DirectWrites:     direct,
+		ACKsHeld:         acksHeld,
+		ACKsSuppressed:   acksSuppressed,
 		ReadErrors:       c.readErrors.Load(),
 		WriteErrors:      c.writeErrors.Load(),
 		Oversize:         c.oversize.Load(),
@@ -1128,6 +1144,9 @@ func (s *Stack) Close() error {
 
 		// Flush what is queued (the RSTs), but do not let a peer that stopped
 		// reading hold Close: closing the device unblocks the pump's Write.
+		if s.link.acks != nil {
+			s.link.acks.close() // what waits goes to the queue, flushed below
+		}
 		s.link.q.close()
 		if running {
 			select {
