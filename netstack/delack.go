@@ -92,21 +92,17 @@ func (d *delayedACKs) note(id stack.TransportEndpointID, end, ack uint32, small 
 	i := delackSlotOf(&id)
 	now := d.now()
 	d.mu.Lock()
+	defer d.mu.Unlock()
 	s := &d.slots[i]
-	var out *outBuf
 	if s.b != nil && s.id != id {
-		// Another connection's ACK waits here: let it go now.
-		out, s.b = s.b, nil
-		d.held.Add(-1)
+		// Another connection's ACK waits here: it keeps the slot (this
+		// one's ACK will not wait), and the input pump never writes.
+		return
 	}
 	answered := s.id != id || ack != s.peerAck
 	s.id, s.end, s.peerAck, s.noted = id, end, ack, 0
 	if small && answered {
 		s.noted = now
-	}
-	d.mu.Unlock()
-	if out != nil {
-		d.send(out)
 	}
 }
 

@@ -6,6 +6,11 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
 // A request answered at once costs the client one packet, the answer,
@@ -164,4 +169,112 @@ func TestDelayedACKBulkNotHeld(t *testing.T) {
 	if held, out := st.ACKsHeld-st0.ACKsHeld, st.PacketsOut-st0.PacketsOut; held > 1 {
 		t.Fatalf("%d of %d ACKs of a bulk transfer were held", held, out)
 	}
+}
+
+// ackPacket builds an outbound IPv4 TCP segment from 10.0.0.2:lport to
+// 10.0.0.1:rport with flags, ack and payload bytes of data.
+func ackPacket(lport, rport uint16, flags header.TCPFlags, ack uint32, payload int) *stack.PacketBuffer {
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{
+		ReserveHeaderBytes: header.IPv4MinimumSize + header.TCPMinimumSize,
+		Payload:            buffer.MakeWithData(make([]byte, payload)),
+	})
+	header.TCP(pkt.TransportHeader().Push(header.TCPMinimumSize)).Encode(&header.TCPFields{
+		SrcPort: lport, DstPort: rport, AckNum: ack, DataOffset: header.TCPMinimumSize, Flags: flags, WindowSize: 1000,
+	})
+	pkt.TransportProtocolNumber = header.TCPProtocolNumber
+	header.IPv4(pkt.NetworkHeader().Push(header.IPv4MinimumSize)).Encode(&header.IPv4Fields{
+		TotalLength: uint16(header.IPv4MinimumSize + header.TCPMinimumSize + payload), TTL: 64,
+		Protocol: uint8(header.TCPProtocolNumber), SrcAddr: tcpip.AddrFrom4([4]byte{10, 0, 0, 2}), DstAddr: tcpip.AddrFrom4([4]byte{10, 0, 0, 1}),
+	})
+	pkt.NetworkProtocolNumber = header.IPv4ProtocolNumber
+	return pkt
+}
+
+func delackID(lport, rport uint16) stack.TransportEndpointID {
+	return stack.TransportEndpointID{LocalPort: lport, LocalAddress: tcpip.AddrFrom4([4]byte{10, 0, 0, 2}), RemotePort: rport, RemoteAddress: tcpip.AddrFrom4([4]byte{10, 0, 0, 1})}
+}
+
+// The rules around one held ACK, on delayedACKs alone (an hour's hold, so
+// only what the test does releases anything).
+func TestDelayedACKRules(t *testing.T) {
+	var sent, dropped []*outBuf
+	newD := func() *delayedACKs {
+		sent, dropped = nil, nil
+		d := newDelayedACKs(time.Hour, func(b *outBuf) { sent = append(sent, b) }, func(b *outBuf) { dropped = append(dropped, b) })
+		t.Cleanup(func() { d.timer.Stop() })
+		return d
+	}
+	out := func(d *delayedACKs, pkt *stack.PacketBuffer) (*outBuf, bool) {
+		defer pkt.DecRef()
+		b := &outBuf{}
+		return b, d.output(pkt, b)
+	}
+	const lp, rp = 7, 40000
+
+	t.Run("only the ACK that ends a noted small request", func(t *testing.T) {
+		d := newD()
+		d.note(delackID(lp, rp), 1064, 500, true)
+		if _, held := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1000, 0)); held {
+			t.Fatal("an ACK that ends elsewhere (a duplicate) was held")
+		}
+		if _, held := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1064, 0)); !held {
+			t.Fatal("the request's ACK was not held")
+		}
+		d.note(delackID(lp, rp), 2128, 500, true) // the same peer ACK: a stream, not a turn
+		if b, held := out(d, ackPacket(lp, rp, header.TCPFlagAck, 2128, 0)); held || len(dropped) != 1 {
+			t.Fatalf("second ACK held %v, %d dropped; want it sent at once, the first dropped", held, len(dropped))
+		} else if b == dropped[0] {
+			t.Fatal("the newer ACK was dropped")
+		}
+		d.note(delackID(lp, rp), 9000, 500, false) // large
+		if _, held := out(d, ackPacket(lp, rp, header.TCPFlagAck, 9000, 0)); held {
+			t.Fatal("the ACK of a large segment was held")
+		}
+	})
+	t.Run("the answer drops it, an RST drops it, close sends it", func(t *testing.T) {
+		d := newD()
+		d.note(delackID(lp, rp), 1064, 500, true)
+		held, _ := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1064, 0))
+		if _, h := out(d, ackPacket(lp, rp, header.TCPFlagAck|header.TCPFlagPsh, 1064, 100)); h || len(dropped) != 1 || dropped[0] != held {
+			t.Fatalf("answer: held %v, dropped %v; want the waiting ACK dropped", h, dropped)
+		}
+		d.note(delackID(lp, rp), 1100, 1600, true)
+		held, _ = out(d, ackPacket(lp, rp, header.TCPFlagAck, 1100, 0))
+		out(d, ackPacket(lp, rp, header.TCPFlagRst, 0, 0))
+		if len(dropped) != 2 || dropped[1] != held {
+			t.Fatalf("RST: dropped %v; want the waiting ACK dropped", dropped)
+		}
+		d.note(delackID(lp, rp), 1200, 1700, true)
+		held, _ = out(d, ackPacket(lp, rp, header.TCPFlagAck, 1200, 0))
+		d.close()
+		if len(sent) != 1 || sent[0] != held || d.held.Load() != 0 {
+			t.Fatalf("close: sent %v; want the waiting ACK sent", sent)
+		}
+		d.note(delackID(lp, rp), 1300, 1800, true)
+		if _, h := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1300, 0)); h {
+			t.Fatal("an ACK was held after close")
+		}
+	})
+	t.Run("a held ACK keeps its slot", func(t *testing.T) {
+		d := newD()
+		// Another connection that hashes to the same slot.
+		other := uint16(rp + 1)
+		for ; delackSlotOf(new(delackID(lp, other))) != delackSlotOf(new(delackID(lp, rp))); other++ {
+		}
+		d.note(delackID(lp, rp), 1064, 500, true)
+		held, _ := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1064, 0))
+		d.note(delackID(lp, other), 64, 1, true)
+		if _, h := out(d, ackPacket(lp, other, header.TCPFlagAck, 64, 0)); h || len(sent)+len(dropped) != 0 {
+			t.Fatalf("the other connection's ACK held %v; sent %v, dropped %v; want it sent, the first still waiting", h, sent, dropped)
+		}
+		d.fire() // not due yet: nothing goes
+		if len(sent) != 0 {
+			t.Fatal("an ACK left before its hold ended")
+		}
+		d.slots[delackSlotOf(new(delackID(lp, rp)))].due = 0
+		d.fire()
+		if len(sent) != 1 || sent[0] != held {
+			t.Fatalf("fire: sent %v; want the waiting ACK", sent)
+		}
+	})
 }
