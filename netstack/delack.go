@@ -47,7 +47,7 @@ type delayedACKs struct {
 	drop  func(*outBuf)
 	held  atomic.Int32 // slots holding an ACK: output skips the lookup at 0
 
-	// Counters (Stats.ACKsHeld, ACKsSuppressed).
+	// Counters (Stats.AcksHeld, AcksSuppressed).
 	heldTotal, suppressed atomic.Uint64
 
 	mu sync.Mutex

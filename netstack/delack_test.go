@@ -52,7 +52,7 @@ func TestDelayedACKAnswerCarriesIt(t *testing.T) {
 				roundTrip(i + 1)
 			}
 			st := server.Stats()
-			out, held, suppressed := st.PacketsOut-st0.PacketsOut, st.ACKsHeld-st0.ACKsHeld, st.ACKsSuppressed-st0.ACKsSuppressed
+			out, held, suppressed := st.PacketsOut-st0.PacketsOut, st.AcksHeld-st0.AcksHeld, st.AcksSuppressed-st0.AcksSuppressed
 			t.Logf("%d round trips: %d packets out, %d ACKs held, %d suppressed", n, out, held, suppressed)
 			// A busy machine may let a hold end before the echo is written:
 			// then that ACK leaves on its own, late but not lost.
@@ -107,7 +107,7 @@ func TestDelayedACKUnansweredRequest(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	st, cst := server.Stats(), client.Stats()
-	if held, supp := st.ACKsHeld-st0.ACKsHeld, st.ACKsSuppressed-st0.ACKsSuppressed; held != 1 || supp != 0 {
+	if held, supp := st.AcksHeld-st0.AcksHeld, st.AcksSuppressed-st0.AcksSuppressed; held != 1 || supp != 0 {
 		t.Fatalf("ACKs held %d, suppressed %d; want the one ACK held and then sent", held, supp)
 	}
 	if r := cst.TCPRetransmits - cst0.TCPRetransmits; r != 0 {
@@ -166,7 +166,7 @@ func TestDelayedACKBulkNotHeld(t *testing.T) {
 	c.Close()
 	st := server.Stats()
 	// Only the transfer's first segment could look like a request.
-	if held, out := st.ACKsHeld-st0.ACKsHeld, st.PacketsOut-st0.PacketsOut; held > 1 {
+	if held, out := st.AcksHeld-st0.AcksHeld, st.PacketsOut-st0.PacketsOut; held > 1 {
 		t.Fatalf("%d of %d ACKs of a bulk transfer were held", held, out)
 	}
 }

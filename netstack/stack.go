@@ -991,9 +991,9 @@ type Stats struct {
 	// DirectWrites counts packets written on the sender's goroutine because
 	// the output pump was idle (included in PacketsOut and WriteBatches).
 	DirectWrites uint64
-	// ACKsHeld counts pure ACKs of small requests held back for the answer
-	// (delayed ACK); ACKsSuppressed those of them the answer made needless.
-	ACKsHeld, ACKsSuppressed uint64
+	// AcksHeld counts pure ACKs of small requests held back for the answer
+	// (delayed ACK); AcksSuppressed those of them the answer made needless.
+	AcksHeld, AcksSuppressed uint64
 	ReadErrors               uint64
 	WriteErrors              uint64
 	// Oversize counts outbound packets larger than the MTU (a bug if > 0).
@@ -1076,8 +1076,8 @@ func (s *Stack) Stats() Stats {
 		TCPEstablished:   gs.TCP.CurrentEstablished.Value(),
 		QueueFullWaits:   fullWaits,
 		DirectWrites:     direct,
-		ACKsHeld:         acksHeld,
-		ACKsSuppressed:   acksSuppressed,
+		AcksHeld:         acksHeld,
+		AcksSuppressed:   acksSuppressed,
 		ReadErrors:       c.readErrors.Load(),
 		WriteErrors:      c.writeErrors.Load(),
 		Oversize:         c.oversize.Load(),
