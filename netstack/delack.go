@@ -26,9 +26,11 @@ import (
 // segment sizes). Duplicate ACKs end elsewhere, and at most one ACK per
 // connection waits (the next one goes at once, as a kernel acknowledges
 // every second segment).
+// delayedACKHold is how long a request's ACK waits for the answer (a
+// variable only so tests can make a busy machine's scheduling irrelevant).
+var delayedACKHold = 500 * time.Microsecond
+
 const (
-	// delayedACKHold is how long a request's ACK waits for the answer.
-	delayedACKHold = 500 * time.Microsecond
 	// delackMaxRequest is the largest segment whose ACK may wait.
 	delackMaxRequest = 1024
 	// delackSlots bounds the ACKs held at once (one per slot).
