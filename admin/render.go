@@ -137,6 +137,7 @@ func renderTUN(w io.Writer, t *TUN) {
 var netstackRoutine = map[string]bool{
 	"packets_in": true, "bytes_in": true, "packets_out": true, "bytes_out": true,
 	"read_batches": true, "write_batches": true, "gro_coalesced": true, "direct_writes": true,
+	"acks_held": true, "acks_suppressed": true,
 	"gso_frames_in": true, "gso_frames_out": true,
 	"udp_fast_path": true, "udp_reassembled": true, "udp_sent": true,
 	"tcp_requests": true, "tcp_rejected": true, "tcp_retransmits": true, "time_wait_reopened": true,

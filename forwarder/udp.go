@@ -489,6 +489,9 @@ const maxUDPBatch = 64
 // client costs one system call and one wake-up per batch, not per datagram.
 func (e *Engine) sendLoop(us *udpSession, conn *net.UDPConn, targetIP netip.Addr) {
 	w := newBatchWriter(conn, targetIP)
+	w.gsoOff = func(err error) {
+		e.log.Debug("udp gso refused, sending datagram by datagram", zap.Uint64("session", us.id), zap.String("target", us.target), zap.Error(err))
+	}
 	batch := make([]datagram, 0, maxUDPBatch)
 	for {
 		select {

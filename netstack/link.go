@@ -197,6 +197,8 @@ type linkEndpoint struct {
 	// reference with host GSO: the device's reader copies them out.
 	byRef   bool
 	refPool sync.Pool // *outBuf without data
+	// acks holds the pure ACKs of requests (delack.go); nil: none held.
+	acks *delayedACKs
 
 	mu sync.RWMutex
 	// mu guards the following fields.
@@ -373,6 +375,9 @@ func (e *linkEndpoint) writePacket(pkt *stack.PacketBuffer) tcpip.Error {
 			b.slots = (size + int(e.mtu) - 1) / int(e.mtu)
 			b.n = size
 			b.pkt = pkt.IncRef()
+			if e.acks != nil {
+				e.acks.output(pkt, b) // data: never held, may release a held ACK
+			}
 			if !e.send(b, false) {
 				return &tcpip.ErrClosedForSend{}
 			}
@@ -399,6 +404,9 @@ func (e *linkEndpoint) writePacket(pkt *stack.PacketBuffer) tcpip.Error {
 		off = 0
 	}
 	b.n = size
+	if e.acks != nil && pkt.TransportProtocolNumber == header.TCPProtocolNumber && e.acks.output(pkt, b) {
+		return nil // a request's ACK, waiting for the answer
+	}
 	if !e.send(b, sendDirect(pkt)) {
 		return &tcpip.ErrClosedForSend{}
 	}

@@ -46,6 +46,7 @@ const (
 	tcpFlagSYN     = uint8(header.TCPFlagSyn)
 	tcpFlagACK     = uint8(header.TCPFlagAck)
 	tcpFlagRST     = uint8(header.TCPFlagRst)
+	tcpFlagFIN     = uint8(header.TCPFlagFin)
 )
 
 // packetInfo is the parser's result. The slices alias the packet.
@@ -73,6 +74,8 @@ type packetInfo struct {
 	tcpFlags         uint8
 	srcAddr, dstAddr tcpip.Address
 	srcPort, dstPort uint16
+	tcpSeq, tcpAck   uint32
+	tcpPayload       int // payload bytes; -1 if the data offset is bad
 }
 
 // pureSYN reports whether the packet is a TCP SYN without ACK or RST: a new
@@ -261,6 +264,12 @@ func (p *packetInfo) setTCP(src, dst tcpip.Address, l4 []byte) {
 	p.srcPort = binary.BigEndian.Uint16(l4[0:2])
 	p.dstPort = binary.BigEndian.Uint16(l4[2:4])
 	p.tcpFlags = l4[tcpFlagsOffset]
+	p.tcpSeq = binary.BigEndian.Uint32(l4[4:8])
+	p.tcpAck = binary.BigEndian.Uint32(l4[8:12])
+	p.tcpPayload = -1
+	if off := int(l4[12]>>4) * 4; off >= header.TCPMinimumSize && off <= len(l4) {
+		p.tcpPayload = len(l4) - off
+	}
 }
 
 // l4ChecksumValid checks a TCP or UDP checksum (header and payload in l4)

@@ -317,6 +317,11 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		// Stack's input pump delivering into the caller's own endpoint.
 		s.link.writeDirect = s.writeDirect
 	}
+	if delayedACKEnabled && !isDirect {
+		// Not on a Direct link: its packets leave by reference (writeRef),
+		// where no ACK is held; the tunnel's stacks answer as before.
+		s.link.acks = newDelayedACKs(delayedACKHold, func(b *outBuf) { s.link.send(b, true) }, s.link.putBuf)
+	}
 	s.stack = stack.New(stack.Options{
 		// Loopback-addressed packets from the link are allowed: through the
 		// relay, a client on the relay host's 127.0.0.1 or ::1 is originated
@@ -584,6 +589,10 @@ func (s *Stack) admitInput(info *packetInfo) bool {
 func (s *Stack) holdBack(info *packetInfo) bool {
 	if info.fragment {
 		s.stats.fragmentsIn.Add(1)
+	}
+	if s.link.acks != nil && info.tcp && info.tcpPayload > 0 {
+		small := info.tcpPayload <= delackMaxRequest && info.tcpFlags&(tcpFlagSYN|tcpFlagRST|tcpFlagFIN|tcpFlagACK) == tcpFlagACK
+		s.link.acks.note(info.endpointID(), info.tcpSeq+uint32(info.tcpPayload), info.tcpAck, small)
 	}
 	if info.pureSYN() {
 		s.reopenTimeWait(info)
@@ -1024,8 +1033,11 @@ type Stats struct {
 	// DirectWrites counts packets written on the sender's goroutine because
 	// the output pump was idle (included in PacketsOut and WriteBatches).
 	DirectWrites uint64
-	ReadErrors   uint64
-	WriteErrors  uint64
+	// AcksHeld counts pure ACKs of small requests held back for the answer
+	// (delayed ACK); AcksSuppressed those of them the answer made needless.
+	AcksHeld, AcksSuppressed uint64
+	ReadErrors               uint64
+	WriteErrors              uint64
 	// Oversize counts outbound packets larger than the MTU (a bug if > 0).
 	Oversize uint64
 	Invalid  InvalidStats
@@ -1086,6 +1098,10 @@ func (s *Stack) Stats() Stats {
 	gs := s.stack.Stats()
 	fullWaits, direct := s.link.q.counts()
 	conns, buffered := s.conns.buffered()
+	var acksHeld, acksSuppressed uint64
+	if a := s.link.acks; a != nil {
+		acksHeld, acksSuppressed = a.heldTotal.Load(), a.suppressed.Load()
+	}
 	injected := in - c.udpFastPath.Load() - c.invalidTotal() - c.synRetransHeld.Load()
 	coalesced := uint64(0)
 	if d := c.groDelivered.Load(); injected > d {
@@ -1114,6 +1130,8 @@ func (s *Stack) Stats() Stats {
 		TCPClosing:       gs.TCP.CurrentConnected.Value() - min(gs.TCP.CurrentConnected.Value(), gs.TCP.CurrentEstablished.Value()),
 		QueueFullWaits:   fullWaits,
 		DirectWrites:     direct,
+		AcksHeld:         acksHeld,
+		AcksSuppressed:   acksSuppressed,
 		ReadErrors:       c.readErrors.Load(),
 		WriteErrors:      c.writeErrors.Load(),
 		Oversize:         c.oversize.Load(),
@@ -1188,6 +1206,9 @@ func (s *Stack) Close() error {
 
 		// Flush what is queued (the RSTs), but do not let a peer that stopped
 		// reading hold Close: closing the device unblocks the pump's Write.
+		if s.link.acks != nil {
+			s.link.acks.close() // what waits goes to the queue, flushed below
+		}
 		s.link.q.close()
 		if s.direct != nil {
 			s.direct.flushedOnClose()

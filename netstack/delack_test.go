@@ -1,0 +1,284 @@
+package netstack
+
+import (
+	"bytes"
+	"io"
+	"net/netip"
+	"testing"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// A request answered at once costs the client one packet, the answer,
+// instead of a pure ACK and the answer: the server Stack holds the request's
+// ACK and drops it when the answer, which acknowledges as much, leaves
+// first. Every byte still crosses, over IPv4 and IPv6.
+func TestDelayedACKAnswerCarriesIt(t *testing.T) {
+	// A hold no scheduling delay outlasts: every ACK must be dropped.
+	old := delayedACKHold
+	delayedACKHold = time.Second
+	defer func() { delayedACKHold = old }()
+	client, server := newPair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c)
+	}})
+	for _, dst := range []string{"10.0.0.2:7", "[fd00::2]:7"} {
+		t.Run(dst, func(t *testing.T) {
+			c, err := client.DialTCP(testContext(t), netip.AddrPort{}, netip.MustParseAddrPort(dst))
+			if err != nil {
+				t.Fatalf("dial: %v", err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(20 * time.Second))
+			buf := make([]byte, 64)
+			roundTrip := func(i int) {
+				t.Helper()
+				msg := bytes.Repeat([]byte{byte(i)}, 64)
+				if _, err := c.Write(msg); err != nil {
+					t.Fatalf("write: %v", err)
+				}
+				if _, err := io.ReadFull(c, buf); err != nil || !bytes.Equal(buf, msg) {
+					t.Fatalf("round trip %d: read %x, %v; want %x", i, buf, err, msg)
+				}
+			}
+			roundTrip(0) // past the handshake
+			const n = 200
+			st0 := server.Stats()
+			for i := range n {
+				roundTrip(i + 1)
+			}
+			st := server.Stats()
+			out, held, suppressed := st.PacketsOut-st0.PacketsOut, st.AcksHeld-st0.AcksHeld, st.AcksSuppressed-st0.AcksSuppressed
+			t.Logf("%d round trips: %d packets out, %d ACKs held, %d suppressed", n, out, held, suppressed)
+			// Besides the echoes, an occasional window update; and a packet
+			// of the round trip before may count on either side of st0.
+			if held != n || suppressed != n || out < n-2 || out > n+n/10 {
+				t.Fatalf("%d round trips: %d packets out, %d ACKs held, %d suppressed; want every ACK dropped, about one packet per round trip", n, out, held, suppressed)
+			}
+		})
+	}
+}
+
+// A request nobody answers still gets its ACK when the hold ends: the
+// client's data is acknowledged (it would otherwise retransmit it), and
+// the server reads it.
+func TestDelayedACKUnansweredRequest(t *testing.T) {
+	got := make(chan []byte, 1)
+	client, server := newPair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		buf := make([]byte, 16)
+		n, _ := io.ReadFull(c, buf)
+		got <- buf[:n]
+		io.Copy(io.Discard, c)
+	}})
+	c, err := client.DialTCP(testContext(t), netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:9"))
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	defer c.Close()
+	waitQuiet(t, client)
+	st0, cst0 := server.Stats(), client.Stats()
+	if _, err := c.Write([]byte("no answer comes.")); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	select {
+	case b := <-got:
+		if string(b) != "no answer comes." {
+			t.Fatalf("server read %q", b)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("server never read the request")
+	}
+	// The ACK arrives at the client after the hold, once, and not as a
+	// retransmission's answer.
+	deadline := time.Now().Add(10 * time.Second)
+	for client.Stats().PacketsIn == cst0.PacketsIn {
+		if time.Now().After(deadline) {
+			t.Fatal("the client never got the ACK of its request")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	st, cst := server.Stats(), client.Stats()
+	if held, supp := st.AcksHeld-st0.AcksHeld, st.AcksSuppressed-st0.AcksSuppressed; held != 1 || supp != 0 {
+		t.Fatalf("ACKs held %d, suppressed %d; want the one ACK held and then sent", held, supp)
+	}
+	if r := cst.TCPRetransmits - cst0.TCPRetransmits; r != 0 {
+		t.Fatalf("the client retransmitted %d times", r)
+	}
+}
+
+// waitQuiet waits until s has received nothing for a while (the handshake's
+// last packets are through).
+func waitQuiet(t *testing.T, s *Stack) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	last := s.Stats().PacketsIn
+	for quietSince := time.Now(); time.Since(quietSince) < 20*time.Millisecond; {
+		if time.Now().After(deadline) {
+			t.Fatal("the link never went quiet")
+		}
+		time.Sleep(2 * time.Millisecond)
+		if n := s.Stats().PacketsIn; n != last {
+			last, quietSince = n, time.Now()
+		}
+	}
+}
+
+// Bulk data in keeps its immediate ACKs: its segments are not small
+// requests, so the sender is never held up and everything arrives.
+func TestDelayedACKBulkNotHeld(t *testing.T) {
+	const size = 8 << 20
+	done := make(chan int64, 1)
+	client, server := newPair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		n, _ := io.Copy(io.Discard, c)
+		done <- n
+	}})
+	c, err := client.DialTCP(testContext(t), netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:9"))
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	st0 := server.Stats()
+	if _, err := c.Write(make([]byte, size)); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	c.(closeWriter).CloseWrite()
+	select {
+	case n := <-done:
+		if n != size {
+			t.Fatalf("server read %d bytes, want %d", n, size)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("bulk transfer did not finish")
+	}
+	c.Close()
+	st := server.Stats()
+	// Only the transfer's first segment could look like a request.
+	if held, out := st.AcksHeld-st0.AcksHeld, st.PacketsOut-st0.PacketsOut; held > 1 {
+		t.Fatalf("%d of %d ACKs of a bulk transfer were held", held, out)
+	}
+}
+
+// ackPacket builds an outbound IPv4 TCP segment from 10.0.0.2:lport to
+// 10.0.0.1:rport with flags, ack and payload bytes of data.
+func ackPacket(lport, rport uint16, flags header.TCPFlags, ack uint32, payload int) *stack.PacketBuffer {
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{
+		ReserveHeaderBytes: header.IPv4MinimumSize + header.TCPMinimumSize,
+		Payload:            buffer.MakeWithData(make([]byte, payload)),
+	})
+	header.TCP(pkt.TransportHeader().Push(header.TCPMinimumSize)).Encode(&header.TCPFields{
+		SrcPort: lport, DstPort: rport, AckNum: ack, DataOffset: header.TCPMinimumSize, Flags: flags, WindowSize: 1000,
+	})
+	pkt.TransportProtocolNumber = header.TCPProtocolNumber
+	header.IPv4(pkt.NetworkHeader().Push(header.IPv4MinimumSize)).Encode(&header.IPv4Fields{
+		TotalLength: uint16(header.IPv4MinimumSize + header.TCPMinimumSize + payload), TTL: 64,
+		Protocol: uint8(header.TCPProtocolNumber), SrcAddr: tcpip.AddrFrom4([4]byte{10, 0, 0, 2}), DstAddr: tcpip.AddrFrom4([4]byte{10, 0, 0, 1}),
+	})
+	pkt.NetworkProtocolNumber = header.IPv4ProtocolNumber
+	return pkt
+}
+
+func delackID(lport, rport uint16) stack.TransportEndpointID {
+	return stack.TransportEndpointID{LocalPort: lport, LocalAddress: tcpip.AddrFrom4([4]byte{10, 0, 0, 2}), RemotePort: rport, RemoteAddress: tcpip.AddrFrom4([4]byte{10, 0, 0, 1})}
+}
+
+// The rules around one held ACK, on delayedACKs alone (an hour's hold, so
+// only what the test does releases anything).
+func TestDelayedACKRules(t *testing.T) {
+	var sent, dropped []*outBuf
+	newD := func() *delayedACKs {
+		sent, dropped = nil, nil
+		d := newDelayedACKs(time.Hour, func(b *outBuf) { sent = append(sent, b) }, func(b *outBuf) { dropped = append(dropped, b) })
+		t.Cleanup(func() { d.timer.Stop() })
+		return d
+	}
+	out := func(d *delayedACKs, pkt *stack.PacketBuffer) (*outBuf, bool) {
+		defer pkt.DecRef()
+		b := &outBuf{}
+		return b, d.output(pkt, b)
+	}
+	const lp, rp = 7, 40000
+
+	t.Run("only the ACK that ends a noted small request", func(t *testing.T) {
+		d := newD()
+		d.note(delackID(lp, rp), 1064, 500, true)
+		if _, held := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1000, 0)); held {
+			t.Fatal("an ACK that ends elsewhere (a duplicate) was held")
+		}
+		if _, held := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1064, 0)); !held {
+			t.Fatal("the request's ACK was not held")
+		}
+		d.note(delackID(lp, rp), 2128, 500, true) // the same peer ACK: a stream, not a turn
+		if b, held := out(d, ackPacket(lp, rp, header.TCPFlagAck, 2128, 0)); held || len(dropped) != 1 {
+			t.Fatalf("second ACK held %v, %d dropped; want it sent at once, the first dropped", held, len(dropped))
+		} else if b == dropped[0] {
+			t.Fatal("the newer ACK was dropped")
+		}
+		d.note(delackID(lp, rp), 9000, 500, false) // large
+		if _, held := out(d, ackPacket(lp, rp, header.TCPFlagAck, 9000, 0)); held {
+			t.Fatal("the ACK of a large segment was held")
+		}
+	})
+	t.Run("the answer drops it, an RST drops it, close sends it", func(t *testing.T) {
+		d := newD()
+		d.note(delackID(lp, rp), 1064, 500, true)
+		held, _ := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1064, 0))
+		if _, h := out(d, ackPacket(lp, rp, header.TCPFlagAck|header.TCPFlagPsh, 1064, 100)); h || len(dropped) != 1 || dropped[0] != held {
+			t.Fatalf("answer: held %v, dropped %v; want the waiting ACK dropped", h, dropped)
+		}
+		d.note(delackID(lp, rp), 1100, 1600, true)
+		held, _ = out(d, ackPacket(lp, rp, header.TCPFlagAck, 1100, 0))
+		out(d, ackPacket(lp, rp, header.TCPFlagRst, 0, 0))
+		if len(dropped) != 2 || dropped[1] != held {
+			t.Fatalf("RST: dropped %v; want the waiting ACK dropped", dropped)
+		}
+		d.note(delackID(lp, rp), 1200, 1700, true)
+		held, _ = out(d, ackPacket(lp, rp, header.TCPFlagAck, 1200, 0))
+		d.close()
+		if len(sent) != 1 || sent[0] != held || d.held.Load() != 0 {
+			t.Fatalf("close: sent %v; want the waiting ACK sent", sent)
+		}
+		d.note(delackID(lp, rp), 1300, 1800, true)
+		if _, h := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1300, 0)); h {
+			t.Fatal("an ACK was held after close")
+		}
+	})
+	t.Run("a held ACK keeps its slot", func(t *testing.T) {
+		d := newD()
+		// Another connection that hashes to the same slot.
+		other := uint16(rp + 1)
+		for ; delackSlotOf(new(delackID(lp, other))) != delackSlotOf(new(delackID(lp, rp))); other++ {
+		}
+		d.note(delackID(lp, rp), 1064, 500, true)
+		held, _ := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1064, 0))
+		d.note(delackID(lp, other), 64, 1, true)
+		if _, h := out(d, ackPacket(lp, other, header.TCPFlagAck, 64, 0)); h || len(sent)+len(dropped) != 0 {
+			t.Fatalf("the other connection's ACK held %v; sent %v, dropped %v; want it sent, the first still waiting", h, sent, dropped)
+		}
+		d.fire() // not due yet: nothing goes
+		if len(sent) != 0 {
+			t.Fatal("an ACK left before its hold ended")
+		}
+		d.slots[delackSlotOf(new(delackID(lp, rp)))].due = 0
+		d.fire()
+		if len(sent) != 1 || sent[0] != held {
+			t.Fatalf("fire: sent %v; want the waiting ACK", sent)
+		}
+	})
+}
