@@ -557,3 +557,23 @@ func TestRelayClientPortTowardTwoPublicPorts(t *testing.T) {
 	echo(first, "first again")
 	first.Close()
 }
+
+// TestFirstHandshakeNeedsNoRetry: a fresh uplink reaches a running relay on
+// its first handshake. Setting the endpoint once sent two initiations in one
+// TAI64N tick; the relay took the second for a replay, the first one's
+// response no longer matched, and every start waited out wireguard-go's 5 s
+// retry.
+func TestFirstHandshakeNeedsNoRetry(t *testing.T) {
+	t.Parallel()
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	key := mustKey(t)
+	relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t))
+	svc, _ := proxyEchoService(t)
+	start := time.Now()
+	a := startAppliance(t, relay, key, applAddrA, tcpMapping("web", port, svc))
+	waitRegistered(t, a, spec)
+	if took := time.Since(start); took >= 4*time.Second {
+		t.Fatalf("registered after %v: the first handshake was retried (wireguard-go retries after 5 s)", took.Round(time.Millisecond))
+	}
+}

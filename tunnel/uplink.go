@@ -312,8 +312,16 @@ func (u *Uplink) resolve(ctx context.Context) {
 		return
 	}
 	// A new endpoint deserves a handshake now, not after the rekey timer.
+	// Only a move drops the keys: on the first endpoint there are none, and
+	// the IpcSet above may just have sent an initiation (turning the
+	// persistent keepalive on sends one); expiring would let a second one
+	// leave within the same TAI64N tick, which the relay rejects as a
+	// replay while the first one's response no longer matches, and the
+	// tunnel waits out wireguard-go's 5 s retry.
 	if p := u.dev.LookupPeer(device.NoisePublicKey(u.cfg.RelayPublicKey)); p != nil {
-		p.ExpireCurrentKeypairs()
+		if cur.IsValid() {
+			p.ExpireCurrentKeypairs()
+		}
 		p.SendKeepalive()
 	}
 	u.mu.Lock()
