@@ -127,7 +127,8 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 		log.Warn("tunnel device mtu differs from uplink.mtu", zap.Int("device_mtu", mtu), zap.Int("mtu", cfg.MTU))
 	}
 	client := newStreamClient(conn.NewStdNetBind())
-	d, err := newDevice(dev, client.bind, cfg.PrivateKey, 0, log)
+	o := buildOptions(opts)
+	d, err := newDevice(dev, client.bind, cfg.PrivateKey, 0, gateSize(o.bufferMemory), log)
 	if err != nil {
 		return nil, err
 	}
@@ -146,7 +147,7 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 		client:  client,
 		dialer:  dialer,
 		log:     log,
-		opts:    buildOptions(opts),
+		opts:    o,
 		host:    host,
 		port:    uint16(port),
 		kick:    make(chan struct{}, 1),
