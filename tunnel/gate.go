@@ -119,8 +119,11 @@ func newGates(limit int) gates { return gates{out: newGate(limit), in: newGate(l
 // gatedTUN is the tun.Device wireguard-go sees.
 type gatedTUN struct {
 	tun.Device
-	g gates
+	g     gates
+	batch int // BatchSize: how many buffers the TUN reader holds
 }
+
+func (t *gatedTUN) BatchSize() int { return min(t.Device.BatchSize(), t.batch) }
 
 func (t *gatedTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	t.g.out.wait()
@@ -142,12 +145,19 @@ func (t *gatedTUN) Write(bufs [][]byte, offset int) (int, error) {
 // corrected by the peer's next packet instead.
 type gatedBind struct {
 	conn.Bind
-	g gates
+	g     gates
+	batch int // BatchSize; the bind's own is larger, smallBatch adapts
+	slot  int // smallBatch's buffer size: a message of an MTU-sized packet
 }
+
+func (b *gatedBind) BatchSize() int { return min(b.Bind.BatchSize(), b.batch) }
 
 func (b *gatedBind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
 	fns, actual, err := b.Bind.Open(port)
 	for i, fn := range fns {
+		if full := b.Bind.BatchSize(); full > b.BatchSize() {
+			fn = newSmallBatch(fn, full, b.slot).receive
+		}
 		fns[i] = func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
 			b.g.in.wait()
 			n, err := fn(packets, sizes, eps)
