@@ -28,9 +28,9 @@ import (
 // key yet, replayed or unauthenticated packets, no route), so a gate that
 // made no progress for gateStall assumes such a leak and reopens.
 const (
-	// gatePackets is the most data packets one direction may hold: two of
-	// wireguard-go's 128-packet batches. 512 held more heap for no CPU
-	// gain (BENCH.md). It is the size without a buffer budget.
+	// gatePackets is the most data packets one direction may hold, and
+	// the size without a buffer budget: two of the standard bind's
+	// 128-packet batches. 512 held more heap for no CPU gain (BENCH.md).
 	gatePackets = 256
 	// minGatePackets is the floor of a gate sized from a small budget: 32
 	// still moved as much in-process, but with less slack for a loaded host.
@@ -57,7 +57,8 @@ func newGate(limit int) *gate {
 }
 
 // gateSize is how many data packets each direction of a device may hold
-// when its side has budget bytes of buffer memory (0: unbounded): the two
+// when it has budget bytes of buffer memory (0: unbounded; set at start,
+// a reload keeps it): the two
 // directions' 64 KiB message buffers take at most a quarter of it, between
 // minGatePackets and gatePackets. 64 (the 32 MiB default) moved as much as
 // 256 in BenchmarkRelayTCP* for a quarter of the buffers (BENCH.md).

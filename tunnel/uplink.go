@@ -55,6 +55,7 @@ type Uplink struct {
 	dialer ControlDialer
 	log    *zap.Logger
 	opts   options
+	gate   int // data packets each direction of dev may hold
 
 	host string // the relay's host and port, re-resolved on failure
 	port uint16
@@ -128,7 +129,8 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 	}
 	client := newStreamClient(conn.NewStdNetBind())
 	o := buildOptions(opts)
-	d, err := newDevice(dev, client.bind, cfg.PrivateKey, 0, gateSize(o.bufferMemory), log)
+	gate := gateSize(o.bufferMemory)
+	d, err := newDevice(dev, client.bind, cfg.PrivateKey, 0, gate, log)
 	if err != nil {
 		return nil, err
 	}
@@ -148,6 +150,7 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 		dialer:  dialer,
 		log:     log,
 		opts:    o,
+		gate:    gate,
 		host:    host,
 		port:    uint16(port),
 		kick:    make(chan struct{}, 1),

@@ -40,8 +40,8 @@ func wgLogger(log *zap.Logger) *device.Logger {
 // newDevice builds a wireguard-go device on dev with bind (a streamBind
 // around the standard batched UDP bind, with GSO/GRO where the kernel has
 // them), both gated (gate.go) so each direction of the device holds at
-// most gate data packets and each batch deviceBatch (batch.go), sets its private key and
-// listen port (0: any), and brings it up. The device owns dev from here on:
+// most gate data packets, with batches of deviceBatch (batch.go), sets its
+// private key and listen port (0: any), and brings it up. The device owns dev from here on:
 // closing the device closes dev.
 func newDevice(dev tun.Device, bind conn.Bind, key conf.Key, listenPort uint16, gate int, log *zap.Logger) (*device.Device, error) {
 	g := newGates(gate)
