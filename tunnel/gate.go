@@ -28,10 +28,13 @@ import (
 // key yet, replayed or unauthenticated packets, no route), so a gate that
 // made no progress for gateStall assumes such a leak and reopens.
 const (
-	// gatePackets is how many data packets one direction may hold: two of
-	// wireguard-go's 128-packet batches. 512 held more heap for no CPU
-	// gain; 128 hit the stall timeout three times as often (BENCH.md).
+	// gatePackets is the most data packets one direction may hold, and
+	// the size without a buffer budget: two of the standard bind's
+	// 128-packet batches. 512 held more heap for no CPU gain (BENCH.md).
 	gatePackets = 256
+	// minGatePackets is the floor of a gate sized from a small budget: 32
+	// still moved as much in-process, but with less slack for a loaded host.
+	minGatePackets = 64
 	// gateStall is how long a full gate waits without any packet leaving
 	// before it reopens (10 ms measured better than 50 ms: a loaded host
 	// stalls wireguard-go's goroutines that long more often than it leaks).
@@ -42,23 +45,39 @@ const (
 // device. enter and leave may be called concurrently; wait is called by the
 // goroutines that feed the direction.
 type gate struct {
+	limit  int64 // data packets the direction may hold
 	held   atomic.Int64
 	space  chan struct{} // capacity 1: a leave happened
 	stall  time.Duration
 	stalls atomic.Uint64 // reopened after stall without progress
 }
 
-func newGate() *gate { return &gate{space: make(chan struct{}, 1), stall: gateStall} }
+func newGate(limit int) *gate {
+	return &gate{limit: int64(limit), space: make(chan struct{}, 1), stall: gateStall}
+}
 
-// wait blocks while the gate holds gatePackets or more, for at most
+// gateSize is how many data packets each direction of a device may hold
+// when it has budget bytes of buffer memory (0: unbounded; set at start,
+// a reload keeps it): the two
+// directions' 64 KiB message buffers take at most a quarter of it, between
+// minGatePackets and gatePackets. 64 (the 32 MiB default) moved as much as
+// 256 in BenchmarkRelayTCP* for a quarter of the buffers (BENCH.md).
+func gateSize(budget int) int {
+	if budget <= 0 {
+		return gatePackets
+	}
+	return min(max(budget/4/(2*device.MaxMessageSize), minGatePackets), gatePackets)
+}
+
+// wait blocks while the gate holds g.limit packets or more, for at most
 // g.stall without progress.
 func (g *gate) wait() {
-	if g.held.Load() < gatePackets {
+	if g.held.Load() < g.limit {
 		return
 	}
 	t := time.NewTimer(g.stall)
 	defer t.Stop()
-	for g.held.Load() >= gatePackets {
+	for g.held.Load() >= g.limit {
 		select {
 		case <-g.space:
 			t.Reset(g.stall)
@@ -96,13 +115,16 @@ func (g *gate) leave(n int) {
 // and leaves through the tun device's Write.
 type gates struct{ out, in *gate }
 
-func newGates() gates { return gates{out: newGate(), in: newGate()} }
+func newGates(limit int) gates { return gates{out: newGate(limit), in: newGate(limit)} }
 
 // gatedTUN is the tun.Device wireguard-go sees.
 type gatedTUN struct {
 	tun.Device
-	g gates
+	g     gates
+	batch int // BatchSize: how many buffers the TUN reader holds
 }
+
+func (t *gatedTUN) BatchSize() int { return min(t.Device.BatchSize(), t.batch) }
 
 func (t *gatedTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	t.g.out.wait()
@@ -124,12 +146,19 @@ func (t *gatedTUN) Write(bufs [][]byte, offset int) (int, error) {
 // corrected by the peer's next packet instead.
 type gatedBind struct {
 	conn.Bind
-	g gates
+	g     gates
+	batch int // BatchSize; the bind's own is larger, smallBatch adapts
+	slot  int // smallBatch's buffer size: a message of an MTU-sized packet
 }
+
+func (b *gatedBind) BatchSize() int { return min(b.Bind.BatchSize(), b.batch) }
 
 func (b *gatedBind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
 	fns, actual, err := b.Bind.Open(port)
 	for i, fn := range fns {
+		if full := b.Bind.BatchSize(); full > b.BatchSize() {
+			fn = newSmallBatch(fn, full, b.slot).receive
+		}
 		fns[i] = func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
 			b.g.in.wait()
 			n, err := fn(packets, sizes, eps)

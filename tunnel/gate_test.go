@@ -13,7 +13,7 @@ import (
 // packet leaves, and never reopens early while packets do leave.
 func TestGateWaitsForPacketsToLeave(t *testing.T) {
 	t.Parallel()
-	g := newGate()
+	g := newGate(gatePackets)
 	g.stall = time.Hour // only a leave can release the feeder
 	g.enter(gatePackets - 1)
 	g.wait() // not full: returns at once
@@ -59,7 +59,7 @@ func TestGateWaitsForPacketsToLeave(t *testing.T) {
 // gate without progress for its stall time forgets them and reopens.
 func TestGateReopensAfterStall(t *testing.T) {
 	t.Parallel()
-	g := newGate()
+	g := newGate(gatePackets)
 	g.stall = 20 * time.Millisecond
 	g.enter(gatePackets + 10)
 	start := time.Now()
@@ -113,4 +113,56 @@ func parked(fn, state string) bool {
 		}
 	}
 	return false
+}
+
+// TestGateSizeFromBudget: the gates take a quarter of the side's
+// buffer_memory in 64 KiB message buffers, two directions, between the
+// floor and the unbudgeted size.
+func TestGateSizeFromBudget(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct{ budget, want int }{
+		{0, gatePackets},          // unbounded
+		{-1, gatePackets},         // unbounded
+		{1 << 20, minGatePackets}, // floor
+		{32 << 20, 64},            // the default: 8 MiB of 128 KiB pairs
+		{64 << 20, 128},
+		{1 << 30, gatePackets}, // cap
+	} {
+		if got := gateSize(c.budget); got != c.want {
+			t.Errorf("gateSize(%d) = %d, want %d", c.budget, got, c.want)
+		}
+	}
+}
+
+// TestGateLimitIsItsOwn: a gate holds its feeder at its own limit, not at
+// gatePackets.
+func TestGateLimitIsItsOwn(t *testing.T) {
+	t.Parallel()
+	g := newGate(minGatePackets)
+	g.stall = time.Hour
+	g.enter(minGatePackets - 1)
+	g.wait() // below the limit: returns at once
+	g.enter(1)
+	released := make(chan struct{})
+	go func() {
+		g.wait()
+		close(released)
+	}()
+	for deadline := time.Now().Add(10 * time.Second); !parked("tunnel.(*gate).wait(", "[select"); {
+		select {
+		case <-released:
+			t.Fatal("a gate at its limit let its feeder through")
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the feeder neither waits in the gate nor got through")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	g.leave(1)
+	select {
+	case <-released:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the feeder was not released after a packet left")
+	}
 }

@@ -274,6 +274,8 @@ func runApplianceWith(t testing.TB, toml string, addr netip.Addr, opts forwarder
 		t.Fatal(err)
 	}
 	h.in = &uplinkIngress{st}
+	// As the appliance wires it: the uplink's gates from limits.buffer_memory.
+	topts = append([]tunnel.Option{tunnel.WithBufferMemory(int(cfg.Limits.BufferMemory))}, topts...)
 	u, err := tunnel.NewUplink(&cfg.Uplinks[0], outer, st, log.Named("uplink"), append(testOpts[:len(testOpts):len(testOpts)], topts...)...)
 	if err != nil {
 		t.Fatal(err)

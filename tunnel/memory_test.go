@@ -17,6 +17,7 @@ import (
 
 	"github.com/natbox/natbox/conf"
 	"github.com/natbox/natbox/forwarder"
+	"github.com/natbox/natbox/tunnel"
 )
 
 // tinySocketBuffers makes a kernel socket's buffers as small as Linux
@@ -211,5 +212,29 @@ target = %q
 		baseline>>20, stalled>>20, flows, wgBase>>20, wgStalled>>20, float64(grew)/(1<<20), float64(bound)/(1<<20))
 	if grew > bound {
 		t.Errorf("live heap grew by %.1f MiB with %d backed-up flows, above the bound of %.1f MiB", float64(grew)/(1<<20), flows, float64(bound)/(1<<20))
+	}
+}
+
+// TestUplinkGateFromBufferMemory: an uplink's device holds what its
+// side's buffer_memory allows (a quarter of it in 64 KiB buffers, two
+// directions), and carries traffic with it.
+func TestUplinkGateFromBufferMemory(t *testing.T) {
+	t.Parallel()
+	portA, portB := freePort(t, false), freePort(t, false)
+	keyA, keyB := mustKey(t), mustKey(t)
+	relay := startRelay(t, relayConfig(mustKey(t), "127.0.0.1:0", []netip.Addr{loopback4},
+		conf.Peer{Name: "a", PublicKey: keyA.Public(), Address: applAddrA, Ports: mustSpecs(t, fmt.Sprintf("tcp/%d", portA))},
+		conf.Peer{Name: "b", PublicKey: keyB.Public(), Address: applAddrB, Ports: mustSpecs(t, fmt.Sprintf("tcp/%d", portB))},
+	), testLogger(t))
+	svc, _ := proxyEchoService(t)
+	a := startAppliance(t, relay, keyA, applAddrA, tcpMapping("a", portA, svc)) // the 32 MiB default
+	b := startAppliance(t, relay, keyB, applAddrB, "[limits]\nbuffer_memory = \"64MiB\"\n"+tcpMapping("b", portB, svc))
+	waitRegistered(t, a, fmt.Sprintf("tcp/%d", portA))
+	waitRegistered(t, b, fmt.Sprintf("tcp/%d", portB))
+	if got := tunnel.UplinkGate(a.uplink); got != 64 {
+		t.Errorf("default buffer_memory: uplink gate %d, want 64", got)
+	}
+	if got := tunnel.UplinkGate(b.uplink); got != 128 {
+		t.Errorf("buffer_memory 64MiB: uplink gate %d, want 128", got)
 	}
 }

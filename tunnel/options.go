@@ -30,6 +30,7 @@ type options struct {
 	fallbackAfter   time.Duration // uplink "auto": no reply over UDP this long moves to TCP
 	probeEvery      time.Duration // uplink on TCP: how often to try UDP again
 	transportTick   time.Duration // uplink: how often the transport ladder looks
+	bufferMemory    int           // uplink: its side's buffer_memory (0: unbounded), sizes the gates
 }
 
 func buildOptions(opts []Option) options {
@@ -95,3 +96,9 @@ func WithStreamLimits(pending int, handshake time.Duration) Option {
 func WithTransportLadder(fallback, probe, tick time.Duration) Option {
 	return func(o *options) { o.fallbackAfter, o.probeEvery, o.transportTick = fallback, probe, tick }
 }
+
+// WithBufferMemory gives an uplink its side's buffer budget
+// (limits.buffer_memory, 0: unbounded): it sizes how many packets the
+// uplink's WireGuard device may hold (the relay's comes from
+// relay.buffer_memory).
+func WithBufferMemory(total int) Option { return func(o *options) { o.bufferMemory = total } }

@@ -225,7 +225,7 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 		uapi += peerUAPI(p.PublicKey, netip.AddrPort{}, 0, TunnelPrefixes(p.Address))
 	}
 	bind := newStreamBind(conn.NewStdNetBind())
-	d, err := newDevice(dev, bind, cfg.Relay.PrivateKey, port, log)
+	d, err := newDevice(dev, bind, cfg.Relay.PrivateKey, port, gateSize(int(cfg.Relay.BufferMemory)), log)
 	if err != nil {
 		cancel()
 		return nil, err // newDevice closed dev

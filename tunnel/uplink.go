@@ -55,6 +55,7 @@ type Uplink struct {
 	dialer ControlDialer
 	log    *zap.Logger
 	opts   options
+	gate   int // data packets each direction of dev may hold
 
 	host string // the relay's host and port, re-resolved on failure
 	port uint16
@@ -127,7 +128,9 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 		log.Warn("tunnel device mtu differs from uplink.mtu", zap.Int("device_mtu", mtu), zap.Int("mtu", cfg.MTU))
 	}
 	client := newStreamClient(conn.NewStdNetBind())
-	d, err := newDevice(dev, client.bind, cfg.PrivateKey, 0, log)
+	o := buildOptions(opts)
+	gate := gateSize(o.bufferMemory)
+	d, err := newDevice(dev, client.bind, cfg.PrivateKey, 0, gate, log)
 	if err != nil {
 		return nil, err
 	}
@@ -146,7 +149,8 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 		client:  client,
 		dialer:  dialer,
 		log:     log,
-		opts:    buildOptions(opts),
+		opts:    o,
+		gate:    gate,
 		host:    host,
 		port:    uint16(port),
 		kick:    make(chan struct{}, 1),

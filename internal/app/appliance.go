@@ -198,6 +198,8 @@ func (a *Appliance) addUplink(cfg *conf.Config, u *conf.Uplink, opts []tunnel.Op
 	in.label = label
 	a.teardown.add(in.Close)
 	a.ingresses = append(a.ingresses, in)
+	// The uplinks share limits.buffer_memory's quarter for their devices.
+	opts = append(opts[:len(opts):len(opts)], tunnel.WithBufferMemory(int(cfg.Limits.BufferMemory)/len(cfg.Uplinks)))
 	up, err := tunnel.NewUplink(u, outer, in.stack, log, opts...)
 	if err != nil {
 		return err
