@@ -183,7 +183,7 @@ func TestSmallBatchClosed(t *testing.T) {
 func TestDeviceBatchSize(t *testing.T) {
 	t.Parallel()
 	key, _ := conf.GenerateKey()
-	d, err := newDevice(tuntest.NewChannelTUN().TUN(), conn.NewStdNetBind(), key, 0, gatePackets, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+	d, _, err := newDevice(tuntest.NewChannelTUN().TUN(), conn.NewStdNetBind(), key, 0, gatePackets, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -108,6 +108,3 @@ func BlockApplies(r *Relay, peer string) (entered <-chan struct{}, release func(
 	var once sync.Once
 	return in, func() { once.Do(func() { close(gate) }) }
 }
-
-// UplinkGate is how many data packets each direction of u's device may hold.
-func UplinkGate(u *Uplink) int { return u.gate }

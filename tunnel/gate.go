@@ -117,6 +117,13 @@ type gates struct{ out, in *gate }
 
 func newGates(limit int) gates { return gates{out: newGate(limit), in: newGate(limit)} }
 
+// status reports, for UplinkStatus and RelayStatus, the packets each
+// direction may hold (the bound), how many both hold now, and how often a
+// full gate reopened after gateStall without progress.
+func (g gates) status() (limit, held int64, stalls uint64) {
+	return g.out.limit, g.out.held.Load() + g.in.held.Load(), g.out.stalls.Load() + g.in.stalls.Load()
+}
+
 // gatedTUN is the tun.Device wireguard-go sees.
 type gatedTUN struct {
 	tun.Device

@@ -17,7 +17,6 @@ import (
 
 	"github.com/natbox/natbox/conf"
 	"github.com/natbox/natbox/forwarder"
-	"github.com/natbox/natbox/tunnel"
 )
 
 // tinySocketBuffers makes a kernel socket's buffers as small as Linux
@@ -231,10 +230,14 @@ func TestUplinkGateFromBufferMemory(t *testing.T) {
 	b := startAppliance(t, relay, keyB, applAddrB, "[limits]\nbuffer_memory = \"64MiB\"\n"+tcpMapping("b", portB, svc))
 	waitRegistered(t, a, fmt.Sprintf("tcp/%d", portA))
 	waitRegistered(t, b, fmt.Sprintf("tcp/%d", portB))
-	if got := tunnel.UplinkGate(a.uplink); got != 64 {
+	// The bound reaches status (and so /metrics) as gate_packets.
+	if got := a.uplink.Status().GatePackets; got != 64 {
 		t.Errorf("default buffer_memory: uplink gate %d, want 64", got)
 	}
-	if got := tunnel.UplinkGate(b.uplink); got != 128 {
+	if got := b.uplink.Status().GatePackets; got != 128 {
 		t.Errorf("buffer_memory 64MiB: uplink gate %d, want 128", got)
+	}
+	if got := relay.relay.Status().GatePackets; got != 64 {
+		t.Errorf("relay's default buffer_memory: gate %d, want 64", got)
 	}
 }

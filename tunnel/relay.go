@@ -47,6 +47,7 @@ type Relay struct {
 	log   *zap.Logger
 	org   Originator
 	dev   *device.Device
+	gates gates // bound the data packets each direction of dev holds
 	opts  options
 	addr4 netip.Addr // the relay's tunnel addresses
 	addr6 netip.Addr
@@ -225,7 +226,7 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 		uapi += peerUAPI(p.PublicKey, netip.AddrPort{}, 0, TunnelPrefixes(p.Address))
 	}
 	bind := newStreamBind(conn.NewStdNetBind())
-	d, err := newDevice(dev, bind, cfg.Relay.PrivateKey, port, gateSize(int(cfg.Relay.BufferMemory)), log)
+	d, g, err := newDevice(dev, bind, cfg.Relay.PrivateKey, port, gateSize(int(cfg.Relay.BufferMemory)), log)
 	if err != nil {
 		cancel()
 		return nil, err // newDevice closed dev
@@ -235,7 +236,7 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 		cancel()
 		return nil, fmt.Errorf("configure relay peers: %w", err)
 	}
-	r.dev = d
+	r.dev, r.gates = d, g
 	r.ipcSet = d.IpcSet
 	for i := range cfg.Peers {
 		r.addPeerLocked(cfg.Peers[i])
@@ -439,7 +440,12 @@ type RelayStatus struct {
 	UDPSessions int               `json:"udp_sessions"`
 	UDPSockets  int               `json:"udp_sockets"` // public UDP sockets open, all peers
 	Rejected    uint64            `json:"rejected"`    // flows from the tunnel refused by isolation
-	OverLimit   uint64            `json:"over_limit"`  // public flows refused by relay.max_sessions
+	// The WireGuard device's gates (gate.go): packets each direction may
+	// hold, packets held now, and reopenings after a stall.
+	GatePackets int64  `json:"gate_packets"`
+	GateHeld    int64  `json:"gate_held"`
+	GateStalls  uint64 `json:"gate_stalls"`
+	OverLimit   uint64 `json:"over_limit"` // public flows refused by relay.max_sessions
 	// The TCP transport (relay.tcp_listen): peers connected over it now,
 	// connections authenticated since start, connections refused or ended
 	// by reason (busy, handshake, auth, frame, replaced), and WireGuard
@@ -517,6 +523,7 @@ func (r *Relay) Status() RelayStatus {
 	es := r.eng.Snapshot()
 	st := RelayStatus{TCPSessions: es.TCPSessions, UDPSessions: int(es.UDPSessions), Rejected: r.rejected.Load(),
 		BufferBudgetBytes: es.BufferBudgetBytes, BufferUsedBytes: es.BufferUsedBytes, BufferDenied: es.BufferDenied}
+	st.GatePackets, st.GateHeld, st.GateStalls = r.gates.status()
 	if r.streams != nil {
 		ss := r.streams.status()
 		st.TCPStreams, st.TCPAccepted, st.TCPRefusals, st.TCPDropped = ss.streams, ss.accepted, ss.refused, ss.dropped

@@ -55,7 +55,7 @@ type Uplink struct {
 	dialer ControlDialer
 	log    *zap.Logger
 	opts   options
-	gate   int // data packets each direction of dev may hold
+	gates  gates // bound the data packets each direction of dev holds
 
 	host string // the relay's host and port, re-resolved on failure
 	port uint16
@@ -130,7 +130,7 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 	client := newStreamClient(conn.NewStdNetBind())
 	o := buildOptions(opts)
 	gate := gateSize(o.bufferMemory)
-	d, err := newDevice(dev, client.bind, cfg.PrivateKey, 0, gate, log)
+	d, g, err := newDevice(dev, client.bind, cfg.PrivateKey, 0, gate, log)
 	if err != nil {
 		return nil, err
 	}
@@ -150,7 +150,7 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 		dialer:  dialer,
 		log:     log,
 		opts:    o,
-		gate:    gate,
+		gates:   g,
 		host:    host,
 		port:    uint16(port),
 		kick:    make(chan struct{}, 1),
@@ -513,6 +513,11 @@ type UplinkStatus struct {
 	Transport      string `json:"transport"`
 	SwitchReason   string `json:"switch_reason,omitempty"`
 	TransportError string `json:"transport_error,omitempty"`
+	// The WireGuard device's gates (gate.go): packets each direction may
+	// hold, packets held now, and reopenings after a stall.
+	GatePackets int64  `json:"gate_packets"`
+	GateHeld    int64  `json:"gate_held"`
+	GateStalls  uint64 `json:"gate_stalls"`
 	// UsingTCP is Transport == "tcp", for /metrics.
 	UsingTCP          bool   `json:"using_tcp"`
 	TransportSwitches uint64 `json:"transport_switches"`
@@ -543,6 +548,7 @@ func (u *Uplink) Status() UplinkStatus {
 	if u.client.tcp.Load() {
 		st.Transport, st.UsingTCP = TransportTCP, true
 	}
+	st.GatePackets, st.GateHeld, st.GateStalls = u.gates.status()
 	for _, spec := range u.ports {
 		m, ok := u.results[spec]
 		switch {

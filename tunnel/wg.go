@@ -43,7 +43,7 @@ func wgLogger(log *zap.Logger) *device.Logger {
 // most gate data packets, with batches of deviceBatch (batch.go), sets its
 // private key and listen port (0: any), and brings it up. The device owns dev from here on:
 // closing the device closes dev.
-func newDevice(dev tun.Device, bind conn.Bind, key conf.Key, listenPort uint16, gate int, log *zap.Logger) (*device.Device, error) {
+func newDevice(dev tun.Device, bind conn.Bind, key conf.Key, listenPort uint16, gate int, log *zap.Logger) (*device.Device, gates, error) {
 	g := newGates(gate)
 	mtu, err := dev.MTU()
 	if err != nil || mtu <= 0 {
@@ -54,13 +54,13 @@ func newDevice(dev tun.Device, bind conn.Bind, key conf.Key, listenPort uint16, 
 	uapi := fmt.Sprintf("private_key=%s\nlisten_port=%d\n", key.Hex(), listenPort)
 	if err := d.IpcSet(uapi); err != nil {
 		d.Close()
-		return nil, fmt.Errorf("configure wireguard device: %w", err)
+		return nil, g, fmt.Errorf("configure wireguard device: %w", err)
 	}
 	if err := d.Up(); err != nil {
 		d.Close()
-		return nil, fmt.Errorf("bring up wireguard on udp port %d: %w; pick a free port or stop what holds it", listenPort, err)
+		return nil, g, fmt.Errorf("bring up wireguard on udp port %d: %w; pick a free port or stop what holds it", listenPort, err)
 	}
-	return d, nil
+	return d, g, nil
 }
 
 // peerUAPI is the UAPI "set" text for one peer. endpoint may be invalid (the

@@ -85,7 +85,7 @@ func TestDevicePairAllowedIPs(t *testing.T) {
 	applAddr := netip.MustParseAddr("100.96.0.2")
 
 	relayTUN, applTUN := tuntest.NewChannelTUN(), tuntest.NewChannelTUN()
-	relayDev, err := newDevice(relayTUN.TUN(), conn.NewStdNetBind(), relayKey, 0, gatePackets, log)
+	relayDev, _, err := newDevice(relayTUN.TUN(), conn.NewStdNetBind(), relayKey, 0, gatePackets, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,7 +97,7 @@ func TestDevicePairAllowedIPs(t *testing.T) {
 	if err != nil || port == 0 {
 		t.Fatalf("relay port %d, %v", port, err)
 	}
-	applDev, err := newDevice(applTUN.TUN(), conn.NewStdNetBind(), applKey, 0, gatePackets, log)
+	applDev, _, err := newDevice(applTUN.TUN(), conn.NewStdNetBind(), applKey, 0, gatePackets, log)
 	if err != nil {
 		t.Fatal(err)
 	}
