@@ -316,7 +316,8 @@ func TestDirectSegmentGSO(t *testing.T) {
 			t.Run(fmt.Sprintf("v6=%v/%d", v6, n), func(t *testing.T) {
 				payload := make([]byte, n)
 				rand.Read(payload)
-				const seq0, id0 = 0xffffffff - 1500, 0xfffe
+				const seq0 uint32 = 0xffffffff - 1500
+				const id0 uint16 = 0xfffe
 				flags := header.TCPFlagAck | header.TCPFlagPsh | header.TCPFlagFin | header.TCPFlagCwr
 				pkt := gsoPacket(v6, payload, mss, seq0, id0, flags)
 				b := &outBuf{pkt: pkt, n: pkt.Size()}
@@ -343,12 +344,12 @@ func TestDirectSegmentGSO(t *testing.T) {
 						l3 := header.IPv4MinimumSize
 						if v6 {
 							l3 = header.IPv6MinimumSize
-						} else if id := header.IPv4(p).ID(); id != uint16(id0+segs) {
-							t.Errorf("segment %d: ipv4 id %#x, want %#x", segs, id, uint16(id0+segs))
+						} else if id := header.IPv4(p).ID(); id != id0+uint16(segs) {
+							t.Errorf("segment %d: ipv4 id %#x, want %#x", segs, id, id0+uint16(segs))
 						}
 						tcp := header.TCP(p[l3:])
-						if s := tcp.SequenceNumber(); s != uint32(seq0+segs*mss) {
-							t.Errorf("segment %d: seq %d, want %d", segs, s, uint32(seq0+segs*mss))
+						if s := tcp.SequenceNumber(); s != seq0+uint32(segs*mss) {
+							t.Errorf("segment %d: seq %d, want %d", segs, s, seq0+uint32(segs*mss))
 						}
 						if len(tcp.Options()) != 12 || tcp.AckNumber() != 77 || tcp.WindowSize() != 500 {
 							t.Errorf("segment %d: header not copied: %x", segs, tcp[:tcp.DataOffset()])

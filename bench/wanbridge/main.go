@@ -23,7 +23,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 const ethPAll = 0x0003
@@ -59,15 +60,9 @@ func openPort(name string) (*port, error) {
 		return nil, fmt.Errorf("bind %s: %w", name, err)
 	}
 	// Promiscuous: frames addressed to the far side's MAC must reach this socket too.
-	mreq := struct {
-		ifindex int32
-		typ     uint16
-		alen    uint16
-		addr    [8]byte
-	}{ifindex: int32(ifi.Index), typ: 1 /* PACKET_MR_PROMISC */}
-	if _, _, e := syscall.Syscall6(syscall.SYS_SETSOCKOPT, uintptr(fd), 263 /* SOL_PACKET */, 1, /* PACKET_ADD_MEMBERSHIP */
-		uintptr(unsafe.Pointer(&mreq)), unsafe.Sizeof(mreq), 0); e != 0 {
-		return nil, fmt.Errorf("promiscuous %s: %w", name, e)
+	mreq := unix.PacketMreq{Ifindex: int32(ifi.Index), Type: unix.PACKET_MR_PROMISC}
+	if err := unix.SetsockoptPacketMreq(fd, unix.SOL_PACKET, unix.PACKET_ADD_MEMBERSHIP, &mreq); err != nil {
+		return nil, fmt.Errorf("promiscuous %s: %w", name, err)
 	}
 	_ = syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_RCVBUF, 8<<20)
 	_ = syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_SNDBUF, 8<<20)
