@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"net/http"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -27,32 +25,9 @@ func TestServerLifecycle(t *testing.T) {
 		}
 		return s
 	}
-	t.Run("new starts nothing", func(t *testing.T) {
-		before := testutil.Goroutines()
-		s := build(t)
-		defer s.Close()
-		if extra := testutil.Goroutines().Started(before); len(extra) > 0 {
-			t.Fatalf("NewServer started goroutines:\n%s", strings.Join(extra, "\n\n"))
-		}
-	})
+	t.Run("new starts nothing", func(t *testing.T) { testutil.CheckNewStartsNothing(t, build) })
 	t.Run("close before run", func(t *testing.T) {
-		s := build(t)
-		var wg sync.WaitGroup
-		for range 3 {
-			wg.Go(func() { s.Close() })
-		}
-		wg.Wait()
-		if err := s.Close(); err != nil {
-			t.Fatalf("second Close: %v", err)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if err := s.Run(ctx); !errors.Is(err, ErrClosed) {
-			t.Fatalf("Run after Close = %v; want ErrClosed", err)
-		}
-		if ctx.Err() != nil {
-			t.Fatal("Run after Close waited for its context")
-		}
+		testutil.CheckCloseBeforeRun(t, build, func(err error) bool { return errors.Is(err, ErrClosed) })
 	})
 	t.Run("run returns after its goroutines", func(t *testing.T) {
 		before := testutil.Goroutines()

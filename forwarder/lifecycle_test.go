@@ -3,8 +3,6 @@ package forwarder
 import (
 	"context"
 	"errors"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -27,32 +25,9 @@ func TestEngineLifecycle(t *testing.T) {
 		}
 		return e
 	}
-	t.Run("new starts nothing", func(t *testing.T) {
-		before := testutil.Goroutines()
-		e := build(t)
-		defer e.Close()
-		if extra := testutil.Goroutines().Started(before); len(extra) > 0 {
-			t.Fatalf("New started goroutines:\n%s", strings.Join(extra, "\n\n"))
-		}
-	})
+	t.Run("new starts nothing", func(t *testing.T) { testutil.CheckNewStartsNothing(t, build) })
 	t.Run("close before run", func(t *testing.T) {
-		e := build(t)
-		var wg sync.WaitGroup
-		for range 3 {
-			wg.Go(func() { e.Close() })
-		}
-		wg.Wait()
-		if err := e.Close(); err != nil {
-			t.Fatalf("second Close: %v", err)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if err := e.Run(ctx); !errors.Is(err, ErrStopped) {
-			t.Fatalf("Run after Close = %v; want ErrStopped", err)
-		}
-		if ctx.Err() != nil {
-			t.Fatal("Run after Close waited for its context")
-		}
+		testutil.CheckCloseBeforeRun(t, build, func(err error) bool { return errors.Is(err, ErrStopped) })
 	})
 	t.Run("run returns after its goroutines", func(t *testing.T) {
 		before := testutil.Goroutines()

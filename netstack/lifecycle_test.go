@@ -4,10 +4,8 @@ import (
 	"context"
 	"errors"
 	"net/netip"
-	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"go.uber.org/zap/zaptest"
 
@@ -44,32 +42,9 @@ func newLifecycleStack(t *testing.T) *Stack {
 // concurrently, Run after Close fails at once, and Run returns only after
 // every goroutine it started has stopped.
 func TestStackLifecycle(t *testing.T) {
-	t.Run("new starts nothing", func(t *testing.T) {
-		before := testutil.Goroutines()
-		s := newLifecycleStack(t)
-		defer s.Close()
-		if extra := testutil.Goroutines().Started(before); len(extra) > 0 {
-			t.Fatalf("New started goroutines:\n%s", strings.Join(extra, "\n\n"))
-		}
-	})
+	t.Run("new starts nothing", func(t *testing.T) { testutil.CheckNewStartsNothing(t, newLifecycleStack) })
 	t.Run("close before run", func(t *testing.T) {
-		s := newLifecycleStack(t)
-		var wg sync.WaitGroup
-		for range 3 {
-			wg.Go(func() { s.Close() })
-		}
-		wg.Wait()
-		if err := s.Close(); err != nil {
-			t.Fatalf("second Close: %v", err)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if err := s.Run(ctx); !errors.Is(err, ErrClosed) {
-			t.Fatalf("Run after Close = %v; want ErrClosed", err)
-		}
-		if ctx.Err() != nil {
-			t.Fatal("Run after Close waited for its context")
-		}
+		testutil.CheckCloseBeforeRun(t, newLifecycleStack, func(err error) bool { return errors.Is(err, ErrClosed) })
 	})
 	t.Run("run returns after its goroutines", func(t *testing.T) {
 		before := testutil.Goroutines()

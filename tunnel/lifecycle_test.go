@@ -498,6 +498,15 @@ type nopHandler struct{}
 func (nopHandler) HandleTCP(r *netstack.TCPRequest)        { r.Reject() }
 func (nopHandler) HandleUDP(_, _ netip.AddrPort, _ []byte) {}
 
+// component is an Uplink or a Relay under TestLifecycle.
+type component struct {
+	run   func(context.Context) error
+	close func() error
+}
+
+func (c component) Run(ctx context.Context) error { return c.run(ctx) }
+func (c component) Close() error                  { return c.close() }
+
 // TestLifecycle holds the Uplink and the Relay to the contract every
 // component keeps: New starts none of natbox's goroutines (wireguard-go's
 // own are allowed: device.NewDevice starts them), Close is idempotent
@@ -505,10 +514,6 @@ func (nopHandler) HandleUDP(_, _ netip.AddrPort, _ []byte) {}
 // returns only after what it started has stopped. Not parallel: it counts
 // goroutines.
 func TestLifecycle(t *testing.T) {
-	type component struct {
-		run   func(context.Context) error
-		close func() error
-	}
 	builds := map[string]func(t *testing.T) component{
 		"uplink": func(t *testing.T) component {
 			u := newLifecycleUplink(t, freePort(t, false))
@@ -520,32 +525,9 @@ func TestLifecycle(t *testing.T) {
 		},
 	}
 	for name, build := range builds {
-		t.Run(name+"/new starts nothing", func(t *testing.T) {
-			before := testutil.Goroutines()
-			c := build(t)
-			defer c.close()
-			if extra := testutil.Goroutines().Started(before); len(extra) > 0 {
-				t.Fatalf("New started goroutines:\n%s", strings.Join(extra, "\n\n"))
-			}
-		})
+		t.Run(name+"/new starts nothing", func(t *testing.T) { testutil.CheckNewStartsNothing(t, build) })
 		t.Run(name+"/close before run", func(t *testing.T) {
-			c := build(t)
-			var wg sync.WaitGroup
-			for range 3 {
-				wg.Go(func() { c.close() })
-			}
-			wg.Wait()
-			if err := c.close(); err != nil {
-				t.Fatalf("second Close: %v", err)
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			if err := c.run(ctx); !errors.Is(err, tunnel.ErrClosed) {
-				t.Fatalf("Run after Close = %v; want ErrClosed", err)
-			}
-			if ctx.Err() != nil {
-				t.Fatal("Run after Close waited for its context")
-			}
+			testutil.CheckCloseBeforeRun(t, build, func(err error) bool { return errors.Is(err, tunnel.ErrClosed) })
 		})
 		t.Run(name+"/close ends run", func(t *testing.T) {
 			before := testutil.Goroutines()

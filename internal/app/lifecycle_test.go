@@ -7,7 +7,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
@@ -19,10 +18,7 @@ import (
 )
 
 // lifecycle is what TestLifecycle needs of Appliance and RelayNode.
-type lifecycle interface {
-	Run(context.Context) error
-	Close() error
-}
+type lifecycle = testutil.Lifecycle
 
 // newLifecycleAppliance builds an appliance with every piece: a TUN (a
 // Pipe), an uplink towards a relay port nothing answers on, admin socket
@@ -97,32 +93,9 @@ func mustGenerateKey(t *testing.T) conf.Key {
 // counts goroutines.
 func TestLifecycle(t *testing.T) {
 	for name, build := range map[string]func(*testing.T) lifecycle{"appliance": newLifecycleAppliance, "relay": newLifecycleRelay} {
-		t.Run(name+"/new starts nothing", func(t *testing.T) {
-			before := testutil.Goroutines()
-			c := build(t)
-			defer c.Close()
-			if extra := testutil.Goroutines().Started(before); len(extra) > 0 {
-				t.Fatalf("New started goroutines:\n%s", strings.Join(extra, "\n\n"))
-			}
-		})
+		t.Run(name+"/new starts nothing", func(t *testing.T) { testutil.CheckNewStartsNothing(t, build) })
 		t.Run(name+"/close before run", func(t *testing.T) {
-			c := build(t)
-			var wg sync.WaitGroup
-			for range 3 {
-				wg.Go(func() { c.Close() })
-			}
-			wg.Wait()
-			if err := c.Close(); err != nil {
-				t.Fatalf("second Close: %v", err)
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			if err := c.Run(ctx); err == nil || !strings.Contains(err.Error(), "closed") {
-				t.Fatalf("Run after Close = %v; want a closed error", err)
-			}
-			if ctx.Err() != nil {
-				t.Fatal("Run after Close waited for its context")
-			}
+			testutil.CheckCloseBeforeRun(t, build, func(err error) bool { return err != nil && strings.Contains(err.Error(), "closed") })
 		})
 		for _, end := range []string{"ctx", "close"} {
 			t.Run(name+"/"+end+" ends run", func(t *testing.T) {
