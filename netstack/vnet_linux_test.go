@@ -17,6 +17,7 @@ import (
 
 	"go.uber.org/zap/zaptest"
 	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/tun"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
@@ -55,23 +56,7 @@ func TestKernelTUNTSOFramesIn(t *testing.T) {
 	if dev == nil {
 		return
 	}
-	sums := make(chan []byte, 1)
-	s, err := New(dev, Config{MTU: 1500, Addresses: tunAddrs}, funcHandler{tcp: func(r *TCPRequest) {
-		c, err := r.Accept()
-		if err != nil {
-			sums <- nil
-			return
-		}
-		defer c.Close()
-		h := sha256.New()
-		io.Copy(h, c)
-		sums <- h.Sum(nil)
-	}}, zaptest.NewLogger(t))
-	if err != nil {
-		t.Fatalf("new stack: %v", err)
-	}
-	defer s.Close()
-	runStack(t, s)
+	s, sums := runHashingStack(t, dev)
 	for _, target := range []string{"10.99.0.2:9", "[fd99::2]:9"} {
 		t.Run(target, func(t *testing.T) {
 			var c net.Conn
@@ -462,23 +447,7 @@ func TestKernelTUNWithoutTSO(t *testing.T) {
 	if err := rc.Control(func(fd uintptr) { oerr = unix.IoctlSetInt(int(fd), unix.TUNSETOFFLOAD, tunFCsum) }); err != nil || oerr != nil {
 		t.Fatalf("TUNSETOFFLOAD: %v %v", err, oerr)
 	}
-	sums := make(chan []byte, 1)
-	s, err := New(dev, Config{MTU: 1500, Addresses: tunAddrs}, funcHandler{tcp: func(r *TCPRequest) {
-		c, err := r.Accept()
-		if err != nil {
-			sums <- nil
-			return
-		}
-		defer c.Close()
-		h := sha256.New()
-		io.Copy(h, c)
-		sums <- h.Sum(nil)
-	}}, zaptest.NewLogger(t))
-	if err != nil {
-		t.Fatalf("new stack: %v", err)
-	}
-	defer s.Close()
-	runStack(t, s)
+	s, sums := runHashingStack(t, dev)
 	var c net.Conn
 	if err := inNetns(ns, func() (err error) {
 		c, err = net.DialTimeout("tcp", "10.99.0.2:9", 10*time.Second)
@@ -504,4 +473,28 @@ func TestKernelTUNWithoutTSO(t *testing.T) {
 	if st.GROCoalesced == 0 {
 		t.Error("GRO merged nothing: MTU segments were not batched")
 	}
+}
+
+// runHashingStack runs a Stack on dev whose handler accepts each TCP
+// connection and sends the SHA-256 of all it read (nil if the accept
+// failed); the Stack closes when the test ends.
+func runHashingStack(t *testing.T, dev tun.Device) (*Stack, <-chan []byte) {
+	t.Helper()
+	sums := make(chan []byte, 1)
+	s, err := New(dev, Config{MTU: 1500, Addresses: tunAddrs}, funcHandler{tcp: func(r *TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			sums <- nil
+			return
+		}
+		defer c.Close()
+		h := sha256.New()
+		io.Copy(h, c)
+		sums <- h.Sum(nil)
+	}}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatalf("new stack: %v", err)
+	}
+	runStack(t, s)
+	return s, sums
 }
