@@ -11,29 +11,13 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/natbox/natbox/conf"
 	"github.com/natbox/natbox/forwarder"
+	"github.com/natbox/natbox/internal/testutil"
 )
-
-// tinySocketBuffers makes a kernel socket's buffers as small as Linux
-// allows, so a reader that stops backs up into natbox, not the kernel.
-func tinySocketBuffers(_, _ string, c syscall.RawConn) error {
-	var serr error
-	err := c.Control(func(fd uintptr) {
-		serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
-		if serr == nil {
-			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, 4096)
-		}
-	})
-	if err != nil {
-		return err
-	}
-	return serr
-}
 
 // liveHeapAfterGC returns the live heap once the collector has run twice
 // (the second empties what sync.Pools kept from the first), and of it the
@@ -91,7 +75,7 @@ func TestRelayBufferBudgetHundredFlows(t *testing.T) {
 	t.Cleanup(open)
 	var got sync.Map // conn index -> bytes
 	var finished atomic.Int32
-	lc := net.ListenConfig{Control: tinySocketBuffers}
+	lc := net.ListenConfig{Control: testutil.SmallSocketBuffers}
 	ln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -138,7 +122,7 @@ name = "bulk"
 protocol = "tcp"
 listen = "%d"
 target = %q
-`, port, ln.Addr().String()), forwarder.Options{Dialer: &net.Dialer{Control: tinySocketBuffers}})
+`, port, ln.Addr().String()), forwarder.Options{Dialer: &net.Dialer{Control: testutil.SmallSocketBuffers}})
 	waitRegistered(t, a, spec)
 
 	baseline, wgBase := liveHeapAfterGC()

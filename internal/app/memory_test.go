@@ -19,24 +19,9 @@ import (
 
 	"github.com/natbox/natbox/admin"
 	"github.com/natbox/natbox/internal/app"
+	"github.com/natbox/natbox/internal/testutil"
 	"github.com/natbox/natbox/netstack"
 )
-
-// smallSocketBuffers makes a kernel socket's buffers as small as Linux
-// allows, so a stalled reader backs up into natbox instead of the kernel.
-func smallSocketBuffers(_, _ string, c syscall.RawConn) error {
-	var serr error
-	err := c.Control(func(fd uintptr) {
-		serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
-		if serr == nil {
-			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, 4096)
-		}
-	})
-	if err != nil {
-		return err
-	}
-	return serr
-}
 
 // stalledSink is a TCP target on 127.0.0.1 with tiny socket buffers that
 // reads nothing until release is closed, then counts every connection's
@@ -52,7 +37,7 @@ type stalledSink struct {
 }
 
 func newStalledSink(t testing.TB, n int) *stalledSink {
-	lc := net.ListenConfig{Control: smallSocketBuffers}
+	lc := net.ListenConfig{Control: testutil.SmallSocketBuffers}
 	ln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -247,7 +232,7 @@ func TestBufferBudgetBoundsStalledFlows(t *testing.T) {
 		Limits:    `buffer_memory = "8MiB"` + "\nmax_inflight_per_source = 1000\nmax_tcp_sessions_per_source = 0\nnew_sessions_per_source_per_second = 0",
 		Mappings:  mapping("bulk", "tcp", "9100", sink.addr),
 		clientTCP: netstack.TCPConfig{BufferBudget: 4 << 20},
-	}, app.Options{Dialer: &net.Dialer{Control: smallSocketBuffers}})
+	}, app.Options{Dialer: &net.Dialer{Control: testutil.SmallSocketBuffers}})
 	h.run()
 	// 16 KiB windows, counting gVisor's overhead per segment (about a
 	// third), hold about 10 KiB of data: wait for 4 KiB per flow.
@@ -308,7 +293,7 @@ func BenchmarkGatewayStalledFlows(b *testing.B) {
 					Limits:    fmt.Sprintf("buffer_memory = %q\nmax_inflight_per_source = 1000\nmax_tcp_sessions_per_source = 0\nnew_sessions_per_source_per_second = 0", budget),
 					Mappings:  mapping("bulk", "tcp", "9100", sink.addr),
 					clientTCP: netstack.TCPConfig{BufferBudget: 4 << 20},
-				}, app.Options{Dialer: &net.Dialer{Control: smallSocketBuffers}})
+				}, app.Options{Dialer: &net.Dialer{Control: testutil.SmallSocketBuffers}})
 				h.run()
 				r := driveStalledFlows(b, h, sink, 9100, flows, size, func(st admin.Status, written int64) bool {
 					if budget == "0" {
