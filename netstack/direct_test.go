@@ -45,6 +45,8 @@ type directBridge struct {
 	maxBatch atomic.Int64 // largest Read
 	multi    atomic.Int64 // Reads that returned more than one packet
 	packets  atomic.Int64
+	largest  atomic.Int64 // bytes of the largest packet
+	tooBig   atomic.Int64 // writes the receiving side refused as too big
 	mu       sync.Mutex
 	errs     []error
 	done     sync.WaitGroup
@@ -84,6 +86,9 @@ func (br *directBridge) run(from, to tun.Device) {
 		out = out[:0]
 		for i := range n {
 			p := bufs[i][wgOffset : wgOffset+sizes[i]]
+			if int64(len(p)) > br.largest.Load() {
+				br.largest.Store(int64(len(p)))
+			}
 			if err := checkWirePacket(p, br.mtu); err != nil {
 				br.fail(err)
 			}
@@ -92,6 +97,10 @@ func (br *directBridge) run(from, to tun.Device) {
 		if _, err := to.Write(out, wgOffset); err != nil {
 			if errors.Is(err, os.ErrClosed) {
 				return
+			}
+			if errors.Is(err, ErrPacketTooBig) {
+				br.tooBig.Add(1) // the receiving link refused it, as a device would
+				continue
 			}
 			br.fail(fmt.Errorf("write: %w", err))
 		}
@@ -156,20 +165,29 @@ func checkWirePacket(p []byte, mtu int) error {
 // newDirectPair is newPair over two Direct pairs and a bridge.
 func newDirectPair(t testing.TB, mtu int, client, server Handler) (c, s *Stack, br *directBridge) {
 	t.Helper()
-	cs, co := Direct(mtu)
-	ss, so := Direct(mtu)
+	return newDirectPairConfig(t, Config{MTU: mtu}, Config{MTU: mtu}, client, server)
+}
+
+// newDirectPairConfig is newDirectPair with each side's Config (Addresses
+// are set here); the bridge checks packets against the larger link MTU.
+func newDirectPairConfig(t testing.TB, clientCfg, serverCfg Config, client, server Handler) (c, s *Stack, br *directBridge) {
+	t.Helper()
+	cs, co := Direct(clientCfg.MTU)
+	ss, so := Direct(serverCfg.MTU)
 	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
-	c, err := New(cs, Config{Addresses: []netip.Prefix{clientPrefix4, clientPrefix6}}, client, log.Named("client"))
+	clientCfg.Addresses = []netip.Prefix{clientPrefix4, clientPrefix6}
+	c, err := New(cs, clientCfg, client, log.Named("client"))
 	if err != nil {
 		so.Close()
 		t.Fatalf("new client stack: %v", err)
 	}
-	s, err = New(ss, Config{Addresses: []netip.Prefix{serverPrefix4, serverPrefix6}}, server, log.Named("server"))
+	serverCfg.Addresses = []netip.Prefix{serverPrefix4, serverPrefix6}
+	s, err = New(ss, serverCfg, server, log.Named("server"))
 	if err != nil {
 		c.Close()
 		t.Fatalf("new server stack: %v", err)
 	}
-	br = &directBridge{mtu: mtu}
+	br = &directBridge{mtu: max(clientCfg.MTU, serverCfg.MTU)}
 	br.done.Add(2)
 	go br.run(co, so)
 	go br.run(so, co)

@@ -36,6 +36,9 @@ import (
 type Config struct {
 	// MTU of the link; 0 means the tun.Device's MTU.
 	MTU int
+	// PathMTU is the MTU of the stack's routes at start (0: MTU); see
+	// SetPathMTU (pathmtu.go).
+	PathMTU int
 	// Addresses are assigned to the NIC. Promiscuous mode and spoofing accept
 	// and originate any address anyway; these matter for ICMP echo and as the
 	// stack's preferred source addresses.
@@ -189,10 +192,14 @@ type Stack struct {
 	queueFrames []atomic.Uint64
 	cfg         Config
 	handler     Handler
-	log         *zap.Logger
-	stack       *stack.Stack
-	link        *linkEndpoint
-	stats       counters
+	// pathMTU is the routes' MTU (pathmtu.go); routeMu serializes changes.
+	pathMTU  atomic.Int32
+	routeMu  sync.Mutex
+	probeSeq atomic.Uint32
+	log      *zap.Logger
+	stack    *stack.Stack
+	link     *linkEndpoint
+	stats    counters
 
 	// closing is set first in Close: stop admitting flows and injecting input.
 	closing   atomic.Bool
@@ -287,9 +294,16 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		cfg.MTU = devMTU
 	}
 	cfg.applyDefaults()
-	if cfg.MTU < 1280 || cfg.MTU > 65535 {
+	if cfg.MTU < minLinkMTU || cfg.MTU > maxLinkMTU {
 		dev.Close()
-		return nil, fmt.Errorf("netstack: mtu %d out of range; use 1280-65535", cfg.MTU)
+		return nil, fmt.Errorf("netstack: mtu %d out of range; use %d-%d", cfg.MTU, minLinkMTU, maxLinkMTU)
+	}
+	if cfg.PathMTU == 0 {
+		cfg.PathMTU = cfg.MTU
+	}
+	if cfg.PathMTU < minLinkMTU || cfg.PathMTU > cfg.MTU {
+		dev.Close()
+		return nil, fmt.Errorf("netstack: path mtu %d out of range; use %d-%d (the link's mtu)", cfg.PathMTU, minLinkMTU, cfg.MTU)
 	}
 	s := &Stack{
 		dev:        dev,
@@ -460,11 +474,8 @@ func (s *Stack) configure() error {
 			return fmt.Errorf("netstack: add address %s: %s", p, err)
 		}
 	}
-	// Everything leaves through the one NIC.
-	st.SetRouteTable([]tcpip.Route{
-		{Destination: header.IPv4EmptySubnet, NIC: nicID},
-		{Destination: header.IPv6EmptySubnet, NIC: nicID},
-	})
+	s.pathMTU.Store(int32(s.cfg.PathMTU))
+	st.SetRouteTable(routeTable(s.cfg.PathMTU))
 	fwd := tcp.NewForwarder(st, s.conns.initialWindow(), t.MaxInFlight, s.forwardTCP)
 	st.SetTransportProtocolHandler(tcp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
 		if !s.synChecksumValid(id, pkt) {
@@ -938,8 +949,8 @@ func (s *Stack) WriteUDP(src, dst netip.AddrPort, payload []byte) error {
 		return fmt.Errorf("netstack: write udp %s -> %s: addresses must be valid and of one family", src, dst)
 	}
 	n := udpPacketLen(src.Addr().Is4(), len(payload))
-	if n > s.cfg.MTU {
-		return fmt.Errorf("netstack: write udp %s -> %s: %d-byte packet, mtu %d: %w", src, dst, n, s.cfg.MTU, ErrMessageTooLong)
+	if mtu := s.PathMTU(); n > mtu {
+		return fmt.Errorf("netstack: write udp %s -> %s: %d-byte packet, mtu %d: %w", src, dst, n, mtu, ErrMessageTooLong)
 	}
 	b := s.link.getBuf()
 	b.n = n

@@ -1,0 +1,128 @@
+package netstack
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// A stack has two MTUs. The link's (Config.MTU) is the largest packet it
+// takes in or lets out. The path MTU (Config.PathMTU, SetPathMTU) is what
+// its routes carry: the MSS of new TCP connections and the largest datagram
+// WriteUDP sends. A tunnel stack keeps a large link MTU so that a probe
+// (ProbePath) can find out whether the path carries more than the MTU it
+// uses now.
+
+// Link MTU bounds: IPv6's minimum link MTU (every stack carries IPv6) and
+// the largest IP packet.
+const (
+	minLinkMTU = 1280
+	maxLinkMTU = 65535
+)
+
+// ErrProbeLost is ProbePath's error when no echo of the probe came back.
+var ErrProbeLost = errors.New("netstack: path probe: no echo came back")
+
+// PathMTU is the MTU the stack's routes carry now.
+func (s *Stack) PathMTU() int { return int(s.pathMTU.Load()) }
+
+// SetPathMTU sets the MTU of the stack's routes, between 1280 and the
+// link's MTU. Connections keep the MSS they started with; new ones, and
+// WriteUDP, follow mtu.
+func (s *Stack) SetPathMTU(mtu int) error {
+	if mtu < minLinkMTU || mtu > s.cfg.MTU {
+		return fmt.Errorf("netstack: path mtu %d out of range; use %d-%d (the link's mtu)", mtu, minLinkMTU, s.cfg.MTU)
+	}
+	s.routeMu.Lock()
+	defer s.routeMu.Unlock()
+	s.pathMTU.Store(int32(mtu))
+	s.stack.SetRouteTable(routeTable(mtu))
+	return nil
+}
+
+// routeTable sends everything through the one NIC, at mtu.
+func routeTable(mtu int) []tcpip.Route {
+	return []tcpip.Route{
+		{Destination: header.IPv4EmptySubnet, NIC: nicID, MTU: uint32(mtu)},
+		{Destination: header.IPv6EmptySubnet, NIC: nicID, MTU: uint32(mtu)},
+	}
+}
+
+// ProbePath sends one ICMP echo request of size bytes (IPv4 header
+// included) from src to dst, whole (never fragmented here: size may exceed
+// the path MTU, not the link's), and waits for the echo of the same size
+// until ctx is done (ErrProbeLost). src and dst are IPv4 addresses; dst is
+// typically the far end of a tunnel, whose stack answers echo requests for
+// its own addresses.
+func (s *Stack) ProbePath(ctx context.Context, src, dst netip.Addr, size int) error {
+	src, dst = src.Unmap(), dst.Unmap()
+	if !src.Is4() || !dst.Is4() {
+		return fmt.Errorf("netstack: path probe %s -> %s: IPv4 addresses only", src, dst)
+	}
+	payload := size - header.IPv4MinimumSize - header.ICMPv4MinimumSize
+	if payload < 0 || size > s.cfg.MTU {
+		return fmt.Errorf("netstack: path probe of %d bytes: use %d-%d (the link's mtu)",
+			size, header.IPv4MinimumSize+header.ICMPv4MinimumSize, s.cfg.MTU)
+	}
+	if s.closing.Load() {
+		return ErrClosed
+	}
+	var wq waiter.Queue
+	ep, terr := s.stack.NewEndpoint(icmp.ProtocolNumber4, ipv4.ProtocolNumber, &wq)
+	if terr != nil {
+		return fmt.Errorf("netstack: path probe: %s", terr)
+	}
+	defer ep.Close()
+	if terr := ep.Bind(tcpip.FullAddress{Addr: tcpip.AddrFrom4(src.As4())}); terr != nil {
+		return fmt.Errorf("netstack: path probe: bind %s: %s", src, terr)
+	}
+	if terr := ep.Connect(tcpip.FullAddress{Addr: tcpip.AddrFrom4(dst.As4())}); terr != nil {
+		return fmt.Errorf("netstack: path probe: connect %s: %s", dst, terr)
+	}
+	readable, notify := waiter.NewChannelEntry(waiter.ReadableEvents)
+	wq.EventRegister(&readable)
+	defer wq.EventUnregister(&readable)
+
+	seq := uint16(s.probeSeq.Add(1)) // a late echo of an earlier probe must not count
+	msg := make([]byte, header.ICMPv4MinimumSize+payload)
+	echo := header.ICMPv4(msg)
+	echo.SetType(header.ICMPv4Echo)
+	echo.SetSequence(seq)
+	for i := range msg[header.ICMPv4MinimumSize:] {
+		msg[header.ICMPv4MinimumSize+i] = byte(i)
+	}
+	if _, terr := ep.Write(bytes.NewReader(msg), tcpip.WriteOptions{}); terr != nil {
+		return fmt.Errorf("netstack: path probe of %d bytes to %s: %s", size, dst, terr)
+	}
+	var got bytes.Buffer
+	for {
+		got.Reset()
+		_, terr := ep.Read(&got, tcpip.ReadOptions{})
+		if _, wait := terr.(*tcpip.ErrWouldBlock); wait {
+			select {
+			case <-notify:
+				continue
+			case <-ctx.Done():
+				return fmt.Errorf("%w (%d bytes to %s)", ErrProbeLost, size, dst)
+			case <-s.done:
+				return ErrClosed
+			}
+		}
+		if terr != nil {
+			return fmt.Errorf("netstack: path probe of %d bytes to %s: %s", size, dst, terr)
+		}
+		reply := header.ICMPv4(got.Bytes())
+		if len(reply) == len(msg) && reply.Sequence() == seq &&
+			bytes.Equal(reply[header.ICMPv4MinimumSize:], msg[header.ICMPv4MinimumSize:]) {
+			return nil
+		}
+	}
+}

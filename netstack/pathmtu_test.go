@@ -1,0 +1,98 @@
+package netstack
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+// TestProbePath probes the path between two stacks joined like two
+// wireguard-go devices: a probe the far link takes comes back whole, one
+// larger than the far link is lost, and SetPathMTU moves what new TCP
+// connections and WriteUDP send while the link MTU stays.
+func TestProbePath(t *testing.T) {
+	const link, path, farSmall = 9000, 1420, 4000
+	echoServer := funcHandler{tcp: func(r *TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c)
+		c.(closeWriter).CloseWrite()
+	}}
+	client, server, br := newDirectPairConfig(t, Config{MTU: link, PathMTU: path}, Config{MTU: farSmall}, funcHandler{}, echoServer)
+	src, dst := clientPrefix4.Addr(), serverPrefix4.Addr()
+
+	// echo sends n bytes through a new connection and returns the largest
+	// packet the bridge saw for it.
+	echo := func(t *testing.T, n int) int64 {
+		t.Helper()
+		br.largest.Store(0)
+		c, err := client.DialTCP(testContext(t), netip.AddrPort{}, netip.AddrPortFrom(dst, 7))
+		if err != nil {
+			t.Fatalf("dial: %v", err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		data := bytes.Repeat([]byte("natbox"), n/6)
+		go func() {
+			c.Write(data)
+			c.(closeWriter).CloseWrite()
+		}()
+		got, err := io.ReadAll(c)
+		if err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("echo: %d of %d bytes back, %v", len(got), len(data), err)
+		}
+		return br.largest.Load()
+	}
+	if got := client.PathMTU(); got != path {
+		t.Fatalf("PathMTU = %d, want %d", got, path)
+	}
+	if big := echo(t, 256<<10); big > path {
+		t.Fatalf("at path mtu %d the largest packet was %d bytes", path, big)
+	}
+
+	probe := func(size int, wait time.Duration) error {
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		defer cancel()
+		return client.ProbePath(ctx, src, dst, size)
+	}
+	for _, size := range []int{28, path, farSmall} {
+		if err := probe(size, 5*time.Second); err != nil {
+			t.Fatalf("probe of %d bytes: %v", size, err)
+		}
+	}
+	if err := probe(farSmall+1, 300*time.Millisecond); !errors.Is(err, ErrProbeLost) {
+		t.Fatalf("probe of %d bytes past a %d-byte far link: %v, want ErrProbeLost", farSmall+1, farSmall, err)
+	}
+	if err := probe(link+1, time.Second); err == nil || errors.Is(err, ErrProbeLost) {
+		t.Fatalf("probe larger than the link: %v, want a range error", err)
+	}
+	if st := server.Stats(); st.ReadErrors != 1 || br.tooBig.Load() != 1 {
+		t.Errorf("server stats %+v, bridge refusals %d: want the oversized probe refused and counted once", st, br.tooBig.Load())
+	}
+
+	// UDP follows the path MTU.
+	a, b := netip.AddrPortFrom(src, 53), netip.AddrPortFrom(dst, 53)
+	if err := client.WriteUDP(a, b, make([]byte, 2000)); !errors.Is(err, ErrMessageTooLong) {
+		t.Fatalf("2000-byte datagram at path mtu %d: %v, want ErrMessageTooLong", path, err)
+	}
+	if err := client.SetPathMTU(link + 1); err == nil {
+		t.Fatal("SetPathMTU above the link's mtu: no error")
+	}
+	if err := client.SetPathMTU(farSmall); err != nil {
+		t.Fatal(err)
+	}
+	if err := client.WriteUDP(a, b, make([]byte, 2000)); err != nil {
+		t.Fatalf("2000-byte datagram at path mtu %d: %v", farSmall, err)
+	}
+	if big := echo(t, 256<<10); big <= path || big > farSmall {
+		t.Fatalf("at path mtu %d the largest packet was %d bytes, want %d-%d", farSmall, big, path+1, farSmall)
+	}
+	br.check(t)
+}
