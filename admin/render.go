@@ -196,6 +196,9 @@ func renderUplink(w io.Writer, now time.Time, u *Uplink) {
 		}
 		fmt.Fprintf(w, "  transport   %s (%s)\n", u.Transport, why)
 	}
+	if mtu, ok := u.Stats.Gauges["mtu"]; ok {
+		fmt.Fprintf(w, "  tunnel mtu  %d\n", mtu) // uplink.mtu, or more where the path probe passed
+	}
 	fmt.Fprintf(w, "  traffic     in %s, out %s\n", formatBytes(u.BytesIn), formatBytes(u.BytesOut))
 	fmt.Fprintf(w, "  registered  %s\n", formatList(u.Registered))
 	for _, r := range u.Refused {

@@ -88,6 +88,11 @@ func TestRenderUplinkTransport(t *testing.T) {
 	if strings.Contains(b.String(), "transport") {
 		t.Errorf("udp shown:\n%s", b.String())
 	}
+	b.Reset()
+	renderUplink(&b, now, &Uplink{Relay: "r:1", Stats: Counters{Gauges: map[string]int64{"mtu": 32000}}})
+	if want := "  tunnel mtu  32000\n"; !strings.Contains(b.String(), want) {
+		t.Errorf("lacks %q:\n%s", want, b.String())
+	}
 }
 
 func TestRenderSessions(t *testing.T) {

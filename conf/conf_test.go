@@ -451,6 +451,8 @@ relay_public_key = "` + testRelayPub + `"
 private_key = "` + testPriv + `"
 address = "10.77.0.1"`, `uplink.relay_address: relay_address 10.77.0.1 is this appliance's own address; set relay_address to the relay's tunnel address`},
 		{"uplink mtu", uplinkTable + `mtu = 100 # <-`, `uplink.mtu: mtu 100 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
+		{"uplink max_mtu below mtu", uplinkTable + "mtu = 1420\nmax_mtu = 1400 # <-", `uplink.max_mtu: max_mtu 1400 is out of range; use 1420-65475; max_mtu = mtu turns the path probe off`},
+		{"uplink max_mtu over one wireguard datagram", uplinkTable + "max_mtu = 65476 # <-", `uplink.max_mtu: max_mtu 65476 is out of range; use 1420-65475; max_mtu = mtu turns the path probe off`},
 		{"uplink mtu over one wireguard datagram", uplinkTable + `mtu = 65535 # <-`, `uplink.mtu: mtu 65535 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
 		{"uplink address ipv6", `[uplink]
 relay = "relay.example.net:51820"

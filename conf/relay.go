@@ -127,7 +127,10 @@ func (c *RelayConfig) validate(r *report) {
 	if len(s.PublicBind) == 0 {
 		r.errorf("relay.public_bind", `list the addresses public listeners open on, e.g. ["0.0.0.0", "::"]`, "public_bind is empty")
 	}
-	validateMTU(r, "relay.mtu", s.MTU, true)
+	if s.MaxMTU == 0 {
+		s.MaxMTU = max(DefaultMaxTunnelMTU, s.MTU)
+	}
+	validateMaxMTU(r, "relay", s.MTU, s.MaxMTU)
 	if s.TCPListen != "" {
 		if err := checkHostPort(s.TCPListen, true); err != nil {
 			r.valueError("relay.tcp_listen", err, "")

@@ -57,6 +57,7 @@ address = "10.77.0.1"`, `relay.private_key: a private key is required; set priva
 		{"public bind bad", relayBase + `public_bind = ["0.0.0.0", "any"] # <-`, `relay.public_bind[1]: "any" is not an IP address; write an address, e.g. "10.77.0.2" or "fd77::2"`},
 		{"mtu", relayBase + `mtu = 65536 # <-`, `relay.mtu: mtu 65536 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
 		{"mtu below what the tunnel stack runs", relayBase + `mtu = 1279 # <-`, `relay.mtu: mtu 1279 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
+		{"max_mtu below mtu", relayBase + "mtu = 9000\nmax_mtu = 8000 # <-", `relay.max_mtu: max_mtu 8000 is out of range; use 9000-65475; max_mtu = mtu turns the path probe off`},
 		{"mtu larger than one wireguard datagram", relayBase + `mtu = 65476 # <-`, `relay.mtu: mtu 65476 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
 		{"peer quota default negative", relayBase + `peer_max_udp_sessions = -1 # <-`, `relay.peer_max_udp_sessions: -1 is negative; use 0 for unlimited or a positive number`},
 		{"udp socket cap negative", relayBase + `max_udp_sockets = -1 # <-`, `relay.max_udp_sockets: -1 is negative; use 0 for unlimited or a positive number`},

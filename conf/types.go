@@ -57,6 +57,10 @@ type Uplink struct {
 	RelayAddress   netip.Addr `toml:"relay_address"`    // the relay's tunnel address; default: Address with last octet 1
 	Keepalive      Duration   `toml:"keepalive"`        // default 25s
 	MTU            int        `toml:"mtu"`              // tunnel MTU, default 1420
+	// MaxMTU is the largest tunnel MTU a path probe may raise mtu to where
+	// the path to the relay carries it (default DefaultMaxTunnelMTU; equal
+	// to mtu: no probe). See tunnel/pathmtu.go.
+	MaxMTU int `toml:"max_mtu"`
 	// The TCP fallback (WireGuard inside TLS): relay_tcp is the relay's
 	// tcp_listen as reachable from here, default the relay's host, port 443;
 	// transport is "auto" (default: UDP, TCP when UDP gets no answer), "udp"
@@ -186,7 +190,11 @@ type RelaySection struct {
 	PrivateKeyFile string       `toml:"private_key_file"`
 	Address        netip.Addr   `toml:"address"`     // the relay's tunnel address
 	PublicBind     []netip.Addr `toml:"public_bind"` // where public listeners open; default 0.0.0.0 and ::
-	MTU            int          `toml:"mtu"`         // default 1420
+	MTU            int          `toml:"mtu"`         // default 1420; public UDP datagrams must fit it
+	// MaxMTU is the largest tunnel packet the relay takes from and sends to
+	// a peer whose path probe showed the path carries it (default
+	// DefaultMaxTunnelMTU; equal to mtu: every peer stays at mtu).
+	MaxMTU int `toml:"max_mtu"`
 	DialTimeout    Duration     `toml:"dial_timeout"`
 	MaxSessions    int          `toml:"max_sessions"`
 	// TCPListen turns the TCP transport on: WireGuard inside TLS for

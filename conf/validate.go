@@ -69,6 +69,9 @@ func (c *Config) applyDefaults() {
 		if u.MTU == 0 {
 			u.MTU = DefaultTunnelMTU
 		}
+		if u.MaxMTU == 0 {
+			u.MaxMTU = max(DefaultMaxTunnelMTU, u.MTU)
+		}
 		if !u.RelayAddress.IsValid() && u.Address.IsValid() {
 			u.RelayAddress = hostOne(u.Address)
 		}
@@ -132,6 +135,12 @@ const (
 	MinMTU       = 1280
 	MaxMTU       = 65535
 	MaxTunnelMTU = 65507 - 32
+	// DefaultMaxTunnelMTU is how far a path probe may raise a tunnel's MTU
+	// by default: where the path carries it (a LAN's jumbo frames, relay
+	// and appliance on one host), fewer, larger packets halve the tunnel's
+	// CPU per byte; beyond it the relay benchmarks gained nothing and a
+	// lost datagram costs more (tunnel/BENCH.md).
+	DefaultMaxTunnelMTU = 32000
 	// MaxTUNQueues is netstack.MaxTUNQueues (internal/app tests that the
 	// two agree).
 	MaxTUNQueues = 64
@@ -145,6 +154,18 @@ func validateMTU(r *report, path string, mtu int, tunnel bool) {
 	}
 	if mtu < MinMTU || mtu > hi {
 		r.errorf(path, fmt.Sprintf("use %d-%d (%s)", MinMTU, hi, usual), "mtu %d is out of range", mtu)
+	}
+}
+
+// validateMaxMTU checks a tunnel's mtu and max_mtu under the table at path.
+func validateMaxMTU(r *report, path string, mtu, maxMTU int) {
+	validateMTU(r, path+".mtu", mtu, true)
+	if mtu < MinMTU || mtu > MaxTunnelMTU {
+		return // said above; max_mtu's range depends on it
+	}
+	if maxMTU < mtu || maxMTU > MaxTunnelMTU {
+		r.errorf(path+".max_mtu", fmt.Sprintf("use %d-%d; max_mtu = mtu turns the path probe off", mtu, MaxTunnelMTU),
+			"max_mtu %d is out of range", maxMTU)
 	}
 }
 
@@ -270,7 +291,7 @@ func (u *Uplink) validate(r *report, p, dir string) {
 		u.RelayAddress == u.Address {
 		r.errorf(p+".relay_address", "set relay_address to the relay's tunnel address", "relay_address %s is this appliance's own address", u.RelayAddress)
 	}
-	validateMTU(r, p+".mtu", u.MTU, true)
+	validateMaxMTU(r, p, u.MTU, u.MaxMTU)
 	switch u.Transport {
 	case TransportAuto, TransportUDP, TransportTCP:
 	default:

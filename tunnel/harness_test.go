@@ -80,6 +80,7 @@ func relayConfig(key conf.Key, listen string, binds []netip.Addr, peers ...conf.
 			Address:      relayTunnelAddr,
 			PublicBind:   binds,
 			MTU:          testMTU,
+			MaxMTU:       conf.DefaultMaxTunnelMTU,
 			DialTimeout:  conf.Duration(5 * time.Second),
 			BufferMemory: conf.DefaultRelayBufferMemory,
 		},
@@ -133,7 +134,8 @@ func tunnelPair(mtu int) (stackSide, outer tun.Device) {
 
 func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger, opts ...tunnel.Option) *relaySide {
 	t.Helper()
-	stackSide, outer := tunnelPair(testMTU)
+	// As the relay node wires it: the link takes relay.max_mtu.
+	stackSide, outer := tunnelPair(max(cfg.Relay.MaxMTU, cfg.Relay.MTU))
 	h := &relayHandler{}
 	tcp := stackTCP
 	if _, stackBufs := conf.BufferShares(cfg.Relay.BufferMemory, 1); tcp.BufferBudget == 0 {
@@ -267,9 +269,11 @@ func runApplianceWith(t testing.TB, toml string, addr netip.Addr, opts forwarder
 	if err != nil {
 		t.Fatal(err)
 	}
-	stackSide, outer := tunnelPair(testMTU)
+	// As the appliance wires it: the link takes max_mtu, the routes mtu.
+	up := &cfg.Uplinks[0]
+	stackSide, outer := tunnelPair(up.MaxMTU)
 	h := &engineHandler{e: engine}
-	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(addr), TCP: tcp}, h, log.Named("appliance-stack"))
+	st, err := netstack.New(stackSide, netstack.Config{MTU: up.MaxMTU, PathMTU: up.MTU, Addresses: tunnel.TunnelPrefixes(addr), TCP: tcp}, h, log.Named("appliance-stack"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -460,8 +460,9 @@ mtu = %d
 	if err != nil {
 		t.Fatal(err)
 	}
-	stackSide, outer := tunnelPair(testMTU)
-	st, err := netstack.New(stackSide, netstack.Config{Addresses: tunnel.TunnelPrefixes(applAddrA)}, nopHandler{}, testLogger(t))
+	up := &cfg.Uplinks[0]
+	stackSide, outer := tunnelPair(up.MaxMTU)
+	st, err := netstack.New(stackSide, netstack.Config{MTU: up.MaxMTU, PathMTU: up.MTU, Addresses: tunnel.TunnelPrefixes(applAddrA)}, nopHandler{}, testLogger(t))
 	if err != nil {
 		outer.Close()
 		t.Fatal(err)
@@ -534,9 +535,9 @@ func TestLifecycle(t *testing.T) {
 			c := build(t)
 			done := make(chan error, 1)
 			go func() { done <- c.run(context.Background()) }()
-			// Running: the uplink's monitor, transport ladder and close
-			// watcher; the relay's engine.
-			testutil.WaitGoroutines(t, before, map[string]int{"uplink": 3, "relay": 1}[name])
+			// Running: the uplink's monitor, transport ladder, path probe
+			// and close watcher; the relay's engine.
+			testutil.WaitGoroutines(t, before, map[string]int{"uplink": 4, "relay": 1}[name])
 			var wg sync.WaitGroup
 			for range 2 {
 				wg.Go(func() { c.close() })

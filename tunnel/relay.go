@@ -186,12 +186,12 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 		log.Warn("wireguard listens on every address; the host part of relay.listen is not applied",
 			zap.String("listen", cfg.Relay.Listen))
 	}
+	// The device and the stack take relay.max_mtu (peers whose path probe
+	// passed send that much: tunnel/pathmtu.go); public datagrams must fit
+	// relay.mtu, which every peer has.
 	mtu := cfg.Relay.MTU
-	if devMTU, err := dev.MTU(); err == nil {
-		if mtu != 0 && devMTU != mtu {
-			log.Warn("tunnel device mtu differs from relay.mtu", zap.Int("device_mtu", devMTU), zap.Int("mtu", mtu))
-		}
-		mtu = devMTU
+	if devMTU, err := dev.MTU(); err == nil && cfg.Relay.MaxMTU != 0 && devMTU != cfg.Relay.MaxMTU {
+		log.Warn("tunnel device mtu differs from relay.max_mtu", zap.Int("device_mtu", devMTU), zap.Int("max_mtu", cfg.Relay.MaxMTU))
 	}
 	if mtu <= 0 {
 		mtu = defaultMTU
@@ -636,6 +636,9 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 	}
 	if nw.MTU != old.MTU {
 		fixed = append(fixed, "relay.mtu")
+	}
+	if nw.MaxMTU != old.MaxMTU {
+		fixed = append(fixed, "relay.max_mtu")
 	}
 	if nw.TCPListen != old.TCPListen {
 		fixed = append(fixed, "relay.tcp_listen")

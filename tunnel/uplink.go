@@ -52,10 +52,11 @@ type Uplink struct {
 	cfg    *conf.Uplink
 	dev    *device.Device
 	client *streamClient // the bind's transport switch and TCP stream
-	dialer ControlDialer
+	dialer UplinkStack
 	log    *zap.Logger
 	opts   options
 	gates  gates // bound the data packets each direction of dev holds
+	path   pathState
 
 	host string // the relay's host and port, re-resolved on failure
 	port uint16
@@ -86,8 +87,9 @@ type Uplink struct {
 // EventUp brings the device up from one of them: its API has no way to
 // build a device that waits). It takes ownership of dev (closed by Close, or before
 // returning an error). dialer is the appliance stack, used to reach the
-// relay's control port through the tunnel. cmd creates dev with cfg.MTU.
-func NewUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.Logger, opts ...Option) (*Uplink, error) {
+// relay's control port through the tunnel, and to probe the path's MTU
+// (pathmtu.go). cmd creates dev and the stack with cfg.MaxMTU.
+func NewUplink(cfg *conf.Uplink, dev tun.Device, dialer UplinkStack, log *zap.Logger, opts ...Option) (*Uplink, error) {
 	u, err := newUplink(cfg, dev, dialer, log, opts)
 	if err != nil {
 		if dev != nil {
@@ -98,7 +100,7 @@ func NewUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 	return u, nil
 }
 
-func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.Logger, opts []Option) (*Uplink, error) {
+func newUplink(cfg *conf.Uplink, dev tun.Device, dialer UplinkStack, log *zap.Logger, opts []Option) (*Uplink, error) {
 	switch {
 	case cfg == nil:
 		return nil, errors.New("new uplink: no config")
@@ -124,8 +126,8 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 	if err != nil {
 		return nil, fmt.Errorf("new uplink: uplink.relay %q: %w", cfg.Relay, err)
 	}
-	if mtu, err := dev.MTU(); err == nil && cfg.MTU != 0 && mtu != cfg.MTU {
-		log.Warn("tunnel device mtu differs from uplink.mtu", zap.Int("device_mtu", mtu), zap.Int("mtu", cfg.MTU))
+	if mtu, err := dev.MTU(); err == nil && cfg.MaxMTU != 0 && mtu != cfg.MaxMTU {
+		log.Warn("tunnel device mtu differs from uplink.max_mtu", zap.Int("device_mtu", mtu), zap.Int("max_mtu", cfg.MaxMTU))
 	}
 	client := newStreamClient(conn.NewStdNetBind())
 	o := buildOptions(opts)
@@ -143,7 +145,7 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 		d.Close()
 		return nil, fmt.Errorf("configure relay peer: %w", err)
 	}
-	return &Uplink{
+	u := &Uplink{
 		cfg:     cfg,
 		dev:     d,
 		client:  client,
@@ -157,7 +159,10 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer ControlDialer, log *zap.
 		closed:  make(chan struct{}),
 		state:   StateConnecting,
 		results: make(map[string]message),
-	}, nil
+	}
+	u.path.mtu.Store(int64(cfg.MTU))
+	u.path.kick = make(chan struct{}, 1)
+	return u, nil
 }
 
 // SetPorts sets the ports this appliance wants on the relay (the listen
@@ -244,6 +249,11 @@ func (u *Uplink) Run(ctx context.Context) error {
 	go func() {
 		defer u.runWG.Done()
 		u.transportLoop(ctx)
+	}()
+	u.runWG.Add(1)
+	go func() {
+		defer u.runWG.Done()
+		u.pathLoop(ctx)
 	}()
 	u.log.Info("uplink starting", zap.String("relay", u.cfg.Relay), zap.Stringer("address", u.cfg.Address))
 	backoff := minBackoff
@@ -376,6 +386,8 @@ func (u *Uplink) controlSession(ctx context.Context) (registered bool, err error
 	if err := u.register(cc); err != nil {
 		return true, err
 	}
+	// The session shows the tunnel works: find its MTU (pathmtu.go).
+	u.kickProbe()
 	ping := time.NewTicker(u.opts.pingInterval)
 	defer ping.Stop()
 	for {
@@ -527,6 +539,12 @@ type UplinkStatus struct {
 	TCPConnects        uint64 `json:"tcp_connects"`
 	TCPConnectFailures uint64 `json:"tcp_connect_failures"`
 	TCPDropped         uint64 `json:"tcp_dropped"`
+	// MTU is the tunnel MTU in use (uplink.mtu, or more where the path
+	// probe showed the path carries it); PathProbes counts the probe's
+	// echo requests and PathProbesLost those that got no echo.
+	MTU            int64  `json:"mtu"`
+	PathProbes     uint64 `json:"path_probes"`
+	PathProbesLost uint64 `json:"path_probes_lost"`
 }
 
 // HandshakeAge is the time since the last handshake, or -1 if none yet.
@@ -549,6 +567,7 @@ func (u *Uplink) Status() UplinkStatus {
 		st.Transport, st.UsingTCP = TransportTCP, true
 	}
 	st.GatePackets, st.GateHeld, st.GateStalls = u.gates.status()
+	st.MTU, st.PathProbes, st.PathProbesLost = u.path.mtu.Load(), u.path.probes.Load(), u.path.lost.Load()
 	for _, spec := range u.ports {
 		m, ok := u.results[spec]
 		switch {

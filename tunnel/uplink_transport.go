@@ -154,6 +154,7 @@ func (u *Uplink) switchTransport(tcp bool, reason string) {
 	u.mu.Unlock()
 	u.log.Info("uplink transport switched", zap.String("transport", to), zap.String("reason", reason),
 		zap.String("relay_tcp", u.cfg.RelayTCP), zap.Uint64("count", n))
+	u.reprobePath()
 }
 
 // connectStream dials relay_tcp, runs TLS and the key proof, and makes the

@@ -185,9 +185,12 @@ func (a *Appliance) addUplink(cfg *conf.Config, u *conf.Uplink, opts []tunnel.Op
 		log = log.With(zap.String("relay", u.Relay))
 		label = uplinkLabel(u)
 	}
-	stackSide, outer := netstack.Direct(u.MTU)
+	// The link takes max_mtu (a path probe's size); the routes start at
+	// mtu, and the uplink raises them where the probe passes.
+	stackSide, outer := netstack.Direct(u.MaxMTU)
 	in, err := newIngress(conf.IngressUplink, stackSide, netstack.Config{
-		MTU:       u.MTU,
+		MTU:       u.MaxMTU,
+		PathMTU:   u.MTU,
 		Addresses: tunnel.TunnelPrefixes(u.Address),
 		TCP:       stackTCP(a.stackBufs),
 	}, a.engine, log)

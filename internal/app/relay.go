@@ -39,10 +39,12 @@ type RelayNode struct {
 // to relay.listen) and admin server and wires them; Run starts them.
 func NewRelayNode(cfg *conf.RelayConfig, version string, log *zap.Logger) (*RelayNode, error) {
 	n := &RelayNode{log: log, cfg: cfg, h: &relayHandler{}, live: newLiveSettings("natbox relay", cfg.Log, cfg.Admin)}
-	stackSide, outer := netstack.Direct(cfg.Relay.MTU)
+	// max_mtu: a peer whose path probe passed sends packets that large, and
+	// the relay's TCP follows each peer's MSS (tunnel/pathmtu.go).
+	stackSide, outer := netstack.Direct(cfg.Relay.MaxMTU)
 	_, stackBufs := conf.BufferShares(cfg.Relay.BufferMemory, 1)
 	s, err := netstack.New(stackSide, netstack.Config{
-		MTU:       cfg.Relay.MTU,
+		MTU:       cfg.Relay.MaxMTU,
 		Addresses: tunnel.TunnelPrefixes(cfg.Relay.Address),
 		// No SYN cookies: SYNs come only from authenticated peers and all
 		// but control connections are rejected at once, while a cookie
