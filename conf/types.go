@@ -194,9 +194,9 @@ type RelaySection struct {
 	// MaxMTU is the largest tunnel packet the relay takes from and sends to
 	// a peer whose path probe showed the path carries it (default
 	// DefaultMaxTunnelMTU; equal to mtu: every peer stays at mtu).
-	MaxMTU int `toml:"max_mtu"`
-	DialTimeout    Duration     `toml:"dial_timeout"`
-	MaxSessions    int          `toml:"max_sessions"`
+	MaxMTU      int      `toml:"max_mtu"`
+	DialTimeout Duration `toml:"dial_timeout"`
+	MaxSessions int      `toml:"max_sessions"`
 	// TCPListen turns the TCP transport on: WireGuard inside TLS for
 	// appliances whose network blocks UDP, e.g. "0.0.0.0:443"; empty: off.
 	TCPListen string `toml:"tcp_listen"`
