@@ -14,17 +14,22 @@ import (
 // Where it does (a LAN with jumbo frames, relay and appliance on one host),
 // fewer, larger packets halve the tunnel's CPU per byte (tunnel/BENCH.md).
 //
+// Over UDP only a path of one link is raised: the relay on this host or on
+// a directly attached network (a LAN, a cloud subnet), whose MTU the kernel
+// knows; the candidate is that MTU less the outer headers. A routed path
+// is left at uplink.mtu: what lies past the first hop is unknown, and a
+// probe cannot prove it, since wireguard-go's socket sends batches as UDP
+// GSO without DF, which a router fragments silently, so a too-large probe
+// would come back anyway (and the internet carries 1500 bytes regardless).
+// Over the TCP transport the outer size does not matter; the candidate is
+// max_mtu.
+//
 // The probe is an ICMP echo of the candidate size from the appliance's
 // stack to the relay's tunnel address, whole inside one WireGuard message.
-// Its echo comes back only if
-//   - the relay's stack takes packets that large (relay.max_mtu; an older
-//     relay or a smaller max_mtu drops it), and
-//   - the outer path carried the message both ways without fragments: over
-//     UDP the candidate is at most the kernel's path MTU toward the relay
-//     less the outer headers, so the kernel sends the probe with DF set, and
-//     a router that cannot carry it drops it (and tells the kernel, which
-//     lowers its path MTU: checked again before each try). Over the TCP
-//     transport the outer size does not matter.
+// Its echo comes back only if the relay's stack takes packets that large
+// (relay.max_mtu; an older relay or a smaller max_mtu drops it) and the
+// link carried the message both ways (a peer whose interface has a smaller
+// MTU drops it).
 // Then the stack's routes take the MTU (netstack SetPathMTU): new TCP
 // connections' MSS and the appliance's UDP replies follow it, both ways
 // (the relay's segments follow the MSS this side announces). Connections
@@ -67,8 +72,8 @@ type pathState struct {
 	kick   chan struct{} // asks pathLoop to probe
 }
 
-// outerLimit is the largest tunnel MTU the outer path's first hop allows,
-// or 0 when unknown (then nothing larger than uplink.mtu is tried over UDP).
+// outerLimit is the largest tunnel MTU the outer path allows, or 0 when
+// unknown (a routed path: then nothing larger than uplink.mtu is tried).
 func (u *Uplink) outerLimit() int {
 	if u.client.tcp.Load() {
 		return u.cfg.MaxMTU // inside a TCP stream, any message size crosses
@@ -79,7 +84,7 @@ func (u *Uplink) outerLimit() int {
 	if !ep.IsValid() {
 		return 0
 	}
-	pmtu := kernelPathMTU(ep)
+	pmtu := onLinkMTU(ep)
 	if pmtu == 0 {
 		return 0
 	}
@@ -108,10 +113,8 @@ func (u *Uplink) probePath(ctx context.Context) {
 	u.setPathMTU(found)
 }
 
-// probeSize tries one size probeTries times; each try first checks that
-// the outer path still allows it (a router's "fragmentation needed" after
-// an earlier try lowers the kernel's path MTU, and the kernel would then
-// fragment the next try, which must not pass).
+// probeSize tries one size probeTries times, as long as the outer path
+// still allows it (the link or the transport may change meanwhile).
 func (u *Uplink) probeSize(ctx context.Context, size int) bool {
 	for range probeTries {
 		if u.outerLimit() < size || ctx.Err() != nil {

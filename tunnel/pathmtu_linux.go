@@ -4,13 +4,19 @@ import (
 	"net"
 	"net/netip"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
-// kernelPathMTU is the kernel's path MTU toward dst (the first hop's, or
-// less once a router said so), read from a connected UDP socket that sends
-// nothing; 0 when it cannot be read.
-func kernelPathMTU(dst netip.AddrPort) int {
+// onLinkMTU is the MTU of the one link between here and dst when dst is on
+// this host or on a directly attached network (no router in between, so
+// that link's MTU is the path's), read from a connected UDP socket that
+// sends nothing; 0 for a routed destination or when it cannot be read.
+func onLinkMTU(dst netip.AddrPort) int {
+	routes, err := netlink.RouteGet(dst.Addr().AsSlice())
+	if err != nil || len(routes) == 0 || routes[0].Gw != nil || routes[0].Via != nil {
+		return 0
+	}
 	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst))
 	if err != nil {
 		return 0

@@ -4,6 +4,6 @@ package tunnel
 
 import "net/netip"
 
-// kernelPathMTU is unknown off Linux: the uplink probes only over the TCP
+// onLinkMTU is unknown off Linux: the uplink probes only over the TCP
 // transport there.
-func kernelPathMTU(netip.AddrPort) int { return 0 }
+func onLinkMTU(netip.AddrPort) int { return 0 }
