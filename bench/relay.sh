@@ -24,7 +24,8 @@
 # Env: REPS DUR RR_DUR WORK RELAY_MODES NATBOX FRP_VERSION(v0.69.1) FRP_BIN UDP_RATE(200M)
 #      UDP_LEN(1200) SKIP_PROFILE=1 RTT_MS RELAY_NETNS(nb-relay). HEAPPROFILE=1: each natbox process
 #      writes a heap profile at its peak to relay.heap / natbox.heap in its raw directory
-#      (NATBOX_HEAPPROFILE). TUNNEL_MTU: both sides' tunnel mtu (relay.mtu, uplink.mtu).
+#      (NATBOX_HEAPPROFILE). TUNNEL_MTU: both sides' tunnel mtu, pinned (mtu = max_mtu: no path probe;
+#      unset: 1420, raised by the probe to max_mtu, 32000, on this one-host path).
 #
 # RTT_MS=20 puts a WAN round trip between the relay side and the home side (the kernels here have
 # no netem): the appliance side (natbox run, frpc, ssh) and the target servers move to a second
@@ -230,7 +231,8 @@ listen = "$RELAY_HOST:51820"
 $([ "$transport" = tcp ] && echo "tcp_listen = \"$RELAY_HOST:443\"")
 private_key = "$(cat "$k/relay.key")"
 address = "100.96.0.1"
-$([ -n "${TUNNEL_MTU:-}" ] && echo "mtu = $TUNNEL_MTU")
+$([ -n "${TUNNEL_MTU:-}" ] && echo "mtu = $TUNNEL_MTU
+max_mtu = $TUNNEL_MTU")
 public_bind = ["$LO"]
 # One load generator is one source and the bench's one peer: the per-source
 # budgets and per-peer quotas (flood defences) would cap it.
@@ -260,7 +262,8 @@ relay_public_key = "$(cat "$k/relay.pub")"
 private_key = "$(cat "$k/app.key")"
 address = "100.96.0.2"
 relay_address = "100.96.0.1"
-$([ -n "${TUNNEL_MTU:-}" ] && echo "mtu = $TUNNEL_MTU")
+$([ -n "${TUNNEL_MTU:-}" ] && echo "mtu = $TUNNEL_MTU
+max_mtu = $TUNNEL_MTU")
 keepalive = "25s"
 transport = "$transport"
 relay_tcp = "$RELAY_HOST:443"
