@@ -413,7 +413,7 @@ func TestCheckListsEachUplink(t *testing.T) {
 	}
 	last := -1
 	for _, u := range cfg.Uplinks {
-		want := fmt.Sprintf("uplink %s: relay key %s, tunnel address %s (relay %s), keepalive 25s, mtu 1420\n",
+		want := fmt.Sprintf("uplink %s: relay key %s, tunnel address %s (relay %s), keepalive 25s, mtu 1420 (up to 32000 where the path probe passes)\n",
 			u.Relay, u.RelayPublicKey, u.Address, u.RelayAddress)
 		i := strings.Index(r.stdout, want)
 		if i < 0 || i < last {

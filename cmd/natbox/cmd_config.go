@@ -158,8 +158,12 @@ func printMappings(w io.Writer, cfg *conf.Config, now time.Time) {
 // printUplinks prints one line per relay the appliance registers with.
 func printUplinks(w io.Writer, cfg *conf.Config) {
 	for _, u := range cfg.Uplinks {
-		fmt.Fprintf(w, "uplink %s: relay key %s, tunnel address %s (relay %s), keepalive %s, mtu %d\n",
-			u.Relay, u.RelayPublicKey, u.Address, u.RelayAddress, u.Keepalive, u.MTU)
+		mtu := fmt.Sprintf("mtu %d", u.MTU)
+		if u.MaxMTU > u.MTU {
+			mtu += fmt.Sprintf(" (up to %d where the path probe passes)", u.MaxMTU)
+		}
+		fmt.Fprintf(w, "uplink %s: relay key %s, tunnel address %s (relay %s), keepalive %s, %s\n",
+			u.Relay, u.RelayPublicKey, u.Address, u.RelayAddress, u.Keepalive, mtu)
 	}
 }
 
