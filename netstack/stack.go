@@ -65,6 +65,11 @@ type TCPConfig struct {
 	// 60 s). A new SYN for a TIME_WAIT 4-tuple is accepted regardless (see
 	// reopenTimeWait), so this only bounds memory.
 	TimeWait time.Duration
+	// MaxClosing bounds the endpoints kept past ESTABLISHED (TIME_WAIT and
+	// the FIN states; default 1024, ~7 MiB): at it, connections skip
+	// TIME_WAIT until half of them are gone (timewait.go). Negative: no
+	// bound.
+	MaxClosing int
 	// MaxInFlight bounds handshakes handed to the Handler at once (default
 	// 8192); SYNs beyond it are dropped by gVisor and counted in
 	// Stats.TCPInFlightDrops. Admission budgets belong to the forwarder.
@@ -111,6 +116,7 @@ const (
 	defaultCookieTotal       = 512
 	defaultMaxCookiePorts    = 1024
 	defaultCookieIdle        = 10 * time.Second
+	defaultMaxClosing        = 1024
 	nicID                    = tcpip.NICID(1)
 	// flushTimeout bounds how long Close waits for the outward queue to drain.
 	flushTimeout = 2 * time.Second
@@ -150,6 +156,9 @@ func (c *Config) applyDefaults() {
 	}
 	if t.CookieIdle <= 0 {
 		t.CookieIdle = defaultCookieIdle
+	}
+	if t.MaxClosing == 0 {
+		t.MaxClosing = defaultMaxClosing
 	}
 }
 
@@ -206,6 +215,7 @@ type Stack struct {
 
 	pending    pendingRequests
 	conns      connBudget
+	timeWait   timeWaitCap
 	handshakes *handshakeCounts
 	cookies    cookiePorts
 
@@ -339,6 +349,7 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		dev.Close()
 		return nil, err
 	}
+	s.timeWait.init(s)
 	if isDirect {
 		// Bound now; from Run on, wireguard-go's goroutines move the
 		// packets through the other end instead of pumps.
@@ -1022,6 +1033,12 @@ type Stats struct {
 	TCPInFlightDrops uint64
 	// TimeWaitReopened counts SYNs that replaced a TIME_WAIT endpoint.
 	TimeWaitReopened uint64
+	// TimeWaitCapped counts the times TCPConfig.MaxClosing switched
+	// TIME_WAIT off, TimeWaitSkipped the connections closed while it was
+	// off (those natbox closed first left TIME_WAIT at once), and
+	// TimeWaitOff is 1 while it is off.
+	TimeWaitCapped, TimeWaitSkipped uint64
+	TimeWaitOff                     uint64 `stats:"gauge"`
 	TCPRetransmits   uint64
 	TCPEstablished   uint64 `stats:"gauge"` // currently established
 	// TCPClosing is how many connections are closed or closing but not
@@ -1125,6 +1142,9 @@ func (s *Stack) Stats() Stats {
 		TCPAbandoned:     c.abandoned.Load(),
 		TCPInFlightDrops: gs.TCP.ForwardMaxInFlightDrop.Value(),
 		TimeWaitReopened: c.timeWaitReopened.Load(),
+		TimeWaitCapped:   s.timeWait.engaged.Load(),
+		TimeWaitSkipped:  s.timeWait.skipped.Load(),
+		TimeWaitOff:      b2u(s.timeWait.on.Load()),
 		TCPRetransmits:   gs.TCP.Retransmits.Value(),
 		TCPEstablished:   gs.TCP.CurrentEstablished.Value(),
 		TCPClosing:       gs.TCP.CurrentConnected.Value() - min(gs.TCP.CurrentConnected.Value(), gs.TCP.CurrentEstablished.Value()),
