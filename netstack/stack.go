@@ -1033,18 +1033,19 @@ type Stats struct {
 	TCPInFlightDrops uint64
 	// TimeWaitReopened counts SYNs that replaced a TIME_WAIT endpoint.
 	TimeWaitReopened uint64
+	TCPRetransmits   uint64
+	TCPEstablished   uint64 `stats:"gauge"` // currently established
+	// TCPClosing is how many connections are closed or closing but not
+	// gone: FIN-WAIT, CLOSE-WAIT, LAST-ACK, CLOSING and TIME-WAIT (each
+	// still a whole gVisor endpoint; TCPConfig.TimeWait and MaxClosing
+	// bound the last).
+	TCPClosing uint64 `stats:"gauge"`
 	// TimeWaitCapped counts the times TCPConfig.MaxClosing switched
 	// TIME_WAIT off, TimeWaitSkipped the connections closed while it was
 	// off (those natbox closed first left TIME_WAIT at once), and
 	// TimeWaitOff is 1 while it is off.
 	TimeWaitCapped, TimeWaitSkipped uint64
 	TimeWaitOff                     uint64 `stats:"gauge"`
-	TCPRetransmits   uint64
-	TCPEstablished   uint64 `stats:"gauge"` // currently established
-	// TCPClosing is how many connections are closed or closing but not
-	// gone: FIN-WAIT, CLOSE-WAIT, LAST-ACK, CLOSING and TIME-WAIT (each
-	// still a whole gVisor endpoint; TCPConfig.TimeWait bounds the last).
-	TCPClosing uint64 `stats:"gauge"`
 	// QueueFullWaits counts writers that blocked on a full outward queue.
 	QueueFullWaits uint64
 	// DirectWrites counts packets written on the sender's goroutine because
