@@ -66,7 +66,7 @@ type TCPConfig struct {
 	// reopenTimeWait), so this only bounds memory.
 	TimeWait time.Duration
 	// MaxClosing bounds the endpoints kept past ESTABLISHED (TIME_WAIT and
-	// the FIN states; default 1024, ~7 MiB): at it, connections skip
+	// the FIN states; default 256, ~1.5 MiB): at it, connections skip
 	// TIME_WAIT until half of them are gone (timewait.go). Negative: no
 	// bound.
 	MaxClosing int
@@ -116,7 +116,7 @@ const (
 	defaultCookieTotal       = 512
 	defaultMaxCookiePorts    = 1024
 	defaultCookieIdle        = 10 * time.Second
-	defaultMaxClosing        = 1024
+	defaultMaxClosing        = 256
 	nicID                    = tcpip.NICID(1)
 	// flushTimeout bounds how long Close waits for the outward queue to drain.
 	flushTimeout = 2 * time.Second

@@ -11,7 +11,7 @@ import (
 
 // timeWaitCap bounds the endpoints a stack keeps closing, as Linux's
 // tcp_max_tw_buckets does: past TCPConfig.MaxClosing of them, connections
-// that enter TIME_WAIT leave it at once. gVisor keeps a whole endpoint (~7
+// that enter TIME_WAIT leave it at once. gVisor keeps a whole endpoint (~6
 // KiB with its timers and tables) for each TIME_WAIT connection, so under
 // churn TIME_WAIT, not buffers, made natbox's peak memory (5 000 conn/s held
 // 1 s each: ~33 MiB live). What TIME_WAIT still does here is answer a
