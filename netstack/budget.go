@@ -98,20 +98,24 @@ func (b *connBudget) initialWindow() int {
 func (b *connBudget) add(c *tcpConn) {
 	c.budget = b
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	b.conns[c] = struct{}{}
 	b.rebalanceLocked(c)
+	b.mu.Unlock()
+	b.s.timeWait.check(false)
 }
 
 // remove forgets c; the others may get a larger share.
 func (b *connBudget) remove(c *tcpConn) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	if _, ok := b.conns[c]; !ok {
-		return
+	_, ok := b.conns[c]
+	if ok {
+		delete(b.conns, c)
+		b.rebalanceLocked(nil)
 	}
-	delete(b.conns, c)
-	b.rebalanceLocked(nil)
+	b.mu.Unlock()
+	if ok {
+		b.s.timeWait.check(true)
+	}
 }
 
 // rebalanceLocked recomputes the share, updates the stack options when it

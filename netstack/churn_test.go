@@ -9,6 +9,7 @@ import (
 
 	"github.com/natbox/natbox/internal/testutil"
 
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -120,5 +121,110 @@ func TestDialTCPReusesTimeWaitTuple(t *testing.T) {
 			}
 			time.Sleep(time.Millisecond)
 		}
+	}
+}
+
+// closeFirstServer is a server handler that answers one byte and closes
+// first, so the server stack's endpoints end in TIME_WAIT (pmbench crr's
+// shape).
+var closeFirstServer = funcHandler{tcp: func(r *TCPRequest) {
+	c, err := r.Accept()
+	if err != nil {
+		return
+	}
+	defer c.Close()
+	b := make([]byte, 1)
+	if _, err := io.ReadFull(c, b); err == nil {
+		c.Write(b)
+	}
+}}
+
+// TestMaxClosingBoundsTimeWait churns connections the server closes first,
+// each from its own port, with gVisor's 60 s TIME_WAIT: without a bound
+// every one of them stays a whole endpoint; with MaxClosing the closing
+// endpoints stay near it and the rest skip TIME_WAIT.
+func TestMaxClosingBoundsTimeWait(t *testing.T) {
+	const total, workers, maxClosing = 1000, 16, 100
+	for _, tc := range []struct {
+		name       string
+		maxClosing int
+	}{{"bounded", maxClosing}, {"unbounded", -1}} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := Config{TCP: TCPConfig{CookiePortThreshold: -1, MaxClosing: tc.maxClosing}}
+			client, server := newPairConfig(t, cfg, funcHandler{}, closeFirstServer)
+			dst := netip.MustParseAddrPort("10.0.0.2:80")
+			res := testutil.Churn(testContext(t), total, workers, total, 30000, func(ctx context.Context, port uint16) error {
+				return churnOnce(ctx, client, netip.AddrPortFrom(clientPrefix4.Addr(), port), dst)
+			})
+			if res.Failures != 0 || res.Started != total {
+				t.Fatalf("%d of %d connections failed (%d started); first: %v", res.Failures, total, res.Started, res.FirstErr)
+			}
+			// Every server handler has closed once every client saw EOF;
+			// wait for the last FINs to be processed.
+			var st Stats
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				st = server.Stats()
+				if st.TCPEstablished == 0 && st.TCPConns == 0 || time.Now().After(deadline) {
+					break
+				}
+				time.Sleep(time.Millisecond)
+			}
+			t.Logf("%d connections at %.0f conn/s: %d endpoints closing, TIME_WAIT capped %d times, %d skipped",
+				total, res.Rate(), st.TCPClosing, st.TimeWaitCapped, st.TimeWaitSkipped)
+			if tc.maxClosing < 0 {
+				if st.TCPClosing < total*9/10 || st.TimeWaitCapped != 0 {
+					t.Fatalf("unbounded: %d endpoints closing, capped %d; want about %d, 0", st.TCPClosing, st.TimeWaitCapped, total)
+				}
+				return
+			}
+			// Connections between a check and their TIME_WAIT may still
+			// take the long timeout: at most one per worker.
+			if st.TCPClosing > maxClosing+workers {
+				t.Errorf("%d endpoints closing; want at most %d + %d", st.TCPClosing, maxClosing, workers)
+			}
+			if st.TimeWaitCapped == 0 || st.TimeWaitSkipped < total/2 || st.TimeWaitOff != 1 {
+				t.Errorf("capped %d, skipped %d, off %d; want > 0, >= %d, 1", st.TimeWaitCapped, st.TimeWaitSkipped, st.TimeWaitOff, total/2)
+			}
+		})
+	}
+}
+
+// TestMaxClosingLetsGo: once the closing endpoints fall under half the
+// bound, TIME_WAIT is back for the next connection.
+func TestMaxClosingLetsGo(t *testing.T) {
+	const maxClosing, timeWait = 8, 300 * time.Millisecond
+	cfg := Config{TCP: TCPConfig{CookiePortThreshold: -1, MaxClosing: maxClosing, TimeWait: timeWait}}
+	client, server := newPairConfig(t, cfg, funcHandler{}, closeFirstServer)
+	dst := netip.MustParseAddrPort("10.0.0.2:80")
+	ctx := testContext(t)
+	port := uint16(31000)
+	dial := func() {
+		t.Helper()
+		port++
+		if err := churnOnce(ctx, client, netip.AddrPortFrom(clientPrefix4.Addr(), port), dst); err != nil {
+			t.Fatalf("connection from port %d: %v", port, err)
+		}
+	}
+	for range 4 * maxClosing {
+		dial()
+	}
+	if st := server.Stats(); st.TimeWaitCapped == 0 {
+		t.Fatalf("%d sequential connections never reached the bound of %d (closing %d)", 4*maxClosing, maxClosing, st.TCPClosing)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for server.Stats().TCPClosing != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("closing endpoints never left: %d", server.Stats().TCPClosing)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	dial()
+	var opt tcpip.TCPTimeWaitTimeoutOption
+	if err := server.stack.TransportProtocolOption(tcp.ProtocolNumber, &opt); err != nil {
+		t.Fatal(err)
+	}
+	if st := server.Stats(); st.TimeWaitOff != 0 || time.Duration(opt) != timeWait {
+		t.Fatalf("after the closing endpoints left: TIME_WAIT off %d, timeout %v; want 0, %v", st.TimeWaitOff, time.Duration(opt), timeWait)
 	}
 }

@@ -68,6 +68,11 @@ type TCPConfig struct {
 	// 60 s). A new SYN for a TIME_WAIT 4-tuple is accepted regardless (see
 	// reopenTimeWait), so this only bounds memory.
 	TimeWait time.Duration
+	// MaxClosing bounds the endpoints kept past ESTABLISHED (TIME_WAIT and
+	// the FIN states; default 256, ~1.5 MiB): at it, connections skip
+	// TIME_WAIT until half of them are gone (timewait.go). Negative: no
+	// bound.
+	MaxClosing int
 	// MaxInFlight bounds handshakes handed to the Handler at once (default
 	// 8192); SYNs beyond it are dropped by gVisor and counted in
 	// Stats.TCPInFlightDrops. Admission budgets belong to the forwarder.
@@ -114,6 +119,7 @@ const (
 	defaultCookieTotal       = 512
 	defaultMaxCookiePorts    = 1024
 	defaultCookieIdle        = 10 * time.Second
+	defaultMaxClosing        = 256
 	nicID                    = tcpip.NICID(1)
 	// flushTimeout bounds how long Close waits for the outward queue to drain.
 	flushTimeout = 2 * time.Second
@@ -153,6 +159,9 @@ func (c *Config) applyDefaults() {
 	}
 	if t.CookieIdle <= 0 {
 		t.CookieIdle = defaultCookieIdle
+	}
+	if t.MaxClosing == 0 {
+		t.MaxClosing = defaultMaxClosing
 	}
 }
 
@@ -213,6 +222,7 @@ type Stack struct {
 
 	pending    pendingRequests
 	conns      connBudget
+	timeWait   timeWaitCap
 	handshakes *handshakeCounts
 	cookies    cookiePorts
 
@@ -353,6 +363,7 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		dev.Close()
 		return nil, err
 	}
+	s.timeWait.init(s)
 	if isDirect {
 		// Bound now; from Run on, wireguard-go's goroutines move the
 		// packets through the other end instead of pumps.
@@ -1037,8 +1048,15 @@ type Stats struct {
 	TCPEstablished   uint64 `stats:"gauge"` // currently established
 	// TCPClosing is how many connections are closed or closing but not
 	// gone: FIN-WAIT, CLOSE-WAIT, LAST-ACK, CLOSING and TIME-WAIT (each
-	// still a whole gVisor endpoint; TCPConfig.TimeWait bounds the last).
+	// still a whole gVisor endpoint; TCPConfig.TimeWait and MaxClosing
+	// bound the last).
 	TCPClosing uint64 `stats:"gauge"`
+	// TimeWaitCapped counts the times TCPConfig.MaxClosing switched
+	// TIME_WAIT off, TimeWaitSkipped the connections closed while it was
+	// off (those natbox closed first left TIME_WAIT at once), and
+	// TimeWaitOff is 1 while it is off.
+	TimeWaitCapped, TimeWaitSkipped uint64
+	TimeWaitOff                     uint64 `stats:"gauge"`
 	// QueueFullWaits counts writers that blocked on a full outward queue.
 	QueueFullWaits uint64
 	// DirectWrites counts packets written on the sender's goroutine because
@@ -1136,6 +1154,9 @@ func (s *Stack) Stats() Stats {
 		TCPAbandoned:     c.abandoned.Load(),
 		TCPInFlightDrops: gs.TCP.ForwardMaxInFlightDrop.Value(),
 		TimeWaitReopened: c.timeWaitReopened.Load(),
+		TimeWaitCapped:   s.timeWait.engaged.Load(),
+		TimeWaitSkipped:  s.timeWait.skipped.Load(),
+		TimeWaitOff:      b2u(s.timeWait.on.Load()),
 		TCPRetransmits:   gs.TCP.Retransmits.Value(),
 		TCPEstablished:   gs.TCP.CurrentEstablished.Value(),
 		TCPClosing:       gs.TCP.CurrentConnected.Value() - min(gs.TCP.CurrentConnected.Value(), gs.TCP.CurrentEstablished.Value()),

@@ -224,7 +224,8 @@ func uplinkLabel(u *conf.Uplink) string { return conf.IngressUplink + "@" + u.Na
 // every connection of the run, and they, not buffers, made the gateway's
 // peak memory (BENCHMARKS.md, "Memory"). A new SYN for a TIME_WAIT 4-tuple
 // is accepted anyway (netstack's reopenTimeWait), so one second only
-// bounds that memory.
+// bounds that memory; under churn netstack's MaxClosing (256 endpoints)
+// cuts it shorter.
 const stackTimeWait = time.Second
 
 // stackTCP is the TCP config of natbox's stacks: bufs is the stack's share
