@@ -7,6 +7,7 @@ import (
 
 	"go.uber.org/zap"
 	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 )
 
@@ -97,6 +98,9 @@ func (b *connBudget) initialWindow() int {
 // share.
 func (b *connBudget) add(c *tcpConn) {
 	c.budget = b
+	// Two segments at the MTU the connection started with (its MSS is at
+	// most that, less the IPv4 and TCP headers): cuts stop there.
+	c.floor = 2 * (b.s.RouteMTU() - header.IPv4MinimumSize - header.TCPMinimumSize)
 	b.mu.Lock()
 	b.conns[c] = struct{}{}
 	b.rebalanceLocked(c)
@@ -141,6 +145,7 @@ func (b *connBudget) rebalanceLocked(added *tcpConn) {
 		// Errors are impossible for a valid range (Min <= Default <= Max).
 		_ = b.s.stack.SetTransportProtocolOption(tcp.ProtocolNumber, &r)
 		_ = b.s.stack.SetTransportProtocolOption(tcp.ProtocolNumber, &s)
+		b.s.fitRoutesToShare(share)
 	}
 	cut := 0
 	switch {
@@ -173,10 +178,12 @@ func (b *connBudget) rebalanceLocked(added *tcpConn) {
 }
 
 // fitBuffers cuts c's receive and send buffers to share where they are
-// larger, and sets them to share where they are fixed (cut before); it
-// returns how many it cut. A cut buffer stays fixed: it no longer
-// auto-tunes (gVisor offers no way back). Called with the budget's mu held.
+// larger, and sets them to share where they are fixed (cut before), never
+// below c's floor; it returns how many it cut. A cut buffer stays fixed: it
+// no longer auto-tunes (gVisor offers no way back). Called with the
+// budget's mu held.
 func (c *tcpConn) fitBuffers(share int) (cut int) {
+	share = max(share, c.floor)
 	ops := c.ep.SocketOptions()
 	if cur := int(ops.GetReceiveBufferSize()); cur > share || (c.fixed && cur != share) {
 		ops.SetReceiveBufferSize(int64(share), true)

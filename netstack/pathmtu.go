@@ -16,10 +16,19 @@ import (
 
 // A stack has two MTUs. The link's (Config.MTU) is the largest packet it
 // takes in or lets out. The path MTU (Config.PathMTU, SetPathMTU) is what
-// its routes carry: the MSS of new TCP connections and the largest datagram
-// WriteUDP sends. A tunnel stack keeps a large link MTU so that a probe
+// the path carries: the largest datagram WriteUDP sends, and what its
+// routes carry, the MSS of new TCP connections, unless the buffer budget
+// says less. A tunnel stack keeps a large link MTU so that a probe
 // (ProbePath) can find out whether the path carries more than the MTU it
 // uses now.
+//
+// The budget's say: a connection whose buffers hold less than two segments
+// stalls (gVisor's sender then waits for its retransmit timer to send what
+// the peer's window cannot take whole), so the routes' MTU stays where a
+// connection's share of the budget holds two segments (shareMTU), and a
+// connection keeps at least two segments' worth of the MTU it started with
+// when its buffers are cut (tcpConn.floor, budget.go). On a 1500-byte link
+// neither ever binds: the least share, 16 KiB, holds eleven segments.
 
 // Link MTU bounds: IPv6's minimum link MTU (every stack carries IPv6) and
 // the largest IP packet.
@@ -31,12 +40,16 @@ const (
 // ErrProbeLost is ProbePath's error when no echo of the probe came back.
 var ErrProbeLost = errors.New("netstack: path probe: no echo came back")
 
-// PathMTU is the MTU the stack's routes carry now.
+// PathMTU is the path's MTU as last set.
 func (s *Stack) PathMTU() int { return int(s.pathMTU.Load()) }
 
-// SetPathMTU sets the MTU of the stack's routes, between 1280 and the
-// link's MTU. Connections keep the MSS they started with; new ones, and
-// WriteUDP, follow mtu.
+// RouteMTU is the MTU new TCP connections use: the path MTU, or less where
+// the buffer budget's share could not hold two segments of it.
+func (s *Stack) RouteMTU() int { return int(s.routeMTU.Load()) }
+
+// SetPathMTU sets the path's MTU, between 1280 and the link's MTU.
+// Connections keep the MSS they started with; new ones, and WriteUDP,
+// follow mtu.
 func (s *Stack) SetPathMTU(mtu int) error {
 	if mtu < minLinkMTU || mtu > s.cfg.MTU {
 		return fmt.Errorf("netstack: path mtu %d out of range; use %d-%d (the link's mtu)", mtu, minLinkMTU, s.cfg.MTU)
@@ -44,8 +57,41 @@ func (s *Stack) SetPathMTU(mtu int) error {
 	s.routeMu.Lock()
 	defer s.routeMu.Unlock()
 	s.pathMTU.Store(int32(mtu))
-	s.stack.SetRouteTable(routeTable(mtu))
+	s.applyRoutesLocked()
 	return nil
+}
+
+// shareMTU is the largest MTU whose segments fit twice in share (0: no
+// budget, no limit).
+func shareMTU(share int) int {
+	if share <= 0 {
+		return 0
+	}
+	return max(minLinkMTU, share/2+header.IPv4MinimumSize+header.TCPMinimumSize)
+}
+
+// fitRoutesToShare caps the routes' MTU for a new budget share. The
+// budget calls it with its lock held; routeMu is taken after that lock,
+// never before.
+func (s *Stack) fitRoutesToShare(share int) {
+	if int(s.shareMTU.Swap(int32(shareMTU(share)))) == shareMTU(share) {
+		return
+	}
+	s.routeMu.Lock()
+	defer s.routeMu.Unlock()
+	s.applyRoutesLocked()
+}
+
+// applyRoutesLocked sets the routes to the path MTU within the share's
+// limit. routeMu must be held.
+func (s *Stack) applyRoutesLocked() {
+	mtu := int(s.pathMTU.Load())
+	if c := int(s.shareMTU.Load()); c > 0 {
+		mtu = min(mtu, c)
+	}
+	if int(s.routeMTU.Swap(int32(mtu))) != mtu {
+		s.stack.SetRouteTable(routeTable(mtu))
+	}
 }
 
 // routeTable sends everything through the one NIC, at mtu.

@@ -201,14 +201,15 @@ type Stack struct {
 	queueFrames []atomic.Uint64
 	cfg         Config
 	handler     Handler
-	// pathMTU is the routes' MTU (pathmtu.go); routeMu serializes changes.
-	pathMTU  atomic.Int32
-	routeMu  sync.Mutex
-	probeSeq atomic.Uint32
-	log      *zap.Logger
-	stack    *stack.Stack
-	link     *linkEndpoint
-	stats    counters
+	// pathMTU is the path's MTU, shareMTU the budget's limit, routeMTU
+	// what the routes carry (pathmtu.go); routeMu serializes changes.
+	pathMTU, shareMTU, routeMTU atomic.Int32
+	routeMu                     sync.Mutex
+	probeSeq                    atomic.Uint32
+	log                         *zap.Logger
+	stack                       *stack.Stack
+	link                        *linkEndpoint
+	stats                       counters
 
 	// closing is set first in Close: stop admitting flows and injecting input.
 	closing   atomic.Bool
@@ -486,7 +487,9 @@ func (s *Stack) configure() error {
 		}
 	}
 	s.pathMTU.Store(int32(s.cfg.PathMTU))
-	st.SetRouteTable(routeTable(s.cfg.PathMTU))
+	s.shareMTU.Store(int32(shareMTU(s.conns.share)))
+	s.applyRoutesLocked() // nothing else runs yet
+
 	fwd := tcp.NewForwarder(st, s.conns.initialWindow(), t.MaxInFlight, s.forwardTCP)
 	st.SetTransportProtocolHandler(tcp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
 		if !s.synChecksumValid(id, pkt) {
@@ -1109,6 +1112,9 @@ type Stats struct {
 	TCPBufferShare   uint64 `stats:"gauge"`
 	TCPBufferLowered uint64
 	TCPBufferCuts    uint64
+	// RouteMTU is the MTU new TCP connections use: the path's, or less
+	// where the share could not hold two segments (pathmtu.go).
+	RouteMTU uint64 `stats:"gauge"`
 }
 
 // InvalidStats counts inbound packets dropped as malformed, by reason.
@@ -1187,6 +1193,7 @@ func (s *Stack) Stats() Stats {
 		TCPConns:               uint64(conns),
 		TCPRecvQueued:          buffered,
 		TCPBufferShare:         uint64(s.conns.currentShare()),
+		RouteMTU:               uint64(s.RouteMTU()),
 		TCPBufferLowered:       s.conns.lowered.Load(),
 		TCPBufferCuts:          s.conns.cuts.Load(),
 		Invalid: InvalidStats{

@@ -378,6 +378,7 @@ type tcpConn struct {
 	ep     tcpip.Endpoint
 	budget *connBudget // set once handed out; Close removes the conn from it
 	fixed  bool        // buffers set to a fixed size; guarded by budget.mu
+	floor  int         // cuts stop here: two segments (budget.add)
 }
 
 var _ TCPConn = (*tcpConn)(nil)
