@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -505,4 +506,50 @@ func TestTargetDown(t *testing.T) {
 	}
 	f.client.Close()
 	<-f.done
+}
+
+// shutdownSpy is a kernel TCP conn that counts its half-close calls.
+type shutdownSpy struct {
+	*net.TCPConn
+	closeWrites, closeReads atomic.Int32
+}
+
+func (c *shutdownSpy) CloseWrite() error { c.closeWrites.Add(1); return c.TCPConn.CloseWrite() }
+func (c *shutdownSpy) CloseRead() error  { c.closeReads.Add(1); return c.TCPConn.CloseRead() }
+
+// TestSpliceSecondEOFCloses: pmbench crr's shape, the target answers and
+// closes, then the client closes. Both peers read every byte and a clean
+// EOF, and the splice passes the second EOF on by closing, with no
+// shutdown call: the first EOF shuts the client's write half only (the
+// target's read half stays as it is), the second shuts nothing.
+func TestSpliceSecondEOFCloses(t *testing.T) {
+	t.Parallel()
+	aUser, a := tcpPair(t)
+	bUser, b := tcpPair(t)
+	spyA := &shutdownSpy{TCPConn: a.(*net.TCPConn)}
+	spyB := &shutdownSpy{TCPConn: b.(*net.TCPConn)}
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := Splice(t.Context(), spyA, spyB, 0)
+		done <- err
+	}()
+	bUser.Write([]byte("answer"))
+	bUser.(*net.TCPConn).CloseWrite()
+	if got, err := readAllTimeout(aUser, 5*time.Second); err != nil || string(got) != "answer" {
+		t.Fatalf("client read %q, %v; want the answer and EOF", got, err)
+	}
+	aUser.Write([]byte("bye"))
+	aUser.(*net.TCPConn).CloseWrite()
+	if got, err := readAllTimeout(bUser, 5*time.Second); err != nil || string(got) != "bye" {
+		t.Fatalf("target read %q, %v; want bye and a clean EOF", got, err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("Splice: %v", err)
+	}
+	if w, r := spyA.closeWrites.Load(), spyB.closeReads.Load(); w != 1 || r != 0 {
+		t.Fatalf("first EOF: client CloseWrite %d, target CloseRead %d; want 1, 0", w, r)
+	}
+	if w, r := spyB.closeWrites.Load(), spyA.closeReads.Load(); w != 0 || r != 0 {
+		t.Fatalf("second EOF: target CloseWrite %d, client CloseRead %d; want 0, 0 (the close sends the FIN)", w, r)
+	}
 }
