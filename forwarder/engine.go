@@ -81,6 +81,10 @@ type Options struct {
 	// check of a session (on the goroutine that reads it). Neither may block.
 	onSweep     func()
 	onIdleCheck func(expired bool)
+	// keepAliveDelay replaces defaultKeepAliveDelay; onKeepAlive runs after
+	// a target socket's keepalive was set.
+	keepAliveDelay time.Duration
+	onKeepAlive    func(c net.Conn, err error)
 }
 
 // Engine forwards flows according to the current RuleSet. It is safe for
@@ -90,7 +94,10 @@ type Engine struct {
 	connLog *zap.Logger
 	dialer  Dialer
 	clock   Clock
-	opts    Options
+	// lazyKeepAlive: the default dialer dials without keepalive and
+	// armKeepAlive sets it on sessions that live long enough.
+	lazyKeepAlive bool
+	opts          Options
 
 	rules     atomic.Pointer[RuleSet]
 	unmatched *mappingState // refusals of flows that matched no mapping
@@ -144,10 +151,14 @@ func New(cfg *conf.Config, opts Options, log *zap.Logger) (*Engine, error) {
 	if opts.Clock == nil {
 		opts.Clock = wallClock{}
 	}
-	if opts.Dialer == nil {
-		opts.Dialer = &net.Dialer{KeepAliveConfig: net.KeepAliveConfig{
-			Enable: true, Idle: 60 * time.Second, Interval: 15 * time.Second, Count: 4,
-		}}
+	lazyKeepAlive := opts.Dialer == nil
+	if lazyKeepAlive {
+		// Keepalive comes later (armKeepAlive), once a session outlives
+		// keepAliveDelay: most connections end sooner.
+		opts.Dialer = &net.Dialer{KeepAlive: -1}
+	}
+	if opts.keepAliveDelay <= 0 {
+		opts.keepAliveDelay = defaultKeepAliveDelay
 	}
 	if opts.SweepInterval <= 0 {
 		opts.SweepInterval = time.Second
@@ -159,18 +170,19 @@ func New(cfg *conf.Config, opts Options, log *zap.Logger) (*Engine, error) {
 		opts.UDPQueueLen = 2048
 	}
 	e := &Engine{
-		log:       log,
-		connLog:   opts.ConnLog,
-		dialer:    opts.Dialer,
-		clock:     opts.Clock,
-		opts:      opts,
-		unmatched: &mappingState{},
-		states:    make(map[string]*mappingState),
-		groups:    make(map[string]*groupState),
-		sessions:  make(map[uint64]*session),
-		udp:       udpTable{m: make(map[udpKey]*udpSession), replies: make(map[replyKey]*udpSession)},
-		stopSweep: make(chan struct{}),
-		sweepDone: make(chan struct{}),
+		log:           log,
+		connLog:       opts.ConnLog,
+		dialer:        opts.Dialer,
+		clock:         opts.Clock,
+		lazyKeepAlive: lazyKeepAlive,
+		opts:          opts,
+		unmatched:     &mappingState{},
+		states:        make(map[string]*mappingState),
+		groups:        make(map[string]*groupState),
+		sessions:      make(map[uint64]*session),
+		udp:           udpTable{m: make(map[udpKey]*udpSession), replies: make(map[replyKey]*udpSession)},
+		stopSweep:     make(chan struct{}),
+		sweepDone:     make(chan struct{}),
 	}
 	e.budget.init()
 	e.bufs = newBufBudget(opts.BufferBudget, log)

@@ -553,3 +553,82 @@ func TestSpliceSecondEOFCloses(t *testing.T) {
 		t.Fatalf("second EOF: target CloseWrite %d, client CloseRead %d; want 0, 0 (the close sends the FIN)", w, r)
 	}
 }
+
+// keepAliveOpts reads a kernel TCP socket's keepalive settings: SO_KEEPALIVE
+// and TCP_KEEPIDLE, TCP_KEEPINTVL in seconds, TCP_KEEPCNT.
+func keepAliveOpts(t *testing.T, c net.Conn) (on, idle, intvl, cnt int) {
+	t.Helper()
+	rc, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var gerr error
+	rc.Control(func(fd uintptr) {
+		get := func(level, opt int) int {
+			v, err := syscall.GetsockoptInt(int(fd), level, opt)
+			if err != nil && gerr == nil {
+				gerr = err
+			}
+			return v
+		}
+		on = get(syscall.SOL_SOCKET, syscall.SO_KEEPALIVE)
+		idle = get(syscall.IPPROTO_TCP, syscall.TCP_KEEPIDLE)
+		intvl = get(syscall.IPPROTO_TCP, syscall.TCP_KEEPINTVL)
+		cnt = get(syscall.IPPROTO_TCP, syscall.TCP_KEEPCNT)
+	})
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	return on, idle, intvl, cnt
+}
+
+// TestTCPTargetKeepAliveLate: the default dialer opens target sockets
+// without keepalive (four setsockopt calls a short connection never needs);
+// a session that outlives the delay gets it, and its bytes keep crossing.
+func TestTCPTargetKeepAliveLate(t *testing.T) {
+	t.Parallel()
+	port := tcpEcho(t)
+	type armed struct {
+		c   net.Conn
+		err error
+	}
+	kaSet := make(chan armed, 1)
+	e := newEngine(t, config(mapping("echo", conf.TCP, "8000", "127.0.0.1:"+itoa(port))), Options{
+		keepAliveDelay: 20 * time.Millisecond,
+		onKeepAlive:    func(c net.Conn, err error) { kaSet <- armed{c, err} },
+	})
+
+	direct, err := e.dialer.DialContext(t.Context(), "tcp", "127.0.0.1:"+itoa(port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close()
+	if on, _, _, _ := keepAliveOpts(t, direct); on != 0 {
+		t.Fatalf("the default dialer set SO_KEEPALIVE=%d at dial, want 0", on)
+	}
+
+	f := startTCP(t, e, newIngress(conf.IngressTUN), "203.0.113.5:40000", "198.51.100.1:8000")
+	if got := f.wait(t); got != "accepted" {
+		t.Fatalf("flow %s, want accepted", got)
+	}
+	var ka armed
+	select {
+	case ka = <-kaSet:
+	case <-time.After(10 * time.Second):
+		t.Fatal("keepalive never set on the session's target socket")
+	}
+	if ka.err != nil {
+		t.Fatalf("set keepalive: %v", ka.err)
+	}
+	on, idle, intvl, cnt := keepAliveOpts(t, ka.c)
+	if on != 1 || idle != 60 || intvl != 15 || cnt != 4 {
+		t.Fatalf("keepalive = on %d idle %ds intvl %ds cnt %d, want 1 60 15 4", on, idle, intvl, cnt)
+	}
+	msg := []byte("still here")
+	f.client.Write(msg)
+	f.client.(*net.TCPConn).CloseWrite()
+	if got, err := readAllTimeout(f.client, 5*time.Second); err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("echo = %q, %v; want %q", got, err, msg)
+	}
+	<-f.done
+}
