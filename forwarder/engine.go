@@ -94,10 +94,7 @@ type Engine struct {
 	connLog *zap.Logger
 	dialer  Dialer
 	clock   Clock
-	// lazyKeepAlive: the default dialer dials without keepalive and
-	// armKeepAlive sets it on sessions that live long enough.
-	lazyKeepAlive bool
-	opts          Options
+	opts    Options
 
 	rules     atomic.Pointer[RuleSet]
 	unmatched *mappingState // refusals of flows that matched no mapping
@@ -135,6 +132,10 @@ type Engine struct {
 	stopOnce    sync.Once
 
 	beforeUDPSend func(mapping string) // test seam: a slow target; set before traffic
+
+	// lazyKeepAlive: the default dialer dials without keepalive and
+	// armKeepAlive sets it on sessions that live long enough.
+	lazyKeepAlive bool
 }
 
 // New compiles cfg and builds the engine; it starts no goroutine. The
@@ -170,20 +171,20 @@ func New(cfg *conf.Config, opts Options, log *zap.Logger) (*Engine, error) {
 		opts.UDPQueueLen = 2048
 	}
 	e := &Engine{
-		log:           log,
-		connLog:       opts.ConnLog,
-		dialer:        opts.Dialer,
-		clock:         opts.Clock,
-		lazyKeepAlive: lazyKeepAlive,
-		opts:          opts,
-		unmatched:     &mappingState{},
-		states:        make(map[string]*mappingState),
-		groups:        make(map[string]*groupState),
-		sessions:      make(map[uint64]*session),
-		udp:           udpTable{m: make(map[udpKey]*udpSession), replies: make(map[replyKey]*udpSession)},
-		stopSweep:     make(chan struct{}),
-		sweepDone:     make(chan struct{}),
+		log:       log,
+		connLog:   opts.ConnLog,
+		dialer:    opts.Dialer,
+		clock:     opts.Clock,
+		opts:      opts,
+		unmatched: &mappingState{},
+		states:    make(map[string]*mappingState),
+		groups:    make(map[string]*groupState),
+		sessions:  make(map[uint64]*session),
+		udp:       udpTable{m: make(map[udpKey]*udpSession), replies: make(map[replyKey]*udpSession)},
+		stopSweep: make(chan struct{}),
+		sweepDone: make(chan struct{}),
 	}
+	e.lazyKeepAlive = lazyKeepAlive
 	e.budget.init()
 	e.bufs = newBufBudget(opts.BufferBudget, log)
 	e.sources.init()
