@@ -81,6 +81,10 @@ type Options struct {
 	// check of a session (on the goroutine that reads it). Neither may block.
 	onSweep     func()
 	onIdleCheck func(expired bool)
+	// keepAliveDelay replaces defaultKeepAliveDelay; onKeepAlive runs after
+	// a target socket's keepalive was set.
+	keepAliveDelay time.Duration
+	onKeepAlive    func(c net.Conn, err error)
 }
 
 // Engine forwards flows according to the current RuleSet. It is safe for
@@ -128,6 +132,10 @@ type Engine struct {
 	stopOnce    sync.Once
 
 	beforeUDPSend func(mapping string) // test seam: a slow target; set before traffic
+
+	// lazyKeepAlive: the default dialer dials without keepalive and
+	// armKeepAlive sets it on sessions that live long enough.
+	lazyKeepAlive bool
 }
 
 // New compiles cfg and builds the engine; it starts no goroutine. The
@@ -144,10 +152,14 @@ func New(cfg *conf.Config, opts Options, log *zap.Logger) (*Engine, error) {
 	if opts.Clock == nil {
 		opts.Clock = wallClock{}
 	}
-	if opts.Dialer == nil {
-		opts.Dialer = &net.Dialer{KeepAliveConfig: net.KeepAliveConfig{
-			Enable: true, Idle: 60 * time.Second, Interval: 15 * time.Second, Count: 4,
-		}}
+	lazyKeepAlive := opts.Dialer == nil
+	if lazyKeepAlive {
+		// Keepalive comes later (armKeepAlive), once a session outlives
+		// keepAliveDelay: most connections end sooner.
+		opts.Dialer = &net.Dialer{KeepAlive: -1}
+	}
+	if opts.keepAliveDelay <= 0 {
+		opts.keepAliveDelay = defaultKeepAliveDelay
 	}
 	if opts.SweepInterval <= 0 {
 		opts.SweepInterval = time.Second
@@ -172,6 +184,7 @@ func New(cfg *conf.Config, opts Options, log *zap.Logger) (*Engine, error) {
 		stopSweep: make(chan struct{}),
 		sweepDone: make(chan struct{}),
 	}
+	e.lazyKeepAlive = lazyKeepAlive
 	e.budget.init()
 	e.bufs = newBufBudget(opts.BufferBudget, log)
 	e.sources.init()

@@ -8,6 +8,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -74,6 +75,14 @@ func isTimeout(err error) bool {
 }
 
 type closeWriter interface{ CloseWrite() error }
+
+// isKernelTCP reports whether c is a kernel socket (a *net.TCPConn, or a
+// conn that exposes its file descriptor).
+func isKernelTCP(c net.Conn) bool {
+	_, ok := c.(syscall.Conn)
+	return ok
+}
+
 type closeReader interface{ CloseRead() error }
 
 // aborter is a conn that can close with an RST instead of a FIN (netstack's
@@ -129,7 +138,8 @@ type splicer struct {
 	resets    *resetCounter // optional
 	bufs      *bufBudget    // large buffers count against it; nil: unlimited
 	closeOnce sync.Once
-	closed    atomic.Bool // set before the conns close: later errors are ours
+	closed    atomic.Bool  // set before the conns close: later errors are ours
+	ended     atomic.Int32 // directions that read a clean EOF
 	idled     atomic.Bool
 	errOnce   sync.Once
 	err       error
@@ -247,13 +257,21 @@ func (sp *splicer) copy(dst, src net.Conn, dir string, n *byteCounter) int64 {
 				// ours, and passing it on as a FIN could beat the RST.
 				return written
 			}
+			if sp.ended.Add(1) == 2 {
+				// The other direction read its EOF already, so run closes
+				// both conns as soon as this one returns; the close sends
+				// the FIN a half-close would, without two shutdown calls.
+				return written
+			}
 			if cw, ok := dst.(closeWriter); ok {
 				cw.CloseWrite()
 			} else {
 				// No half-close: closing is the only way to pass the EOF on.
 				sp.closeBoth()
 			}
-			if cr, ok := src.(closeReader); ok {
+			// A kernel socket's read half after EOF changes nothing for the
+			// peer: no shutdown call for it.
+			if cr, ok := src.(closeReader); ok && !isKernelTCP(src) {
 				cr.CloseRead()
 			}
 			return written

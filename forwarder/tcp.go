@@ -101,6 +101,9 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 		reject()
 		return
 	}
+	if ka := e.armKeepAlive(upstream); ka != nil {
+		defer ka.Stop()
+	}
 	client, err := attempt.Accept()
 	if err != nil {
 		if handshakeTimedOut(err) {
@@ -190,4 +193,33 @@ func (e *Engine) dialTarget(rs *RuleSet, r *Rule, src, dst netip.AddrPort, targe
 		}
 	}
 	return conn, nil
+}
+
+// targetKeepAlive is the keepalive on target sockets of the default dialer:
+// a target that vanishes without a FIN or RST is found after at most
+// Idle + Count x Interval of silence (plus keepAliveDelay).
+var targetKeepAlive = net.KeepAliveConfig{
+	Enable: true, Idle: 60 * time.Second, Interval: 15 * time.Second, Count: 4,
+}
+
+// defaultKeepAliveDelay is how long a target socket lives before its
+// keepalive is set: four setsockopt calls that a connection of a few
+// requests never needs (the first probe waits for a minute of silence
+// anyway), measurable in the cost of a short connection.
+const defaultKeepAliveDelay = 5 * time.Second
+
+// armKeepAlive sets the keepalive of upstream, a target socket from the
+// default dialer, once it has lived keepAliveDelay; stop the returned timer
+// when the session ends. It returns nil when there is nothing to arm.
+func (e *Engine) armKeepAlive(upstream net.Conn) *time.Timer {
+	tc, ok := upstream.(*net.TCPConn)
+	if !e.lazyKeepAlive || !ok {
+		return nil
+	}
+	return time.AfterFunc(e.opts.keepAliveDelay, func() {
+		err := tc.SetKeepAliveConfig(targetKeepAlive)
+		if e.opts.onKeepAlive != nil {
+			e.opts.onKeepAlive(tc, err)
+		}
+	})
 }

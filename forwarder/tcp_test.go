@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -504,5 +505,130 @@ func TestTargetDown(t *testing.T) {
 		t.Fatal("target still down after a good dial")
 	}
 	f.client.Close()
+	<-f.done
+}
+
+// shutdownSpy is a kernel TCP conn that counts its half-close calls.
+type shutdownSpy struct {
+	*net.TCPConn
+	closeWrites, closeReads atomic.Int32
+}
+
+func (c *shutdownSpy) CloseWrite() error { c.closeWrites.Add(1); return c.TCPConn.CloseWrite() }
+func (c *shutdownSpy) CloseRead() error  { c.closeReads.Add(1); return c.TCPConn.CloseRead() }
+
+// TestSpliceSecondEOFCloses: pmbench crr's shape, the target answers and
+// closes, then the client closes. Both peers read every byte and a clean
+// EOF, and the splice passes the second EOF on by closing, with no
+// shutdown call: the first EOF shuts the client's write half only (the
+// target's read half stays as it is), the second shuts nothing.
+func TestSpliceSecondEOFCloses(t *testing.T) {
+	t.Parallel()
+	aUser, a := tcpPair(t)
+	bUser, b := tcpPair(t)
+	spyA := &shutdownSpy{TCPConn: a.(*net.TCPConn)}
+	spyB := &shutdownSpy{TCPConn: b.(*net.TCPConn)}
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := Splice(t.Context(), spyA, spyB, 0)
+		done <- err
+	}()
+	bUser.Write([]byte("answer"))
+	bUser.(*net.TCPConn).CloseWrite()
+	if got, err := readAllTimeout(aUser, 5*time.Second); err != nil || string(got) != "answer" {
+		t.Fatalf("client read %q, %v; want the answer and EOF", got, err)
+	}
+	aUser.Write([]byte("bye"))
+	aUser.(*net.TCPConn).CloseWrite()
+	if got, err := readAllTimeout(bUser, 5*time.Second); err != nil || string(got) != "bye" {
+		t.Fatalf("target read %q, %v; want bye and a clean EOF", got, err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("Splice: %v", err)
+	}
+	if w, r := spyA.closeWrites.Load(), spyB.closeReads.Load(); w != 1 || r != 0 {
+		t.Fatalf("first EOF: client CloseWrite %d, target CloseRead %d; want 1, 0", w, r)
+	}
+	if w, r := spyB.closeWrites.Load(), spyA.closeReads.Load(); w != 0 || r != 0 {
+		t.Fatalf("second EOF: target CloseWrite %d, client CloseRead %d; want 0, 0 (the close sends the FIN)", w, r)
+	}
+}
+
+// keepAliveOpts reads a kernel TCP socket's keepalive settings: SO_KEEPALIVE
+// and TCP_KEEPIDLE, TCP_KEEPINTVL in seconds, TCP_KEEPCNT.
+func keepAliveOpts(t *testing.T, c net.Conn) (on, idle, intvl, cnt int) {
+	t.Helper()
+	rc, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var gerr error
+	rc.Control(func(fd uintptr) {
+		get := func(level, opt int) int {
+			v, err := syscall.GetsockoptInt(int(fd), level, opt)
+			if err != nil && gerr == nil {
+				gerr = err
+			}
+			return v
+		}
+		on = get(syscall.SOL_SOCKET, syscall.SO_KEEPALIVE)
+		idle = get(syscall.IPPROTO_TCP, syscall.TCP_KEEPIDLE)
+		intvl = get(syscall.IPPROTO_TCP, syscall.TCP_KEEPINTVL)
+		cnt = get(syscall.IPPROTO_TCP, syscall.TCP_KEEPCNT)
+	})
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	return on, idle, intvl, cnt
+}
+
+// TestTCPTargetKeepAliveLate: the default dialer opens target sockets
+// without keepalive (four setsockopt calls a short connection never needs);
+// a session that outlives the delay gets it, and its bytes keep crossing.
+func TestTCPTargetKeepAliveLate(t *testing.T) {
+	t.Parallel()
+	port := tcpEcho(t)
+	type armed struct {
+		c   net.Conn
+		err error
+	}
+	kaSet := make(chan armed, 1)
+	e := newEngine(t, config(mapping("echo", conf.TCP, "8000", "127.0.0.1:"+itoa(port))), Options{
+		keepAliveDelay: 20 * time.Millisecond,
+		onKeepAlive:    func(c net.Conn, err error) { kaSet <- armed{c, err} },
+	})
+
+	direct, err := e.dialer.DialContext(t.Context(), "tcp", "127.0.0.1:"+itoa(port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close()
+	if on, _, _, _ := keepAliveOpts(t, direct); on != 0 {
+		t.Fatalf("the default dialer set SO_KEEPALIVE=%d at dial, want 0", on)
+	}
+
+	f := startTCP(t, e, newIngress(conf.IngressTUN), "203.0.113.5:40000", "198.51.100.1:8000")
+	if got := f.wait(t); got != "accepted" {
+		t.Fatalf("flow %s, want accepted", got)
+	}
+	var ka armed
+	select {
+	case ka = <-kaSet:
+	case <-time.After(10 * time.Second):
+		t.Fatal("keepalive never set on the session's target socket")
+	}
+	if ka.err != nil {
+		t.Fatalf("set keepalive: %v", ka.err)
+	}
+	on, idle, intvl, cnt := keepAliveOpts(t, ka.c)
+	if on != 1 || idle != 60 || intvl != 15 || cnt != 4 {
+		t.Fatalf("keepalive = on %d idle %ds intvl %ds cnt %d, want 1 60 15 4", on, idle, intvl, cnt)
+	}
+	msg := []byte("still here")
+	f.client.Write(msg)
+	f.client.(*net.TCPConn).CloseWrite()
+	if got, err := readAllTimeout(f.client, 5*time.Second); err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("echo = %q, %v; want %q", got, err, msg)
+	}
 	<-f.done
 }

@@ -889,16 +889,21 @@ func (s *Stack) writeDevice(bufs [][]byte, bytes uint64) (closed bool) {
 	return false
 }
 
-// writeFrames writes items as vnet frames (header and packet each) to the
-// first queue, one write(2) each: a TSO frame is its own batch. Writes may
-// use any queue of a multi-queue TUN; the kernel takes them in the writer's
-// context. One writer at a time (the outward queue's busy flag): the
-// gather list is the Stack's.
+// writeFrames writes items as vnet frames (header and packet each), one
+// write(2) each: a TSO frame is its own batch. A frame goes to the queue
+// of its flow (flowQueue): the kernel steers a flow's packets towards us to
+// the queue we last wrote it on, so writing every flow on the first queue
+// put all reads on one input pump. One writer at a time (the outward
+// queue's busy flag): the gather list is the Stack's.
 func (s *Stack) writeFrames(items []*outBuf) (closed bool) {
 	for _, b := range items {
 		s.stats.writeBatches.Add(1)
 		s.frameParts = b.appendParts(s.frameParts[:0])
-		err := s.queues[0].write(s.frameParts)
+		q := s.queues[0]
+		if len(s.queues) > 1 {
+			q = s.queues[flowQueue(s.frameParts, len(s.queues))]
+		}
+		err := q.write(s.frameParts)
 		clear(s.frameParts)
 		if err != nil {
 			if errors.Is(err, os.ErrClosed) {

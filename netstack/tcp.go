@@ -190,6 +190,7 @@ func (s *Stack) forwardTCP(fr *tcp.ForwarderRequest) {
 		return
 	}
 	defer s.handlers.Done()
+	growStack()
 
 	id := fr.ID()
 	r := &TCPRequest{

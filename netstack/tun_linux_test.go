@@ -674,6 +674,15 @@ func benchmarkKernelTUNTCP4(b *testing.B, queues int) {
 	}
 	b.ReportMetric(float64(sent.Load())*8/el.Seconds()/1e9, "Gbit/s")
 	b.ReportMetric(float64((processCPU(b)-cpu0).Milliseconds())/(float64(sent.Load())*8/1e9), "cpu-ms/Gbit")
+	// The busiest queue's share of the frames read: 1/queues when the
+	// flows spread evenly, 1 when one input pump did all the work.
+	var total, busiest uint64
+	for i := range s.queueFrames {
+		n := s.queueFrames[i].Load()
+		total += n
+		busiest = max(busiest, n)
+	}
+	b.ReportMetric(float64(busiest)/float64(max(total, 1)), "busiest-queue-share")
 }
 
 // BenchmarkKernelTUNMemory: flows kernel TCP flows (in the namespace)

@@ -7,6 +7,7 @@ import (
 	"golang.zx2c4.com/wireguard/tun"
 
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
@@ -181,3 +182,43 @@ type frameQueue interface {
 
 // errWouldBlock: a frameQueue read with block false found nothing waiting.
 var errWouldBlock = errors.New("netstack: no frame waiting")
+
+// flowQueue picks the queue of n for a frame (parts as appendParts returns
+// them: virtio-net header first, then the packet, whose IP and transport
+// headers are in one part) by its addresses and ports, the same for both
+// directions of a flow. Frames it cannot parse go to queue 0.
+func flowQueue(parts [][]byte, n int) int {
+	var pkt []byte
+	switch {
+	case len(parts) == 0:
+		return 0
+	case len(parts[0]) > vnetHdrLen:
+		pkt = parts[0][vnetHdrLen:] // header and packet in one buffer
+	case len(parts) > 1:
+		pkt = parts[1]
+	}
+	var h uint32
+	var l4 []byte
+	switch {
+	case len(pkt) >= header.IPv4MinimumSize && pkt[0]>>4 == 4:
+		ihl := int(pkt[0]&0xf) * 4
+		h = binary.BigEndian.Uint32(pkt[12:16]) ^ binary.BigEndian.Uint32(pkt[16:20])
+		if p := pkt[9]; (p == uint8(header.TCPProtocolNumber) || p == uint8(header.UDPProtocolNumber)) && ihl >= header.IPv4MinimumSize && len(pkt) >= ihl+4 {
+			l4 = pkt[ihl:]
+		}
+	case len(pkt) >= header.IPv6MinimumSize && pkt[0]>>4 == 6:
+		for i := 8; i < 40; i += 4 {
+			h ^= binary.BigEndian.Uint32(pkt[i : i+4])
+		}
+		if p := pkt[6]; (p == uint8(header.TCPProtocolNumber) || p == uint8(header.UDPProtocolNumber)) && len(pkt) >= 44 {
+			l4 = pkt[40:]
+		}
+	default:
+		return 0
+	}
+	if l4 != nil {
+		h ^= uint32(binary.BigEndian.Uint16(l4[0:2]) ^ binary.BigEndian.Uint16(l4[2:4]))
+	}
+	h *= 0x9e3779b1 // spread the xor over the high bits
+	return int(uint64(h>>16) * uint64(n) >> 16)
+}

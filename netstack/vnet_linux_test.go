@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap/zaptest"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/tun"
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
@@ -497,4 +498,120 @@ func runHashingStack(t *testing.T, dev tun.Device) (*Stack, <-chan []byte) {
 	}
 	runStack(t, s)
 	return s, sums
+}
+
+// tcpFrame is a vnet frame (zero virtio-net header) of a bare IPv4 TCP
+// header from src to dst, in one buffer (whole) or as header and packet.
+func tcpFrame(src, dst netip.AddrPort, whole bool) [][]byte {
+	pkt := make([]byte, header.IPv4MinimumSize+header.TCPMinimumSize)
+	ip := header.IPv4(pkt)
+	ip.Encode(&header.IPv4Fields{
+		TotalLength: uint16(len(pkt)), TTL: 64, Protocol: uint8(header.TCPProtocolNumber),
+		SrcAddr: tcpip.AddrFrom4(src.Addr().As4()), DstAddr: tcpip.AddrFrom4(dst.Addr().As4()),
+	})
+	header.TCP(pkt[header.IPv4MinimumSize:]).Encode(&header.TCPFields{SrcPort: src.Port(), DstPort: dst.Port(), DataOffset: header.TCPMinimumSize})
+	if whole {
+		return [][]byte{append(make([]byte, vnetHdrLen), pkt...)}
+	}
+	return [][]byte{make([]byte, vnetHdrLen), pkt}
+}
+
+func TestFlowQueue(t *testing.T) {
+	a := netip.MustParseAddrPort("10.99.0.1:40000")
+	b := netip.MustParseAddrPort("10.99.0.2:5201")
+	seen := map[int]bool{}
+	for p := range uint16(64) {
+		src := netip.AddrPortFrom(a.Addr(), a.Port()+p)
+		q := flowQueue(tcpFrame(src, b, true), 4)
+		if q < 0 || q >= 4 {
+			t.Fatalf("queue %d of 4", q)
+		}
+		if back := flowQueue(tcpFrame(b, src, true), 4); back != q {
+			t.Fatalf("%v -> %v on queue %d, the reverse on %d", src, b, q, back)
+		}
+		if split := flowQueue(tcpFrame(src, b, false), 4); split != q {
+			t.Fatalf("header apart (a TSO frame): queue %d, want %d", split, q)
+		}
+		seen[q] = true
+	}
+	if len(seen) != 4 {
+		t.Fatalf("64 flows used queues %v, want all 4", seen)
+	}
+	for _, junk := range [][][]byte{nil, {{1, 2}}, {make([]byte, vnetHdrLen), {0x45, 0}}, {make([]byte, vnetHdrLen+60)}} {
+		if q := flowQueue(junk, 4); q != 0 {
+			t.Fatalf("unparseable frame %v: queue %d, want 0", junk, q)
+		}
+	}
+}
+
+// TestKernelTUNFlowsSpreadOverQueues: four kernel flows into a two-queue
+// TUN, two of them on each queue by flowQueue. The kernel steers a flow's
+// packets to the queue natbox writes it on, so each input pump reads
+// about half of the frames (all of them went to one pump when every write
+// used the first queue).
+func TestKernelTUNFlowsSpreadOverQueues(t *testing.T) {
+	ns, dev := kernelTUNQueues(t, 2)
+	if dev == nil {
+		return
+	}
+	var received atomic.Int64
+	s, err := New(dev, Config{MTU: 1500, Addresses: tunAddrs}, funcHandler{tcp: func(r *TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		n, _ := io.Copy(io.Discard, c)
+		received.Add(n)
+	}}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	runStack(t, s)
+	dst := netip.MustParseAddrPort("10.99.0.2:5201")
+	var ports []uint16
+	perQueue := [2]int{}
+	for p := uint16(41000); len(ports) < 4; p++ {
+		q := flowQueue(tcpFrame(netip.AddrPortFrom(netip.MustParseAddr("10.99.0.1"), p), dst, true), 2)
+		if perQueue[q] < 2 {
+			perQueue[q]++
+			ports = append(ports, p)
+		}
+	}
+	const perFlow = 4 << 20
+	var wg sync.WaitGroup
+	errs := make(chan error, len(ports))
+	for _, p := range ports {
+		var c net.Conn
+		if err := inNetns(ns, func() (err error) {
+			d := net.Dialer{Timeout: 10 * time.Second, LocalAddr: &net.TCPAddr{IP: net.IPv4(10, 99, 0, 1), Port: int(p)}}
+			c, err = d.Dial("tcp", dst.String())
+			return err
+		}); err != nil {
+			t.Fatalf("kernel dial from port %d: %v", p, err)
+		}
+		wg.Go(func() {
+			defer c.Close()
+			if _, err := c.Write(make([]byte, perFlow)); err != nil {
+				errs <- err
+			}
+			c.(*net.TCPConn).CloseWrite()
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatalf("write: %v", err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for received.Load() < perFlow*int64(len(ports)) && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if got := received.Load(); got != perFlow*int64(len(ports)) {
+		t.Fatalf("received %d of %d bytes", got, perFlow*len(ports))
+	}
+	f0, f1 := s.queueFrames[0].Load(), s.queueFrames[1].Load()
+	if share := float64(max(f0, f1)) / float64(f0+f1); share > 0.75 {
+		t.Fatalf("frames read per queue %d, %d: the busiest has %.0f %%, want at most 75 %%", f0, f1, share*100)
+	}
 }
