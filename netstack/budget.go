@@ -98,9 +98,9 @@ func (b *connBudget) initialWindow() int {
 // share.
 func (b *connBudget) add(c *tcpConn) {
 	c.budget = b
-	// Two segments at the MTU the connection started with (its MSS is at
-	// most that, less the IPv4 and TCP headers): cuts stop there.
-	c.floor = 2 * (b.s.RouteMTU() - header.IPv4MinimumSize - header.TCPMinimumSize)
+	// Two segments at the MTU the connection's handshake had (its MSS is
+	// at most that, less the IPv4 and TCP headers): cuts stop there.
+	c.floor = 2 * (b.s.routeMTUSince(c.routeGen) - header.IPv4MinimumSize - header.TCPMinimumSize)
 	b.mu.Lock()
 	b.conns[c] = struct{}{}
 	b.rebalanceLocked(c)

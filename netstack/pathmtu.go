@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"sync/atomic"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -91,7 +92,48 @@ func (s *Stack) applyRoutesLocked() {
 	}
 	if int(s.routeMTU.Swap(int32(mtu))) != mtu {
 		s.stack.SetRouteTable(routeTable(mtu))
+		s.routes.record(mtu)
 	}
+}
+
+// routeHistory remembers the last route MTUs, so that a connection learns
+// the largest its handshake may have used: gVisor resolves the route (and
+// so the MSS) somewhere inside Connect or CreateEndpoint, and the routes
+// may change meanwhile. Guarded by Stack.routeMu, but for gen.
+type routeHistory struct {
+	gen  atomic.Uint64 // changes so far
+	last [16]int       // MTU after change g at last[g%16]
+}
+
+func (h *routeHistory) record(mtu int) {
+	g := h.gen.Load() + 1
+	h.last[g%uint64(len(h.last))] = mtu
+	h.gen.Store(g)
+}
+
+// routeGen marks the start of a handshake for routeMTUSince.
+func (s *Stack) routeGen() uint64 { return s.routes.gen.Load() }
+
+// routeMTUSince is the largest MTU the routes had at any time since
+// routeGen returned gen (the link's when too much changed meanwhile to
+// tell).
+func (s *Stack) routeMTUSince(gen uint64) int {
+	s.routeMu.Lock()
+	defer s.routeMu.Unlock()
+	now, h := s.routes.gen.Load(), &s.routes
+	mtu := int(s.routeMTU.Load())
+	if now-gen >= uint64(len(h.last)) {
+		return s.cfg.MTU // the link's: no route had more
+	}
+	if gen > 0 { // the MTU in force at gen, from before the changes since
+		mtu = max(mtu, h.last[gen%uint64(len(h.last))])
+	} else {
+		mtu = max(mtu, int(s.cfg.PathMTU))
+	}
+	for g := gen + 1; g <= now; g++ {
+		mtu = max(mtu, h.last[g%uint64(len(h.last))])
+	}
+	return mtu
 }
 
 // routeTable sends everything through the one NIC, at mtu.

@@ -96,3 +96,34 @@ func TestProbePath(t *testing.T) {
 	}
 	br.check(t)
 }
+
+// TestRouteMTUSince: a handshake that began before the routes changed is
+// credited with the largest MTU they had since (its MSS may come from any
+// of them), and with the link's when too much changed to tell.
+func TestRouteMTUSince(t *testing.T) {
+	client, _, _ := newDirectPairConfig(t, Config{MTU: 9000, PathMTU: 1420}, Config{MTU: 9000}, funcHandler{}, funcHandler{})
+	gen := client.routeGen()
+	if got := client.routeMTUSince(gen); got != 1420 {
+		t.Fatalf("no change: %d, want 1420", got)
+	}
+	for _, m := range []int{9000, 1500} {
+		if err := client.SetPathMTU(m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, now := client.routeMTUSince(gen), client.RouteMTU(); got != 9000 || now != 1500 {
+		t.Fatalf("after 1420 -> 9000 -> 1500: since %d (want 9000), now %d (want 1500)", got, now)
+	}
+	gen = client.routeGen()
+	if got := client.routeMTUSince(gen); got != 1500 {
+		t.Fatalf("from now: %d, want 1500", got)
+	}
+	for i := range 20 {
+		if err := client.SetPathMTU(1300 + i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := client.routeMTUSince(gen); got != 9000 {
+		t.Fatalf("after 20 changes, past the history's reach: %d, want the link's 9000", got)
+	}
+}

@@ -205,6 +205,7 @@ type Stack struct {
 	// what the routes carry (pathmtu.go); routeMu serializes changes.
 	pathMTU, shareMTU, routeMTU atomic.Int32
 	routeMu                     sync.Mutex
+	routes                      routeHistory
 	probeSeq                    atomic.Uint32
 	log                         *zap.Logger
 	stack                       *stack.Stack

@@ -255,8 +255,9 @@ func (s *Stack) handleCookieConn(ep tcpip.Endpoint, wq *waiter.Queue) {
 		Dst: netip.AddrPortFrom(addrFrom(id.LocalAddress), id.LocalPort),
 		s:   s,
 		id:  id,
-		est: newTCPConn(wq, ep),
+		est: newTCPConn(wq, ep), // its MSS came from the cookie: at most the route's
 	}
+	r.est.routeGen = s.routeGen()
 	go func() {
 		defer s.handlers.Done()
 		r.serve()

@@ -94,6 +94,7 @@ func (r *TCPRequest) Accept() (net.Conn, error) {
 	}
 	var wq waiter.Queue
 	t := time.AfterFunc(s.cfg.TCP.HandshakeTimeout, r.expireHandshake)
+	gen := s.routeGen()
 	ep, err := r.fr.CreateEndpoint(&wq)
 	r.handshakeOver.Store(true)
 	t.Stop()
@@ -113,7 +114,7 @@ func (r *TCPRequest) Accept() (net.Conn, error) {
 		return nil, ErrClosed
 	}
 	s.setKeepalive(ep)
-	return s.track(newTCPConn(&wq, ep)), nil
+	return s.track(newTCPConn(&wq, ep), gen), nil
 }
 
 // expireHandshake runs when HandshakeTimeout has passed since Accept sent the
@@ -307,6 +308,7 @@ func (s *Stack) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn,
 		proto = header.IPv6ProtocolNumber
 	}
 	var wq waiter.Queue
+	gen := s.routeGen()
 	ep, terr := s.stack.NewEndpoint(tcp.ProtocolNumber, proto, &wq)
 	if terr != nil {
 		return nil, fmt.Errorf("netstack: dial %s -> %s: %w", src, dst, tcpipError(terr))
@@ -356,7 +358,7 @@ func (s *Stack) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn,
 		ep.Abort()
 		return nil, ErrClosed
 	}
-	return s.track(newTCPConn(&wq, ep)), nil
+	return s.track(newTCPConn(&wq, ep), gen), nil
 }
 
 // TCPConn is what the stack's TCP conns offer beyond net.Conn; Accept and
@@ -380,6 +382,9 @@ type tcpConn struct {
 	budget *connBudget // set once handed out; Close removes the conn from it
 	fixed  bool        // buffers set to a fixed size; guarded by budget.mu
 	floor  int         // cuts stop here: two segments (budget.add)
+	// routeGen is the stack's route generation when the handshake began
+	// (routeMTUSince).
+	routeGen uint64
 }
 
 var _ TCPConn = (*tcpConn)(nil)
@@ -412,8 +417,10 @@ func (c *tcpConn) Close() error {
 	return c.TCPConn.Close()
 }
 
-// track counts c in the stack's buffer budget until it is closed.
-func (s *Stack) track(c *tcpConn) *tcpConn {
+// track counts c, whose handshake began at route generation gen, in the
+// stack's buffer budget until it is closed.
+func (s *Stack) track(c *tcpConn, gen uint64) *tcpConn {
+	c.routeGen = gen
 	s.conns.add(c)
 	return c
 }
