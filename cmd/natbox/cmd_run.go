@@ -51,7 +51,7 @@ remove the routes natbox added, close the TUN and exit 0.`,
 			}
 			defer stopHeap()
 			setMemoryLimit(cfg.Limits.MemoryLimit, log)
-			setTunnelGC(len(cfg.Uplinks) > 0, log)
+			setGC(len(cfg.Uplinks) > 0, log)
 			a, err := app.NewAppliance(cfg, app.Options{Version: version}, log)
 			if err != nil {
 				return err
@@ -98,7 +98,7 @@ and max_sessions without dropping other peers' flows. The admin socket defaults 
 			}
 			defer stopHeap()
 			setMemoryLimit(cfg.Relay.MemoryLimit, log)
-			setTunnelGC(true, log)
+			setGC(true, log)
 			n, err := app.NewRelayNode(cfg, version, log)
 			if err != nil {
 				return err

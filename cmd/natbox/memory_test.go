@@ -2,8 +2,8 @@ package main
 
 import "testing"
 
-// TestGCPercent: tunnel processes collect at GOGC=50 unless GOGC is set;
-// others keep Go's default.
+// TestGCPercent: tunnel processes collect at GOGC=50, gateways at 75,
+// unless GOGC is set.
 func TestGCPercent(t *testing.T) {
 	for _, c := range []struct {
 		env    string
@@ -11,7 +11,7 @@ func TestGCPercent(t *testing.T) {
 		want   int
 	}{
 		{"", true, tunnelGCPercent},
-		{"", false, 0},
+		{"", false, gatewayGCPercent},
 		{"200", true, 0},
 		{"off", true, 0},
 	} {
