@@ -224,7 +224,7 @@ natbox_configs() { # natbox_configs DIR [TRANSPORT(udp|tcp)]
   local k=$OUT/keys transport=${2:-udp}
   cat >"$1/relay.toml" <<EOF
 [log]
-level = "warn"
+level = "${NATBOX_LOG_LEVEL:-warn}"
 
 [relay]
 listen = "$RELAY_HOST:51820"
@@ -254,7 +254,7 @@ ports = ["tcp+udp/18080", "tcp/18081-18082"]
 EOF
   cat >"$1/natbox.toml" <<EOF
 [log]
-level = "warn"
+level = "${NATBOX_LOG_LEVEL:-warn}"
 
 [uplink]
 relay = "$RELAY_HOST:51820"

@@ -388,7 +388,7 @@ func (e *linkEndpoint) writeRef(pkt *stack.PacketBuffer) tcpip.Error {
 	b := e.refPool.Get().(*outBuf)
 	b.pkt = pkt.IncRef()
 	b.n = size
-	b.slots = (size + int(e.mtu) - 1) / int(e.mtu) // a GSO packet: its size in MTUs
+	b.slots = e.slotsFor(size) // a GSO packet: its size in queue units
 	if !e.q.push(b) {
 		e.putBuf(b)
 		return &tcpip.ErrClosedForSend{}

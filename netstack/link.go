@@ -2,6 +2,7 @@ package netstack
 
 import (
 	"sync"
+	"sync/atomic"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -22,8 +23,8 @@ type outBuf struct {
 	data []byte
 	n    int
 	// slots is what the packet counts against the outward queue's limit:
-	// its size in MTUs, so a queue of 64 KiB TSO frames holds no more bytes
-	// than one of MTU packets.
+	// its size in queue units (linkEndpoint.unit), so a queue of 64 KiB
+	// TSO frames holds no more bytes than one of MTU packets.
 	slots int
 	// pkt, if set, is a packet referenced rather than copied, released by
 	// putBuf: on a vnet link a TSO frame's (data holds only its header, and
@@ -184,9 +185,22 @@ func (q *outQueue) counts() (fullWaits, direct uint64) {
 // device wants MTU-sized packets (wireguard-go's Linux TUN would coalesce them
 // again on write).
 type linkEndpoint struct {
-	mtu     uint32
+	// mtu is the largest packet the link takes or lets out (Config.MTU);
+	// cur is the MTU gVisor is told (MTU), at most mtu: the path MTU within
+	// the buffer budget's limit (pathmtu.go). gVisor reads it for every new
+	// connection's MSS and for fragmenting, on every route: also on those
+	// to loopback and link-local addresses, which skip the route table
+	// (so a route MTU would not reach them).
+	mtu uint32
+	cur atomic.Uint32
+	// unit is what one queue slot stands for, and the size of bufPool's
+	// buffers: the MTU, at most queueUnit. A tunnel stack's link takes
+	// max_mtu (32000) while its path may carry 1420: counted in MTUs, its
+	// queue would hold twenty times the bytes and, on a long path, build a
+	// standing queue that starved its own TCP flows.
+	unit    int
 	vnet    bool      // frames carry a virtio-net header; host GSO
-	bufPool sync.Pool // *outBuf with tunOffset+mtu bytes
+	bufPool sync.Pool // *outBuf with tunOffset+unit bytes
 	bigPool sync.Pool // *outBuf with tunOffset+maxFrameLen bytes (TSO frames)
 	q       outQueue
 	stats   *counters
@@ -215,9 +229,13 @@ var (
 // (tcp/snd.go sendData), so IPv4 and IPv6 ones both fit the IP length fields.
 const maxFrameLen = 65535
 
+// queueUnit is the most a queue slot stands for: an Ethernet MTU.
+const queueUnit = 1500
+
 func newLinkEndpoint(mtu uint32, queueLen int, st *counters, vnet bool) *linkEndpoint {
-	e := &linkEndpoint{mtu: mtu, stats: st, vnet: vnet}
-	size := tunOffset + int(mtu)
+	e := &linkEndpoint{mtu: mtu, unit: min(int(mtu), queueUnit), stats: st, vnet: vnet}
+	e.cur.Store(mtu)
+	size := tunOffset + e.unit
 	e.bufPool.New = func() any { return &outBuf{data: make([]byte, size)} }
 	e.bigPool.New = func() any { return &outBuf{data: make([]byte, tunOffset+maxFrameLen)} }
 	e.refPool.New = func() any { return &outBuf{} }
@@ -225,7 +243,16 @@ func newLinkEndpoint(mtu uint32, queueLen int, st *counters, vnet bool) *linkEnd
 	return e
 }
 
-func (e *linkEndpoint) getBuf() *outBuf { return e.bufPool.Get().(*outBuf) }
+// getBuf returns a buffer for a packet of size bytes.
+func (e *linkEndpoint) getBuf(size int) *outBuf {
+	if size > e.unit {
+		return e.bigPool.Get().(*outBuf)
+	}
+	return e.bufPool.Get().(*outBuf)
+}
+
+// slotsFor is what size bytes count against the outward queue.
+func (e *linkEndpoint) slotsFor(size int) int { return max(1, (size+e.unit-1)/e.unit) }
 
 func (e *linkEndpoint) putBuf(b *outBuf) {
 	if b.pkt != nil {
@@ -237,18 +264,18 @@ func (e *linkEndpoint) putBuf(b *outBuf) {
 		e.refPool.Put(b) // a Direct link's reference
 		return
 	}
-	if len(b.data) > tunOffset+int(e.mtu) {
+	if len(b.data) > tunOffset+e.unit {
 		e.bigPool.Put(b)
 		return
 	}
 	e.bufPool.Put(b)
 }
 
-// MTU implements stack.LinkEndpoint.
-func (e *linkEndpoint) MTU() uint32 { return e.mtu }
+// MTU implements stack.LinkEndpoint: the current MTU (see cur).
+func (e *linkEndpoint) MTU() uint32 { return e.cur.Load() }
 
-// SetMTU implements stack.LinkEndpoint. The MTU is fixed by the tun.Device
-// and sizes the pooled buffers, so it cannot change.
+// SetMTU implements stack.LinkEndpoint. Only the stack sets the current
+// MTU (Stack.SetPathMTU and the budget); gVisor's own calls are ignored.
 func (e *linkEndpoint) SetMTU(uint32) {}
 
 // MaxHeaderLength implements stack.LinkEndpoint: IP packets, no link header.
@@ -370,9 +397,9 @@ func (e *linkEndpoint) writePacket(pkt *stack.PacketBuffer) tcpip.Error {
 			// A TSO frame leaves from gVisor's own views: its payload
 			// sits in the send queue anyway (for retransmits), so holding
 			// a reference costs no memory and saves copying 64 KiB.
-			b = e.getBuf()
+			b = e.getBuf(0) // the header only
 			h.encode(b.data[tunOffset-vnetHdrLen : tunOffset])
-			b.slots = (size + int(e.mtu) - 1) / int(e.mtu)
+			b.slots = e.slotsFor(size)
 			b.n = size
 			b.pkt = pkt.IncRef()
 			if e.acks != nil {
@@ -385,12 +412,12 @@ func (e *linkEndpoint) writePacket(pkt *stack.PacketBuffer) tcpip.Error {
 		}
 		b = e.bigPool.Get().(*outBuf)
 	} else {
-		b = e.getBuf()
+		b = e.getBuf(size)
 	}
 	if e.vnet {
 		h.encode(b.data[tunOffset-vnetHdrLen : tunOffset])
 	}
-	b.slots = (size + int(e.mtu) - 1) / int(e.mtu)
+	b.slots = e.slotsFor(size)
 	dst := b.data[tunOffset : tunOffset+size]
 	vl, off := pkt.AsViewList()
 	w := 0
@@ -513,6 +540,6 @@ func (e *linkEndpoint) writeRaw(b *outBuf) bool {
 	if e.vnet {
 		clear(b.data[tunOffset-vnetHdrLen : tunOffset]) // no offload asked
 	}
-	b.slots = 1
+	b.slots = e.slotsFor(b.n)
 	return e.send(b, true)
 }

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
@@ -91,7 +92,7 @@ func (s *Stack) applyRoutesLocked() {
 		mtu = min(mtu, c)
 	}
 	if int(s.routeMTU.Swap(int32(mtu))) != mtu {
-		s.stack.SetRouteTable(routeTable(mtu))
+		s.link.cur.Store(uint32(mtu))
 		s.routes.record(mtu)
 	}
 }
@@ -136,20 +137,22 @@ func (s *Stack) routeMTUSince(gen uint64) int {
 	return mtu
 }
 
-// routeTable sends everything through the one NIC, at mtu.
-func routeTable(mtu int) []tcpip.Route {
+// routeTable sends everything through the one NIC.
+func routeTable() []tcpip.Route {
 	return []tcpip.Route{
-		{Destination: header.IPv4EmptySubnet, NIC: nicID, MTU: uint32(mtu)},
-		{Destination: header.IPv6EmptySubnet, NIC: nicID, MTU: uint32(mtu)},
+		{Destination: header.IPv4EmptySubnet, NIC: nicID},
+		{Destination: header.IPv6EmptySubnet, NIC: nicID},
 	}
 }
 
 // ProbePath sends one ICMP echo request of size bytes (IPv4 header
-// included) from src to dst, whole (never fragmented here: size may exceed
-// the path MTU, not the link's), and waits for the echo of the same size
-// until ctx is done (ErrProbeLost). src and dst are IPv4 addresses; dst is
-// typically the far end of a tunnel, whose stack answers echo requests for
-// its own addresses.
+// included) from src to dst, whole (built here and queued on the link
+// past gVisor, which would fragment it to the current MTU: size may exceed
+// that, not the link's), and waits for the echo of the same size until ctx
+// is done (ErrProbeLost). src and dst are IPv4 addresses; dst is typically
+// the far end of a tunnel, whose stack answers echo requests for its own
+// addresses. The echo comes back through gVisor to a ping endpoint bound
+// to the request's ident.
 func (s *Stack) ProbePath(ctx context.Context, src, dst netip.Addr, size int) error {
 	src, dst = src.Unmap(), dst.Unmap()
 	if !src.Is4() || !dst.Is4() {
@@ -175,6 +178,10 @@ func (s *Stack) ProbePath(ctx context.Context, src, dst netip.Addr, size int) er
 	if terr := ep.Connect(tcpip.FullAddress{Addr: tcpip.AddrFrom4(dst.As4())}); terr != nil {
 		return fmt.Errorf("netstack: path probe: connect %s: %s", dst, terr)
 	}
+	bound, terr := ep.GetLocalAddress()
+	if terr != nil {
+		return fmt.Errorf("netstack: path probe: %s", terr)
+	}
 	readable, notify := waiter.NewChannelEntry(waiter.ReadableEvents)
 	wq.EventRegister(&readable)
 	defer wq.EventUnregister(&readable)
@@ -183,12 +190,28 @@ func (s *Stack) ProbePath(ctx context.Context, src, dst netip.Addr, size int) er
 	msg := make([]byte, header.ICMPv4MinimumSize+payload)
 	echo := header.ICMPv4(msg)
 	echo.SetType(header.ICMPv4Echo)
+	echo.SetIdent(bound.Port)
 	echo.SetSequence(seq)
 	for i := range msg[header.ICMPv4MinimumSize:] {
 		msg[header.ICMPv4MinimumSize+i] = byte(i)
 	}
-	if _, terr := ep.Write(bytes.NewReader(msg), tcpip.WriteOptions{}); terr != nil {
-		return fmt.Errorf("netstack: path probe of %d bytes to %s: %s", size, dst, terr)
+	echo.SetChecksum(^checksum.Checksum(msg, 0))
+	b := s.link.getBuf(size)
+	b.n = size
+	pkt := b.packet()
+	ip := header.IPv4(pkt)
+	ip.Encode(&header.IPv4Fields{
+		TotalLength: uint16(size),
+		Flags:       header.IPv4FlagDontFragment,
+		TTL:         ipv4TTL,
+		Protocol:    uint8(header.ICMPv4ProtocolNumber),
+		SrcAddr:     tcpip.AddrFrom4(src.As4()),
+		DstAddr:     tcpip.AddrFrom4(dst.As4()),
+	})
+	ip.SetChecksum(^ip.CalculateChecksum())
+	copy(pkt[header.IPv4MinimumSize:], msg)
+	if !s.link.writeRaw(b) {
+		return ErrClosed
 	}
 	var got bytes.Buffer
 	for {

@@ -127,3 +127,48 @@ func TestRouteMTUSince(t *testing.T) {
 		t.Fatalf("after 20 changes, past the history's reach: %d, want the link's 9000", got)
 	}
 }
+
+// TestLoopbackClientFollowsPathMTU: the relay originates a flow with its
+// client's own address, 127.0.0.1 for a client on the relay's host. gVisor
+// routes a loopback peer past the route table, so the MTU such a flow uses
+// must come from the link's current MTU: here the server, at path MTU 1420
+// on a 9000-byte link, must announce an MSS for 1420 to a client on
+// 127.0.0.1 as to anyone else.
+func TestLoopbackClientFollowsPathMTU(t *testing.T) {
+	const link, path = 9000, 1420
+	echoServer := funcHandler{tcp: func(r *TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c)
+		c.(closeWriter).CloseWrite()
+	}}
+	client, server, br := newDirectPairConfig(t, Config{MTU: link}, Config{MTU: link, PathMTU: path}, funcHandler{}, echoServer)
+	for _, src := range []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:40000"), netip.AddrPortFrom(clientPrefix4.Addr(), 40001)} {
+		br.largest.Store(0)
+		c, err := client.DialTCP(testContext(t), src, netip.AddrPortFrom(serverPrefix4.Addr(), 7))
+		if err != nil {
+			t.Fatalf("dial from %s: %v", src, err)
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		data := bytes.Repeat([]byte("natbox"), 40000)
+		go func() {
+			c.Write(data)
+			c.(closeWriter).CloseWrite()
+		}()
+		got, err := io.ReadAll(c)
+		c.Close()
+		if err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("echo from %s: %d of %d bytes, %v", src, len(got), len(data), err)
+		}
+		if big := br.largest.Load(); big > path {
+			t.Errorf("from %s: a %d-byte packet crossed a path of %d", src, big, path)
+		}
+	}
+	if server.RouteMTU() != path {
+		t.Errorf("server route mtu %d, want %d", server.RouteMTU(), path)
+	}
+	br.check(t)
+}

@@ -487,6 +487,7 @@ func (s *Stack) configure() error {
 			return fmt.Errorf("netstack: add address %s: %s", p, err)
 		}
 	}
+	st.SetRouteTable(routeTable())
 	s.pathMTU.Store(int32(s.cfg.PathMTU))
 	s.shareMTU.Store(int32(shareMTU(s.conns.share)))
 	s.applyRoutesLocked() // nothing else runs yet
@@ -972,7 +973,7 @@ func (s *Stack) WriteUDP(src, dst netip.AddrPort, payload []byte) error {
 	if mtu := s.PathMTU(); n > mtu {
 		return fmt.Errorf("netstack: write udp %s -> %s: %d-byte packet, mtu %d: %w", src, dst, n, mtu, ErrMessageTooLong)
 	}
-	b := s.link.getBuf()
+	b := s.link.getBuf(n)
 	b.n = n
 	buildUDP(b.packet(), src, dst, payload)
 	if !s.link.writeRaw(b) {
