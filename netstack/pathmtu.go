@@ -18,15 +18,18 @@ import (
 
 // A stack has two MTUs. The link's (Config.MTU) is the largest packet it
 // takes in or lets out. The path MTU (Config.PathMTU, SetPathMTU) is what
-// the path carries: the largest datagram WriteUDP sends, and what its
-// routes carry, the MSS of new TCP connections, unless the buffer budget
-// says less. A tunnel stack keeps a large link MTU so that a probe
+// the path carries: the largest datagram WriteUDP sends, and, unless the
+// buffer budget says less, the MTU the link reports to gVisor (RouteMTU,
+// linkEndpoint.cur): the MSS of new TCP connections and where gVisor
+// fragments. It is the link's reported MTU, not a route-table MTU, since
+// gVisor routes loopback peers (the relay's clients on its own host) past
+// the route table. A tunnel stack keeps a large link MTU so that a probe
 // (ProbePath) can find out whether the path carries more than the MTU it
 // uses now.
 //
 // The budget's say: a connection whose buffers hold less than two segments
 // stalls (gVisor's sender then waits for its retransmit timer to send what
-// the peer's window cannot take whole), so the routes' MTU stays where a
+// the peer's window cannot take whole), so the reported MTU stays where a
 // connection's share of the budget holds two segments (shareMTU), and a
 // connection keeps at least two segments' worth of the MTU it started with
 // when its buffers are cut (tcpConn.floor, budget.go). On a 1500-byte link
@@ -72,7 +75,7 @@ func shareMTU(share int) int {
 	return max(minLinkMTU, share/2+header.IPv4MinimumSize+header.TCPMinimumSize)
 }
 
-// fitRoutesToShare caps the routes' MTU for a new budget share. The
+// fitRoutesToShare caps the reported MTU for a new budget share. The
 // budget calls it with its lock held; routeMu is taken after that lock,
 // never before.
 func (s *Stack) fitRoutesToShare(share int) {
@@ -84,7 +87,7 @@ func (s *Stack) fitRoutesToShare(share int) {
 	s.applyRoutesLocked()
 }
 
-// applyRoutesLocked sets the routes to the path MTU within the share's
+// applyRoutesLocked sets the reported MTU to the path MTU within the share's
 // limit. routeMu must be held.
 func (s *Stack) applyRoutesLocked() {
 	mtu := int(s.pathMTU.Load())
@@ -97,10 +100,10 @@ func (s *Stack) applyRoutesLocked() {
 	}
 }
 
-// routeHistory remembers the last route MTUs, so that a connection learns
-// the largest its handshake may have used: gVisor resolves the route (and
-// so the MSS) somewhere inside Connect or CreateEndpoint, and the routes
-// may change meanwhile. Guarded by Stack.routeMu, but for gen.
+// routeHistory remembers the last reported MTUs, so that a connection
+// learns the largest its handshake may have used: gVisor reads it (for the
+// MSS) somewhere inside Connect or CreateEndpoint, and it may change
+// meanwhile. Guarded by Stack.routeMu, but for gen.
 type routeHistory struct {
 	gen  atomic.Uint64 // changes so far
 	last [16]int       // MTU after change g at last[g%16]
@@ -115,7 +118,7 @@ func (h *routeHistory) record(mtu int) {
 // routeGen marks the start of a handshake for routeMTUSince.
 func (s *Stack) routeGen() uint64 { return s.routes.gen.Load() }
 
-// routeMTUSince is the largest MTU the routes had at any time since
+// routeMTUSince is the largest MTU reported at any time since
 // routeGen returned gen (the link's when too much changed meanwhile to
 // tell).
 func (s *Stack) routeMTUSince(gen uint64) int {

@@ -202,7 +202,8 @@ type Stack struct {
 	cfg         Config
 	handler     Handler
 	// pathMTU is the path's MTU, shareMTU the budget's limit, routeMTU
-	// what the routes carry (pathmtu.go); routeMu serializes changes.
+	// what the link reports to gVisor (pathmtu.go); routeMu serializes
+	// changes.
 	pathMTU, shareMTU, routeMTU atomic.Int32
 	routeMu                     sync.Mutex
 	routes                      routeHistory
