@@ -216,15 +216,7 @@ func runDirect(t testing.TB, s *Stack) {
 // and what the peer writes reaches the stack intact.
 func TestDirectTCPBothWays(t *testing.T) {
 	const mtu = 1420
-	echoServer := funcHandler{tcp: func(r *TCPRequest) {
-		c, err := r.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		io.Copy(c, c)
-		c.(closeWriter).CloseWrite()
-	}}
+	echoServer := funcHandler{tcp: echoTCP}
 	client, server, br := newDirectPair(t, mtu, funcHandler{}, echoServer)
 	for _, dst := range []netip.AddrPort{
 		netip.AddrPortFrom(serverPrefix4.Addr(), 7),

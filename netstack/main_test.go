@@ -50,6 +50,18 @@ func (h funcHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) {
 }
 
 // newPair joins a client Stack and a server Stack with a Pipe.
+// echoTCP accepts every connection and echoes it, half-closing after the
+// client's end of stream.
+func echoTCP(r *TCPRequest) {
+	c, err := r.Accept()
+	if err != nil {
+		return
+	}
+	defer c.Close()
+	io.Copy(c, c)
+	c.(closeWriter).CloseWrite()
+}
+
 func newPair(t testing.TB, client, server Handler) (c, s *Stack) {
 	t.Helper()
 	return newPairConfig(t, Config{}, client, server)

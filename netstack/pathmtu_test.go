@@ -16,15 +16,7 @@ import (
 // connections and WriteUDP send while the link MTU stays.
 func TestProbePath(t *testing.T) {
 	const link, path, farSmall = 9000, 1420, 4000
-	echoServer := funcHandler{tcp: func(r *TCPRequest) {
-		c, err := r.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		io.Copy(c, c)
-		c.(closeWriter).CloseWrite()
-	}}
+	echoServer := funcHandler{tcp: echoTCP}
 	client, server, br := newDirectPairConfig(t, Config{MTU: link, PathMTU: path}, Config{MTU: farSmall}, funcHandler{}, echoServer)
 	src, dst := clientPrefix4.Addr(), serverPrefix4.Addr()
 
@@ -136,15 +128,7 @@ func TestRouteMTUSince(t *testing.T) {
 // 127.0.0.1 as to anyone else.
 func TestLoopbackClientFollowsPathMTU(t *testing.T) {
 	const link, path = 9000, 1420
-	echoServer := funcHandler{tcp: func(r *TCPRequest) {
-		c, err := r.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		io.Copy(c, c)
-		c.(closeWriter).CloseWrite()
-	}}
+	echoServer := funcHandler{tcp: echoTCP}
 	client, server, br := newDirectPairConfig(t, Config{MTU: link}, Config{MTU: link, PathMTU: path}, funcHandler{}, echoServer)
 	for _, src := range []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:40000"), netip.AddrPortFrom(clientPrefix4.Addr(), 40001)} {
 		br.largest.Store(0)

@@ -103,15 +103,7 @@ func TestKernelTUNMultiQueue(t *testing.T) {
 	// The handler sees the Stack through an atomic: the race detector cannot
 	// see that no datagram arrives before New returns.
 	var sp atomic.Pointer[Stack]
-	s, err := New(dev, Config{MTU: 1500, Addresses: tunAddrs}, funcHandler{tcp: func(r *TCPRequest) {
-		c, err := r.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		io.Copy(c, c)
-		c.(closeWriter).CloseWrite()
-	}, udp: func(src, dst netip.AddrPort, p []byte) {
+	s, err := New(dev, Config{MTU: 1500, Addresses: tunAddrs}, funcHandler{tcp: echoTCP, udp: func(src, dst netip.AddrPort, p []byte) {
 		sp.Load().WriteUDP(dst, src, p)
 	}}, zaptest.NewLogger(t))
 	if err != nil {
@@ -356,13 +348,7 @@ func TestKernelTUNSynFloodCookies(t *testing.T) {
 			r.Reject()
 			return
 		}
-		c, err := r.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		io.Copy(c, c)
-		c.(closeWriter).CloseWrite()
+		echoTCP(r)
 	}}, zaptest.NewLogger(t))
 	if err != nil {
 		t.Fatalf("new stack: %v", err)
