@@ -79,7 +79,7 @@ func shareMTU(share int) int {
 // budget calls it with its lock held; routeMu is taken after that lock,
 // never before.
 func (s *Stack) fitRoutesToShare(share int) {
-	if int(s.shareMTU.Swap(int32(shareMTU(share)))) == shareMTU(share) {
+	if limit := shareMTU(share); int(s.shareMTU.Swap(int32(limit))) == limit {
 		return
 	}
 	s.routeMu.Lock()
@@ -129,12 +129,9 @@ func (s *Stack) routeMTUSince(gen uint64) int {
 	if now-gen >= uint64(len(h.last)) {
 		return s.cfg.MTU // the link's: no route had more
 	}
-	if gen > 0 { // the MTU in force at gen, from before the changes since
-		mtu = max(mtu, h.last[gen%uint64(len(h.last))])
-	} else {
-		mtu = max(mtu, int(s.cfg.PathMTU))
-	}
-	for g := gen + 1; g <= now; g++ {
+	// The MTU in force at gen, and every one since (New records the first,
+	// so a handshake never starts at gen 0).
+	for g := gen; g <= now; g++ {
 		mtu = max(mtu, h.last[g%uint64(len(h.last))])
 	}
 	return mtu

@@ -30,7 +30,7 @@ import (
 // (relay.max_mtu; an older relay or a smaller max_mtu drops it) and the
 // link carried the message both ways (a peer whose interface has a smaller
 // MTU drops it).
-// Then the stack's routes take the MTU (netstack SetPathMTU): new TCP
+// Then the stack takes the MTU (netstack SetPathMTU): new TCP
 // connections' MSS and the appliance's UDP replies follow it, both ways
 // (the relay's segments follow the MSS this side announces). Connections
 // open before keep theirs. When no size passes, the tunnel stays at mtu.

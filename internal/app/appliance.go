@@ -185,8 +185,8 @@ func (a *Appliance) addUplink(cfg *conf.Config, u *conf.Uplink, opts []tunnel.Op
 		log = log.With(zap.String("relay", u.Relay))
 		label = uplinkLabel(u)
 	}
-	// The link takes max_mtu (a path probe's size); the routes start at
-	// mtu, and the uplink raises them where the probe passes.
+	// The link takes max_mtu (a path probe's size); the path MTU starts at
+	// mtu, and the uplink raises it where the probe passes.
 	stackSide, outer := netstack.Direct(u.MaxMTU)
 	in, err := newIngress(conf.IngressUplink, stackSide, netstack.Config{
 		MTU:       u.MaxMTU,
