@@ -359,7 +359,7 @@ func (s *Stack) deliverBatch(bufs [][]byte, offset int) (tooBig int) {
 		if in.info.packet != nil {
 			pkt = in.info.packet // trimmed to the IP length
 		}
-		pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithView(buffer.NewViewWithData(pkt))})
+		pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: inboundBuffer(pkt, &in.info, nil)})
 		pb.NetworkProtocolNumber = in.info.proto
 		pb.RXChecksumValidated = in.info.tcpChecked
 		in.g.Enqueue(pb)

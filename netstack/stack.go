@@ -579,7 +579,7 @@ func (s *Stack) runInput() {
 			v.CapLength(len(pkt))
 			views[i] = buffer.NewViewSize(size)
 			bufs[i] = views[i].AsSlice()
-			pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithView(v)})
+			pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: inboundBuffer(pkt, &info, v)})
 			pb.NetworkProtocolNumber = info.proto
 			// classify verified the TCP checksum: GRO need not again. (The
 			// NIC marks every packet validated anyway, see Capabilities.)
@@ -739,15 +739,13 @@ func (s *Stack) runInputQueue(q frameQueue, frames *atomic.Uint64) {
 			// gVisor checks one: a SYN's, in synChecksumValid (a few bytes).
 			completeChecksum(h, pkt)
 		}
-		var v *buffer.View
+		var v *buffer.View // nil: inboundBuffer copies pkt
 		if len(pkt) >= handOverMin {
 			v = view
 			v.CapLength(len(pkt))
 			view = buffer.NewViewSize(frameBufSize)
-		} else {
-			v = buffer.NewViewWithData(pkt)
 		}
-		pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithView(v)})
+		pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: inboundBuffer(pkt, &info, v)})
 		pb.NetworkProtocolNumber = info.proto
 		pb.RXChecksumValidated = info.tcpChecked
 		g.Enqueue(pb)
