@@ -32,11 +32,12 @@ func (t *segSizes) slot(key uint64) *atomic.Uint64 {
 	return &t[(key^key>>8^key>>16)&uint64(len(t)-1)]
 }
 
-// note records pkt's segment size; pkt is an outbound TCP GSO packet.
+// note records pkt's segment size; pkt is an outbound TCP GSO packet. Only
+// data counts: a handshake's packets carry an MSS before it is agreed.
 func (t *segSizes) note(pkt *stack.PacketBuffer) {
 	th := pkt.TransportHeader().Slice()
 	mss := uint64(pkt.GSOOptions.MSS)
-	if len(th) < header.TCPMinimumSize || mss == 0 {
+	if len(th) < header.TCPMinimumSize || mss == 0 || pkt.Data().Size() == 0 {
 		return
 	}
 	v := portsKey(binary.BigEndian.Uint16(th[0:2]), binary.BigEndian.Uint16(th[2:4]))<<32 | mss
