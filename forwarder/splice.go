@@ -205,22 +205,6 @@ func (sp *splicer) run(aToBCount, bToACount *byteCounter) (aToB, bToA int64, err
 	return aToB, bToA, sp.err
 }
 
-// chunkWriter is a conn that sends writes of WriteChunk bytes (0: unknown)
-// as whole segments: a netstack TCP conn, where a 64 KiB write on a
-// 32000-byte tunnel left as four packets and a chunk leaves as two.
-type chunkWriter interface{ WriteChunk() int }
-
-// bulkBuf is the part of the large buffer a bulk copy to dst reads into:
-// dst's chunk where it has one, so that each full read is one.
-func bulkBuf(big []byte, dst net.Conn) []byte {
-	if cw, ok := dst.(chunkWriter); ok {
-		if n := cw.WriteChunk(); n >= smallCopyBufSize && n < len(big) {
-			return big[:n]
-		}
-	}
-	return big
-}
-
 // runCopy exists so the second copy direction has a readable name in stacks.
 func (sp *splicer) runCopy(dst, src net.Conn, dir string, n *byteCounter, done chan<- int64) {
 	done <- sp.copy(dst, src, dir, n)
@@ -258,7 +242,7 @@ func (sp *splicer) copy(dst, src net.Conn, dir string, n *byteCounter) int64 {
 			// one if the budget has room (if not, the flow goes on in
 			// small reads).
 			big = copyBufPool.Get().(*[]byte)
-			buf = bulkBuf(*big, dst)
+			buf = *big
 		case big != nil && nr < smallCopyBufSize:
 			// Drained: give the large buffer back before blocking again.
 			copyBufPool.Put(big)

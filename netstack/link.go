@@ -213,8 +213,6 @@ type linkEndpoint struct {
 	refPool sync.Pool // *outBuf without data
 	// acks holds the pure ACKs of requests (delack.go); nil: none held.
 	acks *delayedACKs
-	// segs is the segment size of each TCP flow with host GSO (segsize.go).
-	segs segSizes
 
 	mu sync.RWMutex
 	// mu guards the following fields.
@@ -377,9 +375,6 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 // writePacket copies pkt into a pooled buffer (the caller keeps its
 // references) and queues it, blocking while the queue is full.
 func (e *linkEndpoint) writePacket(pkt *stack.PacketBuffer) tcpip.Error {
-	if isTCPGSO(pkt) {
-		e.segs.note(pkt)
-	}
 	if e.byRef {
 		return e.writeRef(pkt)
 	}
