@@ -25,7 +25,11 @@
 #      UDP_LEN(1200) SKIP_PROFILE=1 RTT_MS RELAY_NETNS(nb-relay). HEAPPROFILE=1: each natbox process
 #      writes a heap profile at its peak to relay.heap / natbox.heap in its raw directory
 #      (NATBOX_HEAPPROFILE). TUNNEL_MTU: both sides' tunnel mtu, pinned (mtu = max_mtu: no path probe;
-#      unset: 1420, raised by the probe to max_mtu, 32000, on this one-host path).
+#      unset: 1420, raised by the probe to max_mtu, 32000, on this one-host path). RELAY_EXTRA /
+#      APP_LIMITS_EXTRA: lines added to the relay's [relay] / the appliance's [limits] (e.g.
+#      'buffer_memory = "0"'). PROFILE_TESTS: the tests profiled (tcp1 tcpR; also tcp4); REPS=0 with
+#      SKIP_PROFILE unset runs the profile alone.
+#      STATUS_DUMP=1: each natbox side's `status --json` before and after each test, in its raw directory.
 #
 # RTT_MS=20 puts a WAN round trip between the relay side and the home side (the kernels here have
 # no netem): the appliance side (natbox run, frpc, ssh) and the target servers move to a second
@@ -234,6 +238,7 @@ address = "100.96.0.1"
 $([ -n "${TUNNEL_MTU:-}" ] && echo "mtu = $TUNNEL_MTU
 max_mtu = $TUNNEL_MTU")
 public_bind = ["$LO"]
+${RELAY_EXTRA:-}
 # One load generator is one source and the bench's one peer: the per-source
 # budgets and per-peer quotas (flood defences) would cap it.
 max_sessions_per_source = 0
@@ -269,6 +274,7 @@ transport = "$transport"
 relay_tcp = "$RELAY_HOST:443"
 
 [limits]
+${APP_LIMITS_EXTRA:-}
 # One load generator is one source: the per-source budgets (flood
 # defences) would cap its connection rate and idle connections.
 max_tcp_sessions_per_source = 0
@@ -354,6 +360,12 @@ cpu_snap() { # overrides the shared one: host /proc/stat, relay ticks, appliance
   echo "$(head -1 /proc/stat | cut -d' ' -f2-) $(tree_ticks "${RELAY_PIDS[@]}") $(tree_ticks "${APP_PIDS[@]}") $(date +%s.%N)"
 }
 
+status_dump() { # status_dump MODE DIR NAME: with STATUS_DUMP=1, both natbox sides' status as JSON
+  [ "${STATUS_DUMP:-0}" = 1 ] && [[ $1 == natbox* ]] || return 0
+  "$NATBOX" status --json --socket "$2/relay.sock" >"$2/$3.relay-status.json" 2>&1
+  "$NATBOX" status --json --socket "$2/natbox.sock" >"$2/$3.app-status.json" 2>&1
+}
+
 run_relay_mode() {
   local mode=$1 rep=$2
   local d=$OUT/raw/$mode/r$rep
@@ -373,6 +385,7 @@ run_relay_mode() {
   done
   local t
   for t in $TESTS; do
+    status_dump "$mode" "$d" "$t.before"
     case $t in
       tcp1) run_test "$d" tcp1 iperf3 -c "$T_HOST" -p "$P_IPERF" -t "$DUR" --connect-timeout 3000 -J ;;
       tcp4) run_test "$d" tcp4 iperf3 -c "$T_HOST" -p "$P_IPERF" -t "$DUR" -P 4 --connect-timeout 3000 -J ;;
@@ -383,6 +396,7 @@ run_relay_mode() {
       crr) run_test "$d" crr "$PMBENCH" crr -addr "$T_HOST:$P_CRR" -workers "$CRR_WORKERS" -duration "${DUR}s" ;;
       rr) run_test "$d" rr "$PMBENCH" rr -addr "$T_HOST:$P_ECHO" -duration "${RR_DUR}s" -count 20000 -size 64 ;;
     esac
+    status_dump "$mode" "$d" "$t.after"
   done
   { echo "## ss -s"; C ss -s; } >"$d/state.txt" 2>&1
   cleanup
@@ -391,13 +405,14 @@ run_relay_mode() {
 run_relay_profile() {
   local d=$OUT/raw-extra/profile
   mkdir -p "$d"
-  log "profile: natbox relay + appliance during tcp1 and tcpR"
+  log "profile: natbox relay + appliance during ${PROFILE_TESTS:-tcp1 tcpR}"
   ns_up && start_servers "$d"
   if PROFILE=1 setup_relay_mode natbox "$d" && wait_ready; then
     local t
-    for t in tcp1 tcpR; do
+    for t in ${PROFILE_TESTS:-tcp1 tcpR}; do
       local rflag=() secs=$((DUR > 2 ? DUR - 1 : DUR))
       [ $t = tcpR ] && rflag=(-R)
+      [ $t = tcp4 ] && rflag=(-P 4)
       profile_pid "$NS" "${RELAY_PIDS[0]}" "$secs" "$OUT/profiles" "natbox-relay-$t" "$NB_PPROF_RELAY" &
       local p1=$!
       profile_pid "$NS_HOME" "${APP_PIDS[0]}" "$secs" "$OUT/profiles" "natbox-app-$t" "$NB_PPROF_APP" &
