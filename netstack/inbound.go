@@ -18,7 +18,7 @@ const headerSplitMin = 256
 // packet, for every packet in. With the headers apart, that copy is their
 // few dozen bytes (netstack/BENCH.md, "header split").
 func inboundBuffer(pkt []byte, info *packetInfo, v *buffer.View) buffer.Buffer {
-	if !info.tcp || info.fragment || info.tcpPayload < headerSplitMin {
+	if !info.tcp || info.tcpPayload < headerSplitMin { // fragments are never tcp (classify)
 		if v == nil {
 			v = buffer.NewViewWithData(pkt)
 		}

@@ -49,7 +49,6 @@ func (h funcHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) {
 	}
 }
 
-// newPair joins a client Stack and a server Stack with a Pipe.
 // echoTCP accepts every connection and echoes it, half-closing after the
 // client's end of stream.
 func echoTCP(r *TCPRequest) {
@@ -62,6 +61,7 @@ func echoTCP(r *TCPRequest) {
 	c.(closeWriter).CloseWrite()
 }
 
+// newPair joins a client Stack and a server Stack with a Pipe.
 func newPair(t testing.TB, client, server Handler) (c, s *Stack) {
 	t.Helper()
 	return newPairConfig(t, Config{}, client, server)
