@@ -21,18 +21,44 @@ const minConnBuf = 16 << 10
 // budgetLogEvery rate-limits the warning that buffers were cut.
 const budgetLogEvery = 10 * time.Second
 
+// Light and bulk connections. Most connections through a port mapping are
+// light (an SSH session, a websocket, a keep-alive HTTP connection waiting
+// for its next request) and need little buffer; a few carry bulk data and
+// need a window of the path's bandwidth times its round trip (8 MiB at
+// 50 ms and 1.3 Gbit/s). Sharing the budget equally among all of them
+// would give a download beside 200 idle connections a 32 KiB window, a few
+// Mbit/s over a WAN. So every connection starts light, auto-tuning up to
+// lightBufMax (what gVisor starts a connection at, so a short transfer
+// ramps as it would unbudgeted), and the budget checks every
+// bulkCheckEvery which ones moved at least bulkMinBytes since the last
+// check: those become bulk, with
+// fixed buffers of what the light ones leave of the budget, shared among
+// them. A bulk connection that moved less for bulkQuietChecks checks in a
+// row is light again.
+const (
+	lightBufMax     = defaultBufDefault
+	bulkCheckEvery  = 200 * time.Millisecond
+	bulkMinBytes    = 64 << 10 // 2.6 Mbit/s over a check
+	bulkQuietChecks = 5
+)
+
 // connBudget shares TCPConfig.BufferBudget among the stack's TCP
-// connections. gVisor's auto-tuning grows each connection's receive and send
-// buffers towards the stack-wide maximum, reading it at every step, and never
-// shrinks them. So the budget sets that maximum to each connection's share
-// (budget / 2 / connections, rounded down to a power of two so it changes
-// only when the count crosses one, between minConnBuf and the configured
-// maxima) and cuts the buffers of connections that grew past a lowered
-// share to it. A cut connection keeps a fixed buffer (gVisor has no way back
-// to auto-tuning), raised again with the share. The receive buffer bounds
+// connections. Each connection's receive buffer is set to its share when it
+// is handed out and follows the share from then on (gVisor's receive
+// auto-tuning would grow it towards the stack-wide maximum, which must stay
+// at the configured one: gVisor derives a connection's window scale from it
+// at the handshake, and a scale for 1 MiB could never open a bulk
+// connection's window past 2 MiB). Send buffers auto-tune up to the light
+// share, the stack-wide send maximum, and are cut to a lowered share or
+// fixed at the bulk one (gVisor has no way back to auto-tuning). The light
+// share is budget / 2 / connections, rounded down to a power of two so it
+// changes only when the count crosses one, between minConnBuf and
+// lightBufMax; the bulk connections get the rest. The receive buffer bounds
 // what the peer may send (the window), the send buffer what a writer may
 // queue, so the bytes gVisor holds for the connections stay within the
-// budget and a flow that would need more is slowed by its window instead.
+// budget: per direction, light connections times their share plus bulk
+// connections times theirs is at most half the budget, and a flow that
+// would need more is slowed by its window instead.
 type connBudget struct {
 	s                *Stack
 	total            int // 0: no budget, the connections are only counted
@@ -42,13 +68,17 @@ type connBudget struct {
 	// that the last share decided is the one applied. Setting a buffer may
 	// send a window update, which waits while the outward queue is full
 	// (the output pump drains it; it never takes mu).
-	mu    sync.Mutex
-	conns map[*tcpConn]struct{} // handed out and not closed
-	share int                   // per connection and direction; 0: no budget
+	mu        sync.Mutex
+	conns     map[*tcpConn]struct{} // handed out and not closed
+	bulk      map[*tcpConn]struct{} // those of conns that are bulk
+	share     int                   // per light connection and direction; 0: no budget
+	bulkShare int                   // per bulk connection and direction
 
-	lowered atomic.Uint64 // times the share fell
-	cuts    atomic.Uint64 // buffers set below their size
-	lastLog atomic.Int64  // unix nanos of the last warning
+	lowered  atomic.Uint64  // times the share fell
+	cuts     atomic.Uint64  // buffers set below their size
+	promoted atomic.Uint64  // times a connection became bulk
+	lastLog  atomic.Int64   // unix nanos of the last warning
+	checks   sync.WaitGroup // runChecks
 }
 
 func (b *connBudget) init(s *Stack) {
@@ -56,30 +86,60 @@ func (b *connBudget) init(s *Stack) {
 	b.total = s.cfg.TCP.BufferBudget
 	b.recvMax, b.sendMax = s.cfg.TCP.RecvBufMax, s.cfg.TCP.SendBufMax
 	b.conns = make(map[*tcpConn]struct{})
+	b.bulk = make(map[*tcpConn]struct{})
 	if b.total > 0 {
-		b.share = b.shareFor(1)
+		b.share = b.lightFor(1)
+		b.bulkShare = b.share
 	}
 }
 
 // shareFor returns the per-connection, per-direction share for n
-// connections.
+// connections that all get the same.
 func (b *connBudget) shareFor(n int) int {
 	share := b.total / 2 / max(n, 1)
 	p := minConnBuf
 	for p*2 <= share {
 		p *= 2
 	}
-	return min(p, max(b.recvMax, b.sendMax))
+	return min(p, b.bufMax())
 }
 
-// options returns the stack's buffer options for share (0: the configured
-// ones); configure sets them for the initial share.
-func (b *connBudget) options(share int) (tcpip.TCPReceiveBufferSizeRangeOption, tcpip.TCPSendBufferSizeRangeOption) {
-	rmax, smax := b.recvMax, b.sendMax
-	if share > 0 {
-		rmax, smax = min(rmax, share), min(smax, share)
+func (b *connBudget) bufMax() int { return max(b.recvMax, b.sendMax) }
+
+// lightFor returns the light connections' share among n connections.
+func (b *connBudget) lightFor(n int) int { return min(b.shareFor(n), lightBufMax) }
+
+// bulkFor returns the bulk connections' share when bulk of n connections
+// are bulk and the others have light each: what the light ones leave of
+// half the budget, in equal parts, never below light. It is rounded down to
+// a quarter of a power of two, finer than the light share since it is the
+// window of the flows that need one.
+func (b *connBudget) bulkFor(n, bulk, light int) int {
+	if bulk == 0 {
+		return light
 	}
-	return tcpip.TCPReceiveBufferSizeRangeOption{Min: defaultBufMin, Default: min(defaultBufDefault, rmax), Max: rmax},
+	rest := (b.total/2 - (n-bulk)*light) / bulk
+	p := minConnBuf
+	for p*2 <= rest {
+		p *= 2
+	}
+	if rest >= p {
+		rest -= rest % (p / 4)
+	}
+	return min(max(rest, light), b.bufMax())
+}
+
+// options returns the stack's buffer options for the light share (0: the
+// configured ones); configure sets them for the initial share. The receive
+// maximum stays the configured one (the window scale, see connBudget); new
+// connections start as light ones.
+func (b *connBudget) options(share int) (tcpip.TCPReceiveBufferSizeRangeOption, tcpip.TCPSendBufferSizeRangeOption) {
+	rdef, smax := b.recvMax, b.sendMax
+	if share > 0 {
+		// What fitLight keeps, so a dialled connection is not cut.
+		rdef, smax = min(rdef, share, b.initialWindow()), min(smax, share)
+	}
+	return tcpip.TCPReceiveBufferSizeRangeOption{Min: defaultBufMin, Default: min(defaultBufDefault, rdef), Max: b.recvMax},
 		tcpip.TCPSendBufferSizeRangeOption{Min: defaultBufMin, Default: min(defaultBufDefault, smax), Max: smax}
 }
 
@@ -94,8 +154,8 @@ func (b *connBudget) initialWindow() int {
 	return min(defaultBufDefault, b.shareFor(64))
 }
 
-// add counts c and fits it, and under a lowered share everyone, to the
-// share.
+// add counts c, as light, and fits it, and under a lowered share everyone,
+// to the shares.
 func (b *connBudget) add(c *tcpConn) {
 	c.budget = b
 	// Two segments at the MTU the connection's handshake had (its MSS is
@@ -103,7 +163,7 @@ func (b *connBudget) add(c *tcpConn) {
 	c.floor = 2 * (b.s.routeMTUSince(c.routeGen) - header.IPv4MinimumSize - header.TCPMinimumSize)
 	b.mu.Lock()
 	b.conns[c] = struct{}{}
-	b.rebalanceLocked(c)
+	b.rebalanceLocked(c, nil)
 	b.mu.Unlock()
 	b.s.timeWait.check(false)
 }
@@ -114,7 +174,8 @@ func (b *connBudget) remove(c *tcpConn) {
 	_, ok := b.conns[c]
 	if ok {
 		delete(b.conns, c)
-		b.rebalanceLocked(nil)
+		delete(b.bulk, c)
+		b.rebalanceLocked(nil, nil)
 	}
 	b.mu.Unlock()
 	if ok {
@@ -122,79 +183,173 @@ func (b *connBudget) remove(c *tcpConn) {
 	}
 }
 
-// rebalanceLocked recomputes the share, updates the stack options when it
-// changed, and sets the buffers that must follow. added is the connection
-// just added, if any.
-func (b *connBudget) rebalanceLocked(added *tcpConn) {
+// runChecks checks the connections' traffic every bulkCheckEvery until
+// the stack closes.
+func (b *connBudget) runChecks(done <-chan struct{}) {
+	defer b.checks.Done()
+	tick := time.NewTicker(bulkCheckEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-tick.C:
+			b.check()
+		}
+	}
+}
+
+// check makes the light connections that moved at least bulkMinBytes since
+// the last check bulk, and the bulk ones that moved less for
+// bulkQuietChecks checks in a row light, and refits the shares.
+func (b *connBudget) check() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	if b.total <= 0 {
 		return
 	}
-	n := len(b.conns)
-	share := b.shareFor(n)
-	old := b.share
-	if share > old && b.shareFor(n+n/2+1) <= old {
+	var changed []*tcpConn
+	for c := range b.conns {
+		moved := c.moved.Load()
+		busy := moved-c.lastMoved >= bulkMinBytes
+		c.lastMoved = moved
+		_, bulk := b.bulk[c]
+		switch {
+		case busy && !bulk:
+			b.bulk[c] = struct{}{}
+			b.promoted.Add(1)
+			changed = append(changed, c)
+		case busy:
+			c.quiet = 0
+		case bulk:
+			if c.quiet++; c.quiet >= bulkQuietChecks {
+				delete(b.bulk, c)
+				changed = append(changed, c)
+			}
+		}
+	}
+	if len(changed) > 0 {
+		b.rebalanceLocked(nil, changed)
+	}
+}
+
+// rebalanceLocked recomputes the shares, updates the stack options when the
+// light one changed, and sets the buffers that must follow. added is the
+// connection just added, if any; changed are those that just became bulk
+// or light again.
+func (b *connBudget) rebalanceLocked(added *tcpConn, changed []*tcpConn) {
+	if b.total <= 0 {
+		return
+	}
+	n, nb := len(b.conns), len(b.bulk)
+	light := b.lightFor(n)
+	old, oldBulk := b.share, b.bulkShare
+	if light > old && b.lightFor(n+n/2+1) <= old {
 		// Raise only once the count fell well below where the share was
 		// lowered: a count going back and forth across a power of two (a
 		// client churning connections) would otherwise cut and raise every
-		// connection's buffers at each step.
-		share = old
+		// connection's buffers at each step. Keeping the light share lower
+		// only leaves more to the bulk one.
+		light = old
 	}
-	b.share = share
-	if share != old {
-		r, s := b.options(share)
+	bulk := b.bulkFor(n, nb, light)
+	if bulk > oldBulk && nb > 0 && len(changed) == 0 {
+		// Likewise, raise the bulk share only as far as it would still
+		// hold with one light connection more.
+		bulk = max(oldBulk, b.bulkFor(n+1, nb, light))
+	}
+	b.share, b.bulkShare = light, bulk
+	if light != old {
+		r, s := b.options(light)
 		// Errors are impossible for a valid range (Min <= Default <= Max).
 		_ = b.s.stack.SetTransportProtocolOption(tcp.ProtocolNumber, &r)
 		_ = b.s.stack.SetTransportProtocolOption(tcp.ProtocolNumber, &s)
-		b.s.fitRoutesToShare(share)
+		b.s.fitRoutesToShare(light)
 	}
 	cut := 0
-	switch {
-	case share < old:
-		for c := range b.conns {
-			cut += c.fitBuffers(share)
+	if bulk < oldBulk {
+		// Cut the bulk ones first: what the others gain comes from them.
+		for c := range b.bulk {
+			cut += b.fitBulk(c, bulk)
 		}
-	case share > old:
-		// Raise the fixed ones; the others auto-tune up to the new maximum.
+	}
+	for _, c := range changed {
+		// A connection's class changed by its traffic, not by the budget:
+		// not a cut. A bulk one has a fixed send buffer too.
+		if _, isBulk := b.bulk[c]; isBulk {
+			c.quiet, c.fixed = 0, true
+			b.fitBulk(c, bulk)
+		} else {
+			b.fitLight(c, light)
+		}
+	}
+	switch {
+	case light < old:
 		for c := range b.conns {
-			if c.fixed {
-				c.fitBuffers(share)
+			if _, isBulk := b.bulk[c]; !isBulk {
+				cut += b.fitLight(c, light)
+			}
+		}
+	case light > old:
+		// Send buffers not fixed auto-tune up to the new maximum.
+		for c := range b.conns {
+			if _, isBulk := b.bulk[c]; !isBulk {
+				b.fitLight(c, light)
 			}
 		}
 	case added != nil:
-		cut += added.fitBuffers(share)
+		cut += b.fitLight(added, light)
+	}
+	if bulk > oldBulk {
+		for c := range b.bulk {
+			b.fitBulk(c, bulk)
+		}
 	}
 	if cut == 0 {
 		return
 	}
 	b.cuts.Add(uint64(cut))
-	if share < old {
+	if light < old || bulk < oldBulk {
 		b.lowered.Add(1)
 	}
 	now := time.Now().UnixNano()
 	if last := b.lastLog.Load(); now-last >= int64(budgetLogEvery) && b.lastLog.CompareAndSwap(last, now) {
 		b.s.log.Warn("tcp buffer budget shared out: connection buffers cut, flows slowed by their windows",
-			zap.Int("budget_bytes", b.total), zap.Int("share_bytes", share), zap.Int("count", n))
+			zap.Int("budget_bytes", b.total), zap.Int("share_bytes", light), zap.Int("bulk_share_bytes", bulk),
+			zap.Int("count", n), zap.Int("bulk", nb))
 	}
 }
 
-// fitBuffers cuts c's receive and send buffers to share where they are
-// larger, and sets them to share where they are fixed (cut before), never
-// below c's floor; it returns how many it cut. A cut buffer stays fixed: it
-// no longer auto-tunes (gVisor offers no way back). Called with the
-// budget's mu held.
-func (c *tcpConn) fitBuffers(share int) (cut int) {
-	share = max(share, c.floor)
+// fitLight fits a light connection to the light share: its receive buffer
+// no larger than a new connection's (tcp.Forwarder's initial window: a
+// connection that would need a larger window moves enough to be bulk at
+// the next check), its send buffer auto-tuning up to the share.
+func (b *connBudget) fitLight(c *tcpConn, light int) (cut int) {
+	return c.fitBuffers(min(light, b.initialWindow()), light)
+}
+
+// fitBulk fits a bulk connection to the bulk share, within the configured
+// maxima.
+func (b *connBudget) fitBulk(c *tcpConn, bulk int) (cut int) {
+	return c.fitBuffers(min(bulk, b.recvMax), min(bulk, b.sendMax))
+}
+
+// fitBuffers sets c's receive buffer to recv, and cuts its send buffer to
+// send where larger or sets it to send where fixed (cut before or bulk),
+// neither below c's floor; it returns how many buffers it cut. Called with
+// the budget's mu held.
+func (c *tcpConn) fitBuffers(recv, send int) (cut int) {
+	recv, send = max(recv, c.floor), max(send, c.floor)
 	ops := c.ep.SocketOptions()
-	if cur := int(ops.GetReceiveBufferSize()); cur > share || (c.fixed && cur != share) {
-		ops.SetReceiveBufferSize(int64(share), true)
-		if cur > share {
+	if cur := int(ops.GetReceiveBufferSize()); cur != recv {
+		ops.SetReceiveBufferSize(int64(recv), true)
+		if cur > recv {
 			cut++
 		}
-		c.fixed = true
 	}
-	if cur := int(ops.GetSendBufferSize()); cur > share || (c.fixed && cur != share) {
-		ops.SetSendBufferSize(int64(share), true)
-		if cur > share {
+	if cur := int(ops.GetSendBufferSize()); cur > send || (c.fixed && cur != send) {
+		ops.SetSendBufferSize(int64(send), true)
+		if cur > send {
 			cut++
 		}
 		c.fixed = true
@@ -219,9 +374,10 @@ func (b *connBudget) buffered() (conns int, bytes uint64) {
 	return len(list), bytes
 }
 
-// currentShare returns the share in force (0: no budget).
-func (b *connBudget) currentShare() int {
+// currentShares returns the light and the bulk share in force (0: no
+// budget) and how many connections are bulk.
+func (b *connBudget) currentShares() (light, bulk, bulkConns int) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.share
+	return b.share, b.bulkShare, len(b.bulk)
 }

@@ -6,6 +6,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 )
 
 func TestConnBudgetShare(t *testing.T) {
@@ -207,5 +210,135 @@ func waitStats(t *testing.T, s *Stack, cond func(Stats) bool) {
 			t.Fatalf("stats never got there: %+v", s.Stats())
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestConnBudgetBulkShares: light connections get at most lightBufMax and
+// the bulk ones what the light ones leave of half the budget, so a bulk
+// flow beside 200 idle connections keeps a window of megabytes (an equal
+// share would be 32 KiB); past the floor everyone is equal again.
+func TestConnBudgetBulkShares(t *testing.T) {
+	b := connBudget{total: 24 << 20, recvMax: defaultRecvBufMax, sendMax: defaultSendBufMax}
+	for _, tt := range []struct{ conns, bulk, light, bulkShare int }{
+		{1, 0, 1 << 20, 1 << 20},
+		{2, 1, 1 << 20, 10 << 20},     // 11 MiB left, in quarters of 8 MiB
+		{5, 4, 1 << 20, 5 << 19},      // 2.75 MiB each, in quarters of 2 MiB
+		{201, 1, 32 << 10, 5 << 20},   // 12 MiB - 200 * 32 KiB = 5.75 MiB
+		{100, 100, 64 << 10, 7 << 14}, // all bulk: 120 KiB each, in quarters of 64 KiB
+		{10000, 1, minConnBuf, minConnBuf},
+	} {
+		light := b.lightFor(tt.conns)
+		bulk := b.bulkFor(tt.conns, tt.bulk, light)
+		if light != tt.light || bulk != tt.bulkShare {
+			t.Errorf("%d connections, %d bulk: shares %d / %d, want %d / %d", tt.conns, tt.bulk, light, bulk, tt.light, tt.bulkShare)
+		}
+		if tt.light > minConnBuf && (tt.conns-tt.bulk)*light+tt.bulk*bulk > b.total/2 {
+			t.Errorf("%d connections, %d bulk: %d / %d exceed half the budget", tt.conns, tt.bulk, light, bulk)
+		}
+	}
+}
+
+// TestBudgetBulkBesideIdle: 20 idle connections and one that streams into
+// a stack with a 32 MiB budget. The streaming one becomes bulk within a few
+// checks and gets fixed buffers of what the idle ones leave (6 MiB, where
+// an equal share would be 512 KiB), inside the budget; the stack keeps
+// the configured receive maximum, from which gVisor derives the window
+// scale of each handshake (a scale for the light share would cap the bulk
+// window at twice that share). Once it stops, it is light again.
+func TestBudgetBulkBesideIdle(t *testing.T) {
+	const (
+		idle   = 20
+		budget = 32 << 20
+	)
+	var bulkConn sync.Map // *tcpConn -> struct{}
+	client, server := newPairConfig(t, Config{TCP: TCPConfig{BufferBudget: budget}}, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		if r.Dst.Port() == 80 {
+			bulkConn.Store(c.(*tcpConn), struct{}{})
+		}
+		io.Copy(io.Discard, c)
+	}})
+	ctx := testContext(t)
+	for range idle {
+		c, err := client.DialTCP(ctx, netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:81"))
+		if err != nil {
+			t.Fatalf("dial: %v", err)
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	c, err := client.DialTCP(ctx, netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:80"))
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	defer c.Close()
+	stop := make(chan struct{})
+	streamed := make(chan error, 1)
+	go func() {
+		buf := make([]byte, 64<<10)
+		c.SetWriteDeadline(time.Now().Add(20 * time.Second))
+		for i := 0; i < 4096; i++ { // at most 256 MiB
+			select {
+			case <-stop:
+				streamed <- nil
+				return
+			default:
+			}
+			if _, err := c.Write(buf); err != nil {
+				streamed <- err
+				return
+			}
+		}
+		streamed <- nil
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	var st Stats
+	for {
+		st = server.Stats()
+		if st.TCPBulkConns == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			close(stop)
+			t.Fatalf("the streaming connection never became bulk: %d conns, %d bulk, %d promoted", st.TCPConns, st.TCPBulkConns, st.TCPBulkPromoted)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(stop)
+	if err := <-streamed; err != nil {
+		t.Fatalf("stream: %v", err)
+	}
+	if st.TCPConns != idle+1 || st.TCPBufferShare != 512<<10 || st.TCPBulkShare != 6<<20 || st.TCPBulkPromoted != 1 {
+		t.Errorf("%d conns, light share %d, bulk share %d, %d promoted; want %d, 512 KiB, 6 MiB, 1",
+			st.TCPConns, st.TCPBufferShare, st.TCPBulkShare, st.TCPBulkPromoted, idle+1)
+	}
+	if used := (st.TCPConns-st.TCPBulkConns)*st.TCPBufferShare + st.TCPBulkConns*st.TCPBulkShare; used > budget/2 {
+		t.Errorf("shares add up to %d per direction, above half the budget %d", used, budget/2)
+	}
+	var bc *tcpConn
+	bulkConn.Range(func(k, _ any) bool { bc = k.(*tcpConn); return false })
+	if bc == nil {
+		t.Fatal("the handler never saw the streaming connection")
+	}
+	ops := bc.ep.SocketOptions()
+	if r, s := ops.GetReceiveBufferSize(), ops.GetSendBufferSize(); r != 6<<20 || s != 6<<20 {
+		t.Errorf("bulk connection's buffers %d / %d, want the bulk share 6 MiB", r, s)
+	}
+	var rs tcpip.TCPReceiveBufferSizeRangeOption
+	if err := server.stack.TransportProtocolOption(tcp.ProtocolNumber, &rs); err != nil || rs.Max != defaultRecvBufMax {
+		t.Errorf("stack receive maximum %d (%v), want the configured %d: the window scale comes from it", rs.Max, err, defaultRecvBufMax)
+	}
+	deadline = time.Now().Add(10 * time.Second)
+	for server.Stats().TCPBulkConns != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the connection stayed bulk after it stopped")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if r := bc.ep.SocketOptions().GetReceiveBufferSize(); r > 512<<10 {
+		t.Errorf("receive buffer %d once light again, want at most the light share", r)
 	}
 }

@@ -50,10 +50,11 @@ type Config struct {
 	QueueLen int
 }
 
-// TCPConfig holds the TCP knobs (see STYLE.md section 7 for the reasoning).
+// TCPConfig holds the TCP knobs.
 type TCPConfig struct {
-	// RecvBufMax and SendBufMax cap the auto-tuned buffers per connection
-	// (defaults 8 MiB and 6 MiB, as tailscale).
+	// RecvBufMax and SendBufMax cap the buffers per connection (default
+	// 16 MiB each: a window of 8 MiB, 1.3 Gbit/s at a 50 ms round trip;
+	// the relay's WAN benchmarks in tunnel/BENCH.md).
 	RecvBufMax int
 	SendBufMax int
 	// RACK enables RACK loss detection. Off by default: with it on, gVisor
@@ -97,9 +98,10 @@ type TCPConfig struct {
 	// pressure, before it leaves cookie mode (default 10 s).
 	CookieIdle time.Duration
 	// BufferBudget bounds, in bytes, the receive and send buffers of all
-	// TCP connections together (see connBudget): each gets an equal share,
-	// no less than 16 KiB and no more than RecvBufMax / SendBufMax, so
-	// more connections mean smaller windows rather than more memory.
+	// TCP connections together (see connBudget): light connections an
+	// equal share of at most 1 MiB, those carrying bulk data the rest, no
+	// less than 16 KiB and no more than RecvBufMax / SendBufMax, so more
+	// connections mean smaller windows rather than more memory.
 	// 0: no budget, each connection auto-tunes up to the maxima.
 	BufferBudget int
 }
@@ -107,8 +109,8 @@ type TCPConfig struct {
 // Defaults.
 const (
 	defaultQueueLen          = 2048
-	defaultRecvBufMax        = 8 << 20
-	defaultSendBufMax        = 6 << 20
+	defaultRecvBufMax        = 16 << 20
+	defaultSendBufMax        = 16 << 20
 	defaultBufMin            = 4 << 10
 	defaultBufDefault        = 1 << 20
 	defaultKeepaliveIdle     = 60 * time.Second
@@ -413,6 +415,10 @@ func (s *Stack) Run(ctx context.Context) error {
 	}
 	s.cookies.wg.Add(1)
 	go s.runCookieSweep()
+	if s.cfg.TCP.BufferBudget > 0 {
+		s.conns.checks.Add(1)
+		go s.conns.runChecks(s.done)
+	}
 	s.runMu.Unlock()
 	s.log.Info("netstack started", zap.Int("mtu", s.cfg.MTU), zap.Int("batch", s.dev.BatchSize()),
 		zap.Bool("vnet", len(s.queues) > 0), zap.Int("queues", max(len(s.queues), 1)))
@@ -440,8 +446,9 @@ func (s *Stack) configure() error {
 		// benchmarks were made with.
 		{"congestion control", ptr(tcpip.CongestionControlOption("reno"))},
 		// Buffers 4 KiB / 1 MiB / max: auto-tuning grows towards max on fast
-		// paths (tailscale's sizes; gVisor's 4 MiB max limits single flows).
-		// Under a BufferBudget, max is the connections' share (budget.go).
+		// paths (gVisor's 4 MiB max limits single flows).
+		// Under a BufferBudget, the send max is the light connections'
+		// share and each receive buffer is set to its share (budget.go).
 		{"receive buffer", &rbuf},
 		{"send buffer", &sbuf},
 		// Receive-buffer moderation: every read goes through gonet, which
@@ -1109,13 +1116,17 @@ type Stats struct {
 	// produced an ICMP time-exceeded (those whose first fragment arrived).
 	IPFragmentsIn, IPFragmentsMalformed, IPReassemblyTimeouts uint64
 
-	// The TCP buffer budget (TCPConfig.BufferBudget): connections handed
-	// out and open, the bytes received on them and not read yet, each
-	// connection's buffer share per direction (0: no budget), times the
-	// share fell, and buffers cut to it.
+	// The TCP buffer budget (TCPConfig.BufferBudget, budget.go):
+	// connections handed out and open, the bytes received on them and not
+	// read yet, a light connection's buffer share per direction (0: no
+	// budget), the connections carrying bulk data and their share, times a
+	// connection became bulk, times a share fell, and buffers cut to it.
 	TCPConns         uint64 `stats:"gauge"`
 	TCPRecvQueued    uint64 `stats:"gauge"`
 	TCPBufferShare   uint64 `stats:"gauge"`
+	TCPBulkConns     uint64 `stats:"gauge"`
+	TCPBulkShare     uint64 `stats:"gauge"`
+	TCPBulkPromoted  uint64
 	TCPBufferLowered uint64
 	TCPBufferCuts    uint64
 	// RouteMTU is the MTU new TCP connections use: the path's, or less
@@ -1139,6 +1150,7 @@ func (s *Stack) Stats() Stats {
 	gs := s.stack.Stats()
 	fullWaits, direct := s.link.q.counts()
 	conns, buffered := s.conns.buffered()
+	share, bulkShare, bulkConns := s.conns.currentShares()
 	var acksHeld, acksSuppressed uint64
 	if a := s.link.acks; a != nil {
 		acksHeld, acksSuppressed = a.heldTotal.Load(), a.suppressed.Load()
@@ -1198,7 +1210,10 @@ func (s *Stack) Stats() Stats {
 		IPReassemblyTimeouts:   gs.ICMP.V4.PacketsSent.TimeExceeded.Value() + gs.ICMP.V6.PacketsSent.TimeExceeded.Value(),
 		TCPConns:               uint64(conns),
 		TCPRecvQueued:          buffered,
-		TCPBufferShare:         uint64(s.conns.currentShare()),
+		TCPBufferShare:         uint64(share),
+		TCPBulkConns:           uint64(bulkConns),
+		TCPBulkShare:           uint64(bulkShare),
+		TCPBulkPromoted:        s.conns.promoted.Load(),
 		RouteMTU:               uint64(s.RouteMTU()),
 		TCPBufferLowered:       s.conns.lowered.Load(),
 		TCPBufferCuts:          s.conns.cuts.Load(),
@@ -1221,7 +1236,7 @@ func (c *counters) invalidTotal() uint64 {
 	return n
 }
 
-// Close shuts the Stack down in order (STYLE.md 8.3): stop admitting flows
+// Close shuts the Stack down in order (ARCHITECTURE.md, lifecycle): stop admitting flows
 // and injecting input, close the gVisor stack (aborting endpoints with RSTs),
 // wait for it and for running HandleTCP calls, flush the outward queue, and
 // only then close the device, which also ends the input pump's read.
@@ -1241,6 +1256,7 @@ func (s *Stack) Close() error {
 		s.admitMu.Unlock()
 		s.pending.closeAll()
 		s.closeCookies()
+		s.conns.checks.Wait()
 		if s.direct != nil {
 			s.direct.quiesce()
 		}

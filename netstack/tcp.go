@@ -380,8 +380,15 @@ type tcpConn struct {
 	*gonet.TCPConn
 	ep     tcpip.Endpoint
 	budget *connBudget // set once handed out; Close removes the conn from it
-	fixed  bool        // buffers set to a fixed size; guarded by budget.mu
+	fixed  bool        // send buffer set to a fixed size; guarded by budget.mu
 	floor  int         // cuts stop here: two segments (budget.add)
+	// moved counts the bytes read and written, for the budget's check of
+	// which connections carry bulk data; lastMoved is moved at the last
+	// check and quiet the checks in a row a bulk one moved little (both
+	// guarded by budget.mu).
+	moved     atomic.Uint64
+	lastMoved uint64
+	quiet     int
 	// routeGen is the stack's route generation when the handshake began
 	// (routeMTUSince).
 	routeGen uint64
@@ -395,11 +402,13 @@ func newTCPConn(wq *waiter.Queue, ep tcpip.Endpoint) *tcpConn {
 
 func (c *tcpConn) Read(b []byte) (int, error) {
 	n, err := c.TCPConn.Read(b)
+	c.moved.Add(uint64(max(n, 0)))
 	return n, connError(err)
 }
 
 func (c *tcpConn) Write(b []byte) (int, error) {
 	n, err := c.TCPConn.Write(b)
+	c.moved.Add(uint64(max(n, 0)))
 	return n, connError(err)
 }
 

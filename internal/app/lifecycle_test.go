@@ -106,13 +106,14 @@ func TestLifecycle(t *testing.T) {
 				done := make(chan error, 1)
 				go func() { done <- c.Run(ctx) }()
 				// Every piece runs. The appliance: forwarder, the TUN's stack
-				// with three pumps, the uplink's stack with only its cookie
-				// sweep (netstack.Direct: wireguard-go's goroutines move its
+				// with four (pumps, cookie sweep, budget check), the uplink's
+				// stack with only its cookie sweep and budget check
+				// (netstack.Direct: wireguard-go's goroutines move its
 				// packets), the uplink with four (monitor, transport ladder,
 				// path probe, close watcher), the admin server with two listeners and a
 				// sampler; the relay: stack (Direct too), relay (and its
 				// engine), admin on a socket.
-				testutil.WaitGoroutines(t, before, map[string]int{"appliance": 16, "relay": 6}[name])
+				testutil.WaitGoroutines(t, before, map[string]int{"appliance": 18, "relay": 7}[name])
 				if end == "ctx" {
 					cancel()
 				} else {
