@@ -28,15 +28,16 @@ func setMemoryLimit(limit conf.Size, log *zap.Logger) {
 }
 
 // The collector's GOGC (Go's default is 100). A process that carries a
-// relay tunnel (the relay, an appliance with an uplink) runs at 50: its
-// heap is mostly short-lived packet buffers, and 50 lowered the peak RSS of
-// the relay benchmarks by 10-20 % at no measurable CPU cost
-// (tunnel/BENCH.md). A gateway runs at 75: its heap under connection churn
+// relay tunnel (the relay, an appliance with an uplink) runs at 30: its
+// heap is mostly short-lived, pointer-free packet buffers, cheap to mark;
+// 50 lowered the peak RSS of the relay benchmarks by 10-20 % against 100,
+// and 30 by another 10-15 % once bulk connections got larger windows, at
+// CPU per byte within noise (tunnel/BENCH.md, changes 6 and 8). A gateway runs at 75: its heap under connection churn
 // is mostly per-connection state, and in bench/run.sh 75 took the peak RSS
 // from 58-76 to 52-57 MiB (the 64 MiB target) for a few percent of
 // conn/s, where 50 cost about 10 % (netstack/BENCH.md, "GOGC").
 const (
-	tunnelGCPercent  = 50
+	tunnelGCPercent  = 30
 	gatewayGCPercent = 75
 )
 

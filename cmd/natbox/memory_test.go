@@ -2,7 +2,7 @@ package main
 
 import "testing"
 
-// TestGCPercent: tunnel processes collect at GOGC=50, gateways at 75,
+// TestGCPercent: tunnel processes collect at GOGC=30, gateways at 75,
 // unless GOGC is set.
 func TestGCPercent(t *testing.T) {
 	for _, c := range []struct {
