@@ -172,6 +172,8 @@ func TestRenderNetstackQuietWhenAllZero(t *testing.T) {
 	tun := st.Netstack["tun"]
 	tun.Counters["tcp_in_flight_drops"] = 0
 	tun.Reasons["invalid"]["ip_checksum"] = 0
+	// Normal traffic is not a drop: a connection that became bulk.
+	tun.Counters["tcp_bulk_promoted"] = 3
 	var buf bytes.Buffer
 	if err := RenderStatus(&buf, st); err != nil {
 		t.Fatal(err)
