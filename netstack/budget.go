@@ -27,14 +27,12 @@ const budgetLogEvery = 10 * time.Second
 // need a window of the path's bandwidth times its round trip (8 MiB at
 // 50 ms and 1.3 Gbit/s). Sharing the budget equally among all of them
 // would give a download beside 200 idle connections a 32 KiB window, a few
-// Mbit/s over a WAN. So every connection starts light, auto-tuning up to
-// lightBufMax (what gVisor starts a connection at, so a short transfer
-// ramps as it would unbudgeted), and the budget checks every
+// Mbit/s over a WAN. So every connection starts light (a share of at most
+// lightBufMax, gVisor's default buffer), and the budget checks every
 // bulkCheckEvery which ones moved at least bulkMinBytes since the last
-// check: those become bulk, with
-// fixed buffers of what the light ones leave of the budget, shared among
-// them. A bulk connection that moved less for bulkQuietChecks checks in a
-// row is light again.
+// check: those become bulk, with fixed buffers of what the light ones
+// leave of the budget, shared among them. A bulk connection that moved
+// less for bulkQuietChecks checks in a row is light again.
 const (
 	lightBufMax     = defaultBufDefault
 	bulkCheckEvery  = 200 * time.Millisecond
@@ -43,12 +41,12 @@ const (
 )
 
 // connBudget shares TCPConfig.BufferBudget among the stack's TCP
-// connections. Each connection's receive buffer is set to its share when it
-// is handed out and follows the share from then on (gVisor's receive
-// auto-tuning would grow it towards the stack-wide maximum, which must stay
-// at the configured one: gVisor derives a connection's window scale from it
-// at the handshake, and a scale for 1 MiB could never open a bulk
-// connection's window past 2 MiB). Send buffers auto-tune up to the light
+// connections. Each connection's receive buffer is set by the budget when
+// the connection is handed out and from then on (fitLight, fitBulk):
+// gVisor's receive auto-tuning would grow it towards the stack-wide
+// maximum, which must stay at the configured one, since gVisor derives a
+// connection's window scale from it at the handshake, and a scale for 1 MiB
+// could never open a bulk connection's window past 2 MiB. Send buffers auto-tune up to the light
 // share, the stack-wide send maximum, and are cut to a lowered share or
 // fixed at the bulk one (gVisor has no way back to auto-tuning). The light
 // share is budget / 2 / connections, rounded down to a power of two so it
