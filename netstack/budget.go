@@ -134,8 +134,7 @@ func (b *connBudget) bulkFor(n, bulk, light int) int {
 func (b *connBudget) options(share int) (tcpip.TCPReceiveBufferSizeRangeOption, tcpip.TCPSendBufferSizeRangeOption) {
 	rdef, smax := b.recvMax, b.sendMax
 	if share > 0 {
-		// What fitLight keeps, so a dialled connection is not cut.
-		rdef, smax = min(rdef, share, b.initialWindow()), min(smax, share)
+		rdef, smax = min(rdef, share), min(smax, share)
 	}
 	return tcpip.TCPReceiveBufferSizeRangeOption{Min: defaultBufMin, Default: min(defaultBufDefault, rdef), Max: b.recvMax},
 		tcpip.TCPSendBufferSizeRangeOption{Min: defaultBufMin, Default: min(defaultBufDefault, smax), Max: smax}
@@ -159,6 +158,7 @@ func (b *connBudget) add(c *tcpConn) {
 	// Two segments at the MTU the connection's handshake had (its MSS is
 	// at most that, less the IPv4 and TCP headers): cuts stop there.
 	c.floor = 2 * (b.s.routeMTUSince(c.routeGen) - header.IPv4MinimumSize - header.TCPMinimumSize)
+	c.recvStart = int(c.ep.SocketOptions().GetReceiveBufferSize())
 	b.mu.Lock()
 	b.conns[c] = struct{}{}
 	b.rebalanceLocked(c, nil)
@@ -319,11 +319,12 @@ func (b *connBudget) rebalanceLocked(added *tcpConn, changed []*tcpConn) {
 }
 
 // fitLight fits a light connection to the light share: its receive buffer
-// no larger than a new connection's (tcp.Forwarder's initial window: a
-// connection that would need a larger window moves enough to be bulk at
-// the next check), its send buffer auto-tuning up to the share.
+// is the one it started with (gVisor's default for one it dialled,
+// tcp.Forwarder's initial window for one it accepted) within the share,
+// never more (one that needs a larger window moves enough to be bulk at the
+// next check); its send buffer auto-tunes up to the share.
 func (b *connBudget) fitLight(c *tcpConn, light int) (cut int) {
-	return c.fitBuffers(min(light, b.initialWindow()), light)
+	return c.fitBuffers(min(light, c.recvStart), light)
 }
 
 // fitBulk fits a bulk connection to the bulk share, within the configured
@@ -332,15 +333,17 @@ func (b *connBudget) fitBulk(c *tcpConn, bulk int) (cut int) {
 	return c.fitBuffers(min(bulk, b.recvMax), min(bulk, b.sendMax))
 }
 
-// fitBuffers sets c's receive buffer to recv, and cuts its send buffer to
+// fitBuffers sets c's receive buffer to recv (auto-tuning off), and cuts its send buffer to
 // send where larger or sets it to send where fixed (cut before or bulk),
 // neither below c's floor; it returns how many buffers it cut. Called with
 // the budget's mu held.
 func (c *tcpConn) fitBuffers(recv, send int) (cut int) {
 	recv, send = max(recv, c.floor), max(send, c.floor)
 	ops := c.ep.SocketOptions()
-	if cur := int(ops.GetReceiveBufferSize()); cur != recv {
+	if cur := int(ops.GetReceiveBufferSize()); cur != recv || !c.recvSet {
+		// Set once even at its size: that ends gVisor's auto-tuning.
 		ops.SetReceiveBufferSize(int64(recv), true)
+		c.recvSet = true
 		if cur > recv {
 			cut++
 		}

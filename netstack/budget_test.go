@@ -2,6 +2,7 @@ package netstack
 
 import (
 	"io"
+	"net"
 	"net/netip"
 	"sync"
 	"testing"
@@ -341,4 +342,61 @@ func TestBudgetBulkBesideIdle(t *testing.T) {
 	if r := bc.ep.SocketOptions().GetReceiveBufferSize(); r > 512<<10 {
 		t.Errorf("receive buffer %d once light again, want at most the light share", r)
 	}
+}
+
+// TestBudgetLightRecvFollowsShare: a light connection keeps the receive
+// buffer it was accepted with while the share allows it, is cut when a
+// crowd arrives, and gets it back once the crowd is gone.
+func TestBudgetLightRecvFollowsShare(t *testing.T) {
+	const crowd = 100
+	first := make(chan *tcpConn, 1)
+	client, server := newPairConfig(t, Config{TCP: TCPConfig{BufferBudget: 32 << 20}}, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		if r.Dst.Port() == 80 {
+			first <- c.(*tcpConn)
+		}
+		io.Copy(io.Discard, c)
+	}})
+	ctx := testContext(t)
+	dial := func(port uint16) net.Conn {
+		c, err := client.DialTCP(ctx, netip.AddrPort{}, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.2"), port))
+		if err != nil {
+			t.Fatalf("dial: %v", err)
+		}
+		return c
+	}
+	defer dial(80).Close()
+	a := <-first
+	recv := func() int {
+		server.conns.mu.Lock()
+		defer server.conns.mu.Unlock()
+		return int(a.ep.SocketOptions().GetReceiveBufferSize())
+	}
+	start := server.conns.initialWindow()
+	if got := recv(); got != start {
+		t.Fatalf("receive buffer %d alone, want the initial window %d", got, start)
+	}
+	var crowdConns []net.Conn
+	for range crowd {
+		crowdConns = append(crowdConns, dial(81))
+	}
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %d conns, light share %d, receive buffer %d", what, server.Stats().TCPConns, server.Stats().TCPBufferShare, recv())
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	waitFor("cut by the crowd", func() bool { return server.Stats().TCPConns == crowd+1 && recv() == 128<<10 })
+	for _, c := range crowdConns {
+		c.Close()
+	}
+	waitFor("back once the crowd left", func() bool { return server.Stats().TCPConns == 1 && recv() == start })
 }

@@ -378,10 +378,13 @@ type TCPConn interface {
 // would (gonet keeps only the text), so callers test them with errors.Is.
 type tcpConn struct {
 	*gonet.TCPConn
-	ep     tcpip.Endpoint
-	budget *connBudget // set once handed out; Close removes the conn from it
-	fixed  bool        // send buffer set to a fixed size; guarded by budget.mu
-	floor  int         // cuts stop here: two segments (budget.add)
+	ep      tcpip.Endpoint
+	budget  *connBudget // set once handed out; Close removes the conn from it
+	fixed   bool        // send buffer set to a fixed size; guarded by budget.mu
+	recvSet bool        // receive buffer set by the budget; guarded by budget.mu
+	// recvStart is the receive buffer it was handed out with (budget.add).
+	recvStart int
+	floor     int // cuts stop here: two segments (budget.add)
 	// moved counts the bytes read and written, for the budget's check of
 	// which connections carry bulk data; lastMoved is moved at the last
 	// check and quiet the checks in a row a bulk one moved little (both
