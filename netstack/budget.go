@@ -94,12 +94,17 @@ func (b *connBudget) init(s *Stack) {
 // shareFor returns the per-connection, per-direction share for n
 // connections that all get the same.
 func (b *connBudget) shareFor(n int) int {
-	share := b.total / 2 / max(n, 1)
+	return min(floorPow2(b.total/2/max(n, 1)), b.bufMax())
+}
+
+// floorPow2 returns the largest power of two not above x, and no less than
+// minConnBuf.
+func floorPow2(x int) int {
 	p := minConnBuf
-	for p*2 <= share {
+	for p*2 <= x {
 		p *= 2
 	}
-	return min(p, b.bufMax())
+	return p
 }
 
 func (b *connBudget) bufMax() int { return max(b.recvMax, b.sendMax) }
@@ -117,11 +122,7 @@ func (b *connBudget) bulkFor(n, bulk, light int) int {
 		return light
 	}
 	rest := (b.total/2 - (n-bulk)*light) / bulk
-	p := minConnBuf
-	for p*2 <= rest {
-		p *= 2
-	}
-	if rest >= p {
+	if p := floorPow2(rest); rest >= p {
 		rest -= rest % (p / 4)
 	}
 	return min(max(rest, light), b.bufMax())
@@ -158,7 +159,13 @@ func (b *connBudget) add(c *tcpConn) {
 	// Two segments at the MTU the connection's handshake had (its MSS is
 	// at most that, less the IPv4 and TCP headers): cuts stop there.
 	c.floor = 2 * (b.s.routeMTUSince(c.routeGen) - header.IPv4MinimumSize - header.TCPMinimumSize)
-	c.recvStart = int(c.ep.SocketOptions().GetReceiveBufferSize())
+	ops := c.ep.SocketOptions()
+	c.recvStart = int(ops.GetReceiveBufferSize())
+	if b.total > 0 {
+		// Set at its own size: that ends gVisor's receive auto-tuning, and
+		// the budget sets it from now on.
+		ops.SetReceiveBufferSize(int64(c.recvStart), true)
+	}
 	b.mu.Lock()
 	b.conns[c] = struct{}{}
 	b.rebalanceLocked(c, nil)
@@ -333,17 +340,15 @@ func (b *connBudget) fitBulk(c *tcpConn, bulk int) (cut int) {
 	return c.fitBuffers(min(bulk, b.recvMax), min(bulk, b.sendMax))
 }
 
-// fitBuffers sets c's receive buffer to recv (auto-tuning off), and cuts its send buffer to
+// fitBuffers sets c's receive buffer to recv, and cuts its send buffer to
 // send where larger or sets it to send where fixed (cut before or bulk),
 // neither below c's floor; it returns how many buffers it cut. Called with
 // the budget's mu held.
 func (c *tcpConn) fitBuffers(recv, send int) (cut int) {
 	recv, send = max(recv, c.floor), max(send, c.floor)
 	ops := c.ep.SocketOptions()
-	if cur := int(ops.GetReceiveBufferSize()); cur != recv || !c.recvSet {
-		// Set once even at its size: that ends gVisor's auto-tuning.
+	if cur := int(ops.GetReceiveBufferSize()); cur != recv {
 		ops.SetReceiveBufferSize(int64(recv), true)
-		c.recvSet = true
 		if cur > recv {
 			cut++
 		}

@@ -378,10 +378,9 @@ type TCPConn interface {
 // would (gonet keeps only the text), so callers test them with errors.Is.
 type tcpConn struct {
 	*gonet.TCPConn
-	ep      tcpip.Endpoint
-	budget  *connBudget // set once handed out; Close removes the conn from it
-	fixed   bool        // send buffer set to a fixed size; guarded by budget.mu
-	recvSet bool        // receive buffer set by the budget; guarded by budget.mu
+	ep     tcpip.Endpoint
+	budget *connBudget // set once handed out; Close removes the conn from it
+	fixed  bool        // send buffer set to a fixed size; guarded by budget.mu
 	// recvStart is the receive buffer it was handed out with (budget.add).
 	recvStart int
 	floor     int // cuts stop here: two segments (budget.add)
@@ -405,13 +404,13 @@ func newTCPConn(wq *waiter.Queue, ep tcpip.Endpoint) *tcpConn {
 
 func (c *tcpConn) Read(b []byte) (int, error) {
 	n, err := c.TCPConn.Read(b)
-	c.moved.Add(uint64(max(n, 0)))
+	c.moved.Add(uint64(n))
 	return n, connError(err)
 }
 
 func (c *tcpConn) Write(b []byte) (int, error) {
 	n, err := c.TCPConn.Write(b)
-	c.moved.Add(uint64(max(n, 0)))
+	c.moved.Add(uint64(n))
 	return n, connError(err)
 }
 
