@@ -210,33 +210,94 @@ func (sp *splicer) runCopy(dst, src net.Conn, dir string, n *byteCounter, done c
 	done <- sp.copy(dst, src, dir, n)
 }
 
-// copy moves src to dst with pooled buffers. It calls Read and Write
-// directly, so neither side's ReadFrom/WriteTo can swap in its own buffer.
+// Zero-copy paths a netstack conn offers beside a kernel socket
+// (netstack/zerocopy_linux.go); each call moves bytes from src to dst and
+// returns the count with the error of either side.
+type (
+	socketWriterTo interface {
+		WriteToSocket(syscall.RawConn) (int, error, error)
+	}
+	socketReaderFrom interface {
+		ReadFromSocket(syscall.RawConn) (int, error, error)
+	}
+)
+
+// rawSocket is c's raw socket when c is a kernel socket, else nil.
+func rawSocket(c net.Conn) syscall.RawConn {
+	if sc, ok := c.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			return rc
+		}
+	}
+	return nil
+}
+
+// copy moves src to dst: from a netstack conn to a kernel socket without a
+// buffer of ours, from a kernel socket to a netstack conn without one while
+// the socket holds a backlog, and otherwise through pooled buffers. It calls
+// Read and Write directly, so neither side's ReadFrom/WriteTo can swap in
+// its own buffer.
 func (sp *splicer) copy(dst, src net.Conn, dir string, n *byteCounter) int64 {
-	small := smallCopyBufPool.Get().(*[]byte)
-	defer smallCopyBufPool.Put(small)
-	var big *[]byte
+	var toSocket, fromSocket func() (int, error, error)
+	if s, ok := src.(socketWriterTo); ok {
+		if rc := rawSocket(dst); rc != nil {
+			toSocket = func() (int, error, error) { return s.WriteToSocket(rc) }
+		}
+	}
+	if d, ok := dst.(socketReaderFrom); ok {
+		if rc := rawSocket(src); rc != nil {
+			fromSocket = func() (int, error, error) { return d.ReadFromSocket(rc) }
+		}
+	}
+	var small, big *[]byte // small: taken at the first buffered read
 	defer func() {
+		if small != nil {
+			smallCopyBufPool.Put(small)
+		}
 		if big != nil {
 			copyBufPool.Put(big)
 			sp.bufs.give(copyBufSize)
 		}
 	}()
-	buf := *small
+	var buf []byte
+	backlog := false // the last read filled its buffer: try fromSocket
 	var written int64
 	for {
-		nr, rerr := src.Read(buf)
-		if nr > 0 {
-			sp.idle.touch()
-			nw, werr := dst.Write(buf[:nr])
-			written += int64(nw)
-			n.add(nw)
-			if werr != nil {
-				sp.fail(fmt.Errorf("%s: write: %w", dir, werr), dst)
-				return written
+		var nr int
+		var rerr, werr error
+		switch {
+		case toSocket != nil:
+			nr, rerr, werr = toSocket()
+		case backlog:
+			if nr, rerr, werr = fromSocket(); nr == 0 && rerr == nil && werr == nil {
+				backlog = false
+				continue // under the threshold: a buffered read
+			}
+		default:
+			if buf == nil {
+				small = smallCopyBufPool.Get().(*[]byte)
+				buf = *small
+			}
+			nr, rerr = src.Read(buf)
+			if nr > 0 {
+				var nw int
+				nw, werr = dst.Write(buf[:nr])
+				nr = nw
 			}
 		}
+		if nr > 0 {
+			sp.idle.touch()
+			written += int64(nr)
+			n.add(nr)
+		}
+		if werr != nil {
+			sp.fail(fmt.Errorf("%s: write: %w", dir, werr), dst)
+			return written
+		}
 		switch {
+		case toSocket != nil || backlog:
+		case fromSocket != nil && nr == len(buf):
+			backlog = true
 		case big == nil && nr == len(buf) && sp.bufs.take(copyBufSize):
 			// The small buffer filled: more is queued, move to the large
 			// one if the budget has room (if not, the flow goes on in

@@ -71,7 +71,13 @@ func newPair(t testing.TB, client, server Handler) (c, s *Stack) {
 // here).
 func newPairConfig(t testing.TB, serverCfg Config, client, server Handler) (c, s *Stack) {
 	t.Helper()
-	a, b := Pipe(1500)
+	return newPairMTU(t, 1500, serverCfg, client, server)
+}
+
+// newPairMTU is newPairConfig over a Pipe of the given MTU.
+func newPairMTU(t testing.TB, mtu int, serverCfg Config, client, server Handler) (c, s *Stack) {
+	t.Helper()
+	a, b := Pipe(mtu)
 	log := zap.NewNop()
 	if tt, ok := t.(*testing.T); ok {
 		log = zaptest.NewLogger(tt, zaptest.Level(zap.WarnLevel))

@@ -379,6 +379,8 @@ type TCPConn interface {
 type tcpConn struct {
 	*gonet.TCPConn
 	ep     tcpip.Endpoint
+	wq     *waiter.Queue
+	zc     zeroCopyState
 	budget *connBudget // set once handed out; Close removes the conn from it
 	fixed  bool        // send buffer set to a fixed size; guarded by budget.mu
 	// recvStart is the receive buffer it was handed out with (budget.add).
@@ -399,7 +401,9 @@ type tcpConn struct {
 var _ TCPConn = (*tcpConn)(nil)
 
 func newTCPConn(wq *waiter.Queue, ep tcpip.Endpoint) *tcpConn {
-	return &tcpConn{TCPConn: gonet.NewTCPConn(wq, ep), ep: ep}
+	c := &tcpConn{TCPConn: gonet.NewTCPConn(wq, ep), ep: ep, wq: wq}
+	c.zc.deadlineSet = make(chan struct{}, 1)
+	return c
 }
 
 func (c *tcpConn) Read(b []byte) (int, error) {

@@ -1,0 +1,263 @@
+package netstack
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip"
+)
+
+// Moving bytes between a gVisor endpoint and a kernel socket without the
+// user buffer gonet's Read and Write copy through (forwarder/splice.go
+// uses these when one leg is a stack conn and the other a kernel socket):
+// the endpoint reads a socket's backlog straight into its send buffer, and
+// a received segment of zeroCopyMinView bytes or more goes to the socket
+// straight from the endpoint's receive buffer. Small segments (a tunnel
+// MTU's, a request's) are gathered into one write, as a copy did before.
+const (
+	zeroCopyMinView = 16 << 10
+	// zeroCopyMaxStep bounds one WriteToSocket's hold on the endpoint.
+	zeroCopyMaxStep = 256 << 10
+	// ZeroCopyMinBacklog is the socket backlog below which ReadFromSocket
+	// leaves the read to the caller's buffered path: a short read into a
+	// 64 KiB chunk would pin more memory than it carries.
+	ZeroCopyMinBacklog = 16 << 10
+)
+
+var (
+	errSocketFull = errors.New("socket send buffer full")
+	errStepDone   = errors.New("step done")
+	stagePool     = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
+)
+
+// WriteToSocket moves what the endpoint has received to the socket rc,
+// waiting for data (until the read deadline) and for room in the socket.
+// It returns after it moved something or failed: rerr is the endpoint's
+// side (io.EOF after the peer's FIN, a timeout at the read deadline), werr
+// the socket's.
+func (c *tcpConn) WriteToSocket(rc syscall.RawConn) (n int, rerr, werr error) {
+	w := socketWriter{conn: c}
+	for {
+		var terr tcpip.Error
+		var count int
+		err := rc.Write(func(fd uintptr) bool {
+			w.fd, w.err, w.budget = int(fd), nil, zeroCopyMaxStep
+			res, e := c.ep.Read(&w, tcpip.ReadOptions{})
+			count, terr = res.Count, e
+			if w.err == nil && len(w.stage) > 0 {
+				w.flush()
+			}
+			// Nothing moved and the socket is full: wait for room.
+			return !(count == 0 && len(w.stage) == 0 && errors.Is(w.err, errSocketFull))
+		})
+		if count > 0 {
+			c.moved.Add(uint64(count))
+		}
+		if err == nil && len(w.stage) > 0 {
+			// Bytes the endpoint handed over wait in the stage: they are
+			// ours to deliver now.
+			err = w.drain(rc)
+		}
+		w.release()
+		switch {
+		case err != nil:
+			return count, nil, err
+		case w.err != nil && !errors.Is(w.err, errSocketFull) && !errors.Is(w.err, errStepDone):
+			return count, nil, w.err
+		case count > 0:
+			return count, nil, nil
+		}
+		switch terr.(type) {
+		case *tcpip.ErrWouldBlock:
+			if err := c.waitReadable(); err != nil {
+				return 0, err, nil
+			}
+		case *tcpip.ErrClosedForReceive:
+			return 0, io.EOF, nil
+		case *tcpip.ErrBadBuffer, nil:
+			// The socket was full with nothing moved: rc.Write waited.
+		default:
+			return 0, connError(c.opError("read", terr)), nil
+		}
+	}
+}
+
+// socketWriter is the io.Writer WriteToSocket hands the endpoint: large
+// views are written to the socket as they are, small ones gathered in a
+// stage. It never blocks: a full socket ends the endpoint's Read.
+type socketWriter struct {
+	conn   *tcpConn
+	fd     int
+	stage  []byte // pooled while it holds bytes (release)
+	err    error
+	budget int
+}
+
+func (w *socketWriter) Write(p []byte) (int, error) {
+	if w.budget <= 0 {
+		w.err = errStepDone
+		return 0, w.err
+	}
+	if len(p) < zeroCopyMinView {
+		if w.stage == nil {
+			w.stage = (*stagePool.Get().(*[]byte))[:0]
+		}
+		if len(w.stage)+len(p) > cap(w.stage) && !w.flush() {
+			return 0, w.err
+		}
+		if len(w.stage)+len(p) <= cap(w.stage) {
+			w.stage = append(w.stage, p...)
+			w.budget -= len(p)
+			return len(p), nil
+		}
+	}
+	if len(w.stage) > 0 && !w.flush() {
+		return 0, w.err
+	}
+	n, err := writeSocket(w.fd, p)
+	w.budget -= n
+	if err != nil {
+		w.err = err
+	}
+	return n, err
+}
+
+// flush writes the stage out as far as the socket takes it.
+func (w *socketWriter) flush() bool {
+	n, err := writeSocket(w.fd, w.stage)
+	w.stage = w.stage[:copy(w.stage, w.stage[n:])]
+	if err != nil {
+		w.err = err
+		return false
+	}
+	return true
+}
+
+// drain writes the rest of the stage, waiting for room in the socket.
+func (w *socketWriter) drain(rc syscall.RawConn) error {
+	return rc.Write(func(fd uintptr) bool {
+		w.fd = int(fd)
+		if w.flush() {
+			return true
+		}
+		if errors.Is(w.err, errSocketFull) {
+			w.err = nil
+			return false
+		}
+		return true
+	})
+}
+
+func (w *socketWriter) release() {
+	if w.stage != nil && len(w.stage) == 0 {
+		b := w.stage[:cap(w.stage)]
+		stagePool.Put(&b)
+		w.stage = nil
+	}
+}
+
+// writeSocket is one non-blocking write; a full socket is errSocketFull
+// (after a partial write too, so the caller stops there).
+func writeSocket(fd int, p []byte) (int, error) {
+	for {
+		n, err := unix.Write(fd, p)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			return 0, errSocketFull
+		case err != nil:
+			return 0, &net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", err)}
+		case n < len(p):
+			return n, errSocketFull
+		}
+		return n, nil
+	}
+}
+
+// ReadFromSocket queues the socket rc's backlog into the endpoint's send
+// buffer, read straight into the endpoint's chunks, waiting for room in
+// the endpoint. It reads nothing (n 0, no error) when the backlog is under
+// ZeroCopyMinBacklog: the caller's buffered read serves that, and waits.
+// rerr is the socket's side (io.EOF after its FIN), werr the endpoint's.
+func (c *tcpConn) ReadFromSocket(rc syscall.RawConn) (n int, rerr, werr error) {
+	p := socketPayload{}
+	for {
+		var terr tcpip.Error
+		var written int64
+		err := rc.Read(func(fd uintptr) bool {
+			backlog, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+			if err != nil || backlog < ZeroCopyMinBacklog {
+				return true
+			}
+			p = socketPayload{fd: int(fd), left: backlog}
+			written, terr = c.ep.Write(&p, tcpip.WriteOptions{Atomic: true})
+			return true
+		})
+		if written > 0 {
+			c.moved.Add(uint64(written))
+		}
+		switch {
+		case err != nil:
+			return int(written), err, nil
+		case p.err != nil && written == 0:
+			return 0, p.err, nil
+		case written > 0:
+			return int(written), p.err, nil
+		}
+		switch terr.(type) {
+		case nil:
+			return 0, nil, nil // small backlog: the caller's turn
+		case *tcpip.ErrWouldBlock:
+			c.waitWritable()
+		default:
+			return 0, nil, connError(c.opError("write", terr))
+		}
+	}
+}
+
+// socketPayload is the tcpip.Payloader ReadFromSocket hands the endpoint:
+// its Read is a non-blocking read of the socket, and it ends (io.EOF) at
+// the backlog it was made for, a drained socket, the socket's FIN or an
+// error, which it keeps in err so the bytes before it are not lost.
+type socketPayload struct {
+	fd   int
+	left int
+	done bool
+	err  error
+}
+
+func (p *socketPayload) Len() int { return p.left }
+
+func (p *socketPayload) Read(b []byte) (int, error) {
+	if p.done || p.left <= 0 {
+		return 0, io.EOF
+	}
+	if len(b) == 0 {
+		return 0, nil
+	}
+	for {
+		n, err := unix.Read(p.fd, b[:min(len(b), p.left)])
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			p.done = true
+			return 0, io.EOF
+		case err != nil:
+			p.done = true
+			p.err = &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", err)}
+			return 0, io.EOF
+		case n == 0:
+			p.done, p.err = true, io.EOF
+			return 0, io.EOF
+		}
+		p.left -= n
+		return n, nil
+	}
+}
