@@ -23,10 +23,11 @@ const (
 	zeroCopyMinView = 16 << 10
 	// zeroCopyMaxStep bounds one WriteToSocket's hold on the endpoint.
 	zeroCopyMaxStep = 256 << 10
-	// ZeroCopyMinBacklog is the socket backlog below which ReadFromSocket
+	// zeroCopyMinBacklog is the socket backlog below which ReadFromSocket
 	// leaves the read to the caller's buffered path: a short read into a
 	// 64 KiB chunk would pin more memory than it carries.
-	ZeroCopyMinBacklog = 16 << 10
+	zeroCopyMinBacklog = 16 << 10
+	zeroCopyMaxRead    = 64 << 10
 )
 
 var (
@@ -183,7 +184,7 @@ func writeSocket(fd int, p []byte) (int, error) {
 // ReadFromSocket queues the socket rc's backlog into the endpoint's send
 // buffer, read straight into the endpoint's chunks, waiting for room in
 // the endpoint. It reads nothing (n 0, no error) when the backlog is under
-// ZeroCopyMinBacklog: the caller's buffered read serves that, and waits.
+// zeroCopyMinBacklog: the caller's buffered read serves that, and waits.
 // rerr is the socket's side (io.EOF after its FIN), werr the endpoint's.
 func (c *tcpConn) ReadFromSocket(rc syscall.RawConn) (n int, rerr, werr error) {
 	p := socketPayload{}
@@ -192,10 +193,13 @@ func (c *tcpConn) ReadFromSocket(rc syscall.RawConn) (n int, rerr, werr error) {
 		var written int64
 		err := rc.Read(func(fd uintptr) bool {
 			backlog, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
-			if err != nil || backlog < ZeroCopyMinBacklog {
+			if err != nil || backlog < zeroCopyMinBacklog {
 				return true
 			}
-			p = socketPayload{fd: int(fd), left: backlog}
+			// One chunk per Write: the endpoint sends it before the next
+			// read, as a 64 KiB copy did (a whole backlog read under its
+			// lock would hold its ACKs and sends back).
+			p = socketPayload{fd: int(fd), left: min(backlog, zeroCopyMaxRead)}
 			written, terr = c.ep.Write(&p, tcpip.WriteOptions{Atomic: true})
 			return true
 		})
