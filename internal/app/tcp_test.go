@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -259,4 +260,57 @@ func TestTCPIPv6PublicToIPv4Target(t *testing.T) {
 	if _, err := h.dial(ap(client4, 0), ap(public4, 8443)); !errors.Is(err, errRefused) {
 		t.Fatalf("v4 address on a v6-only mapping: %v, want connection refused", err)
 	}
+}
+
+// TestTCPIdleTimeoutThroughStack: a session through the TUN stack (whose
+// splice moves bytes with the zero-copy paths, netstack/zerocopy_linux.go)
+// lives while it carries traffic, and is cut with resets to both sides once
+// it has been idle for its idle_timeout.
+func TestTCPIdleTimeoutThroughStack(t *testing.T) {
+	t.Parallel()
+	targetErr := make(chan error, 1)
+	target := serveTCP(t, func(c *net.TCPConn) {
+		buf := make([]byte, 64)
+		for {
+			n, err := c.Read(buf)
+			if err != nil {
+				targetErr <- err
+				return
+			}
+			c.Write(buf[:n])
+		}
+	})
+	h := newHarness(t, spec{Mappings: mapping("idle", "tcp", "8091", target.String(), `idle_timeout = "1s"`)}, app.Options{})
+	c := h.mustDial(ap(client4, 0), ap(public4, 8091))
+	defer c.Close()
+	buf := make([]byte, 1)
+	// Traffic every 300 ms for 2 s keeps it open past two idle periods.
+	for range 7 {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte("x")); err != nil {
+			t.Fatalf("write while active: %v", err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			t.Fatalf("echo while active: %v", err)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	start := time.Now()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Read(buf); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client read after going idle: %v, want connection reset", err)
+	}
+	if idle := time.Since(start); idle < 600*time.Millisecond {
+		t.Fatalf("cut %v after the last echo, before the 1 s idle timeout", idle)
+	}
+	select {
+	case err := <-targetErr:
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("target read after the idle timeout: %v, want connection reset", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("the target's connection is still open 5 s after the client's was cut")
+	}
+	// The session is counted once its splice returns, after both resets.
+	waitFor(t, 5*time.Second, "tcp_expired to count the session", func() bool { return h.mappingStatus("idle").TCPExpired == 1 })
 }
