@@ -27,8 +27,8 @@ import (
 
 var tunAddrs = []netip.Prefix{netip.MustParsePrefix("10.99.0.2/24"), netip.MustParsePrefix("fd99::2/64")}
 
-// sendRandom writes size random bytes to c, closes its write side and
-// returns their hash.
+// sendRandom writes size random bytes (a multiple of 128 KiB) to c, closes
+// its write side and returns their hash.
 func sendRandom(t *testing.T, c net.Conn, size int, seed byte) []byte {
 	t.Helper()
 	h := sha256.New()
@@ -42,7 +42,7 @@ func sendRandom(t *testing.T, c net.Conn, size int, seed byte) []byte {
 			return nil
 		}
 	}
-	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+	if err := c.(closeWriter).CloseWrite(); err != nil {
 		t.Errorf("close write: %v", err)
 	}
 	return h.Sum(nil)

@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"errors"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -109,30 +108,14 @@ func TestZeroCopyEcho(t *testing.T) {
 			}
 			defer c.Close()
 			const size = 16 << 20
-			sent, got := sha256.New(), sha256.New()
-			var werr error
-			var wg sync.WaitGroup
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				rng := rand.NewChaCha8([32]byte{byte(mtu)})
-				buf := make([]byte, 100<<10)
-				for left := size; left > 0; left -= len(buf) {
-					b := buf[:min(len(buf), left)]
-					rng.Read(b)
-					sent.Write(b)
-					if _, werr = c.Write(b); werr != nil {
-						return
-					}
-				}
-				werr = c.(closeWriter).CloseWrite()
-			}()
+			sent := make(chan []byte, 1)
+			go func() { sent <- sendRandom(t, c, size, byte(mtu)) }()
+			got := sha256.New()
 			n, err := io.Copy(got, c)
-			wg.Wait()
-			if werr != nil || err != nil || n != size {
-				t.Fatalf("echoed %d of %d bytes: write %v, read %v", n, size, werr, err)
+			if err != nil || n != size {
+				t.Fatalf("echoed %d of %d bytes: %v", n, size, err)
 			}
-			if !bytes.Equal(sent.Sum(nil), got.Sum(nil)) {
+			if !bytes.Equal(<-sent, got.Sum(nil)) {
 				t.Fatal("sha-256 of the echoed stream differs from what was sent")
 			}
 			if m := <-moved; m == 0 {
