@@ -42,7 +42,7 @@ var (
 // side (io.EOF after the peer's FIN, a timeout at the read deadline), werr
 // the socket's.
 func (c *tcpConn) WriteToSocket(rc syscall.RawConn) (n int, rerr, werr error) {
-	w := socketWriter{conn: c}
+	var w socketWriter
 	for {
 		var terr tcpip.Error
 		var count int
@@ -50,7 +50,7 @@ func (c *tcpConn) WriteToSocket(rc syscall.RawConn) (n int, rerr, werr error) {
 			w.fd, w.err, w.budget = int(fd), nil, zeroCopyMaxStep
 			res, e := c.ep.Read(&w, tcpip.ReadOptions{})
 			count, terr = res.Count, e
-			if w.err == nil && len(w.stage) > 0 {
+			if len(w.stage) > 0 && !errors.Is(w.err, errSocketFull) {
 				w.flush()
 			}
 			// Nothing moved and the socket is full: wait for room.
@@ -92,9 +92,9 @@ func (c *tcpConn) WriteToSocket(rc syscall.RawConn) (n int, rerr, werr error) {
 // views are written to the socket as they are, small ones gathered in a
 // stage. It never blocks: a full socket ends the endpoint's Read.
 type socketWriter struct {
-	conn   *tcpConn
 	fd     int
-	stage  []byte // pooled while it holds bytes (release)
+	stage  []byte  // gathered bytes not yet written, in pooled
+	pooled *[]byte // from stagePool until the stage is empty (release)
 	err    error
 	budget int
 }
@@ -105,8 +105,9 @@ func (w *socketWriter) Write(p []byte) (int, error) {
 		return 0, w.err
 	}
 	if len(p) < zeroCopyMinView {
-		if w.stage == nil {
-			w.stage = (*stagePool.Get().(*[]byte))[:0]
+		if w.pooled == nil {
+			w.pooled = stagePool.Get().(*[]byte)
+			w.stage = (*w.pooled)[:0]
 		}
 		if len(w.stage)+len(p) > cap(w.stage) && !w.flush() {
 			return 0, w.err
@@ -155,10 +156,9 @@ func (w *socketWriter) drain(rc syscall.RawConn) error {
 }
 
 func (w *socketWriter) release() {
-	if w.stage != nil && len(w.stage) == 0 {
-		b := w.stage[:cap(w.stage)]
-		stagePool.Put(&b)
-		w.stage = nil
+	if w.pooled != nil && len(w.stage) == 0 {
+		stagePool.Put(w.pooled)
+		w.pooled, w.stage = nil, nil
 	}
 }
 
