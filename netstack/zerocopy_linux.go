@@ -41,37 +41,36 @@ var (
 // It returns after it moved something or failed: rerr is the endpoint's
 // side (io.EOF after the peer's FIN, a timeout at the read deadline), werr
 // the socket's.
+//
+// Each step peeks at the received bytes, writes what the socket takes, and
+// only then consumes that much from the endpoint: bytes the socket did not
+// take stay in the endpoint's receive buffer (the budget's), never in a
+// buffer of ours, however long the socket stays full.
 func (c *tcpConn) WriteToSocket(rc syscall.RawConn) (n int, rerr, werr error) {
 	var w socketWriter
 	for {
 		var terr tcpip.Error
-		var count int
 		err := rc.Write(func(fd uintptr) bool {
-			w.fd, w.err, w.budget = int(fd), nil, zeroCopyMaxStep
-			res, e := c.ep.Read(&w, tcpip.ReadOptions{})
-			count, terr = res.Count, e
-			if len(w.stage) > 0 && !errors.Is(w.err, errSocketFull) {
-				w.flush()
+			w.start(int(fd))
+			_, terr = c.ep.Read(&w, tcpip.ReadOptions{Peek: true})
+			w.flush()
+			w.release()
+			if w.written > 0 {
+				c.consume(w.written)
 			}
-			// Nothing moved and the socket is full: wait for room.
-			return !(count == 0 && len(w.stage) == 0 && errors.Is(w.err, errSocketFull))
+			// Nothing written and the socket is full: wait for room.
+			return w.written > 0 || !errors.Is(w.err, errSocketFull)
 		})
-		if count > 0 {
-			c.moved.Add(uint64(count))
+		if w.written > 0 {
+			c.moved.Add(uint64(w.written))
 		}
-		if err == nil && len(w.stage) > 0 {
-			// Bytes the endpoint handed over wait in the stage: they are
-			// ours to deliver now.
-			err = w.drain(rc)
-		}
-		w.release()
 		switch {
 		case err != nil:
-			return count, nil, err
+			return w.written, nil, err
 		case w.err != nil && !errors.Is(w.err, errSocketFull) && !errors.Is(w.err, errStepDone):
-			return count, nil, w.err
-		case count > 0:
-			return count, nil, nil
+			return w.written, nil, w.err
+		case w.written > 0:
+			return w.written, nil, nil
 		}
 		switch terr.(type) {
 		case *tcpip.ErrWouldBlock:
@@ -80,23 +79,49 @@ func (c *tcpConn) WriteToSocket(rc syscall.RawConn) (n int, rerr, werr error) {
 			}
 		case *tcpip.ErrClosedForReceive:
 			return 0, io.EOF, nil
-		case *tcpip.ErrBadBuffer, nil:
-			// The socket was full with nothing moved: rc.Write waited.
+		case nil, *tcpip.ErrBadBuffer:
+			// Nothing to write after all, or the socket was full: rc.Write waited.
 		default:
 			return 0, connError(c.opError("read", terr)), nil
 		}
 	}
 }
 
-// socketWriter is the io.Writer WriteToSocket hands the endpoint: large
-// views are written to the socket as they are, small ones gathered in a
-// stage. It never blocks: a full socket ends the endpoint's Read.
+// consume removes the first n received bytes, which WriteToSocket wrote,
+// from the endpoint (a window update follows as after any read).
+func (c *tcpConn) consume(n int) {
+	d := discard{left: n}
+	c.ep.Read(&d, tcpip.ReadOptions{})
+}
+
+// discard takes its first left bytes and stops there.
+type discard struct{ left int }
+
+func (d *discard) Write(p []byte) (int, error) {
+	if len(p) <= d.left {
+		d.left -= len(p)
+		return len(p), nil
+	}
+	n := d.left
+	d.left = 0
+	return n, errStepDone
+}
+
+// socketWriter is the io.Writer WriteToSocket's peek hands the endpoint:
+// views of zeroCopyMinView or more are written to the socket as they are,
+// smaller ones gathered in a stage and written together. It never blocks:
+// a full socket, or zeroCopyMaxStep bytes, end the endpoint's Read.
 type socketWriter struct {
-	fd     int
-	stage  []byte  // gathered bytes not yet written, in pooled
-	pooled *[]byte // from stagePool until the stage is empty (release)
-	err    error
-	budget int
+	fd      int
+	written int     // bytes the socket took this step, a prefix of the stream
+	stage   []byte  // gathered bytes not yet written, in pooled
+	pooled  *[]byte // from stagePool within a step (release)
+	err     error
+	budget  int
+}
+
+func (w *socketWriter) start(fd int) {
+	w.fd, w.written, w.err, w.budget = fd, 0, nil, zeroCopyMaxStep
 }
 
 func (w *socketWriter) Write(p []byte) (int, error) {
@@ -112,16 +137,15 @@ func (w *socketWriter) Write(p []byte) (int, error) {
 		if len(w.stage)+len(p) > cap(w.stage) && !w.flush() {
 			return 0, w.err
 		}
-		if len(w.stage)+len(p) <= cap(w.stage) {
-			w.stage = append(w.stage, p...)
-			w.budget -= len(p)
-			return len(p), nil
-		}
+		w.stage = append(w.stage, p...)
+		w.budget -= len(p)
+		return len(p), nil
 	}
-	if len(w.stage) > 0 && !w.flush() {
+	if !w.flush() {
 		return 0, w.err
 	}
 	n, err := writeSocket(w.fd, p)
+	w.written += n
 	w.budget -= n
 	if err != nil {
 		w.err = err
@@ -129,10 +153,15 @@ func (w *socketWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// flush writes the stage out as far as the socket takes it.
+// flush writes the stage as far as the socket takes it; what it does not
+// take is dropped (it is still in the endpoint, unconsumed).
 func (w *socketWriter) flush() bool {
+	if len(w.stage) == 0 {
+		return true
+	}
 	n, err := writeSocket(w.fd, w.stage)
-	w.stage = w.stage[:copy(w.stage, w.stage[n:])]
+	w.written += n
+	w.stage = w.stage[:0]
 	if err != nil {
 		w.err = err
 		return false
@@ -140,23 +169,8 @@ func (w *socketWriter) flush() bool {
 	return true
 }
 
-// drain writes the rest of the stage, waiting for room in the socket.
-func (w *socketWriter) drain(rc syscall.RawConn) error {
-	return rc.Write(func(fd uintptr) bool {
-		w.fd = int(fd)
-		if w.flush() {
-			return true
-		}
-		if errors.Is(w.err, errSocketFull) {
-			w.err = nil
-			return false
-		}
-		return true
-	})
-}
-
 func (w *socketWriter) release() {
-	if w.pooled != nil && len(w.stage) == 0 {
+	if w.pooled != nil {
 		stagePool.Put(w.pooled)
 		w.pooled, w.stage = nil, nil
 	}

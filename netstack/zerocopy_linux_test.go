@@ -13,6 +13,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip"
 )
 
 // zeroCopySplice moves c to k and k to c with WriteToSocket and
@@ -259,4 +262,53 @@ func TestZeroCopyCloseUnblocks(t *testing.T) {
 			t.Fatalf("%s still waits 10 s after Close", name)
 		}
 	}
+}
+
+// TestZeroCopyFullSocketKeepsBytesInEndpoint: with the socket full, the
+// bytes it did not take stay in the endpoint's receive buffer (the
+// budget's), none in a buffer of WriteToSocket's: the endpoint's queue and
+// the kernel's queues together hold every byte the client sent.
+func TestZeroCopyFullSocketKeepsBytesInEndpoint(t *testing.T) {
+	c, client, k, peer := zeroCopyConn(t)
+	k.SetWriteBuffer(16 << 10)
+	peer.SetReadBuffer(16 << 10)
+	rc := rawConn(t, k)
+	go func() {
+		for {
+			if _, rerr, werr := c.WriteToSocket(rc); rerr != nil || werr != nil {
+				return
+			}
+		}
+	}()
+	// Small writes: segments under zeroCopyMinView, the gathered path.
+	const total = 512 << 10
+	msg := make([]byte, 1000)
+	go func() {
+		for sent := 0; sent < total; sent += len(msg) {
+			if _, err := client.Write(msg[:min(len(msg), total-sent)]); err != nil {
+				return
+			}
+		}
+	}()
+	queued := func(fd int, req uint) int {
+		n, _ := unix.IoctlGetInt(fd, req)
+		return n
+	}
+	var inEndpoint, inSocket, atPeer int
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		q, _ := c.ep.GetSockOptInt(tcpip.ReceiveQueueSizeOption)
+		inEndpoint = q
+		rc.Control(func(fd uintptr) { inSocket = queued(int(fd), unix.SIOCOUTQ) })
+		prc := rawConn(t, peer)
+		prc.Control(func(fd uintptr) { atPeer = queued(int(fd), unix.SIOCINQ) })
+		if inEndpoint+inSocket+atPeer == total && inEndpoint > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("endpoint %d + socket %d + its peer %d bytes = %d, want all %d sent (and some left in the endpoint)",
+				inEndpoint, inSocket, atPeer, inEndpoint+inSocket+atPeer, total)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Logf("endpoint %d, socket %d, its peer %d bytes", inEndpoint, inSocket, atPeer)
 }
