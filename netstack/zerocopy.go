@@ -73,6 +73,7 @@ type zeroCopyState struct {
 	deadline    atomic.Int64
 	deadlineSet chan struct{}
 	timer       *time.Timer // the reader's
+	bulk        bool        // the reader's last step moved zeroCopyMinView or more
 	readEntry   waiter.Entry
 	readCh      chan struct{}
 	writeEntry  waiter.Entry

@@ -42,27 +42,38 @@ var (
 // side (io.EOF after the peer's FIN, a timeout at the read deadline), werr
 // the socket's.
 //
-// Each step peeks at the received bytes, writes what the socket takes, and
-// only then consumes that much from the endpoint: bytes the socket did not
-// take stay in the endpoint's receive buffer (the budget's), never in a
-// buffer of ours, however long the socket stays full.
+// While the steps move zeroCopyMinView or more (bulk), a step peeks at the
+// received bytes, writes what the socket takes, and only then consumes that
+// much from the endpoint; otherwise it writes each view as it reads it. Either way bytes
+// the socket did not take stay in the endpoint's receive buffer (the
+// budget's), never in a buffer of ours, however long the socket stays full.
 func (c *tcpConn) WriteToSocket(rc syscall.RawConn) (n int, rerr, werr error) {
 	var w socketWriter
 	for {
 		var terr tcpip.Error
 		err := rc.Write(func(fd uintptr) bool {
-			w.start(int(fd))
-			_, terr = c.ep.Read(&w, tcpip.ReadOptions{Peek: true})
-			w.flush()
-			w.release()
-			if w.written > 0 {
-				c.consume(w.written)
+			w.start(int(fd), c.zc.bulk)
+			if !w.gather {
+				// A request's worth: each view written as it is, and
+				// consumed as far as the socket took it, in one Read
+				// (no second lock after the write, when the answer may
+				// already want the endpoint). A bulk start's small views
+				// cost a write each for this one step.
+				_, terr = c.ep.Read(&w, tcpip.ReadOptions{})
+			} else {
+				_, terr = c.ep.Read(&w, tcpip.ReadOptions{Peek: true})
+				w.flush()
+				w.release()
+				if w.written > 0 {
+					c.consume(w.written)
+				}
 			}
 			// Nothing written and the socket is full: wait for room.
 			return w.written > 0 || !errors.Is(w.err, errSocketFull)
 		})
 		if w.written > 0 {
 			c.moved.Add(uint64(w.written))
+			c.zc.bulk = w.written >= zeroCopyMinView
 		}
 		switch {
 		case err != nil:
@@ -107,12 +118,14 @@ func (d *discard) Write(p []byte) (int, error) {
 	return n, errStepDone
 }
 
-// socketWriter is the io.Writer WriteToSocket's peek hands the endpoint:
-// views of zeroCopyMinView or more are written to the socket as they are,
-// smaller ones gathered in a stage and written together. It never blocks:
-// a full socket, or zeroCopyMaxStep bytes, end the endpoint's Read.
+// socketWriter is the io.Writer WriteToSocket hands the endpoint: views
+// are written to the socket as they are, but when gathering (a peek at a
+// larger queue) those under zeroCopyMinView are gathered in a stage and
+// written together. It never blocks: a full socket, or zeroCopyMaxStep
+// bytes, end the endpoint's Read.
 type socketWriter struct {
 	fd      int
+	gather  bool
 	written int     // bytes the socket took this step, a prefix of the stream
 	stage   []byte  // gathered bytes not yet written, in pooled
 	pooled  *[]byte // from stagePool within a step (release)
@@ -120,8 +133,8 @@ type socketWriter struct {
 	budget  int
 }
 
-func (w *socketWriter) start(fd int) {
-	w.fd, w.written, w.err, w.budget = fd, 0, nil, zeroCopyMaxStep
+func (w *socketWriter) start(fd int, gather bool) {
+	w.fd, w.gather, w.written, w.err, w.budget = fd, gather, 0, nil, zeroCopyMaxStep
 }
 
 func (w *socketWriter) Write(p []byte) (int, error) {
@@ -129,7 +142,7 @@ func (w *socketWriter) Write(p []byte) (int, error) {
 		w.err = errStepDone
 		return 0, w.err
 	}
-	if len(p) < zeroCopyMinView {
+	if w.gather && len(p) < zeroCopyMinView {
 		if w.pooled == nil {
 			w.pooled = stagePool.Get().(*[]byte)
 			w.stage = (*w.pooled)[:0]
