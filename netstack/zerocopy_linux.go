@@ -43,10 +43,11 @@ var (
 // the socket's.
 //
 // While the steps move zeroCopyMinView or more (bulk), a step peeks at the
-// received bytes, writes what the socket takes, and only then consumes that
-// much from the endpoint; otherwise it writes each view as it reads it. Either way bytes
-// the socket did not take stay in the endpoint's receive buffer (the
-// budget's), never in a buffer of ours, however long the socket stays full.
+// received bytes, writes what the socket takes, and only then consumes
+// that much from the endpoint; otherwise it writes each view as it reads
+// it. Either way bytes the socket did not take stay in the endpoint's
+// receive buffer (the budget's), never in a buffer of ours, however long
+// the socket stays full.
 func (c *tcpConn) WriteToSocket(rc syscall.RawConn) (n int, rerr, werr error) {
 	var w socketWriter
 	for {
