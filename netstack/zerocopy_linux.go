@@ -215,8 +215,8 @@ func writeSocket(fd int, p []byte) (int, error) {
 // zeroCopyMinBacklog: the caller's buffered read serves that, and waits.
 // rerr is the socket's side (io.EOF after its FIN), werr the endpoint's.
 func (c *tcpConn) ReadFromSocket(rc syscall.RawConn) (n int, rerr, werr error) {
-	p := socketPayload{}
 	for {
+		var p socketPayload
 		var terr tcpip.Error
 		var written int64
 		err := rc.Read(func(fd uintptr) bool {
