@@ -29,7 +29,11 @@ import (
 //   - outerSide.Write classifies the decrypted packets and delivers them
 //     through GRO on the caller's goroutine (no input pump), one copy into
 //     gVisor's buffers. wireguard-go calls it from one goroutine per peer,
-//     so deliveries of different peers run concurrently.
+//     so deliveries of different peers run concurrently. What it delivers
+//     left WireGuard, which authenticated every packet whole (Poly1305), so
+//     their TCP and UDP checksums are not verified again: the kernel's
+//     WireGuard marks its packets CHECKSUM_UNNECESSARY for the same reason.
+//     (The IPv4 header, which gVisor's routing reads, still is.)
 //
 // Both wait until the Stack's Run (the lifecycle: no packet reaches the
 // Handler before Run), as a Pipe's pumps would: what wireguard-go decrypts
@@ -352,7 +356,7 @@ func (s *Stack) deliverBatch(bufs [][]byte, offset int) (tooBig int) {
 			continue
 		}
 		bytesIn += uint64(len(pkt))
-		classify(pkt, &in.info)
+		classifyTrusting(pkt, &in.info, true) // authenticated: see Direct
 		if !s.admitInput(&in.info) {
 			continue
 		}

@@ -47,6 +47,9 @@ type directBridge struct {
 	packets  atomic.Int64
 	largest  atomic.Int64 // bytes of the largest packet
 	tooBig   atomic.Int64 // writes the receiving side refused as too big
+	// corrupt: after the check, flip the checksum of every UDP datagram
+	// and TCP segment but SYNs (corruptChecksum).
+	corrupt atomic.Bool
 	mu       sync.Mutex
 	errs     []error
 	done     sync.WaitGroup
@@ -92,6 +95,9 @@ func (br *directBridge) run(from, to tun.Device) {
 			if err := checkWirePacket(p, br.mtu); err != nil {
 				br.fail(err)
 			}
+			if br.corrupt.Load() {
+				corruptChecksum(p)
+			}
 			out = append(out, bufs[i][:wgOffset+sizes[i]])
 		}
 		if _, err := to.Write(out, wgOffset); err != nil {
@@ -104,6 +110,21 @@ func (br *directBridge) run(from, to tun.Device) {
 			}
 			br.fail(fmt.Errorf("write: %w", err))
 		}
+	}
+}
+
+// corruptChecksum flips a bit of p's UDP or TCP checksum, but a SYN's (no
+// IPv4 options; IPv6 without extension headers).
+func corruptChecksum(p []byte) {
+	l3, proto := header.IPv6MinimumSize, p[6]
+	if p[0]>>4 == 4 {
+		l3, proto = header.IPv4MinimumSize, p[9]
+	}
+	switch {
+	case proto == uint8(header.UDPProtocolNumber):
+		p[l3+6] ^= 0x01 // the UDP checksum
+	case proto == uint8(header.TCPProtocolNumber) && header.TCP(p[l3:]).Flags()&header.TCPFlagSyn == 0:
+		p[l3+header.TCPChecksumOffset] ^= 0x01
 	}
 }
 
@@ -427,6 +448,57 @@ func TestDirectUDPAndTooBig(t *testing.T) {
 	}
 	if st := s.Stats(); st.ReadErrors != 1 || st.UDPFastPath != 1 || st.PacketsOut != 1 {
 		t.Fatalf("stats %+v: want 1 read error, 1 fast-path datagram, 1 packet out", st)
+	}
+}
+
+// TestDirectTrustsAuthenticatedChecksums: what a Direct pair's outer side
+// delivers left WireGuard authenticated, so TCP segments and UDP datagrams
+// whose checksums are wrong still reach the stack (a Pipe's stack drops
+// them: TestBadChecksumSYNNeverHandled) and nothing is counted invalid.
+// SYNs no endpoint takes are still checked (synChecksumValid: a few bytes).
+func TestDirectTrustsAuthenticatedChecksums(t *testing.T) {
+	echoServer := funcHandler{tcp: echoTCP}
+	got := make(chan string, 1)
+	echoServer.udp = func(src, dst netip.AddrPort, p []byte) { got <- string(p) }
+	client, server, br := newDirectPair(t, 1420, funcHandler{}, echoServer)
+	br.corrupt.Store(true)
+	for _, dst := range []netip.AddrPort{
+		netip.AddrPortFrom(serverPrefix4.Addr(), 7),
+		netip.AddrPortFrom(serverPrefix6.Addr(), 7),
+	} {
+		data := make([]byte, 1<<20)
+		rand.Read(data)
+		c, err := client.DialTCP(testContext(t), netip.AddrPort{}, dst)
+		if err != nil {
+			t.Fatalf("dial %s: %v", dst, err)
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		go func() {
+			c.Write(data)
+			c.(closeWriter).CloseWrite()
+		}()
+		echo, err := io.ReadAll(c)
+		c.Close()
+		if err != nil || !bytes.Equal(echo, data) {
+			t.Fatalf("echo from %s: %d of %d bytes, %v", dst, len(echo), len(data), err)
+		}
+	}
+	if err := client.WriteUDP(netip.AddrPortFrom(clientPrefix4.Addr(), 9), netip.AddrPortFrom(serverPrefix4.Addr(), 53), []byte("udp")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case g := <-got:
+		if g != "udp" {
+			t.Fatalf("HandleUDP got %q", g)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the datagram never arrived")
+	}
+	br.check(t)
+	for _, s := range []*Stack{client, server} {
+		if inv := s.Stats().Invalid; inv.TCPChecksum != 0 || inv.UDPChecksum != 0 {
+			t.Fatalf("invalid counters %+v: a Direct pair's packets are not checked", inv)
+		}
 	}
 }
 
