@@ -50,9 +50,9 @@ type directBridge struct {
 	// corrupt: after the check, flip the checksum of every UDP datagram
 	// and TCP segment but SYNs (corruptChecksum).
 	corrupt atomic.Bool
-	mu       sync.Mutex
-	errs     []error
-	done     sync.WaitGroup
+	mu      sync.Mutex
+	errs    []error
+	done    sync.WaitGroup
 }
 
 func (br *directBridge) fail(err error) {
