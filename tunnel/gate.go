@@ -150,12 +150,12 @@ func (t *gatedTUN) Write(bufs [][]byte, offset int) (int, error) {
 // one thing: wireguard-go starts its route listener only for a bare
 // *conn.StdNetBind (device/sticky_linux.go), which forgets a peer's cached
 // source address when the host's routes change; without it the source is
-// corrected by the peer's next packet instead.
+// corrected by the peer's next packet instead. (natbox's own UDP bind,
+// udpbind_linux.go, is not one either.)
 type gatedBind struct {
 	conn.Bind
 	g     gates
-	batch int // BatchSize; the bind's own is larger, smallBatch adapts
-	slot  int // smallBatch's buffer size: a message of an MTU-sized packet
+	batch int // BatchSize, at most
 }
 
 func (b *gatedBind) BatchSize() int { return min(b.Bind.BatchSize(), b.batch) }
@@ -163,9 +163,6 @@ func (b *gatedBind) BatchSize() int { return min(b.Bind.BatchSize(), b.batch) }
 func (b *gatedBind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
 	fns, actual, err := b.Bind.Open(port)
 	for i, fn := range fns {
-		if full := b.Bind.BatchSize(); full > b.BatchSize() {
-			fn = newSmallBatch(fn, full, b.slot).receive
-		}
 		fns[i] = func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
 			b.g.in.wait()
 			n, err := fn(packets, sizes, eps)

@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
 
@@ -225,7 +224,7 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 	for _, p := range cfg.Peers {
 		uapi += peerUAPI(p.PublicKey, netip.AddrPort{}, 0, TunnelPrefixes(p.Address))
 	}
-	bind := newStreamBind(conn.NewStdNetBind())
+	bind := newStreamBind(newUDPBind())
 	d, g, err := newDevice(dev, bind, cfg.Relay.PrivateKey, port, gateSize(int(cfg.Relay.BufferMemory)), log)
 	if err != nil {
 		cancel()

@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
 
@@ -129,7 +128,7 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer UplinkStack, log *zap.Lo
 	if mtu, err := dev.MTU(); err == nil && cfg.MaxMTU != 0 && mtu != cfg.MaxMTU {
 		log.Warn("tunnel device mtu differs from uplink.max_mtu", zap.Int("device_mtu", mtu), zap.Int("max_mtu", cfg.MaxMTU))
 	}
-	client := newStreamClient(conn.NewStdNetBind())
+	client := newStreamClient(newUDPBind())
 	o := buildOptions(opts)
 	gate := gateSize(o.bufferMemory)
 	d, g, err := newDevice(dev, client.bind, cfg.PrivateKey, 0, gate, log)

@@ -38,19 +38,19 @@ func wgLogger(log *zap.Logger) *device.Logger {
 }
 
 // newDevice builds a wireguard-go device on dev with bind (a streamBind
-// around the standard batched UDP bind, with GSO/GRO where the kernel has
-// them), both gated (gate.go) so each direction of the device holds at
+// around natbox's UDP bind, udpbind_linux.go, with GSO/GRO where the kernel
+// has them), both gated (gate.go) so each direction of the device holds at
 // most gate data packets, with batches of deviceBatch (batch.go), sets its
 // private key and listen port (0: any), and brings it up. The device owns dev from here on:
 // closing the device closes dev.
 func newDevice(dev tun.Device, bind conn.Bind, key conf.Key, listenPort uint16, gate int, log *zap.Logger) (*device.Device, gates, error) {
-	g := newGates(gate)
-	mtu, err := dev.MTU()
-	if err != nil || mtu <= 0 {
-		mtu = device.DefaultMTU
+	if n := bind.BatchSize(); n > deviceBatch {
+		dev.Close()
+		return nil, gates{}, fmt.Errorf("wireguard bind batch %d exceeds the device's %d: its receive functions would want more buffers than wireguard-go passes", n, deviceBatch)
 	}
+	g := newGates(gate)
 	d := device.NewDevice(&gatedTUN{Device: dev, g: g, batch: deviceBatch},
-		&gatedBind{Bind: bind, g: g, batch: deviceBatch, slot: mtu + messageOverhead}, wgLogger(log))
+		&gatedBind{Bind: bind, g: g, batch: deviceBatch}, wgLogger(log))
 	uapi := fmt.Sprintf("private_key=%s\nlisten_port=%d\n", key.Hex(), listenPort)
 	if err := d.IpcSet(uapi); err != nil {
 		d.Close()

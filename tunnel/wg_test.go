@@ -10,7 +10,6 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
-	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/tun/tuntest"
 
 	"github.com/natbox/natbox/conf"
@@ -85,7 +84,7 @@ func TestDevicePairAllowedIPs(t *testing.T) {
 	applAddr := netip.MustParseAddr("100.96.0.2")
 
 	relayTUN, applTUN := tuntest.NewChannelTUN(), tuntest.NewChannelTUN()
-	relayDev, _, err := newDevice(relayTUN.TUN(), conn.NewStdNetBind(), relayKey, 0, gatePackets, log)
+	relayDev, _, err := newDevice(relayTUN.TUN(), newUDPBind(), relayKey, 0, gatePackets, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,7 +96,7 @@ func TestDevicePairAllowedIPs(t *testing.T) {
 	if err != nil || port == 0 {
 		t.Fatalf("relay port %d, %v", port, err)
 	}
-	applDev, _, err := newDevice(applTUN.TUN(), conn.NewStdNetBind(), applKey, 0, gatePackets, log)
+	applDev, _, err := newDevice(applTUN.TUN(), newUDPBind(), applKey, 0, gatePackets, log)
 	if err != nil {
 		t.Fatal(err)
 	}
