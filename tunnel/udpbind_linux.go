@@ -497,7 +497,7 @@ func (r *receiver) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint) (int
 		msgs[i].OOB = msgs[i].OOB[:cap(msgs[i].OOB)]
 	}
 	n, err := r.s.pc.ReadBatch(msgs, 0)
-	if err != nil {
+	if err != nil || n == 0 {
 		return 0, err
 	}
 	total, most := 0, 1
