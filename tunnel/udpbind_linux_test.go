@@ -139,10 +139,12 @@ func TestUDPBindBatches(t *testing.T) {
 	}
 }
 
-// TestUDPBindSpills: one GRO read of more datagrams than the caller's
-// buffers hands the rest over on later calls, and the next read asks for
-// fewer datagrams.
-func TestUDPBindSpills(t *testing.T) {
+// TestUDPBindCoalescedReads: a plain read that meets a GRO-coalesced
+// datagram of 64 into 8 buffers hands the rest over on later calls and
+// turns to landing reads (the receiver's own buffers); landing reads
+// deliver coalesced and single datagrams alike, and plainAfter reads
+// without a coalesced one turn back to plain reads.
+func TestUDPBindCoalescedReads(t *testing.T) {
 	t.Parallel()
 	_, sock, send, ep := bindPair(t, "127.0.0.1")
 	if !sock.gro {
@@ -154,15 +156,26 @@ func TestUDPBindSpills(t *testing.T) {
 		t.Fatal(err)
 	}
 	receiveAll(t, r.receive, 8, want[:8])
-	if !r.spill.pending() {
-		t.Fatal("64 coalesced datagrams read into 8 buffers left nothing in the spill")
-	}
-	if r.want != 1 {
-		t.Fatalf("after a read of 64 coalesced datagrams the next asks for %d messages, want 1", r.want)
+	if !r.pending.left() || !r.landing {
+		t.Fatalf("after 8 of 64 coalesced datagrams: pending %v, landing %v; want both", r.pending.left(), r.landing)
 	}
 	receiveAll(t, r.receive, 8, want[8:])
-	if r.spill.pending() {
-		t.Fatal("the spill is not empty after every datagram was received")
+	want = numbered(64, 64, 1000)
+	if err := send.Send(want, ep); err != nil {
+		t.Fatal(err)
+	}
+	receiveAll(t, r.receive, deviceBatch, want)
+	s, _ := send.socketFor(ep.DstIP())
+	s.gso.Store(false)
+	for i := range plainAfter {
+		one := numbered(128+i, 1, 1000)
+		if err := send.Send(one, ep); err != nil {
+			t.Fatal(err)
+		}
+		receiveAll(t, r.receive, deviceBatch, one)
+	}
+	if r.landing || r.pending.left() {
+		t.Fatalf("after %d single datagrams: landing %v, pending %v; want plain reads, nothing pending", plainAfter, r.landing, r.pending.left())
 	}
 }
 
