@@ -463,7 +463,7 @@ type receiver struct {
 	msgs     []ipv6.Message
 	segs     []segment // per message of the last plain read
 	landing  bool
-	plainRun int              // landing reads in a row without a coalesced datagram
+	plainRun int                // landing reads in a row without a coalesced datagram
 	land     [groLanding][]byte // allocated on the first landing read
 	pending  pending
 }
