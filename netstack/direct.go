@@ -4,7 +4,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
+	"slices"
 	"sync"
 
 	"golang.zx2c4.com/wireguard/tun"
@@ -25,7 +27,9 @@ import (
 //     gVisor's packets by reference and advertises host GSO, so TCP hands
 //     over segments of up to 64 KiB; Read cuts them into MSS-sized packets
 //     with their headers and checksums written straight into wireguard-go's
-//     buffers: one copy instead of three (link buffer, Pipe, device).
+//     buffers: one copy instead of three (link buffer, Pipe, device). The
+//     TCP checksum is left 0 for destinations whose stacks said they do
+//     not verify it (SetChecksumsOptional).
 //   - outerSide.Write classifies the decrypted packets and delivers them
 //     through GRO on the caller's goroutine (no input pump), one copy into
 //     gVisor's buffers. wireguard-go calls it from one goroutine per peer,
@@ -448,6 +452,7 @@ func (e *linkEndpoint) readOut(b *outBuf, seg int, bufs [][]byte, sizes []int, o
 		return 0, true
 	}
 	nseg := max((data+mss-1)/mss, 1)
+	fill := e.checksumWanted(pkt)
 	var hdr [maxL34Header]byte
 	var c viewCursor
 	c.start(pkt)
@@ -463,7 +468,7 @@ func (e *linkEndpoint) readOut(b *outBuf, seg int, bufs [][]byte, sizes []int, o
 		dst = dst[:hl+plen]
 		copy(dst, hdr[:hl])
 		c.read(dst[hl:])
-		finishSegment(dst, l3, seg, nseg, mss)
+		finishSegment(dst, l3, seg, nseg, mss, fill)
 		sizes[n] = len(dst)
 		n++
 	}
@@ -473,8 +478,9 @@ func (e *linkEndpoint) readOut(b *outBuf, seg int, bufs [][]byte, sizes []int, o
 // finishSegment fixes the headers of segment seg of nseg in p (the IP and
 // TCP headers of the GSO packet, then this segment's payload): lengths, the
 // IPv4 ID and header checksum, the sequence number, the flags only the
-// first (CWR) or the last (FIN, PSH) segment keeps, and the TCP checksum.
-func finishSegment(p []byte, l3, seg, nseg, mss int) {
+// first (CWR) or the last (FIN, PSH) segment keeps, and the TCP checksum,
+// or 0 there unless fill.
+func finishSegment(p []byte, l3, seg, nseg, mss int, fill bool) {
 	tcp := p[l3:]
 	var src, dst []byte
 	if p[0]>>4 == 4 {
@@ -499,7 +505,46 @@ func finishSegment(p []byte, l3, seg, nseg, mss int) {
 		tcp[tcpFlagsOffset] &^= uint8(header.TCPFlagFin | header.TCPFlagPsh)
 	}
 	tcp[16], tcp[17] = 0, 0
-	binary.BigEndian.PutUint16(tcp[16:18], ^l4Checksum(header.TCPProtocolNumber, src, dst, tcp))
+	if fill {
+		binary.BigEndian.PutUint16(tcp[16:18], ^l4Checksum(header.TCPProtocolNumber, src, dst, tcp))
+	}
+}
+
+// SetChecksumsOptional tells a Direct pair's reader which destinations'
+// stacks do not verify the TCP checksums of what the tunnel carries (a
+// natbox peer that said so: see Direct): the segments it cuts from gVisor's
+// GSO packets for them leave the checksum 0 instead of summing every
+// payload byte. nil (the default) fills every one. Other links ignore it.
+func (s *Stack) SetChecksumsOptional(dsts []netip.Prefix) {
+	if len(dsts) == 0 {
+		s.link.unchecked.Store(nil)
+		return
+	}
+	dsts = slices.Clone(dsts)
+	s.link.unchecked.Store(&dsts)
+}
+
+// checksumWanted reports whether pkt's destination verifies TCP checksums.
+func (e *linkEndpoint) checksumWanted(pkt *stack.PacketBuffer) bool {
+	dsts := e.unchecked.Load()
+	if dsts == nil {
+		return true
+	}
+	var dst netip.Addr
+	switch h := pkt.NetworkHeader().Slice(); {
+	case len(h) >= header.IPv4MinimumSize && h[0]>>4 == 4:
+		dst = netip.AddrFrom4([4]byte(h[16:20]))
+	case len(h) >= header.IPv6MinimumSize && h[0]>>4 == 6:
+		dst = netip.AddrFrom16([16]byte(h[24:40]))
+	default:
+		return true
+	}
+	for _, p := range *dsts {
+		if p.Contains(dst) {
+			return false
+		}
+	}
+	return true
 }
 
 // viewCursor reads a PacketBuffer's bytes (headers, then data) in order.

@@ -1,6 +1,7 @@
 package netstack
 
 import (
+	"net/netip"
 	"sync"
 	"sync/atomic"
 
@@ -211,6 +212,9 @@ type linkEndpoint struct {
 	// reference with host GSO: the device's reader copies them out.
 	byRef   bool
 	refPool sync.Pool // *outBuf without data
+	// unchecked: destinations whose stacks do not verify TCP checksums of
+	// what the tunnel carries (SetChecksumsOptional); nil: none.
+	unchecked atomic.Pointer[[]netip.Prefix]
 	// acks holds the pure ACKs of requests (delack.go); nil: none held.
 	acks *delayedACKs
 
