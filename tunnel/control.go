@@ -20,8 +20,8 @@ import (
 // carries "v" (the sender's protocol version) and "type"; receivers ignore
 // unknown fields and unknown types, so either side can grow the protocol.
 //
-//	appliance -> relay  {"v":1,"type":"hello","version":"natbox 1.2"}
-//	relay -> appliance  {"v":1,"type":"hello","peer":"home-nas","version":"natbox 1.2"}
+//	appliance -> relay  {"v":1,"type":"hello","version":"natbox 1.2","checksums_optional":true}
+//	relay -> appliance  {"v":1,"type":"hello","peer":"home-nas","version":"natbox 1.2","checksums_optional":true}
 //	appliance -> relay  {"v":1,"type":"register","ports":["tcp/443","udp/10000-10100"],"udp_idle_ms":{"udp/10000-10100":300000}}
 //	relay -> appliance  {"v":1,"type":"result","port":"tcp/443","ok":true}
 //	relay -> appliance  {"v":1,"type":"result","port":"udp/10000-10100","ok":false,"reason":"not in this peer's ports"}
@@ -66,11 +66,15 @@ const (
 
 // message is every control message; fields unused by a type are omitted.
 type message struct {
-	V       int      `json:"v"`
-	Type    string   `json:"type"`
-	Peer    string   `json:"peer,omitempty"`    // hello from the relay: the name it knows the appliance by
-	Version string   `json:"version,omitempty"` // hello: software version, for logs
-	Ports   []string `json:"ports,omitempty"`   // register
+	V       int    `json:"v"`
+	Type    string `json:"type"`
+	Peer    string `json:"peer,omitempty"`    // hello from the relay: the name it knows the appliance by
+	Version string `json:"version,omitempty"` // hello: software version, for logs
+	// ChecksumsOptional (hello): the sender's stack does not verify TCP
+	// and UDP checksums of tunnel packets; its peer may leave them 0
+	// (WithChecksumsOptional).
+	ChecksumsOptional bool     `json:"checksums_optional,omitempty"`
+	Ports             []string `json:"ports,omitempty"` // register
 	// UDPIdle is a register's UDP idle timeout per spec, in milliseconds:
 	// the appliance mapping's idle_timeout, which the relay's session for
 	// it follows. Absent (an older appliance): the relay's default.

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -132,6 +133,15 @@ func tunnelPair(mtu int) (stackSide, outer tun.Device) {
 	return netstack.Direct(mtu)
 }
 
+// stackOpts is what natbox wires for a tunnel stack: on a Direct pair,
+// checksums optional (tunnel.WithChecksumsOptional).
+func stackOpts(st *netstack.Stack) []tunnel.Option {
+	if os.Getenv("NATBOX_TEST_PIPE") == "1" {
+		return nil
+	}
+	return []tunnel.Option{tunnel.WithChecksumsOptional(st.SetChecksumsOptional)}
+}
+
 func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger, opts ...tunnel.Option) *relaySide {
 	t.Helper()
 	// As the relay node wires it: the link takes relay.max_mtu.
@@ -146,7 +156,7 @@ func startRelay(t testing.TB, cfg *conf.RelayConfig, log *zap.Logger, opts ...tu
 		outer.Close()
 		t.Fatal(err)
 	}
-	r, err := tunnel.NewRelay(cfg, outer, st, log.Named("relay"), append(testOpts[:len(testOpts):len(testOpts)], opts...)...)
+	r, err := tunnel.NewRelay(cfg, outer, st, log.Named("relay"), slices.Concat(testOpts, stackOpts(st), opts)...)
 	if err != nil {
 		st.Close()
 		t.Fatal(err)
@@ -223,7 +233,12 @@ func startApplianceVia(t testing.TB, relayHost string, relay *relaySide, key con
 // by the forwarder and the stack unless opts or stackTCP set their own.
 func startApplianceOpts(t testing.TB, relayHost string, relay *relaySide, key conf.Key, addr netip.Addr, mappings string, opts forwarder.Options) *appliance {
 	t.Helper()
-	toml := fmt.Sprintf(`
+	return runApplianceWith(t, applianceTOML(relayHost, relay, key, addr, mappings), addr, opts)
+}
+
+// applianceTOML is the config text of an appliance behind relay.
+func applianceTOML(relayHost string, relay *relaySide, key conf.Key, addr netip.Addr, mappings string) string {
+	return fmt.Sprintf(`
 [uplink]
 relay = "%s:%d"
 relay_public_key = %q
@@ -233,7 +248,6 @@ relay_address = %q
 keepalive = "1s"
 mtu = %d
 %s`, relayHost, relay.port, relay.key.Public(), key, addr, relayTunnelAddr, testMTU, mappings)
-	return runApplianceWith(t, toml, addr, opts)
 }
 
 // runAppliance starts an appliance from its whole config text; addr is its
@@ -280,7 +294,7 @@ func runApplianceWith(t testing.TB, toml string, addr netip.Addr, opts forwarder
 	h.in = &uplinkIngress{st}
 	// As the appliance wires it: the uplink's gates from limits.buffer_memory.
 	topts = append([]tunnel.Option{tunnel.WithBufferMemory(int(cfg.Limits.BufferMemory))}, topts...)
-	u, err := tunnel.NewUplink(&cfg.Uplinks[0], outer, st, log.Named("uplink"), append(testOpts[:len(testOpts):len(testOpts)], topts...)...)
+	u, err := tunnel.NewUplink(&cfg.Uplinks[0], outer, st, log.Named("uplink"), slices.Concat(testOpts, stackOpts(st), topts)...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,9 @@
 package tunnel
 
-import "time"
+import (
+	"net/netip"
+	"time"
+)
 
 // Defaults for the knobs an Option can change.
 const (
@@ -31,6 +34,8 @@ type options struct {
 	probeEvery      time.Duration // uplink on TCP: how often to try UDP again
 	transportTick   time.Duration // uplink: how often the transport ladder looks
 	bufferMemory    int           // uplink: its side's buffer_memory (0: unbounded), sizes the gates
+	// checksumsOptional: see WithChecksumsOptional; nil: the stack verifies.
+	checksumsOptional func([]netip.Prefix)
 }
 
 func buildOptions(opts []Option) options {
@@ -102,3 +107,17 @@ func WithTransportLadder(fallback, probe, tick time.Duration) Option {
 // uplink's WireGuard device may hold (the relay's comes from
 // relay.buffer_memory).
 func WithBufferMemory(total int) Option { return func(o *options) { o.bufferMemory = total } }
+
+// WithChecksumsOptional says that the stack behind the device does not
+// verify the TCP and UDP checksums of what the tunnel carries (a
+// netstack.Direct pair: WireGuard authenticated every packet), which the
+// control hello tells the other side. set is then called, whenever it
+// changes, with the destinations whose stacks said the same: the uplink's
+// relay (everything: the relay's packets go to public clients' addresses)
+// or the relay's connected peers (their tunnel addresses); nil for none.
+// A side's segments to those leave the TCP checksum 0
+// (netstack.Stack.SetChecksumsOptional). An older peer's hello says
+// nothing, and gets every checksum.
+func WithChecksumsOptional(set func([]netip.Prefix)) Option {
+	return func(o *options) { o.checksumsOptional = set }
+}

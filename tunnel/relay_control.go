@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -22,6 +23,9 @@ type controlSession struct {
 	out  chan []message // drained by writeLoop
 	done chan struct{}
 	once sync.Once
+	// checksumsOptional: the peer's hello said its stack does not verify
+	// tunnel checksums; set before the session is published.
+	checksumsOptional bool
 
 	// A register waits here for applyLoop; a newer one replaces it, so a
 	// burst of registrations costs one apply, of the last.
@@ -135,7 +139,9 @@ func (r *Relay) serveControl(p *relayPeer, cc *controlConn) {
 		return
 	}
 	old := p.session
+	s.checksumsOptional = hello.ChecksumsOptional
 	p.session = s
+	r.syncChecksumsLocked()
 	if p.grace != nil {
 		p.grace.Stop()
 		p.grace = nil
@@ -156,7 +162,7 @@ func (r *Relay) serveControl(p *relayPeer, cc *controlConn) {
 	stop := context.AfterFunc(r.ctx, s.close)
 	defer stop()
 
-	s.send(message{Type: msgHello, Peer: name, Version: r.opts.version})
+	s.send(message{Type: msgHello, Peer: name, Version: r.opts.version, ChecksumsOptional: r.opts.checksumsOptional != nil})
 	log.Info("peer connected", zap.Stringer("src", c.RemoteAddr()), zap.String("version", hello.Version))
 
 	err = r.controlLoop(p, s)
@@ -170,11 +176,29 @@ func (r *Relay) serveControl(p *relayPeer, cc *controlConn) {
 	r.mu.Lock()
 	if p.session == s {
 		p.session = nil
+		r.syncChecksumsLocked()
 		if len(p.holdings) > 0 && !r.closed {
 			p.grace = time.AfterFunc(r.opts.releaseGrace, func() { r.graceExpired(p) })
 		}
 	}
 	r.mu.Unlock()
+}
+
+// syncChecksumsLocked tells the relay's stack which peers' stacks do not
+// verify tunnel checksums: those connected with a hello that said so
+// (WithChecksumsOptional). r.mu is held.
+func (r *Relay) syncChecksumsLocked() {
+	set := r.opts.checksumsOptional
+	if set == nil {
+		return
+	}
+	var dsts []netip.Prefix
+	for _, p := range r.peers {
+		if p.session != nil && p.session.checksumsOptional {
+			dsts = append(dsts, TunnelPrefixes(p.addr4)...)
+		}
+	}
+	set(dsts)
 }
 
 // controlLoop reads the appliance's messages until the session ends.

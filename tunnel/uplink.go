@@ -27,6 +27,10 @@ type ControlDialer interface {
 	DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn, error)
 }
 
+// everywhere is every destination: the relay's stack answers for all the
+// addresses an uplink sends to.
+var everywhere = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
+
 // Uplink states, as shown by Status.
 const (
 	StateConnecting = "connecting"
@@ -359,7 +363,7 @@ func (u *Uplink) controlSession(ctx context.Context) (registered bool, err error
 	stop := context.AfterFunc(ctx, func() { c.Close() })
 	defer stop()
 	cc := newControlConn(c)
-	if err := cc.write(message{Type: msgHello, Version: u.opts.version}, controlWriteTimeout); err != nil {
+	if err := cc.write(message{Type: msgHello, Version: u.opts.version, ChecksumsOptional: u.opts.checksumsOptional != nil}, controlWriteTimeout); err != nil {
 		return false, fmt.Errorf("send hello: %w", err)
 	}
 	hello, err := cc.read(u.opts.pingTimeout)
@@ -372,6 +376,10 @@ func (u *Uplink) controlSession(ctx context.Context) (registered bool, err error
 	u.mu.Lock()
 	u.peerName = hello.Peer
 	u.mu.Unlock()
+	if set := u.opts.checksumsOptional; set != nil && hello.ChecksumsOptional {
+		set(everywhere)
+		defer set(nil) // the next relay may be an older one
+	}
 	u.log.Info("relay control connected", zap.String("peer", hello.Peer), zap.String("version", hello.Version))
 
 	readErr := make(chan error, 1)

@@ -202,7 +202,9 @@ func (a *Appliance) addUplink(cfg *conf.Config, u *conf.Uplink, opts []tunnel.Op
 	a.teardown.add(in.Close)
 	a.ingresses = append(a.ingresses, in)
 	// The uplinks share limits.buffer_memory's quarter for their devices.
-	opts = append(opts[:len(opts):len(opts)], tunnel.WithBufferMemory(int(cfg.Limits.BufferMemory)/len(cfg.Uplinks)))
+	// The Direct pair trusts WireGuard's authentication: checksums optional.
+	opts = append(opts[:len(opts):len(opts)], tunnel.WithBufferMemory(int(cfg.Limits.BufferMemory)/len(cfg.Uplinks)),
+		tunnel.WithChecksumsOptional(in.stack.SetChecksumsOptional))
 	up, err := tunnel.NewUplink(u, outer, in.stack, log, opts...)
 	if err != nil {
 		return err
