@@ -50,8 +50,8 @@ type directBridge struct {
 	// corrupt: after the check, flip the checksum of every UDP datagram
 	// and TCP segment but SYNs (corruptChecksum).
 	corrupt atomic.Bool
-	// zeroOK: a TCP segment with checksum 0 is counted in zeroSums, not
-	// failed (SetChecksumsOptional).
+	// zeroOK: a TCP segment whose checksum is 0 and wrong is counted in
+	// zeroSums, not failed (SetChecksumsOptional).
 	zeroOK   atomic.Bool
 	zeroSums atomic.Int64
 	mu      sync.Mutex
@@ -96,10 +96,12 @@ func (br *directBridge) run(from, to tun.Device) {
 			if int64(len(p)) > br.largest.Load() {
 				br.largest.Store(int64(len(p)))
 			}
-			if br.zeroOK.Load() && tcpChecksumZero(p) {
-				br.zeroSums.Add(1)
-			} else if err := checkWirePacket(p, br.mtu); err != nil {
-				br.fail(err)
+			if err := checkWirePacket(p, br.mtu); err != nil {
+				if br.zeroOK.Load() && tcpChecksumZero(p) {
+					br.zeroSums.Add(1) // left 0, not summed (a valid sum is 0 once in 65536)
+				} else {
+					br.fail(err)
+				}
 			}
 			if br.corrupt.Load() {
 				corruptChecksum(p)
