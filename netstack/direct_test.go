@@ -54,9 +54,9 @@ type directBridge struct {
 	// zeroSums, not failed (SetChecksumsOptional).
 	zeroOK   atomic.Bool
 	zeroSums atomic.Int64
-	mu      sync.Mutex
-	errs    []error
-	done    sync.WaitGroup
+	mu       sync.Mutex
+	errs     []error
+	done     sync.WaitGroup
 }
 
 func (br *directBridge) fail(err error) {
