@@ -470,6 +470,28 @@ func TestDirectUDPAndTooBig(t *testing.T) {
 	}
 }
 
+// echoMiB sends 1 MiB of random bytes from client to the echo service at
+// dst and checks they all come back.
+func echoMiB(t *testing.T, client *Stack, dst netip.AddrPort) {
+	t.Helper()
+	data := make([]byte, 1<<20)
+	rand.Read(data)
+	c, err := client.DialTCP(testContext(t), netip.AddrPort{}, dst)
+	if err != nil {
+		t.Fatalf("dial %s: %v", dst, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	go func() {
+		c.Write(data)
+		c.(closeWriter).CloseWrite()
+	}()
+	got, err := io.ReadAll(c)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("echo from %s: %d of %d bytes, %v", dst, len(got), len(data), err)
+	}
+}
+
 // TestDirectTrustsAuthenticatedChecksums: what a Direct pair's outer side
 // delivers left WireGuard authenticated, so TCP segments and UDP datagrams
 // whose checksums are wrong still reach the stack (a Pipe's stack drops
@@ -481,27 +503,8 @@ func TestDirectTrustsAuthenticatedChecksums(t *testing.T) {
 	echoServer.udp = func(src, dst netip.AddrPort, p []byte) { got <- string(p) }
 	client, server, br := newDirectPair(t, 1420, funcHandler{}, echoServer)
 	br.corrupt.Store(true)
-	for _, dst := range []netip.AddrPort{
-		netip.AddrPortFrom(serverPrefix4.Addr(), 7),
-		netip.AddrPortFrom(serverPrefix6.Addr(), 7),
-	} {
-		data := make([]byte, 1<<20)
-		rand.Read(data)
-		c, err := client.DialTCP(testContext(t), netip.AddrPort{}, dst)
-		if err != nil {
-			t.Fatalf("dial %s: %v", dst, err)
-		}
-		c.SetDeadline(time.Now().Add(10 * time.Second))
-		go func() {
-			c.Write(data)
-			c.(closeWriter).CloseWrite()
-		}()
-		echo, err := io.ReadAll(c)
-		c.Close()
-		if err != nil || !bytes.Equal(echo, data) {
-			t.Fatalf("echo from %s: %d of %d bytes, %v", dst, len(echo), len(data), err)
-		}
-	}
+	echoMiB(t, client, netip.AddrPortFrom(serverPrefix4.Addr(), 7))
+	echoMiB(t, client, netip.AddrPortFrom(serverPrefix6.Addr(), 7))
 	if err := client.WriteUDP(netip.AddrPortFrom(clientPrefix4.Addr(), 9), netip.AddrPortFrom(serverPrefix4.Addr(), 53), []byte("udp")); err != nil {
 		t.Fatal(err)
 	}
@@ -528,25 +531,7 @@ func TestDirectTrustsAuthenticatedChecksums(t *testing.T) {
 func TestDirectChecksumsOptional(t *testing.T) {
 	client, server, br := newDirectPair(t, 1420, funcHandler{}, funcHandler{tcp: echoTCP})
 	br.zeroOK.Store(true)
-	echo := func(dst netip.AddrPort) {
-		t.Helper()
-		data := make([]byte, 1<<20)
-		rand.Read(data)
-		c, err := client.DialTCP(testContext(t), netip.AddrPort{}, dst)
-		if err != nil {
-			t.Fatalf("dial %s: %v", dst, err)
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(10 * time.Second))
-		go func() {
-			c.Write(data)
-			c.(closeWriter).CloseWrite()
-		}()
-		got, err := io.ReadAll(c)
-		if err != nil || !bytes.Equal(got, data) {
-			t.Fatalf("echo from %s: %d of %d bytes, %v", dst, len(got), len(data), err)
-		}
-	}
+	echo := func(dst netip.AddrPort) { echoMiB(t, client, dst) }
 	dst4, dst6 := netip.AddrPortFrom(serverPrefix4.Addr(), 7), netip.AddrPortFrom(serverPrefix6.Addr(), 7)
 	server.SetChecksumsOptional([]netip.Prefix{clientPrefix4})
 	echo(dst4)
