@@ -447,8 +447,8 @@ func parseControl(oob []byte) (src netip.Addr, ifindex int32, segment int) {
 
 // receiver is one ReceiveFunc's state; wireguard-go calls each from one
 // goroutine. It reads in one of two ways:
-//   - plain: up to the caller's batch of datagrams straight into the
-//     caller's buffers (no copy). A GRO-coalesced datagram that arrives
+//   - plain: up to plainMessages datagrams straight into the caller's
+//     buffers (no copy). A GRO-coalesced datagram that arrives
 //     anyway lands whole in one buffer; its segments move to the buffers
 //     after it, and what does not fit spills to the next calls.
 //   - landing, once coalesced datagrams arrive: up to groLanding of them
@@ -471,6 +471,13 @@ type receiver struct {
 const (
 	groLanding = 2
 	plainAfter = 8
+	// plainMessages is the most datagrams a plain read takes. 32 (the
+	// whole batch) moved more on a 20 ms line, but in 6 of 21 four-flow
+	// repetitions it settled at half or a tenth of the rate for the rest
+	// of the run; 8 (0 of 9) and 2 (0 of 15) never did, and 8 moved a
+	// little more than 2 (tunnel/BENCH.md, change 10). Why 32 does that
+	// is not understood.
+	plainMessages = 8
 )
 
 // segment is where message i's datagrams go: count of them, size each (the
@@ -490,7 +497,7 @@ type pending struct {
 }
 
 func newReceiver(s *udpSocket) *receiver {
-	r := &receiver{s: s, msgs: make([]ipv6.Message, deviceBatch), segs: make([]segment, deviceBatch)}
+	r := &receiver{s: s, msgs: make([]ipv6.Message, plainMessages), segs: make([]segment, plainMessages)}
 	for i := range r.msgs {
 		r.msgs[i].Buffers = make([][]byte, 1)
 		r.msgs[i].OOB = make([]byte, controlSize)
@@ -505,7 +512,7 @@ func (r *receiver) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint) (int
 	if r.landing {
 		return r.receiveLanding(bufs, sizes, eps)
 	}
-	msgs := r.read(bufs[:min(len(bufs), len(r.msgs))])
+	msgs := r.read(bufs[:min(len(bufs), plainMessages)])
 	n, err := r.s.pc.ReadBatch(msgs, 0)
 	if err != nil || n == 0 {
 		return 0, err
