@@ -27,10 +27,10 @@ func newUDPBind() conn.Bind { return &udpBind{} }
 // a multi-homed relay answers from the address a peer wrote to), UDP GSO
 // on send and GRO on receive. What it does differently (tunnel/BENCH.md,
 // "own bind"):
-//   - its batch is deviceBatch, so wireguard-go's buffers are the ones
-//     read into: no adapter, and nothing resets 128 messages per call (the
-//     standard bind's cost on a paced WAN line, where a call returns one or
-//     two datagrams);
+//   - its batch is deviceBatch, and plain reads go into wireguard-go's
+//     buffers themselves: no adapter, and nothing resets 128 messages per
+//     call (the standard bind's cost on a paced WAN line, where a call
+//     returns one or two datagrams);
 //   - a GSO send gives the kernel each packet as an iovec of one message
 //     instead of copying the packets into one buffer first;
 //   - a receive reads datagrams straight into wireguard-go's buffers;
