@@ -40,7 +40,7 @@ func (l *prefixLog) told() ([]netip.Prefix, int) {
 // both trust the tunnel say so in their hellos and each tells its stack
 // the other's destinations (the appliance's tunnel addresses; everything);
 // bulk data then crosses both ways intact, and the relay forgets the peer
-// when it leaves. An appliance that does not say so (an older one) gets
+// when a reload drops it. An appliance that does not say so (an older one) gets
 // every checksum.
 func TestChecksumsOptionalNegotiated(t *testing.T) {
 	t.Parallel()
@@ -49,7 +49,8 @@ func TestChecksumsOptionalNegotiated(t *testing.T) {
 		spec := fmt.Sprintf("tcp/%d", port)
 		key := mustKey(t)
 		relayLog := &prefixLog{}
-		relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t), tunnel.WithChecksumsOptional(relayLog.set))
+		cfg := onePeerRelayConfig(t, key, spec)
+		relay := startRelay(t, cfg, testLogger(t), tunnel.WithChecksumsOptional(relayLog.set))
 		relayLog.mu.Lock()
 		relayLog.st = relay.stack
 		relayLog.mu.Unlock()
@@ -82,7 +83,16 @@ func TestChecksumsOptionalNegotiated(t *testing.T) {
 				t.Fatalf("peer says %v: %d of %d bytes came back intact", peerSays, len(got), n)
 			}
 		}
-		a.close()
+		if peerSays {
+			// Dropped by a reload: its session ends unpublished.
+			without := *cfg
+			without.Peers = nil
+			if err := relay.relay.Reload(&without); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			a.close()
+		}
 		waitFor(t, 10*time.Second, "the relay's stack to forget the peer", func() bool {
 			got, _ := relayLog.told()
 			return len(got) == 0

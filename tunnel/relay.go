@@ -682,6 +682,9 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 		}
 		r.dropPeerLocked(p)
 	}
+	if len(dropped) > 0 {
+		r.syncChecksumsLocked() // their sessions end unpublished
+	}
 	for _, name := range added {
 		r.addPeerLocked(next[name])
 	}
