@@ -123,11 +123,14 @@ func tcpEchoThroughRelay(t *testing.T, tweak func(*conf.RelayConfig)) (relay *re
 	return relay, cfg, key, spec, netip.AddrPortFrom(loopback4, port)
 }
 
+// pipeMode: NATBOX_TEST_PIPE=1 joins the tunnel stacks with a Pipe.
+var pipeMode = os.Getenv("NATBOX_TEST_PIPE") == "1"
+
 // tunnelPair joins a stack and a wireguard-go device as natbox does
 // (netstack.Direct), or with a netstack.Pipe when NATBOX_TEST_PIPE=1, so the
 // benchmarks can compare the two.
 func tunnelPair(mtu int) (stackSide, outer tun.Device) {
-	if os.Getenv("NATBOX_TEST_PIPE") == "1" {
+	if pipeMode {
 		return netstack.Pipe(mtu)
 	}
 	return netstack.Direct(mtu)
@@ -136,7 +139,7 @@ func tunnelPair(mtu int) (stackSide, outer tun.Device) {
 // stackOpts is what natbox wires for a tunnel stack: on a Direct pair,
 // checksums optional (tunnel.WithChecksumsOptional).
 func stackOpts(st *netstack.Stack) []tunnel.Option {
-	if os.Getenv("NATBOX_TEST_PIPE") == "1" {
+	if pipeMode {
 		return nil
 	}
 	return []tunnel.Option{tunnel.WithChecksumsOptional(st.SetChecksumsOptional)}

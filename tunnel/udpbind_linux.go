@@ -299,6 +299,7 @@ type sendBatch struct {
 	counts []int // bufs per message, for bufsIn
 	addr   net.UDPAddr
 	ip     [16]byte
+	src    []byte // the sticky source's control message, built once per pack
 }
 
 func (sb *sendBatch) setAddr(dst netip.AddrPort) {
@@ -319,6 +320,10 @@ func (sb *sendBatch) setAddr(dst netip.AddrPort) {
 // one datagram each. It returns how many messages it filled and how many
 // bufs they carry.
 func (sb *sendBatch) pack(bufs [][]byte, e *udpEndpoint, v6, gso bool) (msgs, used int) {
+	if sb.src == nil {
+		sb.src = make([]byte, 0, controlSize)
+	}
+	sb.src = appendPktinfo(sb.src[:0], e, v6)
 	maxPayload := maxUDPPayload4
 	if v6 {
 		maxPayload = maxUDPPayload6
@@ -330,7 +335,7 @@ func (sb *sendBatch) pack(bufs [][]byte, e *udpEndpoint, v6, gso bool) (msgs, us
 		}
 		m := &sb.msgs[msgs]
 		m.Addr = &sb.addr
-		m.OOB = appendPktinfo(m.OOB[:0], e, v6)
+		m.OOB = append(m.OOB[:0], sb.src...)
 		size := len(bufs[used])
 		m.Buffers = append(m.Buffers[:0], bufs[used])
 		total, k := size, 1
