@@ -141,6 +141,7 @@ var netstackRoutine = map[string]bool{
 	"gso_frames_in": true, "gso_frames_out": true,
 	"udp_fast_path": true, "udp_reassembled": true, "udp_sent": true,
 	"tcp_requests": true, "tcp_rejected": true, "tcp_retransmits": true, "time_wait_reopened": true,
+	"tcp_sack_recovery": true, "tcp_fast_recovery": true, "tcp_timeouts": true, "tcp_spurious_recovery": true,
 	"tcp_bulk_promoted": true,
 }
 

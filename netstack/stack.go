@@ -1061,7 +1061,12 @@ type Stats struct {
 	// TimeWaitReopened counts SYNs that replaced a TIME_WAIT endpoint.
 	TimeWaitReopened uint64
 	TCPRetransmits   uint64
-	TCPEstablished   uint64 `stats:"gauge"` // currently established
+	// How gVisor recovered lost segments: SACK or fast recovery (a loss
+	// repaired within a round trip), a retransmission timeout (the flow
+	// starts again from one segment: on a WAN the costly kind), and
+	// recoveries that turned out spurious (reordering taken for loss).
+	TCPSackRecovery, TCPFastRecovery, TCPTimeouts, TCPSpuriousRecovery uint64
+	TCPEstablished                                                     uint64 `stats:"gauge"` // currently established
 	// TCPClosing is how many connections are closed or closing but not
 	// gone: FIN-WAIT, CLOSE-WAIT, LAST-ACK, CLOSING and TIME-WAIT (each
 	// still a whole gVisor endpoint; TCPConfig.TimeWait and MaxClosing
@@ -1161,36 +1166,40 @@ func (s *Stack) Stats() Stats {
 		coalesced = injected - d
 	}
 	return Stats{
-		PacketsIn:        in,
-		BytesIn:          c.bytesIn.Load(),
-		PacketsOut:       c.packetsOut.Load(),
-		BytesOut:         c.bytesOut.Load(),
-		ReadBatches:      c.readBatches.Load(),
-		WriteBatches:     c.writeBatches.Load(),
-		GROCoalesced:     coalesced,
-		GSOFramesIn:      c.gsoFramesIn.Load(),
-		GSOFramesOut:     c.gsoFramesOut.Load(),
-		UDPFastPath:      c.udpFastPath.Load(),
-		UDPReassembled:   c.udpReassembled.Load(),
-		UDPSent:          c.udpSent.Load(),
-		TCPRequests:      c.tcpRequests.Load(),
-		TCPRejected:      c.tcpRejected.Load(),
-		TCPAbandoned:     c.abandoned.Load(),
-		TCPInFlightDrops: gs.TCP.ForwardMaxInFlightDrop.Value(),
-		TimeWaitReopened: c.timeWaitReopened.Load(),
-		TimeWaitCapped:   s.timeWait.engaged.Load(),
-		TimeWaitSkipped:  s.timeWait.skipped.Load(),
-		TimeWaitOff:      b2u(s.timeWait.on.Load()),
-		TCPRetransmits:   gs.TCP.Retransmits.Value(),
-		TCPEstablished:   gs.TCP.CurrentEstablished.Value(),
-		TCPClosing:       gs.TCP.CurrentConnected.Value() - min(gs.TCP.CurrentConnected.Value(), gs.TCP.CurrentEstablished.Value()),
-		QueueFullWaits:   fullWaits,
-		DirectWrites:     direct,
-		AcksHeld:         acksHeld,
-		AcksSuppressed:   acksSuppressed,
-		ReadErrors:       c.readErrors.Load(),
-		WriteErrors:      c.writeErrors.Load(),
-		Oversize:         c.oversize.Load(),
+		PacketsIn:           in,
+		BytesIn:             c.bytesIn.Load(),
+		PacketsOut:          c.packetsOut.Load(),
+		BytesOut:            c.bytesOut.Load(),
+		ReadBatches:         c.readBatches.Load(),
+		WriteBatches:        c.writeBatches.Load(),
+		GROCoalesced:        coalesced,
+		GSOFramesIn:         c.gsoFramesIn.Load(),
+		GSOFramesOut:        c.gsoFramesOut.Load(),
+		UDPFastPath:         c.udpFastPath.Load(),
+		UDPReassembled:      c.udpReassembled.Load(),
+		UDPSent:             c.udpSent.Load(),
+		TCPRequests:         c.tcpRequests.Load(),
+		TCPRejected:         c.tcpRejected.Load(),
+		TCPAbandoned:        c.abandoned.Load(),
+		TCPInFlightDrops:    gs.TCP.ForwardMaxInFlightDrop.Value(),
+		TimeWaitReopened:    c.timeWaitReopened.Load(),
+		TimeWaitCapped:      s.timeWait.engaged.Load(),
+		TimeWaitSkipped:     s.timeWait.skipped.Load(),
+		TimeWaitOff:         b2u(s.timeWait.on.Load()),
+		TCPRetransmits:      gs.TCP.Retransmits.Value(),
+		TCPSackRecovery:     gs.TCP.SACKRecovery.Value(),
+		TCPFastRecovery:     gs.TCP.FastRecovery.Value(),
+		TCPTimeouts:         gs.TCP.Timeouts.Value(),
+		TCPSpuriousRecovery: gs.TCP.SpuriousRecovery.Value() + gs.TCP.SpuriousRTORecovery.Value(),
+		TCPEstablished:      gs.TCP.CurrentEstablished.Value(),
+		TCPClosing:          gs.TCP.CurrentConnected.Value() - min(gs.TCP.CurrentConnected.Value(), gs.TCP.CurrentEstablished.Value()),
+		QueueFullWaits:      fullWaits,
+		DirectWrites:        direct,
+		AcksHeld:            acksHeld,
+		AcksSuppressed:      acksSuppressed,
+		ReadErrors:          c.readErrors.Load(),
+		WriteErrors:         c.writeErrors.Load(),
+		Oversize:            c.oversize.Load(),
 
 		TCPHandshakeTimeouts:   c.handshakeTimeouts.Load(),
 		TCPHandshakesPending:   uint64(max(s.handshakes.total.Load(), 0)),
