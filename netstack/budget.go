@@ -29,10 +29,14 @@ const budgetLogEvery = 10 * time.Second
 // would give a download beside 200 idle connections a 32 KiB window, a few
 // Mbit/s over a WAN. So every connection starts light (a share of at most
 // lightBufMax, gVisor's default buffer), and the budget checks every
-// bulkCheckEvery which ones moved at least bulkMinBytes since the last
-// check: those become bulk, with fixed buffers of what the light ones
-// leave of the budget, shared among them. A bulk connection that moved
-// less for bulkQuietChecks checks in a row is light again.
+// bulkCheckEvery which ones moved at least bulkMinBytes in a direction
+// since the last check: those become bulk in that direction, and that
+// direction's buffer (the receive buffer for data coming in, the send
+// buffer for data going out) gets what the light buffers leave of the
+// budget, shared among the bulk directions. A flow is one way almost
+// always (a download, an upload, a stream), so its other buffer stays at
+// the light share. A bulk connection that moved less for bulkQuietChecks
+// checks in a row is light again.
 const (
 	lightBufMax     = defaultBufDefault
 	bulkCheckEvery  = 200 * time.Millisecond
@@ -51,11 +55,11 @@ const (
 // fixed at the bulk one (gVisor has no way back to auto-tuning). The light
 // share is budget / 2 / connections, rounded down to a power of two so it
 // changes only when the count crosses one, between minConnBuf and
-// lightBufMax; the bulk connections get the rest. The receive buffer bounds
+// lightBufMax; the bulk directions get the rest. The receive buffer bounds
 // what the peer may send (the window), the send buffer what a writer may
 // queue, so the bytes gVisor holds for the connections stay within the
-// budget: per direction, light connections times their share plus bulk
-// connections times theirs is at most half the budget, and a flow that
+// budget: every connection's two buffers at the light share, plus each
+// bulk direction's excess over it, is at most the budget, and a flow that
 // would need more is slowed by its window instead.
 type connBudget struct {
 	s                *Stack
@@ -68,9 +72,9 @@ type connBudget struct {
 	// (the output pump drains it; it never takes mu).
 	mu        sync.Mutex
 	conns     map[*tcpConn]struct{} // handed out and not closed
-	bulk      map[*tcpConn]struct{} // those of conns that are bulk
-	share     int                   // per light connection and direction; 0: no budget
-	bulkShare int                   // per bulk connection and direction
+	bulk      map[*tcpConn]bulkDirs // those of conns that are bulk, and in which directions
+	share     int                   // per light buffer; 0: no budget
+	bulkShare int                   // per bulk direction's buffer
 
 	lowered  atomic.Uint64  // times the share fell
 	cuts     atomic.Uint64  // buffers set below their size
@@ -84,7 +88,7 @@ func (b *connBudget) init(s *Stack) {
 	b.total = s.cfg.TCP.BufferBudget
 	b.recvMax, b.sendMax = s.cfg.TCP.RecvBufMax, s.cfg.TCP.SendBufMax
 	b.conns = make(map[*tcpConn]struct{})
-	b.bulk = make(map[*tcpConn]struct{})
+	b.bulk = make(map[*tcpConn]bulkDirs)
 	if b.total > 0 {
 		b.share = b.lightFor(1)
 		b.bulkShare = b.share
@@ -112,20 +116,39 @@ func (b *connBudget) bufMax() int { return max(b.recvMax, b.sendMax) }
 // lightFor returns the light connections' share among n connections.
 func (b *connBudget) lightFor(n int) int { return min(b.shareFor(n), lightBufMax) }
 
-// bulkFor returns the bulk connections' share when bulk of n connections
-// are bulk and the others have light each: what the light ones leave of
-// half the budget, in equal parts, never below light. It is rounded down to
-// a quarter of a power of two, finer than the light share since it is the
-// window of the flows that need one.
-func (b *connBudget) bulkFor(n, bulk, light int) int {
-	if bulk == 0 {
+// bulkDirs is the directions a bulk connection carries bulk data in.
+type bulkDirs uint8
+
+const (
+	bulkIn  bulkDirs = 1 << iota // received: its receive buffer (the window) is bulk
+	bulkOut                      // sent: its send buffer is bulk
+)
+
+// count returns how many directions d holds.
+func (d bulkDirs) count() int { return int(d&bulkIn) + int(d&bulkOut)>>1 }
+
+// bulkFor returns a bulk direction's buffer share among n connections
+// whose buffers are light but for dirs bulk directions: what all 2n
+// buffers at light leave of the budget, in equal parts, on top of light.
+// It is rounded down to a quarter of a power of two, finer than the light
+// share since it is the window of the flows that need one.
+func (b *connBudget) bulkFor(n, dirs, light int) int {
+	if dirs == 0 {
 		return light
 	}
-	rest := (b.total/2 - (n-bulk)*light) / bulk
+	rest := light + (b.total-2*n*light)/dirs
 	if p := floorPow2(rest); rest >= p {
 		rest -= rest % (p / 4)
 	}
 	return min(max(rest, light), b.bufMax())
+}
+
+// bulkDirsLocked returns the bulk directions of all bulk connections.
+func (b *connBudget) bulkDirsLocked() (dirs int) {
+	for _, d := range b.bulk {
+		dirs += d.count()
+	}
+	return dirs
 }
 
 // options returns the stack's buffer options for the light share (0: the
@@ -204,9 +227,11 @@ func (b *connBudget) runChecks(done <-chan struct{}) {
 	}
 }
 
-// check makes the light connections that moved at least bulkMinBytes since
-// the last check bulk, and the bulk ones that moved less for
-// bulkQuietChecks checks in a row light, and refits the shares.
+// check makes the connections that moved at least bulkMinBytes in a
+// direction since the last check bulk in it, and the bulk ones that moved
+// less for bulkQuietChecks checks in a row light, and refits the shares.
+// A bulk connection stays bulk in a direction it no longer uses until it
+// is light again (a transfer that turns round keeps both windows).
 func (b *connBudget) check() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -215,17 +240,27 @@ func (b *connBudget) check() {
 	}
 	var changed []*tcpConn
 	for c := range b.conns {
-		moved := c.moved.Load()
-		busy := moved-c.lastMoved >= bulkMinBytes
-		c.lastMoved = moved
-		_, bulk := b.bulk[c]
+		in, out := c.movedIn.Load(), c.movedOut.Load()
+		var busy bulkDirs
+		if in-c.lastIn >= bulkMinBytes {
+			busy |= bulkIn
+		}
+		if out-c.lastOut >= bulkMinBytes {
+			busy |= bulkOut
+		}
+		c.lastIn, c.lastOut = in, out
+		dirs, bulk := b.bulk[c]
 		switch {
-		case busy && !bulk:
-			b.bulk[c] = struct{}{}
+		case busy != 0 && !bulk:
+			b.bulk[c] = busy
 			b.promoted.Add(1)
 			changed = append(changed, c)
-		case busy:
+		case busy != 0:
 			c.quiet = 0
+			if busy&^dirs != 0 {
+				b.bulk[c] = dirs | busy
+				changed = append(changed, c)
+			}
 		case bulk:
 			if c.quiet++; c.quiet >= bulkQuietChecks {
 				delete(b.bulk, c)
@@ -246,7 +281,7 @@ func (b *connBudget) rebalanceLocked(added *tcpConn, changed []*tcpConn) {
 	if b.total <= 0 {
 		return
 	}
-	n, nb := len(b.conns), len(b.bulk)
+	n, nb, dirs := len(b.conns), len(b.bulk), b.bulkDirsLocked()
 	light := b.lightFor(n)
 	old, oldBulk := b.share, b.bulkShare
 	if light > old && b.lightFor(n+n/2+1) <= old {
@@ -257,11 +292,11 @@ func (b *connBudget) rebalanceLocked(added *tcpConn, changed []*tcpConn) {
 		// only leaves more to the bulk one.
 		light = old
 	}
-	bulk := b.bulkFor(n, nb, light)
+	bulk := b.bulkFor(n, dirs, light)
 	if bulk > oldBulk && nb > 0 && len(changed) == 0 {
 		// Likewise, raise the bulk share only as far as it would still
 		// hold with one light connection more.
-		bulk = max(oldBulk, b.bulkFor(n+1, nb, light))
+		bulk = max(oldBulk, b.bulkFor(n+1, dirs, light))
 	}
 	b.share, b.bulkShare = light, bulk
 	if light != old {
@@ -272,18 +307,19 @@ func (b *connBudget) rebalanceLocked(added *tcpConn, changed []*tcpConn) {
 		b.s.fitRoutesToShare(light)
 	}
 	cut := 0
-	if bulk < oldBulk {
-		// Cut the bulk ones first: what the others gain comes from them.
-		for c := range b.bulk {
-			cut += b.fitBulk(c, bulk)
+	if bulk < oldBulk || light < old {
+		// Cut the bulk ones first: what the others gain comes from them
+		// (and a bulk connection's other direction is at the light share).
+		for c, d := range b.bulk {
+			cut += b.fitBulk(c, d, bulk, light)
 		}
 	}
 	for _, c := range changed {
 		// A connection's class changed by its traffic, not by the budget:
-		// not a cut. A bulk one has a fixed send buffer too.
-		if _, isBulk := b.bulk[c]; isBulk {
-			c.quiet, c.fixed = 0, true
-			b.fitBulk(c, bulk)
+		// not a cut.
+		if d, isBulk := b.bulk[c]; isBulk {
+			c.quiet = 0
+			b.fitBulk(c, d, bulk, light)
 		} else {
 			b.fitLight(c, light)
 		}
@@ -305,9 +341,9 @@ func (b *connBudget) rebalanceLocked(added *tcpConn, changed []*tcpConn) {
 	case added != nil:
 		cut += b.fitLight(added, light)
 	}
-	if bulk > oldBulk {
-		for c := range b.bulk {
-			b.fitBulk(c, bulk)
+	if bulk > oldBulk || light > old {
+		for c, d := range b.bulk {
+			b.fitBulk(c, d, bulk, light)
 		}
 	}
 	if cut == 0 {
@@ -334,10 +370,19 @@ func (b *connBudget) fitLight(c *tcpConn, light int) (cut int) {
 	return c.fitBuffers(min(light, c.recvStart), light)
 }
 
-// fitBulk fits a bulk connection to the bulk share, within the configured
-// maxima.
-func (b *connBudget) fitBulk(c *tcpConn, bulk int) (cut int) {
-	return c.fitBuffers(min(bulk, b.recvMax), min(bulk, b.sendMax))
+// fitBulk fits a bulk connection's bulk directions to the bulk share,
+// within the configured maxima, and its others as fitLight does. A bulk
+// send buffer is fixed (gVisor's auto-tuning would not grow it in time).
+func (b *connBudget) fitBulk(c *tcpConn, d bulkDirs, bulk, light int) (cut int) {
+	recv, send := min(light, c.recvStart), light
+	if d&bulkIn != 0 {
+		recv = min(bulk, b.recvMax)
+	}
+	if d&bulkOut != 0 {
+		send = min(bulk, b.sendMax)
+		c.fixed = true
+	}
+	return c.fitBuffers(recv, send)
 }
 
 // fitBuffers sets c's receive buffer to recv, and cuts its send buffer to

@@ -215,51 +215,65 @@ func waitStats(t *testing.T, s *Stack, cond func(Stats) bool) {
 }
 
 // TestConnBudgetBulkShares: light connections get at most lightBufMax and
-// the bulk ones what the light ones leave of half the budget, so a bulk
-// flow beside 200 idle connections keeps a window of megabytes (an equal
-// share would be 32 KiB); past the floor everyone is equal again.
+// the bulk directions what all buffers at the light share leave of the
+// budget, so a bulk flow beside 200 idle connections keeps a window of
+// megabytes (an equal share would be 32 KiB); a one-way flow (one bulk
+// direction) gets the share two directions would split; past the floor
+// everyone is equal again.
 func TestConnBudgetBulkShares(t *testing.T) {
 	b := connBudget{total: 24 << 20, recvMax: defaultRecvBufMax, sendMax: defaultSendBufMax}
-	for _, tt := range []struct{ conns, bulk, light, bulkShare int }{
+	for _, tt := range []struct{ conns, dirs, light, bulkShare int }{
 		{1, 0, 1 << 20, 1 << 20},
-		{2, 1, 1 << 20, 10 << 20},     // 11 MiB left, in quarters of 8 MiB
-		{5, 4, 1 << 20, 5 << 19},      // 2.75 MiB each, in quarters of 2 MiB
-		{201, 1, 32 << 10, 5 << 20},   // 12 MiB - 200 * 32 KiB = 5.75 MiB
-		{100, 100, 64 << 10, 7 << 14}, // all bulk: 120 KiB each, in quarters of 64 KiB
+		{2, 1, 1 << 20, 16 << 20},     // 21 MiB: the maximum
+		{2, 2, 1 << 20, 10 << 20},     // 11 MiB, in quarters of 8 MiB
+		{5, 4, 1 << 20, 4 << 20},      // four one-way flows: 4.5 MiB, in quarters of 4 MiB
+		{5, 8, 1 << 20, 5 << 19},      // four both ways: 2.75 MiB, in quarters of 2 MiB
+		{201, 1, 32 << 10, 10 << 20},  // 24 MiB - 402 * 32 KiB = 11.4 MiB
+		{100, 100, 64 << 10, 5 << 15}, // 100 one-way: 181 KiB, in quarters of 128 KiB
+		{100, 200, 64 << 10, 7 << 14}, // 100 both ways: 123 KiB, in quarters of 64 KiB
 		{10000, 1, minConnBuf, minConnBuf},
 	} {
 		light := b.lightFor(tt.conns)
-		bulk := b.bulkFor(tt.conns, tt.bulk, light)
+		bulk := b.bulkFor(tt.conns, tt.dirs, light)
 		if light != tt.light || bulk != tt.bulkShare {
-			t.Errorf("%d connections, %d bulk: shares %d / %d, want %d / %d", tt.conns, tt.bulk, light, bulk, tt.light, tt.bulkShare)
+			t.Errorf("%d connections, %d bulk directions: shares %d / %d, want %d / %d", tt.conns, tt.dirs, light, bulk, tt.light, tt.bulkShare)
 		}
-		if tt.light > minConnBuf && (tt.conns-tt.bulk)*light+tt.bulk*bulk > b.total/2 {
-			t.Errorf("%d connections, %d bulk: %d / %d exceed half the budget", tt.conns, tt.bulk, light, bulk)
+		if tt.light > minConnBuf && 2*tt.conns*light+tt.dirs*(bulk-light) > b.total {
+			t.Errorf("%d connections, %d bulk directions: %d / %d exceed the budget", tt.conns, tt.dirs, light, bulk)
 		}
 	}
 }
 
-// TestBudgetBulkBesideIdle: 20 idle connections and one that streams into
-// a stack with a 32 MiB budget. The streaming one becomes bulk within a few
-// checks and gets fixed buffers of what the idle ones leave (6 MiB, where
-// an equal share would be 512 KiB), inside the budget; the stack keeps
-// the configured receive maximum, from which gVisor derives the window
-// scale of each handshake (a scale for the light share would cap the bulk
-// window at twice that share). Once it stops, it is light again.
+// TestBudgetBulkBesideIdle: 20 idle connections, one that streams into a
+// stack with a 32 MiB budget and one it streams out of. Within a few checks
+// both become bulk, each in its own direction: the upload's receive buffer
+// and the download's send buffer get what the light buffers leave (5 MiB,
+// where an equal share would be 512 KiB), their other buffers stay light,
+// all inside the budget; the stack keeps the configured receive maximum,
+// from which gVisor derives the window scale of each handshake (a scale for
+// the light share would cap the bulk window at twice that share). Once
+// they stop, they are light again.
 func TestBudgetBulkBesideIdle(t *testing.T) {
 	const (
 		idle   = 20
 		budget = 32 << 20
 	)
-	var bulkConn sync.Map // *tcpConn -> struct{}
+	var upload, download sync.Map // *tcpConn -> struct{}
+	stop := make(chan struct{})
 	client, server := newPairConfig(t, Config{TCP: TCPConfig{BufferBudget: budget}}, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
 		c, err := r.Accept()
 		if err != nil {
 			return
 		}
 		defer c.Close()
-		if r.Dst.Port() == 80 {
-			bulkConn.Store(c.(*tcpConn), struct{}{})
+		switch r.Dst.Port() {
+		case 80:
+			upload.Store(c.(*tcpConn), struct{}{})
+		case 82:
+			download.Store(c.(*tcpConn), struct{}{})
+			c.SetWriteDeadline(time.Now().Add(20 * time.Second))
+			streamTo(c, stop)
+			// Stay open (and counted) until the client closes.
 		}
 		io.Copy(io.Discard, c)
 	}})
@@ -271,62 +285,56 @@ func TestBudgetBulkBesideIdle(t *testing.T) {
 		}
 		t.Cleanup(func() { c.Close() })
 	}
-	c, err := client.DialTCP(ctx, netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:80"))
+	up, err := client.DialTCP(ctx, netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:80"))
 	if err != nil {
 		t.Fatalf("dial: %v", err)
 	}
-	defer c.Close()
-	stop := make(chan struct{})
+	defer up.Close()
+	down, err := client.DialTCP(ctx, netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:82"))
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	defer down.Close()
+	go io.Copy(io.Discard, down)
 	streamed := make(chan error, 1)
 	go func() {
-		buf := make([]byte, 64<<10)
-		c.SetWriteDeadline(time.Now().Add(20 * time.Second))
-		for i := 0; i < 4096; i++ { // at most 256 MiB
-			select {
-			case <-stop:
-				streamed <- nil
-				return
-			default:
-			}
-			if _, err := c.Write(buf); err != nil {
-				streamed <- err
-				return
-			}
-		}
-		streamed <- nil
+		up.SetWriteDeadline(time.Now().Add(20 * time.Second))
+		streamed <- streamTo(up, stop)
 	}()
 	deadline := time.Now().Add(10 * time.Second)
 	var st Stats
 	for {
 		st = server.Stats()
-		if st.TCPBulkConns == 1 {
+		if st.TCPBulkConns == 2 {
 			break
 		}
 		if time.Now().After(deadline) {
 			close(stop)
-			t.Fatalf("the streaming connection never became bulk: %d conns, %d bulk, %d promoted", st.TCPConns, st.TCPBulkConns, st.TCPBulkPromoted)
+			t.Fatalf("the streaming connections never became bulk: %d conns, %d bulk, %d promoted", st.TCPConns, st.TCPBulkConns, st.TCPBulkPromoted)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+	// Read while both stream: once one stops, the other's share grows.
+	uc, dc := onlyConn(t, &upload), onlyConn(t, &download)
+	uops, dops := uc.ep.SocketOptions(), dc.ep.SocketOptions()
+	ur, us := uops.GetReceiveBufferSize(), uops.GetSendBufferSize()
+	dr, ds := dops.GetReceiveBufferSize(), dops.GetSendBufferSize()
 	close(stop)
 	if err := <-streamed; err != nil {
 		t.Fatalf("stream: %v", err)
 	}
-	if st.TCPConns != idle+1 || st.TCPBufferShare != 512<<10 || st.TCPBulkShare != 6<<20 || st.TCPBulkPromoted != 1 {
-		t.Errorf("%d conns, light share %d, bulk share %d, %d promoted; want %d, 512 KiB, 6 MiB, 1",
-			st.TCPConns, st.TCPBufferShare, st.TCPBulkShare, st.TCPBulkPromoted, idle+1)
+	if st.TCPConns != idle+2 || st.TCPBufferShare != 512<<10 || st.TCPBulkShare != 5<<20 || st.TCPBulkPromoted != 2 {
+		t.Errorf("%d conns, light share %d, bulk share %d, %d promoted; want %d, 512 KiB, 5 MiB, 2",
+			st.TCPConns, st.TCPBufferShare, st.TCPBulkShare, st.TCPBulkPromoted, idle+2)
 	}
-	if used := (st.TCPConns-st.TCPBulkConns)*st.TCPBufferShare + st.TCPBulkConns*st.TCPBulkShare; used > budget/2 {
-		t.Errorf("shares add up to %d per direction, above half the budget %d", used, budget/2)
+	if used := 2*st.TCPConns*st.TCPBufferShare + 2*(st.TCPBulkShare-st.TCPBufferShare); used > budget {
+		t.Errorf("shares add up to %d, above the budget %d", used, budget)
 	}
-	var bc *tcpConn
-	bulkConn.Range(func(k, _ any) bool { bc = k.(*tcpConn); return false })
-	if bc == nil {
-		t.Fatal("the handler never saw the streaming connection")
+	if ur != 5<<20 || us > 512<<10 {
+		t.Errorf("upload's buffers %d / %d, want the bulk share 5 MiB to receive, at most the light 512 KiB to send", ur, us)
 	}
-	ops := bc.ep.SocketOptions()
-	if r, s := ops.GetReceiveBufferSize(), ops.GetSendBufferSize(); r != 6<<20 || s != 6<<20 {
-		t.Errorf("bulk connection's buffers %d / %d, want the bulk share 6 MiB", r, s)
+	if ds != 5<<20 || dr > 512<<10 {
+		t.Errorf("download's buffers %d / %d, want at most the light 512 KiB to receive, the bulk share 5 MiB to send", dr, ds)
 	}
 	var rs tcpip.TCPReceiveBufferSizeRangeOption
 	if err := server.stack.TransportProtocolOption(tcp.ProtocolNumber, &rs); err != nil || rs.Max != defaultRecvBufMax {
@@ -335,13 +343,43 @@ func TestBudgetBulkBesideIdle(t *testing.T) {
 	deadline = time.Now().Add(10 * time.Second)
 	for server.Stats().TCPBulkConns != 0 {
 		if time.Now().After(deadline) {
-			t.Fatal("the connection stayed bulk after it stopped")
+			t.Fatal("the connections stayed bulk after they stopped")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if r := bc.ep.SocketOptions().GetReceiveBufferSize(); r > 512<<10 {
-		t.Errorf("receive buffer %d once light again, want at most the light share", r)
+	if r := uc.ep.SocketOptions().GetReceiveBufferSize(); r > 512<<10 {
+		t.Errorf("upload's receive buffer %d once light again, want at most the light share", r)
 	}
+	if s := dc.ep.SocketOptions().GetSendBufferSize(); s > 512<<10 {
+		t.Errorf("download's send buffer %d once light again, want at most the light share", s)
+	}
+}
+
+// streamTo writes 64 KiB blocks to c until stop closes (at most 256 MiB).
+func streamTo(c net.Conn, stop <-chan struct{}) error {
+	buf := make([]byte, 64<<10)
+	for range 4096 {
+		select {
+		case <-stop:
+			return nil
+		default:
+		}
+		if _, err := c.Write(buf); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// onlyConn returns the one connection stored in m.
+func onlyConn(t *testing.T, m *sync.Map) *tcpConn {
+	t.Helper()
+	var c *tcpConn
+	m.Range(func(k, _ any) bool { c = k.(*tcpConn); return false })
+	if c == nil {
+		t.Fatal("the handler never saw the streaming connection")
+	}
+	return c
 }
 
 // TestBudgetLightRecvFollowsShare: a light connection keeps the receive

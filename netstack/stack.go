@@ -1124,8 +1124,9 @@ type Stats struct {
 	// The TCP buffer budget (TCPConfig.BufferBudget, budget.go):
 	// connections handed out and open, the bytes received on them and not
 	// read yet, a light connection's buffer share per direction (0: no
-	// budget), the connections carrying bulk data and their share, times a
-	// connection became bulk, times a share fell, and buffers cut to it.
+	// budget), the connections carrying bulk data and the share of each
+	// buffer of theirs in a bulk direction, times a connection became
+	// bulk, times a share fell, and buffers cut to it.
 	TCPConns         uint64 `stats:"gauge"`
 	TCPRecvQueued    uint64 `stats:"gauge"`
 	TCPBufferShare   uint64 `stats:"gauge"`

@@ -386,13 +386,13 @@ type tcpConn struct {
 	// recvStart is the receive buffer it was handed out with (budget.add).
 	recvStart int
 	floor     int // cuts stop here: two segments (budget.add)
-	// moved counts the bytes read and written, for the budget's check of
-	// which connections carry bulk data; lastMoved is moved at the last
-	// check and quiet the checks in a row a bulk one moved little (both
-	// guarded by budget.mu).
-	moved     atomic.Uint64
-	lastMoved uint64
-	quiet     int
+	// movedIn and movedOut count the bytes read and written, for the
+	// budget's check of which connections carry bulk data and which way;
+	// lastIn and lastOut are them at the last check, and quiet the checks
+	// in a row a bulk one moved little (guarded by budget.mu).
+	movedIn, movedOut atomic.Uint64
+	lastIn, lastOut   uint64
+	quiet             int
 	// routeGen is the stack's route generation when the handshake began
 	// (routeMTUSince).
 	routeGen uint64
@@ -408,13 +408,13 @@ func newTCPConn(wq *waiter.Queue, ep tcpip.Endpoint) *tcpConn {
 
 func (c *tcpConn) Read(b []byte) (int, error) {
 	n, err := c.TCPConn.Read(b)
-	c.moved.Add(uint64(n))
+	c.movedIn.Add(uint64(n))
 	return n, connError(err)
 }
 
 func (c *tcpConn) Write(b []byte) (int, error) {
 	n, err := c.TCPConn.Write(b)
-	c.moved.Add(uint64(n))
+	c.movedOut.Add(uint64(n))
 	return n, connError(err)
 }
 

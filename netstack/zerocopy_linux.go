@@ -73,7 +73,7 @@ func (c *tcpConn) WriteToSocket(rc syscall.RawConn) (n int, rerr, werr error) {
 			return w.written > 0 || !errors.Is(w.err, errSocketFull)
 		})
 		if w.written > 0 {
-			c.moved.Add(uint64(w.written))
+			c.movedIn.Add(uint64(w.written))
 			c.zc.bulk = w.written >= zeroCopyMinView
 		}
 		switch {
@@ -232,7 +232,7 @@ func (c *tcpConn) ReadFromSocket(rc syscall.RawConn) (n int, rerr, werr error) {
 			return true
 		})
 		if written > 0 {
-			c.moved.Add(uint64(written))
+			c.movedOut.Add(uint64(written))
 		}
 		switch {
 		case err != nil:
