@@ -373,7 +373,7 @@ func (s *Stack) deliverBatch(bufs [][]byte, offset int) (tooBig int) {
 		in.g.Enqueue(pb)
 		pb.DecRef()
 	}
-	in.g.Flush()
+	flushGRO(&in.g, &in.cd)
 	s.stats.readBatches.Add(1)
 	s.stats.packetsIn.Add(uint64(len(bufs) - tooBig))
 	s.stats.bytesIn.Add(bytesIn)

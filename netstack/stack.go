@@ -594,7 +594,7 @@ func (s *Stack) runInput() {
 			g.Enqueue(pb)
 			pb.DecRef()
 		}
-		g.Flush()
+		flushGRO(&g, &cd)
 		s.stats.readBatches.Add(1)
 		s.stats.packetsIn.Add(uint64(n))
 		s.stats.bytesIn.Add(bytesIn)
@@ -683,7 +683,7 @@ func (s *Stack) runInputQueue(q frameQueue, frames *atomic.Uint64) {
 	var info packetInfo
 	pending := 0
 	flush := func() {
-		g.Flush()
+		flushGRO(&g, &cd)
 		s.stats.groDelivered.Add(cd.n)
 		cd.n, pending = 0, 0
 	}
@@ -772,6 +772,26 @@ type countingDispatcher struct {
 func (c *countingDispatcher) DeliverNetworkPacket(p tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
 	c.n++
 	c.NetworkDispatcher.DeliverNetworkPacket(p, pkt)
+}
+
+// flushGRO hands every packet g holds to the stack through cd (g's
+// Dispatcher). gVisor's GRO.Flush releases only the first packet of each of
+// its eight buckets: its loop steps to the next list entry after removeOne
+// has reset the current one's links. So packets of flows that share a
+// bucket (a hash of addresses and ports: with four flows, more often than
+// not) stayed behind; a pooled GRO (Direct's deliverBatch) then delivered
+// newer packets of their flow first, from another pooled GRO, and the
+// stale ones later: reordering the sender takes for loss, with a halved
+// window each time (tunnel/BENCH.md change 12). Each pass releases at least
+// one packet per non-empty bucket, so this ends within a bucket's capacity.
+func flushGRO(g *gro.GRO, cd *countingDispatcher) {
+	for {
+		before := cd.n
+		g.Flush()
+		if cd.n == before {
+			return
+		}
+	}
 }
 
 // reopenTimeWait lets a new SYN through for a 4-tuple whose endpoint sits in
