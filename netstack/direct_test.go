@@ -54,9 +54,13 @@ type directBridge struct {
 	// zeroSums, not failed (SetChecksumsOptional).
 	zeroOK   atomic.Bool
 	zeroSums atomic.Int64
-	mu       sync.Mutex
-	errs     []error
-	done     sync.WaitGroup
+	// alter, if set, replaces each checked packet by what it returns
+	// (nothing drops it; more delivers others with it), for tests of loss
+	// and reordering.
+	alter atomic.Pointer[func(p []byte) [][]byte]
+	mu    sync.Mutex
+	errs  []error
+	done  sync.WaitGroup
 }
 
 func (br *directBridge) fail(err error) {
@@ -105,6 +109,12 @@ func (br *directBridge) run(from, to tun.Device) {
 			}
 			if br.corrupt.Load() {
 				corruptChecksum(p)
+			}
+			if alter := br.alter.Load(); alter != nil {
+				for _, q := range (*alter)(p) {
+					out = append(out, append(make([]byte, wgOffset, wgOffset+len(q)), q...))
+				}
+				continue
 			}
 			out = append(out, bufs[i][:wgOffset+sizes[i]])
 		}

@@ -782,7 +782,7 @@ func (c *countingDispatcher) DeliverNetworkPacket(p tcpip.NetworkProtocolNumber,
 // not) stayed behind; a pooled GRO (Direct's deliverBatch) then delivered
 // newer packets of their flow first, from another pooled GRO, and the
 // stale ones later: reordering the sender takes for loss, with a halved
-// window each time (tunnel/BENCH.md change 12). Each pass releases at least
+// window each time (tunnel/BENCH.md change 13). Each pass releases at least
 // one packet per non-empty bucket, so this ends within a bucket's capacity.
 func flushGRO(g *gro.GRO, cd *countingDispatcher) {
 	for {
@@ -1085,8 +1085,11 @@ type Stats struct {
 	// repaired within a round trip), a retransmission timeout (the flow
 	// starts again from one segment: on a WAN the costly kind), and
 	// recoveries that turned out spurious (reordering taken for loss).
-	TCPSackRecovery, TCPFastRecovery, TCPTimeouts, TCPSpuriousRecovery uint64
-	TCPEstablished                                                     uint64 `stats:"gauge"` // currently established
+	TCPSackRecovery     uint64
+	TCPFastRecovery     uint64
+	TCPTimeouts         uint64
+	TCPSpuriousRecovery uint64
+	TCPEstablished      uint64 `stats:"gauge"` // currently established
 	// TCPClosing is how many connections are closed or closing but not
 	// gone: FIN-WAIT, CLOSE-WAIT, LAST-ACK, CLOSING and TIME-WAIT (each
 	// still a whole gVisor endpoint; TCPConfig.TimeWait and MaxClosing

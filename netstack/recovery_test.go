@@ -1,0 +1,107 @@
+package netstack
+
+import (
+	"io"
+	"net/netip"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+)
+
+// TestStatsCountLossRecovery: one data segment of a 512 KiB upload through
+// two Direct pairs is lost, or held back until its retransmission passes
+// (reordered); all bytes arrive either way, and the sending stack's Stats
+// tell the two apart: a recovery (by SACK, or by a timeout when too few
+// acknowledgements follow the hole) for the loss, one found spurious for
+// the reordering.
+func TestStatsCountLossRecovery(t *testing.T) {
+	const (
+		port  = 9
+		total = 512 << 10
+		nth   = 20 // the data segment to lose or hold
+	)
+	for _, tt := range []struct {
+		name     string
+		reorder  bool
+		spurious bool
+	}{
+		{"lost", false, false},
+		{"reordered", true, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			got := make(chan int64, 1)
+			client, _, br := newDirectPair(t, 1420, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+				c, err := r.Accept()
+				if err != nil {
+					return
+				}
+				defer c.Close()
+				n, _ := io.Copy(io.Discard, c)
+				got <- n
+			}})
+			var seen atomic.Int64
+			var held []byte
+			var heldSeq uint32
+			alter := func(p []byte) [][]byte {
+				ip := header.IPv4(p)
+				if p[0]>>4 != 4 || ip.Protocol() != uint8(header.TCPProtocolNumber) {
+					return [][]byte{p}
+				}
+				tcp := header.TCP(ip.Payload())
+				if tcp.DestinationPort() != port || len(tcp.Payload()) == 0 {
+					return [][]byte{p}
+				}
+				switch {
+				case held != nil && tcp.SequenceNumber() == heldSeq:
+					// The retransmission: the original first, as if it had
+					// only been late.
+					orig := held
+					held = nil
+					return [][]byte{orig, p}
+				case seen.Add(1) == nth:
+					if tt.reorder {
+						held, heldSeq = append([]byte(nil), p...), tcp.SequenceNumber()
+						// TCP timestamps tick in milliseconds: the recovery
+						// must start a tick after the original left for
+						// the original's echo to prove it spurious.
+						time.Sleep(3 * time.Millisecond)
+					}
+					return nil
+				}
+				return [][]byte{p}
+			}
+			br.alter.Store(&alter)
+			before := client.Stats()
+			c, err := client.DialTCP(testContext(t), netip.AddrPort{}, netip.AddrPortFrom(serverPrefix4.Addr(), port))
+			if err != nil {
+				t.Fatalf("dial: %v", err)
+			}
+			c.SetDeadline(time.Now().Add(20 * time.Second))
+			if _, err := c.Write(make([]byte, total)); err != nil {
+				t.Fatalf("write: %v", err)
+			}
+			c.Close()
+			select {
+			case n := <-got:
+				if n != total {
+					t.Fatalf("server read %d of %d bytes", n, total)
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatal("the upload never completed")
+			}
+			br.check(t)
+			st := client.Stats()
+			repaired := st.TCPSackRecovery + st.TCPFastRecovery + st.TCPTimeouts - before.TCPSackRecovery - before.TCPFastRecovery - before.TCPTimeouts
+			spurious := st.TCPSpuriousRecovery - before.TCPSpuriousRecovery
+			if repaired < 1 || st.TCPRetransmits == before.TCPRetransmits {
+				t.Errorf("%d recoveries (SACK, fast or timeout), %d retransmits after a %s segment; want at least one each",
+					repaired, st.TCPRetransmits-before.TCPRetransmits, tt.name)
+			}
+			if (spurious > 0) != tt.spurious {
+				t.Errorf("%d spurious recoveries after a %s segment, want spurious %v", spurious, tt.name, tt.spurious)
+			}
+		})
+	}
+}
