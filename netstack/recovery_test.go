@@ -1,6 +1,7 @@
 package netstack
 
 import (
+	"fmt"
 	"io"
 	"net/netip"
 	"sync/atomic"
@@ -32,15 +33,7 @@ func TestStatsCountLossRecovery(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			got := make(chan int64, 1)
-			client, _, br := newDirectPair(t, 1420, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
-				c, err := r.Accept()
-				if err != nil {
-					return
-				}
-				defer c.Close()
-				n, _ := io.Copy(io.Discard, c)
-				got <- n
-			}})
+			client, _, br := newDirectPair(t, 1420, funcHandler{}, sinkServer(got))
 			var seen atomic.Int64
 			var held []byte
 			var heldSeq uint32
@@ -74,23 +67,10 @@ func TestStatsCountLossRecovery(t *testing.T) {
 			}
 			br.alter.Store(&alter)
 			before := client.Stats()
-			c, err := client.DialTCP(testContext(t), netip.AddrPort{}, netip.AddrPortFrom(serverPrefix4.Addr(), port))
-			if err != nil {
-				t.Fatalf("dial: %v", err)
+			if err := upload(t, client, netip.AddrPort{}, netip.AddrPortFrom(serverPrefix4.Addr(), port), total); err != nil {
+				t.Fatal(err)
 			}
-			c.SetDeadline(time.Now().Add(20 * time.Second))
-			if _, err := c.Write(make([]byte, total)); err != nil {
-				t.Fatalf("write: %v", err)
-			}
-			c.Close()
-			select {
-			case n := <-got:
-				if n != total {
-					t.Fatalf("server read %d of %d bytes", n, total)
-				}
-			case <-time.After(20 * time.Second):
-				t.Fatal("the upload never completed")
-			}
+			waitSunk(t, got, 1, total)
 			br.check(t)
 			st := client.Stats()
 			repaired := st.TCPSackRecovery + st.TCPFastRecovery + st.TCPTimeouts - before.TCPSackRecovery - before.TCPFastRecovery - before.TCPTimeouts
@@ -116,7 +96,34 @@ func TestDirectKeepsFlowsInOrder(t *testing.T) {
 		total = 4 << 20
 	)
 	got := make(chan int64, flows)
-	client, _, br := newDirectPair(t, 1420, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+	client, _, br := newDirectPair(t, 1420, funcHandler{}, sinkServer(got))
+	before := client.Stats()
+	errs := make(chan error, flows)
+	for i := range flows {
+		go func() {
+			// Source ports 8 apart, one destination port: gVisor's GRO puts
+			// all four flows in one of its eight buckets.
+			errs <- upload(t, client, netip.AddrPortFrom(clientPrefix4.Addr(), uint16(40000+8*i)), netip.AddrPortFrom(serverPrefix4.Addr(), 9), total)
+		}()
+	}
+	for range flows {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitSunk(t, got, flows, total)
+	br.check(t)
+	st := client.Stats()
+	if r := st.TCPRetransmits - before.TCPRetransmits; r != 0 {
+		t.Errorf("%d retransmits (%d SACK recoveries, %d spurious) over a lossless path", r,
+			st.TCPSackRecovery-before.TCPSackRecovery, st.TCPSpuriousRecovery-before.TCPSpuriousRecovery)
+	}
+}
+
+// sinkServer accepts every connection, reads it to its end and reports on
+// got how many bytes it read.
+func sinkServer(got chan<- int64) funcHandler {
+	return funcHandler{tcp: func(r *TCPRequest) {
 		c, err := r.Accept()
 		if err != nil {
 			return
@@ -124,43 +131,34 @@ func TestDirectKeepsFlowsInOrder(t *testing.T) {
 		defer c.Close()
 		n, _ := io.Copy(io.Discard, c)
 		got <- n
-	}})
-	before := client.Stats()
-	errs := make(chan error, flows)
-	for i := range flows {
-		go func() {
-			// Source ports 8 apart, one destination port: gVisor's GRO puts
-			// all four flows in one of its eight buckets.
-			c, err := client.DialTCP(testContext(t), netip.AddrPortFrom(clientPrefix4.Addr(), uint16(40000+8*i)), netip.AddrPortFrom(serverPrefix4.Addr(), 9))
-			if err != nil {
-				errs <- err
-				return
-			}
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(20 * time.Second))
-			_, err = c.Write(make([]byte, total))
-			errs <- err
-		}()
+	}}
+}
+
+// upload dials dst from local (any, if zero) and writes n zero bytes.
+func upload(t *testing.T, s *Stack, local, dst netip.AddrPort, n int) error {
+	c, err := s.DialTCP(testContext(t), local, dst)
+	if err != nil {
+		return fmt.Errorf("dial %s: %w", dst, err)
 	}
-	for range flows {
-		if err := <-errs; err != nil {
-			t.Fatalf("upload: %v", err)
-		}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, err := c.Write(make([]byte, n)); err != nil {
+		return fmt.Errorf("upload to %s: %w", dst, err)
 	}
+	return nil
+}
+
+// waitSunk waits for flows reports of total bytes each from sinkServer.
+func waitSunk(t *testing.T, got <-chan int64, flows, total int) {
+	t.Helper()
 	for range flows {
 		select {
 		case n := <-got:
-			if n != total {
+			if n != int64(total) {
 				t.Fatalf("server read %d of %d bytes", n, total)
 			}
 		case <-time.After(20 * time.Second):
 			t.Fatal("an upload never completed")
 		}
-	}
-	br.check(t)
-	st := client.Stats()
-	if r := st.TCPRetransmits - before.TCPRetransmits; r != 0 {
-		t.Errorf("%d retransmits (%d SACK recoveries, %d spurious) over a lossless path", r,
-			st.TCPSackRecovery-before.TCPSackRecovery, st.TCPSpuriousRecovery-before.TCPSpuriousRecovery)
 	}
 }
