@@ -147,15 +147,7 @@ func waitQuiet(t *testing.T, s *Stack) {
 func TestDelayedACKBulkNotHeld(t *testing.T) {
 	const size = 8 << 20
 	done := make(chan int64, 1)
-	client, server := newPair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
-		c, err := r.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		n, _ := io.Copy(io.Discard, c)
-		done <- n
-	}})
+	client, server := newPair(t, funcHandler{}, sinkServer(done))
 	c, err := client.DialTCP(testContext(t), netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:9"))
 	if err != nil {
 		t.Fatalf("dial: %v", err)

@@ -61,6 +61,20 @@ func echoTCP(r *TCPRequest) {
 	c.(closeWriter).CloseWrite()
 }
 
+// sinkServer accepts every connection, reads it to its end and reports on
+// got how many bytes it read.
+func sinkServer(got chan<- int64) funcHandler {
+	return funcHandler{tcp: func(r *TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		n, _ := io.Copy(io.Discard, c)
+		got <- n
+	}}
+}
+
 // newPair joins a client Stack and a server Stack with a Pipe.
 func newPair(t testing.TB, client, server Handler) (c, s *Stack) {
 	t.Helper()

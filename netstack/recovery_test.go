@@ -2,7 +2,6 @@ package netstack
 
 import (
 	"fmt"
-	"io"
 	"net/netip"
 	"sync/atomic"
 	"testing"
@@ -118,20 +117,6 @@ func TestDirectKeepsFlowsInOrder(t *testing.T) {
 		t.Errorf("%d retransmits (%d SACK recoveries, %d spurious) over a lossless path", r,
 			st.TCPSackRecovery-before.TCPSackRecovery, st.TCPSpuriousRecovery-before.TCPSpuriousRecovery)
 	}
-}
-
-// sinkServer accepts every connection, reads it to its end and reports on
-// got how many bytes it read.
-func sinkServer(got chan<- int64) funcHandler {
-	return funcHandler{tcp: func(r *TCPRequest) {
-		c, err := r.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		n, _ := io.Copy(io.Discard, c)
-		got <- n
-	}}
 }
 
 // upload dials dst from local (any, if zero) and writes n zero bytes.

@@ -480,8 +480,10 @@ const (
 	// whole batch) moved more on a 20 ms line, but in 6 of 21 four-flow
 	// repetitions it settled at half or a tenth of the rate for the rest
 	// of the run; 8 (0 of 9) and 2 (0 of 15) never did, and 8 moved a
-	// little more than 2 (tunnel/BENCH.md, change 10). Why 32 does that
-	// is not understood.
+	// little more than 2 (tunnel/BENCH.md, change 10). The likely cause,
+	// gVisor's GRO leaving packets of flows that share a bucket behind, is
+	// mended since (flushGRO, change 13); 32 then still retransmitted in
+	// one run of three, so 8 stays.
 	plainMessages = 8
 )
 
