@@ -2,6 +2,7 @@ package forwarder
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -14,12 +15,22 @@ import (
 // host socket: the relay's engine reaches its targets (peers' tunnel
 // addresses) through the tunnel this way. Targets must be IP literals.
 type Egress interface {
-	// DialTCP connects from src (the client) to dst.
+	// DialTCP connects from src (the client) to dst. It may return before
+	// dst answered (the tunnel's warm streams send the client's first bytes
+	// with the connection's request); a target that then refuses or does
+	// not answer within ctx's deadline makes the conn's first Read fail
+	// with ErrLateDialFailure.
 	DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn, error)
 	// WriteUDP sends one datagram from src (the client) to dst; it must
 	// not block long. Replies come back through Engine.HandleUDPReply.
 	WriteUDP(src, dst netip.AddrPort, payload []byte) error
 }
+
+// ErrLateDialFailure is what the Read of an Egress conn returns when its
+// target refused, or did not answer, after DialTCP returned. HandleTCP
+// counts the session as a failed dial (dial_failed), as it would have
+// counted a refusal DialTCP returned; the client gets an RST either way.
+var ErrLateDialFailure = errors.New("the target refused or did not answer")
 
 // replyKey finds an egress UDP session from a reply: the client it goes to
 // and the target it comes from.

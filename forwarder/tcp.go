@@ -140,6 +140,9 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 	case errors.Is(err, ErrIdleTimeout):
 		reason, err = "idle", nil
 		s.state.tcpExpired.Add(1)
+	case errors.Is(err, ErrLateDialFailure):
+		reason = refusedDialFailed.String()
+		r.state.refuse(refusedDialFailed)
 	case err != nil:
 		reason = "error"
 	}

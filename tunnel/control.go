@@ -20,11 +20,12 @@ import (
 // carries "v" (the sender's protocol version) and "type"; receivers ignore
 // unknown fields and unknown types, so either side can grow the protocol.
 //
-//	appliance -> relay  {"v":1,"type":"hello","version":"natbox 1.2","checksums_optional":true}
+//	appliance -> relay  {"v":1,"type":"hello","version":"natbox 1.2","checksums_optional":true,"warm_streams":true}
 //	relay -> appliance  {"v":1,"type":"hello","peer":"home-nas","version":"natbox 1.2","checksums_optional":true}
 //	appliance -> relay  {"v":1,"type":"register","ports":["tcp/443","udp/10000-10100"],"udp_idle_ms":{"udp/10000-10100":300000}}
 //	relay -> appliance  {"v":1,"type":"result","port":"tcp/443","ok":true}
 //	relay -> appliance  {"v":1,"type":"result","port":"udp/10000-10100","ok":false,"reason":"not in this peer's ports"}
+//	appliance -> relay  {"v":1,"type":"warm_reset"}   its path MTU changed (warm.go)
 //	appliance -> relay  {"v":1,"type":"ping"}   every pingInterval
 //	relay -> appliance  {"v":1,"type":"pong"}
 //	either              {"v":1,"type":"error","reason":"..."}   then closes
@@ -62,6 +63,7 @@ const (
 	msgPing     = "ping"
 	msgPong     = "pong"
 	msgError    = "error"
+	msgWarm     = "warm_reset"
 )
 
 // message is every control message; fields unused by a type are omitted.
@@ -73,8 +75,11 @@ type message struct {
 	// ChecksumsOptional (hello): the sender's stack does not verify TCP
 	// and UDP checksums of tunnel packets; its peer may leave them 0
 	// (WithChecksumsOptional).
-	ChecksumsOptional bool     `json:"checksums_optional,omitempty"`
-	Ports             []string `json:"ports,omitempty"` // register
+	ChecksumsOptional bool `json:"checksums_optional,omitempty"`
+	// WarmStreams (hello, from an appliance): it serves warm streams
+	// (warm.go).
+	WarmStreams bool     `json:"warm_streams,omitempty"`
+	Ports       []string `json:"ports,omitempty"` // register
 	// UDPIdle is a register's UDP idle timeout per spec, in milliseconds:
 	// the appliance mapping's idle_timeout, which the relay's session for
 	// it follows. Absent (an older appliance): the relay's default.

@@ -108,3 +108,9 @@ func BlockApplies(r *Relay, peer string) (entered <-chan struct{}, release func(
 	var once sync.Once
 	return in, func() { once.Do(func() { close(gate) }) }
 }
+
+// AppendWarmHeader and ReadWarmHeader are the warm streams' header (warm.go).
+var (
+	AppendWarmHeader = appendWarmHeader
+	ReadWarmHeader   = readWarmHeader
+)

@@ -195,10 +195,18 @@ func (uplinkIngress) Name() string { return conf.IngressUplink }
 type engineHandler struct {
 	e  *forwarder.Engine
 	in *uplinkIngress
+	up *tunnel.Uplink // its warm streams are passed on
 }
 
 func (h *engineHandler) HandleTCP(req *netstack.TCPRequest) {
+	if h.up != nil && h.up.ServeWarm(req.Src, req.Dst, req, h.serve) {
+		return
+	}
 	h.e.HandleTCP(h.in, req.Src, req.Dst, req)
+}
+
+func (h *engineHandler) serve(src, dst netip.AddrPort, a forwarder.TCPAttempt) {
+	h.e.HandleTCP(h.in, src, dst, a)
 }
 
 func (h *engineHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) {
@@ -301,6 +309,7 @@ func runApplianceWith(t testing.TB, toml string, addr netip.Addr, opts forwarder
 	if err != nil {
 		t.Fatal(err)
 	}
+	h.up = u
 	// As the appliance registers: each UDP mapping with its idle timeout.
 	var ports []tunnel.WantedPort
 	for _, m := range cfg.Mappings {

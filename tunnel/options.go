@@ -36,6 +36,8 @@ type options struct {
 	bufferMemory    int           // uplink: its side's buffer_memory (0: unbounded), sizes the gates
 	// checksumsOptional: see WithChecksumsOptional; nil: the stack verifies.
 	checksumsOptional func([]netip.Prefix)
+	warmMax           int           // see WithWarmStreams
+	warmIdle          time.Duration // see WithWarmStreams
 }
 
 func buildOptions(opts []Option) options {
@@ -52,6 +54,8 @@ func buildOptions(opts []Option) options {
 		fallbackAfter:   defaultFallbackAfter,
 		probeEvery:      defaultProbeEvery,
 		transportTick:   defaultTransportTick,
+		warmMax:         defaultWarmMax,
+		warmIdle:        defaultWarmIdle,
 	}
 	for _, f := range opts {
 		f(&o)
@@ -120,4 +124,12 @@ func WithBufferMemory(total int) Option { return func(o *options) { o.bufferMemo
 // nothing, and gets every checksum.
 func WithChecksumsOptional(set func([]netip.Prefix)) Option {
 	return func(o *options) { o.checksumsOptional = set }
+}
+
+// WithWarmStreams bounds the warm streams (warm.go): a relay keeps at most
+// max open toward each peer (default 128; 0: none, every public connection
+// opens its own) and closes one idle for idle (default 60 s); an appliance
+// holds at most 2 x max waiting for their header, for at most 2 x idle.
+func WithWarmStreams(max int, idle time.Duration) Option {
+	return func(o *options) { o.warmMax, o.warmIdle = max, idle }
 }

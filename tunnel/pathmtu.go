@@ -33,7 +33,8 @@ import (
 // Then the stack takes the MTU (netstack SetPathMTU): new TCP
 // connections' MSS and the appliance's UDP replies follow it, both ways
 // (the relay's segments follow the MSS this side announces). Connections
-// open before keep theirs. When no size passes, the tunnel stays at mtu.
+// open before keep theirs; the relay's idle warm streams are replaced
+// (warm_reset, warm.go). When no size passes, the tunnel stays at mtu.
 // The probe runs in its own goroutine (pathLoop: a lost probe waits a
 // second, and the control session's pings must not), after each control
 // session's start, after a transport switch (which drops back to mtu
@@ -142,6 +143,11 @@ func (u *Uplink) setPathMTU(mtu int) {
 	if err := u.dialer.SetPathMTU(mtu); err != nil {
 		u.log.Warn("set tunnel mtu", zap.Int("mtu", mtu), zap.Error(err))
 		return
+	}
+	// The relay's warm streams keep the MSS of their handshake.
+	select {
+	case u.warmReset <- struct{}{}:
+	default:
 	}
 	if mtu > u.cfg.MTU {
 		u.log.Info("tunnel mtu raised: the path to the relay carries it", zap.Int("mtu", mtu), zap.Int("was", old))

@@ -64,6 +64,13 @@ max_mtu = %d
 			if got := a.stack.PathMTU(); got != tc.wantMTU {
 				t.Fatalf("appliance stack path mtu %d, want %d", got, tc.wantMTU)
 			}
+			if tc.wantMTU != testMTU {
+				// The warm streams opened at the old MTU are replaced.
+				waitFor(t, 10*time.Second, "the relay's warm streams replaced", func() bool {
+					p := relay.relay.Status().Peers[0]
+					return p.WarmStreamResets > 0
+				})
+			}
 
 			// 4 MiB each way through the relay: the appliance's stack
 			// takes them in packets of about the MTU.

@@ -125,6 +125,7 @@ type relayPeer struct {
 	results  map[string]message
 	holdings map[portKey]*holding
 	grace    *time.Timer // runs while the peer is disconnected and still holds ports
+	warm     warmCounters
 }
 
 // holding is one (protocol, port) a peer holds: the public sockets on every
@@ -508,6 +509,16 @@ type RelayPeerStatus struct {
 	// the peer's quotas (over_limit_peer_*), the per-source budgets, the
 	// relay's max_sessions, dial_failed.
 	Refusals map[string]uint64 `json:"refusals,omitempty"`
+	// The peer's warm streams (warm.go): open and unused now; taken by a
+	// public connection; public connections that found none (and opened
+	// their own); dials that failed; closed unused after the idle time;
+	// replacements of the idle ones after the peer's path MTU changed.
+	WarmStreamsIdle        int    `json:"warm_streams_idle"`
+	WarmStreamsUsed        uint64 `json:"warm_streams_used"`
+	WarmStreamsMissed      uint64 `json:"warm_streams_missed"`
+	WarmStreamDialFailures uint64 `json:"warm_stream_dial_failures"`
+	WarmStreamsExpired     uint64 `json:"warm_streams_expired"`
+	WarmStreamResets       uint64 `json:"warm_stream_resets"`
 }
 
 // HandshakeAge is the time since the peer's last handshake, or -1 if none yet.
@@ -569,6 +580,15 @@ func (r *Relay) Status() RelayStatus {
 			ControlRefusals:    p.ctlRefused.snapshot(),
 			RegistersCoalesced: p.regCoalesced.Load(),
 			UDPSockets:         p.udpSockets,
+
+			WarmStreamsUsed:        p.warm.used.Load(),
+			WarmStreamsMissed:      p.warm.missed.Load(),
+			WarmStreamDialFailures: p.warm.dialFailed.Load(),
+			WarmStreamsExpired:     p.warm.expired.Load(),
+			WarmStreamResets:       p.warm.resets.Load(),
+		}
+		if p.session != nil && p.session.warm != nil {
+			ps.WarmStreamsIdle = p.session.warm.idleCount()
 		}
 		for i := range p.portRefused {
 			if n := p.portRefused[i].Load(); n > 0 {

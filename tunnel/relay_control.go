@@ -26,6 +26,9 @@ type controlSession struct {
 	// checksumsOptional: the peer's hello said its stack does not verify
 	// tunnel checksums; set before the session is published.
 	checksumsOptional bool
+	// warm keeps warm streams toward the peer (warm.go); nil when its hello
+	// did not offer them. Set before the session is published.
+	warm *warmPool
 
 	// A register waits here for applyLoop; a newer one replaces it, so a
 	// burst of registrations costs one apply, of the last.
@@ -77,6 +80,9 @@ func (s *controlSession) close() {
 	s.once.Do(func() {
 		close(s.done)
 		s.cc.c.Close()
+		if s.warm != nil {
+			s.warm.close()
+		}
 	})
 }
 
@@ -140,6 +146,11 @@ func (r *Relay) serveControl(p *relayPeer, cc *controlConn) {
 	}
 	old := p.session
 	s.checksumsOptional = hello.ChecksumsOptional
+	if hello.WarmStreams && r.opts.warmMax > 0 {
+		src, dst := netip.AddrPortFrom(r.addr4, 0), netip.AddrPortFrom(p.addr4, ControlPort)
+		s.warm = newWarmPool(r.ctx, func(ctx context.Context) (net.Conn, error) { return r.org.DialTCP(ctx, src, dst) },
+			&p.warm, r.opts.warmMax, r.opts.warmIdle, &r.wg, log)
+	}
 	p.session = s
 	r.syncChecksumsLocked()
 	if p.grace != nil {
@@ -225,6 +236,10 @@ func (r *Relay) controlLoop(p *relayPeer, s *controlSession) error {
 		switch m.Type {
 		case msgPing:
 			s.send(message{Type: msgPong})
+		case msgWarm:
+			if s.warm != nil {
+				s.warm.reset()
+			}
 		case msgRegister:
 			s.queueRegister(m)
 		case msgError:

@@ -38,7 +38,7 @@ func (r *Relay) newEngine() (*forwarder.Engine, error) {
 	bufs, _ := conf.BufferShares(r.cfg.Relay.BufferMemory, 1)
 	return forwarder.New(cfg, forwarder.Options{
 		BufferBudget: bufs,
-		Egress:       relayEgress{r.org},
+		Egress:       relayEgress{r},
 		ConnLog:      r.log.Named("conn"),
 		QuietRules:   true,
 	}, r.log.Named("forwarder"))
@@ -183,14 +183,45 @@ func (h *holding) WriteUDP(src, dst netip.AddrPort, payload []byte) error {
 // relayEgress originates the engine's flows inside the tunnel. Targets are
 // a peer's IPv4 tunnel address; an IPv6 client is originated toward the
 // peer's IPv6 tunnel address, as a flow cannot change family.
-type relayEgress struct{ org Originator }
+type relayEgress struct{ r *Relay }
 
+// DialTCP sends a TCP flow on one of the peer's warm streams if it has one
+// ready (warm.go), and otherwise opens a connection from the client's own
+// address.
 func (e relayEgress) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn, error) {
-	return e.org.DialTCP(ctx, src, netip.AddrPortFrom(tunnelAddrFor(dst.Addr(), src.Addr()), dst.Port()))
+	r := e.r
+	if a := src.Addr().Unmap(); a == r.addr4 || a == r.addr6 {
+		// The peer would take it for a warm stream.
+		return nil, fmt.Errorf("client %s has the relay's own tunnel address", src)
+	}
+	if ws := r.takeWarm(dst.Addr()); ws != nil {
+		c, err := startWarm(ctx, ws, src, dst.Port())
+		if err == nil {
+			return c, nil
+		}
+		ws.Close()
+		r.log.Debug("warm stream failed; dialing", zap.String("dst", dst.String()), zap.Error(err))
+	}
+	return r.org.DialTCP(ctx, src, netip.AddrPortFrom(tunnelAddrFor(dst.Addr(), src.Addr()), dst.Port()))
+}
+
+// takeWarm takes a warm stream toward the peer at tunnel address peer, or
+// returns nil.
+func (r *Relay) takeWarm(peer netip.Addr) warmStream {
+	r.mu.Lock()
+	var pool *warmPool
+	if p := r.byAddr[peer.Unmap()]; p != nil && p.session != nil {
+		pool = p.session.warm
+	}
+	r.mu.Unlock()
+	if pool == nil {
+		return nil
+	}
+	return pool.take()
 }
 
 func (e relayEgress) WriteUDP(src, dst netip.AddrPort, payload []byte) error {
-	return e.org.WriteUDP(src, netip.AddrPortFrom(tunnelAddrFor(dst.Addr(), src.Addr()), dst.Port()), payload)
+	return e.r.org.WriteUDP(src, netip.AddrPortFrom(tunnelAddrFor(dst.Addr(), src.Addr()), dst.Port()), payload)
 }
 
 // tunnelAddr4 is the IPv4 tunnel address behind a (v4 or v6) tunnel address.

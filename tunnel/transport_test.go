@@ -18,12 +18,14 @@ import (
 
 // udpGate stands between the appliance and the relay's WireGuard UDP port
 // on loopback: it forwards both ways while open and silently drops
-// everything while closed, as a network that blocks UDP does.
+// everything while closed, as a network that blocks UDP does. upHeld
+// drops only what the appliance sends.
 type udpGate struct {
-	open atomic.Bool
-	pc   *net.UDPConn // the appliance talks to this
-	up   *net.UDPConn // toward the relay
-	peer atomic.Pointer[net.UDPAddr]
+	open   atomic.Bool
+	upHeld atomic.Bool
+	pc     *net.UDPConn // the appliance talks to this
+	up     *net.UDPConn // toward the relay
+	peer   atomic.Pointer[net.UDPAddr]
 }
 
 func newUDPGate(t *testing.T, relayPort uint16) *udpGate {
@@ -48,7 +50,7 @@ func newUDPGate(t *testing.T, relayPort uint16) *udpGate {
 				return
 			}
 			g.peer.Store(from)
-			if g.open.Load() {
+			if g.open.Load() && !g.upHeld.Load() {
 				up.Write(buf[:n])
 			}
 		}

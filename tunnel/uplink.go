@@ -60,11 +60,13 @@ type Uplink struct {
 	opts   options
 	gates  gates // bound the data packets each direction of dev holds
 	path   pathState
+	warm   warmServed
 
 	host string // the relay's host and port, re-resolved on failure
 	port uint16
 
 	kick      chan struct{} // SetPorts wakes the control loop
+	warmReset chan struct{} // the path MTU changed: the relay's warm streams must go
 	closed    chan struct{}
 	closeOnce sync.Once
 	running   atomic.Bool    // Run was called
@@ -149,19 +151,20 @@ func newUplink(cfg *conf.Uplink, dev tun.Device, dialer UplinkStack, log *zap.Lo
 		return nil, fmt.Errorf("configure relay peer: %w", err)
 	}
 	u := &Uplink{
-		cfg:     cfg,
-		dev:     d,
-		client:  client,
-		dialer:  dialer,
-		log:     log,
-		opts:    o,
-		gates:   g,
-		host:    host,
-		port:    uint16(port),
-		kick:    make(chan struct{}, 1),
-		closed:  make(chan struct{}),
-		state:   StateConnecting,
-		results: make(map[string]message),
+		cfg:       cfg,
+		dev:       d,
+		client:    client,
+		dialer:    dialer,
+		log:       log,
+		opts:      o,
+		gates:     g,
+		host:      host,
+		port:      uint16(port),
+		kick:      make(chan struct{}, 1),
+		warmReset: make(chan struct{}, 1),
+		closed:    make(chan struct{}),
+		state:     StateConnecting,
+		results:   make(map[string]message),
 	}
 	u.path.mtu.Store(int64(cfg.MTU))
 	u.path.kick = make(chan struct{}, 1)
@@ -363,7 +366,8 @@ func (u *Uplink) controlSession(ctx context.Context) (registered bool, err error
 	stop := context.AfterFunc(ctx, func() { c.Close() })
 	defer stop()
 	cc := newControlConn(c)
-	if err := cc.write(message{Type: msgHello, Version: u.opts.version, ChecksumsOptional: u.opts.checksumsOptional != nil}, controlWriteTimeout); err != nil {
+	if err := cc.write(message{Type: msgHello, Version: u.opts.version, ChecksumsOptional: u.opts.checksumsOptional != nil,
+		WarmStreams: u.opts.warmMax > 0}, controlWriteTimeout); err != nil {
 		return false, fmt.Errorf("send hello: %w", err)
 	}
 	hello, err := cc.read(u.opts.pingTimeout)
@@ -407,6 +411,10 @@ func (u *Uplink) controlSession(ctx context.Context) (registered bool, err error
 		case <-u.kick:
 			if err := u.register(cc); err != nil {
 				return true, err
+			}
+		case <-u.warmReset:
+			if err := cc.write(message{Type: msgWarm}, controlWriteTimeout); err != nil {
+				return true, fmt.Errorf("send warm_reset: %w", err)
 			}
 		case <-ping.C:
 			if err := cc.write(message{Type: msgPing}, controlWriteTimeout); err != nil {
@@ -552,6 +560,13 @@ type UplinkStatus struct {
 	MTU            int64  `json:"mtu"`
 	PathProbes     uint64 `json:"path_probes"`
 	PathProbesLost uint64 `json:"path_probes_lost"`
+	// The relay's warm streams (warm.go): waiting for a public flow now,
+	// that carried one, refused past the bound on waiting ones, and closed
+	// for a malformed header.
+	WarmStreamsWaiting int64  `json:"warm_streams_waiting"`
+	WarmStreamsServed  uint64 `json:"warm_streams_served"`
+	WarmStreamsRefused uint64 `json:"warm_streams_refused"`
+	WarmStreamsBad     uint64 `json:"warm_streams_bad"`
 }
 
 // HandshakeAge is the time since the last handshake, or -1 if none yet.
@@ -575,6 +590,8 @@ func (u *Uplink) Status() UplinkStatus {
 	}
 	st.GatePackets, st.GateHeld, st.GateStalls = u.gates.status()
 	st.MTU, st.PathProbes, st.PathProbesLost = u.path.mtu.Load(), u.path.probes.Load(), u.path.lost.Load()
+	st.WarmStreamsWaiting, st.WarmStreamsServed = u.warm.waiting.Load(), u.warm.served.Load()
+	st.WarmStreamsRefused, st.WarmStreamsBad = u.warm.refused.Load(), u.warm.bad.Load()
 	for _, spec := range u.ports {
 		m, ok := u.results[spec]
 		switch {

@@ -209,6 +209,7 @@ func (a *Appliance) addUplink(cfg *conf.Config, u *conf.Uplink, opts []tunnel.Op
 	if err != nil {
 		return err
 	}
+	in.uplink = up
 	a.uplinks = append(a.uplinks, up)
 	a.teardown.add(up.Close)
 	up.SetWanted(uplinkPorts(cfg, time.Now()))
@@ -413,6 +414,9 @@ type ingress struct {
 	label  string // the stack's name in status and metrics; "" means name
 	engine *forwarder.Engine
 	stack  *netstack.Stack
+	// uplink is the uplink an uplink stack serves, whose warm streams its
+	// handler passes on (tunnel/warm.go); set before the stack runs.
+	uplink *tunnel.Uplink
 }
 
 // statusName is the stack's key in status: "tun", "uplink", or one uplink
@@ -442,7 +446,15 @@ func (in *ingress) WriteUDP(src, dst netip.AddrPort, payload []byte) error {
 }
 
 func (in *ingress) HandleTCP(r *netstack.TCPRequest) {
+	if in.uplink != nil && in.uplink.ServeWarm(r.Src, r.Dst, r, in.serveTCP) {
+		return
+	}
 	in.engine.HandleTCP(in, r.Src, r.Dst, r)
+}
+
+// serveTCP is a relayed flow that came on a warm stream.
+func (in *ingress) serveTCP(src, dst netip.AddrPort, a forwarder.TCPAttempt) {
+	in.engine.HandleTCP(in, src, dst, a)
 }
 
 func (in *ingress) HandleUDP(src, dst netip.AddrPort, payload []byte) {

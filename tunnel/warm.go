@@ -1,0 +1,451 @@
+package tunnel
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/natbox/natbox/forwarder"
+)
+
+// Warm streams: the relay keeps a few TCP connections open to each peer's
+// stack ahead of use, so a public connection's first bytes go through the
+// tunnel at once, not after a handshake's round trip. A relayed connection
+// then costs one round trip between relay and appliance instead of two
+// (frp's multiplexed streams cost one too).
+//
+// Only for a peer whose hello said "warm_streams":true; an older appliance
+// says nothing and gets one tunnel connection per public connection.
+//
+//	relay -> appliance  a TCP connection from the relay's tunnel address to
+//	                    the appliance's, port ControlPort; idle until used
+//	relay -> appliance  the header (warmHeader), then the client's bytes
+//	appliance -> relay  warmAccepted once the target answered, then the
+//	                    target's bytes; or warmRefused, then a FIN
+//
+// A public flow never comes from the relay's own tunnel address (the relay
+// refuses such a client), so the appliance tells a warm stream from a
+// public flow to a mapping on port 7 by its source.
+
+// The appliance's one-byte answer to a warm stream's header.
+const (
+	warmAccepted byte = 0
+	warmRefused  byte = 1
+)
+
+// The header: version, family (4 or 6), the public port the client reached,
+// the client's port (both big-endian) and address (4 or 16 bytes).
+const (
+	warmVersion       = 1
+	warmHeaderFixed   = 6
+	maxWarmHeaderSize = warmHeaderFixed + 16
+)
+
+// Defaults of WithWarmStreams.
+const (
+	defaultWarmMax  = 128              // idle and dialing streams per peer, at most
+	defaultWarmIdle = 60 * time.Second // an idle stream older than this is closed
+)
+
+// warmMin streams stay open toward a connected peer while none are used.
+const warmMin = 2
+
+// appendWarmHeader appends the header of a flow from client to port.
+func appendWarmHeader(b []byte, client netip.AddrPort, port uint16) []byte {
+	a := client.Addr().Unmap()
+	fam := byte(4)
+	if a.Is6() {
+		fam = 6
+	}
+	b = append(b, warmVersion, fam)
+	b = binary.BigEndian.AppendUint16(b, port)
+	b = binary.BigEndian.AppendUint16(b, client.Port())
+	return append(b, a.AsSlice()...)
+}
+
+// readWarmHeader reads a header from r: the client and the public port.
+func readWarmHeader(r io.Reader) (client netip.AddrPort, port uint16, err error) {
+	var b [maxWarmHeaderSize]byte
+	if _, err := io.ReadFull(r, b[:warmHeaderFixed]); err != nil {
+		return client, 0, err
+	}
+	if b[0] != warmVersion {
+		return client, 0, fmt.Errorf("warm stream header version %d, want %d", b[0], warmVersion)
+	}
+	n := 4
+	switch b[1] {
+	case 4:
+	case 6:
+		n = 16
+	default:
+		return client, 0, fmt.Errorf("warm stream header family %d", b[1])
+	}
+	if _, err := io.ReadFull(r, b[warmHeaderFixed:warmHeaderFixed+n]); err != nil {
+		return client, 0, fmt.Errorf("warm stream header: %w", io.ErrUnexpectedEOF)
+	}
+	a, _ := netip.AddrFromSlice(b[warmHeaderFixed : warmHeaderFixed+n])
+	port = binary.BigEndian.Uint16(b[2:])
+	if port == 0 || !a.IsValid() || a.IsUnspecified() {
+		return client, 0, fmt.Errorf("warm stream header: client %s, port %d", a, port)
+	}
+	return netip.AddrPortFrom(a, binary.BigEndian.Uint16(b[4:])), port, nil
+}
+
+// ---- the appliance's side
+
+// warmServed counts the appliance's warm streams.
+type warmServed struct {
+	waiting atomic.Int64  // accepted, waiting for their header
+	served  atomic.Uint64 // carried a public flow
+	refused atomic.Uint64 // refused: WithWarmStreams' bound on waiting ones
+	bad     atomic.Uint64 // closed for a malformed header
+}
+
+// ServeWarm serves a connection attempt from src to dst that arrived through
+// the tunnel if it is one of the relay's warm streams, and reports whether
+// it was: it accepts it, waits for the header and hands the public flow it
+// carries to serve with the client's own address, as if the flow had come
+// on its own (so allowlists and per-source budgets see the client). The
+// stack's handler calls it first, on the attempt's goroutine.
+func (u *Uplink) ServeWarm(src, dst netip.AddrPort, a forwarder.TCPAttempt, serve func(src, dst netip.AddrPort, a forwarder.TCPAttempt)) bool {
+	if dst.Port() != ControlPort || src.Addr().Unmap() != u.cfg.RelayAddress.Unmap() || u.opts.warmMax == 0 {
+		return false
+	}
+	w := &u.warm
+	if w.waiting.Add(1) > int64(2*u.opts.warmMax) {
+		w.waiting.Add(-1)
+		w.refused.Add(1)
+		a.Reject()
+		return true
+	}
+	c, err := a.Accept()
+	if err != nil {
+		w.waiting.Add(-1)
+		return true
+	}
+	// The relay closes a stream idle for warmIdle; this bounds one whose
+	// relay vanished.
+	c.SetReadDeadline(time.Now().Add(2 * u.opts.warmIdle))
+	client, port, err := readWarmHeader(c)
+	w.waiting.Add(-1)
+	if err != nil {
+		if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+			w.bad.Add(1)
+			u.log.Debug("warm stream closed", zap.Error(err))
+		}
+		c.Close()
+		return true
+	}
+	c.SetReadDeadline(time.Time{})
+	w.served.Add(1)
+	local := netip.AddrPortFrom(tunnelAddrFor(u.cfg.Address, client.Addr()), port)
+	serve(client, local, warmAttempt{c})
+	return true
+}
+
+// warmAttempt is a warm stream's flow as the forwarder's connection attempt:
+// the answer byte tells the relay whether the target took it.
+type warmAttempt struct{ c net.Conn }
+
+func (a warmAttempt) Accept() (net.Conn, error) {
+	if _, err := a.c.Write([]byte{warmAccepted}); err != nil {
+		a.c.Close()
+		return nil, err
+	}
+	return a.c, nil
+}
+
+func (a warmAttempt) Reject() {
+	a.c.Write([]byte{warmRefused})
+	a.c.Close()
+}
+
+// Context is never cancelled: the target's dial timeout bounds the wait.
+func (a warmAttempt) Context() context.Context { return context.Background() }
+
+// ---- the relay's side
+
+// warmCounters are a peer's warm stream counters, kept across its sessions.
+type warmCounters struct {
+	used, missed, dialFailed, expired, resets atomic.Uint64
+}
+
+// warmStream is what a warm stream's conn offers: a netstack TCPConn with its
+// zero-copy paths (netstack/zerocopy_linux.go), all of which warmConn passes on.
+type warmStream interface {
+	net.Conn
+	CloseRead() error
+	CloseWrite() error
+	Abort() error
+	WriteToSocket(syscall.RawConn) (int, error, error)
+	ReadFromSocket(syscall.RawConn) (int, error, error)
+}
+
+type idleWarm struct {
+	c     warmStream
+	since time.Time
+}
+
+// warmPool keeps a session's warm streams toward its peer. How many it keeps
+// follows use: a take that finds none doubles the target (up to max), a
+// sweep that saw no such miss halves it (down to warmMin).
+type warmPool struct {
+	dial   func(context.Context) (net.Conn, error)
+	cnt    *warmCounters
+	max    int
+	idleT  time.Duration
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     *sync.WaitGroup // the relay's
+	log    *zap.Logger
+
+	mu      sync.Mutex
+	idle    []idleWarm // oldest first
+	dialing int
+	target  int
+	missed  bool   // a take found none since the last sweep
+	failing bool   // a dial failed: no new ones for warmRetry
+	gen     uint64 // reset's count: a dial begun before a reset is discarded
+	closed  bool
+}
+
+// newWarmPool starts a pool dialing with dial; close ends it.
+func newWarmPool(parent context.Context, dial func(context.Context) (net.Conn, error), cnt *warmCounters, maxStreams int,
+	idle time.Duration, wg *sync.WaitGroup, log *zap.Logger) *warmPool {
+	p := &warmPool{dial: dial, cnt: cnt, max: maxStreams, idleT: idle, wg: wg, log: log, target: min(warmMin, maxStreams)}
+	p.ctx, p.cancel = context.WithCancel(parent)
+	p.mu.Lock()
+	p.fillLocked()
+	p.mu.Unlock()
+	wg.Add(1)
+	go p.sweepLoop()
+	return p
+}
+
+// take returns an idle stream, or nil; either way it refills.
+func (p *warmPool) take() warmStream {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return nil
+	}
+	var c warmStream
+	if n := len(p.idle); n > 0 {
+		c = p.idle[n-1].c // the newest: the oldest may expire unused
+		p.idle[n-1] = idleWarm{}
+		p.idle = p.idle[:n-1]
+		p.cnt.used.Add(1)
+	} else {
+		p.cnt.missed.Add(1)
+		p.missed = true
+		p.target = min(p.max, 2*max(p.target, 1))
+	}
+	p.fillLocked()
+	return c
+}
+
+// fillLocked dials until idle and dialing streams reach the target.
+func (p *warmPool) fillLocked() {
+	for !p.closed && !p.failing && len(p.idle)+p.dialing < p.target {
+		p.dialing++
+		p.wg.Add(1)
+		go p.dialOne()
+	}
+}
+
+const (
+	warmDialTimeout = 10 * time.Second // bounds one warm stream's handshake
+	warmRetry       = time.Second      // after a failed dial, before the next
+)
+
+// retry dials again after a failure's pause.
+func (p *warmPool) retry() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.failing = false
+	p.fillLocked()
+}
+
+func (p *warmPool) dialOne() {
+	defer p.wg.Done()
+	p.mu.Lock()
+	gen := p.gen
+	p.mu.Unlock()
+	ctx, cancel := context.WithTimeout(p.ctx, warmDialTimeout)
+	c, err := p.dial(ctx)
+	cancel()
+	ws, ok := c.(warmStream)
+	if err == nil && !ok {
+		c.Close()
+		err = fmt.Errorf("a %T has no zero-copy paths", c)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.dialing--
+	switch {
+	case err != nil:
+		if !p.closed && !p.failing {
+			p.failing = true
+			time.AfterFunc(warmRetry, p.retry)
+		}
+		if !p.closed {
+			p.cnt.dialFailed.Add(1)
+			p.log.Debug("warm stream dial failed", zap.Error(err))
+		}
+	case p.closed:
+		ws.Close()
+	case p.gen != gen: // begun before a reset: at the old MTU
+		ws.Close()
+		p.fillLocked()
+	default:
+		p.idle = append(p.idle, idleWarm{c: ws, since: time.Now()})
+	}
+}
+
+func (p *warmPool) sweepLoop() {
+	defer p.wg.Done()
+	t := time.NewTicker(p.idleT / 4)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.ctx.Done():
+			return
+		case now := <-t.C:
+			p.sweep(now)
+		}
+	}
+}
+
+// sweep closes the streams idle past idleT, adapts the target and refills.
+func (p *warmPool) sweep(now time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for n < len(p.idle) && now.Sub(p.idle[n].since) > p.idleT {
+		p.idle[n].c.Close()
+		n++
+	}
+	p.cnt.expired.Add(uint64(n))
+	p.idle = append(p.idle[:0], p.idle[n:]...)
+	if !p.missed {
+		p.target = max(min(warmMin, p.max), p.target/2)
+	}
+	p.missed = false
+	p.fillLocked()
+}
+
+// reset replaces the idle streams: the peer's path MTU changed, and a TCP
+// connection keeps the MSS of its handshake.
+func (p *warmPool) reset() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, w := range p.idle {
+		w.c.Close()
+	}
+	clear(p.idle)
+	p.idle = p.idle[:0]
+	p.gen++
+	p.cnt.resets.Add(1)
+	p.fillLocked()
+}
+
+// idleCount is the number of streams ready now.
+func (p *warmPool) idleCount() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.idle)
+}
+
+// close closes the idle streams and stops dialing.
+func (p *warmPool) close() {
+	p.mu.Lock()
+	idle := p.idle
+	p.idle, p.closed = nil, true
+	p.mu.Unlock()
+	p.cancel()
+	for _, w := range idle {
+		w.c.Close()
+	}
+}
+
+// warmConn is a warm stream carrying a public flow on the relay: its first
+// read takes the appliance's answer byte.
+type warmConn struct {
+	warmStream
+	answered bool        // only the reading goroutine (the splice's) looks
+	late     atomic.Bool // no answer within the dial timeout
+	timer    *time.Timer
+}
+
+// startWarm sends the header of the flow from client to port on c; the
+// answer is due by ctx's deadline (the relay's dial timeout).
+func startWarm(ctx context.Context, c warmStream, client netip.AddrPort, port uint16) (*warmConn, error) {
+	if _, err := c.Write(appendWarmHeader(make([]byte, 0, maxWarmHeaderSize), client, port)); err != nil {
+		return nil, err
+	}
+	w := &warmConn{warmStream: c}
+	if d, ok := ctx.Deadline(); ok {
+		w.timer = time.AfterFunc(time.Until(d), func() {
+			w.late.Store(true)
+			c.SetReadDeadline(time.Unix(1, 0)) // wakes the read waiting for the answer
+		})
+	}
+	return w, nil
+}
+
+// answer reads the appliance's answer once; a refusal or none in time is
+// forwarder.ErrLateDialFailure.
+func (c *warmConn) answer() error {
+	if c.answered {
+		return nil
+	}
+	var b [1]byte
+	_, err := io.ReadFull(c.warmStream, b[:])
+	if c.timer != nil {
+		c.timer.Stop()
+	}
+	switch {
+	case c.late.Load():
+		return fmt.Errorf("warm stream: no answer within the dial timeout: %w", forwarder.ErrLateDialFailure)
+	case errors.Is(err, io.EOF):
+		return fmt.Errorf("warm stream closed before its answer: %w", forwarder.ErrLateDialFailure)
+	case err != nil:
+		return err
+	case b[0] != warmAccepted:
+		return fmt.Errorf("warm stream: the peer refused the flow: %w", forwarder.ErrLateDialFailure)
+	}
+	c.answered = true
+	return nil
+}
+
+func (c *warmConn) Read(b []byte) (int, error) {
+	if err := c.answer(); err != nil {
+		return 0, err
+	}
+	return c.warmStream.Read(b)
+}
+
+func (c *warmConn) WriteToSocket(rc syscall.RawConn) (int, error, error) {
+	if err := c.answer(); err != nil {
+		return 0, err, nil
+	}
+	return c.warmStream.WriteToSocket(rc)
+}
+
+// Close stops the answer's timer too.
+func (c *warmConn) Close() error {
+	if c.timer != nil {
+		c.timer.Stop()
+	}
+	return c.warmStream.Close()
+}
