@@ -256,7 +256,7 @@ func (p *warmPool) take() warmStream {
 
 // fillLocked dials until idle and dialing streams reach the target.
 func (p *warmPool) fillLocked() {
-	for !p.closed && !p.failing && len(p.idle)+p.dialing < p.target {
+	for !p.closed && !p.failing && p.ctx.Err() == nil && len(p.idle)+p.dialing < p.target {
 		p.dialing++
 		p.wg.Add(1)
 		go p.dialOne()
