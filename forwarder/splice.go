@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/natbox/natbox/internal/gostack"
 )
 
 // Splice buffers. One leg is usually a gVisor conn, which has no
@@ -206,7 +208,13 @@ func (sp *splicer) run(aToBCount, bToACount *byteCounter) (aToB, bToA int64, err
 }
 
 // runCopy exists so the second copy direction has a readable name in stacks.
+// Writing into a netstack conn (the relay's client to its peer) runs
+// gVisor's sender deep below: grown up front, the new goroutine's stack is
+// copied once instead of doubling from there.
 func (sp *splicer) runCopy(dst, src net.Conn, dir string, n *byteCounter, done chan<- int64) {
+	if _, ok := dst.(socketReaderFrom); ok {
+		gostack.Grow()
+	}
 	done <- sp.copy(dst, src, dir, n)
 }
 

@@ -17,6 +17,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/natbox/natbox/internal/gostack"
 )
 
 // TCPRequest is a client's connection attempt, handed to Handler.HandleTCP.
@@ -191,7 +193,7 @@ func (s *Stack) forwardTCP(fr *tcp.ForwarderRequest) {
 		return
 	}
 	defer s.handlers.Done()
-	growStack()
+	gostack.Grow()
 
 	id := fr.ID()
 	r := &TCPRequest{

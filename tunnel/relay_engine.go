@@ -13,6 +13,7 @@ import (
 
 	"github.com/natbox/natbox/conf"
 	"github.com/natbox/natbox/forwarder"
+	"github.com/natbox/natbox/internal/gostack"
 )
 
 // The relay's public flows run through a forwarder.Engine: admission,
@@ -195,12 +196,7 @@ func (e relayEgress) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.
 		return nil, fmt.Errorf("client %s has the relay's own tunnel address", src)
 	}
 	if ws := r.takeWarm(dst.Addr()); ws != nil {
-		c, err := startWarm(ctx, ws, src, dst.Port())
-		if err == nil {
-			return c, nil
-		}
-		ws.Close()
-		r.log.Debug("warm stream failed; dialing", zap.String("dst", dst.String()), zap.Error(err))
+		return startWarm(ctx, ws, src, dst.Port()), nil
 	}
 	return r.org.DialTCP(ctx, src, netip.AddrPortFrom(tunnelAddrFor(dst.Addr(), src.Addr()), dst.Port()))
 }
@@ -257,6 +253,8 @@ func (a publicAttempt) Context() context.Context { return a.ctx }
 // serveTCP hands one public TCP connection to the engine.
 func (r *Relay) serveTCP(h *holding, c net.Conn) {
 	defer r.wg.Done()
+	gostack.Grow() // the dial, the splice into the stack and the close run deep in gVisor
+
 	client := unmapPort(c.RemoteAddr().(*net.TCPAddr).AddrPort())
 	local := unmapPort(c.LocalAddr().(*net.TCPAddr).AddrPort())
 	r.eng.HandleTCP(h, client, local, publicAttempt{c: c, ctx: h.ctx})

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/natbox/natbox/forwarder"
+	"github.com/natbox/natbox/internal/gostack"
 )
 
 // Warm streams: the relay keeps a few TCP connections open to each peer's
@@ -60,6 +61,9 @@ const (
 // warmMin streams stay open toward a connected peer while none are used.
 const warmMin = 2
 
+// errWarmHeader marks a header that is not one.
+var errWarmHeader = errors.New("malformed warm stream header")
+
 // appendWarmHeader appends the header of a flow from client to port.
 func appendWarmHeader(b []byte, client netip.AddrPort, port uint16) []byte {
 	a := client.Addr().Unmap()
@@ -80,7 +84,7 @@ func readWarmHeader(r io.Reader) (client netip.AddrPort, port uint16, err error)
 		return client, 0, err
 	}
 	if b[0] != warmVersion {
-		return client, 0, fmt.Errorf("warm stream header version %d, want %d", b[0], warmVersion)
+		return client, 0, fmt.Errorf("%w: version %d, want %d", errWarmHeader, b[0], warmVersion)
 	}
 	n := 4
 	switch b[1] {
@@ -88,7 +92,7 @@ func readWarmHeader(r io.Reader) (client netip.AddrPort, port uint16, err error)
 	case 6:
 		n = 16
 	default:
-		return client, 0, fmt.Errorf("warm stream header family %d", b[1])
+		return client, 0, fmt.Errorf("%w: family %d", errWarmHeader, b[1])
 	}
 	if _, err := io.ReadFull(r, b[warmHeaderFixed:warmHeaderFixed+n]); err != nil {
 		return client, 0, fmt.Errorf("warm stream header: %w", io.ErrUnexpectedEOF)
@@ -96,7 +100,7 @@ func readWarmHeader(r io.Reader) (client netip.AddrPort, port uint16, err error)
 	a, _ := netip.AddrFromSlice(b[warmHeaderFixed : warmHeaderFixed+n])
 	port = binary.BigEndian.Uint16(b[2:])
 	if port == 0 || !a.IsValid() || a.IsUnspecified() {
-		return client, 0, fmt.Errorf("warm stream header: client %s, port %d", a, port)
+		return client, 0, fmt.Errorf("%w: client %s, port %d", errWarmHeader, a, port)
 	}
 	return netip.AddrPortFrom(a, binary.BigEndian.Uint16(b[4:])), port, nil
 }
@@ -139,7 +143,9 @@ func (u *Uplink) ServeWarm(src, dst netip.AddrPort, a forwarder.TCPAttempt, serv
 	client, port, err := readWarmHeader(c)
 	w.waiting.Add(-1)
 	if err != nil {
-		if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+		// EOF: the relay closed it unused; others: the relay or this
+		// stack went away.
+		if errors.Is(err, errWarmHeader) {
 			w.bad.Add(1)
 			u.log.Debug("warm stream closed", zap.Error(err))
 		}
@@ -148,6 +154,9 @@ func (u *Uplink) ServeWarm(src, dst netip.AddrPort, a forwarder.TCPAttempt, serv
 	}
 	c.SetReadDeadline(time.Time{})
 	w.served.Add(1)
+	// The GC shrank this goroutine's stack while it waited; the dial and
+	// the splice would grow it again from deep inside.
+	gostack.Grow()
 	local := netip.AddrPortFrom(tunnelAddrFor(u.cfg.Address, client.Addr()), port)
 	serve(client, local, warmAttempt{c})
 	return true
@@ -158,6 +167,9 @@ func (u *Uplink) ServeWarm(src, dst netip.AddrPort, a forwarder.TCPAttempt, serv
 type warmAttempt struct{ c net.Conn }
 
 func (a warmAttempt) Accept() (net.Conn, error) {
+	if ws, ok := a.c.(warmStream); ok {
+		return &answerConn{warmStream: ws, answer: newLeadBytes(ws, []byte{warmAccepted})}, nil
+	}
 	if _, err := a.c.Write([]byte{warmAccepted}); err != nil {
 		a.c.Close()
 		return nil, err
@@ -278,6 +290,7 @@ func (p *warmPool) retry() {
 
 func (p *warmPool) dialOne() {
 	defer p.wg.Done()
+	gostack.Grow() // for gVisor's handshake
 	p.mu.Lock()
 	gen := p.gen
 	p.mu.Unlock()
@@ -378,29 +391,128 @@ func (p *warmPool) close() {
 	}
 }
 
-// warmConn is a warm stream carrying a public flow on the relay: its first
-// read takes the appliance's answer byte.
+// coalesceWait is how long a warm stream's header (relay) or answer
+// (appliance) waits for the flow's first bytes, to leave in one segment with
+// them, before it leaves alone (the other side may be the one to speak
+// first).
+const coalesceWait = time.Millisecond
+
+// leadBytes sends lead (a header or an answer) with the first bytes written
+// on c, alone after coalesceWait, or before a half-close or close, whichever
+// comes first: a segment and a wake-up per flow less each way.
+type leadBytes struct {
+	c     warmStream
+	sent  atomic.Bool
+	mu    sync.Mutex // serialises the first write with the timer's; guards timer
+	lead  []byte
+	timer *time.Timer
+}
+
+func newLeadBytes(c warmStream, lead []byte) *leadBytes {
+	l := &leadBytes{c: c, lead: lead}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.timer = time.AfterFunc(coalesceWait, func() { l.flush() })
+	return l
+}
+
+// stop drops the lead: the stream ends without it.
+func (l *leadBytes) stop() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.timer.Stop()
+	l.sent.Store(true)
+}
+
+// write writes b on c, after the lead if it is still waiting.
+func (l *leadBytes) write(b []byte) (int, error) {
+	if l.sent.Load() {
+		return l.c.Write(b)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.sent.Load() {
+		return l.c.Write(b)
+	}
+	l.timer.Stop()
+	l.sent.Store(true)
+	n, err := l.c.Write(append(l.lead[:len(l.lead):len(l.lead)], b...))
+	return max(n-len(l.lead), 0), err
+}
+
+// flush sends the lead alone if it is still waiting.
+func (l *leadBytes) flush() error {
+	if l.sent.Load() {
+		return nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.sent.Load() {
+		return nil
+	}
+	l.timer.Stop()
+	l.sent.Store(true)
+	_, err := l.c.Write(l.lead)
+	return err
+}
+
+// answerConn is a warm stream's flow on the appliance once its target
+// answered: the accepted byte leads the target's first bytes.
+type answerConn struct {
+	warmStream
+	answer *leadBytes
+}
+
+func (c *answerConn) Write(b []byte) (int, error) { return c.answer.write(b) }
+
+func (c *answerConn) ReadFromSocket(rc syscall.RawConn) (int, error, error) {
+	if err := c.answer.flush(); err != nil {
+		return 0, nil, err
+	}
+	return c.warmStream.ReadFromSocket(rc)
+}
+
+// CloseWrite and Close send the answer first: a target that closes
+// without a byte still took the flow.
+func (c *answerConn) CloseWrite() error {
+	c.answer.flush()
+	return c.warmStream.CloseWrite()
+}
+
+func (c *answerConn) Close() error {
+	c.answer.flush()
+	return c.warmStream.Close()
+}
+
+// Abort resets the stream: no answer is due.
+func (c *answerConn) Abort() error {
+	c.answer.stop()
+	return c.warmStream.Abort()
+}
+
+// warmConn is a warm stream carrying a public flow on the relay: the header
+// leads the client's first bytes, and the first read takes the appliance's
+// answer byte.
 type warmConn struct {
 	warmStream
+	header   *leadBytes
 	answered bool        // only the reading goroutine (the splice's) looks
 	late     atomic.Bool // no answer within the dial timeout
 	timer    *time.Timer
 }
 
-// startWarm sends the header of the flow from client to port on c; the
-// answer is due by ctx's deadline (the relay's dial timeout).
-func startWarm(ctx context.Context, c warmStream, client netip.AddrPort, port uint16) (*warmConn, error) {
-	if _, err := c.Write(appendWarmHeader(make([]byte, 0, maxWarmHeaderSize), client, port)); err != nil {
-		return nil, err
-	}
-	w := &warmConn{warmStream: c}
+// startWarm starts the flow from client to port on c (its header leaves
+// with the client's first bytes); the answer is due by ctx's deadline (the
+// relay's dial timeout).
+func startWarm(ctx context.Context, c warmStream, client netip.AddrPort, port uint16) *warmConn {
+	w := &warmConn{warmStream: c, header: newLeadBytes(c, appendWarmHeader(make([]byte, 0, maxWarmHeaderSize), client, port))}
 	if d, ok := ctx.Deadline(); ok {
 		w.timer = time.AfterFunc(time.Until(d), func() {
 			w.late.Store(true)
 			c.SetReadDeadline(time.Unix(1, 0)) // wakes the read waiting for the answer
 		})
 	}
-	return w, nil
+	return w
 }
 
 // answer reads the appliance's answer once; a refusal or none in time is
@@ -414,13 +526,13 @@ func (c *warmConn) answer() error {
 	if c.timer != nil {
 		c.timer.Stop()
 	}
+	// Whatever ends the stream before the answer (a stale stream's reset
+	// too), the flow reached no target.
 	switch {
 	case c.late.Load():
 		return fmt.Errorf("warm stream: no answer within the dial timeout: %w", forwarder.ErrLateDialFailure)
-	case errors.Is(err, io.EOF):
-		return fmt.Errorf("warm stream closed before its answer: %w", forwarder.ErrLateDialFailure)
 	case err != nil:
-		return err
+		return fmt.Errorf("warm stream ended before its answer (%v): %w", err, forwarder.ErrLateDialFailure)
 	case b[0] != warmAccepted:
 		return fmt.Errorf("warm stream: the peer refused the flow: %w", forwarder.ErrLateDialFailure)
 	}
@@ -442,10 +554,38 @@ func (c *warmConn) WriteToSocket(rc syscall.RawConn) (int, error, error) {
 	return c.warmStream.WriteToSocket(rc)
 }
 
-// Close stops the answer's timer too.
+func (c *warmConn) Write(b []byte) (int, error) { return c.header.write(b) }
+
+func (c *warmConn) ReadFromSocket(rc syscall.RawConn) (int, error, error) {
+	if err := c.header.flush(); err != nil {
+		return 0, nil, err
+	}
+	return c.warmStream.ReadFromSocket(rc)
+}
+
+// CloseWrite sends the header first: a client may half-close at once and
+// wait for the target to speak.
+func (c *warmConn) CloseWrite() error {
+	c.header.flush()
+	return c.warmStream.CloseWrite()
+}
+
+// Close and Abort stop the timers too. A stream closed before its header
+// left reads as unused on the appliance: no target is dialed for a client
+// that left without a byte.
 func (c *warmConn) Close() error {
+	c.stopTimers()
+	return c.warmStream.Close()
+}
+
+func (c *warmConn) Abort() error {
+	c.stopTimers()
+	return c.warmStream.Abort()
+}
+
+func (c *warmConn) stopTimers() {
+	c.header.stop()
 	if c.timer != nil {
 		c.timer.Stop()
 	}
-	return c.warmStream.Close()
 }

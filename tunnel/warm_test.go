@@ -3,6 +3,7 @@ package tunnel_test
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -245,5 +246,35 @@ func TestWarmHeaderRoundTrip(t *testing.T) {
 	}
 	if _, _, err := tunnel.ReadWarmHeader(bytes.NewReader(nil)); err != io.EOF {
 		t.Fatalf("empty stream: %v, want EOF (a relay closing an idle stream)", err)
+	}
+}
+
+// TestWarmStreamMalformedHeader: a stream from the relay's address to port
+// 7 whose header is not one is closed and counted, never forwarded; the
+// mapping still works.
+func TestWarmStreamMalformedHeader(t *testing.T) {
+	t.Parallel()
+	relay, key, port, spec := startOnePeerRelay(t, "tcp")
+	a := startAppliance(t, relay, key, applAddrA, mappingTOML("echo", "tcp", port, echoService(t), ""))
+	waitRegistered(t, a, spec)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := relay.stack.DialTCP(ctx, netip.AddrPortFrom(relayTunnelAddr, 0), netip.AddrPortFrom(applAddrA, tunnel.ControlPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte{9, 4, 0, 80, 0, 1, 203, 0, 113, 7, 'G', 'E', 'T'}); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil {
+		t.Fatalf("read %d bytes, %v; want the stream closed without an answer", n, err)
+	}
+	if st := a.uplink.Status(); st.WarmStreamsBad != 1 || st.WarmStreamsServed != 0 {
+		t.Fatalf("appliance: warm streams bad %d, served %d; want 1, 0", st.WarmStreamsBad, st.WarmStreamsServed)
+	}
+	if _, got := tcpRoundTrip(t, netip.AddrPortFrom(loopback4, port), []byte("still\n")); string(got) != "still\n" {
+		t.Fatalf("echo after the bad stream: %q", got)
 	}
 }

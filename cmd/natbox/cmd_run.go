@@ -92,6 +92,11 @@ and max_sessions without dropping other peers' flows. The admin socket defaults 
 				return err
 			}
 			defer log.Sync()
+			stopProfile, err := startCPUProfile(os.Getenv(cpuProfileEnv))
+			if err != nil {
+				return err
+			}
+			defer stopProfile()
 			stopHeap, err := startHeapProfile(os.Getenv(heapProfileEnv), 50*time.Millisecond)
 			if err != nil {
 				return err

@@ -8,7 +8,7 @@ import (
 	"time"
 )
 
-// cpuProfileEnv names a file "natbox run" writes a CPU profile to, from
+// cpuProfileEnv names a file "natbox run" or "natbox relay" writes a CPU profile to, from
 // start until exit: for benchmarks (bench/flood.sh), not for operators.
 const cpuProfileEnv = "NATBOX_CPUPROFILE"
 

@@ -1,0 +1,20 @@
+package gostack_test
+
+import (
+	"testing"
+
+	"github.com/natbox/natbox/internal/gostack"
+	"github.com/natbox/natbox/internal/testutil"
+)
+
+func TestGrow(t *testing.T) {
+	moved := make(chan bool)
+	go func() { moved <- testutil.StackMoves(func() {}) }()
+	if !<-moved {
+		t.Skip("a new goroutine's stack already holds 6 KiB (adaptive start size); nothing to measure")
+	}
+	go func() { moved <- testutil.StackMoves(gostack.Grow) }()
+	if <-moved {
+		t.Fatal("the stack was copied again after Grow")
+	}
+}
