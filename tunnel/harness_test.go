@@ -290,6 +290,7 @@ func runApplianceWith(t testing.TB, toml string, addr netip.Addr, opts forwarder
 	if tcp.BufferBudget == 0 {
 		tcp.BufferBudget = stackBufs
 	}
+	tcp.CookiePortThreshold = -1 // as the appliance wires its uplink stacks
 	engine, err := forwarder.New(cfg, opts, log.Named("forwarder"))
 	if err != nil {
 		t.Fatal(err)

@@ -266,9 +266,14 @@ func (p *warmPool) take() warmStream {
 	return c
 }
 
-// fillLocked dials until idle and dialing streams reach the target.
+// warmDialing bounds a peer's warm streams in their handshake at once: a
+// pool growing after misses refills at most this many per round trip.
+const warmDialing = 64
+
+// fillLocked dials until idle and dialing streams reach the target, at most
+// warmDialing at once; each dial's end fills again.
 func (p *warmPool) fillLocked() {
-	for !p.closed && !p.failing && p.ctx.Err() == nil && len(p.idle)+p.dialing < p.target {
+	for !p.closed && !p.failing && p.ctx.Err() == nil && len(p.idle)+p.dialing < p.target && p.dialing < warmDialing {
 		p.dialing++
 		p.wg.Add(1)
 		go p.dialOne()
@@ -322,6 +327,7 @@ func (p *warmPool) dialOne() {
 		p.fillLocked()
 	default:
 		p.idle = append(p.idle, idleWarm{c: ws, since: time.Now()})
+		p.fillLocked()
 	}
 }
 
@@ -401,7 +407,9 @@ const coalesceWait = time.Millisecond
 // on c, alone after coalesceWait, or before a half-close or close, whichever
 // comes first: a segment and a wake-up per flow less each way.
 type leadBytes struct {
-	c     warmStream
+	c warmStream
+	// sent is set once the lead is written (or dropped), never before: a
+	// write that sees it may go straight to c.
 	sent  atomic.Bool
 	mu    sync.Mutex // serialises the first write with the timer's; guards timer
 	lead  []byte
@@ -435,8 +443,8 @@ func (l *leadBytes) write(b []byte) (int, error) {
 		return l.c.Write(b)
 	}
 	l.timer.Stop()
-	l.sent.Store(true)
 	n, err := l.c.Write(append(l.lead[:len(l.lead):len(l.lead)], b...))
+	l.sent.Store(true)
 	return max(n-len(l.lead), 0), err
 }
 
@@ -451,8 +459,8 @@ func (l *leadBytes) flush() error {
 		return nil
 	}
 	l.timer.Stop()
-	l.sent.Store(true)
 	_, err := l.c.Write(l.lead)
+	l.sent.Store(true)
 	return err
 }
 

@@ -1,22 +1,29 @@
 package tunnel
 
 import (
+	"context"
 	"net"
 	"slices"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 // writeLog is a warmStream that records each Write and half-close.
 type writeLog struct {
-	net.Conn // nil: only the methods below are used
+	net.Conn               // nil: only the methods below are used
+	slowLead time.Duration // a write of just "L" takes this long
 	mu       sync.Mutex
 	writes   []string
 }
 
 func (w *writeLog) Write(b []byte) (int, error) {
+	if string(b) == "L" {
+		time.Sleep(w.slowLead)
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.writes = append(w.writes, string(b))
@@ -70,6 +77,15 @@ func TestLeadBytesCoalesce(t *testing.T) {
 			}
 		})
 	}
+	// The timer's lead, still being written, is not overtaken by the
+	// flow's first bytes.
+	slow := &writeLog{slowLead: 20 * time.Millisecond}
+	sc := &answerConn{warmStream: slow, answer: newLeadBytes(slow, []byte("L"))}
+	time.Sleep(5 * coalesceWait) // the timer is writing the lead now
+	sc.Write([]byte("data"))
+	if got := slow.log(); !slices.Equal(got, []string{"L", "data"}) {
+		t.Fatalf("writes %q, want the lead first", got)
+	}
 	// The relay's side: the header leads the client's bytes, and a close
 	// before any leaves the stream unused.
 	w := &writeLog{}
@@ -82,5 +98,59 @@ func TestLeadBytesCoalesce(t *testing.T) {
 	time.Sleep(5 * coalesceWait)
 	if got, got2 := w.log(), w2.log(); !slices.Equal(got, []string{"HGET", "<close>"}) || !slices.Equal(got2, []string{"<close>"}) {
 		t.Fatalf("relay writes %q and %q", got, got2)
+	}
+}
+
+// TestWarmPoolDialsAtMostWarmDialing: however far misses raise the pool's
+// target, at most warmDialing handshakes run at once (more would look like
+// a SYN flood to the appliance), and the pool still fills to the target as
+// they finish.
+func TestWarmPoolDialsAtMostWarmDialing(t *testing.T) {
+	t.Parallel()
+	var (
+		mu             sync.Mutex
+		inFlight, peak int
+		release        = make(chan struct{})
+	)
+	dial := func(ctx context.Context) (net.Conn, error) {
+		mu.Lock()
+		inFlight++
+		peak = max(peak, inFlight)
+		mu.Unlock()
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		mu.Lock()
+		inFlight--
+		mu.Unlock()
+		return &writeLog{}, nil
+	}
+	var wg sync.WaitGroup
+	p := newWarmPool(context.Background(), dial, &warmCounters{}, 128, time.Minute, &wg, zap.NewNop())
+	defer func() { p.close(); close(release); wg.Wait() }()
+	for range 8 { // each misses: the target doubles to 128
+		if c := p.take(); c != nil {
+			t.Fatal("a stream before any dial finished")
+		}
+	}
+	time.Sleep(20 * time.Millisecond)
+	mu.Lock()
+	got := inFlight
+	mu.Unlock()
+	if got != warmDialing {
+		t.Fatalf("%d dials at once, want %d", got, warmDialing)
+	}
+	for range 128 - warmDialing + 1 {
+		release <- struct{}{}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for p.idleCount() < 128-warmDialing+1 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if n := p.idleCount(); n != 128-warmDialing+1 || peak != warmDialing {
+		t.Fatalf("%d streams ready, peak %d dials at once; want %d, %d", n, peak, 128-warmDialing+1, warmDialing)
 	}
 }

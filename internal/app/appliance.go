@@ -188,11 +188,17 @@ func (a *Appliance) addUplink(cfg *conf.Config, u *conf.Uplink, opts []tunnel.Op
 	// The link takes max_mtu (a path probe's size); the path MTU starts at
 	// mtu, and the uplink raises it where the probe passes.
 	stackSide, outer := netstack.Direct(u.MaxMTU)
+	tcp := stackTCP(a.stackBufs)
+	// No SYN cookies: every SYN through the tunnel is the relay's, for a
+	// public client whose handshake the relay's kernel completed (bounded
+	// there per peer) or a warm stream (tunnel/warm.go); a cookie would
+	// take its window scaling away (gVisor does not encode it).
+	tcp.CookiePortThreshold = -1
 	in, err := newIngress(conf.IngressUplink, stackSide, netstack.Config{
 		MTU:       u.MaxMTU,
 		PathMTU:   u.MTU,
 		Addresses: tunnel.TunnelPrefixes(u.Address),
-		TCP:       stackTCP(a.stackBufs),
+		TCP:       tcp,
 	}, a.engine, log)
 	if err != nil {
 		outer.Close()
