@@ -211,6 +211,36 @@ func (b *connBudget) remove(c *tcpConn) {
 	}
 }
 
+// standby takes c out of the budget's share-out: its buffers drop to its
+// floor (two segments) and the connections that move data share the budget
+// without it. resume puts it back as a new light connection.
+func (b *connBudget) standby(c *tcpConn) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, ok := b.conns[c]; !ok {
+		return
+	}
+	delete(b.conns, c)
+	delete(b.bulk, c)
+	c.standby = true
+	if b.total > 0 {
+		c.fixed = false
+		c.fitBuffers(0, 0)
+	}
+	b.rebalanceLocked(nil, nil)
+}
+
+func (b *connBudget) resume(c *tcpConn) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !c.standby {
+		return
+	}
+	c.standby = false
+	b.conns[c] = struct{}{}
+	b.rebalanceLocked(c, nil)
+}
+
 // runChecks checks the connections' traffic every bulkCheckEvery until
 // the stack closes.
 func (b *connBudget) runChecks(done <-chan struct{}) {

@@ -1,6 +1,7 @@
 package netstack
 
 import (
+	"bytes"
 	"io"
 	"net"
 	"net/netip"
@@ -437,4 +438,80 @@ func TestBudgetLightRecvFollowsShare(t *testing.T) {
 		c.Close()
 	}
 	waitFor("back once the crowd left", func() bool { return server.Stats().TCPConns == 1 && recv() == start })
+}
+
+// TestStandbyLeavesTheBudget: connections on standby (a relay's warm
+// streams waiting for a flow) hold two segments' buffers and no share: 20
+// of them beside one connection leave it the share of one, where counted
+// they would thin it to a twenty-first; resumed, one is a light connection
+// again, and bytes still cross it.
+func TestStandbyLeavesTheBudget(t *testing.T) {
+	const (
+		idle   = 20
+		budget = 32 << 20
+	)
+	accepted := make(chan *tcpConn, idle+1)
+	client, server := newPairConfig(t, Config{TCP: TCPConfig{BufferBudget: budget}}, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		accepted <- c.(*tcpConn)
+		io.Copy(c, c)
+	}})
+	ctx := testContext(t)
+	var clients []net.Conn
+	for range idle + 1 {
+		c, err := client.DialTCP(ctx, netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:81"))
+		if err != nil {
+			t.Fatalf("dial: %v", err)
+		}
+		t.Cleanup(func() { c.Close() })
+		clients = append(clients, c)
+	}
+	var conns []*tcpConn
+	for range idle + 1 {
+		conns = append(conns, <-accepted)
+	}
+	counted := server.Stats()
+	for _, c := range conns[1:] {
+		c.Standby()
+	}
+	st := server.Stats()
+	if st.TCPConns != 1 || st.TCPBufferShare <= counted.TCPBufferShare {
+		t.Fatalf("%d of %d on standby: %d conns counted, light share %d (was %d with all counted); want 1, more",
+			idle, idle+1, st.TCPConns, st.TCPBufferShare, counted.TCPBufferShare)
+	}
+	waiting := conns[1]
+	ops := waiting.ep.SocketOptions()
+	if r, s := int(ops.GetReceiveBufferSize()), int(ops.GetSendBufferSize()); r != waiting.floor || s != waiting.floor {
+		t.Fatalf("standby buffers %d / %d, want the floor %d", r, s, waiting.floor)
+	}
+	waiting.Resume()
+	waiting.Resume() // twice: counted once
+	if st := server.Stats(); st.TCPConns != 2 {
+		t.Fatalf("after resume %d conns counted, want 2", st.TCPConns)
+	}
+	if r := int(ops.GetReceiveBufferSize()); r <= waiting.floor {
+		t.Fatalf("resumed receive buffer %d, want above the floor %d", r, waiting.floor)
+	}
+	// Bytes cross the resumed connection and the one never on standby.
+	payload := bytes.Repeat([]byte("warm"), 64<<10)
+	echoed := 0
+	for _, c := range clients {
+		if a := c.LocalAddr().String(); a != conns[0].RemoteAddr().String() && a != waiting.RemoteAddr().String() {
+			continue
+		}
+		echoed++
+		go c.Write(payload)
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		got := make([]byte, len(payload))
+		if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, payload) {
+			t.Fatalf("echo on %s: %v", c.LocalAddr(), err)
+		}
+	}
+	if echoed != 2 {
+		t.Fatalf("found %d of the 2 connections' clients", echoed)
+	}
 }

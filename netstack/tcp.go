@@ -385,6 +385,8 @@ type tcpConn struct {
 	zc     zeroCopyState
 	budget *connBudget // set once handed out; Close removes the conn from it
 	fixed  bool        // send buffer set to a fixed size; guarded by budget.mu
+	// standby: out of the budget's share-out (Standby); guarded by budget.mu
+	standby bool
 	// recvStart is the receive buffer it was handed out with (budget.add).
 	recvStart int
 	floor     int // cuts stop here: two segments (budget.add)
@@ -418,6 +420,24 @@ func (c *tcpConn) Write(b []byte) (int, error) {
 	n, err := c.TCPConn.Write(b)
 	c.movedOut.Add(uint64(n))
 	return n, connError(err)
+}
+
+// Standby takes c out of the stack's buffer budget while it carries no data
+// (a relay's warm stream waiting for its flow, tunnel/warm.go): its buffers
+// drop to two segments, so idle connections held ahead of use do not thin
+// out the windows of those that move data. Resume puts it back, at the
+// light share, before it carries a flow.
+func (c *tcpConn) Standby() {
+	if c.budget != nil {
+		c.budget.standby(c)
+	}
+}
+
+// Resume ends Standby.
+func (c *tcpConn) Resume() {
+	if c.budget != nil {
+		c.budget.resume(c)
+	}
 }
 
 func (c *tcpConn) Abort() error {

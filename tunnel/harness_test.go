@@ -249,6 +249,12 @@ func startApplianceOpts(t testing.TB, relayHost string, relay *relaySide, key co
 
 // applianceTOML is the config text of an appliance behind relay.
 func applianceTOML(relayHost string, relay *relaySide, key conf.Key, addr netip.Addr, mappings string) string {
+	return applianceTOMLVia(relayHost, relay.port, relay, key, addr, mappings)
+}
+
+// applianceTOMLVia is applianceTOML with the relay's WireGuard port as seen
+// from the appliance (a udpGate's, say).
+func applianceTOMLVia(relayHost string, port uint16, relay *relaySide, key conf.Key, addr netip.Addr, mappings string) string {
 	return fmt.Sprintf(`
 [uplink]
 relay = "%s:%d"
@@ -258,7 +264,7 @@ address = %q
 relay_address = %q
 keepalive = "1s"
 mtu = %d
-%s`, relayHost, relay.port, relay.key.Public(), key, addr, relayTunnelAddr, testMTU, mappings)
+%s`, relayHost, port, relay.key.Public(), key, addr, relayTunnelAddr, testMTU, mappings)
 }
 
 // runAppliance starts an appliance from its whole config text; addr is its

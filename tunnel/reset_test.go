@@ -22,7 +22,14 @@ func TestRelayPassesResets(t *testing.T) {
 	partial := bytes.Repeat([]byte("cut answer "), 6000) // 66 KB: many segments
 	cut := testutil.ServeTCP(t, "127.0.0.1:0", testutil.CutResponse(partial))
 	targetErr := make(chan error, 1)
+	targetRead := make(chan struct{})
 	reader := testutil.ServeTCP(t, "127.0.0.1:0", func(c *net.TCPConn) {
+		c.SetReadDeadline(time.Now().Add(15 * time.Second))
+		if _, err := c.Read(make([]byte, 64)); err != nil {
+			targetErr <- err
+			return
+		}
+		close(targetRead)
 		_, err := testutil.ReadToError(c, 15*time.Second)
 		targetErr <- err
 	})
@@ -63,6 +70,17 @@ func TestRelayPassesResets(t *testing.T) {
 			t.Fatal(err)
 		}
 		c.Write([]byte("half a request"))
+		// Once the flow reaches the target: a client that resets before
+		// its bytes left the relay never makes the target connect (on a
+		// warm stream, tunnel/warm.go, the target is dialed for the first
+		// bytes).
+		select {
+		case <-targetRead:
+		case err := <-targetErr:
+			t.Fatalf("target read %v before any byte", err)
+		case <-time.After(15 * time.Second):
+			t.Fatal("the request never reached the target")
+		}
 		c.(*net.TCPConn).SetLinger(0)
 		c.Close()
 		select {

@@ -137,11 +137,19 @@ func (u *Uplink) ServeWarm(src, dst netip.AddrPort, a forwarder.TCPAttempt, serv
 		w.waiting.Add(-1)
 		return true
 	}
+	// Waiting, it holds two segments' buffers, outside the budget.
+	sc, _ := c.(standbyConn)
+	if sc != nil {
+		sc.Standby()
+	}
 	// The relay closes a stream idle for warmIdle; this bounds one whose
 	// relay vanished.
 	c.SetReadDeadline(time.Now().Add(2 * u.opts.warmIdle))
 	client, port, err := readWarmHeader(c)
 	w.waiting.Add(-1)
+	if sc != nil {
+		sc.Resume()
+	}
 	if err != nil {
 		// EOF: the relay closed it unused; others: the relay or this
 		// stack went away.
@@ -201,6 +209,15 @@ type warmStream interface {
 	Abort() error
 	WriteToSocket(syscall.RawConn) (int, error, error)
 	ReadFromSocket(syscall.RawConn) (int, error, error)
+	standbyConn
+}
+
+// standbyConn is a netstack conn that can leave the stack's buffer budget
+// while it waits (netstack's tcpConn.Standby): a pool of idle streams must
+// not thin out the windows of the flows that move data.
+type standbyConn interface {
+	Standby()
+	Resume()
 }
 
 type idleWarm struct {
@@ -306,6 +323,9 @@ func (p *warmPool) dialOne() {
 	if err == nil && !ok {
 		c.Close()
 		err = fmt.Errorf("a %T has no zero-copy paths", c)
+	}
+	if err == nil {
+		ws.Standby()
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -513,6 +533,7 @@ type warmConn struct {
 // with the client's first bytes); the answer is due by ctx's deadline (the
 // relay's dial timeout).
 func startWarm(ctx context.Context, c warmStream, client netip.AddrPort, port uint16) *warmConn {
+	c.Resume()
 	w := &warmConn{warmStream: c, header: newLeadBytes(c, appendWarmHeader(make([]byte, 0, maxWarmHeaderSize), client, port))}
 	if d, ok := ctx.Deadline(); ok {
 		w.timer = time.AfterFunc(time.Until(d), func() {

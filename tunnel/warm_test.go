@@ -29,16 +29,7 @@ func warmPeer(t *testing.T, relay *relaySide) tunnel.RelayPeerStatus {
 // gatedApplianceTOML is an appliance reaching the relay through gate, over
 // UDP.
 func gatedApplianceTOML(gate *udpGate, relay *relaySide, key conf.Key, mappings string) string {
-	return fmt.Sprintf(`
-[uplink]
-relay = "127.0.0.1:%d"
-relay_public_key = %q
-private_key = %q
-address = %q
-relay_address = %q
-keepalive = "1s"
-mtu = %d
-%s`, gate.port(), relay.key.Public(), key, applAddrA, relayTunnelAddr, testMTU, mappings)
+	return applianceTOMLVia("127.0.0.1", gate.port(), relay, key, applAddrA, mappings)
 }
 
 // requestTarget records the first line of each connection on lines and
