@@ -176,7 +176,7 @@ type warmAttempt struct{ c net.Conn }
 
 func (a warmAttempt) Accept() (net.Conn, error) {
 	if ws, ok := a.c.(warmStream); ok {
-		return &answerConn{warmStream: ws, answer: newLeadBytes(ws, []byte{warmAccepted})}, nil
+		return newAnswerConn(ws), nil
 	}
 	if _, err := a.c.Write([]byte{warmAccepted}); err != nil {
 		a.c.Close()
@@ -293,7 +293,7 @@ func (p *warmPool) fillLocked() {
 	for !p.closed && !p.failing && p.ctx.Err() == nil && len(p.idle)+p.dialing < p.target && p.dialing < warmDialing {
 		p.dialing++
 		p.wg.Add(1)
-		go p.dialOne()
+		go p.dialOne(p.gen)
 	}
 }
 
@@ -310,12 +310,10 @@ func (p *warmPool) retry() {
 	p.fillLocked()
 }
 
-func (p *warmPool) dialOne() {
+// dialOne dials one stream for the pool as it was at reset count gen.
+func (p *warmPool) dialOne(gen uint64) {
 	defer p.wg.Done()
 	gostack.Grow() // for gVisor's handshake
-	p.mu.Lock()
-	gen := p.gen
-	p.mu.Unlock()
 	ctx, cancel := context.WithTimeout(p.ctx, warmDialTimeout)
 	c, err := p.dial(ctx)
 	cancel()
@@ -484,37 +482,46 @@ func (l *leadBytes) flush() error {
 	return err
 }
 
-// answerConn is a warm stream's flow on the appliance once its target
-// answered: the accepted byte leads the target's first bytes.
-type answerConn struct {
+// leadConn is a warm stream whose lead goes out before anything written on
+// it: with the first write, or alone before a zero-copy write or a
+// half-close (the other side may be waiting to speak).
+type leadConn struct {
 	warmStream
-	answer *leadBytes
+	lead *leadBytes
 }
 
-func (c *answerConn) Write(b []byte) (int, error) { return c.answer.write(b) }
+func (c *leadConn) Write(b []byte) (int, error) { return c.lead.write(b) }
 
-func (c *answerConn) ReadFromSocket(rc syscall.RawConn) (int, error, error) {
-	if err := c.answer.flush(); err != nil {
+func (c *leadConn) ReadFromSocket(rc syscall.RawConn) (int, error, error) {
+	if err := c.lead.flush(); err != nil {
 		return 0, nil, err
 	}
 	return c.warmStream.ReadFromSocket(rc)
 }
 
-// CloseWrite and Close send the answer first: a target that closes
-// without a byte still took the flow.
-func (c *answerConn) CloseWrite() error {
-	c.answer.flush()
+func (c *leadConn) CloseWrite() error {
+	c.lead.flush()
 	return c.warmStream.CloseWrite()
 }
 
+// answerConn is a warm stream's flow on the appliance once its target
+// answered: the accepted byte leads the target's first bytes.
+type answerConn struct{ leadConn }
+
+func newAnswerConn(c warmStream) *answerConn {
+	return &answerConn{leadConn{warmStream: c, lead: newLeadBytes(c, []byte{warmAccepted})}}
+}
+
+// Close sends the answer first: a target that closes without a byte still
+// took the flow.
 func (c *answerConn) Close() error {
-	c.answer.flush()
+	c.lead.flush()
 	return c.warmStream.Close()
 }
 
 // Abort resets the stream: no answer is due.
 func (c *answerConn) Abort() error {
-	c.answer.stop()
+	c.lead.stop()
 	return c.warmStream.Abort()
 }
 
@@ -522,8 +529,7 @@ func (c *answerConn) Abort() error {
 // leads the client's first bytes, and the first read takes the appliance's
 // answer byte.
 type warmConn struct {
-	warmStream
-	header   *leadBytes
+	leadConn             // the header leads
 	answered bool        // only the reading goroutine (the splice's) looks
 	late     atomic.Bool // no answer within the dial timeout
 	timer    *time.Timer
@@ -534,7 +540,7 @@ type warmConn struct {
 // relay's dial timeout).
 func startWarm(ctx context.Context, c warmStream, client netip.AddrPort, port uint16) *warmConn {
 	c.Resume()
-	w := &warmConn{warmStream: c, header: newLeadBytes(c, appendWarmHeader(make([]byte, 0, maxWarmHeaderSize), client, port))}
+	w := &warmConn{leadConn: leadConn{warmStream: c, lead: newLeadBytes(c, appendWarmHeader(make([]byte, 0, maxWarmHeaderSize), client, port))}}
 	if d, ok := ctx.Deadline(); ok {
 		w.timer = time.AfterFunc(time.Until(d), func() {
 			w.late.Store(true)
@@ -583,22 +589,6 @@ func (c *warmConn) WriteToSocket(rc syscall.RawConn) (int, error, error) {
 	return c.warmStream.WriteToSocket(rc)
 }
 
-func (c *warmConn) Write(b []byte) (int, error) { return c.header.write(b) }
-
-func (c *warmConn) ReadFromSocket(rc syscall.RawConn) (int, error, error) {
-	if err := c.header.flush(); err != nil {
-		return 0, nil, err
-	}
-	return c.warmStream.ReadFromSocket(rc)
-}
-
-// CloseWrite sends the header first: a client may half-close at once and
-// wait for the target to speak.
-func (c *warmConn) CloseWrite() error {
-	c.header.flush()
-	return c.warmStream.CloseWrite()
-}
-
 // Close and Abort stop the timers too. A stream closed before its header
 // left reads as unused on the appliance: no target is dialed for a client
 // that left without a byte.
@@ -613,7 +603,7 @@ func (c *warmConn) Abort() error {
 }
 
 func (c *warmConn) stopTimers() {
-	c.header.stop()
+	c.lead.stop()
 	if c.timer != nil {
 		c.timer.Stop()
 	}

@@ -72,7 +72,7 @@ func TestLeadBytesCoalesce(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			w := &writeLog{}
-			c := &answerConn{warmStream: w, answer: newLeadBytes(w, []byte("L"))}
+			c := &answerConn{leadConn{warmStream: w, lead: newLeadBytes(w, []byte("L"))}}
 			tc.run(c)
 			if got := w.log(); !slices.Equal(got, tc.want) {
 				t.Fatalf("writes %q, want %q", got, tc.want)
@@ -82,7 +82,7 @@ func TestLeadBytesCoalesce(t *testing.T) {
 	// The timer's lead, still being written, is not overtaken by the
 	// flow's first bytes.
 	slow := &writeLog{slowLead: 20 * time.Millisecond}
-	sc := &answerConn{warmStream: slow, answer: newLeadBytes(slow, []byte("L"))}
+	sc := &answerConn{leadConn{warmStream: slow, lead: newLeadBytes(slow, []byte("L"))}}
 	time.Sleep(5 * coalesceWait) // the timer is writing the lead now
 	sc.Write([]byte("data"))
 	if got := slow.log(); !slices.Equal(got, []string{"L", "data"}) {
@@ -91,11 +91,11 @@ func TestLeadBytesCoalesce(t *testing.T) {
 	// The relay's side: the header leads the client's bytes, and a close
 	// before any leaves the stream unused.
 	w := &writeLog{}
-	c := &warmConn{warmStream: w, header: newLeadBytes(w, []byte("H"))}
+	c := &warmConn{leadConn: leadConn{warmStream: w, lead: newLeadBytes(w, []byte("H"))}}
 	c.Write([]byte("GET"))
 	c.Close()
 	w2 := &writeLog{}
-	c2 := &warmConn{warmStream: w2, header: newLeadBytes(w2, []byte("H"))}
+	c2 := &warmConn{leadConn: leadConn{warmStream: w2, lead: newLeadBytes(w2, []byte("H"))}}
 	c2.Close()
 	time.Sleep(5 * coalesceWait)
 	if got, got2 := w.log(), w2.log(); !slices.Equal(got, []string{"HGET", "<close>"}) || !slices.Equal(got2, []string{"<close>"}) {
