@@ -123,3 +123,36 @@ func wantReset(t *testing.T, got []byte, err error, sent []byte) {
 		t.Fatalf("read %d bytes that are not a prefix of the %d sent", len(got), len(sent))
 	}
 }
+
+// TestResetReportedToEveryCall: gVisor reports a reset to one call only;
+// after a write got it, a read must say "reset" too, never a clean end of
+// stream (a splice reading on one goroutine while another writes would pass
+// the cut on as a FIN).
+func TestResetReportedToEveryCall(t *testing.T) {
+	client, _ := newPair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		c.(TCPConn).Abort()
+	}})
+	c, err := client.DialTCP(testContext(t), netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:80"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err = c.Write([]byte("x")); err != nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("write after the peer's reset: %v, want connection reset", err)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("read after a write reported the reset: %v, want connection reset", err)
+	}
+}

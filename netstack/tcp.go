@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"sync"
@@ -397,6 +398,7 @@ type tcpConn struct {
 	movedIn, movedOut atomic.Uint64
 	lastIn, lastOut   uint64
 	quiet             int
+	wasReset          atomic.Bool // a call reported a reset (noteReset)
 	// routeGen is the stack's route generation when the handshake began
 	// (routeMTUSince).
 	routeGen uint64
@@ -413,13 +415,35 @@ func newTCPConn(wq *waiter.Queue, ep tcpip.Endpoint) *tcpConn {
 func (c *tcpConn) Read(b []byte) (int, error) {
 	n, err := c.TCPConn.Read(b)
 	c.movedIn.Add(uint64(n))
-	return n, connError(err)
+	if err == io.EOF {
+		return n, c.eof("read")
+	}
+	return n, c.noteReset(connError(err))
 }
 
 func (c *tcpConn) Write(b []byte) (int, error) {
 	n, err := c.TCPConn.Write(b)
 	c.movedOut.Add(uint64(n))
-	return n, connError(err)
+	return n, c.noteReset(connError(err))
+}
+
+// noteReset remembers a reset err reports: gVisor reports a connection's
+// reset to one call only, and a later read would then see a clean end of
+// stream (a write on one goroutine, a read on another, the splice's case).
+func (c *tcpConn) noteReset(err error) error {
+	if errors.Is(err, syscall.ECONNRESET) {
+		c.wasReset.Store(true)
+	}
+	return err
+}
+
+// eof is the end of stream a read reached: io.EOF, or the reset a call
+// before it reported.
+func (c *tcpConn) eof(op string) error {
+	if c.wasReset.Load() {
+		return connError(c.opError(op, &tcpip.ErrConnectionReset{}))
+	}
+	return io.EOF
 }
 
 // Standby takes c out of the stack's buffer budget while it carries no data

@@ -90,11 +90,11 @@ func (c *tcpConn) WriteToSocket(rc syscall.RawConn) (n int, rerr, werr error) {
 				return 0, err, nil
 			}
 		case *tcpip.ErrClosedForReceive:
-			return 0, io.EOF, nil
+			return 0, c.eof("read"), nil
 		case nil, *tcpip.ErrBadBuffer:
 			// Nothing to write after all, or the socket was full: rc.Write waited.
 		default:
-			return 0, connError(c.opError("read", terr)), nil
+			return 0, c.noteReset(connError(c.opError("read", terr))), nil
 		}
 	}
 }
@@ -248,7 +248,7 @@ func (c *tcpConn) ReadFromSocket(rc syscall.RawConn) (n int, rerr, werr error) {
 		case *tcpip.ErrWouldBlock:
 			c.waitWritable()
 		default:
-			return 0, nil, connError(c.opError("write", terr))
+			return 0, nil, c.noteReset(connError(c.opError("write", terr)))
 		}
 	}
 }
