@@ -134,6 +134,7 @@ func TestResetReportedToEveryCall(t *testing.T) {
 		if err != nil {
 			return
 		}
+		c.Read(make([]byte, 1)) // the client is connected: reset it now
 		c.(TCPConn).Abort()
 	}})
 	c, err := client.DialTCP(testContext(t), netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:80"))
