@@ -27,9 +27,10 @@ func warmPeer(t *testing.T, relay *relaySide) tunnel.RelayPeerStatus {
 }
 
 // gatedApplianceTOML is an appliance reaching the relay through gate, over
-// UDP.
+// UDP, at a fixed MTU: no path probe replaces the warm streams while a test
+// counts them.
 func gatedApplianceTOML(gate *udpGate, relay *relaySide, key conf.Key, mappings string) string {
-	return applianceTOMLVia("127.0.0.1", gate.port(), relay, key, applAddrA, mappings)
+	return applianceTOMLVia("127.0.0.1", gate.port(), relay, key, applAddrA, fmt.Sprintf("max_mtu = %d\n", testMTU)+mappings)
 }
 
 // requestTarget records the first line of each connection on lines and
