@@ -10,6 +10,8 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -453,6 +455,8 @@ func TestMetricsScrape(t *testing.T) {
 		`natbox_relay_peer_control_refusals_total{peer="home",reason="replaced"} 4`,
 		`natbox_relay_peer_control_refusals_total{peer="home",reason="rate"} 1`,
 		"go_goroutines ", // the private registry also has the runtime collectors
+		// procs (cmd/natbox/runtime.go) as the runtime runs it
+		"go_sched_gomaxprocs_threads " + strconv.Itoa(runtime.GOMAXPROCS(0)),
 	} {
 		if !strings.Contains(body, "\n"+want) {
 			t.Errorf("/metrics lacks %q", want)

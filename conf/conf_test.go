@@ -242,7 +242,7 @@ mtu = 70000 # <-`, `tun.mtu: mtu 70000 is out of range; use 1280-65535 (1500 for
 		{"tun mtu below ipv6's minimum", `[tun]
 addresses = ["203.0.113.10/32"]
 mtu = 576 # <-`, `tun.mtu: mtu 576 is out of range; use 1280-65535 (1500 for Ethernet)`},
-		{"tun queues", tunBase + `queues = -1 # <-`, `tun.queues: -1 queues is out of range; use 1-64, or 0 for one per CPU (at most 4)`},
+		{"tun queues", tunBase + `queues = -1 # <-`, `tun.queues: -1 queues is out of range; use 1-64, or 0 for one per procs (at most 4)`},
 		{"tun name too long", `[tun]
 addresses = ["203.0.113.10/32"]
 name = "natbox-much-too-long" # <-`, `tun.name: "natbox-much-too-long" is not a valid interface name; use 1-15 characters without spaces or slashes, e.g. "natbox0"`},
@@ -269,6 +269,9 @@ buffer_memory = "64MB" # <-`, `limits.buffer_memory: "64MB" is not a size; write
 		{"limits buffer memory too small", tunBase + `
 [limits]
 buffer_memory = "512KiB" # <-`, `limits.buffer_memory: 512KiB is below 1 MiB; use at least "1MiB", or "0" for unbounded`},
+		{"limits negative procs", tunBase + `
+[limits]
+procs = -1 # <-`, `limits.procs: -1 is negative; use a positive number, or 0 for half the CPUs`},
 		{"limits inflight zero", tunBase + `
 [limits]
 max_inflight_per_source = 0 # <-`, `limits.max_inflight_per_source: 0 is not positive; use a positive number`},

@@ -93,8 +93,29 @@ func BufferShares(total Size, stacks int) (forwarder, perStack int) {
 	return forwarder, (int(total) - forwarder) / max(stacks, 1)
 }
 
-// validateMemory checks a section's buffer_memory and memory_limit.
-func validateMemory(r *report, section string, buffers, limit Size) {
+// Runtime is what [limits] on an appliance and [relay] on a relay set for
+// the whole process, applied at start (cmd/natbox/runtime.go).
+type Runtime struct {
+	BufferMemory, MemoryLimit Size
+	Procs                     int
+}
+
+// Runtime returns the process-wide settings of [limits].
+func (l Limits) Runtime() Runtime {
+	return Runtime{BufferMemory: l.BufferMemory, MemoryLimit: l.MemoryLimit, Procs: l.Procs}
+}
+
+// Runtime returns the process-wide settings of [relay].
+func (s RelaySection) Runtime() Runtime {
+	return Runtime{BufferMemory: s.BufferMemory, MemoryLimit: s.MemoryLimit, Procs: s.Procs}
+}
+
+// validateRuntime checks a section's buffer_memory, memory_limit and procs.
+func validateRuntime(r *report, section string, rt Runtime) {
+	buffers, limit := rt.BufferMemory, rt.MemoryLimit
+	if rt.Procs < 0 {
+		r.errorf(section+".procs", "use a positive number, or 0 for half the CPUs", "%d is negative", rt.Procs)
+	}
 	if buffers > 0 && buffers < minBufferMemory {
 		r.errorf(section+".buffer_memory", `use at least "1MiB", or "0" for unbounded`, "%s is below 1 MiB", buffers.String())
 	}

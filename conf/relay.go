@@ -114,7 +114,7 @@ func (c *RelayConfig) validate(r *report) {
 	validateLog(r, c.Log)
 	validateAdmin(r, c.Admin)
 	s := &c.Relay
-	validateMemory(r, "relay", s.BufferMemory, s.MemoryLimit)
+	validateRuntime(r, "relay", s.Runtime())
 	if err := checkHostPort(s.Listen, true); err != nil {
 		r.valueError("relay.listen", err, "")
 	}

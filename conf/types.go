@@ -43,7 +43,7 @@ type TUN struct {
 	Addresses []netip.Prefix `toml:"addresses"` // public-side addresses the stack answers on
 	Routes    []netip.Prefix `toml:"routes"`    // kernel routes installed into the TUN, removed on exit
 	// Queues is the number of TUN queues, each read by its own input pump
-	// (IFF_MULTI_QUEUE); 0 means one per CPU, at most 4.
+	// (IFF_MULTI_QUEUE); 0 means one per thread running Go code (Limits.Procs), at most 4.
 	Queues int `toml:"queues"`
 }
 
@@ -120,6 +120,10 @@ type Limits struct {
 	// environment variable, when set, wins.
 	BufferMemory Size `toml:"buffer_memory"`
 	MemoryLimit  Size `toml:"memory_limit"`
+	// Procs is how many threads run natbox's Go code at once (the Go
+	// runtime's GOMAXPROCS); 0: half the CPUs the process may use, at
+	// least one. The GOMAXPROCS environment variable, when set, wins.
+	Procs int `toml:"procs"`
 }
 
 // Admin configures the local control API and the optional HTTP endpoint.
@@ -223,9 +227,10 @@ type RelaySection struct {
 	// appliance: the relay's flow buffers (its tunnel stack's TCP windows
 	// and send queues, its forwarder's copy buffers and queued datagrams)
 	// and its Go soft memory limit. Defaults 32 MiB and 192 MiB, for a
-	// 512 MiB VPS; 0: unbounded, none.
+	// 512 MiB VPS; 0: unbounded, none. Procs as [limits] procs.
 	BufferMemory Size `toml:"buffer_memory"`
 	MemoryLimit  Size `toml:"memory_limit"`
+	Procs        int  `toml:"procs"`
 }
 
 // Peer is one appliance allowed to use the relay.

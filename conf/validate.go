@@ -188,7 +188,7 @@ func (t *TUN) validate(r *report) {
 	}
 	validateMTU(r, "tun.mtu", t.MTU, false)
 	if t.Queues < 0 || t.Queues > MaxTUNQueues {
-		r.errorf("tun.queues", fmt.Sprintf("use 1-%d, or 0 for one per CPU (at most 4)", MaxTUNQueues), "%d queues is out of range", t.Queues)
+		r.errorf("tun.queues", fmt.Sprintf("use 1-%d, or 0 for one per procs (at most 4)", MaxTUNQueues), "%d queues is out of range", t.Queues)
 	}
 	if len(t.Addresses) == 0 {
 		r.errorf("tun.addresses", `list the public addresses natbox answers on, e.g. addresses = ["203.0.113.10/32"]`,
@@ -393,7 +393,7 @@ func (l *Limits) validate(r *report) {
 			r.errorf("limits."+f.key, f.fix, "%d is negative", f.n)
 		}
 	}
-	validateMemory(r, "limits", l.BufferMemory, l.MemoryLimit)
+	validateRuntime(r, "limits", l.Runtime())
 	if l.MaxTrackedSources < 1 {
 		r.errorf("limits.max_tracked_sources", "use a positive number (default 65536)", "%d is not positive", l.MaxTrackedSources)
 	}

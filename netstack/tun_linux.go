@@ -29,8 +29,9 @@ func CreateTUN(name string, mtu, queues int) (tun.Device, error) {
 }
 
 // DefaultTUNQueues is the number of TUN queues (and input pumps) when the
-// config leaves it at 0: one per CPU natbox may use, at most 4 (beyond that
-// the gVisor stack behind them, not the reads, is the limit).
+// config leaves it at 0: one per thread running Go code (GOMAXPROCS, which
+// cmd/natbox sets from limits.procs), at most 4 (beyond that the gVisor
+// stack behind them, not the reads, is the limit).
 func DefaultTUNQueues() int { return min(runtime.GOMAXPROCS(0), 4) }
 
 // MaxTUNQueues bounds the queues a config may ask for (each holds a 64 KiB

@@ -373,7 +373,7 @@ func (a *Appliance) Reload() (Reloaded, error) {
 		a.log.Warn("reload refused; nothing changed", zap.Error(err))
 		return Reloaded{}, err
 	}
-	restart = append(restart, memoryRestart("limits", a.cfg.Limits.BufferMemory, next.Limits.BufferMemory, a.cfg.Limits.MemoryLimit, next.Limits.MemoryLimit)...)
+	restart = append(restart, runtimeRestart("limits", a.cfg.Limits.Runtime(), next.Limits.Runtime())...)
 	applyLive()
 	a.cfg = next
 	for _, up := range a.uplinks {
@@ -386,16 +386,21 @@ func (a *Appliance) Reload() (Reloaded, error) {
 	return Reloaded{Diff: diff, Restart: restart}, nil
 }
 
-// memoryRestart names the memory keys of section that changed: the budgets
-// are shared out when the stacks and the engine start, and the soft limit
-// is set once, so they apply at the next start.
-func memoryRestart(section string, oldBufs, nextBufs, oldLimit, nextLimit conf.Size) []string {
+// runtimeRestart lists the section's process-wide settings that changed
+// between old and next: they apply only at start.
+func runtimeRestart(section string, old, next conf.Runtime) []string {
 	var keys []string
-	if oldBufs != nextBufs {
-		keys = append(keys, "restart natbox to apply "+section+".buffer_memory")
-	}
-	if oldLimit != nextLimit {
-		keys = append(keys, "restart natbox to apply "+section+".memory_limit")
+	for _, s := range []struct {
+		key     string
+		changed bool
+	}{
+		{"buffer_memory", old.BufferMemory != next.BufferMemory},
+		{"memory_limit", old.MemoryLimit != next.MemoryLimit},
+		{"procs", old.Procs != next.Procs},
+	} {
+		if s.changed {
+			keys = append(keys, "restart natbox to apply "+section+"."+s.key)
+		}
 	}
 	return keys
 }

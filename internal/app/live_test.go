@@ -135,22 +135,22 @@ func TestReloadLevelFixedByFlagIsNamed(t *testing.T) {
 	}
 }
 
-// TestReloadNamesMemoryKeysForRestart: the buffer budget is shared out and
-// the soft memory limit set at start, so a reload that changes them applies
-// the rest and names them.
-func TestReloadNamesMemoryKeysForRestart(t *testing.T) {
+// TestReloadNamesRuntimeKeysForRestart: the buffer budget is shared out,
+// and the soft memory limit and procs set at start, so a reload that
+// changes them applies the rest and names them.
+func TestReloadNamesRuntimeKeysForRestart(t *testing.T) {
 	t.Parallel()
 	target := serveTCP(t, echo)
 	s := spec{Mappings: mapping("web", "tcp", "8810", target.String())}
 	h := newHarness(t, s, app.Options{})
-	s.Limits = "buffer_memory = \"16MiB\"\nmemory_limit = \"128MiB\""
+	s.Limits = "buffer_memory = \"16MiB\"\nmemory_limit = \"128MiB\"\nprocs = 3"
 	s.Mappings += mapping("more", "tcp", "8811", target.String())
 	h.writeConfig(s)
 	res, err := h.app.Reload()
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"restart natbox to apply limits.buffer_memory", "restart natbox to apply limits.memory_limit"}
+	want := []string{"restart natbox to apply limits.buffer_memory", "restart natbox to apply limits.memory_limit", "restart natbox to apply limits.procs"}
 	if !slices.Equal(res.Restart, want) || !slices.Equal(res.Added, []string{"more"}) {
 		t.Fatalf("restart = %q, added %v; want %q, [more]", res.Restart, res.Added, want)
 	}

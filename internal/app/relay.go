@@ -148,7 +148,7 @@ func (n *RelayNode) Reload() (Reloaded, error) {
 		n.log.Warn("config", zap.Stringer("warning", w))
 	}
 	applyLive()
-	restart = append(restart, memoryRestart("relay", n.cfg.Relay.BufferMemory, next.Relay.BufferMemory, n.cfg.Relay.MemoryLimit, next.Relay.MemoryLimit)...)
+	restart = append(restart, runtimeRestart("relay", n.cfg.Relay.Runtime(), next.Relay.Runtime())...)
 	res := Reloaded{Diff: peerDiff(n.cfg.Peers, next.Peers), Restart: restart}
 	n.cfg = next
 	n.log.Info("reloaded", zap.Int("peers", len(next.Peers)))

@@ -2,6 +2,7 @@ package main
 
 import (
 	"os"
+	"runtime"
 	"runtime/debug"
 
 	"go.uber.org/zap"
@@ -59,5 +60,36 @@ func setGC(tunnel bool, log *zap.Logger) {
 	if p := gcPercent(os.Getenv("GOGC"), tunnel); p > 0 {
 		debug.SetGCPercent(p)
 		log.Debug("gc percent set", zap.Int("gogc", p), zap.Bool("tunnel", tunnel))
+	}
+}
+
+// procs is the GOMAXPROCS to set, or 0 to leave Go's: GOMAXPROCS in the
+// environment wins, then the config's procs; by default half of cpus (Go's
+// own default: the CPUs the process may use), at least one. A relayed
+// packet wakes goroutines in turn (the input pump, gVisor's TCP processor,
+// the splice); while a P is idle, Go hands each to another thread, a
+// cross-CPU wakeup per hand-off. The kernel's share of a packet (TUN and
+// socket system calls) runs outside the Ps. On the 2-vCPU bench host one P
+// instead of two took the gateway's round trip from 171-179 to 100-138 us
+// and its CPU per connection down a quarter, the relay's round trip from
+// 473-536 to 243-284 us, at the same throughput (netstack/BENCH.md, "One
+// P").
+func procs(env string, configured, cpus int) int {
+	switch {
+	case env != "":
+		return 0
+	case configured > 0:
+		return configured
+	default:
+		return max(1, cpus/2)
+	}
+}
+
+// setProcs applies procs to the runtime.
+func setProcs(configured int, log *zap.Logger) {
+	cpus := runtime.GOMAXPROCS(0)
+	if n := procs(os.Getenv("GOMAXPROCS"), configured, cpus); n > 0 {
+		runtime.GOMAXPROCS(n)
+		log.Info("procs set", zap.Int("procs", n), zap.Int("cpus", cpus))
 	}
 }
