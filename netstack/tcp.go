@@ -488,8 +488,11 @@ func (s *Stack) track(c *tcpConn, gen uint64) *tcpConn {
 
 // connError maps the text gonet left of a tcpip.Error back to its errno.
 func connError(err error) error {
+	if err == nil {
+		return nil // before oe, which escapes: no allocation per call
+	}
 	var oe *net.OpError
-	if err == nil || !errors.As(err, &oe) || oe.Err == nil {
+	if !errors.As(err, &oe) || oe.Err == nil {
 		return err
 	}
 	var errno syscall.Errno

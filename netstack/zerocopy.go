@@ -78,6 +78,7 @@ type zeroCopyState struct {
 	readCh      chan struct{}
 	writeEntry  waiter.Entry
 	writeCh     chan struct{}
+	step        writeStepState // the reader's WriteToSocket step
 }
 
 func (c *tcpConn) setReadDeadline(t time.Time) {

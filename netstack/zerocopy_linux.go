@@ -49,32 +49,17 @@ var (
 // receive buffer (the budget's), never in a buffer of ours, however long
 // the socket stays full.
 func (c *tcpConn) WriteToSocket(rc syscall.RawConn) (n int, rerr, werr error) {
-	var w socketWriter
+	zc, st := &c.zc, &c.zc.step
+	if st.fn == nil {
+		st.fn = c.writeStep
+	}
+	w := &st.sw
 	for {
-		var terr tcpip.Error
-		err := rc.Write(func(fd uintptr) bool {
-			w.start(int(fd), c.zc.bulk)
-			if !w.gather {
-				// A request's worth: each view written as it is, and
-				// consumed as far as the socket took it, in one Read
-				// (no second lock after the write, when the answer may
-				// already want the endpoint). A bulk start's small views
-				// cost a write each for this one step.
-				_, terr = c.ep.Read(&w, tcpip.ReadOptions{})
-			} else {
-				_, terr = c.ep.Read(&w, tcpip.ReadOptions{Peek: true})
-				w.flush()
-				w.release()
-				if w.written > 0 {
-					c.consume(w.written)
-				}
-			}
-			// Nothing written and the socket is full: wait for room.
-			return w.written > 0 || !errors.Is(w.err, errSocketFull)
-		})
+		st.terr = nil
+		err := rc.Write(st.fn)
 		if w.written > 0 {
 			c.movedIn.Add(uint64(w.written))
-			c.zc.bulk = w.written >= zeroCopyMinView
+			zc.bulk = w.written >= zeroCopyMinView
 		}
 		switch {
 		case err != nil:
@@ -84,7 +69,7 @@ func (c *tcpConn) WriteToSocket(rc syscall.RawConn) (n int, rerr, werr error) {
 		case w.written > 0:
 			return w.written, nil, nil
 		}
-		switch terr.(type) {
+		switch st.terr.(type) {
 		case *tcpip.ErrWouldBlock:
 			if err := c.waitReadable(); err != nil {
 				return 0, err, nil
@@ -94,9 +79,32 @@ func (c *tcpConn) WriteToSocket(rc syscall.RawConn) (n int, rerr, werr error) {
 		case nil, *tcpip.ErrBadBuffer:
 			// Nothing to write after all, or the socket was full: rc.Write waited.
 		default:
-			return 0, c.noteReset(connError(c.opError("read", terr))), nil
+			return 0, c.noteReset(connError(c.opError("read", st.terr))), nil
 		}
 	}
+}
+
+// writeStep is WriteToSocket's RawConn callback: one step into the socket
+// fd; false (nothing written, the socket full) waits for room.
+func (c *tcpConn) writeStep(fd uintptr) bool {
+	st := &c.zc.step
+	w := &st.sw
+	w.start(int(fd), c.zc.bulk)
+	if !w.gather {
+		// A request's worth: each view written as it is, and consumed as
+		// far as the socket took it, in one Read (no second lock after
+		// the write, when the answer may already want the endpoint). A
+		// bulk start's small views cost a write each for this one step.
+		_, st.terr = c.ep.Read(w, tcpip.ReadOptions{})
+	} else {
+		_, st.terr = c.ep.Read(w, tcpip.ReadOptions{Peek: true})
+		w.flush()
+		w.release()
+		if w.written > 0 {
+			c.consume(w.written)
+		}
+	}
+	return w.written > 0 || !errors.Is(w.err, errSocketFull)
 }
 
 // consume removes the first n received bytes, which WriteToSocket wrote,
@@ -117,6 +125,16 @@ func (d *discard) Write(p []byte) (int, error) {
 	n := d.left
 	d.left = 0
 	return n, errStepDone
+}
+
+// writeStepState is WriteToSocket's step, kept in the conn so that a call
+// allocates nothing (a closure and its captures per call were five
+// allocations per round trip): the socket writer, the endpoint's error and
+// the callback handed to the socket (writeStep, bound once).
+type writeStepState struct {
+	sw   socketWriter
+	terr tcpip.Error
+	fn   func(fd uintptr) bool
 }
 
 // socketWriter is the io.Writer WriteToSocket hands the endpoint: views
