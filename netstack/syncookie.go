@@ -2,6 +2,7 @@ package netstack
 
 import (
 	"context"
+	"math"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -182,6 +183,22 @@ func (s *Stack) newCookieListener(port uint16) (*cookieListener, error) {
 			// then the port stays in forwarder mode (counted).
 			if err = ep.Bind(tcpip.FullAddress{Port: port}); err == nil {
 				err = ep.Listen(cookieBacklog)
+			}
+			if err == nil {
+				// A client's first data that reaches the listener before
+				// its handshake ACK made the connection is moved to the
+				// connection, but gVisor leaves its size charged to the
+				// listener (tcp/accept.go handleListenSegment, then
+				// segment.setOwner), and the listener's queue refuses
+				// payload once the charge passes its receive buffer: after
+				// a few thousand connections every such client waited a
+				// 200 ms retransmission (TestCookiePortKeepsPace). The
+				// charge is an int32, so this limit is never reached.
+				// Accepted connections keep the stack's buffer: Listen
+				// has already taken it. Nothing is lost as a bound: the
+				// queue always takes segments without payload (SYNs,
+				// the flood itself); the listener's processor drains it.
+				ep.SocketOptions().SetReceiveBufferSize(math.MaxInt32, false)
 			}
 			if err != nil {
 				ep.Close()

@@ -20,6 +20,7 @@ import (
 	"go.uber.org/zap/zaptest"
 	"golang.zx2c4.com/wireguard/tun"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 )
 
 // countingTarget is a loopback target that reports each connection it
@@ -584,5 +585,69 @@ func TestCookieModeSparesPendingHandshake(t *testing.T) {
 	}
 	if est, seen := fw.established4(t, clientPrefix4.Addr()); !seen || est {
 		t.Fatalf("client request seen %v, established %v; want only the dial-first request", seen, est)
+	}
+}
+
+// TestCookiePortKeepsPace: a busy port in cookie mode carries its clients'
+// first data as fast as it did before. The client's first data often
+// reaches the cookie listener before its handshake ACK has made the
+// connection; gVisor moves such a segment to the new connection but leaves
+// its size charged to the listener, whose queue then refused every later
+// payload after ~1 MiB (each such client waited out a 200 ms
+// retransmission). newCookieListener lifts that charge's limit.
+func TestCookiePortKeepsPace(t *testing.T) {
+	const request = 1400 // one full segment: the charge grows fastest
+	total := 2000
+	if testing.Short() {
+		total = 1000
+	}
+	cfg := Config{TCP: TCPConfig{CookiePortThreshold: 1}} // every port in cookie mode at once
+	client, server := newPairConfig(t, cfg, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		b := make([]byte, request)
+		if _, err := io.ReadFull(c, b); err == nil {
+			c.Write(b[:1])
+		}
+	}})
+	dst := netip.MustParseAddrPort("10.0.0.2:80")
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	req := make([]byte, request)
+	res := testutil.Churn(ctx, total, 64, total, 20000, func(ctx context.Context, port uint16) error {
+		c, err := client.DialTCP(ctx, netip.AddrPortFrom(clientPrefix4.Addr(), port), dst)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		if _, err := c.Write(req); err != nil {
+			return err
+		}
+		_, err = io.ReadFull(c, make([]byte, 1))
+		return err
+	})
+	if res.Failures != 0 {
+		t.Fatalf("%d of %d connections failed; first: %v", res.Failures, total, res.FirstErr)
+	}
+	st := server.Stats()
+	if st.CookieConns < uint64(total)/2 {
+		t.Fatalf("cookies completed %d of %d connections; the test did not exercise cookie mode", st.CookieConns, total)
+	}
+	var dropped uint64
+	server.cookies.mu.Lock()
+	for _, l := range server.cookies.m {
+		for _, ep := range l.eps {
+			dropped += ep.Stats().(*tcp.Stats).ReceiveErrors.SegmentQueueDropped.Value()
+		}
+	}
+	server.cookies.mu.Unlock()
+	// The client's retransmission timeouts are the symptom (logged); the
+	// listener's drops are the cause, and a loaded machine cannot make them.
+	t.Logf("%d connections in %v; client retransmission timeouts %d", total, res.Elapsed, client.Stats().TCPTimeouts)
+	if dropped != 0 {
+		t.Fatalf("cookie listener dropped %d segments over %d connections; want 0", dropped, total)
 	}
 }
