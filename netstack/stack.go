@@ -86,16 +86,19 @@ type TCPConfig struct {
 	HandshakeTimeout time.Duration
 	// CookiePortThreshold and CookieTotalThreshold switch a port to SYN
 	// cookies (see syncookie.go): a SYN that finds this many handshakes
-	// pending on its port (default 64) or in total (default 512) opens a
-	// cookie listener on the port, and from then on its handshakes complete
-	// before the Handler is called. Negative disables cookie mode.
+	// pending on its port (default 64) or in total (default 512), each
+	// raised by the rate at which handshakes complete there
+	// (pendingLimit), opens a cookie listener on the port, and from then on
+	// its handshakes complete before the Handler is called. Negative
+	// disables cookie mode.
 	CookiePortThreshold  int
 	CookieTotalThreshold int
 	// MaxCookiePorts caps the ports in cookie mode at once (default 1024);
 	// beyond it SYNs take the normal path (Stats.CookiePortsOverflow).
 	MaxCookiePorts int
-	// CookieIdle is how long a cookie port must see no SYN, and no
-	// pressure, before it leaves cookie mode (default 10 s).
+	// CookieIdle is how long a cookie port must see no SYN, or see its
+	// SYNs at least half answered, and no pressure, before it leaves
+	// cookie mode (default 10 s).
 	CookieIdle time.Duration
 	// BufferBudget bounds, in bytes, the receive and send buffers of all
 	// TCP connections together (see connBudget): light connections an
@@ -335,7 +338,7 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 	}
 	s.pending.m = make(map[stack.TransportEndpointID]*TCPRequest)
 	s.conns.init(s)
-	s.handshakes = newHandshakeCounts()
+	s.handshakes = newHandshakeCounts(s.cookieMode())
 	s.cookies.m = make(map[uint16]*cookieListener)
 	s.cookies.stop = make(chan struct{})
 	s.link = newLinkEndpoint(uint32(cfg.MTU), cfg.QueueLen, &s.stats, vnet)

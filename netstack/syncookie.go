@@ -42,14 +42,23 @@ import (
 type handshakeCounts struct {
 	total atomic.Int32
 	port  [1 << 16]atomic.Int32
+	// Handshakes that completed, per second, in total and per port (nil
+	// where cookie mode is off): how many a port may keep pending before
+	// it counts as flooded (pendingLimit).
+	completedTotal completionRate
+	completed      *[1 << 16]completionRate
 
 	mu sync.Mutex
 	// mu guards ids.
 	ids map[stack.TransportEndpointID]struct{}
 }
 
-func newHandshakeCounts() *handshakeCounts {
-	return &handshakeCounts{ids: make(map[stack.TransportEndpointID]struct{})}
+func newHandshakeCounts(rates bool) *handshakeCounts {
+	h := &handshakeCounts{ids: make(map[stack.TransportEndpointID]struct{})}
+	if rates {
+		h.completed = new([1 << 16]completionRate)
+	}
+	return h
 }
 
 func (h *handshakeCounts) start(id stack.TransportEndpointID) {
@@ -60,12 +69,95 @@ func (h *handshakeCounts) start(id stack.TransportEndpointID) {
 	h.mu.Unlock()
 }
 
-func (h *handshakeCounts) done(id stack.TransportEndpointID) {
+// done ends a pending handshake; completed says the client answered.
+func (h *handshakeCounts) done(id stack.TransportEndpointID, completed bool) {
 	h.mu.Lock()
 	delete(h.ids, id)
 	h.mu.Unlock()
 	h.total.Add(-1)
 	h.port[id.LocalPort].Add(-1)
+	if completed && h.completed != nil {
+		now := time.Now().Unix()
+		h.completedTotal.add(now)
+		h.completed[id.LocalPort].add(now)
+	}
+}
+
+// busyFactor caps how far a port's completion rate raises its pending
+// limit: at most busyFactor times the configured threshold.
+const busyFactor = 16
+
+// pendingLimit is how many handshakes may be pending before a SYN switches
+// to cookies, given the configured threshold and the handshakes that
+// completed in the last second: at least the threshold, and half a second's
+// completions. A real client answers the SYN-ACK within its round trip, so a
+// busy port (or stack) has about its completion rate times that pending;
+// a spoofed flood's handshakes never complete. Without this, a port whose
+// clients simply connect often (64 of them at once in their handshake, on a
+// slow target or long paths) went to cookies and lost window scaling. The
+// cap bounds the target connections a flood on a busy port holds before
+// cookies start.
+func pendingLimit(threshold int, rate *completionRate, now int64) int {
+	return min(max(threshold, rate.perSecond(now)/2), threshold*busyFactor)
+}
+
+// overLimit reports whether a SYN for port finds its port's or the stack's
+// pending handshakes at their limit.
+func (h *handshakeCounts) overLimit(port uint16, t *TCPConfig, now int64) bool {
+	return h.portOverLimit(port, t.CookiePortThreshold, now) ||
+		h.completed != nil && int(h.total.Load()) >= pendingLimit(t.CookieTotalThreshold, &h.completedTotal, now)
+}
+
+func (h *handshakeCounts) portOverLimit(port uint16, threshold int, now int64) bool {
+	return h.completed != nil && int(h.port[port].Load()) >= pendingLimit(threshold, &h.completed[port], now)
+}
+
+// completionRate counts events per second: the current second's count and
+// the previous second's, with the second (mod 2^16), in one word, so the
+// packet path reads it without a lock.
+type completionRate struct{ w atomic.Uint64 }
+
+const rateCountMax = 1<<24 - 1
+
+func unpackRate(w uint64) (sec uint16, cur, prev int) {
+	return uint16(w >> 48), int(w >> 24 & rateCountMax), int(w & rateCountMax)
+}
+
+func packRate(sec uint16, cur, prev int) uint64 {
+	return uint64(sec)<<48 | uint64(cur)<<24 | uint64(prev)
+}
+
+// add counts one event at unix second now.
+func (c *completionRate) add(now int64) {
+	sec := uint16(now)
+	for {
+		old := c.w.Load()
+		s, cur, prev := unpackRate(old)
+		switch sec {
+		case s:
+			cur = min(cur+1, rateCountMax)
+		case s + 1:
+			cur, prev = 1, cur
+		default:
+			cur, prev = 1, 0
+		}
+		if c.w.CompareAndSwap(old, packRate(sec, cur, prev)) {
+			return
+		}
+	}
+}
+
+// perSecond is the count of the last whole second, or of the current one so
+// far when that is more (a rate that has just risen).
+func (c *completionRate) perSecond(now int64) int {
+	s, cur, prev := unpackRate(c.w.Load())
+	switch uint16(now) {
+	case s:
+		return max(cur, prev)
+	case s + 1:
+		return cur
+	}
+	return 0
 }
 
 func (h *handshakeCounts) pending(id stack.TransportEndpointID) bool {
@@ -97,8 +189,13 @@ type cookieListener struct {
 	eps     []tcpip.Endpoint
 	wqs     []*waiter.Queue
 	lastSYN atomic.Int64 // unix nanos of the last SYN for the port
-	stop    chan struct{}
-	stopped chan struct{} // closed when runCookieAccept returned
+	// SYNs and the connections cookies completed since windowStart (unix
+	// nanos, the sweep's): a port whose SYNs are answered is busy, not
+	// flooded, and leaves cookie mode although SYNs keep coming.
+	syns, conns atomic.Int64
+	windowStart int64
+	stop        chan struct{}
+	stopped     chan struct{} // closed when runCookieAccept returned
 }
 
 // cookieMode reports whether new SYNs may switch ports to cookie mode.
@@ -125,11 +222,11 @@ func (s *Stack) noteSYN(p *packetInfo) (drop bool) {
 		s.cookies.mu.Unlock()
 		if l != nil {
 			l.lastSYN.Store(time.Now().UnixNano())
+			l.syns.Add(1)
 			return s.handshakes.pending(p.endpointID())
 		}
 	}
-	t := &s.cfg.TCP
-	if int(s.handshakes.port[port].Load()) < t.CookiePortThreshold && int(s.handshakes.total.Load()) < t.CookieTotalThreshold {
+	if !s.handshakes.overLimit(port, &s.cfg.TCP, time.Now().Unix()) {
 		return false
 	}
 	s.enterCookieMode(port)
@@ -171,6 +268,7 @@ func (s *Stack) enterCookieMode(port uint16) {
 func (s *Stack) newCookieListener(port uint16) (*cookieListener, error) {
 	l := &cookieListener{port: port, stop: make(chan struct{}), stopped: make(chan struct{})}
 	l.lastSYN.Store(time.Now().UnixNano())
+	l.windowStart = l.lastSYN.Load()
 	for _, proto := range []tcpip.NetworkProtocolNumber{header.IPv4ProtocolNumber, header.IPv6ProtocolNumber} {
 		wq := new(waiter.Queue)
 		ep, err := s.stack.NewEndpoint(tcp.ProtocolNumber, proto, wq)
@@ -245,7 +343,7 @@ func (s *Stack) runCookieAccept(l *cookieListener) {
 				if err != nil {
 					break // ErrWouldBlock, or the listener is closing
 				}
-				s.handleCookieConn(nep, nwq)
+				s.handleCookieConn(l, nep, nwq)
 			}
 		}
 		select {
@@ -258,13 +356,14 @@ func (s *Stack) runCookieAccept(l *cookieListener) {
 
 // handleCookieConn hands one connection whose handshake a cookie completed
 // to the Handler, as an Established TCPRequest.
-func (s *Stack) handleCookieConn(ep tcpip.Endpoint, wq *waiter.Queue) {
+func (s *Stack) handleCookieConn(l *cookieListener, ep tcpip.Endpoint, wq *waiter.Queue) {
 	info, ok := ep.Info().(*stack.TransportEndpointInfo)
 	if !ok || !s.admit() {
 		ep.Abort()
 		return
 	}
 	s.stats.cookieConns.Add(1)
+	l.conns.Add(1)
 	id := info.ID
 	s.setKeepalive(ep)
 	r := &TCPRequest{
@@ -291,8 +390,9 @@ func (r *TCPRequest) serve() {
 	s.handler.HandleTCP(r)
 }
 
-// runCookieSweep closes cookie listeners whose port saw no SYN for
-// CookieIdle and is not under pressure, until the Stack closes.
+// runCookieSweep closes cookie listeners whose port is not under pressure
+// and saw no SYN for CookieIdle, or whose SYNs in the last CookieIdle were
+// mostly answered (clients, not a flood), until the Stack closes.
 func (s *Stack) runCookieSweep() {
 	defer s.cookies.wg.Done()
 	idle := s.cfg.TCP.CookieIdle
@@ -314,10 +414,16 @@ func (s *Stack) sweepCookies(now time.Time, idle time.Duration) {
 		return
 	}
 	var quiet []*cookieListener
+	t := now.UnixNano()
 	c.mu.Lock()
 	for port, l := range c.m {
-		if now.UnixNano()-l.lastSYN.Load() < int64(idle) ||
-			int(s.handshakes.port[port].Load()) >= s.cfg.TCP.CookiePortThreshold {
+		off := t-l.lastSYN.Load() >= int64(idle)
+		if !off && t-l.windowStart >= int64(idle) {
+			syns, conns := l.syns.Swap(0), l.conns.Swap(0)
+			l.windowStart = t
+			off = 2*conns >= syns
+		}
+		if !off || s.handshakes.portOverLimit(port, s.cfg.TCP.CookiePortThreshold, now.Unix()) {
 			continue
 		}
 		delete(c.m, port)

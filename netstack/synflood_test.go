@@ -651,3 +651,154 @@ func TestCookiePortKeepsPace(t *testing.T) {
 		t.Fatalf("cookie listener dropped %d segments over %d connections; want 0", dropped, total)
 	}
 }
+
+// TestBusyPortStaysOutOfCookieMode: a port whose clients complete their
+// handshakes may keep more pending than the threshold (half a second of
+// its completions), so a busy port on a slow target is not taken for a
+// flooded one (cookie connections lose window scaling).
+func TestBusyPortStaysOutOfCookieMode(t *testing.T) {
+	const (
+		threshold = 8
+		dialTime  = 20 * time.Millisecond // the handler's "dial" before Accept
+	)
+	cfg := Config{TCP: TCPConfig{CookiePortThreshold: threshold, CookieTotalThreshold: 1000}}
+	client, server := newPairConfig(t, cfg, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+		time.Sleep(dialTime)
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		b := make([]byte, 1)
+		if _, err := io.ReadFull(c, b); err == nil {
+			c.Write(b)
+		}
+	}})
+	dst := netip.MustParseAddrPort("10.0.0.2:80")
+	port := uint16(20000)
+	var portMu sync.Mutex
+	churn := func(workers int, d time.Duration) testutil.ChurnResult {
+		ctx, cancel := context.WithTimeout(context.Background(), d)
+		defer cancel()
+		return testutil.Churn(ctx, 1<<20, workers, 1, 0, func(ctx context.Context, _ uint16) error {
+			portMu.Lock()
+			port++
+			src := netip.AddrPortFrom(clientPrefix4.Addr(), port)
+			portMu.Unlock()
+			err := churnOnce(context.Background(), client, src, dst)
+			if ctx.Err() != nil {
+				return nil // the phase ended: the run is judged by its other connections
+			}
+			return err
+		})
+	}
+	// A second of a few clients at a time (under the threshold) sets the
+	// port's completion rate; then four times the threshold at once.
+	if res := churn(threshold/2, 1200*time.Millisecond); res.Failures != 0 {
+		t.Fatalf("warm-up: %d connections failed; first: %v", res.Failures, res.FirstErr)
+	}
+	var peak atomic.Uint64
+	stop := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Millisecond):
+			}
+			if n := server.Stats().TCPHandshakesPending; n > peak.Load() {
+				peak.Store(n)
+			}
+		}
+	}()
+	res := churn(4*threshold, time.Second)
+	close(stop)
+	<-sampled
+	if res.Failures != 0 {
+		t.Fatalf("busy phase: %d connections failed; first: %v", res.Failures, res.FirstErr)
+	}
+	st := server.Stats()
+	t.Logf("peak pending handshakes %d (threshold %d); cookie mode entries %d", peak.Load(), threshold, st.CookieModeEntries)
+	if peak.Load() <= threshold {
+		t.Fatalf("peak pending handshakes %d: the test never passed the threshold %d", peak.Load(), threshold)
+	}
+	if st.CookieModeEntries != 0 {
+		t.Fatalf("a busy port whose clients all complete went to SYN cookies (%d entries)", st.CookieModeEntries)
+	}
+}
+
+// TestCookieModeLeavesABusyPort: a port in cookie mode whose SYNs are
+// answered again (the flood ended, its clients keep coming) leaves the mode
+// after CookieIdle although SYNs never stop, and its clients take the
+// dial-first path again.
+func TestCookieModeLeavesABusyPort(t *testing.T) {
+	target := newHeldTarget(t)
+	fw := &forward{targets: map[uint16]string{80: target.addr}}
+	rig := newFloodRig(t, Config{TCP: TCPConfig{
+		HandshakeTimeout:    300 * time.Millisecond,
+		CookiePortThreshold: 2,
+		CookieIdle:          300 * time.Millisecond,
+	}}, funcHandler{tcp: fw.handle})
+	port := netip.MustParseAddrPort("10.0.0.2:80")
+	rig.engage(t, rand.New(rand.NewPCG(11, 12)), port, 2)
+	deadline := time.Now().Add(10 * time.Second)
+	for i := 0; rig.server.Stats().CookieModeExits == 0; i++ {
+		if time.Now().After(deadline) {
+			t.Fatalf("still in cookie mode after %d answered connections; stats %+v", i, rig.server.Stats())
+		}
+		// A client every 10 ms: never CookieIdle without a SYN.
+		if err := rig.echoOnce(testContext(t), port, fmt.Sprintf("client %d", i)); err != nil {
+			t.Fatalf("client %d: %v", i, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	fw.established.Clear()
+	if err := rig.echoOnce(testContext(t), port, "after"); err != nil {
+		t.Fatalf("client after cookie mode ended: %v", err)
+	}
+	if est, seen := fw.established4(t, clientPrefix4.Addr()); !seen || est {
+		t.Fatalf("client request seen %v, established %v; want the dial-first path", seen, est)
+	}
+	if st := rig.server.Stats(); st.CookieModeEntries != 1 || st.CookiePortsActive != 0 {
+		t.Fatalf("cookie mode entries %d, ports active %d; want 1 and 0", st.CookieModeEntries, st.CookiePortsActive)
+	}
+}
+
+func TestCompletionRate(t *testing.T) {
+	var c completionRate
+	const t0 = 1_000_000 // a unix second
+	for range 5 {
+		c.add(t0)
+	}
+	if got := c.perSecond(t0); got != 5 {
+		t.Fatalf("same second: %d, want 5", got)
+	}
+	c.add(t0 + 1)
+	if got := c.perSecond(t0 + 1); got != 5 {
+		t.Fatalf("next second, 1 so far: %d, want the last whole second's 5", got)
+	}
+	if got := c.perSecond(t0 + 2); got != 1 {
+		t.Fatalf("two seconds on: %d, want 1", got)
+	}
+	if got := c.perSecond(t0 + 3); got != 0 {
+		t.Fatalf("three seconds on: %d, want 0", got)
+	}
+	c.add(t0 + 10) // a gap: the old counts are gone
+	if got := c.perSecond(t0 + 10); got != 1 {
+		t.Fatalf("after a gap: %d, want 1", got)
+	}
+	if got := pendingLimit(64, &c, t0+10); got != 64 {
+		t.Fatalf("pendingLimit at 1/s = %d, want the threshold 64", got)
+	}
+	for range 5000 {
+		c.add(t0 + 10)
+	}
+	if got := pendingLimit(256, &c, t0+10); got != 2500 {
+		t.Fatalf("pendingLimit(256) at 5001/s = %d, want 2500 (half a second)", got)
+	}
+	if got := pendingLimit(8, &c, t0+10); got != 8*busyFactor {
+		t.Fatalf("pendingLimit(8) at 5001/s = %d, want the cap %d", got, 8*busyFactor)
+	}
+}

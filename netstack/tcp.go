@@ -91,7 +91,7 @@ func (r *TCPRequest) Accept() (net.Conn, error) {
 		return r.est, nil
 	}
 	if s.closing.Load() {
-		r.endHandshake()
+		r.endHandshake(false)
 		r.fr.Complete(true)
 		return nil, ErrClosed
 	}
@@ -101,7 +101,7 @@ func (r *TCPRequest) Accept() (net.Conn, error) {
 	ep, err := r.fr.CreateEndpoint(&wq)
 	r.handshakeOver.Store(true)
 	t.Stop()
-	r.endHandshake()
+	r.endHandshake(err == nil)
 	if err != nil {
 		r.fr.Complete(true)
 		if r.timedOut.Load() {
@@ -153,10 +153,11 @@ func (r *TCPRequest) netProto() tcpip.NetworkProtocolNumber {
 	return header.IPv6ProtocolNumber
 }
 
-// endHandshake stops counting r as a pending handshake (once).
-func (r *TCPRequest) endHandshake() {
+// endHandshake stops counting r as a pending handshake (once); completed
+// says the client answered the SYN-ACK.
+func (r *TCPRequest) endHandshake(completed bool) {
 	if r.inHandshake.CompareAndSwap(true, false) {
-		r.s.handshakes.done(r.id)
+		r.s.handshakes.done(r.id, completed)
 	}
 }
 
@@ -173,7 +174,7 @@ func (r *TCPRequest) Reject() {
 		r.est.ep.Abort() // RST: an abort, not a FIN the client would take for a clean end
 		return
 	}
-	r.endHandshake()
+	r.endHandshake(false)
 	r.fr.Complete(true)
 }
 
