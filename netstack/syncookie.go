@@ -258,9 +258,13 @@ func (s *Stack) enterCookieMode(port uint16) {
 	s.stats.cookieEntries.Add(1)
 	c.wg.Add(1)
 	go s.runCookieAccept(l)
+	now := time.Now().Unix()
 	s.log.Warn("port under syn flood: syn cookies on",
 		zap.Uint16("listen", port),
-		zap.Int32("count", s.handshakes.port[port].Load()))
+		zap.Int32("pending", s.handshakes.port[port].Load()),
+		zap.Int("port_limit", pendingLimit(s.cfg.TCP.CookiePortThreshold, &s.handshakes.completed[port], now)),
+		zap.Int32("pending_total", s.handshakes.total.Load()),
+		zap.Int("total_limit", pendingLimit(s.cfg.TCP.CookieTotalThreshold, &s.handshakes.completedTotal, now)))
 }
 
 // newCookieListener binds and listens on the wildcard address at port, for
