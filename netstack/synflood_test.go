@@ -459,9 +459,10 @@ func (f *forward) established4(t *testing.T, src netip.Addr) (est, seen bool) {
 	return est, seen
 }
 
-// TestCookieModeLeavesWhenQuiet: a port leaves cookie mode once it saw no
-// SYN for CookieIdle, and new clients take the dial-first path again.
-func TestCookieModeLeavesWhenQuiet(t *testing.T) {
+// newFloodedPort is a rig whose port 80 (a dial-first forward to an echo
+// target) a flood has just switched to cookie mode, with a short
+// CookieIdle and HandshakeTimeout.
+func newFloodedPort(t *testing.T, rng *rand.Rand) (*floodRig, *forward, netip.AddrPort) {
 	target := newHeldTarget(t)
 	fw := &forward{targets: map[uint16]string{80: target.addr}}
 	rig := newFloodRig(t, Config{TCP: TCPConfig{
@@ -470,7 +471,14 @@ func TestCookieModeLeavesWhenQuiet(t *testing.T) {
 		CookieIdle:          300 * time.Millisecond,
 	}}, funcHandler{tcp: fw.handle})
 	port := netip.MustParseAddrPort("10.0.0.2:80")
-	rig.engage(t, rand.New(rand.NewPCG(3, 4)), port, 2)
+	rig.engage(t, rng, port, 2)
+	return rig, fw, port
+}
+
+// TestCookieModeLeavesWhenQuiet: a port leaves cookie mode once it saw no
+// SYN for CookieIdle, and new clients take the dial-first path again.
+func TestCookieModeLeavesWhenQuiet(t *testing.T) {
+	rig, fw, port := newFloodedPort(t, rand.New(rand.NewPCG(3, 4)))
 	waitUntil(t, "cookie mode off", func() bool {
 		st := rig.server.Stats()
 		return st.CookiePortsActive == 0 && st.CookieModeExits == 1
@@ -664,15 +672,7 @@ func TestBusyPortStaysOutOfCookieMode(t *testing.T) {
 	cfg := Config{TCP: TCPConfig{CookiePortThreshold: threshold, CookieTotalThreshold: 1000}}
 	client, server := newPairConfig(t, cfg, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
 		time.Sleep(dialTime)
-		c, err := r.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		b := make([]byte, 1)
-		if _, err := io.ReadFull(c, b); err == nil {
-			c.Write(b)
-		}
+		closeFirstServer.tcp(r)
 	}})
 	dst := netip.MustParseAddrPort("10.0.0.2:80")
 	port := uint16(20000)
@@ -734,15 +734,7 @@ func TestBusyPortStaysOutOfCookieMode(t *testing.T) {
 // after CookieIdle although SYNs never stop, and its clients take the
 // dial-first path again.
 func TestCookieModeLeavesABusyPort(t *testing.T) {
-	target := newHeldTarget(t)
-	fw := &forward{targets: map[uint16]string{80: target.addr}}
-	rig := newFloodRig(t, Config{TCP: TCPConfig{
-		HandshakeTimeout:    300 * time.Millisecond,
-		CookiePortThreshold: 2,
-		CookieIdle:          300 * time.Millisecond,
-	}}, funcHandler{tcp: fw.handle})
-	port := netip.MustParseAddrPort("10.0.0.2:80")
-	rig.engage(t, rand.New(rand.NewPCG(11, 12)), port, 2)
+	rig, fw, port := newFloodedPort(t, rand.New(rand.NewPCG(11, 12)))
 	deadline := time.Now().Add(10 * time.Second)
 	for i := 0; rig.server.Stats().CookieModeExits == 0; i++ {
 		if time.Now().After(deadline) {
