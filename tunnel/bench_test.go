@@ -24,6 +24,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/netstack"
 )
 
 // The relay benchmarks run everything in one process: a loopback client, the
@@ -66,7 +67,7 @@ func serveSource(n int) benchTCPService {
 }
 
 // tcpService listens on 127.0.0.1 and runs serve for each connection.
-func tcpService(b *testing.B, serve benchTCPService) uint16 {
+func tcpService(b testing.TB, serve benchTCPService) uint16 {
 	return testutil.ServeTCP(b, "127.0.0.1:0", func(c *net.TCPConn) {
 		c.SetDeadline(time.Now().Add(2 * time.Minute))
 		serve(c)
@@ -113,12 +114,12 @@ type benchTarget struct {
 
 // relayPath starts a relay and an appliance on loopback with one mapping
 // per target and returns the relay's public address for each, in order.
-func relayPath(b *testing.B, targets ...benchTarget) []string {
+func relayPath(b testing.TB, targets ...benchTarget) []string {
 	public, _ := relayPathAppliance(b, targets...)
 	return public
 }
 
-func relayPathAppliance(b *testing.B, targets ...benchTarget) ([]string, *appliance) {
+func relayPathAppliance(b testing.TB, targets ...benchTarget) ([]string, *appliance) {
 	key := mustKey(b)
 	var specs, mappings []string
 	var public []string
@@ -367,7 +368,8 @@ func BenchmarkRelayTCP4Flows(b *testing.B) {
 // closes, with 8 clients at once. Every failure is counted and fails the
 // benchmark: none is expected.
 func BenchmarkRelayTCPConnRate(b *testing.B) {
-	public := relayPath(b, benchTarget{"tcp", tcpService(b, serveEchoByte)})[0]
+	publics, a := relayPathAppliance(b, benchTarget{"tcp", tcpService(b, serveEchoByte)})
+	public := publics[0]
 	var failures atomic.Int64
 	var firstErr atomic.Value
 	oneConn := func() error {
@@ -392,6 +394,7 @@ func BenchmarkRelayTCPConnRate(b *testing.B) {
 
 	b.SetParallelism(4) // 8 clients on 2 cores
 	res := startResources(b)
+	st0 := a.stack.Stats()
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
@@ -407,10 +410,51 @@ func BenchmarkRelayTCPConnRate(b *testing.B) {
 	// CPU per connection carries to an idle machine better than conn/s
 	// does on a shared one: 2 cores / this = the rate 2 free cores allow.
 	b.ReportMetric(cpu.Seconds()*1e3/float64(b.N), "cpu-ms/conn")
+	reportTunnelPackets(b, st0, a.stack.Stats())
 	b.ReportMetric(float64(failures.Load()), "failures")
 	if n := failures.Load(); n > 0 {
 		b.Errorf("%d of %d connections failed; first: %v", n, b.N, firstErr.Load())
 	}
+}
+
+// BenchmarkRelayRR is a 64-byte ping-pong through the relay to an echo
+// target, one connection: ns/op is one round trip.
+//
+//	go test -run '^$' -bench RelayRR -benchtime 20000x ./tunnel
+func BenchmarkRelayRR(b *testing.B) {
+	publics, a := relayPathAppliance(b, benchTarget{"tcp", tcpService(b, func(c *net.TCPConn) { io.Copy(c, c) })})
+	c, err := net.DialTimeout("tcp", publics[0], 5*time.Second)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(2 * time.Minute))
+	msg, buf := make([]byte, 64), make([]byte, 64)
+	roundTrip := func() {
+		if _, err := c.Write(msg); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	roundTrip() // the relayed connection is up end to end
+	st0, cpu0 := a.stack.Stats(), cpuTime(b)
+	b.ResetTimer()
+	for range b.N {
+		roundTrip()
+	}
+	b.StopTimer()
+	b.ReportMetric(float64((cpuTime(b)-cpu0).Microseconds())/float64(b.N), "cpu-us/op")
+	reportTunnelPackets(b, st0, a.stack.Stats())
+}
+
+// reportTunnelPackets reports the packets the appliance's tunnel stack
+// sent and received per operation: each one is encrypted, sent, received
+// and decrypted once, and handled by both stacks.
+func reportTunnelPackets(b *testing.B, before, after netstack.Stats) {
+	b.ReportMetric(float64(after.PacketsIn-before.PacketsIn)/float64(b.N), "tunnel-pkts-in/op")
+	b.ReportMetric(float64(after.PacketsOut-before.PacketsOut)/float64(b.N), "tunnel-pkts-out/op")
 }
 
 // BenchmarkRelayUDP200Mbit offers 200 Mbit/s of 1200-byte datagrams from one

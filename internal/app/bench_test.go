@@ -103,7 +103,7 @@ func BenchmarkGatewayChurn(b *testing.B) {
 	var failed atomic.Int64
 	b.SetParallelism(16)
 	b.ReportAllocs()
-	cpu0 := processCPU(b)
+	st0, cpu0 := h.client.Stats(), processCPU(b)
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
 			// 2000 source ports, reused as TestConnectionChurn does.
@@ -120,6 +120,11 @@ func BenchmarkGatewayChurn(b *testing.B) {
 		}
 	})
 	b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-us/op")
+	// Packets each way per connection: what natbox's link writes and reads
+	// (on a kernel TUN, one system call each).
+	st := h.client.Stats()
+	b.ReportMetric(float64(st.PacketsIn-st0.PacketsIn)/float64(b.N), "pkts-to-client/op")
+	b.ReportMetric(float64(st.PacketsOut-st0.PacketsOut)/float64(b.N), "pkts-from-client/op")
 	if n := failed.Load(); n > 0 {
 		b.Fatalf("%d of %d connections failed", n, b.N)
 	}
