@@ -13,6 +13,24 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
+// delackPair makes a client and a server Stack joined by one kind of link.
+type delackPair func(t *testing.T, client, server Handler) (c, s *Stack)
+
+// forDelackLinks runs test over both links a Stack holds ACKs on: a Pipe,
+// where packets leave as copies (a TUN's path), and Direct, where they
+// leave by reference (the tunnel's stacks, direct.go's writeRef).
+func forDelackLinks(t *testing.T, test func(*testing.T, delackPair)) {
+	t.Run("pipe", func(t *testing.T) {
+		test(t, func(t *testing.T, client, server Handler) (*Stack, *Stack) { return newPair(t, client, server) })
+	})
+	t.Run("direct", func(t *testing.T) {
+		test(t, func(t *testing.T, client, server Handler) (*Stack, *Stack) {
+			c, s, _ := newDirectPair(t, 1500, client, server)
+			return c, s
+		})
+	})
+}
+
 // A request answered at once costs the client one packet, the answer,
 // instead of a pure ACK and the answer: the server Stack holds the request's
 // ACK and drops it when the answer, which acknowledges as much, leaves
@@ -22,7 +40,13 @@ func TestDelayedACKAnswerCarriesIt(t *testing.T) {
 	old := delayedACKHold
 	delayedACKHold = time.Second
 	defer func() { delayedACKHold = old }()
-	client, server := newPair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+	forDelackLinks(t, func(t *testing.T, pair delackPair) {
+		testAnswerCarriesACK(t, pair)
+	})
+}
+
+func testAnswerCarriesACK(t *testing.T, pair delackPair) {
+	client, server := pair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
 		c, err := r.Accept()
 		if err != nil {
 			return
@@ -77,8 +101,12 @@ func TestDelayedACKUnansweredRequest(t *testing.T) {
 	old := delayedACKHold
 	delayedACKHold = 50 * time.Millisecond
 	defer func() { delayedACKHold = old }()
+	forDelackLinks(t, testUnansweredRequestACK)
+}
+
+func testUnansweredRequestACK(t *testing.T, pair delackPair) {
 	got := make(chan []byte, 1)
-	client, server := newPair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+	client, server := pair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
 		c, err := r.Accept()
 		if err != nil {
 			return
@@ -145,9 +173,13 @@ func waitQuiet(t *testing.T, s *Stack) {
 // Bulk data in keeps its immediate ACKs: its segments are not small
 // requests, so the sender is never held up and everything arrives.
 func TestDelayedACKBulkNotHeld(t *testing.T) {
+	forDelackLinks(t, testBulkACKsNotHeld)
+}
+
+func testBulkACKsNotHeld(t *testing.T, pair delackPair) {
 	const size = 8 << 20
 	done := make(chan int64, 1)
-	client, server := newPair(t, funcHandler{}, sinkServer(done))
+	client, server := pair(t, funcHandler{}, sinkServer(done))
 	c, err := client.DialTCP(testContext(t), netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:9"))
 	if err != nil {
 		t.Fatalf("dial: %v", err)

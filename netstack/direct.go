@@ -397,6 +397,9 @@ func (e *linkEndpoint) writeRef(pkt *stack.PacketBuffer) tcpip.Error {
 	b.pkt = pkt.IncRef()
 	b.n = size
 	b.slots = e.slotsFor(size) // a GSO packet: its size in queue units
+	if e.acks != nil && pkt.TransportProtocolNumber == header.TCPProtocolNumber && e.acks.output(pkt, b) {
+		return nil // a request's ACK, waiting for the answer (delack.go)
+	}
 	if !e.q.push(b) {
 		e.putBuf(b)
 		return &tcpip.ErrClosedForSend{}

@@ -349,9 +349,7 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		// Stack's input pump delivering into the caller's own endpoint.
 		s.link.writeDirect = s.writeDirect
 	}
-	if delayedACKEnabled && !isDirect {
-		// Not on a Direct link: its packets leave by reference (writeRef),
-		// where no ACK is held; the tunnel's stacks answer as before.
+	if delayedACKEnabled {
 		s.link.acks = newDelayedACKs(delayedACKHold, func(b *outBuf) { s.link.send(b, true) }, s.link.putBuf)
 	}
 	s.stack = stack.New(stack.Options{
