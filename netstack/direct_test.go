@@ -120,7 +120,10 @@ func (br *directBridge) run(from, to tun.Device) {
 		}
 		if _, err := to.Write(out, wgOffset); err != nil {
 			if errors.Is(err, os.ErrClosed) {
-				return
+				// The other side closed first: keep reading, as
+				// wireguard-go does until its own device closes, or
+				// this side's Close waits flushTimeout for its queue.
+				continue
 			}
 			if errors.Is(err, ErrPacketTooBig) {
 				br.tooBig.Add(1) // the receiving link refused it, as a device would
