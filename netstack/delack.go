@@ -26,6 +26,13 @@ import (
 // segment sizes). Duplicate ACKs end elsewhere, and at most one ACK per
 // connection waits (the next one goes at once, as a kernel acknowledges
 // every second segment).
+//
+// A peer's FIN is noted the same way unless this side sent its own FIN
+// already: the ACK of the FIN waits for the FIN the close it brings on
+// sends (a relayed connection's close then costs one packet less each
+// time one side waits for the other), as a kernel's delayed ACK merges
+// them.
+//
 // delayedACKHold is how long a request's ACK waits for the answer (a
 // variable only so tests can make a busy machine's scheduling irrelevant).
 var delayedACKHold = 500 * time.Microsecond
@@ -65,6 +72,7 @@ type delackSlot struct {
 	end     uint32 // where the noted request ended (the ACK number that acknowledges it)
 	noted   int64  // when it was noted; 0: nothing noted (or not a request)
 	peerAck uint32 // the ACK number of the last segment noted
+	finSent bool   // this side's FIN of connection id left
 	b       *outBuf
 	ack     uint32
 	due     int64
@@ -87,10 +95,11 @@ func delackSlotOf(id *stack.TransportEndpointID) int {
 	return int(h >> 24) // delackSlots == 256
 }
 
-// note records a data segment of connection id that ends at end and
-// acknowledges ack; if it is small (and a request, see above) its ACK may
-// wait. Called by the input pumps before gVisor sees the segment.
-func (d *delayedACKs) note(id stack.TransportEndpointID, end, ack uint32, small bool) {
+// note records a data or FIN segment of connection id that ends at end (a
+// FIN's sequence number counted) and acknowledges ack; if it is small (and
+// a request, see above), or a FIN, its ACK may wait. Called by the input
+// pumps before gVisor sees the segment.
+func (d *delayedACKs) note(id stack.TransportEndpointID, end, ack uint32, small, fin bool) {
 	i := delackSlotOf(&id)
 	now := d.now()
 	d.mu.Lock()
@@ -102,8 +111,11 @@ func (d *delayedACKs) note(id stack.TransportEndpointID, end, ack uint32, small 
 		return
 	}
 	answered := s.id != id || ack != s.peerAck
+	if s.id != id {
+		s.finSent = false
+	}
 	s.id, s.end, s.peerAck, s.noted = id, end, ack, 0
-	if small && answered {
+	if small && answered || fin && !s.finSent {
 		s.noted = now
 	}
 }
@@ -120,7 +132,8 @@ func (d *delayedACKs) output(pkt *stack.PacketBuffer, b *outBuf) bool {
 	}
 	flags := th.Flags()
 	pure := flags == header.TCPFlagAck && pkt.Data().Size() == 0 && len(th) <= delackMaxHeader
-	if !pure && d.held.Load() == 0 {
+	fin := flags&header.TCPFlagFin != 0
+	if !pure && !fin && d.held.Load() == 0 {
 		return false
 	}
 	id, ok := outboundID(pkt, th)
@@ -132,6 +145,13 @@ func (d *delayedACKs) output(pkt *stack.PacketBuffer, b *outBuf) bool {
 	now := d.now()
 	d.mu.Lock()
 	s := &d.slots[i]
+	if fin && (s.id == id || s.b == nil) {
+		// The ACK of the peer's FIN will have nothing to wait for.
+		if s.id != id {
+			s.id, s.noted = id, 0
+		}
+		s.finSent = true
+	}
 	var old *outBuf
 	if s.b != nil && s.id == id && (flags&header.TCPFlagRst != 0 || flags&header.TCPFlagAck != 0 && seqGE(ack, s.ack)) {
 		old, s.b = s.b, nil

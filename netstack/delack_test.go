@@ -205,6 +205,57 @@ func testBulkACKsNotHeld(t *testing.T, pair delackPair) {
 	}
 }
 
+// A client that closes first costs the server one packet for the close,
+// its FIN carrying the ACK of the client's, where it cost a pure ACK and
+// the FIN; and when the server closed first, the ACK of the client's FIN
+// still leaves at once (nothing would carry it).
+func TestDelayedACKCloseCarriesIt(t *testing.T) {
+	old := delayedACKHold
+	delayedACKHold = time.Second // no scheduling delay outlasts it
+	defer func() { delayedACKHold = old }()
+	forDelackLinks(t, testCloseCarriesACK)
+}
+
+func testCloseCarriesACK(t *testing.T, pair delackPair) {
+	serverFirst := make(chan bool, 1)
+	client, server := pair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		if <-serverFirst {
+			return // closes at once
+		}
+		io.Copy(io.Discard, c) // until the client's FIN, then closes
+	}})
+	for _, first := range []string{"client", "server"} {
+		t.Run(first+" closes first", func(t *testing.T) {
+			serverFirst <- first == "server"
+			c, err := client.DialTCP(testContext(t), netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:9"))
+			if err != nil {
+				t.Fatalf("dial: %v", err)
+			}
+			if first == "server" {
+				if _, err := c.Read(make([]byte, 1)); err != io.EOF {
+					t.Fatalf("client read %v, want EOF", err)
+				}
+			}
+			waitQuiet(t, server)
+			st0 := server.Stats()
+			c.Close()
+			waitUntil(t, "the server's answer to the close", func() bool { return server.Stats().PacketsOut > st0.PacketsOut })
+			waitQuiet(t, client)
+			st := server.Stats()
+			out, held := st.PacketsOut-st0.PacketsOut, st.AcksHeld-st0.AcksHeld
+			t.Logf("%s first: the server sent %d packets after the client's close, held %d ACKs", first, out, held)
+			if want := uint64(1); out != want || first == "server" && held != 0 {
+				t.Fatalf("%s first: the server sent %d packets after the client's close (held %d ACKs); want %d, no ACK held when the server closed first", first, out, held, want)
+			}
+		})
+	}
+}
+
 // ackPacket builds an outbound IPv4 TCP segment from 10.0.0.2:lport to
 // 10.0.0.1:rport with flags, ack and payload bytes of data.
 func ackPacket(lport, rport uint16, flags header.TCPFlags, ack uint32, payload int) *stack.PacketBuffer {
@@ -247,46 +298,65 @@ func TestDelayedACKRules(t *testing.T) {
 
 	t.Run("only the ACK that ends a noted small request", func(t *testing.T) {
 		d := newD()
-		d.note(delackID(lp, rp), 1064, 500, true)
+		d.note(delackID(lp, rp), 1064, 500, true, false)
 		if _, held := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1000, 0)); held {
 			t.Fatal("an ACK that ends elsewhere (a duplicate) was held")
 		}
 		if _, held := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1064, 0)); !held {
 			t.Fatal("the request's ACK was not held")
 		}
-		d.note(delackID(lp, rp), 2128, 500, true) // the same peer ACK: a stream, not a turn
+		d.note(delackID(lp, rp), 2128, 500, true, false) // the same peer ACK: a stream, not a turn
 		if b, held := out(d, ackPacket(lp, rp, header.TCPFlagAck, 2128, 0)); held || len(dropped) != 1 {
 			t.Fatalf("second ACK held %v, %d dropped; want it sent at once, the first dropped", held, len(dropped))
 		} else if b == dropped[0] {
 			t.Fatal("the newer ACK was dropped")
 		}
-		d.note(delackID(lp, rp), 9000, 500, false) // large
+		d.note(delackID(lp, rp), 9000, 500, false, false) // large
 		if _, held := out(d, ackPacket(lp, rp, header.TCPFlagAck, 9000, 0)); held {
 			t.Fatal("the ACK of a large segment was held")
 		}
 	})
 	t.Run("the answer drops it, an RST drops it, close sends it", func(t *testing.T) {
 		d := newD()
-		d.note(delackID(lp, rp), 1064, 500, true)
+		d.note(delackID(lp, rp), 1064, 500, true, false)
 		held, _ := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1064, 0))
 		if _, h := out(d, ackPacket(lp, rp, header.TCPFlagAck|header.TCPFlagPsh, 1064, 100)); h || len(dropped) != 1 || dropped[0] != held {
 			t.Fatalf("answer: held %v, dropped %v; want the waiting ACK dropped", h, dropped)
 		}
-		d.note(delackID(lp, rp), 1100, 1600, true)
+		d.note(delackID(lp, rp), 1100, 1600, true, false)
 		held, _ = out(d, ackPacket(lp, rp, header.TCPFlagAck, 1100, 0))
 		out(d, ackPacket(lp, rp, header.TCPFlagRst, 0, 0))
 		if len(dropped) != 2 || dropped[1] != held {
 			t.Fatalf("RST: dropped %v; want the waiting ACK dropped", dropped)
 		}
-		d.note(delackID(lp, rp), 1200, 1700, true)
+		d.note(delackID(lp, rp), 1200, 1700, true, false)
 		held, _ = out(d, ackPacket(lp, rp, header.TCPFlagAck, 1200, 0))
 		d.close()
 		if len(sent) != 1 || sent[0] != held || d.held.Load() != 0 {
 			t.Fatalf("close: sent %v; want the waiting ACK sent", sent)
 		}
-		d.note(delackID(lp, rp), 1300, 1800, true)
+		d.note(delackID(lp, rp), 1300, 1800, true, false)
 		if _, h := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1300, 0)); h {
 			t.Fatal("an ACK was held after close")
+		}
+	})
+	t.Run("a FIN's ACK waits for this side's FIN, unless that left first", func(t *testing.T) {
+		d := newD()
+		d.note(delackID(lp, rp), 1001, 500, false, true) // the peer's FIN
+		held, h := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1001, 0))
+		if !h {
+			t.Fatal("the ACK of the peer's FIN was not held")
+		}
+		if _, h := out(d, ackPacket(lp, rp, header.TCPFlagAck|header.TCPFlagFin, 1001, 0)); h || len(dropped) != 1 || dropped[0] != held {
+			t.Fatalf("our FIN: held %v, dropped %v; want the waiting ACK dropped", h, dropped)
+		}
+		// This side closed first: the ACK of the peer's FIN ends the
+		// connection, nothing would carry it.
+		const other = rp + 2
+		out(d, ackPacket(lp, other, header.TCPFlagAck|header.TCPFlagFin, 1, 0))
+		d.note(delackID(lp, other), 1001, 2, false, true)
+		if _, h := out(d, ackPacket(lp, other, header.TCPFlagAck, 1001, 0)); h {
+			t.Fatal("the last ACK of a connection that sent its FIN first was held")
 		}
 	})
 	t.Run("a held ACK keeps its slot", func(t *testing.T) {
@@ -295,9 +365,9 @@ func TestDelayedACKRules(t *testing.T) {
 		other := uint16(rp + 1)
 		for ; delackSlotOf(new(delackID(lp, other))) != delackSlotOf(new(delackID(lp, rp))); other++ {
 		}
-		d.note(delackID(lp, rp), 1064, 500, true)
+		d.note(delackID(lp, rp), 1064, 500, true, false)
 		held, _ := out(d, ackPacket(lp, rp, header.TCPFlagAck, 1064, 0))
-		d.note(delackID(lp, other), 64, 1, true)
+		d.note(delackID(lp, other), 64, 1, true, false)
 		if _, h := out(d, ackPacket(lp, other, header.TCPFlagAck, 64, 0)); h || len(sent)+len(dropped) != 0 {
 			t.Fatalf("the other connection's ACK held %v; sent %v, dropped %v; want it sent, the first still waiting", h, sent, dropped)
 		}

@@ -626,9 +626,14 @@ func (s *Stack) holdBack(info *packetInfo) bool {
 	if info.fragment {
 		s.stats.fragmentsIn.Add(1)
 	}
-	if s.link.acks != nil && info.tcp && info.tcpPayload > 0 {
+	fin := info.tcpFlags&(tcpFlagSYN|tcpFlagRST|tcpFlagFIN|tcpFlagACK) == tcpFlagFIN|tcpFlagACK
+	if s.link.acks != nil && info.tcp && (info.tcpPayload > 0 || fin) {
 		small := info.tcpPayload <= delackMaxRequest && info.tcpFlags&(tcpFlagSYN|tcpFlagRST|tcpFlagFIN|tcpFlagACK) == tcpFlagACK
-		s.link.acks.note(info.endpointID(), info.tcpSeq+uint32(info.tcpPayload), info.tcpAck, small)
+		end := info.tcpSeq + uint32(info.tcpPayload)
+		if fin {
+			end++ // the FIN's own sequence number
+		}
+		s.link.acks.note(info.endpointID(), end, info.tcpAck, small, fin && info.tcpPayload <= delackMaxRequest)
 	}
 	if info.pureSYN() {
 		s.reopenTimeWait(info)
