@@ -1,11 +1,12 @@
 package netstack
 
 import (
-	"bytes"
 	"io"
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/natbox/natbox/internal/testutil"
 
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -62,29 +63,20 @@ func testAnswerCarriesACK(t *testing.T, pair delackPair) {
 			}
 			defer c.Close()
 			c.SetDeadline(time.Now().Add(20 * time.Second))
-			buf := make([]byte, 64)
-			roundTrip := func(i int) {
-				t.Helper()
-				msg := bytes.Repeat([]byte{byte(i)}, 64)
-				if _, err := c.Write(msg); err != nil {
-					t.Fatalf("write: %v", err)
-				}
-				if _, err := io.ReadFull(c, buf); err != nil || !bytes.Equal(buf, msg) {
-					t.Fatalf("round trip %d: read %x, %v; want %x", i, buf, err, msg)
-				}
-			}
-			roundTrip(0) // past the handshake
+			testutil.EchoRoundTrip(t, c, 0) // past the handshake
 			const n = 200
 			st0 := server.Stats()
 			for i := range n {
-				roundTrip(i + 1)
+				testutil.EchoRoundTrip(t, c, i+1)
 			}
 			st := server.Stats()
 			out, held, suppressed := st.PacketsOut-st0.PacketsOut, st.AcksHeld-st0.AcksHeld, st.AcksSuppressed-st0.AcksSuppressed
 			t.Logf("%d round trips: %d packets out, %d ACKs held, %d suppressed", n, out, held, suppressed)
 			// Besides the echoes, an occasional window update; and a packet
-			// of the round trip before may count on either side of st0.
-			if held != n || suppressed != n || out < n-2 || out > n+n/10 {
+			// of the round trip before may count on either side of st0. When
+			// gVisor's ACK leaves just after the echo, it is held anyway and
+			// dropped by the next echo: counted one round trip late.
+			if held < n-2 || held > n+1 || suppressed < n-2 || suppressed > n+1 || out < n-2 || out > n+n/10 {
 				t.Fatalf("%d round trips: %d packets out, %d ACKs held, %d suppressed; want every ACK dropped, about one packet per round trip", n, out, held, suppressed)
 			}
 		})

@@ -139,22 +139,11 @@ func TestRelayedRoundTripOnePacketEachWay(t *testing.T) {
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(time.Minute))
-	buf := make([]byte, 64)
-	roundTrip := func(i int) {
-		t.Helper()
-		msg := bytes.Repeat([]byte{byte(i)}, 64)
-		if _, err := c.Write(msg); err != nil {
-			t.Fatalf("write: %v", err)
-		}
-		if _, err := io.ReadFull(c, buf); err != nil || !bytes.Equal(buf, msg) {
-			t.Fatalf("round trip %d: read %x, %v; want %x", i, buf, err, msg)
-		}
-	}
-	roundTrip(0) // the relayed connection is up end to end
+	testutil.EchoRoundTrip(t, c, 0) // the relayed connection is up end to end
 	const n = 200
 	st0 := a.stack.Stats()
 	for i := range n {
-		roundTrip(i + 1)
+		testutil.EchoRoundTrip(t, c, i+1)
 	}
 	st := a.stack.Stats()
 	in, out, suppressed := st.PacketsIn-st0.PacketsIn, st.PacketsOut-st0.PacketsOut, st.AcksSuppressed-st0.AcksSuppressed

@@ -1,6 +1,7 @@
 package testutil
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -89,4 +90,18 @@ func OneByteExchange(c net.Conn) error {
 		return fmt.Errorf("reply %q, want x", b)
 	}
 	return nil
+}
+
+// EchoRoundTrip writes 64 bytes of value i on c, an echo's connection, and
+// fails t unless exactly those come back: one request-response round trip.
+func EchoRoundTrip(t testing.TB, c net.Conn, i int) {
+	t.Helper()
+	msg := bytes.Repeat([]byte{byte(i)}, 64)
+	if _, err := c.Write(msg); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	buf := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, buf); err != nil || !bytes.Equal(buf, msg) {
+		t.Fatalf("round trip %d: read %x, %v; want %x", i, buf, err, msg)
+	}
 }
