@@ -273,6 +273,7 @@ type counters struct {
 	cookieFailures       atomic.Uint64 // cookie listeners that could not open
 	cookieConns          atomic.Uint64 // connections cookies completed
 	synRetransHeld       atomic.Uint64 // see noteSYN
+	cookieExitSYNsHeld   atomic.Uint64
 	fragmentsIn          atomic.Uint64
 	// lateTCPChecksum counts SYNs with a bad checksum dropped after
 	// injection (synChecksumValid); reported in Invalid.TCPChecksum.
@@ -638,7 +639,6 @@ func (s *Stack) holdBack(info *packetInfo) bool {
 	if info.pureSYN() {
 		s.reopenTimeWait(info)
 		if s.noteSYN(info) {
-			s.stats.synRetransHeld.Add(1)
 			return true
 		}
 	} else if info.rst() {
@@ -1138,6 +1138,10 @@ type Stats struct {
 	// CookieSYNRetransHeld counts SYN retransmissions of handshakes pending
 	// on the dial-first path that were kept from a cookie listener.
 	CookieSYNRetransHeld uint64
+	// CookieExitSynsHeld counts SYNs dropped while their port left cookie
+	// mode (cookieLeaveGrace): their clients retransmit to the dial-first
+	// path.
+	CookieExitSynsHeld uint64
 	// gVisor's cookie counters: SYN-ACKs with a cookie sent, ACKs with a
 	// valid and an invalid cookie, and SYNs or ACKs dropped because a cookie
 	// listener's accept queue was full.
@@ -1190,7 +1194,7 @@ func (s *Stack) Stats() Stats {
 	if a := s.link.acks; a != nil {
 		acksHeld, acksSuppressed = a.heldTotal.Load(), a.suppressed.Load()
 	}
-	injected := in - c.udpFastPath.Load() - c.invalidTotal() - c.synRetransHeld.Load()
+	injected := in - c.udpFastPath.Load() - c.invalidTotal() - c.synRetransHeld.Load() - c.cookieExitSYNsHeld.Load()
 	coalesced := uint64(0)
 	if d := c.groDelivered.Load(); injected > d {
 		coalesced = injected - d
@@ -1240,6 +1244,7 @@ func (s *Stack) Stats() Stats {
 		CookieListenerFailures: c.cookieFailures.Load(),
 		CookieConns:            c.cookieConns.Load(),
 		CookieSYNRetransHeld:   c.synRetransHeld.Load(),
+		CookieExitSynsHeld:     c.cookieExitSYNsHeld.Load(),
 		SynCookiesSent:         gs.TCP.ListenOverflowSynCookieSent.Value(),
 		SynCookiesValid:        gs.TCP.ListenOverflowSynCookieRcvd.Value(),
 		SynCookiesInvalid:      gs.TCP.ListenOverflowInvalidSynCookieRcvd.Value(),

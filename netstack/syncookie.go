@@ -194,9 +194,24 @@ type cookieListener struct {
 	// flooded, and leaves cookie mode although SYNs keep coming.
 	syns, conns atomic.Int64
 	windowStart int64
-	stop        chan struct{}
-	stopped     chan struct{} // closed when runCookieAccept returned
+	// leaving is set when the sweep decided the port leaves cookie mode;
+	// the listener closes cookieLeaveGrace later (leaveTimer).
+	leaving    atomic.Bool
+	leaveTimer *time.Timer // guarded by cookiePorts.mu
+	stop       chan struct{}
+	stopped    chan struct{} // closed when runCookieAccept returned
 }
+
+// cookieLeaveGrace is how long a port that leaves cookie mode keeps its
+// listener while the input pump drops the port's new SYNs. Closing at once
+// reset clients: a SYN still queued on the listener is answered with a RST
+// when it closes (gVisor redelivers it only to another endpoint, never to
+// tcp.Forwarder: tcp/connect.go tryDeliverSegmentFromClosedEndpoint), and
+// so is the handshake ACK of a cookie sent just before. In the grace, those
+// ACKs (one round trip) still find the listener; a dropped SYN's client
+// retransmits after its initial RTO (1 s on Linux, more than the grace) and
+// takes the dial-first path.
+const cookieLeaveGrace = 500 * time.Millisecond
 
 // cookieMode reports whether new SYNs may switch ports to cookie mode.
 func (s *Stack) cookieMode() bool {
@@ -207,7 +222,8 @@ func (s *Stack) cookieMode() bool {
 // injected: it refreshes a cookie port's activity, or switches the port to
 // cookie mode when its (or all) pending handshakes reached the threshold,
 // so that this SYN already gets a cookie. It reports whether to drop the
-// SYN: a retransmission of a handshake still pending on the dial-first path
+// SYN (counted): any SYN of a port leaving cookie mode (cookieLeaveGrace),
+// and a retransmission of a handshake still pending on the dial-first path
 // (tcp.Forwarder ignores those) must not reach the cookie listener, whose
 // connection would then race the forwarder's for the 4-tuple and reset the
 // client.
@@ -221,16 +237,28 @@ func (s *Stack) noteSYN(p *packetInfo) (drop bool) {
 		l := s.cookies.m[port]
 		s.cookies.mu.Unlock()
 		if l != nil {
+			if l.leaving.Load() {
+				s.stats.cookieExitSYNsHeld.Add(1)
+				return true
+			}
 			l.lastSYN.Store(time.Now().UnixNano())
 			l.syns.Add(1)
-			return s.handshakes.pending(p.endpointID())
+			return s.holdSYNRetransmission(p)
 		}
 	}
 	if !s.handshakes.overLimit(port, &s.cfg.TCP, time.Now().Unix()) {
 		return false
 	}
 	s.enterCookieMode(port)
-	return s.handshakes.pending(p.endpointID())
+	return s.holdSYNRetransmission(p)
+}
+
+func (s *Stack) holdSYNRetransmission(p *packetInfo) bool {
+	if !s.handshakes.pending(p.endpointID()) {
+		return false
+	}
+	s.stats.synRetransHeld.Add(1)
+	return true
 }
 
 // enterCookieMode opens port's cookie listeners, unless MaxCookiePorts are
@@ -341,6 +369,12 @@ func (s *Stack) runCookieAccept(l *cookieListener) {
 		defer wq.EventUnregister(&e)
 	}
 	for {
+		stopping := false
+		select {
+		case <-l.stop:
+			stopping = true // one last pass: what completed before is served
+		default:
+		}
 		for _, ep := range l.eps {
 			for {
 				nep, nwq, err := ep.Accept(nil)
@@ -350,9 +384,11 @@ func (s *Stack) runCookieAccept(l *cookieListener) {
 				s.handleCookieConn(l, nep, nwq)
 			}
 		}
+		if stopping {
+			return
+		}
 		select {
 		case <-l.stop:
-			return
 		case <-notify:
 		}
 	}
@@ -417,10 +453,13 @@ func (s *Stack) sweepCookies(now time.Time, idle time.Duration) {
 	if c.n.Load() == 0 {
 		return
 	}
-	var quiet []*cookieListener
 	t := now.UnixNano()
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	for port, l := range c.m {
+		if l.leaving.Load() {
+			continue
+		}
 		off := t-l.lastSYN.Load() >= int64(idle)
 		if !off && t-l.windowStart >= int64(idle) {
 			syns, conns := l.syns.Swap(0), l.conns.Swap(0)
@@ -430,17 +469,31 @@ func (s *Stack) sweepCookies(now time.Time, idle time.Duration) {
 		if !off || s.handshakes.portOverLimit(port, s.cfg.TCP.CookiePortThreshold, now.Unix()) {
 			continue
 		}
-		delete(c.m, port)
-		quiet = append(quiet, l)
+		l.leaving.Store(true)
+		c.wg.Add(1)
+		l.leaveTimer = time.AfterFunc(cookieLeaveGrace, func() {
+			defer c.wg.Done()
+			s.closeCookieListener(l)
+		})
 	}
+}
+
+// closeCookieListener ends a leaving port's cookie mode, unless the Stack
+// closed first.
+func (s *Stack) closeCookieListener(l *cookieListener) {
+	c := &s.cookies
+	c.mu.Lock()
+	if c.closed || c.m[l.port] != l {
+		c.mu.Unlock()
+		return
+	}
+	delete(c.m, l.port)
 	c.n.Store(int32(len(c.m)))
 	c.mu.Unlock()
-	for _, l := range quiet {
-		close(l.stop)
-		<-l.stopped
-		s.stats.cookieExits.Add(1)
-		s.log.Info("syn cookies off", zap.Uint16("listen", l.port))
-	}
+	close(l.stop)
+	<-l.stopped
+	s.stats.cookieExits.Add(1)
+	s.log.Info("syn cookies off", zap.Uint16("listen", l.port))
 }
 
 // closeCookies stops the sweep and every cookie listener (Stack.Close).
@@ -450,6 +503,9 @@ func (s *Stack) closeCookies() {
 	c.closed = true
 	for port, l := range c.m {
 		close(l.stop)
+		if l.leaveTimer != nil && l.leaveTimer.Stop() {
+			c.wg.Done() // its closeCookieListener will not run
+		}
 		delete(c.m, port)
 	}
 	c.n.Store(0)

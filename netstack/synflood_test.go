@@ -758,6 +758,36 @@ func TestCookieModeLeavesABusyPort(t *testing.T) {
 	}
 }
 
+// TestCookieModeExitGrace: a port leaving cookie mode keeps its listener
+// for cookieLeaveGrace and drops the port's new SYNs meanwhile (counted),
+// instead of closing the listener under them: gVisor answers a SYN still
+// queued on a closing listener with a RST, which refused a client about once
+// in three runs of TestCookieModeLeavesABusyPort. The dropped client's
+// retransmitted SYN takes the dial-first path once the listener is gone.
+func TestCookieModeExitGrace(t *testing.T) {
+	rig, fw, port := newFloodedPort(t, rand.New(rand.NewPCG(13, 14)))
+	waitUntil(t, "the flood's handshakes timed out", func() bool { return rig.server.Stats().TCPHandshakesPending == 0 })
+	rig.server.sweepCookies(time.Now().Add(time.Hour), time.Second) // no SYN for an hour
+	if st := rig.server.Stats(); st.CookiePortsActive != 1 || st.CookieModeExits != 0 {
+		t.Fatalf("right after the sweep: cookie ports active %d, exits %d; want 1 and 0 (the grace)", st.CookiePortsActive, st.CookieModeExits)
+	}
+	start := time.Now()
+	if err := rig.echoOnce(testContext(t), port, "in the grace"); err != nil {
+		t.Fatalf("client during the exit grace: %v", err)
+	}
+	took := time.Since(start)
+	st := rig.server.Stats()
+	if st.CookieExitSynsHeld == 0 || st.CookieModeExits != 1 || st.CookiePortsActive != 0 {
+		t.Fatalf("SYNs held %d, exits %d, ports active %d; want >0, 1 and 0", st.CookieExitSynsHeld, st.CookieModeExits, st.CookiePortsActive)
+	}
+	if took < cookieLeaveGrace {
+		t.Fatalf("client connected after %v, before the grace of %v ended", took, cookieLeaveGrace)
+	}
+	if est, seen := fw.established4(t, clientPrefix4.Addr()); !seen || est {
+		t.Fatalf("client request seen %v, established %v; want the dial-first path", seen, est)
+	}
+}
+
 func TestCompletionRate(t *testing.T) {
 	var c completionRate
 	const t0 = 1_000_000 // a unix second
