@@ -139,8 +139,14 @@ func TestRelayPathMTUOnLink(t *testing.T) {
 		t.Fatalf("relay end at 1500: tunnel mtu %d, %d probes, %d lost; want 1420, every probe lost", mtu, probes, lost)
 	}
 	inet.must("ip", "link", "set", "i0", "mtu", "9000")
-	if mtu, probes, lost := p.run("home2"); mtu != 9000-60 || lost != 0 || probes == 0 {
-		t.Fatalf("both ends at 9000: tunnel mtu %d, %d probes, %d lost; want %d, none lost", mtu, probes, lost, 9000-60)
+	// The relay's first large reply after the change may fail with
+	// EMSGSIZE (its socket's cached route still has the old MTU; the
+	// kernel refreshes it on that failure), and under -race a reply may
+	// miss the probe's 1 s wait: a probe may be lost as long as one of
+	// the first size's three tries came back (mtu 8940, not the 8920 tried
+	// next).
+	if mtu, probes, lost := p.run("home2"); mtu != 9000-60 || probes == 0 || lost >= probes {
+		t.Fatalf("both ends at 9000: tunnel mtu %d, %d probes, %d lost; want %d, one echo back", mtu, probes, lost, 9000-60)
 	}
 }
 
