@@ -430,9 +430,10 @@ func (r *TCPRequest) serve() {
 	s.handler.HandleTCP(r)
 }
 
-// runCookieSweep closes cookie listeners whose port is not under pressure
-// and saw no SYN for CookieIdle, or whose SYNs in the last CookieIdle were
-// mostly answered (clients, not a flood), until the Stack closes.
+// runCookieSweep lets ports leave cookie mode (closeCookieListener, after
+// cookieLeaveGrace) when they are not under pressure and saw no SYN for
+// CookieIdle, or their SYNs in the last CookieIdle were mostly answered
+// (clients, not a flood), until the Stack closes.
 func (s *Stack) runCookieSweep() {
 	defer s.cookies.wg.Done()
 	idle := s.cfg.TCP.CookieIdle
