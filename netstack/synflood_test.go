@@ -460,15 +460,15 @@ func (f *forward) established4(t *testing.T, src netip.Addr) (est, seen bool) {
 }
 
 // newFloodedPort is a rig whose port 80 (a dial-first forward to an echo
-// target) a flood has just switched to cookie mode, with a short
-// CookieIdle and HandshakeTimeout.
-func newFloodedPort(t *testing.T, rng *rand.Rand) (*floodRig, *forward, netip.AddrPort) {
+// target) a flood has just switched to cookie mode, with cookieIdle and a
+// short HandshakeTimeout.
+func newFloodedPort(t *testing.T, rng *rand.Rand, cookieIdle time.Duration) (*floodRig, *forward, netip.AddrPort) {
 	target := newHeldTarget(t)
 	fw := &forward{targets: map[uint16]string{80: target.addr}}
 	rig := newFloodRig(t, Config{TCP: TCPConfig{
 		HandshakeTimeout:    300 * time.Millisecond,
 		CookiePortThreshold: 2,
-		CookieIdle:          300 * time.Millisecond,
+		CookieIdle:          cookieIdle,
 	}}, funcHandler{tcp: fw.handle})
 	port := netip.MustParseAddrPort("10.0.0.2:80")
 	rig.engage(t, rng, port, 2)
@@ -478,7 +478,7 @@ func newFloodedPort(t *testing.T, rng *rand.Rand) (*floodRig, *forward, netip.Ad
 // TestCookieModeLeavesWhenQuiet: a port leaves cookie mode once it saw no
 // SYN for CookieIdle, and new clients take the dial-first path again.
 func TestCookieModeLeavesWhenQuiet(t *testing.T) {
-	rig, fw, port := newFloodedPort(t, rand.New(rand.NewPCG(3, 4)))
+	rig, fw, port := newFloodedPort(t, rand.New(rand.NewPCG(3, 4)), 300*time.Millisecond)
 	waitUntil(t, "cookie mode off", func() bool {
 		st := rig.server.Stats()
 		return st.CookiePortsActive == 0 && st.CookieModeExits == 1
@@ -734,7 +734,7 @@ func TestBusyPortStaysOutOfCookieMode(t *testing.T) {
 // after CookieIdle although SYNs never stop, and its clients take the
 // dial-first path again.
 func TestCookieModeLeavesABusyPort(t *testing.T) {
-	rig, fw, port := newFloodedPort(t, rand.New(rand.NewPCG(11, 12)))
+	rig, fw, port := newFloodedPort(t, rand.New(rand.NewPCG(11, 12)), 300*time.Millisecond)
 	deadline := time.Now().Add(10 * time.Second)
 	for i := 0; rig.server.Stats().CookieModeExits == 0; i++ {
 		if time.Now().After(deadline) {
@@ -765,9 +765,11 @@ func TestCookieModeLeavesABusyPort(t *testing.T) {
 // in three runs of TestCookieModeLeavesABusyPort. The dropped client's
 // retransmitted SYN takes the dial-first path once the listener is gone.
 func TestCookieModeExitGrace(t *testing.T) {
-	rig, fw, port := newFloodedPort(t, rand.New(rand.NewPCG(13, 14)))
+	// The stack's own sweep never lets the port go (an hour's CookieIdle);
+	// the test's call does, so the grace starts right before the client.
+	rig, fw, port := newFloodedPort(t, rand.New(rand.NewPCG(13, 14)), time.Hour)
 	waitUntil(t, "the flood's handshakes timed out", func() bool { return rig.server.Stats().TCPHandshakesPending == 0 })
-	rig.server.sweepCookies(time.Now().Add(time.Hour), time.Second) // no SYN for an hour
+	rig.server.sweepCookies(time.Now().Add(2*time.Hour), time.Hour) // no SYN for two hours
 	if st := rig.server.Stats(); st.CookiePortsActive != 1 || st.CookieModeExits != 0 {
 		t.Fatalf("right after the sweep: cookie ports active %d, exits %d; want 1 and 0 (the grace)", st.CookiePortsActive, st.CookieModeExits)
 	}
