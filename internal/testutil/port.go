@@ -7,6 +7,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 )
 
@@ -19,17 +20,40 @@ import (
 // connection in the meantime, and the churn tests that run in parallel make
 // thousands of those, which once made a relay's bind fail with "address
 // already in use".
+//
+// A port is handed out once per test binary: a test that names several
+// ports before binding any (TestRelayUDPSocketCaps) once got the same one
+// twice, and parallel tests could too.
 func FreePort(t testing.TB, v6 bool) uint16 {
 	t.Helper()
 	lo, hi := 10000, ephemeralLow()-1
 	for range 200 {
 		port := uint16(lo + rand.IntN(hi-lo+1))
-		if portFree(port, v6) {
+		if portFree(port, v6) && handedOut.claim(port) {
 			return port
 		}
 	}
 	t.Fatalf("no free port in %d-%d after 200 tries", lo, hi)
 	return 0
+}
+
+// handedOut is the set of ports FreePort returned.
+var handedOut = portSet{m: make(map[uint16]bool)}
+
+type portSet struct {
+	mu sync.Mutex
+	m  map[uint16]bool
+}
+
+// claim reports whether port was not handed out yet, and marks it.
+func (s *portSet) claim(port uint16) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.m[port] {
+		return false
+	}
+	s.m[port] = true
+	return true
 }
 
 func portFree(port uint16, v6 bool) bool {
