@@ -273,7 +273,7 @@ type counters struct {
 	cookieFailures       atomic.Uint64 // cookie listeners that could not open
 	cookieConns          atomic.Uint64 // connections cookies completed
 	synRetransHeld       atomic.Uint64 // see noteSYN
-	cookieExitSYNsHeld   atomic.Uint64
+	cookieExitSynsHeld   atomic.Uint64
 	fragmentsIn          atomic.Uint64
 	// lateTCPChecksum counts SYNs with a bad checksum dropped after
 	// injection (synChecksumValid); reported in Invalid.TCPChecksum.
@@ -1194,7 +1194,7 @@ func (s *Stack) Stats() Stats {
 	if a := s.link.acks; a != nil {
 		acksHeld, acksSuppressed = a.heldTotal.Load(), a.suppressed.Load()
 	}
-	injected := in - c.udpFastPath.Load() - c.invalidTotal() - c.synRetransHeld.Load() - c.cookieExitSYNsHeld.Load()
+	injected := in - c.udpFastPath.Load() - c.invalidTotal() - c.synRetransHeld.Load() - c.cookieExitSynsHeld.Load()
 	coalesced := uint64(0)
 	if d := c.groDelivered.Load(); injected > d {
 		coalesced = injected - d
@@ -1244,7 +1244,7 @@ func (s *Stack) Stats() Stats {
 		CookieListenerFailures: c.cookieFailures.Load(),
 		CookieConns:            c.cookieConns.Load(),
 		CookieSYNRetransHeld:   c.synRetransHeld.Load(),
-		CookieExitSynsHeld:     c.cookieExitSYNsHeld.Load(),
+		CookieExitSynsHeld:     c.cookieExitSynsHeld.Load(),
 		SynCookiesSent:         gs.TCP.ListenOverflowSynCookieSent.Value(),
 		SynCookiesValid:        gs.TCP.ListenOverflowSynCookieRcvd.Value(),
 		SynCookiesInvalid:      gs.TCP.ListenOverflowInvalidSynCookieRcvd.Value(),

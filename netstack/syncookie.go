@@ -238,7 +238,7 @@ func (s *Stack) noteSYN(p *packetInfo) (drop bool) {
 		s.cookies.mu.Unlock()
 		if l != nil {
 			if l.leaving.Load() {
-				s.stats.cookieExitSYNsHeld.Add(1)
+				s.stats.cookieExitSynsHeld.Add(1)
 				return true
 			}
 			l.lastSYN.Store(time.Now().UnixNano())
@@ -253,6 +253,8 @@ func (s *Stack) noteSYN(p *packetInfo) (drop bool) {
 	return s.holdSYNRetransmission(p)
 }
 
+// holdSYNRetransmission reports (and counts) a SYN of a handshake still
+// pending on the dial-first path: it must not reach a cookie listener.
 func (s *Stack) holdSYNRetransmission(p *packetInfo) bool {
 	if !s.handshakes.pending(p.endpointID()) {
 		return false

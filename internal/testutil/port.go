@@ -29,7 +29,7 @@ func FreePort(t testing.TB, v6 bool) uint16 {
 	lo, hi := 10000, ephemeralLow()-1
 	for range 200 {
 		port := uint16(lo + rand.IntN(hi-lo+1))
-		if portFree(port, v6) && handedOut.claim(port) {
+		if _, taken := handedOut.LoadOrStore(port, true); !taken && portFree(port, v6) {
 			return port
 		}
 	}
@@ -37,24 +37,9 @@ func FreePort(t testing.TB, v6 bool) uint16 {
 	return 0
 }
 
-// handedOut is the set of ports FreePort returned.
-var handedOut = portSet{m: make(map[uint16]bool)}
-
-type portSet struct {
-	mu sync.Mutex
-	m  map[uint16]bool
-}
-
-// claim reports whether port was not handed out yet, and marks it.
-func (s *portSet) claim(port uint16) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.m[port] {
-		return false
-	}
-	s.m[port] = true
-	return true
-}
+// handedOut holds every port FreePort considered (uint16 -> true); a port
+// found busy is not tried again either.
+var handedOut sync.Map
 
 func portFree(port uint16, v6 bool) bool {
 	addrs := []string{"tcp4/127.0.0.1", "udp4/127.0.0.1"}
