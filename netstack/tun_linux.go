@@ -254,8 +254,16 @@ func (q *tunQueue) read(hdr, buf []byte, block bool) (int, error) {
 
 // doRead is read's RawConn callback: one readv(2); false asks the netpoller
 // to wait for the queue to become readable.
+//
+// doRead and doWrite use RawSyscall: the queue is non-blocking, so the call
+// never waits, and need not give up its P. Through Syscall, Go's sysmon
+// hands the P to another thread when a call runs past ~20 us (a TUN write
+// carries its packet through the kernel's forwarding and the receiver's
+// TCP on this thread), and the goroutine then waits for a P on a third
+// thread: thread switches on a path that runs on one P
+// (cmd/natbox/runtime.go). netstack/BENCH.md, "Raw system calls on the TUN".
 func (q *tunQueue) doRead(fd uintptr) bool {
-	n, _, e := unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&q.iov[0])), uintptr(len(q.iov)))
+	n, _, e := unix.RawSyscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&q.iov[0])), uintptr(len(q.iov)))
 	if e == unix.EAGAIN && q.block {
 		return false
 	}
@@ -292,7 +300,7 @@ func (q *tunQueue) write(parts [][]byte) error {
 // doWrite is write's RawConn callback: one writev(2); false waits for the
 // queue to become writable.
 func (q *tunQueue) doWrite(fd uintptr) bool {
-	_, _, e := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&q.wiov[0])), uintptr(q.wn))
+	_, _, e := unix.RawSyscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&q.wiov[0])), uintptr(q.wn))
 	if e == unix.EAGAIN {
 		return false
 	}
