@@ -62,6 +62,17 @@ def iperf_bytes(j):
         return None
 
 
+def udp_cpu_per_datagram(d):
+    """The gateway process's CPU (us) per datagram the UDP test's client sent through it."""
+    meta, j = load(os.path.join(d, "udp.meta")), load(os.path.join(d, "udp.json"))
+    try:
+        sent = j["end"]["sum"]["packets"]
+        ticks = float(meta["after"].split()[-2]) - float(meta["before"].split()[-2])
+        return ticks / meta.get("clk_tck", 100) * 1e6 / sent if sent else None
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
 # ------------------------------------------------------------------ gateway
 GW_MODES = ["direct", "nftdnat", "haproxy", "socat", "natbox"]
 # The figures both harnesses report, in this order, before each one's own columns:
@@ -127,6 +138,7 @@ def gateway(run):
             if mem and m not in ("direct", "nftdnat"):
                 r["mem"] = (mem["peak_tree_pss_kb"] if m == "socat" else mem["sum_root_vmhwm_kb"]) / 1024
             r["eff"] = r["tcp1"] / (r["tcp1_cpu"] / 100) if r["tcp1"] and r["tcp1_cpu"] else None
+            r["udp_us"] = None if m in ("direct", "nftdnat") else udp_cpu_per_datagram(d)
             reps.append(r)
         if reps:
             rows[m] = reps
@@ -136,6 +148,7 @@ def gateway(run):
         ("gw CPU % (conn/s)", lambda r: r["crr_cpu"], 0, False),
         ("gw peak RSS MiB", lambda r: r["mem"], 0, False),
         ("Gbit/s per gw core", lambda r: r["eff"], 2, False),
+        ("gw CPU us per datagram (UDP)", lambda r: r["udp_us"], 1, False),
     ]
     summary = summarize_figs(rows, figs)
     nreps = max((len(v) for v in rows.values()), default=0)
