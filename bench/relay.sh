@@ -36,7 +36,8 @@
 # namespace, nb-relay-home (10.99.0.2), joined to nb-relay (10.99.0.1; relay sides and clients stay
 # there) by two veths that meet in nb-relay-wan, where bench/wanbridge copies every frame across
 # after RTT_MS/2 in each direction. `loopback` then measures the bare line: client -> 10.99.0.2.
-# wanbridge is built from bench/wanbridge (or taken from PATH).
+# wanbridge is built from bench/wanbridge (or taken from PATH). LOSS_PCT=0.01 (with RTT_MS) also
+# drops that per cent of frames at random in each direction, as a real path does.
 set -uo pipefail
 
 NB_BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -57,6 +58,7 @@ LO=127.0.0.1
 NB_PPROF_RELAY=127.0.0.1:6061
 NB_PPROF_APP=127.0.0.1:6062
 RTT_MS=${RTT_MS:-0}
+LOSS_PCT=${LOSS_PCT:-0}
 NS_HOME=$NS # the appliance side and the targets; their own namespace with RTT_MS
 NS_WAN=
 RELAY_HOST=$LO # where the appliance side reaches the relay side
@@ -98,7 +100,7 @@ wan_up() { # two veths into $NS_WAN, bridged there with RTT_MS/2 of delay each w
   ip netns exec "$NS" ip addr add 10.99.0.1/24 dev vr0 && ip netns exec "$NS_HOME" ip addr add 10.99.0.2/24 dev vh0 \
     || return 1
   start_bg "$OUT/wanbridge-$(date +%s%N).log" ip netns exec "$NS_WAN" "$WANBRIDGE" -a m0 -b m1 \
-    -delay "$((RTT_MS * 500))us" -duration 1h
+    -delay "$((RTT_MS * 500))us" -loss "$(awk -v p="$LOSS_PCT" 'BEGIN { print p / 100 }')" -duration 1h
   local i
   for i in $(seq 50); do C ping -c1 -W1 10.99.0.2 >/dev/null 2>&1 && return 0; sleep 0.1; done
   echo "wan bridge: 10.99.0.2 unreachable from $NS" >&2
@@ -114,7 +116,9 @@ ns_down() {
   done
 }
 build_wanbridge() {
-  [ "$RTT_MS" = 0 ] || [ -x "$WANBRIDGE" ] && return 0
+  [ "$RTT_MS" = 0 ] && return 0
+  # one given by WANBRIDGE or on PATH is used as it is; ours is rebuilt (cached) to match bench/wanbridge
+  [ "$WANBRIDGE" != "$WORK/bin/wanbridge" ] && [ -x "$WANBRIDGE" ] && return 0
   install_deps ethtool:ethtool ping:iputils-ping
   mkdir -p "$WORK/bin" && (cd "$REPO_DIR" && go build -o "$WANBRIDGE" ./bench/wanbridge) || {
     echo "wanbridge: build of bench/wanbridge failed; put a wanbridge binary on PATH or set WANBRIDGE" >&2
@@ -431,7 +435,7 @@ record_relay_env() {
   record_env
   {
     natbox_version
-    echo "relay <-> home round trip added: ${RTT_MS} ms"
+    echo "relay <-> home round trip added: ${RTT_MS} ms; frames lost at random: ${LOSS_PCT} % each way"
     echo "frp $("$FRP_BIN/frps" --version 2>&1) ($FRP_VERSION, built from the module source, UI stubbed)"
     ssh -V 2>&1
     echo "ssh cipher: $(ssh -F /dev/null -G $LO 2>/dev/null | awk '/^ciphers /{print $2}' | cut -d, -f1) (default; first offered)"

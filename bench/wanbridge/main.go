@@ -3,20 +3,23 @@
 // wanbridge: a bounded userspace delay line between two network interfaces, for benchmarks that
 // need a WAN-like round-trip time where the kernel has no netem qdisc.
 //
-//	wanbridge -a m0 -b m1 -delay 15ms [-duration 10m]
+//	wanbridge -a m0 -b m1 -delay 15ms [-loss 0.001] [-duration 10m]
 //
 // Every frame that arrives on -a leaves on -b after -delay, and the other way round, so two
 // namespaces joined through it share one Ethernet segment with 2×delay added to every round trip.
 // It reads and writes whole frames with AF_PACKET sockets: turn GRO/GSO/TSO off on the four veth
 // ends (ethtool -K IF gro off gso off tso off), or frames larger than the MTU are dropped and
-// counted. It stops by itself after -duration (capped at 1 h) or on SIGINT/SIGTERM and prints one
-// JSON line of counters. Run it only inside namespaces you created.
+// counted. -loss drops that fraction of frames at random in each direction (counted as "lost"),
+// as a real path does, so that congestion control can be compared. It stops by itself after
+// -duration (capped at 1 h) or on SIGINT/SIGTERM and prints one JSON line of counters. Run it
+// only inside namespaces you created.
 package main
 
 import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/signal"
@@ -37,7 +40,7 @@ type frame struct {
 }
 
 type counters struct {
-	Frames, Bytes, Oversize, QueueFull, WriteErrors atomic.Uint64
+	Frames, Bytes, Oversize, QueueFull, WriteErrors, Lost atomic.Uint64
 }
 
 type port struct {
@@ -70,7 +73,8 @@ func openPort(name string) (*port, error) {
 }
 
 // pump moves frames from src to dst, each held until delay after it arrived.
-func pump(src, dst *port, delay time.Duration, queue int, c *counters) {
+// A fraction loss of them is dropped at random instead.
+func pump(src, dst *port, delay time.Duration, queue int, loss float64, c *counters) {
 	q := make(chan frame, queue)
 	go func() {
 		to := &syscall.SockaddrLinklayer{Protocol: htons(ethPAll), Ifindex: dst.index}
@@ -99,6 +103,10 @@ func pump(src, dst *port, delay time.Duration, queue int, c *counters) {
 			c.Oversize.Add(1)
 			continue
 		}
+		if loss > 0 && rand.Float64() < loss {
+			c.Lost.Add(1)
+			continue
+		}
 		f := frame{due: time.Now().Add(delay), data: append([]byte(nil), buf[:n]...)}
 		select {
 		case q <- f:
@@ -116,9 +124,14 @@ func main() {
 	delay := flag.Duration("delay", 10*time.Millisecond, "one-way delay added in each direction")
 	dur := flag.Duration("duration", 10*time.Minute, "stop after this long (at most 1h)")
 	queue := flag.Int("queue", 65536, "frames held per direction before new ones are dropped")
+	loss := flag.Float64("loss", 0, "fraction of frames dropped at random in each direction (0.001 = 0.1 %)")
 	flag.Parse()
 	if *a == "" || *b == "" {
-		fmt.Fprintln(os.Stderr, "usage: wanbridge -a IF -b IF -delay 15ms [-duration 10m]")
+		fmt.Fprintln(os.Stderr, "usage: wanbridge -a IF -b IF -delay 15ms [-loss 0.001] [-duration 10m]")
+		os.Exit(2)
+	}
+	if *loss < 0 || *loss >= 1 {
+		fmt.Fprintln(os.Stderr, "wanbridge: -loss is a fraction in [0, 1), e.g. 0.001 for 0.1 %")
 		os.Exit(2)
 	}
 	if *dur <= 0 || *dur > time.Hour {
@@ -135,8 +148,8 @@ func main() {
 		os.Exit(1)
 	}
 	var ab, ba counters
-	go pump(pa, pb, *delay, *queue, &ab)
-	go pump(pb, pa, *delay, *queue, &ba)
+	go pump(pa, pb, *delay, *queue, *loss, &ab)
+	go pump(pb, pa, *delay, *queue, *loss, &ba)
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	select {
@@ -145,7 +158,7 @@ func main() {
 	}
 	out := func(c *counters) map[string]uint64 {
 		return map[string]uint64{"frames": c.Frames.Load(), "bytes": c.Bytes.Load(), "oversize": c.Oversize.Load(),
-			"queue_full": c.QueueFull.Load(), "write_errors": c.WriteErrors.Load()}
+			"queue_full": c.QueueFull.Load(), "write_errors": c.WriteErrors.Load(), "lost": c.Lost.Load()}
 	}
-	_ = json.NewEncoder(os.Stdout).Encode(map[string]any{"delay": delay.String(), *a + "->" + *b: out(&ab), *b + "->" + *a: out(&ba)})
+	_ = json.NewEncoder(os.Stdout).Encode(map[string]any{"delay": delay.String(), "loss": *loss, *a + "->" + *b: out(&ab), *b + "->" + *a: out(&ba)})
 }
