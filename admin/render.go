@@ -202,10 +202,34 @@ func renderUplink(w io.Writer, now time.Time, u *Uplink) {
 		fmt.Fprintf(w, "  tunnel mtu  %d\n", mtu) // uplink.mtu, or more where the path probe passed
 	}
 	fmt.Fprintf(w, "  traffic     in %s, out %s\n", formatBytes(u.BytesIn), formatBytes(u.BytesOut))
+	if line := pathLoss(u.Stats, u.Transport); line != "" {
+		fmt.Fprintf(w, "  path loss   %s\n", line)
+	}
 	fmt.Fprintf(w, "  registered  %s\n", formatList(u.Registered))
 	for _, r := range u.Refused {
 		fmt.Fprintf(w, "  refused     %s: %s\n", r.Port, r.Reason)
 	}
+}
+
+// lossyPath is the share of the relay's messages lost on the way in (one in
+// lossyPath) from which pathLoss advises the TCP transport: at 20 ms, one in
+// 10 000 lost held a relayed download to 0.09 Gbit/s over UDP and 0.53 over
+// TCP (tunnel/BENCH.md, "A lossy line").
+const lossyPath = 10_000
+
+// pathLoss describes the loss the uplink's counters estimate
+// (tunnel/lossmeter.go), with advice where the path is lossy; "" before any
+// loss.
+func pathLoss(c Counters, transport string) string {
+	in, lost := c.Counters["datagrams_in"], c.Counters["datagrams_lost"]
+	if lost == 0 || in == 0 {
+		return ""
+	}
+	line := fmt.Sprintf("%.3f %% of the messages from the relay (%d of %d)", float64(lost)*100/float64(in+lost), lost, in+lost)
+	if lost*lossyPath >= in && transport != "tcp" {
+		line += `; bulk TCP through the tunnel slows down on such a path: transport = "tcp" carries it better (README, "Slow through the relay")`
+	}
+	return line
 }
 
 func renderRelay(w io.Writer, now time.Time, r *Relay) error {

@@ -95,6 +95,34 @@ func TestRenderUplinkTransport(t *testing.T) {
 	}
 }
 
+// TestRenderUplinkPathLoss: the estimated loss shows once there is some, and
+// advises the TCP transport from one message in 10 000 lost, not on TCP.
+func TestRenderUplinkPathLoss(t *testing.T) {
+	now := time.Now()
+	for _, tt := range []struct {
+		in, lost  uint64
+		transport string
+		want      string // "" : no line
+		advice    bool
+	}{
+		{1_000_000, 0, "udp", "", false},
+		{999_990, 10, "udp", "0.001 % of the messages from the relay (10 of 1000000)", false},
+		{999_900, 100, "udp", "0.010 % of the messages from the relay (100 of 1000000)", true},
+		{999_900, 100, "tcp", "0.010 %", false},
+	} {
+		var b strings.Builder
+		renderUplink(&b, now, &Uplink{Relay: "r:1", Transport: tt.transport,
+			Stats: Counters{Counters: map[string]uint64{"datagrams_in": tt.in, "datagrams_lost": tt.lost}}})
+		out := b.String()
+		if got := strings.Contains(out, "path loss"); got != (tt.want != "") || !strings.Contains(out, tt.want) {
+			t.Errorf("%d of %d lost: want a line with %q:\n%s", tt.lost, tt.in+tt.lost, tt.want, out)
+		}
+		if got := strings.Contains(out, `transport = "tcp"`); got != tt.advice {
+			t.Errorf("%d of %d lost over %s: advice %v, want %v:\n%s", tt.lost, tt.in+tt.lost, tt.transport, got, tt.advice, out)
+		}
+	}
+}
+
 func TestRenderSessions(t *testing.T) {
 	ss := sampleSessions()
 	ss[0].AgeSeconds, ss[0].IdleSeconds = 7500, 5

@@ -112,10 +112,16 @@ func (g *gate) leave(n int) {
 
 // gates are the two directions of one device: out is read from the tun
 // device and leaves through the bind's Send; in is received by the bind
-// and leaves through the tun device's Write.
-type gates struct{ out, in *gate }
+// and leaves through the tun device's Write. loss estimates the messages the
+// path lost on the way in (lossmeter.go).
+type gates struct {
+	out, in *gate
+	loss    *lossMeter
+}
 
-func newGates(limit int) gates { return gates{out: newGate(limit), in: newGate(limit)} }
+func newGates(limit int) gates {
+	return gates{out: newGate(limit), in: newGate(limit), loss: newLossMeter()}
+}
 
 // status reports, for UplinkStatus and RelayStatus, the packets each
 // direction may hold (the bound), how many both hold now, and how often a
@@ -166,6 +172,7 @@ func (b *gatedBind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
 		fns[i] = func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
 			b.g.in.wait()
 			n, err := fn(packets, sizes, eps)
+			b.g.loss.observe(packets, sizes, n)
 			k := 0
 			for j := range n {
 				if isData(packets[j][:sizes[j]]) {

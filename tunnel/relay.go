@@ -445,7 +445,12 @@ type RelayStatus struct {
 	GatePackets int64  `json:"gate_packets"`
 	GateHeld    int64  `json:"gate_held"`
 	GateStalls  uint64 `json:"gate_stalls"`
-	OverLimit   uint64 `json:"over_limit"` // public flows refused by relay.max_sessions
+	// WireGuard transport messages received from all peers, and those of
+	// them the paths lost on the way, estimated from the gaps in their
+	// counters (lossmeter.go).
+	DatagramsIn   uint64 `json:"datagrams_in"`
+	DatagramsLost uint64 `json:"datagrams_lost"`
+	OverLimit     uint64 `json:"over_limit"` // public flows refused by relay.max_sessions
 	// The TCP transport (relay.tcp_listen): peers connected over it now,
 	// connections authenticated since start, connections refused or ended
 	// by reason (busy, handshake, auth, frame, replaced), and WireGuard
@@ -534,6 +539,7 @@ func (r *Relay) Status() RelayStatus {
 	st := RelayStatus{TCPSessions: es.TCPSessions, UDPSessions: int(es.UDPSessions), Rejected: r.rejected.Load(),
 		BufferBudgetBytes: es.BufferBudgetBytes, BufferUsedBytes: es.BufferUsedBytes, BufferDenied: es.BufferDenied}
 	st.GatePackets, st.GateHeld, st.GateStalls = r.gates.status()
+	st.DatagramsIn, st.DatagramsLost = r.gates.loss.counts()
 	if r.streams != nil {
 		ss := r.streams.status()
 		st.TCPStreams, st.TCPAccepted, st.TCPRefusals, st.TCPDropped = ss.streams, ss.accepted, ss.refused, ss.dropped

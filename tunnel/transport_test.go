@@ -19,13 +19,18 @@ import (
 // udpGate stands between the appliance and the relay's WireGuard UDP port
 // on loopback: it forwards both ways while open and silently drops
 // everything while closed, as a network that blocks UDP does. upHeld
-// drops only what the appliance sends.
+// drops only what the appliance sends. With dropDownEvery n > 0 it loses
+// every nth WireGuard data message from the relay, as a lossy path does,
+// counting them in droppedDown.
 type udpGate struct {
-	open   atomic.Bool
-	upHeld atomic.Bool
-	pc     *net.UDPConn // the appliance talks to this
-	up     *net.UDPConn // toward the relay
-	peer   atomic.Pointer[net.UDPAddr]
+	open          atomic.Bool
+	upHeld        atomic.Bool
+	dropDownEvery atomic.Int64
+	droppedDown   atomic.Int64
+	dataDown      int64        // data messages from the relay; the down goroutine's
+	pc            *net.UDPConn // the appliance talks to this
+	up            *net.UDPConn // toward the relay
+	peer          atomic.Pointer[net.UDPAddr]
 }
 
 func newUDPGate(t *testing.T, relayPort uint16) *udpGate {
@@ -63,6 +68,12 @@ func newUDPGate(t *testing.T, relayPort uint16) *udpGate {
 			if err != nil {
 				return
 			}
+			if every := g.dropDownEvery.Load(); every > 0 && isDataMessage(buf[:n]) {
+				if g.dataDown++; g.dataDown%every == 0 {
+					g.droppedDown.Add(1)
+					continue
+				}
+			}
 			if p := g.peer.Load(); p != nil && g.open.Load() {
 				pc.WriteToUDP(buf[:n], p)
 			}
@@ -70,6 +81,13 @@ func newUDPGate(t *testing.T, relayPort uint16) *udpGate {
 	}()
 	t.Cleanup(func() { pc.Close(); up.Close(); <-done; <-done })
 	return g
+}
+
+// isDataMessage reports whether msg is a WireGuard transport message with a
+// packet in it (type 4; a keepalive is one with nothing after its 16-byte
+// header but the 16-byte tag).
+func isDataMessage(msg []byte) bool {
+	return len(msg) > 32 && msg[0] == 4 && msg[1] == 0 && msg[2] == 0 && msg[3] == 0
 }
 
 func (g *udpGate) port() uint16 { return uint16(g.pc.LocalAddr().(*net.UDPAddr).Port) }
@@ -286,4 +304,61 @@ func TestTransportAutoWithoutRelayTCP(t *testing.T) {
 		t.Fatalf("%+v", st)
 	}
 	echoLine(t, c, "still there\n")
+}
+
+// TestUplinkCountsPathLoss: an upload through the relay over a path that
+// loses every 40th WireGuard data message from the relay arrives whole (the
+// tunnel's TCP recovers), and the appliance's status counts the messages
+// lost, as the gate dropped them; the relay's counts its own direction,
+// which lost nothing.
+func TestUplinkCountsPathLoss(t *testing.T) {
+	const size = 4 << 20
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	key := mustKey(t)
+	cfg := onePeerRelayConfig(t, key, spec)
+	cfg.Relay.MaxMTU = testMTU // no path probe: internet-sized messages
+	relay := startRelay(t, cfg, testLogger(t))
+	gate := newUDPGate(t, relay.port)
+	gate.open.Store(true)
+	gate.dropDownEvery.Store(40)
+	target := testutil.ServeTCP(t, "127.0.0.1:0", func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		n, _ := io.Copy(io.Discard, c)
+		fmt.Fprintf(c, "%d\n", n)
+	})
+	a := runAppliance(t, gatedApplianceTOML(gate, relay, key, mappingTOML("up", "tcp", port, target.Port(), "")), applAddrA)
+	waitRegistered(t, a, spec)
+
+	c, err := net.Dial("tcp", netip.AddrPortFrom(loopback4, port).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := c.Write(bytes.Repeat([]byte("u"), size)); err != nil {
+		t.Fatal(err)
+	}
+	c.(*net.TCPConn).CloseWrite()
+	if got, err := io.ReadAll(c); string(got) != fmt.Sprintf("%d\n", size) {
+		t.Fatalf("the target got %q bytes of %d: %v", got, size, err)
+	}
+	dropped := uint64(gate.droppedDown.Load())
+	if dropped < 20 {
+		t.Fatalf("the gate dropped %d messages of %d; the test needs a lossy path", dropped, gate.dataDown)
+	}
+	// A loss shows once a later message arrives: the relay's keepalive
+	// brings one after the upload's last.
+	var st tunnel.UplinkStatus
+	waitFor(t, 5*time.Second, "the uplink's loss estimate to reach the gate's drops", func() bool {
+		st = a.uplink.Status()
+		return st.DatagramsLost+1 >= dropped
+	})
+	t.Logf("uplink: %d messages in, %d lost; the gate dropped %d of %d", st.DatagramsIn, st.DatagramsLost, dropped, gate.dataDown)
+	if st.DatagramsLost > dropped || st.DatagramsIn < size/testMTU {
+		t.Fatalf("uplink: %d messages in, %d lost; the gate dropped %d", st.DatagramsIn, st.DatagramsLost, dropped)
+	}
+	if rs := relay.relay.Status(); rs.DatagramsIn == 0 || rs.DatagramsLost != 0 {
+		t.Fatalf("relay: %d messages in, %d lost over a path that lost none its way", rs.DatagramsIn, rs.DatagramsLost)
+	}
 }

@@ -545,6 +545,12 @@ type UplinkStatus struct {
 	GatePackets int64  `json:"gate_packets"`
 	GateHeld    int64  `json:"gate_held"`
 	GateStalls  uint64 `json:"gate_stalls"`
+	// WireGuard transport messages received from the relay, and those of
+	// them the path lost on the way, estimated from the gaps in their
+	// counters (lossmeter.go): what slows the tunnel's TCP flows on a lossy
+	// path (README, "Slow through the relay").
+	DatagramsIn   uint64 `json:"datagrams_in"`
+	DatagramsLost uint64 `json:"datagrams_lost"`
 	// UsingTCP is Transport == "tcp", for /metrics.
 	UsingTCP          bool   `json:"using_tcp"`
 	TransportSwitches uint64 `json:"transport_switches"`
@@ -589,6 +595,7 @@ func (u *Uplink) Status() UplinkStatus {
 		st.Transport, st.UsingTCP = TransportTCP, true
 	}
 	st.GatePackets, st.GateHeld, st.GateStalls = u.gates.status()
+	st.DatagramsIn, st.DatagramsLost = u.gates.loss.counts()
 	st.MTU, st.PathProbes, st.PathProbesLost = u.path.mtu.Load(), u.path.probes.Load(), u.path.lost.Load()
 	st.WarmStreamsWaiting, st.WarmStreamsServed = u.warm.waiting.Load(), u.warm.served.Load()
 	st.WarmStreamsRefused, st.WarmStreamsBad = u.warm.refused.Load(), u.warm.bad.Load()

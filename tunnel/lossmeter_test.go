@@ -1,0 +1,103 @@
+package tunnel
+
+import (
+	"encoding/binary"
+	"testing"
+)
+
+// transportMsg is a WireGuard transport message header for receiver index
+// idx and counter ctr, with a 16-byte tag and size bytes of packet.
+func transportMsg(idx uint32, ctr uint64, size int) []byte {
+	m := make([]byte, transportHeader+size+16)
+	binary.LittleEndian.PutUint32(m, 4)
+	binary.LittleEndian.PutUint32(m[4:], idx)
+	binary.LittleEndian.PutUint64(m[8:], ctr)
+	return m
+}
+
+// feed hands msgs to m in batches of three, as a bind's receive does.
+func feed(m *lossMeter, msgs [][]byte) {
+	for len(msgs) > 0 {
+		n := min(3, len(msgs))
+		sizes := make([]int, n)
+		for i := range n {
+			sizes[i] = len(msgs[i])
+		}
+		m.observe(msgs[:n], sizes, n)
+		msgs = msgs[n:]
+	}
+}
+
+// TestLossMeter: the estimate is the counters skipped less those that came
+// late, per receiver index; other messages, far jumps and stale messages
+// count nothing.
+func TestLossMeter(t *testing.T) {
+	seq := func(idx uint32, from, to uint64, skip func(uint64) bool) (out [][]byte) {
+		for c := from; c < to; c++ {
+			if skip == nil || !skip(c) {
+				out = append(out, transportMsg(idx, c, 100))
+			}
+		}
+		return out
+	}
+	handshake := make([]byte, 148)
+	handshake[0] = 1
+	for _, tt := range []struct {
+		name           string
+		msgs           [][]byte
+		received, lost uint64
+	}{
+		{"in order", seq(7, 0, 1000, nil), 1000, 0},
+		{"every 100th lost", seq(7, 0, 1000, func(c uint64) bool { return c%100 == 50 }), 990, 10},
+		{"keepalives count as messages", append(seq(7, 0, 10, nil), transportMsg(7, 10, 0), transportMsg(7, 11, 0)), 12, 0},
+		{"handshakes and runts are not messages", [][]byte{handshake, {4, 0, 0}, transportMsg(7, 0, 10), transportMsg(7, 2, 10)}, 2, 1},
+		{"reordered pairs", func() (out [][]byte) {
+			for c := uint64(0); c < 100; c += 2 {
+				out = append(out, transportMsg(9, c+1, 10), transportMsg(9, c, 10))
+			}
+			return out
+		}(), 100, 0},
+		{"two keypairs interleaved", func() (out [][]byte) {
+			// 301: a loss shows once a later message arrives
+			for c := uint64(0); c < 301; c++ {
+				if c%30 != 29 {
+					out = append(out, transportMsg(1, c, 10))
+				}
+				if c%60 != 59 {
+					out = append(out, transportMsg(2, c, 10))
+				}
+			}
+			return out
+		}(), 301 - 10 + 301 - 5, 15},
+		{"a jump past lossMaxGap starts over", [][]byte{transportMsg(3, 0, 10), transportMsg(3, 1, 10),
+			transportMsg(3, 2+lossMaxGap+1, 10), transportMsg(3, 2+lossMaxGap+2, 10), transportMsg(3, 2+lossMaxGap+4, 10)}, 5, 1},
+		{"a far forgery, then the genuine flow", [][]byte{transportMsg(3, 0, 10), transportMsg(3, 1, 10),
+			transportMsg(3, 1<<40, 10), transportMsg(3, 2, 10), transportMsg(3, 3, 10), transportMsg(3, 5, 10)}, 6, 1},
+		{"a near forgery is taken back by the messages it skipped", append(
+			[][]byte{transportMsg(3, 0, 10), transportMsg(3, 100, 10)}, seq(3, 1, 100, nil)...), 101, 0},
+		{"duplicates never make it negative", [][]byte{transportMsg(3, 0, 10), transportMsg(3, 0, 10), transportMsg(3, 0, 10)}, 3, 0},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			m := newLossMeter()
+			feed(m, tt.msgs)
+			if rx, lost := m.counts(); rx != tt.received || lost != tt.lost {
+				t.Errorf("received %d, lost %d; want %d, %d", rx, lost, tt.received, tt.lost)
+			}
+		})
+	}
+}
+
+// TestLossMeterBoundsIndexes: past lossMaxIndexes receiver indexes the table
+// starts over instead of growing.
+func TestLossMeterBoundsIndexes(t *testing.T) {
+	m := newLossMeter()
+	for i := range uint32(3 * lossMaxIndexes) {
+		feed(m, [][]byte{transportMsg(i, 5, 10)})
+	}
+	if n := len(m.highest); n > lossMaxIndexes {
+		t.Fatalf("%d indexes tracked, bound %d", n, lossMaxIndexes)
+	}
+	if _, lost := m.counts(); lost != 0 {
+		t.Fatalf("first messages of new indexes counted %d lost", lost)
+	}
+}
