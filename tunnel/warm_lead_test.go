@@ -136,11 +136,19 @@ func TestWarmPoolDialsAtMostWarmDialing(t *testing.T) {
 			t.Fatal("a stream before any dial finished")
 		}
 	}
+	// The dials start on their own goroutines: wait for warmDialing of
+	// them (a loaded host may take a while), then a little longer for any
+	// past it.
+	inFlightNow := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return inFlight
+	}
+	for deadline := time.Now().Add(5 * time.Second); inFlightNow() < warmDialing && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
 	time.Sleep(20 * time.Millisecond)
-	mu.Lock()
-	got := inFlight
-	mu.Unlock()
-	if got != warmDialing {
+	if got := inFlightNow(); got != warmDialing {
 		t.Fatalf("%d dials at once, want %d", got, warmDialing)
 	}
 	for range 128 - warmDialing + 1 {
