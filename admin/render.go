@@ -8,6 +8,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/natbox/natbox/conf"
 )
 
 // WriteJSON writes v as indented JSON: the --json output of the CLI.
@@ -211,23 +213,19 @@ func renderUplink(w io.Writer, now time.Time, u *Uplink) {
 	}
 }
 
-// lossyPath is the share of the relay's messages lost on the way in (one in
-// lossyPath) from which pathLoss advises the TCP transport: at 20 ms, one in
-// 10 000 lost held a relayed download to 0.09 Gbit/s over UDP and 0.53 over
-// TCP (tunnel/BENCH.md, "A lossy line").
-const lossyPath = 10_000
-
 // pathLoss describes the loss the uplink's counters estimate
-// (tunnel/lossmeter.go), with advice where the path is lossy; "" before any
+// (tunnel/lossmeter.go), with a pointer to what to do where the path loses
+// as much as makes an "auto" uplink move to TCP by default; "" before any
 // loss.
 func pathLoss(c Counters, transport string) string {
 	in, lost := c.Counters["datagrams_in"], c.Counters["datagrams_lost"]
 	if lost == 0 || in == 0 {
 		return ""
 	}
-	line := fmt.Sprintf("%.3f %% of the messages from the relay (%d of %d)", float64(lost)*100/float64(in+lost), lost, in+lost)
-	if lost*lossyPath >= in && transport != "tcp" {
-		line += `; bulk TCP through the tunnel slows down on such a path: transport = "tcp" carries it better (README, "Slow through the relay")`
+	share := float64(lost) / float64(in+lost)
+	line := fmt.Sprintf("%.3f %% of the messages from the relay (%d of %d)", share*100, lost, in+lost)
+	if share >= conf.DefaultLossFallbackRate && transport != "tcp" {
+		line += `; TCP through the tunnel crawls over UDP on such a path (README, "Slow through the relay")`
 	}
 	return line
 }

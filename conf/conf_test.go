@@ -464,6 +464,9 @@ private_key = "` + testPriv + `"
 address = "fd77::2" # <-`, `uplink.address: address fd77::2 is IPv6; tunnel addresses are IPv4; use an IPv4 address such as 10.77.0.2; natbox derives the IPv6 tunnel address from it`},
 		{"uplink relay address ipv6", uplinkTable + `relay_address = "fd77::1" # <-`, `uplink.relay_address: address fd77::1 is IPv6; tunnel addresses are IPv4; use an IPv4 address such as 10.77.0.2; natbox derives the IPv6 tunnel address from it`},
 		{"uplink transport", uplinkTable + `transport = "tls" # <-`, `uplink.transport: unknown transport "tls"; use "auto" (UDP, TCP when UDP is blocked), "udp" or "tcp"`},
+		{"uplink loss_fallback without per cent", uplinkTable + `loss_fallback = "0.5" # <-`, `uplink.loss_fallback: loss_fallback "0.5" is not a share of messages; write a share of messages lost above 0 and below 100 %, e.g. "0.01%", or "off"`},
+		{"uplink loss_fallback 0", uplinkTable + `loss_fallback = "0%" # <-`, `uplink.loss_fallback: loss_fallback "0%" is not a share of messages; write a share of messages lost above 0 and below 100 %, e.g. "0.01%", or "off"`},
+		{"uplink loss_fallback 100", uplinkTable + `loss_fallback = "100%" # <-`, `uplink.loss_fallback: loss_fallback "100%" is not a share of messages; write a share of messages lost above 0 and below 100 %, e.g. "0.01%", or "off"`},
 		{"uplink relay_tcp", uplinkTable + `relay_tcp = "relay.example.net" # <-`, `uplink.relay_tcp: "relay.example.net" is not host:port; write host:port, e.g. "relay.example.net:51820" or "[2001:db8::1]:51820"`},
 		{"uplink relay_tcp port", uplinkTable + `relay_tcp = "relay.example.net:0" # <-`, `uplink.relay_tcp: port "0" is out of range; use 1-65535`},
 		{"uplink v4-in-v6 relay address is own address", uplinkTable + `relay_address = "::ffff:10.77.0.2" # <-`, `uplink.relay_address: relay_address 10.77.0.2 is this appliance's own address; set relay_address to the relay's tunnel address`},
@@ -698,7 +701,7 @@ idle_timeout = "30s"
 	}
 	u := cfg.Uplinks[0]
 	if u.Keepalive.D() != 25*time.Second || u.MTU != 1420 || u.RelayAddress.String() != "10.77.0.1" || u.PrivateKey.String() != testPriv ||
-		u.Transport != "auto" || u.RelayTCP != "relay.example.net:443" {
+		u.Transport != "auto" || u.RelayTCP != "relay.example.net:443" || u.LossFallback != DefaultLossFallback || u.LossFallbackRate != DefaultLossFallbackRate {
 		t.Errorf("uplink = %+v", u)
 	}
 	idle := []struct {

@@ -67,6 +67,15 @@ type Uplink struct {
 	// or "tcp".
 	RelayTCP  string `toml:"relay_tcp"`
 	Transport string `toml:"transport"`
+	// LossFallback is, with transport "auto", the share of the relay's
+	// messages lost over UDP (e.g. "0.01%") from which the uplink moves to
+	// TCP for a while, or "off" (default DefaultLossFallback): on a lossy
+	// path every loss halves the window of the TCP flows inside the tunnel,
+	// while inside TLS over TCP the host's TCP repairs the losses beneath
+	// them (README, "Slow through the relay"). LossFallbackRate is it as a
+	// fraction, 0 for off.
+	LossFallback     string  `toml:"loss_fallback"`
+	LossFallbackRate float64 `toml:"-"`
 
 	// Key is this table's key path in messages: "uplink" for a single
 	// [uplink] table, "uplink[1]" for the second [[uplink]].

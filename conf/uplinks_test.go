@@ -3,6 +3,7 @@ package conf
 import (
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"testing"
 )
@@ -188,5 +189,27 @@ target = "10.0.0.5:443"
 	_, warns, err := ParseAt("t.toml", []byte(src), clock)
 	if err != nil || len(warns) != 0 {
 		t.Fatalf("err %v, warnings %v", err, warns)
+	}
+}
+
+// TestUplinkLossFallback: uplink.loss_fallback reads as a fraction; "off" is
+// 0, and the default is DefaultLossFallback's.
+func TestUplinkLossFallback(t *testing.T) {
+	for _, tt := range []struct {
+		line string
+		want float64
+	}{
+		{"", 0.0001},
+		{`loss_fallback = "off"`, 0},
+		{`loss_fallback = "0.5%"`, 0.005},
+		{`loss_fallback = " 2 % "`, 0.02},
+	} {
+		cfg, _, err := ParseAt("t.toml", []byte(uplinkTable+tt.line+"\n"), clock)
+		if err != nil {
+			t.Fatalf("%q: %v", tt.line, err)
+		}
+		if got := cfg.Uplinks[0].LossFallbackRate; math.Abs(got-tt.want) > 1e-12 {
+			t.Errorf("%q: rate %v, want %v", tt.line, got, tt.want)
+		}
 	}
 }

@@ -33,6 +33,9 @@ type options struct {
 	fallbackAfter   time.Duration // uplink "auto": no reply over UDP this long moves to TCP
 	probeEvery      time.Duration // uplink on TCP: how often to try UDP again
 	transportTick   time.Duration // uplink: how often the transport ladder looks
+	lossWindow      time.Duration // uplink "auto": see WithLossFallback
+	lossMinMessages uint64        // uplink "auto": see WithLossFallback
+	lossHold        time.Duration // uplink "auto": see WithLossFallback
 	bufferMemory    int           // uplink: its side's buffer_memory (0: unbounded), sizes the gates
 	// checksumsOptional: see WithChecksumsOptional; nil: the stack verifies.
 	checksumsOptional func([]netip.Prefix)
@@ -54,6 +57,9 @@ func buildOptions(opts []Option) options {
 		fallbackAfter:   defaultFallbackAfter,
 		probeEvery:      defaultProbeEvery,
 		transportTick:   defaultTransportTick,
+		lossWindow:      defaultLossWindow,
+		lossMinMessages: defaultLossMinMessages,
+		lossHold:        defaultLossHold,
 		warmMax:         defaultWarmMax,
 		warmIdle:        defaultWarmIdle,
 	}
@@ -104,6 +110,15 @@ func WithStreamLimits(pending int, handshake time.Duration) Option {
 // default 1 s).
 func WithTransportLadder(fallback, probe, tick time.Duration) Option {
 	return func(o *options) { o.fallbackAfter, o.probeEvery, o.transportTick = fallback, probe, tick }
+}
+
+// WithLossFallback sets how an uplink with transport "auto" judges UDP's
+// loss (uplink.loss_fallback): over windows of at most window (default 30 s)
+// that saw at least minMessages of the relay's messages (default 20 000),
+// and for how long a lossy window first moves it to TCP (hold, default
+// 10 min, doubled each time UDP is lossy again, at most maxLossHold).
+func WithLossFallback(window time.Duration, minMessages int, hold time.Duration) Option {
+	return func(o *options) { o.lossWindow, o.lossMinMessages, o.lossHold = window, uint64(minMessages), hold }
 }
 
 // WithBufferMemory gives an uplink its side's buffer budget

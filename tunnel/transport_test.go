@@ -27,7 +27,7 @@ type udpGate struct {
 	upHeld        atomic.Bool
 	dropDownEvery atomic.Int64
 	droppedDown   atomic.Int64
-	dataDown      int64        // data messages from the relay; the down goroutine's
+	dataDown      atomic.Int64 // data messages from the relay
 	pc            *net.UDPConn // the appliance talks to this
 	up            *net.UDPConn // toward the relay
 	peer          atomic.Pointer[net.UDPAddr]
@@ -69,7 +69,7 @@ func newUDPGate(t *testing.T, relayPort uint16) *udpGate {
 				return
 			}
 			if every := g.dropDownEvery.Load(); every > 0 && isDataMessage(buf[:n]) {
-				if g.dataDown++; g.dataDown%every == 0 {
+				if g.dataDown.Add(1)%every == 0 {
 					g.droppedDown.Add(1)
 					continue
 				}
@@ -345,7 +345,7 @@ func TestUplinkCountsPathLoss(t *testing.T) {
 	}
 	dropped := uint64(gate.droppedDown.Load())
 	if dropped < 20 {
-		t.Fatalf("the gate dropped %d messages of %d; the test needs a lossy path", dropped, gate.dataDown)
+		t.Fatalf("the gate dropped %d messages of %d; the test needs a lossy path", dropped, gate.dataDown.Load())
 	}
 	// A loss shows once a later message arrives: the relay's keepalive
 	// brings one after the upload's last.
@@ -354,11 +354,156 @@ func TestUplinkCountsPathLoss(t *testing.T) {
 		st = a.uplink.Status()
 		return st.DatagramsLost+1 >= dropped
 	})
-	t.Logf("uplink: %d messages in, %d lost; the gate dropped %d of %d", st.DatagramsIn, st.DatagramsLost, dropped, gate.dataDown)
+	t.Logf("uplink: %d messages in, %d lost; the gate dropped %d of %d", st.DatagramsIn, st.DatagramsLost, dropped, gate.dataDown.Load())
 	if st.DatagramsLost > dropped || st.DatagramsIn < size/testMTU {
 		t.Fatalf("uplink: %d messages in, %d lost; the gate dropped %d", st.DatagramsIn, st.DatagramsLost, dropped)
 	}
 	if rs := relay.relay.Status(); rs.DatagramsIn == 0 || rs.DatagramsLost != 0 {
 		t.Fatalf("relay: %d messages in, %d lost over a path that lost none its way", rs.DatagramsIn, rs.DatagramsLost)
+	}
+}
+
+// echoPump writes a stream of 64 KiB chunks through an echoing connection
+// and checks every byte that comes back, on one reader for the connection's
+// life, so one flow can be followed across transport switches.
+type echoPump struct {
+	t     *testing.T
+	c     net.Conn
+	chunk []byte
+	sent  int64
+	got   atomic.Int64
+	errc  chan error
+}
+
+func newEchoPump(t *testing.T, c net.Conn) *echoPump {
+	p := &echoPump{t: t, c: c, chunk: bytes.Repeat([]byte("0123456789abcdef"), 4096), errc: make(chan error, 1)}
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	go func() {
+		buf := make([]byte, len(p.chunk))
+		for {
+			if _, err := io.ReadFull(c, buf); err != nil {
+				p.errc <- err
+				return
+			}
+			if !bytes.Equal(buf, p.chunk) {
+				p.errc <- fmt.Errorf("echo differs after %d bytes", p.got.Load())
+				return
+			}
+			p.got.Add(int64(len(buf)))
+		}
+	}()
+	return p
+}
+
+// until writes until stop returns true (within 20 s), then waits for the
+// echo of everything written.
+func (p *echoPump) until(stop func() bool) {
+	p.t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); !stop(); {
+		if time.Now().After(deadline) {
+			p.t.Fatalf("condition not met after 20 s (%d bytes echoed)", p.got.Load())
+		}
+		if _, err := p.c.Write(p.chunk); err != nil {
+			p.t.Fatalf("write after %d bytes: %v", p.sent, err)
+		}
+		p.sent += int64(len(p.chunk))
+	}
+	for p.got.Load() < p.sent {
+		select {
+		case err := <-p.errc:
+			p.t.Fatalf("echo: %v after %d of %d bytes", err, p.got.Load(), p.sent)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// TestTransportLossFallback: over a path that loses every 50th WireGuard
+// data message from the relay, an "auto" uplink moves to TCP (the reason
+// says how much was lost), comes back to UDP when its hold ends, and moves
+// again, while one echoed flow crosses intact; with loss_fallback "off" it
+// stays on UDP over the same path.
+func TestTransportLossFallback(t *testing.T) {
+	for _, tt := range []struct {
+		name, setting string
+		moves         bool
+	}{
+		{"default", "", true},
+		{"off", `loss_fallback = "off"` + "\n", false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			relay, key, spec, mapping, public := streamRelay(t)
+			gate := newUDPGate(t, relay.port)
+			gate.open.Store(true)
+			gate.dropDownEvery.Store(50)
+			// max_mtu = mtu: internet-sized messages, no path probe.
+			toml := uplinkTOML(gate.port(), relay.relay.StreamAddr(), relay.key.Public(), key, "auto",
+				fmt.Sprintf("max_mtu = %d\n", testMTU)+tt.setting+mapping)
+			a := runAppliance(t, toml, applAddrA, tunnel.WithTransportLadder(time.Minute, 200*time.Millisecond, 50*time.Millisecond),
+				tunnel.WithLossFallback(5*time.Second, 500, 1500*time.Millisecond))
+			waitRegistered(t, a, spec)
+			c, err := net.Dial("tcp", public.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			echo := newEchoPump(t, c)
+
+			if !tt.moves {
+				echo.until(func() bool { return gate.droppedDown.Load() >= 100 })
+				if st := a.uplink.Status(); st.Transport != tunnel.TransportUDP || st.TransportSwitches != 0 || st.DatagramsLost < 90 {
+					t.Fatalf("loss_fallback off: transport %s after %d switches (%s), %d lost", st.Transport, st.TransportSwitches, st.SwitchReason, st.DatagramsLost)
+				}
+				return
+			}
+			echo.until(func() bool { return a.uplink.Status().Transport == tunnel.TransportTCP })
+			if logs := a.logs.FilterMessage("uplink transport switched").All(); len(logs) < 1 ||
+				!strings.HasSuffix(logs[0].ContextMap()["reason"].(string), "of the relay's messages lost over udp") {
+				t.Fatalf("switch logs after loss: %v", logs)
+			}
+			// The hold ends, a probe finds UDP answering, and the loss
+			// moves the uplink again.
+			echo.until(func() bool { return a.uplink.Status().TransportSwitches >= 3 })
+			if logs := a.logs.FilterMessage("uplink transport switched").All(); len(logs) < 3 ||
+				logs[1].ContextMap()["reason"] != "the relay answered over udp" ||
+				!strings.HasSuffix(logs[2].ContextMap()["reason"].(string), "lost over udp") {
+				t.Fatalf("switch logs: %v", logs)
+			}
+		})
+	}
+}
+
+// TestTransportLossFallbackWithoutRelayTCP: when the relay offers no TCP, a
+// loss switch finds no stream, the uplink's sends stay on UDP, the relay's
+// answer there brings it back, and loss does not move it again for the hold.
+func TestTransportLossFallbackWithoutRelayTCP(t *testing.T) {
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	key := mustKey(t)
+	relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t))
+	gate := newUDPGate(t, relay.port)
+	gate.open.Store(true)
+	gate.dropDownEvery.Store(50)
+	closed := net.TCPAddrFromAddrPort(netip.AddrPortFrom(loopback4, freePort(t, false))) // nothing listens
+	toml := uplinkTOML(gate.port(), closed, relay.key.Public(), key, "auto",
+		fmt.Sprintf("max_mtu = %d\n", testMTU)+mappingTOML("echo", "tcp", port, echoService(t), ""))
+	a := runAppliance(t, toml, applAddrA, tunnel.WithTransportLadder(time.Minute, 200*time.Millisecond, 50*time.Millisecond),
+		tunnel.WithLossFallback(2*time.Second, 500, time.Minute))
+	waitRegistered(t, a, spec)
+	c, err := net.Dial("tcp", netip.AddrPortFrom(loopback4, port).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	echo := newEchoPump(t, c)
+	echo.until(func() bool { return a.uplink.Status().TransportSwitches >= 2 })
+	st := a.uplink.Status()
+	if st.Transport != tunnel.TransportUDP || st.SwitchReason != "the relay answered over udp" || st.TCPConnectFailures == 0 {
+		t.Fatalf("after a loss switch without relay tcp: transport %s, reason %q, %d connect failures", st.Transport, st.SwitchReason, st.TCPConnectFailures)
+	}
+	// Several more lossy windows: the uplink stays on UDP.
+	lost := st.DatagramsLost
+	echo.until(func() bool { return a.uplink.Status().DatagramsLost >= lost+60 })
+	if st := a.uplink.Status(); st.TransportSwitches != 2 {
+		t.Fatalf("loss moved the uplink again during the hold: %d switches, last %q", st.TransportSwitches, st.SwitchReason)
 	}
 }

@@ -28,12 +28,60 @@ import (
 // there, whose answer moves the uplink back.
 // WireGuard's sessions do not depend on the transport, so flows inside
 // the tunnel see a pause of about one handshake, not a reset.
+//
+// UDP that answers but loses is the ladder's other rung
+// (uplink.loss_fallback): on a path that loses one message in 10 000 the
+// TCP flows inside the tunnel crawl (every loss halves a flow's window, and
+// gVisor's TCP regains it by one segment per round trip), while inside TLS
+// the host's TCP repairs the losses beneath them (tunnel/BENCH.md, "A lossy
+// line"). So a window of the relay's messages (lossWatch) that lost at least
+// that share moves the uplink to TCP for a hold, without UDP probes; then it
+// probes UDP again as above, and each lossy return doubles the hold. A
+// return to UDP before the hold ends (no stream carried the uplink: the
+// relay offers no TCP) keeps loss from moving it again for as long.
 const (
-	defaultFallbackAfter = 15 * time.Second
-	defaultProbeEvery    = 30 * time.Second
-	defaultTransportTick = time.Second
-	streamDialTimeout    = 10 * time.Second
+	defaultFallbackAfter   = 15 * time.Second
+	defaultProbeEvery      = 30 * time.Second
+	defaultTransportTick   = time.Second
+	streamDialTimeout      = 10 * time.Second
+	defaultLossWindow      = 30 * time.Second
+	defaultLossMinMessages = 20_000
+	defaultLossHold        = 10 * time.Minute
+	maxLossHold            = time.Hour
+	lossSettleTime         = 2 * time.Second // see lossSettle
+	// lossMinLost: a window with fewer losses than this moves nothing,
+	// whatever its share (a few losses among little traffic).
+	lossMinLost = 5
 )
+
+// lossWatch compares the relay's messages lost over UDP with those received
+// (lossmeter.go) over windows that end once they saw min messages, or
+// restart after window without that many.
+type lossWatch struct {
+	rate     float64 // uplink.loss_fallback as a fraction; 0: off
+	window   time.Duration
+	min      uint64
+	from     time.Time // the current window's start
+	in, lost uint64    // the meter's counts then
+}
+
+func (w *lossWatch) start(now time.Time, in, lost uint64) { w.from, w.in, w.lost = now, in, lost }
+
+// check reports whether the window ended with enough messages, and whether
+// it lost at least rate of them (and lossMinLost); it starts the next
+// window when this one ended, by messages or by time.
+func (w *lossWatch) check(now time.Time, in, lost uint64) (share float64, ended, lossy bool) {
+	din, dlost := in-w.in, max(int64(lost)-int64(w.lost), 0) // lost may fall: late messages
+	switch {
+	case din >= w.min:
+		share, ended = float64(dlost)/float64(din+uint64(dlost)), true
+		lossy = w.rate > 0 && dlost >= lossMinLost && share >= w.rate
+	case now.Sub(w.from) < w.window:
+		return 0, false, false
+	}
+	w.start(now, in, lost)
+	return share, ended, lossy
+}
 
 // transportState is the ladder's part of UplinkStatus; guarded by Uplink.mu.
 type transportState struct {
@@ -73,7 +121,19 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 		backoff   = minBackoff
 		nextProbe time.Time
 		tcpSince  int64 // unix nanoseconds of the switch to TCP
+
+		loss      = lossWatch{rate: u.cfg.LossFallbackRate, window: u.opts.lossWindow, min: u.opts.lossMinMessages}
+		hold      = u.opts.lossHold // the next loss switch's hold
+		lossUntil time.Time         // on TCP for loss: no UDP probe before then
+		lossQuiet time.Time         // loss moves nothing before then
+		// lossSettle: no loss window starts before then. What the relay
+		// sent into the stream closed by a return to UDP, until it heard
+		// from the appliance over UDP, never arrives: a gap that is the
+		// switch's, not the path's.
+		lossSettle time.Time
 	)
+	in, lost := u.gates.loss.counts()
+	loss.start(progress, in, lost)
 	for first := true; ; first = false {
 		if !first {
 			select {
@@ -89,11 +149,36 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 			progress, lastRx, lastHS = now, st.RxBytes, st.LastHandshake
 		}
 		if !u.client.tcp.Load() {
-			if mode != conf.TransportAuto || now.Sub(progress) < u.opts.fallbackAfter {
+			if mode != conf.TransportAuto {
 				continue
 			}
-			u.switchTransport(true, fmt.Sprintf("no reply over udp for %s", u.opts.fallbackAfter))
+			in, lost := u.gates.loss.counts()
+			var share float64
+			var ended, lossy bool
+			if now.Before(lossSettle) {
+				loss.start(now, in, lost)
+			} else {
+				share, ended, lossy = loss.check(now, in, lost)
+			}
+			var reason string
+			switch {
+			case now.Sub(progress) >= u.opts.fallbackAfter:
+				reason = fmt.Sprintf("no reply over udp for %s", u.opts.fallbackAfter)
+			case lossy && !now.Before(lossQuiet):
+				reason = fmt.Sprintf("%.3f %% of the relay's messages lost over udp", share*100)
+			default:
+				if ended && !lossy {
+					hold = u.opts.lossHold // a clean window: the next lossy one starts over
+				}
+				continue
+			}
+			u.switchTransport(true, reason)
 			nextDial, nextProbe, tcpSince, backoff = now, now.Add(u.opts.probeEvery), now.UnixNano(), minBackoff
+			lossUntil = time.Time{}
+			if lossy {
+				lossUntil, nextProbe = now.Add(hold), now.Add(hold)
+				hold = min(2*hold, maxLossHold)
+			}
 		}
 		if s := u.client.cur.Load(); (s == nil || s.closed()) && !now.Before(nextDial) {
 			if err := u.connectStream(ctx); err != nil {
@@ -118,11 +203,17 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 		// The relay answered over UDP (a probe, or a handshake sent there
 		// while no stream was up) and the handshake completed.
 		if r := u.client.udpResponse.Load(); r > tcpSince && !lastHS.Before(time.Unix(0, r)) {
+			if now.Before(lossUntil) {
+				// Moved for loss, but back before the hold ended: no
+				// stream carried the uplink, so UDP it is for a while.
+				lossQuiet = now.Add(lossUntil.Sub(time.Unix(0, tcpSince)))
+			}
+			lossUntil = time.Time{}
 			u.switchTransport(false, "the relay answered over udp")
 			if s := u.client.cur.Swap(nil); s != nil {
 				s.closeWith(net.ErrClosed)
 			}
-			progress = now
+			progress, lossSettle = now, now.Add(lossSettleTime)
 			continue
 		}
 		if !now.Before(nextProbe) {
