@@ -10,6 +10,8 @@
 #              only [uplink] (mappings tcp+udp 18080 -> :5201, 18081 -> :5301, 18082 -> :5302)
 #   natbox-tcp the same over natbox's TCP transport: WireGuard inside TLS on 127.0.0.1:443
 #              (relay tcp_listen, appliance transport = "tcp"), the fallback for networks without UDP
+#   natbox-auto the same with the relay's tcp_listen and transport = "auto", the default: UDP, TCP
+#              when UDP is blocked or (uplink.loss_fallback) lossy; for lossy lines (LOSS_PCT)
 #   frp        frps (bindPort 7000) <- frpc, TCP transport, defaults (tcpMux on, TLS on);
 #              tcp proxies 18080/18081/18082 + udp proxy 18080
 #   frp-nomux  the same with transport.tcpMux = false on both sides
@@ -228,7 +230,7 @@ remotePort = 18082
 EOF
 }
 
-natbox_configs() { # natbox_configs DIR [TRANSPORT(udp|tcp)]
+natbox_configs() { # natbox_configs DIR [TRANSPORT(udp|tcp|auto)]
   local k=$OUT/keys transport=${2:-udp}
   cat >"$1/relay.toml" <<EOF
 [log]
@@ -236,7 +238,7 @@ level = "${NATBOX_LOG_LEVEL:-warn}"
 
 [relay]
 listen = "$RELAY_HOST:51820"
-$([ "$transport" = tcp ] && echo "tcp_listen = \"$RELAY_HOST:443\"")
+$([ "$transport" != udp ] && echo "tcp_listen = \"$RELAY_HOST:443\"")
 private_key = "$(cat "$k/relay.key")"
 address = "100.96.0.1"
 $([ -n "${TUNNEL_MTU:-}" ] && echo "mtu = $TUNNEL_MTU
@@ -316,8 +318,8 @@ setup_relay_mode() { # sets T_HOST P_IPERF P_ECHO P_CRR RELAY_PIDS APP_PIDS
     loopback)
       [ -n "$NS_WAN" ] && T_HOST=10.99.0.2 # the bare line
       P_IPERF=5201; P_ECHO=5301; P_CRR=5302 ;;
-    natbox|natbox-tcp)
-      natbox_configs "$d" "$([ "$mode" = natbox-tcp ] && echo tcp || echo udp)"
+    natbox|natbox-tcp|natbox-auto)
+      natbox_configs "$d" "$(case $mode in natbox-tcp) echo tcp ;; natbox-auto) echo auto ;; *) echo udp ;; esac)"
       if [ "${PROFILE:-0}" = 1 ]; then
         NATBOX_PPROF=$NB_PPROF_RELAY start_bg "$d/relay.log" ip netns exec "$NS" "$NATBOX" relay -c "$d/relay.toml"
       else
@@ -450,7 +452,7 @@ main() {
   build_tools
   build_wanbridge || exit 1
   if [[ " $MODES " == *" natbox"* ]] && ! { build_natbox && natbox_keys; }; then
-    log "natbox: build or key generation failed; dropping its modes"; MODES=${MODES//natbox-tcp/}; MODES=${MODES//natbox/}
+    log "natbox: build or key generation failed; dropping its modes"; MODES=${MODES//natbox-tcp/}; MODES=${MODES//natbox-auto/}; MODES=${MODES//natbox/}
   fi
   if [[ " $MODES " == *" frp"* ]] && ! install_frp; then
     log "frp: build failed; dropping its modes"; MODES=${MODES//frp-nomux/}; MODES=${MODES//frp/}

@@ -218,8 +218,9 @@ def gateway(run):
 
 
 # ------------------------------------------------------------------ relay
-RL_MODES = ["loopback", "natbox", "natbox-tcp", "frp", "frp-nomux", "ssh"]
+RL_MODES = ["loopback", "natbox", "natbox-tcp", "natbox-auto", "frp", "frp-nomux", "ssh"]
 RL_LABEL = {"loopback": "plain loopback", "natbox": "**natbox relay**", "natbox-tcp": "natbox relay, TCP/443 (TLS)",
+            "natbox-auto": "natbox relay, transport auto",
             "frp": "frp (tcpMux, TLS)",
             "frp-nomux": "frp, tcpMux = false", "ssh": "ssh -R"}
 
