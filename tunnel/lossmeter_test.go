@@ -3,6 +3,7 @@ package tunnel
 import (
 	"encoding/binary"
 	"testing"
+	"time"
 )
 
 // transportMsg is a WireGuard transport message header for receiver index
@@ -99,5 +100,37 @@ func TestLossMeterBoundsIndexes(t *testing.T) {
 	}
 	if _, lost := m.counts(); lost != 0 {
 		t.Fatalf("first messages of new indexes counted %d lost", lost)
+	}
+}
+
+// TestLossWatchWindow: a window ends at the larger of its minimum and
+// enough messages for its rate to be lossMinLost of them, or early once it
+// lost lossEarlyLost; a lossy one needs both the share and lossMinLost.
+func TestLossWatchWindow(t *testing.T) {
+	now := time.Now()
+	w := newLossWatch(0.0001, time.Minute, 20_000)
+	w.start(now, 0, 0)
+	if _, ended, _ := w.check(now, 49_999, 4); ended {
+		t.Fatal("a window of 49 999 at 0.01 % ended")
+	}
+	if share, ended, lossy := w.check(now, 50_000, 6); !ended || !lossy || share < 0.0001 {
+		t.Fatalf("6 of 50 006 lost at 0.01 %%: ended %v, lossy %v, share %v", ended, lossy, share)
+	}
+	w.start(now, 0, 0)
+	if share, ended, lossy := w.check(now, 2000, 10); !ended || !lossy || share < 0.0001 {
+		t.Fatalf("10 of 2010 lost at 0.01 %%: ended %v, lossy %v, share %v; want an early end", ended, lossy, share)
+	}
+	w = newLossWatch(0.01, time.Minute, 500)
+	w.start(now, 0, 0)
+	if _, ended, lossy := w.check(now, 500, 4); !ended || lossy {
+		t.Fatalf("4 of 504 lost at 1 %%: ended %v, lossy %v; want ended, not lossy (fewer than lossMinLost)", ended, lossy)
+	}
+	if _, ended, _ := w.check(now.Add(time.Minute), 600, 4); ended || w.in != 600 {
+		t.Fatalf("a window past its time with 100 messages: ended %v, restarted at %d (want 600)", ended, w.in)
+	}
+	w = newLossWatch(0, time.Minute, 500)
+	w.start(now, 0, 0)
+	if _, _, lossy := w.check(now, 1000, 900); lossy {
+		t.Fatal("off, and lossy")
 	}
 }

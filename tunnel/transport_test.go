@@ -427,7 +427,8 @@ func TestTransportLossFallback(t *testing.T) {
 		name, setting string
 		moves         bool
 	}{
-		{"default", "", true},
+		// 1 %: 500 messages a window (at the default 0.01 %, 50 000).
+		{"1%", `loss_fallback = "1%"` + "\n", true},
 		{"off", `loss_fallback = "off"` + "\n", false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
@@ -485,7 +486,7 @@ func TestTransportLossFallbackWithoutRelayTCP(t *testing.T) {
 	gate.dropDownEvery.Store(50)
 	closed := net.TCPAddrFromAddrPort(netip.AddrPortFrom(loopback4, freePort(t, false))) // nothing listens
 	toml := uplinkTOML(gate.port(), closed, relay.key.Public(), key, "auto",
-		fmt.Sprintf("max_mtu = %d\n", testMTU)+mappingTOML("echo", "tcp", port, echoService(t), ""))
+		fmt.Sprintf("max_mtu = %d\nloss_fallback = \"1%%\"\n", testMTU)+mappingTOML("echo", "tcp", port, echoService(t), ""))
 	a := runAppliance(t, toml, applAddrA, tunnel.WithTransportLadder(time.Minute, 200*time.Millisecond, 50*time.Millisecond),
 		tunnel.WithLossFallback(2*time.Second, 500, time.Minute))
 	waitRegistered(t, a, spec)

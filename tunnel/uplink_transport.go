@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"math"
 	"net"
 	"time"
 
@@ -52,6 +53,11 @@ const (
 	// lossMinLost: a window with fewer losses than this moves nothing,
 	// whatever its share (a few losses among little traffic).
 	lossMinLost = 5
+	// A window that lost lossEarlyLost of at least lossEarlyMessages ends
+	// early: on a path that loses that much, the flows over UDP have
+	// slowed so far that the full window would take long to fill.
+	lossEarlyLost     = 2 * lossMinLost
+	lossEarlyMessages = 1000
 )
 
 // lossWatch compares the relay's messages lost over UDP with those received
@@ -65,15 +71,26 @@ type lossWatch struct {
 	in, lost uint64    // the meter's counts then
 }
 
+// newLossWatch watches for rate lost over windows of at most window that
+// saw at least min messages, and enough for rate to be lossMinLost of them
+// (50 000 at the default 0.01 %: fewer would need more than rate to move).
+func newLossWatch(rate float64, window time.Duration, min uint64) lossWatch {
+	if rate > 0 {
+		min = max(min, uint64(math.Ceil(lossMinLost/rate)))
+	}
+	return lossWatch{rate: rate, window: window, min: min}
+}
+
 func (w *lossWatch) start(now time.Time, in, lost uint64) { w.from, w.in, w.lost = now, in, lost }
 
-// check reports whether the window ended with enough messages, and whether
-// it lost at least rate of them (and lossMinLost); it starts the next
-// window when this one ended, by messages or by time.
+// check reports whether the window ended with enough messages (min, or
+// lossEarlyLost lost among lossEarlyMessages), and whether it lost at least
+// rate of them (and lossMinLost); it starts the next window when this one
+// ended, by messages or by time.
 func (w *lossWatch) check(now time.Time, in, lost uint64) (share float64, ended, lossy bool) {
 	din, dlost := in-w.in, max(int64(lost)-int64(w.lost), 0) // lost may fall: late messages
 	switch {
-	case din >= w.min:
+	case din >= w.min, dlost >= lossEarlyLost && din >= lossEarlyMessages:
 		share, ended = float64(dlost)/float64(din+uint64(dlost)), true
 		lossy = w.rate > 0 && dlost >= lossMinLost && share >= w.rate
 	case now.Sub(w.from) < w.window:
@@ -122,7 +139,7 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 		nextProbe time.Time
 		tcpSince  int64 // unix nanoseconds of the switch to TCP
 
-		loss      = lossWatch{rate: u.cfg.LossFallbackRate, window: u.opts.lossWindow, min: u.opts.lossMinMessages}
+		loss      = newLossWatch(u.cfg.LossFallbackRate, u.opts.lossWindow, u.opts.lossMinMessages)
 		hold      = u.opts.lossHold // the next loss switch's hold
 		lossUntil time.Time         // on TCP for loss: no UDP probe before then
 		lossQuiet time.Time         // loss moves nothing before then
