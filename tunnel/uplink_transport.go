@@ -35,11 +35,12 @@ import (
 // TCP flows inside the tunnel crawl (every loss halves a flow's window, and
 // gVisor's TCP regains it by one segment per round trip), while inside TLS
 // the host's TCP repairs the losses beneath them (tunnel/BENCH.md, "A lossy
-// line"). So a window of the relay's messages (lossWatch) that lost at least
-// that share moves the uplink to TCP for a hold, without UDP probes; then it
-// probes UDP again as above, and each lossy return doubles the hold. A
-// return to UDP before the hold ends (no stream carried the uplink: the
-// relay offers no TCP) keeps loss from moving it again for as long.
+// line"). So two windows in a row of the relay's messages (lossWatch) that
+// lost at least that share move the uplink to TCP for a hold, without UDP
+// probes; then it probes UDP again as above, and each lossy return doubles
+// the hold. A return to UDP before the hold ends (no stream carried the
+// uplink: the relay offers no TCP) keeps loss from moving it again for as
+// long.
 const (
 	defaultFallbackAfter   = 15 * time.Second
 	defaultProbeEvery      = 30 * time.Second
@@ -58,6 +59,10 @@ const (
 	// slowed so far that the full window would take long to fill.
 	lossEarlyLost     = 2 * lossMinLost
 	lossEarlyMessages = 1000
+	// lossWindowsToMove lossy windows in a row move the uplink: one loss
+	// burst (a flow's slow start overshooting a bottleneck, a radio
+	// hiccup) fills one window, a lossy path every one.
+	lossWindowsToMove = 2
 )
 
 // lossWatch compares the relay's messages lost over UDP with those received
@@ -141,6 +146,7 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 
 		loss      = newLossWatch(u.cfg.LossFallbackRate, u.opts.lossWindow, u.opts.lossMinMessages)
 		hold      = u.opts.lossHold // the next loss switch's hold
+		lossyRun  int               // lossy windows in a row
 		lossUntil time.Time         // on TCP for loss: no UDP probe before then
 		lossQuiet time.Time         // loss moves nothing before then
 		// lossSettle: no loss window starts before then. What the relay
@@ -177,22 +183,29 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 			} else {
 				share, ended, lossy = loss.check(now, in, lost)
 			}
+			if ended {
+				if lossy {
+					lossyRun++
+				} else {
+					lossyRun = 0
+					hold = u.opts.lossHold // a clean window: the next lossy run starts over
+				}
+			}
 			var reason string
+			forLoss := false
 			switch {
 			case now.Sub(progress) >= u.opts.fallbackAfter:
 				reason = fmt.Sprintf("no reply over udp for %s", u.opts.fallbackAfter)
-			case lossy && !now.Before(lossQuiet):
-				reason = fmt.Sprintf("%.3f %% of the relay's messages lost over udp", share*100)
+			case lossyRun >= lossWindowsToMove && !now.Before(lossQuiet):
+				reason, forLoss = fmt.Sprintf("%.3f %% of the relay's messages lost over udp", share*100), true
 			default:
-				if ended && !lossy {
-					hold = u.opts.lossHold // a clean window: the next lossy one starts over
-				}
 				continue
 			}
+			lossyRun = 0
 			u.switchTransport(true, reason)
 			nextDial, nextProbe, tcpSince, backoff = now, now.Add(u.opts.probeEvery), now.UnixNano(), minBackoff
 			lossUntil = time.Time{}
-			if lossy {
+			if forLoss {
 				lossUntil, nextProbe = now.Add(hold), now.Add(hold)
 				hold = min(2*hold, maxLossHold)
 			}
