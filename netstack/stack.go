@@ -1333,3 +1333,7 @@ func (s *Stack) Close() error {
 	})
 	return s.closeErr
 }
+
+// TCPRetransmits returns the TCP segments this stack has resent. An uplink
+// reads it to see what the way to the relay loses (tunnel/uplink_transport.go).
+func (s *Stack) TCPRetransmits() uint64 { return s.stack.Stats().TCP.Retransmits.Value() }

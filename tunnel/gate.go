@@ -195,6 +195,7 @@ func (b *gatedBind) Send(bufs [][]byte, ep conn.Endpoint) error {
 		}
 	}
 	b.g.out.leave(k)
+	b.g.loss.sent.Add(uint64(k))
 	return err
 }
 

@@ -31,6 +31,7 @@ type lossMeter struct {
 
 	received atomic.Uint64 // transport messages seen (keepalives included)
 	missing  atomic.Int64  // counters skipped, less the late ones that filled a gap
+	sent     atomic.Uint64 // data messages sent (the other way, whose loss only the sender's TCP resends show)
 }
 
 const (
@@ -89,3 +90,6 @@ func (m *lossMeter) observe(msgs [][]byte, sizes []int, n int) {
 func (m *lossMeter) counts() (received, lost uint64) {
 	return m.received.Load(), uint64(max(m.missing.Load(), 0))
 }
+
+// sentCount returns the data messages sent.
+func (m *lossMeter) sentCount() uint64 { return m.sent.Load() }

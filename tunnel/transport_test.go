@@ -21,12 +21,16 @@ import (
 // everything while closed, as a network that blocks UDP does. upHeld
 // drops only what the appliance sends. With dropDownEvery n > 0 it loses
 // every nth WireGuard data message from the relay, as a lossy path does,
-// counting them in droppedDown.
+// counting them in droppedDown; dropUpEvery, droppedUp the same for the
+// appliance's.
 type udpGate struct {
 	open          atomic.Bool
 	upHeld        atomic.Bool
 	dropDownEvery atomic.Int64
 	droppedDown   atomic.Int64
+	dropUpEvery   atomic.Int64 // the same for the appliance's messages
+	droppedUp     atomic.Int64
+	dataUp        atomic.Int64
 	dataDown      atomic.Int64 // data messages from the relay
 	pc            *net.UDPConn // the appliance talks to this
 	up            *net.UDPConn // toward the relay
@@ -55,6 +59,12 @@ func newUDPGate(t *testing.T, relayPort uint16) *udpGate {
 				return
 			}
 			g.peer.Store(from)
+			if every := g.dropUpEvery.Load(); every > 0 && isDataMessage(buf[:n]) {
+				if g.dataUp.Add(1)%every == 0 {
+					g.droppedUp.Add(1)
+					continue
+				}
+			}
 			if g.open.Load() && !g.upHeld.Load() {
 				up.Write(buf[:n])
 			}
@@ -458,7 +468,7 @@ func TestTransportLossFallback(t *testing.T) {
 			}
 			echo.until(func() bool { return a.uplink.Status().Transport == tunnel.TransportTCP })
 			if logs := a.logs.FilterMessage("uplink transport switched").All(); len(logs) < 1 ||
-				!strings.HasSuffix(logs[0].ContextMap()["reason"].(string), "of the relay's messages lost over udp") {
+				!strings.HasSuffix(logs[0].ContextMap()["reason"].(string), " over udp") || !strings.Contains(logs[0].ContextMap()["reason"].(string), " % of the ") {
 				t.Fatalf("switch logs after loss: %v", logs)
 			}
 			// The hold ends, a probe finds UDP answering, and the loss
@@ -466,7 +476,7 @@ func TestTransportLossFallback(t *testing.T) {
 			echo.until(func() bool { return a.uplink.Status().TransportSwitches >= 3 })
 			if logs := a.logs.FilterMessage("uplink transport switched").All(); len(logs) < 3 ||
 				logs[1].ContextMap()["reason"] != "the relay answered over udp" ||
-				!strings.HasSuffix(logs[2].ContextMap()["reason"].(string), "lost over udp") {
+				!strings.Contains(logs[2].ContextMap()["reason"].(string), " % of the ") {
 				t.Fatalf("switch logs: %v", logs)
 			}
 		})
@@ -506,5 +516,30 @@ func TestTransportLossFallbackWithoutRelayTCP(t *testing.T) {
 	echo.until(func() bool { return a.uplink.Status().DatagramsLost >= lost+60 })
 	if st := a.uplink.Status(); st.TransportSwitches != 2 {
 		t.Fatalf("loss moved the uplink again during the hold: %d switches, last %q", st.TransportSwitches, st.SwitchReason)
+	}
+}
+
+// TestTransportLossFallbackOnTheWayOut: a path that loses every 50th data
+// message from the appliance, which the appliance cannot see lost, moves an
+// "auto" uplink to TCP by its tunnel stack's TCP resends.
+func TestTransportLossFallbackOnTheWayOut(t *testing.T) {
+	relay, key, spec, mapping, public := streamRelay(t)
+	gate := newUDPGate(t, relay.port)
+	gate.open.Store(true)
+	gate.dropUpEvery.Store(50)
+	toml := uplinkTOML(gate.port(), relay.relay.StreamAddr(), relay.key.Public(), key, "auto",
+		fmt.Sprintf("max_mtu = %d\nloss_fallback = \"1%%\"\n", testMTU)+mapping)
+	a := runAppliance(t, toml, applAddrA, tunnel.WithTransportLadder(time.Minute, 200*time.Millisecond, 50*time.Millisecond),
+		tunnel.WithLossFallback(5*time.Second, 500, time.Minute))
+	waitRegistered(t, a, spec)
+	c, err := net.Dial("tcp", public.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	newEchoPump(t, c).until(func() bool { return a.uplink.Status().Transport == tunnel.TransportTCP })
+	if st := a.uplink.Status(); !strings.Contains(st.SwitchReason, "resent by TCP over udp") || st.DatagramsLost > 5 {
+		t.Fatalf("switched for %q with %d of the relay's messages lost (the gate dropped %d of the appliance's)",
+			st.SwitchReason, st.DatagramsLost, gate.droppedUp.Load())
 	}
 }

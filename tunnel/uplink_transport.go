@@ -74,6 +74,26 @@ type lossWatch struct {
 	min      uint64
 	from     time.Time // the current window's start
 	in, lost uint64    // the meter's counts then
+	run      int       // lossy windows in a row
+}
+
+// step feeds one tick's counts (while settling it only restarts the
+// window): the share of a window that ended, whether lossWindowsToMove
+// lossy ones in a row have, and whether it ended below the rate.
+func (w *lossWatch) step(now time.Time, in, lost uint64, settling bool) (share float64, move, clean bool) {
+	if settling {
+		w.start(now, in, lost)
+		return 0, false, false
+	}
+	share, ended, lossy := w.check(now, in, lost)
+	switch {
+	case !ended:
+	case lossy:
+		w.run++
+	default:
+		w.run, clean = 0, true
+	}
+	return share, w.run >= lossWindowsToMove, clean
 }
 
 // newLossWatch watches for rate lost over windows of at most window that
@@ -144,9 +164,12 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 		nextProbe time.Time
 		tcpSince  int64 // unix nanoseconds of the switch to TCP
 
-		loss      = newLossWatch(u.cfg.LossFallbackRate, u.opts.lossWindow, u.opts.lossMinMessages)
+		// The relay's messages lost on the way in, and the tunnel's TCP
+		// resending what the appliance sent (the way out, which the
+		// appliance cannot see lost: a download's data goes that way).
+		recvLoss  = newLossWatch(u.cfg.LossFallbackRate, u.opts.lossWindow, u.opts.lossMinMessages)
+		sendLoss  = newLossWatch(u.cfg.LossFallbackRate, u.opts.lossWindow, u.opts.lossMinMessages)
 		hold      = u.opts.lossHold // the next loss switch's hold
-		lossyRun  int               // lossy windows in a row
 		lossUntil time.Time         // on TCP for loss: no UDP probe before then
 		lossQuiet time.Time         // loss moves nothing before then
 		// lossSettle: no loss window starts before then. What the relay
@@ -156,7 +179,8 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 		lossSettle time.Time
 	)
 	in, lost := u.gates.loss.counts()
-	loss.start(progress, in, lost)
+	recvLoss.start(progress, in, lost)
+	sendLoss.start(progress, u.gates.loss.sentCount(), u.retransmits())
 	for first := true; ; first = false {
 		if !first {
 			select {
@@ -176,32 +200,25 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 				continue
 			}
 			in, lost := u.gates.loss.counts()
-			var share float64
-			var ended, lossy bool
-			if now.Before(lossSettle) {
-				loss.start(now, in, lost)
-			} else {
-				share, ended, lossy = loss.check(now, in, lost)
-			}
-			if ended {
-				if lossy {
-					lossyRun++
-				} else {
-					lossyRun = 0
-					hold = u.opts.lossHold // a clean window: the next lossy run starts over
-				}
+			settling := now.Before(lossSettle)
+			rShare, rMove, rClean := recvLoss.step(now, in, lost, settling)
+			sShare, sMove, sClean := sendLoss.step(now, u.gates.loss.sentCount(), u.retransmits(), settling)
+			if (rClean || sClean) && recvLoss.run == 0 && sendLoss.run == 0 {
+				hold = u.opts.lossHold // a clean window: the next lossy run starts over
 			}
 			var reason string
 			forLoss := false
 			switch {
 			case now.Sub(progress) >= u.opts.fallbackAfter:
 				reason = fmt.Sprintf("no reply over udp for %s", u.opts.fallbackAfter)
-			case lossyRun >= lossWindowsToMove && !now.Before(lossQuiet):
-				reason, forLoss = fmt.Sprintf("%.3f %% of the relay's messages lost over udp", share*100), true
+			case rMove && !now.Before(lossQuiet):
+				reason, forLoss = fmt.Sprintf("%.3f %% of the relay's messages lost over udp", rShare*100), true
+			case sMove && !now.Before(lossQuiet):
+				reason, forLoss = fmt.Sprintf("%.3f %% of the messages to the relay resent by TCP over udp", sShare*100), true
 			default:
 				continue
 			}
-			lossyRun = 0
+			recvLoss.run, sendLoss.run = 0, 0
 			u.switchTransport(true, reason)
 			nextDial, nextProbe, tcpSince, backoff = now, now.Add(u.opts.probeEvery), now.UnixNano(), minBackoff
 			lossUntil = time.Time{}
@@ -232,7 +249,13 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 		}
 		// The relay answered over UDP (a probe, or a handshake sent there
 		// while no stream was up) and the handshake completed.
-		if r := u.client.udpResponse.Load(); r > tcpSince && !lastHS.Before(time.Unix(0, r)) {
+		// On TCP for loss with a stream up, an answer over UDP (the relay
+		// answers where the appliance's last packet came from, and UDP
+		// sent just before the switch may arrive after the stream's
+		// handshake) waits for the hold's end.
+		streamUp := func() bool { s := u.client.cur.Load(); return s != nil && !s.closed() }
+		if r := u.client.udpResponse.Load(); r > tcpSince && !lastHS.Before(time.Unix(0, r)) &&
+			(!now.Before(lossUntil) || !streamUp()) {
 			if now.Before(lossUntil) {
 				// Moved for loss, but back before the hold ended: no
 				// stream carried the uplink, so UDP it is for a while.
@@ -252,6 +275,18 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 			u.rehandshake()
 		}
 	}
+}
+
+// retransmitCounter is what an uplink's stack offers to count its TCP
+// resends (netstack.Stack does).
+type retransmitCounter interface{ TCPRetransmits() uint64 }
+
+// retransmits returns the uplink stack's TCP resends, or 0 without one.
+func (u *Uplink) retransmits() uint64 {
+	if r, ok := u.dialer.(retransmitCounter); ok {
+		return r.TCPRetransmits()
+	}
+	return 0
 }
 
 // rehandshake starts a handshake now, on the transport in use.
