@@ -96,7 +96,7 @@ func TestRenderUplinkTransport(t *testing.T) {
 }
 
 // TestRenderUplinkPathLoss: the estimated loss shows once there is some, and
-// points at what to do from one message in 10 000 lost, unless on TCP.
+// points at what to do from conf.DefaultLossFallbackRate lost, unless on TCP.
 func TestRenderUplinkPathLoss(t *testing.T) {
 	now := time.Now()
 	for _, tt := range []struct {

@@ -199,7 +199,7 @@ func TestUplinkLossFallback(t *testing.T) {
 		line string
 		want float64
 	}{
-		{"", 0.0001},
+		{"", 0.00002},
 		{`loss_fallback = "off"`, 0},
 		{`loss_fallback = "0.5%"`, 0.005},
 		{`loss_fallback = " 2 % "`, 0.02},

@@ -337,11 +337,13 @@ const (
 	TransportTCP  = "tcp"
 	// DefaultRelayTCPPort is uplink.relay_tcp's port when only relay is set.
 	DefaultRelayTCPPort = "443"
-	// DefaultLossFallback is uplink.loss_fallback's default: at one message
-	// in 10 000 lost and 20 ms to the relay, a relayed TCP flow made 0.09
-	// Gbit/s over UDP and 0.43 over TCP/443 (tunnel/BENCH.md, "A lossy line").
-	DefaultLossFallback     = "0.01%"
-	DefaultLossFallbackRate = 0.0001 // DefaultLossFallback as a fraction
+	// DefaultLossFallback is uplink.loss_fallback's default, one message in
+	// 50 000: at 20 ms to the relay, one frame in 10 000 lost held a relayed
+	// TCP flow to about 0.1 Gbit/s over UDP and 0.5 over TCP/443, and the
+	// threshold sits well below that so such a path is caught in every
+	// window (tunnel/BENCH.md, "A lossy line").
+	DefaultLossFallback     = "0.002%"
+	DefaultLossFallbackRate = 0.00002 // DefaultLossFallback as a fraction
 )
 
 // checkHostPort validates "host:port"; an empty host is allowed only when

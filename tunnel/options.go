@@ -113,7 +113,7 @@ func WithTransportLadder(fallback, probe, tick time.Duration) Option {
 }
 
 // WithLossFallback sets how an uplink with transport "auto" judges UDP's
-// loss (uplink.loss_fallback): over windows of at most window (default 30 s)
+// loss (uplink.loss_fallback): over windows of at most window (default 1 min)
 // that saw at least minMessages of the relay's messages (default 20 000),
 // and for how long a lossy window first moves it to TCP (hold, default
 // 10 min, doubled each time UDP is lossy again, at most maxLossHold).

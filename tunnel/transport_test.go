@@ -337,7 +337,8 @@ func TestUplinkCountsPathLoss(t *testing.T) {
 		n, _ := io.Copy(io.Discard, c)
 		fmt.Fprintf(c, "%d\n", n)
 	})
-	a := runAppliance(t, gatedApplianceTOML(gate, relay, key, mappingTOML("up", "tcp", port, target.Port(), "")), applAddrA)
+	// loss_fallback off: the uplink stays on UDP while the test counts.
+	a := runAppliance(t, gatedApplianceTOML(gate, relay, key, "loss_fallback = \"off\"\n"+mappingTOML("up", "tcp", port, target.Port(), "")), applAddrA)
 	waitRegistered(t, a, spec)
 
 	c, err := net.Dial("tcp", netip.AddrPortFrom(loopback4, port).String())
@@ -437,7 +438,7 @@ func TestTransportLossFallback(t *testing.T) {
 		name, setting string
 		moves         bool
 	}{
-		// 1 %: 500 messages a window (at the default 0.01 %, 50 000).
+		// 1 %: 500 messages a window (at the default 0.002 %, 250 000).
 		{"1%", `loss_fallback = "1%"` + "\n", true},
 		{"off", `loss_fallback = "off"` + "\n", false},
 	} {

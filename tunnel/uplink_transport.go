@@ -46,7 +46,7 @@ const (
 	defaultProbeEvery      = 30 * time.Second
 	defaultTransportTick   = time.Second
 	streamDialTimeout      = 10 * time.Second
-	defaultLossWindow      = 30 * time.Second
+	defaultLossWindow      = time.Minute
 	defaultLossMinMessages = 20_000
 	defaultLossHold        = 10 * time.Minute
 	maxLossHold            = time.Hour
@@ -98,7 +98,7 @@ func (w *lossWatch) step(now time.Time, in, lost uint64, settling bool) (share f
 
 // newLossWatch watches for rate lost over windows of at most window that
 // saw at least min messages, and enough for rate to be lossMinLost of them
-// (50 000 at the default 0.01 %: fewer would need more than rate to move).
+// (250 000 at the default 0.002 %: fewer would need more than rate to move).
 func newLossWatch(rate float64, window time.Duration, min uint64) lossWatch {
 	if rate > 0 {
 		min = max(min, uint64(math.Ceil(lossMinLost/rate)))
