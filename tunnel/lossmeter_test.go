@@ -117,8 +117,11 @@ func TestLossWatchWindow(t *testing.T) {
 		t.Fatalf("6 of 50 006 lost at 0.01 %%: ended %v, lossy %v, share %v", ended, lossy, share)
 	}
 	w.start(now, 0, 0)
-	if share, ended, lossy := w.check(now, 2000, 10); !ended || !lossy || share < 0.0001 {
-		t.Fatalf("10 of 2010 lost at 0.01 %%: ended %v, lossy %v, share %v; want an early end", ended, lossy, share)
+	if _, ended, _ := w.check(now, 2000, 4); ended {
+		t.Fatal("4 of 2004 lost at 0.01 %: ended early, want lossEarlyLost first")
+	}
+	if share, ended, lossy := w.check(now, 2000, 5); !ended || !lossy || share < 0.0001 {
+		t.Fatalf("5 of 2005 lost at 0.01 %%: ended %v, lossy %v, share %v; want an early end", ended, lossy, share)
 	}
 	w = newLossWatch(0.01, time.Minute, 500)
 	w.start(now, 0, 0)

@@ -280,18 +280,27 @@ func TestTransportPeerRemovedOnReload(t *testing.T) {
 	})
 }
 
+// relayWithoutTCP starts a one-peer relay without the TCP transport that
+// holds spec (tcp/port), an open udpGate to its WireGuard port, and names a
+// loopback TCP address where nothing listens, for the uplink's relay_tcp.
+func relayWithoutTCP(t *testing.T) (relay *relaySide, key conf.Key, spec string, port uint16, gate *udpGate, closed net.Addr) {
+	t.Helper()
+	port = freePort(t, false)
+	spec = fmt.Sprintf("tcp/%d", port)
+	key = mustKey(t)
+	relay = startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t))
+	gate = newUDPGate(t, relay.port)
+	gate.open.Store(true)
+	closed = net.TCPAddrFromAddrPort(netip.AddrPortFrom(loopback4, freePort(t, false)))
+	return relay, key, spec, port, gate, closed
+}
+
 // TestTransportAutoWithoutRelayTCP: an "auto" uplink whose relay offers no
 // TCP transport loses nothing by trying it: after a UDP outage it finds TCP
 // unreachable, keeps sending over UDP, and is back on UDP as soon as UDP
 // answers (long before the next probe), with the flow intact.
 func TestTransportAutoWithoutRelayTCP(t *testing.T) {
-	port := freePort(t, false)
-	spec := fmt.Sprintf("tcp/%d", port)
-	key := mustKey(t)
-	relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t))
-	gate := newUDPGate(t, relay.port)
-	gate.open.Store(true)
-	closed := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: int(freePort(t, false))} // nothing listens
+	relay, key, spec, port, gate, closed := relayWithoutTCP(t)
 	a := runAppliance(t, uplinkTOML(gate.port(), closed, relay.key.Public(), key, "auto",
 		mappingTOML("echo", "tcp", port, echoService(t), "")), applAddrA,
 		tunnel.WithTransportLadder(time.Second, time.Hour, 50*time.Millisecond))
@@ -488,14 +497,8 @@ func TestTransportLossFallback(t *testing.T) {
 // loss switch finds no stream, the uplink's sends stay on UDP, the relay's
 // answer there brings it back, and loss does not move it again for the hold.
 func TestTransportLossFallbackWithoutRelayTCP(t *testing.T) {
-	port := freePort(t, false)
-	spec := fmt.Sprintf("tcp/%d", port)
-	key := mustKey(t)
-	relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t))
-	gate := newUDPGate(t, relay.port)
-	gate.open.Store(true)
+	relay, key, spec, port, gate, closed := relayWithoutTCP(t)
 	gate.dropDownEvery.Store(50)
-	closed := net.TCPAddrFromAddrPort(netip.AddrPortFrom(loopback4, freePort(t, false))) // nothing listens
 	toml := uplinkTOML(gate.port(), closed, relay.key.Public(), key, "auto",
 		fmt.Sprintf("max_mtu = %d\nloss_fallback = \"1%%\"\n", testMTU)+mappingTOML("echo", "tcp", port, echoService(t), ""))
 	a := runAppliance(t, toml, applAddrA, tunnel.WithTransportLadder(time.Minute, 200*time.Millisecond, 50*time.Millisecond),

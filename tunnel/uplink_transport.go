@@ -56,8 +56,9 @@ const (
 	lossMinLost = 5
 	// A window that lost lossEarlyLost of at least lossEarlyMessages ends
 	// early: on a path that loses that much, the flows over UDP have
-	// slowed so far that the full window would take long to fill.
-	lossEarlyLost     = 2 * lossMinLost
+	// slowed so far that the full window would take long to fill (at one
+	// in 10 000, a collapsed flow loses about one message a second).
+	lossEarlyLost     = lossMinLost
 	lossEarlyMessages = 1000
 	// lossWindowsToMove lossy windows in a row move the uplink: one loss
 	// burst (a flow's slow start overshooting a bottleneck, a radio
