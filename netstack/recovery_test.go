@@ -120,7 +120,7 @@ func TestDirectKeepsFlowsInOrder(t *testing.T) {
 }
 
 // upload dials dst from local (any, if zero) and writes n zero bytes.
-func upload(t *testing.T, s *Stack, local, dst netip.AddrPort, n int) error {
+func upload(t testing.TB, s *Stack, local, dst netip.AddrPort, n int) error {
 	c, err := s.DialTCP(testContext(t), local, dst)
 	if err != nil {
 		return fmt.Errorf("dial %s: %w", dst, err)
@@ -134,7 +134,7 @@ func upload(t *testing.T, s *Stack, local, dst netip.AddrPort, n int) error {
 }
 
 // waitSunk waits for flows reports of total bytes each from sinkServer.
-func waitSunk(t *testing.T, got <-chan int64, flows, total int) {
+func waitSunk(t testing.TB, got <-chan int64, flows, total int) {
 	t.Helper()
 	for range flows {
 		select {
