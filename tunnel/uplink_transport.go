@@ -66,8 +66,9 @@ const (
 	lossWindowsToMove = 2
 )
 
-// lossWatch compares the relay's messages lost over UDP with those received
-// (lossmeter.go) over windows that end once they saw min messages, or
+// lossWatch compares losses with messages (the relay's messages lost on the
+// way in with those received, lossmeter.go; or the tunnel's TCP resends with
+// the messages sent) over windows that end once they saw min messages, or
 // restart after window without that many.
 type lossWatch struct {
 	rate     float64 // uplink.loss_fallback as a fraction; 0: off
