@@ -172,14 +172,7 @@ func (b *gatedBind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
 		fns[i] = func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
 			b.g.in.wait()
 			n, err := fn(packets, sizes, eps)
-			b.g.loss.observe(packets, sizes, n)
-			k := 0
-			for j := range n {
-				if isData(packets[j][:sizes[j]]) {
-					k++
-				}
-			}
-			b.g.in.enter(k)
+			b.g.in.enter(b.g.loss.observe(packets, sizes, n)) // one pass: counts for the loss meter, data messages for the gate
 			return n, err
 		}
 	}

@@ -49,8 +49,9 @@ const (
 
 func newLossMeter() *lossMeter { return &lossMeter{highest: make(map[uint32]uint64)} }
 
-// observe counts the transport messages among the first n of msgs.
-func (m *lossMeter) observe(msgs [][]byte, sizes []int, n int) {
+// observe counts the transport messages among the first n of msgs, and
+// returns how many of them carry a packet (isData; the gate counts those).
+func (m *lossMeter) observe(msgs [][]byte, sizes []int, n int) (data int) {
 	var received uint64
 	var missing int64
 	m.mu.Lock()
@@ -60,6 +61,9 @@ func (m *lossMeter) observe(msgs [][]byte, sizes []int, n int) {
 			continue
 		}
 		received++
+		if len(msg) > device.MessageKeepaliveSize {
+			data++
+		}
 		idx := binary.LittleEndian.Uint32(msg[4:8])
 		ctr := binary.LittleEndian.Uint64(msg[8:16])
 		hi, ok := m.highest[idx]
@@ -83,6 +87,7 @@ func (m *lossMeter) observe(msgs [][]byte, sizes []int, n int) {
 	if missing != 0 {
 		m.missing.Add(missing)
 	}
+	return data
 }
 
 // counts returns the transport messages seen and those estimated lost (never

@@ -16,15 +16,23 @@ func transportMsg(idx uint32, ctr uint64, size int) []byte {
 	return m
 }
 
-// feed hands msgs to m in batches of three, as a bind's receive does.
-func feed(m *lossMeter, msgs [][]byte) {
+// feed hands msgs to m in batches of three, as a bind's receive does, and
+// fails t where observe's count of data messages (the gate's) is not isData's.
+func feed(t *testing.T, m *lossMeter, msgs [][]byte) {
+	t.Helper()
 	for len(msgs) > 0 {
 		n := min(3, len(msgs))
 		sizes := make([]int, n)
+		want := 0
 		for i := range n {
 			sizes[i] = len(msgs[i])
+			if isData(msgs[i]) {
+				want++
+			}
 		}
-		m.observe(msgs[:n], sizes, n)
+		if got := m.observe(msgs[:n], sizes, n); got != want {
+			t.Fatalf("observe counted %d data messages in a batch, isData %d", got, want)
+		}
 		msgs = msgs[n:]
 	}
 }
@@ -80,7 +88,7 @@ func TestLossMeter(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			m := newLossMeter()
-			feed(m, tt.msgs)
+			feed(t, m, tt.msgs)
 			if rx, lost := m.counts(); rx != tt.received || lost != tt.lost {
 				t.Errorf("received %d, lost %d; want %d, %d", rx, lost, tt.received, tt.lost)
 			}
@@ -93,7 +101,7 @@ func TestLossMeter(t *testing.T) {
 func TestLossMeterBoundsIndexes(t *testing.T) {
 	m := newLossMeter()
 	for i := range uint32(3 * lossMaxIndexes) {
-		feed(m, [][]byte{transportMsg(i, 5, 10)})
+		feed(t, m, [][]byte{transportMsg(i, 5, 10)})
 	}
 	if n := len(m.highest); n > lossMaxIndexes {
 		t.Fatalf("%d indexes tracked, bound %d", n, lossMaxIndexes)

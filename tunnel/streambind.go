@@ -155,6 +155,12 @@ type streamClient struct {
 	udpWhenDown atomic.Bool
 }
 
+// streamUp reports whether a TLS stream to the relay is up now.
+func (c *streamClient) streamUp() bool {
+	s := c.cur.Load()
+	return s != nil && !s.closed()
+}
+
 func newStreamClient(udp conn.Bind) *streamClient {
 	b := newStreamBind(udp)
 	c := &streamClient{bind: b}

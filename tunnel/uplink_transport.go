@@ -213,10 +213,11 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 			switch {
 			case now.Sub(progress) >= u.opts.fallbackAfter:
 				reason = fmt.Sprintf("no reply over udp for %s", u.opts.fallbackAfter)
-			case rMove && !now.Before(lossQuiet):
-				reason, forLoss = fmt.Sprintf("%.3f %% of the relay's messages lost over udp", rShare*100), true
-			case sMove && !now.Before(lossQuiet):
+			case (rMove || sMove) && !now.Before(lossQuiet):
 				reason, forLoss = fmt.Sprintf("%.3f %% of the messages to the relay resent by TCP over udp", sShare*100), true
+				if rMove {
+					reason = fmt.Sprintf("%.3f %% of the relay's messages lost over udp", rShare*100)
+				}
 			default:
 				continue
 			}
@@ -229,7 +230,7 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 				hold = min(2*hold, maxLossHold)
 			}
 		}
-		if s := u.client.cur.Load(); (s == nil || s.closed()) && !now.Before(nextDial) {
+		if !u.client.streamUp() && !now.Before(nextDial) {
 			if err := u.connectStream(ctx); err != nil {
 				if ctx.Err() != nil {
 					return
@@ -255,9 +256,8 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 		// answers where the appliance's last packet came from, and UDP
 		// sent just before the switch may arrive after the stream's
 		// handshake) waits for the hold's end.
-		streamUp := func() bool { s := u.client.cur.Load(); return s != nil && !s.closed() }
 		if r := u.client.udpResponse.Load(); r > tcpSince && !lastHS.Before(time.Unix(0, r)) &&
-			(!now.Before(lossUntil) || !streamUp()) {
+			(!now.Before(lossUntil) || !u.client.streamUp()) {
 			if now.Before(lossUntil) {
 				// Moved for loss, but back before the hold ended: no
 				// stream carried the uplink, so UDP it is for a while.
