@@ -14,14 +14,23 @@ import (
 
 // writeLog is a warmStream that records each Write and half-close.
 type writeLog struct {
-	net.Conn               // nil: only the methods below are used
-	slowLead time.Duration // a write of just "L" takes this long
-	mu       sync.Mutex
-	writes   []string
+	net.Conn                // nil: only the methods below are used
+	slowLead  time.Duration // a write of just "L" takes this long
+	leadOnce  sync.Once
+	leadBegun chan struct{} // closed as a write of just "L" begins (newWriteLog)
+	mu        sync.Mutex
+	writes    []string
+}
+
+func newWriteLog(slowLead time.Duration) *writeLog {
+	return &writeLog{slowLead: slowLead, leadBegun: make(chan struct{})}
 }
 
 func (w *writeLog) Write(b []byte) (int, error) {
 	if string(b) == "L" {
+		if w.leadBegun != nil {
+			w.leadOnce.Do(func() { close(w.leadBegun) })
+		}
 		time.Sleep(w.slowLead)
 	}
 	w.mu.Lock()
@@ -44,6 +53,16 @@ func (w *writeLog) ReadFromSocket(syscall.RawConn) (int, error, error) {
 	return 0, nil, nil
 }
 
+// awaitLead waits (2 s at most: a loaded host can run a 1 ms timer late,
+// which a fixed sleep mistook for a coalesced lead) until the lead's timer
+// began its write.
+func (w *writeLog) awaitLead() {
+	select {
+	case <-w.leadBegun:
+	case <-time.After(2 * time.Second):
+	}
+}
+
 func (w *writeLog) log() []string {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -58,22 +77,22 @@ func TestLeadBytesCoalesce(t *testing.T) {
 	t.Parallel()
 	cases := []struct {
 		name string
-		run  func(c *answerConn)
+		run  func(c *answerConn, w *writeLog)
 		want []string
 	}{
-		{"first write", func(c *answerConn) { c.Write([]byte("hi")); c.Write([]byte("there")) }, []string{"Lhi", "there"}},
-		{"half-close", func(c *answerConn) { c.CloseWrite() }, []string{"L", "<fin>"}},
-		{"close", func(c *answerConn) { c.Close() }, []string{"L", "<close>"}},
-		{"zero-copy", func(c *answerConn) { c.ReadFromSocket(nil); c.Write([]byte("x")) }, []string{"L", "<zero-copy>", "x"}},
-		{"abort", func(c *answerConn) { c.Abort(); time.Sleep(5 * coalesceWait) }, []string{"<rst>"}},
-		{"silent", func(c *answerConn) { time.Sleep(5 * coalesceWait); c.Write([]byte("late")) }, []string{"L", "late"}},
+		{"first write", func(c *answerConn, w *writeLog) { c.Write([]byte("hi")); c.Write([]byte("there")) }, []string{"Lhi", "there"}},
+		{"half-close", func(c *answerConn, w *writeLog) { c.CloseWrite() }, []string{"L", "<fin>"}},
+		{"close", func(c *answerConn, w *writeLog) { c.Close() }, []string{"L", "<close>"}},
+		{"zero-copy", func(c *answerConn, w *writeLog) { c.ReadFromSocket(nil); c.Write([]byte("x")) }, []string{"L", "<zero-copy>", "x"}},
+		{"abort", func(c *answerConn, w *writeLog) { c.Abort(); time.Sleep(5 * coalesceWait) }, []string{"<rst>"}},
+		{"silent", func(c *answerConn, w *writeLog) { w.awaitLead(); c.Write([]byte("late")) }, []string{"L", "late"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			w := &writeLog{}
+			w := newWriteLog(0)
 			c := &answerConn{leadConn{warmStream: w, lead: newLeadBytes(w, []byte("L"))}}
-			tc.run(c)
+			tc.run(c, w)
 			if got := w.log(); !slices.Equal(got, tc.want) {
 				t.Fatalf("writes %q, want %q", got, tc.want)
 			}
@@ -81,9 +100,9 @@ func TestLeadBytesCoalesce(t *testing.T) {
 	}
 	// The timer's lead, still being written, is not overtaken by the
 	// flow's first bytes.
-	slow := &writeLog{slowLead: 20 * time.Millisecond}
+	slow := newWriteLog(20 * time.Millisecond)
 	sc := &answerConn{leadConn{warmStream: slow, lead: newLeadBytes(slow, []byte("L"))}}
-	time.Sleep(5 * coalesceWait) // the timer is writing the lead now
+	slow.awaitLead() // the timer is writing the lead now
 	sc.Write([]byte("data"))
 	if got := slow.log(); !slices.Equal(got, []string{"L", "data"}) {
 		t.Fatalf("writes %q, want the lead first", got)
