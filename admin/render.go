@@ -198,6 +198,9 @@ func renderUplink(w io.Writer, now time.Time, u *Uplink) {
 		if u.TransportError != "" {
 			why = "failing: " + u.TransportError
 		}
+		if u.TCPCongestion != "" && u.Transport == "tcp" {
+			why += "; congestion control " + u.TCPCongestion
+		}
 		fmt.Fprintf(w, "  transport   %s (%s)\n", u.Transport, why)
 	}
 	if mtu, ok := u.Stats.Gauges["mtu"]; ok {
@@ -236,6 +239,9 @@ func renderRelay(w io.Writer, now time.Time, r *Relay) error {
 		peers = "peer"
 	}
 	fmt.Fprintf(w, "relay listening on %s, %d %s\n", r.Listen, len(r.Peers), peers)
+	if r.TCPCongestion != "" {
+		fmt.Fprintf(w, "tcp transport congestion control: %s\n", r.TCPCongestion)
+	}
 	if len(r.Peers) == 0 {
 		return nil
 	}

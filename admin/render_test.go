@@ -79,6 +79,16 @@ func TestRenderUplinkTransport(t *testing.T) {
 		t.Errorf("lacks %q:\n%s", want, b.String())
 	}
 	b.Reset()
+	renderUplink(&b, now, &Uplink{Relay: "r:1", Transport: "tcp", SwitchReason: "0.05 % lost", TCPCongestion: "bbr"})
+	if want := "  transport   tcp (0.05 % lost; congestion control bbr)\n"; !strings.Contains(b.String(), want) {
+		t.Errorf("lacks %q:\n%s", want, b.String())
+	}
+	b.Reset()
+	renderRelay(&b, now, &Relay{Listen: "0.0.0.0:51820", TCPCongestion: "cubic"})
+	if want := "relay listening on 0.0.0.0:51820, 0 peers\ntcp transport congestion control: cubic\n"; b.String() != want {
+		t.Errorf("relay: %q, want %q", b.String(), want)
+	}
+	b.Reset()
 	renderUplink(&b, now, &Uplink{Relay: "r:1", Transport: "tcp", SwitchReason: "x", TransportError: "connection refused"})
 	if want := "  transport   tcp (failing: connection refused)\n"; !strings.Contains(b.String(), want) {
 		t.Errorf("lacks %q:\n%s", want, b.String())

@@ -183,6 +183,9 @@ type Uplink struct {
 	Transport      string `json:"transport,omitempty"`
 	SwitchReason   string `json:"switch_reason,omitempty"`
 	TransportError string `json:"transport_error,omitempty"`
+	// TCPCongestion is the congestion control the last TCP connection to
+	// relay_tcp ran (uplink.tcp_congestion, or the kernel's default).
+	TCPCongestion string `json:"tcp_congestion,omitempty"`
 	// Stats holds the uplink's other counters, by reflection: see CountersOf.
 	Stats Counters `json:"stats,omitzero"`
 }
@@ -197,6 +200,9 @@ type PortRefusal struct {
 type Relay struct {
 	Listen string      `json:"listen"`
 	Peers  []RelayPeer `json:"peers"`
+	// TCPCongestion is the congestion control the last connection to
+	// relay.tcp_listen ran (relay.tcp_congestion, or the kernel's default).
+	TCPCongestion string `json:"tcp_congestion,omitempty"`
 	// Stats holds the relay's own counters (sessions, flows refused by peer
 	// isolation or by relay.max_sessions), by reflection: see CountersOf.
 	Stats Counters `json:"stats,omitzero"`

@@ -40,6 +40,11 @@
 # after RTT_MS/2 in each direction. `loopback` then measures the bare line: client -> 10.99.0.2.
 # wanbridge is built from bench/wanbridge (or taken from PATH). LOSS_PCT=0.01 (with RTT_MS) also
 # drops that per cent of frames at random in each direction, as a real path does.
+# TCP_CC=cubic sets the kernel's TCP congestion control in the bench's namespaces (they inherit the
+# host's at creation: bbr on the machine of BENCHMARKS.md, cubic on a stock Debian or Ubuntu VPS). It
+# decides how frp's and ssh's host TCP ride a lossy line, so env.txt records it. natbox's TCP transport
+# asks for its own (tcp_congestion, default bbr); NATBOX_TCP_CC sets it on both natbox sides
+# ("system": the namespaces' TCP_CC).
 set -uo pipefail
 
 NB_BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -61,6 +66,8 @@ NB_PPROF_RELAY=127.0.0.1:6061
 NB_PPROF_APP=127.0.0.1:6062
 RTT_MS=${RTT_MS:-0}
 LOSS_PCT=${LOSS_PCT:-0}
+TCP_CC=${TCP_CC:-}
+NATBOX_TCP_CC=${NATBOX_TCP_CC:-}
 NS_HOME=$NS # the appliance side and the targets; their own namespace with RTT_MS
 NS_WAN=
 RELAY_HOST=$LO # where the appliance side reaches the relay side
@@ -86,6 +93,12 @@ ns_up() {
     ip netns add "$ns" && ip netns exec "$ns" ip link set lo up \
       && ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65535" net.core.somaxconn=4096 \
            net.ipv4.tcp_max_syn_backlog=4096 || return 1
+    [ -z "$TCP_CC" ] || ip netns exec "$ns" sysctl -qw net.ipv4.tcp_congestion_control="$TCP_CC" || {
+      echo "TCP_CC=$TCP_CC: a namespace may only take a congestion control the host allows" \
+        "(net.ipv4.tcp_allowed_congestion_control: $(sysctl -n net.ipv4.tcp_allowed_congestion_control));" \
+        "add it there as root, e.g. sysctl -w net.ipv4.tcp_allowed_congestion_control=\"reno bbr $TCP_CC\"" >&2
+      return 1
+    }
   done
   [ -z "$NS_WAN" ] || wan_up
 }
@@ -244,6 +257,7 @@ address = "100.96.0.1"
 $([ -n "${TUNNEL_MTU:-}" ] && echo "mtu = $TUNNEL_MTU
 max_mtu = $TUNNEL_MTU")
 public_bind = ["$LO"]
+$([ -n "$NATBOX_TCP_CC" ] && echo "tcp_congestion = \"$NATBOX_TCP_CC\"")
 ${RELAY_EXTRA:-}
 # One load generator is one source and the bench's one peer: the per-source
 # budgets and per-peer quotas (flood defences) would cap it.
@@ -278,6 +292,7 @@ max_mtu = $TUNNEL_MTU")
 keepalive = "25s"
 transport = "$transport"
 relay_tcp = "$RELAY_HOST:443"
+$([ -n "$NATBOX_TCP_CC" ] && echo "tcp_congestion = \"$NATBOX_TCP_CC\"")
 
 [limits]
 ${APP_LIMITS_EXTRA:-}
@@ -438,6 +453,7 @@ record_relay_env() {
   {
     natbox_version
     echo "relay <-> home round trip added: ${RTT_MS} ms; frames lost at random: ${LOSS_PCT} % each way"
+    echo "kernel TCP congestion control in the namespaces: ${TCP_CC:-$(sysctl -n net.ipv4.tcp_congestion_control) (the host's)}; natbox tcp_congestion: ${NATBOX_TCP_CC:-natbox's default}"
     echo "frp $("$FRP_BIN/frps" --version 2>&1) ($FRP_VERSION, built from the module source, UI stubbed)"
     ssh -V 2>&1
     echo "ssh cipher: $(ssh -F /dev/null -G $LO 2>/dev/null | awk '/^ciphers /{print $2}' | cut -d, -f1) (default; first offered)"

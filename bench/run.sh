@@ -186,7 +186,7 @@ main() {
     log "natbox: build failed; dropping the mode"; MODES=${MODES//natbox/}
   fi
   record_env
-  natbox_version >>"$OUT/env.txt" 2>&1
+  { natbox_version; echo "kernel TCP congestion control (the namespaces inherit it): $(sysctl -n net.ipv4.tcp_congestion_control)"; } >>"$OUT/env.txt" 2>&1
   log "run $RUN_ID -> $OUT (REPS=$REPS DUR=$DUR modes: $MODES)"
   local rep mode
   for rep in $(seq "$REPS"); do

@@ -21,6 +21,8 @@ func defaultRelay() RelaySection {
 		DialTimeout: Duration(DefaultDialTimeout),
 		MaxSessions: DefaultMaxSessions,
 
+		TCPCongestion: DefaultTCPCongestion,
+
 		PeerMaxSessions:          DefaultPeerMaxSessions,
 		PeerMaxUDPSessions:       DefaultPeerMaxUDPSessions,
 		PeerMaxInflight:          DefaultPeerMaxInflight,
@@ -136,6 +138,7 @@ func (c *RelayConfig) validate(r *report) {
 			r.valueError("relay.tcp_listen", err, "")
 		}
 	}
+	validateCongestion(r, "relay.tcp_congestion", s.TCPCongestion)
 	if s.MaxSessions < 0 {
 		r.errorf("relay.max_sessions", "use 0 for unlimited or a positive number", "%d is negative", s.MaxSessions)
 	}

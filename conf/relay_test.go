@@ -54,6 +54,7 @@ private_key = "` + testRelayPriv + `"`, `relay.address: address is required; set
 address = "10.77.0.1"`, `relay.private_key: a private key is required; set private_key_file (create it with: umask 077; wg genkey > FILE) or private_key`},
 		{"listen bad", relayBase + `listen = "51820" # <-`, `relay.listen: "51820" is not host:port; write host:port, e.g. "relay.example.net:51820" or "[2001:db8::1]:51820"`},
 		{"tcp listen bad", relayBase + `tcp_listen = "443" # <-`, `relay.tcp_listen: "443" is not host:port; write host:port, e.g. "relay.example.net:51820" or "[2001:db8::1]:51820"`},
+		{"tcp congestion bad", relayBase + `tcp_congestion = "BBR v2" # <-`, `relay.tcp_congestion: "BBR v2" is not a congestion control name; name a congestion control the kernel offers (net.ipv4.tcp_available_congestion_control), e.g. "bbr" or "cubic", or "system"`},
 		{"public bind bad", relayBase + `public_bind = ["0.0.0.0", "any"] # <-`, `relay.public_bind[1]: "any" is not an IP address; write an address, e.g. "10.77.0.2" or "fd77::2"`},
 		{"mtu", relayBase + `mtu = 65536 # <-`, `relay.mtu: mtu 65536 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
 		{"mtu below what the tunnel stack runs", relayBase + `mtu = 1279 # <-`, `relay.mtu: mtu 1279 is out of range; use 1280-65475 (1420 is WireGuard's usual)`},
@@ -161,7 +162,7 @@ func TestRelayDefaults(t *testing.T) {
 		t.Fatalf("err %v, warnings %v", err, warns)
 	}
 	r := cfg.Relay
-	if r.Listen != "0.0.0.0:51820" || r.MTU != 1420 || r.DialTimeout.D() != 5*time.Second || r.MaxSessions != 100000 || r.TCPListen != "" ||
+	if r.Listen != "0.0.0.0:51820" || r.MTU != 1420 || r.DialTimeout.D() != 5*time.Second || r.MaxSessions != 100000 || r.TCPListen != "" || r.TCPCongestion != "bbr" ||
 		!slices.Equal(r.PublicBind, []netip.Addr{netip.MustParseAddr("0.0.0.0"), netip.MustParseAddr("::")}) {
 		t.Errorf("relay = %+v", r)
 	}

@@ -76,6 +76,10 @@ type Uplink struct {
 	// fraction, 0 for off.
 	LossFallback     string  `toml:"loss_fallback"`
 	LossFallbackRate float64 `toml:"-"`
+	// TCPCongestion is the congestion control asked of the kernel for the
+	// TCP transport's connection (DefaultTCPCongestion, another the kernel
+	// offers, or "system" for its default); see TCPCongestionSystem.
+	TCPCongestion string `toml:"tcp_congestion"`
 
 	// Key is this table's key path in messages: "uplink" for a single
 	// [uplink] table, "uplink[1]" for the second [[uplink]].
@@ -213,6 +217,9 @@ type RelaySection struct {
 	// TCPListen turns the TCP transport on: WireGuard inside TLS for
 	// appliances whose network blocks UDP, e.g. "0.0.0.0:443"; empty: off.
 	TCPListen string `toml:"tcp_listen"`
+	// TCPCongestion is as uplink.tcp_congestion, for the connections
+	// tcp_listen accepts (the relay's half of each: what it sends).
+	TCPCongestion string `toml:"tcp_congestion"`
 
 	// Each peer's quotas, unless its [[peer]] sets its own (0: unlimited):
 	// what one peer's ports may take of the relay. See RelayConfig.PeerLimits.

@@ -213,3 +213,21 @@ func TestUplinkLossFallback(t *testing.T) {
 		}
 	}
 }
+
+// TestUplinkTCPCongestion: uplink.tcp_congestion defaults to
+// DefaultTCPCongestion and keeps "system" and a name as written.
+func TestUplinkTCPCongestion(t *testing.T) {
+	for _, tt := range []struct{ line, want string }{
+		{"", "bbr"},
+		{`tcp_congestion = "system"`, "system"},
+		{`tcp_congestion = "cubic"`, "cubic"},
+	} {
+		cfg, _, err := ParseAt("t.toml", []byte(uplinkTable+tt.line+"\n"), clock)
+		if err != nil {
+			t.Fatalf("%q: %v", tt.line, err)
+		}
+		if got := cfg.Uplinks[0].TCPCongestion; got != tt.want {
+			t.Errorf("%q: %q, want %q", tt.line, got, tt.want)
+		}
+	}
+}

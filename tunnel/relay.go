@@ -247,7 +247,7 @@ func newRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Lo
 		return nil, fmt.Errorf("relay forwarder: %w", err)
 	}
 	if cfg.Relay.TCPListen != "" {
-		r.streams, err = listenStreams(cfg.Relay.TCPListen, bind, cfg.Relay.PrivateKey, r.peerByKey, o, log)
+		r.streams, err = listenStreams(cfg.Relay.TCPListen, cfg.Relay.TCPCongestion, bind, cfg.Relay.PrivateKey, r.peerByKey, o, log)
 		if err != nil {
 			r.eng.Close()
 			d.Close()
@@ -459,6 +459,10 @@ type RelayStatus struct {
 	TCPAccepted uint64            `json:"tcp_accepted"`
 	TCPRefusals map[string]uint64 `json:"tcp_refusals,omitempty"`
 	TCPDropped  uint64            `json:"tcp_dropped"`
+	// TCPCongestion is the congestion control the last connection it
+	// accepted runs (relay.tcp_congestion, or the kernel's default where
+	// the kernel refused it; congestion.go).
+	TCPCongestion string `json:"tcp_congestion,omitempty"`
 	// The relay forwarder's buffer budget (relay.buffer_memory's share for
 	// copy buffers and queued datagrams), the bytes of it in use, and the
 	// buffers it refused.
@@ -543,6 +547,7 @@ func (r *Relay) Status() RelayStatus {
 	if r.streams != nil {
 		ss := r.streams.status()
 		st.TCPStreams, st.TCPAccepted, st.TCPRefusals, st.TCPDropped = ss.streams, ss.accepted, ss.refused, ss.dropped
+		st.TCPCongestion = ss.congestion
 	}
 
 	r.mu.Lock()

@@ -46,8 +46,11 @@ type streamServer struct {
 	limit     int
 	pending   chan struct{} // a slot per connection authenticating
 	handshake time.Duration
-	log       *zap.Logger
-	wg        sync.WaitGroup
+	// congestion is relay.tcp_congestion, asked of the kernel for each
+	// authenticated connection (congestion_linux.go).
+	congestion string
+	log        *zap.Logger
+	wg         sync.WaitGroup
 
 	refused  [5]atomic.Uint64 // by streamRefusalNames index
 	accepted atomic.Uint64
@@ -57,14 +60,20 @@ type streamServer struct {
 	closed bool
 	byPeer map[conf.Key]*stream   // by the peer's public key
 	all    map[*tls.Conn]struct{} // every connection, to close on Close
+	// running is the congestion control the last authenticated connection
+	// runs; refusalLogged notes that the kernel's refusal of congestion
+	// was logged (once: every connection would repeat it).
+	running       string
+	refusalLogged bool
 }
 
 var streamRefusalNames = [...]string{streamRefusedBusy, streamRefusedHandshake, streamRefusedAuth, streamRefusedFrame, streamReplaced}
 
 func (s *streamServer) refuse(i int) { s.refused[i].Add(1) }
 
-// listenStreams opens the relay's TCP transport on addr.
-func listenStreams(addr string, bind *streamBind, priv conf.Key, lookup func(conf.Key) (string, bool),
+// listenStreams opens the relay's TCP transport on addr; congestion is
+// relay.tcp_congestion.
+func listenStreams(addr, congestion string, bind *streamBind, priv conf.Key, lookup func(conf.Key) (string, bool),
 	o options, log *zap.Logger) (*streamServer, error) {
 	tlsCfg, err := streamServerTLS("localhost")
 	if err != nil {
@@ -76,12 +85,13 @@ func listenStreams(addr string, bind *streamBind, priv conf.Key, lookup func(con
 	}
 	s := &streamServer{
 		ln: ln, tlsCfg: tlsCfg, bind: bind, priv: priv, lookup: lookup,
-		limit:     maxStreamFrame,
-		pending:   make(chan struct{}, o.streamPending),
-		handshake: o.streamHandshake,
-		log:       log,
-		byPeer:    make(map[conf.Key]*stream),
-		all:       make(map[*tls.Conn]struct{}),
+		limit:      maxStreamFrame,
+		pending:    make(chan struct{}, o.streamPending),
+		handshake:  o.streamHandshake,
+		congestion: congestion,
+		log:        log,
+		byPeer:     make(map[conf.Key]*stream),
+		all:        make(map[*tls.Conn]struct{}),
 	}
 	s.wg.Add(1)
 	go s.acceptLoop()
@@ -143,11 +153,18 @@ func (s *streamServer) serve(tc *tls.Conn) {
 		return
 	}
 	s.accepted.Add(1)
+	cc := askCongestion(tc.NetConn(), s.congestion)
 	st := newStream(tc, s.limit, &s.bind.cnt)
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		return
+	}
+	s.running = cc
+	if !s.refusalLogged && congestionRefused(s.congestion, cc) {
+		s.refusalLogged = true
+		s.log.Info("relay tcp transport: the kernel runs another congestion control than relay.tcp_congestion",
+			zap.String("wanted", s.congestion), zap.String("running", cc), zap.String("hint", congestionHint(s.congestion)))
 	}
 	old := s.byPeer[key]
 	s.byPeer[key] = st
@@ -156,7 +173,8 @@ func (s *streamServer) serve(tc *tls.Conn) {
 		s.refuse(4)
 		old.closeWith(errors.New("replaced by a newer connection of the peer"))
 	}
-	s.log.Debug("relay tcp transport connected", zap.String("peer", peer), zap.Stringer("src", tc.RemoteAddr()))
+	s.log.Debug("relay tcp transport connected", zap.String("peer", peer), zap.Stringer("src", tc.RemoteAddr()),
+		zap.String("congestion", cc))
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -225,10 +243,11 @@ func (s *streamServer) close() {
 
 // streamServerStatus are the relay's TCP transport counters.
 type streamServerStatus struct {
-	streams  int
-	refused  map[string]uint64
-	accepted uint64
-	dropped  uint64
+	streams    int
+	refused    map[string]uint64
+	accepted   uint64
+	dropped    uint64
+	congestion string
 }
 
 func (s *streamServer) status() streamServerStatus {
@@ -242,7 +261,7 @@ func (s *streamServer) status() streamServerStatus {
 		}
 	}
 	s.mu.Lock()
-	st.streams = len(s.byPeer)
+	st.streams, st.congestion = len(s.byPeer), s.running
 	s.mu.Unlock()
 	return st
 }

@@ -187,7 +187,7 @@ func testRelayKeys(t *testing.T) (relay, peer conf.Key) {
 func testStreamServer(t *testing.T, relay, peer conf.Key, o options) *streamServer {
 	t.Helper()
 	lookup := func(k conf.Key) (string, bool) { return "a", k == peer.Public() }
-	s, err := listenStreams("127.0.0.1:0", newStreamBind(newUDPBind()), relay, lookup, o,
+	s, err := listenStreams("127.0.0.1:0", conf.DefaultTCPCongestion, newStreamBind(newUDPBind()), relay, lookup, o,
 		zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel)))
 	if err != nil {
 		t.Fatal(err)

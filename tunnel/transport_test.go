@@ -551,3 +551,53 @@ func TestTransportLossFallbackOnTheWayOut(t *testing.T) {
 			st.SwitchReason, st.DatagramsLost, gate.droppedUp.Load())
 	}
 }
+
+// TestTransportCongestion: each end asks the kernel for its tcp_congestion
+// on the TCP transport's connection and reports what the connection runs;
+// "system" keeps the kernel's default, and a name the kernel lacks leaves
+// the default too, logged once with what to do, while flows still cross.
+func TestTransportCongestion(t *testing.T) {
+	def := kernelCongestion(t)
+	want := "reno" // built into every kernel and always allowed
+	if def == want {
+		want = "cubic"
+	}
+	cases := []struct {
+		name, relayCC, uplinkCC string
+		relayRuns, uplinkRuns   string
+		refusalLogs             int
+	}{
+		{"asked", want, want, want, want, 0},
+		{"system and refused", conf.TCPCongestionSystem, "no_such_cc", def, def, 1},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			port := freePort(t, false)
+			spec := fmt.Sprintf("tcp/%d", port)
+			key := mustKey(t)
+			cfg := onePeerRelayConfig(t, key, spec)
+			cfg.Relay.TCPListen = "127.0.0.1:0"
+			cfg.Relay.TCPCongestion = tc.relayCC
+			relay := startRelay(t, cfg, testLogger(t))
+			gate := newUDPGate(t, relay.port)
+			a := runAppliance(t, uplinkTOML(gate.port(), relay.relay.StreamAddr(), relay.key.Public(), key, "tcp",
+				fmt.Sprintf("tcp_congestion = %q\n", tc.uplinkCC)+mappingTOML("echo", "tcp", port, echoService(t), "")), applAddrA)
+			waitRegistered(t, a, spec)
+			c, err := net.Dial("tcp", netip.AddrPortFrom(loopback4, port).String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			echoLine(t, c, "over tcp\n")
+			if got := a.uplink.Status().TCPCongestion; got != tc.uplinkRuns {
+				t.Errorf("uplink's connection runs %q, want %q", got, tc.uplinkRuns)
+			}
+			if got := relay.relay.Status().TCPCongestion; got != tc.relayRuns {
+				t.Errorf("relay's connection runs %q, want %q", got, tc.relayRuns)
+			}
+			if n := a.logs.FilterMessage("relay tcp transport: the kernel runs another congestion control than uplink.tcp_congestion").Len(); n != tc.refusalLogs {
+				t.Errorf("%d refusal logs, want %d", n, tc.refusalLogs)
+			}
+		})
+	}
+}

@@ -560,6 +560,10 @@ type UplinkStatus struct {
 	TCPConnects        uint64 `json:"tcp_connects"`
 	TCPConnectFailures uint64 `json:"tcp_connect_failures"`
 	TCPDropped         uint64 `json:"tcp_dropped"`
+	// TCPCongestion is the congestion control the last TCP connection to
+	// relay_tcp ran (uplink.tcp_congestion, or the kernel's default where
+	// the kernel refused it; congestion.go).
+	TCPCongestion string `json:"tcp_congestion,omitempty"`
 	// MTU is the tunnel MTU in use (uplink.mtu, or more where the path
 	// probe showed the path carries it); PathProbes counts the probe's
 	// echo requests and PathProbesLost those that got no echo.
@@ -590,7 +594,8 @@ func (u *Uplink) Status() UplinkStatus {
 	u.mu.Lock()
 	st := UplinkStatus{State: u.state, Relay: u.cfg.Relay, Peer: u.peerName, Transport: TransportUDP,
 		SwitchReason: u.tr.reason, TransportError: u.tr.lastError, TransportSwitches: u.tr.switches,
-		TCPConnects: u.tr.connects, TCPConnectFailures: u.tr.failures, TCPDropped: u.client.bind.cnt.dropped.Load()}
+		TCPConnects: u.tr.connects, TCPConnectFailures: u.tr.failures, TCPDropped: u.client.bind.cnt.dropped.Load(),
+		TCPCongestion: u.tr.congestion}
 	if u.client.tcp.Load() {
 		st.Transport, st.UsingTCP = TransportTCP, true
 	}

@@ -134,6 +134,10 @@ type transportState struct {
 	lastError string // of the last failed TCP connect; cleared by a success
 	connects  uint64
 	failures  uint64
+	// congestion is what the last stream's connection runs; refusalLogged
+	// notes that the kernel's refusal of uplink.tcp_congestion was logged.
+	congestion    string
+	refusalLogged bool
 }
 
 // transportLoop runs the ladder until ctx is done.
@@ -318,7 +322,7 @@ func (u *Uplink) switchTransport(tcp bool, reason string) {
 // connectStream dials relay_tcp, runs TLS and the key proof, and makes the
 // result the stream in use.
 func (u *Uplink) connectStream(ctx context.Context) error {
-	err := u.dialStream(ctx)
+	cc, err := u.dialStream(ctx)
 	u.mu.Lock()
 	if err != nil {
 		first := u.tr.lastError == ""
@@ -332,24 +336,33 @@ func (u *Uplink) connectStream(ctx context.Context) error {
 	}
 	u.tr.connects++
 	u.tr.lastError = ""
+	u.tr.congestion = cc
+	logRefusal := !u.tr.refusalLogged && congestionRefused(u.cfg.TCPCongestion, cc)
+	u.tr.refusalLogged = u.tr.refusalLogged || logRefusal
 	u.mu.Unlock()
-	u.log.Info("relay tcp transport connected", zap.String("relay_tcp", u.cfg.RelayTCP))
+	u.log.Info("relay tcp transport connected", zap.String("relay_tcp", u.cfg.RelayTCP), zap.String("congestion", cc))
+	if logRefusal {
+		u.log.Info("relay tcp transport: the kernel runs another congestion control than uplink.tcp_congestion",
+			zap.String("wanted", u.cfg.TCPCongestion), zap.String("running", cc), zap.String("hint", congestionHint(u.cfg.TCPCongestion)))
+	}
 	return nil
 }
 
-func (u *Uplink) dialStream(ctx context.Context) error {
+// dialStream returns the congestion control the stream's connection runs.
+func (u *Uplink) dialStream(ctx context.Context) (string, error) {
 	addr := u.cfg.RelayTCP
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
-		return fmt.Errorf("uplink.relay_tcp %q: %w", addr, err)
+		return "", fmt.Errorf("uplink.relay_tcp %q: %w", addr, err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, streamDialTimeout)
 	defer cancel()
 	d := net.Dialer{KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 4}}
 	raw, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		return err
+		return "", err
 	}
+	cc := askCongestion(raw, u.cfg.TCPCongestion)          // before TLS: the whole connection runs it
 	stop := context.AfterFunc(ctx, func() { raw.Close() }) // Close must not wait out the proof
 	defer stop()
 	tc := tls.Client(raw, streamClientTLS(serverName(host)))
@@ -357,14 +370,14 @@ func (u *Uplink) dialStream(ctx context.Context) error {
 	tc.SetDeadline(deadline)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
-		return fmt.Errorf("tls: %w", err)
+		return "", fmt.Errorf("tls: %w", err)
 	}
 	if err := streamAuthClient(tc, u.cfg.PrivateKey, u.cfg.RelayPublicKey); err != nil {
 		raw.Close()
-		return err
+		return "", err
 	}
 	if !stop() {
-		return ctx.Err() // raw is closed
+		return "", ctx.Err() // raw is closed
 	}
 	tc.SetDeadline(time.Time{})
 	s := newStream(tc, maxStreamFrame, &u.client.bind.cnt)
@@ -383,5 +396,5 @@ func (u *Uplink) dialStream(ctx context.Context) error {
 			u.log.Info("relay tcp transport lost", zap.Error(err))
 		}
 	}()
-	return nil
+	return cc, nil
 }

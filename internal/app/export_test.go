@@ -61,8 +61,10 @@ var handMade = map[string]struct{ json, metric string }{
 	"tunnel.UplinkStatus.Transport":      {"transport", "natbox_uplink_using_tcp"},
 	"tunnel.UplinkStatus.SwitchReason":   {"switch_reason", "- text; natbox_uplink_transport_switches_total counts them"},
 	"tunnel.UplinkStatus.TransportError": {"transport_error", "- text; natbox_uplink_tcp_connect_failures_total counts them"},
+	"tunnel.UplinkStatus.TCPCongestion":  {"tcp_congestion", "- a name"},
 
-	"tunnel.RelayStatus.Peers": {"peers", "natbox_relay_peer_bytes_total"},
+	"tunnel.RelayStatus.Peers":         {"peers", "natbox_relay_peer_bytes_total"},
+	"tunnel.RelayStatus.TCPCongestion": {"tcp_congestion", "- a name"},
 
 	"tunnel.RelayPeerStatus.Name":            {"name", "natbox_relay_peer_bytes_total"}, // the peer label
 	"tunnel.RelayPeerStatus.PublicKey":       {"public_key", "- a key"},

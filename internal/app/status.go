@@ -88,8 +88,8 @@ var (
 		"Hits", "SessionsOpened", "SessionsActive", "BytesIn", "BytesOut", "LastUsed", "Refusals",
 		"UDPExpired", "UDPDropped", "DialLatency",
 	}
-	uplinkByHand    = []string{"State", "Relay", "Endpoint", "Peer", "LastHandshake", "RxBytes", "TxBytes", "Registered", "Refused", "Transport", "SwitchReason", "TransportError"}
-	relayByHand     = []string{"Peers"}
+	uplinkByHand    = []string{"State", "Relay", "Endpoint", "Peer", "LastHandshake", "RxBytes", "TxBytes", "Registered", "Refused", "Transport", "SwitchReason", "TransportError", "TCPCongestion"}
+	relayByHand     = []string{"Peers", "TCPCongestion"}
 	relayPeerByHand = []string{
 		"Name", "PublicKey", "Address", "Endpoint", "LastHandshake", "RxBytes", "TxBytes", "Ports", "Refused",
 		"SessionsActive", "SessionsOpened", "DialFailures", "ControlRefusals",
@@ -275,6 +275,7 @@ func uplinkStatus(c *conf.Uplink, us tunnel.UplinkStatus) admin.Uplink {
 		Transport:      us.Transport,
 		SwitchReason:   us.SwitchReason,
 		TransportError: us.TransportError,
+		TCPCongestion:  us.TCPCongestion,
 	}
 }
 
@@ -312,7 +313,7 @@ func relayStatus(cfg *conf.RelayConfig, rs tunnel.RelayStatus) *admin.Relay {
 			allowed[p.Name] = append(allowed[p.Name], spec.String())
 		}
 	}
-	r := &admin.Relay{Listen: cfg.Relay.Listen, Stats: admin.CountersOf(rs, relayByHand...)}
+	r := &admin.Relay{Listen: cfg.Relay.Listen, TCPCongestion: rs.TCPCongestion, Stats: admin.CountersOf(rs, relayByHand...)}
 	for _, p := range rs.Peers {
 		r.Peers = append(r.Peers, admin.RelayPeer{
 			Name:           p.Name,
