@@ -453,7 +453,10 @@ record_relay_env() {
   {
     natbox_version
     echo "relay <-> home round trip added: ${RTT_MS} ms; frames lost at random: ${LOSS_PCT} % each way"
-    echo "kernel TCP congestion control in the namespaces: ${TCP_CC:-$(sysctl -n net.ipv4.tcp_congestion_control) (the host's)}; natbox tcp_congestion: ${NATBOX_TCP_CC:-natbox's default}"
+    local host_cc natbox_cc
+    host_cc="$(sysctl -n net.ipv4.tcp_congestion_control) (inherited from the host)"
+    natbox_cc="natbox default ($(cd "$REPO_DIR" && awk -F'"' '/DefaultTCPCongestion *= /{print $2}' conf/validate.go))"
+    echo "kernel TCP congestion control in the namespaces: ${TCP_CC:-$host_cc}; natbox tcp_congestion: ${NATBOX_TCP_CC:-$natbox_cc}"
     echo "frp $("$FRP_BIN/frps" --version 2>&1) ($FRP_VERSION, built from the module source, UI stubbed)"
     ssh -V 2>&1
     echo "ssh cipher: $(ssh -F /dev/null -G $LO 2>/dev/null | awk '/^ciphers /{print $2}' | cut -d, -f1) (default; first offered)"
