@@ -172,7 +172,7 @@ func TestTransportFallbackAndBack(t *testing.T) {
 	waitRegistered(t, a, spec)
 	st := a.uplink.Status()
 	if st.Transport != tunnel.TransportTCP || !st.UsingTCP || st.TransportSwitches != 1 ||
-		!strings.Contains(st.SwitchReason, "no reply over udp") || !strings.HasPrefix(st.Endpoint, "tcp/") {
+		!strings.Contains(st.SwitchReason, "no reply over udp") || !strings.HasPrefix(st.Endpoint, "tcp/") || st.TCPForLoss {
 		t.Fatalf("over blocked udp: %+v", st)
 	}
 	if rs := relay.relay.Status(); rs.TCPStreams != 1 || rs.TCPAccepted < 1 || !strings.HasPrefix(rs.Peers[0].Endpoint, "tcp/") {
@@ -482,6 +482,9 @@ func TestTransportLossFallback(t *testing.T) {
 			if logs := a.logs.FilterMessage("uplink transport switched").All(); len(logs) < 1 ||
 				!strings.HasSuffix(logs[0].ContextMap()["reason"].(string), " over udp") || !strings.Contains(logs[0].ContextMap()["reason"].(string), " % of the ") {
 				t.Fatalf("switch logs after loss: %v", logs)
+			}
+			if st := a.uplink.Status(); st.Transport == tunnel.TransportTCP && !st.TCPForLoss {
+				t.Fatalf("on tcp for loss, tcp_for_loss unset: %+v", st)
 			}
 			// The hold ends, a probe finds UDP answering, and the loss
 			// moves the uplink again.

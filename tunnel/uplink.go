@@ -551,8 +551,11 @@ type UplinkStatus struct {
 	// path (README, "Slow through the relay").
 	DatagramsIn   uint64 `json:"datagrams_in"`
 	DatagramsLost uint64 `json:"datagrams_lost"`
-	// UsingTCP is Transport == "tcp", for /metrics.
+	// UsingTCP is Transport == "tcp", for /metrics; TCPForLoss says it is
+	// there because UDP lost (uplink.loss_fallback), not for want of an
+	// answer over UDP or by configuration.
 	UsingTCP          bool   `json:"using_tcp"`
+	TCPForLoss        bool   `json:"tcp_for_loss"`
 	TransportSwitches uint64 `json:"transport_switches"`
 	// TCPConnects and TCPConnectFailures count TLS connections to relay_tcp
 	// made and failed; TCPDropped counts WireGuard messages dropped on the
@@ -597,7 +600,7 @@ func (u *Uplink) Status() UplinkStatus {
 		TCPConnects: u.tr.connects, TCPConnectFailures: u.tr.failures, TCPDropped: u.client.bind.cnt.dropped.Load(),
 		TCPCongestion: u.tr.congestion}
 	if u.client.tcp.Load() {
-		st.Transport, st.UsingTCP = TransportTCP, true
+		st.Transport, st.UsingTCP, st.TCPForLoss = TransportTCP, true, u.tr.forLoss
 	}
 	st.GatePackets, st.GateHeld, st.GateStalls = u.gates.status()
 	st.DatagramsIn, st.DatagramsLost = u.gates.loss.counts()

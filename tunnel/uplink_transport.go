@@ -138,6 +138,7 @@ type transportState struct {
 	// notes that the kernel's refusal of uplink.tcp_congestion was logged.
 	congestion    string
 	refusalLogged bool
+	forLoss       bool // the last switch to TCP was for loss (loss_fallback)
 }
 
 // transportLoop runs the ladder until ctx is done.
@@ -155,7 +156,7 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 		}
 	}()
 	if mode == conf.TransportTCP {
-		u.switchTransport(true, `uplink.transport is "tcp"`)
+		u.switchTransport(true, false, `uplink.transport is "tcp"`)
 	} else {
 		u.client.udpWhenDown.Store(true)
 	}
@@ -226,7 +227,7 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 				continue
 			}
 			recvLoss.run, sendLoss.run = 0, 0
-			u.switchTransport(true, reason)
+			u.switchTransport(true, forLoss, reason)
 			nextDial, nextProbe, tcpSince, backoff = now, now.Add(u.opts.probeEvery), now.UnixNano(), minBackoff
 			lossUntil = time.Time{}
 			if forLoss {
@@ -268,7 +269,7 @@ func (u *Uplink) transportLoop(ctx context.Context) {
 				lossQuiet = now.Add(lossUntil.Sub(time.Unix(0, tcpSince)))
 			}
 			lossUntil = time.Time{}
-			u.switchTransport(false, "the relay answered over udp")
+			u.switchTransport(false, false, "the relay answered over udp")
 			if s := u.client.cur.Swap(nil); s != nil {
 				s.closeWith(net.ErrClosed)
 			}
@@ -303,7 +304,7 @@ func (u *Uplink) rehandshake() {
 	}
 }
 
-func (u *Uplink) switchTransport(tcp bool, reason string) {
+func (u *Uplink) switchTransport(tcp, forLoss bool, reason string) {
 	u.client.tcp.Store(tcp)
 	to := TransportUDP
 	if tcp {
@@ -312,6 +313,7 @@ func (u *Uplink) switchTransport(tcp bool, reason string) {
 	u.mu.Lock()
 	u.tr.switches++
 	u.tr.reason = reason
+	u.tr.forLoss = forLoss
 	n := u.tr.switches
 	u.mu.Unlock()
 	u.log.Info("uplink transport switched", zap.String("transport", to), zap.String("reason", reason),

@@ -390,6 +390,23 @@ func TestUplink(t *testing.T) {
 		opts.Status = running(&admin.Uplink{LastHandshake: fresh, Transport: conf.TransportTCP, TransportError: "connection refused"})
 		r = Run(testCtx(t), &cfg, opts)
 		mustFind(t, r, "uplink", "uses TCP/443 but cannot connect to relay.example.net:443: connection refused", Problem)
+		lossy := &admin.Uplink{LastHandshake: fresh, Transport: conf.TransportTCP, SwitchReason: "0.008 % of the relay's messages lost over udp",
+			TCPCongestion: "cubic", Stats: admin.Counters{Gauges: map[string]int64{"tcp_for_loss": 1}}}
+		opts.Status = running(lossy)
+		up.TCPCongestion = "bbr"
+		r = Run(testCtx(t), &cfg, opts)
+		mustFind(t, r, "uplink", "UDP to the relay loses packets; using TCP/443 for a while (0.008 % of the relay's messages lost over udp)", Warning)
+		c = mustFind(t, r, "uplink", `the TCP transport runs cubic, not uplink.tcp_congestion "bbr"`, Warning)
+		if !strings.Contains(c.Fix, "modprobe tcp_bbr") {
+			t.Errorf("fix %q does not say how to get bbr", c.Fix)
+		}
+		up.TCPCongestion = conf.TCPCongestionSystem
+		r = Run(testCtx(t), &cfg, opts)
+		for _, c := range r.Checks {
+			if strings.Contains(c.Msg, "runs cubic") {
+				t.Errorf("with tcp_congestion = \"system\": %q", c.Msg)
+			}
+		}
 		up.Transport = conf.TransportTCP
 		opts.Status = running(&admin.Uplink{LastHandshake: fresh, Transport: conf.TransportTCP})
 		r = Run(testCtx(t), &cfg, opts)

@@ -371,6 +371,12 @@ func (d *doctor) checkUplink(ctx context.Context, u *conf.Uplink) []Check {
 	if c, ok := d.transportCheck(u, st); ok {
 		out = append(out, c)
 	}
+	if want, running := u.TCPCongestion, st.TCPCongestion; running != "" && want != "" && want != conf.TCPCongestionSystem && running != want {
+		out = append(out, Check{Area: area, Severity: Warning,
+			Msg: fmt.Sprintf("the TCP transport runs %s, not uplink.tcp_congestion %q: over a lossy path it slows down as flows over UDP do", running, want),
+			Fix: fmt.Sprintf("as root on this host: modprobe tcp_%s, and add %s to net.ipv4.tcp_allowed_congestion_control (README, \"When UDP loses\"); or set tcp_congestion = \"system\"",
+				want, want)})
+	}
 	return out
 }
 
@@ -384,6 +390,11 @@ func (d *doctor) transportCheck(u *conf.Uplink, st *admin.Uplink) (Check, bool) 
 		return Check{Area: area, Severity: Problem,
 			Msg: fmt.Sprintf("the uplink uses TCP/%s but cannot connect to %s: %s", port, u.RelayTCP, st.TransportError),
 			Fix: "check that the relay sets [relay] tcp_listen and that uplink.relay_tcp points at it"}, true
+	case st.Transport == conf.TransportTCP && st.Stats.Gauges["tcp_for_loss"] == 1:
+		return Check{Area: area, Severity: Warning,
+			Msg: fmt.Sprintf("UDP to the relay loses packets; using TCP/%s for a while (%s)", port, st.SwitchReason),
+			Fix: "the loss is often the first hop (Wi-Fi, a cellular or satellite link): a wired uplink or a closer relay helps; " +
+				`natbox tries UDP again by itself after the hold (README, "When UDP loses")`}, true
 	case st.Transport == conf.TransportTCP && u.Transport == conf.TransportTCP:
 		return Check{Area: area, Severity: OK, Msg: fmt.Sprintf("using TCP/%s to %s (uplink.transport = \"tcp\")", port, u.RelayTCP)}, true
 	case st.Transport == conf.TransportTCP:
