@@ -131,6 +131,11 @@ func TestRelayReload(t *testing.T) {
 	if err := relay.relay.Reload(bad); err == nil {
 		t.Fatal("reload accepted a new relay.listen")
 	}
+	otherCC := relayConfig(relayKey, "127.0.0.1:0", binds, peerB)
+	otherCC.Relay.TCPCongestion = "cubic"
+	if err := relay.relay.Reload(otherCC); err == nil || !strings.Contains(err.Error(), "relay.tcp_congestion") {
+		t.Fatalf("reload with another relay.tcp_congestion: %v", err)
+	}
 	if !dialable(netip.AddrPortFrom(loopback4, portA1)) {
 		t.Fatal("a refused reload changed a's ports")
 	}

@@ -637,7 +637,7 @@ func (r *Relay) Status() RelayStatus {
 // peers' flows. A peer that lost an allowance loses only those ports (their
 // listeners and flows); a peer whose key or address changed starts over.
 // Settings that need a new device or new sockets (listen, private key,
-// address, public_bind, mtu) cannot change on reload: the error says so and
+// address, public_bind, mtu, the TCP transport's) cannot change on reload: the error says so and
 // nothing changes. If WireGuard refuses the new peers part-way, what it
 // applied is rolled back and the error says so.
 func (r *Relay) Reload(cfg *conf.RelayConfig) error {
@@ -672,6 +672,9 @@ func (r *Relay) Reload(cfg *conf.RelayConfig) error {
 	}
 	if nw.TCPListen != old.TCPListen {
 		fixed = append(fixed, "relay.tcp_listen")
+	}
+	if nw.TCPCongestion != old.TCPCongestion {
+		fixed = append(fixed, "relay.tcp_congestion")
 	}
 	if len(fixed) > 0 {
 		return fmt.Errorf("reload relay: %v cannot change while running; restart natbox relay to apply", fixed)

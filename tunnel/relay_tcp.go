@@ -47,7 +47,7 @@ type streamServer struct {
 	pending   chan struct{} // a slot per connection authenticating
 	handshake time.Duration
 	// congestion is relay.tcp_congestion, asked of the kernel for each
-	// authenticated connection (congestion_linux.go).
+	// authenticated connection (congestion.go).
 	congestion string
 	log        *zap.Logger
 	wg         sync.WaitGroup
