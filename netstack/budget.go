@@ -73,12 +73,14 @@ type connBudget struct {
 	mu        sync.Mutex
 	conns     map[*tcpConn]struct{} // handed out and not closed
 	bulk      map[*tcpConn]bulkDirs // those of conns that are bulk, and in which directions
+	cutRecv   map[*tcpConn]struct{} // receive buffers cut and not read from since (watchCut)
 	share     int                   // per light buffer; 0: no budget
 	bulkShare int                   // per bulk direction's buffer
 
 	lowered  atomic.Uint64  // times the share fell
 	cuts     atomic.Uint64  // buffers set below their size
 	promoted atomic.Uint64  // times a connection became bulk
+	thaws    atomic.Uint64  // cut receive buffers given back to fill a gap (thawStuck)
 	lastLog  atomic.Int64   // unix nanos of the last warning
 	checks   sync.WaitGroup // runChecks
 }
@@ -89,6 +91,7 @@ func (b *connBudget) init(s *Stack) {
 	b.recvMax, b.sendMax = s.cfg.TCP.RecvBufMax, s.cfg.TCP.SendBufMax
 	b.conns = make(map[*tcpConn]struct{})
 	b.bulk = make(map[*tcpConn]bulkDirs)
+	b.cutRecv = make(map[*tcpConn]struct{})
 	if b.total > 0 {
 		b.share = b.lightFor(1)
 		b.bulkShare = b.share
@@ -203,6 +206,7 @@ func (b *connBudget) remove(c *tcpConn) {
 	if ok {
 		delete(b.conns, c)
 		delete(b.bulk, c)
+		delete(b.cutRecv, c)
 		b.rebalanceLocked(nil, nil)
 	}
 	b.mu.Unlock()
@@ -301,6 +305,92 @@ func (b *connBudget) check() {
 	if len(changed) > 0 {
 		b.rebalanceLocked(nil, changed)
 	}
+	b.thawStuckLocked()
+}
+
+// A cut receive buffer can stall its connection. gVisor keeps out-of-order
+// segments while they fill less than three quarters of the receive buffer
+// (tcp/rcv.go, handleRcvdSegment) and refuses every segment with data once
+// what the connection holds passes the buffer (tcp/segment_queue.go,
+// enqueue). Cut below the out-of-order segments it holds, the buffer
+// refuses the retransmission that would fill their gap, and nothing frees
+// them: the connection stalls for as long as the cut lasts (a bulk echo
+// stalled 30 s under reloads in internal/app TestReloadUnderLoad; made
+// to stall for good in TestBudgetThawsAStuckGap). gVisor
+// shows neither those segments nor the gap, only its segment-queue drops;
+// so a cut receive buffer is watched (watchCut) until the connection's
+// reader gets data again, and one whose drops grow while nothing waits to
+// be read (a slow reader's full buffer is the budget doing its job) gets
+// its size from before the cut back (thawStuckLocked): the gap fills, the
+// held segments go up to the reader, and the next check cuts it again.
+// Thawing adds little memory: the held segments are there either way, and
+// the buffer is cut again at the first check after the reader got data.
+
+// watchCut notes a receive buffer cut from cur. Called with mu held.
+func (b *connBudget) watchCut(c *tcpConn, cur int) {
+	if c.cutFrom == 0 {
+		c.cutFrom, c.cutIn, c.cutDrops = cur, c.movedIn.Load(), c.segmentQueueDrops()
+		b.cutRecv[c] = struct{}{}
+	}
+}
+
+// thawStuckLocked gives the watched connections that are stuck their
+// receive buffer back, forgets those whose reader got data, and cuts
+// those again to their share. Called with mu held, at each check.
+func (b *connBudget) thawStuckLocked() {
+	for c := range b.cutRecv {
+		if _, counted := b.conns[c]; !counted && !c.standby {
+			delete(b.cutRecv, c)
+			continue
+		}
+		switch drops := c.segmentQueueDrops(); {
+		case c.movedIn.Load() != c.cutIn:
+			// The reader got data: whatever gap there was moved on. A
+			// thawed buffer is cut to its share again (and watched again).
+			thawed := c.thawed
+			c.cutFrom, c.thawed = 0, false
+			delete(b.cutRecv, c)
+			if thawed {
+				b.refitLocked(c)
+			}
+		case drops != c.cutDrops && c.unread() == 0:
+			b.thaws.Add(1)
+			c.ep.SocketOptions().SetReceiveBufferSize(int64(c.cutFrom), true)
+			c.cutDrops, c.thawed = drops, true
+		}
+	}
+}
+
+// refitLocked fits c to its share again: its class's, or on standby its
+// floor.
+func (b *connBudget) refitLocked(c *tcpConn) {
+	switch d, isBulk := b.bulk[c]; {
+	case c.standby:
+		c.fitBuffers(0, 0)
+	case isBulk:
+		b.fitBulk(c, d, b.bulkShare, b.share)
+	default:
+		b.fitLight(c, b.share)
+	}
+}
+
+// segmentQueueDrops returns the segments gVisor refused c for want of
+// receive buffer.
+func (c *tcpConn) segmentQueueDrops() uint64 {
+	if st, ok := c.ep.Stats().(*tcp.Stats); ok {
+		return st.ReceiveErrors.SegmentQueueDropped.Value()
+	}
+	return 0
+}
+
+// unread returns the bytes c received in order that its reader has not
+// read yet.
+func (c *tcpConn) unread() int {
+	n, err := c.ep.GetSockOptInt(tcpip.ReceiveQueueSizeOption)
+	if err != nil {
+		return 0
+	}
+	return n
 }
 
 // rebalanceLocked recomputes the shares, updates the stack options when the
@@ -426,6 +516,7 @@ func (c *tcpConn) fitBuffers(recv, send int) (cut int) {
 		ops.SetReceiveBufferSize(int64(recv), true)
 		if cur > recv {
 			cut++
+			c.budget.watchCut(c, cur)
 		}
 	}
 	if cur := int(ops.GetSendBufferSize()); cur > send || (c.fixed && cur != send) {

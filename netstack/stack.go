@@ -1159,7 +1159,8 @@ type Stats struct {
 	// read yet, a light connection's buffer share per direction (0: no
 	// budget), the connections carrying bulk data and the share of each
 	// buffer of theirs in a bulk direction, times a connection became
-	// bulk, times a share fell, and buffers cut to it.
+	// bulk, times a share fell, buffers cut to it, and cut receive buffers
+	// given back for a while to let a gap fill (budget.go, thawStuckLocked).
 	TCPConns         uint64 `stats:"gauge"`
 	TCPRecvQueued    uint64 `stats:"gauge"`
 	TCPBufferShare   uint64 `stats:"gauge"`
@@ -1168,6 +1169,7 @@ type Stats struct {
 	TCPBulkPromoted  uint64
 	TCPBufferLowered uint64
 	TCPBufferCuts    uint64
+	TCPBufferThaws   uint64
 	// RouteMTU is the MTU new TCP connections use: the path's, or less
 	// where the share could not hold two segments (pathmtu.go).
 	RouteMTU uint64 `stats:"gauge"`
@@ -1261,6 +1263,7 @@ func (s *Stack) Stats() Stats {
 		RouteMTU:               uint64(s.RouteMTU()),
 		TCPBufferLowered:       s.conns.lowered.Load(),
 		TCPBufferCuts:          s.conns.cuts.Load(),
+		TCPBufferThaws:         s.conns.thaws.Load(),
 		Invalid: InvalidStats{
 			IPHeader:    c.invalid[dropIPHeader].Load(),
 			IPChecksum:  c.invalid[dropIPChecksum].Load(),

@@ -392,6 +392,13 @@ type tcpConn struct {
 	// recvStart is the receive buffer it was handed out with (budget.add).
 	recvStart int
 	floor     int // cuts stop here: two segments (budget.add)
+	// A receive buffer cut while the connection may hold out-of-order
+	// segments (budget.go, watchCut): the size it had before (0: not
+	// watched), the bytes read and gVisor's segment-queue drops then
+	// (guarded by budget.mu).
+	cutFrom         int
+	cutIn, cutDrops uint64
+	thawed          bool // cutFrom given back (thawStuckLocked)
 	// movedIn and movedOut count the bytes read and written, for the
 	// budget's check of which connections carry bulk data and which way;
 	// lastIn and lastOut are them at the last check, and quiet the checks
