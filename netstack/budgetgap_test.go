@@ -16,26 +16,13 @@ import (
 // gapLine copies packets from one Direct device to another, dropping those
 // drop says to.
 func gapLine(from, to tun.Device, drop func(p []byte) bool) {
-	bufs := make([][]byte, wgBatch)
-	for i := range bufs {
-		bufs[i] = make([]byte, wgBufLen)
-	}
-	sizes := make([]int, wgBatch)
-	for {
-		n, err := from.Read(bufs, sizes, wgOffset)
-		if err != nil {
-			return
+	linePackets(from, func(framed []byte) bool {
+		if drop != nil && drop(framed[wgOffset:]) {
+			return true
 		}
-		for i := range n {
-			p := bufs[i][wgOffset : wgOffset+sizes[i]]
-			if drop != nil && drop(p) {
-				continue
-			}
-			if _, err := to.Write([][]byte{bufs[i][:wgOffset+sizes[i]]}, wgOffset); err != nil {
-				return
-			}
-		}
-	}
+		_, err := to.Write([][]byte{framed}, wgOffset)
+		return err == nil
+	})
 }
 
 // tcpData returns an IPv4 TCP packet's sequence number and payload length.

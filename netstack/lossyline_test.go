@@ -35,6 +35,22 @@ func delayLine(from, to tun.Device, oneWay time.Duration, loss float64, seed uin
 		}
 	}()
 	rng := rand.New(rand.NewPCG(seed, seed+1))
+	linePackets(from, func(framed []byte) bool {
+		if rng.Float64() < loss {
+			return true
+		}
+		select {
+		case q <- held{time.Now().Add(oneWay), append([]byte(nil), framed...)}:
+		default:
+		}
+		return true
+	})
+}
+
+// linePackets reads from's packets in batches and hands each to f with
+// wgOffset bytes of headroom before it, until from fails or f returns
+// false. f must not keep framed.
+func linePackets(from tun.Device, f func(framed []byte) bool) {
 	bufs := make([][]byte, wgBatch)
 	for i := range bufs {
 		bufs[i] = make([]byte, wgBufLen)
@@ -45,16 +61,9 @@ func delayLine(from, to tun.Device, oneWay time.Duration, loss float64, seed uin
 		if err != nil {
 			return
 		}
-		due := time.Now().Add(oneWay)
 		for i := range n {
-			if rng.Float64() < loss {
-				continue
-			}
-			p := make([]byte, wgOffset+sizes[i])
-			copy(p[wgOffset:], bufs[i][wgOffset:wgOffset+sizes[i]])
-			select {
-			case q <- held{due, p}:
-			default:
+			if !f(bufs[i][:wgOffset+sizes[i]]) {
+				return
 			}
 		}
 	}
