@@ -31,7 +31,8 @@
 #      APP_LIMITS_EXTRA: lines added to the relay's [relay] / the appliance's [limits] (e.g.
 #      'buffer_memory = "0"'). PROFILE_TESTS: the tests profiled (tcp1 tcpR; also tcp4); REPS=0 with
 #      SKIP_PROFILE unset runs the profile alone.
-#      STATUS_DUMP=1: each natbox side's `status --json` before and after each test, in its raw directory.
+#      STATUS_DUMP=1: each natbox side's `status --json` and each side's namespace's `nstat -asz` before
+#      and after each test, in its raw directory.
 #
 # RTT_MS=20 puts a WAN round trip between the relay side and the home side (the kernels here have
 # no netem): the appliance side (natbox run, frpc, ssh) and the target servers move to a second
@@ -39,7 +40,8 @@
 # there) by two veths that meet in nb-relay-wan, where bench/wanbridge copies every frame across
 # after RTT_MS/2 in each direction. `loopback` then measures the bare line: client -> 10.99.0.2.
 # wanbridge is built from bench/wanbridge (or taken from PATH). LOSS_PCT=0.01 (with RTT_MS) also
-# drops that per cent of frames at random in each direction, as a real path does.
+# drops that per cent of frames at random in each direction, as a real path does. WAN_GRO=1 turns on
+# receive GRO on the line's two ends (vr0, vh0), as a server's NIC has it (a veth has it off).
 # TCP_CC=cubic sets the kernel's TCP congestion control in the bench's namespaces (they inherit the
 # host's at creation: bbr on the machine of BENCHMARKS.md, cubic on a stock Debian or Ubuntu VPS). It
 # decides how frp's and ssh's host TCP ride a lossy line, so env.txt records it. natbox's TCP transport
@@ -68,6 +70,7 @@ RTT_MS=${RTT_MS:-0}
 LOSS_PCT=${LOSS_PCT:-0}
 TCP_CC=${TCP_CC:-}
 NATBOX_TCP_CC=${NATBOX_TCP_CC:-}
+WAN_GRO=${WAN_GRO:-0}
 NS_HOME=$NS # the appliance side and the targets; their own namespace with RTT_MS
 NS_WAN=
 RELAY_HOST=$LO # where the appliance side reaches the relay side
@@ -86,7 +89,7 @@ wait_listen() { # wait_listen tcp|udp PORT: until the relay side listens (bounde
   return 1
 }
 
-ns_up() {
+ns_up() { # $1: where the WAN line's counters go (wanbridge.log)
   ns_down
   local ns
   for ns in $NS ${NS_WAN:+$NS_HOME $NS_WAN}; do
@@ -100,7 +103,7 @@ ns_up() {
       return 1
     }
   done
-  [ -z "$NS_WAN" ] || wan_up
+  [ -z "$NS_WAN" ] || wan_up "$1"
 }
 wan_up() { # two veths into $NS_WAN, bridged there with RTT_MS/2 of delay each way (bounded run)
   ip link add vr0 netns "$NS" type veth peer name m0 netns "$NS_WAN" \
@@ -112,9 +115,12 @@ wan_up() { # two veths into $NS_WAN, bridged there with RTT_MS/2 of delay each w
     ip netns exec "$ns" ethtool -K "$ifc" gro off gso off tso off tx off rx off >/dev/null 2>&1
     ip netns exec "$ns" ip link set "$ifc" up || return 1
   done
+  if [ "$WAN_GRO" = 1 ]; then # receive-side GRO at both ends, as a server's NIC does (turning it on gives a veth NAPI)
+    ip netns exec "$NS" ethtool -K vr0 gro on >/dev/null && ip netns exec "$NS_HOME" ethtool -K vh0 gro on >/dev/null || return 1
+  fi
   ip netns exec "$NS" ip addr add 10.99.0.1/24 dev vr0 && ip netns exec "$NS_HOME" ip addr add 10.99.0.2/24 dev vh0 \
     || return 1
-  start_bg "$OUT/wanbridge-$(date +%s%N).log" ip netns exec "$NS_WAN" "$WANBRIDGE" -a m0 -b m1 \
+  start_bg "$1/wanbridge.log" ip netns exec "$NS_WAN" "$WANBRIDGE" -a m0 -b m1 \
     -delay "$((RTT_MS * 500))us" -loss "$(awk -v p="$LOSS_PCT" 'BEGIN { print p / 100 }')" -duration 1h
   local i
   for i in $(seq 50); do C ping -c1 -W1 10.99.0.2 >/dev/null 2>&1 && return 0; sleep 0.1; done
@@ -381,8 +387,12 @@ cpu_snap() { # overrides the shared one: host /proc/stat, relay ticks, appliance
   echo "$(head -1 /proc/stat | cut -d' ' -f2-) $(tree_ticks "${RELAY_PIDS[@]}") $(tree_ticks "${APP_PIDS[@]}") $(date +%s.%N)"
 }
 
-status_dump() { # status_dump MODE DIR NAME: with STATUS_DUMP=1, both natbox sides' status as JSON
-  [ "${STATUS_DUMP:-0}" = 1 ] && [[ $1 == natbox* ]] || return 0
+status_dump() { # status_dump MODE DIR NAME: with STATUS_DUMP=1, the kernel's counters of both sides'
+  # namespaces (nstat: where a datagram was lost) and both natbox sides' status as JSON
+  [ "${STATUS_DUMP:-0}" = 1 ] || return 0
+  ip netns exec "$NS" nstat -asz >"$2/$3.nstat-relay.txt" 2>&1
+  [ "$NS_HOME" = "$NS" ] || ip netns exec "$NS_HOME" nstat -asz >"$2/$3.nstat-home.txt" 2>&1
+  [[ $1 == natbox* ]] || return 0
   "$NATBOX" status --json --socket "$2/relay.sock" >"$2/$3.relay-status.json" 2>&1
   "$NATBOX" status --json --socket "$2/natbox.sock" >"$2/$3.app-status.json" 2>&1
 }
@@ -391,7 +401,7 @@ run_relay_mode() {
   local mode=$1 rep=$2
   local d=$OUT/raw/$mode/r$rep
   mkdir -p "$d"
-  ns_up || { log "netns up failed"; return 1; }
+  ns_up "$d" || { log "netns up failed"; return 1; }
   start_servers "$d"
   if ! setup_relay_mode "$mode" "$d" || ! wait_ready; then
     log "$mode r$rep: not ready, skipping: $(tail -c 300 "$d"/*.log 2>/dev/null | tr '\n' ' ')"
@@ -427,7 +437,7 @@ run_relay_profile() {
   local d=$OUT/raw-extra/profile
   mkdir -p "$d"
   log "profile: natbox relay + appliance during ${PROFILE_TESTS:-tcp1 tcpR}"
-  ns_up && start_servers "$d"
+  ns_up "$d" && start_servers "$d"
   if PROFILE=1 setup_relay_mode natbox "$d" && wait_ready; then
     local t
     for t in ${PROFILE_TESTS:-tcp1 tcpR}; do
@@ -453,6 +463,7 @@ record_relay_env() {
   {
     natbox_version
     echo "relay <-> home round trip added: ${RTT_MS} ms; frames lost at random: ${LOSS_PCT} % each way"
+    echo "receive GRO on the two ends of the line: $([ "$WAN_GRO" = 1 ] && echo on || echo off)"
     local host_cc natbox_cc
     host_cc="$(sysctl -n net.ipv4.tcp_congestion_control) (inherited from the host)"
     natbox_cc="natbox default ($(cd "$REPO_DIR" && awk -F'"' '/DefaultTCPCongestion *= /{print $2}' conf/validate.go))"

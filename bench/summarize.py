@@ -55,6 +55,29 @@ def bg_line(run, modes):
         os.cpu_count() or 0, ", ".join(parts) or "n/a")
 
 
+def line_drops_line(run, modes):
+    """Frames the WAN line (bench/wanbridge) lost without being asked to, per repetition: the
+    kernel's drops at its sockets, its full queue and failed writes. Random loss (-loss) is not
+    counted: it is the line's setting. None when the run had no line."""
+    parts = []
+    for m in modes:
+        vals = []
+        for d in reps_of(run, m):
+            try:
+                with open(os.path.join(d, "wanbridge.log")) as f:
+                    last = [ln for ln in f.read().splitlines() if ln.startswith("{")][-1]
+                c = json.loads(last)
+            except (OSError, IndexError, ValueError):
+                continue
+            vals.append(sum(v.get(k, 0) for v in c.values() if isinstance(v, dict)
+                            for k in ("rx_dropped", "queue_full", "write_errors")))
+        if vals:
+            parts.append("%s %s" % (m, " / ".join(str(v) for v in vals)))
+    if not parts:
+        return None
+    return "Frames the WAN line lost unasked (kernel drops at the bridge, full queue, write errors; should be 0), per repetition: " + ", ".join(parts)
+
+
 def iperf_bytes(j):
     try:
         return j["end"]["sum_received"]["bytes"]
@@ -273,6 +296,9 @@ def relay(run):
     out += medians_table(rows, figs, summary, RL_LABEL, "frp", ("frp", "loopback"))
     out.append("")
     out.append(bg_line(run, rows))
+    drops = line_drops_line(run, rows)
+    if drops:
+        out.append("\n" + drops)
     lb = summary.get("loopback")
     if lb:
         out.append("\nShare of plain loopback (single flow): " + ", ".join(
