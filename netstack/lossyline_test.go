@@ -72,7 +72,8 @@ func linePackets(from tun.Device, f func(framed []byte) bool) {
 // BenchmarkLossyLine: one 64 MiB upload per op between two stacks (gVisor's
 // TCP at both ends, as inside the relay's tunnel) over a line of a 20 ms
 // round trip that loses one packet in 10 000, with each of gVisor's
-// congestion controls; reports Mbit/s and the sender's resends. Where the
+// congestion controls and with reno's losses found by RACK as well;
+// reports Mbit/s and the sender's resends. Where the
 // tunnel's flows stand on a lossy path (tunnel/BENCH.md change 17):
 //
 //	go test -run '^$' -bench LossyLine -benchtime 1x -count 3 ./netstack
@@ -80,10 +81,13 @@ func linePackets(from tun.Device, f func(framed []byte) bool) {
 // (64 MiB: long enough for a flow to leave slow start and settle where the
 // losses hold it; each run's line has seeds of its own.)
 func BenchmarkLossyLine(b *testing.B) {
-	for _, cc := range []string{"reno", "cubic"} {
+	for _, v := range []struct {
+		cc   string
+		rack bool
+	}{{"reno", false}, {"reno", true}, {"cubic", false}} {
 		for _, loss := range []float64{0, 0.0001} {
-			b.Run(fmt.Sprintf("cc=%s/loss=%g", cc, loss), func(b *testing.B) {
-				benchLossyLine(b, cc, loss)
+			b.Run(fmt.Sprintf("cc=%s/rack=%t/loss=%g", v.cc, v.rack, loss), func(b *testing.B) {
+				benchLossyLine(b, v.cc, v.rack, loss)
 			})
 		}
 	}
@@ -92,17 +96,17 @@ func BenchmarkLossyLine(b *testing.B) {
 // lossyLineRuns numbers the runs, for their lines' seeds.
 var lossyLineRuns atomic.Uint64
 
-func benchLossyLine(b *testing.B, cc string, loss float64) {
+func benchLossyLine(b *testing.B, cc string, rack bool, loss float64) {
 	const size = 64 << 20
 	cs, co := Direct(1420)
 	ss, so := Direct(1420)
 	log := zaptest.NewLogger(b, zaptest.Level(zap.WarnLevel))
 	got := make(chan int64, 1)
-	c, err := New(cs, Config{MTU: 1420, Addresses: []netip.Prefix{clientPrefix4}}, funcHandler{}, log.Named("client"))
+	c, err := New(cs, Config{MTU: 1420, Addresses: []netip.Prefix{clientPrefix4}, TCP: TCPConfig{RACK: rack}}, funcHandler{}, log.Named("client"))
 	if err != nil {
 		b.Fatal(err)
 	}
-	s, err := New(ss, Config{MTU: 1420, Addresses: []netip.Prefix{serverPrefix4}}, sinkServer(got), log.Named("server"))
+	s, err := New(ss, Config{MTU: 1420, Addresses: []netip.Prefix{serverPrefix4}, TCP: TCPConfig{RACK: rack}}, sinkServer(got), log.Named("server"))
 	if err != nil {
 		c.Close()
 		b.Fatal(err)

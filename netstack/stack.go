@@ -442,7 +442,8 @@ func (s *Stack) configure() error {
 		// SACK: recovers multiple losses per RTT; gVisor's default today, set
 		// so a default change cannot silently cost throughput.
 		{"sack", ptr(tcpip.TCPSACKEnabled(true))},
-		// RACK off by default: tailscale#9707 (stalls with RACK on).
+		// RACK off by default: tailscale#9707 (stalls with RACK on), and it
+		// more than halved a flow on a lossy line (BenchmarkLossyLine).
 		{"recovery", ptr(recovery(t.RACK))},
 		// reno pinned: cubic overflowed in gvisor#11632, and reno is what the
 		// benchmarks were made with.
