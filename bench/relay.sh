@@ -29,7 +29,7 @@
 #      (NATBOX_HEAPPROFILE). TUNNEL_MTU: both sides' tunnel mtu, pinned (mtu = max_mtu: no path probe;
 #      unset: 1420, raised by the probe to max_mtu, 32000, on this one-host path). RELAY_EXTRA /
 #      APP_LIMITS_EXTRA: lines added to the relay's [relay] / the appliance's [limits] (e.g.
-#      'buffer_memory = "0"'). PROFILE_TESTS: the tests profiled (tcp1 tcpR; also tcp4); REPS=0 with
+#      'buffer_memory = "0"'). PROFILE_TESTS: the tests profiled (tcp1 tcpR; also tcp4 crr rr); REPS=0 with
 #      SKIP_PROFILE unset runs the profile alone.
 #      STATUS_DUMP=1: each natbox side's `status --json` and each side's namespace's `nstat -asz` before
 #      and after each test, in its raw directory.
@@ -450,8 +450,13 @@ run_relay_profile() {
       local p1=$!
       profile_pid "$NS_HOME" "${APP_PIDS[0]}" "$secs" "$OUT/profiles" "natbox-app-$t" "$NB_PPROF_APP" &
       local p2=$!
+      local cmd=(iperf3 -c $LO -p 18080 -t "$DUR" "${rflag[@]}" --connect-timeout 3000 -J)
+      case $t in
+        crr) cmd=("$PMBENCH" crr -addr "$LO:18082" -workers "$CRR_WORKERS" -duration "${DUR}s") ;;
+        rr) cmd=("$PMBENCH" rr -addr "$LO:18081" -duration "${DUR}s" -count 1000000 -size 64) ;;
+      esac
       sleep 0.5
-      C timeout $((DUR + 20)) iperf3 -c $LO -p 18080 -t "$DUR" "${rflag[@]}" --connect-timeout 3000 -J >"$d/$t.json" 2>"$d/$t.err"
+      C timeout $((DUR + 20)) "${cmd[@]}" >"$d/$t.json" 2>"$d/$t.err"
       wait "$p1" "$p2"
     done
   else
