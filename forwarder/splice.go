@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/natbox/natbox/internal/gostack"
+	"github.com/natbox/natbox/internal/rawsock"
 )
 
 // Splice buffers. One leg is usually a gVisor conn, which has no
@@ -257,6 +258,10 @@ func (sp *splicer) copy(dst, src net.Conn, dir string, n *byteCounter) int64 {
 			fromSocket = func() (int, error, error) { return d.ReadFromSocket(rc) }
 		}
 	}
+	read := src.Read
+	if r := rawsock.NewReader(src); r != nil {
+		read = r.Read // a kernel socket: no sysmon wake-up per read (internal/rawsock)
+	}
 	var small, big *[]byte // small: taken at the first buffered read
 	defer func() {
 		if small != nil {
@@ -286,7 +291,7 @@ func (sp *splicer) copy(dst, src net.Conn, dir string, n *byteCounter) int64 {
 				small = smallCopyBufPool.Get().(*[]byte)
 				buf = *small
 			}
-			nr, rerr = src.Read(buf)
+			nr, rerr = read(buf)
 			if nr > 0 {
 				var nw int
 				nw, werr = dst.Write(buf[:nr])

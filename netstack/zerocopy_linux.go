@@ -10,6 +10,8 @@ import (
 
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
+
+	"github.com/natbox/natbox/internal/rawsock"
 )
 
 // Moving bytes between a gVisor endpoint and a kernel socket without the
@@ -211,20 +213,16 @@ func (w *socketWriter) release() {
 // writeSocket is one non-blocking write; a full socket is errSocketFull
 // (after a partial write too, so the caller stops there).
 func writeSocket(fd int, p []byte) (int, error) {
-	for {
-		n, err := unix.Write(fd, p)
-		switch {
-		case err == unix.EINTR:
-			continue
-		case err == unix.EAGAIN:
-			return 0, errSocketFull
-		case err != nil:
-			return 0, &net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", err)}
-		case n < len(p):
-			return n, errSocketFull
-		}
-		return n, nil
+	n, err := rawsock.Write(fd, p)
+	switch {
+	case err == unix.EAGAIN:
+		return 0, errSocketFull
+	case err != nil:
+		return 0, &net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", err)}
+	case n < len(p):
+		return n, errSocketFull
 	}
+	return n, nil
 }
 
 // ReadFromSocket queues the socket rc's backlog into the endpoint's send
@@ -238,7 +236,7 @@ func (c *tcpConn) ReadFromSocket(rc syscall.RawConn) (n int, rerr, werr error) {
 		var terr tcpip.Error
 		var written int64
 		err := rc.Read(func(fd uintptr) bool {
-			backlog, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+			backlog, err := rawsock.InQueue(int(fd))
 			if err != nil || backlog < zeroCopyMinBacklog {
 				return true
 			}
@@ -291,23 +289,19 @@ func (p *socketPayload) Read(b []byte) (int, error) {
 	if len(b) == 0 {
 		return 0, nil
 	}
-	for {
-		n, err := unix.Read(p.fd, b[:min(len(b), p.left)])
-		switch {
-		case err == unix.EINTR:
-			continue
-		case err == unix.EAGAIN:
-			p.done = true
-			return 0, io.EOF
-		case err != nil:
-			p.done = true
-			p.err = &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", err)}
-			return 0, io.EOF
-		case n == 0:
-			p.done, p.err = true, io.EOF
-			return 0, io.EOF
-		}
-		p.left -= n
-		return n, nil
+	n, err := rawsock.Read(p.fd, b[:min(len(b), p.left)])
+	switch {
+	case err == unix.EAGAIN:
+		p.done = true
+		return 0, io.EOF
+	case err != nil:
+		p.done = true
+		p.err = &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", err)}
+		return 0, io.EOF
+	case n == 0:
+		p.done, p.err = true, io.EOF
+		return 0, io.EOF
 	}
+	p.left -= n
+	return n, nil
 }

@@ -1,0 +1,119 @@
+package rawsock
+
+import (
+	"io"
+	"net"
+	"os"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Read is one read(2) of the non-blocking socket fd, retried on EINTR. It
+// returns the errno as the error (unix.EAGAIN when nothing is queued).
+func Read(fd int, p []byte) (int, error) {
+	var ptr unsafe.Pointer
+	if len(p) > 0 {
+		ptr = unsafe.Pointer(&p[0])
+	}
+	for {
+		n, _, e := unix.RawSyscall(unix.SYS_READ, uintptr(fd), uintptr(ptr), uintptr(len(p)))
+		switch e {
+		case 0:
+			return int(n), nil
+		case unix.EINTR:
+			continue
+		}
+		return 0, e
+	}
+}
+
+// Write is one write(2) to the non-blocking socket fd, retried on EINTR;
+// it may write less than p (a full socket), and returns the errno as the
+// error (unix.EAGAIN when nothing fit).
+func Write(fd int, p []byte) (int, error) {
+	var ptr unsafe.Pointer
+	if len(p) > 0 {
+		ptr = unsafe.Pointer(&p[0])
+	}
+	for {
+		n, _, e := unix.RawSyscall(unix.SYS_WRITE, uintptr(fd), uintptr(ptr), uintptr(len(p)))
+		switch e {
+		case 0:
+			return int(n), nil
+		case unix.EINTR:
+			continue
+		}
+		return 0, e
+	}
+}
+
+// InQueue is the number of bytes the socket fd has received and not yet
+// been read (ioctl SIOCINQ).
+func InQueue(fd int) (int, error) {
+	var v int32
+	_, _, e := unix.RawSyscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCINQ, uintptr(unsafe.Pointer(&v)))
+	if e != 0 {
+		return 0, e
+	}
+	return int(v), nil
+}
+
+// Reader reads a kernel socket with raw read(2)s, waiting in the
+// netpoller and honouring the conn's read deadline, as its own Read does.
+// One goroutine reads at a time.
+type Reader struct {
+	c    net.Conn
+	rc   syscall.RawConn
+	p    []byte
+	n    int
+	err  error
+	read func(fd uintptr) bool // r.step, bound once: a call allocates nothing
+}
+
+// NewReader is a Reader of c, or nil when c is not a kernel socket.
+func NewReader(c net.Conn) *Reader {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	r := &Reader{c: c, rc: rc}
+	r.read = r.step
+	return r
+}
+
+// Read reads what the socket holds, up to len(p), waiting until it holds
+// something; io.EOF after the peer's FIN. Errors read as the conn's own
+// Read would put them (a *net.OpError "read"; a deadline's is a timeout).
+func (r *Reader) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	r.p, r.n, r.err = p, 0, nil
+	err := r.rc.Read(r.read)
+	r.p = nil
+	switch {
+	case err != nil:
+		if oe, ok := err.(*net.OpError); ok {
+			oe.Op = "read" // the net package says "raw-read"
+		}
+		return 0, err
+	case r.err != nil:
+		return 0, &net.OpError{Op: "read", Net: "tcp", Source: r.c.LocalAddr(), Addr: r.c.RemoteAddr(), Err: os.NewSyscallError("read", r.err)}
+	case r.n == 0:
+		return 0, io.EOF
+	}
+	return r.n, nil
+}
+
+// step is Read's RawConn callback: false asks the netpoller to wait for
+// the socket to become readable.
+func (r *Reader) step(fd uintptr) bool {
+	r.n, r.err = Read(int(fd), r.p)
+	return r.err != unix.EAGAIN
+}
