@@ -12,10 +12,11 @@ import (
 	"syscall"
 	"unsafe"
 
-	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/conn"
+
+	"github.com/natbox/natbox/internal/rawsock"
 )
 
 // newUDPBind returns the conn.Bind of the tunnel's UDP sockets. On Linux it
@@ -59,18 +60,11 @@ var controlSize = unix.CmsgSpace(unix.SizeofInet6Pktinfo) + unix.CmsgSpace(4)
 // udpSocket is one family's socket.
 type udpSocket struct {
 	conn  *net.UDPConn
-	pc    batchConn
+	rc    syscall.RawConn // recvmmsg and sendmmsg go through it raw (internal/rawsock)
 	v6    bool
 	gro   bool        // UDP_GRO on: a read may return coalesced datagrams
 	gso   atomic.Bool // UDP_SEGMENT works; cleared when the kernel refuses it (EIO)
 	sends sync.Pool   // *sendBatch
-}
-
-// batchConn is ipv4.PacketConn and ipv6.PacketConn: their Message types
-// are the same type (x/net/internal/socket.Message).
-type batchConn interface {
-	ReadBatch([]ipv6.Message, int) (int, error)
-	WriteBatch([]ipv6.Message, int) (int, error)
 }
 
 func (b *udpBind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
@@ -142,12 +136,11 @@ func listenUDP(network string, port int) (*udpSocket, int, error) {
 		return nil, port, err
 	}
 	s.conn = pc.(*net.UDPConn)
-	if s.v6 {
-		s.pc = ipv6.NewPacketConn(s.conn)
-	} else {
-		s.pc = ipv4.NewPacketConn(s.conn)
+	if s.rc, err = s.conn.SyscallConn(); err != nil {
+		s.conn.Close()
+		return nil, port, err
 	}
-	s.sends.New = func() any { return new(sendBatch) }
+	s.sends.New = func() any { return &sendBatch{raw: rawsock.NewBatch(s.rc, s.v6)} }
 	return s, s.conn.LocalAddr().(*net.UDPAddr).Port, nil
 }
 
@@ -261,7 +254,7 @@ func (b *udpBind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	for len(bufs) > 0 {
 		gso := s.gso.Load()
 		n, used := sb.pack(bufs, e, s.v6, gso)
-		sent, err := s.write(sb.msgs[:n])
+		sent, err := sb.write(n)
 		sb.reset(n)
 		if err != nil && gso && errors.Is(err, unix.EIO) {
 			// The route's device cannot checksum segments (the standard
@@ -278,12 +271,13 @@ func (b *udpBind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	return nil
 }
 
-// write sends msgs, all of them unless an error stops it; it returns how
-// many messages went.
-func (s *udpSocket) write(msgs []ipv6.Message) (int, error) {
+// write sends sb's first n messages, all of them unless an error stops it;
+// it returns how many messages went.
+func (sb *sendBatch) write(n int) (int, error) {
+	msgs := sb.msgs[:n]
 	sent := 0
 	for sent < len(msgs) {
-		n, err := s.pc.WriteBatch(msgs[sent:], 0)
+		n, err := sb.raw.Send(msgs[sent:])
 		if err != nil {
 			return sent, err
 		}
@@ -295,6 +289,7 @@ func (s *udpSocket) write(msgs []ipv6.Message) (int, error) {
 // sendBatch is one Send's messages (pooled per socket: wireguard-go sends
 // from several goroutines at once).
 type sendBatch struct {
+	raw    *rawsock.Batch
 	msgs   []ipv6.Message
 	counts []int // bufs per message, for bufsIn
 	addr   net.UDPAddr
@@ -465,6 +460,7 @@ func parseControl(oob []byte) (src netip.Addr, ifindex int32, segment int) {
 //     After plainAfter reads without a coalesced datagram, plain again.
 type receiver struct {
 	s        *udpSocket
+	raw      *rawsock.Batch
 	msgs     []ipv6.Message
 	segs     []segment // per message of the last plain read
 	landing  bool
@@ -504,7 +500,7 @@ type pending struct {
 }
 
 func newReceiver(s *udpSocket) *receiver {
-	r := &receiver{s: s, msgs: make([]ipv6.Message, plainMessages), segs: make([]segment, plainMessages)}
+	r := &receiver{s: s, raw: rawsock.NewBatch(s.rc, s.v6), msgs: make([]ipv6.Message, plainMessages), segs: make([]segment, plainMessages)}
 	for i := range r.msgs {
 		r.msgs[i].Buffers = make([][]byte, 1)
 		r.msgs[i].OOB = make([]byte, controlSize)
@@ -520,7 +516,7 @@ func (r *receiver) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint) (int
 		return r.receiveLanding(bufs, sizes, eps)
 	}
 	msgs := r.read(bufs[:min(len(bufs), plainMessages)])
-	n, err := r.s.pc.ReadBatch(msgs, 0)
+	n, err := r.raw.Recv(msgs)
 	if err != nil || n == 0 {
 		return 0, err
 	}
@@ -574,7 +570,7 @@ func (r *receiver) receiveLanding(bufs [][]byte, sizes []int, eps []conn.Endpoin
 		}
 	}
 	msgs := r.read(r.land[:])
-	n, err := r.s.pc.ReadBatch(msgs, 0)
+	n, err := r.raw.Recv(msgs)
 	if err != nil || n == 0 {
 		return 0, err
 	}

@@ -144,6 +144,9 @@ func TestWriteAndInQueue(t *testing.T) {
 	}
 }
 
+// logStart marks the calling goroutine as the one syscallEntries watches.
+func logStart() { rtrace.Log(context.Background(), "rawsock-test", "start") }
+
 // syscallEntries counts the times f's goroutine (the one that logs
 // "rawsock-test" first) entered the scheduler's system-call state, the
 // transitions a runtime trace records for syscall.Syscall (which wake a
@@ -198,7 +201,7 @@ func TestNoSchedulerSyscalls(t *testing.T) {
 	const rounds = 50
 	exchange := func(write func([]byte) (int, error), read func([]byte) (int, error)) func() {
 		return func() {
-			rtrace.Log(context.Background(), "rawsock-test", "start")
+			logStart()
 			for range rounds {
 				if _, err := write([]byte("ping")); err != nil {
 					t.Error(err)
