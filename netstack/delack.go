@@ -155,13 +155,7 @@ func (d *delayedACKs) output(pkt *stack.PacketBuffer, b *outBuf) bool {
 	var old *outBuf
 	if s.b != nil && s.id == id && (flags&header.TCPFlagRst != 0 || flags&header.TCPFlagAck != 0 && seqGE(ack, s.ack)) {
 		old, s.b = s.b, nil
-		if d.held.Add(-1) == 0 && d.armed {
-			// Nothing waits now: a quiet process need not wake when the
-			// hold would have ended (over a WAN each idle round trip paid
-			// a timer wake-up per side; tunnel/BENCH.md change 20).
-			d.timer.Stop()
-			d.armed = false
-		}
+		d.held.Add(-1)
 	}
 	hold := pure && old == nil && s.b == nil && !d.closed && s.noted != 0 && s.id == id && s.end == ack && now-s.noted <= int64(d.hold)
 	if hold {
