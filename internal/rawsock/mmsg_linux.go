@@ -174,9 +174,13 @@ func (b *Batch) Recv(msgs []ipv6.Message) (int, error) {
 	return b.n, nil
 }
 
-func (b *Batch) recv(fd uintptr) bool {
+func (b *Batch) recv(fd uintptr) bool { return b.mmsg(unix.SYS_RECVMMSG, fd) }
+
+// mmsg is one raw recvmmsg(2) or sendmmsg(2) (trap) of b's headers, the
+// RawConn callback of Recv and Send: false (EAGAIN) waits in the netpoller.
+func (b *Batch) mmsg(trap, fd uintptr) bool {
 	for {
-		n, _, e := unix.RawSyscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&b.hdrs[0])), uintptr(len(b.hdrs)), 0, 0, 0)
+		n, _, e := unix.RawSyscall6(trap, fd, uintptr(unsafe.Pointer(&b.hdrs[0])), uintptr(len(b.hdrs)), 0, 0, 0)
 		switch e {
 		case 0:
 			b.n = int(n)
@@ -213,19 +217,4 @@ func (b *Batch) Send(msgs []ipv6.Message) (int, error) {
 	return b.n, nil
 }
 
-func (b *Batch) send(fd uintptr) bool {
-	for {
-		n, _, e := unix.RawSyscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&b.hdrs[0])), uintptr(len(b.hdrs)), 0, 0, 0)
-		switch e {
-		case 0:
-			b.n = int(n)
-			return true
-		case unix.EINTR:
-			continue
-		case unix.EAGAIN:
-			return false
-		}
-		b.errno = e
-		return true
-	}
-}
+func (b *Batch) send(fd uintptr) bool { return b.mmsg(unix.SYS_SENDMMSG, fd) }

@@ -12,33 +12,21 @@ import (
 
 // Read is one read(2) of the non-blocking socket fd, retried on EINTR. It
 // returns the errno as the error (unix.EAGAIN when nothing is queued).
-func Read(fd int, p []byte) (int, error) {
-	var ptr unsafe.Pointer
-	if len(p) > 0 {
-		ptr = unsafe.Pointer(&p[0])
-	}
-	for {
-		n, _, e := unix.RawSyscall(unix.SYS_READ, uintptr(fd), uintptr(ptr), uintptr(len(p)))
-		switch e {
-		case 0:
-			return int(n), nil
-		case unix.EINTR:
-			continue
-		}
-		return 0, e
-	}
-}
+func Read(fd int, p []byte) (int, error) { return readWrite(unix.SYS_READ, fd, p) }
 
 // Write is one write(2) to the non-blocking socket fd, retried on EINTR;
 // it may write less than p (a full socket), and returns the errno as the
 // error (unix.EAGAIN when nothing fit).
-func Write(fd int, p []byte) (int, error) {
+func Write(fd int, p []byte) (int, error) { return readWrite(unix.SYS_WRITE, fd, p) }
+
+// readWrite is one raw read(2) or write(2) (trap) of p on fd.
+func readWrite(trap uintptr, fd int, p []byte) (int, error) {
 	var ptr unsafe.Pointer
 	if len(p) > 0 {
 		ptr = unsafe.Pointer(&p[0])
 	}
 	for {
-		n, _, e := unix.RawSyscall(unix.SYS_WRITE, uintptr(fd), uintptr(ptr), uintptr(len(p)))
+		n, _, e := unix.RawSyscall(trap, uintptr(fd), uintptr(ptr), uintptr(len(p)))
 		switch e {
 		case 0:
 			return int(n), nil
