@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
 
 	"github.com/natbox/natbox/conf"
@@ -45,7 +44,7 @@ type Originator interface {
 type Relay struct {
 	log   *zap.Logger
 	org   Originator
-	dev   *device.Device
+	dev   *wgDevice
 	gates gates // bound the data packets each direction of dev holds
 	opts  options
 	addr4 netip.Addr // the relay's tunnel addresses

@@ -53,7 +53,7 @@ const (
 // re-registering after any failure (relay restart, roaming, lost tunnel).
 type Uplink struct {
 	cfg    *conf.Uplink
-	dev    *device.Device
+	dev    *wgDevice
 	client *streamClient // the bind's transport switch and TCP stream
 	dialer UplinkStack
 	log    *zap.Logger

@@ -9,9 +9,11 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
@@ -19,22 +21,53 @@ import (
 	"github.com/natbox/natbox/conf"
 )
 
-// wgLogger adapts wireguard-go's printf logger to zap: its verbose lines go to
+// wgLog adapts wireguard-go's printf logger to zap: its verbose lines go to
 // debug, its errors to warn (they are mostly transient: a lost handshake, a
-// send to a vanished endpoint).
-func wgLogger(log *zap.Logger) *device.Logger {
-	return &device.Logger{
-		Verbosef: func(format string, args ...any) {
-			if ce := log.Check(zap.DebugLevel, "wireguard"); ce != nil {
-				ce.Write(zap.String("event", fmt.Sprintf(format, args...)))
-			}
-		},
-		Errorf: func(format string, args ...any) {
-			if ce := log.Check(zap.WarnLevel, "wireguard"); ce != nil {
-				ce.Write(zap.String("event", fmt.Sprintf(format, args...)))
-			}
-		},
+// send to a vanished endpoint). Muted, it writes nothing: wireguard-go's
+// Close does not wait for its handshake, encryption and decryption workers,
+// which may still log after it returned, into a logger whose owner is done
+// with it (wgDevice.Close mutes).
+type wgLog struct {
+	log   *zap.Logger
+	mu    sync.RWMutex // held for reading while a line is written
+	muted bool
+}
+
+func (l *wgLog) write(level zapcore.Level, format string, args []any) {
+	ce := l.log.Check(level, "wireguard")
+	if ce == nil {
+		return
 	}
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	if !l.muted {
+		ce.Write(zap.String("event", fmt.Sprintf(format, args...)))
+	}
+}
+
+// mute returns once no line is being written, and none will be.
+func (l *wgLog) mute() {
+	l.mu.Lock()
+	l.muted = true
+	l.mu.Unlock()
+}
+
+func (l *wgLog) logger() *device.Logger {
+	return &device.Logger{
+		Verbosef: func(format string, args ...any) { l.write(zap.DebugLevel, format, args) },
+		Errorf:   func(format string, args ...any) { l.write(zap.WarnLevel, format, args) },
+	}
+}
+
+// wgDevice is a wireguard-go device whose Close also mutes its logger.
+type wgDevice struct {
+	*device.Device
+	log *wgLog
+}
+
+func (d *wgDevice) Close() {
+	d.Device.Close()
+	d.log.mute()
 }
 
 // newDevice builds a wireguard-go device on dev with bind (a streamBind
@@ -43,14 +76,15 @@ func wgLogger(log *zap.Logger) *device.Logger {
 // most gate data packets, with batches of deviceBatch (batch.go), sets its
 // private key and listen port (0: any), and brings it up. The device owns dev from here on:
 // closing the device closes dev.
-func newDevice(dev tun.Device, bind conn.Bind, key conf.Key, listenPort uint16, gate int, log *zap.Logger) (*device.Device, gates, error) {
+func newDevice(dev tun.Device, bind conn.Bind, key conf.Key, listenPort uint16, gate int, log *zap.Logger) (*wgDevice, gates, error) {
 	if n := bind.BatchSize(); n > deviceBatch {
 		dev.Close()
 		return nil, gates{}, fmt.Errorf("wireguard bind batch %d exceeds the device's %d: its receive functions would want more buffers than wireguard-go passes", n, deviceBatch)
 	}
 	g := newGates(gate)
-	d := device.NewDevice(&gatedTUN{Device: dev, g: g, batch: deviceBatch},
-		&gatedBind{Bind: bind, g: g, batch: deviceBatch}, wgLogger(log))
+	wl := &wgLog{log: log}
+	d := &wgDevice{Device: device.NewDevice(&gatedTUN{Device: dev, g: g, batch: deviceBatch},
+		&gatedBind{Bind: bind, g: g, batch: deviceBatch}, wl.logger()), log: wl}
 	uapi := fmt.Sprintf("private_key=%s\nlisten_port=%d\n", key.Hex(), listenPort)
 	if err := d.IpcSet(uapi); err != nil {
 		d.Close()
@@ -94,7 +128,7 @@ type peerStats struct {
 }
 
 // readPeerStats parses the device's UAPI "get" output into stats per public key.
-func readPeerStats(d *device.Device) (map[conf.Key]peerStats, error) {
+func readPeerStats(d *wgDevice) (map[conf.Key]peerStats, error) {
 	text, err := d.IpcGet()
 	if err != nil {
 		return nil, fmt.Errorf("read wireguard state: %w", err)
@@ -171,7 +205,7 @@ func listenPort(hostPort string) (port uint16, host string, err error) {
 }
 
 // boundPort returns the UDP port the device listens on.
-func boundPort(d *device.Device) (uint16, error) {
+func boundPort(d *wgDevice) (uint16, error) {
 	text, err := d.IpcGet()
 	if err != nil {
 		return 0, fmt.Errorf("read wireguard state: %w", err)

@@ -62,13 +62,40 @@ rx_bytes=0
 func TestWGLoggerLevels(t *testing.T) {
 	t.Parallel()
 	core, logs := observer.New(zap.DebugLevel)
-	l := wgLogger(zap.New(core))
+	wl := &wgLog{log: zap.New(core)}
+	l := wl.logger()
 	l.Verbosef("peer %d handshake", 1)
 	l.Errorf("send failed: %s", "boom")
 	entries := logs.All()
 	if len(entries) != 2 || entries[0].Level != zap.DebugLevel || entries[1].Level != zap.WarnLevel ||
 		entries[1].ContextMap()["event"] != "send failed: boom" {
 		t.Fatalf("entries = %+v", entries)
+	}
+	wl.mute()
+	l.Errorf("a worker still running after Close: %s", "late")
+	if n := logs.Len(); n != 2 {
+		t.Fatalf("%d entries after mute; want the 2 from before", n)
+	}
+}
+
+// A closed device's logger is muted: wireguard-go's workers may outlive its
+// Close and must not write into a logger its owner is done with.
+func TestDeviceCloseMutesItsLogger(t *testing.T) {
+	t.Parallel()
+	core, logs := observer.New(zap.DebugLevel)
+	key, _ := conf.GenerateKey()
+	d, _, err := newDevice(tuntest.NewChannelTUN().TUN(), newUDPBind(), key, 0, gatePackets, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	n := logs.Len()
+	if n == 0 {
+		t.Fatal("the device logged nothing at debug level; the test cannot tell")
+	}
+	d.log.logger().Errorf("late")
+	if logs.Len() != n {
+		t.Fatal("a line was written after Close")
 	}
 }
 
