@@ -85,15 +85,21 @@ func runDemo(c *cli.Context) error {
 		relay.Close()
 		return fmt.Errorf("start demo appliance: %w", err)
 	}
-	runCtx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	done := make(chan error, 2)
-	go func() { done <- relay.Run(runCtx) }()
-	go func() { done <- appliance.Run(runCtx) }()
+	// The appliance stops before the relay, as on a real deployment where
+	// the relay outlives its appliances: stopped the other way round, the
+	// appliance would log its lost control connection at shutdown.
+	relayCtx, stopRelay := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopRelay()
+	appCtx, stopAppliance := context.WithCancel(ctx)
+	defer stopAppliance()
+	relayDone, appDone := make(chan error, 1), make(chan error, 1)
+	go func() { relayDone <- relay.Run(relayCtx) }()
+	go func() { appDone <- appliance.Run(appCtx) }()
 	defer func() {
-		cancel()
-		<-done
-		<-done
+		stopAppliance()
+		<-appDone
+		stopRelay()
+		<-relayDone
 	}()
 
 	url := fmt.Sprintf("http://127.0.0.1:%d/", port)

@@ -31,6 +31,11 @@ func TestDemoOnce(t *testing.T) {
 	if !strings.Contains(r.stdout, fmt.Sprintf("$ curl http://127.0.0.1:%d/", port)) {
 		t.Fatalf("demo output lacks the request it made:\n%s", r.stdout)
 	}
+	// A clean run warns about nothing, its shutdown included: the
+	// appliance stops before the relay it is connected to.
+	if strings.Contains(r.stderr, "WARN") || strings.Contains(r.stderr, "ERROR") {
+		t.Fatalf("demo --once logged a warning or an error:\n%s", r.stderr)
+	}
 }
 
 func TestDemoBusyPort(t *testing.T) {
