@@ -134,8 +134,10 @@ type Limits struct {
 	BufferMemory Size `toml:"buffer_memory"`
 	MemoryLimit  Size `toml:"memory_limit"`
 	// Procs is how many threads run natbox's Go code at once (the Go
-	// runtime's GOMAXPROCS); 0: half the CPUs the process may use, at
-	// least one. The GOMAXPROCS environment variable, when set, wins.
+	// runtime's GOMAXPROCS); 0: the default, two where the process may use
+	// two CPUs and half of them on a larger host, or, in a process that
+	// carries a relay tunnel, half, at least one (cmd/natbox/runtime.go
+	// says why). The GOMAXPROCS environment variable, when set, wins.
 	Procs int `toml:"procs"`
 }
 

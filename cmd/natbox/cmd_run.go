@@ -52,7 +52,7 @@ remove the routes natbox added, close the TUN and exit 0.`,
 			defer stopHeap()
 			setMemoryLimit(cfg.Limits.MemoryLimit, log)
 			setGC(len(cfg.Uplinks) > 0, log)
-			setProcs(cfg.Limits.Procs, log)
+			setProcs(cfg.Limits.Procs, len(cfg.Uplinks) > 0, log)
 			a, err := app.NewAppliance(cfg, app.Options{Version: version}, log)
 			if err != nil {
 				return err
@@ -105,7 +105,7 @@ and max_sessions without dropping other peers' flows. The admin socket defaults 
 			defer stopHeap()
 			setMemoryLimit(cfg.Relay.MemoryLimit, log)
 			setGC(true, log)
-			setProcs(cfg.Relay.Procs, log)
+			setProcs(cfg.Relay.Procs, true, log)
 			n, err := app.NewRelayNode(cfg, version, log)
 			if err != nil {
 				return err

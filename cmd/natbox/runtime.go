@@ -64,31 +64,41 @@ func setGC(tunnel bool, log *zap.Logger) {
 }
 
 // procs is the GOMAXPROCS to set, or 0 to leave Go's: GOMAXPROCS in the
-// environment wins, then the config's procs; by default half of cpus (Go's
-// own default: the CPUs the process may use), at least one. A relayed
-// packet wakes goroutines in turn (the input pump, gVisor's TCP processor,
-// the splice); while a P is idle, Go hands each to another thread, a
-// cross-CPU wakeup per hand-off. The kernel's share of a packet (TUN and
-// socket system calls) runs outside the Ps. On the 2-vCPU bench host one P
-// instead of two took the gateway's round trip from 171-179 to 100-138 us
-// and its CPU per connection down a quarter, the relay's round trip from
-// 473-536 to 243-284 us, at the same throughput (netstack/BENCH.md, "One
-// P").
-func procs(env string, configured, cpus int) int {
+// environment wins, then the config's procs. By default a process that
+// carries a relay tunnel (tunnel: the relay, an appliance with an uplink)
+// gets half of cpus (Go's own default: the CPUs the process may use), at
+// least one; a gateway gets two where there are two, and half of cpus on
+// a larger host.
+//
+// A relayed packet wakes goroutines in turn (the input pump, gVisor's TCP
+// processor, the splice); while a P is idle, Go hands each to another
+// thread, a cross-CPU wakeup per hand-off. One P instead of two took the
+// relay's round trip from 473-536 to 243-284 us on the AMD bench host at
+// the same throughput, and a second P still buys the relay nothing on the
+// Intel one (netstack/BENCH.md, "One P"). A gateway's download is different:
+// its socket reads and TUN writes are raw system calls that keep their P
+// (internal/rawsock, netstack/tun_linux.go), so with one P the flow's ACKs
+// and the next read wait behind each write; two Ps took the gateway's -R
+// from 14.2-15.5 to 19.5-21.6 Gbit/s at the same round trip and conn/s, for
+// a fifth of a single upload on a host whose two vCPUs also ran the client
+// and the target (netstack/BENCH.md, "Two Ps for the gateway").
+func procs(env string, configured, cpus int, tunnel bool) int {
 	switch {
 	case env != "":
 		return 0
 	case configured > 0:
 		return configured
-	default:
+	case tunnel:
 		return max(1, cpus/2)
+	default:
+		return min(cpus, max(2, cpus/2))
 	}
 }
 
 // setProcs applies procs to the runtime.
-func setProcs(configured int, log *zap.Logger) {
+func setProcs(configured int, tunnel bool, log *zap.Logger) {
 	cpus := runtime.GOMAXPROCS(0)
-	if n := procs(os.Getenv("GOMAXPROCS"), configured, cpus); n > 0 {
+	if n := procs(os.Getenv("GOMAXPROCS"), configured, cpus, tunnel); n > 0 {
 		runtime.GOMAXPROCS(n)
 		log.Info("procs set", zap.Int("procs", n), zap.Int("cpus", cpus))
 	}

@@ -27,23 +27,30 @@ func TestGCPercent(t *testing.T) {
 	}
 }
 
-// TestProcs: half the CPUs, at least one, unless the config or GOMAXPROCS
-// says otherwise.
+// TestProcs: a tunnel process gets half the CPUs, at least one; a gateway
+// two where there are two, half on a larger host; the config or GOMAXPROCS
+// overrides either.
 func TestProcs(t *testing.T) {
 	for _, c := range []struct {
 		env              string
 		configured, cpus int
+		tunnel           bool
 		want             int
 	}{
-		{"", 0, 1, 1},
-		{"", 0, 2, 1},
-		{"", 0, 3, 1},
-		{"", 0, 8, 4},
-		{"", 3, 2, 3},
-		{"2", 3, 8, 0},
+		{"", 0, 1, true, 1},
+		{"", 0, 2, true, 1},
+		{"", 0, 3, true, 1},
+		{"", 0, 8, true, 4},
+		{"", 0, 1, false, 1},
+		{"", 0, 2, false, 2},
+		{"", 0, 3, false, 2},
+		{"", 0, 8, false, 4},
+		{"", 3, 2, true, 3},
+		{"", 1, 2, false, 1},
+		{"2", 3, 8, false, 0},
 	} {
-		if got := procs(c.env, c.configured, c.cpus); got != c.want {
-			t.Errorf("procs(%q, %d, %d) = %d, want %d", c.env, c.configured, c.cpus, got, c.want)
+		if got := procs(c.env, c.configured, c.cpus, c.tunnel); got != c.want {
+			t.Errorf("procs(%q, %d, %d, %v) = %d, want %d", c.env, c.configured, c.cpus, c.tunnel, got, c.want)
 		}
 	}
 }
@@ -54,12 +61,12 @@ func TestSetProcs(t *testing.T) {
 	old := runtime.GOMAXPROCS(0)
 	t.Cleanup(func() { runtime.GOMAXPROCS(old) })
 	t.Setenv("GOMAXPROCS", "")
-	setProcs(old+1, zaptest.NewLogger(t))
+	setProcs(old+1, false, zaptest.NewLogger(t))
 	if got := runtime.GOMAXPROCS(0); got != old+1 {
 		t.Fatalf("GOMAXPROCS = %d after setProcs(%d)", got, old+1)
 	}
 	t.Setenv("GOMAXPROCS", strconv.Itoa(old))
-	setProcs(old+2, zaptest.NewLogger(t))
+	setProcs(old+2, false, zaptest.NewLogger(t))
 	if got := runtime.GOMAXPROCS(0); got != old+1 {
 		t.Fatalf("GOMAXPROCS = %d with GOMAXPROCS in the environment; want it left at %d", got, old+1)
 	}
