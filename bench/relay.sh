@@ -29,7 +29,7 @@
 #      (NATBOX_HEAPPROFILE). TUNNEL_MTU: both sides' tunnel mtu, pinned (mtu = max_mtu: no path probe;
 #      unset: 1420, raised by the probe to max_mtu, 32000, on this one-host path). RELAY_EXTRA /
 #      APP_LIMITS_EXTRA: lines added to the relay's [relay] / the appliance's [limits] (e.g.
-#      'buffer_memory = "0"'). PROFILE_TESTS: the tests profiled (tcp1 tcpR; also tcp4 crr rr); REPS=0 with
+#      'buffer_memory = "0"'). PROFILE_TESTS: the tests profiled (tcp1 tcpR; also tcp4 crr rr), PROFILE_MODE the mode (natbox; natbox-tcp); REPS=0 with
 #      SKIP_PROFILE unset runs the profile alone.
 #      STATUS_DUMP=1: each natbox side's `status --json` and each side's namespace's `nstat -asz` before
 #      and after each test, in its raw directory.
@@ -70,6 +70,7 @@ RTT_MS=${RTT_MS:-0}
 LOSS_PCT=${LOSS_PCT:-0}
 TCP_CC=${TCP_CC:-}
 NATBOX_TCP_CC=${NATBOX_TCP_CC:-}
+PROFILE_MODE=${PROFILE_MODE:-natbox} # the natbox mode profiled: natbox, natbox-tcp or natbox-auto
 WAN_GRO=${WAN_GRO:-0}
 NS_HOME=$NS # the appliance side and the targets; their own namespace with RTT_MS
 NS_WAN=
@@ -438,9 +439,9 @@ run_relay_mode() {
 run_relay_profile() {
   local d=$OUT/raw-extra/profile
   mkdir -p "$d"
-  log "profile: natbox relay + appliance during ${PROFILE_TESTS:-tcp1 tcpR}"
+  log "profile: natbox relay + appliance ($PROFILE_MODE) during ${PROFILE_TESTS:-tcp1 tcpR}"
   ns_up "$d" && start_servers "$d"
-  if PROFILE=1 setup_relay_mode natbox "$d" && wait_ready; then
+  if PROFILE=1 setup_relay_mode "$PROFILE_MODE" "$d" && wait_ready; then
     local t
     for t in ${PROFILE_TESTS:-tcp1 tcpR}; do
       local rflag=() secs=$((DUR > 2 ? DUR - 1 : DUR))
@@ -506,7 +507,7 @@ main() {
       run_relay_mode "$mode" "$rep"
     done
   done
-  if [[ " $MODES " == *" natbox "* ]] && [ "${SKIP_PROFILE:-0}" != 1 ]; then run_relay_profile; fi
+  if [[ " $MODES " == *" $PROFILE_MODE "* ]] && [ "${SKIP_PROFILE:-0}" != 1 ]; then run_relay_profile; fi
   python3 "$NB_BENCH_DIR/summarize.py" relay "$OUT" | tee "$OUT/summary.md"
   log "done: $OUT"
 }
