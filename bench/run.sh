@@ -7,11 +7,13 @@
 #           198.19.0.1/32 -> natbox0; the client routes 198.19.0.0/24 via the gw (198.18.0.1).
 #           (198.18.0.1 is the gw's own veth address, so natbox gets a public address of its own.)
 #           Mappings: tcp+udp 8080 -> 10.77.0.2:5201 (iperf3), tcp 8081 -> :5301 (echo),
-#           tcp 8082 -> :5302 (crr).
+#           tcp 8082 -> :5302 (crr), udp 8083 -> :5303 (UDP echo, pmbench server -uecho).
 #   churn   after the reps: CHURN_N (100000) connections through the crr mapping, 64 workers,
 #           failures counted (pmbench crr -max, bounded to 110 s).
 #   idle    after the interleaved reps: RSS per idle TCP session (bench/idle: IDLE_N connections
 #           through natbox to the echo server, 1-byte ping each, then held; natbox RSS before/after).
+#   udprr   after the reps: a 64-byte UDP ping-pong through natbox (pmbench udprr, RR_DUR s, at most
+#           20000 round trips) and natbox's CPU ticks meanwhile (natbox only: the baselines map no echo).
 #   profile a single-flow iperf3 through natbox with a CPU profile of natbox (Go pprof when natbox
 #           serves it under NATBOX_PPROF, and perf cpu-clock call graphs) -> $OUT/profiles/.
 #
@@ -20,7 +22,7 @@
 #   sudo bench/run.sh                         # REPS=3 DUR=5 MODES="direct nftdnat haproxy socat natbox"
 #   REPS=5 DUR=10 sudo -E bench/run.sh
 # Env (besides run-baselines.sh's REPS DUR RR_DUR TESTS UDP_RATE UDP_LEN MTU): MODES, WORK, NATBOX
-# (prebuilt binary; default: build the committed HEAD), IDLE_N (10000), CHURN_N (100000), SKIP_IDLE=1, SKIP_CHURN=1, SKIP_PROFILE=1,
+# (prebuilt binary; default: build the committed HEAD), IDLE_N (10000), CHURN_N (100000), SKIP_IDLE=1, SKIP_CHURN=1, SKIP_UDPRR=1, SKIP_PROFILE=1,
 # PROFILE_TESTS (tcp1 tcpR crr udp rr). REPS=0 runs only the idle and profile steps.
 set -uo pipefail
 
@@ -78,6 +80,12 @@ name = "crr"
 protocol = "tcp"
 listen = "8082"
 target = "$S_IP:5302"
+
+[[mapping]]
+name = "uecho"
+protocol = "udp"
+listen = "8083"
+target = "$S_IP:5303"
 EOF
 }
 
@@ -147,6 +155,25 @@ run_churn() { # issue 2: zero failed connections over CHURN_N connections throug
   natbox_down
 }
 
+run_udprr() { # a UDP round trip (a game's, a call's) through natbox, and natbox's CPU per round trip
+  local d=$OUT/raw-extra/udprr
+  mkdir -p "$d"
+  log "udprr: UDP ping-pong through natbox (${RR_DUR}s, <= 20000 round trips)"
+  if natbox_up "$d"; then
+    start_bg "$d/uecho.log" ip netns exec pm-server "$PMBENCH" server -uecho ":5303" -lifetime 10m
+    sleep 0.3
+    local pid=${GW_PIDS[0]} t0 t1
+    t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    C timeout $((RR_DUR + 20)) "$PMBENCH" udprr -addr "$NB_PUB:8083" -duration "${RR_DUR}s" -count 20000 -size 64 \
+      >"$d/udprr.json" 2>"$d/udprr.err" || log "udprr rc=$? $(head -c 300 "$d/udprr.err")"
+    t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    echo "{\"natbox_cpu_ticks\": $((t1 - t0)), \"clk_tck\": $(getconf CLK_TCK)}" >"$d/cpu.json"
+  else
+    log "udprr: natbox not ready"
+  fi
+  natbox_down
+}
+
 run_profile() { # one profile per PROFILE_TESTS test (default: all that natbox misses targets on)
   local d=$OUT/raw-extra/profile
   mkdir -p "$d"
@@ -198,6 +225,7 @@ main() {
   if [[ " $MODES " == *" natbox "* ]]; then
     [ "${SKIP_IDLE:-0}" = 1 ] || run_idle
     [ "${SKIP_CHURN:-0}" = 1 ] || run_churn
+    [ "${SKIP_UDPRR:-0}" = 1 ] || run_udprr
     [ "${SKIP_PROFILE:-0}" = 1 ] || run_profile
   fi
   python3 "$NB_BENCH_DIR/summarize.py" gateway "$OUT" | tee "$OUT/summary.md"

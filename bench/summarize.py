@@ -190,6 +190,15 @@ def gateway(run):
                        idle["rss_held_kb"] / 1024, idle["rss_after_close_kb"] / 1024, idle["kib_per_session"]))
     else:
         out.append("Idle TCP sessions: not measured (no raw-extra/idle/idle.json).")
+    udprr = load(os.path.join(run, "raw-extra", "udprr", "udprr.json"))
+    if udprr and udprr.get("samples"):
+        cpu = load(os.path.join(run, "raw-extra", "udprr", "cpu.json")) or {}
+        per = ""
+        if cpu.get("clk_tck"):
+            per = "; natbox CPU %.1f us per round trip" % (cpu["natbox_cpu_ticks"] * 1e6 / cpu["clk_tck"] / udprr["samples"])
+        out.append("")
+        out.append("UDP round trip through natbox (64 bytes, %d round trips, %d lost): p50 %.0f us, p99 %.0f us%s." % (
+            udprr["samples"], udprr.get("errors", 0), udprr["p50_us"], udprr["p99_us"], per))
 
     out += per_rep_table(rows, figs, summary)
 
