@@ -9,12 +9,12 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/natbox/natbox/conf"
+	"github.com/natbox/natbox/internal/rawsock"
 )
 
 // smallDatagram covers datagrams that fit a typical MTU; larger ones borrow
@@ -546,11 +546,19 @@ func (e *Engine) runUDPReply(us *udpSession, conn *net.UDPConn, targetIP netip.A
 	bp := getDatagramBuf(smallDatagram)
 	defer func() { putDatagramBuf(bp) }()
 	buf := *bp
+	// Raw reads: a reply that wakes an idle natbox wakes no sysmon thread
+	// too (internal/rawsock says why).
+	rd, err := rawsock.NewPacketReader(conn)
+	if err != nil {
+		e.log.Debug("udp session read failed", zap.Uint64("session", us.id), zap.Error(err))
+		us.close("error")
+		return
+	}
 	d, expired := us.idle.deadline()
 	conn.SetReadDeadline(d)
 	for !expired {
-		n, _, flags, from, err := conn.ReadMsgUDPAddrPort(buf, nil)
-		if err == nil && flags&syscall.MSG_TRUNC != 0 {
+		n, truncated, from, err := rd.ReadFrom(buf)
+		if truncated {
 			us.state.udpDrops.Add(1)
 			if len(buf) < copyBufSize {
 				putDatagramBuf(bp)
@@ -574,7 +582,6 @@ func (e *Engine) runUDPReply(us *udpSession, conn *net.UDPConn, targetIP netip.A
 			return
 		}
 		r := us.rule.Load()
-		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
 		if from.Addr() != targetIP || !r.targetPorts.Contains(from.Port()) {
 			us.state.udpDrops.Add(1) // not from the target: never relayed
 			continue

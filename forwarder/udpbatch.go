@@ -8,8 +8,8 @@ import (
 	"golang.org/x/net/ipv6"
 )
 
-// batchConn is ipv4.PacketConn or ipv6.PacketConn: both send a batch of
-// messages with one sendmmsg on Linux (one sendmsg each elsewhere).
+// batchConn sends a batch of messages with one sendmmsg on Linux (raw, a
+// rawsock.Batch; one sendmsg each elsewhere, x/net's PacketConn).
 type batchConn interface {
 	WriteBatch(ms []ipv4.Message, flags int) (int, error)
 }
@@ -37,13 +37,15 @@ type batchWriter struct {
 }
 
 func newBatchWriter(conn *net.UDPConn, targetIP netip.Addr) *batchWriter {
-	w := &batchWriter{targetIP: targetIP, addrs: make(map[uint16]*net.UDPAddr, 1), msgs: make([]ipv4.Message, 0, maxUDPBatch), gso: udpGSO}
-	if targetIP.Is4() {
-		w.conn = ipv4.NewPacketConn(conn)
-	} else {
-		w.conn = ipv6.NewPacketConn(conn)
+	return &batchWriter{conn: newBatchConn(conn, targetIP.Is4()), targetIP: targetIP, addrs: make(map[uint16]*net.UDPAddr, 1), msgs: make([]ipv4.Message, 0, maxUDPBatch), gso: udpGSO}
+}
+
+// xnetBatchConn is x/net's PacketConn of the socket's family.
+func xnetBatchConn(conn *net.UDPConn, v4 bool) batchConn {
+	if v4 {
+		return ipv4.NewPacketConn(conn)
 	}
-	return w
+	return ipv6.NewPacketConn(conn)
 }
 
 // add queues payload for the target's port; with proxyV2 each datagram

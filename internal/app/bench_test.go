@@ -53,6 +53,31 @@ func BenchmarkGatewayUDP(b *testing.B) {
 	b.ReportMetric(100*float64(h.mappingStatus("u").UDPDropped)/float64(b.N), "%dropped-forwarder")
 }
 
+// BenchmarkGatewayUDPRR is a 64-byte UDP ping-pong through a UDP mapping to
+// an echo target, a game's or a call's traffic: ns/op is one round trip.
+//
+//	go test -run '^$' -bench GatewayUDPRR -benchtime 20000x ./internal/app
+func BenchmarkGatewayUDPRR(b *testing.B) {
+	target := serveUDP(b, func(_ netip.AddrPort, p []byte) []byte { return p })
+	h := newHarness(b, spec{Mappings: mapping("urr", "udp", "5301", target.String())}, app.Options{})
+	from, to := ap(client4, 40001), ap(public4, 5301)
+	inbox := h.inbox.of(from)
+	msg := make([]byte, 64)
+	b.ReportAllocs()
+	cpu0 := processCPU(b)
+	for b.Loop() {
+		if err := h.client.WriteUDP(from, to, msg); err != nil {
+			b.Fatal(err)
+		}
+		select {
+		case <-inbox:
+		case <-time.After(5 * time.Second):
+			b.Fatal("no reply within 5 s")
+		}
+	}
+	b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-us/op")
+}
+
 // BenchmarkGatewayRR is a 64-byte ping-pong through a TCP mapping to an
 // echo target: ns/op is one round trip.
 //

@@ -131,23 +131,14 @@ func (b *Batch) putAddr(name *unix.RawSockaddrInet6, ua *net.UDPAddr) (uint32, e
 }
 
 // addr is the UDP address a received sockaddr holds (nil for another
-// family); a scope is kept as its interface index.
+// family): an IPv4 one as 4 bytes, as x/net gives it (a 4in6 address would
+// send the answer to the IPv6 socket), a scope as its interface index.
 func addr(name *unix.RawSockaddrInet6) *net.UDPAddr {
-	port := int(binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&name.Port))[:]))
-	switch name.Family {
-	case unix.AF_INET:
-		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(name))
-		// 4 bytes, as x/net gives it: AddrPort must not make it 4in6
-		return &net.UDPAddr{IP: net.IP{sa.Addr[0], sa.Addr[1], sa.Addr[2], sa.Addr[3]}, Port: port}
-	case unix.AF_INET6:
-		ua := &net.UDPAddr{IP: make(net.IP, net.IPv6len), Port: port}
-		copy(ua.IP, name.Addr[:])
-		if name.Scope_id != 0 {
-			ua.Zone = strconv.Itoa(int(name.Scope_id))
-		}
-		return ua
+	ap := sockaddrAddrPort(name)
+	if !ap.IsValid() {
+		return nil
 	}
-	return nil
+	return net.UDPAddrFromAddrPort(ap)
 }
 
 // Recv reads what the socket holds, up to len(msgs) datagrams, waiting

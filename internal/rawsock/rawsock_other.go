@@ -2,7 +2,11 @@
 
 package rawsock
 
-import "net"
+import (
+	"net"
+	"net/netip"
+	"syscall"
+)
 
 // Reader is Linux's only; elsewhere a conn reads through its own Read.
 type Reader struct{}
@@ -12,3 +16,15 @@ func NewReader(net.Conn) *Reader { return nil }
 
 // Read is never called on a nil Reader.
 func (*Reader) Read([]byte) (int, error) { panic("rawsock: Reader off Linux") }
+
+// PacketReader reads through the conn's own ReadMsgUDPAddrPort off Linux.
+type PacketReader struct{ c *net.UDPConn }
+
+// NewPacketReader is a PacketReader of c.
+func NewPacketReader(c *net.UDPConn) (*PacketReader, error) { return &PacketReader{c: c}, nil }
+
+// ReadFrom reads one datagram into p, as on Linux.
+func (r *PacketReader) ReadFrom(p []byte) (n int, truncated bool, from netip.AddrPort, err error) {
+	n, _, flags, from, err := r.c.ReadMsgUDPAddrPort(p, nil)
+	return n, err == nil && flags&syscall.MSG_TRUNC != 0, netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), err
+}

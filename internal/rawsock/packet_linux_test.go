@@ -1,0 +1,121 @@
+package rawsock_test
+
+import (
+	"bytes"
+	"errors"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/natbox/natbox/internal/rawsock"
+)
+
+func packetReader(t *testing.T, c *net.UDPConn) *rawsock.PacketReader {
+	t.Helper()
+	r, err := rawsock.NewPacketReader(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// A datagram comes back whole with its sender, an IPv4 one as a 4-byte
+// address; one longer than the buffer fills it and says it was truncated,
+// and the next one reads whole again; for both families.
+func TestPacketReaderReadsDatagrams(t *testing.T) {
+	for _, fam := range []struct{ network, addr string }{{"udp4", "127.0.0.1:0"}, {"udp6", "[::1]:0"}} {
+		t.Run(fam.network, func(t *testing.T) {
+			a, _ := udpSocket(t, fam.network, fam.addr)
+			b, _ := udpSocket(t, fam.network, fam.addr)
+			r := packetReader(t, b)
+			b.SetReadDeadline(time.Now().Add(5 * time.Second))
+			sender := a.LocalAddr().(*net.UDPAddr).AddrPort()
+			for _, msg := range [][]byte{[]byte("first"), bytes.Repeat([]byte("x"), 100), []byte("third")} {
+				if _, err := a.WriteTo(msg, b.LocalAddr()); err != nil {
+					t.Fatal(err)
+				}
+			}
+			buf := make([]byte, 64)
+			for i, want := range []struct {
+				payload   string
+				truncated bool
+			}{{"first", false}, {string(bytes.Repeat([]byte("x"), 64)), true}, {"third", false}} {
+				n, truncated, from, err := r.ReadFrom(buf)
+				if err != nil {
+					t.Fatalf("datagram %d: %v", i, err)
+				}
+				if string(buf[:n]) != want.payload || truncated != want.truncated {
+					t.Fatalf("datagram %d: %q truncated=%v, want %q truncated=%v", i, buf[:n], truncated, want.payload, want.truncated)
+				}
+				if from != sender || from.Addr().Is4In6() {
+					t.Fatalf("datagram %d from %v, want %v", i, from, sender)
+				}
+			}
+		})
+	}
+}
+
+// Its errors are the conn's: a passed deadline is a timeout, a closed
+// conn is net.ErrClosed, both as a *net.OpError "read".
+func TestPacketReaderErrors(t *testing.T) {
+	c, _ := udpSocket(t, "udp4", "127.0.0.1:0")
+	r := packetReader(t, c)
+	c.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+	_, _, _, err := r.ReadFrom(make([]byte, 64))
+	var ne net.Error
+	var oe *net.OpError
+	if !errors.As(err, &ne) || !ne.Timeout() || !errors.As(err, &oe) || oe.Op != "read" {
+		t.Fatalf("after the deadline: %v, want a read timeout", err)
+	}
+	c.SetReadDeadline(time.Time{})
+	done := make(chan error, 1)
+	go func() {
+		_, _, _, err := r.ReadFrom(make([]byte, 64))
+		done <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
+	c.Close()
+	select {
+	case err := <-done:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("on close: %v, want net.ErrClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a read waiting on a closed conn did not return")
+	}
+}
+
+// It reads without entering the scheduler's system-call state, where the
+// conn's own ReadMsgUDPAddrPort does.
+func TestPacketReaderMakesNoSchedulerSyscalls(t *testing.T) {
+	a, _ := udpSocket(t, "udp4", "127.0.0.1:0")
+	b, _ := udpSocket(t, "udp4", "127.0.0.1:0")
+	to := b.LocalAddr().(*net.UDPAddr).AddrPort()
+	r := packetReader(t, b)
+	buf := make([]byte, 64)
+	const rounds = 50
+	run := func(read func() error) func() {
+		return func() {
+			logStart()
+			for range rounds {
+				if _, err := a.WriteToUDPAddrPort([]byte("ping"), to); err != nil {
+					t.Error(err)
+					return
+				}
+				if err := read(); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}
+	}
+	// The writes are the conn's own on both sides; what differs is the read.
+	own := syscallEntries(t, run(func() error { _, _, _, _, err := b.ReadMsgUDPAddrPort(buf, nil); return err }))
+	raw := syscallEntries(t, run(func() error { _, _, _, err := r.ReadFrom(buf); return err }))
+	if own < 2*rounds {
+		t.Fatalf("the conn's writes and reads entered the syscall state %d times in %d rounds; the trace cannot tell", own, rounds)
+	}
+	if raw > own-rounds {
+		t.Fatalf("with PacketReader the round entered the syscall state %d times against %d with ReadMsgUDPAddrPort; want %d fewer", raw, own, rounds)
+	}
+}
