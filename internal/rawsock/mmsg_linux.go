@@ -170,20 +170,16 @@ func (b *Batch) recv(fd uintptr) bool { return b.mmsg(unix.SYS_RECVMMSG, fd) }
 // mmsg is one raw recvmmsg(2) or sendmmsg(2) (trap) of b's headers, the
 // RawConn callback of Recv and Send: false (EAGAIN) waits in the netpoller.
 func (b *Batch) mmsg(trap, fd uintptr) bool {
-	for {
-		n, _, e := unix.RawSyscall6(trap, fd, uintptr(unsafe.Pointer(&b.hdrs[0])), uintptr(len(b.hdrs)), 0, 0, 0)
-		switch e {
-		case 0:
-			b.n = int(n)
-			return true
-		case unix.EINTR:
-			continue
-		case unix.EAGAIN:
-			return false
-		}
+	n, e := call(trap, fd, uintptr(unsafe.Pointer(&b.hdrs[0])), uintptr(len(b.hdrs)), 0, 0, 0)
+	switch e {
+	case 0:
+		b.n = int(n)
+	case unix.EAGAIN:
+		return false
+	default:
 		b.errno = e
-		return true
 	}
+	return true
 }
 
 // Send sends msgs, as many as the socket takes at once (at least one, or

@@ -67,22 +67,18 @@ func (r *PacketReader) step(fd uintptr) bool {
 	if len(r.p) > 0 {
 		ptr = unsafe.Pointer(&r.p[0])
 	}
-	for {
-		r.fromLen = unix.SizeofSockaddrInet6
-		n, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, fd, uintptr(ptr), uintptr(len(r.p)), unix.MSG_TRUNC,
-			uintptr(unsafe.Pointer(&r.from)), uintptr(unsafe.Pointer(&r.fromLen)))
-		switch e {
-		case 0:
-			r.n = int(n)
-			return true
-		case unix.EINTR:
-			continue
-		case unix.EAGAIN:
-			return false
-		}
+	r.fromLen = unix.SizeofSockaddrInet6
+	n, e := call(unix.SYS_RECVFROM, fd, uintptr(ptr), uintptr(len(r.p)), unix.MSG_TRUNC,
+		uintptr(unsafe.Pointer(&r.from)), uintptr(unsafe.Pointer(&r.fromLen)))
+	switch e {
+	case 0:
+		r.n = int(n)
+	case unix.EAGAIN:
+		return false
+	default:
 		r.err = e
-		return true
 	}
+	return true
 }
 
 // sockaddrAddrPort is the address and port a received sockaddr holds

@@ -25,15 +25,21 @@ func readWrite(trap uintptr, fd int, p []byte) (int, error) {
 	if len(p) > 0 {
 		ptr = unsafe.Pointer(&p[0])
 	}
-	for {
-		n, _, e := unix.RawSyscall(trap, uintptr(fd), uintptr(ptr), uintptr(len(p)))
-		switch e {
-		case 0:
-			return int(n), nil
-		case unix.EINTR:
-			continue
-		}
+	n, e := call(trap, uintptr(fd), uintptr(ptr), uintptr(len(p)), 0, 0, 0)
+	if e != 0 {
 		return 0, e
+	}
+	return int(n), nil
+}
+
+// call is one raw system call, made again while a signal interrupts it
+// (EINTR): every call of the package goes through it.
+func call(trap, a1, a2, a3, a4, a5, a6 uintptr) (uintptr, unix.Errno) {
+	for {
+		n, _, e := unix.RawSyscall6(trap, a1, a2, a3, a4, a5, a6)
+		if e != unix.EINTR {
+			return n, e
+		}
 	}
 }
 
@@ -41,7 +47,7 @@ func readWrite(trap uintptr, fd int, p []byte) (int, error) {
 // been read (ioctl SIOCINQ).
 func InQueue(fd int) (int, error) {
 	var v int32
-	_, _, e := unix.RawSyscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCINQ, uintptr(unsafe.Pointer(&v)))
+	_, e := call(unix.SYS_IOCTL, uintptr(fd), unix.SIOCINQ, uintptr(unsafe.Pointer(&v)), 0, 0, 0)
 	if e != 0 {
 		return 0, e
 	}
