@@ -4,7 +4,7 @@
 # Everything runs in one throwaway network namespace, nb-relay, on its loopback only (so nothing
 # can collide with, or reach, ports outside it): the target servers (iperf3 :5201, pmbench echo
 # :5301 and crr :5302), the "relay" side and the "appliance" side of each tunnel, and the clients.
-# Public ports on the relay: 18080 (iperf3, tcp and udp), 18081 (echo), 18082 (crr).
+# Public ports on the relay: 18080 (iperf3, tcp and udp), 18081 (echo), 18082 (crr), 18083 (UDP echo, :5303).
 #   loopback   client -> 127.0.0.1:5201 directly                                      (ceiling)
 #   natbox     natbox relay (WireGuard 127.0.0.1:51820, public_bind 127.0.0.1) <- natbox run with
 #              only [uplink] (mappings tcp+udp 18080 -> :5201, 18081 -> :5301, 18082 -> :5302)
@@ -203,7 +203,7 @@ start_servers() { # on the home side; with RTT_MS also on its line address, for 
   local d=$1 b=$LO
   [ -n "$NS_WAN" ] && b=0.0.0.0
   start_bg "$d/iperf3-server.log" ip netns exec "$NS_HOME" iperf3 -s -B $b -p 5201
-  start_bg "$d/pmbench-server.log" ip netns exec "$NS_HOME" "$PMBENCH" server -echo $b:5301 -crr $b:5302 -lifetime 1h
+  start_bg "$d/pmbench-server.log" ip netns exec "$NS_HOME" "$PMBENCH" server -echo $b:5301 -crr $b:5302 -uecho $b:5303 -lifetime 1h
 }
 
 frp_configs() { # frp_configs DIR MUX(true|false)
@@ -247,6 +247,13 @@ type = "tcp"
 localIP = "$LO"
 localPort = 5302
 remotePort = 18082
+
+[[proxies]]
+name = "uecho"
+type = "udp"
+localIP = "$LO"
+localPort = 5303
+remotePort = 18083
 EOF
 }
 
@@ -282,7 +289,7 @@ socket = "$1/relay.sock"
 name = "bench"
 public_key = "$(cat "$k/app.pub")"
 address = "100.96.0.2"
-ports = ["tcp+udp/18080", "tcp/18081-18082"]
+ports = ["tcp+udp/18080", "tcp/18081-18082", "udp/18083"]
 EOF
   cat >"$1/natbox.toml" <<EOF
 [log]
@@ -329,17 +336,23 @@ name = "crr"
 protocol = "tcp"
 listen = "18082"
 target = "$LO:5302"
+
+[[mapping]]
+name = "uecho"
+protocol = "udp"
+listen = "18083"
+target = "$LO:5303"
 EOF
 }
 
-setup_relay_mode() { # sets T_HOST P_IPERF P_ECHO P_CRR RELAY_PIDS APP_PIDS
+setup_relay_mode() { # sets T_HOST P_IPERF P_ECHO P_CRR P_UECHO RELAY_PIDS APP_PIDS
   local mode=$1 d=$2
   RELAY_PIDS=(); APP_PIDS=()
-  T_HOST=$LO; P_IPERF=18080; P_ECHO=18081; P_CRR=18082
+  T_HOST=$LO; P_IPERF=18080; P_ECHO=18081; P_CRR=18082; P_UECHO=18083
   case $mode in
     loopback)
       [ -n "$NS_WAN" ] && T_HOST=10.99.0.2 # the bare line
-      P_IPERF=5201; P_ECHO=5301; P_CRR=5302 ;;
+      P_IPERF=5201; P_ECHO=5301; P_CRR=5302; P_UECHO=5303 ;;
     natbox|natbox-tcp|natbox-auto)
       natbox_configs "$d" "$(case $mode in natbox-tcp) echo tcp ;; natbox-auto) echo auto ;; *) echo udp ;; esac)"
       if [ "${PROFILE:-0}" = 1 ]; then
@@ -429,6 +442,9 @@ run_relay_mode() {
       rr) # over a WAN line pmbench's 200 warm-up round trips would take the whole test (10 s at 50 ms)
         run_test "$d" rr "$PMBENCH" rr -addr "$T_HOST:$P_ECHO" -duration "${RR_DUR}s" -count 20000 -size 64 \
           -warmup "$([ "$RTT_MS" -gt 0 ] && echo 10 || echo 200)" ;;
+      udprr) # a game's or a call's UDP: 64-byte ping-pong (opt-in: TESTS="... udprr")
+        if [ "$mode" = ssh ]; then echo '{"skipped": "ssh -R forwards TCP only"}' >"$d/udprr.json"; continue; fi
+        run_test "$d" udprr "$PMBENCH" udprr -addr "$T_HOST:$P_UECHO" -duration "${RR_DUR}s" -count 20000 -size 64 ;;
     esac
     status_dump "$mode" "$d" "$t.after"
   done

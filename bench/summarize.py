@@ -279,6 +279,7 @@ def relay(run):
         reps = []
         for d in reps_of(run, m):
             r = {t: metric(t, load(os.path.join(d, t + ".json"))) for t in TESTS}
+            r["udprr"] = metric("rr", load(os.path.join(d, "udprr.json")))  # pmbench writes both alike
             crr = load(os.path.join(d, "crr.json")) or {}
             r["crr_errors"] = crr.get("errors")
             rc, ac, wall = side_cpu(load(os.path.join(d, "tcp1.meta")))
@@ -298,6 +299,8 @@ def relay(run):
         ("cores per Gbit/s (both sides, 1 flow)", lambda r: r["cores_per_gbit"], 2, False),
         ("relay peak RSS MiB", lambda r: r["relay_mib"], 0, False),
         ("appliance peak RSS MiB", lambda r: r["app_mib"], 0, False),
+        ("UDP RTT p50 us", lambda r: sub(r["udprr"], "p50"), 0, True),
+        ("UDP RTT p99 us", lambda r: sub(r["udprr"], "p99"), 0, True),
     ]
     summary = summarize_figs(rows, figs)
     nreps = max((len(v) for v in rows.values()), default=0)
