@@ -19,6 +19,7 @@ import (
 
 	"github.com/natbox/natbox/conf"
 	"github.com/natbox/natbox/forwarder"
+	"github.com/natbox/natbox/internal/rawsock"
 )
 
 // Originator originates flows inside the relay's tunnel with any source
@@ -137,8 +138,9 @@ type holding struct {
 	cancel  context.CancelFunc
 	lns     []net.Listener
 	pcs     []*net.UDPConn
-	udpIdle time.Duration // idle timeout of its UDP sessions
-	serving bool          // guarded by Relay.mu
+	pws     []*rawsock.PacketWriter // pcs[i]'s replies: raw sendto, safe for every session at once
+	udpIdle time.Duration           // idle timeout of its UDP sessions
+	serving bool                    // guarded by Relay.mu
 }
 
 // NewRelay configures a WireGuard device on dev for cfg's peers, listening
@@ -1087,6 +1089,13 @@ func (r *Relay) openSockets(p *relayPeer, k portKey, udpIdle time.Duration) (*ho
 			uc := pc.(*net.UDPConn)
 			setUDPBuffers(uc)
 			h.pcs = append(h.pcs, uc)
+			pw, err := rawsock.NewPacketWriter(uc, !a.Is4())
+			if err != nil {
+				h.closeSockets()
+				cancel()
+				return nil, bindError(ap, err)
+			}
+			h.pws = append(h.pws, pw)
 		}
 	}
 	return h, nil

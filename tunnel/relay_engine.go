@@ -164,21 +164,20 @@ func (h *holding) Name() string { return relayIngress }
 // client's family (and src's address, when bound to several) reaches. It
 // runs on the session's goroutine, never on the tunnel's packet path.
 func (h *holding) WriteUDP(src, dst netip.AddrPort, payload []byte) error {
-	var pick *net.UDPConn
-	for _, pc := range h.pcs {
+	pick := -1
+	for i, pc := range h.pcs {
 		a := pc.LocalAddr().(*net.UDPAddr).AddrPort().Addr()
 		if a.Is4() != dst.Addr().Unmap().Is4() {
 			continue
 		}
-		if pick == nil || a == src.Addr() {
-			pick = pc
+		if pick < 0 || a == src.Addr() {
+			pick = i
 		}
 	}
-	if pick == nil {
+	if pick < 0 {
 		return fmt.Errorf("no public socket for %s", dst)
 	}
-	_, err := pick.WriteToUDPAddrPort(payload, dst)
-	return err
+	return h.pws[pick].WriteTo(payload, dst)
 }
 
 // relayEgress originates the engine's flows inside the tunnel. Targets are

@@ -35,10 +35,19 @@ const udpReadBatch = 32
 // udpSocketBuffer each way) come on top while datagrams queue.
 func UDPSocketMemory(mtu int) int { return udpReadBatch*mtu + 8<<10 }
 
-// batchReader is ipv4.PacketConn or ipv6.PacketConn (their Message types
-// are the same).
+// batchReader reads a batch of datagrams: on Linux one raw recvmmsg
+// (rawsock.Batch: a datagram that ends an idle spell wakes no sysmon
+// thread too), elsewhere x/net's PacketConn.
 type batchReader interface {
 	ReadBatch(ms []ipv4.Message, flags int) (int, error)
+}
+
+// xnetBatchReader is x/net's PacketConn of pc's family.
+func xnetBatchReader(pc *net.UDPConn) batchReader {
+	if pc.LocalAddr().(*net.UDPAddr).AddrPort().Addr().Is6() {
+		return ipv6.NewPacketConn(pc)
+	}
+	return ipv4.NewPacketConn(pc)
 }
 
 // udpLoop reads one public UDP socket in batches and hands each datagram to
@@ -48,10 +57,7 @@ type batchReader interface {
 // fragments), so one the kernel truncated is dropped.
 func (r *Relay) udpLoop(h *holding, pc *net.UDPConn) {
 	defer r.wg.Done()
-	var br batchReader = ipv4.NewPacketConn(pc)
-	if pc.LocalAddr().(*net.UDPAddr).AddrPort().Addr().Is6() {
-		br = ipv6.NewPacketConn(pc)
-	}
+	br := newBatchReader(pc)
 	local := unmapPort(pc.LocalAddr().(*net.UDPAddr).AddrPort())
 	msgs := make([]ipv4.Message, udpReadBatch)
 	backing := make([]byte, udpReadBatch*r.mtu)

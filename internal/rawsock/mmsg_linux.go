@@ -3,6 +3,7 @@ package rawsock
 import (
 	"encoding/binary"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"syscall"
@@ -99,31 +100,38 @@ func (b *Batch) ready(msgs []ipv6.Message, send bool) error {
 
 // putAddr writes ua as the socket family's sockaddr into name.
 func (b *Batch) putAddr(name *unix.RawSockaddrInet6, ua *net.UDPAddr) (uint32, error) {
+	ip, ok := netip.AddrFromSlice(ua.IP)
+	if !ok {
+		return 0, &net.AddrError{Err: "not an IP address", Addr: ua.String()}
+	}
+	return putAddrPort(name, netip.AddrPortFrom(ip.WithZone(ua.Zone), uint16(ua.Port)), b.v6)
+}
+
+// putAddrPort writes ap into name as the sockaddr of a socket of the
+// family v6 says: an IPv4 address as itself or, on an IPv6 socket, mapped;
+// a zone as its interface index.
+func putAddrPort(name *unix.RawSockaddrInet6, ap netip.AddrPort, v6 bool) (uint32, error) {
 	port := (*[2]byte)(unsafe.Pointer(&name.Port))
-	binary.BigEndian.PutUint16(port[:], uint16(ua.Port))
-	if !b.v6 {
-		ip4 := ua.IP.To4()
-		if ip4 == nil {
-			return 0, &net.AddrError{Err: "not an IPv4 address", Addr: ua.String()}
+	binary.BigEndian.PutUint16(port[:], ap.Port())
+	ip := ap.Addr()
+	if !v6 {
+		if !ip.Unmap().Is4() {
+			return 0, &net.AddrError{Err: "not an IPv4 address", Addr: ap.String()}
 		}
 		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(name))
 		sa.Family = unix.AF_INET
-		copy(sa.Addr[:], ip4)
+		sa.Addr = ip.Unmap().As4()
 		sa.Zero = [8]uint8{}
 		return unix.SizeofSockaddrInet4, nil
 	}
-	ip16 := ua.IP.To16()
-	if ip16 == nil {
-		return 0, &net.AddrError{Err: "not an IP address", Addr: ua.String()}
-	}
 	name.Family = unix.AF_INET6
 	name.Flowinfo = 0
-	copy(name.Addr[:], ip16)
+	name.Addr = ip.As16()
 	name.Scope_id = 0
-	if ua.Zone != "" {
-		if i, err := strconv.Atoi(ua.Zone); err == nil {
+	if zone := ip.Zone(); zone != "" {
+		if i, err := strconv.Atoi(zone); err == nil {
 			name.Scope_id = uint32(i)
-		} else if ifi, err := net.InterfaceByName(ua.Zone); err == nil {
+		} else if ifi, err := net.InterfaceByName(zone); err == nil {
 			name.Scope_id = uint32(ifi.Index)
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"sync"
 	"syscall"
 	"unsafe"
 
@@ -98,4 +99,76 @@ func sockaddrAddrPort(name *unix.RawSockaddrInet6) netip.AddrPort {
 		return netip.AddrPortFrom(ip, port)
 	}
 	return netip.AddrPort{}
+}
+
+// PacketWriter sends datagrams on a UDP socket with raw sendto(2)s,
+// waiting in the netpoller for room and honouring the write deadline.
+// Unlike a Batch, any number of goroutines may send at once.
+type PacketWriter struct {
+	c    *net.UDPConn
+	rc   syscall.RawConn
+	v6   bool // the socket's family
+	pool sync.Pool
+}
+
+// sendTo is the state of one WriteTo, pooled so that a send allocates
+// nothing.
+type sendTo struct {
+	p       []byte
+	name    unix.RawSockaddrInet6
+	namelen uint32
+	err     error
+	send    func(fd uintptr) bool // s.step, bound once
+}
+
+// NewPacketWriter is a PacketWriter of c, a socket of the family v6 says.
+func NewPacketWriter(c *net.UDPConn, v6 bool) (*PacketWriter, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	w := &PacketWriter{c: c, rc: rc, v6: v6}
+	w.pool.New = func() any { s := &sendTo{}; s.send = s.step; return s }
+	return w, nil
+}
+
+// WriteTo sends p to dst as one datagram. Errors read as the conn's
+// WriteToUDPAddrPort would put them (a *net.OpError "write").
+func (w *PacketWriter) WriteTo(p []byte, dst netip.AddrPort) error {
+	s := w.pool.Get().(*sendTo)
+	defer w.pool.Put(s)
+	namelen, err := putAddrPort(&s.name, dst, w.v6)
+	if err != nil {
+		return &net.OpError{Op: "write", Net: "udp", Source: w.c.LocalAddr(), Err: err}
+	}
+	s.p, s.namelen, s.err = p, namelen, nil
+	err = w.rc.Write(s.send)
+	s.p = nil
+	switch {
+	case err != nil:
+		if oe, ok := err.(*net.OpError); ok {
+			oe.Op = "write" // the net package says "raw-write"
+		}
+		return err
+	case s.err != nil:
+		return &net.OpError{Op: "write", Net: "udp", Source: w.c.LocalAddr(), Addr: net.UDPAddrFromAddrPort(dst), Err: os.NewSyscallError("sendto", s.err)}
+	}
+	return nil
+}
+
+// step is WriteTo's RawConn callback: false (EAGAIN) waits for room.
+func (s *sendTo) step(fd uintptr) bool {
+	var ptr unsafe.Pointer
+	if len(s.p) > 0 {
+		ptr = unsafe.Pointer(&s.p[0])
+	}
+	switch _, e := call(unix.SYS_SENDTO, fd, uintptr(ptr), uintptr(len(s.p)), 0,
+		uintptr(unsafe.Pointer(&s.name)), uintptr(s.namelen)); e {
+	case 0:
+	case unix.EAGAIN:
+		return false
+	default:
+		s.err = e
+	}
+	return true
 }

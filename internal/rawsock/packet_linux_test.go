@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"net"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -117,5 +118,91 @@ func TestPacketReaderMakesNoSchedulerSyscalls(t *testing.T) {
 	}
 	if raw > own-rounds {
 		t.Fatalf("with PacketReader the round entered the syscall state %d times against %d with ReadMsgUDPAddrPort; want %d fewer", raw, own, rounds)
+	}
+}
+
+// A PacketWriter sends from many goroutines at once, every datagram whole
+// to its address, for both families; an address its socket's family
+// cannot reach and a closed conn are refused as the conn would refuse them.
+func TestPacketWriterSends(t *testing.T) {
+	for _, fam := range []struct{ network, addr string }{{"udp4", "127.0.0.1:0"}, {"udp6", "[::1]:0"}} {
+		t.Run(fam.network, func(t *testing.T) {
+			a, _ := udpSocket(t, fam.network, fam.addr)
+			b, _ := udpSocket(t, fam.network, fam.addr)
+			w, err := rawsock.NewPacketWriter(a, fam.network == "udp6")
+			if err != nil {
+				t.Fatal(err)
+			}
+			to := b.LocalAddr().(*net.UDPAddr).AddrPort()
+			const senders, each = 8, 25 // 200 small datagrams fit the receive buffer
+			done := make(chan error, senders)
+			for g := range senders {
+				go func() {
+					var err error
+					for i := range each {
+						if err = w.WriteTo([]byte{byte(g), byte(i)}, to); err != nil {
+							break
+						}
+					}
+					done <- err
+				}()
+			}
+			for range senders {
+				if err := <-done; err != nil {
+					t.Fatal(err)
+				}
+			}
+			seen := map[[2]byte]bool{}
+			b.SetReadDeadline(time.Now().Add(5 * time.Second))
+			buf := make([]byte, 64)
+			for len(seen) < senders*each {
+				n, from, err := b.ReadFromUDPAddrPort(buf)
+				if err != nil {
+					t.Fatalf("after %d of %d datagrams: %v", len(seen), senders*each, err)
+				}
+				if n != 2 || from.Port() != a.LocalAddr().(*net.UDPAddr).AddrPort().Port() {
+					t.Fatalf("got %d bytes from %v", n, from)
+				}
+				seen[[2]byte{buf[0], buf[1]}] = true
+			}
+		})
+	}
+	a, _ := udpSocket(t, "udp4", "127.0.0.1:0")
+	w, _ := rawsock.NewPacketWriter(a, false)
+	var ae *net.AddrError
+	if err := w.WriteTo([]byte("x"), netip.MustParseAddrPort("[::1]:9")); !errors.As(err, &ae) {
+		t.Fatalf("an IPv6 address on an IPv4 socket: %v, want an AddrError", err)
+	}
+	a.Close()
+	if err := w.WriteTo([]byte("x"), netip.MustParseAddrPort("127.0.0.1:9")); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("after Close: %v, want net.ErrClosed", err)
+	}
+}
+
+// Its sends enter no syscall state, where the conn's own do.
+func TestPacketWriterMakesNoSchedulerSyscalls(t *testing.T) {
+	a, _ := udpSocket(t, "udp4", "127.0.0.1:0")
+	b, _ := udpSocket(t, "udp4", "127.0.0.1:0")
+	to := b.LocalAddr().(*net.UDPAddr).AddrPort()
+	w, err := rawsock.NewPacketWriter(a, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const rounds = 50
+	run := func(send func() error) func() {
+		return func() {
+			logStart()
+			for range rounds {
+				if err := send(); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}
+	}
+	own := syscallEntries(t, run(func() error { _, err := a.WriteToUDPAddrPort([]byte("ping"), to); return err }))
+	raw := syscallEntries(t, run(func() error { return w.WriteTo([]byte("ping"), to) }))
+	if own < rounds || raw != 0 {
+		t.Fatalf("%d sends entered the syscall state %d times through the conn and %d through PacketWriter; want >= %d and 0", rounds, own, raw, rounds)
 	}
 }

@@ -28,3 +28,15 @@ func (r *PacketReader) ReadFrom(p []byte) (n int, truncated bool, from netip.Add
 	n, _, flags, from, err := r.c.ReadMsgUDPAddrPort(p, nil)
 	return n, err == nil && flags&syscall.MSG_TRUNC != 0, netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), err
 }
+
+// PacketWriter sends through the conn's own WriteToUDPAddrPort off Linux.
+type PacketWriter struct{ c *net.UDPConn }
+
+// NewPacketWriter is a PacketWriter of c.
+func NewPacketWriter(c *net.UDPConn, _ bool) (*PacketWriter, error) { return &PacketWriter{c: c}, nil }
+
+// WriteTo sends p to dst as one datagram.
+func (w *PacketWriter) WriteTo(p []byte, dst netip.AddrPort) error {
+	_, err := w.c.WriteToUDPAddrPort(p, dst)
+	return err
+}
