@@ -46,13 +46,10 @@ func NewPacketReader(c *net.UDPConn) (*PacketReader, error) {
 // whose deadline error is a timeout and whose closed conn is net.ErrClosed.
 func (r *PacketReader) ReadFrom(p []byte) (n int, truncated bool, from netip.AddrPort, err error) {
 	r.p, r.n, r.err = p, 0, nil
-	err = r.rc.Read(r.read)
+	err = asOp(r.rc.Read(r.read), "read")
 	r.p = nil
 	switch {
 	case err != nil:
-		if oe, ok := err.(*net.OpError); ok {
-			oe.Op = "read" // the net package says "raw-read"
-		}
 		return 0, false, netip.AddrPort{}, err
 	case r.err != nil:
 		return 0, false, netip.AddrPort{}, &net.OpError{Op: "read", Net: "udp", Source: r.c.LocalAddr(), Err: os.NewSyscallError("recvfrom", r.err)}
@@ -142,13 +139,10 @@ func (w *PacketWriter) WriteTo(p []byte, dst netip.AddrPort) error {
 		return &net.OpError{Op: "write", Net: "udp", Source: w.c.LocalAddr(), Err: err}
 	}
 	s.p, s.namelen, s.err = p, namelen, nil
-	err = w.rc.Write(s.send)
+	err = asOp(w.rc.Write(s.send), "write")
 	s.p = nil
 	switch {
 	case err != nil:
-		if oe, ok := err.(*net.OpError); ok {
-			oe.Op = "write" // the net package says "raw-write"
-		}
 		return err
 	case s.err != nil:
 		return &net.OpError{Op: "write", Net: "udp", Source: w.c.LocalAddr(), Addr: net.UDPAddrFromAddrPort(dst), Err: os.NewSyscallError("sendto", s.err)}

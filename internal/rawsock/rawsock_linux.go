@@ -89,13 +89,10 @@ func (r *Reader) Read(p []byte) (int, error) {
 		return 0, nil
 	}
 	r.p, r.n, r.err = p, 0, nil
-	err := r.rc.Read(r.read)
+	err := asOp(r.rc.Read(r.read), "read")
 	r.p = nil
 	switch {
 	case err != nil:
-		if oe, ok := err.(*net.OpError); ok {
-			oe.Op = "read" // the net package says "raw-read"
-		}
 		return 0, err
 	case r.err != nil:
 		return 0, &net.OpError{Op: "read", Net: "tcp", Source: r.c.LocalAddr(), Addr: r.c.RemoteAddr(), Err: os.NewSyscallError("read", r.err)}
@@ -110,4 +107,14 @@ func (r *Reader) Read(p []byte) (int, error) {
 func (r *Reader) step(fd uintptr) bool {
 	r.n, r.err = Read(int(fd), r.p)
 	return r.err != unix.EAGAIN
+}
+
+// asOp names a RawConn error (a deadline, a closed conn) after the call it
+// stands for, as the conn's own Read or Write would: the net package says
+// "raw-read" and "raw-write".
+func asOp(err error, op string) error {
+	if oe, ok := err.(*net.OpError); ok {
+		oe.Op = op
+	}
+	return err
 }
