@@ -5,11 +5,12 @@ import (
 	"net/netip"
 
 	"golang.org/x/net/ipv4"
-	"golang.org/x/net/ipv6"
+
+	"github.com/natbox/natbox/internal/rawsock"
 )
 
-// batchConn sends a batch of messages with one sendmmsg on Linux (raw, a
-// rawsock.Batch; one sendmsg each elsewhere, x/net's PacketConn).
+// batchConn sends a batch of messages: rawsock.NewBatchConn's, one raw
+// sendmmsg on Linux (a test wraps it).
 type batchConn interface {
 	WriteBatch(ms []ipv4.Message, flags int) (int, error)
 }
@@ -37,15 +38,7 @@ type batchWriter struct {
 }
 
 func newBatchWriter(conn *net.UDPConn, targetIP netip.Addr) *batchWriter {
-	return &batchWriter{conn: newBatchConn(conn, targetIP.Is4()), targetIP: targetIP, addrs: make(map[uint16]*net.UDPAddr, 1), msgs: make([]ipv4.Message, 0, maxUDPBatch), gso: udpGSO}
-}
-
-// xnetBatchConn is x/net's PacketConn of the socket's family.
-func xnetBatchConn(conn *net.UDPConn, v4 bool) batchConn {
-	if v4 {
-		return ipv4.NewPacketConn(conn)
-	}
-	return ipv6.NewPacketConn(conn)
+	return &batchWriter{conn: rawsock.NewBatchConn(conn), targetIP: targetIP, addrs: make(map[uint16]*net.UDPAddr, 1), msgs: make([]ipv4.Message, 0, maxUDPBatch), gso: udpGSO}
 }
 
 // add queues payload for the target's port; with proxyV2 each datagram

@@ -2,13 +2,9 @@ package forwarder
 
 import (
 	"encoding/binary"
-	"net"
 	"unsafe"
 
-	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
-
-	"github.com/natbox/natbox/internal/rawsock"
 )
 
 // udpGSO: Linux sends a run of datagrams as one buffer with UDP_SEGMENT
@@ -26,19 +22,4 @@ func appendUDPSegment(b []byte, size uint16) []byte {
 	h.SetLen(unix.CmsgLen(2))
 	binary.NativeEndian.PutUint16(b[n+unix.CmsgLen(0):], size)
 	return b
-}
-
-// rawBatchConn sends a batch with one raw sendmmsg(2): a datagram that
-// wakes an idle natbox wakes no sysmon thread too (internal/rawsock).
-type rawBatchConn struct{ b *rawsock.Batch }
-
-func (c rawBatchConn) WriteBatch(ms []ipv4.Message, _ int) (int, error) { return c.b.Send(ms) }
-
-// newBatchConn is the batchConn of conn, a socket of the family v4 says.
-func newBatchConn(conn *net.UDPConn, v4 bool) batchConn {
-	rc, err := conn.SyscallConn()
-	if err != nil {
-		return xnetBatchConn(conn, v4)
-	}
-	return rawBatchConn{rawsock.NewBatch(rc, !v4)}
 }

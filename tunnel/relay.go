@@ -1089,7 +1089,7 @@ func (r *Relay) openSockets(p *relayPeer, k portKey, udpIdle time.Duration) (*ho
 			uc := pc.(*net.UDPConn)
 			setUDPBuffers(uc)
 			h.pcs = append(h.pcs, uc)
-			pw, err := rawsock.NewPacketWriter(uc, !a.Is4())
+			pw, err := rawsock.NewPacketWriter(uc)
 			if err != nil {
 				h.closeSockets()
 				cancel()

@@ -7,7 +7,8 @@ import (
 
 	"go.uber.org/zap"
 	"golang.org/x/net/ipv4"
-	"golang.org/x/net/ipv6"
+
+	"github.com/natbox/natbox/internal/rawsock"
 )
 
 // udpSocketBuffer is the receive and send buffer asked for each public UDP
@@ -35,21 +36,6 @@ const udpReadBatch = 32
 // udpSocketBuffer each way) come on top while datagrams queue.
 func UDPSocketMemory(mtu int) int { return udpReadBatch*mtu + 8<<10 }
 
-// batchReader reads a batch of datagrams: on Linux one raw recvmmsg
-// (rawsock.Batch: a datagram that ends an idle spell wakes no sysmon
-// thread too), elsewhere x/net's PacketConn.
-type batchReader interface {
-	ReadBatch(ms []ipv4.Message, flags int) (int, error)
-}
-
-// xnetBatchReader is x/net's PacketConn of pc's family.
-func xnetBatchReader(pc *net.UDPConn) batchReader {
-	if pc.LocalAddr().(*net.UDPAddr).AddrPort().Addr().Is6() {
-		return ipv6.NewPacketConn(pc)
-	}
-	return ipv4.NewPacketConn(pc)
-}
-
 // udpLoop reads one public UDP socket in batches and hands each datagram to
 // the engine, whose session forwards it into the tunnel from the client's
 // own address. Buffers are MTU-sized: a
@@ -57,7 +43,7 @@ func xnetBatchReader(pc *net.UDPConn) batchReader {
 // fragments), so one the kernel truncated is dropped.
 func (r *Relay) udpLoop(h *holding, pc *net.UDPConn) {
 	defer r.wg.Done()
-	br := newBatchReader(pc)
+	br := rawsock.NewBatchConn(pc) // raw recvmmsg on Linux (internal/rawsock says why)
 	local := unmapPort(pc.LocalAddr().(*net.UDPAddr).AddrPort())
 	msgs := make([]ipv4.Message, udpReadBatch)
 	backing := make([]byte, udpReadBatch*r.mtu)

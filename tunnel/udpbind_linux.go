@@ -12,7 +12,6 @@ import (
 	"syscall"
 	"unsafe"
 
-	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/conn"
@@ -668,17 +667,3 @@ func (p *pending) handOver(bufs [][]byte, sizes []int, eps []conn.Endpoint) int 
 // copiesKeep is the overflow capacity kept between reads: one coalesced
 // datagram's worth.
 const copiesKeep = 64 << 10
-
-// rawBatchReader reads a public UDP socket with rawsock.Batch.
-type rawBatchReader struct{ b *rawsock.Batch }
-
-func (r rawBatchReader) ReadBatch(ms []ipv4.Message, _ int) (int, error) { return r.b.Recv(ms) }
-
-// newBatchReader is the batchReader of the relay's public UDP socket pc.
-func newBatchReader(pc *net.UDPConn) batchReader {
-	rc, err := pc.SyscallConn()
-	if err != nil {
-		return xnetBatchReader(pc)
-	}
-	return rawBatchReader{rawsock.NewBatch(rc, pc.LocalAddr().(*net.UDPAddr).AddrPort().Addr().Is6())}
-}

@@ -37,6 +37,21 @@ func NewBatch(rc syscall.RawConn, v6 bool) *Batch {
 	return b
 }
 
+// NewBatchConn is c's BatchConn: a Batch of the socket's family.
+func NewBatchConn(c *net.UDPConn) BatchConn {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return xnetBatchConn(c)
+	}
+	return NewBatch(rc, isV6(c))
+}
+
+// ReadBatch is Recv with x/net's signature (flags unused).
+func (b *Batch) ReadBatch(msgs []ipv6.Message, _ int) (int, error) { return b.Recv(msgs) }
+
+// WriteBatch is Send with x/net's signature (flags unused).
+func (b *Batch) WriteBatch(msgs []ipv6.Message, _ int) (int, error) { return b.Send(msgs) }
+
 // ready lays out headers for msgs: their buffers, their control room, and
 // an address room each (filled from msg.Addr when send is set).
 func (b *Batch) ready(msgs []ipv6.Message, send bool) error {

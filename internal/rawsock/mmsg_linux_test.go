@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"testing"
+	"time"
 
 	"golang.org/x/net/ipv6"
 
@@ -120,5 +121,31 @@ func TestBatchMakesNoSchedulerSyscalls(t *testing.T) {
 	rawRecv := func(m []ipv6.Message, _ int) (int, error) { return recv.Recv(m) }
 	if n := syscallEntries(t, run(rawSend, rawRecv)); n != 0 {
 		t.Fatalf("Batch's Send and Recv entered the syscall state %d times in %d rounds; want 0", n, rounds)
+	}
+}
+
+// NewBatchConn takes the socket's family from its local address: a batch
+// goes out and comes back through x/net's signatures on either family.
+func TestBatchConnTakesTheSocketsFamily(t *testing.T) {
+	for _, fam := range []struct{ network, addr string }{{"udp4", "127.0.0.1:0"}, {"udp6", "[::1]:0"}} {
+		t.Run(fam.network, func(t *testing.T) {
+			a, _ := udpSocket(t, fam.network, fam.addr)
+			b, _ := udpSocket(t, fam.network, fam.addr)
+			ca, cb := rawsock.NewBatchConn(a), rawsock.NewBatchConn(b)
+			if _, ok := ca.(*rawsock.Batch); !ok {
+				t.Fatalf("NewBatchConn = %T, want a raw *Batch on Linux", ca)
+			}
+			if n, err := ca.WriteBatch([]ipv6.Message{{Buffers: [][]byte{[]byte("one")}, Addr: b.LocalAddr()}}, 0); n != 1 || err != nil {
+				t.Fatalf("WriteBatch = %d, %v", n, err)
+			}
+			b.SetReadDeadline(time.Now().Add(5 * time.Second))
+			in := []ipv6.Message{{Buffers: [][]byte{make([]byte, 16)}}}
+			if n, err := cb.ReadBatch(in, 0); n != 1 || err != nil || string(in[0].Buffers[0][:in[0].N]) != "one" {
+				t.Fatalf("ReadBatch = %d, %v, %q", n, err, in[0].Buffers[0][:in[0].N])
+			}
+			if got := in[0].Addr.(*net.UDPAddr).AddrPort(); got != a.LocalAddr().(*net.UDPAddr).AddrPort() {
+				t.Fatalf("from %v, want %v", got, a.LocalAddr())
+			}
+		})
 	}
 }

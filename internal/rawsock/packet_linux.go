@@ -118,13 +118,13 @@ type sendTo struct {
 	send    func(fd uintptr) bool // s.step, bound once
 }
 
-// NewPacketWriter is a PacketWriter of c, a socket of the family v6 says.
-func NewPacketWriter(c *net.UDPConn, v6 bool) (*PacketWriter, error) {
+// NewPacketWriter is a PacketWriter of c.
+func NewPacketWriter(c *net.UDPConn) (*PacketWriter, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return nil, err
 	}
-	w := &PacketWriter{c: c, rc: rc, v6: v6}
+	w := &PacketWriter{c: c, rc: rc, v6: isV6(c)}
 	w.pool.New = func() any { s := &sendTo{}; s.send = s.step; return s }
 	return w, nil
 }

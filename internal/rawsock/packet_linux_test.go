@@ -129,7 +129,7 @@ func TestPacketWriterSends(t *testing.T) {
 		t.Run(fam.network, func(t *testing.T) {
 			a, _ := udpSocket(t, fam.network, fam.addr)
 			b, _ := udpSocket(t, fam.network, fam.addr)
-			w, err := rawsock.NewPacketWriter(a, fam.network == "udp6")
+			w, err := rawsock.NewPacketWriter(a)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -168,7 +168,7 @@ func TestPacketWriterSends(t *testing.T) {
 		})
 	}
 	a, _ := udpSocket(t, "udp4", "127.0.0.1:0")
-	w, _ := rawsock.NewPacketWriter(a, false)
+	w, _ := rawsock.NewPacketWriter(a)
 	var ae *net.AddrError
 	if err := w.WriteTo([]byte("x"), netip.MustParseAddrPort("[::1]:9")); !errors.As(err, &ae) {
 		t.Fatalf("an IPv6 address on an IPv4 socket: %v, want an AddrError", err)
@@ -184,7 +184,7 @@ func TestPacketWriterMakesNoSchedulerSyscalls(t *testing.T) {
 	a, _ := udpSocket(t, "udp4", "127.0.0.1:0")
 	b, _ := udpSocket(t, "udp4", "127.0.0.1:0")
 	to := b.LocalAddr().(*net.UDPAddr).AddrPort()
-	w, err := rawsock.NewPacketWriter(a, false)
+	w, err := rawsock.NewPacketWriter(a)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -33,7 +33,10 @@ func (r *PacketReader) ReadFrom(p []byte) (n int, truncated bool, from netip.Add
 type PacketWriter struct{ c *net.UDPConn }
 
 // NewPacketWriter is a PacketWriter of c.
-func NewPacketWriter(c *net.UDPConn, _ bool) (*PacketWriter, error) { return &PacketWriter{c: c}, nil }
+func NewPacketWriter(c *net.UDPConn) (*PacketWriter, error) { return &PacketWriter{c: c}, nil }
+
+// NewBatchConn is c's BatchConn: x/net's PacketConn off Linux.
+func NewBatchConn(c *net.UDPConn) BatchConn { return xnetBatchConn(c) }
 
 // WriteTo sends p to dst as one datagram.
 func (w *PacketWriter) WriteTo(p []byte, dst netip.AddrPort) error {
