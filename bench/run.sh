@@ -23,7 +23,7 @@
 #   REPS=5 DUR=10 sudo -E bench/run.sh
 # Env (besides run-baselines.sh's REPS DUR RR_DUR TESTS UDP_RATE UDP_LEN MTU): MODES, WORK, NATBOX
 # (prebuilt binary; default: build the committed HEAD), IDLE_N (10000), CHURN_N (100000), SKIP_IDLE=1, SKIP_CHURN=1, SKIP_UDPRR=1, SKIP_PROFILE=1,
-# PROFILE_TESTS (tcp1 tcpR crr udp rr). REPS=0 runs only the idle and profile steps.
+# PROFILE_TESTS (tcp1 tcpR crr udp rr; also tcp4). REPS=0 runs only the idle and profile steps.
 set -uo pipefail
 
 NB_BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -184,6 +184,7 @@ run_profile() { # one profile per PROFILE_TESTS test (default: all that natbox m
       case $t in
         tcp1) cmd=(iperf3 -c "$NB_PUB" -p 8080 -t "$DUR" --connect-timeout 3000 -J) ;;
         tcpR) cmd=(iperf3 -c "$NB_PUB" -p 8080 -t "$DUR" -R --connect-timeout 3000 -J) ;;
+        tcp4) cmd=(iperf3 -c "$NB_PUB" -p 8080 -t "$DUR" -P 4 --connect-timeout 3000 -J) ;;
         udp) cmd=(iperf3 -c "$NB_PUB" -p 8080 -t "$DUR" -u -b "$UDP_RATE" -l "$UDP_LEN" --connect-timeout 3000 -J) ;;
         crr) cmd=("$PMBENCH" crr -addr "$NB_PUB:8082" -workers "$CRR_WORKERS" -duration "${DUR}s") ;;
         rr) cmd=("$PMBENCH" rr -addr "$NB_PUB:8081" -duration "${DUR}s" -count 1000000 -size 64) ;;
