@@ -35,7 +35,21 @@ import (
 //
 // delayedACKHold is how long a request's ACK waits for the answer (a
 // variable only so tests can make a busy machine's scheduling irrelevant).
+// It bounds the classic delayed-ACK stall of a peer whose Nagle holds its
+// next small segment for our ACK.
 var delayedACKHold = 500 * time.Microsecond
+
+// tunnelDelayedACKHold is the hold on a tunnel's stack (a Direct link). Its
+// peer is always the other natbox's gVisor, which runs without Nagle, so
+// nothing there waits for the ACK, and the answers it waits for are slower:
+// a warm stream's first request is answered once the appliance has dialed
+// the target, and the relay's ACK of that answer leaves with its FIN once
+// the public client closed. At 500 µs both missed most of the time (about
+// two pure ACKs per relayed connection, one each way); 10 ms catches them
+// and stays far below the peer's retransmission timeout (200 ms at least;
+// with RACK the probe timeout of a lone request adds 200 ms too). A
+// variable only for tests.
+var tunnelDelayedACKHold = 10 * time.Millisecond
 
 const (
 	// delackMaxRequest is the largest segment whose ACK may wait.

@@ -32,15 +32,74 @@ func forDelackLinks(t *testing.T, test func(*testing.T, delackPair)) {
 	})
 }
 
+// setACKHolds sets both links' holds to d for the test.
+func setACKHolds(t *testing.T, d time.Duration) {
+	old, oldTunnel := delayedACKHold, tunnelDelayedACKHold
+	delayedACKHold, tunnelDelayedACKHold = d, d
+	t.Cleanup(func() { delayedACKHold, tunnelDelayedACKHold = old, oldTunnel })
+}
+
+// A tunnel's stack (Direct) holds a request's ACK longer than a TUN's: an
+// answer that comes after the TUN's hold still carries the ACK there, while
+// through a Pipe the ACK leaves alone when its hold ends.
+func TestDelayedACKTunnelHoldsLonger(t *testing.T) {
+	old, oldTunnel := delayedACKHold, tunnelDelayedACKHold
+	// An answer 20 ms late: past the TUN's hold, well within the tunnel's
+	// (which no scheduling delay outlasts).
+	delayedACKHold, tunnelDelayedACKHold = 2*time.Millisecond, 5*time.Second
+	t.Cleanup(func() { delayedACKHold, tunnelDelayedACKHold = old, oldTunnel })
+	const late = 20 * time.Millisecond
+	forDelackLinks(t, func(t *testing.T, pair delackPair) {
+		client, server := pair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+			c, err := r.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			b := make([]byte, 64)
+			for {
+				n, err := c.Read(b)
+				if err != nil {
+					return
+				}
+				time.Sleep(late)
+				if _, err := c.Write(b[:n]); err != nil {
+					return
+				}
+			}
+		}})
+		c, err := client.DialTCP(testContext(t), netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:7"))
+		if err != nil {
+			t.Fatalf("dial: %v", err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		testutil.EchoRoundTrip(t, c, 0) // past the handshake
+		const n = 10
+		st0 := server.Stats()
+		for i := range n {
+			testutil.EchoRoundTrip(t, c, i+1)
+		}
+		st := server.Stats()
+		held, suppressed := st.AcksHeld-st0.AcksHeld, st.AcksSuppressed-st0.AcksSuppressed
+		t.Logf("%d late answers: %d ACKs held, %d suppressed", n, held, suppressed)
+		if _, direct := server.dev.(*directStackEnd); direct {
+			if suppressed < n-1 {
+				t.Fatalf("tunnel: %d of %d late answers carried their request's ACK; want all", suppressed, n)
+			}
+		} else if suppressed > 1 {
+			t.Fatalf("TUN-like link: %d ACKs waited %v for their answer; want them sent when the %v hold ends", suppressed, late, delayedACKHold)
+		}
+	})
+}
+
 // A request answered at once costs the client one packet, the answer,
 // instead of a pure ACK and the answer: the server Stack holds the request's
 // ACK and drops it when the answer, which acknowledges as much, leaves
 // first. Every byte still crosses, over IPv4 and IPv6.
 func TestDelayedACKAnswerCarriesIt(t *testing.T) {
 	// A hold no scheduling delay outlasts: every ACK must be dropped.
-	old := delayedACKHold
-	delayedACKHold = time.Second
-	defer func() { delayedACKHold = old }()
+	setACKHolds(t, time.Second)
 	forDelackLinks(t, func(t *testing.T, pair delackPair) {
 		testAnswerCarriesACK(t, pair)
 	})
@@ -90,9 +149,7 @@ func TestDelayedACKUnansweredRequest(t *testing.T) {
 	// A request's ACK is held only if gVisor produces it within the hold of
 	// the request's arrival: 500 µs is too short under emulation (CI runs
 	// this package under qemu for armv7), so the test holds for 50 ms.
-	old := delayedACKHold
-	delayedACKHold = 50 * time.Millisecond
-	defer func() { delayedACKHold = old }()
+	setACKHolds(t, 50*time.Millisecond)
 	forDelackLinks(t, testUnansweredRequestACK)
 }
 
@@ -202,9 +259,7 @@ func testBulkACKsNotHeld(t *testing.T, pair delackPair) {
 // the FIN; and when the server closed first, the ACK of the client's FIN
 // still leaves at once (nothing would carry it).
 func TestDelayedACKCloseCarriesIt(t *testing.T) {
-	old := delayedACKHold
-	delayedACKHold = time.Second // no scheduling delay outlasts it
-	defer func() { delayedACKHold = old }()
+	setACKHolds(t, time.Second) // no scheduling delay outlasts it
 	forDelackLinks(t, testCloseCarriesACK)
 }
 

@@ -351,7 +351,11 @@ func New(dev tun.Device, cfg Config, h Handler, log *zap.Logger) (*Stack, error)
 		s.link.writeDirect = s.writeDirect
 	}
 	if delayedACKEnabled {
-		s.link.acks = newDelayedACKs(delayedACKHold, func(b *outBuf) { s.link.send(b, true) }, s.link.putBuf)
+		hold := delayedACKHold
+		if isDirect { // a tunnel's stack: delack.go, tunnelDelayedACKHold
+			hold = tunnelDelayedACKHold
+		}
+		s.link.acks = newDelayedACKs(hold, func(b *outBuf) { s.link.send(b, true) }, s.link.putBuf)
 	}
 	s.stack = stack.New(stack.Options{
 		// Loopback-addressed packets from the link are allowed: through the
