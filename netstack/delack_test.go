@@ -68,20 +68,8 @@ func TestDelayedACKTunnelHoldsLonger(t *testing.T) {
 				}
 			}
 		}})
-		c, err := client.DialTCP(testContext(t), netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:7"))
-		if err != nil {
-			t.Fatalf("dial: %v", err)
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(20 * time.Second))
-		testutil.EchoRoundTrip(t, c, 0) // past the handshake
 		const n = 10
-		st0 := server.Stats()
-		for i := range n {
-			testutil.EchoRoundTrip(t, c, i+1)
-		}
-		st := server.Stats()
-		held, suppressed := st.AcksHeld-st0.AcksHeld, st.AcksSuppressed-st0.AcksSuppressed
+		_, held, suppressed := echoRounds(t, client, server, "10.0.0.2:7", n)
 		t.Logf("%d late answers: %d ACKs held, %d suppressed", n, held, suppressed)
 		if _, direct := server.dev.(*directStackEnd); direct {
 			if suppressed < n-1 {
@@ -91,6 +79,26 @@ func TestDelayedACKTunnelHoldsLonger(t *testing.T) {
 			t.Fatalf("TUN-like link: %d ACKs waited %v for their answer; want them sent when the %v hold ends", suppressed, late, delayedACKHold)
 		}
 	})
+}
+
+// echoRounds dials dst on client, makes n echo round trips after a first
+// one (past the handshake) and returns what server's Stats counted during
+// them: packets out, ACKs held and ACKs suppressed.
+func echoRounds(t *testing.T, client, server *Stack, dst string, n int) (out, held, suppressed uint64) {
+	t.Helper()
+	c, err := client.DialTCP(testContext(t), netip.AddrPort{}, netip.MustParseAddrPort(dst))
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	testutil.EchoRoundTrip(t, c, 0)
+	st0 := server.Stats()
+	for i := range n {
+		testutil.EchoRoundTrip(t, c, i+1)
+	}
+	st := server.Stats()
+	return st.PacketsOut - st0.PacketsOut, st.AcksHeld - st0.AcksHeld, st.AcksSuppressed - st0.AcksSuppressed
 }
 
 // A request answered at once costs the client one packet, the answer,
@@ -116,20 +124,8 @@ func testAnswerCarriesACK(t *testing.T, pair delackPair) {
 	}})
 	for _, dst := range []string{"10.0.0.2:7", "[fd00::2]:7"} {
 		t.Run(dst, func(t *testing.T) {
-			c, err := client.DialTCP(testContext(t), netip.AddrPort{}, netip.MustParseAddrPort(dst))
-			if err != nil {
-				t.Fatalf("dial: %v", err)
-			}
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(20 * time.Second))
-			testutil.EchoRoundTrip(t, c, 0) // past the handshake
 			const n = 200
-			st0 := server.Stats()
-			for i := range n {
-				testutil.EchoRoundTrip(t, c, i+1)
-			}
-			st := server.Stats()
-			out, held, suppressed := st.PacketsOut-st0.PacketsOut, st.AcksHeld-st0.AcksHeld, st.AcksSuppressed-st0.AcksSuppressed
+			out, held, suppressed := echoRounds(t, client, server, dst, n)
 			t.Logf("%d round trips: %d packets out, %d ACKs held, %d suppressed", n, out, held, suppressed)
 			// Besides the echoes, an occasional window update; and a packet
 			// of the round trip before may count on either side of st0. When
