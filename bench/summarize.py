@@ -267,6 +267,16 @@ def side_cpu(meta):
     return (a[-3] - b[-3]) / clk, (a[-2] - b[-2]) / clk, a[-1] - b[-1]
 
 
+def cpu_us_per_op(d, test, count_key):
+    """-> both sides' CPU microseconds per operation of test (crr: per connection, rr: per round
+    trip) from its .meta and pmbench JSON; None where either is missing (loopback has no sides)."""
+    rc, ac, _ = side_cpu(load(os.path.join(d, test + ".meta")))
+    n = (load(os.path.join(d, test + ".json")) or {}).get(count_key)
+    if rc is None or ac is None or not n or rc + ac == 0:
+        return None
+    return (rc + ac) * 1e6 / n
+
+
 def peak_mib(mem):
     if not mem:
         return None
@@ -288,6 +298,8 @@ def relay(run):
             r["relay_s_gib"] = rc / gib if has and gib and rc is not None else None
             r["app_s_gib"] = ac / gib if has and gib and ac is not None else None
             r["cores_per_gbit"] = ((rc + ac) / wall) / r["tcp1"] if has and wall and r["tcp1"] else None
+            r["crr_cpu_us"] = cpu_us_per_op(d, "crr", "conns") if has else None
+            r["rr_cpu_us"] = cpu_us_per_op(d, "rr", "samples") if has else None
             r["relay_mib"] = peak_mib(load(os.path.join(d, "mem-relay.json")))
             r["app_mib"] = peak_mib(load(os.path.join(d, "mem-app.json")))
             reps.append(r)
@@ -297,6 +309,8 @@ def relay(run):
         ("relay CPU s/GiB", lambda r: r["relay_s_gib"], 2, False),
         ("appliance CPU s/GiB", lambda r: r["app_s_gib"], 2, False),
         ("cores per Gbit/s (both sides, 1 flow)", lambda r: r["cores_per_gbit"], 2, False),
+        ("CPU us per connection (both sides)", lambda r: r["crr_cpu_us"], 0, True),
+        ("CPU us per round trip (both sides)", lambda r: r["rr_cpu_us"], 0, True),
         ("relay peak RSS MiB", lambda r: r["relay_mib"], 0, False),
         ("appliance peak RSS MiB", lambda r: r["app_mib"], 0, False),
         ("UDP RTT p50 us", lambda r: sub(r["udprr"], "p50"), 0, True),
