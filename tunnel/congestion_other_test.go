@@ -4,9 +4,9 @@ package tunnel_test
 
 import "testing"
 
-// kernelCongestion skips: only Linux lets a socket choose its congestion
-// control (congestion_other.go).
-func kernelCongestion(t *testing.T) string {
+// socketRuns skips: only Linux lets a socket choose its congestion control
+// (congestion_other.go).
+func socketRuns(t *testing.T, want string) string {
 	t.Skip("TCP_CONGESTION is Linux's")
 	return ""
 }
