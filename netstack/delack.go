@@ -16,9 +16,9 @@ import (
 // later costs the peer two packets, a pure ACK and the answer, where a
 // kernel server sends one (measured: RR in process ~16 % CPU and ~9 %
 // latency). The link holds the pure ACK of a small request for up to
-// delayedACKHold and drops it when a segment of the same connection that
-// acknowledges as much leaves first; otherwise it leaves when the hold
-// ends. Only a request's ACK is held: the input pump notes each data
+// delayedACKHold (tunnelDelayedACKHold on a tunnel's stack) and drops it
+// when a segment of the same connection that acknowledges as much leaves
+// first; otherwise it leaves when the hold ends. Only a request's ACK is held: the input pump notes each data
 // segment and where it ends, and a pure ACK ending exactly there, without
 // SACK blocks, is the one, if that segment was small and the first of its
 // connection or acknowledges data the Stack sent since the last one (a
