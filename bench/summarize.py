@@ -277,6 +277,21 @@ def cpu_us_per_op(d, test, count_key):
     return (rc + ac) * 1e6 / n
 
 
+def tunnel_packets_per_conn(d):
+    """-> packets the relay's and the appliance's tunnel stacks sent per crr connection, from the
+    status dumps around the test (STATUS_DUMP=1); None without them."""
+    n = (load(os.path.join(d, "crr.json")) or {}).get("conns")
+    out = []
+    for side, stack in (("relay", "relay"), ("app", "uplink")):
+        a = load(os.path.join(d, "crr.before.%s-status.json" % side)) or {}
+        b = load(os.path.join(d, "crr.after.%s-status.json" % side)) or {}
+        try:
+            out.append((b["netstack"][stack]["counters"]["packets_out"] - a["netstack"][stack]["counters"]["packets_out"]) / n)
+        except (KeyError, TypeError, ZeroDivisionError):
+            return None
+    return out
+
+
 def peak_mib(mem):
     if not mem:
         return None
@@ -300,6 +315,8 @@ def relay(run):
             r["cores_per_gbit"] = ((rc + ac) / wall) / r["tcp1"] if has and wall and r["tcp1"] else None
             r["crr_cpu_us"] = cpu_us_per_op(d, "crr", "conns") if has else None
             r["rr_cpu_us"] = cpu_us_per_op(d, "rr", "samples") if has else None
+            pk = tunnel_packets_per_conn(d) if has else None
+            r["relay_pkts"], r["app_pkts"] = pk or (None, None)
             r["relay_mib"] = peak_mib(load(os.path.join(d, "mem-relay.json")))
             r["app_mib"] = peak_mib(load(os.path.join(d, "mem-app.json")))
             reps.append(r)
@@ -311,6 +328,8 @@ def relay(run):
         ("cores per Gbit/s (both sides, 1 flow)", lambda r: r["cores_per_gbit"], 2, False),
         ("CPU us per connection (both sides)", lambda r: r["crr_cpu_us"], 0, True),
         ("CPU us per round trip (both sides)", lambda r: r["rr_cpu_us"], 0, True),
+        ("tunnel packets per connection, relay", lambda r: r["relay_pkts"], 2, False),
+        ("tunnel packets per connection, appliance", lambda r: r["app_pkts"], 2, False),
         ("relay peak RSS MiB", lambda r: r["relay_mib"], 0, False),
         ("appliance peak RSS MiB", lambda r: r["app_mib"], 0, False),
         ("UDP RTT p50 us", lambda r: sub(r["udprr"], "p50"), 0, True),
