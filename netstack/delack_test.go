@@ -32,10 +32,11 @@ func forDelackLinks(t *testing.T, test func(*testing.T, delackPair)) {
 	})
 }
 
-// setACKHolds sets both links' holds to d for the test.
-func setACKHolds(t *testing.T, d time.Duration) {
+// setACKHolds sets the TUN-like links' hold to tun and the tunnel's
+// (Direct) to tunnel for the test.
+func setACKHolds(t *testing.T, tun, tunnel time.Duration) {
 	old, oldTunnel := delayedACKHold, tunnelDelayedACKHold
-	delayedACKHold, tunnelDelayedACKHold = d, d
+	delayedACKHold, tunnelDelayedACKHold = tun, tunnel
 	t.Cleanup(func() { delayedACKHold, tunnelDelayedACKHold = old, oldTunnel })
 }
 
@@ -43,11 +44,9 @@ func setACKHolds(t *testing.T, d time.Duration) {
 // answer that comes after the TUN's hold still carries the ACK there, while
 // through a Pipe the ACK leaves alone when its hold ends.
 func TestDelayedACKTunnelHoldsLonger(t *testing.T) {
-	old, oldTunnel := delayedACKHold, tunnelDelayedACKHold
 	// An answer 20 ms late: past the TUN's hold, well within the tunnel's
 	// (which no scheduling delay outlasts).
-	delayedACKHold, tunnelDelayedACKHold = 2*time.Millisecond, 5*time.Second
-	t.Cleanup(func() { delayedACKHold, tunnelDelayedACKHold = old, oldTunnel })
+	setACKHolds(t, 2*time.Millisecond, 5*time.Second)
 	const late = 20 * time.Millisecond
 	forDelackLinks(t, func(t *testing.T, pair delackPair) {
 		client, server := pair(t, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
@@ -107,7 +106,7 @@ func echoRounds(t *testing.T, client, server *Stack, dst string, n int) (out, he
 // first. Every byte still crosses, over IPv4 and IPv6.
 func TestDelayedACKAnswerCarriesIt(t *testing.T) {
 	// A hold no scheduling delay outlasts: every ACK must be dropped.
-	setACKHolds(t, time.Second)
+	setACKHolds(t, time.Second, time.Second)
 	forDelackLinks(t, func(t *testing.T, pair delackPair) {
 		testAnswerCarriesACK(t, pair)
 	})
@@ -145,7 +144,7 @@ func TestDelayedACKUnansweredRequest(t *testing.T) {
 	// A request's ACK is held only if gVisor produces it within the hold of
 	// the request's arrival: 500 µs is too short under emulation (CI runs
 	// this package under qemu for armv7), so the test holds for 50 ms.
-	setACKHolds(t, 50*time.Millisecond)
+	setACKHolds(t, 50*time.Millisecond, 50*time.Millisecond)
 	forDelackLinks(t, testUnansweredRequestACK)
 }
 
@@ -255,7 +254,7 @@ func testBulkACKsNotHeld(t *testing.T, pair delackPair) {
 // the FIN; and when the server closed first, the ACK of the client's FIN
 // still leaves at once (nothing would carry it).
 func TestDelayedACKCloseCarriesIt(t *testing.T) {
-	setACKHolds(t, time.Second) // no scheduling delay outlasts it
+	setACKHolds(t, time.Second, time.Second) // no scheduling delay outlasts it
 	forDelackLinks(t, testCloseCarriesACK)
 }
 
