@@ -271,7 +271,7 @@ buffer_memory = "64MB" # <-`, `limits.buffer_memory: "64MB" is not a size; write
 buffer_memory = "512KiB" # <-`, `limits.buffer_memory: 512KiB is below 1 MiB; use at least "1MiB", or "0" for unbounded`},
 		{"limits negative procs", tunBase + `
 [limits]
-procs = -1 # <-`, `limits.procs: -1 is negative; use a positive number of threads, or 0 for the default (two on a 2-CPU gateway, else half the CPUs)`},
+procs = -1 # <-`, `limits.procs: -1 is negative; use a positive number of threads, or 0 for the default (half the CPUs; at least two on a gateway)`},
 		{"limits inflight zero", tunBase + `
 [limits]
 max_inflight_per_source = 0 # <-`, `limits.max_inflight_per_source: 0 is not positive; use a positive number`},

@@ -114,7 +114,7 @@ func (s RelaySection) Runtime() Runtime {
 func validateRuntime(r *report, section string, rt Runtime) {
 	buffers, limit := rt.BufferMemory, rt.MemoryLimit
 	if rt.Procs < 0 {
-		r.errorf(section+".procs", "use a positive number of threads, or 0 for the default (two on a 2-CPU gateway, else half the CPUs)", "%d is negative", rt.Procs)
+		r.errorf(section+".procs", "use a positive number of threads, or 0 for the default (half the CPUs; at least two on a gateway)", "%d is negative", rt.Procs)
 	}
 	if buffers > 0 && buffers < minBufferMemory {
 		r.errorf(section+".buffer_memory", `use at least "1MiB", or "0" for unbounded`, "%s is below 1 MiB", buffers.String())

@@ -13,7 +13,7 @@ import (
 	"time"
 )
 
-// Gateway topology (the shape of shared/bench/netns-topo.sh):
+// Gateway topology (the shape bench/run.sh sets up too):
 //
 //	client                       gw (natbox, TUN natbox0)                server
 //	c0 198.18.0.2/24 <-veth-> g0 198.18.0.1/24 | g1 10.77.0.1/24 <-veth-> s0 10.77.0.2/24

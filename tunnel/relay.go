@@ -149,10 +149,12 @@ type holding struct {
 // originated through org; cmd routes the relay stack's inbound flows to
 // HandleTCP and HandleUDP.
 //
-// NewRelay starts goroutines, all wireguard-go's: device.NewDevice starts
-// its routines, and binding relay.listen here (so that a taken port is a
-// start-up error and ListenPort answers before Run) starts its receivers.
-// What they decrypt waits in dev until the stack on its other end runs.
+// NewRelay starts goroutines: device.NewDevice starts wireguard-go's
+// routines, binding relay.listen here (so that a taken port is a start-up
+// error and ListenPort answers before Run) starts its receivers, and with
+// relay.tcp_listen the TLS listener's accept loop (relay_tcp.go) runs from
+// here until Close. What they decrypt waits in dev until the stack on its
+// other end runs.
 func NewRelay(cfg *conf.RelayConfig, dev tun.Device, org Originator, log *zap.Logger, opts ...Option) (*Relay, error) {
 	r, err := newRelay(cfg, dev, org, log, opts)
 	if err != nil {
