@@ -267,6 +267,26 @@ def side_cpu(meta):
     return (a[-3] - b[-3]) / clk, (a[-2] - b[-2]) / clk, a[-1] - b[-1]
 
 
+def host_idle_pct(meta):
+    """-> the share of the host's CPU time left idle during a test (%), from a .meta's /proc/stat
+    line (user nice system idle ...): where it is near 0 the test was bound by the host's CPUs, so
+    its throughput is set by CPU per byte, not by a window or a wait."""
+    if not meta:
+        return None
+    b = [float(x) for x in meta["before"].split()]
+    a = [float(x) for x in meta["after"].split()]
+    d = [a[i] - b[i] for i in range(8)]  # user nice system idle iowait irq softirq steal
+    return 100 * d[3] / sum(d) if sum(d) > 0 else None
+
+
+def cores_per_gbit(d, test, gbit):
+    """-> both sides' cores per Gbit/s during an iperf3 test, None without sides or throughput."""
+    rc, ac, wall = side_cpu(load(os.path.join(d, test + ".meta")))
+    if rc is None or ac is None or not wall or not gbit:
+        return None
+    return ((rc + ac) / wall) / gbit
+
+
 def cpu_us_per_op(d, test, count_key):
     """-> both sides' CPU microseconds per operation of test (crr: per connection, rr: per round
     trip) from its .meta and pmbench JSON; None where either is missing (loopback has no sides)."""
@@ -312,7 +332,9 @@ def relay(run):
             has = m != "loopback"
             r["relay_s_gib"] = rc / gib if has and gib and rc is not None else None
             r["app_s_gib"] = ac / gib if has and gib and ac is not None else None
-            r["cores_per_gbit"] = ((rc + ac) / wall) / r["tcp1"] if has and wall and r["tcp1"] else None
+            r["cores_per_gbit"] = cores_per_gbit(d, "tcp1", r["tcp1"]) if has else None
+            r["cores_per_gbit4"] = cores_per_gbit(d, "tcp4", r["tcp4"]) if has else None
+            r["idle4"] = host_idle_pct(load(os.path.join(d, "tcp4.meta")))
             r["crr_cpu_us"] = cpu_us_per_op(d, "crr", "conns") if has else None
             r["rr_cpu_us"] = cpu_us_per_op(d, "rr", "samples") if has else None
             pk = tunnel_packets_per_conn(d) if has else None
@@ -326,6 +348,8 @@ def relay(run):
         ("relay CPU s/GiB", lambda r: r["relay_s_gib"], 2, False),
         ("appliance CPU s/GiB", lambda r: r["app_s_gib"], 2, False),
         ("cores per Gbit/s (both sides, 1 flow)", lambda r: r["cores_per_gbit"], 2, False),
+        ("cores per Gbit/s (both sides, -P4)", lambda r: r["cores_per_gbit4"], 2, False),
+        ("host CPU idle % during -P4", lambda r: r["idle4"], 0, False),
         ("CPU us per connection (both sides)", lambda r: r["crr_cpu_us"], 0, True),
         ("CPU us per round trip (both sides)", lambda r: r["rr_cpu_us"], 0, True),
         ("tunnel packets per connection, relay", lambda r: r["relay_pkts"], 2, False),
