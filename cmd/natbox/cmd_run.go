@@ -35,24 +35,11 @@ remove the routes natbox added, close the TUN and exit 0.`,
 			if err != nil {
 				return err
 			}
-			log, level, err := daemonLogger(c, cfg.Log, warnings)
+			log, level, stop, err := startDaemon(c, cfg.Log, warnings, cfg.Limits.Runtime(), len(cfg.Uplinks) > 0)
 			if err != nil {
 				return err
 			}
-			defer log.Sync()
-			stopProfile, err := startCPUProfile(os.Getenv(cpuProfileEnv))
-			if err != nil {
-				return err
-			}
-			defer stopProfile()
-			stopHeap, err := startHeapProfile(os.Getenv(heapProfileEnv), 50*time.Millisecond)
-			if err != nil {
-				return err
-			}
-			defer stopHeap()
-			setMemoryLimit(cfg.Limits.MemoryLimit, log)
-			setGC(len(cfg.Uplinks) > 0, log)
-			setProcs(cfg.Limits.Procs, len(cfg.Uplinks) > 0, log)
+			defer stop()
 			a, err := app.NewAppliance(cfg, app.Options{Version: version}, log)
 			if err != nil {
 				return err
@@ -88,24 +75,11 @@ and max_sessions without dropping other peers' flows. The admin socket defaults 
 			if err != nil {
 				return err
 			}
-			log, level, err := daemonLogger(c, cfg.Log, warnings)
+			log, level, stop, err := startDaemon(c, cfg.Log, warnings, cfg.Relay.Runtime(), true)
 			if err != nil {
 				return err
 			}
-			defer log.Sync()
-			stopProfile, err := startCPUProfile(os.Getenv(cpuProfileEnv))
-			if err != nil {
-				return err
-			}
-			defer stopProfile()
-			stopHeap, err := startHeapProfile(os.Getenv(heapProfileEnv), 50*time.Millisecond)
-			if err != nil {
-				return err
-			}
-			defer stopHeap()
-			setMemoryLimit(cfg.Relay.MemoryLimit, log)
-			setGC(true, log)
-			setProcs(cfg.Relay.Procs, true, log)
+			defer stop()
 			n, err := app.NewRelayNode(cfg, version, log)
 			if err != nil {
 				return err
@@ -118,6 +92,37 @@ and max_sessions without dropping other peers' flows. The admin socket defaults 
 			})
 		},
 	}
+}
+
+// startDaemon is what "run" and "relay" do before building their node: the
+// logger (with the config's warnings), the benchmarks' profiles when their
+// environment asks (profile.go), and the Go runtime's settings (runtime.go)
+// for a process that carries a relay tunnel or does not. stop writes the
+// profiles and flushes the log.
+func startDaemon(c *cli.Context, lc conf.Log, warnings []conf.Warning, rt conf.Runtime, tunnel bool) (log *zap.Logger, level *zap.AtomicLevel, stop func(), err error) {
+	log, level, err = daemonLogger(c, lc, warnings)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	stopProfile, err := startCPUProfile(os.Getenv(cpuProfileEnv))
+	if err != nil {
+		log.Sync()
+		return nil, nil, nil, err
+	}
+	stopHeap, err := startHeapProfile(os.Getenv(heapProfileEnv), 50*time.Millisecond)
+	if err != nil {
+		stopProfile()
+		log.Sync()
+		return nil, nil, nil, err
+	}
+	setMemoryLimit(rt.MemoryLimit, log)
+	setGC(tunnel, log)
+	setProcs(rt.Procs, tunnel, log)
+	return log, level, func() {
+		stopHeap()
+		stopProfile()
+		log.Sync()
+	}, nil
 }
 
 // daemonLogger builds a long-running command's logger and logs the
