@@ -43,37 +43,23 @@ func newStalledSink(t testing.TB, n int) *stalledSink {
 		t.Fatal(err)
 	}
 	s := &stalledSink{addr: ln.Addr().String(), release: make(chan struct{}), done: make(chan struct{}), n: n}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(2 * time.Minute))
-				select {
-				case <-s.release:
-				case <-s.done:
-					return
-				}
-				n, _ := io.Copy(io.Discard, c)
-				s.mu.Lock()
-				s.got = append(s.got, n)
-				s.mu.Unlock()
-			}()
+	testutil.ServeListener(t, ln, func(c *net.TCPConn) {
+		c.SetDeadline(time.Now().Add(2 * time.Minute))
+		select {
+		case <-s.release:
+		case <-s.done:
+			return
 		}
-	}()
+		n, _ := io.Copy(io.Discard, c)
+		s.mu.Lock()
+		s.got = append(s.got, n)
+		s.mu.Unlock()
+	})
+	// Runs before ServeListener's cleanup (the listener's close and the
+	// wait for the handlers): a handler still held waits for done.
 	t.Cleanup(func() {
-		ln.Close()
 		s.open()
 		close(s.done)
-		wg.Wait()
 	})
 	return s
 }
