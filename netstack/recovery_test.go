@@ -113,9 +113,17 @@ func TestDirectKeepsFlowsInOrder(t *testing.T) {
 	waitSunk(t, got, flows, total)
 	br.check(t)
 	st := client.Stats()
-	if r := st.TCPRetransmits - before.TCPRetransmits; r != 0 {
-		t.Errorf("%d retransmits (%d SACK recoveries, %d spurious) over a lossless path", r,
-			st.TCPSackRecovery-before.TCPSackRecovery, st.TCPSpuriousRecovery-before.TCPSpuriousRecovery)
+	retrans, sack, fast := st.TCPRetransmits-before.TCPRetransmits, st.TCPSackRecovery-before.TCPSackRecovery, st.TCPFastRecovery-before.TCPFastRecovery
+	timeouts, spurious := st.TCPTimeouts-before.TCPTimeouts, st.TCPSpuriousRecovery-before.TCPSpuriousRecovery
+	// Segments held back (the old GRO flush) show as retransmission
+	// timeouts the sender never finds spurious, or as recoveries from
+	// duplicate ACKs. A host too loaded to run the receiver within the
+	// timeout makes timeouts too, but the original arrives, so gVisor counts
+	// each one spurious: those are logged, not failed.
+	if sack > 0 || fast > 0 || timeouts > spurious {
+		t.Errorf("%d retransmits (%d SACK recoveries, %d fast, %d timeouts, %d spurious) over a lossless path", retrans, sack, fast, timeouts, spurious)
+	} else if retrans > 0 {
+		t.Logf("%d retransmits, all after %d spurious timeouts (a loaded host)", retrans, timeouts)
 	}
 }
 

@@ -117,6 +117,26 @@ type bulkResult struct {
 	status                  admin.Status
 }
 
+// queueSettled is driveStalledFlows' backedUp for flows held by a buffer
+// budget: the TUN stack holds at least 2 KiB for each flow, and that total
+// has not moved for 300 ms, so every flow has stalled against its window.
+// (How a flow's bytes in flight split between the client, natbox and the
+// target's small socket buffers varies: a fixed 4 KiB a flow, about 10 KiB
+// being what a 16 KiB window holds, once settled 3 % under it on a loaded
+// host and the wait timed out.)
+func queueSettled(flows int) func(admin.Status, int64) bool {
+	var last int64 = -1
+	var since time.Time
+	return func(st admin.Status, _ int64) bool {
+		q := st.Netstack["tun"].Gauges["tcp_recv_queued"]
+		if q != last {
+			last, since = q, time.Now()
+			return false
+		}
+		return q >= int64(flows)*(2<<10) && time.Since(since) >= 300*time.Millisecond
+	}
+}
+
 // driveStalledFlows opens n client flows through the appliance to a sink
 // that reads nothing, each writing size bytes; once backedUp says the flows
 // are backed up into natbox (given the status and the bytes the clients
@@ -169,9 +189,17 @@ func driveStalledFlows(tb testing.TB, h *harness, sink *stalledSink, port uint16
 		}
 		return st
 	}
+	var last admin.Status
+	tb.Cleanup(func() { // what a timeout leaves to go on
+		if tb.Failed() && last.Netstack != nil {
+			g, c := last.Netstack["tun"].Gauges, last.Netstack["tun"].Counters
+			tb.Logf("last status: tcp_conns %d of %d, tcp_recv_queued %d, tcp_buffer_cuts %d, tcp_buffer_thaws %d; clients wrote %d bytes; sink finished %d",
+				g["tcp_conns"], n, g["tcp_recv_queued"], c["tcp_buffer_cuts"], c["tcp_buffer_thaws"], written.Load(), len(sink.finished()))
+		}
+	})
 	waitFor(tb, 60*time.Second, "the flows to back up into natbox", func() bool {
-		st := status()
-		return st.Netstack["tun"].Gauges["tcp_conns"] == int64(n) && backedUp(st, written.Load())
+		last = status()
+		return last.Netstack["tun"].Gauges["tcp_conns"] == int64(n) && backedUp(last, written.Load())
 	})
 	r.written = written.Load()
 	r.stalled = liveHeap()
@@ -220,11 +248,7 @@ func TestBufferBudgetBoundsStalledFlows(t *testing.T) {
 		clientTCP: netstack.TCPConfig{BufferBudget: 4 << 20},
 	}, app.Options{Dialer: &net.Dialer{Control: testutil.SmallSocketBuffers}})
 	h.run()
-	// 16 KiB windows, counting gVisor's overhead per segment (about a
-	// third), hold about 10 KiB of data: wait for 4 KiB per flow.
-	r := driveStalledFlows(t, h, sink, 9100, flows, size, func(st admin.Status, _ int64) bool {
-		return st.Netstack["tun"].Gauges["tcp_recv_queued"] >= flows*(4<<10)
-	})
+	r := driveStalledFlows(t, h, sink, 9100, flows, size, queueSettled(flows))
 
 	tun, fwd := r.status.Netstack["tun"], r.status.Forwarder
 	if share := tun.Gauges["tcp_buffer_share"]; share != 16<<10 {
@@ -283,11 +307,12 @@ func BenchmarkGatewayStalledFlows(b *testing.B) {
 					clientTCP: netstack.TCPConfig{BufferBudget: 4 << 20},
 				}, app.Options{Dialer: &net.Dialer{Control: testutil.SmallSocketBuffers}})
 				h.run()
+				settled := queueSettled(flows)
 				r := driveStalledFlows(b, h, sink, 9100, flows, size, func(st admin.Status, written int64) bool {
 					if budget == "0" {
 						return written == flows*size
 					}
-					return st.Netstack["tun"].Gauges["tcp_recv_queued"] >= flows*(4<<10)
+					return settled(st, written)
 				})
 				grew += float64(int64(r.stalled)-int64(r.baseline)) / (1 << 20)
 				peak += float64(r.peak) / (1 << 20)
