@@ -214,6 +214,40 @@ func TestUDPReplyAloneDoesNotAssure(t *testing.T) {
 	}
 }
 
+// TestUDPReplyBeforeCheckDoesNotAssure: a spoofed source's one datagram
+// whose reply comes back before HandleUDP returns (a fast local target,
+// the caller preempted in between) must not assure its session, or a flood
+// against an echo would fill the pool with sessions nothing may evict.
+func TestUDPReplyBeforeCheckDoesNotAssure(t *testing.T) {
+	// Not parallel: the hook is package-wide.
+	hook := func(us *udpSession) { // the reply wins the race, every time
+		deadline := time.Now().Add(5 * time.Second)
+		for !us.replied.Load() && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	udpDelivered.Store(&hook)
+	t.Cleanup(func() { udpDelivered.Store(nil) })
+	echo := udpEcho(t)
+	cfg := config(mapping("game", conf.UDP, "6001", "127.0.0.1:"+itoa(echo)))
+	cfg.Limits.MaxUDPSessions = 2
+	e := newEngine(t, cfg, Options{NoUDPProbation: true})
+	tun := newIngress(conf.IngressTUN)
+	dst := netip.MustParseAddrPort("198.51.100.1:6001")
+	for i := range 4 {
+		e.HandleUDP(tun, floodSource(i), dst, []byte("spoof"))
+		if r := tun.next(t); r.dst != floodSource(i) {
+			t.Fatalf("reply to %v, want %v", r.dst, floodSource(i))
+		}
+	}
+	// Sources 2 and 3 each found the pool full of unassured sessions and
+	// evicted one; an assured one would have refused them.
+	ms := mappingStatus(t, e, "game")
+	if ms.UDPEvicted != 2 || ms.Refusals["over_limit_udp_sessions"] != 0 {
+		t.Fatalf("evicted %d, refusals %v; want 2 evicted (one datagram each, never assured), none refused", ms.UDPEvicted, ms.Refusals)
+	}
+}
+
 // TestUDPPoolOfAssuredSessionsRefuses: when every session in the UDP pool
 // is assured, nothing is evicted and the new client is refused.
 func TestUDPPoolOfAssuredSessionsRefuses(t *testing.T) {

@@ -52,10 +52,11 @@ type udpTable struct {
 	m  map[udpKey]*udpSession
 	// replies finds egress sessions (Options.Egress) from their replies.
 	replies map[replyKey]*udpSession
-	// unassured lists the sessions that have had no reply from their
-	// target yet, oldest first: what a full pool evicts, the way conntrack
-	// drops unassured entries, so a flood from spoofed sources (which never
-	// sees a reply) cannot lock out a client whose target answers.
+	// unassured lists the sessions not assured yet (their client has not
+	// sent again after a reply from the target), oldest first: what a full
+	// pool evicts, the way conntrack drops unassured entries, so a flood
+	// from spoofed sources (which never see a reply) cannot lock out a
+	// client who converses with its target.
 	unassured udpList
 }
 
@@ -336,11 +337,24 @@ func (e *Engine) HandleUDP(in Ingress, src, dst netip.AddrPort, payload []byte) 
 			return
 		}
 	}
+	// Only a datagram the client sent after a reply assures its session,
+	// so replied is read before this one is queued: its own reply (a local
+	// echo or DNS server answers in microseconds) may set replied before a
+	// check after deliver runs, and would assure a spoofed source on its
+	// one datagram.
+	replied := us.replied.Load()
 	us.deliver(in, payload, dst, now)
-	if !us.assured.Load() && us.replied.Load() {
+	if h := udpDelivered.Load(); h != nil {
+		(*h)(us)
+	}
+	if replied && !us.assured.Load() {
 		e.assure(us)
 	}
 }
+
+// udpDelivered, when set (tests only), runs in HandleUDP after a datagram is
+// queued and before its session may be assured.
+var udpDelivered atomic.Pointer[func(*udpSession)]
 
 // openUDP admits a new client and starts its session, or returns the
 // session another goroutine created first; nil when refused.
