@@ -34,7 +34,12 @@ func newPathMTULab(t *testing.T, l *lab, relayNS, homeNS, clientNS *netns, relay
 	relayKey, relayPub := r.genKey("relay")
 	homeKey, homePub := r.genKey("home")
 	p := &pathMTULab{t: t, homeSock: filepath.Join(sockDir, "home.sock"), relayAddr: relayAddr, client: clientNS, home: homeNS}
-	p.relayCfg = l.writeFile("relay.toml", fmt.Sprintf(`[relay]
+	// Both sides at debug, as in the other relay labs: a refused public
+	// connection then says why in the test log.
+	p.relayCfg = l.writeFile("relay.toml", fmt.Sprintf(`[log]
+level = "debug"
+
+[relay]
 listen = "%[1]s:%[2]d"
 private_key_file = %[3]q
 address = "100.96.0.1"
