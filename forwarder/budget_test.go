@@ -181,26 +181,40 @@ func converse(t *testing.T, e *Engine, tun *fakeIngress, src, dst netip.AddrPort
 	}
 }
 
+// echoPoolOfTwo is an engine whose UDP pool holds two sessions, with one
+// mapping ("game", port 6001, probation off) to an echo that answers every
+// datagram; dst is the mapping's public address.
+func echoPoolOfTwo(t *testing.T) (*Engine, *fakeIngress, netip.AddrPort) {
+	t.Helper()
+	echo := udpEcho(t)
+	cfg := config(mapping("game", conf.UDP, "6001", "127.0.0.1:"+itoa(echo)))
+	cfg.Limits.MaxUDPSessions = 2
+	e := newEngine(t, cfg, Options{NoUDPProbation: true})
+	return e, newIngress(conf.IngressTUN), netip.MustParseAddrPort("198.51.100.1:6001")
+}
+
+// spoofAnswered sends one datagram from each of n flood sources and waits
+// for the echo's answer to each.
+func spoofAnswered(t *testing.T, e *Engine, tun *fakeIngress, dst netip.AddrPort, n int) {
+	t.Helper()
+	for i := range n {
+		e.HandleUDP(tun, floodSource(i), dst, []byte("spoof"))
+		if r := tun.next(t); r.dst != floodSource(i) {
+			t.Fatalf("reply to %v, want %v", r.dst, floodSource(i))
+		}
+	}
+}
+
 // TestUDPReplyAloneDoesNotAssure: a flood against a target that answers
 // every datagram (an echo, a DNS server) still evicts itself: the spoofed
 // sources have their replies but never speak again, so they stay
 // unassured, while the client that did converse keeps its session.
 func TestUDPReplyAloneDoesNotAssure(t *testing.T) {
 	t.Parallel()
-	echo := udpEcho(t)
-	cfg := config(mapping("game", conf.UDP, "6001", "127.0.0.1:"+itoa(echo)))
-	cfg.Limits.MaxUDPSessions = 2
-	e := newEngine(t, cfg, Options{NoUDPProbation: true})
-	tun := newIngress(conf.IngressTUN)
-	dst := netip.MustParseAddrPort("198.51.100.1:6001")
+	e, tun, dst := echoPoolOfTwo(t)
 	real := netip.MustParseAddrPort("203.0.113.1:1000")
 	converse(t, e, tun, real, dst)
-	for i := range 3 {
-		e.HandleUDP(tun, floodSource(i), dst, []byte("spoof"))
-		if r := tun.next(t); r.dst != floodSource(i) {
-			t.Fatalf("reply to %v, want %v", r.dst, floodSource(i))
-		}
-	}
+	spoofAnswered(t, e, tun, dst, 3)
 	ms := mappingStatus(t, e, "game")
 	if ms.UDPEvicted != 2 || ms.Refusals["over_limit_udp_sessions"] != 0 {
 		t.Fatalf("evicted %d, refusals %v; want 2 evicted (answered but unassured), none refused", ms.UDPEvicted, ms.Refusals)
@@ -228,18 +242,8 @@ func TestUDPReplyBeforeCheckDoesNotAssure(t *testing.T) {
 	}
 	udpDelivered.Store(&hook)
 	t.Cleanup(func() { udpDelivered.Store(nil) })
-	echo := udpEcho(t)
-	cfg := config(mapping("game", conf.UDP, "6001", "127.0.0.1:"+itoa(echo)))
-	cfg.Limits.MaxUDPSessions = 2
-	e := newEngine(t, cfg, Options{NoUDPProbation: true})
-	tun := newIngress(conf.IngressTUN)
-	dst := netip.MustParseAddrPort("198.51.100.1:6001")
-	for i := range 4 {
-		e.HandleUDP(tun, floodSource(i), dst, []byte("spoof"))
-		if r := tun.next(t); r.dst != floodSource(i) {
-			t.Fatalf("reply to %v, want %v", r.dst, floodSource(i))
-		}
-	}
+	e, tun, dst := echoPoolOfTwo(t)
+	spoofAnswered(t, e, tun, dst, 4)
 	// Sources 2 and 3 each found the pool full of unassured sessions and
 	// evicted one; an assured one would have refused them.
 	ms := mappingStatus(t, e, "game")
