@@ -63,6 +63,9 @@ func TestUDPRequestReply(t *testing.T) {
 			}
 		})
 	}
+	// The last reply can reach the client before the server's WriteUDP
+	// returns and counts it.
+	waitUntil(t, "the server to count its last reply", func() bool { return server.Stats().UDPSent >= 12 })
 	if st := server.Stats(); st.UDPFastPath != 12 || st.UDPSent != 12 {
 		t.Fatalf("server UDPFastPath=%d UDPSent=%d, want 12 and 12", st.UDPFastPath, st.UDPSent)
 	}
