@@ -199,15 +199,21 @@ func (b *connBudget) add(c *tcpConn) {
 	b.s.timeWait.check(false)
 }
 
-// remove forgets c; the others may get a larger share.
+// remove forgets c, counted or on standby (a warm stream closed while it
+// waited: its cut left it watched in cutRecv); the others may get a larger
+// share.
 func (b *connBudget) remove(c *tcpConn) {
 	b.mu.Lock()
-	_, ok := b.conns[c]
+	_, counted := b.conns[c]
+	ok := counted || c.standby
 	if ok {
 		delete(b.conns, c)
 		delete(b.bulk, c)
 		delete(b.cutRecv, c)
-		b.rebalanceLocked(nil, nil)
+		c.standby = false
+		if counted {
+			b.rebalanceLocked(nil, nil)
+		}
 	}
 	b.mu.Unlock()
 	if ok {

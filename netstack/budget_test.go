@@ -440,6 +440,42 @@ func TestBudgetLightRecvFollowsShare(t *testing.T) {
 	waitFor("back once the crowd left", func() bool { return server.Stats().TCPConns == 1 && recv() == start })
 }
 
+// TestStandbyThenCloseLeavesTheBudget: a connection closed while on standby
+// (a relay's idle warm stream closed by its pool's sweep) is forgotten by the
+// budget, and a Resume after the Close does not count it again. Its cut
+// receive buffer once kept it watched, and referenced, for the stack's life.
+func TestStandbyThenCloseLeavesTheBudget(t *testing.T) {
+	const n = 20
+	accepted := make(chan *tcpConn, n)
+	client, server := newPairConfig(t, Config{TCP: TCPConfig{BufferBudget: 32 << 20}}, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+		if c, err := r.Accept(); err == nil {
+			accepted <- c.(*tcpConn)
+		}
+	}})
+	ctx := testContext(t)
+	for range n {
+		c, err := client.DialTCP(ctx, netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:81"))
+		if err != nil {
+			t.Fatalf("dial: %v", err)
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	for range n {
+		c := <-accepted
+		c.Standby()
+		c.Close()
+		c.Resume()
+	}
+	time.Sleep(2 * bulkCheckEvery) // the checks must not keep them either
+	b := &server.conns
+	b.mu.Lock()
+	watched, counted := len(b.cutRecv), len(b.conns)
+	b.mu.Unlock()
+	if watched != 0 || counted != 0 {
+		t.Fatalf("after %d standby connections closed: %d still watched, %d counted; want none", n, watched, counted)
+	}
+}
+
 // TestStandbyLeavesTheBudget: connections on standby (a relay's warm
 // streams waiting for a flow) hold two segments' buffers and no share: 20
 // of them beside one connection leave it the share of one, where counted
