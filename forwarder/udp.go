@@ -307,7 +307,7 @@ func (us *udpSession) drain() {
 		if q == nil {
 			continue
 		}
-		for _, d := range q.take(nil, q.limit) {
+		for _, d := range q.close() {
 			putDatagramBuf(d.buf)
 			us.state.udpDrops.Add(1)
 		}

@@ -288,3 +288,42 @@ func TestUDPRepliesFollowTheClientsPath(t *testing.T) {
 		t.Fatalf("%d sessions, want the client's one", n)
 	}
 }
+
+// TestUDPDeliverAfterSessionEndedFreesBudget: HandleUDP finds a session, the
+// session ends (here evicted by another source) and drains its queue, and
+// only then is the datagram queued. It must be refused and counted: queued,
+// it held its buffer and the budget's bytes for good (eviction churn under a
+// flood spent a quarter of the default budget in seconds).
+func TestUDPDeliverAfterSessionEndedFreesBudget(t *testing.T) {
+	sink, _ := udpSink(t)
+	cfg := config(mapping("m", conf.UDP, "6000", "127.0.0.1:"+itoa(sink)))
+	cfg.Limits.MaxUDPSessions = 1
+	e := newEngine(t, cfg, Options{NoUDPProbation: true, BufferBudget: 1 << 20})
+	tun := newIngress(conf.IngressTUN)
+	dst := netip.MustParseAddrPort("198.51.100.1:6000")
+	a := netip.MustParseAddrPort("203.0.113.1:1000")
+	b := netip.MustParseAddrPort("203.0.113.2:1000")
+	e.HandleUDP(tun, a, dst, []byte("a1"))
+	us := e.udp.get(udpKey{mapping: "m", client: a}) // HandleUDP's lookup for a's next datagram
+	if us == nil {
+		t.Fatal("no session for a")
+	}
+	e.HandleUDP(tun, b, dst, []byte("b1")) // evicts a
+	waitFor(t, "a's session to end", func() bool {
+		for _, s := range e.Sessions() {
+			if s.Client == a {
+				return false
+			}
+		}
+		return true
+	})
+	dropped := mappingStatus(t, e, "m").UDPDropped
+	us.deliver(tun, []byte("a2"), dst, time.Now()) // ... and its delivery, late
+	if got := mappingStatus(t, e, "m").UDPDropped; got != dropped+1 {
+		t.Fatalf("late datagram: dropped %d -> %d, want one more", dropped, got)
+	}
+	e.Close()
+	if used := e.Snapshot().BufferUsedBytes; used != 0 {
+		t.Fatalf("buffer budget used %d bytes after every session ended; want 0", used)
+	}
+}

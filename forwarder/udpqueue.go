@@ -16,8 +16,9 @@ type datagramQueue struct {
 
 	mu sync.Mutex
 	// mu guards the following fields.
-	items []datagram
-	head  int // items[head:] are queued
+	items  []datagram
+	head   int  // items[head:] are queued
+	closed bool // the session ended: push refuses, as nobody would take it
 }
 
 // queueKeepCap is the capacity a drained queue keeps; a larger one, grown
@@ -29,10 +30,10 @@ func newDatagramQueue(limit int, budget *bufBudget) *datagramQueue {
 }
 
 // push queues d; it never blocks and reports false when the queue is full
-// or the buffer budget is spent.
+// or closed, or the buffer budget is spent.
 func (q *datagramQueue) push(d datagram) bool {
 	q.mu.Lock()
-	if len(q.items)-q.head >= q.limit {
+	if q.closed || len(q.items)-q.head >= q.limit {
 		q.mu.Unlock()
 		return false
 	}
@@ -50,6 +51,16 @@ func (q *datagramQueue) push(d datagram) bool {
 		}
 	}
 	return true
+}
+
+// close refuses every later push and returns what is still queued. A
+// sender that found the session before it ended may push after its drain:
+// that datagram would hold its buffer, and the budget's bytes, for good.
+func (q *datagramQueue) close() []datagram {
+	q.mu.Lock()
+	q.closed = true
+	q.mu.Unlock()
+	return q.take(nil, q.limit)
 }
 
 // take appends up to max queued datagrams to batch, oldest first.
