@@ -74,6 +74,10 @@ type TCPConfig struct {
 	// TIME_WAIT until half of them are gone (timewait.go). Negative: no
 	// bound.
 	MaxClosing int
+	// OrphanTimeout bounds how long a connection natbox closed may keep
+	// trying to deliver what it still holds (default 60 s, as Linux gives
+	// an orphaned socket; tcpConn.Close).
+	OrphanTimeout time.Duration
 	// MaxInFlight bounds handshakes handed to the Handler at once (default
 	// 8192); SYNs beyond it are dropped by gVisor and counted in
 	// Stats.TCPInFlightDrops. Admission budgets belong to the forwarder.
@@ -125,6 +129,7 @@ const (
 	defaultMaxCookiePorts    = 1024
 	defaultCookieIdle        = 10 * time.Second
 	defaultMaxClosing        = 256
+	defaultOrphanTimeout     = 60 * time.Second
 	nicID                    = tcpip.NICID(1)
 	// flushTimeout bounds how long Close waits for the outward queue to drain.
 	flushTimeout = 2 * time.Second
@@ -167,6 +172,9 @@ func (c *Config) applyDefaults() {
 	}
 	if t.MaxClosing == 0 {
 		t.MaxClosing = defaultMaxClosing
+	}
+	if t.OrphanTimeout <= 0 {
+		t.OrphanTimeout = defaultOrphanTimeout
 	}
 }
 

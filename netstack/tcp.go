@@ -479,9 +479,18 @@ func (c *tcpConn) Abort() error {
 	return c.Close()
 }
 
+// Close closes the connection; what the peer has not taken yet still goes
+// out, as from a kernel socket, but for at most TCPConfig.OrphanTimeout
+// without progress. gVisor otherwise probes a zero window for as long as
+// the peer answers (RFC 1122), and a client that stops reading would hold
+// the closed endpoint and its send queue, which the budget no longer
+// counts, forever. Linux bounds its orphans the same way
+// (tcp_orphan_retries).
 func (c *tcpConn) Close() error {
 	if c.budget != nil {
 		c.budget.remove(c)
+		uto := tcpip.TCPUserTimeoutOption(c.budget.s.cfg.TCP.OrphanTimeout)
+		c.ep.SetSockOpt(&uto)
 	}
 	return c.TCPConn.Close()
 }

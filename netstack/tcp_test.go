@@ -244,3 +244,47 @@ func TestCloseWithLiveConnections(t *testing.T) {
 	}
 	// goleak in TestMain checks that no pump, handler or splice survived.
 }
+
+// TestClosedConnToAStalledReaderEnds: natbox closes a connection with data
+// still queued for a client that never reads (its window stays shut while
+// its kernel answers every zero-window probe). The closed endpoint, its
+// send queue outside the buffer budget, must go within OrphanTimeout, not
+// live for as long as the client answers.
+func TestClosedConnToAStalledReaderEnds(t *testing.T) {
+	const n, orphan = 4, 2 * time.Second
+	closed := make(chan struct{}, n)
+	client, server := newPairConfig(t, Config{TCP: TCPConfig{OrphanTimeout: orphan}}, funcHandler{}, funcHandler{tcp: func(r *TCPRequest) {
+		c, err := r.Accept()
+		if err != nil {
+			return
+		}
+		buf := make([]byte, 64<<10)
+		c.SetWriteDeadline(time.Now().Add(time.Second))
+		for {
+			if _, err := c.Write(buf); err != nil {
+				break
+			}
+		}
+		c.Close() // as the splice does once both sides ended: a FIN behind unsent data
+		closed <- struct{}{}
+	}})
+	ctx := testContext(t)
+	for range n {
+		c, err := client.DialTCP(ctx, netip.AddrPort{}, netip.MustParseAddrPort("10.0.0.2:81"))
+		if err != nil {
+			t.Fatalf("dial: %v", err)
+		}
+		t.Cleanup(func() { c.Close() }) // never read before the end
+	}
+	for range n {
+		<-closed
+	}
+	if st := server.Stats(); st.TCPClosing != n {
+		t.Fatalf("%d closing right after the closes, want %d (stalled behind the client's window)", st.TCPClosing, n)
+	}
+	start := time.Now()
+	waitUntil(t, "the closed connections to give up", func() bool { return server.Stats().TCPClosing == 0 })
+	if took := time.Since(start); took > orphan+3*time.Second {
+		t.Fatalf("closed connections went after %v, want within about %v", took, orphan)
+	}
+}
