@@ -465,6 +465,15 @@ func (c *tcpConn) Standby() {
 	}
 }
 
+// Quiet reports whether the connection is established with nothing to
+// read, no error and no FIN: a pooled connection its peer has not given up
+// on (the relay's idle warm streams, tunnel/warm.go, whose peer never
+// speaks first).
+func (c *tcpConn) Quiet() bool {
+	return tcp.EndpointState(c.ep.State()) == tcp.StateEstablished &&
+		c.ep.Readiness(waiter.ReadableEvents|waiter.EventErr|waiter.EventHUp) == 0
+}
+
 // Resume ends Standby.
 func (c *tcpConn) Resume() {
 	if c.budget != nil {

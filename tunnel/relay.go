@@ -524,13 +524,15 @@ type RelayPeerStatus struct {
 	// The peer's warm streams (warm.go): open and unused now; taken by a
 	// public connection; public connections that found none (and opened
 	// their own); dials that failed; closed unused after the idle time;
-	// replacements of the idle ones after the peer's path MTU changed.
+	// replacements of the idle ones after the peer's path MTU changed;
+	// idle ones found reset or closed by the peer when taken (not used).
 	WarmStreamsIdle        int    `json:"warm_streams_idle"`
 	WarmStreamsUsed        uint64 `json:"warm_streams_used"`
 	WarmStreamsMissed      uint64 `json:"warm_streams_missed"`
 	WarmStreamDialFailures uint64 `json:"warm_stream_dial_failures"`
 	WarmStreamsExpired     uint64 `json:"warm_streams_expired"`
 	WarmStreamResets       uint64 `json:"warm_stream_resets"`
+	WarmStreamsDead        uint64 `json:"warm_streams_dead"`
 }
 
 // HandshakeAge is the time since the peer's last handshake, or -1 if none yet.
@@ -600,6 +602,7 @@ func (r *Relay) Status() RelayStatus {
 			WarmStreamDialFailures: p.warm.dialFailed.Load(),
 			WarmStreamsExpired:     p.warm.expired.Load(),
 			WarmStreamResets:       p.warm.resets.Load(),
+			WarmStreamsDead:        p.warm.dead.Load(),
 		}
 		if p.session != nil && p.session.warm != nil {
 			ps.WarmStreamsIdle = p.session.warm.idleCount()

@@ -197,7 +197,7 @@ func (a warmAttempt) Context() context.Context { return context.Background() }
 
 // warmCounters are a peer's warm stream counters, kept across its sessions.
 type warmCounters struct {
-	used, missed, dialFailed, expired, resets atomic.Uint64
+	used, missed, dialFailed, expired, resets, dead atomic.Uint64
 }
 
 // warmStream is what a warm stream's conn offers: a netstack TCPConn with its
@@ -209,6 +209,9 @@ type warmStream interface {
 	Abort() error
 	WriteToSocket(syscall.RawConn) (int, error, error)
 	ReadFromSocket(syscall.RawConn) (int, error, error)
+	// Quiet reports the stream established with nothing to read: its
+	// peer has not reset or closed it while it waited.
+	Quiet() bool
 	standbyConn
 }
 
@@ -269,10 +272,22 @@ func (p *warmPool) take() warmStream {
 		return nil
 	}
 	var c warmStream
-	if n := len(p.idle); n > 0 {
+	for n := len(p.idle); n > 0 && c == nil; n = len(p.idle) {
 		c = p.idle[n-1].c // the newest: the oldest may expire unused
 		p.idle[n-1] = idleWarm{}
 		p.idle = p.idle[:n-1]
+		if !c.Quiet() {
+			// The appliance gave up on it while it waited (e.g. its
+			// handshake completed on the relay's side only, past the
+			// appliance's handshake timeout): nothing was written on
+			// it, so the flow takes the next one or a fresh dial
+			// instead of a reset.
+			c.Close()
+			p.cnt.dead.Add(1)
+			c = nil
+		}
+	}
+	if c != nil {
 		p.cnt.used.Add(1)
 	} else {
 		p.cnt.missed.Add(1)
@@ -298,7 +313,11 @@ func (p *warmPool) fillLocked() {
 }
 
 const (
-	warmDialTimeout = 10 * time.Second // bounds one warm stream's handshake
+	// warmDialTimeout bounds one warm stream's handshake: under the
+	// appliance's 3 s (netstack's default HandshakeTimeout), past which it
+	// drops its half-open end, and a dial that completed later would pool
+	// a stream already reset.
+	warmDialTimeout = 2500 * time.Millisecond
 	warmRetry       = time.Second      // after a failed dial, before the next
 )
 

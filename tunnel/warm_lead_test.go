@@ -44,6 +44,7 @@ func (w *writeLog) Close() error      { w.Write([]byte("<close>")); return nil }
 func (w *writeLog) CloseRead() error  { return nil }
 func (w *writeLog) Standby()          {}
 func (w *writeLog) Resume()           {}
+func (w *writeLog) Quiet() bool       { return true }
 func (w *writeLog) Abort() error      { w.Write([]byte("<rst>")); return nil }
 func (w *writeLog) WriteToSocket(syscall.RawConn) (int, error, error) {
 	return 0, nil, nil

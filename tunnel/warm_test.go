@@ -169,6 +169,38 @@ func TestWarmStreamUnansweredIsADialFailure(t *testing.T) {
 	}
 }
 
+// TestDeadWarmStreamIsNotUsed: warm streams the appliance closed while they
+// waited (here its wait bound, 2 x 300 ms, against the relay's minute) sit
+// in the relay's pool until taken. A public connection must not be given
+// one, which would reset it, but the next live stream or a fresh dial; the
+// relay counts what it threw away.
+func TestDeadWarmStreamIsNotUsed(t *testing.T) {
+	t.Parallel()
+	port := freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	key := mustKey(t)
+	relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t), tunnel.WithWarmStreams(8, time.Minute))
+	a := runAppliance(t, applianceTOML("127.0.0.1", relay, key, applAddrA, mappingTOML("echo", "tcp", port, echoService(t), "")),
+		applAddrA, tunnel.WithWarmStreams(8, 300*time.Millisecond))
+	waitRegistered(t, a, spec)
+	waitFor(t, 10*time.Second, "warm streams", func() bool { return a.uplink.Status().WarmStreamsWaiting > 0 })
+	waitFor(t, 10*time.Second, "the appliance to give up on them", func() bool { return a.uplink.Status().WarmStreamsWaiting == 0 })
+	if p := warmPeer(t, relay); p.WarmStreamsIdle == 0 {
+		t.Fatal("the relay's pool is empty: nothing to test")
+	}
+	for i := range 3 {
+		c, err := net.DialTimeout("tcp", netip.AddrPortFrom(loopback4, port).String(), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		echoLine(t, c, fmt.Sprintf("flow %d\n", i))
+		c.Close()
+	}
+	if p := warmPeer(t, relay); p.WarmStreamsDead == 0 {
+		t.Fatalf("relay: %d dead warm streams counted, want some (used %d, missed %d)", p.WarmStreamsDead, p.WarmStreamsUsed, p.WarmStreamsMissed)
+	}
+}
+
 // TestWarmStreamsBounded: the relay keeps at most WithWarmStreams' max
 // toward a peer, the appliance holds at most twice its own max waiting and
 // refuses the rest, both count it, and every flow still goes through (a
