@@ -318,7 +318,7 @@ const (
 	// drops its half-open end, and a dial that completed later would pool
 	// a stream already reset.
 	warmDialTimeout = 2500 * time.Millisecond
-	warmRetry       = time.Second      // after a failed dial, before the next
+	warmRetry       = time.Second // after a failed dial, before the next
 )
 
 // retry dials again after a failure's pause.
