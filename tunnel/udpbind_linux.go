@@ -251,6 +251,7 @@ func (b *udpBind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	sb := s.sends.Get().(*sendBatch)
 	defer s.sends.Put(sb)
 	sb.setAddr(e.dst)
+	var tooBig error
 	for len(bufs) > 0 {
 		gso := s.gso.Load()
 		n, used := sb.pack(bufs, e, s.v6, gso)
@@ -263,12 +264,31 @@ func (b *udpBind) Send(bufs [][]byte, ep conn.Endpoint) error {
 			bufs = bufs[sb.bufsIn(sent):]
 			continue
 		}
+		if err != nil && errors.Is(err, unix.EMSGSIZE) {
+			// A datagram larger than the route takes (a path MTU probe,
+			// whose loss is its answer) fails alone: the rest of the
+			// batch, and what shared its GSO run, still goes. The error
+			// is still reported, as wireguard-go logs it.
+			tooBig = err
+			at := sb.bufsIn(sent)
+			run := bufs[at : at+sb.counts[sent]]
+			for i := range run {
+				n, _ := sb.pack(run[i:i+1], e, s.v6, false)
+				_, err := sb.write(n)
+				sb.reset(n)
+				if err != nil && !errors.Is(err, unix.EMSGSIZE) {
+					return err
+				}
+			}
+			bufs = bufs[at+len(run):]
+			continue
+		}
 		if err != nil {
 			return err
 		}
 		bufs = bufs[used:]
 	}
-	return nil
+	return tooBig
 }
 
 // write sends sb's first n messages, all of them unless an error stops it;

@@ -139,6 +139,30 @@ func TestUDPBindBatches(t *testing.T) {
 	}
 }
 
+// TestUDPBindTooBigFailsAlone: a datagram the route cannot take (as a path
+// MTU probe over a smaller link; here over UDP's own limit) fails with
+// EMSGSIZE, and every other datagram of the batch, before and after it and
+// in its GSO run, still crosses.
+func TestUDPBindTooBigFailsAlone(t *testing.T) {
+	t.Parallel()
+	for _, addr := range []string{"127.0.0.1", "::1"} {
+		for _, gso := range []bool{true, false} {
+			_, sock, send, ep := bindPair(t, addr)
+			r := newReceiver(sock)
+			if !gso {
+				s, _ := send.socketFor(ep.DstIP())
+				s.gso.Store(false)
+			}
+			bufs := numbered(0, 7, 1200, 1200, device.MaxMessageSize, 1200, 1200, 1200, 80)
+			err := send.Send(bufs, ep)
+			if !errors.Is(err, unix.EMSGSIZE) {
+				t.Fatalf("%s gso=%v: send = %v, want EMSGSIZE", addr, gso, err)
+			}
+			receiveAll(t, r.receive, 8, append(bufs[:2:2], bufs[3:]...))
+		}
+	}
+}
+
 // TestUDPBindCoalescedReads: a plain read that meets a GRO-coalesced
 // datagram of 64 into 8 buffers hands the rest over on later calls and
 // turns to landing reads (the receiver's own buffers); landing reads
