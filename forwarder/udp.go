@@ -555,10 +555,11 @@ func (e *Engine) runUDPReply(us *udpSession, conn *net.UDPConn, targetIP netip.A
 	defer close(done)
 	// Replies are read into an MTU-sized buffer: every session pins its
 	// buffer while it waits, and a flood of sources may open max_sessions
-	// of them. A reply the kernel had to truncate (MSG_TRUNC) is dropped and
-	// counted, and the session moves to a full-size buffer from then on.
+	// of them. A longer reply (a large DNS answer) is read whole into a
+	// pooled full-size buffer held only while it is read and relayed
+	// (rawsock's spill).
 	bp := getDatagramBuf(smallDatagram)
-	defer func() { putDatagramBuf(bp) }()
+	defer putDatagramBuf(bp)
 	buf := *bp
 	// Raw reads: a reply that wakes an idle natbox wakes no sysmon thread
 	// too (internal/rawsock says why).
@@ -571,48 +572,49 @@ func (e *Engine) runUDPReply(us *udpSession, conn *net.UDPConn, targetIP netip.A
 	d, expired := us.idle.deadline()
 	conn.SetReadDeadline(d)
 	for !expired {
-		n, truncated, from, err := rd.ReadFrom(buf)
-		if truncated {
-			us.state.udpDrops.Add(1)
-			if len(buf) < copyBufSize {
-				putDatagramBuf(bp)
-				bp = getDatagramBuf(copyBufSize)
-				buf = *bp
+		dgram, big, truncated, from, err := rd.ReadFrom(buf, &copyBufPool)
+		if err == nil {
+			e.relayReply(us, targetIP, from, dgram, truncated)
+			if big != nil {
+				copyBufPool.Put(big)
 			}
 			continue
 		}
-		if err != nil {
-			if isTimeout(err) {
-				// Re-arm only when the deadline fires; traffic just moves last.
-				if d, expired = us.idle.deadline(); !expired {
-					conn.SetReadDeadline(d)
-				}
-				continue
+		if isTimeout(err) {
+			// Re-arm only when the deadline fires; traffic just moves last.
+			if d, expired = us.idle.deadline(); !expired {
+				conn.SetReadDeadline(d)
 			}
-			if !errors.Is(err, net.ErrClosed) {
-				e.log.Debug("udp session read failed", zap.Uint64("session", us.id), zap.Error(err))
-				us.close("error")
-			}
-			return
-		}
-		r := us.rule.Load()
-		if from.Addr() != targetIP || !r.targetPorts.Contains(from.Port()) {
-			us.state.udpDrops.Add(1) // not from the target: never relayed
 			continue
 		}
-		us.idle.touch()
-		if !us.replied.Load() {
-			us.replied.Store(true)
+		if !errors.Is(err, net.ErrClosed) {
+			e.log.Debug("udp session read failed", zap.Uint64("session", us.id), zap.Error(err))
+			us.close("error")
 		}
-		path := us.path.Load()
-		pub := netip.AddrPortFrom(path.public, r.listenPort(from.Port()))
-		if err := path.via.WriteUDP(pub, us.client, buf[:n]); err != nil {
-			us.state.udpDrops.Add(1)
-			continue
-		}
-		us.out.Add(uint64(n))
-		us.state.bytesOut.Add(uint64(n))
+		return
 	}
 	us.state.udpExpired.Add(1)
 	us.close("idle")
+}
+
+// relayReply sends one reply the session's target socket read from `from`
+// to the client, or drops and counts it.
+func (e *Engine) relayReply(us *udpSession, targetIP netip.Addr, from netip.AddrPort, dgram []byte, truncated bool) {
+	r := us.rule.Load()
+	if truncated || from.Addr() != targetIP || !r.targetPorts.Contains(from.Port()) {
+		us.state.udpDrops.Add(1) // cut, or not from the target: never relayed
+		return
+	}
+	us.idle.touch()
+	if !us.replied.Load() {
+		us.replied.Store(true)
+	}
+	path := us.path.Load()
+	pub := netip.AddrPortFrom(path.public, r.listenPort(from.Port()))
+	if err := path.via.WriteUDP(pub, us.client, dgram); err != nil {
+		us.state.udpDrops.Add(1)
+		return
+	}
+	us.out.Add(uint64(len(dgram)))
+	us.state.bytesOut.Add(uint64(len(dgram)))
 }

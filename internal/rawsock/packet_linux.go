@@ -14,18 +14,21 @@ import (
 )
 
 // PacketReader reads a UDP socket one datagram at a time with raw
-// recvfrom(2)s, waiting in the netpoller and honouring the socket's read
+// recvmsg(2)s, waiting in the netpoller and honouring the socket's read
 // deadline, as the conn's ReadMsgUDPAddrPort does. One goroutine reads at a
 // time; a read allocates nothing.
 type PacketReader struct {
-	c       *net.UDPConn
-	rc      syscall.RawConn
-	p       []byte
-	n       int
-	from    unix.RawSockaddrInet6 // room for either family
-	fromLen uint32
-	err     error
-	read    func(fd uintptr) bool // r.step, bound once
+	c     *net.UDPConn
+	rc    syscall.RawConn
+	p     []byte
+	spill *sync.Pool
+	big   *[]byte // the spill buffer of the read in progress
+	n     int
+	from  unix.RawSockaddrInet6 // room for either family
+	iov   [2]unix.Iovec
+	msg   unix.Msghdr
+	err   error
+	read  func(fd uintptr) bool // r.step, bound once
 }
 
 // NewPacketReader is a PacketReader of c.
@@ -39,42 +42,74 @@ func NewPacketReader(c *net.UDPConn) (*PacketReader, error) {
 	return r, nil
 }
 
-// ReadFrom reads one datagram into p, waiting until one is queued: the
-// bytes it put in p, whether the datagram was longer than p (the rest is
-// lost, as with MSG_TRUNC), and its sender, with an IPv4 sender as a
-// 4-byte address. Errors read as the conn's would: a *net.OpError "read",
-// whose deadline error is a timeout and whose closed conn is net.ErrClosed.
-func (r *PacketReader) ReadFrom(p []byte) (n int, truncated bool, from netip.AddrPort, err error) {
-	r.p, r.n, r.err = p, 0, nil
+// ReadFrom reads one datagram, waiting until one is queued, and returns it
+// and its sender, with an IPv4 sender as a 4-byte address. It is read into
+// p when it fits. A longer one is read whole, the part past p into a
+// buffer taken from spill (a pool of *[]byte) only for the system call, so
+// a reader that waits pins nothing more than p, at the offset it has in
+// the datagram; p's part is copied in front, the datagram returned there,
+// and big is that buffer, which the caller puts back. A datagram longer than that too (or than p, with a nil spill)
+// is cut, and truncated says so. Errors read as the conn's would: a
+// *net.OpError "read", whose deadline error is a timeout and whose closed
+// conn is net.ErrClosed.
+func (r *PacketReader) ReadFrom(p []byte, spill *sync.Pool) (dgram []byte, big *[]byte, truncated bool, from netip.AddrPort, err error) {
+	r.p, r.spill, r.n, r.err = p, spill, 0, nil
 	err = asOp(r.rc.Read(r.read), "read")
-	r.p = nil
+	r.p, r.spill = nil, nil
 	switch {
 	case err != nil:
-		return 0, false, netip.AddrPort{}, err
+		return nil, nil, false, netip.AddrPort{}, err
 	case r.err != nil:
-		return 0, false, netip.AddrPort{}, &net.OpError{Op: "read", Net: "udp", Source: r.c.LocalAddr(), Err: os.NewSyscallError("recvfrom", r.err)}
+		return nil, nil, false, netip.AddrPort{}, &net.OpError{Op: "read", Net: "udp", Source: r.c.LocalAddr(), Err: os.NewSyscallError("recvmsg", r.err)}
 	}
-	n = min(r.n, len(p))
-	return n, r.n > len(p), sockaddrAddrPort(&r.from), nil
+	from = sockaddrAddrPort(&r.from)
+	if r.big == nil {
+		n := min(r.n, len(p))
+		return p[:n], nil, r.n > n, from, nil
+	}
+	big, r.big = r.big, nil
+	b := *big
+	n := min(r.n, len(b)) // the spill took b[len(p):]: n <= len(b)
+	copy(b, p)
+	return b[:n], big, r.n > n, from, nil
 }
 
-// step is ReadFrom's RawConn callback: one recvfrom(2) with MSG_TRUNC, so
+// step is ReadFrom's RawConn callback: one recvmsg(2) with MSG_TRUNC, so
 // that it returns the datagram's whole length; false (EAGAIN) waits.
 func (r *PacketReader) step(fd uintptr) bool {
-	var ptr unsafe.Pointer
+	iovs := r.iov[:0]
 	if len(r.p) > 0 {
-		ptr = unsafe.Pointer(&r.p[0])
+		r.iov[0].Base = &r.p[0]
+		r.iov[0].SetLen(len(r.p))
+		iovs = r.iov[:1]
 	}
-	r.fromLen = unix.SizeofSockaddrInet6
-	n, e := call(unix.SYS_RECVFROM, fd, uintptr(ptr), uintptr(len(r.p)), unix.MSG_TRUNC,
-		uintptr(unsafe.Pointer(&r.from)), uintptr(unsafe.Pointer(&r.fromLen)))
-	switch e {
-	case 0:
+	if r.spill != nil {
+		r.big = r.spill.Get().(*[]byte)
+		if tail := (*r.big)[min(len(r.p), len(*r.big)):]; len(tail) > 0 {
+			r.iov[len(iovs)].Base = &tail[0]
+			r.iov[len(iovs)].SetLen(len(tail))
+			iovs = r.iov[:len(iovs)+1]
+		}
+	}
+	r.msg = unix.Msghdr{Name: (*byte)(unsafe.Pointer(&r.from)), Namelen: unix.SizeofSockaddrInet6}
+	if len(iovs) > 0 {
+		r.msg.Iov = &iovs[0]
+		r.msg.SetIovlen(len(iovs))
+	}
+	n, e := call(unix.SYS_RECVMSG, fd, uintptr(unsafe.Pointer(&r.msg)), unix.MSG_TRUNC, 0, 0, 0)
+	r.iov, r.msg = [2]unix.Iovec{}, unix.Msghdr{} // keep no pointer into p or the spill
+	if e == 0 {
 		r.n = int(n)
-	case unix.EAGAIN:
-		return false
-	default:
+	} else {
 		r.err = e
+	}
+	if r.big != nil && (e != 0 || r.n <= len(r.p)) {
+		r.spill.Put(r.big) // not needed: the datagram fit in p, or none came
+		r.big = nil
+	}
+	if e == unix.EAGAIN {
+		r.err = nil
+		return false
 	}
 	return true
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"sync"
 	"testing"
 	"time"
 
@@ -21,9 +22,12 @@ func packetReader(t *testing.T, c *net.UDPConn) *rawsock.PacketReader {
 }
 
 // A datagram comes back whole with its sender, an IPv4 one as a 4-byte
-// address; one longer than the buffer fills it and says it was truncated,
-// and the next one reads whole again; for both families.
+// address; without a spill, one longer than the buffer fills it and says
+// it was truncated; with one, it comes back whole in a spill buffer, up to
+// UDP's largest; for both families.
 func TestPacketReaderReadsDatagrams(t *testing.T) {
+	spill := &sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
+	long := bytes.Repeat([]byte("0123456789"), 10)
 	for _, fam := range []struct{ network, addr string }{{"udp4", "127.0.0.1:0"}, {"udp6", "[::1]:0"}} {
 		t.Run(fam.network, func(t *testing.T) {
 			a, _ := udpSocket(t, fam.network, fam.addr)
@@ -31,22 +35,35 @@ func TestPacketReaderReadsDatagrams(t *testing.T) {
 			r := packetReader(t, b)
 			b.SetReadDeadline(time.Now().Add(5 * time.Second))
 			sender := a.LocalAddr().(*net.UDPAddr).AddrPort()
-			for _, msg := range [][]byte{[]byte("first"), bytes.Repeat([]byte("x"), 100), []byte("third")} {
-				if _, err := a.WriteTo(msg, b.LocalAddr()); err != nil {
+			largest := bytes.Repeat([]byte("abcdefg"), 65507/7)
+			for i, want := range []struct {
+				sent, got []byte
+				spill     *sync.Pool
+				truncated bool
+			}{
+				{[]byte("first"), []byte("first"), nil, false},
+				{long, long[:64], nil, true},
+				{[]byte("third"), []byte("third"), spill, false},
+				{long, long, spill, false},
+				{largest, largest, spill, false},
+				{[]byte("last"), []byte("last"), spill, false},
+			} {
+				if _, err := a.WriteTo(want.sent, b.LocalAddr()); err != nil {
 					t.Fatal(err)
 				}
-			}
-			buf := make([]byte, 64)
-			for i, want := range []struct {
-				payload   string
-				truncated bool
-			}{{"first", false}, {string(bytes.Repeat([]byte("x"), 64)), true}, {"third", false}} {
-				n, truncated, from, err := r.ReadFrom(buf)
+				buf := make([]byte, 64)
+				dgram, big, truncated, from, err := r.ReadFrom(buf, want.spill)
 				if err != nil {
 					t.Fatalf("datagram %d: %v", i, err)
 				}
-				if string(buf[:n]) != want.payload || truncated != want.truncated {
-					t.Fatalf("datagram %d: %q truncated=%v, want %q truncated=%v", i, buf[:n], truncated, want.payload, want.truncated)
+				if !bytes.Equal(dgram, want.got) || truncated != want.truncated {
+					t.Fatalf("datagram %d: %d bytes %q... truncated=%v, want %d bytes truncated=%v", i, len(dgram), dgram[:min(len(dgram), 20)], truncated, len(want.got), want.truncated)
+				}
+				if (big != nil) != (len(want.sent) > len(buf) && want.spill != nil) {
+					t.Fatalf("datagram %d: spill buffer %v for %d bytes into %d", i, big != nil, len(want.sent), len(buf))
+				}
+				if big != nil {
+					spill.Put(big)
 				}
 				if from != sender || from.Addr().Is4In6() {
 					t.Fatalf("datagram %d from %v, want %v", i, from, sender)
@@ -62,7 +79,7 @@ func TestPacketReaderErrors(t *testing.T) {
 	c, _ := udpSocket(t, "udp4", "127.0.0.1:0")
 	r := packetReader(t, c)
 	c.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
-	_, _, _, err := r.ReadFrom(make([]byte, 64))
+	_, _, _, _, err := r.ReadFrom(make([]byte, 64), nil)
 	var ne net.Error
 	var oe *net.OpError
 	if !errors.As(err, &ne) || !ne.Timeout() || !errors.As(err, &oe) || oe.Op != "read" {
@@ -71,7 +88,7 @@ func TestPacketReaderErrors(t *testing.T) {
 	c.SetReadDeadline(time.Time{})
 	done := make(chan error, 1)
 	go func() {
-		_, _, _, err := r.ReadFrom(make([]byte, 64))
+		_, _, _, _, err := r.ReadFrom(make([]byte, 64), nil)
 		done <- err
 	}()
 	time.Sleep(20 * time.Millisecond)
@@ -112,7 +129,7 @@ func TestPacketReaderMakesNoSchedulerSyscalls(t *testing.T) {
 	}
 	// The writes are the conn's own on both sides; what differs is the read.
 	own := syscallEntries(t, run(func() error { _, _, _, _, err := b.ReadMsgUDPAddrPort(buf, nil); return err }))
-	raw := syscallEntries(t, run(func() error { _, _, _, err := r.ReadFrom(buf); return err }))
+	raw := syscallEntries(t, run(func() error { _, _, _, _, err := r.ReadFrom(buf, nil); return err }))
 	if own < 2*rounds {
 		t.Fatalf("the conn's writes and reads entered the syscall state %d times in %d rounds; the trace cannot tell", own, rounds)
 	}

@@ -5,6 +5,7 @@ package rawsock
 import (
 	"net"
 	"net/netip"
+	"sync"
 	"syscall"
 )
 
@@ -23,10 +24,11 @@ type PacketReader struct{ c *net.UDPConn }
 // NewPacketReader is a PacketReader of c.
 func NewPacketReader(c *net.UDPConn) (*PacketReader, error) { return &PacketReader{c: c}, nil }
 
-// ReadFrom reads one datagram into p, as on Linux.
-func (r *PacketReader) ReadFrom(p []byte) (n int, truncated bool, from netip.AddrPort, err error) {
+// ReadFrom reads one datagram into p, as on Linux but without the spill: a
+// longer one is cut (truncated).
+func (r *PacketReader) ReadFrom(p []byte, _ *sync.Pool) (dgram []byte, big *[]byte, truncated bool, from netip.AddrPort, err error) {
 	n, _, flags, from, err := r.c.ReadMsgUDPAddrPort(p, nil)
-	return n, err == nil && flags&syscall.MSG_TRUNC != 0, netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), err
+	return p[:n], nil, err == nil && flags&syscall.MSG_TRUNC != 0, netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), err
 }
 
 // PacketWriter sends through the conn's own WriteToUDPAddrPort off Linux.
