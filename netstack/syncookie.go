@@ -199,6 +199,7 @@ type cookieListener struct {
 	leaving    atomic.Bool
 	leaveTimer *time.Timer // guarded by cookiePorts.mu
 	stop       chan struct{}
+	stopSent   bool          // stop is closed; guarded by cookiePorts.mu
 	stopped    chan struct{} // closed when runCookieAccept returned
 }
 
@@ -484,19 +485,41 @@ func (s *Stack) sweepCookies(now time.Time, idle time.Duration) {
 // closeCookieListener ends a leaving port's cookie mode, unless the Stack
 // closed first.
 func (s *Stack) closeCookieListener(l *cookieListener) {
-	c := &s.cookies
-	c.mu.Lock()
-	if c.closed || c.m[l.port] != l {
-		c.mu.Unlock()
+	if !s.stopCookieListener(l) {
 		return
 	}
-	delete(c.m, l.port)
-	c.n.Store(int32(len(c.m)))
-	c.mu.Unlock()
-	close(l.stop)
 	<-l.stopped
+	s.forgetCookieListener(l)
 	s.stats.cookieExits.Add(1)
 	s.log.Info("syn cookies off", zap.Uint16("listen", l.port))
+}
+
+// stopCookieListener tells l's accept loop to close it, and reports false
+// if the Stack closed first. The port stays in the map, leaving, until the
+// endpoints are closed (forgetCookieListener): meanwhile its SYNs are still
+// dropped (noteSYN). Out of the map earlier, a SYN reached the still-bound
+// listener, got a cookie, and its ACK a reset once the listener closed.
+func (s *Stack) stopCookieListener(l *cookieListener) bool {
+	c := &s.cookies
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || c.m[l.port] != l {
+		return false
+	}
+	l.stopSent = true
+	close(l.stop)
+	return true
+}
+
+// forgetCookieListener takes the closed l's port out of the map.
+func (s *Stack) forgetCookieListener(l *cookieListener) {
+	c := &s.cookies
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m[l.port] == l {
+		delete(c.m, l.port)
+		c.n.Store(int32(len(c.m)))
+	}
 }
 
 // closeCookies stops the sweep and every cookie listener (Stack.Close).
@@ -505,7 +528,10 @@ func (s *Stack) closeCookies() {
 	c.mu.Lock()
 	c.closed = true
 	for port, l := range c.m {
-		close(l.stop)
+		if !l.stopSent {
+			l.stopSent = true
+			close(l.stop)
+		}
 		if l.leaveTimer != nil && l.leaveTimer.Stop() {
 			c.wg.Done() // its closeCookieListener will not run
 		}

@@ -826,3 +826,60 @@ func TestCompletionRate(t *testing.T) {
 		t.Fatalf("pendingLimit(8) at 5001/s = %d, want the cap %d", got, 8*busyFactor)
 	}
 }
+
+// TestCookieExitDropsSYNsUntilClosed: a port leaving cookie mode drops its
+// SYNs until its listener's endpoints are closed, not only until the close
+// begins. A SYN in between reached the still-bound listener and got a
+// cookie; its ACK, after the close, got a reset. The close is taken in its
+// two steps, the SYN sent between them; after the second, a SYN takes the
+// dial-first path and its handshake completes.
+func TestCookieExitDropsSYNsUntilClosed(t *testing.T) {
+	srvSide, raw := Pipe(1500)
+	s, err := New(srvSide, Config{Addresses: []netip.Prefix{serverPrefix4}, TCP: TCPConfig{CookiePortThreshold: 1000}},
+		funcHandler{tcp: echoTCP}, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	runStack(t, s)
+	s.enterCookieMode(80)
+	s.cookies.mu.Lock()
+	l := s.cookies.m[80]
+	s.cookies.mu.Unlock()
+	if l == nil {
+		t.Fatal("port 80 is not in cookie mode")
+	}
+	l.leaving.Store(true) // as the sweep marks it before the grace
+	if !s.stopCookieListener(l) {
+		t.Fatal("stopCookieListener refused")
+	}
+	cli, dst := netip.MustParseAddrPort("198.18.0.5:40000"), netip.MustParseAddrPort("10.0.0.2:80")
+	if _, err := raw.Write([][]byte{rawTCP4(cli, dst, 1000, 0, header.TCPFlagSyn)}, 0); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the SYN to be dropped", func() bool { return s.Stats().CookieExitSynsHeld == 1 })
+	<-l.stopped
+	s.forgetCookieListener(l)
+	if st := s.Stats(); st.SynCookiesSent != 0 || st.CookiePortsActive != 0 {
+		t.Fatalf("cookies sent %d, cookie ports %d; want 0 and 0", st.SynCookiesSent, st.CookiePortsActive)
+	}
+	// The client's retransmission: now the forwarder's, answered.
+	if _, err := raw.Write([][]byte{rawTCP4(cli, dst, 1000, 0, header.TCPFlagSyn)}, 0); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan header.TCP, 1)
+	go func() {
+		bufs, sizes := [][]byte{make([]byte, 1600)}, []int{0}
+		if n, err := raw.Read(bufs, sizes, 0); err == nil && n == 1 {
+			p := bufs[0][:sizes[0]]
+			got <- header.TCP(p[header.IPv4(p).HeaderLength():])
+		}
+	}()
+	select {
+	case synack := <-got:
+		if synack.Flags() != header.TCPFlagSyn|header.TCPFlagAck {
+			t.Fatalf("retransmitted SYN answered with %v, want SYN-ACK", synack.Flags())
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the retransmitted SYN got no answer")
+	}
+}
