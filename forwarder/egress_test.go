@@ -211,6 +211,30 @@ func TestGroupQuotas(t *testing.T) {
 	}
 }
 
+// TestGroupSessionQuotaEvictsUnassuredForTCP: a relay peer's session quota
+// is shared by TCP and UDP; UDP sessions that never had a reply (a spoofed
+// flood's) give way to a TCP flow there, as they do at the global and the
+// mapping bounds, instead of locking the peer's TCP out.
+func TestGroupSessionQuotaEvictsUnassuredForTCP(t *testing.T) {
+	t.Parallel()
+	cfg := config(mapping("p/udp/1", conf.UDP, "1", "10.0.0.2:1"), mapping("p/tcp/3", conf.TCP, "3", "10.0.0.2:3"))
+	g := Groups{Quotas: map[string]Quota{"p": {MaxSessions: 2}}, Of: map[string]string{"p/udp/1": "p", "p/tcp/3": "p"}}
+	e := newEngine(t, config(), Options{Egress: newEgress(), NoUDPProbation: true})
+	if _, err := e.ReloadGroups(cfg, g); err != nil {
+		t.Fatal(err)
+	}
+	in := newIngress("relay")
+	for i := range 2 {
+		e.HandleUDP(in, floodSource(i), netip.MustParseAddrPort("198.51.100.1:1"), []byte("spoof"))
+	}
+	if got := startTCP(t, e, in, "203.0.113.4:1000", "198.51.100.1:3").wait(t); got != "accepted" {
+		t.Fatalf("tcp flow with the quota full of unanswered UDP: %s, want accepted (refusals %v)", got, mappingStatus(t, e, "p/tcp/3").Refusals)
+	}
+	if ev := mappingStatus(t, e, "p/udp/1").UDPEvicted; ev != 1 {
+		t.Fatalf("udp_evicted %d, want 1", ev)
+	}
+}
+
 // TestGroupQuotaEvictsUnassured: when a group's UDP quota is full, a new
 // client is on probation (its first datagram dropped and counted), then
 // its retransmission evicts the group's oldest session that never had a

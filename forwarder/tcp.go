@@ -73,9 +73,10 @@ func (e *Engine) HandleTCP(in Ingress, src, dst netip.AddrPort, attempt TCPAttem
 		return
 	}
 	sl, why := e.reserveSlot(rs, r, conf.TCP, srcKey)
-	if why == refusedSessions || why == refusedMappingSessions {
+	if why == refusedSessions || why == refusedMappingSessions || why == refusedGroupSessions {
 		// UDP sessions that never had a reply (a spoofed flood's) give way
-		// to TCP too where the two share a bound.
+		// to TCP too where the two share a bound (a relay peer's quota
+		// among them).
 		sl, why = e.reserveEvicting(rs, r, conf.TCP, srcKey)
 	}
 	if why != refusalNone {
