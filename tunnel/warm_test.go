@@ -169,6 +169,20 @@ func TestWarmStreamUnansweredIsADialFailure(t *testing.T) {
 	}
 }
 
+// warmEcho is a relay keeping up to 8 warm streams and an appliance with
+// applWarm serving an echo on the port it returns, registered.
+func warmEcho(t *testing.T, applWarm tunnel.Option) (port uint16, relay *relaySide, a *appliance) {
+	t.Helper()
+	port = freePort(t, false)
+	spec := fmt.Sprintf("tcp/%d", port)
+	key := mustKey(t)
+	relay = startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t), tunnel.WithWarmStreams(8, time.Minute))
+	a = runAppliance(t, applianceTOML("127.0.0.1", relay, key, applAddrA, mappingTOML("echo", "tcp", port, echoService(t), "")),
+		applAddrA, applWarm)
+	waitRegistered(t, a, spec)
+	return port, relay, a
+}
+
 // TestDeadWarmStreamIsNotUsed: warm streams the appliance closed while they
 // waited (here its wait bound, 2 x 300 ms, against the relay's minute) sit
 // in the relay's pool until taken. A public connection must not be given
@@ -176,13 +190,7 @@ func TestWarmStreamUnansweredIsADialFailure(t *testing.T) {
 // relay counts what it threw away.
 func TestDeadWarmStreamIsNotUsed(t *testing.T) {
 	t.Parallel()
-	port := freePort(t, false)
-	spec := fmt.Sprintf("tcp/%d", port)
-	key := mustKey(t)
-	relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t), tunnel.WithWarmStreams(8, time.Minute))
-	a := runAppliance(t, applianceTOML("127.0.0.1", relay, key, applAddrA, mappingTOML("echo", "tcp", port, echoService(t), "")),
-		applAddrA, tunnel.WithWarmStreams(8, 300*time.Millisecond))
-	waitRegistered(t, a, spec)
+	port, relay, a := warmEcho(t, tunnel.WithWarmStreams(8, 300*time.Millisecond))
 	waitFor(t, 10*time.Second, "warm streams", func() bool { return a.uplink.Status().WarmStreamsWaiting > 0 })
 	waitFor(t, 10*time.Second, "the appliance to give up on them", func() bool { return a.uplink.Status().WarmStreamsWaiting == 0 })
 	if p := warmPeer(t, relay); p.WarmStreamsIdle == 0 {
@@ -207,13 +215,7 @@ func TestDeadWarmStreamIsNotUsed(t *testing.T) {
 // flow that finds no warm stream opens its own connection).
 func TestWarmStreamsBounded(t *testing.T) {
 	t.Parallel()
-	port := freePort(t, false)
-	spec := fmt.Sprintf("tcp/%d", port)
-	key := mustKey(t)
-	relay := startRelay(t, onePeerRelayConfig(t, key, spec), testLogger(t), tunnel.WithWarmStreams(8, time.Minute))
-	a := runAppliance(t, applianceTOML("127.0.0.1", relay, key, applAddrA, mappingTOML("echo", "tcp", port, echoService(t), "")),
-		applAddrA, tunnel.WithWarmStreams(2, time.Minute))
-	waitRegistered(t, a, spec)
+	port, relay, a := warmEcho(t, tunnel.WithWarmStreams(2, time.Minute))
 	waitFor(t, 10*time.Second, "warm streams", func() bool { return warmPeer(t, relay).WarmStreamsIdle > 0 })
 
 	// Held open at once: more than the pool has, so it misses and grows.
